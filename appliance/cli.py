@@ -1,0 +1,377 @@
+"""The `appliance` command: one table of commands, thin over the library.
+
+Contract: global `--home DIR` and `--json` (also accepted after any subcommand); passphrase from
+APPLIANCE_PASSPHRASE_FILE, APPLIANCE_PASSPHRASE or a terminal prompt. Exit codes: 0 ok, 1 error,
+2 usage error, 3 partial (an ingest that landed but skipped unreadable files), 130 interrupted.
+Errors are one line on stderr (and `{"ok": false, ...}` on stdout with --json); never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from appliance import __version__
+from appliance.errors import ApplianceError, PartialIngest, VaultError
+from appliance.home import Home, default_home
+from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
+from appliance.passphrase import check_new, get_passphrase
+
+
+@dataclass
+class Ctx:
+    home_arg: Path | None = None
+    json: bool = False
+
+    @property
+    def home(self) -> Home:
+        return Home((self.home_arg or default_home()).expanduser().absolute())
+
+    def open_vault(self, read_only: bool = False):
+        from appliance.vault import Vault  # duckdb import: ~0.3 s, only for commands that need it
+
+        home = self.home
+        if not home.exists():
+            raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
+        return Vault.open(home, get_passphrase(), read_only=read_only)
+
+    def emit(self, data: dict, human=None) -> None:
+        if self.json:
+            emit_json(dict(data))
+        elif callable(human):
+            human()
+        elif human is not None:
+            out.print(human)
+
+
+def _merge_globals(f):
+    """Accept --home and --json after the subcommand too: `appliance vault datasets --json`."""
+    f = click.option("--json", "json_", is_flag=True, hidden=True, help="Machine-readable output.")(f)
+    f = click.option("--home", "home_", type=click.Path(path_type=Path), hidden=True)(f)
+
+    @click.pass_context
+    def wrapper(ctx, *args, json_=False, home_=None, **kwargs):
+        c = ctx.find_object(Ctx)
+        if home_ is not None:
+            c.home_arg = home_
+        if json_:
+            c.json = True
+        return ctx.invoke(f, c, *args, **kwargs)
+
+    wrapper.__name__ = f.__name__
+    wrapper.__doc__ = f.__doc__
+    wrapper.__click_params__ = f.__click_params__  # type: ignore[attr-defined]
+    return wrapper
+
+
+def command(group, name: str | None = None, **kw):
+    def deco(f):
+        return group.command(name, **kw)(_merge_globals(f))
+    return deco
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.option("--home", type=click.Path(path_type=Path), default=None,
+              help="Appliance home (default: $APPLIANCE_HOME, else ~/.local/share/appliance).")
+@click.option("--json", "json_", is_flag=True, help="Print one JSON object (for scripts and agents).")
+@click.version_option(__version__, prog_name="appliance")
+@click.pass_context
+def cli(ctx, home, json_):
+    """Offline appliance: keep private data in an encrypted vault; train, evaluate and ship models."""
+    ctx.obj = Ctx(home, json_)
+
+
+# --- init ----------------------------------------------------------------------------------------
+@command(cli, "init")
+@click.option("--kdf-memory", type=click.IntRange(64, 4096), default=64, show_default=True,
+              help="Argon2id memory in MiB.")
+@click.option("--kdf-iterations", type=click.IntRange(3, 100), default=3, show_default=True)
+def init_cmd(c: Ctx, kdf_memory, kdf_iterations):
+    """Create a new encrypted vault in the home directory."""
+    from appliance.vault import Vault
+
+    home = c.home
+    if home.exists():
+        raise VaultError(f"a vault already exists at {home.root}", "use it, or pick another --home")
+    passphrase = check_new(get_passphrase(confirm=True))
+    kdf = {"name": "argon2id", "memory_kib": kdf_memory * 1024, "iterations": kdf_iterations, "lanes": 4}
+    with Vault.init(home, passphrase, kdf) as v:
+        data = {"home": str(home.root), "vault_id": v.keyring.vault_id,
+                "kdf": {k: val for k, val in v.keyring.kdf.items() if k != "salt"}}
+    c.emit(data, f"created vault {data['vault_id']} at {home.root}\n"
+                 "keep the passphrase safe: without it the vault cannot be opened")
+
+
+# --- vault ---------------------------------------------------------------------------------------
+@cli.group("vault")
+def vault_group():
+    """Ingest, list, inspect, query, export and maintain the encrypted vault."""
+
+
+@command(vault_group, "ingest")
+@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--dataset", "-d", required=True, help="Dataset name; a new version NAME@N is created.")
+@click.option("--pii", type=click.Choice(["redact", "pseudonymize", "flag", "off"]), default="redact",
+              show_default=True, help="What to do with personal data found.")
+@click.option("--validation", type=float, default=0.05, show_default=True,
+              help="Fraction of records held out as the validation split.")
+@click.option("--replace", is_flag=True, help="Start the version from nothing instead of the previous one.")
+def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace):
+    """Ingest files, mail, code repositories and tables into a new dataset version."""
+    from appliance.vault.ingest import ingest, validate_name
+
+    validate_name(dataset)
+    bar = ProgressBar(not c.json, f"ingest {dataset}")
+    with c.open_vault() as v:
+        on_plan, on_item = bar.callbacks()
+        try:
+            res = ingest(v, list(paths), dataset, pii, validation, replace, progress=on_item, on_plan=on_plan)
+        finally:
+            bar.stop()
+
+    def human():
+        out.print(f"{res.version}  {res.records} records ({res.new_records} new), {human_bytes(res.bytes)}, "
+                  f"{res.duplicates} duplicates removed, {res.files} files")
+        if res.pii:
+            out.print("PII " + ("flagged" if pii == "flag" else "found") + ": " +
+                      ", ".join(f"{k} {n}" for k, n in res.pii.items()))
+        for t in res.tables:
+            out.print(f"table {t}")
+        for p, r in res.skipped:
+            out.print(f"skipped {p}: {r}")
+        for p, r in res.failed:
+            err.print(f"failed {p}: {r}")
+
+    c.emit(res.to_json(), human)
+    if res.partial:
+        raise PartialIngest(f"partial: {len(res.failed)} file(s) could not be read; {res.version} has the rest",
+                            f"see `appliance vault show {res.version}`")
+
+
+@command(vault_group, "datasets")
+def datasets_cmd(c: Ctx):
+    """List datasets and their newest versions."""
+    from appliance.vault import versions
+
+    with c.open_vault(read_only=True) as v:
+        ds = versions.datasets(v.con)
+    c.emit({"datasets": ds}, lambda: table(
+        ["dataset", "latest", "versions", "records", "size", "content hash"],
+        [[d["name"], d["latest"], d["versions"], d["records"], human_bytes(d["bytes"]), d["content_hash"][:16]]
+         for d in ds]) if ds else out.print("no datasets yet: `appliance vault ingest PATH --dataset NAME`"))
+
+
+@command(vault_group, "show")
+@click.argument("ref")
+def show_cmd(c: Ctx, ref):
+    """Show one version (NAME@N, or NAME for the newest): counts, splits, sources, PII report."""
+    from appliance.vault import versions
+
+    with c.open_vault(read_only=True) as v:
+        info = versions.show(v.con, ref)
+
+    def human():
+        out.print(f"[bold]{info['version']}[/]  {info['records']} records, {human_bytes(info['bytes'])}, "
+                  f"content {info['content_hash']}")
+        out.print(f"parents: {', '.join(info['parents']) or '-'}   pii: {info['pii_mode']}   "
+                  f"splits: train {info['splits']['train']}, validation {info['splits']['validation']}   "
+                  f"duplicates removed: {info['duplicates']}")
+        out.print("kinds: " + ", ".join(f"{k} {n}" for k, n in info["kinds"].items()))
+        if info["pii"]["total"]:
+            out.print("PII: " + ", ".join(f"{k} {n}" for k, n in info["pii"]["total"].items()))
+        for t in info["tables"]:
+            out.print(f"table {t['table']}: {t['rows']} rows, {len(t['columns'])} columns")
+        table(["source", "kind", "status", "records", "dups", "note"],
+              [[s["path"], s["kind"], s["status"], s["records"], s["duplicates"], s["reason"] or ""]
+               for s in info["sources"]])
+
+    c.emit(info, human)
+
+
+@command(vault_group, "sql")
+@click.argument("query")
+@click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
+def sql_cmd(c: Ctx, query, limit):
+    """Run read-only SQL over the vault (tables: versions, version_records, blobs, data.*, audit, ...)."""
+    from appliance.vault import versions
+
+    with c.open_vault() as v:
+        with v.transaction():
+            v.audit("vault.sql", [], {"query": query})
+        v.reopen(read_only=True)
+        v.con.execute("SET enable_external_access = false")  # no reading or writing files from SQL
+        res = versions.sql(v.con, query, limit)
+    c.emit(res, lambda: (table(res["columns"], res["rows"]),
+                         res["truncated"] and err.print(f"(first {limit} rows; use --limit)")))
+
+
+@command(vault_group, "export")
+@click.argument("ref")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="JSONL file to write.")
+@click.option("--split", type=click.Choice(["train", "validation"]), default=None)
+@click.option("--force", is_flag=True, help="Overwrite an existing file.")
+def export_cmd(c: Ctx, ref, out_path, split, force):
+    """Export a version as plaintext JSONL. Explicit and audited: the data leaves the vault."""
+    from appliance.vault import versions
+
+    with c.open_vault() as v:
+        res = versions.export(v.con, ref, out_path, split, force)
+        with v.transaction():
+            v.audit("vault.export", [res["version"]], {"out": res["out"], "records": res["records"],
+                                                        "split": res["split"]})
+    c.emit(res, lambda: (out.print(f"exported {res['records']} records of {res['version']} to {res['out']}"),
+                         err.print("warning: this file is plaintext outside the vault")))
+
+
+@command(vault_group, "check")
+def check_cmd(c: Ctx):
+    """Verify every record against its hash, every version against its records, and the audit chain."""
+    with c.open_vault() as v:
+        rep = v.check()
+        with v.transaction():
+            v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
+    c.emit(rep.to_json(), lambda: out.print(
+        f"{'ok' if rep.ok else 'FAILED'}: {rep.blobs} records, {rep.versions} versions, "
+        f"{rep.audit.entries if rep.audit else 0} audit entries checked" +
+        "".join(f"\n  {p}" for p in rep.problems)))
+    if not rep.ok:
+        raise VaultError(f"vault check found {len(rep.problems)} problem(s)", "restore from a backup")
+
+
+@command(vault_group, "passwd")
+def passwd_cmd(c: Ctx):
+    """Change the passphrase (re-wraps the keys; no data is re-encrypted)."""
+    with c.open_vault() as v:
+        new = check_new(get_passphrase(confirm=True, prefix="APPLIANCE_NEW_PASSPHRASE", label="new passphrase"))
+        v.passwd(new)
+    c.emit({"changed": True}, "passphrase changed")
+
+
+@command(vault_group, "rekey")
+def rekey_cmd(c: Ctx):
+    """Rotate the data key: copy into a new encrypted database, swap atomically, destroy the old file."""
+    passphrase = get_passphrase()
+    from appliance.vault import Vault
+
+    home = c.home
+    if not home.exists():
+        raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
+    with Vault.open(home, passphrase) as v:
+        v.rekey(passphrase)
+    c.emit({"rekeyed": True}, "data key rotated; the old database file was overwritten and removed")
+
+
+# --- lineage and audit ---------------------------------------------------------------------------
+@command(cli, "lineage")
+@click.argument("node_id")
+def lineage_cmd(c: Ctx, node_id):
+    """Print what NODE_ID (a dataset version, model, ...) came from, as a tree."""
+    from appliance.vault import lineage
+
+    with c.open_vault(read_only=True) as v:
+        if "@" not in node_id and not v.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?",
+                                                    [node_id]).fetchone():
+            from appliance.vault.versions import resolve
+            _, name, n = resolve(v.con, node_id)
+            node_id = f"{name}@{n}"
+        t = lineage.tree(v.con, node_id)
+    c.emit({"lineage": t}, lambda: out.print("\n".join(lineage.render(t))))
+
+
+@cli.group("audit")
+def audit_group():
+    """The tamper-evident audit log."""
+
+
+@command(audit_group, "verify")
+def audit_verify_cmd(c: Ctx):
+    """Check the hash chain: any edited, deleted or reordered entry is reported."""
+    from appliance.vault import audit
+
+    with c.open_vault(read_only=True) as v:
+        rep = audit.verify(v.con, v.secrets.audit_key)
+    c.emit(rep.to_json(), lambda: out.print(
+        f"{'ok' if rep.ok else 'FAILED'}: {rep.entries} entries" + "".join(f"\n  {p}" for p in rep.problems)))
+    if not rep.ok:
+        raise VaultError(f"audit log verification failed ({len(rep.problems)} problem(s))",
+                         "the log was altered outside the appliance")
+
+
+@command(audit_group, "log")
+@click.option("--limit", type=click.IntRange(1, 100000), default=50, show_default=True)
+@click.option("--action", default=None, help="Filter by action, e.g. 'vault.*'.")
+def audit_log_cmd(c: Ctx, limit, action):
+    """Show the newest audit entries."""
+    from appliance.vault import audit
+
+    with c.open_vault(read_only=True) as v:
+        rows = audit.entries(v.con, limit, action)
+    c.emit({"entries": rows}, lambda: table(
+        ["seq", "time", "actor", "action", "ids", "details"],
+        [[r["seq"], r["ts"][:19], r["actor"], r["action"], ",".join(r["ids"]),
+          ", ".join(f"{k}={val}" for k, val in r["details"].items())] for r in rows]))
+
+
+# --- samples and demo ----------------------------------------------------------------------------
+@command(cli, "samples")
+@click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
+@click.option("--seed", type=int, default=7, show_default=True)
+def samples_cmd(c: Ctx, out_dir, seed):
+    """Write the synthetic sample corpus (fake data, fake PII) to a directory."""
+    from appliance.samples import generate
+
+    manifest = generate(out_dir, seed)
+    c.emit(manifest, f"wrote {manifest['files']} files ({human_bytes(manifest['bytes'])}) to {out_dir}")
+
+
+@command(cli, "demo")
+@click.option("--fresh", is_flag=True, help="Remove a previous demo vault in this home first.")
+def demo_cmd(c: Ctx, fresh):
+    """Run the end-to-end pipeline on the bundled sample data, in its own home."""
+    from appliance.demo import run_demo
+
+    summary = run_demo(c.home, fresh=fresh, say=(lambda s: None) if c.json else out.print)
+    c.emit(summary)
+
+
+# --- entry point ---------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    os.umask(0o077)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    argv = sys.argv[1:] if argv is None else argv
+    as_json = "--json" in argv
+    try:
+        cli.main(args=argv, prog_name="appliance", standalone_mode=False)
+    except click.exceptions.NoArgsIsHelpError as e:
+        click.echo(e.ctx.get_help() if e.ctx else str(e))
+        sys.exit(2)
+    except click.UsageError as e:
+        _fail(as_json, f"{e.format_message()}", "see `appliance --help`" if not e.ctx else
+              f"see `{e.ctx.command_path} --help`", 2)
+    except click.exceptions.Abort:
+        _fail(as_json, "interrupted", None, 130)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except ApplianceError as e:
+        _fail(as_json, e.message, e.hint, e.exit_code)
+    except KeyboardInterrupt:
+        _fail(as_json, "interrupted", "nothing half-done was kept", 130)
+    except Exception as e:  # last resort: one line, never a traceback
+        if os.environ.get("APPLIANCE_DEBUG"):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        _fail(as_json, f"unexpected {type(e).__name__}: {first}", "rerun with APPLIANCE_DEBUG=1 for details", 1)
+
+
+def _fail(as_json: bool, message: str, hint: str | None, code: int) -> None:
+    line = f"error: {message}" + (f"; {hint}" if hint else "")
+    if code == 3:
+        line = message + (f"; {hint}" if hint else "")
+    err.print(line, markup=False)
+    if as_json and code != 3:
+        emit_json({"ok": False, "error": message, "hint": hint, "exit_code": code})
+    sys.exit(code)

@@ -1,0 +1,37 @@
+"""One exception root; each area has a subclass. Every message is one line a user can act on."""
+
+
+class ApplianceError(Exception):
+    """Base of every error shown to a user: `str(err)` is the whole message, hint included."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, hint: str | None = None):
+        self.message = message
+        self.hint = hint
+        super().__init__(f"{message}; {hint}" if hint else message)
+
+
+class UsageError(ApplianceError):
+    """The command line itself is wrong (exit 2)."""
+
+    exit_code = 2
+
+
+class VaultError(ApplianceError):
+    """The vault cannot be opened, read or written as asked."""
+
+
+class WrongPassphrase(VaultError):
+    def __init__(self) -> None:
+        super().__init__("wrong passphrase", "check APPLIANCE_PASSPHRASE[_FILE] or type it again")
+
+
+class IngestError(ApplianceError):
+    """Input that cannot be ingested at all."""
+
+
+class PartialIngest(ApplianceError):
+    """Some inputs were skipped; the version still landed. Exit code 3 means 'partial'."""
+
+    exit_code = 3

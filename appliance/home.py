@@ -1,0 +1,75 @@
+"""Where an appliance keeps its state, and the layout inside that directory."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+
+def default_home() -> Path:
+    """`$APPLIANCE_HOME`, else the per-user data directory (XDG)."""
+    if env := os.environ.get("APPLIANCE_HOME"):
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+    return Path(base) / "appliance"
+
+
+@dataclass(frozen=True)
+class Home:
+    """The files of one appliance home. Everything is 0700/0600: the owner alone."""
+
+    root: Path
+
+    @property
+    def keyring(self) -> Path:
+        return self.root / "keyring.json"
+
+    @property
+    def database(self) -> Path:
+        return self.root / "vault.duckdb"
+
+    @property
+    def tmp(self) -> Path:
+        """DuckDB's spill directory; its files are encrypted."""
+        return self.root / "tmp"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    @property
+    def artifacts(self) -> Path:
+        return self.root / "artifacts"
+
+    def exists(self) -> bool:
+        return self.keyring.exists()
+
+    def create_dirs(self) -> None:
+        for d in (self.root, self.tmp, self.logs, self.artifacts):
+            d.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.chmod(d, 0o700)
+
+
+def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temp name in the same directory, fsync, then rename over `path`."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,72 @@
+"""Human and machine output. With --json every command prints exactly one JSON object on stdout."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+
+from rich.console import Console
+from rich.table import Table
+
+JSON_SCHEMA_VERSION = 1
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+
+def emit_json(data: dict) -> None:
+    payload = {"ok": data.pop("ok", True), "schema": JSON_SCHEMA_VERSION, **data}
+    sys.stdout.write(json.dumps(payload, default=str, ensure_ascii=False) + "\n")
+    sys.stdout.flush()
+
+
+def table(columns: Iterable[str], rows: Iterable[Iterable], title: str | None = None) -> None:
+    t = Table(title=title, show_lines=False, header_style="bold")
+    for c in columns:
+        t.add_column(str(c), overflow="fold")
+    for r in rows:
+        t.add_row(*["" if v is None else str(v) for v in r])
+    out.print(t)
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+class ProgressBar:
+    """A byte-count progress bar on stderr when it is a terminal; silent otherwise (or with --json)."""
+
+    def __init__(self, enabled: bool, label: str):
+        self.enabled = enabled and sys.stderr.isatty()
+        self.label = label
+        self._p = None
+        self._task = None
+
+    def start(self, total: int) -> None:
+        if not self.enabled:
+            return
+        from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                                   TransferSpeedColumn)
+        self._p = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                           TimeRemainingColumn(), TextColumn("{task.fields[item]}"), console=err, transient=True)
+        self._p.start()
+        self._task = self._p.add_task(self.label, total=total or None, item="")
+
+    def advance(self, nbytes: int, item: str) -> None:
+        if self._p is not None:
+            self._p.update(self._task, advance=nbytes, item=item[-40:])
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None
+
+    def callbacks(self) -> tuple[Callable[[int, int], None], Callable[[int, str], None]]:
+        return (lambda _n, total: self.start(total)), self.advance

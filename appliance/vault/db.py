@@ -1,0 +1,84 @@
+"""The DuckDB connection: the signed OpenSSL crypto extension, encryption, and settings that keep it offline.
+
+DuckDB encrypts with AES-GCM through the `httpfs` extension's OpenSSL; without it DuckDB refuses to write
+encrypted files (its fallback is unsafe and is never forced here). The extension comes from a registry
+package that ships the DuckDB-signed build for this exact DuckDB release and is loaded by path with
+unsigned extensions disallowed, so DuckDB checks its signature.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from pathlib import Path
+
+import duckdb
+
+from appliance.errors import VaultError
+
+DB_ALIAS = "vault"
+
+
+def httpfs_extension_path() -> str:
+    """The signed httpfs build that matches the installed DuckDB."""
+    try:
+        import duckdb_ext  # the duckdb-ext-httpfs package
+    except ImportError as e:
+        raise VaultError("the DuckDB crypto extension package is missing",
+                         "install duckdb-ext-httpfs matching the pinned duckdb") from e
+    version = duckdb.__version__
+    for base in duckdb_ext.__path__:
+        hits = glob.glob(os.path.join(base, "extensions", f"v{version}", "*", "httpfs.duckdb_extension"))
+        if hits:
+            return hits[0]
+    raise VaultError(f"no httpfs extension for DuckDB {version}",
+                     "install the duckdb-ext-httpfs release built for this duckdb")
+
+
+def _settings(tmp_dir: Path, memory_limit: str | None) -> dict[str, str]:
+    cfg = {
+        "allow_unsigned_extensions": "false",
+        "allow_community_extensions": "false",
+        # Both reach for the network (an encrypted ATTACH otherwise tries to fetch httpfs).
+        "autoinstall_known_extensions": "false",
+        "autoload_known_extensions": "false",
+        "temp_directory": str(tmp_dir),
+    }
+    if memory_limit:
+        cfg["memory_limit"] = memory_limit
+    return cfg
+
+
+def connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool = False,
+            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the encrypted vault file attached as `vault` and made the default."""
+    con = duckdb.connect(":memory:", config=_settings(tmp_dir, memory_limit))
+    try:
+        con.execute(f"LOAD '{httpfs_extension_path()}'")
+        # Spill files would otherwise hold plaintext pages.
+        con.execute("SET temp_file_encryption = true")
+        mode = ", READ_ONLY" if read_only else ""
+        con.execute(
+            f"ATTACH '{_quote(path)}' AS {DB_ALIAS} (ENCRYPTION_KEY '{key_hex}', ENCRYPTION_CIPHER 'GCM'{mode})"
+        )
+        con.execute(f"USE {DB_ALIAS}")
+    except duckdb.Error as e:
+        con.close()
+        raise VaultError(f"cannot open the vault database: {_first_line(e)}",
+                         "run `appliance vault check`; restore from backup if it fails") from e
+    return con
+
+
+def cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
+    """A second connection to the same database (for a query that stays open), with the vault as default."""
+    cur = con.cursor()
+    cur.execute(f"USE {DB_ALIAS}")
+    return cur
+
+
+def _quote(path: Path) -> str:
+    return str(path).replace("'", "''")
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -1,0 +1,368 @@
+"""Ingest: files -> records -> PII scrubbing -> content-addressed blobs -> a new immutable dataset version.
+
+Records stream through in bounded batches. The version row stays 'pending' until the final transaction
+gives it its number, so a killed ingest leaves nothing visible; the next open discards its leftovers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from collections import Counter
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pyarrow as pa
+
+from appliance.db_time import utcnow
+from appliance.errors import IngestError, UsageError
+from appliance.vault import lineage
+from appliance.vault.db import cursor
+from appliance.vault.pii import MODES, Scrubber
+from appliance.vault.readers import ReadError, Record
+from appliance.vault.readers.code import is_repo
+from appliance.vault.readers.detect import Item, plan
+from appliance.vault.readers.documents import read_docx, read_pdf
+from appliance.vault.readers.email import read_eml, read_mbox
+from appliance.vault.readers.tables import ingest_table, table_columns, table_name
+from appliance.vault.readers.text import read_text
+
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+BATCH_BYTES = 8 << 20
+DEFAULT_VALIDATION = 0.05
+
+Progress = Callable[[int, str], None]
+
+
+@dataclass
+class IngestResult:
+    version: str
+    content_hash: str
+    records: int
+    new_records: int
+    bytes: int
+    duplicates: int
+    files: int
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    pii: dict[str, int] = field(default_factory=dict)
+    tables: list[str] = field(default_factory=list)
+    parent: str | None = None
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.failed)
+
+    def to_json(self) -> dict:
+        return {
+            "version": self.version, "content_hash": self.content_hash, "records": self.records,
+            "new_records": self.new_records, "bytes": self.bytes, "duplicates": self.duplicates,
+            "files": self.files, "partial": self.partial, "parent": self.parent, "pii": self.pii,
+            "tables": self.tables,
+            "skipped": [{"path": p, "reason": r} for p, r in self.skipped],
+            "failed": [{"path": p, "reason": r} for p, r in self.failed],
+        }
+
+
+def validate_name(name: str) -> str:
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid dataset name {name!r}",
+                         "use lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def split_of(record_hash: str, fraction: float) -> str:
+    """Deterministic split from the content hash: a record keeps its split in every version."""
+    return "validation" if int(record_hash[:8], 16) < fraction * 0x100000000 else "train"
+
+
+def read_item(item: Item) -> Iterator[Record]:
+    if item.kind == "text":
+        return read_text(item.path)
+    if item.kind == "email":
+        return read_eml(item.path)
+    if item.kind == "mbox":
+        return read_mbox(item.path)
+    if item.kind == "pdf":
+        return read_pdf(item.path)
+    if item.kind == "docx":
+        return read_docx(item.path)
+    if item.kind == "code":
+        return _code_records(item)
+    raise ValueError(item.kind)
+
+
+def _code_records(item: Item) -> Iterator[Record]:
+    try:
+        for rec in read_text(item.path, kind="code"):
+            rec.path, rec.language = item.rel, item.language
+            rec.meta["repo"] = item.repo
+            rec.title = item.rel
+            yield rec
+    except ReadError as e:
+        if "binary" in str(e) or "UTF-8" in str(e):
+            raise _Skip("binary file") from None
+        raise
+
+
+class _Skip(Exception):
+    """A file left out by policy (binary in a repository): reported, but not a failure."""
+
+
+class _Writer:
+    """Buffers records and writes them in batches: blobs (dedup by hash) and the version's record list."""
+
+    def __init__(self, con, vid: int, ord_start: int, fraction: float):
+        self.con, self.vid, self.ord, self.fraction = con, vid, ord_start, fraction
+        self.rows: list[tuple] = []
+        self.blobs: dict[str, str] = {}
+        self.pending_bytes = 0
+        self.total_bytes = 0
+
+    def add(self, rec: Record, text: str, digest: str) -> None:
+        nbytes = len(text.encode("utf-8"))
+        self.rows.append((self.vid, self.ord, digest, rec.kind, rec.source, rec.path, rec.language, rec.title,
+                          json.dumps(rec.meta, default=str) if rec.meta else None,
+                          split_of(digest, self.fraction), nbytes))
+        self.blobs[digest] = text
+        self.ord += 1
+        self.pending_bytes += nbytes
+        self.total_bytes += nbytes
+        if self.pending_bytes >= BATCH_BYTES:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        blobs = pa.table({"hash": list(self.blobs), "text": list(self.blobs.values()),
+                          "bytes": [len(t.encode("utf-8")) for t in self.blobs.values()]})
+        cols = list(zip(*self.rows))
+        recs = pa.table({n: pa.array(c, type=t) for n, c, t in zip(_REC_COLS, cols, _REC_TYPES)})
+        self.con.register("_blobs", blobs)
+        self.con.register("_recs", recs)
+        try:
+            self.con.execute("INSERT OR IGNORE INTO blobs SELECT * FROM _blobs")
+            self.con.execute("INSERT INTO version_records SELECT * FROM _recs")
+        finally:
+            self.con.unregister("_blobs")
+            self.con.unregister("_recs")
+        self.rows, self.blobs, self.pending_bytes = [], {}, 0
+
+    def rollback_from(self, ord_start: int, hashes: list[str]) -> None:
+        """Forget a file's records (it failed half way): buffered ones and already written ones."""
+        keep = [r for r in self.rows if r[1] < ord_start]
+        dropped = {r[2] for r in self.rows if r[1] >= ord_start}
+        self.total_bytes -= sum(r[10] for r in self.rows if r[1] >= ord_start)
+        self.rows = keep
+        for h in dropped:
+            self.blobs.pop(h, None)
+        gone = self.con.execute("SELECT coalesce(sum(bytes), 0) FROM version_records WHERE vid = ? AND ord >= ?",
+                                [self.vid, ord_start]).fetchone()[0]
+        self.total_bytes -= gone
+        self.con.execute("DELETE FROM version_records WHERE vid = ? AND ord >= ?", [self.vid, ord_start])
+        self.ord = ord_start
+
+
+_REC_COLS = ("vid", "ord", "hash", "kind", "source", "path", "language", "title", "meta", "split", "bytes")
+_REC_TYPES = (pa.int32(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(),
+              pa.string(), pa.string(), pa.string(), pa.int64())
+
+
+def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
+           validation_fraction: float = DEFAULT_VALIDATION, replace: bool = False,
+           progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> IngestResult:
+    """Create `dataset@N+1` from the previous version (unless `replace`) plus everything under `paths`."""
+    validate_name(dataset)
+    if pii_mode not in MODES:
+        raise UsageError(f"unknown --pii mode {pii_mode!r}", f"use one of {', '.join(MODES)}")
+    if not 0.0 <= validation_fraction < 1.0:
+        raise UsageError("validation fraction must be in [0, 1)", "pass e.g. 0.05")
+    if not paths:
+        raise UsageError("no paths to ingest", "name one or more files or directories")
+    con = vault.con
+    scrubber = Scrubber(pii_mode, vault.secrets.pseudonym_key)
+    items = list(plan([p.expanduser() for p in paths]))
+    if on_plan:
+        on_plan(len(items), sum(i.size for i in items))
+
+    parent = None if replace else latest(con, dataset)
+    vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
+    con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
+                "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
+                [vid, dataset, utcnow(), _actor(), pii_mode, validation_fraction])
+    seen: set[str] = set()
+    start_ord = 0
+    if parent:
+        con.execute("INSERT INTO version_records SELECT ?, ord, hash, kind, source, path, language, title, meta, "
+                    "split, bytes FROM version_records WHERE vid = ?", [vid, parent[0]])
+        seen = {h for (h,) in con.execute("SELECT hash FROM version_records WHERE vid = ?", [vid]).fetchall()}
+        start_ord = len(seen)
+    writer = _Writer(con, vid, start_ord, validation_fraction)
+    writer.total_bytes = con.execute("SELECT coalesce(sum(bytes), 0) FROM version_records WHERE vid = ?",
+                                     [vid]).fetchone()[0]
+    res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
+                       parent=f"{dataset}@{parent[1]}" if parent else None)
+    totals: Counter = Counter()
+    sources, pii_rows, tables = [], [], []
+    for item in items:
+        src = str(item.path)
+        if item.kind == "skip":
+            (res.failed if item.explicit else res.skipped).append((src, item.reason or "skipped"))
+            sources.append((vid, src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped",
+                            item.reason))
+            _tick(progress, item)
+            continue
+        file_ord, added, dups, counts = writer.ord, [], 0, Counter()
+        target = table_name(vid, item.path) if item.kind == "table" else None
+        try:
+            if target:
+                target = _unique_table(con, target, tables)
+                records = ingest_table(cursor(con), item.path, target, scrubber.scrub_cell, counts)
+            else:
+                records = read_item(item)
+            for rec in records:
+                text = rec.text
+                if not rec.scrubbed:
+                    text, c = scrubber.scrub(text, rec.name_hints)
+                    counts.update(c)
+                    if pii_mode == "flag" and c:
+                        rec.meta["pii"] = dict(c)
+                digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
+                if digest in seen:
+                    dups += 1
+                    continue
+                seen.add(digest)
+                added.append(digest)
+                writer.add(rec, text, digest)
+        except (ReadError, _Skip) as e:
+            writer.rollback_from(file_ord, added)
+            seen.difference_update(added)
+            if target:
+                con.execute(f'DROP TABLE IF EXISTS data."{target}"')
+            skipped = isinstance(e, _Skip)
+            (res.skipped if skipped else res.failed).append((src, str(e)))
+            sources.append((vid, src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed", str(e)))
+            _tick(progress, item)
+            continue
+        res.files += 1
+        res.duplicates += dups
+        res.new_records += len(added)
+        totals.update(counts)
+        pii_rows += [(vid, src, t, n) for t, n in sorted(counts.items())]
+        sources.append((vid, src, item.kind, item.size, _file_sha256(item.path), len(added), dups, "ok", None))
+        if target:
+            rows = con.execute(f'SELECT count(*) FROM data."{target}"').fetchone()[0]
+            tables.append((vid, target, src, rows, json.dumps(table_columns(con, target))))
+            res.tables.append(f"data.{target}")
+        _tick(progress, item)
+    writer.flush()
+    if res.new_records == 0 and not parent:
+        _discard(con, vid)
+        why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
+        raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
+    if sources:
+        con.executemany("INSERT INTO version_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", sources)
+    if pii_rows:
+        con.executemany("INSERT INTO version_pii VALUES (?, ?, ?, ?)", pii_rows)
+    if tables:
+        con.executemany("INSERT INTO version_tables VALUES (?, ?, ?, ?, ?)", tables)
+    res.pii = dict(sorted(totals.items()))
+    _commit(vault, vid, dataset, parent, res)
+    return res
+
+
+def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult) -> None:
+    con = vault.con
+    with vault.transaction():
+        recs, nbytes, chash = con.execute(
+            "SELECT count(*), coalesce(sum(bytes), 0), sha256(coalesce(string_agg(hash, '' ORDER BY ord), '')) "
+            "FROM version_records WHERE vid = ?", [vid]).fetchone()
+        if recs >= 2 and not con.execute(
+                "SELECT 1 FROM version_records WHERE vid = ? AND split = 'validation' LIMIT 1", [vid]).fetchone():
+            # a tiny dataset still needs one held-out record; pick it by hash so it is deterministic
+            con.execute("UPDATE version_records SET split = 'validation' WHERE vid = ? AND hash = "
+                        "(SELECT min(hash) FROM version_records WHERE vid = ?)", [vid, vid])
+        n = con.execute("SELECT coalesce(max(n), 0) + 1 FROM versions WHERE name = ? AND status = 'committed'",
+                        [dataset]).fetchone()[0]
+        version = f"{dataset}@{n}"
+        parents = [res.parent] if res.parent else []
+        con.execute(
+            "UPDATE versions SET n = ?, status = 'committed', committed = ?, content_hash = ?, records = ?, "
+            "bytes = ?, duplicates = ?, skipped = ?, parents = ? WHERE vid = ?",
+            [n, utcnow(), chash, recs, nbytes, res.duplicates, len(res.skipped) + len(res.failed),
+             json.dumps(parents), vid])
+        lineage.add_node(con, version, "dataset", [(p, "previous") for p in parents], chash,
+                         {"records": recs, "bytes": nbytes, "pii_mode": res_mode(con, vid), "files": res.files})
+        vault.audit("vault.ingest", [version], {"records": recs, "new_records": res.new_records,
+                                                 "duplicates": res.duplicates, "files": res.files,
+                                                 "failed": len(res.failed), "skipped": len(res.skipped)})
+    res.version, res.content_hash, res.records, res.bytes = version, chash, recs, nbytes
+
+
+def res_mode(con, vid: int) -> str:
+    return con.execute("SELECT pii_mode FROM versions WHERE vid = ?", [vid]).fetchone()[0]
+
+
+def latest(con, dataset: str) -> tuple[int, int] | None:
+    """(vid, n) of the newest committed version of `dataset`."""
+    return con.execute("SELECT vid, n FROM versions WHERE name = ? AND status = 'committed' ORDER BY n DESC LIMIT 1",
+                       [dataset]).fetchone()
+
+
+def discard_unfinished(vault) -> int:
+    """Remove what killed ingests left behind. Runs on every writable open; returns how many."""
+    con = vault.con
+    vids = [v for (v,) in con.execute("SELECT vid FROM versions WHERE status = 'pending'").fetchall()]
+    if not vids:
+        return 0
+    with vault.transaction():
+        for vid in vids:
+            _discard(con, vid)
+        con.execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM version_records)")
+        vault.audit("vault.ingest.discarded", [], {"unfinished": len(vids)})
+    return len(vids)
+
+
+def _discard(con, vid: int) -> None:
+    for (t,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'data' "
+                            "AND table_name LIKE ?", [f"t{vid}\\_%"]).fetchall():
+        if t.startswith(f"t{vid}_"):
+            con.execute(f'DROP TABLE IF EXISTS data."{t}"')
+    for table in ("version_records", "version_sources", "version_pii", "version_tables", "versions"):
+        con.execute(f"DELETE FROM {table} WHERE vid = ?", [vid])
+
+
+def _unique_table(con, target: str, taken: list[tuple]) -> str:
+    names = {t[1] for t in taken}
+    base, i = target, 2
+    while target in names or con.execute(
+            "SELECT 1 FROM information_schema.tables WHERE table_schema = 'data' AND table_name = ?",
+            [target]).fetchone():
+        target, i = f"{base}_{i}", i + 1
+    return target
+
+
+def _file_sha256(path: Path) -> str | None:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except OSError:
+        return None
+    return h.hexdigest()
+
+
+def _tick(progress: Progress | None, item: Item) -> None:
+    if progress:
+        progress(item.size, str(item.rel or item.path.name))
+
+
+def _actor() -> str:
+    from appliance.vault.audit import current_actor
+    return current_actor()
+
+
+__all__ = ["ingest", "IngestResult", "discard_unfinished", "latest", "validate_name", "split_of", "is_repo"]

@@ -1,0 +1,60 @@
+"""The lineage catalog: every dataset version, tokenizer, run, model, eval and bundle is a node with parents."""
+
+from __future__ import annotations
+
+import json
+
+from appliance.db_time import iso, utcnow
+from appliance.errors import VaultError
+
+
+def add_node(con, node_id: str, kind: str, parents: list[tuple[str, str]] | None = None,
+             content_hash: str | None = None, attrs: dict | None = None) -> None:
+    """Record `node_id`; `parents` are (parent id, role) pairs. Ids are never reused."""
+    if con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [node_id]).fetchone():
+        raise VaultError(f"lineage id {node_id} already exists", "ids are never reused")
+    con.execute(
+        "INSERT INTO lineage_nodes VALUES (?, ?, ?, ?, ?)",
+        [node_id, kind, utcnow(), content_hash, json.dumps(attrs or {}, default=str)],
+    )
+    for parent, role in parents or []:
+        con.execute("INSERT INTO lineage_edges VALUES (?, ?, ?)", [node_id, parent, role])
+
+
+def node(con, node_id: str) -> dict:
+    row = con.execute(
+        "SELECT id, kind, created, content_hash, attrs FROM lineage_nodes WHERE id = ?", [node_id]
+    ).fetchone()
+    if row is None:
+        raise VaultError(f"no lineage node {node_id}", "list ids with `appliance vault datasets`")
+    return {"id": row[0], "kind": row[1], "created": iso(row[2]), "content_hash": row[3],
+            "attrs": json.loads(row[4] or "{}")}
+
+
+def tree(con, node_id: str, _seen: frozenset[str] = frozenset()) -> dict:
+    """`node_id` with its ancestors nested under `parents` (a DAG shown as a tree; cycles cut)."""
+    out = node(con, node_id)
+    out["parents"] = []
+    for parent, role in con.execute(
+        "SELECT parent, role FROM lineage_edges WHERE child = ? ORDER BY parent", [node_id]
+    ).fetchall():
+        if parent in _seen:
+            continue
+        sub = tree(con, parent, _seen | {node_id})
+        sub["role"] = role
+        out["parents"].append(sub)
+    out["children"] = [c for (c,) in con.execute(
+        "SELECT child FROM lineage_edges WHERE parent = ? ORDER BY child", [node_id]).fetchall()]
+    return out
+
+
+def render(t: dict, indent: str = "") -> list[str]:
+    role = f" [{t['role']}]" if t.get("role") else ""
+    h = f"  {t['content_hash'][:12]}" if t.get("content_hash") else ""
+    lines = [f"{indent}{t['id']} ({t['kind']}){role}{h}"]
+    for i, p in enumerate(t["parents"]):
+        last = i == len(t["parents"]) - 1
+        sub = render(p, indent + ("    " if last else "│   "))
+        sub[0] = indent + ("└── " if last else "├── ") + sub[0][len(indent) + 4:]
+        lines += sub
+    return lines

@@ -1,0 +1,348 @@
+"""PII detection and scrubbing: regex candidates, then validators (Luhn, IBAN mod-97, address parsing,
+context words) that keep false positives down.
+
+Cheap literal pre-checks (`'@' in text`, keyword presence in the lower-cased text) skip whole detectors on
+text that cannot hold their type, which is what keeps the scan fast on ordinary prose.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import ipaddress
+import re
+from collections import Counter
+from dataclasses import dataclass
+
+MODES = ("redact", "pseudonymize", "flag", "off")
+TYPES = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6", "DOB", "MRN", "PASSPORT", "PERSON")
+
+
+@dataclass(frozen=True, slots=True)
+class Finding:
+    type: str
+    start: int
+    end: int
+    value: str
+
+
+# --- email ---------------------------------------------------------------------------------------
+_EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9](?:[A-Za-z0-9-]{0,62})(?:\.[A-Za-z0-9-]{1,63})*\.[A-Za-z]{2,24}\b")
+_LOCAL_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._%+-'")
+
+
+def _emails(text: str, _low: str, _regions):
+    if "@" not in text:
+        return
+    for m in _EMAIL_DOMAIN.finditer(text):
+        i = m.start()
+        while i > 0 and text[i - 1] in _LOCAL_CHARS:
+            i -= 1
+        while i < m.start() and text[i] in ".'":
+            i += 1
+        if i < m.start():
+            yield Finding("EMAIL", i, m.end(), text[i:m.end()])
+
+
+# --- numeric regions ---------------------------------------------------------------------------
+# Cards, SSNs, phones and IPv4 addresses all contain a run of at least 7 digits and separators. Finding
+# those runs is one fast scan (the pattern starts with a digit class, which the regex engine can skip
+# to); the precise detectors then run only around each run.
+_NUM_REGION = re.compile(r"\d[\d .()/+-]{5,}\d")
+
+
+def _regions(text: str) -> list[tuple[int, int]]:
+    return [(max(0, m.start() - 5), min(len(text), m.end() + 3)) for m in _NUM_REGION.finditer(text)]
+
+
+def _in_regions(pattern: re.Pattern, text: str, regions):
+    last = -1
+    for start, end in regions:
+        for m in pattern.finditer(text, max(start, last), end):
+            last = m.end()
+            yield m
+
+
+# --- payment cards -------------------------------------------------------------------------------
+_CARD = re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-])")
+_CARD_NEGATIVE = re.compile(r"(?i)(?:order|invoice|tracking|ref(?:erence)?|serial|part|ticket|account|isbn)"
+                            r"[\s\w.#:-]{0,12}$")
+
+
+def luhn_ok(digits: str) -> bool:
+    total = 0
+    for i, ch in enumerate(reversed(digits)):
+        d = ord(ch) - 48
+        if i % 2:
+            d = d * 2 - 9 if d > 4 else d * 2
+        total += d
+    return total % 10 == 0
+
+
+def _card_brand_ok(d: str) -> bool:
+    n = len(d)
+    p2, p4 = int(d[:2]), int(d[:4])
+    if d[0] == "4":
+        return n in (13, 16, 19)
+    if 51 <= p2 <= 55 or 2221 <= p4 <= 2720:
+        return n == 16
+    if p2 in (34, 37):
+        return n == 15
+    if p4 == 6011 or p2 == 65 or 644 <= int(d[:3]) <= 649 or p2 == 62:
+        return 16 <= n <= 19
+    if 3528 <= p4 <= 3589:
+        return 16 <= n <= 19
+    if 300 <= int(d[:3]) <= 305 or p2 in (36, 38):
+        return 14 <= n <= 19
+    return False
+
+
+def _cards(text: str, low: str, regions):
+    for m in _in_regions(_CARD, text, regions):
+        d = m.group().replace(" ", "").replace("-", "")
+        if 13 <= len(d) <= 19 and _card_brand_ok(d) and luhn_ok(d):
+            if _CARD_NEGATIVE.search(low, max(0, m.start() - 30), m.start()):
+                continue
+            yield Finding("CARD", m.start(), m.end(), m.group())
+
+
+# --- IBAN ----------------------------------------------------------------------------------------
+IBAN_LENGTHS = {
+    "AD": 24, "AE": 23, "AL": 28, "AT": 20, "AZ": 28, "BA": 20, "BE": 16, "BG": 22, "BH": 22, "BR": 29,
+    "CH": 21, "CR": 22, "CY": 28, "CZ": 24, "DE": 22, "DK": 18, "DO": 28, "EE": 20, "ES": 24, "FI": 18,
+    "FO": 18, "FR": 27, "GB": 22, "GE": 22, "GI": 23, "GL": 18, "GR": 27, "GT": 28, "HR": 21, "HU": 28,
+    "IE": 22, "IL": 23, "IS": 26, "IT": 27, "JO": 30, "KW": 30, "KZ": 20, "LB": 28, "LI": 21, "LT": 20,
+    "LU": 20, "LV": 21, "MC": 27, "MD": 24, "ME": 22, "MK": 19, "MR": 27, "MT": 31, "MU": 30, "NL": 18,
+    "NO": 15, "PK": 24, "PL": 28, "PS": 29, "PT": 25, "QA": 29, "RO": 24, "RS": 22, "SA": 24, "SE": 24,
+    "SI": 19, "SK": 24, "SM": 27, "TN": 24, "TR": 26, "UA": 29, "VG": 24, "XK": 20,
+}
+_IBAN = re.compile(r"[A-Z]{2}\d{2}(?: ?[A-Z0-9]){11,30}")  # no leading \b: it would defeat the fast skip
+
+
+def iban_ok(compact: str) -> bool:
+    if IBAN_LENGTHS.get(compact[:2]) != len(compact):
+        return False
+    moved = compact[4:] + compact[:4]
+    return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
+
+
+def _ibans(text: str, _low: str, _regions):
+    for m in _IBAN.finditer(text):
+        want = IBAN_LENGTHS.get(m.group()[:2])
+        if want is None or (m.start() and text[m.start() - 1].isalnum()):
+            continue
+        end, seen = m.start(), 0
+        while end < m.end() and seen < want:  # cut at the country's length: "...00 IN" must not swallow "IN"
+            if text[end] != " ":
+                seen += 1
+            end += 1
+        if seen == want and (end == len(text) or not text[end].isalnum()):
+            if iban_ok(text[m.start():end].replace(" ", "")):
+                yield Finding("IBAN", m.start(), end, text[m.start():end])
+
+
+# --- SSN -----------------------------------------------------------------------------------------
+_SSN = re.compile(r"(?<![\d-])(?!000|666|9\d\d)\d{3}([- ])(?!00)\d{2}\1(?!0000)\d{4}(?![\d-])")
+_SSN_BARE = re.compile(r"(?i)(?:ssn|social security(?: number| no\.?)?)\s*(?:#|no\.?|number)?\s*[:=]?\s*"
+                       r"(?:is\s+)?((?!000|666|9\d\d)\d{9})(?!\d)")
+
+
+def _ssns(text: str, low: str, regions):
+    for m in _in_regions(_SSN, text, regions):
+        if m.group(1) == " " and "ssn" not in low and "social security" not in low:
+            continue  # "123 45 6789" is too ambiguous without context
+        yield Finding("SSN", m.start(), m.end(), m.group())
+    if "ssn" in low or "social security" in low:
+        for m in _SSN_BARE.finditer(text):
+            yield Finding("SSN", m.start(1), m.end(1), m.group(1))
+
+
+# --- IP addresses --------------------------------------------------------------------------------
+_IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
+                   r"(?![\w]|\.\d)")
+_VERSION_BEFORE = re.compile(r"(?i)(?:version|ver\.?|v|release|build)\s*$")
+_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
+
+
+def _ipv4s(text: str, _low: str, regions):
+    for m in _in_regions(_IPV4, text, regions):
+        if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()):
+            continue
+        yield Finding("IPV4", m.start(), m.end(), m.group())
+
+
+def _ipv6s(text: str, _low: str, _regions):
+    if "::" not in text and text.count(":") < 5:
+        return
+    for m in _IPV6.finditer(text):
+        s = m.group()
+        if sum(1 for g in s.split(":") if g) < 3:
+            continue  # "a::b" in code, times like "12:30:45" fail below
+        try:
+            ipaddress.IPv6Address(s.split("%")[0])
+        except ValueError:
+            continue
+        yield Finding("IPV6", m.start(), m.end(), s)
+
+
+# --- phone numbers -------------------------------------------------------------------------------
+_PHONE = re.compile(
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,5}){1,5}(?![\w-]|\.\d)"
+    r"|(?<![\w+])\+\d{7,15}(?!\w)|(?<![\w+])\(\d{3}\)\s?\d{3}-\d{4}(?!\w)"
+)
+_US_PHONE = re.compile(r"(?:\+?1[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}")
+_PHONE_CONTEXT = re.compile(r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|pager|ext|contact|whatsapp)"
+                            r"[\s.:#()\w-]{0,12}$")
+_DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
+
+
+def _phones(text: str, _low: str, regions):
+    for m in _in_regions(_PHONE, text, regions):
+        s = m.group()
+        digits = sum(c.isdigit() for c in s)
+        if digits < 7 or digits > 15 or _DATE_LIKE.fullmatch(s):
+            continue
+        if s.startswith("+") and digits >= 8:
+            pass
+        elif _US_PHONE.fullmatch(s) and digits in (10, 11):
+            pass
+        elif not _PHONE_CONTEXT.search(text, max(0, m.start() - 25), m.start()):
+            continue
+        yield Finding("PHONE", m.start(), m.end(), s)
+
+
+# --- context-bound identifiers -------------------------------------------------------------------
+_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
+_DATE = (rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}|{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
+         rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{_MONTH},? \d{{4}})")
+_DOB = re.compile(rf"(?i:date of birth|d\.o\.b\.?|dob|birth ?date|born(?: on)?)\b[\s:=-]*(?:is |was |on )?({_DATE})")
+_MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?))"
+                  r"[\s:#=-]*(?:is\s+)?(?=[A-Z0-9-]*\d)([A-Z]{0,4}-?[A-Z0-9]{4,14}(?:-[A-Z0-9]{1,6})?)\b")
+_PASSPORT = re.compile(r"(?i:passport)(?:\s*(?:number|no\.?|#|id))?[\s:#=-]*(?:is\s+)?(?=[A-Z0-9]*\d)([A-Z0-9]{6,9})\b")
+
+
+def _contextual(text: str, low: str, _regions):
+    if "birth" in low or "dob" in low or "d.o.b" in low or "born" in low:
+        for m in _DOB.finditer(text):
+            yield Finding("DOB", m.start(1), m.end(1), m.group(1))
+    if "mrn" in low or "medical record" in low or "patient" in low or "chart" in low:
+        for m in _MRN.finditer(text):
+            yield Finding("MRN", m.start(1), m.end(1), m.group(1))
+    if "passport" in low:
+        for m in _PASSPORT.finditer(text):
+            yield Finding("PASSPORT", m.start(1), m.end(1), m.group(1))
+
+
+# --- person names (only where a cheap, reliable signal exists) -----------------------------------
+_NAME = r"[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: (?:van |de |von |O')?[A-Z][a-z'’-]+){1,2}"
+_NAME_FIELD = re.compile(
+    rf"(?m)(?:^|\b)(?:Name|Full name|Patient|Patient name|Employee|Contact|Attn|Attention|Signed|Approved by"
+    rf"|Reviewed by|Prepared by|Author|Reported by|Requested by|Owner|Customer|Client|Technician|Engineer"
+    rf"|Physician|Doctor|Nurse|Supervisor|Manager|Employee name|Customer name|Owner name|Contact name)"
+    rf"\s*:\s*({_NAME})"
+)
+_HONORIFIC = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.? ({_NAME}|[A-Z][a-z'’-]{{2,}})")
+_SIGNOFF = re.compile(
+    rf"(?m)^[ \t]*(?:Best|Regards|Best regards|Kind regards|Warm regards|Thanks|Thank you|Sincerely|Cheers"
+    rf"|Many thanks|Respectfully)[,.!]?[ \t]*\r?\n[ \t]*(?:--[ \t]*\r?\n[ \t]*)?({_NAME}|[A-Z][a-z'’-]{{2,}})[ \t]*$"
+)
+
+
+_SIGNOFF_WORDS = ("regards", "thanks", "thank you", "sincerely", "cheers", "best", "respectfully")
+
+
+def _person_spans(text: str, names: set[str]):
+    for n in names:
+        if len(n) < 3:
+            continue
+        start = text.find(n)
+        while start != -1:
+            end = start + len(n)
+            before = text[start - 1] if start else " "
+            after = text[end] if end < len(text) else " "
+            if not before.isalnum() and not after.isalnum():
+                yield Finding("PERSON", start, end, n)
+            start = text.find(n, end)
+
+
+def _names(text: str, low: str, hints: tuple[str, ...]) -> set[str]:
+    found = {h.strip() for h in hints if h and h.strip()}
+    if ":" in text:
+        found.update(m.group(1) for m in _NAME_FIELD.finditer(text))
+    if "Mr" in text or "Ms" in text or "Dr" in text or "Prof" in text or "Miss" in text:
+        found.update(m.group(1) for m in _HONORIFIC.finditer(text))
+    if any(w in low for w in _SIGNOFF_WORDS):
+        found.update(m.group(1) for m in _SIGNOFF.finditer(text))
+    return found
+
+
+# --- the whole scan ------------------------------------------------------------------------------
+# Order is priority: on overlap the earlier detector keeps the span.
+_DETECTORS = (_emails, _ibans, _cards, _ssns, _ipv6s, _ipv4s, _contextual, _phones)
+
+
+def detect(text: str, name_hints: tuple[str, ...] = ()) -> list[Finding]:
+    """Non-overlapping findings in text order."""
+    low = text.lower()
+    regions = _regions(text)
+    taken: list[Finding] = []
+    for det in _DETECTORS:
+        for f in det(text, low, regions):
+            if not any(f.start < t.end and t.start < f.end for t in taken):
+                taken.append(f)
+    names = _names(text, low, name_hints)
+    if names:
+        for f in _person_spans(text, names):
+            if not any(f.start < t.end and t.start < f.end for t in taken):
+                taken.append(f)
+    taken.sort(key=lambda f: f.start)
+    return taken
+
+
+def _normal(f: Finding) -> str:
+    if f.type in ("EMAIL", "PERSON", "IPV6", "PASSPORT", "MRN"):
+        return f.value.lower().replace(" ", "")
+    if f.type in ("PHONE", "CARD", "SSN"):
+        return "".join(c for c in f.value if c.isdigit())
+    return f.value.replace(" ", "")
+
+
+class Scrubber:
+    """Applies one mode to text; pseudonyms are HMAC-keyed so the same value maps to the same token."""
+
+    def __init__(self, mode: str, key: bytes | None = None):
+        if mode not in MODES:
+            raise ValueError(f"unknown PII mode {mode!r}; use one of {', '.join(MODES)}")
+        if mode == "pseudonymize" and not key:
+            raise ValueError("pseudonymize needs a key")
+        self.mode = mode
+        self.key = key or b""
+
+    def token(self, f: Finding) -> str:
+        if self.mode == "redact":
+            return f"[{f.type}]"
+        digest = hmac.new(self.key, f"{f.type}:{_normal(f)}".encode(), hashlib.sha256).hexdigest()[:10]
+        return f"[{f.type}_{digest}]"
+
+    def scrub_cell(self, column: str, value: str) -> tuple[str, Counter]:
+        """Scrub one table cell with its column name as context ("ssn", "date_of_birth", "owner")."""
+        label = column.replace("_", " ").strip().capitalize() or "Value"
+        prefix = f"{label}: "
+        out, counts = self.scrub(prefix + value)
+        return (out[len(prefix):] if out.startswith(prefix) else out), counts
+
+    def scrub(self, text: str, name_hints: tuple[str, ...] = ()) -> tuple[str, Counter]:
+        """(scrubbed text, counts per type). 'flag' counts but keeps the text; 'off' does nothing."""
+        if self.mode == "off":
+            return text, Counter()
+        found = detect(text, name_hints)
+        counts = Counter(f.type for f in found)
+        if self.mode == "flag" or not found:
+            return text, counts
+        out, pos = [], 0
+        for f in found:
+            out.append(text[pos:f.start])
+            out.append(self.token(f))
+            pos = f.end
+        out.append(text[pos:])
+        return "".join(out), counts

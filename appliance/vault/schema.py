@@ -1,0 +1,35 @@
+"""The vault's tables. Records are content-addressed blobs; a dataset version is a list of blob hashes."""
+
+SCHEMA_VERSION = 1
+
+DDL = [
+    "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
+    # Each distinct record text once, keyed by sha256 of its UTF-8 bytes.
+    "CREATE TABLE IF NOT EXISTS blobs (hash VARCHAR PRIMARY KEY, text VARCHAR NOT NULL, bytes BIGINT NOT NULL)",
+    "CREATE SEQUENCE IF NOT EXISTS version_vid START 1",
+    """CREATE TABLE IF NOT EXISTS versions (
+        vid INTEGER PRIMARY KEY, name VARCHAR NOT NULL, n INTEGER, status VARCHAR NOT NULL,
+        created TIMESTAMP NOT NULL, committed TIMESTAMP, actor VARCHAR, pii_mode VARCHAR,
+        content_hash VARCHAR, records BIGINT, bytes BIGINT, duplicates BIGINT, skipped BIGINT,
+        validation_fraction DOUBLE, parents VARCHAR, note VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS version_records (
+        vid INTEGER NOT NULL, ord BIGINT NOT NULL, hash VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+        source VARCHAR, path VARCHAR, language VARCHAR, title VARCHAR, meta VARCHAR,
+        split VARCHAR NOT NULL, bytes BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS version_sources (
+        vid INTEGER NOT NULL, path VARCHAR NOT NULL, kind VARCHAR, bytes BIGINT, sha256 VARCHAR,
+        records BIGINT, duplicates BIGINT, status VARCHAR NOT NULL, reason VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS version_pii (
+        vid INTEGER NOT NULL, path VARCHAR NOT NULL, type VARCHAR NOT NULL, count BIGINT NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS version_tables (
+        vid INTEGER NOT NULL, table_name VARCHAR NOT NULL, source VARCHAR, rows BIGINT, columns VARCHAR)""",
+    "CREATE SCHEMA IF NOT EXISTS data",
+    """CREATE TABLE IF NOT EXISTS lineage_nodes (
+        id VARCHAR PRIMARY KEY, kind VARCHAR NOT NULL, created TIMESTAMP NOT NULL,
+        content_hash VARCHAR, attrs VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS lineage_edges (
+        child VARCHAR NOT NULL, parent VARCHAR NOT NULL, role VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS audit (
+        seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
+        ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",
+]

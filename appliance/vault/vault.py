@@ -1,0 +1,246 @@
+"""The unlocked vault: keys in memory, the encrypted DuckDB attached, and the operations on the whole file."""
+
+from __future__ import annotations
+
+import os
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import duckdb
+
+from appliance.errors import VaultError
+from appliance.home import Home, fsync_dir
+from appliance.vault import audit, db
+from appliance.vault.keys import Keyring, Secrets
+from appliance.vault.schema import DDL, SCHEMA_VERSION
+
+REKEY_SUFFIX = ".rekey"
+OLD_SUFFIX = ".old"
+
+
+class Vault:
+    """An unlocked vault. Use as a context manager; the data key lives only in this object."""
+
+    def __init__(self, home: Home, keyring: Keyring, secrets: Secrets, con: duckdb.DuckDBPyConnection,
+                 read_only: bool):
+        self.home = home
+        self.keyring = keyring
+        self.secrets = secrets
+        self.con = con
+        self.read_only = read_only
+
+    # --- lifecycle ------------------------------------------------------------------------------
+    @classmethod
+    def init(cls, home: Home, passphrase: str, kdf: dict | None = None) -> Vault:
+        if home.exists():
+            raise VaultError(f"a vault already exists at {home.root}", "use it, or pick another --home")
+        if home.database.exists():
+            raise VaultError(f"{home.database} exists without a keyring",
+                             "move it away (an interrupted init leaves it) and run init again")
+        home.create_dirs()
+        secrets = Secrets.generate()
+        ring = Keyring.create(passphrase, secrets, kdf)
+        con = db.connect(home.database, secrets.duckdb_key, home.tmp)
+        vault = cls(home, ring, secrets, con, read_only=False)
+        vault._ensure_schema()
+        with vault.transaction():
+            vault.audit("vault.init", [], {"vault_id": ring.vault_id, "kdf": {
+                k: v for k, v in ring.kdf.items() if k != "salt"}, "schema": SCHEMA_VERSION})
+        con.execute("CHECKPOINT")
+        ring.save(home.keyring)  # last: a vault without a keyring is an interrupted init
+        return vault
+
+    @classmethod
+    def open(cls, home: Home, passphrase: str, read_only: bool = False,
+             memory_limit: str | None = None) -> Vault:
+        ring = Keyring.load(home.keyring)
+        secrets, pending = ring.unlock(passphrase)  # raises WrongPassphrase before anything is touched
+        if ring.pending_rekey is not None:
+            secrets = _finish_rekey(home, ring, secrets, pending)
+        _shred(home.database.with_name(home.database.name + OLD_SUFFIX))
+        if not home.database.exists():
+            raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
+        con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit)
+        vault = cls(home, ring, secrets, con, read_only)
+        try:
+            vault._check_schema()
+            if not read_only:
+                vault._ensure_schema()
+                from appliance.vault.ingest import discard_unfinished
+                discard_unfinished(vault)
+        except BaseException:
+            con.close()
+            raise
+        return vault
+
+    def close(self) -> None:
+        if self.con is not None:
+            self.con.close()
+            self.con = None  # type: ignore[assignment]
+
+    def reopen(self, read_only: bool) -> None:
+        """Re-attach the database, e.g. read-only after writing an audit entry; no new unlock."""
+        self.close()
+        self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only)
+        self.read_only = read_only
+
+    def __enter__(self) -> Vault:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- helpers --------------------------------------------------------------------------------
+    @contextmanager
+    def transaction(self):
+        self.con.begin()
+        try:
+            yield self.con
+        except BaseException:
+            self.con.rollback()
+            raise
+        self.con.commit()
+
+    def audit(self, action: str, ids: list[str] | None = None, details: dict | None = None) -> int:
+        return audit.append(self.con, self.secrets.audit_key, action, ids, details)
+
+    def _ensure_schema(self) -> None:
+        for stmt in DDL:
+            self.con.execute(stmt)
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", [str(SCHEMA_VERSION)])
+        self.con.execute("INSERT OR IGNORE INTO meta VALUES ('vault_id', ?)", [self.keyring.vault_id])
+
+    def _check_schema(self) -> None:
+        try:
+            row = self.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+        except duckdb.CatalogException:
+            return  # an empty database: _ensure_schema creates it
+        if row and int(row[0]) > SCHEMA_VERSION:
+            raise VaultError(f"this vault has schema {row[0]}, newer than this appliance's {SCHEMA_VERSION}",
+                             "upgrade the appliance")
+
+    # --- keys -----------------------------------------------------------------------------------
+    def passwd(self, new_passphrase: str) -> None:
+        """Re-wrap the same secrets under a new passphrase; no data is re-encrypted."""
+        self.keyring.rewrap(new_passphrase, self.secrets)
+        with self.transaction():
+            self.audit("vault.passwd", [], {})
+        self.con.execute("CHECKPOINT")
+        self.keyring.save(self.home.keyring)
+
+    def rekey(self, passphrase: str) -> None:
+        """Copy everything into a database under a fresh data key and swap it in atomically.
+
+        Crash-safe: the keyring holds the next key as pending until the swap is done; `open` finishes or
+        rolls back a half-done rekey. The old file is overwritten before it is unlinked, and its key is gone.
+        """
+        if self.read_only:
+            raise VaultError("the vault is open read-only", "open it for writing to rekey")
+        nxt = Secrets(os.urandom(32), self.secrets.pseudonym_key, self.secrets.audit_key)
+        new_path = self.home.database.with_name(self.home.database.name + REKEY_SUFFIX)
+        _remove_db(new_path)
+        with self.transaction():
+            self.audit("vault.rekey", [], {"phase": "start"})
+        self.con.execute(
+            f"ATTACH '{db._quote(new_path)}' AS rekeyed (ENCRYPTION_KEY '{nxt.duckdb_key}', ENCRYPTION_CIPHER 'GCM')"
+        )
+        try:
+            self.con.execute(f"COPY FROM DATABASE {db.DB_ALIAS} TO rekeyed")
+            self.con.execute("CHECKPOINT rekeyed")
+        finally:
+            self.con.execute("DETACH rekeyed")
+        self.close()
+        self.keyring.wrap_pending(passphrase, nxt, new_path.name)
+        self.keyring.save(self.home.keyring)
+        old = self.home.database.with_name(self.home.database.name + OLD_SUFFIX)
+        os.link(self.home.database, old)
+        os.replace(new_path, self.home.database)
+        fsync_dir(self.home.root)
+        self.keyring.wrapped = self.keyring.pending_rekey["wrapped"]
+        self.keyring.pending_rekey = None
+        self.keyring.save(self.home.keyring)
+        _shred(old)
+        self.secrets = nxt
+        self.con = db.connect(self.home.database, nxt.duckdb_key, self.home.tmp)
+        with self.transaction():
+            self.audit("vault.rekey", [], {"phase": "done"})
+
+    # --- integrity ------------------------------------------------------------------------------
+    def check(self) -> CheckReport:
+        """Every record's hash against its text, every version's content hash against its records."""
+        rep = CheckReport()
+        c = self.con
+        rep.blobs = c.execute("SELECT count(*) FROM blobs").fetchone()[0]
+        for h, in c.execute("SELECT hash FROM blobs WHERE sha256(text) <> hash OR strlen(text) <> bytes "
+                            "ORDER BY hash LIMIT 20").fetchall():
+            rep.problems.append(f"record {h[:12]} does not match its hash")
+        for vid, n_missing in c.execute(
+            "SELECT r.vid, count(*) FROM version_records r ANTI JOIN blobs b ON r.hash = b.hash GROUP BY r.vid"
+        ).fetchall():
+            rep.problems.append(f"version vid={vid} lacks {n_missing} records")
+        rows = c.execute("""
+            SELECT v.name, v.n, v.content_hash, v.records, v.bytes,
+                   sha256(coalesce(string_agg(r.hash, '' ORDER BY r.ord), '')), count(r.hash), coalesce(sum(r.bytes), 0)
+            FROM versions v LEFT JOIN version_records r ON r.vid = v.vid
+            WHERE v.status = 'committed' GROUP BY ALL ORDER BY v.name, v.n""").fetchall()
+        for name, n, want, recs, nbytes, got, count, total in rows:
+            rep.versions += 1
+            vid = f"{name}@{n}"
+            if got != want:
+                rep.problems.append(f"{vid}: content hash {got[:12]} differs from recorded {want[:12]}")
+            if count != recs or total != nbytes:
+                rep.problems.append(f"{vid}: {count} records / {total} bytes, recorded {recs} / {nbytes}")
+        rep.audit = audit.verify(c, self.secrets.audit_key)
+        rep.problems += [f"audit: {p}" for p in rep.audit.problems]
+        return rep
+
+
+@dataclass
+class CheckReport:
+    blobs: int = 0
+    versions: int = 0
+    problems: list[str] = field(default_factory=list)
+    audit: audit.AuditReport | None = None
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "records": self.blobs, "versions": self.versions,
+                "audit_entries": self.audit.entries if self.audit else 0, "problems": self.problems}
+
+
+def _finish_rekey(home: Home, ring: Keyring, current: Secrets, pending: Secrets | None) -> Secrets:
+    """Roll a rekey interrupted before the swap back, or one interrupted after it forward."""
+    new_path = home.database.with_name(home.database.name + REKEY_SUFFIX)
+    if new_path.exists() or pending is None:
+        _remove_db(new_path)
+        chosen = current
+    else:
+        ring.wrapped = ring.pending_rekey["wrapped"]
+        chosen = pending
+    ring.pending_rekey = None
+    ring.save(home.keyring)
+    return chosen
+
+
+def _remove_db(path: Path) -> None:
+    for p in (path, path.with_name(path.name + ".wal")):
+        p.unlink(missing_ok=True)
+
+
+def _shred(path: Path) -> None:
+    """Overwrite then unlink. The file is ciphertext under a destroyed key; this removes even that."""
+    if not path.exists():
+        return
+    size = path.stat().st_size
+    with open(path, "r+b") as f:
+        chunk = 1 << 20
+        for off in range(0, size, chunk):
+            f.write(os.urandom(min(chunk, size - off)))
+        f.flush()
+        os.fsync(f.fileno())
+    path.unlink()
+    fsync_dir(path.parent)
