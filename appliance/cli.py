@@ -329,12 +329,15 @@ def samples_cmd(c: Ctx, out_dir, seed):
 
 
 @command(cli, "demo")
-@click.option("--fresh", is_flag=True, help="Remove a previous demo vault in this home first.")
-def demo_cmd(c: Ctx, fresh):
-    """Run the end-to-end pipeline on the bundled sample data, in its own home."""
-    from appliance.demo import run_demo
+def demo_cmd(c: Ctx):
+    """Run the end-to-end pipeline on the bundled sample data, in a home of its own.
 
-    summary = run_demo(c.home, fresh=fresh, say=(lambda s: None) if c.json else out.print)
+    The demo home defaults to ~/.local/share/appliance-demo (never your real vault) and is rebuilt on
+    every run; a non-empty directory that no demo made is refused.
+    """
+    from appliance.demo import demo_home, run_demo
+
+    summary = run_demo(demo_home(c.home_arg), say=(lambda s: None) if c.json else out.print)
     c.emit(summary)
 
 

@@ -237,7 +237,7 @@ def _contextual(text: str, low: str, _regions):
 _NAME = r"[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: (?:van |de |von |O')?[A-Z][a-z'’-]+){1,2}"
 _NAME_FIELD = re.compile(
     rf"(?m)(?:^|\b)(?:Name|Full name|Patient|Patient name|Employee|Contact|Attn|Attention|Signed|Approved by"
-    rf"|Reviewed by|Prepared by|Author|Reported by|Requested by|Owner|Customer|Client|Technician|Engineer"
+    rf"|Reviewed by|Prepared by|Issued by|Author|Maintainer|Reported by|Requested by|Owner|Customer|Client|Technician|Engineer"
     rf"|Physician|Doctor|Nurse|Supervisor|Manager|Employee name|Customer name|Owner name|Contact name)"
     rf"\s*:\s*({_NAME})"
 )
