@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from appliance import __version__
-from appliance.errors import ApplianceError, PartialIngest, VaultError
+from appliance.errors import ApplianceError, CheckFailed, PartialIngest, VaultError
 from appliance.home import Home, default_home
 from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
 from appliance.passphrase import check_new, get_passphrase
@@ -234,12 +234,13 @@ def check_cmd(c: Ctx):
         rep = v.check()
         with v.transaction():
             v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
-    c.emit(rep.to_json(), lambda: out.print(
+    failure = CheckFailed(f"vault check found {len(rep.problems)} problem(s)", "restore from a backup")
+    c.emit(_with_error(rep.to_json(), None if rep.ok else failure), lambda: out.print(
         f"{'ok' if rep.ok else 'FAILED'}: {rep.blobs} records, {rep.versions} versions, "
         f"{rep.audit.entries if rep.audit else 0} audit entries checked" +
         "".join(f"\n  {p}" for p in rep.problems)))
     if not rep.ok:
-        raise VaultError(f"vault check found {len(rep.problems)} problem(s)", "restore from a backup")
+        raise failure
 
 
 @command(vault_group, "passwd")
@@ -294,11 +295,12 @@ def audit_verify_cmd(c: Ctx):
 
     with c.open_vault(read_only=True) as v:
         rep = audit.verify(v.con, v.secrets.audit_key)
-    c.emit(rep.to_json(), lambda: out.print(
+    failure = CheckFailed(f"audit log verification failed ({len(rep.problems)} problem(s))",
+                          "the log was altered outside the appliance")
+    c.emit(_with_error(rep.to_json(), None if rep.ok else failure), lambda: out.print(
         f"{'ok' if rep.ok else 'FAILED'}: {rep.entries} entries" + "".join(f"\n  {p}" for p in rep.problems)))
     if not rep.ok:
-        raise VaultError(f"audit log verification failed ({len(rep.problems)} problem(s))",
-                         "the log was altered outside the appliance")
+        raise failure
 
 
 @command(audit_group, "log")
@@ -341,6 +343,12 @@ def demo_cmd(c: Ctx):
     c.emit(summary)
 
 
+def _with_error(data: dict, failure: ApplianceError | None) -> dict:
+    if failure is None:
+        return data
+    return {**data, "ok": False, "error": failure.message, "hint": failure.hint, "exit_code": failure.exit_code}
+
+
 # --- entry point ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
@@ -360,7 +368,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.exceptions.Exit as e:
         sys.exit(e.exit_code)
     except ApplianceError as e:
-        _fail(as_json, e.message, e.hint, e.exit_code)
+        _fail(as_json and not e.json_emitted, e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", "nothing half-done was kept", 130)
     except Exception as e:  # last resort: one line, never a traceback

@@ -5,6 +5,7 @@ class ApplianceError(Exception):
     """Base of every error shown to a user: `str(err)` is the whole message, hint included."""
 
     exit_code = 1
+    json_emitted = False  # the command already printed its JSON object (with "ok": false)
 
     def __init__(self, message: str, hint: str | None = None):
         self.message = message
@@ -25,6 +26,12 @@ class VaultError(ApplianceError):
 class WrongPassphrase(VaultError):
     def __init__(self) -> None:
         super().__init__("wrong passphrase", "check APPLIANCE_PASSPHRASE[_FILE] or type it again")
+
+
+class CheckFailed(VaultError):
+    """A check ran and found problems; its report was already printed."""
+
+    json_emitted = True
 
 
 class IngestError(ApplianceError):

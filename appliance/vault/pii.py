@@ -15,6 +15,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 MODES = ("redact", "pseudonymize", "flag", "off")
+STRUCTURED = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6")  # detectable from the value alone
 TYPES = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6", "DOB", "MRN", "PASSPORT", "PERSON")
 
 
@@ -65,7 +66,8 @@ def _in_regions(pattern: re.Pattern, text: str, regions):
 
 # --- payment cards -------------------------------------------------------------------------------
 _CARD = re.compile(r"(?<![\d.-])\d(?:[ -]?\d){12,18}(?![\d-])")
-_CARD_NEGATIVE = re.compile(r"(?i)(?:order|invoice|tracking|ref(?:erence)?|serial|part|ticket|account|isbn)"
+_CARD_NEGATIVE = re.compile(r"(?i)(?:order|invoice|tracking|ref(?:erence)?|serial|part|ticket|account|isbn|shipment"
+                            r"|parcel|package|consignment|batch|lot|waybill)"
                             r"[\s\w.#:-]{0,12}$")
 
 
@@ -160,13 +162,13 @@ def _ssns(text: str, low: str, regions):
 # --- IP addresses --------------------------------------------------------------------------------
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                    r"(?![\w]|\.\d)")
-_VERSION_BEFORE = re.compile(r"(?i)(?:version|ver\.?|v|release|build)\s*$")
+_NOT_IP_BEFORE = re.compile(r"(?i)\b(?:version|ver\.?|v|release|build|section|chapter|clause|para(?:graph)?|§)\s*$")
 _IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
 
 
 def _ipv4s(text: str, _low: str, regions):
     for m in _in_regions(_IPV4, text, regions):
-        if _VERSION_BEFORE.search(text, max(0, m.start() - 10), m.start()):
+        if _NOT_IP_BEFORE.search(text, max(0, m.start() - 10), m.start()):
             continue
         yield Finding("IPV4", m.start(), m.end(), m.group())
 
@@ -187,7 +189,7 @@ def _ipv6s(text: str, _low: str, _regions):
 
 # --- phone numbers -------------------------------------------------------------------------------
 _PHONE = re.compile(
-    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,5}){1,5}(?![\w-]|\.\d)"
+    r"(?<![\w+])(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,8}){1,5}(?![\w-]|\.\d)"
     r"|(?<![\w+])\+\d{7,15}(?!\w)|(?<![\w+])\(\d{3}\)\s?\d{3}-\d{4}(?!\w)"
 )
 _US_PHONE = re.compile(r"(?:\+?1[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}")
@@ -265,8 +267,27 @@ def _person_spans(text: str, names: set[str]):
             start = text.find(n, end)
 
 
-def _names(text: str, low: str, hints: tuple[str, ...]) -> set[str]:
+_NAME_BEFORE_ADDRESS = re.compile(rf"({_NAME})\s*[<(]\s*$")
+
+
+def _names_from_emails(text: str, emails: list[Finding]) -> set[str]:
+    """'Jane Doe <jane@x>' and 'jane.doe@x' both tell us 'Jane Doe' is a person."""
+    found = set()
+    for f in emails:
+        m = _NAME_BEFORE_ADDRESS.search(text, max(0, f.start - 60), f.start)
+        if m:
+            found.add(m.group(1))
+        parts = re.split(r"[._-]", f.value.split("@")[0])
+        if len(parts) == 2 and all(p.isalpha() and len(p) > 1 for p in parts):
+            full = " ".join(p.capitalize() for p in parts)
+            if full in text:
+                found.add(full)
+    return found
+
+
+def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding]) -> set[str]:
     found = {h.strip() for h in hints if h and h.strip()}
+    found |= _names_from_emails(text, emails)
     if ":" in text:
         found.update(m.group(1) for m in _NAME_FIELD.finditer(text))
     if "Mr" in text or "Ms" in text or "Dr" in text or "Prof" in text or "Miss" in text:
@@ -290,7 +311,7 @@ def detect(text: str, name_hints: tuple[str, ...] = ()) -> list[Finding]:
         for f in det(text, low, regions):
             if not any(f.start < t.end and t.start < f.end for t in taken):
                 taken.append(f)
-    names = _names(text, low, name_hints)
+    names = _names(text, low, name_hints, [t for t in taken if t.type == "EMAIL"])
     if names:
         for f in _person_spans(text, names):
             if not any(f.start < t.end and t.start < f.end for t in taken):

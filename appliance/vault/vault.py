@@ -58,6 +58,8 @@ class Vault:
         secrets, pending = ring.unlock(passphrase)  # raises WrongPassphrase before anything is touched
         if ring.pending_rekey is not None:
             secrets = _finish_rekey(home, ring, secrets, pending)
+        else:  # a copy whose key never reached the keyring: unreadable by anyone, remove it
+            _remove_db(home.database.with_name(home.database.name + REKEY_SUFFIX))
         _shred(home.database.with_name(home.database.name + OLD_SUFFIX))
         if not home.database.exists():
             raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")

@@ -51,7 +51,7 @@ def walk_repo(root: Path) -> Iterator[tuple[Path, str, str | None]]:
         if gi.is_file():
             try:
                 lines = gi.read_text(encoding="utf-8", errors="replace").splitlines()
-                specs.append((rel_dir, pathspec.PathSpec.from_lines("gitwildmatch", lines)))
+                specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
             except OSError:
                 pass
         kept = []

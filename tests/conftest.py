@@ -1,0 +1,99 @@
+"""Shared fixtures: the sample corpus (generated once), vault homes, and an in-process CLI runner."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+PASSPHRASE = "test passphrase 1234"
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _passphrase(monkeypatch):
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE)
+    monkeypatch.delenv("APPLIANCE_PASSPHRASE_FILE", raising=False)
+    monkeypatch.delenv("APPLIANCE_HOME", raising=False)
+
+
+@pytest.fixture(scope="session")
+def samples(tmp_path_factory) -> Path:
+    from appliance.samples import generate
+
+    out = tmp_path_factory.mktemp("samples") / "corpus"
+    generate(out)
+    return out
+
+
+@dataclass
+class Result:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def json(self) -> dict:
+        return json.loads(self.out)
+
+
+@pytest.fixture
+def cli(capsys):
+    """Run `appliance ARGS...` in-process; returns exit code, stdout, stderr."""
+    from appliance.cli import main
+
+    def run(*args: str) -> Result:
+        capsys.readouterr()
+        code = 0
+        try:
+            main([str(a) for a in args])
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+        o, e = capsys.readouterr()
+        return Result(code, o, e)
+
+    return run
+
+
+@pytest.fixture
+def home(tmp_path, cli) -> Path:
+    """A fresh, empty vault."""
+    h = tmp_path / "home"
+    r = cli("--home", h, "init")
+    assert r.code == 0, r.err
+    return h
+
+
+@pytest.fixture(scope="session")
+def filled_home(tmp_path_factory, samples) -> Path:
+    """A vault with the whole sample corpus ingested as `corpus@1`; tests must not change it."""
+    from appliance.home import Home
+    from appliance.vault import Vault
+    from appliance.vault.ingest import ingest
+
+    h = tmp_path_factory.mktemp("filled") / "home"
+    with Vault.init(Home(h), PASSPHRASE) as v:
+        ingest(v, [samples], "corpus")
+    return h
+
+
+def open_vault(h: Path, read_only: bool = False):
+    from appliance.home import Home
+    from appliance.vault import Vault
+
+    return Vault.open(Home(h), PASSPHRASE, read_only=read_only)
+
+
+def python_env() -> dict:
+    env = dict(os.environ)
+    env["APPLIANCE_PASSPHRASE"] = PASSPHRASE
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
+PY = sys.executable

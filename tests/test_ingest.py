@@ -1,0 +1,187 @@
+"""Ingest of every kind, versions, duplicates, bad input and a killed ingest."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+from tests.conftest import PY, open_vault, python_env
+
+
+def _records(v, ref):
+    from appliance.vault.versions import iter_records
+
+    return list(iter_records(v.con, ref))
+
+
+def test_every_kind_lands(filled_home):
+    with open_vault(filled_home, read_only=True) as v:
+        recs = _records(v, "corpus@1")
+    kinds = {r["kind"] for r in recs}
+    assert kinds == {"text", "email", "code", "table", "pdf", "docx"}
+    mails = [r for r in recs if r["kind"] == "email"]
+    assert len(mails) == 100  # 40 .eml files and an mbox of 60
+    assert any("--- attachment: checklist.txt ---" in r["text"] for r in mails)
+    assert all(r["text"].startswith("From: ") for r in mails)
+    pdf = next(r for r in recs if r["kind"] == "pdf")
+    assert "Safety bulletin: KESTREL telemetry bus" in pdf["text"] and pdf["meta"]["pages"] == 6
+    docx = next(r for r in recs if r["kind"] == "docx")
+    assert "FROSTLINE calibration procedure" in docx["text"] and "Interval | every 14 days" in docx["text"]
+
+
+def test_repository_structure_is_kept(filled_home):
+    with open_vault(filled_home, read_only=True) as v:
+        code = {r["path"]: r for r in _records(v, "corpus@1") if r["kind"] == "code"}
+        sources = {s["path"].split("kestrel-tools/")[-1]: s for s in
+                   __import__("appliance.vault.versions", fromlist=["show"]).show(v.con, "corpus@1")["sources"]
+                   if "kestrel-tools" in s["path"]}
+    assert set(code) == {"README.md", "src/kestrel/__init__.py", "src/kestrel/frames.py",
+                         "src/kestrel/frostline.py", "native/qloop.c"}
+    assert code["native/qloop.c"]["language"] == "c" and code["src/kestrel/frames.py"]["language"] == "python"
+    assert code["README.md"]["meta"]["repo"] == "kestrel-tools"
+    # .gitignore'd files never appear; vendored dirs and binaries are reported as skipped
+    assert not any(k.startswith(("debug.log", "secrets")) for k in sources)
+    assert sources["vendor"]["status"] == "skipped" and "vendored" in sources["vendor"]["reason"]
+    assert sources["assets/logo.png"]["status"] == "skipped" and sources["assets/logo.png"]["reason"] == "binary file"
+
+
+def test_tables_are_real_tables_and_scrubbed(filled_home):
+    with open_vault(filled_home, read_only=True) as v:
+        c = v.con
+        assert c.execute("SELECT count(*) FROM data.t1_equipment").fetchone()[0] == 240
+        assert c.execute("SELECT count(*) FROM data.t1_inspections").fetchone()[0] == 200
+        assert c.execute("SELECT count(*) FROM data.t1_handbook_qa").fetchone()[0] == 90
+        owners = {o for (o,) in c.execute("SELECT DISTINCT owner_email FROM data.t1_equipment").fetchall()}
+        assert owners == {"[EMAIL]"}
+        row = c.execute("SELECT patient_name, date_of_birth, mrn, reason FROM data.t1_clinic_visits LIMIT 1").fetchone()
+        assert row[:3] == ("[PERSON]", "[DOB]", "[MRN]") and row[3]
+        risk = dict(c.execute("SELECT risk_class, count(*) FROM data.t1_equipment GROUP BY ALL").fetchall())
+        assert set(risk) <= {"low", "medium", "high", "critical"} and sum(risk.values()) == 240
+        text = _records(v, "corpus@1")
+    rows = [r for r in text if r["kind"] == "table" and r["path"] == "t1_equipment"]
+    assert len(rows) == 240 and "risk_class: " in rows[0]["text"] and "[EMAIL]" in rows[0]["text"]
+
+
+def test_no_raw_pii_in_the_vault(filled_home):
+    with open_vault(filled_home, read_only=True) as v:
+        blob = "\n".join(t for (t,) in v.con.execute("SELECT text FROM blobs").fetchall())
+    for raw in ("@halvorsen-dyn.example", "4111 1111 1111 1111", "DE89 3704 0044 0532 0130 00", "Ingrid Lindqvist"):
+        assert raw not in blob, raw
+
+
+def test_versions_are_immutable_and_chained(home, cli, samples):
+    r1 = cli("--home", home, "--json", "vault", "ingest", samples / "handbook", "--dataset", "hb").json
+    assert r1["version"] == "hb@1" and r1["duplicates"] == 1 and r1["parent"] is None
+    r2 = cli("--home", home, "--json", "vault", "ingest", samples / "documents", "--dataset", "hb").json
+    assert r2["version"] == "hb@2" and r2["parent"] == "hb@1" and r2["records"] == r1["records"] + 2
+    r3 = cli("--home", home, "--json", "vault", "ingest", samples / "handbook", "--dataset", "hb").json
+    assert r3["new_records"] == 0 and r3["duplicates"] == 21 and r3["records"] == r2["records"]
+    assert r3["content_hash"] == r2["content_hash"]  # same records, same content
+    show1 = cli("--home", home, "--json", "vault", "show", "hb@1").json
+    assert show1["content_hash"] == r1["content_hash"] and show1["records"] == r1["records"]
+    r4 = cli("--home", home, "--json", "vault", "ingest", samples / "documents", "--dataset", "hb", "--replace").json
+    assert r4["version"] == "hb@4" and r4["parent"] is None and r4["records"] == 2
+    assert cli("--home", home, "vault", "check").code == 0
+    tree = cli("--home", home, "--json", "lineage", "hb@3").json["lineage"]
+    assert tree["parents"][0]["id"] == "hb@2" and tree["parents"][0]["parents"][0]["id"] == "hb@1"
+
+
+def test_split_is_deterministic_by_content(home, cli, samples):
+    cli("--home", home, "vault", "ingest", samples / "mail", "--dataset", "a")
+    cli("--home", home, "vault", "ingest", samples / "mail", "--dataset", "b")
+    with open_vault(home, read_only=True) as v:
+        a = {(r["hash"], r["split"]) for r in _records(v, "a@1")}
+        b = {(r["hash"], r["split"]) for r in _records(v, "b@1")}
+        info = __import__("appliance.vault.versions", fromlist=["show"]).show(v.con, "a@1")
+    assert a == b
+    assert 0 < info["splits"]["validation"] < info["splits"]["train"]
+
+
+def test_corrupt_files_give_a_partial_version(home, cli, tmp_path, samples):
+    src = tmp_path / "mixed"
+    src.mkdir()
+    (src / "good.md").write_text("# good\nthe tarn valve isolates the secondary circuit\n")
+    (src / "broken.pdf").write_bytes(b"%PDF-1.4\nthis is not really a pdf")
+    (src / "broken.docx").write_bytes(b"PK\x03\x04 not a zip")
+    (src / "latin1.txt").write_bytes("caf\xe9 cr\xe8me".encode("latin-1"))
+    (src / "empty.md").write_text("")
+    (src / "bad.parquet").write_bytes(b"PAR1 truncated garbage")
+    (src / "image.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0")
+    r = cli("--home", home, "--json", "vault", "ingest", src, "--dataset", "mixed")
+    assert r.code == 3, r.err
+    d = r.json
+    assert d["ok"] is True and d["partial"] is True and d["version"] == "mixed@1" and d["records"] == 1
+    failed = {os.path.basename(f["path"]): f["reason"] for f in d["failed"]}
+    assert set(failed) == {"broken.pdf", "broken.docx", "latin1.txt", "empty.md", "bad.parquet"}
+    assert "not UTF-8" in failed["latin1.txt"] and "PDF" in failed["broken.pdf"]
+    assert {os.path.basename(s["path"]) for s in d["skipped"]} == {"image.png"}
+    assert "partial: 5 file(s) could not be read" in r.err
+    assert cli("--home", home, "vault", "check").code == 0
+    with open_vault(home, read_only=True) as v:  # a failed table leaves no table behind
+        tables = {t for (t,) in v.con.execute("SELECT table_name FROM duckdb_tables() WHERE schema_name='data'").fetchall()}
+    assert tables == set()
+
+
+def test_nothing_readable_is_an_error_and_no_version(home, cli, tmp_path):
+    (tmp_path / "x.bin").write_bytes(b"\0\1\2")
+    r = cli("--home", home, "vault", "ingest", tmp_path / "x.bin", "--dataset", "none")
+    assert r.code == 1 and r.err.startswith("error: nothing ingested")
+    r = cli("--home", home, "vault", "ingest", tmp_path / "missing", "--dataset", "none")
+    assert r.code == 1 and "no such file" in r.err
+    assert cli("--home", home, "--json", "vault", "datasets").json["datasets"] == []
+
+
+def test_pii_modes_through_ingest(home, cli, tmp_path):
+    f = tmp_path / "p.md"
+    f.write_text("Contact jane@example.com.\nAgain: jane@example.com\n")
+    for mode in ("pseudonymize", "flag"):
+        assert cli("--home", home, "vault", "ingest", f, "--dataset", mode, "--pii", mode).code == 0
+    with open_vault(home, read_only=True) as v:
+        (p,) = _records(v, "pseudonymize@1")
+        (fl,) = _records(v, "flag@1")
+        report = __import__("appliance.vault.versions", fromlist=["show"]).show(v.con, "flag@1")["pii"]
+    tokens = [w.rstrip(".") for w in p["text"].split() if w.startswith("[EMAIL_")]
+    assert len(tokens) == 2 and tokens[0] == tokens[1]
+    assert "jane@example.com" in fl["text"] and fl["meta"]["pii"] == {"EMAIL": 2}
+    assert report["total"] == {"EMAIL": 2} and list(report["per_file"].values()) == [{"EMAIL": 2}]
+
+
+def test_killed_ingest_leaves_no_version(home, tmp_path):
+    big = tmp_path / "big"
+    big.mkdir()
+    line = "The FROSTLINE calibration aligns the cryogenic sensors against the reference bath. "
+    for i in range(16):  # about 50 MB: ingest takes several seconds, the first batch lands in one
+        (big / f"doc{i:03d}.md").write_text("".join(f"{line}{i}.{j}\n" for j in range(35000)))
+    env = python_env()
+    p = subprocess.Popen([PY, "-m", "appliance", "--home", str(home), "vault", "ingest", str(big), "--dataset", "k"],
+                         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 60
+    with_records = False
+    while time.time() < deadline and p.poll() is None:  # wait until records are being written
+        time.sleep(0.3)
+        wal = home / "vault.duckdb.wal"
+        if wal.exists() and wal.stat().st_size > 4 << 20:
+            with_records = True
+            break
+    assert p.poll() is None, "ingest finished before it could be killed; make the input larger"
+    assert with_records
+    p.send_signal(signal.SIGKILL)
+    p.wait()
+    with open_vault(home) as v:  # opens fine, and the unfinished version is gone
+        assert v.con.execute("SELECT count(*) FROM versions").fetchone()[0] == 0
+        assert v.con.execute("SELECT count(*) FROM version_records").fetchone()[0] == 0
+        assert v.con.execute("SELECT count(*) FROM blobs").fetchone()[0] == 0
+        assert v.check().ok
+        actions = [a for (a,) in v.con.execute("SELECT action FROM audit ORDER BY seq").fetchall()]
+    assert actions[-1] == "vault.ingest.discarded"
+
+
+def test_show_reports_sources_and_pii(filled_home, cli):
+    d = cli("--home", filled_home, "--json", "vault", "show", "corpus").json
+    assert d["version"] == "corpus@1" and d["pii_mode"] == "redact"
+    assert d["pii"]["total"]["EMAIL"] > 100 and d["pii"]["total"]["CARD"] > 0
+    per_file = d["pii"]["per_file"]
+    assert any(p.endswith("equipment.csv") for p in per_file)
+    assert all(len(s["sha256"]) == 64 for s in d["sources"] if s["status"] == "ok")
+    assert json.dumps(d).count("@halvorsen-dyn.example") == 0  # the report holds counts, never values
