@@ -57,6 +57,9 @@ def test_validators():
     # the IBAN stops at its country's length instead of swallowing a following word
     (f,) = detect("IBAN DE89 3704 0044 0532 0130 00 IN CASH")
     assert f.value == "DE89 3704 0044 0532 0130 00"
+    # two numbers close together are both found (their search windows overlap)
+    both = detect("my card is 4111 1111 1111 1111 and my IBAN is DE89 3704 0044 0532 0130 00.")
+    assert [f.type for f in both] == ["CARD", "IBAN"]
 
 
 def test_names_from_reliable_signals():

@@ -7,6 +7,7 @@ text that cannot hold their type, which is what keeps the scan fast on ordinary 
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 import hmac
 import ipaddress
@@ -57,11 +58,16 @@ def _regions(text: str) -> list[tuple[int, int]]:
 
 
 def _in_regions(pattern: re.Pattern, text: str, regions):
-    last = -1
+    """Matches of `pattern` inside the windows; overlapping windows are merged first so that no match
+    is cut at a window's edge."""
+    merged: list[list[int]] = []
     for start, end in regions:
-        for m in pattern.finditer(text, max(start, last), end):
-            last = m.end()
-            yield m
+        if merged and start <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], end)
+        else:
+            merged.append([start, end])
+    for start, end in merged:
+        yield from pattern.finditer(text, start, end)
 
 
 # --- payment cards -------------------------------------------------------------------------------
@@ -128,8 +134,11 @@ def iban_ok(compact: str) -> bool:
     return int("".join(str(int(c, 36)) for c in moved)) % 97 == 1
 
 
-def _ibans(text: str, _low: str, _regions):
-    for m in _IBAN.finditer(text):
+def _ibans(text: str, _low: str, regions):
+    # Every IBAN format holds a run of 7+ digits (the account number), so IBANs are looked for only
+    # around the numeric regions, up to an IBAN's length either side.
+    windows = [(max(0, s - 34), e + 34) for s, e in regions]
+    for m in _in_regions(_IBAN, text, windows):
         want = IBAN_LENGTHS.get(m.group()[:2])
         if want is None or (m.start() and text[m.start() - 1].isalnum()):
             continue
@@ -163,7 +172,8 @@ def _ssns(text: str, low: str, regions):
 _IPV4 = re.compile(r"(?<![\w.])(?:(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)\.){3}(?:25[0-5]|2[0-4]\d|1\d\d|[1-9]?\d)"
                    r"(?![\w]|\.\d)")
 _NOT_IP_BEFORE = re.compile(r"(?i)\b(?:version|ver\.?|v|release|build|section|chapter|clause|para(?:graph)?|§)\s*$")
-_IPV6 = re.compile(r"(?<![\w:.])[0-9A-Fa-f]{0,4}(?::[0-9A-Fa-f]{0,4}){2,7}(?:%\w+)?(?![\w:])")
+_IPV6_SEED = re.compile(r":[0-9A-Fa-f]{0,4}:")  # starts with a literal: the engine skips to colons fast
+_IPV6_CHARS = frozenset("0123456789abcdefABCDEF:")
 
 
 def _ipv4s(text: str, _low: str, regions):
@@ -174,17 +184,26 @@ def _ipv4s(text: str, _low: str, regions):
 
 
 def _ipv6s(text: str, _low: str, _regions):
-    if "::" not in text and text.count(":") < 5:
-        return
-    for m in _IPV6.finditer(text):
-        s = m.group()
+    end = 0
+    for m in _IPV6_SEED.finditer(text):
+        if m.start() < end:
+            continue
+        start, end = m.start(), m.end()
+        while start > 0 and text[start - 1] in _IPV6_CHARS:
+            start -= 1
+        while end < len(text) and text[end] in _IPV6_CHARS:
+            end += 1
+        if (start and (text[start - 1].isalnum() or text[start - 1] in "_.")) or \
+                (end < len(text) and (text[end].isalnum() or text[end] == "_")):
+            continue  # part of a longer token: "std::vector", "a1::b2x"
+        s = text[start:end]
         if sum(1 for g in s.split(":") if g) < 3:
-            continue  # "a::b" in code, times like "12:30:45" fail below
+            continue  # "a::b" in code; times like "12:30:45" fail below
         try:
-            ipaddress.IPv6Address(s.split("%")[0])
+            ipaddress.IPv6Address(s)
         except ValueError:
             continue
-        yield Finding("IPV6", m.start(), m.end(), s)
+        yield Finding("IPV6", start, end, s)
 
 
 # --- phone numbers -------------------------------------------------------------------------------
@@ -237,34 +256,60 @@ def _contextual(text: str, low: str, _regions):
 
 # --- person names (only where a cheap, reliable signal exists) -----------------------------------
 _NAME = r"[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: (?:van |de |von |O')?[A-Z][a-z'’-]+){1,2}"
-_NAME_FIELD = re.compile(
-    rf"(?m)(?:^|\b)(?:Name|Full name|Patient|Patient name|Employee|Contact|Attn|Attention|Signed|Approved by"
-    rf"|Reviewed by|Prepared by|Issued by|Author|Maintainer|Reported by|Requested by|Owner|Customer|Client|Technician|Engineer"
-    rf"|Physician|Doctor|Nurse|Supervisor|Manager|Employee name|Customer name|Owner name|Contact name)"
-    rf"\s*:\s*({_NAME})"
+_FIELD_WORDS = (
+    r"(?:Name|Full name|Patient|Patient name|Employee|Contact|Attn|Attention|Signed|Approved by|Reviewed by"
+    r"|Prepared by|Issued by|Author|Maintainer|Reported by|Requested by|Owner|Customer|Client|Technician"
+    r"|Engineer|Physician|Doctor|Nurse|Supervisor|Manager|Employee name|Customer name|Owner name|Contact name)"
 )
-_HONORIFIC = re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.? ({_NAME}|[A-Z][a-z'’-]{{2,}})")
-_SIGNOFF = re.compile(
-    rf"(?m)^[ \t]*(?:Best|Regards|Best regards|Kind regards|Warm regards|Thanks|Thank you|Sincerely|Cheers"
-    rf"|Many thanks|Respectfully)[,.!]?[ \t]*\r?\n[ \t]*(?:--[ \t]*\r?\n[ \t]*)?({_NAME}|[A-Z][a-z'’-]{{2,}})[ \t]*$"
-)
+# These are searched in small windows around a colon or a sign-off word found by a fast literal scan:
+# a leading \b or alternation would make a scan over the whole text slow.
+_FIELD_BEFORE = re.compile(rf"(?<!\w){_FIELD_WORDS}[ \t]*$")
+_NAME_AFTER = re.compile(rf"[ \t]*({_NAME})")
+_HONORIFIC = re.compile(rf"(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.? ({_NAME}|[A-Z][a-z'’-]{{2,}})")
+_SIGNOFF_HIT = re.compile(r"(?:regards|thanks|thank you|sincerely|cheers|best|respectfully)[,.!]?[ \t]*\r?\n")
+_SIGNOFF_LINE = re.compile(r"[ \t]*(?:Best|Regards|Best regards|Kind regards|Warm regards|Thanks|Thank you"
+                           r"|Sincerely|Cheers|Many thanks|Respectfully)[,.!]?[ \t]*\r?\n")
+_SIGNOFF_NAME = re.compile(rf"[ \t]*(?:--[ \t]*\r?\n[ \t]*)?({_NAME}|[A-Z][a-z'’-]{{2,}})[ \t]*(?:\r?\n|$)")
+
+
+def _field_names(text: str):
+    pos = text.find(":")
+    while pos != -1:
+        if _FIELD_BEFORE.search(text, max(0, pos - 24), pos):
+            m = _NAME_AFTER.match(text, pos + 1)
+            if m:
+                yield m.group(1)
+        pos = text.find(":", pos + 1)
+
+
+def _honorific_names(text: str):
+    for m in _HONORIFIC.finditer(text):
+        if m.start() == 0 or not text[m.start() - 1].isalnum():
+            yield m.group(1)
+
+
+def _signoff_names(text: str, low: str):
+    for hit in _SIGNOFF_HIT.finditer(low):
+        line_start = low.rfind("\n", 0, hit.start()) + 1
+        if _SIGNOFF_LINE.fullmatch(text, line_start, hit.end()):
+            m = _SIGNOFF_NAME.match(text, hit.end())
+            if m:
+                yield m.group(1)
 
 
 _SIGNOFF_WORDS = ("regards", "thanks", "thank you", "sincerely", "cheers", "best", "respectfully")
 
 
 def _person_spans(text: str, names: set[str]):
-    for n in names:
-        if len(n) < 3:
-            continue
-        start = text.find(n)
-        while start != -1:
-            end = start + len(n)
-            before = text[start - 1] if start else " "
-            after = text[end] if end < len(text) else " "
-            if not before.isalnum() and not after.isalnum():
-                yield Finding("PERSON", start, end, n)
-            start = text.find(n, end)
+    """Every whole-word occurrence of the known names, longest first, in one scan."""
+    usable = sorted((n for n in names if len(n) >= 3), key=len, reverse=True)
+    if not usable:
+        return
+    pattern = re.compile("|".join(re.escape(n) for n in usable))
+    for m in pattern.finditer(text):
+        start, end = m.span()
+        if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            yield Finding("PERSON", start, end, m.group())
 
 
 _NAME_BEFORE_ADDRESS = re.compile(rf"({_NAME})\s*[<(]\s*$")
@@ -288,12 +333,11 @@ def _names_from_emails(text: str, emails: list[Finding]) -> set[str]:
 def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding]) -> set[str]:
     found = {h.strip() for h in hints if h and h.strip()}
     found |= _names_from_emails(text, emails)
-    if ":" in text:
-        found.update(m.group(1) for m in _NAME_FIELD.finditer(text))
+    found.update(_field_names(text))
     if "Mr" in text or "Ms" in text or "Dr" in text or "Prof" in text or "Miss" in text:
-        found.update(m.group(1) for m in _HONORIFIC.finditer(text))
-    if any(w in low for w in _SIGNOFF_WORDS):
-        found.update(m.group(1) for m in _SIGNOFF.finditer(text))
+        found.update(_honorific_names(text))
+    if "\n" in text and any(w in low for w in _SIGNOFF_WORDS):
+        found.update(_signoff_names(text, low))
     return found
 
 
@@ -306,18 +350,32 @@ def detect(text: str, name_hints: tuple[str, ...] = ()) -> list[Finding]:
     """Non-overlapping findings in text order."""
     low = text.lower()
     regions = _regions(text)
-    taken: list[Finding] = []
+    taken = _Spans()
     for det in _DETECTORS:
         for f in det(text, low, regions):
-            if not any(f.start < t.end and t.start < f.end for t in taken):
-                taken.append(f)
-    names = _names(text, low, name_hints, [t for t in taken if t.type == "EMAIL"])
+            taken.add(f)
+    names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"])
     if names:
         for f in _person_spans(text, names):
-            if not any(f.start < t.end and t.start < f.end for t in taken):
-                taken.append(f)
-    taken.sort(key=lambda f: f.start)
-    return taken
+            taken.add(f)
+    return taken.findings
+
+
+class _Spans:
+    """Non-overlapping findings kept in start order; the first to claim a span keeps it."""
+
+    def __init__(self) -> None:
+        self.starts: list[int] = []
+        self.findings: list[Finding] = []
+
+    def add(self, f: Finding) -> None:
+        i = bisect.bisect_right(self.starts, f.start)
+        if i and self.findings[i - 1].end > f.start:
+            return
+        if i < len(self.findings) and self.findings[i].start < f.end:
+            return
+        self.starts.insert(i, f.start)
+        self.findings.insert(i, f)
 
 
 def _normal(f: Finding) -> str:

@@ -1,0 +1,71 @@
+"""Read-only SQL, audited plaintext export, the demo, and import hygiene."""
+
+import json
+import subprocess
+
+from tests.conftest import PY, python_env
+
+
+def test_sql_is_read_only(filled_home, cli):
+    r = cli("--home", filled_home, "--json", "vault", "sql", "SELECT count(*) AS n FROM data.t1_equipment")
+    assert r.json["columns"] == ["n"] and r.json["rows"] == [[240]]
+    for bad, why in [("DELETE FROM blobs", "only SELECT"), ("CREATE TABLE x (a INT)", "only SELECT"),
+                     ("COPY blobs TO 'leak.csv'", "only SELECT"),
+                     ("SELECT 1; DROP TABLE blobs", "only SELECT"),
+                     ("SELECT * FROM read_csv('/etc/passwd')", "may not read or write files"),
+                     ("SELEC 1", "does not parse")]:
+        r = cli("--home", filled_home, "vault", "sql", bad)
+        assert r.code in (1, 2) and why in r.err, (bad, r.err)
+    assert cli("--home", filled_home, "vault", "check").code == 0
+
+
+def test_sql_limit_and_types(filled_home, cli):
+    r = cli("--home", filled_home, "--json", "vault", "sql", "SELECT committed, content_hash FROM versions", "--limit", "1")
+    assert r.code == 0 and len(r.json["rows"]) == 1 and r.json["rows"][0][0].startswith("20")
+    r = cli("--home", filled_home, "--json", "vault", "sql", "SELECT * FROM blobs", "--limit", "2")
+    assert r.json["truncated"] is True and len(r.json["rows"]) == 2
+
+
+def test_export_is_explicit_and_audited(home, cli, samples, tmp_path):
+    cli("--home", home, "vault", "ingest", samples / "handbook", "--dataset", "hb")
+    out = tmp_path / "hb.jsonl"
+    r = cli("--home", home, "--json", "vault", "export", "hb@1", "--out", out)
+    assert r.code == 0 and r.json["records"] == 20
+    lines = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(lines) == 20 and all({"text", "hash", "split"} <= set(x) for x in lines)
+    assert oct(out.stat().st_mode & 0o777) == "0o600"
+    r = cli("--home", home, "vault", "export", "hb@1", "--out", out)
+    assert r.code == 1 and "exists" in r.err
+    r = cli("--home", home, "--json", "vault", "export", "hb@1", "--out", out, "--force", "--split", "validation")
+    assert 0 < r.json["records"] < 20
+    log = cli("--home", home, "--json", "audit", "log", "--action", "vault.export").json["entries"]
+    assert len(log) == 2 and log[0]["ids"] == ["hb@1"] and log[0]["details"]["out"] == str(out)
+    r = cli("--home", home, "vault", "export", "hb@9", "--out", tmp_path / "x.jsonl")
+    assert r.code == 1 and "no dataset version hb@9" in r.err and not (tmp_path / "x.jsonl").exists()
+
+
+def test_demo_runs_end_to_end(tmp_path, cli):
+    h = tmp_path / "demo"
+    r = cli("--home", h, "--json", "demo")
+    assert r.code == 0, r.err
+    stages = [s["stage"] for s in r.json["stages"]]
+    assert stages[:2] == ["samples", "init"] and stages[-2:] == ["check", "audit"]
+    versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
+    assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1"]
+    assert cli("--home", h, "--json", "demo").code == 0  # reruns cleanly in its own home
+    other = tmp_path / "not-a-demo"
+    other.mkdir()
+    (other / "keep.txt").write_text("precious")
+    r = cli("--home", other, "demo")
+    assert r.code == 1 and "not made by `appliance demo`" in r.err and (other / "keep.txt").exists()
+
+
+def test_light_imports():
+    """The CLI starts without duckdb/torch/textual; bundles needs only the standard library and cryptography."""
+    code = ("import sys, appliance.cli, bundles; "
+            "print(sorted(m for m in ('duckdb', 'torch', 'textual', 'transformers') if m in sys.modules))")
+    r = subprocess.run([PY, "-c", code], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
+    code = "import appliance.vault, sys; print('textual' in sys.modules, 'torch' in sys.modules)"
+    r = subprocess.run([PY, "-c", code], env=python_env(), capture_output=True, text=True, timeout=60)
+    assert r.stdout.strip() == "False False", r.stderr
