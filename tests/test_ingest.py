@@ -185,3 +185,26 @@ def test_show_reports_sources_and_pii(filled_home, cli):
     assert any(p.endswith("equipment.csv") for p in per_file)
     assert all(len(s["sha256"]) == 64 for s in d["sources"] if s["status"] == "ok")
     assert json.dumps(d).count("@halvorsen-dyn.example") == 0  # the report holds counts, never values
+
+
+def test_text_reader_streams(tmp_path):
+    """A 48 MB file is read in bounded pieces: Python's peak allocation stays a few MB."""
+    import tracemalloc
+
+    from appliance.vault.readers import MAX_RECORD_CHARS
+    from appliance.vault.readers.text import read_text
+
+    f = tmp_path / "big.md"
+    line = "The Osprey sampler takes water samples from the outfall every 4 hours.\n"
+    with open(f, "w") as out:
+        for _ in range(48 * (1 << 20) // len(line)):
+            out.write(line)
+    tracemalloc.start()
+    n = total = 0
+    for rec in read_text(f):
+        assert len(rec.text) <= MAX_RECORD_CHARS and rec.text.endswith("\n")
+        n, total = n + 1, total + len(rec.text)
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert total == f.stat().st_size and n >= 48
+    assert peak < 8 * MAX_RECORD_CHARS, peak
