@@ -282,15 +282,27 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
         _discard(con, vid)
         why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
         raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
-    if sources:
-        con.executemany("INSERT INTO version_sources VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", sources)
-    if pii_rows:
-        con.executemany("INSERT INTO version_pii VALUES (?, ?, ?, ?)", pii_rows)
-    if tables:
-        con.executemany("INSERT INTO version_tables VALUES (?, ?, ?, ?, ?)", tables)
+    insert_rows(con, "version_sources", sources)
+    insert_rows(con, "version_pii", pii_rows)
+    insert_rows(con, "version_tables", tables)
     res.pii = dict(sorted(totals.items()))
     _commit(vault, vid, dataset, parent, res)
     return res
+
+
+def insert_rows(con, table: str, rows: list[tuple]) -> None:
+    """Insert many rows through Arrow: DuckDB's executemany binds row by row and is ~100x slower."""
+    if not rows:
+        return
+    cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ? "
+                                      "AND table_catalog = current_database() ORDER BY ordinal_position",
+                                      [table]).fetchall()]
+    batch = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))})
+    con.register("_rows", batch)
+    try:
+        con.execute(f"INSERT INTO {table} SELECT * FROM _rows")
+    finally:
+        con.unregister("_rows")
 
 
 def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult) -> None:

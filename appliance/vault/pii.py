@@ -303,13 +303,20 @@ _SIGNOFF_WORDS = ("regards", "thanks", "thank you", "sincerely", "cheers", "best
 def _person_spans(text: str, names: set[str]):
     """Every whole-word occurrence of the known names, longest first, in one scan."""
     usable = sorted((n for n in names if len(n) >= 3), key=len, reverse=True)
-    if not usable:
-        return
-    pattern = re.compile("|".join(re.escape(n) for n in usable))
-    for m in pattern.finditer(text):
-        start, end = m.span()
+    if len(usable) > 16:  # many names: one compiled scan beats a find loop per name
+        spans = ((m.start(), m.end()) for m in re.compile("|".join(map(re.escape, usable))).finditer(text))
+    else:  # a few names (the usual mail or record): compiling a pattern would cost more than the search
+        spans = ((i, i + len(n)) for n in usable for i in _find_all(text, n))
+    for start, end in spans:
         if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
-            yield Finding("PERSON", start, end, m.group())
+            yield Finding("PERSON", start, end, text[start:end])
+
+
+def _find_all(text: str, needle: str):
+    i = text.find(needle)
+    while i != -1:
+        yield i
+        i = text.find(needle, i + len(needle))
 
 
 _NAME_BEFORE_ADDRESS = re.compile(rf"({_NAME})\s*[<(]\s*$")

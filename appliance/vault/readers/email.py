@@ -1,15 +1,19 @@
 """Mail: single .eml files and mbox files. Headers, the body (plain text preferred, HTML stripped), and
-text attachments, in one record per message. Display names in From/To/Cc become PII name hints."""
+text attachments, in one record per message. Display names in From/To/Cc become PII name hints.
+
+Parsed with the `compat32` policy: the modern header registry is ~10x slower and ingest reads mail by the
+million; headers are decoded explicitly instead.
+"""
 
 from __future__ import annotations
 
 import email
-import email.policy
 import html
 import mailbox
 import re
 from collections.abc import Iterator
-from email.message import EmailMessage
+from email.header import decode_header, make_header
+from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
 
@@ -23,7 +27,7 @@ _SCRIPT = re.compile(r"(?is)<(script|style)\b.*?</\1>")
 def read_eml(path: Path) -> Iterator[Record]:
     try:
         with open(path, "rb") as f:
-            msg = email.message_from_binary_file(f, policy=email.policy.default)
+            msg = email.message_from_binary_file(f)
     except OSError as e:
         raise ReadError(f"cannot read: {e.strerror}") from None
     if not msg.keys():
@@ -41,47 +45,67 @@ def read_mbox(path: Path) -> Iterator[Record]:
         raise ReadError("no messages in mbox")
     try:
         for i, key in enumerate(keys):
-            raw = box.get_bytes(key)
-            msg = email.message_from_bytes(raw, policy=email.policy.default)
+            msg = email.message_from_bytes(box.get_bytes(key))
             yield from _records(msg, str(path), f"message {i + 1}")
     finally:
         box.close()
 
 
-def _records(msg: EmailMessage, source: str, member: str | None) -> Iterator[Record]:
+def _header(msg: Message, name: str) -> str | None:
+    raw = msg.get(name)
+    if raw is None:
+        return None
+    try:
+        return str(make_header(decode_header(str(raw)))).strip()
+    except (LookupError, UnicodeDecodeError, ValueError):
+        return str(raw).strip()
+
+
+def _records(msg: Message, source: str, member: str | None) -> Iterator[Record]:
     head, names = [], []
     for h in _HEADERS:
-        value = msg.get(h)
+        value = _header(msg, h)
         if value is None:
             continue
         head.append(f"{h}: {value}")
         if h in ("From", "To", "Cc"):
-            names += [n for n, _addr in getaddresses([str(value)]) if n and " " in n.strip()]
-    body = _body(msg)
-    attachments = []
-    for part in msg.iter_attachments():
-        if part.get_content_maintype() == "text":
-            try:
-                attachments.append(f"--- attachment: {part.get_filename() or 'unnamed'} ---\n{part.get_content()}")
-            except (LookupError, UnicodeDecodeError):
-                continue
+            names += [n.strip() for n, _addr in getaddresses([value]) if n and " " in n.strip()]
+    body, attachments = _parts(msg)
     text = "\n".join(head) + "\n\n" + body + ("\n\n" + "\n\n".join(attachments) if attachments else "")
-    subject = str(msg.get("Subject", "")) or None
+    subject = _header(msg, "Subject") or None
     meta = {"attachments": len(attachments)}
     for i, piece in enumerate(split_long(text)):
         yield Record(kind="email", source=source, text=piece, path=member, title=subject,
                      meta=dict(meta, part=i) if i else meta, name_hints=tuple(names))
 
 
-def _body(msg: EmailMessage) -> str:
-    part = msg.get_body(preferencelist=("plain", "html"))
-    if part is None:
-        return ""
+def _decode(part: Message) -> str:
+    payload = part.get_payload(decode=True) or b""
+    charset = part.get_content_charset() or "utf-8"
     try:
-        content = part.get_content()
-    except (LookupError, UnicodeDecodeError):
-        payload = part.get_payload(decode=True) or b""
-        content = payload.decode("utf-8", errors="replace")
-    if part.get_content_subtype() == "html":
-        content = html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", content)))
-    return content.strip()
+        return payload.decode(charset, errors="replace")
+    except LookupError:
+        return payload.decode("utf-8", errors="replace")
+
+
+def _parts(msg: Message) -> tuple[str, list[str]]:
+    """(body, text attachments): the first inline text/plain part, else the first text/html, stripped."""
+    plain = html_body = None
+    attachments = []
+    for part in msg.walk():
+        if part.is_multipart():
+            continue
+        ctype = part.get_content_type()
+        disposition = (part.get("Content-Disposition") or "").split(";")[0].strip().lower()
+        if disposition == "attachment" or (part.get_filename() and disposition != "inline"):
+            if part.get_content_maintype() == "text":
+                attachments.append(f"--- attachment: {part.get_filename() or 'unnamed'} ---\n{_decode(part)}")
+        elif ctype == "text/plain" and plain is None:
+            plain = _decode(part)
+        elif ctype == "text/html" and html_body is None:
+            html_body = _decode(part)
+    if plain is not None:
+        return plain.strip(), attachments
+    if html_body is not None:
+        return html.unescape(_TAG.sub(" ", _SCRIPT.sub(" ", html_body))).strip(), attachments
+    return "", attachments
