@@ -60,7 +60,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     with tempfile.TemporaryDirectory(prefix="appliance-samples-") as tmp:
         samples = Path(tmp) / "samples"
         manifest = generate(samples)
-        stage("samples", f"{manifest['files']} synthetic files, {manifest['bytes'] // 1024} KiB (seed {manifest['seed']})")
+        stage("samples", f"{manifest['files']} synthetic files, {manifest['bytes'] // 1024} KiB "
+                         f"(seed {manifest['seed']})")
         with Vault.init(home, passphrase) as v:
             stage("init", f"vault {v.keyring.vault_id} (Argon2id {v.keyring.kdf['memory_kib'] // 1024} MiB, "
                           f"t={v.keyring.kdf['iterations']}; DuckDB AES-GCM)")

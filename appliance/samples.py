@@ -14,9 +14,9 @@ import json
 import random
 import sys
 import zlib
+from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
 from email.utils import format_datetime
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 ORG = "Halvorsen Dynamics"
@@ -234,7 +234,7 @@ def drift(readings: list[float], reference: float) -> float:
 def passes(readings: list[float], reference: float) -> bool:
     return drift(readings, reference) <= DRIFT_LIMIT_K
 ''', encoding="utf-8")
-    (r / "native" / "qloop.c").write_text('''/* Q-loop interlock: stop the coolant pumps when pressure and flow disagree. */
+    (r / "native" / "qloop.c").write_text('''/* Q-loop interlock: stop the pumps when pressure and flow disagree. */
 #include <stdbool.h>
 
 #define MISMATCH_HOLD_MS 5000
@@ -245,7 +245,8 @@ bool qloop_trip(double pressure, double flow, int held_ms) {
 }
 ''', encoding="utf-8")
     (r / "vendor" / "minijson" / "minijson.py").write_text("# vendored third-party code\nVERSION = '0.1'\n")
-    (r / "assets" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + bytes(rng.randrange(256) for _ in range(64)))
+    noise = bytes(rng.randrange(256) for _ in range(64))
+    (r / "assets" / "logo.png").write_bytes(b"\x89PNG\r\n\x1a\n\0\0\0\rIHDR" + noise)
     (r / "debug.log").write_text("ignored by .gitignore\n", encoding="utf-8")
     (r / "secrets" / "token.txt").write_text("ignored by .gitignore\n", encoding="utf-8")
 

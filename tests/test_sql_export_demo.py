@@ -20,7 +20,8 @@ def test_sql_is_read_only(filled_home, cli):
 
 
 def test_sql_limit_and_types(filled_home, cli):
-    r = cli("--home", filled_home, "--json", "vault", "sql", "SELECT committed, content_hash FROM versions", "--limit", "1")
+    sql = "SELECT committed, content_hash FROM versions"
+    r = cli("--home", filled_home, "--json", "vault", "sql", sql, "--limit", "1")
     assert r.code == 0 and len(r.json["rows"]) == 1 and r.json["rows"][0][0].startswith("20")
     r = cli("--home", filled_home, "--json", "vault", "sql", "SELECT * FROM blobs", "--limit", "2")
     assert r.json["truncated"] is True and len(r.json["rows"]) == 2

@@ -234,7 +234,8 @@ def _phones(text: str, _low: str, regions):
 
 # --- context-bound identifiers -------------------------------------------------------------------
 _MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
-_DATE = (rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}|{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
+_DATE = (rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}"
+         rf"|{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
          rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{_MONTH},? \d{{4}})")
 _DOB = re.compile(rf"(?i:date of birth|d\.o\.b\.?|dob|birth ?date|born(?: on)?)\b[\s:=-]*(?:is |was |on )?({_DATE})")
 _MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?))"

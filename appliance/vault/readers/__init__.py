@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 # Documents larger than this are cut into several records at line boundaries, so memory stays bounded.
-MAX_RECORD_CHARS = 1 << 20
+MAX_RECORD_CHARS = 64 << 10
 
 
 class ReadError(Exception):
