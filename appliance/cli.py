@@ -120,7 +120,9 @@ def vault_group():
 @click.option("--validation", type=float, default=0.05, show_default=True,
               help="Fraction of records held out as the validation split.")
 @click.option("--replace", is_flag=True, help="Start the version from nothing instead of the previous one.")
-def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace):
+@click.option("--workers", type=click.IntRange(1, 64), default=None,
+              help="Processes that read and scrub files (default: one per core, at most 8).")
+def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers):
     """Ingest files, mail, code repositories and tables into a new dataset version."""
     from appliance.vault.ingest import ingest, validate_name
 
@@ -129,7 +131,8 @@ def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace):
     with c.open_vault() as v:
         on_plan, on_item = bar.callbacks()
         try:
-            res = ingest(v, list(paths), dataset, pii, validation, replace, progress=on_item, on_plan=on_plan)
+            res = ingest(v, list(paths), dataset, pii, validation, replace, progress=on_item, on_plan=on_plan,
+                         workers=workers)
         finally:
             bar.stop()
 

@@ -2,8 +2,9 @@
 
     python benchmarks/vault_ingest.py [--mb 40] [--big-gb 0] [--write docs/BENCHMARKS.md]
 
-Corpus: the sample generator run with many seeds (markdown, mail, a code repository, PDF and DOCX; the
-tables are left out so every stage sees the same records). Stages, all on one core:
+Corpora: *mixed*, the sample generator run with many seeds (markdown, mail, a code repository, PDF and
+DOCX; tables left out so every stage sees the same records), and *prose*, long markdown documents.
+Stages (parse, pii, write on one core; end-to-end with the default worker processes):
   parse      readers only (files -> records)
   pii        redact-mode scrubbing of the parsed text
   write      records -> encrypted vault (hashing, batches, AES-GCM DuckDB)
@@ -49,9 +50,9 @@ def build_corpus(root: Path, mb: float) -> Path:
 
 
 def parse(corpus: Path):
-    from appliance.vault.ingest import read_item
     from appliance.vault.readers import ReadError
     from appliance.vault.readers.detect import plan
+    from appliance.vault.scan import Skip, read_item
 
     recs = []
     for item in plan([corpus]):
@@ -59,9 +60,8 @@ def parse(corpus: Path):
             continue
         try:
             recs.extend(read_item(item))
-        except Exception as e:  # binary files in the repository are skipped by policy
-            if not isinstance(e, ReadError) and type(e).__name__ != "_Skip":
-                raise
+        except (ReadError, Skip):  # binary files in the repository are skipped by policy
+            pass
     return recs
 
 
@@ -139,7 +139,7 @@ def end_to_end(corpus: Path, home: Path) -> tuple[float, int]:
 
 def big_tree(root: Path, gb: float) -> Path:
     d = root / "big"
-    d.mkdir()
+    d.mkdir(parents=True)
     words = ("the FROSTLINE calibration aligns the cryogenic sensors against the reference bath while the "
              "KESTREL telemetry bus carries frames and operators log every override in the marrow log").split()
     import random
@@ -182,45 +182,54 @@ def big_rss(corpus: Path, home: Path) -> tuple[float, float, int]:
     return secs, rss_mb, size
 
 
+def measure(corpus: Path, work: Path) -> dict:
+    """Every stage on one corpus; MB/s of text."""
+    from appliance.vault.pii import Scrubber
+
+    work.mkdir()
+    recs, t_parse = timed(lambda: parse(corpus))
+    size = mb(r.text for r in recs)
+    scrub = Scrubber("redact")
+    scrubbed, t_pii = timed(lambda: [scrub.scrub(r.text, r.name_hints)[0] for r in recs])
+    t_bare = bare_insert(scrubbed, work / "bare.duckdb")
+    t_write = encrypted_write(recs, scrubbed, work / "enc")
+    t_e2e, e2e_bytes = end_to_end(corpus, work / "e2e")
+    return {"size": size, "records": len(recs), "parse": size / t_parse, "pii": size / t_pii,
+            "write": mb(scrubbed) / t_write, "e2e": e2e_bytes / 1e6 / t_e2e, "bare": mb(scrubbed) / t_bare}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mb", type=float, default=40.0, help="corpus size in MB")
+    ap.add_argument("--mb", type=float, default=40.0, help="size of each corpus in MB")
     ap.add_argument("--big-gb", type=float, default=0.0, help="also ingest a tree of this many GB, report RSS")
     ap.add_argument("--write", type=Path, default=None, help="update this markdown file's vault section")
     args = ap.parse_args()
-    from appliance.vault.pii import Scrubber
 
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         root = Path(tmp)
-        corpus = build_corpus(root, args.mb)
-        recs, t_parse = timed(lambda: parse(corpus))
-        texts = [r.text for r in recs]
-        size = mb(texts)
-        scrub = Scrubber("redact")
-        scrubbed, t_pii = timed(lambda: [scrub.scrub(r.text, r.name_hints)[0] for r in recs])
-        t_bare = bare_insert(scrubbed, root / "bare.duckdb")
-        t_write = encrypted_write(recs, scrubbed, root / "enc")
-        t_e2e, e2e_bytes = end_to_end(corpus, root / "e2e")
-        rows = [
-            ("parse (readers)", size / t_parse),
-            ("PII scan + redact", size / t_pii),
-            ("encrypted write", mb(scrubbed) / t_write),
-            ("end-to-end ingest", e2e_bytes / 1e6 / t_e2e),
-            ("baseline: bare DuckDB insert of parsed text", mb(scrubbed) / t_bare),
-        ]
-        ratio = rows[3][1] / rows[4][1]
-        big = big_rss(big_tree(root, args.big_gb), root / "bighome") if args.big_gb else None
+        mixed = measure(build_corpus(root, args.mb), root / "m")
+        prose = measure(big_tree(root, args.mb / 1000), root / "p")
+        big = big_rss(big_tree(root / "b", args.big_gb), root / "bighome") if args.big_gb else None
 
-    lines = [f"Corpus: {size:.1f} MB of text in {len(recs)} records (sample generator, many seeds), "
-             f"python {sys.version.split()[0]}, {os.cpu_count()} cores; one core used.", "",
-             "| stage | MB/s |", "| --- | ---: |"]
-    lines += [f"| {name} | {v:.1f} |" for name, v in rows]
-    lines += ["", f"End-to-end / bare insert: **{ratio:.2f}x** (aim >= 0.5x). "
-              f"PII scan: **{rows[1][1]:.1f} MB/s** on one core (aim >= 30)."]
+    stages = [("parse (readers)", "parse"), ("PII scan + redact", "pii"), ("encrypted write", "write"),
+              ("end-to-end ingest", "e2e"), ("baseline: bare DuckDB insert of the parsed text", "bare")]
+    from appliance.vault.ingest import default_workers
+
+    lines = [f"python {sys.version.split()[0]}, {os.cpu_count()} cores. Stages run on one core; end-to-end "
+             f"ingest reads and scrubs in {default_workers()} worker processes (the default here). "
+             f"Two corpora of about "
+             f"{args.mb:.0f} MB: *mixed* is the sample generator over many seeds (mail-heavy: {mixed['records']} "
+             f"records averaging {mixed['size'] * 1e6 / mixed['records'] / 1024:.1f} KiB, dense with PII); "
+             f"*prose* is long markdown documents with no PII.", "",
+             "| stage (MB/s) | mixed | prose |", "| --- | ---: | ---: |"]
+    lines += [f"| {name} | {mixed[k]:.1f} | {prose[k]:.1f} |" for name, k in stages]
+    lines += ["| **end-to-end / bare insert** | "
+              f"**{mixed['e2e'] / mixed['bare']:.2f}x** | **{prose['e2e'] / prose['bare']:.2f}x** |", "",
+              "Aims: end-to-end >= 0.5x the bare insert; PII scan >= 30 MB/s per core."]
     if big:
         secs, rss, nbytes = big
-        lines += ["", f"Large tree: {nbytes / 1e9:.2f} GB ingested in {secs:.0f} s "
-                  f"({nbytes / 1e6 / secs:.1f} MB/s), peak RSS **{rss:.0f} MB** (aim < 1024)."]
+        lines += ["", f"Large tree (prose, through the CLI in a child process): {nbytes / 1e9:.2f} GB ingested "
+                  f"in {secs:.0f} s ({nbytes / 1e6 / secs:.1f} MB/s), peak RSS **{rss:.0f} MB** (aim < 1024)."]
     text = "\n".join(lines)
     print(text)
     if args.write:

@@ -209,3 +209,21 @@ def test_text_reader_streams(tmp_path):
     tracemalloc.stop()
     assert total == f.stat().st_size and n >= 48 * (1 << 20) // MAX_RECORD_CHARS
     assert peak < 8 << 20, peak  # reads 1 MB at a time; a whole-file read would allocate over 48 MB
+
+
+def test_parallel_ingest_matches_serial(home, samples, tmp_path, monkeypatch):
+    """Worker processes read and scrub; the version is identical to a one-process ingest."""
+    import appliance.vault.ingest as ing
+
+    monkeypatch.setattr(ing, "POOL_MIN_BYTES", 0)  # use the pool even for the small sample corpus
+    monkeypatch.setattr(ing, "SMALL_FILE", 20_000)  # and send some files through the batch path
+    (samples.parent / "bad").mkdir(exist_ok=True)
+    broken = samples.parent / "bad" / "broken.pdf"
+    broken.write_bytes(b"%PDF-1.4 nope")
+    with open_vault(home) as v:
+        serial = ing.ingest(v, [samples, broken], "serial", workers=1)
+        parallel = ing.ingest(v, [samples, broken], "parallel", workers=2)
+    assert parallel.content_hash == serial.content_hash and parallel.records == serial.records
+    assert parallel.pii == serial.pii and parallel.duplicates == serial.duplicates
+    assert [p for p, _ in parallel.failed] == [p for p, _ in serial.failed] == [str(broken)]
+    assert sorted(parallel.skipped) == sorted(serial.skipped)

@@ -63,7 +63,8 @@ def connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool = False,
         con.execute("SET temp_file_encryption = true")
         mode = ", READ_ONLY" if read_only else ""
         con.execute(
-            f"ATTACH '{_quote(path)}' AS {DB_ALIAS} (ENCRYPTION_KEY '{key_hex}', ENCRYPTION_CIPHER 'GCM', ROW_GROUP_SIZE {ROW_GROUP_SIZE}{mode})"
+            f"ATTACH '{_quote(path)}' AS {DB_ALIAS} (ENCRYPTION_KEY '{key_hex}', ENCRYPTION_CIPHER 'GCM', "
+            f"ROW_GROUP_SIZE {ROW_GROUP_SIZE}{mode})"
         )
         con.execute(f"USE {DB_ALIAS}")
     except duckdb.Error as e:

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
+import os
 import re
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,15 +25,15 @@ from appliance.vault import lineage
 from appliance.vault.db import cursor
 from appliance.vault.pii import MODES, Scrubber
 from appliance.vault.readers import ReadError, Record
-from appliance.vault.readers.code import is_repo
 from appliance.vault.readers.detect import Item, plan
-from appliance.vault.readers.documents import read_docx, read_pdf
-from appliance.vault.readers.email import read_eml, read_mbox
 from appliance.vault.readers.tables import ingest_table, table_columns, table_name
-from appliance.vault.readers.text import read_text
+from appliance.vault.scan import Scanned, Skip, read_item, scan_file, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 BATCH_BYTES = 8 << 20
+SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
+SCAN_BATCH_CHARS = 1 << 20  # larger files are read here and their records scrubbed in batches of this size
+POOL_MIN_BYTES = 16 << 20
 INGEST_SETTINGS = {
     # DuckDB spills (encrypted) beyond this; with batches and readers' buffers ingest stays under 1 GB RSS.
     "memory_limit": "512MB",
@@ -84,39 +87,6 @@ def validate_name(name: str) -> str:
 def split_of(record_hash: str, fraction: float) -> str:
     """Deterministic split from the content hash: a record keeps its split in every version."""
     return "validation" if int(record_hash[:8], 16) < fraction * 0x100000000 else "train"
-
-
-def read_item(item: Item) -> Iterator[Record]:
-    if item.kind == "text":
-        return read_text(item.path)
-    if item.kind == "email":
-        return read_eml(item.path)
-    if item.kind == "mbox":
-        return read_mbox(item.path)
-    if item.kind == "pdf":
-        return read_pdf(item.path)
-    if item.kind == "docx":
-        return read_docx(item.path)
-    if item.kind == "code":
-        return _code_records(item)
-    raise ValueError(item.kind)
-
-
-def _code_records(item: Item) -> Iterator[Record]:
-    try:
-        for rec in read_text(item.path, kind="code"):
-            rec.path, rec.language = item.rel, item.language
-            rec.meta["repo"] = item.repo
-            rec.title = item.rel
-            yield rec
-    except ReadError as e:
-        if "binary" in str(e) or "UTF-8" in str(e):
-            raise _Skip("binary file") from None
-        raise
-
-
-class _Skip(Exception):
-    """A file left out by policy (binary in a repository): reported, but not a failure."""
 
 
 class _Writer:
@@ -180,8 +150,15 @@ _REC_TYPES = (pa.int32(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.
 
 def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
            validation_fraction: float = DEFAULT_VALIDATION, replace: bool = False,
-           progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None) -> IngestResult:
-    """Create `dataset@N+1` from the previous version (unless `replace`) plus everything under `paths`."""
+           progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None,
+           workers: int | None = None) -> IngestResult:
+    """Create `dataset@N+1` from the previous version (unless `replace`) plus everything under `paths`.
+
+    `workers` processes read and scrub files in parallel (default: one per core, at most 8); records
+    still land in a deterministic order.
+    """
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
     validate_name(dataset)
     if pii_mode not in MODES:
         raise UsageError(f"unknown --pii mode {pii_mode!r}", f"use one of {', '.join(MODES)}")
@@ -194,18 +171,119 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
     for k, value in INGEST_SETTINGS.items():
         con.execute(f"SET {k} = '{value}'")
     try:
-        return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan)
+        return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
+                       workers or default_workers())
     finally:
         for k, value in saved.items():
             con.execute(f"SET {k} = '{value}'")
 
 
-def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan) -> IngestResult:
+class _Pipeline:
+    """Scan tasks on a process pool (or inline), results handed back in submission order.
+
+    At most `window` entries wait at a time, so memory stays bounded whatever the input size.
+    """
+
+    def __init__(self, workers: int):
+        self.pool = None
+        if workers > 1:
+            # spawn, not fork: this process holds DuckDB's threads, and forking them is unsafe
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+        self.window = 2 * workers if workers > 1 else 1
+        self.queue: deque = deque()
+
+    def submit(self, event: str, state, fn, *args) -> Iterator[tuple]:
+        """Queue `fn(*args)`; yield the entries that had to finish to keep the window."""
+        job = self.pool.submit(fn, *args) if self.pool else _Done(fn(*args))
+        return self.put(event, state, job)
+
+    def put(self, event: str, state, job=None) -> Iterator[tuple]:
+        self.queue.append((event, state, job or _Done(None)))
+        while len(self.queue) > self.window:
+            yield self._pop()
+
+    def drain(self) -> Iterator[tuple]:
+        while self.queue:
+            yield self._pop()
+
+    def _pop(self) -> tuple:
+        event, state, job = self.queue.popleft()
+        return event, state, job.result()
+
+    def close(self) -> None:
+        if self.pool:
+            self.pool.shutdown(cancel_futures=True)
+
+
+class _Done:
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+
+@dataclass
+class _ItemState:
+    item: Item
+    target: str | None = None  # the data table of a table item
+    file_ord: int | None = None
+    added: list[str] = field(default_factory=list)
+    dups: int = 0
+    counts: Counter = field(default_factory=Counter)
+    reported: int = 0
+    failed: bool = False
+
+
+def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tables: list[str]) -> Iterator[tuple]:
+    """Walk the items in order and feed the pipeline; yields finished entries in order."""
+    con, key = vault.con, vault.secrets.pseudonym_key
+    scrubber = Scrubber(mode, key)
+    for item in items:
+        state = _ItemState(item)
+        if item.kind == "skip":
+            yield from pipe.put("skip", state)
+        elif item.kind == "table":
+            state.target = _unique_table(con, table_name(vid, item.path), tables)
+            tables.append(state.target)
+            try:  # the table is written here, in order; its rows come back already scrubbed
+                for batch in _batches(ingest_table(cursor(con), item.path, state.target, scrubber.scrub_cell,
+                                                   state.counts)):
+                    yield from pipe.put("records", state, _Done([(r, {}) for r in batch]))
+                yield from pipe.put("end", state)
+            except ReadError as e:
+                yield from pipe.put("fail", state, _Done((str(e), False)))
+        elif pipe.pool is not None and item.size <= SMALL_FILE:
+            yield from pipe.submit("file", state, scan_file, item, mode, key)
+        else:  # large files stream through here; their records are scrubbed in batches
+            try:
+                for batch in _batches(read_item(item)):
+                    yield from pipe.submit("records", state, scrub_records, batch, mode, key)
+                yield from pipe.put("end", state)
+            except (ReadError, Skip) as e:
+                yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
+    yield from pipe.drain()
+
+
+def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
+    batch, size = [], 0
+    for rec in records:
+        batch.append(rec)
+        size += len(rec.text)
+        if size >= SCAN_BATCH_CHARS:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
+            workers) -> IngestResult:
     con = vault.con
-    scrubber = Scrubber(pii_mode, vault.secrets.pseudonym_key)
     items = list(plan([p.expanduser() for p in paths]))
+    total = sum(i.size for i in items)
     if on_plan:
-        on_plan(len(items), sum(i.size for i in items))
+        on_plan(len(items), total)
 
     parent = None if replace else latest(con, dataset)
     vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
@@ -225,59 +303,54 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
                        parent=f"{dataset}@{parent[1]}" if parent else None)
     totals: Counter = Counter()
-    sources, pii_rows, tables = [], [], []
-    for item in items:
-        src = str(item.path)
-        if item.kind == "skip":
-            (res.failed if item.explicit else res.skipped).append((src, item.reason or "skipped"))
-            sources.append((vid, src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped",
-                            item.reason))
-            _tick(progress, item)
-            continue
-        file_ord, added, dups, counts, reported = writer.ord, [], 0, Counter(), 0
-        target = table_name(vid, item.path) if item.kind == "table" else None
-        try:
-            if target:
-                target = _unique_table(con, target, tables)
-                records = ingest_table(cursor(con), item.path, target, scrubber.scrub_cell, counts)
-            else:
-                records = read_item(item)
-            for rec in records:
-                reported += _advance(progress, item, reported, len(rec.text))
-                text = rec.text
-                if not rec.scrubbed:
-                    text, c = scrubber.scrub(text, rec.name_hints)
-                    counts.update(c)
-                    if pii_mode == "flag" and c:
-                        rec.meta["pii"] = dict(c)
-                digest = hashlib.sha256(text.encode("utf-8")).hexdigest()
-                if digest in seen:
-                    dups += 1
-                    continue
-                seen.add(digest)
-                added.append(digest)
-                writer.add(rec, text, digest)
-        except (ReadError, _Skip) as e:
-            writer.rollback_from(file_ord, added)
-            seen.difference_update(added)
-            if target:
-                con.execute(f'DROP TABLE IF EXISTS data."{target}"')
-            skipped = isinstance(e, _Skip)
-            (res.skipped if skipped else res.failed).append((src, str(e)))
-            sources.append((vid, src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed", str(e)))
-            _tick(progress, item, reported)
-            continue
-        res.files += 1
-        res.duplicates += dups
-        res.new_records += len(added)
-        totals.update(counts)
-        pii_rows += [(vid, src, t, n) for t, n in sorted(counts.items())]
-        sources.append((vid, src, item.kind, item.size, _file_sha256(item.path), len(added), dups, "ok", None))
-        if target:
-            rows = con.execute(f'SELECT count(*) FROM data."{target}"').fetchone()[0]
-            tables.append((vid, target, src, rows, json.dumps(table_columns(con, target))))
-            res.tables.append(f"data.{target}")
-        _tick(progress, item, reported)
+    sources, pii_rows, table_rows, table_names = [], [], [], []
+    # a pool only pays for its start-up (about a second) on large inputs
+    pipe = _Pipeline(workers if total >= POOL_MIN_BYTES else 1)
+    try:
+        for event, state, value in _produce(vault, items, pipe, vid, pii_mode, table_names):
+            item, src = state.item, str(state.item.path)
+            if state.file_ord is None:
+                state.file_ord = writer.ord
+            if event == "file":
+                scanned, reason, skipped = value
+                if reason is not None:
+                    event, value = "fail", (reason, skipped)
+                else:
+                    _write(state, scanned, writer, seen, progress)
+                    event = "end"
+            if event == "records":
+                _write(state, value, writer, seen, progress)
+            elif event == "skip":
+                (res.failed if item.explicit else res.skipped).append((src, item.reason or "skipped"))
+                sources.append((vid, src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped",
+                                item.reason))
+                _tick(progress, item)
+            elif event == "fail":
+                reason, skipped = value
+                writer.rollback_from(state.file_ord, state.added)
+                seen.difference_update(state.added)
+                if state.target:
+                    con.execute(f'DROP TABLE IF EXISTS data."{state.target}"')
+                (res.skipped if skipped else res.failed).append((src, reason))
+                sources.append((vid, src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed",
+                                reason))
+                _tick(progress, item, state.reported)
+            elif event == "end":
+                res.files += 1
+                res.duplicates += state.dups
+                res.new_records += len(state.added)
+                totals.update(state.counts)
+                pii_rows += [(vid, src, t, n) for t, n in sorted(state.counts.items())]
+                sources.append((vid, src, item.kind, item.size, _file_sha256(item.path), len(state.added),
+                                state.dups, "ok", None))
+                if state.target:
+                    rows = con.execute(f'SELECT count(*) FROM data."{state.target}"').fetchone()[0]
+                    table_rows.append((vid, state.target, src, rows,
+                                       json.dumps(table_columns(con, state.target))))
+                    res.tables.append(f"data.{state.target}")
+                _tick(progress, item, state.reported)
+    finally:
+        pipe.close()
     writer.flush()
     if res.new_records == 0 and not parent:
         _discard(con, vid)
@@ -285,10 +358,23 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
         raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
     insert_rows(con, "version_sources", sources)
     insert_rows(con, "version_pii", pii_rows)
-    insert_rows(con, "version_tables", tables)
+    insert_rows(con, "version_tables", table_rows)
     res.pii = dict(sorted(totals.items()))
     _commit(vault, vid, dataset, parent, res)
     return res
+
+
+def _write(state: _ItemState, scanned: Scanned, writer: _Writer, seen: set[str], progress) -> None:
+    for rec, counts in scanned:
+        state.reported += _advance(progress, state.item, state.reported, len(rec.text))
+        state.counts.update(counts)
+        digest = hashlib.sha256(rec.text.encode("utf-8")).hexdigest()
+        if digest in seen:
+            state.dups += 1
+            continue
+        seen.add(digest)
+        state.added.append(digest)
+        writer.add(rec, rec.text, digest)
 
 
 def insert_rows(con, table: str, rows: list[tuple]) -> None:
@@ -304,6 +390,10 @@ def insert_rows(con, table: str, rows: list[tuple]) -> None:
         con.execute(f"INSERT INTO {table} SELECT * FROM _rows")
     finally:
         con.unregister("_rows")
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
 
 
 def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult) -> None:
@@ -367,8 +457,8 @@ def _discard(con, vid: int) -> None:
         con.execute(f"DELETE FROM {table} WHERE vid = ?", [vid])
 
 
-def _unique_table(con, target: str, taken: list[tuple]) -> str:
-    names = {t[1] for t in taken}
+def _unique_table(con, target: str, taken: list[str]) -> str:
+    names = set(taken)
     base, i = target, 2
     while target in names or con.execute(
             "SELECT 1 FROM information_schema.tables WHERE table_schema = 'data' AND table_name = ?",
@@ -407,4 +497,4 @@ def _actor() -> str:
     return current_actor()
 
 
-__all__ = ["ingest", "IngestResult", "discard_unfinished", "latest", "validate_name", "split_of", "is_repo"]
+

@@ -1,0 +1,76 @@
+"""The CPU-bound half of ingest: read a file and scrub its records. Runs in worker processes.
+
+Nothing here touches the vault or the disk besides reading the input; results travel back to the ingest
+process through pipes, in memory.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterator
+
+from appliance.vault.pii import Scrubber
+from appliance.vault.readers import ReadError, Record
+from appliance.vault.readers.detect import Item
+from appliance.vault.readers.documents import read_docx, read_pdf
+from appliance.vault.readers.email import read_eml, read_mbox
+from appliance.vault.readers.text import read_text
+
+Scanned = list[tuple[Record, dict[str, int]]]
+
+
+class Skip(Exception):
+    """A file left out by policy (binary in a repository): reported, but not a failure."""
+
+
+def read_item(item: Item) -> Iterator[Record]:
+    if item.kind == "text":
+        return read_text(item.path)
+    if item.kind == "email":
+        return read_eml(item.path)
+    if item.kind == "mbox":
+        return read_mbox(item.path)
+    if item.kind == "pdf":
+        return read_pdf(item.path)
+    if item.kind == "docx":
+        return read_docx(item.path)
+    if item.kind == "code":
+        return _code_records(item)
+    raise ValueError(item.kind)
+
+
+def _code_records(item: Item) -> Iterator[Record]:
+    try:
+        for rec in read_text(item.path, kind="code"):
+            rec.path, rec.language = item.rel, item.language
+            rec.meta["repo"] = item.repo
+            rec.title = item.rel
+            yield rec
+    except ReadError as e:
+        if "binary" in str(e) or "UTF-8" in str(e):
+            raise Skip("binary file") from None
+        raise
+
+
+def scrub_records(records: list[Record], mode: str, key: bytes) -> Scanned:
+    """Scrub in place; each record with its PII counts. 'flag' notes the counts in the record's meta."""
+    scrubber = Scrubber(mode, key)
+    out: Scanned = []
+    for rec in records:
+        counts: Counter = Counter()
+        if not rec.scrubbed:
+            rec.text, counts = scrubber.scrub(rec.text, rec.name_hints)
+            if mode == "flag" and counts:
+                rec.meta["pii"] = dict(counts)
+        out.append((rec, dict(counts)))
+    return out
+
+
+def scan_file(item: Item, mode: str, key: bytes) -> tuple[Scanned, str | None, bool]:
+    """A whole (small) file: (scanned records, failure reason or None, skipped by policy)."""
+    try:
+        return scrub_records(list(read_item(item)), mode, key), None, False
+    except Skip as e:
+        return [], str(e), True
+    except ReadError as e:
+        return [], str(e), False
