@@ -20,7 +20,7 @@ test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q
 
 bench: $(STAMP)
-	$(VENV)/bin/python benchmarks/vault_ingest.py
+	$(VENV)/bin/python benchmarks/vault_ingest.py --mb 20 --big-gb 2 --write docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check appliance bundles tests benchmarks

@@ -27,7 +27,7 @@ from appliance.vault.pii import MODES, Scrubber
 from appliance.vault.readers import ReadError, Record
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table, table_columns, table_name
-from appliance.vault.scan import Scanned, Skip, read_item, scan_file, scrub_records
+from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 BATCH_BYTES = 8 << 20
@@ -128,7 +128,7 @@ class _Writer:
             self.con.unregister("_recs")
         self.rows, self.blobs, self.pending_bytes = [], {}, 0
 
-    def rollback_from(self, ord_start: int, hashes: list[str]) -> None:
+    def rollback_from(self, ord_start: int) -> None:
         """Forget a file's records (it failed half way): buffered ones and already written ones."""
         keep = [r for r in self.rows if r[1] < ord_start]
         dropped = {r[2] for r in self.rows if r[1] >= ord_start}
@@ -239,8 +239,21 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tab
     """Walk the items in order and feed the pipeline; yields finished entries in order."""
     con, key = vault.con, vault.secrets.pseudonym_key
     scrubber = Scrubber(mode, key)
+    group: list[_ItemState] = []  # consecutive small files go to a worker together: fewer round trips
+
+    def send_group():
+        if group:
+            yield from pipe.submit("files", list(group), scan_files, [g.item for g in group], mode, key)
+            group.clear()
+
     for item in items:
         state = _ItemState(item)
+        if pipe.pool is not None and item.kind not in ("skip", "table") and item.size <= SMALL_FILE:
+            group.append(state)
+            if sum(g.item.size for g in group) >= SCAN_BATCH_CHARS or len(group) >= 64:
+                yield from send_group()
+            continue
+        yield from send_group()
         if item.kind == "skip":
             yield from pipe.put("skip", state)
         elif item.kind == "table":
@@ -253,8 +266,6 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tab
                 yield from pipe.put("end", state)
             except ReadError as e:
                 yield from pipe.put("fail", state, _Done((str(e), False)))
-        elif pipe.pool is not None and item.size <= SMALL_FILE:
-            yield from pipe.submit("file", state, scan_file, item, mode, key)
         else:  # large files stream through here; their records are scrubbed in batches
             try:
                 for batch in _batches(read_item(item)):
@@ -262,6 +273,7 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tab
                 yield from pipe.put("end", state)
             except (ReadError, Skip) as e:
                 yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
+    yield from send_group()
     yield from pipe.drain()
 
 
@@ -307,7 +319,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     # a pool only pays for its start-up (about a second) on large inputs
     pipe = _Pipeline(workers if total >= POOL_MIN_BYTES else 1)
     try:
-        for event, state, value in _produce(vault, items, pipe, vid, pii_mode, table_names):
+        def consume(event: str, state: _ItemState, value) -> None:
             item, src = state.item, str(state.item.path)
             if state.file_ord is None:
                 state.file_ord = writer.ord
@@ -327,7 +339,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                 _tick(progress, item)
             elif event == "fail":
                 reason, skipped = value
-                writer.rollback_from(state.file_ord, state.added)
+                writer.rollback_from(state.file_ord)
                 seen.difference_update(state.added)
                 if state.target:
                     con.execute(f'DROP TABLE IF EXISTS data."{state.target}"')
@@ -340,7 +352,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                 res.duplicates += state.dups
                 res.new_records += len(state.added)
                 totals.update(state.counts)
-                pii_rows += [(vid, src, t, n) for t, n in sorted(state.counts.items())]
+                pii_rows.extend((vid, src, t, n) for t, n in sorted(state.counts.items()))
                 sources.append((vid, src, item.kind, item.size, _file_sha256(item.path), len(state.added),
                                 state.dups, "ok", None))
                 if state.target:
@@ -349,6 +361,13 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                                        json.dumps(table_columns(con, state.target))))
                     res.tables.append(f"data.{state.target}")
                 _tick(progress, item, state.reported)
+
+        for event, state, value in _produce(vault, items, pipe, vid, pii_mode, table_names):
+            if event == "files":
+                for st, result in zip(state, value):
+                    consume("file", st, result)
+            else:
+                consume(event, state, value)
     finally:
         pipe.close()
     writer.flush()
@@ -360,7 +379,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     insert_rows(con, "version_pii", pii_rows)
     insert_rows(con, "version_tables", table_rows)
     res.pii = dict(sorted(totals.items()))
-    _commit(vault, vid, dataset, parent, res)
+    _commit(vault, vid, dataset, parent, res, pii_mode)
     return res
 
 
@@ -396,7 +415,7 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult) -> None:
+def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult, pii_mode: str) -> None:
     con = vault.con
     with vault.transaction():
         recs, nbytes, chash = con.execute(
@@ -417,15 +436,11 @@ def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResu
             [n, utcnow(), chash, recs, nbytes, res.duplicates, len(res.skipped) + len(res.failed),
              json.dumps(parents), vid])
         lineage.add_node(con, version, "dataset", [(p, "previous") for p in parents], chash,
-                         {"records": recs, "bytes": nbytes, "pii_mode": res_mode(con, vid), "files": res.files})
+                         {"records": recs, "bytes": nbytes, "pii_mode": pii_mode, "files": res.files})
         vault.audit("vault.ingest", [version], {"records": recs, "new_records": res.new_records,
                                                  "duplicates": res.duplicates, "files": res.files,
                                                  "failed": len(res.failed), "skipped": len(res.skipped)})
     res.version, res.content_hash, res.records, res.bytes = version, chash, recs, nbytes
-
-
-def res_mode(con, vid: int) -> str:
-    return con.execute("SELECT pii_mode FROM versions WHERE vid = ?", [vid]).fetchone()[0]
 
 
 def latest(con, dataset: str) -> tuple[int, int] | None:

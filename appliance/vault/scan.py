@@ -66,6 +66,10 @@ def scrub_records(records: list[Record], mode: str, key: bytes) -> Scanned:
     return out
 
 
+def scan_files(items: list[Item], mode: str, key: bytes) -> list[tuple[Scanned, str | None, bool]]:
+    return [scan_file(item, mode, key) for item in items]
+
+
 def scan_file(item: Item, mode: str, key: bytes) -> tuple[Scanned, str | None, bool]:
     """A whole (small) file: (scanned records, failure reason or None, skipped by policy)."""
     try:
