@@ -97,7 +97,6 @@ class _Writer:
         self.rows: list[tuple] = []
         self.blobs: dict[str, str] = {}
         self.pending_bytes = 0
-        self.total_bytes = 0
 
     def add(self, rec: Record, text: str, digest: str) -> None:
         nbytes = len(text.encode("utf-8"))
@@ -107,7 +106,6 @@ class _Writer:
         self.blobs[digest] = text
         self.ord += 1
         self.pending_bytes += nbytes
-        self.total_bytes += nbytes
         if self.pending_bytes >= BATCH_BYTES:
             self.flush()
 
@@ -130,15 +128,11 @@ class _Writer:
 
     def rollback_from(self, ord_start: int) -> None:
         """Forget a file's records (it failed half way): buffered ones and already written ones."""
-        keep = [r for r in self.rows if r[1] < ord_start]
-        dropped = {r[2] for r in self.rows if r[1] >= ord_start}
-        self.total_bytes -= sum(r[10] for r in self.rows if r[1] >= ord_start)
-        self.rows = keep
-        for h in dropped:
-            self.blobs.pop(h, None)
-        gone = self.con.execute("SELECT coalesce(sum(bytes), 0) FROM version_records WHERE vid = ? AND ord >= ?",
-                                [self.vid, ord_start]).fetchone()[0]
-        self.total_bytes -= gone
+        for r in self.rows:
+            if r[1] >= ord_start:
+                self.blobs.pop(r[2], None)
+        self.rows = [r for r in self.rows if r[1] < ord_start]
+        self.pending_bytes = sum(r[10] for r in self.rows)
         self.con.execute("DELETE FROM version_records WHERE vid = ? AND ord >= ?", [self.vid, ord_start])
         self.ord = ord_start
 
@@ -310,8 +304,6 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
         seen = {h for (h,) in con.execute("SELECT hash FROM version_records WHERE vid = ?", [vid]).fetchall()}
         start_ord = len(seen)
     writer = _Writer(con, vid, start_ord, validation_fraction)
-    writer.total_bytes = con.execute("SELECT coalesce(sum(bytes), 0) FROM version_records WHERE vid = ?",
-                                     [vid]).fetchone()[0]
     res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
                        parent=f"{dataset}@{parent[1]}" if parent else None)
     totals: Counter = Counter()
