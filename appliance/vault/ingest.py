@@ -226,7 +226,6 @@ class _ItemState:
     dups: int = 0
     counts: Counter = field(default_factory=Counter)
     reported: int = 0
-    failed: bool = False
 
 
 def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tables: list[str]) -> Iterator[tuple]:

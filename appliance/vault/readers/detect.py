@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from appliance.vault.readers.code import is_repo, language_of, walk_repo
@@ -26,7 +27,7 @@ class Item:
     reason: str | None = None  # why it is skipped
     explicit: bool = False  # named on the command line: unsupported is an error, not a skip
 
-    @property
+    @cached_property
     def size(self) -> int:
         try:
             return self.path.stat().st_size if self.path.is_file() else 0
