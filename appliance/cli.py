@@ -364,7 +364,7 @@ def main(argv: list[str] | None = None) -> None:
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)
     except click.UsageError as e:
-        _fail(as_json, f"{e.format_message()}", "see `appliance --help`" if not e.ctx else
+        _fail(as_json, e.format_message().rstrip("."), "see `appliance --help`" if not e.ctx else
               f"see `{e.ctx.command_path} --help`", 2)
     except click.exceptions.Abort:
         _fail(as_json, "interrupted", None, 130)

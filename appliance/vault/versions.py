@@ -96,6 +96,8 @@ def export(con, ref: str, out: Path, split: str | None = None, force: bool = Fal
     if split not in (None, "train", "validation"):
         raise UsageError(f"unknown split {split!r}", "use train or validation")
     out = out.expanduser()
+    if out.is_dir():
+        raise VaultError(f"{out} is a directory", "give a file name, e.g. --out data.jsonl")
     if out.exists() and not force:
         raise VaultError(f"{out} exists", "pick another --out or pass --force")
     if not out.parent.is_dir():
