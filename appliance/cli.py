@@ -221,11 +221,13 @@ def export_cmd(c: Ctx, ref, out_path, split, force):
     """Export a version as plaintext JSONL. Explicit and audited: the data leaves the vault."""
     from appliance.vault import versions
 
-    with c.open_vault() as v:
-        res = versions.export(v.con, ref, out_path, split, force)
+    def audit(summary: dict) -> None:
         with v.transaction():
-            v.audit("vault.export", [res["version"]], {"out": res["out"], "records": res["records"],
-                                                        "split": res["split"]})
+            v.audit("vault.export", [summary["version"]], {"out": summary["out"], "records": summary["records"],
+                                                            "split": summary["split"]})
+
+    with c.open_vault() as v:
+        res = versions.export(v.con, ref, out_path, split, force, before_publish=audit)
     c.emit(res, lambda: (out.print(f"exported {res['records']} records of {res['version']} to {res['out']}"),
                          err.print("warning: this file is plaintext outside the vault")))
 
@@ -361,6 +363,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cli.main(args=argv, prog_name="appliance", standalone_mode=False)
     except click.exceptions.NoArgsIsHelpError as e:
+        if as_json:
+            _fail(True, "missing command", f"see `{e.ctx.command_path if e.ctx else 'appliance'} --help`", 2)
         click.echo(e.ctx.get_help() if e.ctx else str(e))
         sys.exit(2)
     except click.UsageError as e:

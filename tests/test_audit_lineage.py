@@ -27,6 +27,8 @@ def test_clean_log_verifies(audited, cli):
     ("UPDATE audit SET actor = 'mallory' WHERE seq = 1", "entry 1 (vault.init) was altered"),
     ("DELETE FROM audit WHERE seq = 2", "entry 2 is missing"),
     ("DELETE FROM audit WHERE seq = 4", "entries were removed"),
+    ("DELETE FROM audit; DELETE FROM meta WHERE key = 'audit_head'", "the log is empty"),
+    ("UPDATE meta SET value = 'x:y' WHERE key = 'audit_head'", "missing or malformed"),
 ])
 def test_tampering_is_detected(audited, cli, tamper, expect):
     with open_vault(audited) as v:  # someone with the database key edits the table directly

@@ -49,6 +49,9 @@ def test_usage_errors_exit_2(cli, tmp_path):
     assert r.code == 2 and r.err.startswith("error: Missing argument")
     r = cli("vault", "frobnicate")
     assert r.code == 2
+    r = cli("--json", "vault")
+    assert r.code == 2 and r.json == {"ok": False, "schema": 1, "error": "missing command",
+                                      "hint": "see `appliance vault --help`", "exit_code": 2}
     r = cli("--json", "vault", "ingest", "nothing", "--dataset", "Bad Name!", "--home", tmp_path)
     assert r.code == 2 and r.json["ok"] is False and "invalid dataset name" in r.json["error"]
 

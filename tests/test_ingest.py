@@ -133,6 +133,45 @@ def test_nothing_readable_is_an_error_and_no_version(home, cli, tmp_path):
     assert cli("--home", home, "--json", "vault", "datasets").json["datasets"] == []
 
 
+def test_all_inputs_failing_adds_no_version(home, cli, samples, tmp_path):
+    assert cli("--home", home, "vault", "ingest", samples / "handbook", "--dataset", "hb").code == 0
+    r = cli("--home", home, "vault", "ingest", tmp_path / "typo.md", "--dataset", "hb")
+    assert r.code == 1 and "nothing ingested" in r.err
+    assert [d["latest"] for d in cli("--home", home, "--json", "vault", "datasets").json["datasets"]] == ["hb@1"]
+    r = cli("--home", home, "vault", "show", "hb@²")
+    assert r.code == 2 and "bad version" in r.err
+
+
+def test_a_file_failing_half_way_leaves_no_records(home, tmp_path):
+    """9 MB of text (a batch reaches the database) and then a bad byte: the file's records all go."""
+    from appliance.vault.ingest import ingest
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "ok.md").write_text("# fine\nthe Pike relay switches the station to the backup feeder\n")
+    with open(src / "bad.md", "wb") as f:
+        for i in range(9 * 1024):
+            f.write(f"line {i} ".encode() * 100 + b"\n")
+        f.write(b"\xff\xfe broken tail\n")
+    with open_vault(home) as v:
+        r = ingest(v, [src], "half", workers=1)
+        assert r.records == 1 and [p.endswith("bad.md") for p, _ in r.failed] == [True]
+        blobs = v.con.execute("SELECT count(*) FROM blobs").fetchone()[0]
+        assert blobs == 1  # nothing of bad.md stays behind
+        assert v.check().ok
+
+
+def test_unfinished_ingest_tables_are_dropped(home):
+    with open_vault(home) as v:
+        vid = v.con.execute("SELECT nextval('version_vid')").fetchone()[0]
+        v.con.execute("INSERT INTO versions (vid, name, status, created) VALUES (?, 'x', 'pending', now())", [vid])
+        v.con.execute(f'CREATE TABLE data."t{vid}_people" AS SELECT 1 AS a')
+    with open_vault(home) as v:  # the next writable open discards it
+        sql = "SELECT table_name FROM duckdb_tables() WHERE schema_name = 'data'"
+        assert v.con.execute(sql).fetchall() == []
+        assert v.con.execute("SELECT count(*) FROM versions").fetchone()[0] == 0
+
+
 def test_pii_modes_through_ingest(home, cli, tmp_path):
     f = tmp_path / "p.md"
     f.write_text("Contact jane@example.com.\nAgain: jane@example.com\n")

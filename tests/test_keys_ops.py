@@ -55,10 +55,13 @@ def _interrupted_rekey(h, stop_after: str):
     ring.save(hm.keyring)
     if stop_after == "pending":
         return
+    os.link(hm.database, hm.database.with_name("vault.duckdb.old"))  # the old file keeps a second name
+    if stop_after == "link":
+        return
     os.replace(new, hm.database)  # swapped, but the keyring still lists the key as pending
 
 
-@pytest.mark.parametrize("stop_after", ["copy", "pending", "swap"])
+@pytest.mark.parametrize("stop_after", ["copy", "pending", "link", "swap"])
 def test_interrupted_rekey_recovers(home, cli, samples, stop_after):
     cli("--home", home, "vault", "ingest", samples / "handbook", "--dataset", "hb")
     before = _state(home)
@@ -66,5 +69,5 @@ def test_interrupted_rekey_recovers(home, cli, samples, stop_after):
     assert _state(home) == before  # opening finishes or rolls back the rekey
     ring = Keyring.load(Home(home).keyring)
     assert ring.pending_rekey is None
-    assert not (home / "vault.duckdb.rekey").exists()
+    assert not (home / "vault.duckdb.rekey").exists() and not (home / "vault.duckdb.old").exists()
     assert cli("--home", home, "vault", "check").code == 0

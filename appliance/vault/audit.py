@@ -78,15 +78,15 @@ def verify(con, key: bytes) -> AuditReport:
         if not hmac.compare_digest(good, mac):
             problems.append(f"entry {seq} ({action}) was altered or its predecessor was removed")
         prev, expected, last_mac = mac, seq + 1, mac
+    if not rows:
+        problems.append("the log is empty, but every vault records at least its creation: entries were removed")
     head = con.execute("SELECT value FROM meta WHERE key = 'audit_head'").fetchone()
     last_seq = rows[-1][0] if rows else 0
-    if head is None:
-        if rows:
-            problems.append("the audit head is missing")
-    else:
-        seq_s, _, hmac_s = head[0].partition(":")
-        if not hmac.compare_digest(_head_mac(key, int(seq_s), last_mac), hmac_s) or int(seq_s) != last_seq:
-            problems.append(f"the log ends at entry {last_seq} but its head says {seq_s}: entries were removed")
+    seq_s, _, hmac_s = (head[0] or "").partition(":") if head else ("", "", "")
+    if not seq_s.isascii() or not seq_s.isdigit():
+        problems.append("the audit head is missing or malformed")
+    elif int(seq_s) != last_seq or not hmac.compare_digest(_head_mac(key, int(seq_s), last_mac), hmac_s):
+        problems.append(f"the log ends at entry {last_seq} but its head says {seq_s}: entries were removed")
     return AuditReport(not problems, len(rows), problems)
 
 

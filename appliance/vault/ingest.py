@@ -307,6 +307,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                        parent=f"{dataset}@{parent[1]}" if parent else None)
     totals: Counter = Counter()
     sources, pii_rows, table_rows, table_names = [], [], [], []
+    orphans: list[str] = []  # hashes of records from files that failed half way
     # a pool only pays for its start-up (about a second) on large inputs
     pipe = _Pipeline(workers if total >= POOL_MIN_BYTES else 1)
     try:
@@ -332,6 +333,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                 reason, skipped = value
                 writer.rollback_from(state.file_ord)
                 seen.difference_update(state.added)
+                orphans.extend(state.added)
                 if state.target:
                     con.execute(f'DROP TABLE IF EXISTS data."{state.target}"')
                 (res.skipped if skipped else res.failed).append((src, reason))
@@ -362,10 +364,12 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     finally:
         pipe.close()
     writer.flush()
-    if res.new_records == 0 and not parent:
+    if res.files == 0 or (res.new_records == 0 and not parent):
         _discard(con, vid)
+        _drop_orphans(con, orphans)
         why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
         raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
+    _drop_orphans(con, orphans)
     insert_rows(con, "version_sources", sources)
     insert_rows(con, "version_pii", pii_rows)
     insert_rows(con, "version_tables", table_rows)
@@ -456,11 +460,21 @@ def discard_unfinished(vault) -> int:
 
 def _discard(con, vid: int) -> None:
     for (t,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'data' "
-                            "AND table_name LIKE ?", [f"t{vid}\\_%"]).fetchall():
-        if t.startswith(f"t{vid}_"):
-            con.execute(f'DROP TABLE IF EXISTS data."{t}"')
+                            "AND starts_with(table_name, ?)", [f"t{vid}_"]).fetchall():
+        con.execute(f'DROP TABLE IF EXISTS data."{t}"')
     for table in ("version_records", "version_sources", "version_pii", "version_tables", "versions"):
         con.execute(f"DELETE FROM {table} WHERE vid = ?", [vid])
+
+
+def _drop_orphans(con, hashes: list[str]) -> None:
+    """Blobs written for a file that then failed, unless another record still uses them."""
+    if hashes:
+        con.register("_orphans", pa.table({"hash": hashes}))
+        try:
+            con.execute("DELETE FROM blobs WHERE hash IN (SELECT hash FROM _orphans) "
+                        "AND hash NOT IN (SELECT hash FROM version_records)")
+        finally:
+            con.unregister("_orphans")
 
 
 def _unique_table(con, target: str, taken: list[str]) -> str:

@@ -60,7 +60,7 @@ class Vault:
             secrets = _finish_rekey(home, ring, secrets, pending)
         else:  # a copy whose key never reached the keyring: unreadable by anyone, remove it
             _remove_db(home.database.with_name(home.database.name + REKEY_SUFFIX))
-        _shred(home.database.with_name(home.database.name + OLD_SUFFIX))
+        _drop_old(home)
         if not home.database.exists():
             raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
         con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit)
@@ -226,6 +226,18 @@ def _finish_rekey(home: Home, ring: Keyring, current: Secrets, pending: Secrets 
     ring.pending_rekey = None
     ring.save(home.keyring)
     return chosen
+
+
+def _drop_old(home: Home) -> None:
+    """Remove the pre-rekey file. Before the swap it is a second name of the live database: unlink only."""
+    old = home.database.with_name(home.database.name + OLD_SUFFIX)
+    if not old.exists():
+        return
+    if home.database.exists() and os.path.samefile(old, home.database):
+        old.unlink()
+        fsync_dir(home.root)
+    else:
+        _shred(old)
 
 
 def _remove_db(path: Path) -> None:

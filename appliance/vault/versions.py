@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -20,7 +20,7 @@ def resolve(con, ref: str) -> tuple[int, str, int]:
     """`name@n` or `name` (the newest) -> (vid, name, n)."""
     name, _, n = ref.partition("@")
     if n:
-        if not n.isdigit():
+        if not (n.isascii() and n.isdigit()):
             raise UsageError(f"bad version {ref!r}", "write NAME@N with N a number, e.g. handbook@2")
         row = con.execute("SELECT vid, name, n FROM versions WHERE name = ? AND n = ? AND status = 'committed'",
                           [name, int(n)]).fetchone()
@@ -91,8 +91,13 @@ def iter_records(con, ref: str, split: str | None = None, batch: int = 1000) -> 
         cur.close()
 
 
-def export(con, ref: str, out: Path, split: str | None = None, force: bool = False) -> dict:
-    """Write a version as JSONL, plaintext, to `out` (0600, temp name then rename). Explicit by design."""
+def export(con, ref: str, out: Path, split: str | None = None, force: bool = False,
+           before_publish: Callable[[dict], None] | None = None) -> dict:
+    """Write a version as JSONL, plaintext, to `out` (0600, temp name then rename). Explicit by design.
+
+    `before_publish(summary)` runs before the file takes its name (the CLI commits the audit entry there),
+    so no export exists under its name without its audit record.
+    """
     if split not in (None, "train", "validation"):
         raise UsageError(f"unknown split {split!r}", "use train or validation")
     out = out.expanduser()
@@ -112,12 +117,16 @@ def export(con, ref: str, out: Path, split: str | None = None, force: bool = Fal
                 f.write(line)
                 n += 1
                 nbytes += len(line)
+        _vid, name, ver = resolve(con, ref)
+        summary = {"version": f"{name}@{ver}", "out": str(out), "records": n, "bytes": nbytes,
+                   "split": split or "all"}
+        if before_publish:
+            before_publish(summary)
         os.replace(tmp, out)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    vid, name, ver = resolve(con, ref)
-    return {"version": f"{name}@{ver}", "out": str(out), "records": n, "bytes": nbytes, "split": split or "all"}
+    return summary
 
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
