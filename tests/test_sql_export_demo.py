@@ -70,3 +70,21 @@ def test_light_imports():
     code = "import appliance.vault, sys; print('textual' in sys.modules, 'torch' in sys.modules)"
     r = subprocess.run([PY, "-c", code], env=python_env(), capture_output=True, text=True, timeout=60)
     assert r.stdout.strip() == "False False", r.stderr
+
+
+def test_export_without_its_audit_entry_never_appears(home, cli, samples, tmp_path):
+    from appliance.vault import versions
+    from tests.conftest import open_vault
+
+    cli("--home", home, "vault", "ingest", samples / "handbook", "--dataset", "hb")
+    out = tmp_path / "x.jsonl"
+
+    def failing_audit(_summary):
+        raise RuntimeError("audit could not be written")
+
+    with open_vault(home) as v:
+        try:
+            versions.export(v.con, "hb@1", out, before_publish=failing_audit)
+        except RuntimeError:
+            pass
+    assert list(tmp_path.iterdir()) == [tmp_path / "home"]  # neither the file nor its temp copy
