@@ -271,6 +271,27 @@ def rekey_cmd(c: Ctx):
     c.emit({"rekeyed": True}, "data key rotated; the old database file was overwritten and removed")
 
 
+# --- train ---------------------------------------------------------------------------------------
+@cli.group("train")
+def train_group():
+    """Train tokenizers (and, as they land, models) on vault data."""
+
+
+@command(train_group, "tokenizer")
+@click.option("--dataset", "-d", required=True, help="Dataset version to train on (NAME@N or NAME).")
+@click.option("--vocab", type=int, default=32000, show_default=True, help="Vocabulary size.")
+@click.option("--name", default=None, help="Tokenizer name (default: DATASET-bpe); saved as NAME@K.")
+@click.option("--min-frequency", type=click.IntRange(1, 1000), default=2, show_default=True)
+def train_tokenizer_cmd(c: Ctx, dataset, vocab, name, min_frequency):
+    """Train a byte-level BPE tokenizer on a dataset version's train split."""
+    from appliance.train.tokenizer import train_tokenizer
+
+    with c.open_vault() as v:
+        res = train_tokenizer(v, dataset, vocab, name, min_frequency)
+    c.emit(res.to_json(), f"{res.id}: {res.vocab_size} tokens from {res.records} records of {res.dataset}\n"
+                          f"saved to {res.path}")
+
+
 # --- lineage and audit ---------------------------------------------------------------------------
 @command(cli, "lineage")
 @click.argument("node_id")
@@ -357,7 +378,10 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
 # --- entry point ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # No path may reach a model hub or send telemetry; transformers' advice about a missing torch is noise.
+    for k, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TRANSFORMERS_OFFLINE", "1"),
+                     ("TRANSFORMERS_VERBOSITY", "error")):
+        os.environ.setdefault(k, value)
     argv = sys.argv[1:] if argv is None else argv
     as_json = "--json" in argv
     try:

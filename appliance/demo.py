@@ -83,6 +83,11 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             stage("sql", "records by kind, all versions: " + ", ".join(f"{k} {n}" for k, n in q["rows"]))
             tree = lineage.tree(v.con, "handbook@2")
             stage("lineage", " <- ".join(_chain(tree)))
+            from appliance.train.tokenizer import train_tokenizer
+
+            tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
+            stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
+                               f"of {tok.dataset}", id=tok.id)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})

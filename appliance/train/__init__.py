@@ -1,0 +1,1 @@
+"""Training on vault data: tokenizers first; model stages build on them."""

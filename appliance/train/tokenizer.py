@@ -1,0 +1,110 @@
+"""`appliance train tokenizer`: a byte-level BPE trained on a vault dataset version.
+
+Reads the version's train split straight from the vault (in memory), trains with `tokenizers`, and saves
+the standard transformers layout (tokenizer.json, tokenizer_config.json with the chat template) under
+`artifacts/tokenizers/NAME@K`. The files hold derived vocabulary only; no record text is written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.errors import UsageError
+
+BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+SPECIAL_TOKENS = [BOS, EOS, PAD, IM_START, IM_END]
+# ChatML: each turn is <|im_start|>role\ncontent<|im_end|>\n; the generation prompt opens an assistant turn.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
+)
+MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens, at least one merge
+NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
+
+
+@dataclass
+class TokenizerResult:
+    id: str
+    path: str
+    vocab_size: int
+    dataset: str
+    records: int
+    chars: int
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | None = None,
+                    min_frequency: int = 2) -> TokenizerResult:
+    """Train on `dataset`'s train split; record the tokenizer as a lineage node with the dataset as parent."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # ~0.1 s
+    from transformers import PreTrainedTokenizerFast  # ~1 s; only this command pays it
+
+    from appliance.vault import lineage
+    from appliance.vault.versions import iter_records, resolve
+
+    if vocab_size < MIN_VOCAB:
+        raise UsageError(f"--vocab {vocab_size} is too small", f"use at least {MIN_VOCAB}")
+    _, ds_name, ds_n = resolve(vault.con, dataset)
+    ref = f"{ds_name}@{ds_n}"
+    name = name or f"{ds_name}-bpe"
+    if not NAME_RE.match(name):
+        raise UsageError(f"invalid tokenizer name {name!r}", "use lowercase letters, digits, '.', '_' or '-'")
+    stats = {"records": 0, "chars": 0}
+
+    def texts():
+        for rec in iter_records(vault.con, ref, split="train"):
+            stats["records"] += 1
+            stats["chars"] += len(rec["text"])
+            yield rec["text"]
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, min_frequency=min_frequency, show_progress=False,
+                                  special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(texts(), trainer)
+    if stats["records"] == 0:
+        raise UsageError(f"{ref} has no training records", "ingest more data or lower --validation")
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
+                                   model_max_length=1 << 20)
+    k = _next_number(vault.con, name)
+    node_id = f"{name}@{k}"
+    root = vault.home.artifacts / "tokenizers"
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / node_id
+    tmp = Path(tempfile.mkdtemp(prefix=f".{node_id}.", dir=root))
+    try:
+        fast.save_pretrained(str(tmp))
+        (tmp / "appliance.json").write_text(json.dumps(
+            {"id": node_id, "dataset": ref, "vocab_size": fast.vocab_size, "min_frequency": min_frequency,
+             "special_tokens": SPECIAL_TOKENS}, indent=2))
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    res = TokenizerResult(node_id, str(final), len(fast), ref, stats["records"], stats["chars"])
+    with vault.transaction():
+        lineage.add_node(vault.con, node_id, "tokenizer", [(ref, "data")],
+                         attrs={"vocab_size": res.vocab_size, "path": str(final), "records": res.records})
+        vault.audit("train.tokenizer", [node_id, ref], {"vocab_size": res.vocab_size, "records": res.records})
+    return res
+
+
+def _next_number(con, name: str) -> int:
+    rows = con.execute("SELECT id FROM lineage_nodes WHERE kind = 'tokenizer' AND id LIKE ? ESCAPE '\\'",
+                       [name.replace("_", "\\_").replace("%", "\\%") + "@%"]).fetchall()
+    numbers = [int(i.rsplit("@", 1)[1]) for (i,) in rows if i.rsplit("@", 1)[1].isdigit()]
+    return max(numbers, default=0) + 1
