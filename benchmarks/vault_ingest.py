@@ -116,10 +116,11 @@ def encrypted_write(recs, scrubbed: list[str], home: Path) -> float:
         w = _Writer(v.con, 1, 0, 0.05)
         seen = set()
         for rec, text in zip(recs, scrubbed):
-            h = hashlib.sha256(text.encode("utf-8")).hexdigest()
+            data = text.encode("utf-8")
+            h = hashlib.sha256(data).hexdigest()
             if h not in seen:
                 seen.add(h)
-                w.add(rec, text, h)
+                w.add(rec, text, h, len(data))
         w.flush()
         v.con.execute("CHECKPOINT")
         return time.perf_counter() - t

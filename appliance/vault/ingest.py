@@ -98,12 +98,12 @@ class _Writer:
         self.blobs: dict[str, str] = {}
         self.pending_bytes = 0
 
-    def add(self, rec: Record, text: str, digest: str) -> None:
-        nbytes = len(text.encode("utf-8"))
+    def add(self, rec: Record, text: str, digest: str, nbytes: int) -> None:
+        """`nbytes` is the UTF-8 length of `text`, which the caller already encoded to hash it."""
         self.rows.append((self.vid, self.ord, digest, rec.kind, rec.source, rec.path, rec.language, rec.title,
                           json.dumps(rec.meta, default=str) if rec.meta else None,
                           split_of(digest, self.fraction), nbytes))
-        self.blobs[digest] = text
+        self.blobs[digest] = (text, nbytes)
         self.ord += 1
         self.pending_bytes += nbytes
         if self.pending_bytes >= BATCH_BYTES:
@@ -112,8 +112,8 @@ class _Writer:
     def flush(self) -> None:
         if not self.rows:
             return
-        blobs = pa.table({"hash": list(self.blobs), "text": list(self.blobs.values()),
-                          "bytes": [len(t.encode("utf-8")) for t in self.blobs.values()]})
+        texts, sizes = zip(*self.blobs.values())
+        blobs = pa.table({"hash": list(self.blobs), "text": list(texts), "bytes": list(sizes)})
         cols = list(zip(*self.rows))
         recs = pa.table({n: pa.array(c, type=t) for n, c, t in zip(_REC_COLS, cols, _REC_TYPES)})
         self.con.register("_blobs", blobs)
@@ -382,13 +382,14 @@ def _write(state: _ItemState, scanned: Scanned, writer: _Writer, seen: set[str],
     for rec, counts in scanned:
         state.reported += _advance(progress, state.item, state.reported, len(rec.text))
         state.counts.update(counts)
-        digest = hashlib.sha256(rec.text.encode("utf-8")).hexdigest()
+        data = rec.text.encode("utf-8")
+        digest = hashlib.sha256(data).hexdigest()
         if digest in seen:
             state.dups += 1
             continue
         seen.add(digest)
         state.added.append(digest)
-        writer.add(rec, rec.text, digest)
+        writer.add(rec, rec.text, digest, len(data))
 
 
 def insert_rows(con, table: str, rows: list[tuple]) -> None:
