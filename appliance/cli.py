@@ -31,13 +31,13 @@ class Ctx:
     def home(self) -> Home:
         return Home((self.home_arg or default_home()).expanduser().absolute())
 
-    def open_vault(self, read_only: bool = False):
+    def open_vault(self, read_only: bool = False, passphrase: str | None = None):
         from appliance.vault import Vault  # duckdb import: ~0.3 s, only for commands that need it
 
         home = self.home
         if not home.exists():
             raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
-        return Vault.open(home, get_passphrase(), read_only=read_only)
+        return Vault.open(home, passphrase or get_passphrase(), read_only=read_only)
 
     def emit(self, data: dict, human=None) -> None:
         if self.json:
@@ -260,13 +260,8 @@ def passwd_cmd(c: Ctx):
 @command(vault_group, "rekey")
 def rekey_cmd(c: Ctx):
     """Rotate the data key: copy into a new encrypted database, swap atomically, destroy the old file."""
-    passphrase = get_passphrase()
-    from appliance.vault import Vault
-
-    home = c.home
-    if not home.exists():
-        raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
-    with Vault.open(home, passphrase) as v:
+    passphrase = get_passphrase()  # rekey wraps the new key under it, so it is needed twice
+    with c.open_vault(passphrase=passphrase) as v:
         v.rekey(passphrase)
     c.emit({"rekeyed": True}, "data key rotated; the old database file was overwritten and removed")
 

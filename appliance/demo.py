@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.errors import ApplianceError
-from appliance.home import Home
+from appliance.home import Home, user_data_dir
 
 DEMO_MARKER = ".appliance-demo"
 DEMO_PASSPHRASE = "demo passphrase - not a secret"
@@ -25,8 +25,7 @@ def demo_home(home_arg: Path | None) -> Home:
         return Home(home_arg.expanduser().absolute())
     if env := os.environ.get("APPLIANCE_HOME"):
         return Home(Path(env).expanduser().absolute())
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Home(Path(base) / "appliance-demo")
+    return Home(user_data_dir() / "appliance-demo")
 
 
 def _prepare(home: Home) -> None:

@@ -11,8 +11,12 @@ def default_home() -> Path:
     """`$APPLIANCE_HOME`, else the per-user data directory (XDG)."""
     if env := os.environ.get("APPLIANCE_HOME"):
         return Path(env).expanduser()
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
-    return Path(base) / "appliance"
+    return user_data_dir() / "appliance"
+
+
+def user_data_dir() -> Path:
+    """The per-user data directory (XDG_DATA_HOME, else ~/.local/share)."""
+    return Path(os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share"))
 
 
 @dataclass(frozen=True)

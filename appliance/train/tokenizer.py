@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -28,7 +27,6 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
 MIN_VOCAB = 256 + len(SPECIAL_TOKENS) + 1  # every byte, the special tokens, at least one merge
-NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 
 
 @dataclass
@@ -51,6 +49,7 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
     from transformers import PreTrainedTokenizerFast  # ~1 s; only this command pays it
 
     from appliance.vault import lineage
+    from appliance.vault.ingest import validate_name
     from appliance.vault.versions import iter_records, resolve
 
     if vocab_size < MIN_VOCAB:
@@ -58,8 +57,7 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
     _, ds_name, ds_n = resolve(vault.con, dataset)
     ref = f"{ds_name}@{ds_n}"
     name = name or f"{ds_name}-bpe"
-    if not NAME_RE.match(name):
-        raise UsageError(f"invalid tokenizer name {name!r}", "use lowercase letters, digits, '.', '_' or '-'")
+    validate_name(name, "tokenizer")
     stats = {"records": 0, "chars": 0}
 
     def texts():

@@ -77,9 +77,10 @@ class IngestResult:
         }
 
 
-def validate_name(name: str) -> str:
+def validate_name(name: str, what: str = "dataset") -> str:
+    """The one naming rule for everything that becomes an id NAME@N (datasets, tokenizers, ...)."""
     if not NAME_RE.match(name):
-        raise UsageError(f"invalid dataset name {name!r}",
+        raise UsageError(f"invalid {what} name {name!r}",
                          "use lowercase letters, digits, '.', '_' or '-', starting with a letter or digit")
     return name
 
@@ -95,7 +96,7 @@ class _Writer:
     def __init__(self, con, vid: int, ord_start: int, fraction: float):
         self.con, self.vid, self.ord, self.fraction = con, vid, ord_start, fraction
         self.rows: list[tuple] = []
-        self.blobs: dict[str, str] = {}
+        self.blobs: dict[str, tuple[str, int]] = {}  # hash -> (text, UTF-8 bytes)
         self.pending_bytes = 0
 
     def add(self, rec: Record, text: str, digest: str, nbytes: int) -> None:
