@@ -269,7 +269,7 @@ def rekey_cmd(c: Ctx):
 # --- train ---------------------------------------------------------------------------------------
 @cli.group("train")
 def train_group():
-    """Train tokenizers (and, as they land, models) on vault data."""
+    """Train tokenizers and models on vault data: pretrain, continue, SFT (full, LoRA, QLoRA)."""
 
 
 @command(train_group, "tokenizer")
@@ -285,6 +285,172 @@ def train_tokenizer_cmd(c: Ctx, dataset, vocab, name, min_frequency):
         res = train_tokenizer(v, dataset, vocab, name, min_frequency)
     c.emit(res.to_json(), f"{res.id}: {res.vocab_size} tokens from {res.records} records of {res.dataset}\n"
                           f"saved to {res.path}")
+
+
+def _overrides(sets: tuple[str, ...], extra: list[str]) -> list[str]:
+    """`--set k=v` and bare `--section.key value` / `--section.key=value` flags, in order given."""
+    from appliance.errors import UsageError
+
+    items = list(sets)
+    i = 0
+    while i < len(extra):
+        arg = extra[i]
+        if not arg.startswith("--") or len(arg) < 3:
+            raise UsageError(f"unexpected argument {arg!r}", "recipe values are given as --KEY VALUE, e.g. "
+                                                             "--train.lr 1e-4")
+        if "=" in arg:
+            items.append(arg[2:])
+            i += 1
+        elif i + 1 < len(extra):
+            items.append(f"{arg[2:]}={extra[i + 1]}")
+            i += 2
+        else:
+            raise UsageError(f"{arg} needs a value", f"write {arg} VALUE")
+    return items
+
+
+@command(train_group, "run", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("recipe")
+@click.option("--resume", is_flag=True, help="Continue the newest unfinished run of this recipe's name "
+                                             "from its last checkpoint.")
+@click.option("--gpus", type=click.IntRange(0, 64), default=0,
+              help="Processes on this node (torchrun; DDP or FSDP2). Without GPUs: CPU processes with gloo.")
+@click.option("--nnodes", type=click.IntRange(1, 1024), default=1, help="Nodes in a multi-node run.")
+@click.option("--node-rank", type=click.IntRange(0, 1023), default=0, help="This node's rank (multi-node).")
+@click.option("--rdzv-endpoint", default="", help="HOST:PORT of node 0 for torchrun's rendezvous (multi-node).")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (repeatable); "
+                                                                       "also --KEY VALUE, e.g. --train.lr 1e-4.")
+@click.pass_context
+def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_endpoint, sets):
+    """Train as RECIPE says (a shipped recipe name or a TOML file): pretrain, continue or sft.
+
+    Every recipe value can be overridden: `appliance train run tiny-dense --train.max_steps 100`.
+    Ctrl-C stops at a checkpoint; `--resume` continues from it.
+    """
+    from appliance.errors import UsageError
+    from appliance.output import TrainProgress
+    from appliance.train.config import load_recipe
+    from appliance.train.launch import Nodes
+
+    r = load_recipe(recipe, _overrides(sets, ctx.args))
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give node 0's address and a free port")
+    progress = TrainProgress(not c.json)
+    with c.open_vault() as v:
+        from appliance.train.run import run
+
+        try:
+            res = run(v, r, resume=resume, gpus=gpus, nodes=Nodes(nnodes, node_rank, rdzv_endpoint),
+                      on_event=progress)
+        finally:
+            progress.stop()
+    c.emit(res.to_json(), lambda: out.print(
+        f"{res.id}: {res.stage}/{res.method}, {res.steps} steps, final loss {res.loss:.4f}, "
+        f"{res.tokens_per_s:,.0f} tok/s, padding {res.data['padding_fraction']:.2%}\n"
+        f"saved to {res.model_path}" + (f"\nmerged: {res.merged}" if res.merged else "")))
+
+
+@command(train_group, "recipes")
+@click.option("--keys", is_flag=True, help="List every recipe key with its default and meaning.")
+def train_recipes_cmd(c: Ctx, keys):
+    """The shipped recipes (model presets and stages), or every recipe key."""
+    from appliance.train.config import describe, load_recipe, shipped
+
+    if keys:
+        rows = describe()
+        c.emit({"keys": rows}, lambda: table(["key", "default", "meaning"],
+                                             [[r["key"], str(r["default"]), r["help"]] for r in rows]))
+        return
+    from appliance.train.model import count_parameters
+
+    items = []
+    for name, path in shipped().items():
+        r = load_recipe(str(path))
+        params = count_parameters(r.model) if r.stage == "pretrain" else None
+        items.append({"name": name, "path": str(path), "stage": r.stage, "method": r.method,
+                      "arch": r.model.arch if r.stage == "pretrain" else None, "parameters": params,
+                      "command": path.read_text().splitlines()[0].lstrip("# ")})
+    c.emit({"recipes": items}, lambda: (table(
+        ["recipe", "stage", "arch", "parameters"],
+        [[i["name"], f"{i['stage']}/{i['method']}", i["arch"] or "base model", _params(i["parameters"])]
+         for i in items]), out.print("run one with `appliance train run NAME`; see its first line for an example "
+                                     "(`appliance train recipes --json`)")))
+
+
+def _params(p: dict | None) -> str:
+    if not p:
+        return "-"
+    fmt = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"  # noqa: E731
+    return fmt(p["total"]) + (f" ({fmt(p['active'])} active)" if p["active"] != p["total"] else "")
+
+
+@command(train_group, "import")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--name", required=True, help="Model name; imported as NAME@K.")
+def train_import_cmd(c: Ctx, src, name):
+    """Import a base model from a local transformers directory (e.g. unpacked from a bundle)."""
+    with c.open_vault() as v:
+        from appliance.train.run import import_model
+
+        res = import_model(v, src, name)
+    c.emit(res, f"{res['id']}: {', '.join(res['architectures'] or ['model'])} from {src}\nsaved to {res['path']}")
+
+
+@command(train_group, "merge")
+@click.argument("adapter")
+def train_merge_cmd(c: Ctx, adapter):
+    """Merge a LoRA adapter (NAME@K) into its base: a plain model directory NAME-merged@K."""
+    with c.open_vault() as v:
+        from appliance.train.run import merge
+
+        merged = merge(v, adapter)
+        path = v.home.artifacts / "models" / merged
+    c.emit({"id": merged, "path": str(path)}, f"{merged}: saved to {path}")
+
+
+@command(train_group, "runs")
+@click.option("--name", default=None, help="Only runs of this name.")
+def train_runs_cmd(c: Ctx, name):
+    """Training runs, newest last, with their status and step."""
+    with c.open_vault(read_only=True) as v:
+        from appliance.train.run import runs
+
+        rows = runs(v.con, name)
+    c.emit({"runs": rows}, lambda: table(
+        ["run", "stage", "status", "step", "updated", "error"],
+        [[r["id"], f"{r['stage']}/{r['method']}", r["status"], f"{r['step']}/{r['max_steps']}",
+          (r["updated"] or "")[:19], r["error"] or ""] for r in rows]))
+
+
+@command(train_group, "metrics")
+@click.argument("run_id")
+def train_metrics_cmd(c: Ctx, run_id):
+    """Per-step loss, learning rate, gradient norm and throughput of a run."""
+    with c.open_vault(read_only=True) as v:
+        from appliance.train.run import metrics
+
+        rows = metrics(v.con, run_id)
+    if not rows:
+        raise VaultError(f"no metrics for run {run_id}", "list runs with `appliance train runs`")
+    c.emit({"run": run_id, "metrics": rows}, lambda: table(
+        ["step", "loss", "lr", "grad norm", "tok/s"],
+        [[m["step"], f"{m['loss']:.4f}", f"{m['lr']:.2e}", f"{m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f}"]
+         for m in rows]))
+
+
+@command(train_group, "models")
+def train_models_cmd(c: Ctx):
+    """Models and adapters in the appliance (trained, merged or imported)."""
+    with c.open_vault(read_only=True) as v:
+        rows = v.con.execute("SELECT id, kind, created, attrs FROM lineage_nodes WHERE kind IN ('model', 'adapter') "
+                             "ORDER BY created").fetchall()
+    import json as _json
+
+    items = [{"id": i, "kind": k, "created": str(t)[:19], **{key: _json.loads(a).get(key) for key in
+             ("stage", "method", "path")}} for i, k, t, a in rows]
+    c.emit({"models": items}, lambda: table(["model", "kind", "made by", "created"],
+                                           [[i["id"], i["kind"], f"{i['stage'] or 'import'}/{i['method'] or '-'}",
+                                             i["created"]] for i in items]))
 
 
 # --- lineage and audit ---------------------------------------------------------------------------
@@ -375,7 +541,8 @@ def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
     # No path may reach a model hub or send telemetry; transformers' advice about a missing torch is noise.
     for k, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TRANSFORMERS_OFFLINE", "1"),
-                     ("TRANSFORMERS_VERBOSITY", "error")):
+                     ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                     ("HF_DATASETS_OFFLINE", "1"), ("TOKENIZERS_PARALLELISM", "false")):
         os.environ.setdefault(k, value)
     argv = sys.argv[1:] if argv is None else argv
     as_json = "--json" in argv

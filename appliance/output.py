@@ -76,3 +76,57 @@ class ProgressBar:
 
     def callbacks(self) -> tuple[Callable[[int, int], None], Callable[[int, str], None]]:
         return (lambda _n, total: self.start(total)), self.advance
+
+
+class TrainProgress:
+    """Live training metrics: a bar with loss, lr, tokens/s and ETA on a terminal; a line per ~10% otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self._p = None
+        self._task = None
+        self.total = 0
+        self.every = 1
+
+    def __call__(self, kind: str, d: dict) -> None:
+        if not self.enabled:
+            return
+        if kind == "stage" and not self.tty:
+            err.print(d["text"], markup=False)
+        elif kind == "data":
+            err.print(f"data: {d['rows']} rows of {d['seq_len']} tokens, padding {d['padding_fraction']:.2%}"
+                      f"{' (from the vault cache)' if d.get('cached') else ''}", markup=False)
+        elif kind == "start":
+            self._start(d)
+        elif kind == "step":
+            self._step(d)
+        elif kind == "checkpoint" and not self.tty:
+            err.print(f"checkpoint at step {d['step']}", markup=False)
+
+    def _start(self, d: dict) -> None:
+        self.total = d["max_steps"]
+        self.every = max(1, self.total // 10)
+        first = d.get("resume_from") or 0
+        err.print(f"run {d['id']}: {self.total} steps on {d['world']} process(es)"
+                  f"{f', resuming at step {first}' if first else ''}", markup=False)
+        if self.tty:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._p = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[m]}"),
+                               TimeRemainingColumn(), console=err, transient=True)
+            self._p.start()
+            self._task = self._p.add_task("train", total=self.total, completed=first, m="")
+
+    def _step(self, m: dict) -> None:
+        text = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  |g| {m['grad_norm']:.2f}  "
+                f"{m['tokens_per_s']:,.0f} tok/s")
+        if self._p is not None:
+            self._p.update(self._task, completed=m["step"], m=text)
+        elif m["step"] % self.every == 0 or m["step"] == self.total:
+            err.print(f"step {m['step']}/{self.total}  {text}  eta {m['eta']:.0f} s", markup=False)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None

@@ -29,6 +29,20 @@ DDL = [
         content_hash VARCHAR, attrs VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS lineage_edges (
         child VARCHAR NOT NULL, parent VARCHAR NOT NULL, role VARCHAR NOT NULL)""",
+    # Packed training rows (int32 token ids), cached per (data versions, tokenizer, packing settings).
+    """CREATE TABLE IF NOT EXISTS token_cache (
+        key VARCHAR NOT NULL, part INTEGER NOT NULL, rows INTEGER NOT NULL, tokens BLOB NOT NULL,
+        labels BLOB, PRIMARY KEY (key, part))""",
+    "CREATE TABLE IF NOT EXISTS token_cache_meta (key VARCHAR PRIMARY KEY, created TIMESTAMP, stats VARCHAR)",
+    # Training runs (id NAME@K, shared with the model they make) and their per-step metrics.
+    """CREATE TABLE IF NOT EXISTS train_runs (
+        id VARCHAR PRIMARY KEY, name VARCHAR NOT NULL, stage VARCHAR NOT NULL, method VARCHAR NOT NULL,
+        status VARCHAR NOT NULL, recipe VARCHAR NOT NULL, data VARCHAR, created TIMESTAMP NOT NULL,
+        updated TIMESTAMP NOT NULL, step INTEGER NOT NULL, max_steps INTEGER NOT NULL, checkpoint VARCHAR,
+        model_path VARCHAR, world INTEGER, error VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS train_metrics (
+        run VARCHAR NOT NULL, step INTEGER NOT NULL, loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
+        tokens BIGINT, tokens_per_s DOUBLE, elapsed DOUBLE)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",

@@ -1,0 +1,90 @@
+"""Resumable checkpoints: model and optimizer state, step and RNG, written atomically.
+
+Layout under a run directory: `checkpoints/step-00000040/{model.pt, optimizer.pt, state.json}`. A
+checkpoint is written to a hidden temp directory, fsynced and renamed, so a kill at any moment leaves
+either the previous checkpoints or the new one, never a half-written one. Only the trainable weights are
+kept (adapters alone for LoRA); full state dicts are gathered from every rank, so a run may resume with a
+different number of processes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+PREFIX = "step-"
+
+
+def _options(**kw):
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True, **kw)
+
+
+def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, keep: int) -> Path | None:
+    """Every rank takes part (FSDP gathers shards); rank 0 writes. Returns the checkpoint path on rank 0."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    if not is_main:
+        return None
+    root.mkdir(parents=True, exist_ok=True)
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    try:
+        torch.save(model_sd, tmp / "model.pt")
+        torch.save(optim_sd, tmp / "optimizer.pt")
+        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
+        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        for p in tmp.iterdir():
+            _fsync(p)
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync(root)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for old in all_checkpoints(root)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def all_checkpoints(root: Path) -> list[Path]:
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
+
+
+def latest(root: Path) -> Path | None:
+    found = all_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_state(path: Path) -> dict:
+    return json.loads((path / "state.json").read_text())
+
+
+def load(path: Path, model, optimizer) -> dict:
+    """Load into an already wrapped (DDP/FSDP) model and its optimizer on every rank; returns state.json."""
+    import torch
+    from torch.distributed.checkpoint.state_dict import set_state_dict
+
+    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                   options=_options(strict=False))
+    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+    return read_state(path)
+
+
+def _fsync(p: Path) -> None:
+    fd = os.open(p, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

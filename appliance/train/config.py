@@ -1,0 +1,401 @@
+"""Training recipes: typed dataclasses loaded from small commented TOML files, overridable from the CLI.
+
+A recipe is `stage` + `name` + sections `[model]`, `[data]`, `[train]`, `[lora]`. Loading checks every key
+and value and reports all problems at once, each naming its TOML key (which is also its CLI flag:
+`--train.lr 1e-4` or `--set train.lr=1e-4`).
+"""
+
+from __future__ import annotations
+
+import difflib
+import tomllib
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, get_type_hints
+
+from appliance.errors import UsageError
+
+RECIPES_DIR = Path(__file__).parent / "recipes"
+STAGES = ("pretrain", "continue", "sft")
+METHODS = ("full", "lora", "qlora")
+
+
+@dataclass
+class ModelConfig:
+    """Model shape for `pretrain`; `base` for `continue` and `sft`."""
+
+    arch: str = "dense"
+    """dense (Llama-style) or moe (Mixtral-style mixture of experts)."""
+    hidden_size: int = 64
+    """Width of the residual stream; real presets use multiples of 256 so k-quants apply."""
+    intermediate_size: int = 256
+    """MLP width (per expert for moe); real presets use multiples of 256."""
+    num_layers: int = 2
+    """Transformer blocks."""
+    num_heads: int = 4
+    """Attention heads; hidden_size / num_heads is the head size."""
+    num_kv_heads: int = 4
+    """Key/value heads (grouped-query attention when fewer than num_heads)."""
+    max_seq_len: int = 2048
+    """Longest context the model supports (rotary positions)."""
+    rope_theta: float = 10000.0
+    """Rotary embedding base."""
+    tie_embeddings: bool = False
+    """Share the input embedding and output head (small models)."""
+    num_experts: int = 8
+    """moe: experts per layer."""
+    experts_per_token: int = 2
+    """moe: experts each token is routed to."""
+    router_aux_loss: float = 0.02
+    """moe: weight of the load-balancing loss."""
+    base: str = ""
+    """continue/sft: model id (NAME@K) from `appliance train import` or an earlier run."""
+
+    def problems(self, stage: str) -> list[str]:
+        p = []
+        if stage != "pretrain":
+            if not self.base:
+                p.append(f"model.base is required for stage {stage!r} (a model id, e.g. pilot@1)")
+            return p
+        if self.base:
+            p.append("model.base is only for stages 'continue' and 'sft'; pretrain starts from random weights")
+        if self.arch not in ("dense", "moe"):
+            p.append(f"model.arch must be 'dense' or 'moe', not {self.arch!r}")
+        for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
+            if getattr(self, k) < 1:
+                p.append(f"model.{k} must be at least 1")
+        if self.num_heads >= 1 and self.hidden_size % self.num_heads:
+            p.append(f"model.hidden_size ({self.hidden_size}) must be a multiple of model.num_heads ({self.num_heads})")
+        elif self.num_heads >= 1 and (self.hidden_size // self.num_heads) % 2:
+            p.append("model.hidden_size / model.num_heads must be even (rotary embeddings)")
+        if self.num_kv_heads >= 1 and self.num_heads % self.num_kv_heads:
+            p.append(f"model.num_heads ({self.num_heads}) must be a multiple of model.num_kv_heads "
+                     f"({self.num_kv_heads})")
+        if self.rope_theta <= 0:
+            p.append("model.rope_theta must be positive")
+        if self.arch == "moe":
+            if self.num_experts < 2:
+                p.append("model.num_experts must be at least 2 for arch 'moe'")
+            if not 1 <= self.experts_per_token <= max(self.num_experts, 1):
+                p.append("model.experts_per_token must be between 1 and model.num_experts")
+            if self.router_aux_loss < 0:
+                p.append("model.router_aux_loss must be >= 0")
+        return p
+
+
+@dataclass
+class DataConfig:
+    """What to train on: vault dataset versions, tokenized and packed in memory or in the vault."""
+
+    datasets: list[str] = field(default_factory=list)
+    """Dataset versions (NAME@N, or NAME for the newest) whose train split is used."""
+    tokenizer: str = ""
+    """pretrain: tokenizer id from `appliance train tokenizer`; continue/sft use the base model's."""
+    seq_len: int = 512
+    """Tokens per packed sequence."""
+    format: str = "text"
+    """text: records as documents separated by EOS; chat: prompt/response pairs from a table (SFT)."""
+    prompt_field: str = "instruction"
+    """chat: the column holding the user's turn."""
+    response_field: str = "response"
+    """chat: the column holding the assistant's answer (the only tokens the loss sees)."""
+    system_prompt: str = ""
+    """chat: optional system turn put before every pair."""
+
+    def problems(self, stage: str) -> list[str]:
+        p = []
+        if not self.datasets:
+            p.append("data.datasets must name at least one dataset version, e.g. [\"handbook@2\"]")
+        if stage == "pretrain" and not self.tokenizer:
+            p.append("data.tokenizer is required for pretrain (train one with `appliance train tokenizer`)")
+        if stage != "pretrain" and self.tokenizer:
+            p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
+        if self.seq_len < 8:
+            p.append("data.seq_len must be at least 8")
+        if self.format not in ("text", "chat"):
+            p.append(f"data.format must be 'text' or 'chat', not {self.format!r}")
+        if stage == "sft" and self.format != "chat":
+            p.append("data.format must be 'chat' for stage 'sft'")
+        return p
+
+
+@dataclass
+class TrainConfig:
+    """The shared loop: AdamW, warmup + cosine, accumulation, clipping, checkpoints."""
+
+    max_steps: int = 100
+    """Optimizer steps."""
+    batch_size: int = 8
+    """Sequences per optimizer step, across all processes (the global batch)."""
+    micro_batch_size: int = 4
+    """Sequences per forward pass on one process; the rest is gradient accumulation."""
+    lr: float = 3e-4
+    """Peak learning rate."""
+    min_lr: float = 3e-5
+    """Learning rate at the end of the cosine decay."""
+    warmup_steps: int = 10
+    """Linear warmup from 0 to lr."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay (matrices only; not norms or biases)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this (0: off)."""
+    seed: int = 1234
+    """Seeds weight init and the data order."""
+    checkpoint_every: int = 50
+    """Write a resumable checkpoint every N steps (and at the end or on Ctrl-C)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept on disk; older ones are removed."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    precision: str = "auto"
+    """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
+    parallel: str = "ddp"
+    """With --gpus > 1: ddp (replicate) or fsdp (shard parameters, for models that don't fit one GPU)."""
+
+    def problems(self) -> list[str]:
+        p = []
+        for k in ("max_steps", "batch_size", "micro_batch_size", "checkpoint_every", "keep_checkpoints"):
+            if getattr(self, k) < 1:
+                p.append(f"train.{k} must be at least 1")
+        if self.micro_batch_size >= 1 and self.batch_size % self.micro_batch_size:
+            p.append(f"train.batch_size ({self.batch_size}) must be a multiple of train.micro_batch_size "
+                     f"({self.micro_batch_size})")
+        if not self.lr > 0:
+            p.append("train.lr must be positive")
+        if not 0 <= self.min_lr <= self.lr:
+            p.append("train.min_lr must be between 0 and train.lr")
+        if not 0 <= self.warmup_steps < max(self.max_steps, 1):
+            p.append("train.warmup_steps must be >= 0 and less than train.max_steps")
+        if self.weight_decay < 0:
+            p.append("train.weight_decay must be >= 0")
+        if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
+            p.append("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.grad_clip < 0:
+            p.append("train.grad_clip must be >= 0 (0 turns clipping off)")
+        if self.precision not in ("auto", "bf16", "fp32"):
+            p.append(f"train.precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.parallel not in ("ddp", "fsdp"):
+            p.append(f"train.parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
+        return p
+
+
+@dataclass
+class LoraConfig:
+    """Adapter settings for `method = "lora"` and `"qlora"`."""
+
+    rank: int = 8
+    """Rank of the low-rank update."""
+    alpha: float = 16.0
+    """Scale: the update is multiplied by alpha / rank."""
+    dropout: float = 0.0
+    """Dropout on the adapter input."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
+                                                                "gate_proj", "up_proj", "down_proj"])
+    """Linear layers that get adapters."""
+    merge: bool = False
+    """Also save the base with the adapter merged in (a plain model directory)."""
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.rank < 1:
+            p.append("lora.rank must be at least 1")
+        if self.alpha <= 0:
+            p.append("lora.alpha must be positive")
+        if not 0 <= self.dropout < 1:
+            p.append("lora.dropout must be in [0, 1)")
+        if not self.target_modules:
+            p.append("lora.target_modules must name at least one layer")
+        return p
+
+
+@dataclass
+class Recipe:
+    """A whole training run."""
+
+    stage: str = "pretrain"
+    """pretrain (random init), continue (more pre-training of a base model) or sft (chat fine-tuning)."""
+    name: str = ""
+    """Model name; each run saves NAME@K."""
+    method: str = "full"
+    """sft: full, lora or qlora (4-bit NF4 base + LoRA)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+
+    def problems(self) -> list[str]:
+        p = []
+        if self.stage not in STAGES:
+            p.append(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
+        if not self.name:
+            p.append("name is required (the model is saved as NAME@K)")
+        if self.method not in METHODS:
+            p.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
+        elif self.method != "full" and self.stage != "sft":
+            p.append(f"method {self.method!r} is for stage 'sft'; stage {self.stage!r} trains every weight")
+        if self.method != "full" and self.train.parallel == "fsdp":
+            p.append("train.parallel 'fsdp' is for full training; adapters are small, use 'ddp'")
+        p += self.model.problems(self.stage)
+        p += self.data.problems(self.stage)
+        p += self.train.problems()
+        if self.method != "full":
+            p += self.lora.problems()
+        if self.stage == "pretrain" and self.data.seq_len > self.model.max_seq_len:
+            p.append(f"data.seq_len ({self.data.seq_len}) exceeds model.max_seq_len ({self.model.max_seq_len})")
+        return p
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
+
+
+def shipped() -> dict[str, Path]:
+    """Recipes that ship with the appliance, by name."""
+    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))}
+
+
+def find_recipe(ref: str) -> Path:
+    """A path to a TOML file, or the name of a shipped recipe."""
+    p = Path(ref).expanduser()
+    if p.is_file():
+        return p
+    if ref in shipped():
+        return shipped()[ref]
+    hint = "shipped recipes: " + ", ".join(shipped()) + " (see `appliance train recipes`)"
+    if p.suffix == ".toml" or "/" in ref:
+        raise UsageError(f"no recipe file {ref}", hint)
+    raise UsageError(f"no recipe named {ref!r}", hint)
+
+
+def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
+    """Read a recipe, apply `KEY=VALUE` overrides, check it; every problem is reported at once."""
+    path = find_recipe(ref)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"recipe {path} is not valid TOML: {e}", "fix the file and run again") from None
+    problems: list[str] = []
+    for item in overrides or []:
+        _apply_override(raw, item, problems)
+    recipe = from_dict(raw, problems)
+    problems += recipe.problems()
+    if problems:
+        n = len(problems)
+        raise UsageError(f"recipe {path.name} has {n} problem{'s' * (n > 1)}: " + "; ".join(problems),
+                         "fix the recipe or override with --KEY VALUE")
+    return recipe
+
+
+def from_dict(raw: dict, problems: list[str]) -> Recipe:
+    top = {}
+    sections = {}
+    for key, value in raw.items():
+        if key in SECTIONS:
+            if not isinstance(value, dict):
+                problems.append(f"{key} must be a table ([{key}])")
+                continue
+            sections[key] = _build(SECTIONS[key], value, key + ".", problems)
+        else:
+            top[key] = value
+    recipe = _build(Recipe, top, "", problems, skip=set(SECTIONS))
+    for key, value in sections.items():
+        setattr(recipe, key, value)
+    return recipe
+
+
+def _build(cls, values: dict, prefix: str, problems: list[str], skip: set[str] = frozenset()):
+    hints = get_type_hints(cls)
+    known = {f.name: f for f in fields(cls) if f.name not in skip}
+    kwargs = {}
+    for key, value in values.items():
+        if key not in known:
+            close = difflib.get_close_matches(key, list(known) + list(skip), n=1)
+            problems.append(f"unknown key {prefix}{key}" + (f" (did you mean {prefix}{close[0]}?)" if close else ""))
+            continue
+        ok, value = _coerce(hints[key], value)
+        if not ok:
+            problems.append(f"{prefix}{key} must be {_type_name(hints[key])}, not {value!r}")
+            continue
+        kwargs[key] = value
+    obj = cls(**{k: v for k, v in kwargs.items()})
+    return obj
+
+
+def _coerce(hint, value) -> tuple[bool, Any]:
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return True, float(value)
+        return False, value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint == list[str]:
+        if isinstance(value, str):  # a CLI override may give one name or a comma list
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        return isinstance(value, list) and all(isinstance(v, str) for v in value), value
+    return True, value
+
+
+def _type_name(hint) -> str:
+    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(
+        hint, "a list of strings")
+
+
+def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+    key, sep, text = item.partition("=")
+    key = key.strip().lstrip("-")
+    if not sep or not key:
+        problems.append(f"override {item!r} must be KEY=VALUE, e.g. train.lr=1e-4")
+        return
+    parts = key.split(".")
+    if len(parts) > 2 or (len(parts) == 2 and parts[0] not in SECTIONS):
+        problems.append(f"override key {key!r} must be a top-level key or SECTION.KEY with SECTION one of "
+                        + ", ".join(SECTIONS))
+        return
+    try:  # a TOML literal (numbers, booleans, quoted strings, arrays); anything else is a bare string
+        value = tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text
+    target = raw
+    if len(parts) == 2:
+        target = raw.setdefault(parts[0], {})
+        if not isinstance(target, dict):
+            problems.append(f"{parts[0]} must be a table ([{parts[0]}])")
+            return
+    target[parts[-1]] = value
+
+
+def describe() -> list[dict]:
+    """Every recipe key with its default and docstring (for `appliance train recipes --keys`)."""
+    out = []
+    for prefix, cls in [("", Recipe), *((k + ".", c) for k, c in SECTIONS.items())]:
+        docs = _field_docs(cls)
+        for f in fields(cls):
+            if f.name in SECTIONS:
+                continue
+            default = f.default if f.default is not MISSING else f.default_factory()  # type: ignore[misc]
+            out.append({"key": prefix + f.name, "default": default, "help": docs.get(f.name, "")})
+    return out
+
+
+def _field_docs(cls) -> dict[str, str]:
+    """Field docstrings (the string literal after each field) read from the source."""
+    import ast
+    import inspect
+
+    tree = ast.parse(inspect.getsource(cls))
+    body = tree.body[0].body  # type: ignore[attr-defined]
+    docs = {}
+    for a, b in zip(body, body[1:]):
+        if isinstance(a, ast.AnnAssign) and isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant):
+            docs[a.target.id] = str(b.value.value)  # type: ignore[union-attr]
+    return docs

@@ -1,0 +1,265 @@
+"""The data path: vault records -> token ids -> fixed-length packed rows, cached only inside the vault.
+
+Text (pretrain, continue): documents are tokenized and concatenated with EOS between them, then cut into
+rows of `seq_len`; only the final row is padded. Chat (sft): each prompt/response pair is rendered with the
+tokenizer's chat template; only the assistant's tokens are scored (label -100 elsewhere); pairs are packed
+whole, first come first served, into rows.
+
+Packed rows live in memory and in the encrypted vault (`token_cache`), never in a plaintext file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from appliance.db_time import utcnow
+from appliance.errors import UsageError
+from appliance.train.config import DataConfig
+
+IGNORE = -100
+CACHE_ROWS = 1024  # rows per cached part (a BLOB each)
+@dataclass
+class Packed:
+    """Rows of token ids; labels are the ids to score (-100: not scored)."""
+
+    tokens: np.ndarray  # (N, L) int32
+    labels: np.ndarray  # (N, L) int32
+    stats: dict = field(default_factory=dict)
+
+    @property
+    def rows(self) -> int:
+        return int(self.tokens.shape[0])
+
+    def take(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        return self.tokens[index], self.labels[index]
+
+
+def pinned(con, refs: list[str]) -> list[tuple[str, str]]:
+    """Each dataset ref as (NAME@N, content hash): runs record exactly which versions they read."""
+    from appliance.vault.versions import resolve
+
+    out = []
+    for ref in refs:
+        vid, name, n = resolve(con, ref)
+        (h,) = con.execute("SELECT content_hash FROM versions WHERE vid = ?", [vid]).fetchone()
+        out.append((f"{name}@{n}", h))
+    return out
+
+
+def cache_key(cfg: DataConfig, datasets: list[tuple[str, str]], tokenizer_hash: str) -> str:
+    spec = {"format": cfg.format, "seq_len": cfg.seq_len, "datasets": [h for _, h in datasets],
+            "tokenizer": tokenizer_hash, "packing": 2}
+    if cfg.format == "chat":
+        spec.update(prompt=cfg.prompt_field, response=cfg.response_field, system=cfg.system_prompt)
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def prepare(vault, cfg: DataConfig, tokenizer, tokenizer_hash: str,
+            progress: Callable[[str], None] = lambda s: None) -> tuple[Packed, list[tuple[str, str]], bool]:
+    """Packed rows for `cfg`, from the vault cache when the same data and tokenizer were packed before."""
+    datasets = pinned(vault.con, cfg.datasets)
+    key = cache_key(cfg, datasets, tokenizer_hash)
+    cached = load_cached(vault.con, key)
+    if cached is not None:
+        return cached, datasets, True
+    progress(f"tokenizing {', '.join(d for d, _ in datasets)}")
+    if cfg.format == "chat":
+        packed = pack_chat(tokenizer, chat_pairs(vault.con, [d for d, _ in datasets], cfg), cfg.seq_len,
+                           cfg.system_prompt)
+    else:
+        packed = pack_text(tokenizer, _texts(vault.con, [d for d, _ in datasets]), cfg.seq_len)
+    if packed.rows == 0:
+        raise UsageError(f"{', '.join(cfg.datasets)} gave no training rows", "ingest more data")
+    with vault.transaction():
+        store_cached(vault.con, key, packed, with_labels=cfg.format == "chat")
+    return packed, datasets, False
+
+
+def _texts(con, refs: list[str]) -> Iterator[str]:
+    from appliance.vault.versions import iter_records
+
+    for ref in refs:
+        for rec in iter_records(con, ref, split="train"):
+            yield rec["text"]
+
+
+def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -> Packed:
+    """Documents joined by EOS, cut into rows of seq_len; the final partial row is padded and not scored."""
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    pieces: list[np.ndarray] = []
+    docs = 0
+    for chunk in _batched(texts, batch):
+        for ids in tokenizer(chunk, add_special_tokens=False)["input_ids"]:
+            pieces.append(np.asarray(ids + [eos], dtype=np.int32))
+            docs += 1
+    stream = np.concatenate(pieces) if pieces else np.zeros(0, np.int32)
+    n_tokens = len(stream)
+    rows = -(-n_tokens // seq_len)
+    pad_count = rows * seq_len - n_tokens
+    tokens = np.concatenate([stream, np.full(pad_count, pad, np.int32)]).reshape(rows, seq_len)
+    labels = tokens.copy()
+    if pad_count:
+        labels[-1, seq_len - pad_count:] = IGNORE
+    return Packed(tokens, labels, _stats(docs, tokens, labels, pad_count, truncated=0))
+
+
+def chat_pairs(con, refs: list[str], cfg: DataConfig) -> Iterator[tuple[str, str]]:
+    """(prompt, response) of every train-split row of the tables in `refs`."""
+    for ref in refs:
+        from appliance.vault.versions import resolve
+
+        vid, _, _ = resolve(con, ref)
+        wanted: dict[str, list[int]] = {}
+        for table, meta in con.execute(
+                "SELECT path, meta FROM version_records WHERE vid = ? AND split = 'train' AND kind = 'table' "
+                "ORDER BY ord", [vid]).fetchall():
+            wanted.setdefault(table, []).append(json.loads(meta)["row"])
+        if not wanted:
+            raise UsageError(f"{ref} has no table rows to fine-tune on",
+                             "ingest a JSONL/CSV of prompt/response pairs as the SFT dataset")
+        for table, rows in wanted.items():
+            cols = [c for (c,) in con.execute(
+                "SELECT column_name FROM information_schema.columns WHERE table_schema = 'data' AND table_name = ?",
+                [table]).fetchall()]
+            for f, key in ((cfg.prompt_field, "data.prompt_field"), (cfg.response_field, "data.response_field")):
+                if f not in cols:
+                    raise UsageError(f"{ref} table has no column {f!r} ({key})",
+                                     f"its columns are {', '.join(cols)}; set --{key} NAME")
+            got = dict(((rid + 1), (p, r)) for rid, p, r in con.execute(
+                f'SELECT rowid, "{cfg.prompt_field}", "{cfg.response_field}" FROM data."{table}"').fetchall())
+            for row in rows:
+                p, r = got.get(row, (None, None))
+                if p and r:
+                    yield str(p), str(r)
+
+
+def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
+    """The rendered conversation split into (text, scored) pieces; only assistant content is scored.
+
+    Works for any chat template whose rendering of a prefix of the turns is a prefix of the whole.
+    """
+    def render(msgs, gen=False):
+        if not msgs and not gen:
+            return ""
+        return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+
+    out: list[tuple[str, bool]] = []
+    done = ""
+    for i, m in enumerate(messages):
+        full = render(messages[: i + 1])
+        if m["role"] == "assistant":
+            head = render(messages[:i], gen=True)
+            if not (head.startswith(done) and full.startswith(head)):
+                raise UsageError("the base model's chat template does not render turns as prefixes",
+                                 "use a ChatML-style template")
+            out += [(head[len(done):], False), (full[len(head):], True)]
+        else:
+            if not full.startswith(done):
+                raise UsageError("the base model's chat template does not render turns as prefixes",
+                                 "use a ChatML-style template")
+            out.append((full[len(done):], False))
+        done = full
+    return [(t, s) for t, s in out if t]
+
+
+def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
+    ids: list[int] = []
+    labels: list[int] = []
+    for text, scored in chat_segments(tokenizer, messages):
+        piece = tokenizer(text, add_special_tokens=False)["input_ids"]
+        ids += piece
+        labels += piece if scored else [IGNORE] * len(piece)
+    return ids, labels
+
+
+def pack_chat(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, system_prompt: str = "",
+              window: int = 64) -> Packed:
+    """Each pair whole in one row (truncated if longer than a row), first-fit into the last `window` open rows.
+
+    First-fit keeps padding low for short pairs; the window bounds the search so packing stays linear.
+    """
+    pad = tokenizer.pad_token_id
+    rows: list[tuple[list[int], list[int]]] = []
+    open_rows: list[int] = []  # indices of rows with room left
+    docs = truncated = 0
+    for prompt, response in pairs:
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
+        ids, labels = encode_chat(tokenizer, msgs)
+        docs += 1
+        if len(ids) > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            truncated += 1
+        target = next((i for i in open_rows if len(rows[i][0]) + len(ids) <= seq_len), None)
+        if target is None:
+            rows.append(([], []))
+            target = len(rows) - 1
+            open_rows.append(target)
+            if len(open_rows) > window:
+                open_rows.pop(0)
+        rows[target][0].extend(ids)
+        rows[target][1].extend(labels)
+        if len(rows[target][0]) == seq_len:
+            open_rows.remove(target)
+    tokens = np.full((len(rows), seq_len), pad, np.int32)
+    labels_arr = np.full((len(rows), seq_len), IGNORE, np.int32)
+    for i, (t, lab) in enumerate(rows):
+        tokens[i, :len(t)] = t
+        labels_arr[i, :len(lab)] = lab
+    pad_count = len(rows) * seq_len - sum(len(t) for t, _ in rows)
+    return Packed(tokens, labels_arr, _stats(docs, tokens, labels_arr, pad_count, truncated))
+
+
+def _stats(docs: int, tokens: np.ndarray, labels: np.ndarray, pad: int, truncated: int) -> dict:
+    total = int(tokens.size)
+    return {"documents": docs, "rows": int(tokens.shape[0]), "seq_len": int(tokens.shape[1]) if tokens.ndim == 2
+            else 0, "tokens": total, "pad_tokens": pad, "padding_fraction": round(pad / total, 6) if total else 0.0,
+            "scored_tokens": int((labels != IGNORE).sum()), "truncated": truncated}
+
+
+def store_cached(con, key: str, packed: Packed, with_labels: bool) -> None:
+    """Rows in parts of CACHE_ROWS; text rows keep no labels (they are the tokens, final padding aside)."""
+    con.execute("DELETE FROM token_cache WHERE key = ?", [key])
+    con.execute("DELETE FROM token_cache_meta WHERE key = ?", [key])
+    for part, start in enumerate(range(0, packed.rows, CACHE_ROWS)):
+        t = packed.tokens[start:start + CACHE_ROWS]
+        lab = packed.labels[start:start + CACHE_ROWS].tobytes() if with_labels else None
+        con.execute("INSERT INTO token_cache VALUES (?, ?, ?, ?, ?)", [key, part, len(t), t.tobytes(), lab])
+    con.execute("INSERT INTO token_cache_meta VALUES (?, ?, ?)", [key, utcnow(), json.dumps(packed.stats)])
+
+
+def load_cached(con, key: str) -> Packed | None:
+    meta = con.execute("SELECT stats FROM token_cache_meta WHERE key = ?", [key]).fetchone()
+    if meta is None:
+        return None
+    stats = json.loads(meta[0])
+    L = stats["seq_len"]
+    ts, ls = [], []
+    for rows, t, lab in con.execute("SELECT rows, tokens, labels FROM token_cache WHERE key = ? ORDER BY part",
+                                    [key]).fetchall():
+        ts.append(np.frombuffer(t, np.int32).reshape(rows, L))
+        ls.append(None if lab is None else np.frombuffer(lab, np.int32).reshape(rows, L))
+    tokens = np.concatenate(ts)
+    if any(x is None for x in ls):  # text rows: labels are the tokens, the final row's padding not scored
+        labels = tokens.copy()
+        if stats["pad_tokens"]:
+            labels[-1, L - stats["pad_tokens"]:] = IGNORE
+    else:
+        labels = np.concatenate(ls)
+    return Packed(tokens, labels, stats)
+
+
+def _batched(it: Iterable[str], n: int) -> Iterator[list[str]]:
+    chunk: list[str] = []
+    for x in it:
+        chunk.append(x)
+        if len(chunk) == n:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk

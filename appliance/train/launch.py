@@ -1,0 +1,202 @@
+"""Multi-process training: torchrun ranks fed by the launcher over a private Unix socket.
+
+How the key reaches the workers: it doesn't. Only the launcher (the `appliance train run` process) unlocks
+the vault; it packs the rows, keeps them in memory and serves them to the ranks over a Unix socket inside
+the home's `tmp/` (mode 0700, socket 0600). Each rank proves itself with a random one-run ticket passed in
+its environment; the ticket opens nothing but that socket, which vanishes when the run ends. Ranks send
+their metrics and checkpoint notices back the same way and the launcher writes them to the vault. So no
+worker ever holds the passphrase or the data key, 8 ranks read concurrently (one thread per connection,
+rows served from memory), and nothing of the vault is written to disk in the clear.
+
+Multi-node (documented in docs/TRAINING.md): each node runs the same `appliance train run ... --gpus 8
+--nnodes N --node-rank I --rdzv-endpoint HOST:PORT` against its own copy of the vault; the data order is a
+function of the seed, so every node's launcher serves the same rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import socketserver
+import struct
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from appliance.train.model import TrainError
+
+ENV_SOCKET, ENV_TICKET = "APPLIANCE_TRAIN_SOCKET", "APPLIANCE_TRAIN_TICKET"
+MAX_HEADER = 1 << 24
+
+
+@dataclass
+class Nodes:
+    """torchrun's own rendezvous flags, passed through for multi-node runs."""
+
+    nnodes: int = 1
+    node_rank: int = 0
+    rdzv_endpoint: str = ""
+
+
+# --- wire format: 4-byte length + JSON header, then `nbytes` of raw payload ------------------------------
+def send(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
+    head = json.dumps({**header, "nbytes": len(payload)}).encode()
+    sock.sendall(struct.pack("!I", len(head)) + head + payload)
+
+
+def recv(sock: socket.socket) -> tuple[dict, bytes]:
+    (n,) = struct.unpack("!I", _exact(sock, 4))
+    if n > MAX_HEADER:
+        raise ConnectionError("oversized message")
+    header = json.loads(_exact(sock, n))
+    return header, _exact(sock, header.get("nbytes", 0))
+
+
+def _exact(sock: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 22))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)
+
+
+# --- the launcher's side --------------------------------------------------------------------------------
+class _Server(socketserver.ThreadingUnixStreamServer):
+    daemon_threads = True
+
+
+def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable, on_checkpoint: Callable,
+          results: dict) -> _Server:
+    lock = threading.Lock()  # the vault connection is shared: one writer at a time
+
+    class Handler(socketserver.BaseRequestHandler):
+        def handle(self):
+            sock = self.request
+            try:
+                header, _ = recv(sock)
+                if header.get("op") != "hello" or not secrets.compare_digest(str(header.get("ticket", "")), ticket):
+                    send(sock, {"ok": False, "error": "bad ticket"})
+                    return
+                send(sock, {"ok": True, "spec": spec})
+                while True:
+                    header, payload = recv(sock)
+                    op = header["op"]
+                    if op == "rows":
+                        t, lab = rows(np.frombuffer(payload, np.int64))
+                        send(sock, {"shape": list(t.shape)}, t.tobytes() + lab.tobytes())
+                        continue
+                    with lock:
+                        if op == "step":
+                            on_step(header["metrics"])
+                        elif op == "checkpoint":
+                            on_checkpoint(header["step"], header["path"])
+                        elif op == "result":
+                            results[header["rank"]] = header["result"]
+                    send(sock, {"ok": True})
+            except (ConnectionError, OSError, json.JSONDecodeError, KeyError):
+                return
+
+    server = _Server(str(path), Handler)
+    os.chmod(path, 0o600)
+    threading.Thread(target=server.serve_forever, daemon=True, name="train-data").start()
+    return server
+
+
+def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable, on_checkpoint: Callable,
+                    nproc: int, nodes: Nodes, threads: int | None = None) -> dict:
+    """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
+    tmp_dir.mkdir(parents=True, exist_ok=True)
+    path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
+    ticket = secrets.token_hex(32)
+    results: dict = {}
+    server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
+    if nodes.nnodes > 1:
+        cmd += [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec['run_id'].replace('@', '-')}"]
+    else:
+        cmd += ["--standalone"]
+    cmd += ["-m", "appliance.train.worker"]
+    env = {**os.environ, ENV_SOCKET: str(path), ENV_TICKET: ticket}
+    for k in ("APPLIANCE_PASSPHRASE", "APPLIANCE_PASSPHRASE_FILE", "APPLIANCE_NEW_PASSPHRASE",
+              "APPLIANCE_NEW_PASSPHRASE_FILE"):
+        env.pop(k, None)  # workers never need it
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    interrupted = False
+
+    def on_sigint(signum, frame):  # the ranks got it too: they stop at a checkpoint; wait for them
+        nonlocal interrupted
+        interrupted = True
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        _, stderr = proc.communicate()
+    finally:
+        signal.signal(signal.SIGINT, old)
+        server.shutdown()
+        server.server_close()
+        path.unlink(missing_ok=True)
+    if 0 in results:
+        return results[0]
+    if interrupted:
+        return {"status": "interrupted", "step": None}
+    raise TrainError(f"the training processes failed (exit {proc.returncode}): {_last_error(stderr)}",
+                     "see the message above; resume with --resume once fixed")
+
+
+def _last_error(stderr: str) -> str:
+    lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
+    for ln in reversed(lines):
+        if "Error" in ln or "error:" in ln:
+            return ln[:300]
+    return lines[-1][:300] if lines else "no output"
+
+
+# --- a rank's side --------------------------------------------------------------------------------------
+class SocketLink:
+    """What a rank sees of the launcher: rows by index, and places to report steps and checkpoints."""
+
+    def __init__(self, path: str, ticket: str):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.connect(path)
+        send(self.sock, {"op": "hello", "ticket": ticket})
+        header, _ = recv(self.sock)
+        if not header.get("ok"):
+            raise TrainError("the launcher refused this worker", header.get("error"))
+        self.spec = header["spec"]
+
+    def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        send(self.sock, {"op": "rows"}, np.asarray(index, np.int64).tobytes())
+        header, payload = recv(self.sock)
+        n, L = header["shape"]
+        half = n * L * 4
+        return (np.frombuffer(payload[:half], np.int32).reshape(n, L),
+                np.frombuffer(payload[half:], np.int32).reshape(n, L))
+
+    def _call(self, header: dict) -> None:
+        send(self.sock, header)
+        recv(self.sock)
+
+    def step(self, metrics: dict) -> None:
+        self._call({"op": "step", "metrics": metrics})
+
+    def checkpoint(self, step: int, path: str) -> None:
+        self._call({"op": "checkpoint", "step": step, "path": path})
+
+    def result(self, rank: int, result: dict) -> None:
+        self._call({"op": "result", "rank": rank, "result": result})
+
+    def close(self) -> None:
+        self.sock.close()

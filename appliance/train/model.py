@@ -1,0 +1,199 @@
+"""Models: presets to transformers configs, local base models, LoRA/QLoRA wiring, saving, import.
+
+Every model is a plain transformers directory (config.json + model.safetensors + tokenizer) that
+`AutoModelForCausalLM.from_pretrained(path, local_files_only=True)` loads with no custom code. Nothing here
+ever reaches a hub: every load passes `local_files_only=True` and a local path.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from appliance.errors import ApplianceError, UsageError
+from appliance.train.config import LoraConfig, ModelConfig
+
+MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
+
+
+class TrainError(ApplianceError):
+    """A training run could not start or had to stop."""
+
+
+def quiet() -> None:
+    """transformers' own progress bars and advice would mix with ours on the operator's terminal."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", module="peft")
+    warnings.filterwarnings("ignore", module="bitsandbytes")
+    warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+def hf_config(m: ModelConfig, tokenizer):
+    """The transformers config for a preset, sized to `tokenizer`'s vocabulary (rounded up to 64)."""
+    from transformers import LlamaConfig, MixtralConfig
+
+    vocab = -(-len(tokenizer) // 64) * 64  # padded so the output matmul tiles well
+    common = dict(vocab_size=vocab, hidden_size=m.hidden_size, intermediate_size=m.intermediate_size,
+                  num_hidden_layers=m.num_layers, num_attention_heads=m.num_heads,
+                  num_key_value_heads=m.num_kv_heads, max_position_embeddings=m.max_seq_len,
+                  rope_parameters={"rope_type": "default", "rope_theta": m.rope_theta},
+                  tie_word_embeddings=m.tie_embeddings, bos_token_id=tokenizer.bos_token_id,
+                  eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, use_cache=True)
+    if m.arch == "moe":
+        return MixtralConfig(num_local_experts=m.num_experts, num_experts_per_tok=m.experts_per_token,
+                             router_aux_loss_coef=m.router_aux_loss, output_router_logits=False, **common)
+    return LlamaConfig(**common)
+
+
+def new_model(m: ModelConfig, tokenizer, seed: int):
+    """Random init from a preset; the same seed gives the same weights."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(hf_config(m, tokenizer), dtype=torch.float32)
+
+
+def count_parameters(m: ModelConfig, vocab_size: int = 32000) -> dict:
+    """Total and active (per token) parameters of a preset, built on the meta device (no memory)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    class _Vocab:  # just enough of a tokenizer for hf_config
+        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+        def __len__(self):
+            return vocab_size
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config(m, _Vocab()))
+    total = sum(p.numel() for p in model.parameters())
+    active = total
+    if m.arch == "moe":
+        expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        active = total - expert + expert * m.experts_per_token // m.num_experts
+    return {"total": total, "active": active}
+
+
+def load_tokenizer(path: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+
+
+def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, device: str = "cpu"):
+    """A base model for `continue` / `sft`: full weights, or frozen (4-bit for qlora) with LoRA adapters."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet()
+    kwargs: dict = {"local_files_only": True, "dtype": torch.float32}
+    if method == "qlora":
+        from transformers import BitsAndBytesConfig
+
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+            bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
+        kwargs["device_map"] = {"": device}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+    except (OSError, ValueError) as e:
+        raise TrainError(f"cannot load the base model at {path}: {str(e).splitlines()[0]}",
+                         "re-import it with `appliance train import`") from None
+    if method == "full":
+        return model
+    from peft import LoraConfig as PeftLora
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    if method == "qlora":
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    targets = [t for t in lora.target_modules if t in present]
+    if not targets:
+        raise UsageError(f"lora.target_modules {lora.target_modules} match no layer of the base model",
+                         "name linear layers such as q_proj, v_proj")
+    cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                   bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None = None) -> None:
+    """Write a plain transformers directory (or a PEFT adapter directory) atomically, with appliance.json.
+
+    `state_dict`: full weights gathered from FSDP shards, when the model itself holds only a shard.
+    """
+    quiet()
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        kw = {"state_dict": state_dict} if state_dict is not None else {}
+        model.save_pretrained(str(tmp), safe_serialization=True, **kw)
+        tokenizer.save_pretrained(str(tmp))
+        (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
+        _fsync_tree(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -> None:
+    """Base (full precision) + adapter -> one plain model directory."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, dtype=torch.float32)
+    merged = PeftModel.from_pretrained(base, str(adapter_path), local_files_only=True).merge_and_unload()
+    save_model(merged, load_tokenizer(adapter_path), dest, info)
+
+
+def check_model_dir(src: Path) -> dict:
+    """What `appliance train import` accepts: a local transformers causal-LM directory with a tokenizer."""
+    if not src.is_dir():
+        raise UsageError(f"{src} is not a directory", "point at a local transformers model directory")
+    missing = [f for f in MODEL_FILES if not (src / f).exists()]
+    if not list(src.glob("*.safetensors")):
+        missing.append("*.safetensors")
+    if missing:
+        raise UsageError(f"{src} is not a complete model directory: missing {', '.join(missing)}",
+                         "it needs config.json, safetensors weights and a tokenizer")
+    try:
+        config = json.loads((src / "config.json").read_text())
+    except json.JSONDecodeError as e:
+        raise UsageError(f"{src / 'config.json'} is not valid JSON: {e}", "fix or re-export the model") from None
+    if config.get("auto_map"):
+        raise UsageError(f"{src} needs custom code (auto_map in config.json)",
+                         "the appliance runs no code that comes with a model; use a built-in architecture")
+    return config
+
+
+def tree_hash(root: Path) -> str:
+    """sha256 over (relative path, file sha256) of every file, sorted: the content hash of a directory."""
+    h = hashlib.sha256()
+    for p in sorted(q for q in root.rglob("*") if q.is_file()):
+        f = hashlib.sha256()
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                f.update(chunk)
+        h.update(f"{p.relative_to(root).as_posix()}\0{f.hexdigest()}\n".encode())
+    return h.hexdigest()
+
+
+def _fsync_tree(root: Path) -> None:
+    for p in root.rglob("*"):
+        if p.is_file():
+            fd = os.open(p, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)

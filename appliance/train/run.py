@@ -1,0 +1,374 @@
+"""`appliance train run`: the launcher. Vault side of a training run, around the stage functions.
+
+load recipe -> resolve inputs (tokenizer or base model) -> pack rows (vault cache) -> open or resume the
+run -> fit (in this process, or torchrun ranks fed over a socket) -> save -> lineage + audit.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.db_time import utcnow
+from appliance.errors import ApplianceError, UsageError
+from appliance.train import checkpoint, data, launch, loop
+from appliance.train.config import Recipe
+from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
+from appliance.train.stages import STAGES
+
+RESUMABLE = ("running", "interrupted", "failed")
+# Keys a resumed run may change: how long it runs and how it checkpoints, not what it trains.
+RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints"}
+
+
+class TrainInterrupted(ApplianceError):
+    exit_code = 130
+
+
+@dataclass
+class RunResult:
+    id: str
+    stage: str
+    method: str
+    status: str
+    steps: int
+    loss: float | None
+    tokens: int
+    seconds: float
+    tokens_per_s: float
+    model_path: str | None
+    merged: str | None
+    checkpoint: str | None
+    resumed_from: int | None
+    world: int
+    data: dict = field(default_factory=dict)
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+@dataclass
+class Inputs:
+    tokenizer_path: Path
+    base_path: Path | None
+    parents: list[tuple[str, str]]
+
+
+def code_version() -> str:
+    """The package version plus a hash of its source: which code made an artifact."""
+    from appliance import __version__
+
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
+    return f"{__version__}+{h.hexdigest()[:12]}"
+
+
+def resolve_node(con, ref: str, kinds: tuple[str, ...], what: str) -> str:
+    """`NAME@K` as given, or `NAME` -> the newest NAME@K of one of `kinds`."""
+    marks = ",".join("?" * len(kinds))
+    if "@" in ref:
+        row = con.execute(f"SELECT id FROM lineage_nodes WHERE id = ? AND kind IN ({marks})", [ref, *kinds]).fetchone()
+    else:
+        rows = con.execute(f"SELECT id FROM lineage_nodes WHERE kind IN ({marks}) AND starts_with(id, ?)",
+                           [*kinds, ref + "@"]).fetchall()
+        rows = [r for r in rows if r[0].rsplit("@", 1)[1].isdigit()]
+        row = max(rows, key=lambda r: int(r[0].rsplit("@", 1)[1])) if rows else None
+    if row is None:
+        hint = ("train one with `appliance train tokenizer --dataset NAME`" if kinds == ("tokenizer",)
+                else "list them with `appliance train models`")
+        raise UsageError(f"no {what} {ref}", hint)
+    return row[0]
+
+
+def next_id(con, name: str) -> str:
+    ids = [r[0] for r in con.execute("SELECT id FROM lineage_nodes WHERE starts_with(id, ?) UNION ALL "
+                                     "SELECT id FROM train_runs WHERE starts_with(id, ?)",
+                                     [name + "@", name + "@"]).fetchall()]
+    numbers = [int(i.rsplit("@", 1)[1]) for i in ids if i.rsplit("@", 1)[1].isdigit()]
+    return f"{name}@{max(numbers, default=0) + 1}"
+
+
+def inputs(vault, recipe: Recipe) -> Inputs:
+    con, art = vault.con, vault.home.artifacts
+    if recipe.stage == "pretrain":
+        tok = resolve_node(con, recipe.data.tokenizer, ("tokenizer",), "tokenizer")
+        return Inputs(art / "tokenizers" / tok, None, [(tok, "tokenizer")])
+    base = resolve_node(con, recipe.model.base, ("model",), "base model")
+    path = art / "models" / base
+    if not path.is_dir():
+        raise TrainError(f"the files of model {base} are missing from {path}", "re-import or retrain it")
+    return Inputs(path, path, [(base, "base")])
+
+
+def tokenizer_hash(path: Path) -> str:
+    h = hashlib.sha256()
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        if (path / name).exists():
+            h.update((path / name).read_bytes())
+    return h.hexdigest()
+
+
+class Recorder:
+    """Writes a run's progress to the vault (metrics per step, checkpoints) and tells the caller."""
+
+    def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None]):
+        self.vault, self.run_id, self.on_event = vault, run_id, on_event
+        self.lock = threading.Lock()
+
+    def step(self, m: dict) -> None:
+        with self.lock:
+            self.vault.con.execute("INSERT INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                                   [self.run_id, m["step"], m["loss"], m["lr"], m["grad_norm"], m["tokens"],
+                                    m["tokens_per_s"], m["elapsed"]])
+            self.vault.con.execute("UPDATE train_runs SET step = ?, updated = ? WHERE id = ?",
+                                   [m["step"], utcnow(), self.run_id])
+        self.on_event("step", m)
+
+    def checkpoint(self, step: int, path: str) -> None:
+        with self.lock:
+            self.vault.con.execute("UPDATE train_runs SET checkpoint = ?, updated = ? WHERE id = ?",
+                                   [path, utcnow(), self.run_id])
+        self.on_event("checkpoint", {"step": step, "path": path})
+
+    def status(self, status: str, **cols) -> None:
+        sets = ", ".join(f"{k} = ?" for k in ("status", "updated", *cols))
+        with self.lock:
+            self.vault.con.execute(f"UPDATE train_runs SET {sets} WHERE id = ?",
+                                   [status, utcnow(), *cols.values(), self.run_id])
+
+
+class _LocalLink:
+    def __init__(self, packed: data.Packed, rec: Recorder):
+        self.rows, self.step, self.checkpoint = packed.take, rec.step, rec.checkpoint
+
+
+def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launch.Nodes | None = None,
+        on_event: Callable[[str, dict], None] = lambda kind, d: None) -> RunResult:
+    """Train as `recipe` says; on success the model is NAME@K in artifacts/models and in lineage."""
+    nodes = nodes or launch.Nodes()
+    src = inputs(vault, recipe)
+    tokenizer = load_tokenizer(src.tokenizer_path)
+    _check_lengths(recipe, src)
+    on_event("stage", {"text": "packing rows"})
+    packed, datasets, cached = data.prepare(vault, recipe.data, tokenizer, tokenizer_hash(src.tokenizer_path),
+                                            progress=lambda s: on_event("stage", {"text": s}))
+    on_event("data", {**packed.stats, "cached": cached})
+    run_id, resume_from = _open_run(vault, recipe, resume, datasets)
+    resume_step = _step_of(resume_from)  # read now: old checkpoints are pruned as the run goes
+    run_dir = vault.home.artifacts / "runs" / run_id
+    model_dir = vault.home.artifacts / "models" / run_id
+    world = max(gpus, 1) * nodes.nnodes
+    parents = [(d, "data") for d, _ in datasets] + src.parents
+    info = {"id": run_id, "stage": recipe.stage, "method": recipe.method, "recipe": recipe.to_dict(),
+            "datasets": [{"version": d, "content_hash": h} for d, h in datasets],
+            "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
+            "data": packed.stats}
+    spec = {"run_id": run_id, "stage": recipe.stage, "recipe": recipe.to_dict(), "rows": packed.rows,
+            "tokenizer_path": str(src.tokenizer_path), "base_path": str(src.base_path or ""),
+            "run_dir": str(run_dir), "model_dir": str(model_dir), "info": info,
+            "resume_from": str(resume_from) if resume_from else None}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
+    rec = Recorder(vault, run_id, on_event)
+    rec.status("running", world=world, error=None)
+    on_event("start", {"id": run_id, "resume_from": resume_step, "max_steps": recipe.train.max_steps,
+                       "world": world})
+    try:
+        if world > 1:
+            threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
+                else max(1, (os.cpu_count() or 1) // max(gpus, 1))
+            out = launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
+                                         nodes, threads)
+        else:
+            _threads()
+            out = STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
+    except TrainError as e:
+        rec.status("failed", error=e.message)
+        raise
+    except BaseException as e:
+        rec.status("failed", error=type(e).__name__)
+        raise
+    if out["status"] == "failed":
+        rec.status("failed", error=out["error"])
+        raise TrainError(out["error"], out.get("hint"))
+    if out["status"] != "done":
+        rec.status("interrupted")
+        with vault.transaction():
+            vault.audit("train.interrupted", [run_id], {"step": out.get("step")})
+        raise TrainInterrupted(f"stopped at step {out.get('step') or '?'} of {recipe.train.max_steps}; "
+                               f"checkpoint {out.get('checkpoint') or 'none'}",
+                               "continue with `appliance train run ... --resume`")
+    return _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec)
+
+
+def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:
+    model_dir = Path(out["model_path"])
+    m = vault.con.execute("SELECT count(*), sum(tokens) FROM train_metrics WHERE run = ?", [run_id]).fetchone()
+    tps = vault.con.execute("SELECT median(tokens_per_s) FROM train_metrics WHERE run = ?", [run_id]).fetchone()[0]
+    metrics = {"final_loss": out["loss"], "steps": out["step"], "tokens": int(m[1] or 0),
+               "tokens_per_s": round(tps or 0.0, 1), "padding_fraction": packed.stats["padding_fraction"]}
+    kind = "adapter" if out.get("adapter") else "model"
+    attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
+             "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats}
+    merged = None
+    with vault.transaction():
+        from appliance.vault import lineage
+
+        lineage.add_node(vault.con, run_id, kind, parents, content_hash=tree_hash(model_dir), attrs=attrs)
+        rec.status("done", model_path=str(model_dir))
+        vault.audit("train.run", [run_id, *(p for p, _ in parents)],
+                    {"stage": recipe.stage, "method": recipe.method, "steps": out["step"], "loss": out["loss"]})
+    if kind == "adapter" and recipe.lora.merge:
+        merged = merge(vault, run_id)
+    return RunResult(run_id, recipe.stage, recipe.method, "done", out["step"], out["loss"], metrics["tokens"],
+                     round(out["seconds"], 2), metrics["tokens_per_s"], str(model_dir), merged, out["checkpoint"],
+                     resume_step, world, packed.stats)
+
+
+def merge(vault, adapter_ref: str) -> str:
+    """Base + LoRA adapter -> a plain model directory `NAME-merged@K`, a lineage node of its own."""
+    from appliance.vault import lineage
+
+    adapter_id = resolve_node(vault.con, adapter_ref, ("adapter",), "adapter")
+    node = lineage.node(vault.con, adapter_id)
+    (base,) = [p for (p,) in vault.con.execute(
+        "SELECT parent FROM lineage_edges WHERE child = ? AND role = 'base'", [adapter_id]).fetchall()]
+    art = vault.home.artifacts / "models"
+    name, k = adapter_id.rsplit("@", 1)
+    merged_id = f"{name}-merged@{k}"
+    dest = art / merged_id
+    merge_adapter(art / base, art / adapter_id, dest, {"id": merged_id, "adapter": adapter_id, "base": base,
+                                                         "code_version": code_version()})
+    with vault.transaction():
+        lineage.add_node(vault.con, merged_id, "model", [(adapter_id, "adapter"), (base, "base")],
+                         content_hash=tree_hash(dest), attrs={**node["attrs"], "path": str(dest), "merged": True})
+        vault.audit("train.merge", [merged_id, adapter_id, base], {})
+    return merged_id
+
+
+def _check_lengths(recipe: Recipe, src: Inputs) -> None:
+    if src.base_path is None:
+        return
+    cfg = json.loads((src.base_path / "config.json").read_text())
+    limit = cfg.get("max_position_embeddings")
+    if limit and recipe.data.seq_len > limit:
+        raise UsageError(f"data.seq_len {recipe.data.seq_len} exceeds the base model's context of {limit}",
+                         f"set --data.seq_len {limit} or less")
+
+
+def _open_run(vault, recipe: Recipe, resume: bool, datasets) -> tuple[str, Path | None]:
+    """A new run NAME@K, or with --resume the newest unfinished run of NAME and its last checkpoint."""
+    con = vault.con
+    if not resume:
+        run_id = next_id(con, recipe.name)
+        now = utcnow()
+        with vault.transaction():
+            con.execute("INSERT INTO train_runs (id, name, stage, method, status, recipe, data, created, updated, "
+                        "step, max_steps) VALUES (?, ?, ?, ?, 'starting', ?, ?, ?, ?, 0, ?)",
+                        [run_id, recipe.name, recipe.stage, recipe.method, json.dumps(recipe.to_dict()),
+                         json.dumps(datasets), now, now, recipe.train.max_steps])
+            vault.audit("train.start", [run_id], {"stage": recipe.stage, "method": recipe.method})
+        return run_id, None
+    row = con.execute("SELECT id, recipe, data FROM train_runs WHERE name = ? AND status IN ('running', "
+                      "'interrupted', 'failed', 'starting') ORDER BY created DESC LIMIT 1",
+                      [recipe.name]).fetchone()
+    if row is None:
+        raise UsageError(f"no unfinished run of {recipe.name} to resume", "start one without --resume")
+    run_id, old_recipe, old_data = row
+    changed = sorted(_diff(json.loads(old_recipe), recipe.to_dict()) - RESUME_MAY_CHANGE)
+    if changed:
+        raise UsageError(f"{run_id} was started with different settings: {', '.join(changed)}",
+                         "resume with the same recipe and overrides, or start a new run")
+    if json.loads(old_data) != [list(d) for d in datasets]:
+        raise UsageError(f"{run_id} trained on {', '.join(d for d, _ in json.loads(old_data))}; the recipe now "
+                         f"resolves to {', '.join(d for d, _ in datasets)}", "pin the versions (NAME@N)")
+    ckpt = checkpoint.latest(vault.home.artifacts / "runs" / run_id / "checkpoints")
+    start = checkpoint.read_state(ckpt)["step"] if ckpt else 0
+    with vault.transaction():
+        con.execute("DELETE FROM train_metrics WHERE run = ? AND step > ?", [run_id, start])
+        con.execute("UPDATE train_runs SET max_steps = ?, recipe = ?, step = ? WHERE id = ?",
+                    [recipe.train.max_steps, json.dumps(recipe.to_dict()), start, run_id])
+        vault.audit("train.resume", [run_id], {"from_step": start})
+    return run_id, ckpt
+
+
+def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+    out = set()
+    for k in set(a) | set(b):
+        va, vb = a.get(k), b.get(k)
+        if isinstance(va, dict) and isinstance(vb, dict):
+            out |= _diff(va, vb, f"{prefix}{k}.")
+        elif va != vb:
+            out.add(prefix + k)
+    return out
+
+
+def _step_of(path: Path | None) -> int | None:
+    return checkpoint.read_state(path)["step"] if path else None
+
+
+def _threads() -> None:
+    if threads := os.environ.get("APPLIANCE_TRAIN_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
+def runs(con, name: str | None = None) -> list[dict]:
+    rows = con.execute("SELECT id, stage, method, status, step, max_steps, created, updated, model_path, error "
+                       "FROM train_runs" + (" WHERE name = ?" if name else "") + " ORDER BY created",
+                       [name] if name else []).fetchall()
+    from appliance.db_time import iso
+
+    return [{"id": r[0], "stage": r[1], "method": r[2], "status": r[3], "step": r[4], "max_steps": r[5],
+             "created": iso(r[6]), "updated": iso(r[7]), "model_path": r[8], "error": r[9]} for r in rows]
+
+
+def metrics(con, run_id: str) -> list[dict]:
+    cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"]
+    rows = con.execute(f"SELECT {', '.join(cols)} FROM train_metrics WHERE run = ? ORDER BY step", [run_id])
+    return [dict(zip(cols, r)) for r in rows.fetchall()]
+
+
+def import_model(vault, src: Path, name: str) -> dict:
+    """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code)."""
+    import shutil
+    import tempfile
+
+    from appliance.train.model import check_model_dir
+    from appliance.vault import lineage
+    from appliance.vault.ingest import validate_name
+
+    validate_name(name, "model")
+    config = check_model_dir(src)
+    model_id = next_id(vault.con, name)
+    root = vault.home.artifacts / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=root))
+    try:
+        for p in sorted(src.iterdir()):
+            if p.is_file() and not p.name.startswith("."):
+                shutil.copy2(p, tmp / p.name)
+        load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
+        digest = tree_hash(tmp)
+        os.replace(tmp, root / model_id)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, ApplianceError | KeyboardInterrupt):
+            raise
+        raise UsageError(f"cannot import {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
+                         "it must be a complete local transformers model directory") from None
+    attrs = {"path": str(root / model_id), "source": str(src), "architectures": config.get("architectures"),
+             "imported": True}
+    with vault.transaction():
+        lineage.add_node(vault.con, model_id, "model", [], content_hash=digest, attrs=attrs)
+        vault.audit("train.import", [model_id], {"source": str(src), "content_hash": digest})
+    return {"id": model_id, "path": str(root / model_id), "content_hash": digest,
+            "architectures": config.get("architectures")}

@@ -1,0 +1,103 @@
+"""The three training stages. Each reads top to bottom: load inputs, build the model, fit, save.
+
+They share only real mechanisms: the data path (`data`), the loop (`loop.fit`), checkpoints and saving.
+Every process of a run calls the same stage function with the same spec; the launcher (`run.py`) does the
+vault side: packing rows, recording metrics, lineage and audit.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from appliance.train import loop
+from appliance.train.config import Recipe
+from appliance.train.model import load_base, load_tokenizer, new_model, save_model
+
+
+def pretrain(spec: dict, link, dist: loop.Dist) -> dict:
+    """From random weights: a preset shape, the run's own tokenizer."""
+    recipe = _recipe(spec)
+    tokenizer = load_tokenizer(Path(spec["tokenizer_path"]))
+    model = new_model(recipe.model, tokenizer, recipe.train.seed).to(dist.device)
+    coef = recipe.model.router_aux_loss if recipe.model.arch == "moe" else 0.0
+    res = _fit(model, link, recipe, spec, dist, coef)
+    return _save(res, tokenizer, spec, dist, adapter=False)
+
+
+def continue_(spec: dict, link, dist: loop.Dist) -> dict:
+    """More next-token training of a base model on new data, with the base's tokenizer."""
+    recipe = _recipe(spec)
+    tokenizer = load_tokenizer(Path(spec["base_path"]))
+    model = load_base(Path(spec["base_path"])).to(dist.device)
+    res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
+    return _save(res, tokenizer, spec, dist, adapter=False)
+
+
+def sft(spec: dict, link, dist: loop.Dist) -> dict:
+    """Chat fine-tuning: every weight (full), or LoRA adapters on a frozen (qlora: 4-bit) base."""
+    import torch
+
+    recipe = _recipe(spec)
+    torch.manual_seed(recipe.train.seed)  # adapter init
+    tokenizer = load_tokenizer(Path(spec["base_path"]))
+    model = load_base(Path(spec["base_path"]), recipe.method, recipe.lora, dist.device)
+    if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
+        model = model.to(dist.device)
+    res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
+    return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
+
+
+STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft}
+
+
+def _recipe(spec: dict) -> Recipe:
+    from appliance.train.config import from_dict
+
+    problems: list[str] = []
+    recipe = from_dict(spec["recipe"], problems)
+    assert not problems, problems  # the launcher checked it
+    return recipe
+
+
+def _aux_coef(model) -> float:
+    cfg = model.config
+    return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_local_experts", 0) else 0.0
+
+
+def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float) -> loop.FitResult:
+    resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
+    return loop.fit(model, link.rows, spec["rows"], recipe.train, dist, Path(spec["run_dir"]) / "checkpoints",
+                    link.step, link.checkpoint, resume_from=resume, aux_loss_coef=aux,
+                    state={"run": spec["run_id"]})
+
+
+def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: bool) -> dict:
+    """The final model (or adapter) directory, when the run finished; rank 0 writes it."""
+    out = {"status": res.status, "step": res.step, "loss": res.loss, "tokens": res.tokens,
+           "seconds": res.seconds, "checkpoint": res.checkpoint, "model_path": None}
+    if res.status != "done":
+        return out
+    model = res.model
+    state = None
+    if dist.world > 1 and not hasattr(model, "module"):  # FSDP2: gather the shards (every rank takes part)
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if dist.is_main:
+        base = loop.unwrap(model)
+        if hasattr(base, "generation_config") and getattr(tokenizer, "chat_template", None):
+            _stop_on_turn_end(base, tokenizer)
+        save_model(base, tokenizer, Path(spec["model_dir"]), spec["info"], state_dict=state)
+        out["model_path"] = spec["model_dir"]
+    out["adapter"] = adapter
+    return out
+
+
+def _stop_on_turn_end(model, tokenizer) -> None:
+    """Chat models stop generating at the end of their turn as well as at EOS."""
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    if isinstance(end, int) and end != tokenizer.unk_token_id and end is not None:
+        eos = model.generation_config.eos_token_id
+        ids = eos if isinstance(eos, list) else [eos] if eos is not None else []
+        if end not in ids:
+            model.generation_config.eos_token_id = [*ids, end]

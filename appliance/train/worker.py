@@ -1,0 +1,47 @@
+"""One torchrun rank: fetch the run spec and rows from the launcher, run the stage, report back.
+
+Started by `appliance train run --gpus N` (see launch.py); not meant to be run by hand.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def main() -> int:
+    from appliance.train import launch, loop
+    from appliance.train.stages import STAGES
+
+    path, ticket = os.environ.pop(launch.ENV_SOCKET, ""), os.environ.pop(launch.ENV_TICKET, "")
+    if not path or not ticket:
+        print("error: appliance.train.worker is started by `appliance train run --gpus N`", file=sys.stderr)
+        return 2
+    import torch
+
+    if threads := os.environ.get("APPLIANCE_TRAIN_THREADS"):
+        torch.set_num_threads(int(threads))
+    link = launch.SocketLink(path, ticket)
+    dist = loop.Dist.from_env()
+    from appliance.errors import ApplianceError
+
+    try:
+        try:
+            result = STAGES[link.spec["stage"]](link.spec, link, dist)
+        except ApplianceError as e:  # NaN, out of memory: the launcher shows the message and keeps the run
+            result = {"status": "failed", "error": e.message, "hint": e.hint}
+        if dist.is_main:
+            link.result(0, result)
+        if result["status"] == "failed":
+            return 1
+    finally:
+        link.close()
+        if dist.world > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
