@@ -20,6 +20,7 @@ def _passphrase(monkeypatch):
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE)
     monkeypatch.delenv("APPLIANCE_PASSPHRASE_FILE", raising=False)
     monkeypatch.delenv("APPLIANCE_HOME", raising=False)
+    monkeypatch.setenv("APPLIANCE_TRAIN_THREADS", "1")  # two shared cores: one thread per process
 
 
 @pytest.fixture(scope="session")
@@ -82,6 +83,35 @@ def filled_home(tmp_path_factory, samples) -> Path:
     return h
 
 
+@pytest.fixture(scope="session")
+def train_base(tmp_path_factory, samples) -> Path:
+    """A vault with `handbook@1` (prose), `handbook-qa@1` (pairs) and tokenizer `handbook-bpe@1`.
+
+    Tests copy it with `train_home` and never change the original.
+    """
+    from appliance.home import Home
+    from appliance.train.tokenizer import train_tokenizer
+    from appliance.vault import Vault
+    from appliance.vault.ingest import ingest
+
+    h = tmp_path_factory.mktemp("trainbase") / "home"
+    with Vault.init(Home(h), PASSPHRASE) as v:
+        ingest(v, [samples / "handbook", samples / "documents"], "handbook")
+        ingest(v, [samples / "instructions" / "handbook-qa.jsonl"], "handbook-qa")
+        ingest(v, [samples / "mail"], "mail")
+        train_tokenizer(v, "handbook@1", vocab_size=2000)
+    return h
+
+
+@pytest.fixture
+def train_home(train_base, tmp_path) -> Path:
+    import shutil
+
+    h = tmp_path / "home"
+    shutil.copytree(train_base, h)
+    return h
+
+
 def open_vault(h: Path, read_only: bool = False):
     from appliance.home import Home
     from appliance.vault import Vault
@@ -92,6 +122,7 @@ def open_vault(h: Path, read_only: bool = False):
 def python_env() -> dict:
     env = dict(os.environ)
     env["APPLIANCE_PASSPHRASE"] = PASSPHRASE
+    env["APPLIANCE_TRAIN_THREADS"] = "1"
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     return env
 

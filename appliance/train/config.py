@@ -320,14 +320,25 @@ def _build(cls, values: dict, prefix: str, problems: list[str], skip: set[str] =
             continue
         ok, value = _coerce(hints[key], value)
         if not ok:
-            problems.append(f"{prefix}{key} must be {_type_name(hints[key])}, not {value!r}")
+            shown = value.text if isinstance(value, _Override) else value
+            problems.append(f"{prefix}{key} must be {_type_name(hints[key])}, not {shown!r}")
             continue
         kwargs[key] = value
     obj = cls(**{k: v for k, v in kwargs.items()})
     return obj
 
 
+@dataclass
+class _Override:
+    """A command-line value: its TOML reading, and the raw text for string keys (`--name nan` is a name)."""
+
+    text: str
+    value: Any
+
+
 def _coerce(hint, value) -> tuple[bool, Any]:
+    if isinstance(value, _Override):
+        value = value.value if (hint is not str or isinstance(value.value, str)) else value.text
     if hint is bool:
         return isinstance(value, bool), value
     if hint is int:
@@ -371,7 +382,7 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         if not isinstance(target, dict):
             problems.append(f"{parts[0]} must be a table ([{parts[0]}])")
             return
-    target[parts[-1]] = value
+    target[parts[-1]] = _Override(text, value)
 
 
 def describe() -> list[dict]:

@@ -194,6 +194,11 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
 
     def save(at: int) -> None:
         nonlocal last_ckpt
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
+        if dist.any(any(not bool(torch.isfinite(p.detach()).all()) for p in local)):
+            raise TrainError(f"the weights became non-finite at step {at}; not checkpointed"
+                             f"{f' (the last good checkpoint is {last_ckpt})' if last_ckpt else ''}",
+                             "lower train.lr or raise train.warmup_steps, then resume with --resume")
         path = checkpoint.save(ckpt_dir, at, model, opt, {**state, "loss": loss_val}, dist.is_main,
                                cfg.keep_checkpoints)
         if dist.is_main:

@@ -22,8 +22,10 @@ from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tre
 from appliance.train.stages import STAGES
 
 RESUMABLE = ("running", "interrupted", "failed")
-# Keys a resumed run may change: how long it runs and how it checkpoints, not what it trains.
-RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints"}
+# Keys a resumed run may change: how long it runs, how it checkpoints, and the step size (to recover from a
+# diverged run); not the model, the data or the batch.
+RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.lr",
+                     "train.min_lr", "train.warmup_steps", "train.grad_clip"}
 
 
 class TrainInterrupted(ApplianceError):
@@ -153,6 +155,12 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
         on_event: Callable[[str, dict], None] = lambda kind, d: None) -> RunResult:
     """Train as `recipe` says; on success the model is NAME@K in artifacts/models and in lineage."""
     nodes = nodes or launch.Nodes()
+    world = max(gpus, 1) * nodes.nnodes
+    t = recipe.train
+    if t.batch_size % (world * t.micro_batch_size):
+        raise UsageError(f"train.batch_size {t.batch_size} does not split into {world} process(es) x micro "
+                         f"batches of {t.micro_batch_size}",
+                         f"make it a multiple of {world * t.micro_batch_size} or change --gpus")
     src = inputs(vault, recipe)
     tokenizer = load_tokenizer(src.tokenizer_path)
     _check_lengths(recipe, src)
@@ -164,7 +172,6 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     resume_step = _step_of(resume_from)  # read now: old checkpoints are pruned as the run goes
     run_dir = vault.home.artifacts / "runs" / run_id
     model_dir = vault.home.artifacts / "models" / run_id
-    world = max(gpus, 1) * nodes.nnodes
     parents = [(d, "data") for d, _ in datasets] + src.parents
     info = {"id": run_id, "stage": recipe.stage, "method": recipe.method, "recipe": recipe.to_dict(),
             "datasets": [{"version": d, "content_hash": h} for d, h in datasets],

@@ -83,6 +83,8 @@ def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: 
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
         state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if getattr(loop.unwrap(model).config, "tie_word_embeddings", False):
+            state.pop("lm_head.weight", None)  # the embedding, saved once as in a single-process run
     if dist.is_main:
         base = loop.unwrap(model)
         if hasattr(base, "generation_config") and getattr(tokenizer, "chat_template", None):

@@ -1,0 +1,222 @@
+"""`appliance train run` end to end on CPU: every stage, what lands on disk, lineage, metrics, failures."""
+
+import json
+import subprocess
+
+import pytest
+
+from tests.conftest import open_vault
+
+FAST = ["--train.warmup_steps", "1", "--train.checkpoint_every", "100"]
+
+
+def run(cli, home, *args):
+    r = cli("--home", home, "--json", "train", "run", *args)
+    assert r.code == 0, r.err + r.out
+    return r.json
+
+
+def losses(home, run_id):
+    with open_vault(home, read_only=True) as v:
+        return [r[0] for r in v.con.execute("SELECT loss FROM train_metrics WHERE run = ? ORDER BY step",
+                                            [run_id]).fetchall()]
+
+
+def load(path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
+            AutoTokenizer.from_pretrained(path, local_files_only=True))
+
+
+def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home, cli):
+    d = run(cli, train_home, "tiny-dense", "--train.max_steps", "8", *FAST)
+    assert d["id"] == "tiny-dense@1" and d["status"] == "done" and d["steps"] == 8
+    assert d["data"]["padding_fraction"] < 0.01 and d["data"]["rows"] > 100
+    model, tok = load(d["model_path"])
+    assert type(model).__name__ == "LlamaForCausalLM"
+    import torch
+
+    with torch.no_grad():
+        out = model.generate(**tok("The HALO permit", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > 3
+    info = json.loads(open(f"{d['model_path']}/appliance.json").read())
+    assert info["recipe"]["train"]["max_steps"] == 8 and info["code_version"].startswith("0.")
+    assert info["datasets"][0]["version"] == "handbook@1" and len(info["datasets"][0]["content_hash"]) == 64
+    ls = losses(train_home, "tiny-dense@1")
+    assert len(ls) == 8 and ls[-1] < ls[0] - 0.3  # it learns
+    tree = cli("--home", train_home, "--json", "lineage", "tiny-dense@1").json["lineage"]
+    assert tree["kind"] == "model" and tree["content_hash"]
+    assert {(p["id"], p["role"]) for p in tree["parents"]} == {("handbook@1", "data"), ("handbook-bpe@1", "tokenizer")}
+    assert tree["attrs"]["metrics"]["steps"] == 8
+    runs = cli("--home", train_home, "--json", "train", "runs").json["runs"]
+    assert runs[-1]["status"] == "done" and runs[-1]["step"] == 8
+    m = cli("--home", train_home, "--json", "train", "metrics", "tiny-dense@1").json["metrics"]
+    assert [x["step"] for x in m] == list(range(1, 9)) and all(x["tokens_per_s"] > 0 for x in m)
+    log = cli("--home", train_home, "--json", "audit", "log", "--action", "train.*").json["entries"]
+    assert {e["action"] for e in log} == {"train.start", "train.run", "train.tokenizer"}
+    # a second run of the same recipe is the next number, and reuses the packed rows from the vault
+    d2 = run(cli, train_home, "tiny-dense", "--train.max_steps", "2", *FAST)
+    assert d2["id"] == "tiny-dense@2"
+
+
+def test_pretrain_mixture_of_experts(train_home, cli):
+    d = run(cli, train_home, "tiny-moe", "--train.max_steps", "3", *FAST)
+    model, _ = load(d["model_path"])
+    assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
+    assert all(x == x for x in losses(train_home, d["id"]))
+
+
+def test_sft_full_lora_qlora_and_merge(train_home, cli):
+    import torch
+    from safetensors.torch import load_file
+
+    base = run(cli, train_home, "tiny-dense", "--train.max_steps", "2", *FAST)["model_path"]
+    base_weights = load_file(f"{base}/model.safetensors")
+    full = run(cli, train_home, "sft-full", "--model.base", "tiny-dense@1", "--train.max_steps", "2", *FAST)
+    assert type(load(full["model_path"])[0]).__name__ == "LlamaForCausalLM"
+    lora = run(cli, train_home, "sft-lora", "--model.base", "tiny-dense", "--train.max_steps", "3", *FAST)
+    files = {p.split("/")[-1] for p in map(str, __import__("pathlib").Path(lora["model_path"]).iterdir())}
+    assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
+    assert "model.safetensors" not in files  # an adapter, not a copy of the base
+    assert lora["merged"] == "sft-lora-merged@1"
+    merged, tok = load(f"{train_home}/artifacts/models/sft-lora-merged@1")
+    changed = [k for k, w in merged.state_dict().items() if k in base_weights
+               and not torch.equal(w, base_weights[k])]
+    assert changed and all("proj" in k for k in changed)  # only the adapted layers moved
+    assert load_file(f"{base}/model.safetensors").keys() == base_weights.keys()
+    assert tok.convert_tokens_to_ids("<|im_end|>") in merged.generation_config.eos_token_id
+    tree = cli("--home", train_home, "--json", "lineage", "sft-lora-merged@1").json["lineage"]
+    assert {(p["id"], p["role"]) for p in tree["parents"]} == {("sft-lora@1", "adapter"), ("tiny-dense@1", "base")}
+    q = run(cli, train_home, "sft-qlora", "--model.base", "tiny-dense@1", "--train.max_steps", "2",
+            "--lora.merge", "false", *FAST)
+    assert q["merged"] is None and q["method"] == "qlora"
+    assert json.loads(open(f"{q['model_path']}/adapter_config.json").read())["r"] == 8
+    r = cli("--home", train_home, "--json", "train", "merge", "sft-qlora@1")
+    assert r.code == 0, r.err
+    assert type(load(r.json["path"])[0]).__name__ == "LlamaForCausalLM"
+    kinds = {m["id"]: m["kind"] for m in cli("--home", train_home, "--json", "train", "models").json["models"]}
+    assert kinds["sft-qlora@1"] == "adapter" and kinds["sft-qlora-merged@1"] == "model"
+
+
+def test_continue_from_an_imported_local_model(train_home, cli, tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from appliance.train.model import load_tokenizer
+
+    src = tmp_path / "site-base"
+    tok = load_tokenizer(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1")
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, max_position_embeddings=128)).save_pretrained(src)
+    tok.save_pretrained(src)
+    r = cli("--home", train_home, "--json", "train", "import", src, "--name", "site-base")
+    assert r.code == 0, r.err
+    assert r.json["id"] == "site-base@1" and r.json["architectures"] == ["LlamaForCausalLM"]
+    d = run(cli, train_home, "continue", "--model.base", "site-base", "--data.datasets", "mail",
+            "--data.seq_len", "64", "--train.max_steps", "2", "--train.batch_size", "4", *FAST)
+    tree = cli("--home", train_home, "--json", "lineage", d["id"]).json["lineage"]
+    assert {(p["id"], p["role"]) for p in tree["parents"]} == {("mail@1", "data"), ("site-base@1", "base")}
+    r = cli("--home", train_home, "train", "run", "continue", "--model.base", "site-base", "--data.seq_len", "4096")
+    assert r.code == 2 and "exceeds the base model's context of 128" in r.err
+    # what import refuses
+    (src / "config.json").write_text(json.dumps({**json.loads((src / "config.json").read_text()),
+                                                 "auto_map": {"AutoModel": "x.Y"}}))
+    r = cli("--home", train_home, "train", "import", src, "--name", "evil")
+    assert r.code == 2 and "custom code" in r.err
+    r = cli("--home", train_home, "train", "import", tmp_path / "nothing", "--name", "x")
+    assert r.code == 2 and "not a directory" in r.err
+
+
+def test_bad_runs_say_what_to_do(train_home, cli):
+    r = cli("--home", train_home, "train", "run", "tiny-dense", "--data.tokenizer", "nope")
+    assert r.code == 2 and "no tokenizer nope" in r.err and "appliance train tokenizer" in r.err
+    r = cli("--home", train_home, "train", "run", "sft-lora", "--model.base", "ghost@3")
+    assert r.code == 2 and "no base model ghost@3" in r.err
+    r = cli("--home", train_home, "train", "run", "tiny-dense", "--resume")
+    assert r.code == 2 and "no unfinished run of tiny-dense" in r.err
+    r = cli("--home", train_home, "train", "run", "tiny-dense", "--gpus", "3")
+    assert r.code == 2 and "does not split into 3 process(es)" in r.err
+    r = cli("--home", train_home, "--json", "train", "run", "tiny-dense", "--train.max_steps", "4",
+            "--train.lr", "1e30", "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0",
+            "--train.checkpoint_every", "1")
+    assert r.code == 1 and "loss became" in r.json["error"] and "last good checkpoint" in r.json["error"]
+    runs = cli("--home", train_home, "--json", "train", "runs").json["runs"]
+    assert runs[-1]["status"] == "failed" and "loss became" in runs[-1]["error"]
+    # the checkpoint it names holds finite weights that load
+    import torch
+
+    ckpt = r.json["error"].split("last good checkpoint is ")[1].split(";")[0].strip()
+    weights = torch.load(f"{ckpt}/model.pt", weights_only=True)
+    assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
+    r = cli("--home", train_home, "train", "run", "tiny-dense", "--resume", "--model.num_layers", "3")
+    assert r.code == 2
+
+
+def _spawn(home, *args):
+    from tests.conftest import PY, python_env
+
+    return subprocess.Popen([PY, "-m", "appliance", "--home", str(home), "train", "run", *args],
+                            env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for(path, proc, timeout=120):
+    import time
+
+    t = time.time()
+    while not path.exists():
+        assert proc.poll() is None, proc.communicate()
+        assert time.time() - t < timeout
+        time.sleep(0.02)
+
+
+LONG = ["--train.max_steps", "40", "--train.checkpoint_every", "5", "--train.warmup_steps", "2"]
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli):
+    import signal
+
+    proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "killed")
+    ckpts = train_home / "artifacts" / "runs" / "killed@1" / "checkpoints"
+    _wait_for(ckpts / "step-00000005", proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.communicate()
+    runs = cli("--home", train_home, "--json", "train", "runs", "--name", "killed").json["runs"]
+    assert runs[0]["status"] == "running" and runs[0]["step"] < 40  # killed mid-way
+    d = run(cli, train_home, "tiny-dense", *LONG, "--name", "killed", "--resume")
+    assert d["id"] == "killed@1" and d["resumed_from"] >= 5 and d["steps"] == 40
+    whole = run(cli, train_home, "tiny-dense", *LONG, "--name", "whole")
+    assert losses(train_home, "killed@1") == losses(train_home, whole["id"])  # exactly, on CPU
+    assert len(losses(train_home, "killed@1")) == 40
+
+
+def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(train_home, cli):
+    import signal
+
+    proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "stopped")
+    _wait_for(train_home / "artifacts" / "runs" / "stopped@1" / "checkpoints" / "step-00000005", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "stopped at step" in err and "--resume" in err and "Traceback" not in err
+    runs = cli("--home", train_home, "--json", "train", "runs", "--name", "stopped").json["runs"]
+    step = runs[0]["step"]
+    assert runs[0]["status"] == "interrupted" and 5 <= step < 40
+    assert (train_home / "artifacts" / "runs" / "stopped@1" / "checkpoints" / f"step-{step:08d}").is_dir()
+    d = run(cli, train_home, "tiny-dense", *LONG, "--name", "stopped", "--resume")
+    assert d["resumed_from"] == step and d["status"] == "done"
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_match_one(train_home, cli, parallel):
+    from safetensors.torch import load_file
+
+    args = ["tiny-dense", "--train.max_steps", "3", *FAST]
+    one = run(cli, train_home, *args, "--name", "one")
+    two = run(cli, train_home, *args, "--name", "two", "--gpus", "2", "--train.parallel", parallel)
+    assert two["world"] == 2
+    assert losses(train_home, "two@1") == pytest.approx(losses(train_home, "one@1"), rel=1e-6)
+    a, b = load_file(f"{one['model_path']}/model.safetensors"), load_file(f"{two['model_path']}/model.safetensors")
+    assert a.keys() == b.keys()
+    import torch
+
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
