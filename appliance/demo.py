@@ -87,6 +87,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
             stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
                                f"of {tok.dataset}", id=tok.id)
+            _train(v, tok.id, stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -100,6 +101,27 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     summary["seconds"] = round(time.time() - t0, 1)
     say(f"done in {summary['seconds']} s. Try: appliance --home {home.root} vault datasets")
     return summary
+
+
+def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> None:
+    """Pre-train the tiny dense preset on the handbook, then LoRA-tune it on the handbook Q&A pairs."""
+    from appliance.train.config import load_recipe
+    from appliance.train.run import losses, run
+
+    common = ["train.checkpoint_every=1000"]
+    pre = load_recipe("tiny-dense", ["data.datasets=handbook@2", f"data.tokenizer={tokenizer_id}",
+                                     "train.max_steps=60", *common])
+    r = run(v, pre)
+    ls = losses(v.con, r.id)
+    stage("pretrain", f"{r.id}: Llama-style 2 layers x 64, {r.steps} steps on handbook@2, loss {ls[0]:.2f} -> "
+                      f"{ls[-1]:.2f}, {r.tokens_per_s:,.0f} tok/s, padding {r.data['padding_fraction']:.2%}",
+          id=r.id, first_loss=ls[0], last_loss=ls[-1])
+    sft = load_recipe("sft-lora", [f"model.base={r.id}", "data.datasets=handbook-qa@1", "train.max_steps=30",
+                                   *common])
+    s = run(v, sft)
+    ls = losses(v.con, s.id)
+    stage("sft", f"{s.id}: LoRA r=8 on {r.id}, {len(ls)} steps on handbook-qa@1 (answers only), loss "
+                 f"{ls[0]:.2f} -> {ls[-1]:.2f}; merged as {s.merged}", id=s.id, merged=s.merged)
 
 
 def _chain(t: dict) -> list[str]:

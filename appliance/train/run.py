@@ -338,6 +338,11 @@ def runs(con, name: str | None = None) -> list[dict]:
              "created": iso(r[6]), "updated": iso(r[7]), "model_path": r[8], "error": r[9]} for r in rows]
 
 
+def losses(con, run_id: str) -> list[float]:
+    return [r[0] for r in con.execute("SELECT loss FROM train_metrics WHERE run = ? ORDER BY step",
+                                      [run_id]).fetchall()]
+
+
 def metrics(con, run_id: str) -> list[dict]:
     cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"]
     rows = con.execute(f"SELECT {', '.join(cols)} FROM train_metrics WHERE run = ? ORDER BY step", [run_id])
