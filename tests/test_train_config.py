@@ -95,3 +95,15 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert not np.array_equal(first, np.concatenate([Order(10, seed=2).batch(s, 5) for s in range(2)]))
     assert sorted(np.concatenate([a.batch(s, 5) for s in (2, 3)])) == list(range(10))  # next epoch, reshuffled
     assert np.array_equal(a.batch(3, 4), Order(10, seed=1).batch(3, 4))  # any step, no history needed
+
+
+def test_recipes_command_lists_presets_and_keys(cli):
+    r = cli("--json", "train", "recipes")
+    assert r.code == 0, r.err
+    by = {i["name"]: i for i in r.json["recipes"]}
+    assert by["dense-1b"]["parameters"]["total"] == pytest.approx(1.1e9, rel=0.05)
+    assert by["moe-8x7b"]["arch"] == "moe" and by["sft-qlora"]["method"] == "qlora"
+    assert by["tiny-dense"]["command"] == "appliance train run tiny-dense"
+    keys = {k["key"]: k for k in cli("--json", "train", "recipes", "--keys").json["keys"]}
+    assert keys["train.lr"]["default"] == 3e-4 and "learning rate" in keys["train.lr"]["help"].lower()
+    assert {"stage", "method", "model.base", "data.seq_len", "lora.rank"} <= set(keys)

@@ -220,3 +220,21 @@ def test_two_processes_match_one(train_home, cli, parallel):
     import torch
 
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+
+
+def test_activation_checkpointing_changes_memory_not_math(train_home, cli):
+    args = ["tiny-dense", "--train.max_steps", "3", *FAST]
+    run(cli, train_home, *args, "--name", "plain")
+    run(cli, train_home, *args, "--name", "recompute", "--train.activation_checkpointing", "true")
+    assert losses(train_home, "recompute@1") == pytest.approx(losses(train_home, "plain@1"), rel=1e-6)
+    run(cli, train_home, *args, "--name", "half", "--train.precision", "bf16")  # autocast, fp32 master weights
+    assert losses(train_home, "half@1") == pytest.approx(losses(train_home, "plain@1"), rel=1e-2)
+
+
+def test_a_busy_vault_says_so(train_home):
+    from tests.conftest import PY, python_env
+
+    with open_vault(train_home):
+        p = subprocess.run([PY, "-m", "appliance", "--home", str(train_home), "train", "runs"], env=python_env(),
+                           capture_output=True, text=True)
+    assert p.returncode == 1 and "in use by another appliance process" in p.stderr and "Traceback" not in p.stderr

@@ -69,6 +69,12 @@ def connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool = False,
         con.execute(f"USE {DB_ALIAS}")
     except duckdb.Error as e:
         con.close()
+        if "Could not set lock" in str(e):
+            import re
+
+            pid = re.search(r"\(PID (\d+)\)", str(e))
+            raise VaultError(f"the vault is in use by another appliance process{f' (PID {pid[1]})' if pid else ''}",
+                             "wait for it to finish (a training run holds the vault until it ends)") from None
         raise VaultError(f"cannot open the vault database: {_first_line(e)}",
                          "run `appliance vault check`; restore from backup if it fails") from e
     return con
