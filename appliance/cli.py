@@ -345,9 +345,11 @@ def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_end
         finally:
             progress.stop()
     c.emit(res.to_json(), lambda: out.print(
-        f"{res.id}: {res.stage}/{res.method}, {res.steps} steps, final loss {res.loss:.4f}, "
+        f"{res.id}: {res.stage}/{res.method}, {res.steps} steps, final loss "
+        f"{'-' if res.loss is None else f'{res.loss:.4f}'}, "
         f"{res.tokens_per_s:,.0f} tok/s, padding {res.data['padding_fraction']:.2%}\n"
-        f"saved to {res.model_path}" + (f"\nmerged: {res.merged}" if res.merged else "")))
+        f"saved to {res.model_path or 'node 0 (this node ran worker ranks only)'}"
+        + (f"\nmerged: {res.merged}" if res.merged else "")))
 
 
 @command(train_group, "recipes")

@@ -30,6 +30,9 @@ def load(path):
 
 
 def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home, cli):
+    stale = train_home / "artifacts" / "models" / "tiny-dense@1"
+    stale.mkdir(parents=True)  # what a crash between saving and recording leaves
+    (stale / "junk").write_text("x")
     d = run(cli, train_home, "tiny-dense", "--train.max_steps", "8", *FAST)
     assert d["id"] == "tiny-dense@1" and d["status"] == "done" and d["steps"] == 8
     assert d["data"]["padding_fraction"] < 0.01 and d["data"]["rows"] > 100
@@ -95,6 +98,8 @@ def test_sft_full_lora_qlora_and_merge(train_home, cli):
     r = cli("--home", train_home, "--json", "train", "merge", "sft-qlora@1")
     assert r.code == 0, r.err
     assert type(load(r.json["path"])[0]).__name__ == "LlamaForCausalLM"
+    r = cli("--home", train_home, "train", "merge", "sft-qlora@1")
+    assert r.code == 2 and "already merged as sft-qlora-merged@1" in r.err
     kinds = {m["id"]: m["kind"] for m in cli("--home", train_home, "--json", "train", "models").json["models"]}
     assert kinds["sft-qlora@1"] == "adapter" and kinds["sft-qlora-merged@1"] == "model"
 
@@ -108,6 +113,7 @@ def test_continue_from_an_imported_local_model(train_home, cli, tmp_path):
     tok = load_tokenizer(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1")
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=128)).save_pretrained(src)
+    tok.pad_token = None  # many imported tokenizers have none: padding falls back to EOS (never scored)
     tok.save_pretrained(src)
     r = cli("--home", train_home, "--json", "train", "import", src, "--name", "site-base")
     assert r.code == 0, r.err
@@ -149,7 +155,16 @@ def test_bad_runs_say_what_to_do(train_home, cli):
     weights = torch.load(f"{ckpt}/model.pt", weights_only=True)
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
     r = cli("--home", train_home, "train", "run", "tiny-dense", "--resume", "--model.num_layers", "3")
-    assert r.code == 2
+    assert r.code == 2 and "different settings: model.num_layers" in r.err
+    # an unpinned base that now resolves to a newer model is refused, not silently swapped
+    diverge = ["--train.lr", "1e30", "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0"]
+    pilot = ["tiny-dense", "--train.max_steps", "1", "--train.warmup_steps", "0", "--name", "pilot"]
+    run(cli, train_home, *pilot)
+    assert cli("--home", train_home, "train", "run", "sft-full", "--model.base", "pilot", *diverge).code == 1
+    run(cli, train_home, *pilot)
+    r = cli("--home", train_home, "train", "run", "sft-full", "--model.base", "pilot", *diverge, "--resume")
+    assert r.code == 2 and "trained on handbook-qa@1, pilot@1; the recipe now resolves to handbook-qa@1, pilot@2" \
+        in r.err
 
 
 def _spawn(home, *args):
@@ -238,3 +253,28 @@ def test_a_busy_vault_says_so(train_home):
         p = subprocess.run([PY, "-m", "appliance", "--home", str(train_home), "train", "runs"], env=python_env(),
                            capture_output=True, text=True)
     assert p.returncode == 1 and "in use by another appliance process" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli):
+    import signal
+
+    proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "dstop", "--gpus", "2")
+    _wait_for(train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / "step-00000005", proc)
+    proc.send_signal(signal.SIGINT)  # the launcher only: torchrun and the ranks are in a session of their own
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    step = cli("--home", train_home, "--json", "train", "runs", "--name", "dstop").json["runs"][0]["step"]
+    assert 5 <= step < 40
+    assert (train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / f"step-{step:08d}").is_dir()
+    assert not list((train_home / "tmp").glob("train-*.sock"))  # the socket is gone with the run
+    d = run(cli, train_home, "tiny-dense", *LONG, "--name", "dstop", "--resume")  # one process resumes two
+    assert d["resumed_from"] == step and d["status"] == "done"
+    whole = run(cli, train_home, "tiny-dense", *LONG, "--name", "whole")
+    assert losses(train_home, "dstop@1") == pytest.approx(losses(train_home, whole["id"]), rel=1e-6)
+
+
+def test_a_failure_in_the_ranks_is_one_clear_line(train_home, cli):
+    r = cli("--home", train_home, "train", "run", "tiny-dense", "--gpus", "2", "--train.max_steps", "3",
+            "--train.lr", "1e30", "--train.min_lr", "0", "--train.warmup_steps", "0", "--train.grad_clip", "0")
+    assert r.code == 1 and r.err.splitlines()[-1].startswith("error: loss became") and "Traceback" not in r.err
+    assert cli("--home", train_home, "--json", "train", "runs").json["runs"][-1]["status"] == "failed"

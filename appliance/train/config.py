@@ -174,6 +174,8 @@ class TrainConfig:
             p.append("train.weight_decay must be >= 0")
         if not (0 <= self.beta1 < 1 and 0 <= self.beta2 < 1):
             p.append("train.beta1 and train.beta2 must be in [0, 1)")
+        if self.seed < 0:
+            p.append("train.seed must be >= 0")
         if self.grad_clip < 0:
             p.append("train.grad_clip must be >= 0 (0 turns clipping off)")
         if self.precision not in ("auto", "bf16", "fp32"):

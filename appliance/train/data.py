@@ -90,7 +90,8 @@ def _texts(con, refs: list[str]) -> Iterator[str]:
 
 def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -> Packed:
     """Documents joined by EOS, cut into rows of seq_len; the final partial row is padded and not scored."""
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    eos = tokenizer.eos_token_id
+    pad = _pad_id(tokenizer)
     pieces: list[np.ndarray] = []
     docs = 0
     for chunk in _batched(texts, batch):
@@ -183,7 +184,7 @@ def pack_chat(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, system_
 
     First-fit keeps padding low for short pairs; the window bounds the search so packing stays linear.
     """
-    pad = tokenizer.pad_token_id
+    pad = _pad_id(tokenizer)
     rows: list[tuple[list[int], list[int]]] = []
     open_rows: list[int] = []  # indices of rows with room left
     docs = truncated = 0
@@ -213,6 +214,11 @@ def pack_chat(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, system_
         labels_arr[i, :len(lab)] = lab
     pad_count = len(rows) * seq_len - sum(len(t) for t, _ in rows)
     return Packed(tokens, labels_arr, _stats(docs, tokens, labels_arr, pad_count, truncated))
+
+
+def _pad_id(tokenizer) -> int:
+    """Padding is never scored, so a tokenizer without a pad token (common in imported models) pads with EOS."""
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
 
 
 def _stats(docs: int, tokens: np.ndarray, labels: np.ndarray, pad: int, truncated: int) -> dict:

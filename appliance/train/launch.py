@@ -76,7 +76,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 
 def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable, on_checkpoint: Callable,
-          results: dict) -> _Server:
+          results: dict, stop: threading.Event | None = None) -> _Server:
     lock = threading.Lock()  # the vault connection is shared: one writer at a time
 
     class Handler(socketserver.BaseRequestHandler):
@@ -102,7 +102,8 @@ def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable
                             on_checkpoint(header["step"], header["path"])
                         elif op == "result":
                             results[header["rank"]] = header["result"]
-                    send(sock, {"ok": True})
+                    # a stop request (Ctrl-C at the launcher) rides on the reply to rank 0's step report
+                    send(sock, {"ok": True, "stop": bool(stop and stop.is_set())})
             except (ConnectionError, OSError, json.JSONDecodeError, KeyError):
                 return
 
@@ -117,13 +118,17 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
+    if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes
+        raise TrainError(f"the home path is too long for the workers' socket ({path})",
+                         "use a --home with a shorter path (under about 80 characters)")
     ticket = secrets.token_hex(32)
     results: dict = {}
-    server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results)
+    stop = threading.Event()
+    server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop)
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nodes.nnodes > 1:
         cmd += [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec['run_id'].replace('@', '-')}"]
+                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec['recipe']['name']}"]
     else:
         cmd += ["--standalone"]
     cmd += ["-m", "appliance.train.worker"]
@@ -133,24 +138,32 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
         env.pop(k, None)  # workers never need it
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
-    interrupted = False
+    proc: subprocess.Popen | None = None
 
-    def on_sigint(signum, frame):  # the ranks got it too: they stop at a checkpoint; wait for them
-        nonlocal interrupted
-        interrupted = True
+    def on_sigint(signum, frame):
+        # torchrun runs in a session of its own, so a terminal Ctrl-C reaches only this process (torchrun
+        # would otherwise kill slow ranks mid-checkpoint after 30 s). Ask rank 0 to stop at the next step;
+        # a second Ctrl-C terminates the ranks, which still stop at a checkpoint on SIGTERM.
+        if stop.is_set() and proc is not None:
+            proc.terminate()
+        stop.set()
 
     old = signal.signal(signal.SIGINT, on_sigint)
     try:
-        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         _, stderr = proc.communicate()
     finally:
         signal.signal(signal.SIGINT, old)
         server.shutdown()
         server.server_close()
         path.unlink(missing_ok=True)
-    if 0 in results:
-        return results[0]
-    if interrupted:
+    failed = [r for _, r in sorted(results.items()) if r.get("status") == "failed"]
+    if failed:
+        return failed[0]
+    if results:  # rank 0 on the first node; this node's first rank elsewhere
+        return results[min(results)]
+    if stop.is_set():
         return {"status": "interrupted", "step": None}
     raise TrainError(f"the training processes failed (exit {proc.returncode}): {_last_error(stderr)}",
                      "see the message above; resume with --resume once fixed")
@@ -189,8 +202,11 @@ class SocketLink:
         send(self.sock, header)
         recv(self.sock)
 
-    def step(self, metrics: dict) -> None:
-        self._call({"op": "step", "metrics": metrics})
+    def step(self, metrics: dict) -> bool:
+        """Report a step; True when the launcher asks the run to stop."""
+        send(self.sock, {"op": "step", "metrics": metrics})
+        header, _ = recv(self.sock)
+        return bool(header.get("stop"))
 
     def checkpoint(self, step: int, path: str) -> None:
         self._call({"op": "checkpoint", "step": step, "path": path})

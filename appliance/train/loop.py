@@ -180,9 +180,13 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
                          "make batch_size a multiple of processes x micro_batch_size")
     model = wrap(model, dist, cfg)
     opt = make_optimizer(model, cfg)
-    start = 0
+    start, loss_val, last_ckpt = 0, None, None
     if resume_from is not None:
-        start = checkpoint.load(resume_from, model, opt)["step"]
+        resumed = checkpoint.load(resume_from, model, opt)
+        start, loss_val, last_ckpt = resumed["step"], resumed.get("loss"), str(resume_from)
+    if dist.world > 1 and dist.sum(start) != start * dist.world:  # e.g. a node without the checkpoint files
+        raise TrainError(f"the processes disagree on the step to resume from (this one: {start})",
+                         "every node needs the run's checkpoints at the same path")
     order = Order(n_rows, cfg.seed)
     cuda = dist.device.startswith("cuda")
     bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
@@ -192,7 +196,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     moe = aux_loss_coef > 0
     model.train()
     t_start = time.time()
-    step, loss_val, tokens_seen, last_ckpt = start, None, 0, None
+    step, tokens_seen = start, 0
     state = state or {}
 
     def save(at: int) -> None:
@@ -255,10 +259,11 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
             tokens_seen += n_tok
             dt = time.time() - t0
             elapsed = time.time() - t_start
-            if dist.is_main:
-                on_step({"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "grad_norm": norm,
-                         "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
-                         "eta": elapsed / (step - start) * (cfg.max_steps - step)})
+            metrics = {"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "grad_norm": norm,
+                       "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
+                       "eta": elapsed / (step - start) * (cfg.max_steps - step)}
+            if dist.is_main and on_step(metrics):
+                stop.set = True  # the launcher relays a Ctrl-C
             stopping = dist.any(stop.set)
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
                 save(step)

@@ -25,7 +25,10 @@ RESUMABLE = ("running", "interrupted", "failed")
 # Keys a resumed run may change: how long it runs, how it checkpoints, and the step size (to recover from a
 # diverged run); not the model, the data or the batch.
 RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.lr",
-                     "train.min_lr", "train.warmup_steps", "train.grad_clip"}
+                     "train.min_lr", "train.warmup_steps", "train.grad_clip", "train.micro_batch_size",
+                     "train.activation_checkpointing", "train.precision"}
+# How inputs were named; what they resolved to (versions, tokenizer, base) is compared instead.
+RESUME_RESOLVED = {"data.datasets", "data.tokenizer", "model.base"}
 
 
 class TrainInterrupted(ApplianceError):
@@ -110,10 +113,11 @@ def inputs(vault, recipe: Recipe) -> Inputs:
 
 
 def tokenizer_hash(path: Path) -> str:
+    """Every file that changes how text becomes ids (vocabulary, specials, chat template)."""
     h = hashlib.sha256()
-    for name in ("tokenizer.json", "tokenizer_config.json"):
-        if (path / name).exists():
-            h.update((path / name).read_bytes())
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
+            h.update(p.name.encode() + b"\0" + p.read_bytes())
     return h.hexdigest()
 
 
@@ -161,18 +165,22 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
         raise UsageError(f"train.batch_size {t.batch_size} does not split into {world} process(es) x micro "
                          f"batches of {t.micro_batch_size}",
                          f"make it a multiple of {world * t.micro_batch_size} or change --gpus")
+    _check_devices(gpus)
     src = inputs(vault, recipe)
     tokenizer = load_tokenizer(src.tokenizer_path)
     _check_lengths(recipe, src)
+    _check_tokenizer(recipe, tokenizer)
     on_event("stage", {"text": "packing rows"})
     packed, datasets, cached = data.prepare(vault, recipe.data, tokenizer, tokenizer_hash(src.tokenizer_path),
                                             progress=lambda s: on_event("stage", {"text": s}))
     on_event("data", {**packed.stats, "cached": cached})
-    run_id, resume_from = _open_run(vault, recipe, resume, datasets)
+    parents = [(d, "data") for d, _ in datasets] + src.parents
+    resolved = {"datasets": [list(d) for d in datasets], "inputs": [list(p) for p in src.parents]}
+    run_id, resume_from = _open_run(vault, recipe, resume, resolved)
     resume_step = _step_of(resume_from)  # read now: old checkpoints are pruned as the run goes
     run_dir = vault.home.artifacts / "runs" / run_id
     model_dir = vault.home.artifacts / "models" / run_id
-    parents = [(d, "data") for d, _ in datasets] + src.parents
+    _drop_stale(vault, run_id, model_dir)
     info = {"id": run_id, "stage": recipe.stage, "method": recipe.method, "recipe": recipe.to_dict(),
             "datasets": [{"version": d, "content_hash": h} for d, h in datasets],
             "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
@@ -205,6 +213,11 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     if out["status"] == "failed":
         rec.status("failed", error=out["error"])
         raise TrainError(out["error"], out.get("hint"))
+    if out["status"] == "done" and not out.get("model_path"):  # a worker node: node 0 saves the model
+        rec.status("done", error="worker node; the model is saved on node 0")
+        return RunResult(run_id, recipe.stage, recipe.method, "done", out["step"], out["loss"], out["tokens"],
+                         round(out["seconds"], 2), 0.0, None, None, out["checkpoint"], resume_step, world,
+                         packed.stats)
     if out["status"] != "done":
         rec.status("interrupted")
         with vault.transaction():
@@ -251,6 +264,9 @@ def merge(vault, adapter_ref: str) -> str:
     name, k = adapter_id.rsplit("@", 1)
     merged_id = f"{name}-merged@{k}"
     dest = art / merged_id
+    if vault.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [merged_id]).fetchone():
+        raise UsageError(f"{adapter_id} is already merged as {merged_id}", f"use {merged_id}")
+    _drop_stale(vault, merged_id, dest)
     merge_adapter(art / base, art / adapter_id, dest, {"id": merged_id, "adapter": adapter_id, "base": base,
                                                          "code_version": code_version()})
     with vault.transaction():
@@ -258,6 +274,31 @@ def merge(vault, adapter_ref: str) -> str:
                          content_hash=tree_hash(dest), attrs={**node["attrs"], "path": str(dest), "merged": True})
         vault.audit("train.merge", [merged_id, adapter_id, base], {})
     return merged_id
+
+
+def _drop_stale(vault, node_id: str, path: Path) -> None:
+    """A directory with no lineage node is what a crash between saving and recording left: remove it."""
+    import shutil
+
+    if path.exists() and not vault.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [node_id]).fetchone():
+        shutil.rmtree(path)
+
+
+def _check_devices(gpus: int) -> None:
+    import torch
+
+    if torch.cuda.is_available() and gpus > torch.cuda.device_count():
+        raise UsageError(f"--gpus {gpus} but this node has {torch.cuda.device_count()} GPU(s)",
+                         f"use --gpus {torch.cuda.device_count()} or fewer")
+
+
+def _check_tokenizer(recipe: Recipe, tokenizer) -> None:
+    if tokenizer.eos_token_id is None:
+        raise UsageError("the tokenizer has no end-of-text token", "documents are packed with EOS between them; "
+                                                                  "use a tokenizer that defines eos_token")
+    if recipe.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+        raise UsageError("the base model's tokenizer has no chat template",
+                         "SFT renders pairs with it; add one (tokenizer_config.json or chat_template.jinja)")
 
 
 def _check_lengths(recipe: Recipe, src: Inputs) -> None:
@@ -270,7 +311,7 @@ def _check_lengths(recipe: Recipe, src: Inputs) -> None:
                          f"set --data.seq_len {limit} or less")
 
 
-def _open_run(vault, recipe: Recipe, resume: bool, datasets) -> tuple[str, Path | None]:
+def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict) -> tuple[str, Path | None]:
     """A new run NAME@K, or with --resume the newest unfinished run of NAME and its last checkpoint."""
     con = vault.con
     if not resume:
@@ -280,7 +321,7 @@ def _open_run(vault, recipe: Recipe, resume: bool, datasets) -> tuple[str, Path 
             con.execute("INSERT INTO train_runs (id, name, stage, method, status, recipe, data, created, updated, "
                         "step, max_steps) VALUES (?, ?, ?, ?, 'starting', ?, ?, ?, ?, 0, ?)",
                         [run_id, recipe.name, recipe.stage, recipe.method, json.dumps(recipe.to_dict()),
-                         json.dumps(datasets), now, now, recipe.train.max_steps])
+                         json.dumps(resolved), now, now, recipe.train.max_steps])
             vault.audit("train.start", [run_id], {"stage": recipe.stage, "method": recipe.method})
         return run_id, None
     row = con.execute("SELECT id, recipe, data FROM train_runs WHERE name = ? AND status IN ('running', "
@@ -289,13 +330,16 @@ def _open_run(vault, recipe: Recipe, resume: bool, datasets) -> tuple[str, Path 
     if row is None:
         raise UsageError(f"no unfinished run of {recipe.name} to resume", "start one without --resume")
     run_id, old_recipe, old_data = row
-    changed = sorted(_diff(json.loads(old_recipe), recipe.to_dict()) - RESUME_MAY_CHANGE)
+    changed = sorted(_diff(json.loads(old_recipe), recipe.to_dict()) - RESUME_MAY_CHANGE - RESUME_RESOLVED)
     if changed:
         raise UsageError(f"{run_id} was started with different settings: {', '.join(changed)}",
                          "resume with the same recipe and overrides, or start a new run")
-    if json.loads(old_data) != [list(d) for d in datasets]:
-        raise UsageError(f"{run_id} trained on {', '.join(d for d, _ in json.loads(old_data))}; the recipe now "
-                         f"resolves to {', '.join(d for d, _ in datasets)}", "pin the versions (NAME@N)")
+    old = json.loads(old_data)
+    if old != resolved:
+        was = ", ".join(i for i, _ in old["datasets"] + old["inputs"])
+        now = ", ".join(i for i, _ in resolved["datasets"] + resolved["inputs"])
+        raise UsageError(f"{run_id} trained on {was}; the recipe now resolves to {now}",
+                         "pin the versions it started with (NAME@N)")
     ckpt = checkpoint.latest(vault.home.artifacts / "runs" / run_id / "checkpoints")
     start = checkpoint.read_state(ckpt)["step"] if ckpt else 0
     with vault.transaction():

@@ -30,8 +30,12 @@ def main() -> int:
             result = STAGES[link.spec["stage"]](link.spec, link, dist)
         except ApplianceError as e:  # NaN, out of memory: the launcher shows the message and keeps the run
             result = {"status": "failed", "error": e.message, "hint": e.hint}
-        if dist.is_main:
-            link.result(0, result)
+        except Exception as e:  # anything else, on any rank: one line to the launcher, not a lost traceback
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            result = {"status": "failed", "error": f"rank {dist.rank}: {type(e).__name__}: {first}"[:500],
+                      "hint": "fix the cause, then continue with --resume"}
+        if dist.local_rank == 0 or result["status"] == "failed":
+            link.result(dist.rank, result)
         if result["status"] == "failed":
             return 1
     finally:
