@@ -258,7 +258,8 @@ def test_a_busy_vault_says_so(train_home):
 def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli):
     import signal
 
-    proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "dstop", "--gpus", "2")
+    sharded = ["--gpus", "2", "--train.parallel", "fsdp"]
+    proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "dstop", *sharded)
     _wait_for(train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / "step-00000005", proc)
     proc.send_signal(signal.SIGINT)  # the launcher only: torchrun and the ranks are in a session of their own
     _, err = proc.communicate(timeout=120)
@@ -267,7 +268,7 @@ def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli
     assert 5 <= step < 40
     assert (train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / f"step-{step:08d}").is_dir()
     assert not list((train_home / "tmp").glob("train-*.sock"))  # the socket is gone with the run
-    d = run(cli, train_home, "tiny-dense", *LONG, "--name", "dstop", "--resume")  # one process resumes two
+    d = run(cli, train_home, "tiny-dense", *LONG, "--name", "dstop", "--resume", *sharded)  # rank 0 reads, shards
     assert d["resumed_from"] == step and d["status"] == "done"
     whole = run(cli, train_home, "tiny-dense", *LONG, "--name", "whole")
     assert losses(train_home, "dstop@1") == pytest.approx(losses(train_home, whole["id"]), rel=1e-6)

@@ -69,15 +69,21 @@ def read_state(path: Path) -> dict:
     return json.loads((path / "state.json").read_text())
 
 
-def load(path: Path, model, optimizer) -> dict:
-    """Load into an already wrapped (DDP/FSDP) model and its optimizer on every rank; returns state.json."""
-    import torch
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> dict:
+    """Load into an already wrapped (DDP/FSDP) model and its optimizer; returns state.json.
 
-    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True)
+    With several processes only rank 0 reads the files; the state is broadcast (and sharded under FSDP),
+    so a 7B checkpoint is held in host memory once, not once per rank.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict, set_optimizer_state_dict
+
+    model_sd = torch.load(path / "model.pt", map_location="cpu", weights_only=True) if is_main or world == 1 else {}
+    set_model_state_dict(model, model_sd, options=_options(strict=False, broadcast_from_rank0=world > 1))
+    del model_sd
     optim_sd = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-    set_state_dict(model, optimizer, model_state_dict=model_sd, optim_state_dict=optim_sd,
-                   options=_options(strict=False))
+    set_optimizer_state_dict(model, optimizer, optim_sd, options=_options(strict=False))
+    del optim_sd
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
     return read_state(path)
 

@@ -140,16 +140,52 @@ def wrap(model, dist: Dist, cfg: TrainConfig):
     if dist.world == 1:
         return model
     if cfg.parallel == "fsdp":
-        from torch.distributed.fsdp import fully_shard
-
-        inner = getattr(getattr(model, "model", None), "layers", None) or []
-        for layer in inner:
-            fully_shard(layer)
-        fully_shard(model)
+        if not hasattr(model, "set_requires_gradient_sync"):  # not yet sharded by `build_sharded`
+            shard(model)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
+
+
+def shard(model) -> None:
+    """FSDP2: each decoder layer a unit of its own, then the rest (embeddings, head) at the root."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in getattr(getattr(model, "model", None), "layers", None) or []:
+        fully_shard(layer)
+    fully_shard(model)
+
+
+def build_sharded(config, build_full, dist: Dist):
+    """An FSDP2 model whose full weights exist only once, on rank 0's host, never on every rank.
+
+    Every rank builds the model on the meta device (no memory), shards it and allocates its shard; rank 0
+    builds the full model on the CPU (`build_full()`) and its weights are broadcast shard by shard.
+    """
+    import torch
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    full = build_full() if dist.is_main else None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    shard(model)
+    model.to_empty(device=dist.device)
+    _reset_buffers(model, dist.device)
+    state = full.state_dict() if full is not None else {}
+    set_model_state_dict(model, state, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del full, state
+    return model
+
+
+def _reset_buffers(model, device) -> None:
+    """Non-persistent buffers (rotary frequencies) are not in a state dict: recompute them after `to_empty`."""
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(module.config)
+            for name, buf in fresh.named_buffers(recurse=False):
+                setattr(module, name, buf.to(device))
 
 
 def make_optimizer(model, cfg: TrainConfig):
@@ -182,7 +218,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     opt = make_optimizer(model, cfg)
     start, loss_val, last_ckpt = 0, None, None
     if resume_from is not None:
-        resumed = checkpoint.load(resume_from, model, opt)
+        resumed = checkpoint.load(resume_from, model, opt, dist.is_main, dist.world)
         start, loss_val, last_ckpt = resumed["step"], resumed.get("loss"), str(resume_from)
     if dist.world > 1 and dist.sum(start) != start * dist.world:  # e.g. a node without the checkpoint files
         raise TrainError(f"the processes disagree on the step to resume from (this one: {start})",

@@ -11,14 +11,18 @@ from pathlib import Path
 
 from appliance.train import loop
 from appliance.train.config import Recipe
-from appliance.train.model import load_base, load_tokenizer, new_model, save_model
+from appliance.train.model import hf_config, load_base, load_tokenizer, new_model, save_model
 
 
 def pretrain(spec: dict, link, dist: loop.Dist) -> dict:
     """From random weights: a preset shape, the run's own tokenizer."""
     recipe = _recipe(spec)
     tokenizer = load_tokenizer(Path(spec["tokenizer_path"]))
-    model = new_model(recipe.model, tokenizer, recipe.train.seed).to(dist.device)
+    if _fsdp(recipe, dist):
+        model = loop.build_sharded(hf_config(recipe.model, tokenizer),
+                                   lambda: new_model(recipe.model, tokenizer, recipe.train.seed), dist)
+    else:
+        model = new_model(recipe.model, tokenizer, recipe.train.seed).to(dist.device)
     coef = recipe.model.router_aux_loss if recipe.model.arch == "moe" else 0.0
     res = _fit(model, link, recipe, spec, dist, coef)
     return _save(res, tokenizer, spec, dist, adapter=False)
@@ -28,7 +32,14 @@ def continue_(spec: dict, link, dist: loop.Dist) -> dict:
     """More next-token training of a base model on new data, with the base's tokenizer."""
     recipe = _recipe(spec)
     tokenizer = load_tokenizer(Path(spec["base_path"]))
-    model = load_base(Path(spec["base_path"])).to(dist.device)
+    base = Path(spec["base_path"])
+    if _fsdp(recipe, dist):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+        model = loop.build_sharded(config, lambda: load_base(base), dist)
+    else:
+        model = load_base(base).to(dist.device)
     res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
     return _save(res, tokenizer, spec, dist, adapter=False)
 
@@ -40,14 +51,25 @@ def sft(spec: dict, link, dist: loop.Dist) -> dict:
     recipe = _recipe(spec)
     torch.manual_seed(recipe.train.seed)  # adapter init
     tokenizer = load_tokenizer(Path(spec["base_path"]))
-    model = load_base(Path(spec["base_path"]), recipe.method, recipe.lora, dist.device)
-    if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
-        model = model.to(dist.device)
+    base = Path(spec["base_path"])
+    if recipe.method == "full" and _fsdp(recipe, dist):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
+        model = loop.build_sharded(config, lambda: load_base(base), dist)
+    else:
+        model = load_base(base, recipe.method, recipe.lora, dist.device)
+        if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
+            model = model.to(dist.device)
     res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
 STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft}
+
+
+def _fsdp(recipe: Recipe, dist: loop.Dist) -> bool:
+    return dist.world > 1 and recipe.train.parallel == "fsdp"
 
 
 def _recipe(spec: dict) -> Recipe:
