@@ -15,6 +15,8 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from appliance.home import fsync_path
+
 PREFIX = "step-"
 
 
@@ -41,11 +43,11 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
         torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
         for p in tmp.iterdir():
-            _fsync(p)
+            fsync_path(p)
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync(root)
+        fsync_path(root)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -86,11 +88,3 @@ def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> 
     del optim_sd
     torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
     return read_state(path)
-
-
-def _fsync(p: Path) -> None:
-    fd = os.open(p, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 from appliance.errors import ApplianceError, UsageError
+from appliance.home import fsync_path
 from appliance.train.config import LoraConfig, ModelConfig
 
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -139,7 +140,9 @@ def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None
         model.save_pretrained(str(tmp), safe_serialization=True, **kw)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
-        _fsync_tree(tmp)
+        for p in tmp.rglob("*"):
+            if p.is_file():
+                fsync_path(p)
         os.replace(tmp, dest)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -187,13 +190,3 @@ def tree_hash(root: Path) -> str:
                 f.update(chunk)
         h.update(f"{p.relative_to(root).as_posix()}\0{f.hexdigest()}\n".encode())
     return h.hexdigest()
-
-
-def _fsync_tree(root: Path) -> None:
-    for p in root.rglob("*"):
-        if p.is_file():
-            fd = os.open(p, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)

@@ -10,7 +10,7 @@ from pathlib import Path
 import duckdb
 
 from appliance.errors import VaultError
-from appliance.home import Home, fsync_dir
+from appliance.home import Home, fsync_path
 from appliance.vault import audit, db
 from appliance.vault.keys import Keyring, Secrets
 from appliance.vault.schema import DDL, SCHEMA_VERSION
@@ -158,7 +158,7 @@ class Vault:
         old = self.home.database.with_name(self.home.database.name + OLD_SUFFIX)
         os.link(self.home.database, old)
         os.replace(new_path, self.home.database)
-        fsync_dir(self.home.root)
+        fsync_path(self.home.root)
         self.keyring.wrapped = self.keyring.pending_rekey["wrapped"]
         self.keyring.pending_rekey = None
         self.keyring.save(self.home.keyring)
@@ -235,7 +235,7 @@ def _drop_old(home: Home) -> None:
         return
     if home.database.exists() and os.path.samefile(old, home.database):
         old.unlink()
-        fsync_dir(home.root)
+        fsync_path(home.root)
     else:
         _shred(old)
 
@@ -257,4 +257,4 @@ def _shred(path: Path) -> None:
         f.flush()
         os.fsync(f.fileno())
     path.unlink()
-    fsync_dir(path.parent)
+    fsync_path(path.parent)
