@@ -61,6 +61,9 @@ def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home
     # a second run of the same recipe is the next number, and reuses the packed rows from the vault
     d2 = run(cli, train_home, "tiny-dense", "--train.max_steps", "2", *FAST)
     assert d2["id"] == "tiny-dense@2"
+    # ids are never reused across kinds: a model named like a tokenizer takes the next number
+    d3 = run(cli, train_home, "tiny-dense", "--train.max_steps", "2", "--name", "handbook-bpe", *FAST)
+    assert d3["id"] == "handbook-bpe@2"
 
 
 def test_pretrain_mixture_of_experts(train_home, cli):

@@ -111,9 +111,9 @@ def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -
 
 def chat_pairs(con, refs: list[str], cfg: DataConfig) -> Iterator[tuple[str, str]]:
     """(prompt, response) of every train-split row of the tables in `refs`."""
-    for ref in refs:
-        from appliance.vault.versions import resolve
+    from appliance.vault.versions import resolve
 
+    for ref in refs:
         vid, _, _ = resolve(con, ref)
         wanted: dict[str, list[int]] = {}
         for table, meta in con.execute(

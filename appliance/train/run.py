@@ -20,6 +20,7 @@ from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
 from appliance.train.stages import STAGES
+from appliance.vault import lineage
 
 RESUMABLE = ("running", "interrupted", "failed")
 # Keys a resumed run may change: how long it runs, how it checkpoints, and the step size (to recover from a
@@ -90,14 +91,6 @@ def resolve_node(con, ref: str, kinds: tuple[str, ...], what: str) -> str:
                 else "list them with `appliance train models`")
         raise UsageError(f"no {what} {ref}", hint)
     return row[0]
-
-
-def next_id(con, name: str) -> str:
-    ids = [r[0] for r in con.execute("SELECT id FROM lineage_nodes WHERE starts_with(id, ?) UNION ALL "
-                                     "SELECT id FROM train_runs WHERE starts_with(id, ?)",
-                                     [name + "@", name + "@"]).fetchall()]
-    numbers = [int(i.rsplit("@", 1)[1]) for i in ids if i.rsplit("@", 1)[1].isdigit()]
-    return f"{name}@{max(numbers, default=0) + 1}"
 
 
 def inputs(vault, recipe: Recipe) -> Inputs:
@@ -239,8 +232,6 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats}
     merged = None
     with vault.transaction():
-        from appliance.vault import lineage
-
         lineage.add_node(vault.con, run_id, kind, parents, content_hash=tree_hash(model_dir), attrs=attrs)
         rec.status("done", model_path=str(model_dir))
         vault.audit("train.run", [run_id, *(p for p, _ in parents)],
@@ -254,8 +245,6 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
 
 def merge(vault, adapter_ref: str) -> str:
     """Base + LoRA adapter -> a plain model directory `NAME-merged@K`, a lineage node of its own."""
-    from appliance.vault import lineage
-
     adapter_id = resolve_node(vault.con, adapter_ref, ("adapter",), "adapter")
     node = lineage.node(vault.con, adapter_id)
     (base,) = [p for (p,) in vault.con.execute(
@@ -315,7 +304,7 @@ def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict) -> tuple[str,
     """A new run NAME@K, or with --resume the newest unfinished run of NAME and its last checkpoint."""
     con = vault.con
     if not resume:
-        run_id = next_id(con, recipe.name)
+        run_id = lineage.next_id(con, recipe.name)
         now = utcnow()
         with vault.transaction():
             con.execute("INSERT INTO train_runs (id, name, stage, method, status, recipe, data, created, updated, "
@@ -399,12 +388,11 @@ def import_model(vault, src: Path, name: str) -> dict:
     import tempfile
 
     from appliance.train.model import check_model_dir
-    from appliance.vault import lineage
     from appliance.vault.ingest import validate_name
 
     validate_name(name, "model")
     config = check_model_dir(src)
-    model_id = next_id(vault.con, name)
+    model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
     root.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=root))

@@ -78,8 +78,7 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD,
                                    additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
                                    model_max_length=1 << 20)
-    k = _next_number(vault.con, name)
-    node_id = f"{name}@{k}"
+    node_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "tokenizers"
     root.mkdir(parents=True, exist_ok=True)
     final = root / node_id
@@ -99,10 +98,3 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
                          attrs={"vocab_size": res.vocab_size, "path": str(final), "records": res.records})
         vault.audit("train.tokenizer", [node_id, ref], {"vocab_size": res.vocab_size, "records": res.records})
     return res
-
-
-def _next_number(con, name: str) -> int:
-    rows = con.execute("SELECT id FROM lineage_nodes WHERE kind = 'tokenizer' AND id LIKE ? ESCAPE '\\'",
-                       [name.replace("_", "\\_").replace("%", "\\%") + "@%"]).fetchall()
-    numbers = [int(i.rsplit("@", 1)[1]) for (i,) in rows if i.rsplit("@", 1)[1].isdigit()]
-    return max(numbers, default=0) + 1

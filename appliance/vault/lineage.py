@@ -21,6 +21,15 @@ def add_node(con, node_id: str, kind: str, parents: list[tuple[str, str]] | None
         con.execute("INSERT INTO lineage_edges VALUES (?, ?, ?)", [node_id, parent, role])
 
 
+def next_id(con, name: str) -> str:
+    """The next free `NAME@K` across every kind, counting ids reserved by unfinished training runs too."""
+    ids = [r[0] for r in con.execute("SELECT id FROM lineage_nodes WHERE starts_with(id, ?) UNION ALL "
+                                     "SELECT id FROM train_runs WHERE starts_with(id, ?)",
+                                     [name + "@", name + "@"]).fetchall()]
+    numbers = [int(i.rsplit("@", 1)[1]) for i in ids if i.rsplit("@", 1)[1].isdigit()]
+    return f"{name}@{max(numbers, default=0) + 1}"
+
+
 def node(con, node_id: str) -> dict:
     row = con.execute(
         "SELECT id, kind, created, content_hash, attrs FROM lineage_nodes WHERE id = ?", [node_id]
