@@ -10,12 +10,10 @@ different number of processes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
-from appliance.home import fsync_path
+from appliance.home import atomic_dir
 
 PREFIX = "step-"
 
@@ -34,23 +32,12 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     if not is_main:
         return None
-    root.mkdir(parents=True, exist_ok=True)
     final = root / f"{PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
-    try:
+    with atomic_dir(final) as tmp:
         torch.save(model_sd, tmp / "model.pt")
         torch.save(optim_sd, tmp / "optimizer.pt")
         torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
         (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
-        for p in tmp.iterdir():
-            fsync_path(p)
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        fsync_path(root)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     for old in all_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final

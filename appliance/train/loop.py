@@ -73,6 +73,14 @@ class Dist:
         return self.sum(1 if flag else 0) > 0
 
 
+def set_threads() -> None:
+    """APPLIANCE_TRAIN_THREADS caps torch's threads in this process (tests on shared cores set 1)."""
+    if threads := os.environ.get("APPLIANCE_TRAIN_THREADS"):
+        import torch
+
+        torch.set_num_threads(int(threads))
+
+
 def lr_at(step: int, cfg: TrainConfig) -> float:
     """Linear warmup over warmup_steps, then cosine from lr down to min_lr at max_steps."""
     if step < cfg.warmup_steps:

@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from appliance.errors import ApplianceError, UsageError
-from appliance.home import fsync_path
+from appliance.home import atomic_dir
 from appliance.train.config import LoraConfig, ModelConfig
 
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -133,20 +130,11 @@ def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None
     `state_dict`: full weights gathered from FSDP shards, when the model itself holds only a shard.
     """
     quiet()
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
-    try:
+    with atomic_dir(dest) as tmp:
         kw = {"state_dict": state_dict} if state_dict is not None else {}
         model.save_pretrained(str(tmp), safe_serialization=True, **kw)
         tokenizer.save_pretrained(str(tmp))
         (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
-        for p in tmp.rglob("*"):
-            if p.is_file():
-                fsync_path(p)
-        os.replace(tmp, dest)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -> None:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, UsageError
+from appliance.home import atomic_dir
 from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
@@ -195,7 +196,7 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             out = launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
                                          nodes, threads)
         else:
-            _threads()
+            loop.set_threads()
             out = STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
     except TrainError as e:
         rec.status("failed", error=e.message)
@@ -223,9 +224,9 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
 
 def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:
     model_dir = Path(out["model_path"])
-    m = vault.con.execute("SELECT count(*), sum(tokens) FROM train_metrics WHERE run = ?", [run_id]).fetchone()
-    tps = vault.con.execute("SELECT median(tokens_per_s) FROM train_metrics WHERE run = ?", [run_id]).fetchone()[0]
-    metrics = {"final_loss": out["loss"], "steps": out["step"], "tokens": int(m[1] or 0),
+    tokens, tps = vault.con.execute("SELECT sum(tokens), median(tokens_per_s) FROM train_metrics WHERE run = ?",
+                                    [run_id]).fetchone()
+    metrics = {"final_loss": out["loss"], "steps": out["step"], "tokens": int(tokens or 0),
                "tokens_per_s": round(tps or 0.0, 1), "padding_fraction": packed.stats["padding_fraction"]}
     kind = "adapter" if out.get("adapter") else "model"
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
@@ -354,13 +355,6 @@ def _step_of(path: Path | None) -> int | None:
     return checkpoint.read_state(path)["step"] if path else None
 
 
-def _threads() -> None:
-    if threads := os.environ.get("APPLIANCE_TRAIN_THREADS"):
-        import torch
-
-        torch.set_num_threads(int(threads))
-
-
 def runs(con, name: str | None = None) -> list[dict]:
     rows = con.execute("SELECT id, stage, method, status, step, max_steps, created, updated, model_path, error "
                        "FROM train_runs" + (" WHERE name = ?" if name else "") + " ORDER BY created",
@@ -385,7 +379,6 @@ def metrics(con, run_id: str) -> list[dict]:
 def import_model(vault, src: Path, name: str) -> dict:
     """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code)."""
     import shutil
-    import tempfile
 
     from appliance.train.model import check_model_dir
     from appliance.vault.ingest import validate_name
@@ -394,17 +387,14 @@ def import_model(vault, src: Path, name: str) -> dict:
     config = check_model_dir(src)
     model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{model_id}.", dir=root))
     try:
-        for p in sorted(src.iterdir()):
-            if p.is_file() and not p.name.startswith("."):
-                shutil.copy2(p, tmp / p.name)
-        load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
-        digest = tree_hash(tmp)
-        os.replace(tmp, root / model_id)
+        with atomic_dir(root / model_id) as tmp:
+            for p in sorted(src.iterdir()):
+                if p.is_file() and not p.name.startswith("."):
+                    shutil.copy2(p, tmp / p.name)
+            load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
+            digest = tree_hash(tmp)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, ApplianceError | KeyboardInterrupt):
             raise
         raise UsageError(f"cannot import {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",

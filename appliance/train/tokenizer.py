@@ -8,13 +8,10 @@ the standard transformers layout (tokenizer.json, tokenizer_config.json with the
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
-from pathlib import Path
 
 from appliance.errors import UsageError
+from appliance.home import atomic_dir
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -79,19 +76,12 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
                                    additional_special_tokens=[IM_START, IM_END], chat_template=CHAT_TEMPLATE,
                                    model_max_length=1 << 20)
     node_id = lineage.next_id(vault.con, name)
-    root = vault.home.artifacts / "tokenizers"
-    root.mkdir(parents=True, exist_ok=True)
-    final = root / node_id
-    tmp = Path(tempfile.mkdtemp(prefix=f".{node_id}.", dir=root))
-    try:
+    final = vault.home.artifacts / "tokenizers" / node_id
+    with atomic_dir(final) as tmp:
         fast.save_pretrained(str(tmp))
         (tmp / "appliance.json").write_text(json.dumps(
             {"id": node_id, "dataset": ref, "vocab_size": fast.vocab_size, "min_frequency": min_frequency,
              "special_tokens": SPECIAL_TOKENS}, indent=2))
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     res = TokenizerResult(node_id, str(final), len(fast), ref, stats["records"], stats["chars"])
     with vault.transaction():
         lineage.add_node(vault.con, node_id, "tokenizer", [(ref, "data")],

@@ -17,10 +17,7 @@ def main() -> int:
     if not path or not ticket:
         print("error: appliance.train.worker is started by `appliance train run --gpus N`", file=sys.stderr)
         return 2
-    import torch
-
-    if threads := os.environ.get("APPLIANCE_TRAIN_THREADS"):
-        torch.set_num_threads(int(threads))
+    loop.set_threads()
     link = launch.SocketLink(path, ticket)
     dist = loop.Dist.from_env()
     from appliance.errors import ApplianceError
