@@ -538,6 +538,10 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
     return {**data, "ok": False, "error": failure.message, "hint": failure.hint, "exit_code": failure.exit_code}
 
 
+# --- quantize, generate, chat, serve (their own module: appliance/cli_quantize.py) --------------------
+import appliance.cli_quantize  # noqa: E402,F401  (registers its commands on `cli`)
+
+
 # --- entry point ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)

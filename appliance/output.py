@@ -130,3 +130,37 @@ class TrainProgress:
         if self._p is not None:
             self._p.stop()
             self._p = None
+
+
+class StageProgress:
+    """Phases of one long command (export, quantize, ...): a bar per phase on a terminal, a line otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.tty = sys.stderr.isatty()
+        self.phase = ""
+        self._p = None
+        self._task = None
+
+    def __call__(self, phase: str, done: int, total: int) -> None:
+        if not self.enabled:
+            return
+        if phase != self.phase:
+            self.stop()
+            self.phase = phase
+            if self.tty:
+                from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+
+                self._p = Progress(TextColumn(phase), BarColumn(), TaskProgressColumn(), TimeRemainingColumn(),
+                                   console=err, transient=True)
+                self._p.start()
+                self._task = self._p.add_task(phase, total=total or None)
+            else:
+                err.print(f"{phase} ...", markup=False)
+        if self._p is not None:
+            self._p.update(self._task, completed=done, total=total or None)
+
+    def stop(self) -> None:
+        if self._p is not None:
+            self._p.stop()
+            self._p = None

@@ -1,0 +1,230 @@
+"""`appliance quantize`, `generate`, `chat`, `serve`: GGUF export and llama.cpp inference (thin over
+`appliance.quantize`). generate/chat/serve need no vault and no passphrase, so they run on edge devices."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import sys
+
+import click
+
+from appliance.cli import Ctx, cli, command
+from appliance.errors import ApplianceError, UsageError
+from appliance.output import StageProgress, err, human_bytes, out, table
+
+
+class QualityFlagged(ApplianceError):
+    """--strict and the quality report flagged the export; the report was already printed."""
+
+    json_emitted = True
+
+
+@command(cli, "quantize")
+@click.argument("model", required=False)
+@click.option("--type", "qtype", default="q4_k_m", show_default=True,
+              help="f32, f16, q8_0, q6_k, q5_k_m, q4_k_m or q4_0.")
+@click.option("--imatrix", "imatrix_ref", default=None, metavar="DATASET@N",
+              help="Compute an importance matrix on this dataset version's train split and quantize with it.")
+@click.option("--eval", "eval_ref", default=None, metavar="DATASET@N",
+              help="Data for the quality report (its validation split). Default: the model's own dataset.")
+@click.option("--eval-tokens", type=click.IntRange(64, 1 << 20), default=2048, show_default=True,
+              help="Tokens of held-out text the perplexity is measured on.")
+@click.option("--imatrix-tokens", type=click.IntRange(64, 1 << 22), default=8192, show_default=True)
+@click.option("--ppl-bound", type=click.FloatRange(0, 1000), default=None,
+              help="Flag the export when perplexity rises more than this many percent (default per type: "
+                   "f32 0.1, f16 0.5, q8_0 1, q6_k 2, q5_k_m 4, q4_k_m 8, q4_0 15).")
+@click.option("--strict", is_flag=True, help="Exit 1 when the quality report flags the export.")
+@click.option("--threads", type=click.IntRange(0, 256), default=0, help="CPU threads (0: all, at most 8).")
+@click.option("--list", "list_", is_flag=True, help="List the GGUF files the vault knows.")
+def quantize_cmd(c: Ctx, model, qtype, imatrix_ref, eval_ref, eval_tokens, imatrix_tokens, ppl_bound, strict,
+                 threads, list_):
+    """Export MODEL (NAME@K or NAME) to GGUF, quantize it, and prove its quality against the source.
+
+    Writes artifacts/gguf/MODEL-TYPE/ with the .gguf, an Ollama Modelfile and appliance.json (provenance
+    and the quality report), and records the GGUF as lineage node MODEL:TYPE.
+    """
+    if list_:
+        return _list(c)
+    if not model:
+        raise UsageError("missing MODEL", "pass a model id (see `appliance train models`) or --list")
+    from appliance.quantize import types
+    from appliance.quantize.stage import quantize
+
+    types.get(qtype)  # a bad --type is a usage error before the passphrase is asked
+    bar = StageProgress(not c.json)
+    with c.open_vault() as v:
+        try:
+            res = quantize(v, model, qtype, imatrix_ref, eval_ref, ppl_bound, eval_tokens, imatrix_tokens,
+                           threads, progress=bar)
+        finally:
+            bar.stop()
+    failure = (QualityFlagged(f"{res.id} failed its quality bounds", "see the flags above; the file was kept "
+                              "and recorded as flagged") if strict and res.flagged else None)
+    data = res.to_json()
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+    c.emit(data, lambda: _human(res))
+    if failure:
+        raise failure
+
+
+def _human(res) -> None:
+    q = res.quality
+    out.print(f"[bold]{res.id}[/]{' (exported before)' if res.existing else ''}  {human_bytes(res.size)}, "
+              f"{res.bits_per_weight:.2f} bits/weight, {res.params:,} parameters"
+              f"{f', importance matrix from {res.imatrix}' if res.imatrix else ''}")
+    out.print(f"tensors: {', '.join(f'{k} {n}' for k, n in res.tensor_types.items())}")
+    out.print(f"quality on {q['eval_data']} ({q['eval_split']}, {q['tokens']} tokens): perplexity "
+              f"{q['ppl_source']:.3f} -> {q['ppl_gguf']:.3f} ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
+              f"{q['top1_agreement']:.2%}, max |logit diff| {q['max_logit_diff']:.4f}, KL {q['mean_kld']:.5f}")
+    out.print(f"tokenizer: {q['tokenizer_agreed']}/{q['tokenizer_records']} held-out records tokenized "
+              "identically by llama.cpp")
+    if res.fallbacks:
+        stored = sorted({f["stored_as"] for f in res.fallbacks})
+        out.print(f"fallbacks: {len(res.fallbacks)} tensor(s) stored as {', '.join(stored)}: "
+                  f"{res.fallbacks[0]['why']}" + (" (and others; see --json)" if len(res.fallbacks) > 1 else ""))
+    for flag in q["flags"]:
+        err.print(f"warning: {flag}", markup=False)
+    out.print(f"saved to {res.path} (Ollama Modelfile beside it)")
+
+
+def _list(c: Ctx) -> None:
+    from appliance.quantize.stage import exported
+
+    with c.open_vault(read_only=True) as v:
+        rows = exported(v.con)
+    c.emit({"gguf": rows}, lambda: table(
+        ["id", "type", "size", "bits/weight", "ppl delta", "top-1", "flagged", "created"],
+        [[r["id"], r["type"], human_bytes(r["size"]), r["bits_per_weight"], f"{r['ppl_delta_pct']:+.2f}%",
+          f"{r['top1_agreement']:.2%}", "yes" if r["flagged"] else "", r["created"]] for r in rows])
+        if rows else out.print("no GGUF files yet: `appliance quantize MODEL --type q4_k_m`"))
+
+
+def _artifacts(c: Ctx):
+    home = c.home
+    return home.artifacts if home.artifacts.is_dir() else None
+
+
+_SAMPLING = [
+    click.option("--max-tokens", type=click.IntRange(1, 1 << 16), default=128, show_default=True),
+    click.option("--temperature", type=click.FloatRange(0, 5), default=0.8, show_default=True),
+    click.option("--seed", type=int, default=None, help="Seed for sampling (repeatable output)."),
+    click.option("--ctx", "n_ctx", type=click.IntRange(0, 1 << 20), default=0, help="Context length (0: the model's)."),
+    click.option("--threads", type=click.IntRange(0, 256), default=0, help="CPU threads (0: all, at most 8)."),
+]
+
+
+def _sampling(f):
+    for opt in reversed(_SAMPLING):
+        f = opt(f)
+    return f
+
+
+@command(cli, "generate")
+@click.argument("model")
+@click.argument("prompt")
+@_sampling
+@click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
+def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, threads, top_p):
+    """Complete PROMPT with a GGUF (a path, or an id such as NAME@K:q4_k_m); streams as it goes.
+
+    PROMPT `-` reads the prompt from standard input. Needs no vault: runs on edge devices too.
+    """
+    from appliance.quantize.infer import generate, locate, open_model
+
+    if prompt == "-":
+        prompt = sys.stdin.read()
+    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads)
+    pieces = []
+    for piece in generate(llm, prompt, max_tokens, temperature, top_p, seed):
+        pieces.append(piece)
+        if not c.json:
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+    if c.json:
+        c.emit({"model": model, "text": "".join(pieces)})
+    else:
+        sys.stdout.write("\n")
+
+
+@command(cli, "chat")
+@click.argument("model")
+@_sampling
+@click.option("--system", default="", help="A system message that opens the conversation.")
+def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system):
+    """Talk to a GGUF chat model in the terminal, streaming its replies. /reset forgets, /exit leaves."""
+    from appliance.quantize.infer import chat_loop, locate, open_model
+
+    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads, seed or 0)
+    if not llm.metadata.get("tokenizer.chat_template"):
+        raise UsageError(f"{model} has no chat template", "use `appliance generate` for plain completion")
+
+    def read(prompt: str) -> str:
+        if sys.stdin.isatty():
+            return input(prompt)
+        line = sys.stdin.readline()
+        if not line:
+            raise EOFError
+        return line
+
+    def write(s: str) -> None:
+        sys.stdout.write(s)
+        sys.stdout.flush()
+
+    turns = chat_loop(llm, read, write, system, max_tokens, temperature)
+    if c.json:
+        c.emit({"model": model, "turns": turns})
+
+
+@command(cli, "serve")
+@click.argument("model")
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on. Anything but loopback needs an API key.")
+@click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
+@click.option("--ctx", "n_ctx", type=click.IntRange(0, 1 << 20), default=0, help="Context length (0: the model's).")
+@click.option("--threads", type=click.IntRange(0, 256), default=0, help="CPU threads (0: all, at most 8).")
+@click.option("--name", default=None, help="The model name clients ask for (default: the file's name).")
+def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name):
+    """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
+
+    The API key, when set, comes from APPLIANCE_API_KEY_FILE or APPLIANCE_API_KEY (never a flag, which
+    other users could read in the process list); clients send it as a Bearer token.
+    """
+    from appliance.quantize.infer import locate, serve
+
+    key = _api_key()
+    if not _loopback(host) and not key:
+        raise UsageError(f"--host {host} would expose the model to the network without an API key",
+                         "set APPLIANCE_API_KEY_FILE (or APPLIANCE_API_KEY), or keep the default 127.0.0.1")
+    path = locate(model, _artifacts(c))
+
+    def ready(url: str) -> None:
+        if c.json:
+            c.emit({"model": str(path), "url": url, "auth": bool(key)})
+        else:
+            err.print(f"serving {path.name} at {url} (OpenAI-compatible){' with an API key' if key else ''}; "
+                      "Ctrl-C stops", markup=False)
+
+    serve(path, host, port, n_ctx, threads, key, name, on_ready=ready)
+
+
+def _api_key() -> str | None:
+    if f := os.environ.get("APPLIANCE_API_KEY_FILE"):
+        try:
+            key = open(f).read().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read APPLIANCE_API_KEY_FILE {f}: {e.strerror}", "check the path") from e
+        if not key:
+            raise UsageError(f"APPLIANCE_API_KEY_FILE {f} is empty", "put the key in it")
+        return key
+    return os.environ.get("APPLIANCE_API_KEY") or None
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False

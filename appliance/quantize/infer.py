@@ -1,0 +1,129 @@
+"""Inference on a GGUF through llama.cpp: one completion, an interactive chat, an OpenAI-compatible server.
+
+Needs no vault, no torch and no passphrase: the same commands run on an edge device that holds only the
+GGUF. A GGUF is named by its path, or by its id (`tiny-dense@1:q4_k_m`) when the appliance home has it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from appliance.quantize import llama
+from appliance.quantize.types import QuantizeError
+
+
+def locate(ref: str, artifacts: Path | None) -> Path:
+    """A GGUF file path, or a GGUF id resolved under the home's artifacts."""
+    p = Path(ref).expanduser()
+    if p.is_file() or ref.endswith(".gguf") or os.sep in ref:
+        return p
+    if artifacts is not None:
+        from appliance.quantize.stage import gguf_dir
+
+        d = gguf_dir(artifacts, ref)
+        cand = d / f"{d.name}.gguf"
+        if cand.is_file():
+            return cand
+    raise QuantizeError(f"no GGUF {ref}", "pass a .gguf path, or an id listed by `appliance quantize --list`")
+
+
+def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0):
+    return llama.load(path, n_ctx=n_ctx, threads=threads, seed=seed)
+
+
+def generate(llm, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
+             seed: int | None = None) -> Iterator[str]:
+    """Stream the completion of `prompt`, piece by piece; stops at end of text or `max_tokens`."""
+    if seed is not None:
+        llm.set_seed(seed)
+    for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                                       stream=True):
+        yield chunk["choices"][0]["text"]
+
+
+def chat_turn(llm, messages: list[dict], max_tokens: int = 256, temperature: float = 0.7,
+              seed: int | None = None) -> Iterator[str]:
+    """Stream the assistant's reply to `messages` (rendered with the GGUF's own chat template)."""
+    if not llm.metadata.get("tokenizer.chat_template"):
+        raise QuantizeError("this GGUF has no chat template", "use `appliance generate` for plain completion")
+    if seed is not None:
+        llm.set_seed(seed)
+    for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temperature,
+                                            stream=True):
+        delta = chunk["choices"][0]["delta"]
+        if delta.get("content"):
+            yield delta["content"]
+
+
+def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], system: str = "",
+              max_tokens: int = 256, temperature: float = 0.7) -> int:
+    """A terminal conversation: /reset forgets, /exit or end of input leaves. Returns the turns taken."""
+    messages = [{"role": "system", "content": system}] if system else []
+    turns = 0
+    while True:
+        try:
+            line = read("you> ")
+        except EOFError:
+            write("\n")
+            return turns
+        text = line.strip()
+        if text in ("/exit", "/quit"):
+            return turns
+        if text == "/reset":
+            messages = messages[:1] if system else []
+            write("(conversation cleared)\n")
+            continue
+        if not text:
+            continue
+        messages.append({"role": "user", "content": text})
+        write("model> ")
+        reply = "".join(_echo(chat_turn(llm, messages, max_tokens, temperature), write))
+        write("\n")
+        messages.append({"role": "assistant", "content": reply})
+        turns += 1
+
+
+def _echo(pieces: Iterator[str], write: Callable[[str], None]) -> Iterator[str]:
+    for p in pieces:
+        write(p)
+        yield p
+
+
+def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, api_key: str | None = None,
+          alias: str | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
+    """llama-cpp-python's OpenAI-compatible server over one GGUF, until interrupted."""
+    info = llama.check(path)
+    llama.lib()
+    try:
+        import uvicorn
+        from llama_cpp.server.app import create_app
+        from llama_cpp.server.settings import ModelSettings, ServerSettings
+    except ImportError as e:
+        raise QuantizeError("the server's packages are not installed", "run `make setup`") from e
+    n_ctx = n_ctx or int(info["fields"].get("llama.context_length") or 2048)
+    threads = threads or max(1, min(os.cpu_count() or 1, 8))
+    model = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
+                          n_threads_batch=threads, verbose=False)
+    settings = ServerSettings(host=host, port=port, api_key=api_key)
+    try:
+        app = create_app(server_settings=settings, model_settings=[model])
+    except (ValueError, RuntimeError) as e:
+        raise QuantizeError(f"llama.cpp could not load {path}: {e}", "check the file with `appliance generate`"
+                            ) from e
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
+    server = uvicorn.Server(config)
+    url = f"http://{host}:{port}/v1"
+
+    original = server.startup
+
+    async def startup(sockets=None):
+        await original(sockets)
+        if server.started:
+            on_ready(url)
+
+    server.startup = startup  # type: ignore[method-assign]
+    server.run()
+    if not server.started:
+        raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass --port")

@@ -1,0 +1,121 @@
+"""The quality report of an export: does the GGUF behave like the model it came from?
+
+- tokenizer agreement: llama.cpp tokenizes each held-out record exactly as the transformers tokenizer;
+- perplexity of the GGUF and of the source model on the same tokens, the same windows;
+- top-1 agreement (same next-token argmax), max |logit difference|, mean KL divergence (source || GGUF).
+The report holds numbers and record positions only, never text: it is written beside the GGUF.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class Report:
+    type: str
+    eval_data: str
+    eval_split: str
+    tokens: int = 0
+    windows: int = 0
+    window: int = 0
+    ppl_source: float = 0.0
+    ppl_gguf: float = 0.0
+    ppl_delta_pct: float = 0.0
+    top1_agreement: float = 0.0
+    max_logit_diff: float = 0.0
+    mean_kld: float = 0.0
+    tokenizer_records: int = 0
+    tokenizer_agreed: int = 0
+    tokenizer_mismatches: list[int] = field(default_factory=list)  # positions in the eval split
+    ppl_bound_pct: float = 0.0
+    flags: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.flags
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "ok": self.ok}
+
+
+def token_stream(tokenizer, texts: Iterable[str], limit: int) -> np.ndarray:
+    """Documents joined by EOS, as in training, cut at `limit` tokens."""
+    out: list[int] = []
+    for text in texts:
+        out += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        if len(out) >= limit:
+            break
+    return np.asarray(out[:limit], dtype=np.int64)
+
+
+def windows_of(stream: np.ndarray, window: int) -> list[np.ndarray]:
+    """Consecutive windows; a last one shorter than 2 tokens predicts nothing and is dropped."""
+    return [w for w in (stream[i:i + window] for i in range(0, len(stream), window)) if len(w) >= 2]
+
+
+def tokenizer_agreement(llm, tokenizer, records: Iterable[tuple[int, str]], rep: Report) -> None:
+    """Each (position, text): llama.cpp's ids must equal transformers' ids (special tokens parsed by both)."""
+    for pos, text in records:
+        ours = tokenizer(text, add_special_tokens=False)["input_ids"]
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        rep.tokenizer_records += 1
+        if list(ours) == list(theirs):
+            rep.tokenizer_agreed += 1
+        elif len(rep.tokenizer_mismatches) < 20:
+            rep.tokenizer_mismatches.append(pos)
+
+
+def compare(source, llm, windows: list[np.ndarray], rep: Report,
+            progress: Callable[[int, int], None] = lambda d, t: None) -> None:
+    """Run both models over every window; fill the perplexity and agreement fields of `rep`."""
+    import torch
+
+    nll_src = nll_gguf = kld = 0.0
+    agree = n = 0
+    max_diff = 0.0
+    for i, w in enumerate(windows):
+        with torch.no_grad():
+            a = source(torch.as_tensor(w)[None]).logits[0].double().numpy()  # (T, vocab)
+        llm.reset()
+        llm.eval(w.tolist())
+        b = np.asarray(llm.scores[:len(w)], dtype=np.float64)  # (T, vocab)
+        la, lb = _log_softmax(a[:-1]), _log_softmax(b[:-1])
+        target = w[1:]
+        rows = np.arange(len(target))
+        nll_src -= la[rows, target].sum()
+        nll_gguf -= lb[rows, target].sum()
+        kld += (np.exp(la) * (la - lb)).sum()
+        agree += int((a.argmax(-1) == b.argmax(-1)).sum())
+        n += len(target)
+        max_diff = max(max_diff, float(np.abs(a - b).max()))
+        rep.tokens += len(w)
+        progress(i + 1, len(windows))
+    rep.windows = len(windows)
+    rep.ppl_source = round(float(np.exp(nll_src / n)), 4)
+    rep.ppl_gguf = round(float(np.exp(nll_gguf / n)), 4)
+    rep.ppl_delta_pct = round(100.0 * (rep.ppl_gguf / rep.ppl_source - 1.0), 3)
+    rep.top1_agreement = round(agree / (n + len(windows)), 5)
+    rep.max_logit_diff = round(max_diff, 5)
+    rep.mean_kld = round(kld / n, 6)
+
+
+def judge(rep: Report, bound_pct: float, exact: bool) -> None:
+    """Flag what an operator must know before shipping this file."""
+    rep.ppl_bound_pct = bound_pct
+    if rep.tokenizer_agreed < rep.tokenizer_records:
+        rep.flags.append(f"tokenizer: llama.cpp disagrees on {rep.tokenizer_records - rep.tokenizer_agreed} of "
+                         f"{rep.tokenizer_records} held-out records")
+    if rep.ppl_delta_pct > bound_pct:
+        rep.flags.append(f"perplexity rose {rep.ppl_delta_pct:.2f}% (bound {bound_pct:g}%)")
+    if exact and rep.top1_agreement < 1.0:
+        rep.flags.append(f"top-1 agreement {rep.top1_agreement:.4f} where the {rep.type} file must match "
+                         "the source model exactly")
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    m = x.max(-1, keepdims=True)
+    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -1,0 +1,288 @@
+"""`appliance quantize MODEL --type T`: export, quantize, prove the quality, record the lineage.
+
+Reads top to bottom: resolve the model and the data -> write an f32 GGUF with our writer -> (importance
+matrix on vault data) -> llama.cpp quantizes -> the quality report against the source model -> Modelfile
+and appliance.json beside the file -> lineage node `MODEL:TYPE` and an audit entry. Everything is built in
+a temp directory beside its final place and renamed in when complete: a failure or a kill leaves nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import UsageError
+from appliance.home import atomic_dir
+from appliance.quantize import gguf_export, llama, quality, types
+from appliance.quantize.types import QuantizeError, QuantType
+
+Progress = Callable[[str, int, int], None]
+MAX_TOKENIZER_RECORDS = 500
+
+
+@dataclass
+class QuantizeResult:
+    id: str
+    path: str
+    type: str
+    source: str
+    size: int
+    bits_per_weight: float
+    params: int
+    tensor_types: dict
+    fallbacks: list[dict]
+    quality: dict
+    imatrix: str | None = None
+    seconds: dict = field(default_factory=dict)
+    existing: bool = False
+
+    @property
+    def flagged(self) -> bool:
+        return not self.quality.get("ok", True)
+
+    def to_json(self) -> dict:
+        return {**self.__dict__, "flagged": self.flagged}
+
+
+def gguf_dir(home_artifacts: Path, gguf_id: str) -> Path:
+    """`artifacts/gguf/NAME@K-TYPE/`: no ':' in file names, so the files copy onto any edge filesystem."""
+    return home_artifacts / "gguf" / gguf_id.replace(":", "-")
+
+
+def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = None, eval_ref: str | None = None,
+             ppl_bound: float | None = None, eval_tokens: int = 2048, imatrix_tokens: int = 8192,
+             threads: int = 0, progress: Progress = lambda s, d, t: None) -> QuantizeResult:
+    """Export `model_ref` as a GGUF of `type_name`, with its quality report; see the module docstring."""
+    from appliance.train.run import code_version
+    from appliance.vault import lineage
+
+    qt = types.get(type_name)
+    if imatrix_ref and qt.block == 1:
+        raise UsageError(f"--imatrix does nothing for {qt.name}", "an importance matrix guides quantized types only")
+    model_id = _resolve_model(vault.con, model_ref)
+    model_dir = vault.home.artifacts / "models" / model_id
+    if not model_dir.is_dir():
+        raise QuantizeError(f"the files of model {model_id} are missing from {model_dir}", "retrain or re-import it")
+    gid = f"{model_id}:{qt.name}" + ("-imatrix" if imatrix_ref else "")
+    final = gguf_dir(vault.home.artifacts, gid)
+    if existing := _existing(vault.con, gid, final):
+        return existing
+    eval_ds = _version(vault.con, eval_ref) if eval_ref else _data_of(vault.con, model_id)
+    imatrix_ds = _version(vault.con, imatrix_ref) if imatrix_ref else None
+    gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
+    model_node = lineage.node(vault.con, model_id)
+    meta = {"id": gid, "type": qt.name, "source": model_id, "source_hash": model_node["content_hash"] or "",
+            "code_version": code_version(), "name": gid}
+    threads = threads or min(os.cpu_count() or 1, 8)
+    secs: dict[str, float] = {}
+    fname = f"{final.name}.gguf"
+    with atomic_dir(final) as tmp:
+        t0 = time.perf_counter()
+        f32 = tmp / ("source-f32.gguf" if qt.name != "f32" else fname)
+        info = gguf_export.write(model_dir, f32, meta, lambda d, t: progress("export", d, t))
+        secs["export"] = time.perf_counter() - t0
+        source, tok = _load_source(model_dir)
+        ctx = min(info["context"], 512)
+        imat = None
+        if imatrix_ds:
+            t0 = time.perf_counter()
+            from appliance.quantize.imatrix import compute
+
+            stream = quality.token_stream(tok, _texts(vault.con, imatrix_ds, "train"), imatrix_tokens)
+            imat = compute(source, quality.windows_of(stream, ctx), lambda d, t: progress("imatrix", d, t))
+            secs["imatrix"] = time.perf_counter() - t0
+        out = tmp / fname
+        if qt.name != "f32":
+            t0 = time.perf_counter()
+            progress("quantize", 0, 1)
+            llama.quantize(f32, out, qt, imat, threads)
+            f32.unlink()
+            progress("quantize", 1, 1)
+            secs["quantize"] = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        rep = _quality(vault.con, source, tok, out, qt, eval_ds, eval_tokens, ctx, ppl_bound, threads, progress)
+        secs["quality"] = time.perf_counter() - t0
+        tensors = llama.tensor_types(out)
+        res = QuantizeResult(
+            id=gid, path=str(final / fname), type=qt.name, source=model_id, size=out.stat().st_size,
+            bits_per_weight=_bpw(tensors), params=info["params"], tensor_types=_type_counts(tensors),
+            fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds,
+            seconds={k: round(v, 3) for k, v in secs.items()})
+        sha = _sha256(out)
+        (tmp / "Modelfile").write_text(modelfile(fname, info))
+        (tmp / "appliance.json").write_text(json.dumps(
+            {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
+             "tensors": tensors}, indent=2, default=str))
+    parents = [(model_id, "source"), (eval_ds, "eval")] + ([(imatrix_ds, "imatrix")] if imatrix_ds else [])
+    attrs = {k: v for k, v in res.to_json().items() if k not in ("existing", "id")} | {"sha256": sha}
+    with vault.transaction():
+        lineage.add_node(vault.con, gid, "gguf", parents, content_hash=sha, attrs=attrs)
+        vault.audit("quantize.export", [gid, model_id], {"type": qt.name, "size": res.size,
+                                                         "ppl_delta_pct": rep.ppl_delta_pct, "flags": len(rep.flags)})
+    return res
+
+
+def _resolve_model(con, ref: str) -> str:
+    from appliance.train.run import resolve_node
+
+    try:
+        return resolve_node(con, ref, ("model",), "model")
+    except UsageError:
+        adapter = con.execute("SELECT 1 FROM lineage_nodes WHERE id = ? AND kind = 'adapter'", [ref]).fetchone()
+        if adapter:
+            raise UsageError(f"{ref} is a LoRA adapter, not a model",
+                             f"merge it first: `appliance train merge {ref}`") from None
+        raise
+
+
+def _existing(con, gid: str, final: Path) -> QuantizeResult | None:
+    """The same model and type were exported before: ids are never reused, so hand back that export."""
+    row = con.execute("SELECT attrs FROM lineage_nodes WHERE id = ?", [gid]).fetchone()
+    if row is None:
+        return None
+    attrs = json.loads(row[0])
+    if not Path(attrs["path"]).is_file():
+        raise QuantizeError(f"{gid} was exported before but its file {attrs['path']} is gone",
+                            "restore artifacts/gguf from a backup")
+    keep = {k: v for k, v in attrs.items() if k in QuantizeResult.__dataclass_fields__}
+    return QuantizeResult(id=gid, **keep, existing=True)
+
+
+def _version(con, ref: str) -> str:
+    from appliance.vault.versions import resolve
+
+    _, name, n = resolve(con, ref)
+    return f"{name}@{n}"
+
+
+def _data_of(con, model_id: str) -> str:
+    """The nearest dataset version in the model's ancestry (what it was trained or fine-tuned on)."""
+    frontier, seen = [model_id], {model_id}
+    while frontier:
+        nxt = []
+        for child in frontier:
+            for parent, kind in con.execute(
+                    "SELECT e.parent, n.kind FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.parent "
+                    "WHERE e.child = ? ORDER BY e.role = 'data' DESC, e.parent", [child]).fetchall():
+                if kind == "dataset":
+                    return parent
+                if parent not in seen:
+                    seen.add(parent)
+                    nxt.append(parent)
+        frontier = nxt
+    raise UsageError(f"{model_id} has no dataset in its lineage to measure quality on",
+                     "pass --eval DATASET@N (its validation split is used)")
+
+
+def _texts(con, ref: str, split: str):
+    from appliance.vault.versions import iter_records
+
+    for rec in iter_records(con, ref, split=split):
+        yield rec["text"]
+
+
+def _records(con, ref: str) -> tuple[str, list[tuple[int, str]]]:
+    """Held-out records (position in the version, text): the validation split, else the train split."""
+    from appliance.vault.versions import iter_records
+
+    for split in ("validation", "train"):
+        recs = []
+        for rec in iter_records(con, ref, split=split):
+            recs.append((rec["ord"], rec["text"]))
+            if len(recs) >= MAX_TOKENIZER_RECORDS:
+                break
+        if recs:
+            return split, recs
+    raise UsageError(f"{ref} has no records to measure quality on", "pass --eval DATASET@N with text in it")
+
+
+def _load_source(model_dir: Path):
+    from transformers import AutoTokenizer
+
+    from appliance.quantize.imatrix import load_source
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    return load_source(model_dir), tok
+
+
+def _quality(con, source, tok, path: Path, qt: QuantType, eval_ds: str, eval_tokens: int, ctx: int,
+             ppl_bound: float | None, threads: int, progress: Progress) -> quality.Report:
+    split, recs = _records(con, eval_ds)
+    rep = quality.Report(qt.name, eval_ds, split, window=ctx)
+    llm = llama.load(path, n_ctx=ctx, logits_all=True, threads=threads)
+    try:
+        progress("tokenizer check", 0, len(recs))
+        quality.tokenizer_agreement(llm, tok, recs, rep)
+        progress("tokenizer check", len(recs), len(recs))
+        stream = quality.token_stream(tok, (t for _, t in recs), eval_tokens)
+        windows = quality.windows_of(stream, ctx)
+        if not windows:
+            raise UsageError(f"{eval_ds} gives too little text to measure perplexity", "pass a larger --eval")
+        quality.compare(source, llm, windows, rep, lambda d, t: progress("perplexity", d, t))
+    finally:
+        llm.close()
+    quality.judge(rep, qt.ppl_bound if ppl_bound is None else ppl_bound, qt.exact)
+    return rep
+
+
+def fallbacks(tensors: list[dict], qt: QuantType) -> list[dict]:
+    """Matrices the chosen type could not take, because a row does not fill whole quantization blocks."""
+    out = []
+    for t in tensors:
+        cols = t["shape"][0]
+        if len(t["shape"]) >= 2 and qt.block > 1 and cols % qt.block:
+            out.append({"tensor": t["name"], "stored_as": t["type"],
+                        "why": f"rows of {cols} values are not a multiple of {qt.block}, the {qt.name} block"})
+    return out
+
+
+def _type_counts(tensors: list[dict]) -> dict:
+    counts: dict[str, int] = {}
+    for t in tensors:
+        counts[t["type"]] = counts.get(t["type"], 0) + 1
+    return dict(sorted(counts.items()))
+
+
+def _bpw(tensors: list[dict]) -> float:
+    return round(8.0 * sum(t["bytes"] for t in tensors) / max(1, sum(t["elements"] for t in tensors)), 3)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def modelfile(gguf_name: str, info: dict) -> str:
+    """An Ollama Modelfile for sites that serve with Ollama: `ollama create NAME -f Modelfile`."""
+    lines = [f"# ollama create {gguf_name.removesuffix('.gguf')} -f Modelfile", f"FROM ./{gguf_name}"]
+    if info["chat_template"]:  # the appliance's tokenizers speak ChatML
+        lines += ['TEMPLATE """{{- range .Messages }}<|im_start|>{{ .Role }}',
+                  "{{ .Content }}<|im_end|>", '{{ end }}<|im_start|>assistant', '"""',
+                  'PARAMETER stop "<|im_end|>"']
+    else:
+        lines.append('TEMPLATE """{{ .Prompt }}"""')
+    lines += ['PARAMETER stop "<|end_of_text|>"', f"PARAMETER num_ctx {info['context']}"]
+    return "\n".join(lines) + "\n"
+
+
+def exported(con) -> list[dict]:
+    """Every GGUF the vault knows, newest first."""
+    rows = con.execute("SELECT id, created, attrs FROM lineage_nodes WHERE kind = 'gguf' ORDER BY created DESC, id"
+                       ).fetchall()
+    out = []
+    for gid, created, attrs in rows:
+        a = json.loads(attrs)
+        q = a.get("quality", {})
+        out.append({"id": gid, "created": str(created)[:19], "type": a.get("type"), "source": a.get("source"),
+                    "size": a.get("size"), "bits_per_weight": a.get("bits_per_weight"),
+                    "ppl_delta_pct": q.get("ppl_delta_pct"), "top1_agreement": q.get("top1_agreement"),
+                    "flagged": not q.get("ok", True), "path": a.get("path")})
+    return out
