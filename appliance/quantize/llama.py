@@ -57,8 +57,11 @@ def _last_error() -> str:
 
 
 def quantize(src: Path, dst: Path, qtype: QuantType, imatrix: dict[str, np.ndarray] | None = None,
-             threads: int = 0) -> None:
-    """`llama_model_quantize` from `src` (an f32 GGUF) to `dst` as `qtype`, with an importance matrix if given."""
+             threads: int = 0) -> str:
+    """`llama_model_quantize` from `src` (an f32 GGUF) to `dst` as `qtype`, with an importance matrix if given.
+
+    Returns llama.cpp's log of the run (what it chose per tensor, how much of the importance matrix it used).
+    """
     ll = lib()
     params = ll.llama_model_quantize_default_params()
     params.nthread = threads or (os.cpu_count() or 1)
@@ -81,6 +84,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, imatrix: dict[str, np.ndarr
     if rc != 0:
         raise QuantizeError(f"llama.cpp could not quantize to {qtype.name}: {_last_error() or f'code {rc}'}",
                             "rerun with APPLIANCE_DEBUG=1 to see llama.cpp's log")
+    return logs()
 
 
 def check(path: Path) -> dict:

@@ -38,6 +38,7 @@ class QuantizeResult:
     fallbacks: list[dict]
     quality: dict
     imatrix: str | None = None
+    imatrix_entries: int | None = None  # how many matrices llama.cpp took importance data for
     seconds: dict = field(default_factory=dict)
     existing: bool = False
 
@@ -88,7 +89,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         secs["export"] = time.perf_counter() - t0
         source, tok = _load_source(model_dir)
         ctx = min(info["context"], 512)
-        imat = None
+        imat, imat_used = None, None
         if imatrix_ds:
             t0 = time.perf_counter()
             from appliance.quantize.imatrix import compute
@@ -100,7 +101,9 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         if qt.name != "f32":
             t0 = time.perf_counter()
             progress("quantize", 0, 1)
-            llama.quantize(f32, out, qt, imat, threads)
+            log = llama.quantize(f32, out, qt, imat, threads)
+            if imat is not None:
+                imat_used = _imatrix_used(log)
             f32.unlink()
             progress("quantize", 1, 1)
             secs["quantize"] = time.perf_counter() - t0
@@ -111,7 +114,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         res = QuantizeResult(
             id=gid, path=str(final / fname), type=qt.name, source=model_id, size=out.stat().st_size,
             bits_per_weight=_bpw(tensors), params=info["params"], tensor_types=_type_counts(tensors),
-            fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds,
+            fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds, imatrix_entries=imat_used,
             seconds={k: round(v, 3) for k, v in secs.items()})
         sha = _sha256(out)
         (tmp / "Modelfile").write_text(modelfile(fname, info))
@@ -228,6 +231,20 @@ def _quality(con, source, tok, path: Path, qt: QuantType, eval_ds: str, eval_tok
         llm.close()
     quality.judge(rep, qt.ppl_bound if ppl_bound is None else ppl_bound, qt.exact)
     return rep
+
+
+def _imatrix_used(log: str) -> int:
+    """How many entries llama.cpp took; a matrix it found none for (but the embedding table) is an error."""
+    import re
+
+    m = re.search(r"have importance matrix data with (\d+) entries", log)
+    if not m:
+        raise QuantizeError("llama.cpp did not take the importance matrix", "rerun with APPLIANCE_DEBUG=1")
+    missing = [n for n in re.findall(r"did not find weights for (\S+)", log) if n != "token_embd.weight"]
+    if missing:
+        raise QuantizeError(f"the importance matrix has no data for {', '.join(missing[:3])}",
+                            "this is a bug in the appliance's importance matrix; quantize without --imatrix")
+    return int(m.group(1))
 
 
 def fallbacks(tensors: list[dict], qt: QuantType) -> list[dict]:
