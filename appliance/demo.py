@@ -87,7 +87,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
             stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
                                f"of {tok.dataset}", id=tok.id)
-            _train(v, tok.id, stage)
+            merged = _train(v, tok.id, stage)
+            _quantize(v, merged, stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -103,7 +104,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     return summary
 
 
-def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> None:
+def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
     """Pre-train the tiny dense preset on the handbook, then LoRA-tune it on the handbook Q&A pairs."""
     from appliance.train.config import load_recipe
     from appliance.train.run import losses, run
@@ -122,6 +123,31 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> None:
     ls = losses(v.con, s.id)
     stage("sft", f"{s.id}: LoRA r=8 on {r.id}, {len(ls)} steps on handbook-qa@1 (answers only), loss "
                  f"{ls[0]:.2f} -> {ls[-1]:.2f}; merged as {s.merged}", id=s.id, merged=s.merged)
+    return s.merged
+
+
+def _quantize(v, model_id: str, stage: Callable[..., None]) -> None:
+    """GGUF exports checked against the source model, then a completion through llama.cpp."""
+    from appliance.quantize.infer import chat_turn, open_model
+    from appliance.quantize.stage import quantize
+
+    for qtype, imatrix in (("q8_0", None), ("q4_k_m", "handbook-qa@1")):
+        r = quantize(v, model_id, qtype, imatrix_ref=imatrix)
+        q = r.quality
+        fell = (f"; {len(r.fallbacks)} tensors kept at {'/'.join(sorted({f['stored_as'] for f in r.fallbacks}))} "
+                f"(rows of 64 do not fill 256-value k-quant blocks)" if r.fallbacks else "")
+        stage("quantize", f"{r.id}: {r.size // 1024} KiB, {r.bits_per_weight:.2f} bits/weight; perplexity "
+                          f"{q['ppl_delta_pct']:+.2f}% vs. the source, top-1 {q['top1_agreement']:.1%}, tokenizer "
+                          f"{q['tokenizer_agreed']}/{q['tokenizer_records']} held-out records identical{fell}",
+              id=r.id, path=r.path, quality=q)
+    question = "What does the tarn valve do?"
+    t0 = time.perf_counter()
+    llm = open_model(Path(r.path), n_ctx=256, seed=1)
+    text = "".join(chat_turn(llm, [{"role": "user", "content": question}], max_tokens=24, temperature=0.7))
+    secs = time.perf_counter() - t0
+    llm.close()
+    stage("chat", f"llama.cpp on {r.id} ({secs:.2f} s; a 170k-parameter model, so expect little sense): "
+                  f"{question!r} -> {' '.join(text.split())[:90]!r}", text=text)
 
 
 def _chain(t: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 import json
 import subprocess
+from pathlib import Path
 
 from tests.conftest import PY, python_env
 
@@ -53,6 +54,10 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     assert stages[:2] == ["samples", "init"] and stages[-2:] == ["check", "audit"]
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1"]
+    assert stages[-6:-2] == ["sft", "quantize", "quantize", "chat"]
+    quants = [s for s in r.json["stages"] if s["stage"] == "quantize"]
+    assert [q["id"] for q in quants] == ["sft-lora-merged@1:q8_0", "sft-lora-merged@1:q4_k_m-imatrix"]
+    assert all(q["quality"]["ok"] and Path(q["path"]).is_file() for q in quants)
     assert cli("--home", h, "--json", "demo").code == 0  # reruns cleanly in its own home
     other = tmp_path / "not-a-demo"
     other.mkdir()
@@ -64,7 +69,7 @@ def test_demo_runs_end_to_end(tmp_path, cli):
 def test_light_imports():
     """The CLI starts without duckdb/torch/textual; bundles needs only the standard library and cryptography."""
     code = ("import sys, appliance.cli, bundles; "
-            "print(sorted(m for m in ('duckdb', 'torch', 'textual', 'transformers') if m in sys.modules))")
+            "print(sorted(m for m in ('duckdb', 'torch', 'textual', 'transformers', 'llama_cpp') if m in sys.modules))")
     r = subprocess.run([PY, "-c", code], env=python_env(), capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr
     code = "import appliance.vault, sys; print('textual' in sys.modules, 'torch' in sys.modules)"
