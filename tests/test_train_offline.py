@@ -1,4 +1,4 @@
-"""No training path reaches for the network: every socket but a local Unix one fails, and is logged."""
+"""No training or quantizing path reaches for the network: every socket but a local Unix one fails, and is logged."""
 
 import subprocess
 import textwrap
@@ -56,11 +56,14 @@ SCRIPT = textwrap.dedent('''
     from transformers import AutoModelForCausalLM, AutoTokenizer
     AutoModelForCausalLM.from_pretrained(home + "/artifacts/models/sft-lora-merged@1")
     AutoTokenizer.from_pretrained(home + "/artifacts/models/sft-lora-merged@1")
+    call("--home", home, "--json", "quantize", "sft-lora-merged@1", "--type", "q4_k_m", "--imatrix", "handbook",
+         "--eval-tokens", "256")
+    call("--home", home, "generate", "sft-lora-merged@1:q4_k_m-imatrix", "The permit", "--max-tokens", "4")
     print("ALL-DONE")
 ''')
 
 
-def test_training_never_touches_the_network(train_home, tmp_path):
+def test_training_and_quantizing_never_touch_the_network(train_home, tmp_path):
     guard = tmp_path / "guard"
     guard.mkdir()
     (guard / "sitecustomize.py").write_text(GUARD)
