@@ -156,7 +156,7 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
     """Talk to a GGUF chat model in the terminal, streaming its replies. /reset forgets, /exit leaves."""
     from appliance.quantize.infer import chat_loop, locate, open_model
 
-    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads, seed or 0)
+    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads)
     if not llm.metadata.get("tokenizer.chat_template"):
         raise UsageError(f"{model} has no chat template", "use `appliance generate` for plain completion")
 
@@ -169,12 +169,13 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
         return line
 
     def write(s: str) -> None:
-        sys.stdout.write(s)
-        sys.stdout.flush()
+        if not c.json:  # with --json, stdout carries only the final object
+            sys.stdout.write(s)
+            sys.stdout.flush()
 
-    turns = chat_loop(llm, read, write, system, max_tokens, temperature)
+    replies = chat_loop(llm, read, write, system, max_tokens, temperature, seed)
     if c.json:
-        c.emit({"model": model, "turns": turns})
+        c.emit({"model": model, "turns": len(replies), "replies": replies})
 
 
 @command(cli, "serve")

@@ -165,11 +165,37 @@ def test_importance_matrix_from_vault_data(qhome, cli):
     # llama.cpp received one entry per quantized matrix: 7 per layer and the untied output
     assert d["imatrix_entries"] == 15
     plain = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "q4_k_m", "--eval-tokens", "512").json
-    assert Path(plain["path"]).read_bytes() != Path(d["path"]).read_bytes()
+    assert tensor_bytes(plain["path"], "blk.0.attn_q.weight") != tensor_bytes(d["path"], "blk.0.attn_q.weight")
+    assert tensor_bytes(plain["path"], "blk.0.attn_norm.weight") == tensor_bytes(d["path"], "blk.0.attn_norm.weight")
+    other = cli("--home", qhome, "quantize", "kq@1", "--type", "q4_k_m", "--imatrix", "handbook-qa@1")
+    assert other.code == 2 and "already exists, quantized with the importance matrix of handbook@1" in other.err
     tree = cli("--home", qhome, "--json", "lineage", "kq@1:q4_k_m-imatrix").json["lineage"]
     assert ("handbook@1", "imatrix") in {(p["id"], p["role"]) for p in tree["parents"]}
     bad = cli("--home", qhome, "quantize", "kq@1", "--type", "f16", "--imatrix", "handbook@1")
     assert bad.code == 2 and "--imatrix does nothing for f16" in bad.err
+
+
+def tensor_bytes(path: str, name: str) -> bytes:
+    from gguf import GGUFReader
+
+    return next(t for t in GGUFReader(path).tensors if t.name == name).data.tobytes()
+
+
+def test_importance_matrix_of_experts(qhome):
+    """One row per expert, averaged over the tokens the router sends it; llama.cpp takes every entry."""
+    from appliance.quantize.imatrix import compute, load_source
+    from appliance.quantize.stage import quantize
+
+    model = load_source(model_dir(qhome, "kqmoe@1"))
+    got = compute(model, [np.arange(3, 131, dtype=np.int64)])
+    assert got["blk.0.ffn_gate_exps.weight"].shape == (4 * 256,)
+    assert got["blk.0.ffn_down_exps.weight"].shape == (4 * 320,)  # the down projection's input is 320 wide
+    rows = got["blk.1.ffn_up_exps.weight"].reshape(4, 256)
+    assert len({round(float(r.mean()), 6) for r in rows}) > 1  # experts saw different tokens
+    with open_vault(qhome) as v:
+        res = quantize(v, "kqmoe@1", "q4_k_m", imatrix_ref="handbook@1", eval_tokens=256, imatrix_tokens=512,
+                       threads=1)
+    assert res.imatrix_entries == 14 and res.quality["ok"]  # 2 layers x (4 attention + 3 expert tensors)
 
 
 def test_importance_matrix_values_are_mean_squared_activations(qbase):
@@ -200,8 +226,11 @@ def test_a_quant_over_its_bound_is_flagged_and_strict_fails(qhome, cli):
     assert Path(d["path"]).is_file()  # kept, and recorded as flagged, for the operator to inspect
     listed = cli("--home", qhome, "--json", "quantize", "--list").json["gguf"]
     assert listed[0]["flagged"]
-    human = cli("--home", qhome, "quantize", "kq@1", "--type", "q4_0")
+    human = cli("--home", qhome, "quantize", "kq@1", "--type", "q4_0", "--ppl-bound", "0.01")
     assert human.code == 0 and "warning: perplexity rose" in human.err  # without --strict: a warning
+    # the recorded export is judged again against the bound asked for now
+    again = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "q4_0", "--strict")
+    assert again.code == 0 and again.json["existing"] and not again.json["flagged"]
 
 
 def test_bad_input_is_one_line_and_leaves_nothing(qhome, cli, tmp_path, monkeypatch):
@@ -289,6 +318,10 @@ def test_chat_streams_replies_until_exit(qhome, cli):
                        env=python_env(), timeout=120)
     assert p.returncode == 0, p.stderr
     assert p.stdout.count("model> ") == 2 and "(conversation cleared)" in p.stdout
+    p = subprocess.run([PY, "-m", "appliance", "--json", "chat", path, "--max-tokens", "8", "--seed", "3"],
+                       input="What is a permit?\n", capture_output=True, text=True, env=python_env(), timeout=120)
+    d = json.loads(p.stdout)  # with --json, stdout is one object and nothing else
+    assert p.returncode == 0 and d["turns"] == 1 and len(d["replies"]) == 1
 
 
 def _free_port() -> int:
@@ -342,8 +375,12 @@ def test_serve_speaks_openai_to_the_official_client(qhome, cli, tmp_path):
         assert pieces and "".join(pieces) == chat.choices[0].message.content
         with pytest.raises(AuthenticationError):
             OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="wrong", max_retries=0).models.list()
+        busy = subprocess.run([PY, "-m", "appliance", "serve", path, "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert busy.returncode == 1 and "could not listen on 127.0.0.1" in busy.stderr
     finally:
         proc.send_signal(2)
         proc.wait(timeout=30)
+    assert proc.returncode == 0, proc.stderr.read()  # Ctrl-C is how a server is stopped
     r = cli("serve", path, "--host", "0.0.0.0")  # no key in this environment
     assert r.code == 2 and "without an API key" in r.err

@@ -66,9 +66,13 @@ def read_config(model_dir: Path) -> dict:
     rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
     if rope.get("rope_type", rope.get("type", "default")) not in ("default", None):
         problems.append(f"rope scaling {rope.get('rope_type', rope.get('type'))!r}")
+    window = cfg.get("sliding_window")
+    if window and window < cfg.get("max_position_embeddings", 0):
+        problems.append(f"sliding-window attention ({window})")
     if problems:
         raise QuantizeError(f"unsupported model variant: {', '.join(problems)}",
-                            "GGUF export handles plain Llama/Mixtral models (SiLU, no biases, default RoPE)")
+                            "GGUF export handles plain Llama/Mixtral models "
+                            "(SiLU, no biases, default RoPE, full attention)")
     return cfg
 
 

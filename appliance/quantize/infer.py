@@ -36,8 +36,7 @@ def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0):
 def generate(llm, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
              seed: int | None = None) -> Iterator[str]:
     """Stream the completion of `prompt`, piece by piece; stops at end of text or `max_tokens`."""
-    if seed is not None:
-        llm.set_seed(seed)
+    llm.set_seed(_seed(seed))
     for chunk in llm.create_completion(prompt, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
                                        stream=True):
         yield chunk["choices"][0]["text"]
@@ -48,8 +47,7 @@ def chat_turn(llm, messages: list[dict], max_tokens: int = 256, temperature: flo
     """Stream the assistant's reply to `messages` (rendered with the GGUF's own chat template)."""
     if not llm.metadata.get("tokenizer.chat_template"):
         raise QuantizeError("this GGUF has no chat template", "use `appliance generate` for plain completion")
-    if seed is not None:
-        llm.set_seed(seed)
+    llm.set_seed(_seed(seed))
     for chunk in llm.create_chat_completion(messages, max_tokens=max_tokens, temperature=temperature,
                                             stream=True):
         delta = chunk["choices"][0]["delta"]
@@ -57,20 +55,27 @@ def chat_turn(llm, messages: list[dict], max_tokens: int = 256, temperature: flo
             yield delta["content"]
 
 
+def _seed(seed: int | None) -> int:
+    """A given seed repeats a sample; without one, every call samples afresh."""
+    import secrets
+
+    return secrets.randbelow(2**31) if seed is None else seed
+
+
 def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], system: str = "",
-              max_tokens: int = 256, temperature: float = 0.7) -> int:
-    """A terminal conversation: /reset forgets, /exit or end of input leaves. Returns the turns taken."""
+              max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None) -> list[str]:
+    """A terminal conversation: /reset forgets, /exit or end of input leaves. Returns the replies."""
     messages = [{"role": "system", "content": system}] if system else []
-    turns = 0
+    replies: list[str] = []
     while True:
         try:
             line = read("you> ")
         except EOFError:
             write("\n")
-            return turns
+            return replies
         text = line.strip()
         if text in ("/exit", "/quit"):
-            return turns
+            return replies
         if text == "/reset":
             messages = messages[:1] if system else []
             write("(conversation cleared)\n")
@@ -79,10 +84,12 @@ def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], sys
             continue
         messages.append({"role": "user", "content": text})
         write("model> ")
-        reply = "".join(_echo(chat_turn(llm, messages, max_tokens, temperature), write))
+        reply = "".join(_echo(chat_turn(llm, messages, max_tokens, temperature, seed), write))
         write("\n")
         messages.append({"role": "assistant", "content": reply})
-        turns += 1
+        replies.append(reply)
+        if seed is not None:
+            seed += 1  # repeatable, but not the same draw for every turn
 
 
 def _echo(pieces: Iterator[str], write: Callable[[str], None]) -> Iterator[str]:
@@ -96,12 +103,14 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     """llama-cpp-python's OpenAI-compatible server over one GGUF, until interrupted."""
     info = llama.check(path)
     llama.lib()
+    os.environ.pop("CONFIG_FILE", None)  # llama_cpp's create_app would replace our settings (the API key too)
     try:
         import uvicorn
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
         raise QuantizeError("the server's packages are not installed", "run `make setup`") from e
+    _check_port(host, port)  # before minutes of loading a large model
     n_ctx = n_ctx or int(info["fields"].get("llama.context_length") or 2048)
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
     model = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
@@ -124,6 +133,37 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
             on_ready(url)
 
     server.startup = startup  # type: ignore[method-assign]
-    server.run()
+    try:
+        server.run()
+    except SystemExit:  # uvicorn exits the process when it cannot bind or start
+        if server.started:
+            raise
+    except KeyboardInterrupt:  # uvicorn re-raises the Ctrl-C it caught after a clean shutdown
+        if not server.started:
+            raise
+    finally:
+        _free_models()
     if not server.started:
-        raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass --port")
+        raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass another --port")
+
+
+def _check_port(host: str, port: int) -> None:
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise QuantizeError(f"could not listen on {host}:{port} ({e.strerror})",
+                                "is the port in use? pass another --port") from e
+
+
+def _free_models() -> None:
+    """Free the server's model while llama.cpp is still loaded (freed at interpreter exit, it can crash)."""
+    from llama_cpp.server import app
+
+    if app._llama_proxy is not None:
+        app._llama_proxy.free()
+        app._llama_proxy = None

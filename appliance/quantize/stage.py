@@ -71,10 +71,12 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         raise QuantizeError(f"the files of model {model_id} are missing from {model_dir}", "retrain or re-import it")
     gid = f"{model_id}:{qt.name}" + ("-imatrix" if imatrix_ref else "")
     final = gguf_dir(vault.home.artifacts, gid)
-    if existing := _existing(vault.con, gid, final):
-        return existing
-    eval_ds = _version(vault.con, eval_ref) if eval_ref else _data_of(vault.con, model_id)
     imatrix_ds = _version(vault.con, imatrix_ref) if imatrix_ref else None
+    eval_ds = _version(vault.con, eval_ref) if eval_ref else None
+    if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):
+        return existing
+    eval_ds = eval_ds or _data_of(vault.con, model_id)
+    _sweep(final.parent)
     gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
     model_node = lineage.node(vault.con, model_id)
     meta = {"id": gid, "type": qt.name, "source": model_id, "source_hash": model_node["content_hash"] or "",
@@ -95,7 +97,11 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
             from appliance.quantize.imatrix import compute
 
             stream = quality.token_stream(tok, _texts(vault.con, imatrix_ds, "train"), imatrix_tokens)
-            imat = compute(source, quality.windows_of(stream, ctx), lambda d, t: progress("imatrix", d, t))
+            windows = quality.windows_of(stream, ctx)
+            if not windows:
+                raise UsageError(f"{imatrix_ds} has no training text for an importance matrix",
+                                 "pass another --imatrix DATASET@N")
+            imat = compute(source, windows, lambda d, t: progress("imatrix", d, t))
             secs["imatrix"] = time.perf_counter() - t0
         out = tmp / fname
         if qt.name != "f32":
@@ -143,17 +149,41 @@ def _resolve_model(con, ref: str) -> str:
         raise
 
 
-def _existing(con, gid: str, final: Path) -> QuantizeResult | None:
-    """The same model and type were exported before: ids are never reused, so hand back that export."""
+def _existing(con, gid: str, final: Path, imatrix_ds: str | None, eval_ds: str | None, ppl_bound: float | None,
+              qt: QuantType) -> QuantizeResult | None:
+    """The same model and type were exported before: ids are never reused, so hand back that export.
+
+    Its quality numbers stand; the flags are judged again against the bound asked for now.
+    """
     row = con.execute("SELECT attrs FROM lineage_nodes WHERE id = ?", [gid]).fetchone()
     if row is None:
         return None
     attrs = json.loads(row[0])
-    if not Path(attrs["path"]).is_file():
-        raise QuantizeError(f"{gid} was exported before but its file {attrs['path']} is gone",
+    path = final / f"{final.name}.gguf"
+    if not path.is_file():
+        raise QuantizeError(f"{gid} was exported before but its file {path} is gone",
                             "restore artifacts/gguf from a backup")
+    if imatrix_ds and attrs.get("imatrix") != imatrix_ds:
+        raise UsageError(f"{gid} already exists, quantized with the importance matrix of {attrs.get('imatrix')}",
+                         "ids are never reused; use that export, or quantize another model version")
+    q = attrs["quality"]
+    if eval_ds and q["eval_data"] != eval_ds:
+        raise UsageError(f"{gid} already exists and was measured on {q['eval_data']}",
+                         "drop --eval to see that report")
+    rep = quality.Report(**{k: v for k, v in q.items() if k in quality.Report.__dataclass_fields__ and k != "flags"})
+    quality.judge(rep, qt.ppl_bound if ppl_bound is None else ppl_bound, qt.exact)
     keep = {k: v for k, v in attrs.items() if k in QuantizeResult.__dataclass_fields__}
-    return QuantizeResult(id=gid, **keep, existing=True)
+    return QuantizeResult(**{**keep, "id": gid, "path": str(path), "quality": rep.to_json(), "existing": True})
+
+
+def _sweep(gguf_root: Path) -> None:
+    """Temp directories a killed export left (the vault lock means no other export is running)."""
+    import shutil
+
+    if gguf_root.is_dir():
+        for d in gguf_root.iterdir():
+            if d.name.startswith(".") and d.is_dir():
+                shutil.rmtree(d, ignore_errors=True)
 
 
 def _version(con, ref: str) -> str:
@@ -171,7 +201,8 @@ def _data_of(con, model_id: str) -> str:
         for child in frontier:
             for parent, kind in con.execute(
                     "SELECT e.parent, n.kind FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.parent "
-                    "WHERE e.child = ? ORDER BY e.role = 'data' DESC, e.parent", [child]).fetchall():
+                    "WHERE e.child = ? ORDER BY CASE e.role WHEN 'data' THEN 0 WHEN 'adapter' THEN 1 "
+                    "WHEN 'base' THEN 2 ELSE 3 END, e.parent", [child]).fetchall():
                 if kind == "dataset":
                     return parent
                 if parent not in seen:
