@@ -15,7 +15,6 @@ with `appliance quantize` to every type. Measured:
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
@@ -24,6 +23,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import parser, update_section  # noqa: E402
 
 PASS = "benchmark passphrase"
 SHAPE = {"model.hidden_size": 512, "model.intermediate_size": 1536, "model.num_layers": 6, "model.num_heads": 8,
@@ -159,21 +160,8 @@ def report(r: dict, steps: int, threads: int) -> str:
     return "\n".join(lines)
 
 
-def _update(path: Path, body: str) -> None:
-    start, end = "<!-- edge_inference:start -->", "<!-- edge_inference:end -->"
-    text = path.read_text()
-    if start not in text:
-        text += f"\n## Edge inference (`benchmarks/edge_inference.py`)\n\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's section")
+    ap = parser(__doc__)
     a = ap.parse_args()
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                        "APPLIANCE_TRAIN_THREADS": str(a.threads)})
@@ -183,7 +171,7 @@ def main() -> None:
     body = report(r, a.steps, a.threads)
     print(body)
     if a.write:
-        _update(a.write, body)
+        update_section(a.write, "edge_inference", "Edge inference (`benchmarks/edge_inference.py`)", body)
 
 
 if __name__ == "__main__":

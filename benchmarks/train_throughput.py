@@ -26,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import parser, update_section  # noqa: E402
 
 PASS = "benchmark passphrase"
 SHAPE = {"model.hidden_size": 256, "model.intermediate_size": 768, "model.num_layers": 4, "model.num_heads": 4,
@@ -169,21 +171,8 @@ def report(r: dict, steps: int, threads: int) -> str:
     return "\n".join(lines)
 
 
-def _update(path: Path, body: str) -> None:
-    start, end = "<!-- train_throughput:start -->", "<!-- train_throughput:end -->"
-    text = path.read_text()
-    if start not in text:
-        text += f"\n## Training throughput (`benchmarks/train_throughput.py`)\n\n{start}\n{end}\n"
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    path.write_text(f"{head}{start}\n{body}\n{end}{tail}")
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
-    ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's section")
+    ap = parser(__doc__)
     ap.add_argument("--trainer-child", choices=["packed", "padded"], default=None, help=argparse.SUPPRESS)
     ap.add_argument("--home", type=Path, default=None, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -201,7 +190,7 @@ def main() -> None:
     body = report(r, a.steps, a.threads)
     print(body)
     if a.write:
-        _update(a.write, body)
+        update_section(a.write, "train_throughput", "Training throughput (`benchmarks/train_throughput.py`)", body)
 
 
 if __name__ == "__main__":

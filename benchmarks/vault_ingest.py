@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import re
 import resource
 import subprocess
 import sys
@@ -27,6 +26,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_report import update_section  # noqa: E402
 
 PASS = "benchmark passphrase"
 
@@ -234,18 +235,7 @@ def main() -> None:
     text = "\n".join(lines)
     print(text)
     if args.write:
-        _update(args.write, text)
-
-
-def _update(path: Path, body: str) -> None:
-    start, end = "<!-- vault_ingest:start -->", "<!-- vault_ingest:end -->"
-    old = path.read_text() if path.exists() else "# Benchmarks\n"
-    block = f"{start}\n{body}\n{end}"
-    if start in old:
-        new = re.sub(re.escape(start) + ".*?" + re.escape(end), lambda _m: block, old, flags=re.S)
-    else:
-        new = old.rstrip() + "\n\n## Vault ingest (`benchmarks/vault_ingest.py`)\n\n" + block + "\n"
-    path.write_text(new)
+        update_section(args.write, "vault_ingest", "Vault ingest (`benchmarks/vault_ingest.py`)", text)
 
 
 if __name__ == "__main__":

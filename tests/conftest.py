@@ -103,13 +103,18 @@ def train_base(tmp_path_factory, samples) -> Path:
     return h
 
 
-@pytest.fixture
-def train_home(train_base, tmp_path) -> Path:
+def copy_home(src: Path, parent: Path) -> Path:
+    """A private copy of a session home (`parent/home`), for a test that changes it."""
     import shutil
 
-    h = tmp_path / "home"
-    shutil.copytree(train_base, h)
+    h = parent / "home"
+    shutil.copytree(src, h)
     return h
+
+
+@pytest.fixture
+def train_home(train_base, tmp_path) -> Path:
+    return copy_home(train_base, tmp_path)
 
 
 def open_vault(h: Path, read_only: bool = False):

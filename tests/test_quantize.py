@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PY, open_vault, python_env
+from tests.conftest import PY, copy_home, open_vault, python_env
 
 DENSE = ["name=kq", "model.hidden_size=256", "model.intermediate_size=512", "model.tie_embeddings=false",
          "train.max_steps=16", "train.checkpoint_every=1000", "train.warmup_steps=2"]
@@ -26,8 +26,7 @@ def qbase(train_base, tmp_path_factory) -> Path:
     from appliance.train.config import load_recipe
     from appliance.train.run import run
 
-    h = tmp_path_factory.mktemp("quant") / "home"
-    shutil.copytree(train_base, h)
+    h = copy_home(train_base, tmp_path_factory.mktemp("quant"))
     with open_vault(h) as v:
         run(v, load_recipe("tiny-dense", DENSE))
         run(v, load_recipe("tiny-moe", MOE))
@@ -36,9 +35,7 @@ def qbase(train_base, tmp_path_factory) -> Path:
 
 @pytest.fixture
 def qhome(qbase, tmp_path) -> Path:
-    h = tmp_path / "home"
-    shutil.copytree(qbase, h)
-    return h
+    return copy_home(qbase, tmp_path)
 
 
 def model_dir(h: Path, model: str) -> Path:
