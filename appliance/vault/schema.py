@@ -43,6 +43,13 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS train_metrics (
         run VARCHAR NOT NULL, step INTEGER NOT NULL, loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
         tokens BIGINT, tokens_per_s DOUBLE, elapsed DOUBLE)""",
+    # Bundles sent and received: versions per bundle name (rollback checks) and where they landed.
+    """CREATE TABLE IF NOT EXISTS bundles_out (
+        name VARCHAR NOT NULL, version INTEGER NOT NULL, id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+        file VARCHAR NOT NULL, signer VARCHAR NOT NULL, created TIMESTAMP NOT NULL, PRIMARY KEY (name, version))""",
+    """CREATE TABLE IF NOT EXISTS bundles_in (
+        name VARCHAR NOT NULL, version INTEGER NOT NULL, id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
+        signer VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",

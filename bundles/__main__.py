@@ -1,0 +1,90 @@
+"""`python -m bundles inspect|verify|unpack`: what an edge device runs, with `cryptography` alone.
+
+    python -m bundles verify FILE --trust SITE.pub [--identity EDGE.key]
+    python -m bundles unpack FILE --to DIR --trust SITE.pub [--identity EDGE.key] [--state FILE]
+
+`--trust` takes public key files (trusted for every kind) or a trust-store directory. The secret key's
+passphrase comes from APPLIANCE_KEY_PASSPHRASE_FILE, APPLIANCE_KEY_PASSPHRASE or a prompt. `--state`
+remembers the newest version unpacked per bundle name, so an older release is refused (rollback).
+Exit codes: 0 ok, 1 refused or failed (one line on stderr), 2 usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from bundles import container
+from bundles.errors import BundleError
+from bundles.keys import SecretKey, key_passphrase, read_json
+from bundles.trust import TrustStore
+
+
+def identities(paths: list[Path]) -> list[SecretKey]:
+    return [SecretKey.unseal(read_json(p), key_passphrase(), str(p)) for p in paths]
+
+
+def _state(path: Path | None) -> dict:
+    if path is None or not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except ValueError:
+        raise BundleError(f"state file {path} is damaged",
+                          "restore it; without it rollback cannot be checked") from None
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bundles", description=__doc__.splitlines()[0])
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    for name in ("inspect", "verify", "unpack"):
+        p = sub.add_parser(name)
+        p.add_argument("file", type=Path)
+        p.add_argument("--identity", type=Path, action="append", default=[], help="secret key file (encrypted "
+                                                                                   "bundles)")
+        if name != "inspect":
+            p.add_argument("--trust", type=Path, action="append", required=True, help="public key or trust dir")
+            p.add_argument("--max-size", type=int, default=container.DEFAULT_MAX_SIZE)
+        if name == "unpack":
+            p.add_argument("--to", type=Path, required=True, help="new directory to unpack into")
+            p.add_argument("--state", type=Path, default=None, help="file remembering versions (rollback)")
+            p.add_argument("--allow-downgrade", action="store_true")
+    a = ap.parse_args(argv)
+    try:
+        ids = identities(a.identity)
+        if a.cmd == "inspect":
+            o = container.open_bundle(a.file, ids)
+            o.close()
+            print(json.dumps({"encrypted": o.encrypted, "recipients": o.recipients, "manifest": o.manifest},
+                             indent=2))
+            return 0
+        trust = TrustStore.load(*a.trust)
+        if a.cmd == "verify":
+            v = container.verify(a.file, trust, ids, max_size=a.max_size)
+        else:
+            state = _state(a.state)
+            o = container.open_bundle(a.file, ids)
+            o.close()
+            name = o.manifest.get("name")
+            v = container.verify(a.file, trust, ids, last_version=state.get(name), allow_downgrade=a.allow_downgrade,
+                                 max_size=a.max_size, unpack_to=a.to)
+            if a.state is not None:
+                state[name] = max(v.manifest["version"], state.get(name, 0))
+                tmp = a.state.with_name(f".{a.state.name}.tmp")
+                tmp.write_text(json.dumps(state, indent=2))
+                os.replace(tmp, a.state)
+        m = v.manifest
+        print(f"ok: {m['kind']} {m['name']} v{m['version']}, {len(m['files'])} file(s), {v.size:,} bytes, "
+              f"signed by {v.signer.name} ({v.signer.key.key_id})" + (f", unpacked to {a.to}" if a.cmd == "unpack"
+                                                                      else ""))
+        return 0
+    except BundleError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,293 @@
+"""One file per bundle: create it, open it, verify it, unpack it.
+
+Plain layout: MAGIC, u64 header length, header JSON {"manifest": canonical manifest text, "signature"},
+then every file's bytes in manifest order, and nothing after. Encrypted layout: ENC_MAGIC, u64 header
+length, header JSON {"recipients", "nonce", "chunk"}, then the plain layout as an encrypted stream.
+The signature is Ed25519 over a domain tag and the exact manifest bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+import tempfile
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import BinaryIO
+
+from bundles import crypt, manifest
+from bundles.digest import ALGORITHM, TreeHasher, digest_file, digest_range
+from bundles.errors import BundleError
+from bundles.keys import PublicKey, SecretKey, b64, unb64
+from bundles.trust import Trusted, TrustStore
+
+MAGIC = b"APPLIANCE-BUNDLE-1\n"
+ENC_MAGIC = b"APPLIANCE-BUNDLE-1-ENC\n"
+SIGN_DOMAIN = b"appliance-bundle-manifest-v1\x00"
+MAX_HEADER = 64 << 20
+DEFAULT_MAX_SIZE = 1 << 40
+COPY = 4 << 20
+
+
+@dataclass
+class Opened:
+    path: Path
+    encrypted: bool
+    manifest: dict
+    manifest_bytes: bytes
+    signature: bytes
+    data_offset: int = 0  # plain bundles: where the first file starts
+    recipients: list[str] = field(default_factory=list)
+    reader: crypt.DecryptingReader | None = None
+    handle: BinaryIO | None = None
+
+    def close(self) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+
+@dataclass
+class Verified:
+    manifest: dict
+    signer: Trusted
+    size: int
+    encrypted: bool
+
+
+def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str, Path]], signer: SecretKey,
+           lineage: dict | None = None, recipients: list[PublicKey] | None = None, expires_days: float = 365,
+           progress: Callable[[int], None] = lambda n: None) -> dict:
+    """Write a signed (and, with recipients, encrypted) bundle of `files` (bundle path, source file)."""
+    now = datetime.now(UTC).replace(microsecond=0)
+    entries = []
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 32))) as pool:
+        for rel, src in files:
+            st = os.lstat(src)
+            if not os.path.isfile(src) or os.path.islink(src):
+                raise BundleError(f"{src} is not a regular file", "bundles carry regular files only")
+            entries.append({"path": rel, "type": "file", "size": st.st_size, "digest": str(digest_file(src, pool))})
+    m = {"format": manifest.FORMAT, "kind": kind, "name": name, "version": version, "created": now.isoformat(),
+         "expires": (now + timedelta(days=expires_days)).isoformat(), "signer": signer.public.key_id,
+         "digest": ALGORITHM, "files": entries, "lineage": lineage or {}}
+    manifest.check(m, DEFAULT_MAX_SIZE)
+    mbytes = manifest.canonical(m)
+    header = json.dumps({"manifest": mbytes.decode(), "signature": b64(signer.sign(SIGN_DOMAIN + mbytes))}).encode()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            sink: BinaryIO | crypt.EncryptingWriter = f
+            if recipients:
+                key, nonce = crypt.new_key_and_nonce()
+                eh = json.dumps({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
+                                 "chunk": crypt.CHUNK}).encode()
+                f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
+                sink = crypt.EncryptingWriter(f, key, nonce)
+            sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            for (_, src), e in zip(files, entries):
+                h = TreeHasher()
+                with open(src, "rb") as s:
+                    while chunk := s.read(COPY):
+                        h.update(chunk)
+                        sink.write(chunk)
+                        progress(len(chunk))
+                if str(h.digest()) != e["digest"] or h.size != e["size"]:
+                    raise BundleError(f"{src} changed while it was being bundled", "run the export again")
+            if isinstance(sink, crypt.EncryptingWriter):
+                sink.close()
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return m
+
+
+def open_bundle(path: Path, identities: list[SecretKey] | None = None) -> Opened:
+    """Read the header (decrypting with one of `identities` when the bundle is encrypted)."""
+    try:
+        f = open(path, "rb")
+    except FileNotFoundError:
+        raise BundleError(f"{path} does not exist", "check the path") from None
+    except OSError as e:
+        raise BundleError(f"cannot read {path}: {e.strerror}", "check the path and its permissions") from None
+    try:
+        head = f.read(len(ENC_MAGIC))
+        if head == ENC_MAGIC:
+            eh = _header(f.read, "encryption header")
+            if eh.get("chunk") != crypt.CHUNK:
+                raise BundleError(f"unsupported encryption chunk size {eh.get('chunk')!r}", "the bundle is damaged")
+            recips = [str(s.get("key_id")) for s in eh.get("recipients", []) if isinstance(s, dict)]
+            if not identities:
+                raise BundleError(f"this bundle is encrypted (to {', '.join(recips)})",
+                                  "it needs a secret key it was encrypted to")
+            reader = crypt.DecryptingReader(f, crypt.unwrap(eh.get("recipients"), identities),
+                                            unb64(eh.get("nonce"), "encryption nonce"))
+            if reader.read(len(MAGIC)) != MAGIC:
+                raise BundleError("the decrypted bundle is not a bundle", "the bundle is damaged")
+            o = _parse(path, _header(reader.read, "header"), True)
+            o.recipients, o.reader, o.handle = recips, reader, f
+            return o
+        if not head.startswith(MAGIC):
+            raise BundleError(f"{path} is not an appliance bundle", "pass a file written by `appliance bundle export`")
+        f.seek(len(MAGIC))
+        o = _parse(path, _header(f.read, "header"), False)
+        o.data_offset = f.tell()
+        o.handle = f
+        return o
+    except BaseException:
+        f.close()
+        raise
+
+
+def _header(read: Callable[[int], bytes], what: str) -> dict:
+    raw = read(8)
+    if len(raw) != 8:
+        raise BundleError(f"the bundle is truncated (in its {what})", "copy the file again")
+    (n,) = struct.unpack("<Q", raw)
+    if n > MAX_HEADER:
+        raise BundleError(f"the bundle's {what} claims {n:,} bytes", "the bundle is damaged")
+    data = read(n)
+    if len(data) != n:
+        raise BundleError(f"the bundle is truncated (in its {what})", "copy the file again")
+    try:
+        h = json.loads(data)
+    except (UnicodeDecodeError, ValueError):
+        raise BundleError(f"the bundle's {what} is not valid JSON", "the bundle is damaged") from None
+    if not isinstance(h, dict):
+        raise BundleError(f"the bundle's {what} is not an object", "the bundle is damaged")
+    return h
+
+
+def _parse(path: Path, h: dict, encrypted: bool) -> Opened:
+    if not isinstance(h.get("manifest"), str):
+        raise BundleError("the bundle has no manifest", "the bundle is damaged")
+    mbytes = h["manifest"].encode()
+    sig = unb64(h.get("signature"), "signature")
+    return Opened(path, encrypted, manifest.parse(mbytes), mbytes, sig)
+
+
+def check_signature(o: Opened, trust: TrustStore) -> Trusted:
+    from cryptography.exceptions import InvalidSignature
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+    signer = trust.signer(str(o.manifest.get("signer")), str(o.manifest.get("kind")))
+    try:
+        Ed25519PublicKey.from_public_bytes(signer.key.ed25519).verify(o.signature, SIGN_DOMAIN + o.manifest_bytes)
+    except (InvalidSignature, ValueError):
+        raise BundleError(f"the manifest's signature does not verify with {signer.name}'s key",
+                          "the manifest was changed after signing, or the bundle is forged") from None
+    return signer
+
+
+def check_policy(m: dict, now: datetime | None, last_version: int | None, allow_downgrade: bool) -> None:
+    now = now or datetime.now(UTC)
+    if now >= manifest.utc(m["expires"], "expires"):
+        raise BundleError(f"bundle {m['name']} v{m['version']} expired on {m['expires']}",
+                          "ask the sender for a fresh export")
+    if last_version is not None and m["version"] <= last_version and not allow_downgrade:
+        raise BundleError(f"bundle {m['name']} v{m['version']} is not newer than v{last_version}, the last one "
+                          "imported", "an older release replayed is refused; --allow-downgrade overrides it "
+                                      "(audited)")
+
+
+def verify(path: Path, trust: TrustStore, identities: list[SecretKey] | None = None, now: datetime | None = None,
+           last_version: int | None = None, allow_downgrade: bool = False, max_size: int = DEFAULT_MAX_SIZE,
+           unpack_to: Path | None = None) -> Verified:
+    """Signature, trust, manifest, expiry, rollback, sizes and every digest; with `unpack_to`, also write the
+    files there (atomically: a temp directory renamed in only when everything checked)."""
+    o = open_bundle(path, identities)
+    try:
+        signer = check_signature(o, trust)
+        total = manifest.check(o.manifest, max_size)
+        check_policy(o.manifest, now, last_version, allow_downgrade)
+        if unpack_to is None and not o.encrypted:
+            _verify_plain(o, total)
+        else:
+            _stream(o, total, unpack_to)
+        return Verified(o.manifest, signer, total, o.encrypted)
+    finally:
+        o.close()
+
+
+def _verify_plain(o: Opened, total: int) -> None:
+    size = os.fstat(o.handle.fileno()).st_size
+    if size < o.data_offset + total:
+        raise BundleError(f"the bundle is truncated ({size:,} of {o.data_offset + total:,} bytes)",
+                          "copy the file again")
+    if size > o.data_offset + total:
+        raise BundleError(f"the bundle has {size - o.data_offset - total:,} bytes more than its manifest lists",
+                          "the file was extended or altered")
+    changed = []
+    offset = o.data_offset
+    with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 32))) as pool:
+        for e in o.manifest["files"]:
+            if str(digest_range(o.handle.fileno(), offset, e["size"], pool)) != e["digest"]:
+                changed.append(e["path"])
+            offset += e["size"]
+    if changed:
+        raise BundleError(f"{len(changed)} file(s) changed: {', '.join(changed[:5])}"
+                          f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
+
+
+def _stream(o: Opened, total: int, dest: Path | None) -> None:
+    """Read every file front to back (decrypting if need be), hash it, and write it under a temp dir."""
+    read = o.reader.read if o.reader else o.handle.read
+    tmp = None
+    if dest is not None:
+        if dest.exists():
+            raise BundleError(f"{dest} already exists", "unpack into a new directory")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
+    try:
+        changed = []
+        for e in o.manifest["files"]:
+            out = _create(tmp, e["path"]) if tmp else None
+            h = TreeHasher()
+            left = e["size"]
+            while left:
+                chunk = read(min(COPY, left))
+                if not chunk:
+                    raise BundleError(f"the bundle is truncated (inside {e['path']})", "copy the file again")
+                h.update(chunk)
+                if out is not None:
+                    os.write(out, chunk)
+                left -= len(chunk)
+            if out is not None:
+                os.fsync(out)
+                os.close(out)
+            if str(h.digest()) != e["digest"]:
+                changed.append(e["path"])
+        if o.reader is not None:
+            if o.reader.read(1) or not o.reader.at_end():
+                raise BundleError("the bundle has bytes more than its manifest lists", "the file was altered")
+        elif o.handle.read(1):
+            raise BundleError("the bundle has bytes more than its manifest lists", "the file was extended or altered")
+        if changed:
+            raise BundleError(f"{len(changed)} file(s) changed: {', '.join(changed[:5])}"
+                              f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
+        if tmp is not None:
+            os.replace(tmp, dest)
+    except BaseException:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _create(root: Path, rel: str) -> int:
+    """A new file at root/rel; never follows a link, never replaces anything (the manifest was checked)."""
+    parent = root
+    for part in rel.split("/")[:-1]:
+        parent = parent / part
+        if not parent.exists():
+            os.mkdir(parent, 0o700)
+        elif parent.is_symlink() or not parent.is_dir():
+            raise BundleError(f"entry {rel!r} would pass through a non-directory", "the bundle is crafted")
+    return os.open(root / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
