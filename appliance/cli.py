@@ -20,6 +20,7 @@ from appliance.errors import ApplianceError, CheckFailed, PartialIngest, VaultEr
 from appliance.home import Home, default_home
 from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
 from appliance.passphrase import check_new, get_passphrase
+from bundles.errors import BundleError
 
 
 @dataclass
@@ -539,6 +540,7 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
 
 
 # --- quantize, generate, chat, serve (their own module: appliance/cli_quantize.py) --------------------
+import appliance.cli_bundles  # noqa: E402,F401  (registers keys, trust, bundle)
 import appliance.cli_quantize  # noqa: E402,F401  (registers its commands on `cli`)
 
 
@@ -568,6 +570,8 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(e.exit_code)
     except ApplianceError as e:
         _fail(as_json and not e.json_emitted, e.message, e.hint, e.exit_code)
+    except BundleError as e:  # the light `bundles` package has its own root error
+        _fail(as_json, e.message, e.hint, e.exit_code)
     except KeyboardInterrupt:
         _fail(as_json, "interrupted", "nothing half-done was kept", 130)
     except Exception as e:  # last resort: one line, never a traceback

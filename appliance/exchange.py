@@ -1,0 +1,239 @@
+"""Keys, trust and bundles on the appliance side: what leaves the box and what comes in, recorded.
+
+The format lives in the light `bundles` package; this module picks what goes into a bundle (a model
+directory, a GGUF directory), numbers versions per bundle name, lands imports atomically in the home's
+artifacts, and writes lineage and audit entries. Secret keys live in HOME/keys sealed under their own
+passphrase (APPLIANCE_KEY_PASSPHRASE[_FILE]); trusted signers in HOME/trust.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from appliance.db_time import utcnow
+from appliance.errors import UsageError
+from appliance.home import Home, atomic_write
+from bundles import container
+from bundles.errors import BundleError
+from bundles.keys import PublicKey, SecretKey, key_passphrase, read_json
+from bundles.trust import TrustStore
+from bundles.trust import add as trust_add_entry
+from bundles.trust import remove as trust_remove_entry
+
+
+def keys_dir(home: Home) -> Path:
+    return home.root / "keys"
+
+
+def trust_dir(home: Home) -> Path:
+    return home.root / "trust"
+
+
+# --- keys ------------------------------------------------------------------------------------------
+def generate_key(vault, name: str) -> PublicKey:
+    from appliance.vault.ingest import validate_name
+
+    validate_name(name, "key")
+    d = keys_dir(vault.home)
+    if (d / f"{name}.key").exists():
+        raise UsageError(f"a key named {name} already exists", "pick another --name")
+    d.mkdir(mode=0o700, parents=True, exist_ok=True)
+    key = SecretKey.generate(name)
+    atomic_write(d / f"{name}.key", json.dumps(key.seal(key_passphrase()), indent=2).encode())
+    atomic_write(d / f"{name}.pub", json.dumps(key.public.to_json(), indent=2).encode(), mode=0o644)
+    with vault.transaction():
+        vault.audit("keys.generate", [name], {"key_id": key.public.key_id})
+    return key.public
+
+
+def list_keys(home: Home) -> list[dict]:
+    d = keys_dir(home)
+    return [{"name": p.stem, "key_id": PublicKey.load(p).key_id, "public": str(p)}
+            for p in sorted(d.glob("*.pub"))] if d.is_dir() else []
+
+
+def public_key(home: Home, name: str) -> tuple[Path, PublicKey]:
+    p = keys_dir(home) / f"{name}.pub"
+    if not p.is_file():
+        raise UsageError(f"no key named {name}", "see `appliance keys list`")
+    return p, PublicKey.load(p)
+
+
+def secret_key(home: Home, name: str) -> SecretKey:
+    p = keys_dir(home) / f"{name}.key"
+    if not p.is_file():
+        raise UsageError(f"no key named {name}", "see `appliance keys list`")
+    return SecretKey.unseal(read_json(p), key_passphrase(), str(p))
+
+
+def _identities(home: Home) -> list[SecretKey]:
+    d = keys_dir(home)
+    files = sorted(d.glob("*.key")) if d.is_dir() else []
+    return [SecretKey.unseal(read_json(p), key_passphrase(), str(p)) for p in files]
+
+
+# --- trust -----------------------------------------------------------------------------------------
+def trust_add(vault, pub_file: Path, name: str, kinds: list[str]) -> dict:
+    entry = trust_add_entry(trust_dir(vault.home), PublicKey.load(pub_file), name, kinds)
+    with vault.transaction():
+        vault.audit("trust.add", [name], {"key_id": entry.key.key_id, "kinds": list(entry.kinds)})
+    return entry.to_json()
+
+
+def trust_remove(vault, name: str) -> dict:
+    entry = trust_remove_entry(trust_dir(vault.home), name)
+    with vault.transaction():
+        vault.audit("trust.remove", [name], {"key_id": entry.key.key_id})
+    return entry.to_json()
+
+
+def _trust(home: Home) -> TrustStore:
+    d = trust_dir(home)
+    return TrustStore.load(d) if d.is_dir() else TrustStore([])
+
+
+def trust_list(home: Home) -> list[dict]:
+    d = trust_dir(home)
+    return [{"name": t.name, "key_id": t.key.key_id, "kinds": list(t.kinds)}
+            for t in TrustStore.load(d).entries] if d.is_dir() else []
+
+
+# --- export ----------------------------------------------------------------------------------------
+def _what(vault, ref: str) -> tuple[str, str, str, Path]:
+    """(lineage id, kind, bundle name, directory of files) for a model or GGUF id."""
+    from appliance.quantize.stage import gguf_dir
+
+    row = vault.con.execute("SELECT id, kind FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
+    if row is None:
+        raise UsageError(f"nothing named {ref} to bundle", "pass a model (NAME@K) or a GGUF (NAME@K:TYPE) id")
+    node_id, kind = row
+    if kind == "model":
+        return node_id, "model", node_id.split("@")[0], vault.home.artifacts / "models" / node_id
+    if kind == "gguf":
+        model, _, qtype = node_id.partition(":")
+        return node_id, "gguf", f"{model.split('@')[0]}.{qtype}", gguf_dir(vault.home.artifacts, node_id)
+    raise UsageError(f"{ref} is a {kind}; bundles carry models and GGUF files here",
+                     "bundle the model made from it instead")
+
+
+def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path], out: Path,
+                  expires_days: float = 365) -> dict:
+    from appliance.vault import lineage
+
+    node_id, kind, name, src = _what(vault, ref)
+    if not src.is_dir():
+        raise BundleError(f"the files of {node_id} are missing from {src}", "restore them from a backup")
+    if out.exists():
+        raise UsageError(f"{out} already exists", "pass another --out")
+    signer = secret_key(vault.home, sign_key)
+    recips = [PublicKey.load(p) for p in recipients]
+    files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
+    (last,) = vault.con.execute("SELECT max(version) FROM bundles_out WHERE name = ?", [name]).fetchone()
+    version = (last or 0) + 1
+    tree = lineage.tree(vault.con, node_id)
+    m = container.create(out, kind, name, version, files, signer, {"id": node_id, "tree": _trim(tree)}, recips,
+                         expires_days)
+    with vault.transaction():
+        vault.con.execute("INSERT INTO bundles_out VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [name, version, node_id, kind, str(out), signer.public.key_id, utcnow()])
+        vault.audit("bundle.export", [node_id], {"name": name, "version": version, "out": str(out),
+                                                  "signer": signer.public.key_id,
+                                                  "recipients": [r.key_id for r in recips]})
+    return {"id": node_id, "kind": kind, "name": name, "version": version, "out": str(out), "files": len(files),
+            "bytes": sum(f["size"] for f in m["files"]), "signer": signer.public.key_id,
+            "encrypted_to": [r.key_id for r in recips], "expires": m["expires"]}
+
+
+def _trim(t: dict) -> dict:
+    """Lineage for the manifest: ids, kinds, roles and hashes (no local paths)."""
+    return {"id": t["id"], "kind": t["kind"], "content_hash": t.get("content_hash"), "role": t.get("role"),
+            "parents": [_trim(p) for p in t.get("parents", [])]}
+
+
+# --- inspect, verify, import ------------------------------------------------------------------------
+def inspect(home: Home, path: Path) -> dict:
+    """The manifest and who claims to have signed it, without trusting anything."""
+    try:
+        o = container.open_bundle(path, [])
+    except BundleError as e:
+        if "is encrypted" not in e.message:
+            raise
+        o = container.open_bundle(path, _identities(home))
+    o.close()
+    signer = o.manifest.get("signer")
+    known = [t for t in trust_list(home) if t["key_id"] == signer]
+    return {"encrypted": o.encrypted, "recipients": o.recipients, "manifest": o.manifest,
+            "signer_trusted_as": known[0]["name"] if known else None}
+
+
+def _last_in(con, name: str) -> int | None:
+    (v,) = con.execute("SELECT max(version) FROM bundles_in WHERE name = ?", [name]).fetchone()
+    return v
+
+
+def verify_bundle(vault, path: Path) -> dict:
+    ids = _maybe_identities(vault.home, path)
+    o = container.open_bundle(path, ids)
+    o.close()
+    v = container.verify(path, _trust(vault.home), ids,
+                         last_version=_last_in(vault.con, o.manifest["name"]))
+    return _summary(v)
+
+
+def _maybe_identities(home: Home, path: Path) -> list[SecretKey]:
+    with open(path, "rb") if path.is_file() else open(os.devnull, "rb") as f:
+        return _identities(home) if f.read(len(container.ENC_MAGIC)) == container.ENC_MAGIC else []
+
+
+def _summary(v) -> dict:
+    m = v.manifest
+    return {"kind": m["kind"], "name": m["name"], "version": m["version"], "files": len(m["files"]), "bytes": v.size,
+            "signer": v.signer.name, "key_id": v.signer.key.key_id, "encrypted": v.encrypted,
+            "created": m["created"], "expires": m["expires"], "source": m.get("lineage", {}).get("id")}
+
+
+def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
+    """Verify, then land the files in artifacts atomically and record lineage, provenance and audit."""
+    from appliance.vault import lineage
+
+    ids = _maybe_identities(vault.home, path)
+    o = container.open_bundle(path, ids)
+    o.close()
+    m = o.manifest
+    kind, name = m.get("kind"), m.get("name")
+    if kind not in ("model", "gguf"):
+        raise BundleError(f"{kind} bundles cannot be imported into this appliance yet", "import models or GGUFs")
+    node_id = lineage.next_id(vault.con, str(name))
+    dest = vault.home.artifacts / ("models" if kind == "model" else "gguf") / node_id
+    last = _last_in(vault.con, str(name))
+    v = container.verify(path, _trust(vault.home), ids, last_version=last,
+                         allow_downgrade=allow_downgrade, unpack_to=dest)
+    sha = _sha256(path)
+    try:
+        with vault.transaction():
+            attrs = {"path": str(dest), "imported_from": m["lineage"].get("id"), "bundle": {
+                "name": name, "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
+                "sha256": sha, "created": m["created"]}, "source_lineage": m.get("lineage", {}).get("tree")}
+            lineage.add_node(vault.con, node_id, kind, [], content_hash=sha, attrs=attrs)
+            vault.con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
+                              [name, m["version"], node_id, kind, v.signer.key.key_id, sha, utcnow()])
+            downgrade = last is not None and m["version"] <= last
+            vault.audit("bundle.import", [node_id], {"name": name, "version": m["version"], "signer": v.signer.name,
+                                                      "sha256": sha, "downgrade": downgrade})
+    except BaseException:
+        import shutil
+
+        shutil.rmtree(dest, ignore_errors=True)
+        raise
+    return {**_summary(v), "id": node_id, "path": str(dest), "downgrade": downgrade}
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
