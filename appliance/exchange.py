@@ -102,14 +102,17 @@ def trust_list(home: Home) -> list[dict]:
 
 
 # --- export ----------------------------------------------------------------------------------------
-def _what(vault, ref: str) -> tuple[str, str, str, Path]:
-    """(lineage id, kind, bundle name, directory of files) for a model or GGUF id."""
+def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
+    """(lineage id, kind, bundle name, directory of files) for a model, GGUF or dataset version."""
     from appliance.quantize.stage import gguf_dir
 
     row = vault.con.execute("SELECT id, kind FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
     if row is None:
-        raise UsageError(f"nothing named {ref} to bundle", "pass a model (NAME@K) or a GGUF (NAME@K:TYPE) id")
+        raise UsageError(f"nothing named {ref} to bundle",
+                         "pass a model (NAME@K), a GGUF (NAME@K:TYPE) or a dataset version (NAME@N)")
     node_id, kind = row
+    if kind == "dataset":
+        return node_id, "dataset", node_id.split("@")[0], None
     if kind == "model":
         return node_id, "model", node_id.split("@")[0], vault.home.artifacts / "models" / node_id
     if kind == "gguf":
@@ -124,13 +127,21 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path], out: P
     from appliance.vault import lineage
 
     node_id, kind, name, src = _what(vault, ref)
-    if not src.is_dir():
-        raise BundleError(f"the files of {node_id} are missing from {src}", "restore them from a backup")
     if out.exists():
         raise UsageError(f"{out} already exists", "pass another --out")
-    signer = secret_key(vault.home, sign_key)
     recips = [PublicKey.load(p) for p in recipients]
-    files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
+    if kind == "dataset":
+        if not recips:  # vault text leaves the box only encrypted
+            raise UsageError(f"{node_id} is vault data: a dataset bundle must be encrypted",
+                             "add --to RECIPIENT.pub (the receiving site's public key)")
+        from appliance.vault.transfer import dataset_files
+
+        files, _ = dataset_files(vault.con, node_id)
+    else:
+        if not src.is_dir():
+            raise BundleError(f"the files of {node_id} are missing from {src}", "restore them from a backup")
+        files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
+    signer = secret_key(vault.home, sign_key)
     (last,) = vault.con.execute("SELECT max(version) FROM bundles_out WHERE name = ?", [name]).fetchone()
     version = (last or 0) + 1
     tree = lineage.tree(vault.con, node_id)
@@ -204,8 +215,11 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
     o.close()
     m = o.manifest
     kind, name = m.get("kind"), m.get("name")
+    if kind == "dataset":
+        return _import_dataset(vault, path, ids, m, allow_downgrade)
     if kind not in ("model", "gguf"):
-        raise BundleError(f"{kind} bundles cannot be imported into this appliance yet", "import models or GGUFs")
+        raise BundleError(f"{kind} bundles cannot be imported into this appliance yet",
+                          "import models, GGUFs and datasets")
     node_id = lineage.next_id(vault.con, str(name))
     dest = vault.home.artifacts / ("models" if kind == "model" else "gguf") / node_id
     last = _last_in(vault.con, str(name))
@@ -229,6 +243,27 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return {**_summary(v), "id": node_id, "path": str(dest), "downgrade": downgrade}
+
+
+def _import_dataset(vault, path: Path, ids: list[SecretKey], m: dict, allow_downgrade: bool) -> dict:
+    """Decrypt and check into memory, then land the records and tables in the vault in one transaction."""
+    from appliance.vault.transfer import import_dataset
+
+    name = str(m["name"])
+    last = _last_in(vault.con, name)
+    files: dict[str, bytes] = {}
+    v = container.verify(path, _trust(vault.home), ids, last_version=last, allow_downgrade=allow_downgrade,
+                         collect=files)
+    sha = _sha256(path)
+    downgrade = last is not None and m["version"] <= last
+    prov = {"imported_from": m["lineage"].get("id"), "bundle": {
+        "name": name, "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
+        "sha256": sha, "created": m["created"]}, "downgrade": downgrade}
+    res = import_dataset(vault, files, name, prov)
+    with vault.transaction():
+        vault.con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
+                          [name, m["version"], res["version"], "dataset", v.signer.key.key_id, sha, utcnow()])
+    return {**_summary(v), "id": res["version"], "path": None, "downgrade": downgrade, "records": res["records"]}
 
 
 def _sha256(path: Path) -> str:

@@ -60,18 +60,25 @@ class Verified:
     encrypted: bool
 
 
-def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str, Path]], signer: SecretKey,
+def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str, Path | bytes]], signer: SecretKey,
            lineage: dict | None = None, recipients: list[PublicKey] | None = None, expires_days: float = 365,
            progress: Callable[[int], None] = lambda n: None) -> dict:
-    """Write a signed (and, with recipients, encrypted) bundle of `files` (bundle path, source file)."""
+    """Write a signed (and, with recipients, encrypted) bundle of `files`: (bundle path, source file or bytes).
+
+    Bytes never touch the disk but inside the bundle: with recipients, only encrypted."""
     now = datetime.now(UTC).replace(microsecond=0)
     entries = []
     with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 32))) as pool:
         for rel, src in files:
-            st = os.lstat(src)
+            if isinstance(src, bytes):
+                h = TreeHasher()
+                h.update(src)
+                entries.append({"path": rel, "type": "file", "size": len(src), "digest": str(h.digest())})
+                continue
             if not os.path.isfile(src) or os.path.islink(src):
                 raise BundleError(f"{src} is not a regular file", "bundles carry regular files only")
-            entries.append({"path": rel, "type": "file", "size": st.st_size, "digest": str(digest_file(src, pool))})
+            entries.append({"path": rel, "type": "file", "size": os.lstat(src).st_size,
+                            "digest": str(digest_file(src, pool))})
     m = {"format": manifest.FORMAT, "kind": kind, "name": name, "version": version, "created": now.isoformat(),
          "expires": (now + timedelta(days=expires_days)).isoformat(), "signer": signer.public.key_id,
          "digest": ALGORITHM, "files": entries, "lineage": lineage or {}}
@@ -91,6 +98,10 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
                 sink = crypt.EncryptingWriter(f, key, nonce)
             sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
             for (_, src), e in zip(files, entries):
+                if isinstance(src, bytes):
+                    sink.write(src)
+                    progress(len(src))
+                    continue
                 h = TreeHasher()
                 with open(src, "rb") as s:
                     while chunk := s.read(COPY):
@@ -200,18 +211,19 @@ def check_policy(m: dict, now: datetime | None, last_version: int | None, allow_
 
 def verify(path: Path, trust: TrustStore, identities: list[SecretKey] | None = None, now: datetime | None = None,
            last_version: int | None = None, allow_downgrade: bool = False, max_size: int = DEFAULT_MAX_SIZE,
-           unpack_to: Path | None = None) -> Verified:
+           unpack_to: Path | None = None, collect: dict | None = None) -> Verified:
     """Signature, trust, manifest, expiry, rollback, sizes and every digest; with `unpack_to`, also write the
-    files there (atomically: a temp directory renamed in only when everything checked)."""
+    files there (atomically: a temp directory renamed in only when everything checked); with `collect`, put
+    them in that dict (path -> bytes) instead, for content that must not touch the disk."""
     o = open_bundle(path, identities)
     try:
         signer = check_signature(o, trust)
         total = manifest.check(o.manifest, max_size)
         check_policy(o.manifest, now, last_version, allow_downgrade)
-        if unpack_to is None and not o.encrypted:
+        if unpack_to is None and collect is None and not o.encrypted:
             _verify_plain(o, total)
         else:
-            _stream(o, total, unpack_to)
+            _stream(o, total, unpack_to, collect)
         return Verified(o.manifest, signer, total, o.encrypted)
     finally:
         o.close()
@@ -237,7 +249,7 @@ def _verify_plain(o: Opened, total: int) -> None:
                           f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
 
 
-def _stream(o: Opened, total: int, dest: Path | None) -> None:
+def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = None) -> None:
     """Read every file front to back (decrypting if need be), hash it, and write it under a temp dir."""
     read = o.reader.read if o.reader else o.handle.read
     tmp = None
@@ -248,8 +260,10 @@ def _stream(o: Opened, total: int, dest: Path | None) -> None:
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         changed = []
+        got: dict[str, bytes] = {}
         for e in o.manifest["files"]:
             out = _create(tmp, e["path"]) if tmp else None
+            buf = bytearray() if collect is not None else None
             h = TreeHasher()
             left = e["size"]
             while left:
@@ -259,12 +273,16 @@ def _stream(o: Opened, total: int, dest: Path | None) -> None:
                 h.update(chunk)
                 if out is not None:
                     os.write(out, chunk)
+                if buf is not None:
+                    buf += chunk
                 left -= len(chunk)
             if out is not None:
                 os.fsync(out)
                 os.close(out)
             if str(h.digest()) != e["digest"]:
                 changed.append(e["path"])
+            if buf is not None:
+                got[e["path"]] = bytes(buf)
         if o.reader is not None:
             if o.reader.read(1) or not o.reader.at_end():
                 raise BundleError("the bundle has bytes more than its manifest lists", "the file was altered")
@@ -275,6 +293,8 @@ def _stream(o: Opened, total: int, dest: Path | None) -> None:
                               f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
         if tmp is not None:
             os.replace(tmp, dest)
+        if collect is not None:
+            collect.update(got)  # only once every byte checked
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

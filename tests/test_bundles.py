@@ -312,3 +312,34 @@ def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
     os.environ["APPLIANCE_KEY_PASSPHRASE"] = "wrong"
     r = cli("--home", h, "bundle", "export", "tiny@1", "--sign-key", "site-a", "--out", tmp_path / "v3")
     assert r.code == 1 and "wrong passphrase for key 'site-a'" in r.err and not (tmp_path / "v3").exists()
+
+
+def test_a_dataset_travels_encrypted_and_lands_identical(model_home, cli, tmp_path):
+    from appliance.train.config import DataConfig
+    from appliance.train.data import chat_pairs
+    from tests.conftest import open_vault
+
+    h = model_home
+    assert cli("--home", h, "keys", "generate", "--name", "site-a").code == 0
+    pub = h / "keys" / "site-a.pub"
+    out = tmp_path / "qa.bundle"
+    r = cli("--home", h, "bundle", "export", "handbook-qa@1", "--sign-key", "site-a", "--out", out)
+    assert r.code == 2 and "must be encrypted" in r.err and not out.exists()
+    r = cli("--home", h, "--json", "bundle", "export", "handbook-qa@1", "--sign-key", "site-a", "--to", pub,
+            "--out", out)
+    assert r.code == 0, r.err
+    with open_vault(h, read_only=True) as v:
+        some_text = v.con.execute("SELECT instruction FROM data.t2_handbook_qa LIMIT 1").fetchone()[0]
+    assert some_text.encode() not in out.read_bytes()  # no plaintext of vault data in the bundle
+    assert cli("--home", h, "trust", "add", pub, "--name", "hq", "--kinds", "dataset").code == 0
+    r = cli("--home", h, "--json", "bundle", "import", out)
+    assert r.code == 0, r.err
+    assert r.json["id"] == "handbook-qa@2" and r.json["records"] > 0
+    a = cli("--home", h, "--json", "vault", "show", "handbook-qa@1").json
+    b = cli("--home", h, "--json", "vault", "show", "handbook-qa@2").json
+    assert a["content_hash"] == b["content_hash"] and a["splits"] == b["splits"]
+    with open_vault(h, read_only=True) as v:  # the SFT pairs read the same from the imported tables
+        cfg = DataConfig()
+        assert list(chat_pairs(v.con, ["handbook-qa@2"], cfg)) == list(chat_pairs(v.con, ["handbook-qa@1"], cfg))
+    tree = cli("--home", h, "--json", "lineage", "handbook-qa@2").json["lineage"]
+    assert tree["attrs"]["imported_from"] == "handbook-qa@1" and tree["attrs"]["bundle"]["signer"] == "hq"
