@@ -32,6 +32,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/vault_ingest.py --mb 20 --big-gb 2 --write docs/BENCHMARKS.md
 	$(VENV)/bin/python benchmarks/train_throughput.py --steps 30 --write docs/BENCHMARKS.md
 	$(VENV)/bin/python benchmarks/edge_inference.py --steps 30 --write docs/BENCHMARKS.md
+	$(VENV)/bin/python benchmarks/bundle_throughput.py --gib 1 --write docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check appliance bundles tests benchmarks
