@@ -10,6 +10,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
 
 from appliance.errors import ApplianceError
@@ -88,7 +89,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
                                f"of {tok.dataset}", id=tok.id)
             merged = _train(v, tok.id, stage)
-            _quantize(v, merged, stage)
+            gguf = _quantize(v, merged, stage)
+            _bundles(v, gguf, Path(tmp), stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -126,7 +128,7 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
     return s.merged
 
 
-def _quantize(v, model_id: str, stage: Callable[..., None]) -> None:
+def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:
     """GGUF exports checked against the source model, then a completion through llama.cpp."""
     from appliance.quantize.infer import chat_turn, open_model
     from appliance.quantize.stage import quantize
@@ -148,6 +150,44 @@ def _quantize(v, model_id: str, stage: Callable[..., None]) -> None:
     llm.close()
     stage("chat", f"llama.cpp on {r.id} ({secs:.2f} s; a 170k-parameter model, so expect little sense): "
                   f"{question!r} -> {' '.join(text.split())[:90]!r}", text=text)
+    return r.id
+
+
+def _bundles(v, gguf_id: str, tmp: Path, stage: Callable[..., None]) -> None:
+    """A site key, the GGUF out as a signed bundle, the Q&A data out encrypted, and back in."""
+    from appliance import exchange
+
+    with _key_passphrase("demo key passphrase - not a secret"):
+        pub = exchange.generate_key(v, "demo-site")
+        pub_file = exchange.keys_dir(v.home) / "demo-site.pub"
+        exchange.trust_add(v, pub_file, "demo-site", ["gguf", "dataset"])
+        out = v.home.root / "bundles"
+        g = exchange.export_bundle(v, gguf_id, "demo-site", [], out / "gguf.bundle")
+        checked = exchange.verify_bundle(v, out / "gguf.bundle")
+        stage("bundle", f"{g['out']}: {g['name']} v{g['version']}, {g['files']} files, signed by {pub.key_id}; "
+                        f"verified against the trust store ({checked['bytes']:,} bytes)", bundle=g)
+        d = exchange.export_bundle(v, "handbook-qa@1", "demo-site", [pub_file], out / "handbook-qa.bundle")
+        back = exchange.import_bundle(v, out / "handbook-qa.bundle")
+        same = v.con.execute("SELECT count(DISTINCT content_hash) FROM versions WHERE name = 'handbook-qa'"
+                             ).fetchone()[0] == 1
+        stage("bundle", f"{d['out']}: handbook-qa@1 encrypted to {pub.key_id}; imported as {back['id']} "
+                        f"({back['records']} records, {'identical content hash' if same else 'DIFFERENT HASH'})",
+              bundle=d, imported=back["id"])
+        if not same:
+            raise ApplianceError("demo dataset bundle did not round-trip")
+
+
+@contextmanager
+def _key_passphrase(default: str):
+    """The demo's key passphrase, unless the operator set one; the environment is restored after."""
+    old = os.environ.get("APPLIANCE_KEY_PASSPHRASE")
+    if not old and not os.environ.get("APPLIANCE_KEY_PASSPHRASE_FILE"):
+        os.environ["APPLIANCE_KEY_PASSPHRASE"] = default
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("APPLIANCE_KEY_PASSPHRASE", None)
 
 
 def _chain(t: dict) -> list[str]:
