@@ -96,9 +96,15 @@ def _list(c: Ctx) -> None:
         rows = exported(v.con)
     c.emit({"gguf": rows}, lambda: table(
         ["id", "type", "size", "bits/weight", "ppl delta", "top-1", "flagged", "created"],
-        [[r["id"], r["type"], human_bytes(r["size"]), r["bits_per_weight"], f"{r['ppl_delta_pct']:+.2f}%",
-          f"{r['top1_agreement']:.2%}", "yes" if r["flagged"] else "", r["created"]] for r in rows])
+        [[r["id"], r["type"], human_bytes(r["size"]), r["bits_per_weight"], _pct(r["ppl_delta_pct"], "+.2f"),
+          _pct(r["top1_agreement"], ".2%"), "yes" if r["flagged"] else "", r["created"]] for r in rows])
         if rows else out.print("no GGUF files yet: `appliance quantize MODEL --type q4_k_m`"))
+
+
+def _pct(value, fmt: str) -> str:
+    if value is None:
+        return "-"
+    return format(value, fmt) + ("%" if not fmt.endswith("%") else "")
 
 
 def _artifacts(c: Ctx):

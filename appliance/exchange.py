@@ -228,9 +228,10 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
     sha = _sha256(path)
     try:
         with vault.transaction():
-            attrs = {"path": str(dest), "imported_from": m["lineage"].get("id"), "bundle": {
-                "name": name, "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
-                "sha256": sha, "created": m["created"]}, "source_lineage": m.get("lineage", {}).get("tree")}
+            attrs = {**_sender_report(dest, kind), "path": str(dest), "imported_from": m["lineage"].get("id"),
+                     "bundle": {"name": name, "version": m["version"], "signer": v.signer.name,
+                                "key_id": v.signer.key.key_id, "sha256": sha, "created": m["created"]},
+                     "source_lineage": m.get("lineage", {}).get("tree")}
             lineage.add_node(vault.con, node_id, kind, [], content_hash=sha, attrs=attrs)
             vault.con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
                               [name, m["version"], node_id, kind, v.signer.key.key_id, sha, utcnow()])
@@ -243,6 +244,19 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return {**_summary(v), "id": node_id, "path": str(dest), "downgrade": downgrade}
+
+
+def _sender_report(dest: Path, kind: str) -> dict:
+    """A GGUF's type, size and quality report as the sender measured them (its appliance.json)."""
+    if kind != "gguf" or not (dest / "appliance.json").is_file():
+        return {}
+    try:
+        result = json.loads((dest / "appliance.json").read_text()).get("result", {})
+    except ValueError:
+        return {}
+    keep = ("type", "size", "bits_per_weight", "params", "tensor_types", "fallbacks", "quality", "imatrix")
+    path = next(iter(sorted(dest.glob("*.gguf"))), None)
+    return {k: result[k] for k in keep if k in result} | ({"gguf_path": str(path)} if path else {})
 
 
 def _import_dataset(vault, path: Path, ids: list[SecretKey], m: dict, allow_downgrade: bool) -> dict:

@@ -306,6 +306,17 @@ def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
     log = cli("--home", h, "--json", "audit", "log", "--action", "bundle.*").json["entries"]
     assert [e["action"] for e in log] == ["bundle.export", "bundle.import", "bundle.import"]
     assert [e["details"]["downgrade"] for e in log[1:]] == [False, True]
+    # a GGUF travels with the sender's quality report, and runs here by its new id
+    assert cli("--home", h, "quantize", "tiny@1", "--type", "f16", "--eval", "handbook@1").code == 0
+    gb = tmp_path / "gguf.bundle"
+    assert cli("--home", h, "bundle", "export", "tiny@1:f16", "--sign-key", "site-a", "--out", gb).code == 0
+    r = cli("--home", h, "--json", "bundle", "import", gb)
+    assert r.code == 0 and r.json["id"] == "tiny.f16@1", r.err
+    listed = {x["id"]: x for x in cli("--home", h, "--json", "quantize", "--list").json["gguf"]}
+    assert listed["tiny.f16@1"]["imported_from"] == "tiny@1:f16" and listed["tiny.f16@1"]["type"] == "f16"
+    assert listed["tiny.f16@1"]["top1_agreement"] == listed["tiny@1:f16"]["top1_agreement"]
+    assert cli("--home", h, "quantize", "--list").code == 0
+    assert cli("--home", h, "generate", "tiny.f16@1", "The", "--max-tokens", "3").code == 0
     # a second export is the next version; a wrong key passphrase is one line
     r = cli("--home", h, "--json", "bundle", "export", "tiny@1", "--sign-key", "site-a", "--out", tmp_path / "v2")
     assert r.json["version"] == 2

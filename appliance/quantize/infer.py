@@ -26,6 +26,9 @@ def locate(ref: str, artifacts: Path | None) -> Path:
         cand = d / f"{d.name}.gguf"
         if cand.is_file():
             return cand
+        found = sorted(d.glob("*.gguf")) if d.is_dir() else []  # an imported bundle keeps its file's name
+        if len(found) == 1:
+            return found[0]
     raise QuantizeError(f"no GGUF {ref}", "pass a .gguf path, or an id listed by `appliance quantize --list`")
 
 

@@ -332,5 +332,6 @@ def exported(con) -> list[dict]:
         out.append({"id": gid, "created": str(created)[:19], "type": a.get("type"), "source": a.get("source"),
                     "size": a.get("size"), "bits_per_weight": a.get("bits_per_weight"),
                     "ppl_delta_pct": q.get("ppl_delta_pct"), "top1_agreement": q.get("top1_agreement"),
-                    "flagged": not q.get("ok", True), "path": a.get("path")})
+                    "flagged": not q.get("ok", True), "path": a.get("gguf_path") or a.get("path"),
+                    "imported_from": a.get("imported_from")})
     return out
