@@ -8,7 +8,6 @@ passphrase (APPLIANCE_KEY_PASSPHRASE[_FILE]); trusted signers in HOME/trust.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -180,17 +179,18 @@ def inspect(home: Home, path: Path) -> dict:
             "signer_trusted_as": known[0]["name"] if known else None}
 
 
-def _last_in(con, name: str) -> int | None:
-    (v,) = con.execute("SELECT max(version) FROM bundles_in WHERE name = ?", [name]).fetchone()
+def _last_in(con, kind: str, name: str, key_id: str) -> int | None:
+    """Rollback is tracked per (kind, name, signer): one signer cannot block another's releases."""
+    (v,) = con.execute("SELECT max(version) FROM bundles_in WHERE kind = ? AND name = ? AND signer = ?",
+                       [kind, name, key_id]).fetchone()
     return v
 
 
 def verify_bundle(vault, path: Path) -> dict:
-    ids = _maybe_identities(vault.home, path)
-    o = container.open_bundle(path, ids)
-    o.close()
-    v = container.verify(path, _trust(vault.home), ids,
-                         last_version=_last_in(vault.con, o.manifest["name"]))
+    def decide(m: dict, signer) -> container.Plan:
+        return container.Plan(_last_in(vault.con, m["kind"], m["name"], signer.key.key_id))
+
+    v = container.verify(path, _trust(vault.home), _maybe_identities(vault.home, path), decide=decide)
     return _summary(v)
 
 
@@ -207,37 +207,60 @@ def _summary(v) -> dict:
 
 
 def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
-    """Verify, then land the files in artifacts atomically and record lineage, provenance and audit."""
-    from appliance.vault import lineage
+    """Verify, then land the files atomically and record lineage, provenance and audit.
 
-    ids = _maybe_identities(vault.home, path)
-    o = container.open_bundle(path, ids)
-    o.close()
-    m = o.manifest
-    kind, name = m.get("kind"), m.get("name")
-    if kind == "dataset":
-        return _import_dataset(vault, path, ids, m, allow_downgrade)
-    if kind not in ("model", "gguf"):
-        raise BundleError(f"{kind} bundles cannot be imported into this appliance yet",
-                          "import models, GGUFs and datasets")
-    node_id = lineage.next_id(vault.con, str(name))
-    dest = vault.home.artifacts / ("models" if kind == "model" else "gguf") / node_id
-    last = _last_in(vault.con, str(name))
-    v = container.verify(path, _trust(vault.home), ids, last_version=last,
-                         allow_downgrade=allow_downgrade, unpack_to=dest)
-    sha = _sha256(path)
+    Everything (kind, name, destination, rollback) is decided from the manifest as verified, in the same
+    read of the file that checks every byte.
+    """
+    from appliance.vault import lineage
+    from appliance.vault.ingest import validate_name
+
+    got: dict = {}
+
+    def decide(m: dict, signer) -> container.Plan:
+        kind, name = m["kind"], m["name"]
+        validate_name(name, "bundle")
+        last = _last_in(vault.con, kind, name, signer.key.key_id)
+        got.update(last=last)
+        if kind == "dataset":
+            if not m["recipients"]:
+                raise BundleError("a dataset bundle must arrive encrypted", "ask the sender to export it with --to")
+            got["files"] = {}
+            return container.Plan(last, collect=got["files"])
+        if kind not in ("model", "gguf"):
+            raise BundleError(f"{kind} bundles cannot be imported into this appliance yet",
+                              "import models, GGUFs and datasets")
+        got["id"] = lineage.next_id(vault.con, name)
+        got["dest"] = vault.home.artifacts / ("models" if kind == "model" else "gguf") / got["id"]
+        return container.Plan(last, unpack_to=got["dest"])
+
+    v = container.verify(path, _trust(vault.home), _maybe_identities(vault.home, path),
+                         allow_downgrade=allow_downgrade, decide=decide)
+    m = v.manifest
+    downgrade = got["last"] is not None and m["version"] <= got["last"]
+    prov = {"imported_from": m["lineage"].get("id"), "bundle": {
+        "name": m["name"], "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
+        "manifest_sha256": v.manifest_sha256, "created": m["created"]}}
+
+    def record(con, node_id: str) -> None:
+        con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    [m["name"], m["version"], node_id, m["kind"], v.signer.key.key_id, v.manifest_sha256, utcnow()])
+
+    if m["kind"] == "dataset":
+        from appliance.vault.transfer import import_dataset
+
+        res = import_dataset(vault, got["files"], m["name"], {**prov, "downgrade": downgrade}, on_commit=record)
+        return {**_summary(v), "id": res["version"], "path": None, "downgrade": downgrade, "records": res["records"]}
+    dest, node_id = got["dest"], got["id"]
     try:
         with vault.transaction():
-            attrs = {**_sender_report(dest, kind), "path": str(dest), "imported_from": m["lineage"].get("id"),
-                     "bundle": {"name": name, "version": m["version"], "signer": v.signer.name,
-                                "key_id": v.signer.key.key_id, "sha256": sha, "created": m["created"]},
+            attrs = {**_sender_report(dest, m["kind"]), **prov, "path": str(dest),
                      "source_lineage": m.get("lineage", {}).get("tree")}
-            lineage.add_node(vault.con, node_id, kind, [], content_hash=sha, attrs=attrs)
-            vault.con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
-                              [name, m["version"], node_id, kind, v.signer.key.key_id, sha, utcnow()])
-            downgrade = last is not None and m["version"] <= last
-            vault.audit("bundle.import", [node_id], {"name": name, "version": m["version"], "signer": v.signer.name,
-                                                      "sha256": sha, "downgrade": downgrade})
+            lineage.add_node(vault.con, node_id, m["kind"], [], content_hash=v.manifest_sha256, attrs=attrs)
+            record(vault.con, node_id)
+            vault.audit("bundle.import", [node_id], {"name": m["name"], "version": m["version"],
+                                                      "signer": v.signer.name, "manifest_sha256": v.manifest_sha256,
+                                                      "downgrade": downgrade})
     except BaseException:
         import shutil
 
@@ -257,32 +280,3 @@ def _sender_report(dest: Path, kind: str) -> dict:
     keep = ("type", "size", "bits_per_weight", "params", "tensor_types", "fallbacks", "quality", "imatrix")
     path = next(iter(sorted(dest.glob("*.gguf"))), None)
     return {k: result[k] for k in keep if k in result} | ({"gguf_path": str(path)} if path else {})
-
-
-def _import_dataset(vault, path: Path, ids: list[SecretKey], m: dict, allow_downgrade: bool) -> dict:
-    """Decrypt and check into memory, then land the records and tables in the vault in one transaction."""
-    from appliance.vault.transfer import import_dataset
-
-    name = str(m["name"])
-    last = _last_in(vault.con, name)
-    files: dict[str, bytes] = {}
-    v = container.verify(path, _trust(vault.home), ids, last_version=last, allow_downgrade=allow_downgrade,
-                         collect=files)
-    sha = _sha256(path)
-    downgrade = last is not None and m["version"] <= last
-    prov = {"imported_from": m["lineage"].get("id"), "bundle": {
-        "name": name, "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
-        "sha256": sha, "created": m["created"]}, "downgrade": downgrade}
-    res = import_dataset(vault, files, name, prov)
-    with vault.transaction():
-        vault.con.execute("INSERT INTO bundles_in VALUES (?, ?, ?, ?, ?, ?, ?)",
-                          [name, m["version"], res["version"], "dataset", v.signer.key.key_id, sha, utcnow()])
-    return {**_summary(v), "id": res["version"], "path": None, "downgrade": downgrade, "records": res["records"]}
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()

@@ -66,16 +66,21 @@ def main(argv: list[str] | None = None) -> int:
             v = container.verify(a.file, trust, ids, max_size=a.max_size)
         else:
             state = _state(a.state)
-            o = container.open_bundle(a.file, ids)
-            o.close()
-            name = o.manifest.get("name")
-            v = container.verify(a.file, trust, ids, last_version=state.get(name), allow_downgrade=a.allow_downgrade,
-                                 max_size=a.max_size, unpack_to=a.to)
-            if a.state is not None:
-                state[name] = max(v.manifest["version"], state.get(name, 0))
-                tmp = a.state.with_name(f".{a.state.name}.tmp")
-                tmp.write_text(json.dumps(state, indent=2))
-                os.replace(tmp, a.state)
+
+            def decide(m: dict, signer) -> container.Plan:
+                key = f"{m['kind']}/{m['name']}/{signer.key.key_id}"  # rollback per kind, name and signer
+
+                def remember() -> None:  # before the files appear: a crash cannot leave a replayable gap
+                    if a.state is not None:
+                        state[key] = max(m["version"], state.get(key, 0))
+                        tmp = a.state.with_name(f".{a.state.name}.tmp")
+                        tmp.write_text(json.dumps(state, indent=2))
+                        os.replace(tmp, a.state)
+
+                return container.Plan(state.get(key), unpack_to=a.to, before_publish=remember)
+
+            v = container.verify(a.file, trust, ids, allow_downgrade=a.allow_downgrade, max_size=a.max_size,
+                                 decide=decide)
         m = v.manifest
         print(f"ok: {m['kind']} {m['name']} v{m['version']}, {len(m['files'])} file(s), {v.size:,} bytes, "
               f"signed by {v.signer.name} ({v.signer.key.key_id})" + (f", unpacked to {a.to}" if a.cmd == "unpack"

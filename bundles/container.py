@@ -8,6 +8,7 @@ The signature is Ed25519 over a domain tag and the exact manifest bytes.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -58,6 +59,7 @@ class Verified:
     signer: Trusted
     size: int
     encrypted: bool
+    manifest_sha256: str = ""  # identifies the release: the signed bytes name every file's digest
 
 
 def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str, Path | bytes]], signer: SecretKey,
@@ -81,10 +83,11 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
                             "digest": str(digest_file(src, pool))})
     m = {"format": manifest.FORMAT, "kind": kind, "name": name, "version": version, "created": now.isoformat(),
          "expires": (now + timedelta(days=expires_days)).isoformat(), "signer": signer.public.key_id,
-         "digest": ALGORITHM, "files": entries, "lineage": lineage or {}}
+         "digest": ALGORITHM, "files": entries, "lineage": lineage or {},
+         "recipients": sorted(r.key_id for r in recipients or [])}
     manifest.check(m, DEFAULT_MAX_SIZE)
     mbytes = manifest.canonical(m)
-    header = json.dumps({"manifest": mbytes.decode(), "signature": b64(signer.sign(SIGN_DOMAIN + mbytes))}).encode()
+    header = manifest.canonical({"manifest": mbytes.decode(), "signature": b64(signer.sign(SIGN_DOMAIN + mbytes))})
     out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
     try:
@@ -92,8 +95,8 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
             sink: BinaryIO | crypt.EncryptingWriter = f
             if recipients:
                 key, nonce = crypt.new_key_and_nonce()
-                eh = json.dumps({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
-                                 "chunk": crypt.CHUNK}).encode()
+                eh = crypt.seal_header({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
+                                        "chunk": crypt.CHUNK}, key)
                 f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
                 sink = crypt.EncryptingWriter(f, key, nonce)
             sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
@@ -139,12 +142,16 @@ def open_bundle(path: Path, identities: list[SecretKey] | None = None) -> Opened
             if not identities:
                 raise BundleError(f"this bundle is encrypted (to {', '.join(recips)})",
                                   "it needs a secret key it was encrypted to")
-            reader = crypt.DecryptingReader(f, crypt.unwrap(eh.get("recipients"), identities),
-                                            unb64(eh.get("nonce"), "encryption nonce"))
+            file_key = crypt.unwrap(eh.get("recipients"), identities)
+            crypt.check_header(eh, file_key)  # every byte of the encryption header is authenticated
+            reader = crypt.DecryptingReader(f, file_key, unb64(eh.get("nonce"), "encryption nonce"))
             if reader.read(len(MAGIC)) != MAGIC:
                 raise BundleError("the decrypted bundle is not a bundle", "the bundle is damaged")
             o = _parse(path, _header(reader.read, "header"), True)
             o.recipients, o.reader, o.handle = recips, reader, f
+            if sorted(recips) != o.manifest.get("recipients"):
+                raise BundleError("the bundle was re-encrypted: its recipients are not the ones its signer chose",
+                                  "ask the signer for a bundle encrypted to your key")
             return o
         if not head.startswith(MAGIC):
             raise BundleError(f"{path} is not an appliance bundle", "pass a file written by `appliance bundle export`")
@@ -152,6 +159,9 @@ def open_bundle(path: Path, identities: list[SecretKey] | None = None) -> Opened
         o = _parse(path, _header(f.read, "header"), False)
         o.data_offset = f.tell()
         o.handle = f
+        if o.manifest.get("recipients"):
+            raise BundleError("the bundle was signed to be encrypted but arrives in the clear",
+                              "it was decrypted and re-packed on the way; refuse it")
         return o
     except BaseException:
         f.close()
@@ -170,17 +180,20 @@ def _header(read: Callable[[int], bytes], what: str) -> dict:
         raise BundleError(f"the bundle is truncated (in its {what})", "copy the file again")
     try:
         h = json.loads(data)
-    except (UnicodeDecodeError, ValueError):
+    except (UnicodeDecodeError, ValueError, RecursionError):
         raise BundleError(f"the bundle's {what} is not valid JSON", "the bundle is damaged") from None
-    if not isinstance(h, dict):
-        raise BundleError(f"the bundle's {what} is not an object", "the bundle is damaged")
+    if not isinstance(h, dict) or manifest.canonical(h) != data:
+        raise BundleError(f"the bundle's {what} is not in canonical form", "the bundle was altered or damaged")
     return h
 
 
 def _parse(path: Path, h: dict, encrypted: bool) -> Opened:
     if not isinstance(h.get("manifest"), str):
         raise BundleError("the bundle has no manifest", "the bundle is damaged")
-    mbytes = h["manifest"].encode()
+    try:
+        mbytes = h["manifest"].encode()
+    except UnicodeEncodeError:
+        raise BundleError("the manifest is not valid text", "the bundle is damaged") from None
     sig = unb64(h.get("signature"), "signature")
     return Opened(path, encrypted, manifest.parse(mbytes), mbytes, sig)
 
@@ -209,22 +222,37 @@ def check_policy(m: dict, now: datetime | None, last_version: int | None, allow_
                                       "(audited)")
 
 
+@dataclass
+class Plan:
+    """What to do with a bundle, decided from its verified manifest (never from a second read)."""
+
+    last_version: int | None = None
+    unpack_to: Path | None = None
+    collect: dict | None = None
+    before_publish: Callable[[], None] | None = None  # runs after every check, before the files appear
+
+
 def verify(path: Path, trust: TrustStore, identities: list[SecretKey] | None = None, now: datetime | None = None,
            last_version: int | None = None, allow_downgrade: bool = False, max_size: int = DEFAULT_MAX_SIZE,
-           unpack_to: Path | None = None, collect: dict | None = None) -> Verified:
-    """Signature, trust, manifest, expiry, rollback, sizes and every digest; with `unpack_to`, also write the
-    files there (atomically: a temp directory renamed in only when everything checked); with `collect`, put
-    them in that dict (path -> bytes) instead, for content that must not touch the disk."""
+           unpack_to: Path | None = None, collect: dict | None = None,
+           decide: Callable[[dict, Trusted], Plan] | None = None) -> Verified:
+    """Signature, trust, manifest, expiry, rollback, sizes and every digest, from one open of the file.
+
+    With `unpack_to`, also write the files there (a temp directory renamed in only when everything
+    checked); with `collect`, put them in that dict (path -> bytes) instead, for content that must not
+    touch the disk. `decide` chooses these from the signed, checked manifest.
+    """
     o = open_bundle(path, identities)
     try:
         signer = check_signature(o, trust)
         total = manifest.check(o.manifest, max_size)
-        check_policy(o.manifest, now, last_version, allow_downgrade)
-        if unpack_to is None and collect is None and not o.encrypted:
+        plan = decide(o.manifest, signer) if decide else Plan(last_version, unpack_to, collect)
+        check_policy(o.manifest, now, plan.last_version, allow_downgrade)
+        if plan.unpack_to is None and plan.collect is None and not o.encrypted:
             _verify_plain(o, total)
         else:
-            _stream(o, total, unpack_to, collect)
-        return Verified(o.manifest, signer, total, o.encrypted)
+            _stream(o, total, plan.unpack_to, plan.collect, plan.before_publish)
+        return Verified(o.manifest, signer, total, o.encrypted, hashlib.sha256(o.manifest_bytes).hexdigest())
     finally:
         o.close()
 
@@ -241,7 +269,11 @@ def _verify_plain(o: Opened, total: int) -> None:
     offset = o.data_offset
     with ThreadPoolExecutor(max_workers=max(1, min(os.cpu_count() or 1, 32))) as pool:
         for e in o.manifest["files"]:
-            if str(digest_range(o.handle.fileno(), offset, e["size"], pool)) != e["digest"]:
+            try:
+                got = str(digest_range(o.handle.fileno(), offset, e["size"], pool))
+            except EOFError:
+                raise BundleError("the bundle shrank while it was being verified", "copy it again") from None
+            if got != e["digest"]:
                 changed.append(e["path"])
             offset += e["size"]
     if changed:
@@ -249,12 +281,13 @@ def _verify_plain(o: Opened, total: int) -> None:
                           f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
 
 
-def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = None) -> None:
+def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = None,
+            before_publish: Callable[[], None] | None = None) -> None:
     """Read every file front to back (decrypting if need be), hash it, and write it under a temp dir."""
     read = o.reader.read if o.reader else o.handle.read
     tmp = None
     if dest is not None:
-        if dest.exists():
+        if os.path.lexists(dest):
             raise BundleError(f"{dest} already exists", "unpack into a new directory")
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
@@ -291,8 +324,12 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
         if changed:
             raise BundleError(f"{len(changed)} file(s) changed: {', '.join(changed[:5])}"
                               f"{', ...' if len(changed) > 5 else ''}", "the bundle was altered or damaged")
+        if before_publish is not None:
+            before_publish()
         if tmp is not None:
-            os.replace(tmp, dest)
+            if os.path.lexists(dest):
+                raise BundleError(f"{dest} appeared while unpacking", "unpack into a new directory")
+            os.rename(tmp, dest)
         if collect is not None:
             collect.update(got)  # only once every byte checked
     except BaseException:

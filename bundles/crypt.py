@@ -145,6 +145,33 @@ class DecryptingReader:
                           "the file was altered, cut or damaged")
 
 
+_INFO_HEADER = b"appliance-bundle-v1 header"
+
+
+def _header_mac(fields: dict, file_key: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes, hmac
+
+    from bundles.manifest import canonical
+
+    h = hmac.HMAC(_hkdf(file_key, b"", _INFO_HEADER), hashes.SHA256())
+    h.update(canonical({k: v for k, v in fields.items() if k != "mac"}))
+    return h.finalize()
+
+
+def seal_header(fields: dict, file_key: bytes) -> bytes:
+    """The encryption header as canonical JSON with a MAC under the file key over all its other fields."""
+    from bundles.manifest import canonical
+
+    return canonical({**fields, "mac": b64(_header_mac(fields, file_key))})
+
+
+def check_header(fields: dict, file_key: bytes) -> None:
+    from cryptography.hazmat.primitives import constant_time
+
+    if not constant_time.bytes_eq(_header_mac(fields, file_key), unb64(fields.get("mac"), "header MAC")):
+        raise BundleError("the encryption header was altered", "the bundle was altered or damaged")
+
+
 def new_key_and_nonce() -> tuple[bytes, bytes]:
     return os.urandom(32), os.urandom(16)
 

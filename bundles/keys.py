@@ -27,10 +27,14 @@ def b64(data: bytes) -> str:
 
 
 def unb64(text, what: str) -> bytes:
+    """Strict: only the one canonical encoding of the bytes is accepted (no spare bits, no padding games)."""
     try:
-        return base64.b64decode(text, validate=True)
+        raw = base64.b64decode(text, validate=True)
     except (TypeError, ValueError):
         raise BundleError(f"{what} is not valid base64", "the file is damaged") from None
+    if b64(raw) != text:
+        raise BundleError(f"{what} is not in canonical base64", "the file was altered or damaged")
+    return raw
 
 
 def key_id(ed25519_public: bytes) -> str:
@@ -129,6 +133,10 @@ def _derive(passphrase: str, kdf: dict) -> bytes:
 
     if kdf.get("name") != "argon2id":
         raise BundleError(f"unknown key derivation {kdf.get('name')!r}", "the key file is damaged")
+    bounds = {"memory_kib": (8192, 4 << 20), "iterations": (1, 100), "lanes": (1, 64)}
+    for k, (lo, hi) in bounds.items():
+        if not isinstance(kdf.get(k), int) or not lo <= kdf[k] <= hi:
+            raise BundleError(f"key derivation {k}={kdf.get(k)!r} is outside {lo}..{hi}", "the key file is damaged")
     return Argon2id(salt=unb64(kdf["salt"], "key salt"), length=32, iterations=int(kdf["iterations"]),
                     lanes=int(kdf["lanes"]), memory_cost=int(kdf["memory_kib"])).derive(passphrase.encode())
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import posixpath
 import re
+import unicodedata
 from datetime import UTC, datetime
 
 from bundles.digest import ALGORITHM
@@ -31,7 +32,7 @@ def parse(data: bytes) -> dict:
     """Manifest bytes -> dict; only the canonical form of a JSON object is accepted."""
     try:
         m = json.loads(data.decode("utf-8"), object_pairs_hook=_no_duplicate_keys)
-    except (UnicodeDecodeError, ValueError) as e:
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise BundleError(f"the manifest is not valid JSON ({e})", "the bundle is damaged") from None
     if not isinstance(m, dict) or canonical(m) != data:
         raise BundleError("the manifest is not in canonical form", "the bundle was altered or damaged")
@@ -72,6 +73,9 @@ def check(m: dict, max_size: int) -> int:
         raise BundleError("the bundle expires before it was created", "the bundle is damaged")
     if m.get("digest") != ALGORITHM:
         raise BundleError(f"digest algorithm {m.get('digest')!r} is not supported", f"this reader knows {ALGORITHM}")
+    recips = m.get("recipients")
+    if not isinstance(recips, list) or not all(isinstance(r, str) for r in recips) or recips != sorted(recips):
+        raise BundleError("the manifest's recipient list is malformed", "the bundle is damaged")
     files = m.get("files")
     if not isinstance(files, list) or not files:
         raise BundleError("the manifest lists no files", "the bundle is damaged")
@@ -93,7 +97,7 @@ def check(m: dict, max_size: int) -> int:
             raise BundleError(f"entry {path!r} has size {size!r}", "the bundle is damaged")
         if not isinstance(f.get("digest"), str) or not f["digest"].startswith(ALGORITHM + ":"):
             raise BundleError(f"entry {path!r} has no {ALGORITHM} digest", "the bundle is damaged")
-        key = path.casefold()
+        key = unicodedata.normalize("NFC", path).casefold()  # one name on NFC/NFD and case-blind filesystems
         if key in seen:
             raise BundleError(f"entry {path!r} appears twice (names equal up to case count as one)",
                               "the bundle is damaged or crafted")

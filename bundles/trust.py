@@ -82,8 +82,10 @@ def add(store: Path, key: PublicKey, name: str, kinds: list[str]) -> Trusted:
 
 
 def remove(store: Path, name: str) -> Trusted:
-    for t in TrustStore.load(store).entries if store.is_dir() else []:
-        if t.name == name:
-            (store / f"{name}.json").unlink()
-            return t
+    for f in sorted(store.glob("*.json")) if store.is_dir() else []:
+        d = read_json(f)
+        if d.get("name") == name:
+            entry = Trusted(name, PublicKey.from_json(d.get("public"), str(f)), tuple(d.get("kinds", ())))
+            f.unlink()
+            return entry
     raise BundleError(f"no trusted signer named {name}", "see `appliance trust list`")

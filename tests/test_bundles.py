@@ -60,7 +60,7 @@ def forge(tmp_path: Path, m: dict, data: bytes, key: SecretKey = KEY) -> Path:
     """A bundle with any manifest, signed by `key`: what a crafted or buggy sender could produce."""
     mb = manifest.canonical(m)
     sig = base64.b64encode(key.sign(container.SIGN_DOMAIN + mb)).decode()
-    header = json.dumps({"manifest": mb.decode(), "signature": sig}).encode()
+    header = manifest.canonical({"manifest": mb.decode(), "signature": sig})
     p = tmp_path / "forged.bundle"
     p.write_bytes(container.MAGIC + struct.pack("<Q", len(header)) + header + data)
     return p
@@ -107,10 +107,87 @@ def test_manifest_edited_after_signing(tmp_path, src):
     o.close()
     raw = p.read_bytes()
     m = dict(o.manifest, version=99)
-    header = json.dumps({"manifest": manifest.canonical(m).decode(), "signature": base64.b64encode(o.signature)
-                         .decode()}).encode()
+    header = manifest.canonical({"manifest": manifest.canonical(m).decode(),
+                                 "signature": base64.b64encode(o.signature).decode()})
     p.write_bytes(container.MAGIC + struct.pack("<Q", len(header)) + header + raw[o.data_offset:])
     refused(p, "signature does not verify", tmp_path)
+
+
+def test_the_header_has_one_form_only(tmp_path, src):
+    """The same release cannot exist as different bytes: header whitespace and base64 spare bits count."""
+    p = make(tmp_path, src)
+    o = container.open_bundle(p)
+    o.close()
+    raw = p.read_bytes()
+    h = json.loads(raw[len(container.MAGIC) + 8:o.data_offset])
+    loose = json.dumps(h).encode()  # the same JSON with spaces
+    p.write_bytes(container.MAGIC + struct.pack("<Q", len(loose)) + loose + raw[o.data_offset:])
+    refused(p, "not in canonical form", tmp_path)
+    sig = h["signature"]
+    spare = sig[:-3] + chr(ord(sig[-3]) ^ 1) + sig[-2:]  # 64 bytes: the last data character has 2 spare bits
+    h2 = manifest.canonical({**h, "signature": spare})
+    p.write_bytes(container.MAGIC + struct.pack("<Q", len(h2)) + h2 + raw[o.data_offset:])
+    refused(p, "canonical base64|not valid base64|does not verify", tmp_path)
+
+
+def _enc_parts(p: Path) -> tuple[bytes, dict, bytes]:
+    raw = p.read_bytes()
+    n = struct.unpack("<Q", raw[len(container.ENC_MAGIC):len(container.ENC_MAGIC) + 8])[0]
+    start = len(container.ENC_MAGIC) + 8
+    return raw[:start + n], json.loads(raw[start:start + n]), raw[start + n:]
+
+
+def test_encrypted_stream_chunks_dropped_reordered_cut(tmp_path, src):
+    from bundles import crypt
+
+    p = make(tmp_path, src, encrypt=True)
+    head, _, body = _enc_parts(p)
+    size = crypt.CHUNK + crypt.TAG
+    chunks = [body[i:i + size] for i in range(0, len(body), size)]
+    assert len(chunks) >= 4
+    for _how, new in (("drop", chunks[:1] + chunks[2:]), ("swap", [chunks[1], chunks[0], *chunks[2:]]),
+                      ("cut at a boundary", chunks[:-1]), ("repeat", chunks + chunks[-1:])):
+        p.write_bytes(head + b"".join(new))
+        refused(p, "does not authenticate|truncated|after its last", tmp_path)
+
+
+def test_recipients_are_what_the_signer_chose(tmp_path, src):
+    from bundles import crypt
+    from bundles.keys import b64
+
+    p = make(tmp_path, src, encrypt=True)
+    head, eh, body = _enc_parts(p)
+    # a recipient strips the encryption and passes the inner bundle on in the clear
+    key = crypt.unwrap(eh["recipients"], [EDGE])
+    reader = crypt.DecryptingReader(__import__("io").BytesIO(body), key, base64.b64decode(eh["nonce"]))
+    inner = reader.read(1 << 30)
+    p.write_bytes(inner)
+    refused(p, "arrives in the clear", tmp_path)
+    # ... or re-encrypts it to someone else
+    other = SecretKey.generate("other")
+    k2, n2 = crypt.new_key_and_nonce()
+    out = __import__("io").BytesIO()
+    w = crypt.EncryptingWriter(out, k2, n2)
+    w.write(inner)
+    w.close()
+    h2 = crypt.seal_header({"recipients": crypt.wrap(k2, [other.public]), "nonce": b64(n2), "chunk": crypt.CHUNK}, k2)
+    p.write_bytes(container.ENC_MAGIC + struct.pack("<Q", len(h2)) + h2 + out.getvalue())
+    refused(p, "re-encrypted", tmp_path, ids=[other])
+    # the encryption header itself is authenticated: an added stanza shows
+    fake = {**eh, "recipients": eh["recipients"] + [{**eh["recipients"][0], "key_id": "0" * 16}]}
+    h3 = manifest.canonical(fake)
+    p.write_bytes(container.ENC_MAGIC + struct.pack("<Q", len(h3)) + h3 + body)
+    refused(p, "encryption header was altered", tmp_path)
+
+
+def test_an_existing_or_linked_destination_is_refused(tmp_path, src):
+    p = make(tmp_path, src)
+    (tmp_path / "out").mkdir()
+    link = tmp_path / "out" / "x"
+    link.symlink_to(tmp_path / "nowhere")
+    with pytest.raises(BundleError, match="already exists"):
+        container.verify(p, TRUST, unpack_to=link)
+    assert link.is_symlink() and not (tmp_path / "nowhere").exists()
 
 
 def test_untrusted_signer_and_wrong_kind(tmp_path, src):
@@ -204,10 +281,16 @@ def test_fuzzed_bundles_are_refused_or_identical(tmp_path_factory):
         dest = root / "dest"
         shutil.rmtree(dest, ignore_errors=True)
         try:
+            container.verify(p, TRUST, [EDGE])  # the parallel path (plain) and the stream path must agree
+            quick = True
+        except BundleError:
+            quick = False
+        try:
             container.verify(p, TRUST, [EDGE], unpack_to=dest)
         except BundleError:
-            assert not dest.exists()
+            assert not dest.exists() and not quick
             return
+        assert quick
         for rel, f in files:  # accepted: then it is the same content
             assert (dest / rel).read_bytes() == f.read_bytes()
 
@@ -243,7 +326,7 @@ def test_edge_device_needs_only_cryptography(tmp_path, src):
     assert r.returncode == 0, r.stderr
     assert "ok: model demo v3" in r.stdout
     assert (tmp_path / "model" / "weights.bin").read_bytes() == src[0][1].read_bytes()
-    assert json.loads(state.read_text()) == {"demo": 3}
+    assert json.loads(state.read_text()) == {f"model/demo/{KEY.public.key_id}": 3}
     r = subprocess.run([PY, "-m", "bundles", "unpack", str(p), "--to", str(tmp_path / "again"), "--state",
                         str(state), *args], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 1 and "not newer than v3" in r.stderr and not (tmp_path / "again").exists()
@@ -283,6 +366,8 @@ def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
     # not trusted yet: refused, and nothing landed
     r = cli("--home", h, "bundle", "import", out)
     assert r.code == 1 and "not trusted here" in r.err
+    assert sorted(p.name for p in (h / "artifacts" / "models").iterdir()) == ["tiny@1"]
+    assert cli("--home", h, "--json", "lineage", "tiny@2").code != 0
     r = cli("--home", h, "--json", "trust", "add", pub, "--name", "hq", "--kinds", "gguf")
     assert r.code == 0 and r.json["kinds"] == ["gguf"]
     assert "not for model bundles" in cli("--home", h, "bundle", "verify", out).err

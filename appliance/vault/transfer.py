@@ -13,6 +13,7 @@ import hashlib
 import io
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import pyarrow as pa
@@ -44,8 +45,10 @@ def dataset_files(con, ref: str) -> tuple[list[tuple[str, bytes]], dict]:
     return [("dataset.json", json.dumps(info, indent=2).encode())] + files, info
 
 
-def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict) -> dict:
-    """Land the files as a new version of `name`; returns its summary. All or nothing."""
+def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
+                   on_commit: Callable[[object, str], None] = lambda con, version: None) -> dict:
+    """Land the files as a new version of `name`; returns its summary. All or nothing: `on_commit(con,
+    version)` runs inside the same transaction (the caller's own bookkeeping)."""
     from appliance.vault import lineage
     from appliance.vault.ingest import _Writer, insert_rows
     from appliance.vault.readers import Record
@@ -107,6 +110,7 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict) 
                                                               "pii_mode": info["pii_mode"], **provenance})
         vault.audit("bundle.import", [version], {"kind": "dataset", "records": recs, **{
             k: v for k, v in provenance.items() if k != "source_lineage"}})
+        on_commit(con, version)
         con.commit()
     except BaseException:
         con.rollback()  # the tables, records and version row all go with it
