@@ -101,32 +101,31 @@ def test_flipped_truncated_extended(tmp_path, src, encrypt):
     refused(p, "more than its manifest|after its last|does not authenticate", tmp_path)
 
 
-def test_manifest_edited_after_signing(tmp_path, src):
-    p = make(tmp_path, src)
+def rewrite_header(p: Path, edit) -> None:
+    """Replace a plain bundle's header with `edit(header dict) -> header bytes`, keeping its data."""
     o = container.open_bundle(p)
     o.close()
     raw = p.read_bytes()
-    m = dict(o.manifest, version=99)
-    header = manifest.canonical({"manifest": manifest.canonical(m).decode(),
-                                 "signature": base64.b64encode(o.signature).decode()})
+    header = edit(json.loads(raw[len(container.MAGIC) + 8:o.data_offset]))
     p.write_bytes(container.MAGIC + struct.pack("<Q", len(header)) + header + raw[o.data_offset:])
+
+
+def test_manifest_edited_after_signing(tmp_path, src):
+    p = make(tmp_path, src)
+    rewrite_header(p, lambda h: manifest.canonical(
+        {**h, "manifest": manifest.canonical(dict(json.loads(h["manifest"]), version=99)).decode()}))
     refused(p, "signature does not verify", tmp_path)
 
 
 def test_the_header_has_one_form_only(tmp_path, src):
     """The same release cannot exist as different bytes: header whitespace and base64 spare bits count."""
     p = make(tmp_path, src)
-    o = container.open_bundle(p)
-    o.close()
-    raw = p.read_bytes()
-    h = json.loads(raw[len(container.MAGIC) + 8:o.data_offset])
-    loose = json.dumps(h).encode()  # the same JSON with spaces
-    p.write_bytes(container.MAGIC + struct.pack("<Q", len(loose)) + loose + raw[o.data_offset:])
+    rewrite_header(p, lambda h: json.dumps(h).encode())  # the same JSON with spaces
     refused(p, "not in canonical form", tmp_path)
-    sig = h["signature"]
-    spare = sig[:-3] + chr(ord(sig[-3]) ^ 1) + sig[-2:]  # 64 bytes: the last data character has 2 spare bits
-    h2 = manifest.canonical({**h, "signature": spare})
-    p.write_bytes(container.MAGIC + struct.pack("<Q", len(h2)) + h2 + raw[o.data_offset:])
+    p = make(tmp_path, src)
+    # 64 bytes in base64: the last data character carries 2 spare bits
+    rewrite_header(p, lambda h: manifest.canonical(
+        {**h, "signature": h["signature"][:-3] + chr(ord(h["signature"][-3]) ^ 1) + h["signature"][-2:]}))
     refused(p, "canonical base64|not valid base64|does not verify", tmp_path)
 
 
