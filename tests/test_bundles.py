@@ -264,6 +264,8 @@ def test_fuzzed_bundles_are_refused_or_identical(tmp_path_factory):
     def check(enc, ops):
         data = bytearray(bundles[enc])
         for op, pos, val in ops:
+            if not data and op != "insert":
+                continue
             pos %= max(1, len(data))
             if op == "flip":
                 data[pos] ^= 1 << (val % 8)
