@@ -75,6 +75,17 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     fsync_path(path.parent)
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB pieces."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def fsync_path(path: Path) -> None:
     """Flush a file's data, or a directory's entries (after a rename), to disk."""
     fd = os.open(path, os.O_RDONLY)

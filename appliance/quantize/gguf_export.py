@@ -206,12 +206,12 @@ def _experts(w: Weights, cfg: dict, p: str, b: str, used: set[str]) -> Iterator:
                lambda names=names: np.stack([w.get(x) for x in names]))
 
 
-def write(model_dir: Path, dest: Path, meta: dict, progress: Callable[[int, int], None] = lambda d, t: None
-          ) -> dict:
+def write(model_dir: Path, dest: Path, meta: dict, progress: Callable[[int, int], None] = lambda d, t: None,
+          pl: Plan | None = None) -> dict:
     """Write `model_dir` as an f32 GGUF at `dest` (the caller renames it into place). Returns a summary."""
     import gguf
 
-    pl = plan(model_dir)
+    pl = pl or plan(model_dir)
     cfg, v = pl.config, pl.vocab
     n_head = cfg["num_attention_heads"]
     head_dim = cfg.get("head_dim") or cfg["hidden_size"] // n_head

@@ -8,7 +8,6 @@ a temp directory beside its final place and renamed in when complete: a failure 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
@@ -17,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import UsageError
-from appliance.home import atomic_dir
+from appliance.home import atomic_dir, file_sha256
 from appliance.quantize import gguf_export, llama, quality, types
 from appliance.quantize.types import QuantizeError, QuantType
 
@@ -77,7 +76,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         return existing
     eval_ds = eval_ds or _data_of(vault.con, model_id)
     _sweep(final.parent)
-    gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
+    pl = gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
     model_node = lineage.node(vault.con, model_id)
     meta = {"id": gid, "type": qt.name, "source": model_id, "source_hash": model_node["content_hash"] or "",
             "code_version": code_version(), "name": gid}
@@ -87,7 +86,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     with atomic_dir(final) as tmp:
         t0 = time.perf_counter()
         f32 = tmp / ("source-f32.gguf" if qt.name != "f32" else fname)
-        info = gguf_export.write(model_dir, f32, meta, lambda d, t: progress("export", d, t))
+        info = gguf_export.write(model_dir, f32, meta, lambda d, t: progress("export", d, t), pl)
         secs["export"] = time.perf_counter() - t0
         source, tok = _load_source(model_dir)
         ctx = min(info["context"], 512)
@@ -122,7 +121,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
             bits_per_weight=_bpw(tensors), params=info["params"], tensor_types=_type_counts(tensors),
             fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds, imatrix_entries=imat_used,
             seconds={k: round(v, 3) for k, v in secs.items()})
-        sha = _sha256(out)
+        sha = file_sha256(out)
         (tmp / "Modelfile").write_text(modelfile(fname, info))
         (tmp / "appliance.json").write_text(json.dumps(
             {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
@@ -298,14 +297,6 @@ def _type_counts(tensors: list[dict]) -> dict:
 
 def _bpw(tensors: list[dict]) -> float:
     return round(8.0 * sum(t["bytes"] for t in tensors) / max(1, sum(t["elements"] for t in tensors)), 3)
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def modelfile(gguf_name: str, info: dict) -> str:

@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 
 from appliance.errors import ApplianceError, UsageError
-from appliance.home import atomic_dir
+from appliance.home import atomic_dir, file_sha256
 from appliance.train.config import LoraConfig, ModelConfig
 
 MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
@@ -172,9 +172,5 @@ def tree_hash(root: Path) -> str:
     """sha256 over (relative path, file sha256) of every file, sorted: the content hash of a directory."""
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
-        f = hashlib.sha256()
-        with open(p, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                f.update(chunk)
-        h.update(f"{p.relative_to(root).as_posix()}\0{f.hexdigest()}\n".encode())
+        h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())
     return h.hexdigest()

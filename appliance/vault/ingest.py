@@ -21,6 +21,7 @@ import pyarrow as pa
 
 from appliance.db_time import utcnow
 from appliance.errors import IngestError, UsageError
+from appliance.home import file_sha256
 from appliance.vault import lineage
 from appliance.vault.db import cursor
 from appliance.vault.pii import MODES, Scrubber
@@ -490,14 +491,10 @@ def _unique_table(con, target: str, taken: list[str]) -> str:
 
 
 def _file_sha256(path: Path) -> str | None:
-    h = hashlib.sha256()
     try:
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
+        return file_sha256(path)
     except OSError:
         return None
-    return h.hexdigest()
 
 
 def _tick(progress: Progress | None, item: Item, reported: int = 0) -> None:
