@@ -541,6 +541,7 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
 
 # --- quantize, generate, chat, serve (their own module: appliance/cli_quantize.py) --------------------
 import appliance.cli_bundles  # noqa: E402,F401  (registers keys, trust, bundle)
+import appliance.cli_eval  # noqa: E402,F401  (registers eval)
 import appliance.cli_quantize  # noqa: E402,F401  (registers its commands on `cli`)
 
 

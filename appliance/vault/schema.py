@@ -50,6 +50,16 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS bundles_in (
         name VARCHAR NOT NULL, version INTEGER NOT NULL, id VARCHAR NOT NULL, kind VARCHAR NOT NULL,
         signer VARCHAR NOT NULL, sha256 VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
+    # Evaluation runs (id eval-SUITE@K, also a lineage node) and their per-case results.
+    """CREATE TABLE IF NOT EXISTS eval_runs (
+        id VARCHAR PRIMARY KEY, suite VARCHAR NOT NULL, model VARCHAR NOT NULL, backend VARCHAR NOT NULL,
+        created TIMESTAMP NOT NULL, summary VARCHAR NOT NULL)""",
+    """CREATE TABLE IF NOT EXISTS eval_cases (
+        run VARCHAR NOT NULL, case_id VARCHAR NOT NULL, passed BOOLEAN NOT NULL, output VARCHAR NOT NULL,
+        ttft_ms DOUBLE, total_ms DOUBLE, tokens INTEGER, scores VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS eval_drift (
+        name VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, dataset VARCHAR NOT NULL, probes VARCHAR NOT NULL,
+        snapshot VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",

@@ -1,0 +1,228 @@
+"""`appliance eval run|runs|compare|gate|suites`: thin over `appliance.eval`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from appliance.cli import Ctx, cli, command, train_group
+from appliance.errors import ApplianceError, UsageError
+from appliance.output import StageProgress, err, out, table
+
+
+class ChecksFailed(ApplianceError):
+    """The run finished, and some thresholds or the gate failed; the report was already printed."""
+
+    json_emitted = True
+
+
+@cli.group("eval")
+def eval_group():
+    """Operator-defined suites on models and GGUFs; compare runs and gate releases."""
+
+
+@command(eval_group, "suites")
+def eval_suites_cmd(c: Ctx):
+    """The shipped example suites."""
+    from appliance.eval.suite import SUITES_DIR, load
+
+    rows = [load(str(p)) for p in sorted(SUITES_DIR.glob("*.toml"))]
+    data = [{"name": s.name, "cases": len(s.cases), "metrics": [m.key for m in s.metrics], "path": s.path,
+             "description": s.description} for s in rows]
+    c.emit({"suites": data}, lambda: table(["suite", "cases", "metrics", "description"],
+                                            [[d["name"], d["cases"], ", ".join(d["metrics"]), d["description"]]
+                                             for d in data]))
+
+
+@command(eval_group, "run")
+@click.argument("suite")
+@click.option("--model", "model", required=True, help="Model id, GGUF id, model directory or .gguf file.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a threshold in the suite is not met.")
+def eval_run_cmd(c: Ctx, suite, model, strict):
+    """Run SUITE on a model; every case is stored in the vault.
+
+    SUITE is a shipped name, a TOML file, or a dataset version NAME@N for its default suite (held-out
+    perplexity and cloze questions cut from its documents).
+    """
+    from appliance.eval.metrics import load_plugins
+    from appliance.eval.run import run
+    from appliance.eval.suite import DATASET_REF, from_dataset, load
+
+    load_plugins()
+    by_dataset = bool(DATASET_REF.match(suite))
+    s = None if by_dataset else load(suite)  # a malformed suite is reported before the passphrase is asked
+    bar = StageProgress(not c.json)
+    with c.open_vault() as v:
+        try:
+            res = run(v, s or from_dataset(v.con, suite), model, progress=bar)
+        finally:
+            bar.stop()
+    failure = ChecksFailed(f"{res['id']}: {sum(not k['ok'] for k in res['checks'])} threshold(s) not met",
+                           "see the checks above") if strict and not res["ok"] else None
+    data = dict(res)
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+
+    def human():
+        out.print(f"[bold]{res['id']}[/]  {res['suite']} on {res['model']} ({res['backend']}): "
+                  f"{res['passed']}/{res['cases']} cases passed")
+        table(["case", "passed", "output"], [[r["case"], "yes" if r["passed"] else "no",
+                                              " ".join(r["output"].split())[:70]] for r in res["case_results"]])
+        m = {k: v for k, v in res["metrics"].items() if k != "perplexity_windows"}
+        out.print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                                          for k, v in m.items()))
+        for k in res["checks"]:
+            (out if k["ok"] else err).print(f"{'ok' if k['ok'] else 'FAILED'}: {k['metric']} {k['value']:.4g} "
+                                            f"(needs {k['limit']})", markup=False)
+
+    c.emit(data, human)
+    if failure:
+        raise failure
+
+
+@command(eval_group, "runs")
+def eval_runs_cmd(c: Ctx):
+    """Every stored evaluation run."""
+    from appliance.eval.run import runs
+
+    with c.open_vault(read_only=True) as v:
+        rows = runs(v.con)
+    c.emit({"runs": rows}, lambda: table(
+        ["run", "suite", "model", "backend", "passed", "checks", "created"],
+        [[r["id"], r["suite"], r["model"], r["backend"], f"{r['passed']}/{r['cases']}",
+          "ok" if r["ok"] else "FAILED", r["created"]] for r in rows])
+        if rows else out.print("no evaluation runs yet: `appliance eval run SUITE --model ID`"))
+
+
+def _compare_human(r: dict) -> None:
+    rows = []
+    for k, m in r["metrics"].items():
+        ci = m.get("ci95") or m.get("ci95_mean_nll")
+        rows.append([k, f"{m['a']:.4g}", f"{m['b']:.4g}", f"{m['delta']:+.4g}",
+                     f"[{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""])
+    table(["metric", r["a"], r["b"], "delta", "95% CI (paired bootstrap)"], rows)
+    out.print(f"wins {len(r['wins'])}: {', '.join(r['wins']) or '-'}; losses {len(r['losses'])}: "
+              f"{', '.join(r['losses']) or '-'}; answers changed: {', '.join(r['changed']) or '-'}")
+
+
+@command(eval_group, "compare")
+@click.argument("a")
+@click.argument("b")
+def eval_compare_cmd(c: Ctx, a, b):
+    """Per-metric deltas B - A with paired bootstrap intervals, wins, losses and changed answers."""
+    from appliance.eval.run import compare
+
+    with c.open_vault(read_only=True) as v:
+        r = compare(v.con, a, b)
+    c.emit(r, lambda: _compare_human(r))
+
+
+@command(eval_group, "gate")
+@click.option("--baseline", required=True, help="The eval run of the released model.")
+@click.option("--candidate", required=True, help="The eval run of the model to release.")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="[METRIC=]VALUE",
+              help="Allowed regression: relative (0.02 = 2 %), accuracy in absolute points. Repeatable.")
+def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
+    """Exit 1 when any metric of the candidate regresses beyond tolerance (for release scripts)."""
+    from appliance.eval.run import gate
+
+    per, default = {}, 0.0
+    for t in tolerances:
+        key, _, val = t.rpartition("=")
+        try:
+            value = float(val)
+        except ValueError:
+            raise UsageError(f"--tolerance {t!r} is not [METRIC=]NUMBER", "e.g. --tolerance 0.02 or "
+                                                                          "--tolerance accuracy=0.05") from None
+        if key:
+            per[key] = value
+        else:
+            default = value
+    with c.open_vault(read_only=True) as v:
+        r = gate(v.con, baseline, candidate, per, default)
+    failure = ChecksFailed(f"{candidate} regresses on {', '.join(x['metric'] for x in r['regressions'])} "
+                           f"against {baseline}", "see the table above") if not r["ok"] else None
+    data = dict(r)
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+
+    def human():
+        _compare_human(r)
+        for x in r["regressions"]:
+            err.print(f"regression: {x['metric']} {x['baseline']:.4g} -> {x['candidate']:.4g} "
+                      f"(tolerance {x['tolerance']:g})", markup=False)
+        if r["ok"]:
+            out.print("gate passed: no metric regressed beyond tolerance")
+
+    c.emit(data, human)
+    if failure:
+        raise failure
+
+
+@command(eval_group, "drift")
+@click.option("--model", "model", required=True, help="The model or GGUF to check.")
+@click.option("--dataset", default=None, help="Where the probes come from (default: the model's own data).")
+@click.option("--baseline", "name", default=None, help="Baseline name (default: the model id). The first "
+                                                       "check records it.")
+@click.option("--max-change", type=click.FloatRange(0, 1), default=0.2, show_default=True,
+              help="Largest allowed share of probes whose greedy answer changed.")
+@click.option("--max-kl", type=click.FloatRange(0), default=0.05, show_default=True,
+              help="Largest allowed mean KL divergence of next-token distributions.")
+@click.option("--probes", type=click.IntRange(1, 1000), default=20, show_default=True)
+@click.option("--rebaseline", is_flag=True, help="Record a new baseline instead of checking.")
+def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, rebaseline):
+    """Compare a model's answers and next-token distributions on fixed probes with the stored baseline."""
+    from appliance.eval.drift import check
+
+    with c.open_vault() as v:
+        r = check(v, model, dataset, name, max_change, max_kl, probes, rebaseline)
+    failure = ChecksFailed(f"{r['model']} drifted from baseline {r['baseline']}", "see the numbers above"
+                           ) if not r["ok"] else None
+    data = dict(r)
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+
+    def human():
+        if r["recorded"]:
+            out.print(f"baseline {r['baseline']} recorded: {r['probes']} probes from {r['dataset']} on {r['model']}")
+            return
+        (out if r["ok"] else err).print(
+            f"{'ok' if r['ok'] else 'DRIFT'}: {r['model']} vs baseline {r['baseline']} ({r['baseline_model']}): "
+            f"answers changed {r['answer_change_rate']:.0%} (max {max_change:.0%}), mean KL {r['mean_kl']:.4f} "
+            f"(max {max_kl:g}), worst probe KL {r['max_kl']:.4f}", markup=False)
+
+    c.emit(data, human)
+    if failure:
+        raise failure
+
+
+@command(eval_group, "plot")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+def eval_plot_cmd(c: Ctx, runs, out_path):
+    """Plot the metrics of evaluation runs side by side (PNG)."""
+    from appliance.eval.plots import metrics_png
+    from appliance.eval.run import load_run
+
+    with c.open_vault(read_only=True) as v:
+        summaries = [load_run(v.con, r)[0] for r in runs]
+    keys = metrics_png(summaries, out_path)
+    c.emit({"out": str(out_path), "metrics": keys}, f"wrote {out_path} ({len(keys)} metrics, {len(runs)} runs)")
+
+
+@command(train_group, "plot")
+@click.argument("runs", nargs=-1, required=True)
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
+def train_plot_cmd(c: Ctx, runs, out_path):
+    """Plot the training loss of runs (NAME@K) per step (PNG)."""
+    from appliance.eval.plots import loss_png
+    from appliance.train.run import losses
+
+    with c.open_vault(read_only=True) as v:
+        curves = {r: losses(v.con, r) for r in runs}
+    empty = [r for r, ls in curves.items() if not ls]
+    if empty:
+        raise UsageError(f"no training metrics for {', '.join(empty)}", "list runs with `appliance train runs`")
+    loss_png(curves, out_path)
+    c.emit({"out": str(out_path), "runs": list(curves)}, f"wrote {out_path}")

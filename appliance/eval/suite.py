@@ -1,0 +1,241 @@
+"""Evaluation suites: small TOML files of cases and dataset-level metrics, checked with file and line.
+
+```toml
+[suite]
+name = "handbook-checks"
+max_tokens = 32                 # generation length for cases (default 32)
+
+[[case]]
+id = "tarn-valve"
+prompt = "What does the tarn valve do?"
+chat = true                     # render with the model's chat template
+expect = "contains"             # exact | contains | regex | json | json_schema | choice
+answer = "secondary coolant"    # choice: one of `choices`, scored by log-likelihood
+
+[[metric]]
+type = "perplexity"             # perplexity | vocab_coverage | latency | custom
+dataset = "handbook@2"
+max = 80.0                      # thresholds: max / min (latency: max_p95_ms, max_ttft_ms, min_tokens_per_s)
+```
+Every problem is reported at once, each as `FILE:LINE: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import UsageError
+
+SUITES_DIR = Path(__file__).parent / "suites"
+EXPECTS = ("exact", "contains", "regex", "json", "json_schema", "choice")
+METRICS = ("perplexity", "vocab_coverage", "latency", "custom")
+THRESHOLDS = {"perplexity": ("max",), "vocab_coverage": ("min",), "custom": ("min", "max"),
+              "latency": ("max_p95_ms", "max_ttft_ms", "min_tokens_per_s")}
+
+
+@dataclass
+class Case:
+    id: str
+    prompt: str
+    expect: str
+    answer: str = ""
+    choices: list[str] = field(default_factory=list)
+    schema: dict | None = None
+    chat: bool = False
+    max_tokens: int = 32
+
+
+@dataclass
+class Metric:
+    type: str
+    dataset: str = ""
+    name: str = ""  # custom: the registered function
+    thresholds: dict = field(default_factory=dict)
+    tokens: int = 2048  # perplexity: held-out tokens measured
+
+    @property
+    def key(self) -> str:
+        return self.name if self.type == "custom" else self.type
+
+
+@dataclass
+class Suite:
+    name: str
+    path: str
+    cases: list[Case]
+    metrics: list[Metric]
+    description: str = ""
+
+
+def find(ref: str) -> Path:
+    """A shipped suite by name, or a TOML file."""
+    p = Path(ref)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise UsageError(f"no suite file {ref}", "pass a TOML file or a shipped suite name")
+        return p
+    shipped = SUITES_DIR / f"{ref}.toml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(q.stem for q in SUITES_DIR.glob("*.toml")))
+    raise UsageError(f"no suite named {ref!r}", f"shipped suites: {names}; or pass a TOML file")
+
+
+class _Lines:
+    """Where things are in the TOML text, for messages: the n-th [[case]] / [[metric]] and its keys."""
+
+    def __init__(self, text: str):
+        self.lines = text.splitlines()
+        self.heads: dict[str, list[int]] = {"case": [], "metric": []}
+        for i, line in enumerate(self.lines, 1):
+            m = re.match(r"\s*\[\[\s*(case|metric)\s*\]\]", line)
+            if m:
+                self.heads[m.group(1)].append(i)
+
+    def of(self, table: str, index: int, key: str | None = None) -> int:
+        heads = self.heads[table]
+        start = heads[index] if index < len(heads) else 1
+        end = min([h for t in self.heads.values() for h in t if h > start], default=len(self.lines) + 1)
+        if key:
+            for i in range(start, end):
+                if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i - 1]):
+                    return i
+        return start
+
+
+def load(ref: str) -> Suite:
+    """Read and check a suite; raise one UsageError listing every problem with FILE:LINE."""
+    from appliance.eval.metrics import REGISTRY
+
+    path = find(ref)
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise UsageError(f"{path}: not valid TOML: {e}", "fix the file and run again") from None
+    where = _Lines(text)
+    problems: list[str] = []
+
+    def bad(line: int, msg: str) -> None:
+        problems.append(f"{path}:{line}: {msg}")
+
+    head = raw.get("suite", {})
+    for k in set(raw) - {"suite", "case", "metric"}:
+        bad(1, f"unknown table [{k}] (tables are [suite], [[case]], [[metric]])")
+    max_tokens = head.get("max_tokens", 32)
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+        bad(1, "suite.max_tokens must be an integer from 1 to 4096")
+        max_tokens = 32
+    cases, seen = [], set()
+    for i, c in enumerate(raw.get("case", [])):
+        cases.append(_case(c, i, where, bad, seen, max_tokens))
+    metrics = [_metric(m, i, where, bad, REGISTRY) for i, m in enumerate(raw.get("metric", []))]
+    if not cases and not metrics:
+        bad(1, "the suite has no [[case]] and no [[metric]]")
+    if problems:
+        raise UsageError(f"{len(problems)} problem(s) in the suite: " + "; ".join(problems),
+                         "fix them and run again")
+    return Suite(str(head.get("name") or path.stem), str(path), cases, metrics, str(head.get("description", "")))
+
+
+def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Case:
+    known = {"id", "prompt", "expect", "answer", "choices", "schema", "chat", "max_tokens"}
+    for k in set(c) - known:
+        bad(where.of("case", i, k), f"case has unknown key {k!r} (keys: {', '.join(sorted(known))})")
+    cid = str(c.get("id") or f"case-{i + 1}")
+    if cid in seen:
+        bad(where.of("case", i, "id"), f"case id {cid!r} is used twice")
+    seen.add(cid)
+    prompt = c.get("prompt")
+    if not isinstance(prompt, str) or not prompt:
+        bad(where.of("case", i, "prompt"), f"case {cid}: prompt must be a non-empty string")
+    expect = c.get("expect", "contains")
+    if expect not in EXPECTS:
+        bad(where.of("case", i, "expect"), f"case {cid}: expect {expect!r} is not one of {', '.join(EXPECTS)}")
+    answer = c.get("answer", "")
+    choices = c.get("choices", [])
+    schema = c.get("schema")
+    if expect in ("exact", "contains", "regex", "choice") and not isinstance(answer, str | int | float):
+        bad(where.of("case", i, "answer"), f"case {cid}: answer is required for expect = {expect!r}")
+    if expect == "regex":
+        try:
+            re.compile(str(answer))
+        except re.error as e:
+            bad(where.of("case", i, "answer"), f"case {cid}: answer is not a valid regex ({e})")
+    if expect == "choice" and (not isinstance(choices, list) or len(choices) < 2 or str(answer) not in choices):
+        bad(where.of("case", i, "choices"), f"case {cid}: choice needs at least 2 choices and the answer among them")
+    if expect == "json_schema":
+        if isinstance(schema, str):
+            try:
+                schema = json.loads(schema)
+            except ValueError as e:
+                bad(where.of("case", i, "schema"), f"case {cid}: schema is not valid JSON ({e})")
+        if not isinstance(schema, dict):
+            bad(where.of("case", i, "schema"), f"case {cid}: json_schema needs a schema (a table or JSON text)")
+        else:
+            from jsonschema import Draft202012Validator, SchemaError
+
+            try:
+                Draft202012Validator.check_schema(schema)
+            except SchemaError as e:
+                bad(where.of("case", i, "schema"), f"case {cid}: schema is not a valid JSON Schema ({e.message})")
+    mt = c.get("max_tokens", max_tokens)
+    return Case(cid, str(prompt or ""), str(expect), str(answer), [str(x) for x in choices or []],
+                schema if isinstance(schema, dict) else None, bool(c.get("chat", False)),
+                mt if isinstance(mt, int) and mt > 0 else max_tokens)
+
+
+def _metric(m: dict, i: int, where: _Lines, bad, registry: dict) -> Metric:
+    kind = m.get("type")
+    if kind not in METRICS:
+        bad(where.of("metric", i, "type"), f"metric type {kind!r} is not one of {', '.join(METRICS)}")
+        return Metric(str(kind))
+    allowed = {"type", "dataset", "name", "tokens", *THRESHOLDS[kind]}
+    for k in set(m) - allowed:
+        bad(where.of("metric", i, k), f"{kind} metric has unknown key {k!r} (keys: {', '.join(sorted(allowed))})")
+    if kind in ("perplexity", "vocab_coverage") and not m.get("dataset"):
+        bad(where.of("metric", i), f"{kind} needs dataset = \"NAME@N\" (its validation split is used)")
+    name = str(m.get("name", ""))
+    if kind == "custom" and name not in registry:
+        known = ", ".join(sorted(registry)) or "none registered"
+        bad(where.of("metric", i, "name"), f"unknown metric {name!r} (registered: {known})")
+    thresholds = {k: m[k] for k in THRESHOLDS[kind] if k in m}
+    for k, v in thresholds.items():
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            bad(where.of("metric", i, k), f"{kind}.{k} must be a number")
+    tokens = m.get("tokens", 2048)
+    return Metric(kind, str(m.get("dataset", "")), name, thresholds, tokens if isinstance(tokens, int) else 2048)
+
+
+DATASET_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}@\d+$")
+
+
+def from_dataset(con, ref: str, n: int = 20) -> Suite:
+    """The default suite of a dataset version: held-out perplexity, and cloze questions cut from its
+    held-out documents (the sentence without its last word; the model must say the word)."""
+    from appliance.vault.versions import iter_records, resolve
+
+    _, name, num = resolve(con, ref)
+    version = f"{name}@{num}"
+    cases: list[Case] = []
+    for split in ("validation", "train"):
+        for rec in iter_records(con, version, split=split):
+            for sent in re.split(r"(?<=[.!?])\s+", " ".join(rec["text"].split())):
+                words = sent.split()
+                last = re.sub(r"[^\w-]", "", words[-1]) if words else ""
+                if 6 <= len(words) <= 40 and len(last) >= 3 and last.isalpha():
+                    cases.append(Case(f"cloze-{len(cases) + 1}", " ".join(words[:-1]), "contains", last,
+                                      max_tokens=4))
+                if len(cases) >= n:
+                    break
+            if len(cases) >= n:
+                break
+        if cases:
+            break
+    metrics = [Metric("perplexity", version, tokens=2048)]
+    return Suite(f"{name}-default", f"dataset:{version}", cases, metrics,
+                 f"held-out perplexity and {len(cases)} cloze questions from {version}")
