@@ -28,7 +28,11 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance.errors import UsageError
+from appliance.errors import ApplianceError, UsageError
+
+
+class SuiteError(ApplianceError):
+    """A suite file with problems; the message lists each with FILE:LINE."""
 
 SUITES_DIR = Path(__file__).parent / "suites"
 EXPECTS = ("exact", "contains", "regex", "json", "json_schema", "choice")
@@ -116,7 +120,7 @@ def load(ref: str) -> Suite:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise UsageError(f"{path}: not valid TOML: {e}", "fix the file and run again") from None
+        raise SuiteError(f"{path}: not valid TOML: {e}", "fix the file and run again") from None
     where = _Lines(text)
     problems: list[str] = []
 
@@ -137,7 +141,7 @@ def load(ref: str) -> Suite:
     if not cases and not metrics:
         bad(1, "the suite has no [[case]] and no [[metric]]")
     if problems:
-        raise UsageError(f"{len(problems)} problem(s) in the suite: " + "; ".join(problems),
+        raise SuiteError(f"{len(problems)} problem(s) in the suite: " + "; ".join(problems),
                          "fix them and run again")
     return Suite(str(head.get("name") or path.stem), str(path), cases, metrics, str(head.get("description", "")))
 
