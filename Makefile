@@ -33,6 +33,7 @@ bench: $(STAMP)
 	$(VENV)/bin/python benchmarks/train_throughput.py --steps 30 --write docs/BENCHMARKS.md
 	$(VENV)/bin/python benchmarks/edge_inference.py --steps 30 --write docs/BENCHMARKS.md
 	$(VENV)/bin/python benchmarks/bundle_throughput.py --gib 1 --write docs/BENCHMARKS.md
+	$(VENV)/bin/python benchmarks/eval_throughput.py --steps 20 --write docs/BENCHMARKS.md
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check appliance bundles tests benchmarks

@@ -90,6 +90,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
                                f"of {tok.dataset}", id=tok.id)
             merged = _train(v, tok.id, stage)
             gguf = _quantize(v, merged, stage)
+            _evaluate(v, merged, gguf, stage)
             _bundles(v, gguf, Path(tmp), stage)
             rep = v.check()
             with v.transaction():
@@ -151,6 +152,32 @@ def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:
     stage("chat", f"llama.cpp on {r.id} ({secs:.2f} s; a 170k-parameter model, so expect little sense): "
                   f"{question!r} -> {' '.join(text.split())[:90]!r}", text=text)
     return r.id
+
+
+def _evaluate(v, model_id: str, gguf_id: str, stage: Callable[..., None]) -> None:
+    """The shipped suite on the model and on its GGUF, a release gate between them, a drift baseline, plots."""
+    from appliance.eval import drift, plots
+    from appliance.eval.run import gate, run
+    from appliance.eval.suite import load
+    from appliance.train.run import losses
+
+    suite = load("handbook-checks")
+    a, b = run(v, suite, model_id), run(v, suite, gguf_id)
+    for r in (a, b):
+        m = r["metrics"]
+        stage("eval", f"{r['id']}: {r['suite']} on {r['model']} ({r['backend']}): {r['passed']}/{r['cases']} cases, "
+                      f"perplexity {m['perplexity']:.2f}, site-term coverage {m['vocab_coverage']:.0%}, "
+                      f"{m['tokens_per_s']:,.0f} tok/s", id=r["id"], metrics=m)
+    g = gate(v.con, a["id"], b["id"], {}, 0.05)
+    stage("gate", f"{b['id']} vs {a['id']}: {'passed' if g['ok'] else 'REGRESSED'} within 5 % "
+                  f"(answers changed on {len(g['changed'])} of {b['cases']} cases)", ok=g["ok"])
+    drift.check(v, model_id, None, "source", 0.2, 0.05, probes_n=8)  # the baseline: the source model
+    d = drift.check(v, gguf_id, None, "source", 0.2, 0.05)
+    out = v.home.root / "reports"
+    plots.metrics_png([a, b], out / "eval.png")
+    plots.loss_png({r: losses(v.con, r) for r in ("tiny-dense@1", "sft-lora@1")}, out / "loss.png")
+    stage("drift", f"{gguf_id} against the baseline of {model_id} ({d['probes']} probes): answers changed "
+                   f"{d['answer_change_rate']:.0%}, mean KL {d['mean_kl']:.4f}; plots in {out}", ok=d["ok"])
 
 
 def _bundles(v, gguf_id: str, tmp: Path, stage: Callable[..., None]) -> None:
