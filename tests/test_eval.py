@@ -180,6 +180,16 @@ def test_thresholds_strict_and_custom_metrics(ehome, cli, tmp_path, monkeypatch)
     assert cli("--home", ehome, "eval", "run", suite, "--model", "good@1").code == 0  # without --strict
     r = cli("--home", ehome, "eval", "run", suite, "--model", "nope@3")
     assert r.code == 2 and "no model nope@3" in r.err
+    # models that cannot load: one line, exit 1
+    fake = tmp_path / "fake.gguf"
+    fake.write_text("not a model")
+    r = cli("--home", ehome, "eval", "run", suite, "--model", fake)
+    assert r.code == 1 and "is not a GGUF file" in r.err and len(r.err.strip().splitlines()) == 1
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    (broken / "config.json").write_text('{"model_type": "llama"}')
+    r = cli("--home", ehome, "eval", "run", suite, "--model", broken)
+    assert r.code == 1 and "cannot load model" in r.err and len(r.err.strip().splitlines()) == 1
 
 
 def test_drift_against_a_stored_baseline(ehome, cli):
