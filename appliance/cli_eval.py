@@ -69,11 +69,12 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
                   f"{res['passed']}/{res['cases']} cases passed")
         table(["case", "passed", "output"], [[r["case"], "yes" if r["passed"] else "no",
                                               " ".join(r["output"].split())[:70]] for r in res["case_results"]])
-        m = {k: v for k, v in res["metrics"].items() if k != "perplexity_windows"}
+        m = {k: v for k, v in res["metrics"].items() if not isinstance(v, list) and not k.endswith("_tokens")}
         out.print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
                                           for k, v in m.items()))
         for k in res["checks"]:
-            (out if k["ok"] else err).print(f"{'ok' if k['ok'] else 'FAILED'}: {k['metric']} {k['value']:.4g} "
+            value = f"{k['value']:.4g}" if isinstance(k["value"], int | float) else "not measured"
+            (out if k["ok"] else err).print(f"{'ok' if k['ok'] else 'FAILED'}: {k['metric']} {value} "
                                             f"(needs {k['limit']})", markup=False)
 
     c.emit(data, human)
@@ -97,10 +98,15 @@ def eval_runs_cmd(c: Ctx):
 
 def _compare_human(r: dict) -> None:
     rows = []
+
+    def num(x, fmt: str) -> str:
+        return format(x, fmt) if isinstance(x, int | float) else "-"
+
     for k, m in r["metrics"].items():
         ci = m.get("ci95") or m.get("ci95_mean_nll")
-        rows.append([k, f"{m['a']:.4g}", f"{m['b']:.4g}", f"{m['delta']:+.4g}",
-                     f"[{ci[0]:+.3g}, {ci[1]:+.3g}]" if ci else ""])
+        what = " (mean NLL)" if m.get("ci95_mean_nll") else ""
+        rows.append([k, num(m["a"], ".4g"), num(m["b"], ".4g"), num(m["delta"], "+.4g"),
+                     f"[{ci[0]:+.3g}, {ci[1]:+.3g}]{what}" if ci else ""])
     table(["metric", r["a"], r["b"], "delta", "95% CI (paired bootstrap)"], rows)
     out.print(f"wins {len(r['wins'])}: {', '.join(r['wins']) or '-'}; losses {len(r['losses'])}: "
               f"{', '.join(r['losses']) or '-'}; answers changed: {', '.join(r['changed']) or '-'}")
@@ -150,7 +156,7 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
     def human():
         _compare_human(r)
         for x in r["regressions"]:
-            err.print(f"regression: {x['metric']} {x['baseline']:.4g} -> {x['candidate']:.4g} "
+            err.print(f"regression: {x['metric']} {x['baseline']} -> {x['candidate']} "
                       f"(tolerance {x['tolerance']:g})", markup=False)
         if r["ok"]:
             out.print("gate passed: no metric regressed beyond tolerance")

@@ -12,6 +12,32 @@ from pathlib import Path
 import numpy as np
 
 
+def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
+    """The chat template rendered as transformers renders it (same Jinja options and variables)."""
+    from jinja2 import TemplateError
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    from appliance.eval.run import EvalError
+
+    def raise_exception(message):
+        raise TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    try:
+        return env.from_string(template).render(messages=[{"role": "user", "content": prompt}],
+                                                add_generation_prompt=True, bos_token=bos, eos_token=eos)
+    except TemplateError as e:
+        raise EvalError(f"the model's chat template failed: {e}", "fix the template or set chat = false") from None
+
+
+def _no_template():
+    from appliance.errors import UsageError
+
+    return UsageError("this model has no chat template, but the suite has chat cases", "set chat = false")
+
+
 def _log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
@@ -38,6 +64,7 @@ class HFBackend:
 
         # transformers 5 renamed the cache argument; older releases know only past_key_values
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.n_ctx = int(getattr(self.model.config, "max_position_embeddings", 2048))
 
     def tokenize(self, text: str) -> list[int]:
         return self.tok(text, add_special_tokens=False)["input_ids"]
@@ -45,8 +72,9 @@ class HFBackend:
     def render(self, prompt: str, chat: bool) -> str:
         if not chat:
             return prompt
-        return self.tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                            add_generation_prompt=True)
+        if not self.tok.chat_template:
+            raise _no_template()
+        return render_chat(self.tok.chat_template, prompt, self.tok.bos_token or "", self.tok.eos_token or "")
 
     def complete(self, prompt: str, chat: bool, max_tokens: int) -> dict:
         torch = self.torch
@@ -60,12 +88,13 @@ class HFBackend:
                 nxt = int(res.logits[0, -1].argmax())
                 if ttft is None:
                     ttft = time.perf_counter() - t0
-                if nxt in self.stop or len(out) >= max_tokens:
+                if nxt in self.stop or len(out) >= max_tokens or ids.shape[1] + len(out) >= self.n_ctx:
                     break
                 out.append(nxt)
                 res = self.model(torch.tensor([[nxt]]), **{self._cache_kw: res.past_key_values}, use_cache=True)
         total = time.perf_counter() - t0
-        return {"output": self.tok.decode(out, skip_special_tokens=True), "ttft_ms": 1000 * ttft,
+        text = self.tok.decode(out, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        return {"output": text, "ttft_ms": 1000 * ttft,
                 "total_ms": 1000 * total, "tokens": len(out)}
 
     def logits(self, ids: list[int]) -> np.ndarray:
@@ -82,7 +111,7 @@ class GGUFBackend:
     def __init__(self, path: Path, n_ctx: int = 0):
         from appliance.quantize import llama
 
-        self.llm = llama.load(path, n_ctx=n_ctx or 1024, logits_all=True)
+        self.llm = llama.load(path, n_ctx=n_ctx, logits_all=True)  # the model's own context length
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         self.eos = self.llm.token_eos()
         im_end = self.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)
@@ -95,13 +124,10 @@ class GGUFBackend:
         if not chat:
             return prompt
         if not self.template:
-            from appliance.errors import UsageError
-
-            raise UsageError("this GGUF has no chat template, but the suite has chat cases", "set chat = false")
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        return ImmutableSandboxedEnvironment().from_string(self.template).render(
-            messages=[{"role": "user", "content": prompt}], add_generation_prompt=True)
+            raise _no_template()
+        tok = self.llm._model.token_get_text
+        return render_chat(self.template, prompt, tok(self.llm.token_bos()) if self.llm.token_bos() >= 0 else "",
+                           tok(self.eos))
 
     def complete(self, prompt: str, chat: bool, max_tokens: int) -> dict:
         llm = self.llm
@@ -115,7 +141,7 @@ class GGUFBackend:
             nxt = int(np.argmax(llm.scores[llm.n_tokens - 1]))
             if ttft is None:
                 ttft = time.perf_counter() - t0
-            if nxt in self.stop or len(out) >= max_tokens:
+            if nxt in self.stop or len(out) >= max_tokens or llm.n_tokens >= llm.n_ctx():
                 break
             out.append(nxt)
             llm.eval([nxt])

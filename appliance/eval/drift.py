@@ -64,7 +64,7 @@ def check(vault, model_ref: str, dataset: str | None, name: str | None, max_chan
     from appliance.quantize.stage import _data_of
     from appliance.vault.versions import resolve
 
-    model_id, kind, path = resolve_model(vault, model_ref)
+    model_id, kind, path, in_lineage = resolve_model(vault, model_ref)
     key = name or model_id
     con = vault.con
     row = con.execute("SELECT model, dataset, probes, snapshot FROM eval_drift WHERE name = ?", [key]).fetchone()
@@ -73,9 +73,13 @@ def check(vault, model_ref: str, dataset: str | None, name: str | None, max_chan
             _, dn, n = resolve(con, dataset)
             dataset = f"{dn}@{n}"
         else:
-            dataset = _data_of(con, model_id) if "/" not in model_id else None
+            try:
+                dataset = _data_of(con, model_id) if in_lineage else None
+            except UsageError:
+                dataset = None
         if not dataset:
-            raise UsageError("no dataset to draw probes from", "pass --dataset NAME@N")
+            raise UsageError(f"{model_id} has no dataset in its lineage to draw probes from",
+                             "pass --dataset NAME@N")
         prompts = probes(con, dataset, probes_n)
         backend = open_backend(kind, path)
         try:

@@ -24,22 +24,23 @@ class EvalError(ApplianceError):
     """An evaluation could not run as asked."""
 
 
-def resolve_model(vault, ref: str) -> tuple[str, str, Path]:
-    """(id, backend kind, path) for a model id, a GGUF id, a model directory or a .gguf file."""
+def resolve_model(vault, ref: str) -> tuple[str, str, Path, bool]:
+    """(id, backend kind, path, whether the id is a lineage node) for a model id, a GGUF id, a model
+    directory or a .gguf file (a path's id is its absolute path)."""
     p = Path(ref)
     if p.suffix == ".gguf" and p.is_file():
-        return str(p), "gguf", p
+        return str(p.resolve()), "gguf", p, False
     if p.is_dir() and (p / "config.json").is_file():
-        return str(p), "hf", p
+        return str(p.resolve()), "hf", p, False
     row = vault.con.execute("SELECT id, kind, attrs FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
     if row is None or row[1] not in ("model", "gguf"):
         raise UsageError(f"no model {ref}", "pass a model or GGUF id (`appliance train models`, "
                                             "`appliance quantize --list`), a model directory or a .gguf file")
     if row[1] == "model":
-        return row[0], "hf", vault.home.artifacts / "models" / row[0]
+        return row[0], "hf", vault.home.artifacts / "models" / row[0], True
     from appliance.quantize.infer import locate
 
-    return row[0], "gguf", locate(row[0], vault.home.artifacts)
+    return row[0], "gguf", locate(row[0], vault.home.artifacts), True
 
 
 def open_backend(kind: str, path: Path):
@@ -49,22 +50,28 @@ def open_backend(kind: str, path: Path):
         return GGUFBackend(path) if kind == "gguf" else HFBackend(path)
     except ApplianceError:
         raise
-    except (OSError, ValueError, RuntimeError) as e:
-        raise EvalError(f"cannot load model {path}: {str(e).splitlines()[0][:160]}",
+    except Exception as e:  # transformers, safetensors and llama.cpp each have their own error types
+        first = str(e).strip().splitlines()[0][:160] if str(e).strip() else type(e).__name__
+        raise EvalError(f"cannot load model {path}: {first}",
                         "check that it is a complete model directory or GGUF") from None
 
 
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
+    from appliance.errors import VaultError
     from appliance.eval.backends import loglik, window_nll
+    from appliance.eval.suite import SuiteError
     from appliance.quantize.quality import windows_of
     from appliance.vault import lineage
     from appliance.vault.versions import iter_records, resolve
 
-    model_id, kind, path = resolve_model(vault, model_ref)
+    model_id, kind, path, in_lineage = resolve_model(vault, model_ref)
     datasets = {}
     for m in suite.metrics:  # every dataset is checked before any model is loaded
         if m.dataset:
-            _, name, n = resolve(vault.con, m.dataset)
+            try:
+                _, name, n = resolve(vault.con, m.dataset)
+            except (UsageError, VaultError) as e:
+                raise SuiteError(f"{suite.path}:{m.line}: {e.message}", e.hint) from None
             datasets[m.dataset] = f"{name}@{n}"
     backend = open_backend(kind, path)
     cases, values = [], {}
@@ -88,25 +95,35 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
         for m in suite.metrics:
             ref = datasets.get(m.dataset, "")
             if m.type == "perplexity":
-                texts = [r["text"] for r in iter_records(vault.con, ref, split="validation")] or \
-                        [r["text"] for r in iter_records(vault.con, ref, split="train")]
-                stream = []
+                split, texts = "validation", [r["text"] for r in iter_records(vault.con, ref, split="validation")]
+                if not texts:
+                    split, texts = "train", [r["text"] for r in iter_records(vault.con, ref, split="train")]
+                stream: list[int] = []
                 for t in texts:
                     stream += backend.tokenize(t) + [backend.eos]
                     if len(stream) >= m.tokens:
                         break
+                import hashlib
+
                 import numpy as np
 
                 wins = windows_of(np.asarray(stream[:m.tokens]), 256)
+                if not wins:
+                    raise EvalError(f"{suite.path}:{m.line}: {ref} has too little text for perplexity",
+                                    "pass a dataset with held-out text")
                 per = window_nll(backend, wins)
                 progress("perplexity", len(wins), len(wins))
-                values["perplexity"] = math.exp(sum(a for a, _ in per) / max(1, sum(b for _, b in per)))
-                values["perplexity_windows"] = [a / b for a, b in per]
+                values[m.key] = math.exp(sum(a for a, _ in per) / sum(b for _, b in per))
+                values[f"{m.key}_windows"] = [a / b for a, b in per]
+                values[f"{m.key}_tokens"] = hashlib.sha256(np.asarray(stream[:m.tokens]).tobytes()).hexdigest()
+                values[f"{m.key}_split"] = split
             elif m.type == "vocab_coverage":
                 texts = [r["text"] for r in iter_records(vault.con, ref)]
-                values.update(M.vocab_coverage(backend.tokenize, M.domain_terms(texts)))
+                cov = M.vocab_coverage(backend.tokenize, M.domain_terms(texts))
+                values[m.key] = cov["vocab_coverage"]
+                values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
             elif m.type == "custom":
-                values[m.name] = float(M.REGISTRY[m.name](cases))
+                values[m.key] = float(M.REGISTRY[m.name](cases))
     finally:
         backend.close()
     checks = _checks(suite, values)
@@ -121,10 +138,10 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
             vault.con.execute("INSERT INTO eval_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
                               [run_id, c["case"], c["passed"], c["output"], c["ttft_ms"], c["total_ms"],
                                c["tokens"], json.dumps(c.get("scores")) if c.get("scores") else None])
-        parents = ([(model_id, "model")] if "/" not in model_id else []) + [(d, "data") for d in datasets.values()]
+        parents = ([(model_id, "model")] if in_lineage else []) + [(d, "data") for d in sorted(set(datasets.values()))]
         lineage.add_node(vault.con, run_id, "eval", parents,
                          attrs={k: v for k, v in summary.items() if k != "id"} | {
-                             "metrics": {k: v for k, v in values.items() if k != "perplexity_windows"}})
+                             "metrics": {k: v for k, v in values.items() if not isinstance(v, list | str)}})
         vault.audit("eval.run", [run_id, model_id], {"suite": suite.name, "ok": summary["ok"],
                                                       "passed": summary["passed"], "cases": summary["cases"]})
     return {**summary, "case_results": cases}
@@ -141,7 +158,7 @@ def _checks(suite: Suite, values: dict) -> list[dict]:
             else:
                 key, low = m.key, k == "min"
             v = values.get(key)
-            ok = v is not None and not math.isnan(v) and (v >= limit if low else v <= limit)
+            ok = isinstance(v, int | float) and not math.isnan(v) and (v >= limit if low else v <= limit)
             out.append({"metric": key, "limit": f"{'>=' if low else '<='} {limit}", "value": v, "ok": ok})
     return out
 
@@ -176,18 +193,19 @@ def compare(con, a_id: str, b_id: str) -> dict:
     by_a = {c["case"]: c for c in ca}
     paired = [(by_a[c["case"]], c) for c in cb if c["case"] in by_a]
     out = {"a": a_id, "b": b_id, "metrics": {}, "wins": [], "losses": [], "changed": []}
-    for key in sorted(set(a["metrics"]) & set(b["metrics"]) - {"perplexity_windows"}):
-        va, vb = a["metrics"][key], b["metrics"][key]
-        if not isinstance(va, int | float) or not isinstance(vb, int | float):
+    ma, mb = a["metrics"], b["metrics"]
+    for key in sorted(set(ma) | set(mb)):
+        va, vb = ma.get(key), mb.get(key)
+        if isinstance(va, list | str) or isinstance(vb, list | str):
             continue
-        row = {"a": va, "b": vb, "delta": vb - va, "higher_is_better": M.HIGHER_IS_BETTER.get(key)}
+        base = key.split(":")[0]
+        row = {"a": va, "b": vb, "higher_is_better": M.HIGHER_IS_BETTER.get(base),
+               "delta": vb - va if isinstance(va, int | float) and isinstance(vb, int | float) else None}
         if key == "accuracy" and paired:
             row["ci95"] = bootstrap_ci([float(y["passed"]) - float(x["passed"]) for x, y in paired])
-        if key == "perplexity":
-            wa, wb = a["metrics"].get("perplexity_windows", []), b["metrics"].get("perplexity_windows", [])
-            if len(wa) == len(wb) and wa:  # same windows of the same tokens: per-window NLL pairs up
-                lo, hi = bootstrap_ci([y - x for x, y in zip(wa, wb)])
-                row["ci95_mean_nll"] = (lo, hi)
+        if base == "perplexity" and ma.get(f"{key}_tokens") and ma.get(f"{key}_tokens") == mb.get(f"{key}_tokens"):
+            # the very same tokens in the same windows: per-window NLL pairs up
+            row["ci95_mean_nll"] = bootstrap_ci([y - x for x, y in zip(ma[f"{key}_windows"], mb[f"{key}_windows"])])
         out["metrics"][key] = row
     for x, y in paired:
         if y["passed"] and not x["passed"]:
@@ -208,13 +226,27 @@ def gate(con, baseline: str, candidate: str, tolerance: dict[str, float], defaul
     Quality metrics are always gated; timings (latency, tokens/s) only when given a tolerance of their own,
     since they measure the machine as much as the model.
     """
+    a, _ = load_run(con, baseline)
+    b, _ = load_run(con, candidate)
+    if a["suite"] != b["suite"]:
+        raise UsageError(f"{baseline} ran suite {a['suite']} and {candidate} ran {b['suite']}",
+                         "gate two runs of the same suite")
     cmp = compare(con, baseline, candidate)
+    unknown = sorted(set(tolerance) - set(cmp["metrics"]))
+    if unknown:
+        raise UsageError(f"--tolerance names metric(s) these runs do not have: {', '.join(unknown)}",
+                         f"metrics: {', '.join(sorted(cmp['metrics']))}")
     regressions = []
     for key, row in cmp["metrics"].items():
         better = row["higher_is_better"]
-        if better is None or (key not in QUALITY and key not in tolerance):
+        if better is None or (key.split(":")[0] not in QUALITY and key not in tolerance):
             continue
         tol = tolerance.get(key, default_tol)
+        if not isinstance(row["b"], int | float) or math.isnan(row["b"]):
+            regressions.append({"metric": key, "baseline": row["a"], "candidate": row["b"], "tolerance": tol})
+            continue
+        if not isinstance(row["a"], int | float) or math.isnan(row["a"]):
+            continue  # nothing to regress from
         if key == "accuracy":
             worse = row["a"] - row["b"] > tol
         else:

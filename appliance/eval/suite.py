@@ -51,6 +51,7 @@ class Case:
     schema: dict | None = None
     chat: bool = False
     max_tokens: int = 32
+    line: int = 0
 
 
 @dataclass
@@ -60,10 +61,8 @@ class Metric:
     name: str = ""  # custom: the registered function
     thresholds: dict = field(default_factory=dict)
     tokens: int = 2048  # perplexity: held-out tokens measured
-
-    @property
-    def key(self) -> str:
-        return self.name if self.type == "custom" else self.type
+    line: int = 0
+    key: str = ""  # the name its value is reported under (set when the suite is loaded)
 
 
 @dataclass
@@ -90,20 +89,23 @@ def find(ref: str) -> Path:
 
 
 class _Lines:
-    """Where things are in the TOML text, for messages: the n-th [[case]] / [[metric]] and its keys."""
+    """Where things are in the TOML text, for messages: [suite], the n-th [[case]] / [[metric]], its keys."""
 
     def __init__(self, text: str):
         self.lines = text.splitlines()
-        self.heads: dict[str, list[int]] = {"case": [], "metric": []}
+        self.heads: dict[str, list[int]] = {"case": [], "metric": [], "suite": []}
+        self.tables: list[int] = []  # every table header, of any name
         for i, line in enumerate(self.lines, 1):
-            m = re.match(r"\s*\[\[\s*(case|metric)\s*\]\]", line)
+            if re.match(r"\s*\[", line):
+                self.tables.append(i)
+            m = re.match(r"\s*\[\[?\s*(case|metric|suite)\s*\]", line)
             if m:
                 self.heads[m.group(1)].append(i)
 
     def of(self, table: str, index: int, key: str | None = None) -> int:
         heads = self.heads[table]
         start = heads[index] if index < len(heads) else 1
-        end = min([h for t in self.heads.values() for h in t if h > start], default=len(self.lines) + 1)
+        end = min([h for h in self.tables if h > start], default=len(self.lines) + 1)
         if key:
             for i in range(start, end):
                 if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i - 1]):
@@ -120,26 +122,38 @@ def load(ref: str) -> Suite:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        raise SuiteError(f"{path}: not valid TOML: {e}", "fix the file and run again") from None
+        m = re.search(r"\(at line (\d+)", str(e))
+        raise SuiteError(f"{path}:{m.group(1) if m else 1}: not valid TOML ({str(e).split(' (at')[0]})",
+                         "fix the file and run again") from None
     where = _Lines(text)
     problems: list[str] = []
 
     def bad(line: int, msg: str) -> None:
         problems.append(f"{path}:{line}: {msg}")
 
-    head = raw.get("suite", {})
     for k in set(raw) - {"suite", "case", "metric"}:
         bad(1, f"unknown table [{k}] (tables are [suite], [[case]], [[metric]])")
+    head = raw.get("suite", {})
+    if not isinstance(head, dict):
+        bad(where.of("suite", 0), "[suite] must be a table")
+        head = {}
+    for k in set(head) - {"name", "description", "max_tokens"}:
+        bad(where.of("suite", 0, k), f"[suite] has unknown key {k!r} (keys: description, max_tokens, name)")
     max_tokens = head.get("max_tokens", 32)
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
-        bad(1, "suite.max_tokens must be an integer from 1 to 4096")
+        bad(where.of("suite", 0, "max_tokens"), "suite.max_tokens must be an integer from 1 to 4096")
         max_tokens = 32
+    for table in ("case", "metric"):
+        if table in raw and not (isinstance(raw[table], list) and all(isinstance(x, dict) for x in raw[table])):
+            bad(where.of(table, 0), f"write [[{table}]] (an array of tables), not [{table}]")
+            raw[table] = []
     cases, seen = [], set()
     for i, c in enumerate(raw.get("case", [])):
         cases.append(_case(c, i, where, bad, seen, max_tokens))
     metrics = [_metric(m, i, where, bad, REGISTRY) for i, m in enumerate(raw.get("metric", []))]
     if not cases and not metrics:
         bad(1, "the suite has no [[case]] and no [[metric]]")
+    _name_metrics(metrics)
     if problems:
         raise SuiteError(f"{len(problems)} problem(s) in the suite: " + "; ".join(problems),
                          "fix them and run again")
@@ -160,11 +174,13 @@ def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Ca
     expect = c.get("expect", "contains")
     if expect not in EXPECTS:
         bad(where.of("case", i, "expect"), f"case {cid}: expect {expect!r} is not one of {', '.join(EXPECTS)}")
-    answer = c.get("answer", "")
+    answer = c.get("answer")
     choices = c.get("choices", [])
     schema = c.get("schema")
-    if expect in ("exact", "contains", "regex", "choice") and not isinstance(answer, str | int | float):
-        bad(where.of("case", i, "answer"), f"case {cid}: answer is required for expect = {expect!r}")
+    if expect in ("exact", "contains", "regex", "choice") and (
+            not isinstance(answer, str | int | float) or isinstance(answer, bool) or str(answer) == ""):
+        bad(where.of("case", i, "answer"), f"case {cid}: a non-empty answer is required for expect = {expect!r}")
+    answer = "" if answer is None else answer
     if expect == "regex":
         try:
             re.compile(str(answer))
@@ -190,7 +206,7 @@ def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Ca
     mt = c.get("max_tokens", max_tokens)
     return Case(cid, str(prompt or ""), str(expect), str(answer), [str(x) for x in choices or []],
                 schema if isinstance(schema, dict) else None, bool(c.get("chat", False)),
-                mt if isinstance(mt, int) and mt > 0 else max_tokens)
+                mt if isinstance(mt, int) and mt > 0 else max_tokens, where.of("case", i))
 
 
 def _metric(m: dict, i: int, where: _Lines, bad, registry: dict) -> Metric:
@@ -212,7 +228,20 @@ def _metric(m: dict, i: int, where: _Lines, bad, registry: dict) -> Metric:
         if not isinstance(v, int | float) or isinstance(v, bool):
             bad(where.of("metric", i, k), f"{kind}.{k} must be a number")
     tokens = m.get("tokens", 2048)
-    return Metric(kind, str(m.get("dataset", "")), name, thresholds, tokens if isinstance(tokens, int) else 2048)
+    if not isinstance(tokens, int) or tokens < 16:
+        bad(where.of("metric", i, "tokens"), f"{kind}.tokens must be an integer of at least 16")
+        tokens = 2048
+    return Metric(kind, str(m.get("dataset", "")), name, thresholds, tokens, where.of("metric", i))
+
+
+def _name_metrics(metrics: list[Metric]) -> None:
+    """A metric reports under its type (or custom name); when a type repeats, under TYPE:DATASET."""
+    from collections import Counter
+
+    counts = Counter(m.type for m in metrics if m.type != "custom")
+    for m in metrics:
+        base = m.name if m.type == "custom" else m.type
+        m.key = f"{base}:{m.dataset}" if m.type != "custom" and counts[m.type] > 1 else base
 
 
 DATASET_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}@\d+$")
@@ -240,6 +269,6 @@ def from_dataset(con, ref: str, n: int = 20) -> Suite:
                 break
         if cases:
             break
-    metrics = [Metric("perplexity", version, tokens=2048)]
+    metrics = [Metric("perplexity", version, tokens=2048, key="perplexity")]
     return Suite(f"{name}-default", f"dataset:{version}", cases, metrics,
                  f"held-out perplexity and {len(cases)} cloze questions from {version}")
