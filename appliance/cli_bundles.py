@@ -113,8 +113,8 @@ def bundle_group():
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path))
 @click.option("--expires-days", type=click.FloatRange(0.01, 3650), default=365, show_default=True)
 def bundle_export_cmd(c: Ctx, ref, sign_key, recipients, out_path, expires_days):
-    """Bundle a model (NAME@K), a GGUF (NAME@K:TYPE) or a dataset version (NAME@N, encrypted only), with its
-    lineage, signed, into one file."""
+    """Bundle a model (NAME@K), a GGUF (NAME@K:TYPE), an eval run (eval-SUITE@K) or a dataset version
+    (NAME@N, encrypted only), with its lineage, signed, into one file."""
     from appliance.exchange import export_bundle
 
     with c.open_vault() as v:
@@ -167,6 +167,7 @@ def bundle_import_cmd(c: Ctx, file, allow_downgrade):
 
     with c.open_vault() as v:
         r = import_bundle(v, file, allow_downgrade)
-    where = f" ({r['path']})" if r.get("path") else f" ({r['records']} records, in the vault)"
+    unit = "cases" if r["kind"] == "eval" else "records"
+    where = f" ({r['path']})" if r.get("path") else f" ({r['records']} {unit}, in the vault)"
     c.emit(r, f"imported {r['kind']} {r['name']} v{r['version']} as {r['id']}{where}, signed by {r['signer']}"
               + (" (a downgrade, as allowed)" if r["downgrade"] else ""))

@@ -110,8 +110,8 @@ def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
         raise UsageError(f"nothing named {ref} to bundle",
                          "pass a model (NAME@K), a GGUF (NAME@K:TYPE) or a dataset version (NAME@N)")
     node_id, kind = row
-    if kind == "dataset":
-        return node_id, "dataset", node_id.split("@")[0], None
+    if kind in ("dataset", "eval"):
+        return node_id, kind, node_id.split("@")[0], None
     if kind == "model":
         return node_id, "model", node_id.split("@")[0], vault.home.artifacts / "models" / node_id
     if kind == "gguf":
@@ -136,6 +136,8 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path], out: P
         from appliance.vault.transfer import dataset_files
 
         files, _ = dataset_files(vault.con, node_id)
+    elif kind == "eval":
+        files = [("eval.json", _eval_report(vault.con, node_id))]
     else:
         if not src.is_dir():
             raise BundleError(f"the files of {node_id} are missing from {src}", "restore them from a backup")
@@ -227,9 +229,12 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
                 raise BundleError("a dataset bundle must arrive encrypted", "ask the sender to export it with --to")
             got["files"] = {}
             return container.Plan(last, collect=got["files"])
+        if kind == "eval":
+            got["files"] = {}
+            return container.Plan(last, collect=got["files"])
         if kind not in ("model", "gguf"):
-            raise BundleError(f"{kind} bundles cannot be imported into this appliance yet",
-                              "import models, GGUFs and datasets")
+            raise BundleError(f"{kind} bundles cannot be imported into this appliance",
+                              "import models, GGUFs, datasets and eval reports")
         got["id"] = lineage.next_id(vault.con, name)
         got["dest"] = vault.home.artifacts / ("models" if kind == "model" else "gguf") / got["id"]
         return container.Plan(last, unpack_to=got["dest"])
@@ -251,6 +256,8 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
 
         res = import_dataset(vault, got["files"], m["name"], {**prov, "downgrade": downgrade}, on_commit=record)
         return {**_summary(v), "id": res["version"], "path": None, "downgrade": downgrade, "records": res["records"]}
+    if m["kind"] == "eval":
+        return _import_eval(vault, got["files"], m, v, prov, record, downgrade)
     dest, node_id = got["dest"], got["id"]
     try:
         with vault.transaction():
@@ -267,6 +274,45 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return {**_summary(v), "id": node_id, "path": str(dest), "downgrade": downgrade}
+
+
+def _eval_report(con, run_id: str) -> bytes:
+    """An evaluation run as one JSON file: its summary and every case."""
+    (summary,) = con.execute("SELECT summary FROM eval_runs WHERE id = ?", [run_id]).fetchone()
+    cols = ["case_id", "passed", "output", "ttft_ms", "total_ms", "tokens", "scores"]
+    cases = [dict(zip(cols, r)) for r in con.execute(
+        f"SELECT {', '.join(cols)} FROM eval_cases WHERE run = ? ORDER BY rowid", [run_id]).fetchall()]
+    return json.dumps({"summary": json.loads(summary), "cases": cases}, indent=1).encode()
+
+
+def _import_eval(vault, files: dict, m: dict, v, prov: dict, record, downgrade: bool) -> dict:
+    """An evaluation run made elsewhere: stored like a local one, with where it came from."""
+    from appliance.vault import lineage
+
+    try:
+        report = json.loads(files["eval.json"])
+        summary, cases = report["summary"], report["cases"]
+    except (KeyError, ValueError) as e:
+        raise BundleError(f"the eval report in the bundle is malformed ({e})", "ask the sender to export it again"
+                          ) from None
+    con = vault.con
+    with vault.transaction():
+        run_id = lineage.next_id(con, m["name"])
+        summary = {**summary, "id": run_id, "imported_from": m["lineage"].get("id")}
+        con.execute("INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?, ?)",
+                    [run_id, summary["suite"], summary["model"], summary["backend"], utcnow(), json.dumps(summary)])
+        for c in cases:
+            con.execute("INSERT INTO eval_cases VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                        [run_id, c["case_id"], c["passed"], c["output"], c["ttft_ms"], c["total_ms"], c["tokens"],
+                         c["scores"]])
+        numbers = {k: x for k, x in summary["metrics"].items() if not isinstance(x, list | str)}
+        lineage.add_node(con, run_id, "eval", [], content_hash=v.manifest_sha256,
+                         attrs={**prov, "suite": summary["suite"], "model": summary["model"], "metrics": numbers,
+                                "source_lineage": m.get("lineage", {}).get("tree")})
+        record(con, run_id)
+        vault.audit("bundle.import", [run_id], {"kind": "eval", "name": m["name"], "version": m["version"],
+                                                 "signer": v.signer.name, "downgrade": downgrade})
+    return {**_summary(v), "id": run_id, "path": None, "downgrade": downgrade, "records": len(cases)}
 
 
 def _sender_report(dest: Path, kind: str) -> dict:

@@ -251,3 +251,19 @@ def test_a_model_given_by_path(ehome, cli):
     d = cli("--home", ehome, "eval", "drift", "--model", gguf)
     assert d.code == 2 and "pass --dataset" in d.err
     assert cli("--home", ehome, "eval", "drift", "--model", gguf, "--dataset", "handbook@1").code == 0
+
+
+def test_an_eval_report_travels_as_a_signed_bundle(ehome, cli, tmp_path, monkeypatch):
+    monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", "key pass 1234")
+    run = _run(cli, ehome, "handbook-checks", "--model", "good@1")["id"]
+    assert cli("--home", ehome, "keys", "generate", "--name", "lab").code == 0
+    pub = ehome / "keys" / "lab.pub"
+    out = tmp_path / "report.bundle"
+    assert cli("--home", ehome, "bundle", "export", run, "--sign-key", "lab", "--out", out).code == 0
+    assert cli("--home", ehome, "trust", "add", pub, "--name", "lab", "--kinds", "eval").code == 0
+    r = cli("--home", ehome, "--json", "bundle", "import", out)
+    assert r.code == 0 and r.json["kind"] == "eval" and r.json["id"] == "eval-handbook-checks@2", r.err
+    cmp = cli("--home", ehome, "--json", "eval", "compare", run, r.json["id"]).json
+    assert cmp["changed"] == [] and cmp["metrics"]["accuracy"]["delta"] == 0
+    tree = cli("--home", ehome, "--json", "lineage", r.json["id"]).json["lineage"]
+    assert tree["attrs"]["imported_from"] == run and tree["attrs"]["bundle"]["signer"] == "lab"
