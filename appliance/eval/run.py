@@ -6,6 +6,7 @@ summary in `eval_runs` and one row per case in `eval_cases`, all inside the vaul
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import random
@@ -57,6 +58,8 @@ def open_backend(kind: str, path: Path):
 
 
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
+    import numpy as np
+
     from appliance.errors import VaultError
     from appliance.eval.backends import loglik, window_nll
     from appliance.eval.suite import SuiteError
@@ -103,10 +106,6 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
                     stream += backend.tokenize(t) + [backend.eos]
                     if len(stream) >= m.tokens:
                         break
-                import hashlib
-
-                import numpy as np
-
                 wins = windows_of(np.asarray(stream[:m.tokens]), 256)
                 if not wins:
                     raise EvalError(f"{suite.path}:{m.line}: {ref} has too little text for perplexity",
