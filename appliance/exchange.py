@@ -17,7 +17,7 @@ from appliance.errors import UsageError
 from appliance.home import Home, atomic_write
 from bundles import container
 from bundles.errors import BundleError
-from bundles.keys import PublicKey, SecretKey, key_passphrase, read_json
+from bundles.keys import PublicKey, SecretKey, key_passphrase
 from bundles.trust import TrustStore
 from bundles.trust import add as trust_add_entry
 from bundles.trust import remove as trust_remove_entry
@@ -65,13 +65,13 @@ def secret_key(home: Home, name: str) -> SecretKey:
     p = keys_dir(home) / f"{name}.key"
     if not p.is_file():
         raise UsageError(f"no key named {name}", "see `appliance keys list`")
-    return SecretKey.unseal(read_json(p), key_passphrase(), str(p))
+    return SecretKey.load(p)
 
 
 def _identities(home: Home) -> list[SecretKey]:
     d = keys_dir(home)
     files = sorted(d.glob("*.key")) if d.is_dir() else []
-    return [SecretKey.unseal(read_json(p), key_passphrase(), str(p)) for p in files]
+    return [SecretKey.load(p) for p in files]
 
 
 # --- trust -----------------------------------------------------------------------------------------
@@ -168,12 +168,7 @@ def _trim(t: dict) -> dict:
 # --- inspect, verify, import ------------------------------------------------------------------------
 def inspect(home: Home, path: Path) -> dict:
     """The manifest and who claims to have signed it, without trusting anything."""
-    try:
-        o = container.open_bundle(path, [])
-    except BundleError as e:
-        if "is encrypted" not in e.message:
-            raise
-        o = container.open_bundle(path, _identities(home))
+    o = container.open_bundle(path, _maybe_identities(home, path))
     o.close()
     signer = o.manifest.get("signer")
     known = [t for t in trust_list(home) if t["key_id"] == signer]

@@ -19,12 +19,12 @@ from pathlib import Path
 
 from bundles import container
 from bundles.errors import BundleError
-from bundles.keys import SecretKey, key_passphrase, read_json
+from bundles.keys import SecretKey
 from bundles.trust import TrustStore
 
 
 def identities(paths: list[Path]) -> list[SecretKey]:
-    return [SecretKey.unseal(read_json(p), key_passphrase(), str(p)) for p in paths]
+    return [SecretKey.load(p) for p in paths]
 
 
 def _state(path: Path | None) -> dict:

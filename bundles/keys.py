@@ -107,6 +107,11 @@ class SecretKey:
                 "sealed": b64(sealed), "public": pub.to_json()}
 
     @classmethod
+    def load(cls, path: Path) -> SecretKey:
+        """A sealed key file, opened with the key passphrase (`key_passphrase()`)."""
+        return cls.unseal(_read_json(path), key_passphrase(), str(path))
+
+    @classmethod
     def unseal(cls, d: dict, passphrase: str, where: str = "secret key") -> SecretKey:
         from cryptography.exceptions import InvalidTag
         from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305

@@ -40,10 +40,7 @@ class TrustStore:
         for p in paths:
             p = Path(p)
             if p.is_dir():
-                for f in sorted(p.glob("*.json")):
-                    d = read_json(f)
-                    entries.append(Trusted(d["name"], PublicKey.from_json(d.get("public"), str(f)),
-                                           tuple(d.get("kinds", ()))))
+                entries += [_entry(f) for f in sorted(p.glob("*.json"))]
             else:
                 key = PublicKey.load(p)
                 entries.append(Trusted(key.name or p.stem, key, KINDS))
@@ -59,6 +56,13 @@ class TrustStore:
                 return t
         raise BundleError(f"signer {match[0].name} ({key_id}) is trusted for {', '.join(match[0].kinds)}, "
                           f"not for {kind} bundles", f"`appliance trust add ... --kinds {kind}` to allow it")
+
+
+def _entry(f: Path) -> Trusted:
+    d = read_json(f)
+    if not isinstance(d, dict) or not isinstance(d.get("name"), str):
+        raise BundleError(f"trust entry {f} is damaged", "remove the file and add the signer again")
+    return Trusted(d["name"], PublicKey.from_json(d.get("public"), str(f)), tuple(d.get("kinds", ())))
 
 
 def add(store: Path, key: PublicKey, name: str, kinds: list[str]) -> Trusted:
@@ -83,9 +87,8 @@ def add(store: Path, key: PublicKey, name: str, kinds: list[str]) -> Trusted:
 
 def remove(store: Path, name: str) -> Trusted:
     for f in sorted(store.glob("*.json")) if store.is_dir() else []:
-        d = read_json(f)
-        if d.get("name") == name:
-            entry = Trusted(name, PublicKey.from_json(d.get("public"), str(f)), tuple(d.get("kinds", ())))
+        entry = _entry(f)
+        if entry.name == name:
             f.unlink()
             return entry
     raise BundleError(f"no trusted signer named {name}", "see `appliance trust list`")

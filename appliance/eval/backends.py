@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.quantize.quality import log_softmax
+
 
 def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
     """The chat template rendered as transformers renders it (same Jinja options and variables)."""
@@ -36,11 +38,6 @@ def _no_template():
     from appliance.errors import UsageError
 
     return UsageError("this model has no chat template, but the suite has chat cases", "set chat = false")
-
-
-def _log_softmax(x: np.ndarray) -> np.ndarray:
-    m = x.max(-1, keepdims=True)
-    return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))
 
 
 class HFBackend:
@@ -161,7 +158,7 @@ class GGUFBackend:
 def loglik(backend, context: str, continuation: str) -> float:
     """Sum of log-probabilities of `continuation`'s tokens after `context` (same tokens on every backend)."""
     a, b = backend.tokenize(context), backend.tokenize(continuation)
-    lp = _log_softmax(backend.logits(a + b))
+    lp = log_softmax(backend.logits(a + b))
     return float(sum(lp[len(a) + i - 1, t] for i, t in enumerate(b)))
 
 
@@ -169,6 +166,6 @@ def window_nll(backend, windows: list[np.ndarray]) -> list[tuple[float, int]]:
     """(summed NLL, predicted tokens) per window."""
     out = []
     for w in windows:
-        lp = _log_softmax(backend.logits([int(x) for x in w])[:-1])
+        lp = log_softmax(backend.logits([int(x) for x in w])[:-1])
         out.append((float(-lp[np.arange(len(w) - 1), w[1:]].sum()), len(w) - 1))
     return out

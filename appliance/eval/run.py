@@ -58,14 +58,13 @@ def open_backend(kind: str, path: Path):
 
 
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
-    import numpy as np
 
     from appliance.errors import VaultError
     from appliance.eval.backends import loglik, window_nll
     from appliance.eval.suite import SuiteError
-    from appliance.quantize.quality import windows_of
+    from appliance.quantize.quality import token_stream, windows_of
     from appliance.vault import lineage
-    from appliance.vault.versions import iter_records, resolve
+    from appliance.vault.versions import held_out, iter_records, resolve
 
     model_id, kind, path, in_lineage = resolve_model(vault, model_ref)
     datasets = {}
@@ -98,15 +97,9 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
         for m in suite.metrics:
             ref = datasets.get(m.dataset, "")
             if m.type == "perplexity":
-                split, texts = "validation", [r["text"] for r in iter_records(vault.con, ref, split="validation")]
-                if not texts:
-                    split, texts = "train", [r["text"] for r in iter_records(vault.con, ref, split="train")]
-                stream: list[int] = []
-                for t in texts:
-                    stream += backend.tokenize(t) + [backend.eos]
-                    if len(stream) >= m.tokens:
-                        break
-                wins = windows_of(np.asarray(stream[:m.tokens]), 256)
+                split, records = held_out(vault.con, ref)
+                stream = token_stream(backend.tokenize, backend.eos, (r["text"] for r in records), m.tokens)
+                wins = windows_of(stream, 256)
                 if not wins:
                     raise EvalError(f"{suite.path}:{m.line}: {ref} has too little text for perplexity",
                                     "pass a dataset with held-out text")
@@ -114,7 +107,7 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
                 progress("perplexity", len(wins), len(wins))
                 values[m.key] = math.exp(sum(a for a, _ in per) / sum(b for _, b in per))
                 values[f"{m.key}_windows"] = [a / b for a, b in per]
-                values[f"{m.key}_tokens"] = hashlib.sha256(np.asarray(stream[:m.tokens]).tobytes()).hexdigest()
+                values[f"{m.key}_tokens"] = hashlib.sha256(stream.tobytes()).hexdigest()
                 values[f"{m.key}_split"] = split
             elif m.type == "vocab_coverage":
                 texts = [r["text"] for r in iter_records(vault.con, ref)]

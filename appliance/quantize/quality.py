@@ -42,11 +42,11 @@ class Report:
         return {**self.__dict__, "ok": self.ok}
 
 
-def token_stream(tokenizer, texts: Iterable[str], limit: int) -> np.ndarray:
+def token_stream(tokenize: Callable[[str], list[int]], eos: int, texts: Iterable[str], limit: int) -> np.ndarray:
     """Documents joined by EOS, as in training, cut at `limit` tokens."""
     out: list[int] = []
     for text in texts:
-        out += tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        out += list(tokenize(text)) + [eos]
         if len(out) >= limit:
             break
     return np.asarray(out[:limit], dtype=np.int64)
@@ -83,7 +83,7 @@ def compare(source, llm, windows: list[np.ndarray], rep: Report,
         llm.reset()
         llm.eval(w.tolist())
         b = np.asarray(llm.scores[:len(w)], dtype=np.float64)  # (T, vocab)
-        la, lb = _log_softmax(a[:-1]), _log_softmax(b[:-1])
+        la, lb = log_softmax(a[:-1]), log_softmax(b[:-1])
         target = w[1:]
         rows = np.arange(len(target))
         nll_src -= la[rows, target].sum()
@@ -116,6 +116,6 @@ def judge(rep: Report, bound_pct: float, exact: bool) -> None:
                          "the source model exactly")
 
 
-def _log_softmax(x: np.ndarray) -> np.ndarray:
+def log_softmax(x: np.ndarray) -> np.ndarray:
     m = x.max(-1, keepdims=True)
     return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

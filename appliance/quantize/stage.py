@@ -95,7 +95,8 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
             t0 = time.perf_counter()
             from appliance.quantize.imatrix import compute
 
-            stream = quality.token_stream(tok, _texts(vault.con, imatrix_ds, "train"), imatrix_tokens)
+            stream = quality.token_stream(_ids(tok), tok.eos_token_id, _texts(vault.con, imatrix_ds, "train"),
+                                          imatrix_tokens)
             windows = quality.windows_of(stream, ctx)
             if not windows:
                 raise UsageError(f"{imatrix_ds} has no training text for an importance matrix",
@@ -219,18 +220,20 @@ def _texts(con, ref: str, split: str):
         yield rec["text"]
 
 
+def _ids(tok):
+    return lambda text: tok(text, add_special_tokens=False)["input_ids"]
+
+
 def _records(con, ref: str) -> tuple[str, list[tuple[int, str]]]:
     """Held-out records (position in the version, text): the validation split, else the train split."""
-    from appliance.vault.versions import iter_records
+    from itertools import islice
 
-    for split in ("validation", "train"):
-        recs = []
-        for rec in iter_records(con, ref, split=split):
-            recs.append((rec["ord"], rec["text"]))
-            if len(recs) >= MAX_TOKENIZER_RECORDS:
-                break
-        if recs:
-            return split, recs
+    from appliance.vault.versions import held_out
+
+    split, records = held_out(con, ref)
+    recs = [(r["ord"], r["text"]) for r in islice(records, MAX_TOKENIZER_RECORDS)]
+    if recs:
+        return split, recs
     raise UsageError(f"{ref} has no records to measure quality on", "pass --eval DATASET@N with text in it")
 
 
@@ -252,7 +255,7 @@ def _quality(con, source, tok, path: Path, qt: QuantType, eval_ds: str, eval_tok
         progress("tokenizer check", 0, len(recs))
         quality.tokenizer_agreement(llm, tok, recs, rep)
         progress("tokenizer check", len(recs), len(recs))
-        stream = quality.token_stream(tok, (t for _, t in recs), eval_tokens)
+        stream = quality.token_stream(_ids(tok), tok.eos_token_id, (t for _, t in recs), eval_tokens)
         windows = quality.windows_of(stream, ctx)
         if not windows:
             raise UsageError(f"{eval_ds} gives too little text to measure perplexity", "pass a larger --eval")

@@ -91,6 +91,14 @@ def iter_records(con, ref: str, split: str | None = None, batch: int = 1000) -> 
         cur.close()
 
 
+def held_out(con, ref: str) -> tuple[str, Iterator[dict]]:
+    """(split, its records, streamed): the validation split, or the train split when it has none."""
+    vid, _, _ = resolve(con, ref)
+    has = con.execute("SELECT 1 FROM version_records WHERE vid = ? AND split = 'validation' LIMIT 1", [vid]).fetchone()
+    split = "validation" if has else "train"
+    return split, iter_records(con, ref, split=split)
+
+
 def export(con, ref: str, out: Path, split: str | None = None, force: bool = False,
            before_publish: Callable[[dict], None] | None = None) -> dict:
     """Write a version as JSONL, plaintext, to `out` (0600, temp name then rename). Explicit by design.
