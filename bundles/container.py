@@ -305,7 +305,7 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
                     raise BundleError(f"the bundle is truncated (inside {e['path']})", "copy the file again")
                 h.update(chunk)
                 if out is not None:
-                    os.write(out, chunk)
+                    _write_all(out, chunk)
                 if buf is not None:
                     buf += chunk
                 left -= len(chunk)
@@ -336,6 +336,13 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write may write less than asked; what was hashed must be exactly what lands."""
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _create(root: Path, rel: str) -> int:
