@@ -23,6 +23,10 @@ class VaultError(ApplianceError):
     """The vault cannot be opened, read or written as asked."""
 
 
+class VaultBusy(VaultError):
+    """Another process has the vault open; it is free again when that process finishes or lets go."""
+
+
 class WrongPassphrase(VaultError):
     def __init__(self) -> None:
         super().__init__("wrong passphrase", "check APPLIANCE_PASSPHRASE[_FILE] or type it again")

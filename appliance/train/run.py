@@ -11,6 +11,7 @@ import json
 import os
 import threading
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -116,26 +117,84 @@ def tokenizer_hash(path: Path) -> str:
 
 
 class Recorder:
-    """Writes a run's progress to the vault (metrics per step, checkpoints) and tells the caller."""
+    """Writes a run's progress to the vault (metrics per step, checkpoints) and tells the caller.
 
-    def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None]):
+    While the model trains the vault is let go (`live`), so the console and other commands can read it;
+    progress is buffered and written about once a second in brief holds, and kept for the next try if
+    another process has the vault at that moment.
+    """
+
+    FLUSH_EVERY = 1.0
+
+    def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None], checkpoint_every: int = 0):
         self.vault, self.run_id, self.on_event = vault, run_id, on_event
-        self.lock = threading.Lock()
+        self.checkpoint_every = checkpoint_every
+        self.lock = threading.Lock()  # guards what is pending
+        self.flushing = threading.Lock()  # one hold on the vault at a time
+        self.pending: list[list] = []
+        self.last_checkpoint: str | None = None
 
     def step(self, m: dict) -> None:
         with self.lock:
-            self.vault.con.execute("INSERT INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                                   [self.run_id, m["step"], m["loss"], m["lr"], m["grad_norm"], m["tokens"],
-                                    m["tokens_per_s"], m["elapsed"]])
-            self.vault.con.execute("UPDATE train_runs SET step = ?, updated = ? WHERE id = ?",
-                                   [m["step"], utcnow(), self.run_id])
+            self.pending.append([self.run_id, m["step"], m["loss"], m["lr"], m["grad_norm"], m["tokens"],
+                                 m["tokens_per_s"], m["elapsed"]])
+        if self.checkpoint_every and m["step"] % self.checkpoint_every == 0:
+            # a checkpoint follows; a resume starts from it, so the metrics up to it must be in the vault first
+            self.flush(wait=60.0)
         self.on_event("step", m)
 
     def checkpoint(self, step: int, path: str) -> None:
         with self.lock:
-            self.vault.con.execute("UPDATE train_runs SET checkpoint = ?, updated = ? WHERE id = ?",
-                                   [path, utcnow(), self.run_id])
+            self.last_checkpoint = path
+        self.flush(wait=60.0)
         self.on_event("checkpoint", {"step": step, "path": path})
+
+    def flush(self, wait: float) -> None:
+        with self.flushing:
+            self._flush(wait)
+
+    def _flush(self, wait: float) -> None:
+        from appliance.errors import VaultError
+
+        with self.lock:
+            rows, ckpt = self.pending, self.last_checkpoint
+            self.pending, self.last_checkpoint = [], None
+        if not rows and ckpt is None:
+            return
+        try:
+            with self.vault.session(wait=wait) as v, v.transaction() as con:
+                if rows:
+                    con.executemany("INSERT INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    con.execute("UPDATE train_runs SET step = ?, updated = ? WHERE id = ?",
+                                [rows[-1][1], utcnow(), self.run_id])
+                if ckpt is not None:
+                    con.execute("UPDATE train_runs SET checkpoint = ?, updated = ? WHERE id = ?",
+                                [ckpt, utcnow(), self.run_id])
+        except VaultError:  # busy for now: keep it for the next flush
+            with self.lock:
+                self.pending = rows + self.pending
+                self.last_checkpoint = self.last_checkpoint or ckpt
+
+    @contextmanager
+    def live(self):
+        """The vault let go for the length of the block, progress written in the background."""
+        stop = threading.Event()
+
+        def flusher() -> None:
+            while not stop.wait(self.FLUSH_EVERY):
+                self.flush(wait=0.5)
+
+        thread = threading.Thread(target=flusher, daemon=True, name="train-recorder")
+        try:
+            with self.vault.released():
+                thread.start()
+                try:
+                    yield
+                finally:
+                    stop.set()
+                    thread.join()
+        finally:
+            self.flush(wait=60.0)
 
     def status(self, status: str, **cols) -> None:
         sets = ", ".join(f"{k} = ?" for k in ("status", "updated", *cols))
@@ -185,19 +244,13 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "resume_from": str(resume_from) if resume_from else None}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
-    rec = Recorder(vault, run_id, on_event)
+    rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every)
     rec.status("running", world=world, error=None)
     on_event("start", {"id": run_id, "resume_from": resume_step, "max_steps": recipe.train.max_steps,
                        "world": world})
     try:
-        if world > 1:
-            threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
-                else max(1, (os.cpu_count() or 1) // max(gpus, 1))
-            out = launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
-                                         nodes, threads)
-        else:
-            loop.set_threads()
-            out = STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
+        with rec.live():
+            out = _fit(vault, recipe, spec, packed, rec, gpus, nodes, world)
     except TrainError as e:
         rec.status("failed", error=e.message)
         raise
@@ -220,6 +273,17 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
                                f"checkpoint {out.get('checkpoint') or 'none'}",
                                "continue with `appliance train run ... --resume`")
     return _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec)
+
+
+def _fit(vault, recipe: Recipe, spec: dict, packed: data.Packed, rec: Recorder, gpus: int, nodes: launch.Nodes,
+         world: int) -> dict:
+    if world > 1:
+        threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
+            else max(1, (os.cpu_count() or 1) // max(gpus, 1))
+        return launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
+                                      nodes, threads)
+    loop.set_threads()
+    return STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
 
 
 def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:

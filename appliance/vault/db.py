@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import glob
 import os
+import time
 from pathlib import Path
 
 import duckdb
 
-from appliance.errors import VaultError
+from appliance.errors import VaultBusy, VaultError
 
 DB_ALIAS = "vault"
 # DuckDB rewrites a table's last, still-growing row group at every checkpoint. With the default 122,880
@@ -54,8 +55,24 @@ def _settings(tmp_dir: Path, memory_limit: str | None) -> dict[str, str]:
 
 
 def connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool = False,
-            memory_limit: str | None = None) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the encrypted vault file attached as `vault` and made the default."""
+            memory_limit: str | None = None, wait: float = 0.0) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the encrypted vault file attached as `vault` and made the default.
+
+    DuckDB lets one process at a time attach the file. `wait` seconds are spent retrying while another
+    appliance process (a job recording its progress, the console) holds it briefly.
+    """
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            return _connect(path, key_hex, tmp_dir, read_only, memory_limit)
+        except VaultBusy:
+            if time.monotonic() >= deadline:
+                raise
+            time.sleep(0.05)
+
+
+def _connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool,
+             memory_limit: str | None) -> duckdb.DuckDBPyConnection:
     con = duckdb.connect(":memory:", config=_settings(tmp_dir, memory_limit))
     try:
         con.execute(f"LOAD '{httpfs_extension_path()}'")
@@ -73,8 +90,9 @@ def connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool = False,
             import re
 
             pid = re.search(r"\(PID (\d+)\)", str(e))
-            raise VaultError(f"the vault is in use by another appliance process{f' (PID {pid[1]})' if pid else ''}",
-                             "wait for it to finish (a training run holds the vault until it ends)") from None
+            raise VaultBusy(f"the vault is in use by another appliance process{f' (PID {pid[1]})' if pid else ''}",
+                            "wait for it to finish (an ingest, quantize or eval holds the vault until it ends)"
+                            ) from None
         raise VaultError(f"cannot open the vault database: {_first_line(e)}",
                          "run `appliance vault check`; restore from backup if it fails") from e
     return con

@@ -16,6 +16,7 @@ from appliance.vault.keys import Keyring, Secrets
 from appliance.vault.schema import DDL, SCHEMA_VERSION
 
 REKEY_SUFFIX = ".rekey"
+BUSY_WAIT = 10.0  # seconds to wait for another process's brief hold on the vault
 OLD_SUFFIX = ".old"
 
 
@@ -53,9 +54,21 @@ class Vault:
 
     @classmethod
     def open(cls, home: Home, passphrase: str, read_only: bool = False,
-             memory_limit: str | None = None) -> Vault:
+             memory_limit: str | None = None, wait: float = BUSY_WAIT) -> Vault:
         ring = Keyring.load(home.keyring)
         secrets, pending = ring.unlock(passphrase)  # raises WrongPassphrase before anything is touched
+        return cls._attach(home, ring, secrets, pending, read_only, memory_limit, wait)
+
+    @classmethod
+    def from_secrets(cls, home: Home, secrets: Secrets, read_only: bool = False, wait: float = BUSY_WAIT) -> Vault:
+        """Open with secrets handed over by the process that unlocked (a job runner gets them on a pipe)."""
+        ring = Keyring.load(home.keyring)
+        if ring.pending_rekey is not None:
+            raise VaultError("the vault is half-way through a rekey", "open it once with the passphrase")
+        return cls._attach(home, ring, secrets, None, read_only, None, wait)
+
+    @classmethod
+    def _attach(cls, home, ring, secrets, pending, read_only, memory_limit, wait) -> Vault:
         if ring.pending_rekey is not None:
             secrets = _finish_rekey(home, ring, secrets, pending)
         else:  # a copy whose key never reached the keyring: unreadable by anyone, remove it
@@ -63,7 +76,7 @@ class Vault:
         _drop_old(home)
         if not home.database.exists():
             raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
-        con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit)
+        con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit, wait)
         vault = cls(home, ring, secrets, con, read_only)
         try:
             vault._check_schema()
@@ -81,11 +94,38 @@ class Vault:
             self.con.close()
             self.con = None  # type: ignore[assignment]
 
-    def reopen(self, read_only: bool) -> None:
+    def reopen(self, read_only: bool, wait: float = BUSY_WAIT) -> None:
         """Re-attach the database, e.g. read-only after writing an audit entry; no new unlock."""
         self.close()
-        self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only)
+        self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only, wait=wait)
         self.read_only = read_only
+
+    @contextmanager
+    def session(self, read_only: bool = False, wait: float = BUSY_WAIT):
+        """Attached for the length of a block, then free for other processes; as is if already attached.
+
+        DuckDB lets one process at a time attach the file, so long-lived holders (the console, a training
+        job) attach only while they read or write.
+        """
+        if self.con is not None:
+            yield self
+            return
+        self.reopen(read_only, wait)
+        try:
+            yield self
+        finally:
+            self.close()
+
+    @contextmanager
+    def released(self, wait: float = 3600.0):
+        """Detached for the length of a block (a training run), then attached again as it was."""
+        attached, read_only = self.con is not None, self.read_only
+        self.close()
+        try:
+            yield self
+        finally:
+            if attached:
+                self.reopen(read_only, wait)
 
     def __enter__(self) -> Vault:
         return self
