@@ -16,7 +16,7 @@ from pathlib import Path
 import click
 
 from appliance import __version__
-from appliance.errors import ApplianceError, CheckFailed, PartialIngest, VaultError
+from appliance.errors import ApplianceError, CheckFailed, PartialIngest, UsageError, VaultError, one_line
 from appliance.home import Home, default_home
 from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
 from appliance.passphrase import check_new, get_passphrase
@@ -204,11 +204,7 @@ def sql_cmd(c: Ctx, query, limit):
     from appliance.vault import versions
 
     with c.open_vault() as v:
-        with v.transaction():
-            v.audit("vault.sql", [], {"query": query})
-        v.reopen(read_only=True)
-        v.con.execute("SET enable_external_access = false")  # no reading or writing files from SQL
-        res = versions.sql(v.con, query, limit)
+        res = versions.query(v, query, limit)
     c.emit(res, lambda: (table(res["columns"], res["rows"]),
                          res["truncated"] and err.print(f"(first {limit} rows; use --limit)")))
 
@@ -444,13 +440,10 @@ def train_metrics_cmd(c: Ctx, run_id):
 @command(train_group, "models")
 def train_models_cmd(c: Ctx):
     """Models and adapters in the appliance (trained, merged or imported)."""
-    with c.open_vault(read_only=True) as v:
-        rows = v.con.execute("SELECT id, kind, created, attrs FROM lineage_nodes WHERE kind IN ('model', 'adapter') "
-                             "ORDER BY created").fetchall()
-    import json as _json
+    from appliance.train.run import models
 
-    items = [{"id": i, "kind": k, "created": str(t)[:19], **{key: _json.loads(a).get(key) for key in
-             ("stage", "method", "path")}} for i, k, t, a in rows]
+    with c.open_vault(read_only=True) as v:
+        items = models(v.con)
     c.emit({"models": items}, lambda: table(["model", "kind", "made by", "created"],
                                            [[i["id"], i["kind"], f"{i['stage'] or 'import'}/{i['method'] or '-'}",
                                              i["created"]] for i in items]))
@@ -464,12 +457,7 @@ def lineage_cmd(c: Ctx, node_id):
     from appliance.vault import lineage
 
     with c.open_vault(read_only=True) as v:
-        if "@" not in node_id and not v.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?",
-                                                    [node_id]).fetchone():
-            from appliance.vault.versions import resolve
-            _, name, n = resolve(v.con, node_id)
-            node_id = f"{name}@{n}"
-        t = lineage.tree(v.con, node_id)
+        t = lineage.tree(v.con, lineage.resolve(v.con, node_id))
     c.emit({"lineage": t}, lambda: out.print("\n".join(lineage.render(t))))
 
 
@@ -508,6 +496,29 @@ def audit_log_cmd(c: Ctx, limit, action):
           ", ".join(f"{k}={val}" for k, val in r["details"].items())] for r in rows]))
 
 
+# --- the console ---------------------------------------------------------------------------------
+@command(cli, "tui")
+@click.option("--keys", "keys", type=click.Path(path_type=Path), default=None,
+              help="Key map TOML ([keys] action = \"key\"); default ~/.config/appliance/keys.toml.")
+@click.option("--mono", is_flag=True, help="No colours (as with NO_COLOR set).")
+def tui_cmd(c: Ctx, keys, mono):
+    """The operator's console: unlock, then dashboard, vault, train, models, bundles and audit screens.
+
+    Every action is on a key shown in the footer and in the command palette (Ctrl+P). Jobs started here
+    keep running when the console closes.
+    """
+    home = c.home
+    if not home.exists():
+        raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
+    if not sys.stdout.isatty():
+        raise UsageError("the console needs a terminal", "run it in a terminal (or use the CLI commands)")
+    if mono:
+        os.environ["NO_COLOR"] = "1"
+    from appliance.tui.app import run
+
+    run(home, keys)
+
+
 # --- samples and demo ----------------------------------------------------------------------------
 @command(cli, "samples")
 @click.option("--out", "out_dir", required=True, type=click.Path(path_type=Path))
@@ -542,6 +553,7 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
 # --- quantize, generate, chat, serve (their own module: appliance/cli_quantize.py) --------------------
 import appliance.cli_bundles  # noqa: E402,F401  (registers keys, trust, bundle)
 import appliance.cli_eval  # noqa: E402,F401  (registers eval)
+import appliance.cli_jobs  # noqa: E402,F401  (registers jobs)
 import appliance.cli_quantize  # noqa: E402,F401  (registers its commands on `cli`)
 
 
@@ -583,10 +595,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def _fail(as_json: bool, message: str, hint: str | None, code: int) -> None:
-    line = f"error: {message}" + (f"; {hint}" if hint else "")
-    if code == 3:
-        line = message + (f"; {hint}" if hint else "")
-    err.print(line, markup=False)
+    err.print(one_line(message, hint, code), markup=False)
     if as_json and code != 3:
         emit_json({"ok": False, "error": message, "hint": hint, "exit_code": code})
     sys.exit(code)

@@ -13,6 +13,12 @@ class ApplianceError(Exception):
         super().__init__(f"{message}; {hint}" if hint else message)
 
 
+def one_line(message: str, hint: str | None, code: int = 1) -> str:
+    """The line a user sees for an error, the same in the CLI and the console."""
+    line = message + (f"; {hint}" if hint else "")
+    return line if code == 3 else f"error: {line}"
+
+
 class UsageError(ApplianceError):
     """The command line itself is wrong (exit 2)."""
 

@@ -9,6 +9,8 @@ is what other sites put in their trust store, or encrypt to.
 from __future__ import annotations
 
 import base64
+import contextlib
+import contextvars
 import hashlib
 import json
 import os
@@ -159,10 +161,26 @@ def read_json(path: Path) -> dict:
     return _read_json(path)
 
 
+_GIVEN: contextvars.ContextVar[str | None] = contextvars.ContextVar("key_passphrase", default=None)
+
+
+@contextlib.contextmanager
+def using_passphrase(passphrase: str):
+    """Use `passphrase` for keys opened in this block (the console asks for it in a dialog)."""
+    token = _GIVEN.set(passphrase)
+    try:
+        yield
+    finally:
+        _GIVEN.reset(token)
+
+
 def key_passphrase() -> str:
-    """The secret key's passphrase: APPLIANCE_KEY_PASSPHRASE_FILE, APPLIANCE_KEY_PASSPHRASE, or a prompt."""
+    """The secret key's passphrase: one given in code, APPLIANCE_KEY_PASSPHRASE_FILE, APPLIANCE_KEY_PASSPHRASE,
+    or a prompt."""
     import sys
 
+    if given := _GIVEN.get():
+        return given
     if f := os.environ.get("APPLIANCE_KEY_PASSPHRASE_FILE"):
         try:
             return Path(f).read_text().rstrip("\n")

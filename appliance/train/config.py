@@ -282,6 +282,11 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
         raw = tomllib.loads(path.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"recipe {path} is not valid TOML: {e}", "fix the file and run again") from None
+    return build_recipe(raw, overrides, f"recipe {path.name}")
+
+
+def build_recipe(raw: dict, overrides: list[str] | None = None, label: str = "the recipe") -> Recipe:
+    """A checked Recipe from its TOML tables (as read, or as `Recipe.to_dict` wrote them)."""
     problems: list[str] = []
     for item in overrides or []:
         _apply_override(raw, item, problems)
@@ -289,7 +294,7 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
     problems += recipe.problems()
     if problems:
         n = len(problems)
-        raise UsageError(f"recipe {path.name} has {n} problem{'s' * (n > 1)}: " + "; ".join(problems),
+        raise UsageError(f"{label} has {n} problem{'s' * (n > 1)}: " + "; ".join(problems),
                          "fix the recipe or override with --KEY VALUE")
     return recipe
 

@@ -429,6 +429,14 @@ def runs(con, name: str | None = None) -> list[dict]:
              "created": iso(r[6]), "updated": iso(r[7]), "model_path": r[8], "error": r[9]} for r in rows]
 
 
+def models(con) -> list[dict]:
+    """Models and adapters (trained, merged or imported), oldest first."""
+    rows = con.execute("SELECT id, kind, created, attrs FROM lineage_nodes WHERE kind IN ('model', 'adapter') "
+                       "ORDER BY created").fetchall()
+    return [{"id": i, "kind": k, "created": str(t)[:19], **{key: json.loads(a).get(key) for key in
+             ("stage", "method", "path")}} for i, k, t, a in rows]
+
+
 def losses(con, run_id: str) -> list[float]:
     return [r[0] for r in con.execute("SELECT loss FROM train_metrics WHERE run = ? ORDER BY step",
                                       [run_id]).fetchall()]

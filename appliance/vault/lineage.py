@@ -40,6 +40,29 @@ def node(con, node_id: str) -> dict:
             "attrs": json.loads(row[4] or "{}")}
 
 
+def resolve(con, ref: str) -> str:
+    """A node id as given, or a bare dataset name -> its newest version."""
+    if "@" in ref or con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [ref]).fetchone():
+        return ref
+    from appliance.vault.versions import resolve as resolve_version
+
+    _, name, n = resolve_version(con, ref)
+    return f"{name}@{n}"
+
+
+def descendants(con, node_id: str, _seen: frozenset[str] = frozenset()) -> list[dict]:
+    """What was made from `node_id` (runs, models, GGUFs, evals, bundles), nested under `children`."""
+    out = []
+    for child, role, kind in con.execute(
+        "SELECT e.child, e.role, n.kind FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.child "
+        "WHERE e.parent = ? ORDER BY n.created, e.child", [node_id]
+    ).fetchall():
+        if child not in _seen:
+            out.append({"id": child, "kind": kind, "role": role,
+                        "children": descendants(con, child, _seen | {node_id})})
+    return out
+
+
 def tree(con, node_id: str, _seen: frozenset[str] = frozenset()) -> dict:
     """`node_id` with its ancestors nested under `parents` (a DAG shown as a tree; cycles cut)."""
     out = node(con, node_id)

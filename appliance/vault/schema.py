@@ -60,6 +60,13 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS eval_drift (
         name VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, dataset VARCHAR NOT NULL, probes VARCHAR NOT NULL,
         snapshot VARCHAR NOT NULL, created TIMESTAMP NOT NULL)""",
+    # Jobs (id job-N): queued work and what became of it; see appliance/jobs.
+    """CREATE TABLE IF NOT EXISTS jobs (
+        id VARCHAR PRIMARY KEY, seq INTEGER NOT NULL, kind VARCHAR NOT NULL, spec VARCHAR NOT NULL,
+        status VARCHAR NOT NULL, priority INTEGER NOT NULL, gpus INTEGER NOT NULL, devices VARCHAR, pid INTEGER,
+        attempts INTEGER NOT NULL, cancel BOOLEAN NOT NULL, submitted_by VARCHAR NOT NULL,
+        created TIMESTAMP NOT NULL, started TIMESTAMP, finished TIMESTAMP, ref VARCHAR, result VARCHAR,
+        error VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",

@@ -41,6 +41,33 @@ def datasets(con) -> list[dict]:
              "content_hash": r[5], "updated": iso(r[6])} for r in rows]
 
 
+def all_versions(con) -> list[dict]:
+    """Every committed version, newest first per dataset."""
+    rows = con.execute("SELECT name, n, records, bytes, pii_mode, committed, content_hash FROM versions "
+                       "WHERE status = 'committed' ORDER BY name, n DESC").fetchall()
+    return [{"version": f"{a}@{n}", "records": r, "bytes": b, "pii_mode": p, "committed": iso(c),
+             "content_hash": h} for a, n, r, b, p, c, h in rows]
+
+
+def records_page(con, ref: str, offset: int = 0, limit: int = 200) -> list[dict]:
+    """One page of a version's records without their text: for browsing."""
+    vid, _, _ = resolve(con, ref)
+    rows = con.execute("SELECT ord, kind, split, path, title, bytes FROM version_records WHERE vid = ? "
+                       "ORDER BY ord LIMIT ? OFFSET ?", [vid, limit, offset]).fetchall()
+    return [{"ord": o, "kind": k, "split": sp, "path": p, "title": t, "bytes": b} for o, k, sp, p, t, b in rows]
+
+
+def record(con, ref: str, ord_: int) -> dict:
+    """One record of a version, text included (as scrubbed at ingest)."""
+    vid, name, n = resolve(con, ref)
+    row = con.execute("SELECT r.kind, r.path, r.title, r.meta, b.text FROM version_records r JOIN blobs b "
+                      "ON b.hash = r.hash WHERE r.vid = ? AND r.ord = ?", [vid, ord_]).fetchone()
+    if row is None:
+        raise UsageError(f"{name}@{n} has no record {ord_}", "pick one from the list")
+    return {"version": f"{name}@{n}", "ord": ord_, "kind": row[0], "path": row[1], "title": row[2],
+            "meta": json.loads(row[3]) if row[3] else {}, "text": row[4]}
+
+
 def show(con, ref: str) -> dict:
     vid, name, n = resolve(con, ref)
     v = con.execute("SELECT created, committed, actor, pii_mode, content_hash, records, bytes, duplicates, "
@@ -138,6 +165,15 @@ def export(con, ref: str, out: Path, split: str | None = None, force: bool = Fal
 
 
 _ALLOWED = {duckdb.StatementType.SELECT, duckdb.StatementType.EXPLAIN}
+
+
+def query(vault, text: str, limit: int = 1000) -> dict:
+    """Read-only SQL as an operator runs it: audited first, then on a read-only attach with no file access."""
+    with vault.transaction():
+        vault.audit("vault.sql", [], {"query": text})
+    vault.reopen(read_only=True)
+    vault.con.execute("SET enable_external_access = false")  # no reading or writing files from SQL
+    return sql(vault.con, text, limit)
 
 
 def sql(con, query: str, limit: int = 1000) -> dict:

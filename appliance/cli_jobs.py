@@ -1,0 +1,148 @@
+"""`appliance jobs submit|list|show|logs|cancel|resume|work`: thin over `appliance.jobs`."""
+
+from __future__ import annotations
+
+import time
+
+import click
+
+from appliance.cli import Ctx, _overrides, cli, command
+from appliance.output import out, table
+
+
+@cli.group("jobs")
+def jobs_group():
+    """Queued work that outlives the shell (and the console) that started it."""
+
+
+def _row(j) -> list:
+    return [j.id, j.status, j.describe(), j.gpus or "cpu", j.ref or "", j.submitted_by, j.error or ""]
+
+
+def _print_jobs(jobs) -> None:
+    table(["job", "status", "what", "gpus", "ref", "by", "error"], [_row(j) for j in jobs])
+
+
+@command(jobs_group, "submit", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("recipe")
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True,
+              help="GPUs the run needs (0: CPU). It starts when that many are free.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
+@click.option("--resume", is_flag=True, help="Continue the newest unfinished run of the recipe's name.")
+@click.option("--set", "sets", multiple=True, metavar="KEY=VALUE", help="Override a recipe value (repeatable); "
+                                                                       "also --KEY VALUE.")
+@click.pass_context
+def jobs_submit_cmd(ctx, c: Ctx, recipe, gpus, priority, resume, sets):
+    """Queue a training run of RECIPE (a shipped recipe name or a TOML file) and return at once."""
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+
+    spec = {"recipe": recipe, "overrides": _overrides(sets, ctx.args), "resume": resume}
+    queue.check_spec("train", spec)  # a bad recipe is refused before the passphrase is asked
+    with c.open_vault() as v:
+        job = queue.submit(v, "train", spec, gpus, priority)
+        started = dispatch(v)
+        job = queue.get(v.con, job.id)
+    c.emit(job.to_json(), f"{job.id} {'started' if job.id in started else 'queued'}: {job.describe()}; "
+                          f"follow it with `appliance jobs logs {job.id} -f`")
+
+
+@command(jobs_group, "list")
+@click.option("--all", "all_", is_flag=True, help="Also the jobs that have ended.")
+def jobs_list_cmd(c: Ctx, all_):
+    """Running and queued jobs (starting any that now fit, and recovering any whose process is gone)."""
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+
+    with c.open_vault() as v:
+        dispatch(v)
+        jobs = queue.listing(v.con, () if all_ else ("running", "queued"))
+    c.emit({"jobs": [j.to_json() for j in jobs]}, lambda: _print_jobs(jobs))
+
+
+@command(jobs_group, "show")
+@click.argument("job_id")
+def jobs_show_cmd(c: Ctx, job_id):
+    """One job: its spec, state and result."""
+    from appliance.jobs import queue
+
+    with c.open_vault(read_only=True) as v:
+        job = queue.get(v.con, job_id)
+    c.emit(job.to_json(), lambda: out.print_json(data=job.to_json()))
+
+
+@command(jobs_group, "logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
+def jobs_logs_cmd(c: Ctx, job_id, follow):
+    """A job's log (sealed on disk; opened with the vault's key)."""
+    from appliance.errors import VaultBusy
+    from appliance.jobs import queue
+    from appliance.jobs.log import JobLog
+
+    with c.open_vault(read_only=True) as v:
+        job = queue.get(v.con, job_id)
+    log = JobLog(v.home.logs, job_id, v.secrets.data_key)
+    if not follow:
+        lines = log.lines()
+        return c.emit({"id": job_id, "status": job.status, "lines": lines}, lambda: [out.print(ln, markup=False)
+                                                                                  for ln in lines])
+
+    def ended() -> bool:
+        try:
+            with v.session(read_only=True, wait=5):
+                return not queue.get(v.con, job_id).active
+        except VaultBusy:  # a job holds the vault for now: ask again on the next poll
+            return False
+
+    for line in log.follow(ended):
+        out.print(line, markup=False)
+    with v.session(read_only=True):
+        job = queue.get(v.con, job_id)
+    if c.json:
+        c.emit(job.to_json())
+
+
+@command(jobs_group, "cancel")
+@click.argument("job_id")
+def jobs_cancel_cmd(c: Ctx, job_id):
+    """Cancel a queued job, or ask a running one to stop (training stops at a checkpoint)."""
+    from appliance.jobs import queue
+
+    with c.open_vault() as v:
+        job = queue.cancel(v, job_id)
+    c.emit(job.to_json(), f"{job.id}: {'cancelled' if job.status == 'cancelled' else 'asked to stop'}")
+
+
+@command(jobs_group, "resume")
+@click.argument("job_id")
+def jobs_resume_cmd(c: Ctx, job_id):
+    """Queue a stopped training job again; its run continues from the last checkpoint."""
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+
+    with c.open_vault() as v:
+        job = queue.resubmit(v, job_id)
+        dispatch(v)
+        job = queue.get(v.con, job.id)
+    c.emit(job.to_json(), f"{job.id} {job.status}: {job.describe()}")
+
+
+@command(jobs_group, "work")
+@click.option("--every", type=click.FloatRange(0.5, 3600), default=5.0, show_default=True,
+              help="Seconds between looks at the queue.")
+def jobs_work_cmd(c: Ctx, every):
+    """Keep the queue moving until Ctrl-C (run it as a service so a rebooted box picks up its jobs)."""
+    from appliance.errors import VaultBusy
+    from appliance.jobs.dispatch import dispatch
+
+    with c.open_vault() as v:
+        v.close()
+        out.print(f"watching the queue every {every:g} s; Ctrl-C to stop (running jobs go on)")
+        while True:
+            try:
+                for job_id in dispatch(v):
+                    out.print(f"started {job_id}")
+            except VaultBusy:
+                pass
+            time.sleep(every)

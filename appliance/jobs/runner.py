@@ -1,0 +1,110 @@
+"""`python -m appliance.jobs.runner HOME JOB_ID`: the detached process that does one job.
+
+Started by `dispatch` with the vault's secrets on stdin. It runs the same library function the CLI
+command would, writes progress to the job's sealed log, records the outcome in the job row, and then
+dispatches the queue again so the next job starts as soon as this one frees its GPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+from appliance.home import Home
+from appliance.jobs import queue
+from appliance.jobs.dispatch import dispatch
+from appliance.jobs.log import JobLog
+
+
+def run_train(vault, job: queue.Job, log: JobLog) -> dict:
+    from appliance.train.config import build_recipe
+    from appliance.train.run import run
+
+    recipe = build_recipe(dict(job.spec["recipe"]))
+    every = max(1, recipe.train.max_steps // 20)
+
+    def on_event(kind: str, d: dict) -> None:
+        if kind == "start":
+            queue.set_ref(vault, job.id, d["id"])
+            log.write(f"run {d['id']}: {d['max_steps']} steps on {d['world']} process(es)"
+                      + (f", resuming at step {d['resume_from']}" if d.get("resume_from") else ""))
+        elif kind == "step" and (d["step"] % every == 0 or d["step"] == recipe.train.max_steps):
+            log.write(f"step {d['step']}/{recipe.train.max_steps}  loss {d['loss']:.4f}  "
+                      f"{d['tokens_per_s']:,.0f} tok/s  eta {d['eta']:.0f} s")
+        elif kind == "checkpoint":
+            log.write(f"checkpoint at step {d['step']}")
+        elif kind == "stage":
+            log.write(d["text"])
+
+    res = run(vault, recipe, resume=job.spec.get("resume", False), gpus=job.gpus, on_event=on_event)
+    return res.to_json()
+
+
+def _stage_progress(log: JobLog):
+    last: dict = {}
+
+    def progress(stage: str, done: int, total: int) -> None:
+        if last.get(stage) is None or done >= total or done - last[stage] >= max(1, total // 10):
+            last[stage] = done
+            log.write(f"{stage}: {done}/{total}")
+    return progress
+
+
+def run_quantize(vault, job: queue.Job, log: JobLog) -> dict:
+    from appliance.quantize.stage import quantize
+
+    s = job.spec
+    queue.set_ref(vault, job.id, s["model"])
+    res = quantize(vault, s["model"], s["type"], s.get("imatrix"), s.get("eval"), progress=_stage_progress(log))
+    queue.set_ref(vault, job.id, res.id)
+    log.write(f"{res.id}: {res.bits_per_weight:.2f} bits/weight{', flagged' if res.flagged else ''}")
+    return res.to_json()
+
+
+def run_eval(vault, job: queue.Job, log: JobLog) -> dict:
+    from appliance.eval.metrics import load_plugins
+    from appliance.eval.run import run
+    from appliance.eval.suite import DATASET_REF, from_dataset, load
+
+    load_plugins()
+    s = job.spec
+    suite = from_dataset(vault.con, s["suite"]) if DATASET_REF.match(s["suite"]) else load(s["suite"])
+    res = run(vault, suite, s["model"], progress=_stage_progress(log))
+    queue.set_ref(vault, job.id, res["id"])
+    log.write(f"{res['id']}: {res['passed']}/{res['cases']} cases passed")
+    return {k: v for k, v in res.items() if k != "case_results"}
+
+
+KINDS = {"train": run_train, "quantize": run_quantize, "eval": run_eval}
+
+
+def main(argv: list[str]) -> int:
+    from appliance.train.run import TrainInterrupted
+    from appliance.vault import Vault
+    from appliance.vault.keys import Secrets
+
+    home, job_id = Home(Path(argv[0])), argv[1]
+    secrets = Secrets.from_bytes(sys.stdin.buffer.read())
+    log = JobLog(home.logs, job_id, secrets.data_key)
+    with Vault.from_secrets(home, secrets, wait=120) as vault:
+        job = queue.get(vault.con, job_id)
+        log.write(f"{job_id} started: {job.describe()}")
+        status, result, error = "done", None, None
+        try:
+            result = KINDS[job.kind](vault, job, log)
+        except TrainInterrupted as e:
+            status, error = "interrupted", e.message
+        except ApplianceError as e:
+            status, error = "failed", str(e)
+        except BaseException as e:  # noqa: BLE001 - whatever happens, the row must say so
+            status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        with vault.session(wait=3600):
+            job = queue.finish(vault, job_id, status, result, error)
+            log.write(f"{job_id} {job.status}" + (f": {error}" if error else ""))
+            dispatch(vault)
+    return 0 if status == "done" else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

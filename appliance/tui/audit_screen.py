@@ -1,0 +1,55 @@
+"""Audit: the log, newest first, and `verify` with its result."""
+
+from __future__ import annotations
+
+import json
+
+from textual import work
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from appliance.tui import actions, fmt
+from appliance.tui.pages import Page
+
+
+class AuditScreen(Page):
+    MODE = "audit"
+    BINDINGS = actions.bindings("audit")
+
+    def compose_page(self) -> ComposeResult:
+        yield Static("press c to verify the hash chain", id="verify-result", markup=False)
+        yield DataTable(id="audit-log", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#audit-log", DataTable).add_columns("seq", "time", "actor", "action", "ids", "details")
+
+    def load(self, vault) -> list[dict]:
+        from appliance.vault import audit
+
+        return audit.entries(vault.con, 500)[::-1]
+
+    def show(self, rows: list[dict]) -> None:
+        t = self.query_one("#audit-log", DataTable)
+        t.clear()
+        for e in rows:
+            t.add_row(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:30],
+                      json.dumps(e["details"], separators=(",", ":"))[:60])
+
+    def action_verify(self) -> None:
+        self.query_one("#verify-result", Static).update("verifying…")
+        self._verify()
+
+    @work(thread=True, exclusive=True, group="verify")
+    def _verify(self) -> None:
+        from appliance.vault import audit
+
+        rep = self.app.with_vault(lambda v: audit.verify(v.con, v.secrets.audit_key))
+        if rep is None:
+            return
+        text = (f"ok: {rep.entries} entries, the chain is intact" if rep.ok else
+                f"FAILED: {len(rep.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in rep.problems[:20]))
+        self.app.call_from_thread(self.query_one("#verify-result", Static).update, text)
+        if not rep.ok:
+            self.app.call_from_thread(self.notify, "error: audit log verification failed; the log was altered "
+                                                   "outside the appliance", severity="error")

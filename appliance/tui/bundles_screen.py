@@ -1,0 +1,133 @@
+"""Bundles and keys: signing keys, trusted senders, bundles sent and received; export with a key and
+recipients; import that shows the verification report before anything lands."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import work
+from textual.app import ComposeResult
+from textual.widgets import DataTable, Static
+
+from appliance.tui import actions, fmt
+from appliance.tui.forms import ConfirmDialog, Field, FormDialog
+from appliance.tui.models_screen import export_dialog
+from appliance.tui.pages import Page
+
+
+def verification_text(r: dict) -> str:
+    return "\n".join([
+        f"{r['kind']} {r['name']} version {r['version']}: {r['files']} files, {fmt.size(r['bytes'])}",
+        f"signed by {r['signer']} (key {r['key_id'][:16]}), trusted here",
+        f"{'encrypted to this site' if r['encrypted'] else 'not encrypted'}",
+        f"created {fmt.when(r['created'])}, expires {fmt.when(r['expires'])}",
+        f"made from {r['source'] or '-'}",
+        "", "every file's hash and the signature check out; import it?"])
+
+
+class BundlesScreen(Page):
+    MODE = "bundles"
+    BINDINGS = actions.bindings("bundles")
+
+    def compose_page(self) -> ComposeResult:
+        yield Static("Signing keys", classes="section")
+        yield DataTable(id="keys", cursor_type="row")
+        yield Static("Trusted senders", classes="section")
+        yield DataTable(id="trust", cursor_type="row")
+        yield Static("Bundles sent and received", classes="section")
+        yield DataTable(id="bundles", cursor_type="row", zebra_stripes=True)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#keys", DataTable).add_columns("name", "key id")
+        self.query_one("#trust", DataTable).add_columns("name", "key id", "may send")
+        self.query_one("#bundles", DataTable).add_columns("way", "name", "version", "id", "kind", "when")
+
+    def load(self, vault) -> dict:
+        from appliance.exchange import list_keys, trust_list
+
+        con = vault.con
+        sent = con.execute("SELECT 'out', name, version, id, kind, created FROM bundles_out").fetchall()
+        got = con.execute("SELECT 'in', name, version, id, kind, created FROM bundles_in").fetchall()
+        rows = sorted(sent + got, key=lambda r: r[5], reverse=True)
+        return {"keys": list_keys(vault.home), "trust": trust_list(vault.home), "bundles": rows}
+
+    def show(self, data: dict) -> None:
+        keys, trust, bundles = (self.query_one(f"#{i}", DataTable) for i in ("keys", "trust", "bundles"))
+        for t in (keys, trust, bundles):
+            t.clear()
+        for k in data["keys"]:
+            keys.add_row(k["name"], k["key_id"][:24])
+        for t in data["trust"]:
+            trust.add_row(t["name"], t["key_id"][:24], ", ".join(t["kinds"]))
+        for way, name, version, node, kind, when in data["bundles"]:
+            bundles.add_row(way, name, str(version), node, kind, fmt.when(when.isoformat()))
+
+    # --- actions --------------------------------------------------------------------------------
+    def action_export(self) -> None:
+        export_dialog(self)
+
+    def action_new_key(self) -> None:
+        self.app.push_screen(FormDialog("New signing key", [
+            Field("name", "Key name (e.g. the site)"), Field("passphrase", "Key passphrase", "password"),
+            Field("again", "Repeat it", "password")], ok="Create"), self._new_key)
+
+    def _new_key(self, form: dict | None) -> None:
+        if not form:
+            return
+        if form["passphrase"] != form["again"]:
+            self.notify("error: the two passphrases differ; type the same one twice", severity="error")
+            return
+        if len(form["passphrase"]) < 8:
+            self.notify("error: key passphrase too short; use at least 8 characters", severity="error")
+            return
+        self._create_key(form["name"], form["passphrase"])
+
+    @work(thread=True, group="keys")
+    def _create_key(self, name: str, passphrase: str) -> None:
+        from appliance.exchange import generate_key
+        from bundles.keys import using_passphrase
+
+        def go(v):
+            with using_passphrase(passphrase):
+                return generate_key(v, name)
+
+        pub = self.app.with_vault(go, write=True)
+        if pub:
+            self.app.call_from_thread(self.notify, f"key {name} created ({pub.key_id[:16]})")
+            self.app.call_from_thread(self.action_refresh)
+
+    def action_import_bundle(self) -> None:
+        self.app.push_screen(FormDialog("Import a bundle", [
+            Field("path", "Bundle file"),
+            Field("passphrase", "Key passphrase (for an encrypted bundle)", "password")], ok="Verify"),
+            lambda f: f and f["path"] and self._verify(Path(f["path"]).expanduser(), f["passphrase"]))
+
+    @work(thread=True, group="import")
+    def _verify(self, path: Path, passphrase: str) -> None:
+        from appliance.exchange import verify_bundle
+        from bundles.keys import using_passphrase
+
+        def go(v):
+            with using_passphrase(passphrase):
+                return verify_bundle(v, path)
+
+        report = self.app.with_vault(go, wait=30)
+        if report:
+            self.app.call_from_thread(self.app.push_screen, ConfirmDialog(
+                f"Verified: {path.name}", verification_text(report), ok="Import"),
+                lambda ok: ok and self._import(path, passphrase))
+
+    @work(thread=True, group="import")
+    def _import(self, path: Path, passphrase: str) -> None:
+        from appliance.exchange import import_bundle
+        from bundles.keys import using_passphrase
+
+        def go(v):
+            with using_passphrase(passphrase):
+                return import_bundle(v, path)
+
+        r = self.app.with_vault(go, write=True, wait=30)
+        if r:
+            self.app.call_from_thread(self.notify, f"imported {r['kind']} {r['name']} v{r['version']} as {r['id']}")
+            self.app.call_from_thread(self.action_refresh)

@@ -1,0 +1,176 @@
+"""Models: every model, adapter and GGUF; the lineage of the selected one (where it came from and what was
+made from it), its eval results; quantize, evaluate (as jobs) and export (a signed bundle)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Horizontal, Vertical
+from textual.widgets import DataTable, Static, Tree
+
+from appliance.tui import actions
+from appliance.tui.forms import Field, FormDialog
+from appliance.tui.pages import Page
+
+
+def model_rows(con) -> list[dict]:
+    from appliance.quantize.stage import exported
+    from appliance.train.run import models
+
+    rows = [{"id": m["id"], "kind": m["kind"], "made": f"{m['stage'] or 'import'}/{m['method'] or '-'}"}
+            for m in models(con)]
+    return rows + [{"id": g["id"], "kind": "gguf", "made": f"{g['type']}{' flagged' if g['flagged'] else ''}"}
+                   for g in exported(con)]
+
+
+def evals_of(con, node_id: str) -> list[dict]:
+    from appliance.eval.run import runs
+
+    return [r for r in runs(con) if r.get("model") == node_id]
+
+
+class ModelsScreen(Page):
+    MODE = "models"
+    BINDINGS = actions.bindings("models")
+
+    def __init__(self):
+        super().__init__()
+        self.selected: str | None = None
+
+    def compose_page(self) -> ComposeResult:
+        with Horizontal():
+            yield DataTable(id="models", cursor_type="row", zebra_stripes=True)
+            with Vertical(id="model-detail"):
+                yield Tree("lineage", id="lineage")
+                yield Static("", id="evals", markup=False)
+
+    def on_mount(self) -> None:
+        super().on_mount()
+        self.query_one("#models", DataTable).add_columns("id", "kind", "made by")
+
+    def load(self, vault) -> list[dict]:
+        return model_rows(vault.con)
+
+    def show(self, rows: list[dict]) -> None:
+        t = self.query_one("#models", DataTable)
+        t.clear()
+        for r in rows:
+            t.add_row(r["id"], r["kind"], r["made"], key=r["id"])
+        if not rows:
+            self.query_one("#evals", Static).update("no models yet: train one on the Train screen")
+
+    @on(DataTable.RowHighlighted, "#models")
+    def model_highlighted(self, event: DataTable.RowHighlighted) -> None:
+        if event.row_key and event.row_key.value:
+            self.selected = event.row_key.value
+            self._load_detail(self.selected)
+
+    @work(thread=True, exclusive=True, group="detail")
+    def _load_detail(self, node_id: str) -> None:
+        from appliance.vault import lineage
+
+        got = self.app.with_vault(lambda v: (lineage.tree(v.con, node_id), lineage.descendants(v.con, node_id),
+                                             evals_of(v.con, node_id)), quiet=True)
+        if got:
+            self.app.call_from_thread(self._show_detail, *got)
+
+    def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict]) -> None:
+        tree = self.query_one("#lineage", Tree)
+        tree.clear()
+        tree.root.set_label(f"{ancestors['id']} ({ancestors['kind']})")
+        came = tree.root.add("came from", expand=True)
+
+        def up(node, t):
+            for p in t["parents"]:
+                up(node.add(f"{p['id']} ({p['kind']}) [{p['role']}]", expand=True), p)
+
+        def down(node, items):
+            for c in items:
+                down(node.add(f"{c['id']} ({c['kind']})", expand=True), c["children"])
+
+        up(came, ancestors)
+        down(tree.root.add("made from it", expand=True), made)
+        tree.root.expand()
+        lines = [f"{e['id']}: {e['suite']}  {e['passed']}/{e['cases']} passed"
+                 + "".join(f"  {k} {v:.4g}" for k, v in e.get("metrics", {}).items()
+                           if isinstance(v, float) and not k.endswith("_tokens"))[:120] for e in evals]
+        self.query_one("#evals", Static).update("eval runs:\n" + "\n".join(lines) if lines else "no eval runs")
+
+    def _need(self) -> str | None:
+        if self.selected is None:
+            self.notify("select a model first", severity="warning")
+        return self.selected
+
+    # --- actions --------------------------------------------------------------------------------
+    def action_quantize(self) -> None:
+        from appliance.quantize.types import TYPES
+
+        if model := self._need():
+            self.app.push_screen(FormDialog(f"Quantize {model}", [
+                Field("type", "Type", "choice", list(TYPES), "q4_k_m"),
+                Field("imatrix", "Importance matrix data (DATASET@N, optional)")], ok="Queue"),
+                lambda f: f and self._job("quantize", {"model": model, "type": f["type"],
+                                                       "imatrix": f["imatrix"] or None}))
+
+    def action_evaluate(self) -> None:
+        from appliance.eval.suite import SUITES_DIR
+
+        if model := self._need():
+            suites = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+            self.app.push_screen(FormDialog(f"Evaluate {model}", [
+                Field("suite", "Suite: a shipped name, a TOML file, or DATASET@N", value=suites[0] if suites else "")],
+                ok="Queue"), lambda f: f and self._job("eval", {"suite": f["suite"], "model": model}))
+
+    @work(thread=True, group="submit")
+    def _job(self, kind: str, spec: dict) -> None:
+        from appliance.jobs import queue
+        from appliance.jobs.dispatch import dispatch
+
+        def go(v):
+            job = queue.submit(v, kind, spec)
+            return job.id, job.id in dispatch(v)
+
+        got = self.app.with_vault(go, write=True)
+        if got:
+            self.app.call_from_thread(self.notify, f"{got[0]} {'started' if got[1] else 'queued'}: {kind}; "
+                                                   "see the Dashboard")
+
+    def action_export(self) -> None:
+        if model := self._need():
+            export_dialog(self, model)
+
+
+def export_dialog(page, ref: str = "") -> None:
+    """Ask what to bundle, the signing key, the recipients' public keys (to encrypt) and where to write."""
+    from appliance.exchange import list_keys
+
+    keys = [k["name"] for k in list_keys(page.app.home)]
+    if not keys:
+        page.notify("no signing key yet: create one on the Bundles screen (n)", severity="warning")
+        return
+    page.app.push_screen(FormDialog("Export a signed bundle", [
+        Field("ref", "What: model, MODEL:TYPE, DATASET@N or eval run", value=ref),
+        Field("key", "Signing key", "choice", keys, keys[0]),
+        Field("recipients", "Encrypt to: public key files, comma-separated (empty: signed only)"),
+        Field("out", "Bundle file to write", value=f"{ref.replace(':', '-').replace('@', '-') or 'bundle'}.bundle"),
+        Field("passphrase", "Signing key passphrase", "password")], ok="Export"),
+        lambda f: f and _export(page, f))
+
+
+@work(thread=True, group="export")
+def _export(page, form: dict) -> None:
+    from appliance.exchange import export_bundle
+    from bundles.keys import using_passphrase
+
+    recipients = [Path(n.strip()).expanduser() for n in form["recipients"].split(",") if n.strip()]
+
+    def go(v):
+        with using_passphrase(form["passphrase"]):
+            return export_bundle(v, form["ref"], form["key"], recipients, Path(form["out"]).expanduser().absolute())
+
+    res = page.app.with_vault(go, write=True, wait=30)
+    if res:
+        page.app.call_from_thread(page.notify, f"{res['id']} -> {res['out']} (version {res['version']}"
+                                               f"{', encrypted' if res['encrypted_to'] else ''})")

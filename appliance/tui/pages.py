@@ -1,0 +1,52 @@
+"""What every screen shares: header and footer, a refresh that reads the vault in a worker, error lines."""
+
+from __future__ import annotations
+
+from textual import work
+from textual.app import ComposeResult
+from textual.screen import Screen
+from textual.widgets import Footer, Header
+
+from appliance.tui import actions
+
+
+class Page(Screen):
+    """A screen over the vault. `load(vault)` runs in a thread and returns data; `show(data)` renders it."""
+
+    MODE = ""
+    REFRESH_EVERY: float | None = None  # seconds; pages with live data refresh themselves
+
+    def compose_page(self) -> ComposeResult:
+        yield from ()
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield from self.compose_page()
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.sub_title = self.MODE
+        if self.REFRESH_EVERY:
+            self.set_interval(self.REFRESH_EVERY, self.action_refresh)
+
+    def on_screen_resume(self) -> None:
+        self.action_refresh()
+
+    def action_refresh(self) -> None:
+        if self.app.vault is not None:
+            self._reload()
+
+    @work(thread=True, exclusive=True, group="load")
+    def _reload(self) -> None:
+        data = self.app.with_vault(self.load, wait=2.0, quiet=self.REFRESH_EVERY is not None)
+        if data is not None:
+            self.app.call_from_thread(self.show, data)
+
+    def load(self, vault) -> object:
+        return None
+
+    def show(self, data) -> None:
+        pass
+
+    def actions_here(self) -> list[actions.Action]:
+        return actions.for_screen(self.MODE)

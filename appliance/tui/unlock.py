@@ -1,0 +1,57 @@
+"""Unlock: the passphrase is typed into a masked field, never echoed, kept nowhere after the unlock."""
+
+from __future__ import annotations
+
+from textual import on, work
+from textual.app import ComposeResult
+from textual.containers import Center, Vertical
+from textual.screen import Screen
+from textual.widgets import Footer, Header, Input, Label, Static
+
+from appliance.errors import ApplianceError, one_line
+
+
+class UnlockScreen(Screen):
+    def __init__(self, home):
+        super().__init__()
+        self.home = home
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Center(), Vertical(id="unlock"):
+            yield Static("Unlock the vault", classes="title")
+            yield Label(str(self.home.root), id="unlock-home")
+            yield Input(password=True, placeholder="passphrase", id="passphrase")
+            yield Label("", id="unlock-message")
+        yield Footer(compact=True)
+
+    def on_mount(self) -> None:
+        self.query_one("#passphrase", Input).focus()
+
+    @on(Input.Submitted, "#passphrase")
+    def submitted(self, event: Input.Submitted) -> None:
+        passphrase, event.input.value = event.value, ""
+        if not passphrase:
+            return
+        event.input.disabled = True
+        self.query_one("#unlock-message", Label).update("unlocking…")
+        self._unlock(passphrase)
+
+    @work(thread=True, exclusive=True)
+    def _unlock(self, passphrase: str) -> None:
+        from appliance.vault import Vault
+
+        try:
+            vault = Vault.open(self.home, passphrase)
+            vault.close()  # attached only while reading or writing; see Vault.session
+        except ApplianceError as e:
+            self.app.call_from_thread(self._failed, one_line(e.message, e.hint))
+            return
+        self.app.call_from_thread(self.app.unlocked, vault)
+
+    def _failed(self, line: str) -> None:
+        self.query_one("#unlock-message", Label).update(line)
+        self.app.notify(line, severity="error", markup=False)
+        field = self.query_one("#passphrase", Input)
+        field.disabled = False
+        field.focus()
