@@ -507,6 +507,9 @@ def tui_cmd(c: Ctx, keys, mono):
     Every action is on a key shown in the footer and in the command palette (Ctrl+P). Jobs started here
     keep running when the console closes.
     """
+    from appliance.tui.actions import load_keymap
+
+    keymap = load_keymap(keys)  # a bad key map is reported on any terminal, or none
     home = c.home
     if not home.exists():
         raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
@@ -514,9 +517,9 @@ def tui_cmd(c: Ctx, keys, mono):
         raise UsageError("the console needs a terminal", "run it in a terminal (or use the CLI commands)")
     if mono:
         os.environ["NO_COLOR"] = "1"
-    from appliance.tui.app import run
+    from appliance.tui.app import ApplianceApp
 
-    run(home, keys)
+    ApplianceApp(home, keymap).run()
 
 
 # --- samples and demo ----------------------------------------------------------------------------

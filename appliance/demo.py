@@ -92,6 +92,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             gguf = _quantize(v, merged, stage)
             _evaluate(v, merged, gguf, stage)
             _bundles(v, gguf, Path(tmp), stage)
+            _jobs(v, tok.id, stage)
+            _console(v, passphrase, stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -202,6 +204,66 @@ def _bundles(v, gguf_id: str, tmp: Path, stage: Callable[..., None]) -> None:
               bundle=d, imported=back["id"])
         if not same:
             raise ApplianceError("demo dataset bundle did not round-trip")
+
+
+def _jobs(v, tokenizer_id: str, stage: Callable[..., None]) -> None:
+    """A training run as a job: a detached process that would outlive this one; the vault is let go meanwhile."""
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+    from appliance.jobs.log import JobLog
+
+    job = queue.submit(v, "train", {"recipe": "tiny-dense", "overrides": [
+        "name=demo-job", "data.datasets=handbook@2", f"data.tokenizer={tokenizer_id}", "train.max_steps=20",
+        "train.checkpoint_every=10"]})
+    dispatch(v)
+    t0 = time.time()
+    with v.released():
+        while True:
+            time.sleep(0.5)
+            try:
+                with v.session(read_only=True, wait=5):
+                    job = queue.get(v.con, job.id)
+            except ApplianceError:  # the runner holds the vault for a moment
+                continue
+            if not job.active or time.time() - t0 > 600:
+                break
+    if job.status != "done":
+        raise ApplianceError(f"demo job {job.id} ended {job.status}: {job.error}")
+    lines = JobLog(v.home.logs, job.id, v.secrets.data_key).lines()
+    stage("jobs", f"{job.id}: {job.describe()} in a detached runner -> {job.ref}, "
+                  f"{job.result['steps']} steps in {time.time() - t0:.1f} s; {len(lines)} sealed log lines",
+          id=job.id, ref=job.ref)
+
+
+def _console(v, passphrase: str, stage: Callable[..., None]) -> None:
+    """The operator's console, driven headless through every screen; a picture of each lands in reports/."""
+    import asyncio
+
+    from appliance.tui.app import ApplianceApp
+
+    out = v.home.root / "reports"
+    shown: list[str] = []
+
+    async def tour() -> None:
+        app = ApplianceApp(v.home)
+        async with app.run_test(size=(80, 24)) as pilot:
+            await pilot.press(*passphrase, "enter")
+            for _ in range(400):
+                await pilot.pause(0.05)
+                if app.vault is not None:
+                    break
+            for key in "dvtmba":
+                await pilot.press(key)
+                await pilot.pause(0.8)
+                shown.append(app.current_mode)
+                app.save_screenshot(f"console-{app.current_mode}.svg", str(out))
+            await pilot.press("q")
+
+    with v.released():
+        asyncio.run(tour())
+    if shown != ["dashboard", "vault", "train", "models", "bundles", "audit"]:
+        raise ApplianceError(f"demo console tour reached {shown}")
+    stage("console", f"appliance tui: {len(shown)} screens at 80x24 ({', '.join(shown)}); pictures in {out}")
 
 
 @contextmanager

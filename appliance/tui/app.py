@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from functools import partial
-from pathlib import Path
 
 from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
@@ -66,6 +65,7 @@ class ApplianceApp(App):
         self.home = home
         self.vault = None
         self.keymap = keymap or {}
+        self.last_error = ""
         self._vault_lock = threading.Lock()  # one hold on the vault at a time from this process
 
     def on_mount(self) -> None:
@@ -103,9 +103,6 @@ class ApplianceApp(App):
 
     def report(self, e: ApplianceError | BundleError) -> None:
         """The same line the CLI prints, as a notification."""
-        self.notify(one_line(e.message, e.hint, getattr(e, "exit_code", 1)), severity="error", markup=False,
-                    timeout=8)
+        self.last_error = one_line(e.message, e.hint, getattr(e, "exit_code", 1))
+        self.notify(self.last_error, severity="error", markup=False, timeout=8)
 
-
-def run(home: Home, keys: Path | None = None) -> None:
-    ApplianceApp(home, actions.load_keymap(keys)).run()

@@ -49,7 +49,7 @@ class DashboardScreen(Page):
         running = sum(j.status == "running" for j in data["jobs"])
         queued = sum(j.status == "queued" for j in data["jobs"])
         self.query_one("#summary", Static).update(
-            f"vault {fmt.size(s['size'])}   datasets {s['datasets']} ({s['versions']} versions, "
+            f"vault {fmt.disk(s['size'])}   datasets {s['datasets']} ({s['versions']} versions, "
             f"{s['records']} records)\nmodels {s['models']}   GGUF {s['ggufs']}   eval runs {s['evals']}   "
             f"jobs: {running} running, {queued} queued")
         jobs = self.query_one("#jobs", DataTable)

@@ -14,6 +14,16 @@ def size(n: int | None) -> str:
     return human_bytes(n) if n is not None else "-"
 
 
+def place(path) -> str:
+    """Where something lives on this box."""
+    return str(path)
+
+
+def disk(n: int) -> str:
+    """A file's size on disk (the vault's grows in steps as DuckDB checkpoints)."""
+    return human_bytes(n)
+
+
 def rate(tokens_per_s: float | None) -> str:
     return "-" if tokens_per_s is None else f"{tokens_per_s:,.0f} tok/s"
 

@@ -37,12 +37,12 @@ class FormDialog(ModalScreen[dict | None]):
                 yield Label(f.label)
                 if f.kind == "choice":
                     yield Select([(c, c) for c in f.choices], value=f.value if f.value in f.choices else Select.BLANK,
-                                 id=f"f-{f.name}", allow_blank=not f.value)
+                                 id=f"f-{f.name}", allow_blank=not f.value, compact=True)
                 else:
-                    yield Input(f.value, password=f.kind == "password", id=f"f-{f.name}")
+                    yield Input(f.value, password=f.kind == "password", id=f"f-{f.name}", compact=True)
             with Horizontal(classes="buttons"):
-                yield Button(self.ok, variant="primary", id="ok")
-                yield Button("Cancel", id="cancel")
+                yield Button(self.ok, variant="primary", id="ok", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
 
     def values(self) -> dict:
         out = {}
@@ -77,8 +77,8 @@ class ConfirmDialog(ModalScreen[bool]):
             with VerticalScroll(classes="report"):
                 yield Static(self.report, markup=False)
             with Horizontal(classes="buttons"):
-                yield Button(self.ok, variant="primary", id="ok")
-                yield Button("Cancel", id="cancel")
+                yield Button(self.ok, variant="primary", id="ok", compact=True)
+                yield Button("Cancel", id="cancel", compact=True)
 
     @on(Button.Pressed, "#ok")
     def confirm(self) -> None:

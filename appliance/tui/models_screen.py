@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.text import Text
 from textual import on, work
 from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
@@ -33,6 +34,7 @@ def evals_of(con, node_id: str) -> list[dict]:
 
 class ModelsScreen(Page):
     MODE = "models"
+    REFRESH_EVERY = 3.0  # jobs add GGUFs and eval runs while the screen is open
     BINDINGS = actions.bindings("models")
 
     def __init__(self):
@@ -55,9 +57,16 @@ class ModelsScreen(Page):
 
     def show(self, rows: list[dict]) -> None:
         t = self.query_one("#models", DataTable)
+        ids = [r["id"] for r in rows]
+        if ids == [str(k.value) for k in t.rows]:  # same list: keep the cursor, refresh what is shown
+            if self.selected:
+                self._load_detail(self.selected)
+            return
         t.clear()
         for r in rows:
             t.add_row(r["id"], r["kind"], r["made"], key=r["id"])
+        if self.selected in ids:
+            t.move_cursor(row=ids.index(self.selected))
         if not rows:
             self.query_one("#evals", Static).update("no models yet: train one on the Train screen")
 
@@ -79,16 +88,16 @@ class ModelsScreen(Page):
     def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict]) -> None:
         tree = self.query_one("#lineage", Tree)
         tree.clear()
-        tree.root.set_label(f"{ancestors['id']} ({ancestors['kind']})")
+        tree.root.set_label(Text(f"{ancestors['id']} ({ancestors['kind']})"))
         came = tree.root.add("came from", expand=True)
 
         def up(node, t):
             for p in t["parents"]:
-                up(node.add(f"{p['id']} ({p['kind']}) [{p['role']}]", expand=True), p)
+                up(node.add(Text(f"{p['id']} ({p['kind']}) [{p['role']}]"), expand=True), p)
 
         def down(node, items):
             for c in items:
-                down(node.add(f"{c['id']} ({c['kind']})", expand=True), c["children"])
+                down(node.add(Text(f"{c['id']} ({c['kind']})"), expand=True), c["children"])
 
         up(came, ancestors)
         down(tree.root.add("made from it", expand=True), made)

@@ -9,6 +9,7 @@ from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
 
 from appliance.errors import ApplianceError, one_line
+from appliance.tui import fmt
 
 
 class UnlockScreen(Screen):
@@ -20,9 +21,9 @@ class UnlockScreen(Screen):
         yield Header()
         with Center(), Vertical(id="unlock"):
             yield Static("Unlock the vault", classes="title")
-            yield Label(str(self.home.root), id="unlock-home")
+            yield Label(fmt.place(self.home.root), id="unlock-home", markup=False)
             yield Input(password=True, placeholder="passphrase", id="passphrase")
-            yield Label("", id="unlock-message")
+            yield Label("", id="unlock-message", markup=False)
         yield Footer(compact=True)
 
     def on_mount(self) -> None:

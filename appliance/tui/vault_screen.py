@@ -186,7 +186,8 @@ class VaultScreen(Page):
 
         res = self.app.with_vault(work_, write=True, wait=30)
         if res is None:
-            self.app.call_from_thread(self.query_one("#ingest-status", Static).update, "ingest failed; see the message")
+            self.app.call_from_thread(self.query_one("#ingest-status", Static).update,
+                                      f"nothing landed: {self.app.last_error}")
             return
         text = (f"{res.version}: {res.records} records ({res.new_records} new), {fmt.size(res.bytes)}, "
                 f"{res.duplicates} duplicates removed, {res.files} files"
