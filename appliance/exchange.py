@@ -12,7 +12,7 @@ import json
 import os
 from pathlib import Path
 
-from appliance.db_time import utcnow
+from appliance.db_time import iso, utcnow
 from appliance.errors import UsageError
 from appliance.home import Home, atomic_write
 from bundles import container
@@ -157,6 +157,15 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path], out: P
     return {"id": node_id, "kind": kind, "name": name, "version": version, "out": str(out), "files": len(files),
             "bytes": sum(f["size"] for f in m["files"]), "signer": signer.public.key_id,
             "encrypted_to": [r.key_id for r in recips], "expires": m["expires"]}
+
+
+def sent(con) -> dict[str, list[dict]]:
+    """Bundles exported, by the lineage id they carry."""
+    out: dict[str, list[dict]] = {}
+    for node_id, name, version, file, created in con.execute(
+            "SELECT id, name, version, file, created FROM bundles_out ORDER BY created").fetchall():
+        out.setdefault(node_id, []).append({"name": name, "version": version, "file": file, "created": iso(created)})
+    return out
 
 
 def _trim(t: dict) -> dict:

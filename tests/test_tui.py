@@ -262,6 +262,8 @@ def test_bundles_screen_key_export_and_import_shows_the_report_first(tui_home, t
             app.screen.query_one(f"#f-{field}", Input).value = value
         await pilot.click("#ok")
         await until(pilot, lambda: out.exists() and any("pilot@1" in r[3] for r in rows(app, "#bundles")))
+        await pilot.press("m")  # the model's lineage now ends in the bundle
+        await until(pilot, lambda: f"bundle pilot v1 -> {out}" in _labels(app.screen.query_one("#lineage", Tree).root))
 
     drive(tui_home, make_key_and_export)
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE)

@@ -78,14 +78,15 @@ class ModelsScreen(Page):
 
     @work(thread=True, exclusive=True, group="detail")
     def _load_detail(self, node_id: str) -> None:
+        from appliance.exchange import sent
         from appliance.vault import lineage
 
         got = self.app.with_vault(lambda v: (lineage.tree(v.con, node_id), lineage.descendants(v.con, node_id),
-                                             evals_of(v.con, node_id)), quiet=True)
+                                             evals_of(v.con, node_id), sent(v.con)), quiet=True)
         if got:
             self.app.call_from_thread(self._show_detail, *got)
 
-    def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict]) -> None:
+    def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict], bundles: dict) -> None:
         tree = self.query_one("#lineage", Tree)
         tree.clear()
         tree.root.set_label(Text(f"{ancestors['id']} ({ancestors['kind']})"))
@@ -95,12 +96,20 @@ class ModelsScreen(Page):
             for p in t["parents"]:
                 up(node.add(Text(f"{p['id']} ({p['kind']}) [{p['role']}]"), expand=True), p)
 
+        def shipped(node, node_id):
+            for b in bundles.get(node_id, []):
+                node.add_leaf(Text(f"bundle {b['name']} v{b['version']} -> {b['file']}"))
+
         def down(node, items):
             for c in items:
-                down(node.add(Text(f"{c['id']} ({c['kind']})"), expand=True), c["children"])
+                child = node.add(Text(f"{c['id']} ({c['kind']})"), expand=True)
+                shipped(child, c["id"])
+                down(child, c["children"])
 
         up(came, ancestors)
-        down(tree.root.add("made from it", expand=True), made)
+        made_node = tree.root.add("made from it", expand=True)
+        shipped(made_node, ancestors["id"])
+        down(made_node, made)
         tree.root.expand()
         lines = [f"{e['id']}: {e['suite']}  {e['passed']}/{e['cases']} passed"
                  + "".join(f"  {k} {v:.4g}" for k, v in e.get("metrics", {}).items()
