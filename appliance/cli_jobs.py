@@ -7,7 +7,7 @@ import time
 import click
 
 from appliance.cli import Ctx, _overrides, cli, command
-from appliance.output import out, table
+from appliance.output import err, out, table
 
 
 @cli.group("jobs")
@@ -88,12 +88,18 @@ def jobs_logs_cmd(c: Ctx, job_id, follow):
         return c.emit({"id": job_id, "status": job.status, "lines": lines}, lambda: [out.print(ln, markup=False)
                                                                                   for ln in lines])
 
+    from appliance.jobs.dispatch import runner_alive
+
     def ended() -> bool:
         try:
             with v.session(read_only=True, wait=5):
-                return not queue.get(v.con, job_id).active
+                j = queue.get(v.con, job_id)
         except VaultBusy:  # a job holds the vault for now: ask again on the next poll
             return False
+        if j.status == "running" and j.pid and not runner_alive(j.pid, job_id):
+            err.print(f"the runner of {job_id} is gone; `appliance jobs list` recovers the job", markup=False)
+            return True
+        return not j.active
 
     for line in log.follow(ended):
         out.print(line, markup=False)
@@ -133,7 +139,7 @@ def jobs_resume_cmd(c: Ctx, job_id):
               help="Seconds between looks at the queue.")
 def jobs_work_cmd(c: Ctx, every):
     """Keep the queue moving until Ctrl-C (run it as a service so a rebooted box picks up its jobs)."""
-    from appliance.errors import VaultBusy
+    from appliance.errors import ApplianceError
     from appliance.jobs.dispatch import dispatch
 
     with c.open_vault() as v:
@@ -143,6 +149,6 @@ def jobs_work_cmd(c: Ctx, every):
             try:
                 for job_id in dispatch(v):
                     out.print(f"started {job_id}")
-            except VaultBusy:
-                pass
+            except (ApplianceError, OSError) as e:  # busy, or a runner that failed to start: try again later
+                err.print(f"{time.strftime('%H:%M:%S')} {e}", markup=False)
             time.sleep(every)

@@ -179,7 +179,7 @@ def key_passphrase() -> str:
     or a prompt."""
     import sys
 
-    if given := _GIVEN.get():
+    if (given := _GIVEN.get()) is not None:  # given in code (the console): never fall back to a prompt
         return given
     if f := os.environ.get("APPLIANCE_KEY_PASSPHRASE_FILE"):
         try:

@@ -339,6 +339,7 @@ def pinned(monkeypatch):
     """Times and sizes that change from run to run, pinned so the pictures compare."""
     from appliance.tui import fmt
 
+    monkeypatch.setenv("TEXTUAL_ANIMATIONS", "none")  # a tab underline caught mid-slide differs run to run
     monkeypatch.setattr(fmt, "when", lambda ts: "2026-01-01 00:00" if ts else "")
     monkeypatch.setattr(fmt, "disk", lambda n: "12.0 MiB")
     monkeypatch.setattr(fmt, "place", lambda path: "/srv/appliance")

@@ -8,7 +8,8 @@ pick up its queue after a reboot without anyone logging in.
 Capacity: the GPUs of this box (APPLIANCE_GPUS overrides the count), each given to one job at a time
 through CUDA_VISIBLE_DEVICES; jobs that ask for no GPU share APPLIANCE_CPU_JOBS slots (default 1).
 Jobs start in priority order, then oldest first; a smaller job may start beside a running one when it
-fits, but never ahead of a waiting job of higher priority that would fit too.
+fits, but never ahead of a waiting job of higher priority that would fit too. Quantize and eval jobs hold
+the vault while they work, so they run alone.
 
 Recovery: a job marked running whose runner is gone (the box restarted, the process was killed) is
 queued again; a training job then resumes from its last checkpoint. After MAX_ATTEMPTS it is failed.
@@ -27,6 +28,9 @@ from appliance.jobs import queue
 from appliance.jobs.log import JobLog
 
 MAX_ATTEMPTS = 3
+# Kinds that hold the vault while they work (they read data and write results throughout). Training lets
+# go of it while it fits; these run alone so they never starve other runners of the vault.
+HOLDS_VAULT = ("quantize", "eval")
 SECRET_ENV = ("APPLIANCE_PASSPHRASE", "APPLIANCE_PASSPHRASE_FILE", "APPLIANCE_NEW_PASSPHRASE",
               "APPLIANCE_NEW_PASSPHRASE_FILE", "APPLIANCE_KEY_PASSPHRASE", "APPLIANCE_KEY_PASSPHRASE_FILE")
 
@@ -50,6 +54,8 @@ def runner_alive(pid: int, job_id: str) -> bool:
     try:
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
+    except PermissionError:  # hidden from us (hidepid): it exists, so count it alive rather than run it twice
+        return True
     except OSError:
         return False
     return b"appliance.jobs.runner" in argv and job_id.encode() in argv
@@ -67,13 +73,19 @@ def dispatch(vault) -> list[str]:
         cpu_free = slots - sum(1 for j in running if j.gpus == 0)
         waiting = sorted(queue.listing(v.con, ("queued",), limit=10_000), key=lambda j: (-j.priority, j.created))
         blocked_priority = None
+        alone = any(j.kind in HOLDS_VAULT for j in running)
         for job in waiting:
+            if alone:
+                break
             if job.gpus > total:
-                _fail(v, job, f"asks for {job.gpus} GPU(s); this box has {total}")
+                if total:  # no GPU seen at all may be a driver still loading at boot: keep waiting
+                    _fail(v, job, f"asks for {job.gpus} GPU(s); this box has {total}")
                 continue
             if blocked_priority is not None and job.priority < blocked_priority:
                 break
             fits = cpu_free > 0 if job.gpus == 0 else job.gpus <= len(free)
+            if job.kind in HOLDS_VAULT:
+                fits = fits and not running and not started
             if not fits:
                 blocked_priority = job.priority if blocked_priority is None else blocked_priority
                 continue
@@ -82,6 +94,7 @@ def dispatch(vault) -> list[str]:
             cpu_free -= job.gpus == 0
             _start(v, job, devices)
             started.append(job.id)
+            alone = job.kind in HOLDS_VAULT
     return started
 
 
@@ -97,7 +110,7 @@ def _recover(vault) -> None:
             log.write(f"the runner is gone after {job.attempts} attempts; giving up")
             queue.finish(vault, job.id, "failed", error=f"the runner stopped {job.attempts} times")
         else:
-            spec = {**job.spec, "resume": True} if job.kind == "train" and job.ref else job.spec
+            spec = {**job.spec, "resume": True, "run": job.ref} if job.kind == "train" and job.ref else job.spec
             log.write("the runner is gone (restart or kill); queued again"
                       + (", to resume from the last checkpoint" if spec is not job.spec else ""))
             with vault.transaction():
@@ -113,8 +126,7 @@ def _fail(vault, job: queue.Job, why: str) -> None:
 
 def _start(vault, job: queue.Job, devices: list[int]) -> None:
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
-    if job.gpus:
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))  # "" for a CPU job: it must not take a GPU
     env["APPLIANCE_ACTOR"] = f"{job.submitted_by} ({job.id})"
     home = str(vault.home.root)
     # The runner gets the vault's secrets on a pipe, never on its command line or in a file.

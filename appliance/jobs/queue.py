@@ -57,7 +57,8 @@ class Job:
 def describe(kind: str, spec: dict) -> str:
     """What a job does, in a few words: `train tiny-dense`, `quantize pilot@1 q4_k_m`."""
     if kind == "train":
-        return f"train {spec['name']}{' (resume)' if spec.get('resume') else ''}"
+        resume = f" (resume {spec.get('run') or 'newest'})" if spec.get("resume") else ""
+        return f"train {spec['name']}{resume}"
     if kind == "quantize":
         return f"quantize {spec['model']} {spec['type']}"
     return f"eval {spec['suite']} on {spec['model']}"
@@ -94,7 +95,8 @@ def check_spec(kind: str, spec: dict) -> dict:
 
         ref, overrides = spec["recipe"], spec.get("overrides") or []
         recipe = build_recipe(dict(ref), overrides) if isinstance(ref, dict) else load_recipe(ref, overrides)
-        return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume"))}
+        return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume")),
+                "run": spec.get("run")}
     if kind == "quantize":
         from appliance.quantize import types
 
@@ -134,7 +136,13 @@ def resubmit(vault, job_id: str) -> Job:
     if old.kind != "train" or old.status not in ("interrupted", "failed", "cancelled"):
         raise UsageError(f"{job_id} is a {old.kind} job and {old.status}; only a stopped training job resumes",
                          "submit a new job instead")
-    return submit(vault, "train", {"recipe": old.spec["recipe"], "resume": True}, old.gpus, old.priority)
+    if not old.ref:
+        raise UsageError(f"{job_id} stopped before its run began", "submit it again instead")
+    taken = [j.id for j in listing(vault.con, ("queued", "running")) if old.ref in (j.ref, j.spec.get("run"))]
+    if taken:
+        raise UsageError(f"{old.ref} is already being resumed by {taken[0]}", f"follow {taken[0]} instead")
+    return submit(vault, "train", {"recipe": old.spec["recipe"], "resume": True, "run": old.ref}, old.gpus,
+                  old.priority)
 
 
 def cancel(vault, job_id: str) -> Job:
@@ -156,7 +164,10 @@ def cancel(vault, job_id: str) -> Job:
         from appliance.jobs.dispatch import runner_alive
 
         if runner_alive(job.pid, job_id):
-            os.kill(job.pid, signal.SIGINT)  # a training job stops at its next step, at a checkpoint
+            try:
+                os.kill(job.pid, signal.SIGINT)  # a training job stops at its next step, at a checkpoint
+            except ProcessLookupError:  # it ended in the meantime; the next dispatch settles the row
+                pass
     return get(vault.con, job_id)
 
 

@@ -7,6 +7,7 @@ dispatches the queue again so the next job starts as soon as this one frees its 
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -37,7 +38,8 @@ def run_train(vault, job: queue.Job, log: JobLog) -> dict:
         elif kind == "stage":
             log.write(d["text"])
 
-    res = run(vault, recipe, resume=job.spec.get("resume", False), gpus=job.gpus, on_event=on_event)
+    res = run(vault, recipe, resume=job.spec.get("resume", False), gpus=job.gpus, on_event=on_event,
+              resume_run=job.spec.get("run"))
     return res.to_json()
 
 
@@ -80,25 +82,42 @@ KINDS = {"train": run_train, "quantize": run_quantize, "eval": run_eval}
 
 
 def main(argv: list[str]) -> int:
-    from appliance.train.run import TrainInterrupted
-    from appliance.vault import Vault
     from appliance.vault.keys import Secrets
 
     home, job_id = Home(Path(argv[0])), argv[1]
     secrets = Secrets.from_bytes(sys.stdin.buffer.read())
     log = JobLog(home.logs, job_id, secrets.data_key)
-    with Vault.from_secrets(home, secrets, wait=120) as vault:
+    try:
+        return _run(home, job_id, secrets, log)
+    except BaseException as e:  # noqa: BLE001 - stderr goes nowhere: the log is the only trace
+        log.write(f"{job_id} runner stopped: {_line(e)}; the next dispatch recovers the job")
+        return 1
+
+
+def _line(e: BaseException) -> str:
+    if isinstance(e, ApplianceError):
+        return str(e)
+    first = str(e).splitlines()[0] if str(e) else ""
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _run(home: Home, job_id: str, secrets, log: JobLog) -> int:
+    from appliance.train.run import TrainInterrupted
+    from appliance.vault import Vault
+
+    with Vault.from_secrets(home, secrets, wait=600) as vault:
         job = queue.get(vault.con, job_id)
+        if job.status != "running" or job.pid != os.getpid():  # the dispatcher that started us did not commit
+            log.write(f"{job_id} is {job.status} (pid {job.pid}), not this runner's (pid {os.getpid()}); leaving it")
+            return 1
         log.write(f"{job_id} started: {job.describe()}")
         status, result, error = "done", None, None
         try:
             result = KINDS[job.kind](vault, job, log)
         except TrainInterrupted as e:
             status, error = "interrupted", e.message
-        except ApplianceError as e:
-            status, error = "failed", str(e)
         except BaseException as e:  # noqa: BLE001 - whatever happens, the row must say so
-            status, error = "failed", f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+            status, error = "failed", _line(e)
         with vault.session(wait=3600):
             job = queue.finish(vault, job_id, status, result, error)
             log.write(f"{job_id} {job.status}" + (f": {error}" if error else ""))

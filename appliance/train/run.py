@@ -154,6 +154,8 @@ class Recorder:
             self._flush(wait)
 
     def _flush(self, wait: float) -> None:
+        import duckdb
+
         from appliance.errors import VaultError
 
         with self.lock:
@@ -170,7 +172,7 @@ class Recorder:
                 if ckpt is not None:
                     con.execute("UPDATE train_runs SET checkpoint = ?, updated = ? WHERE id = ?",
                                 [ckpt, utcnow(), self.run_id])
-        except VaultError:  # busy for now: keep it for the next flush
+        except (VaultError, duckdb.Error, OSError):  # busy or failing for now: keep it for the next flush
             with self.lock:
                 self.pending = rows + self.pending
                 self.last_checkpoint = self.last_checkpoint or ckpt
@@ -198,7 +200,7 @@ class Recorder:
 
     def status(self, status: str, **cols) -> None:
         sets = ", ".join(f"{k} = ?" for k in ("status", "updated", *cols))
-        with self.lock:
+        with self.lock, self.vault.session(wait=60.0):
             self.vault.con.execute(f"UPDATE train_runs SET {sets} WHERE id = ?",
                                    [status, utcnow(), *cols.values(), self.run_id])
 
@@ -209,8 +211,12 @@ class _LocalLink:
 
 
 def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launch.Nodes | None = None,
-        on_event: Callable[[str, dict], None] = lambda kind, d: None) -> RunResult:
-    """Train as `recipe` says; on success the model is NAME@K in artifacts/models and in lineage."""
+        on_event: Callable[[str, dict], None] = lambda kind, d: None, resume_run: str | None = None) -> RunResult:
+    """Train as `recipe` says; on success the model is NAME@K in artifacts/models and in lineage.
+
+    `resume` continues the newest unfinished run of the recipe's name, or exactly `resume_run` when given
+    (a job resumes its own run, not another job's of the same name).
+    """
     nodes = nodes or launch.Nodes()
     world = max(gpus, 1) * nodes.nnodes
     t = recipe.train
@@ -229,7 +235,7 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     on_event("data", {**packed.stats, "cached": cached})
     parents = [(d, "data") for d, _ in datasets] + src.parents
     resolved = {"datasets": [list(d) for d in datasets], "inputs": [list(p) for p in src.parents]}
-    run_id, resume_from = _open_run(vault, recipe, resume, resolved)
+    run_id, resume_from = _open_run(vault, recipe, resume, resolved, resume_run)
     resume_step = _step_of(resume_from)  # read now: old checkpoints are pruned as the run goes
     run_dir = vault.home.artifacts / "runs" / run_id
     model_dir = vault.home.artifacts / "models" / run_id
@@ -365,7 +371,8 @@ def _check_lengths(recipe: Recipe, src: Inputs) -> None:
                          f"set --data.seq_len {limit} or less")
 
 
-def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict) -> tuple[str, Path | None]:
+def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict,
+              resume_run: str | None = None) -> tuple[str, Path | None]:
     """A new run NAME@K, or with --resume the newest unfinished run of NAME and its last checkpoint."""
     con = vault.con
     if not resume:
@@ -379,10 +386,12 @@ def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict) -> tuple[str,
             vault.audit("train.start", [run_id], {"stage": recipe.stage, "method": recipe.method})
         return run_id, None
     row = con.execute("SELECT id, recipe, data FROM train_runs WHERE name = ? AND status IN ('running', "
-                      "'interrupted', 'failed', 'starting') ORDER BY created DESC LIMIT 1",
-                      [recipe.name]).fetchone()
+                      "'interrupted', 'failed', 'starting')" + (" AND id = ?" if resume_run else "") +
+                      " ORDER BY created DESC LIMIT 1", [recipe.name, *([resume_run] if resume_run else [])]
+                      ).fetchone()
     if row is None:
-        raise UsageError(f"no unfinished run of {recipe.name} to resume", "start one without --resume")
+        which = resume_run or f"run of {recipe.name}"
+        raise UsageError(f"no unfinished {which} to resume", "start one without --resume")
     run_id, old_recipe, old_data = row
     changed = sorted(_diff(json.loads(old_recipe), recipe.to_dict()) - RESUME_MAY_CHANGE - RESUME_RESOLVED)
     if changed:

@@ -90,15 +90,25 @@ class ApplianceApp(App):
 
     # --- the vault, from worker threads -----------------------------------------------------------
     def with_vault(self, fn, write: bool = False, wait: float = 10.0, quiet: bool = False):
-        """`fn(vault)` during a brief hold; errors become notifications and the result None."""
+        """`fn(vault)` during a brief hold; errors become notifications and the result None.
+
+        `quiet` is for refreshes: they skip their turn (no queue of threads) while other work holds the vault.
+        """
+        if not self._vault_lock.acquire(blocking=not quiet):
+            return None
         try:
-            with self._vault_lock, self.vault.session(read_only=not write, wait=wait) as v:
+            with self.vault.session(read_only=not write, wait=wait) as v:
                 return fn(v)
         except VaultBusy as e:
             if not quiet:
                 self.call_from_thread(self.report, e)
         except (ApplianceError, BundleError) as e:
             self.call_from_thread(self.report, e)
+        except OSError as e:  # a file that vanished, a full disk: one line, the console stays up
+            self.call_from_thread(self.report, ApplianceError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "),
+                                                              "check the path and the disk"))
+        finally:
+            self._vault_lock.release()
         return None
 
     def report(self, e: ApplianceError | BundleError) -> None:

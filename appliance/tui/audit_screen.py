@@ -49,7 +49,7 @@ class AuditScreen(Page):
             return
         text = (f"ok: {rep.entries} entries, the chain is intact" if rep.ok else
                 f"FAILED: {len(rep.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in rep.problems[:20]))
-        self.app.call_from_thread(self.query_one("#verify-result", Static).update, text)
+        self.app.call_from_thread(self.set_text, "#verify-result", text)
         if not rep.ok:
             self.app.call_from_thread(self.notify, "error: audit log verification failed; the log was altered "
                                                    "outside the appliance", severity="error")

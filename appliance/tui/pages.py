@@ -48,5 +48,9 @@ class Page(Screen):
     def show(self, data) -> None:
         pass
 
+    def set_text(self, selector: str, text: str) -> None:
+        """Update a Static; from a worker, call it through `app.call_from_thread`."""
+        self.query_one(selector).update(text)
+
     def actions_here(self) -> list[actions.Action]:
         return actions.for_screen(self.MODE)

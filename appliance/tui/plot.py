@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from textual.widget import Widget
 
 # bit of each dot in a braille cell, by (column, row)
@@ -12,6 +14,7 @@ AXIS = 9  # characters of y-axis labels
 def render_plot(values: list[float], width: int, height: int) -> list[str]:
     """`values` scaled into `height` rows of `width` characters, y labels on the left."""
     cols = max(1, width - AXIS)
+    values = [v for v in values if math.isfinite(v)]  # a diverged step is not drawn
     if not values:
         return ["(no steps yet)".center(width)] + [" " * width] * (height - 1)
     lo, hi = min(values), max(values)

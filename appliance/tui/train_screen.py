@@ -60,10 +60,11 @@ class TrainScreen(Page):
 
     def compose_page(self) -> ComposeResult:
         with Horizontal(classes="form"):
-            yield Select([], prompt="dataset", id="dataset")
-            yield Select([], prompt="recipe", id="recipe")
-            yield Select([(m, m) for m in METHODS], value=METHODS[0], allow_blank=False, id="method")
-            yield Input(placeholder="steps", id="steps", type="integer")
+            yield Select([], prompt="dataset", id="dataset", compact=True)
+            yield Select([], prompt="recipe", id="recipe", compact=True)
+            yield Select([(m, m) for m in METHODS], value=METHODS[0], allow_blank=False, id="method", compact=True)
+            yield Input(placeholder="steps", id="steps", type="integer", compact=True)
+            yield Input(placeholder="gpus", id="gpus", type="integer", compact=True)
         yield DataTable(id="train-jobs", cursor_type="row", zebra_stripes=True)
         yield Static("", id="train-stats", markup=False)
         yield LinePlot(id="loss-plot")
@@ -89,14 +90,14 @@ class TrainScreen(Page):
             self.query_one("#recipe", Select).set_options([(r, r) for r in data["recipes"]])
             self.options_loaded = True
         t = self.query_one("#train-jobs", DataTable)
-        cursor = t.cursor_row
         t.clear()
         for j in data["jobs"]:
             p = data["live"].get(j.id)
             t.add_row(j.id, j.status, j.describe(), j.ref or "", f"{p['step']}/{p['max_steps']}" if p else "",
                       f"{p['loss']:.4f}" if p and p["loss"] is not None else "", key=j.id)
-        if t.row_count:
-            t.move_cursor(row=min(cursor, t.row_count - 1))
+        ids = [j.id for j in data["jobs"]]
+        if data["chosen"] in ids:  # the selection follows the job, not the row number
+            t.move_cursor(row=ids.index(data["chosen"]))
         p = data["live"].get(data["chosen"]) if data["chosen"] else None
         stats = self.query_one("#train-stats", Static)
         if p:
@@ -128,15 +129,16 @@ class TrainScreen(Page):
         dataset = self.query_one("#dataset", Select).value
         spec = launch_spec(str(recipe), None if dataset is Select.BLANK else str(dataset),
                            str(self.query_one("#method", Select).value), self.query_one("#steps", Input).value)
-        self._submit(spec)
+        gpus = self.query_one("#gpus", Input).value.strip()
+        self._submit(spec, int(gpus) if gpus else 0)
 
     @work(thread=True, group="submit")
-    def _submit(self, spec: dict) -> None:
+    def _submit(self, spec: dict, gpus: int) -> None:
         from appliance.jobs import queue
         from appliance.jobs.dispatch import dispatch
 
         def go(v):
-            job = queue.submit(v, "train", spec)
+            job = queue.submit(v, "train", spec, gpus)
             started = dispatch(v)
             return job.id, job.id in started
 

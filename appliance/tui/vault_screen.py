@@ -116,7 +116,7 @@ class VaultScreen(Page):
         rec = self.app.with_vault(lambda v: record(v.con, ref, ord_))
         if rec:
             head = f"{rec['version']} #{rec['ord']}  {rec['kind']}  {rec['path'] or ''}\n\n"
-            self.app.call_from_thread(self.query_one("#preview", Static).update, head + rec["text"][:8000])
+            self.app.call_from_thread(self.set_text, "#preview", head + rec["text"][:8000])
 
     # --- SQL ------------------------------------------------------------------------------------
     def action_sql(self) -> None:
@@ -166,13 +166,12 @@ class VaultScreen(Page):
             return
         self.query_one(TabbedContent).active = "tab-ingest"
         self.query_one("#ingest-status", Static).update(f"ingesting {form['path']} into {form['dataset']}…")
-        self._ingest(Path(form["path"]).expanduser(), form["dataset"], form.get("pii") or "redact")
+        self._ingest(self.query_one("#ingest-bar", ProgressBar), Path(form["path"]).expanduser(), form["dataset"],
+                     form.get("pii") or "redact")
 
     @work(thread=True, exclusive=True, group="ingest")
-    def _ingest(self, path: Path, dataset: str, pii: str) -> None:
+    def _ingest(self, bar: ProgressBar, path: Path, dataset: str, pii: str) -> None:
         from appliance.vault.ingest import ingest, validate_name
-
-        bar = self.query_one("#ingest-bar", ProgressBar)
 
         def on_plan(_n: int, total: int) -> None:
             self.app.call_from_thread(bar.update, total=total, progress=0)
@@ -186,13 +185,12 @@ class VaultScreen(Page):
 
         res = self.app.with_vault(work_, write=True, wait=30)
         if res is None:
-            self.app.call_from_thread(self.query_one("#ingest-status", Static).update,
-                                      f"nothing landed: {self.app.last_error}")
+            self.app.call_from_thread(self.set_text, "#ingest-status", f"nothing landed: {self.app.last_error}")
             return
         text = (f"{res.version}: {res.records} records ({res.new_records} new), {fmt.size(res.bytes)}, "
                 f"{res.duplicates} duplicates removed, {res.files} files"
                 + "".join(f"\nskipped {p}: {r}" for p, r in res.skipped)
                 + "".join(f"\nfailed {p}: {r}" for p, r in res.failed))
-        self.app.call_from_thread(self.query_one("#ingest-status", Static).update, text)
+        self.app.call_from_thread(self.set_text, "#ingest-status", text)
         self.app.call_from_thread(self.notify, f"{res.version} landed")
         self.app.call_from_thread(self.action_refresh)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import os
+import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 
-from appliance.errors import VaultError
+from appliance.errors import VaultBusy, VaultError
 from appliance.home import Home, fsync_path
 from appliance.vault import audit, db
 from appliance.vault.keys import Keyring, Secrets
@@ -30,6 +31,7 @@ class Vault:
         self.secrets = secrets
         self.con = con
         self.read_only = read_only
+        self._lock = threading.RLock()
 
     # --- lifecycle ------------------------------------------------------------------------------
     @classmethod
@@ -69,14 +71,17 @@ class Vault:
 
     @classmethod
     def _attach(cls, home, ring, secrets, pending, read_only, memory_limit, wait) -> Vault:
-        if ring.pending_rekey is not None:
-            secrets = _finish_rekey(home, ring, secrets, pending)
-        else:  # a copy whose key never reached the keyring: unreadable by anyone, remove it
-            _remove_db(home.database.with_name(home.database.name + REKEY_SUFFIX))
-        _drop_old(home)
-        if not home.database.exists():
-            raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
-        con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit, wait)
+        with _home_lock(home, wait):  # a rekey in another process is finished (or not started) here
+            if Keyring.load(home.keyring).wrapped != ring.wrapped:
+                raise VaultError("the vault was rekeyed while opening", "open it again")
+            if ring.pending_rekey is not None:
+                secrets = _finish_rekey(home, ring, secrets, pending)
+            else:  # a copy whose key never reached the keyring: unreadable by anyone, remove it
+                _remove_db(home.database.with_name(home.database.name + REKEY_SUFFIX))
+            _drop_old(home)
+            if not home.database.exists():
+                raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
+            con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit, wait)
         vault = cls(home, ring, secrets, con, read_only)
         try:
             vault._check_schema()
@@ -96,9 +101,12 @@ class Vault:
 
     def reopen(self, read_only: bool, wait: float = BUSY_WAIT) -> None:
         """Re-attach the database, e.g. read-only after writing an audit entry; no new unlock."""
-        self.close()
-        self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only, wait=wait)
-        self.read_only = read_only
+        with self._lock:
+            self.close()
+            with _home_lock(self.home, wait):
+                self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only,
+                                      wait=wait)
+            self.read_only = read_only
 
     @contextmanager
     def session(self, read_only: bool = False, wait: float = BUSY_WAIT):
@@ -107,14 +115,15 @@ class Vault:
         DuckDB lets one process at a time attach the file, so long-lived holders (the console, a training
         job) attach only while they read or write.
         """
-        if self.con is not None:
-            yield self
-            return
-        self.reopen(read_only, wait)
-        try:
-            yield self
-        finally:
-            self.close()
+        with self._lock:  # threads of one process take turns (two attaches of one file would corrupt it)
+            if self.con is not None:
+                yield self
+                return
+            self.reopen(read_only, wait)
+            try:
+                yield self
+            finally:
+                self.close()
 
     @contextmanager
     def released(self, wait: float = 3600.0):
@@ -179,6 +188,14 @@ class Vault:
         """
         if self.read_only:
             raise VaultError("the vault is open read-only", "open it for writing to rekey")
+        running = [j for (j,) in self.con.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
+        if running:  # their processes hold the current key
+            raise VaultError(f"jobs are running ({', '.join(running)})", "rekey when they have ended "
+                             "(`appliance jobs list`)")
+        with _home_lock(self.home, BUSY_WAIT):
+            self._rekey(passphrase)
+
+    def _rekey(self, passphrase: str) -> None:
         nxt = Secrets(os.urandom(32), self.secrets.pseudonym_key, self.secrets.audit_key)
         new_path = self.home.database.with_name(self.home.database.name + REKEY_SUFFIX)
         _remove_db(new_path)
@@ -252,6 +269,28 @@ class CheckReport:
     def to_json(self) -> dict:
         return {"ok": self.ok, "records": self.blobs, "versions": self.versions,
                 "audit_entries": self.audit.entries if self.audit else 0, "problems": self.problems}
+
+
+@contextmanager
+def _home_lock(home: Home, wait: float):
+    """Held while attaching and for a whole rekey, so nobody attaches a file that is being swapped."""
+    import fcntl
+    import time
+
+    fd = os.open(home.root / ".vault.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    raise VaultBusy("the vault is being rekeyed", "wait for the rekey to finish") from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)
 
 
 def _finish_rekey(home: Home, ring: Keyring, current: Secrets, pending: Secrets | None) -> Secrets:
