@@ -27,7 +27,7 @@ def test_rekey_rotates_the_data_key(home, cli, samples):
     with open_vault(home, read_only=True) as v:
         assert v.secrets.duckdb_key != old_key
     leftovers = sorted(p.name for p in home.iterdir())
-    assert leftovers == ["artifacts", "keyring.json", "logs", "tmp", "vault.duckdb"]
+    assert leftovers == [".vault.lock", "artifacts", "keyring.json", "logs", "tmp", "vault.duckdb"]
     plain = duckdb.connect()
     with pytest.raises(duckdb.Error):
         plain.execute(f"ATTACH '{home / 'vault.duckdb'}' AS v (ENCRYPTION_KEY '{old_key}', READ_ONLY)")
