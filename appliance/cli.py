@@ -554,6 +554,7 @@ def _with_error(data: dict, failure: ApplianceError | None) -> dict:
 
 
 # --- quantize, generate, chat, serve (their own module: appliance/cli_quantize.py) --------------------
+import appliance.cli_agents  # noqa: E402,F401  (registers grant, mcp)
 import appliance.cli_bundles  # noqa: E402,F401  (registers keys, trust, bundle)
 import appliance.cli_eval  # noqa: E402,F401  (registers eval)
 import appliance.cli_jobs  # noqa: E402,F401  (registers jobs)

@@ -11,7 +11,7 @@ from appliance.errors import ApplianceError
 MIN_LENGTH = 8
 
 
-def _from_env(prefix: str) -> str | None:
+def from_env(prefix: str) -> str | None:
     if path := os.environ.get(f"{prefix}_FILE"):
         try:
             with open(path, encoding="utf-8") as f:
@@ -24,7 +24,7 @@ def _from_env(prefix: str) -> str | None:
 
 def get_passphrase(confirm: bool = False, prefix: str = "APPLIANCE_PASSPHRASE", label: str = "passphrase") -> str:
     """Read the passphrase from `{prefix}_FILE`, `{prefix}`, or a terminal prompt, in that order."""
-    value = _from_env(prefix)
+    value = from_env(prefix)
     if value is None:
         if not sys.stdin.isatty():
             raise ApplianceError(

@@ -67,6 +67,10 @@ DDL = [
         attempts INTEGER NOT NULL, cancel BOOLEAN NOT NULL, submitted_by VARCHAR NOT NULL,
         created TIMESTAMP NOT NULL, started TIMESTAMP, finished TIMESTAMP, ref VARCHAR, result VARCHAR,
         error VARCHAR)""",
+    # Grants to agents (see appliance/grants.py): only a hash of each token is kept.
+    """CREATE TABLE IF NOT EXISTS grants (
+        id VARCHAR PRIMARY KEY, agent VARCHAR NOT NULL, caps VARCHAR NOT NULL, secret_sha256 VARCHAR NOT NULL,
+        created TIMESTAMP NOT NULL, expires TIMESTAMP NOT NULL, revoked TIMESTAMP)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",
