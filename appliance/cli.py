@@ -159,10 +159,10 @@ def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers):
 @command(vault_group, "datasets")
 def datasets_cmd(c: Ctx):
     """List datasets and their newest versions."""
-    from appliance.vault import versions
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        ds = versions.datasets(v.con)
+        ds = api.vault_datasets(v)["datasets"]
     c.emit({"datasets": ds}, lambda: table(
         ["dataset", "latest", "versions", "records", "size", "content hash"],
         [[d["name"], d["latest"], d["versions"], d["records"], human_bytes(d["bytes"]), d["content_hash"][:16]]
@@ -173,10 +173,10 @@ def datasets_cmd(c: Ctx):
 @click.argument("ref")
 def show_cmd(c: Ctx, ref):
     """Show one version (NAME@N, or NAME for the newest): counts, splits, sources, PII report."""
-    from appliance.vault import versions
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        info = versions.show(v.con, ref)
+        info = api.vault_show(v, ref)
 
     def human():
         out.print(f"[bold]{info['version']}[/]  {info['records']} records, {human_bytes(info['bytes'])}, "
@@ -201,10 +201,10 @@ def show_cmd(c: Ctx, ref):
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
 def sql_cmd(c: Ctx, query, limit):
     """Run read-only SQL over the vault (tables: versions, version_records, blobs, data.*, audit, ...)."""
-    from appliance.vault import versions
+    from appliance import api
 
     with c.open_vault() as v:
-        res = versions.query(v, query, limit)
+        res = api.vault_sql(v, query, limit)
     c.emit(res, lambda: (table(res["columns"], res["rows"]),
                          res["truncated"] and err.print(f"(first {limit} rows; use --limit)")))
 
@@ -411,10 +411,10 @@ def train_merge_cmd(c: Ctx, adapter):
 @click.option("--name", default=None, help="Only runs of this name.")
 def train_runs_cmd(c: Ctx, name):
     """Training runs, newest last, with their status and step."""
-    with c.open_vault(read_only=True) as v:
-        from appliance.train.run import runs
+    from appliance import api
 
-        rows = runs(v.con, name)
+    with c.open_vault(read_only=True) as v:
+        rows = api.train_runs(v, name)["runs"]
     c.emit({"runs": rows}, lambda: table(
         ["run", "stage", "status", "step", "updated", "error"],
         [[r["id"], f"{r['stage']}/{r['method']}", r["status"], f"{r['step']}/{r['max_steps']}",
@@ -440,10 +440,10 @@ def train_metrics_cmd(c: Ctx, run_id):
 @command(train_group, "models")
 def train_models_cmd(c: Ctx):
     """Models and adapters in the appliance (trained, merged or imported)."""
-    from appliance.train.run import models
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        items = models(v.con)
+        items = api.train_models(v)["models"]
     c.emit({"models": items}, lambda: table(["model", "kind", "made by", "created"],
                                            [[i["id"], i["kind"], f"{i['stage'] or 'import'}/{i['method'] or '-'}",
                                              i["created"]] for i in items]))
@@ -454,10 +454,11 @@ def train_models_cmd(c: Ctx):
 @click.argument("node_id")
 def lineage_cmd(c: Ctx, node_id):
     """Print what NODE_ID (a dataset version, model, ...) came from, as a tree."""
+    from appliance import api
     from appliance.vault import lineage
 
     with c.open_vault(read_only=True) as v:
-        t = lineage.tree(v.con, lineage.resolve(v.con, node_id))
+        t = api.lineage(v, node_id)["lineage"]
     c.emit({"lineage": t}, lambda: out.print("\n".join(lineage.render(t))))
 
 
@@ -486,14 +487,33 @@ def audit_verify_cmd(c: Ctx):
 @click.option("--action", default=None, help="Filter by action, e.g. 'vault.*'.")
 def audit_log_cmd(c: Ctx, limit, action):
     """Show the newest audit entries."""
-    from appliance.vault import audit
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        rows = audit.entries(v.con, limit, action)
+        rows = api.audit_log(v, limit, action)["entries"]
     c.emit({"entries": rows}, lambda: table(
         ["seq", "time", "actor", "action", "ids", "details"],
         [[r["seq"], r["ts"][:19], r["actor"], r["action"], ",".join(r["ids"]),
           ", ".join(f"{k}={val}" for k, val in r["details"].items())] for r in rows]))
+
+
+# --- the JSON contract ---------------------------------------------------------------------------
+@command(cli, "schema")
+@click.argument("command_words", nargs=-1)
+def schema_cmd(c: Ctx, command_words):
+    """The JSON Schema of a command's --json output (`appliance schema vault show`), or the list of them."""
+    import json as _json
+
+    from appliance import schemas
+
+    if not command_words:
+        names = schemas.commands()
+        return c.emit({"version": schemas.JSON_SCHEMA_VERSION, "commands": names,
+                       "error": schemas.ERROR}, lambda: out.print("\n".join(names)))
+    name = " ".join(command_words)
+    doc = schemas.schema(name)
+    c.emit({"command": name, "version": schemas.JSON_SCHEMA_VERSION, "json_schema": doc},
+           lambda: out.print(_json.dumps(doc, indent=2), markup=False))
 
 
 # --- the console ---------------------------------------------------------------------------------

@@ -15,14 +15,6 @@ def jobs_group():
     """Queued work that outlives the shell (and the console) that started it."""
 
 
-def _row(j) -> list:
-    return [j.id, j.status, j.describe(), j.gpus or "cpu", j.ref or "", j.submitted_by, j.error or ""]
-
-
-def _print_jobs(jobs) -> None:
-    table(["job", "status", "what", "gpus", "ref", "by", "error"], [_row(j) for j in jobs])
-
-
 @command(jobs_group, "submit", context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("recipe")
 @click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True,
@@ -34,41 +26,40 @@ def _print_jobs(jobs) -> None:
 @click.pass_context
 def jobs_submit_cmd(ctx, c: Ctx, recipe, gpus, priority, resume, sets):
     """Queue a training run of RECIPE (a shipped recipe name or a TOML file) and return at once."""
+    from appliance import api
     from appliance.jobs import queue
-    from appliance.jobs.dispatch import dispatch
 
-    spec = {"recipe": recipe, "overrides": _overrides(sets, ctx.args), "resume": resume}
-    queue.check_spec("train", spec)  # a bad recipe is refused before the passphrase is asked
+    overrides = _overrides(sets, ctx.args)
+    queue.check_spec("train", {"recipe": recipe, "overrides": overrides})  # refused before the passphrase
     with c.open_vault() as v:
-        job = queue.submit(v, "train", spec, gpus, priority)
-        started = dispatch(v)
-        job = queue.get(v.con, job.id)
-    c.emit(job.to_json(), f"{job.id} {'started' if job.id in started else 'queued'}: {job.describe()}; "
-                          f"follow it with `appliance jobs logs {job.id} -f`")
+        job = api.jobs_submit(v, recipe, overrides, gpus, priority, resume)
+    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; "
+                f"follow it with `appliance jobs logs {job['id']} -f`")
 
 
 @command(jobs_group, "list")
 @click.option("--all", "all_", is_flag=True, help="Also the jobs that have ended.")
 def jobs_list_cmd(c: Ctx, all_):
     """Running and queued jobs (starting any that now fit, and recovering any whose process is gone)."""
+    from appliance import api
     from appliance.jobs import queue
-    from appliance.jobs.dispatch import dispatch
 
     with c.open_vault() as v:
-        dispatch(v)
-        jobs = queue.listing(v.con, () if all_ else ("running", "queued"))
-    c.emit({"jobs": [j.to_json() for j in jobs]}, lambda: _print_jobs(jobs))
+        data = api.jobs_list(v, all_)
+    c.emit(data, lambda: table(["job", "status", "what", "gpus", "ref", "by", "error"], [
+        [j["id"], j["status"], queue.describe(j["kind"], j["spec"]), j["gpus"] or "cpu", j["ref"] or "",
+         j["submitted_by"], j["error"] or ""] for j in data["jobs"]]))
 
 
 @command(jobs_group, "show")
 @click.argument("job_id")
 def jobs_show_cmd(c: Ctx, job_id):
     """One job: its spec, state and result."""
-    from appliance.jobs import queue
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        job = queue.get(v.con, job_id)
-    c.emit(job.to_json(), lambda: out.print_json(data=job.to_json()))
+        job = api.jobs_show(v, job_id)
+    c.emit(job, lambda: out.print_json(data=job))
 
 
 @command(jobs_group, "logs")
@@ -113,11 +104,11 @@ def jobs_logs_cmd(c: Ctx, job_id, follow):
 @click.argument("job_id")
 def jobs_cancel_cmd(c: Ctx, job_id):
     """Cancel a queued job, or ask a running one to stop (training stops at a checkpoint)."""
-    from appliance.jobs import queue
+    from appliance import api
 
     with c.open_vault() as v:
-        job = queue.cancel(v, job_id)
-    c.emit(job.to_json(), f"{job.id}: {'cancelled' if job.status == 'cancelled' else 'asked to stop'}")
+        job = api.jobs_cancel(v, job_id)
+    c.emit(job, f"{job_id}: {'cancelled' if job['status'] == 'cancelled' else 'asked to stop'}")
 
 
 @command(jobs_group, "resume")

@@ -94,6 +94,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             _bundles(v, gguf, Path(tmp), stage)
             _jobs(v, tok.id, stage)
             _console(v, passphrase, stage)
+            _agent(v, passphrase, stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -264,6 +265,38 @@ def _console(v, passphrase: str, stage: Callable[..., None]) -> None:
     if shown != ["dashboard", "vault", "train", "models", "bundles", "audit"]:
         raise ApplianceError(f"demo console tour reached {shown}")
     stage("console", f"appliance tui: {len(shown)} screens at 80x24 ({', '.join(shown)}); pictures in {out}")
+
+
+def _agent(v, passphrase: str, stage: Callable[..., None]) -> None:
+    """An agent over MCP with a read-only grant: it lists what is there and is refused record text."""
+    import asyncio
+    import sys
+
+    from mcp import ClientSession, StdioServerParameters
+    from mcp.client.stdio import stdio_client
+
+    from appliance import grants
+
+    g = grants.create(v, "demo-agent", ["read"], hours=1)
+
+    async def session() -> tuple[list[str], str]:
+        env = {**os.environ, "APPLIANCE_PASSPHRASE": passphrase, "APPLIANCE_GRANT": g["token"]}
+        env.pop("APPLIANCE_PASSPHRASE_FILE", None)
+        params = StdioServerParameters(command=sys.executable, args=["-m", "appliance", "--home", str(v.home.root),
+                                                                     "mcp"], env=env)
+        with open(os.devnull, "w") as quiet:
+            async with stdio_client(params, errlog=quiet) as (r, w), ClientSession(r, w) as s:
+                await s.initialize()
+                listed = (await s.call_tool("vault_datasets", {})).structured_content["datasets"]
+                refused = await s.call_tool("vault_records", {"ref": "mail@1"})
+                return [d["latest"] for d in listed], refused.content[0].text if refused.is_error else ""
+
+    with v.released():
+        latest, refused = asyncio.run(session())
+    if "not granted 'records'" not in refused:
+        raise ApplianceError("demo agent was not refused record text")
+    stage("agent", f"agent:demo-agent over MCP ({g['id']}, read only): listed {', '.join(latest)}; "
+                   f"refused record text ({refused.split('error: ', 1)[-1].split(' (')[0]})", grant=g["id"])
 
 
 @contextmanager

@@ -43,22 +43,58 @@ class Result:
         return json.loads(self.out)
 
 
+def command_of(args: list[str]) -> str:
+    """The command path in a command line: `--home H --json vault show x` -> `vault show`."""
+    import click
+
+    from appliance.cli import cli as root
+
+    node, path, i = root, [], 0
+    while i < len(args) and isinstance(node, click.Group):
+        a = args[i]
+        if a == "--home":
+            i += 2
+            continue
+        if not a.startswith("-") and a in node.commands:
+            path.append(a)
+            node = node.commands[a]
+        i += 1
+    return " ".join(path)
+
+
 @pytest.fixture
 def cli(capsys):
-    """Run `appliance ARGS...` in-process; returns exit code, stdout, stderr."""
+    """Run `appliance ARGS...` in-process; returns exit code, stdout, stderr.
+
+    Every --json object printed is checked against the command's published schema (appliance/schemas).
+    """
     from appliance.cli import main
 
     def run(*args: str) -> Result:
         capsys.readouterr()
         code = 0
+        argv = [str(a) for a in args]
         try:
-            main([str(a) for a in args])
+            main(argv)
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
         o, e = capsys.readouterr()
+        if "--json" in argv and o.strip():
+            _check_json(command_of(argv), o)
         return Result(code, o, e)
 
     return run
+
+
+def _check_json(command: str, text: str) -> None:
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    if record := os.environ.get("APPLIANCE_RECORD_JSON"):
+        with open(record, "a") as f:
+            f.write(json.dumps({"cmd": command, "out": json.loads(lines[-1])}) + "\n")
+        return
+    from appliance.schemas import validate
+
+    validate(command, json.loads(lines[-1]))
 
 
 @pytest.fixture

@@ -54,8 +54,8 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     assert stages[:2] == ["samples", "init"] and stages[-2:] == ["check", "audit"]
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1"]
-    assert stages[-14:-2] == ["sft", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift", "bundle",
-                              "bundle", "jobs", "console"]
+    assert stages[-15:-2] == ["sft", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift", "bundle",
+                              "bundle", "jobs", "console", "agent"]
     job = next(s for s in r.json["stages"] if s["stage"] == "jobs")
     assert job["ref"] == "demo-job@1" and (h / "artifacts" / "models" / "demo-job@1" / "config.json").is_file()
     assert sorted(p.name for p in (h / "reports").glob("console-*.svg")) == [
