@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import click
 
@@ -35,6 +36,28 @@ def jobs_submit_cmd(ctx, c: Ctx, recipe, gpus, priority, resume, sets):
         job = api.jobs_submit(v, recipe, overrides, gpus, priority, resume)
     c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; "
                 f"follow it with `appliance jobs logs {job['id']} -f`")
+
+
+@command(jobs_group, "sweep")
+@click.argument("sweep_file", type=click.Path(path_type=Path))
+@click.option("--gpus", type=click.IntRange(0, 64), default=0, show_default=True, help="GPUs each trial needs.")
+@click.option("--priority", type=int, default=0, show_default=True, help="Higher starts first.")
+def jobs_sweep_cmd(c: Ctx, sweep_file, gpus, priority):
+    """Queue a hyperparameter sweep: grid or random points over recipe keys, ranked by validation loss.
+
+    The file names the recipe, fixed overrides (train.eval_every is needed; train.early_stop_patience
+    stops a trial that has stopped improving), the method and the [space] of values; see docs/JOBS.md.
+    """
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+
+    spec = queue.check_spec("sweep", {"file": str(sweep_file)})  # a bad file is refused before the passphrase
+    with c.open_vault() as v:
+        job = queue.submit(v, "sweep", spec, gpus, priority)
+        dispatch(v)
+        job = queue.get(v.con, job.id)
+    c.emit(job.to_json(), f"{job.id} {job.status}: {job.describe()}; follow it with "
+                          f"`appliance jobs logs {job.id} -f`")
 
 
 @command(jobs_group, "list")

@@ -120,7 +120,8 @@ class TrainProgress:
 
     def _step(self, m: dict) -> None:
         text = (f"loss {m['loss']:.4f}  lr {m['lr']:.2e}  |g| {m['grad_norm']:.2f}  "
-                f"{m['tokens_per_s']:,.0f} tok/s")
+                f"{m['tokens_per_s']:,.0f} tok/s") + (f"  val {m['val_loss']:.4f}" if m.get("val_loss") is not None
+                                                      else "")
         if self._p is not None:
             self._p.update(self._task, completed=m["step"], m=text)
         elif m["step"] % self.every == 0 or m["step"] == self.total:

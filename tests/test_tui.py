@@ -297,23 +297,18 @@ def test_bundles_screen_key_export_and_import_shows_the_report_first(tui_home, t
 
 
 def test_audit_screen_verifies_and_sees_tampering(tui_home):
-    async def flow(pilot, app):
-        await unlock(pilot, app)
-        await pilot.press("a")
-        await pilot.press("c")
-        await until(pilot, lambda: text(app, "#verify-result").startswith("ok:"))
+    def verify_says(start: str):
+        async def flow(pilot, app):
+            await unlock(pilot, app)
+            await pilot.press("a")
+            await pilot.press("c")
+            await until(pilot, lambda: text(app, "#verify-result").startswith(start))
+        return flow
 
-    drive(tui_home, flow)
+    drive(tui_home, verify_says("ok:"))
     with open_vault(tui_home) as v:
         v.con.execute("UPDATE audit SET actor = 'mallory' WHERE seq = 2")
-
-    async def tampered(pilot, app):
-        await unlock(pilot, app)
-        await pilot.press("a")
-        await pilot.press("c")
-        await until(pilot, lambda: text(app, "#verify-result").startswith("FAILED"))
-
-    drive(tui_home, tampered)
+    drive(tui_home, verify_says("FAILED"))
 
 
 def test_the_palette_offers_this_screens_actions(tui_home):

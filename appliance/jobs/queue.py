@@ -14,7 +14,7 @@ from appliance.db_time import iso, utcnow
 from appliance.errors import UsageError
 from appliance.vault.audit import current_actor
 
-KINDS = ("train", "quantize", "eval")
+KINDS = ("train", "quantize", "eval", "sweep")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 COLUMNS = ("id", "kind", "spec", "status", "priority", "gpus", "devices", "pid", "attempts", "cancel",
            "submitted_by", "created", "started", "finished", "ref", "result", "error")
@@ -61,6 +61,8 @@ def describe(kind: str, spec: dict) -> str:
         return f"train {spec['name']}{resume}"
     if kind == "quantize":
         return f"quantize {spec['model']} {spec['type']}"
+    if kind == "sweep":
+        return f"sweep {spec['name']} ({len(spec['points'])} trials, {spec['method']})"
     return f"eval {spec['suite']} on {spec['model']}"
 
 
@@ -97,6 +99,10 @@ def check_spec(kind: str, spec: dict) -> dict:
         recipe = build_recipe(dict(ref), overrides) if isinstance(ref, dict) else load_recipe(ref, overrides)
         return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume")),
                 "run": spec.get("run")}
+    if kind == "sweep":
+        from appliance.train.sweep import load
+
+        return spec if "points" in spec else load(spec["file"])
     if kind == "quantize":
         from appliance.quantize import types
 

@@ -78,7 +78,69 @@ def run_eval(vault, job: queue.Job, log: JobLog) -> dict:
     return {k: v for k, v in res.items() if k != "case_results"}
 
 
-KINDS = {"train": run_train, "quantize": run_quantize, "eval": run_eval}
+def run_sweep(vault, job: queue.Job, log: JobLog) -> dict:
+    """Each point a training run (ranked by validation loss); the sweep a lineage node over its trials."""
+    from appliance.train.run import TrainInterrupted, run
+    from appliance.train.sweep import rank, trial_recipe
+    from appliance.vault import lineage
+
+    s = job.spec
+    queue.set_ref(vault, job.id, s["name"])
+    results = []
+    for i, point in enumerate(s["points"], 1):
+        recipe = trial_recipe(s["recipe"], point, f"{s['name']}-t{i}")
+        earlier = _trial_runs(vault, recipe.name)  # a recovered sweep: finished trials count, unfinished resume
+        if "done" in earlier:
+            results.append(_trial(vault, earlier["done"], i, point))
+            log.write(f"trial {i}: {earlier['done']} finished before; kept")
+            continue
+        log.write(f"trial {i}/{len(s['points'])}: " + ", ".join(f"{k}={v}" for k, v in point.items()))
+        try:
+            res = run(vault, recipe, resume="unfinished" in earlier, resume_run=earlier.get("unfinished"),
+                      gpus=job.gpus)
+        except TrainInterrupted:
+            log.write(f"stopped during trial {i}; done so far: {len(results)}")
+            raise
+        except Exception as e:  # noqa: BLE001 - a diverged trial is a result, not the end of the sweep
+            results.append({"trial": i, "point": point, "run": None, "error": str(e), "best_val_loss": None})
+            log.write(f"trial {i} failed: {e}")
+            continue
+        results.append(_trial(vault, res.id, i, point))
+        log.write(f"trial {i}: {res.id} best validation loss {results[-1]['best_val_loss']:.4f}"
+                  + (f", stopped early at step {results[-1]['stopped_early']}" if results[-1]["stopped_early"] else ""))
+    ranked = rank(results)
+    if ranked[0].get("best_val_loss") is None:
+        raise ApplianceError(f"every trial of {s['name']} failed", "see `appliance jobs logs`")
+    with vault.session(wait=600) as v, v.transaction():
+        sweep_id = lineage.next_id(v.con, s["name"])
+        lineage.add_node(v.con, sweep_id, "sweep", [(r["run"], "trial") for r in ranked if r["run"]],
+                         attrs={"space": s["space"], "method": s["method"], "ranking": ranked, "best": ranked[0]})
+        v.audit("train.sweep", [sweep_id, ranked[0]["run"]], {"trials": len(results), "best": ranked[0]["run"]})
+    queue.set_ref(vault, job.id, sweep_id)
+    log.write(f"{sweep_id}: best {ranked[0]['run']} (validation loss {ranked[0]['best_val_loss']:.4f})")
+    return {"id": sweep_id, "best": ranked[0], "ranking": ranked}
+
+
+def _trial_runs(vault, name: str) -> dict[str, str]:
+    with vault.session(wait=600) as v:
+        rows = v.con.execute("SELECT id, status FROM train_runs WHERE name = ? ORDER BY created DESC",
+                             [name]).fetchall()
+    out: dict[str, str] = {}
+    for run_id, status in rows:
+        out.setdefault("done" if status == "done" else "unfinished", run_id)
+    return out
+
+
+def _trial(vault, run_id: str, i: int, point: dict) -> dict:
+    from appliance.vault import lineage
+
+    with vault.session(wait=600) as v:
+        m = lineage.node(v.con, run_id)["attrs"]["metrics"]
+    return {"trial": i, "point": point, "run": run_id, "best_val_loss": m.get("best_val_loss"),
+            "final_val_loss": m.get("final_val_loss"), "steps": m["steps"], "stopped_early": m.get("stopped_early")}
+
+
+KINDS = {"train": run_train, "quantize": run_quantize, "eval": run_eval, "sweep": run_sweep}
 
 
 def main(argv: list[str]) -> int:

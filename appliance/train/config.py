@@ -155,6 +155,10 @@ class TrainConfig:
     """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
     parallel: str = "ddp"
     """With --gpus > 1: ddp (replicate) or fsdp (shard parameters, for models that don't fit one GPU)."""
+    eval_every: int = 0
+    """Measure the loss on the datasets' validation split every N steps and at the end (0: never)."""
+    early_stop_patience: int = 0
+    """Finish early when the validation loss has not improved for this many measurements (0: never)."""
 
     def problems(self) -> list[str]:
         p = []
@@ -180,6 +184,10 @@ class TrainConfig:
             p.append("train.grad_clip must be >= 0 (0 turns clipping off)")
         if self.precision not in ("auto", "bf16", "fp32"):
             p.append(f"train.precision must be auto, bf16 or fp32, not {self.precision!r}")
+        if self.eval_every < 0 or self.early_stop_patience < 0:
+            p.append("train.eval_every and train.early_stop_patience must be >= 0")
+        if self.early_stop_patience and not self.eval_every:
+            p.append("train.early_stop_patience needs train.eval_every (the validation loss it watches)")
         if self.parallel not in ("ddp", "fsdp"):
             p.append(f"train.parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
         return p

@@ -80,11 +80,29 @@ def prepare(vault, cfg: DataConfig, tokenizer, tokenizer_hash: str,
     return packed, datasets, False
 
 
-def _texts(con, refs: list[str]) -> Iterator[str]:
+def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]], tokenizer_hash: str) -> Packed:
+    """Packed rows of the datasets' validation split (the loss a run is judged by); cached like the train rows."""
+    key = "validation:" + cache_key(cfg, datasets, tokenizer_hash)
+    if (cached := load_cached(vault.con, key)) is not None:
+        return cached
+    refs = [d for d, _ in datasets]
+    if cfg.format == "chat":
+        packed = pack_chat(tokenizer, chat_pairs(vault.con, refs, cfg, "validation"), cfg.seq_len, cfg.system_prompt)
+    else:
+        packed = pack_text(tokenizer, _texts(vault.con, refs, "validation"), cfg.seq_len)
+    if packed.rows == 0:
+        raise UsageError(f"{', '.join(refs)} have no validation split to measure", "ingest with --validation 0.05 "
+                         "(the default) or more, or set train.eval_every = 0")
+    with vault.transaction():
+        store_cached(vault.con, key, packed, with_labels=cfg.format == "chat")
+    return packed
+
+
+def _texts(con, refs: list[str], split: str = "train") -> Iterator[str]:
     from appliance.vault.versions import iter_records
 
     for ref in refs:
-        for rec in iter_records(con, ref, split="train"):
+        for rec in iter_records(con, ref, split=split):
             yield rec["text"]
 
 
@@ -109,17 +127,19 @@ def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -
     return Packed(tokens, labels, _stats(docs, tokens, labels, pad_count, truncated=0))
 
 
-def chat_pairs(con, refs: list[str], cfg: DataConfig) -> Iterator[tuple[str, str]]:
-    """(prompt, response) of every train-split row of the tables in `refs`."""
+def chat_pairs(con, refs: list[str], cfg: DataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
+    """(prompt, response) of every row of the tables in `refs` in `split`."""
     from appliance.vault.versions import resolve
 
     for ref in refs:
         vid, _, _ = resolve(con, ref)
         wanted: dict[str, list[int]] = {}
         for table, meta in con.execute(
-                "SELECT path, meta FROM version_records WHERE vid = ? AND split = 'train' AND kind = 'table' "
-                "ORDER BY ord", [vid]).fetchall():
+                "SELECT path, meta FROM version_records WHERE vid = ? AND split = ? AND kind = 'table' "
+                "ORDER BY ord", [vid, split]).fetchall():
             wanted.setdefault(table, []).append(json.loads(meta)["row"])
+        if not wanted and split != "train":
+            continue
         if not wanted:
             raise UsageError(f"{ref} has no table rows to fine-tune on",
                              "ingest a JSONL/CSV of prompt/response pairs as the SFT dataset")

@@ -95,15 +95,16 @@ def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable
                         t, lab = rows(np.frombuffer(payload, np.int64))
                         send(sock, {"shape": list(t.shape)}, t.tobytes() + lab.tobytes())
                         continue
+                    verdict = None
                     with lock:
                         if op == "step":
-                            on_step(header["metrics"])
+                            verdict = on_step(header["metrics"])
                         elif op == "checkpoint":
                             on_checkpoint(header["step"], header["path"])
                         elif op == "result":
                             results[header["rank"]] = header["result"]
                     # a stop request (Ctrl-C at the launcher) rides on the reply to rank 0's step report
-                    send(sock, {"ok": True, "stop": bool(stop and stop.is_set())})
+                    send(sock, {"ok": True, "stop": bool(stop and stop.is_set()), "finish": verdict == "finish"})
             except (ConnectionError, OSError, json.JSONDecodeError, KeyError):
                 return
 
@@ -202,11 +203,11 @@ class SocketLink:
         send(self.sock, header)
         recv(self.sock)
 
-    def step(self, metrics: dict) -> bool:
-        """Report a step; True when the launcher asks the run to stop."""
+    def step(self, metrics: dict) -> bool | str:
+        """Report a step; True when the launcher asks the run to stop, "finish" to end it early as done."""
         send(self.sock, {"op": "step", "metrics": metrics})
         header, _ = recv(self.sock)
-        return bool(header.get("stop"))
+        return "finish" if header.get("finish") else bool(header.get("stop"))
 
     def checkpoint(self, step: int, path: str) -> None:
         self._call({"op": "checkpoint", "step": step, "path": path})

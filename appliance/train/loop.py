@@ -212,8 +212,13 @@ def make_optimizer(model, cfg: TrainConfig):
 
 def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, cfg: TrainConfig,
         dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None], on_checkpoint: Callable[[int, str], None],
-        resume_from: Path | None = None, aux_loss_coef: float = 0.0, state: dict | None = None) -> FitResult:
-    """Train `model` (already on its device) for cfg.max_steps, checkpointing as it goes."""
+        resume_from: Path | None = None, aux_loss_coef: float = 0.0, state: dict | None = None,
+        n_val: int = 0) -> FitResult:
+    """Train `model` (already on its device) for cfg.max_steps, checkpointing as it goes.
+
+    Rows `n_rows .. n_rows + n_val` are the validation split: with cfg.eval_every its loss is measured and
+    reported as `val_loss`; `on_step` may answer "finish" to end the run early as done (early stopping).
+    """
     import torch
     import torch.nn.functional as F
 
@@ -241,6 +246,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     model.train()
     t_start = time.time()
     step, tokens_seen = start, 0
+    finishing = False
     state = state or {}
 
     def save(at: int) -> None:
@@ -306,15 +312,52 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
             metrics = {"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "grad_norm": norm,
                        "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
                        "eta": elapsed / (step - start) * (cfg.max_steps - step)}
-            if dist.is_main and on_step(metrics):
+            measure = n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+            metrics["val_loss"] = validate(model, rows, n_rows, n_val, cfg, dist, autocast) if measure else None
+            verdict = on_step(metrics) if dist.is_main else None
+            if verdict is True:
                 stop.set = True  # the launcher relays a Ctrl-C
-            stopping = dist.any(stop.set)
+            finishing = dist.any(verdict == "finish")  # early stopping: rank 0 decides for all
+            stopping = dist.any(stop.set) or finishing
             if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
                 save(step)
             if stopping:
                 break
-    status = "done" if step >= cfg.max_steps else "interrupted"
+    status = "done" if step >= cfg.max_steps or finishing else "interrupted"
     return FitResult(status, step, loss_val, tokens_seen, time.time() - t_start, last_ckpt, model)
+
+
+def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast) -> float:
+    """Mean loss per scored token over the validation rows, split across ranks.
+
+    Every rank runs the same number of forward passes (FSDP gathers inside them); a rank with fewer rows
+    repeats one and does not count it.
+    """
+    import torch
+    import torch.nn.functional as F
+
+    per = -(-n_val // dist.world)
+    picks = [dist.rank + dist.world * k for k in range(per)]
+    index = np.asarray([n_rows + (j if j < n_val else 0) for j in picks], np.int64)
+    counted = np.asarray([j < n_val for j in picks])
+    total, scored = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for s in range(0, per, cfg.micro_batch_size):
+            tok_np, lab_np = rows(index[s:s + cfg.micro_batch_size])
+            keep = torch.from_numpy(counted[s:s + cfg.micro_batch_size]).to(dist.device)
+            x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)
+            y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
+            with autocast():
+                logits = model(input_ids=x, use_cache=False).logits.float()  # (b, T, vocab)
+            target = F.pad(y[:, 1:], (0, 1), value=IGNORE)
+            target[~keep] = IGNORE
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                                 reduction="sum")
+            total += float(ce)
+            scored += int((target != IGNORE).sum())
+    model.train()
+    return dist.sum(total) / max(dist.sum(scored), 1)
 
 
 def _no_sync(model, last: bool):

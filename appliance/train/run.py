@@ -15,6 +15,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, UsageError
 from appliance.home import atomic_dir
@@ -29,7 +31,8 @@ RESUMABLE = ("running", "interrupted", "failed")
 # diverged run); not the model, the data or the batch.
 RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.lr",
                      "train.min_lr", "train.warmup_steps", "train.grad_clip", "train.micro_batch_size",
-                     "train.activation_checkpointing", "train.precision"}
+                     "train.activation_checkpointing", "train.precision", "train.eval_every",
+                     "train.early_stop_patience"}
 # How inputs were named; what they resolved to (versions, tokenizer, base) is compared instead.
 RESUME_RESOLVED = {"data.datasets", "data.tokenizer", "model.base"}
 
@@ -126,22 +129,43 @@ class Recorder:
 
     FLUSH_EVERY = 1.0
 
-    def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None], checkpoint_every: int = 0):
+    def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None], checkpoint_every: int = 0,
+                 patience: int = 0):
         self.vault, self.run_id, self.on_event = vault, run_id, on_event
-        self.checkpoint_every = checkpoint_every
+        self.checkpoint_every, self.patience = checkpoint_every, patience
+        self.best_val: float | None = None
+        self.since_best = 0
+        self.stopped_early: int | None = None
         self.lock = threading.Lock()  # guards what is pending
         self.flushing = threading.Lock()  # one hold on the vault at a time
         self.pending: list[list] = []
         self.last_checkpoint: str | None = None
 
-    def step(self, m: dict) -> None:
+    def step(self, m: dict) -> str | None:
+        """Record a step; "finish" when the validation loss has stopped improving (early stopping)."""
         with self.lock:
             self.pending.append([self.run_id, m["step"], m["loss"], m["lr"], m["grad_norm"], m["tokens"],
-                                 m["tokens_per_s"], m["elapsed"]])
+                                 m["tokens_per_s"], m["elapsed"], m.get("val_loss")])
         if self.checkpoint_every and m["step"] % self.checkpoint_every == 0:
             # a checkpoint follows; a resume starts from it, so the metrics up to it must be in the vault first
             self.flush(wait=60.0)
         self.on_event("step", m)
+        return self._verdict(m)
+
+    def _verdict(self, m: dict) -> str | None:
+        val = m.get("val_loss")
+        if val is None or not self.patience:
+            return None
+        if self.best_val is None or val < self.best_val:
+            self.best_val, self.since_best = val, 0
+            return None
+        self.since_best += 1
+        if self.since_best < self.patience:
+            return None
+        self.stopped_early = m["step"]
+        self.on_event("stage", {"text": f"early stop at step {m['step']}: validation loss {val:.4f}, best "
+                                        f"{self.best_val:.4f}, {self.since_best} measurements without improving"})
+        return "finish"
 
     def checkpoint(self, step: int, path: str) -> None:
         with self.lock:
@@ -166,7 +190,8 @@ class Recorder:
         try:
             with self.vault.session(wait=wait) as v, v.transaction() as con:
                 if rows:
-                    con.executemany("INSERT INTO train_metrics VALUES (?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                    con.executemany("INSERT INTO train_metrics (run, step, loss, lr, grad_norm, tokens, tokens_per_s, "
+                                    "elapsed, val_loss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     con.execute("UPDATE train_runs SET step = ?, updated = ? WHERE id = ?",
                                 [rows[-1][1], utcnow(), self.run_id])
                 if ckpt is not None:
@@ -233,6 +258,12 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     packed, datasets, cached = data.prepare(vault, recipe.data, tokenizer, tokenizer_hash(src.tokenizer_path),
                                             progress=lambda s: on_event("stage", {"text": s}))
     on_event("data", {**packed.stats, "cached": cached})
+    n_val = 0
+    if recipe.train.eval_every:  # validation rows go after the train rows, served the same way
+        val = data.validation(vault, recipe.data, tokenizer, datasets, tokenizer_hash(src.tokenizer_path))
+        n_val = val.rows
+        packed = data.Packed(np.concatenate([packed.tokens, val.tokens]), np.concatenate([packed.labels, val.labels]),
+                             {**packed.stats, "validation_rows": n_val})
     parents = [(d, "data") for d, _ in datasets] + src.parents
     resolved = {"datasets": [list(d) for d in datasets], "inputs": [list(p) for p in src.parents]}
     run_id, resume_from = _open_run(vault, recipe, resume, resolved, resume_run)
@@ -244,13 +275,14 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "datasets": [{"version": d, "content_hash": h} for d, h in datasets],
             "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
             "data": packed.stats}
-    spec = {"run_id": run_id, "stage": recipe.stage, "recipe": recipe.to_dict(), "rows": packed.rows,
+    spec = {"run_id": run_id, "stage": recipe.stage, "recipe": recipe.to_dict(), "rows": packed.rows - n_val,
+            "val_rows": n_val,
             "tokenizer_path": str(src.tokenizer_path), "base_path": str(src.base_path or ""),
             "run_dir": str(run_dir), "model_dir": str(model_dir), "info": info,
             "resume_from": str(resume_from) if resume_from else None}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
-    rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every)
+    rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every, recipe.train.early_stop_patience)
     rec.status("running", world=world, error=None)
     on_event("start", {"id": run_id, "resume_from": resume_step, "max_steps": recipe.train.max_steps,
                        "world": world})
@@ -278,6 +310,8 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
         raise TrainInterrupted(f"stopped at step {out.get('step') or '?'} of {recipe.train.max_steps}; "
                                f"checkpoint {out.get('checkpoint') or 'none'}",
                                "continue with `appliance train run ... --resume`")
+    if rec.stopped_early is not None:
+        info["stopped_early"] = rec.stopped_early
     return _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec)
 
 
@@ -298,6 +332,10 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
                                     [run_id]).fetchone()
     metrics = {"final_loss": out["loss"], "steps": out["step"], "tokens": int(tokens or 0),
                "tokens_per_s": round(tps or 0.0, 1), "padding_fraction": packed.stats["padding_fraction"]}
+    vals = [v for (v,) in vault.con.execute("SELECT val_loss FROM train_metrics WHERE run = ? AND val_loss IS NOT "
+                                            "NULL ORDER BY step", [run_id]).fetchall()]
+    if vals:
+        metrics.update(best_val_loss=min(vals), final_val_loss=vals[-1], stopped_early=info.get("stopped_early"))
     kind = "adapter" if out.get("adapter") else "model"
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats}
@@ -452,7 +490,7 @@ def losses(con, run_id: str) -> list[float]:
 
 
 def metrics(con, run_id: str) -> list[dict]:
-    cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed"]
+    cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "val_loss"]
     rows = con.execute(f"SELECT {', '.join(cols)} FROM train_metrics WHERE run = ? ORDER BY step", [run_id])
     return [dict(zip(cols, r)) for r in rows.fetchall()]
 

@@ -90,7 +90,7 @@ def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float) -
     resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
     return loop.fit(model, link.rows, spec["rows"], recipe.train, dist, Path(spec["run_dir"]) / "checkpoints",
                     link.step, link.checkpoint, resume_from=resume, aux_loss_coef=aux,
-                    state={"run": spec["run_id"]})
+                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0))
 
 
 def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: bool) -> dict:

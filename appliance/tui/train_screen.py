@@ -44,8 +44,10 @@ def progress(con, job) -> dict | None:
     tps = sum(recent) / len(recent) if recent else None
     per_step = m[-1]["elapsed"] / max(1, len(m)) if m else None
     eta = per_step * (max_steps - step) if per_step and job.status == "running" else None
+    vals = [x["val_loss"] for x in m if x["val_loss"] is not None]
     return {"run": job.ref, "losses": [x["loss"] for x in m], "step": step, "max_steps": max_steps,
-            "status": status, "tokens_per_s": tps, "eta": eta, "loss": m[-1]["loss"] if m else None}
+            "status": status, "tokens_per_s": tps, "eta": eta, "loss": m[-1]["loss"] if m else None,
+            "val_loss": vals[-1] if vals else None}
 
 
 class TrainScreen(Page):
@@ -102,6 +104,8 @@ class TrainScreen(Page):
         stats = self.query_one("#train-stats", Static)
         if p:
             loss = "-" if p["loss"] is None else f"{p['loss']:.4f}"
+            if p["val_loss"] is not None:
+                loss += f" (val {p['val_loss']:.4f})"
             stats.update(f"{data['chosen']} {p['run']} ({p['status']}): step {p['step']}/{p['max_steps']}  "
                          f"loss {loss}  {fmt.rate(p['tokens_per_s'])}  ETA {fmt.seconds(p['eta'])}")
             self.query_one(LinePlot).set_values(p["losses"])
