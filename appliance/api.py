@@ -105,6 +105,15 @@ def jobs_eval(v, suite: str, model: str) -> dict:
     return _submit(v, "eval", {"suite": suite, "model": model}, 0, 0)
 
 
+def jobs_sweep(v, name: str, recipe: str, space: dict[str, list], overrides: list[str] | None = None,
+               method: str = "grid", trials: int | None = None, seed: int = 0, gpus: int = 0,
+               priority: int = 0) -> dict:
+    """Queue a hyperparameter sweep (as `appliance jobs sweep FILE`, with the file's keys as arguments)."""
+    raw = {"name": name, "recipe": recipe, "space": space, "overrides": overrides or [], "method": method,
+           "seed": seed, **({"trials": trials} if trials is not None else {})}
+    return _submit(v, "sweep", raw, gpus, priority)
+
+
 def _submit(v, kind: str, spec: dict, gpus: int, priority: int) -> dict:
     from appliance.jobs import queue
     from appliance.jobs.dispatch import dispatch

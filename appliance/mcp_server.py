@@ -100,6 +100,13 @@ def build(vault, token: str):
     def jobs_eval(suite: str, model: str) -> dict[str, Any]:
         return call("jobs_eval", "eval", api.jobs_eval, suite=suite, model=model)
 
+    @tool("Queue a hyperparameter sweep over recipe keys, ranked by validation loss; overrides must set "
+          "train.eval_every (train).")
+    def jobs_sweep(name: str, recipe: str, space: dict[str, list], overrides: list[str] | None = None,
+                   method: str = "grid", trials: int | None = None, seed: int = 0) -> dict[str, Any]:
+        return call("jobs_sweep", "train", api.jobs_sweep, name=name, recipe=recipe, space=space,
+                    overrides=overrides or [], method=method, trials=trials, seed=seed)
+
     @tool("Running and queued jobs; all=true for ended ones too (read).")
     def jobs_list(all: bool = False) -> dict[str, Any]:  # noqa: A002
         return call("jobs_list", "read", api.jobs_list, all=all)

@@ -104,6 +104,10 @@ def test_an_agent_runs_the_whole_flow_and_is_refused_what_it_was_not_granted(tra
         q = await _call(s, "jobs_quantize", model="agent-run@1", type="q8_0")
         assert (await _until_done(s, ev["id"]))["status"] == "done"
         assert (await _until_done(s, q["id"]))["ref"] == "agent-run@1:q8_0"
+        sweep = await _call(s, "jobs_sweep", name="agent-lr", recipe="tiny-dense", space={"train.lr": [1e-3, 1e-2]},
+                            overrides=["train.max_steps=4", "train.warmup_steps=1", "train.eval_every=2"])
+        swept = await _until_done(s, sweep["id"])
+        assert swept["ref"] == "agent-lr@1" and len(swept["result"]["ranking"]) == 2
         logs = await _call(s, "jobs_logs", job_id=job["id"])
         assert logs["lines"][-1].endswith(f"{job['id']} done")
         assert "agent-run@1:q8_0" in [c for c in (await _call(s, "lineage", node_id="agent-run@1"))["lineage"]

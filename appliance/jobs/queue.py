@@ -100,9 +100,11 @@ def check_spec(kind: str, spec: dict) -> dict:
         return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume")),
                 "run": spec.get("run")}
     if kind == "sweep":
-        from appliance.train.sweep import load
+        from appliance.train.sweep import from_dict, load
 
-        return spec if "points" in spec else load(spec["file"])
+        if "points" in spec:  # already drawn (a recovered or resubmitted sweep)
+            return spec
+        return load(spec["file"]) if "file" in spec else from_dict(spec)
     if kind == "quantize":
         from appliance.quantize import types
 

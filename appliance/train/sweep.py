@@ -50,8 +50,6 @@ def trial_recipe(base: dict, point: dict, name: str):
 
 def load(path: str | Path) -> dict:
     """A sweep file made into a self-contained job spec; every problem is reported at once."""
-    from appliance.vault.ingest import validate_name
-
     p = Path(path)
     if not p.is_file():
         raise UsageError(f"no sweep file {p}", "pass a TOML file (see `appliance jobs sweep --help`)")
@@ -59,6 +57,13 @@ def load(path: str | Path) -> dict:
         raw = tomllib.loads(p.read_text())
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"sweep {p.name} is not valid TOML: {e}", "fix the file") from None
+    return from_dict(raw, f"sweep {p.name}")
+
+
+def from_dict(raw: dict, label: str = "the sweep") -> dict:
+    """The job spec of a sweep given as the file's keys (the API and MCP pass them directly)."""
+    from appliance.vault.ingest import validate_name
+
     problems = []
     unknown = sorted(set(raw) - {"name", "recipe", "overrides", "method", "trials", "seed", "space"})
     if unknown:
@@ -87,10 +92,10 @@ def load(path: str | Path) -> dict:
         problems.append("overrides must be a list of \"KEY=VALUE\" strings")
         overrides = []
     if problems:
-        raise UsageError(f"sweep {p.name} has {len(problems)} problem(s): " + "; ".join(problems), "fix the file")
+        raise UsageError(f"{label} has {len(problems)} problem(s): " + "; ".join(problems), "fix the file")
     base = load_recipe(str(raw.get("recipe", "")), overrides)
     if not base.train.eval_every:
-        raise UsageError(f"sweep {p.name}: trials are ranked by validation loss, but train.eval_every is 0",
+        raise UsageError(f"{label}: trials are ranked by validation loss, but train.eval_every is 0",
                          "add \"train.eval_every=N\" to overrides")
     chosen = points(space, method, trials, seed)
     for i, point in enumerate(chosen, 1):  # a bad value is refused now, not as trial 5 fails
