@@ -206,8 +206,14 @@ def test_killed_ingest_leaves_no_version(home, tmp_path):
             break
     assert p.poll() is None, "ingest finished before it could be killed; make the input larger"
     assert with_records
+    workers = _children(p.pid)
+    assert workers, "the ingest runs its scanners in worker processes"
     p.send_signal(signal.SIGKILL)
     p.wait()
+    deadline = time.time() + 10
+    while any(os.path.exists(f"/proc/{w}") for w in workers):  # they die with it, not wait for work forever
+        assert time.time() < deadline, f"workers {workers} outlived the killed ingest"
+        time.sleep(0.1)
     with open_vault(home) as v:  # opens fine, and the unfinished version is gone
         assert v.con.execute("SELECT count(*) FROM versions").fetchone()[0] == 0
         assert v.con.execute("SELECT count(*) FROM version_records").fetchone()[0] == 0
@@ -215,6 +221,18 @@ def test_killed_ingest_leaves_no_version(home, tmp_path):
         assert v.check().ok
         actions = [a for (a,) in v.con.execute("SELECT action FROM audit ORDER BY seq").fetchall()]
     assert actions[-1] == "vault.ingest.discarded"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for d in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{d}/stat") as f:
+                if d.isdigit() and int(f.read().rsplit(")", 1)[1].split()[1]) == pid:
+                    out.append(int(d))
+        except (OSError, ValueError, IndexError):
+            pass
+    return out
 
 
 def test_show_reports_sources_and_pii(filled_home, cli):

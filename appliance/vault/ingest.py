@@ -184,7 +184,8 @@ class _Pipeline:
         self.pool = None
         if workers > 1:
             # spawn, not fork: this process holds DuckDB's threads, and forking them is unsafe
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"))
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_die_with_parent)
         self.window = 2 * workers if workers > 1 else 1
         self.queue: deque = deque()
 
@@ -209,6 +210,19 @@ class _Pipeline:
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+
+
+def _die_with_parent() -> None:
+    """A worker ends with the ingest that started it: after a kill -9 it would otherwise wait for work forever."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(1)
 
 
 class _Done:
