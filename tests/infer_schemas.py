@@ -14,7 +14,7 @@ import sys
 from collections import defaultdict
 from pathlib import Path
 
-MAX_DEPTH = 4
+MAX_DEPTH = 3
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -156,9 +156,9 @@ def test_gate_blocks_a_regression_and_passes_a_tie(ehome, cli):
     assert r.json["ok"] is False
     tie = cli("--home", ehome, "eval", "gate", "--baseline", good["id"], "--candidate", good["id"])
     assert tie.code == 0 and "gate passed" in tie.out
-    loose = cli("--home", ehome, "eval", "gate", "--baseline", good["id"], "--candidate", weak["id"],
+    loose = cli("--home", ehome, "--json", "eval", "gate", "--baseline", good["id"], "--candidate", weak["id"],
                 "--tolerance", "1000", "--tolerance", "accuracy=1")
-    assert loose.code == 0
+    assert loose.code == 0 and loose.json["ok"] is True
     assert cli("--home", ehome, "eval", "gate", "--baseline", good["id"], "--candidate", weak["id"],
                "--tolerance", "lots").code == 2
 
@@ -230,7 +230,7 @@ def test_plots_are_png(ehome, cli, tmp_path):
     r = cli("--home", ehome, "--json", "eval", "plot", a, b, "--out", tmp_path / "m.png")
     assert r.code == 0 and "perplexity" in r.json["metrics"]
     assert (tmp_path / "m.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert cli("--home", ehome, "train", "plot", "good@1", "weak@1", "--out", tmp_path / "l.png").code == 0
+    assert cli("--home", ehome, "--json", "train", "plot", "good@1", "weak@1", "--out", tmp_path / "l.png").code == 0
     assert (tmp_path / "l.png").read_bytes()[:4] == b"\x89PNG"
     r = cli("--home", ehome, "train", "plot", "nothing@1", "--out", tmp_path / "x.png")
     assert r.code == 2 and not (tmp_path / "x.png").exists()

@@ -56,6 +56,7 @@ def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
     assert actions[-5:] == ["jobs.submit", "jobs.start", "train.start", "train.run", "jobs.done"]
     assert cli("--home", train_home, "--json", "jobs", "list").json["jobs"] == []
     assert [j["id"] for j in cli("--home", train_home, "--json", "jobs", "list", "--all").json["jobs"]] == ["job-1"]
+    assert cli("--home", train_home, "--json", "jobs", "show", "job-1").json["result"]["id"] == "bg@1"
 
 
 def test_the_log_is_sealed_on_disk(train_home, cli):

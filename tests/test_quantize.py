@@ -304,8 +304,8 @@ def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli):
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
     want = tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
     assert text and want.startswith(text)  # llama.cpp's greedy tokens are transformers' (it may stop at EOS)
-    by_id = cli("--home", qhome, "generate", "kq@1:f32", prompt, "--max-tokens", "12", "--temperature", "0")
-    assert by_id.code == 0 and by_id.out.strip() == text.strip()
+    by_id = cli("--home", qhome, "--json", "generate", "kq@1:f32", prompt, "--max-tokens", "12", "--temperature", "0")
+    assert by_id.code == 0 and by_id.json["text"].strip() == text.strip()
 
 
 def test_chat_streams_replies_until_exit(qhome, cli):
