@@ -123,12 +123,13 @@ def _submit(v, kind: str, spec: dict, gpus: int, priority: int) -> dict:
     return queue.get(v.con, job.id).to_json()
 
 
-def jobs_list(v, all: bool = False) -> dict:  # noqa: A002 - the CLI's --all
+def jobs_list(v, all: bool = False, dispatch: bool = True) -> dict:  # noqa: A002 - the CLI's --all
+    """Jobs; first (unless `dispatch` is false) recovers orphans and starts what fits, as `jobs list` does."""
     from appliance.jobs import queue
-    from appliance.jobs.dispatch import dispatch
+    from appliance.jobs.dispatch import dispatch as dispatch_queue
 
-    if not v.read_only:
-        dispatch(v)
+    if dispatch and not v.read_only:
+        dispatch_queue(v)
     return {"jobs": [j.to_json() for j in queue.listing(v.con, () if all else ("running", "queued"))]}
 
 

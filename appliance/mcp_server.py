@@ -25,6 +25,39 @@ INSTRUCTIONS = (
 )
 
 
+AGENT_PII = ("redact", "pseudonymize")  # an agent never lands PII unscrubbed
+
+
+def inbox_paths(paths: list[str], home_root) -> list[str]:
+    """Paths an agent may ingest: inside the operator's inbox (APPLIANCE_MCP_INBOX), links resolved."""
+    from pathlib import Path
+
+    from appliance.errors import UsageError
+
+    inbox = os.environ.get("APPLIANCE_MCP_INBOX")
+    if not inbox:
+        raise UsageError("ingest over MCP needs an inbox", "the operator sets APPLIANCE_MCP_INBOX to the folder "
+                                                           "agents may ingest from")
+    root = Path(inbox).resolve()
+    out = []
+    for p in paths:
+        real = Path(root, p).resolve()  # relative paths are inside the inbox
+        if not real.is_relative_to(root) or real.is_relative_to(Path(home_root).resolve()):
+            raise UsageError(f"{p} is outside the ingest inbox", f"put it under {root}")
+        out.append(str(real))
+    return out
+
+
+def shipped_only(recipe: str) -> str:
+    """Agents train from the shipped recipes (and overrides); recipe files are the operator's."""
+    from appliance.errors import UsageError
+    from appliance.train.config import shipped
+
+    if recipe not in shipped():
+        raise UsageError(f"no shipped recipe named {recipe!r}", "use one of " + ", ".join(shipped()))
+    return recipe
+
+
 def build(vault, token: str):
     """The server, bound to an unlocked (detached) vault and the agent's grant token."""
     from mcp.server.mcpserver import MCPServer
@@ -53,6 +86,8 @@ def build(vault, token: str):
                     return fn(v, **args)
             except (ApplianceError, BundleError) as e:
                 raise ToolError(one_line(e.message, e.hint)) from None
+            except Exception as e:  # noqa: BLE001 - one line for the agent, never a traceback
+                raise ToolError(f"error: {tool} failed ({type(e).__name__})") from None
 
     @tool("Datasets and their newest versions (read).")
     def vault_datasets() -> dict[str, Any]:
@@ -72,7 +107,11 @@ def build(vault, token: str):
 
     @tool("Ingest files or directories on this box into a new version of DATASET (ingest).")
     def vault_ingest(paths: list[str], dataset: str, pii: str = "redact") -> dict[str, Any]:
-        return call("vault_ingest", "ingest", api.vault_ingest, paths=paths, dataset=dataset, pii=pii)
+        def ingest(v, paths, dataset, pii):
+            if pii not in AGENT_PII:
+                raise ApplianceError(f"pii {pii!r} is not for agents", "use redact or pseudonymize")
+            return api.vault_ingest(v, inbox_paths(paths, v.home.root), dataset, pii)
+        return call("vault_ingest", "ingest", ingest, paths=paths, dataset=dataset, pii=pii)
 
     @tool("Models and adapters (read).")
     def train_models() -> dict[str, Any]:
@@ -89,8 +128,8 @@ def build(vault, token: str):
     @tool("Queue a training run of a shipped recipe with KEY=VALUE overrides (train).")
     def jobs_submit(recipe: str, overrides: list[str] | None = None, gpus: int = 0, priority: int = 0,
                     resume: bool = False) -> dict[str, Any]:
-        return call("jobs_submit", "train", api.jobs_submit, recipe=recipe, overrides=overrides or [], gpus=gpus,
-                    priority=priority, resume=resume)
+        return call("jobs_submit", "train", lambda v, recipe, **kw: api.jobs_submit(v, shipped_only(recipe), **kw),
+                    recipe=recipe, overrides=overrides or [], gpus=gpus, priority=priority, resume=resume)
 
     @tool("Queue a GGUF export of a model with its quality report (quantize).")
     def jobs_quantize(model: str, type: str = "q4_k_m") -> dict[str, Any]:  # noqa: A002 - the CLI's --type
@@ -98,18 +137,25 @@ def build(vault, token: str):
 
     @tool("Queue an eval run: a shipped suite name or DATASET@N, on a model or GGUF (eval).")
     def jobs_eval(suite: str, model: str) -> dict[str, Any]:
-        return call("jobs_eval", "eval", api.jobs_eval, suite=suite, model=model)
+        def submit(v, suite, model):
+            from appliance.eval.suite import DATASET_REF, SUITES_DIR
+
+            if not DATASET_REF.match(suite) and not (SUITES_DIR / f"{suite}.toml").is_file():
+                raise ApplianceError(f"no shipped suite named {suite!r}", "use a shipped suite or DATASET@N")
+            return api.jobs_eval(v, suite, model)
+        return call("jobs_eval", "eval", submit, suite=suite, model=model)
 
     @tool("Queue a hyperparameter sweep over recipe keys, ranked by validation loss; overrides must set "
           "train.eval_every (train).")
     def jobs_sweep(name: str, recipe: str, space: dict[str, list], overrides: list[str] | None = None,
                    method: str = "grid", trials: int | None = None, seed: int = 0) -> dict[str, Any]:
-        return call("jobs_sweep", "train", api.jobs_sweep, name=name, recipe=recipe, space=space,
+        return call("jobs_sweep", "train", lambda v, recipe, **kw: api.jobs_sweep(v, recipe=shipped_only(recipe), **kw),
+                    name=name, recipe=recipe, space=space,
                     overrides=overrides or [], method=method, trials=trials, seed=seed)
 
     @tool("Running and queued jobs; all=true for ended ones too (read).")
     def jobs_list(all: bool = False) -> dict[str, Any]:  # noqa: A002
-        return call("jobs_list", "read", api.jobs_list, all=all)
+        return call("jobs_list", "read", lambda v, all: api.jobs_list(v, all, dispatch=False), all=all)
 
     @tool("A job's log lines and status (read).")
     def jobs_logs(job_id: str) -> dict[str, Any]:
@@ -117,7 +163,13 @@ def build(vault, token: str):
 
     @tool("Cancel a queued job or stop a running one at a checkpoint (train).")
     def jobs_cancel(job_id: str) -> dict[str, Any]:
-        return call("jobs_cancel", "train", api.jobs_cancel, job_id=job_id)
+        def cancel(v, job_id):
+            from appliance.jobs import queue
+
+            if queue.get(v.con, job_id).submitted_by != os.environ.get("APPLIANCE_ACTOR"):
+                raise ApplianceError(f"{job_id} is not this agent's job", "agents cancel only the jobs they started")
+            return api.jobs_cancel(v, job_id)
+        return call("jobs_cancel", "train", cancel, job_id=job_id)
 
     @tool("Write a signed bundle of a model, GGUF, eval run or dataset to a file (export).")
     def bundle_export(ref: str, sign_key: str, out: str, to: list[str] | None = None) -> dict[str, Any]:

@@ -56,11 +56,11 @@ def test_the_api_returns_what_the_cli_prints(train_home, cli):
         assert {k: x for k, x in printed.items() if k not in ("ok", "schema")} == direct, args
 
 
-async def _session(home, token: str, body):
+async def _session(home, token: str, body, inbox=None):
     from mcp import ClientSession, StdioServerParameters
     from mcp.client.stdio import stdio_client
 
-    env = {**python_env(), "APPLIANCE_GRANT": token}
+    env = {**python_env(), "APPLIANCE_GRANT": token, **({"APPLIANCE_MCP_INBOX": str(inbox)} if inbox else {})}
     params = StdioServerParameters(command=PY, args=["-m", "appliance", "--home", str(home), "mcp"], env=env)
     async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
         await s.initialize()
@@ -95,8 +95,14 @@ def test_an_agent_runs_the_whole_flow_and_is_refused_what_it_was_not_granted(tra
     async def flow(s):
         tools = {t.name for t in (await s.list_tools()).tools}
         assert {"vault_ingest", "jobs_submit", "jobs_eval", "jobs_quantize", "bundle_export"} <= tools
-        ing = await _call(s, "vault_ingest", paths=[str(samples / "mail")], dataset="agentmail")
+        ing = await _call(s, "vault_ingest", paths=["mail"], dataset="agentmail")  # inside the inbox
         assert ing["version"] == "agentmail@1" and ing["records"] > 0
+        outside = await _refused(s, "vault_ingest", paths=[str(train_home / "keyring.json")], dataset="stolen")
+        assert "outside the ingest inbox" in outside
+        assert "not for agents" in await _refused(s, "vault_ingest", paths=["mail"], dataset="raw", pii="off")
+        assert "no shipped recipe" in await _refused(s, "jobs_submit", recipe=str(tmp_path / "mine.toml"))
+        assert "must be lowercase" in await _refused(s, "jobs_submit", recipe="tiny-dense",
+                                                     overrides=["name=../../escape"])
         job = await _call(s, "jobs_submit", recipe="tiny-dense",
                           overrides=["train.max_steps=4", "train.warmup_steps=0", "name=agent-run"])
         assert (await _until_done(s, job["id"]))["status"] == "done"
@@ -117,13 +123,13 @@ def test_an_agent_runs_the_whole_flow_and_is_refused_what_it_was_not_granted(tra
         no_text = await _refused(s, "vault_records", ref="agentmail@1")
         return no_export, no_text
 
-    no_export, no_text = asyncio.run(_session(train_home, token, flow))
+    no_export, no_text = asyncio.run(_session(train_home, token, flow, inbox=samples))
     assert "agent:planner is not granted 'export'" in no_export and not (tmp_path / "leak.bundle").exists()
     assert "not granted 'records'" in no_text
     entries = cli("--home", train_home, "--json", "audit", "log", "--limit", "200").json["entries"]
     by_agent = [e["action"] for e in entries if e["actor"] == "agent:planner"]
-    assert by_agent[:3] == ["mcp.vault_ingest", "vault.ingest", "mcp.jobs_submit"]
-    assert by_agent.count("mcp.refused") == 2 and "jobs.submit" in by_agent
+    assert by_agent[:2] == ["mcp.vault_ingest", "vault.ingest"] and "mcp.jobs_submit" in by_agent
+    assert by_agent.count("mcp.refused") == 2 and "jobs.submit" in by_agent  # refusals of the grant
     assert any(e["actor"].startswith("agent:planner (job-") and e["action"] == "train.run" for e in entries)
 
 

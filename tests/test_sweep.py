@@ -20,8 +20,8 @@ def test_points_grid_in_order_capped_random_distinct_and_seeded():
     assert len(r) == 4 and len({tuple(p.values()) for p in r}) == 4 and r == points(space, "random", 4, seed=7)
     assert points(space, "random", 99, 1) != grid and sorted(map(str, points(space, "random", 99, 1))) == sorted(
         map(str, grid))
-    assert [t["trial"] for t in rank([{"trial": 1, "best_val_loss": 3.0}, {"trial": 2, "best_val_loss": None},
-                                      {"trial": 3, "best_val_loss": 1.0}])] == [3, 1, 2]
+    assert [t["trial"] for t in rank([{"trial": 1, "final_val_loss": 3.0}, {"trial": 2, "final_val_loss": None},
+                                      {"trial": 3, "final_val_loss": 1.0}])] == [3, 1, 2]
 
 
 def val_losses(home, run_id):
@@ -68,9 +68,12 @@ def test_a_sweep_ranks_its_trials_and_records_them_in_lineage(train_home, cli, t
     assert done.status == "done", done.error
     ranking = done.result["ranking"]
     assert sorted(r["run"] for r in ranking) == ["lr-sweep-t1@1", "lr-sweep-t2@1"]
-    assert ranking[0]["best_val_loss"] <= ranking[1]["best_val_loss"]
-    for r in ranking:  # each trial's score is the best of its measured validation losses
-        assert r["best_val_loss"] == min(v for _, v in val_losses(train_home, r["run"]))
+    assert ranking[0]["final_val_loss"] <= ranking[1]["final_val_loss"]
+    for r in ranking:  # each trial is judged by the loss of the model it saved; its best is kept too
+        vals = [v for _, v in val_losses(train_home, r["run"])]
+        assert r["final_val_loss"] == vals[-1] and r["best_val_loss"] == min(vals)
+    again = cli("--home", train_home, "jobs", "sweep", f)  # its trials are found by name: one sweep per name
+    assert again.code == 2 and "used by an earlier sweep" in again.err
     node = cli("--home", train_home, "--json", "lineage", done.ref).json["lineage"]
     assert node["kind"] == "sweep" and done.ref == "lr-sweep@1"
     assert {(p["id"], p["role"]) for p in node["parents"]} == {("lr-sweep-t1@1", "trial"), ("lr-sweep-t2@1", "trial")}

@@ -6,6 +6,7 @@ once; a running one is asked to stop (a training job stops at a checkpoint) and 
 
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -96,7 +97,7 @@ def check_spec(kind: str, spec: dict) -> dict:
         from appliance.train.config import build_recipe, load_recipe
 
         ref, overrides = spec["recipe"], spec.get("overrides") or []
-        recipe = build_recipe(dict(ref), overrides) if isinstance(ref, dict) else load_recipe(ref, overrides)
+        recipe = build_recipe(copy.deepcopy(ref), overrides) if isinstance(ref, dict) else load_recipe(ref, overrides)
         return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume")),
                 "run": spec.get("run")}
     if kind == "sweep":
@@ -127,6 +128,8 @@ def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Jo
         raise UsageError(f"--gpus {gpus} is out of range", "ask for 0 (CPU) to 64 GPUs")
     spec = check_spec(kind, spec)
     con = vault.con
+    if kind == "sweep":
+        _new_sweep_name(con, spec["name"])
     with vault.transaction():
         seq = con.execute("SELECT coalesce(max(seq), 0) + 1 FROM jobs").fetchone()[0]
         job_id = f"job-{seq}"
@@ -136,6 +139,15 @@ def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Jo
         vault.audit("jobs.submit", [job_id], {"kind": kind, "gpus": gpus, "priority": priority,
                                               "what": describe(kind, spec)})
     return get(con, job_id)
+
+
+def _new_sweep_name(con, name: str) -> None:
+    """A sweep's trials are found again by name after a restart, so a name is used by one sweep only."""
+    used = con.execute("SELECT 1 FROM train_runs WHERE starts_with(name, ?) UNION ALL SELECT 1 FROM lineage_nodes "
+                       "WHERE starts_with(id, ?) UNION ALL SELECT 1 FROM jobs WHERE kind = 'sweep' AND "
+                       "json_extract_string(spec, '$.name') = ? LIMIT 1", [f"{name}-t", f"{name}@", name]).fetchone()
+    if used:
+        raise UsageError(f"the name {name!r} is used by an earlier sweep or its trials", "give the sweep a new name")
 
 
 def resubmit(vault, job_id: str) -> Job:

@@ -102,14 +102,15 @@ def run_sweep(vault, job: queue.Job, log: JobLog) -> dict:
             log.write(f"stopped during trial {i}; done so far: {len(results)}")
             raise
         except Exception as e:  # noqa: BLE001 - a diverged trial is a result, not the end of the sweep
-            results.append({"trial": i, "point": point, "run": None, "error": str(e), "best_val_loss": None})
+            results.append({"trial": i, "point": point, "run": None, "error": str(e), "final_val_loss": None})
             log.write(f"trial {i} failed: {e}")
             continue
-        results.append(_trial(vault, res.id, i, point))
-        log.write(f"trial {i}: {res.id} best validation loss {results[-1]['best_val_loss']:.4f}"
-                  + (f", stopped early at step {results[-1]['stopped_early']}" if results[-1]["stopped_early"] else ""))
+        t = _trial(vault, res.id, i, point)
+        results.append(t)
+        log.write(f"trial {i}: {res.id} validation loss {t['final_val_loss']} (best {t['best_val_loss']})"
+                  + (f", stopped early at step {t['stopped_early']}" if t["stopped_early"] else ""))
     ranked = rank(results)
-    if ranked[0].get("best_val_loss") is None:
+    if ranked[0].get("final_val_loss") is None:
         raise ApplianceError(f"every trial of {s['name']} failed", "see `appliance jobs logs`")
     with vault.session(wait=600) as v, v.transaction():
         sweep_id = lineage.next_id(v.con, s["name"])
@@ -117,7 +118,7 @@ def run_sweep(vault, job: queue.Job, log: JobLog) -> dict:
                          attrs={"space": s["space"], "method": s["method"], "ranking": ranked, "best": ranked[0]})
         v.audit("train.sweep", [sweep_id, ranked[0]["run"]], {"trials": len(results), "best": ranked[0]["run"]})
     queue.set_ref(vault, job.id, sweep_id)
-    log.write(f"{sweep_id}: best {ranked[0]['run']} (validation loss {ranked[0]['best_val_loss']:.4f})")
+    log.write(f"{sweep_id}: best {ranked[0]['run']} (validation loss {ranked[0]['final_val_loss']:.4f})")
     return {"id": sweep_id, "best": ranked[0], "ranking": ranked}
 
 

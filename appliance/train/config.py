@@ -243,6 +243,12 @@ class Recipe:
             p.append(f"stage must be one of {', '.join(STAGES)}, not {self.stage!r}")
         if not self.name:
             p.append("name is required (the model is saved as NAME@K)")
+        else:
+            from appliance.vault.ingest import NAME_RE
+
+            if not NAME_RE.match(self.name):  # it becomes directory names under the home
+                p.append(f"name {self.name!r} must be lowercase letters, digits, '.', '_' or '-', starting with a "
+                         "letter or digit")
         if self.method not in METHODS:
             p.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         elif self.method != "full" and self.stage != "sft":

@@ -152,15 +152,21 @@ class Recorder:
         self.on_event("step", m)
         return self._verdict(m)
 
-    def _verdict(self, m: dict) -> str | None:
-        val = m.get("val_loss")
-        if val is None or not self.patience:
-            return None
+    def seed(self, earlier: list[float]) -> None:
+        """A resumed run counts its patience from the validation losses measured before the stop."""
+        for val in earlier:
+            self._improved(val)
+
+    def _improved(self, val: float) -> bool:
         if self.best_val is None or val < self.best_val:
             self.best_val, self.since_best = val, 0
-            return None
+            return True
         self.since_best += 1
-        if self.since_best < self.patience:
+        return False
+
+    def _verdict(self, m: dict) -> str | None:
+        val = m.get("val_loss")
+        if val is None or not self.patience or self._improved(val) or self.since_best < self.patience:
             return None
         self.stopped_early = m["step"]
         self.on_event("stage", {"text": f"early stop at step {m['step']}: validation loss {val:.4f}, best "
@@ -283,6 +289,10 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
     rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every, recipe.train.early_stop_patience)
+    if resume_step:
+        rec.seed([v for (v,) in vault.con.execute(
+            "SELECT val_loss FROM train_metrics WHERE run = ? AND step <= ? AND val_loss IS NOT NULL ORDER BY step",
+            [run_id, resume_step]).fetchall()])
     rec.status("running", world=world, error=None)
     on_event("start", {"id": run_id, "resume_from": resume_step, "max_steps": recipe.train.max_steps,
                        "world": world})
@@ -310,7 +320,7 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
         raise TrainInterrupted(f"stopped at step {out.get('step') or '?'} of {recipe.train.max_steps}; "
                                f"checkpoint {out.get('checkpoint') or 'none'}",
                                "continue with `appliance train run ... --resume`")
-    if rec.stopped_early is not None:
+    if rec.stopped_early is not None and rec.stopped_early < recipe.train.max_steps:
         info["stopped_early"] = rec.stopped_early
     return _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec)
 

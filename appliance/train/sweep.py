@@ -31,11 +31,17 @@ from appliance.errors import UsageError
 from appliance.train.config import build_recipe, load_recipe
 
 METHODS = ("grid", "random")
+MAX_POINTS = 10_000  # combinations in a space: a sweep is a queue of whole training runs
 
 
 def points(space: dict[str, list], method: str, trials: int | None, seed: int) -> list[dict]:
     """The trial points: every combination in order (grid), or `trials` distinct ones drawn with `seed`."""
     keys = list(space)
+    size = 1
+    for k in keys:
+        size *= len(space[k])
+    if size > MAX_POINTS:
+        raise UsageError(f"the space has {size:,} combinations", f"narrow it to {MAX_POINTS:,} or fewer")
     every = [dict(zip(keys, combo)) for combo in itertools.product(*(space[k] for k in keys))]
     if method == "grid":
         return every[:trials] if trials else every
@@ -99,12 +105,15 @@ def from_dict(raw: dict, label: str = "the sweep") -> dict:
                          "add \"train.eval_every=N\" to overrides")
     chosen = points(space, method, trials, seed)
     for i, point in enumerate(chosen, 1):  # a bad value is refused now, not as trial 5 fails
-        trial_recipe(base.to_dict(), point, f"{name}-t{i}")
+        if not trial_recipe(base.to_dict(), point, f"{name}-t{i}").train.eval_every:
+            raise UsageError(f"{label}: trial {i} ({point}) measures no validation loss (train.eval_every 0)",
+                             "keep train.eval_every above 0 in every point")
     return {"name": name, "recipe": base.to_dict(), "space": space, "method": method, "seed": seed,
             "points": chosen}
 
 
 def rank(results: list[dict]) -> list[dict]:
-    """Trials that finished, best (lowest) validation loss first; failed ones after, in trial order."""
-    done = sorted((r for r in results if r.get("best_val_loss") is not None), key=lambda r: r["best_val_loss"])
-    return done + [r for r in results if r.get("best_val_loss") is None]
+    """Trials that finished, lowest final validation loss first (the loss of the model each one saved);
+    failed ones after, in trial order."""
+    done = sorted((r for r in results if r.get("final_val_loss") is not None), key=lambda r: r["final_val_loss"])
+    return done + [r for r in results if r.get("final_val_loss") is None]

@@ -173,6 +173,7 @@ def query(vault, text: str, limit: int = 1000) -> dict:
         vault.audit("vault.sql", [], {"query": text})
     vault.reopen(read_only=True)
     vault.con.execute("SET enable_external_access = false")  # no reading or writing files from SQL
+    vault.con.execute("SET lock_configuration = true")  # nor turning off spill encryption from the query
     return sql(vault.con, text, limit)
 
 
@@ -187,6 +188,8 @@ def sql(con, query: str, limit: int = 1000) -> dict:
     for s in stmts:
         if s.type not in _ALLOWED:
             raise VaultError(f"only SELECT is allowed here, not {s.type.name}", "the SQL panel is read-only")
+        if s.type.name == "EXPLAIN" and "ANALYZE" in s.query.upper():  # it would run the statement inside
+            raise VaultError("EXPLAIN ANALYZE is not allowed here", "use EXPLAIN, or run the SELECT itself")
     try:
         for s in stmts[:-1]:
             con.execute(s)
