@@ -7,8 +7,6 @@ from textual.app import ComposeResult
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
-from appliance.tui import actions
-
 
 class Page(Screen):
     """A screen over the vault. `load(vault)` runs in a thread and returns data; `show(data)` renders it."""
@@ -51,6 +49,3 @@ class Page(Screen):
     def set_text(self, selector: str, text: str) -> None:
         """Update a Static; from a worker, call it through `app.call_from_thread`."""
         self.query_one(selector).update(text)
-
-    def actions_here(self) -> list[actions.Action]:
-        return actions.for_screen(self.MODE)
