@@ -237,6 +237,26 @@ def test_plots_are_png(ehome, cli, tmp_path):
     assert r.code == 2 and not (tmp_path / "x.png").exists()
 
 
+def test_the_vault_is_free_while_a_suite_runs(ehome):
+    import subprocess
+
+    from appliance.eval.run import run
+    from appliance.eval.suite import load
+    from tests.conftest import PY, python_env
+
+    seen = []
+
+    def progress(stage, done, total):
+        if stage == "cases" and done == 1 and not seen:  # the model is at work: another process may attach
+            seen.append(subprocess.run([PY, "-m", "appliance", "--home", str(ehome), "vault", "datasets"],
+                                       env=python_env(), capture_output=True, text=True, timeout=120))
+
+    with open_vault(ehome) as v:
+        res = run(v, load("handbook-checks"), "good@1", progress=progress)
+        assert v.con.execute("SELECT count(*) FROM eval_runs WHERE id = ?", [res["id"]]).fetchone()[0] == 1
+    assert seen and seen[0].returncode == 0 and "handbook" in seen[0].stdout, seen[0].stderr
+
+
 def test_suite_json_is_one_object(ehome, cli):
     r = cli("--home", ehome, "--json", "eval", "suites")
     assert [s["name"] for s in json.loads(r.out)["suites"]] == ["handbook-checks"]

@@ -132,6 +132,31 @@ def test_quantize_end_to_end(qhome, cli):
     assert again["existing"] and again["path"] == d["path"] and again["quality"] == d["quality"]
 
 
+def test_the_vault_is_free_while_a_model_is_quantized_and_exports_take_turns(qhome):
+    from appliance.quantize.stage import quantize
+
+    seen = {}
+
+    def appliance(*args):
+        return subprocess.run([PY, "-m", "appliance", "--home", str(qhome), *args], env=python_env(),
+                              capture_output=True, text=True, timeout=120)
+
+    def progress(stage, done, total):
+        if stage == "quantize" and not seen:  # llama.cpp is at work: another process may use the vault
+            seen["datasets"] = appliance("--json", "vault", "datasets")
+            seen["second"] = appliance("quantize", "kq@1", "--type", "q4_0")
+
+    with open_vault(qhome) as v:
+        res = quantize(v, "kq@1", "q8_0", eval_tokens=256, threads=1, progress=progress)
+        assert v.con is not None and v.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [res.id]).fetchone()
+    assert seen["datasets"].returncode == 0, seen["datasets"].stderr
+    assert "handbook" in [d["name"] for d in json.loads(seen["datasets"].stdout)["datasets"]]
+    second = seen["second"]
+    assert second.returncode == 1 and "another quantize is running in this home" in second.stderr
+    assert second.stderr.count("\n") == 1
+    assert not (qhome / "artifacts" / "gguf" / "kq@1-q4_0").exists()
+
+
 def test_every_type_and_the_mixture_of_experts(qhome):
     from appliance.quantize.stage import quantize
 

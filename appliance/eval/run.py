@@ -60,9 +60,8 @@ def open_backend(kind: str, path: Path):
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
 
     from appliance.errors import VaultError
-    from appliance.eval.backends import loglik, window_nll
     from appliance.eval.suite import SuiteError
-    from appliance.quantize.quality import token_stream, windows_of
+    from appliance.quantize.quality import token_stream
     from appliance.vault import lineage
     from appliance.vault.versions import held_out, iter_records, resolve
 
@@ -78,44 +77,19 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
     backend = open_backend(kind, path)
     cases, values = [], {}
     try:
-        for i, c in enumerate(suite.cases):
-            progress("cases", i, len(suite.cases))
-            if c.expect == "choice":
-                ctx = backend.render(c.prompt, c.chat)
-                scores = {ch: loglik(backend, ctx, ch) for ch in c.choices}
-                pick = max(scores, key=scores.get)
-                cases.append({"case": c.id, "passed": pick == c.answer, "output": pick, "ttft_ms": None,
-                              "total_ms": None, "tokens": 0, "scores": scores})
-            else:
-                r = backend.complete(c.prompt, c.chat, c.max_tokens)
-                cases.append({"case": c.id, "passed": M.score(c, r["output"]), **r})
-        progress("cases", len(suite.cases), len(suite.cases))
-        if cases:
-            values["accuracy"] = sum(c["passed"] for c in cases) / len(cases)
-        if any(c["total_ms"] is not None for c in cases):
-            values.update(M.latency(cases))
+        # What the metrics need from the vault is read now (bounded by each metric's token budget), so the
+        # vault is free for the console and other jobs while the model works through the suite.
+        inputs = {}
         for m in suite.metrics:
             ref = datasets.get(m.dataset, "")
             if m.type == "perplexity":
                 split, records = held_out(vault.con, ref)
-                stream = token_stream(backend.tokenize, backend.eos, (r["text"] for r in records), m.tokens)
-                wins = windows_of(stream, 256)
-                if not wins:
-                    raise EvalError(f"{suite.path}:{m.line}: {ref} has too little text for perplexity",
-                                    "pass a dataset with held-out text")
-                per = window_nll(backend, wins)
-                progress("perplexity", len(wins), len(wins))
-                values[m.key] = math.exp(sum(a for a, _ in per) / sum(b for _, b in per))
-                values[f"{m.key}_windows"] = [a / b for a, b in per]
-                values[f"{m.key}_tokens"] = hashlib.sha256(stream.tobytes()).hexdigest()
-                values[f"{m.key}_split"] = split
+                inputs[m.key] = (split, token_stream(backend.tokenize, backend.eos, (r["text"] for r in records),
+                                                     m.tokens))
             elif m.type == "vocab_coverage":
-                texts = [r["text"] for r in iter_records(vault.con, ref)]
-                cov = M.vocab_coverage(backend.tokenize, M.domain_terms(texts))
-                values[m.key] = cov["vocab_coverage"]
-                values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
-            elif m.type == "custom":
-                values[m.key] = float(M.REGISTRY[m.name](cases))
+                inputs[m.key] = M.domain_terms([r["text"] for r in iter_records(vault.con, ref)])
+        with vault.released():
+            _work(suite, backend, datasets, inputs, cases, values, progress)
     finally:
         backend.close()
     checks = _checks(suite, values)
@@ -162,6 +136,49 @@ def load_run(con, run_id: str) -> tuple[dict, list[dict]]:
     cases = [{"case": c, "passed": p, "output": o} for c, p, o in con.execute(
         "SELECT case_id, passed, output FROM eval_cases WHERE run = ? ORDER BY rowid", [run_id]).fetchall()]
     return json.loads(row[0]), cases
+
+
+def _work(suite: Suite, backend, datasets: dict, inputs: dict, cases: list, values: dict, progress: Progress) -> None:
+    """The cases, then the metrics, on the model alone (no vault): fills `cases` and `values`."""
+    from appliance.eval.backends import loglik, window_nll
+    from appliance.quantize.quality import windows_of
+
+    for i, c in enumerate(suite.cases):
+        progress("cases", i, len(suite.cases))
+        if c.expect == "choice":
+            ctx = backend.render(c.prompt, c.chat)
+            scores = {ch: loglik(backend, ctx, ch) for ch in c.choices}
+            pick = max(scores, key=scores.get)
+            cases.append({"case": c.id, "passed": pick == c.answer, "output": pick, "ttft_ms": None,
+                          "total_ms": None, "tokens": 0, "scores": scores})
+        else:
+            r = backend.complete(c.prompt, c.chat, c.max_tokens)
+            cases.append({"case": c.id, "passed": M.score(c, r["output"]), **r})
+    progress("cases", len(suite.cases), len(suite.cases))
+    if cases:
+        values["accuracy"] = sum(c["passed"] for c in cases) / len(cases)
+    if any(c["total_ms"] is not None for c in cases):
+        values.update(M.latency(cases))
+    for m in suite.metrics:
+        ref = datasets.get(m.dataset, "")
+        if m.type == "perplexity":
+            split, stream = inputs[m.key]
+            wins = windows_of(stream, 256)
+            if not wins:
+                raise EvalError(f"{suite.path}:{m.line}: {ref} has too little text for perplexity",
+                                "pass a dataset with held-out text")
+            per = window_nll(backend, wins)
+            progress("perplexity", len(wins), len(wins))
+            values[m.key] = math.exp(sum(a for a, _ in per) / sum(b for _, b in per))
+            values[f"{m.key}_windows"] = [a / b for a, b in per]
+            values[f"{m.key}_tokens"] = hashlib.sha256(stream.tobytes()).hexdigest()
+            values[f"{m.key}_split"] = split
+        elif m.type == "vocab_coverage":
+            cov = M.vocab_coverage(backend.tokenize, inputs[m.key])
+            values[m.key] = cov["vocab_coverage"]
+            values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
+        elif m.type == "custom":
+            values[m.key] = float(M.REGISTRY[m.name](cases))
 
 
 def runs(con) -> list[dict]:

@@ -8,8 +8,8 @@ pick up its queue after a reboot without anyone logging in.
 Capacity: the GPUs of this box (APPLIANCE_GPUS overrides the count), each given to one job at a time
 through CUDA_VISIBLE_DEVICES; jobs that ask for no GPU share APPLIANCE_CPU_JOBS slots (default 1).
 Jobs start in priority order, then oldest first; a smaller job may start beside a running one when it
-fits, but never ahead of a waiting job of higher priority that would fit too. Quantize and eval jobs hold
-the vault while they work, so they run alone.
+fits, but never ahead of a waiting job of higher priority that would fit too. Quantize and eval jobs run
+alone: they use every core, and one export at a time writes into artifacts/gguf.
 
 Recovery: a job marked running whose runner is gone (the box restarted, the process was killed) is
 queued again; a training job then resumes from its last checkpoint. After MAX_ATTEMPTS it is failed.
@@ -28,9 +28,8 @@ from appliance.jobs import queue
 from appliance.jobs.log import JobLog
 
 MAX_ATTEMPTS = 3
-# Kinds that hold the vault while they work (they read data and write results throughout). Training lets
-# go of it while it fits; these run alone so they never starve other runners of the vault.
-HOLDS_VAULT = ("quantize", "eval")
+# Kinds that run alone: llama.cpp and the reference model take every core, and exports share one lock.
+RUN_ALONE = ("quantize", "eval")
 SECRET_ENV = ("APPLIANCE_PASSPHRASE", "APPLIANCE_PASSPHRASE_FILE", "APPLIANCE_NEW_PASSPHRASE",
               "APPLIANCE_NEW_PASSPHRASE_FILE", "APPLIANCE_KEY_PASSPHRASE", "APPLIANCE_KEY_PASSPHRASE_FILE")
 
@@ -73,7 +72,7 @@ def dispatch(vault) -> list[str]:
         cpu_free = slots - sum(1 for j in running if j.gpus == 0)
         waiting = sorted(queue.listing(v.con, ("queued",), limit=10_000), key=lambda j: (-j.priority, j.created))
         blocked_priority = None
-        alone = any(j.kind in HOLDS_VAULT for j in running)
+        alone = any(j.kind in RUN_ALONE for j in running)
         for job in waiting:
             if alone:
                 break
@@ -84,7 +83,7 @@ def dispatch(vault) -> list[str]:
             if blocked_priority is not None and job.priority < blocked_priority:
                 break
             fits = cpu_free > 0 if job.gpus == 0 else job.gpus <= len(free)
-            if job.kind in HOLDS_VAULT:
+            if job.kind in RUN_ALONE:
                 fits = fits and not running and not started
             if not fits:
                 blocked_priority = job.priority if blocked_priority is None else blocked_priority
@@ -94,7 +93,7 @@ def dispatch(vault) -> list[str]:
             cpu_free -= job.gpus == 0
             _start(v, job, devices)
             started.append(job.id)
-            alone = job.kind in HOLDS_VAULT
+            alone = job.kind in RUN_ALONE
     return started
 
 

@@ -12,6 +12,7 @@ import json
 import os
 import time
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -72,68 +73,78 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     final = gguf_dir(vault.home.artifacts, gid)
     imatrix_ds = _version(vault.con, imatrix_ref) if imatrix_ref else None
     eval_ds = _version(vault.con, eval_ref) if eval_ref else None
-    if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):
-        return existing
-    eval_ds = eval_ds or _data_of(vault.con, model_id)
-    _sweep(final.parent)
-    pl = gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
-    model_node = lineage.node(vault.con, model_id)
-    meta = {"id": gid, "type": qt.name, "source": model_id, "source_hash": model_node["content_hash"] or "",
-            "code_version": code_version(), "name": gid}
-    threads = threads or min(os.cpu_count() or 1, 8)
-    secs: dict[str, float] = {}
-    fname = f"{final.name}.gguf"
-    with atomic_dir(final) as tmp:
-        t0 = time.perf_counter()
-        f32 = tmp / ("source-f32.gguf" if qt.name != "f32" else fname)
-        info = gguf_export.write(model_dir, f32, meta, lambda d, t: progress("export", d, t), pl)
-        secs["export"] = time.perf_counter() - t0
-        source, tok = _load_source(model_dir)
-        ctx = min(info["context"], 512)
-        imat, imat_used = None, None
+    with _export_lock(vault.home.root):  # one export at a time per home: see _export_lock
+        if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):
+            return existing
+        eval_ds = eval_ds or _data_of(vault.con, model_id)
+        pl = gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
+        model_node = lineage.node(vault.con, model_id)
+        meta = {"id": gid, "type": qt.name, "source": model_id, "source_hash": model_node["content_hash"] or "",
+                "code_version": code_version(), "name": gid}
+        threads = threads or min(os.cpu_count() or 1, 8)
+        secs: dict[str, float] = {}
+        fname = f"{final.name}.gguf"
+        # What the work needs from the vault is read now (bounded: held-out records and a token budget), so the
+        # vault is free for the console and other jobs while the model is exported, quantized and measured.
+        tok = _tokenizer(model_dir)
+        eval_split, eval_recs = _records(vault.con, eval_ds)
+        imatrix_stream = None
         if imatrix_ds:
-            t0 = time.perf_counter()
-            from appliance.quantize.imatrix import compute
+            imatrix_stream = quality.token_stream(_ids(tok), tok.eos_token_id, _texts(vault.con, imatrix_ds, "train"),
+                                                  imatrix_tokens)
+        _sweep(final.parent)
+        with atomic_dir(final) as tmp:
+            with vault.released():
+                t0 = time.perf_counter()
+                f32 = tmp / ("source-f32.gguf" if qt.name != "f32" else fname)
+                info = gguf_export.write(model_dir, f32, meta, lambda d, t: progress("export", d, t), pl)
+                secs["export"] = time.perf_counter() - t0
+                source = _load_source(model_dir)
+                ctx = min(info["context"], 512)
+                imat, imat_used = None, None
+                if imatrix_stream is not None:
+                    t0 = time.perf_counter()
+                    from appliance.quantize.imatrix import compute
 
-            stream = quality.token_stream(_ids(tok), tok.eos_token_id, _texts(vault.con, imatrix_ds, "train"),
-                                          imatrix_tokens)
-            windows = quality.windows_of(stream, ctx)
-            if not windows:
-                raise UsageError(f"{imatrix_ds} has no training text for an importance matrix",
-                                 "pass another --imatrix DATASET@N")
-            imat = compute(source, windows, lambda d, t: progress("imatrix", d, t))
-            secs["imatrix"] = time.perf_counter() - t0
-        out = tmp / fname
-        if qt.name != "f32":
-            t0 = time.perf_counter()
-            progress("quantize", 0, 1)
-            log = llama.quantize(f32, out, qt, imat, threads)
-            if imat is not None:
-                imat_used = _imatrix_used(log)
-            f32.unlink()
-            progress("quantize", 1, 1)
-            secs["quantize"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        rep = _quality(vault.con, source, tok, out, qt, eval_ds, eval_tokens, ctx, ppl_bound, threads, progress)
-        secs["quality"] = time.perf_counter() - t0
-        tensors = llama.tensor_types(out)
-        res = QuantizeResult(
-            id=gid, path=str(final / fname), type=qt.name, source=model_id, size=out.stat().st_size,
-            bits_per_weight=_bpw(tensors), params=info["params"], tensor_types=_type_counts(tensors),
-            fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds, imatrix_entries=imat_used,
-            seconds={k: round(v, 3) for k, v in secs.items()})
-        sha = file_sha256(out)
-        (tmp / "Modelfile").write_text(modelfile(fname, info))
-        (tmp / "appliance.json").write_text(json.dumps(
-            {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
-             "tensors": tensors}, indent=2, default=str))
-    parents = [(model_id, "source"), (eval_ds, "eval")] + ([(imatrix_ds, "imatrix")] if imatrix_ds else [])
-    attrs = {k: v for k, v in res.to_json().items() if k not in ("existing", "id")} | {"sha256": sha}
-    with vault.transaction():
-        lineage.add_node(vault.con, gid, "gguf", parents, content_hash=sha, attrs=attrs)
-        vault.audit("quantize.export", [gid, model_id], {"type": qt.name, "size": res.size,
-                                                         "ppl_delta_pct": rep.ppl_delta_pct, "flags": len(rep.flags)})
-    return res
+                    windows = quality.windows_of(imatrix_stream, ctx)
+                    if not windows:
+                        raise UsageError(f"{imatrix_ds} has no training text for an importance matrix",
+                                         "pass another --imatrix DATASET@N")
+                    imat = compute(source, windows, lambda d, t: progress("imatrix", d, t))
+                    secs["imatrix"] = time.perf_counter() - t0
+                out = tmp / fname
+                if qt.name != "f32":
+                    t0 = time.perf_counter()
+                    progress("quantize", 0, 1)
+                    log = llama.quantize(f32, out, qt, imat, threads)
+                    if imat is not None:
+                        imat_used = _imatrix_used(log)
+                    f32.unlink()
+                    progress("quantize", 1, 1)
+                    secs["quantize"] = time.perf_counter() - t0
+                t0 = time.perf_counter()
+                rep = _quality(source, tok, out, qt, eval_ds, eval_split, eval_recs, eval_tokens, ctx, ppl_bound,
+                               threads, progress)
+                secs["quality"] = time.perf_counter() - t0
+                tensors = llama.tensor_types(out)
+                res = QuantizeResult(
+                    id=gid, path=str(final / fname), type=qt.name, source=model_id, size=out.stat().st_size,
+                    bits_per_weight=_bpw(tensors), params=info["params"], tensor_types=_type_counts(tensors),
+                    fallbacks=fallbacks(tensors, qt), quality=rep.to_json(), imatrix=imatrix_ds,
+                    imatrix_entries=imat_used, seconds={k: round(v, 3) for k, v in secs.items()})
+                sha = file_sha256(out)
+                (tmp / "Modelfile").write_text(modelfile(fname, info))
+                (tmp / "appliance.json").write_text(json.dumps(
+                    {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
+                     "tensors": tensors}, indent=2, default=str))
+        parents = [(model_id, "source"), (eval_ds, "eval")] + ([(imatrix_ds, "imatrix")] if imatrix_ds else [])
+        attrs = {k: v for k, v in res.to_json().items() if k not in ("existing", "id")} | {"sha256": sha}
+        with vault.transaction():
+            lineage.add_node(vault.con, gid, "gguf", parents, content_hash=sha, attrs=attrs)
+            vault.audit("quantize.export", [gid, model_id], {"type": qt.name, "size": res.size,
+                                                             "ppl_delta_pct": rep.ppl_delta_pct,
+                                                             "flags": len(rep.flags)})
+        return res
 
 
 def _resolve_model(con, ref: str) -> str:
@@ -176,8 +187,28 @@ def _existing(con, gid: str, final: Path, imatrix_ds: str | None, eval_ds: str |
     return QuantizeResult(**{**keep, "id": gid, "path": str(path), "quality": rep.to_json(), "existing": True})
 
 
+@contextmanager
+def _export_lock(home_root: Path):
+    """Held for a whole export, so no other export in this home (a job, another shell) runs beside it: the
+    vault is let go while the model is converted, and two exports would otherwise race for one id and sweep
+    each other's temp directories. Never waited on while the vault is held: the holder needs the vault back
+    to finish, so waiting here could deadlock; a second export is refused instead."""
+    import fcntl
+
+    fd = os.open(home_root / ".export.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise QuantizeError("another quantize is running in this home",
+                                "wait for it to finish (`appliance jobs list`), then run this again") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 def _sweep(gguf_root: Path) -> None:
-    """Temp directories a killed export left (the vault lock means no other export is running)."""
+    """Temp directories a killed export left (the export lock means no other export is running)."""
     import shutil
 
     if gguf_root.is_dir():
@@ -237,18 +268,20 @@ def _records(con, ref: str) -> tuple[str, list[tuple[int, str]]]:
     raise UsageError(f"{ref} has no records to measure quality on", "pass --eval DATASET@N with text in it")
 
 
-def _load_source(model_dir: Path):
+def _tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
+    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+
+
+def _load_source(model_dir: Path):
     from appliance.quantize.imatrix import load_source
 
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    return load_source(model_dir), tok
+    return load_source(model_dir)
 
 
-def _quality(con, source, tok, path: Path, qt: QuantType, eval_ds: str, eval_tokens: int, ctx: int,
-             ppl_bound: float | None, threads: int, progress: Progress) -> quality.Report:
-    split, recs = _records(con, eval_ds)
+def _quality(source, tok, path: Path, qt: QuantType, eval_ds: str, split: str, recs: list[tuple[int, str]],
+             eval_tokens: int, ctx: int, ppl_bound: float | None, threads: int, progress: Progress) -> quality.Report:
     rep = quality.Report(qt.name, eval_ds, split, window=ctx)
     llm = llama.load(path, n_ctx=ctx, logits_all=True, threads=threads)
     try:

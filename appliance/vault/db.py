@@ -91,7 +91,7 @@ def _connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool,
 
             pid = re.search(r"\(PID (\d+)\)", str(e))
             raise VaultBusy(f"the vault is in use by another appliance process{f' (PID {pid[1]})' if pid else ''}",
-                            "wait for it to finish (an ingest, quantize or eval holds the vault until it ends)"
+                            "wait for it to finish (an ingest holds the vault until it ends)"
                             ) from None
         raise VaultError(f"cannot open the vault database: {_first_line(e)}",
                          "run `appliance vault check`; restore from backup if it fails") from e
