@@ -24,6 +24,7 @@ import socketserver
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -119,9 +120,10 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
-    if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes
-        raise TrainError(f"the home path is too long for the workers' socket ({path})",
-                         "use a --home with a shorter path (under about 80 characters)")
+    short_dir = None
+    if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes: a deep home gets a private
+        short_dir = Path(tempfile.mkdtemp(prefix="appliance-"))  # 0700 directory in the system's temp dir
+        path = short_dir / "train.sock"
     ticket = secrets.token_hex(32)
     results: dict = {}
     stop = threading.Event()
@@ -159,6 +161,8 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
         server.shutdown()
         server.server_close()
         path.unlink(missing_ok=True)
+        if short_dir is not None:
+            short_dir.rmdir()
     failed = [r for _, r in sorted(results.items()) if r.get("status") == "failed"]
     if failed:
         return failed[0]
