@@ -8,7 +8,12 @@
 
 Names follow the commands (`vault ingest` -> `vault_ingest`), arguments their options, results their JSON
 shapes (documented in docs/API.md). The CLI and the MCP server call these same functions. Errors are
-`ApplianceError`s with `.message` and `.hint`, as the CLI prints them.
+`ApplianceError`s with `.message` and `.hint`, as the CLI prints them. A check that finds problems
+(`vault_check`, `audit_verify`, `eval_gate`, `eval_drift`, a flagged `quantize`) is not an error: its
+report comes back with `"ok": false`, where the CLI would exit 1.
+
+Long work (`train_run`, `quantize`, `eval_run`, `vault_ingest`) runs in the calling process; the `jobs_*`
+functions queue the same work for a detached runner instead.
 """
 
 from __future__ import annotations
@@ -55,14 +60,129 @@ def vault_sql(v, query: str, limit: int = 100) -> dict:
 
 
 def vault_ingest(v, paths: list[str | Path], dataset: str, pii: str = "redact", validation: float = 0.05,
-                 replace: bool = False) -> dict:
+                 replace: bool = False, workers: int | None = None, progress=None, on_plan=None) -> dict:
+    """Ingest files into a new version; `progress(item)` and `on_plan(total)` see it go (as the CLI's bar).
+
+    A partial ingest (some files unreadable) lands the rest and says so in `partial` and `failed`."""
     from appliance.vault.ingest import ingest, validate_name
 
     validate_name(dataset)
-    return ingest(v, [Path(p) for p in paths], dataset, pii, validation, replace).to_json()
+    return ingest(v, [Path(p) for p in paths], dataset, pii, validation, replace, progress=progress,
+                  on_plan=on_plan, workers=workers).to_json()
+
+
+def vault_export(v, ref: str, out: str | Path, split: str | None = None, force: bool = False) -> dict:
+    """Write a version as plaintext JSONL to `out` (audited before the file appears): the data leaves the vault."""
+    from appliance.vault import versions
+
+    def audit(summary: dict) -> None:
+        with v.transaction():
+            v.audit("vault.export", [summary["version"]], {"out": summary["out"], "records": summary["records"],
+                                                            "split": summary["split"]})
+
+    return versions.export(v.con, ref, Path(out), split, force, before_publish=audit)
+
+
+def vault_check(v) -> dict:
+    """Every record against its hash, every version against its records, and the audit chain (audited)."""
+    rep = v.check()
+    with v.transaction():
+        v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
+    return rep.to_json()
+
+
+def vault_passwd(v, new_passphrase: str) -> dict:
+    """Change the passphrase (re-wraps the keys; no data is re-encrypted)."""
+    from appliance.passphrase import check_new
+
+    v.passwd(check_new(new_passphrase))
+    return {"changed": True}
+
+
+def vault_rekey(v, passphrase: str) -> dict:
+    """Rotate the data key; `passphrase` (the current one) wraps the new key."""
+    v.rekey(passphrase)
+    return {"rekeyed": True}
 
 
 # --- train, models, lineage, audit -------------------------------------------------------------------
+def train_tokenizer(v, dataset: str, vocab: int = 32000, name: str | None = None, min_frequency: int = 2) -> dict:
+    from appliance.train.tokenizer import train_tokenizer as train
+
+    return train(v, dataset, vocab, name, min_frequency).to_json()
+
+
+def train_run(v, recipe: str | dict, overrides: list[str] | None = None, resume: bool = False, gpus: int = 0,
+              nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "", on_event=None) -> dict:
+    """Train in this process (torchrun below it when `gpus` > 0); `recipe` is a name, a TOML path or its tables.
+
+    `on_event(kind, data)` sees "start", "step", "checkpoint" and "stage" events as the CLI's progress does.
+    """
+    from appliance.errors import UsageError
+    from appliance.train.config import build_recipe, load_recipe
+    from appliance.train.launch import Nodes
+    from appliance.train.run import run
+
+    r = build_recipe(dict(recipe), overrides) if isinstance(recipe, dict) else load_recipe(recipe, overrides)
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give node 0's address and a free port")
+    kw = {"on_event": on_event} if on_event else {}
+    return run(v, r, resume=resume, gpus=gpus, nodes=Nodes(nnodes, node_rank, rdzv_endpoint), **kw).to_json()
+
+
+def train_recipes(keys: bool = False) -> dict:
+    """The shipped recipes, or (with `keys`) every recipe key with its default and meaning. Needs no vault."""
+    from appliance.train.config import describe, load_recipe, shipped
+    from appliance.train.model import count_parameters
+
+    if keys:
+        return {"keys": describe()}
+    items = []
+    for name, path in shipped().items():
+        r = load_recipe(str(path))
+        params = count_parameters(r.model) if r.stage == "pretrain" else None
+        items.append({"name": name, "path": str(path), "stage": r.stage, "method": r.method,
+                      "arch": r.model.arch if r.stage == "pretrain" else None, "parameters": params,
+                      "command": path.read_text().splitlines()[0].lstrip("# ")})
+    return {"recipes": items}
+
+
+def train_import(v, src: str | Path, name: str) -> dict:
+    from appliance.train.run import import_model
+
+    return import_model(v, Path(src), name)
+
+
+def train_merge(v, adapter: str) -> dict:
+    from appliance.train.run import merge
+
+    merged = merge(v, adapter)
+    return {"id": merged, "path": str(v.home.artifacts / "models" / merged)}
+
+
+def train_metrics(v, run_id: str) -> dict:
+    from appliance.errors import VaultError
+    from appliance.train.run import metrics
+
+    rows = metrics(v.con, run_id)
+    if not rows:
+        raise VaultError(f"no metrics for run {run_id}", "list runs with `appliance train runs`")
+    return {"run": run_id, "metrics": rows}
+
+
+def train_plot(v, runs: list[str], out: str | Path) -> dict:
+    """The training loss of runs per step, as a PNG."""
+    from appliance.errors import UsageError
+    from appliance.eval.plots import loss_png
+    from appliance.train.run import losses
+
+    curves = {r: losses(v.con, r) for r in runs}
+    if empty := [r for r, ls in curves.items() if not ls]:
+        raise UsageError(f"no training metrics for {', '.join(empty)}", "list runs with `appliance train runs`")
+    loss_png(curves, Path(out))
+    return {"out": str(out), "runs": list(curves)}
+
+
 def train_models(v) -> dict:
     from appliance.train.run import models
 
@@ -87,6 +207,93 @@ def audit_log(v, limit: int = 50, action: str | None = None) -> dict:
     return {"entries": audit.entries(v.con, limit, action)}
 
 
+def audit_verify(v) -> dict:
+    """The hash chain checked: any edited, deleted or reordered entry is listed in `problems`."""
+    from appliance.vault import audit
+
+    return audit.verify(v.con, v.secrets.audit_key).to_json()
+
+
+# --- quantize and eval, in this process ---------------------------------------------------------------
+def quantize(v, model: str, type: str = "q4_k_m", imatrix: str | None = None, eval: str | None = None,  # noqa: A002
+             ppl_bound: float | None = None, eval_tokens: int = 2048, imatrix_tokens: int = 8192,
+             threads: int = 0, progress=None) -> dict:
+    """Export `model` to GGUF, quantize and measure it; `progress(stage, done, total)` sees it go."""
+    from appliance.quantize.stage import quantize as run
+
+    kw = {"progress": progress} if progress else {}
+    return run(v, model, type, imatrix, eval, ppl_bound, eval_tokens, imatrix_tokens, threads, **kw).to_json()
+
+
+def quantize_list(v) -> dict:
+    """The GGUF files the vault knows (`appliance quantize --list`)."""
+    from appliance.quantize.stage import exported
+
+    return {"gguf": exported(v.con)}
+
+
+def eval_suites() -> dict:
+    """The shipped example suites. Needs no vault."""
+    from appliance.eval.suite import SUITES_DIR, load
+
+    rows = [load(str(p)) for p in sorted(SUITES_DIR.glob("*.toml"))]
+    return {"suites": [{"name": s.name, "cases": len(s.cases), "metrics": [m.key for m in s.metrics],
+                        "path": s.path, "description": s.description} for s in rows]}
+
+
+def eval_run(v, suite: str, model: str, progress=None) -> dict:
+    """Run a suite (shipped name, TOML file, or NAME@N for a dataset's default suite) on a model.
+
+    As `eval run --json`: "ok" is the call's outcome and "checks_ok" whether the suite's thresholds held.
+    """
+    from appliance.eval.metrics import load_plugins
+    from appliance.eval.run import run
+    from appliance.eval.suite import DATASET_REF, from_dataset, load
+
+    load_plugins()
+    s = from_dataset(v.con, suite) if DATASET_REF.match(suite) else load(suite)
+    res = run(v, s, model, **({"progress": progress} if progress else {}))
+    return {**res, "ok": True, "checks_ok": res["ok"]}
+
+
+def eval_runs(v) -> dict:
+    from appliance.eval.run import runs
+
+    return {"runs": runs(v.con)}
+
+
+def eval_compare(v, a: str, b: str) -> dict:
+    from appliance.eval.run import compare
+
+    return compare(v.con, a, b)
+
+
+def eval_gate(v, baseline: str, candidate: str, tolerances: dict[str, float] | None = None,
+              tolerance: float = 0.0) -> dict:
+    """Whether any metric of `candidate` regresses beyond tolerance against `baseline` ("ok" false if so).
+
+    `tolerances` per metric, `tolerance` for the rest: relative, accuracy in absolute points."""
+    from appliance.eval.run import gate
+
+    return gate(v.con, baseline, candidate, tolerances or {}, tolerance)
+
+
+def eval_drift(v, model: str, dataset: str | None = None, baseline: str | None = None, max_change: float = 0.2,
+               max_kl: float = 0.05, probes: int = 20, rebaseline: bool = False) -> dict:
+    from appliance.eval.drift import check
+
+    return check(v, model, dataset, baseline, max_change, max_kl, probes, rebaseline)
+
+
+def eval_plot(v, runs: list[str], out: str | Path) -> dict:
+    """The metrics of eval runs side by side, as a PNG."""
+    from appliance.eval.plots import metrics_png
+    from appliance.eval.run import load_run
+
+    keys = metrics_png([load_run(v.con, r)[0] for r in runs], Path(out))
+    return {"out": str(out), "metrics": keys}
+
+
 # --- jobs --------------------------------------------------------------------------------------------
 def jobs_submit(v, recipe: str | dict, overrides: list[str] | None = None, gpus: int = 0, priority: int = 0,
                 resume: bool = False) -> dict:
@@ -105,13 +312,26 @@ def jobs_eval(v, suite: str, model: str) -> dict:
     return _submit(v, "eval", {"suite": suite, "model": model}, 0, 0)
 
 
-def jobs_sweep(v, name: str, recipe: str, space: dict[str, list], overrides: list[str] | None = None,
-               method: str = "grid", trials: int | None = None, seed: int = 0, gpus: int = 0,
-               priority: int = 0) -> dict:
-    """Queue a hyperparameter sweep (as `appliance jobs sweep FILE`, with the file's keys as arguments)."""
-    raw = {"name": name, "recipe": recipe, "space": space, "overrides": overrides or [], "method": method,
+def jobs_sweep(v, name: str | None = None, recipe: str | None = None, space: dict[str, list] | None = None,
+               overrides: list[str] | None = None, method: str = "grid", trials: int | None = None, seed: int = 0,
+               gpus: int = 0, priority: int = 0, file: str | Path | None = None) -> dict:
+    """Queue a hyperparameter sweep: from a sweep `file` (as `appliance jobs sweep FILE`), or from its keys
+    given as arguments (name, recipe, space, ...)."""
+    if file is not None:
+        return _submit(v, "sweep", {"file": str(file)}, gpus, priority)
+    raw = {"name": name, "recipe": recipe, "space": space or {}, "overrides": overrides or [], "method": method,
            "seed": seed, **({"trials": trials} if trials is not None else {})}
     return _submit(v, "sweep", raw, gpus, priority)
+
+
+def jobs_resume(v, job_id: str) -> dict:
+    """Queue a stopped training job again; its run continues from the last checkpoint."""
+    from appliance.jobs import queue
+    from appliance.jobs.dispatch import dispatch
+
+    job = queue.resubmit(v, job_id)
+    dispatch(v)
+    return queue.get(v.con, job.id).to_json()
 
 
 def _submit(v, kind: str, spec: dict, gpus: int, priority: int) -> dict:
@@ -153,7 +373,71 @@ def jobs_cancel(v, job_id: str) -> dict:
     return queue.cancel(v, job_id).to_json()
 
 
-# --- bundles -----------------------------------------------------------------------------------------
+# --- keys, trust, bundles ----------------------------------------------------------------------------
+def keys_generate(v, name: str) -> dict:
+    """A signing key pair; the secret half is sealed under APPLIANCE_KEY_PASSPHRASE[_FILE]."""
+    from appliance.exchange import generate_key, keys_dir
+
+    pub = generate_key(v, name)
+    return {"name": name, "key_id": pub.key_id, "public": str(keys_dir(v.home) / f"{name}.pub")}
+
+
+def keys_list(v) -> dict:
+    from appliance.exchange import list_keys
+
+    return {"keys": list_keys(v.home)}
+
+
+def keys_export_public(v, name: str, out: str | Path | None = None) -> dict:
+    """The public key other sites trust or encrypt to; written to `out` when given."""
+    import json
+
+    from appliance.exchange import public_key
+    from appliance.home import atomic_write
+
+    _, pub = public_key(v.home, name)
+    if out:
+        atomic_write(Path(out), json.dumps(pub.to_json(), indent=2).encode(), mode=0o644)
+    return {"name": name, "key_id": pub.key_id, "out": str(out) if out else None, "public": pub.to_json()}
+
+
+def trust_add(v, pub_file: str | Path, name: str, kinds: list[str] | None = None) -> dict:
+    from appliance.exchange import trust_add as add
+
+    return add(v, Path(pub_file), name, kinds or ["model", "gguf", "dataset", "eval"])
+
+
+def trust_list(v) -> dict:
+    from appliance.exchange import trust_list as listing
+
+    return {"trusted": listing(v.home)}
+
+
+def trust_remove(v, name: str) -> dict:
+    from appliance.exchange import trust_remove as remove
+
+    return remove(v, name)
+
+
+def bundle_inspect(v, file: str | Path) -> dict:
+    """The manifest, signer and lineage of a bundle, without trusting or unpacking anything."""
+    from appliance.exchange import inspect
+
+    return inspect(v.home, Path(file))
+
+
+def bundle_verify(v, file: str | Path) -> dict:
+    from appliance.exchange import verify_bundle
+
+    return verify_bundle(v, Path(file))
+
+
+def bundle_import(v, file: str | Path, allow_downgrade: bool = False) -> dict:
+    from appliance.exchange import import_bundle
+
+    return import_bundle(v, Path(file), allow_downgrade)
+
+
 def bundle_export(v, ref: str, sign_key: str, out: str | Path, to: list[str | Path] | None = None,
                   expires_days: float = 365) -> dict:
     from appliance.exchange import export_bundle

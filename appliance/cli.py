@@ -125,35 +125,35 @@ def vault_group():
               help="Processes that read and scrub files (default: one per core, at most 8).")
 def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers):
     """Ingest files, mail, code repositories and tables into a new dataset version."""
-    from appliance.vault.ingest import ingest, validate_name
+    from appliance import api
+    from appliance.vault.ingest import validate_name
 
     validate_name(dataset)
     bar = ProgressBar(not c.json, f"ingest {dataset}")
     with c.open_vault() as v:
         on_plan, on_item = bar.callbacks()
         try:
-            res = ingest(v, list(paths), dataset, pii, validation, replace, progress=on_item, on_plan=on_plan,
-                         workers=workers)
+            res = api.vault_ingest(v, list(paths), dataset, pii, validation, replace, workers, on_item, on_plan)
         finally:
             bar.stop()
 
     def human():
-        out.print(f"{res.version}  {res.records} records ({res.new_records} new), {human_bytes(res.bytes)}, "
-                  f"{res.duplicates} duplicates removed, {res.files} files")
-        if res.pii:
+        out.print(f"{res['version']}  {res['records']} records ({res['new_records']} new), "
+                  f"{human_bytes(res['bytes'])}, {res['duplicates']} duplicates removed, {res['files']} files")
+        if res["pii"]:
             out.print("PII " + ("flagged" if pii == "flag" else "found") + ": " +
-                      ", ".join(f"{k} {n}" for k, n in res.pii.items()))
-        for t in res.tables:
+                      ", ".join(f"{k} {n}" for k, n in res["pii"].items()))
+        for t in res["tables"]:
             out.print(f"table {t}")
-        for p, r in res.skipped:
-            out.print(f"skipped {p}: {r}")
-        for p, r in res.failed:
-            err.print(f"failed {p}: {r}")
+        for x in res["skipped"]:
+            out.print(f"skipped {x['path']}: {x['reason']}")
+        for x in res["failed"]:
+            err.print(f"failed {x['path']}: {x['reason']}")
 
-    c.emit(res.to_json(), human)
-    if res.partial:
-        raise PartialIngest(f"partial: {len(res.failed)} file(s) could not be read; {res.version} has the rest",
-                            f"see `appliance vault show {res.version}`")
+    c.emit(res, human)
+    if res["partial"]:
+        raise PartialIngest(f"partial: {len(res['failed'])} file(s) could not be read; {res['version']} has the "
+                            "rest", f"see `appliance vault show {res['version']}`")
 
 
 @command(vault_group, "datasets")
@@ -216,15 +216,10 @@ def sql_cmd(c: Ctx, query, limit):
 @click.option("--force", is_flag=True, help="Overwrite an existing file.")
 def export_cmd(c: Ctx, ref, out_path, split, force):
     """Export a version as plaintext JSONL. Explicit and audited: the data leaves the vault."""
-    from appliance.vault import versions
-
-    def audit(summary: dict) -> None:
-        with v.transaction():
-            v.audit("vault.export", [summary["version"]], {"out": summary["out"], "records": summary["records"],
-                                                            "split": summary["split"]})
+    from appliance import api
 
     with c.open_vault() as v:
-        res = versions.export(v.con, ref, out_path, split, force, before_publish=audit)
+        res = api.vault_export(v, ref, out_path, split, force)
     c.emit(res, lambda: (out.print(f"exported {res['records']} records of {res['version']} to {res['out']}"),
                          err.print("warning: this file is plaintext outside the vault")))
 
@@ -232,35 +227,39 @@ def export_cmd(c: Ctx, ref, out_path, split, force):
 @command(vault_group, "check")
 def check_cmd(c: Ctx):
     """Verify every record against its hash, every version against its records, and the audit chain."""
+    from appliance import api
+
     with c.open_vault() as v:
-        rep = v.check()
-        with v.transaction():
-            v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
-    failure = CheckFailed(f"vault check found {len(rep.problems)} problem(s)", "restore from a backup")
-    c.emit(_with_error(rep.to_json(), None if rep.ok else failure), lambda: out.print(
-        f"{'ok' if rep.ok else 'FAILED'}: {rep.blobs} records, {rep.versions} versions, "
-        f"{rep.audit.entries if rep.audit else 0} audit entries checked" +
-        "".join(f"\n  {p}" for p in rep.problems)))
-    if not rep.ok:
+        rep = api.vault_check(v)
+    failure = CheckFailed(f"vault check found {len(rep['problems'])} problem(s)", "restore from a backup")
+    c.emit(_with_error(rep, None if rep["ok"] else failure), lambda: out.print(
+        f"{'ok' if rep['ok'] else 'FAILED'}: {rep['records']} records, {rep['versions']} versions, "
+        f"{rep['audit_entries']} audit entries checked" +
+        "".join(f"\n  {p}" for p in rep["problems"])))
+    if not rep["ok"]:
         raise failure
 
 
 @command(vault_group, "passwd")
 def passwd_cmd(c: Ctx):
     """Change the passphrase (re-wraps the keys; no data is re-encrypted)."""
+    from appliance import api
+
     with c.open_vault() as v:
         new = check_new(get_passphrase(confirm=True, prefix="APPLIANCE_NEW_PASSPHRASE", label="new passphrase"))
-        v.passwd(new)
-    c.emit({"changed": True}, "passphrase changed")
+        res = api.vault_passwd(v, new)
+    c.emit(res, "passphrase changed")
 
 
 @command(vault_group, "rekey")
 def rekey_cmd(c: Ctx):
     """Rotate the data key: copy into a new encrypted database, swap atomically, destroy the old file."""
+    from appliance import api
+
     passphrase = get_passphrase()  # rekey wraps the new key under it, so it is needed twice
     with c.open_vault(passphrase=passphrase) as v:
-        v.rekey(passphrase)
-    c.emit({"rekeyed": True}, "data key rotated; the old database file was overwritten and removed")
+        res = api.vault_rekey(v, passphrase)
+    c.emit(res, "data key rotated; the old database file was overwritten and removed")
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -276,12 +275,12 @@ def train_group():
 @click.option("--min-frequency", type=click.IntRange(1, 1000), default=2, show_default=True)
 def train_tokenizer_cmd(c: Ctx, dataset, vocab, name, min_frequency):
     """Train a byte-level BPE tokenizer on a dataset version's train split."""
-    from appliance.train.tokenizer import train_tokenizer
+    from appliance import api
 
     with c.open_vault() as v:
-        res = train_tokenizer(v, dataset, vocab, name, min_frequency)
-    c.emit(res.to_json(), f"{res.id}: {res.vocab_size} tokens from {res.records} records of {res.dataset}\n"
-                          f"saved to {res.path}")
+        res = api.train_tokenizer(v, dataset, vocab, name, min_frequency)
+    c.emit(res, f"{res['id']}: {res['vocab_size']} tokens from {res['records']} records of {res['dataset']}\n"
+                f"saved to {res['path']}")
 
 
 def _overrides(sets: tuple[str, ...], extra: list[str]) -> list[str]:
@@ -324,51 +323,41 @@ def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_end
     Every recipe value can be overridden: `appliance train run tiny-dense --train.max_steps 100`.
     Ctrl-C stops at a checkpoint; `--resume` continues from it.
     """
+    from appliance import api
     from appliance.errors import UsageError
     from appliance.output import TrainProgress
     from appliance.train.config import load_recipe
-    from appliance.train.launch import Nodes
 
-    r = load_recipe(recipe, _overrides(sets, ctx.args))
+    overrides = _overrides(sets, ctx.args)
+    load_recipe(recipe, overrides)  # a bad recipe is reported before the passphrase is asked
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give node 0's address and a free port")
     progress = TrainProgress(not c.json)
     with c.open_vault() as v:
-        from appliance.train.run import run
-
         try:
-            res = run(v, r, resume=resume, gpus=gpus, nodes=Nodes(nnodes, node_rank, rdzv_endpoint),
-                      on_event=progress)
+            res = api.train_run(v, recipe, overrides, resume, gpus, nnodes, node_rank, rdzv_endpoint, progress)
         finally:
             progress.stop()
-    c.emit(res.to_json(), lambda: out.print(
-        f"{res.id}: {res.stage}/{res.method}, {res.steps} steps, final loss "
-        f"{'-' if res.loss is None else f'{res.loss:.4f}'}, "
-        f"{res.tokens_per_s:,.0f} tok/s, padding {res.data['padding_fraction']:.2%}\n"
-        f"saved to {res.model_path or 'node 0 (this node ran worker ranks only)'}"
-        + (f"\nmerged: {res.merged}" if res.merged else "")))
+    c.emit(res, lambda: out.print(
+        f"{res['id']}: {res['stage']}/{res['method']}, {res['steps']} steps, final loss "
+        f"{'-' if res['loss'] is None else format(res['loss'], '.4f')}, "
+        f"{res['tokens_per_s']:,.0f} tok/s, padding {res['data']['padding_fraction']:.2%}\n"
+        f"saved to {res['model_path'] or 'node 0 (this node ran worker ranks only)'}"
+        + (f"\nmerged: {res['merged']}" if res["merged"] else "")))
 
 
 @command(train_group, "recipes")
 @click.option("--keys", is_flag=True, help="List every recipe key with its default and meaning.")
 def train_recipes_cmd(c: Ctx, keys):
     """The shipped recipes (model presets and stages), or every recipe key."""
-    from appliance.train.config import describe, load_recipe, shipped
+    from appliance import api
 
     if keys:
-        rows = describe()
+        rows = api.train_recipes(keys=True)["keys"]
         c.emit({"keys": rows}, lambda: table(["key", "default", "meaning"],
                                              [[r["key"], str(r["default"]), r["help"]] for r in rows]))
         return
-    from appliance.train.model import count_parameters
-
-    items = []
-    for name, path in shipped().items():
-        r = load_recipe(str(path))
-        params = count_parameters(r.model) if r.stage == "pretrain" else None
-        items.append({"name": name, "path": str(path), "stage": r.stage, "method": r.method,
-                      "arch": r.model.arch if r.stage == "pretrain" else None, "parameters": params,
-                      "command": path.read_text().splitlines()[0].lstrip("# ")})
+    items = api.train_recipes()["recipes"]
     c.emit({"recipes": items}, lambda: (table(
         ["recipe", "stage", "arch", "parameters"],
         [[i["name"], f"{i['stage']}/{i['method']}", i["arch"] or "base model", _params(i["parameters"])]
@@ -388,10 +377,10 @@ def _params(p: dict | None) -> str:
 @click.option("--name", required=True, help="Model name; imported as NAME@K.")
 def train_import_cmd(c: Ctx, src, name):
     """Import a base model from a local transformers directory (e.g. unpacked from a bundle)."""
-    with c.open_vault() as v:
-        from appliance.train.run import import_model
+    from appliance import api
 
-        res = import_model(v, src, name)
+    with c.open_vault() as v:
+        res = api.train_import(v, src, name)
     c.emit(res, f"{res['id']}: {', '.join(res['architectures'] or ['model'])} from {src}\nsaved to {res['path']}")
 
 
@@ -399,12 +388,11 @@ def train_import_cmd(c: Ctx, src, name):
 @click.argument("adapter")
 def train_merge_cmd(c: Ctx, adapter):
     """Merge a LoRA adapter (NAME@K) into its base: a plain model directory NAME-merged@K."""
-    with c.open_vault() as v:
-        from appliance.train.run import merge
+    from appliance import api
 
-        merged = merge(v, adapter)
-        path = v.home.artifacts / "models" / merged
-    c.emit({"id": merged, "path": str(path)}, f"{merged}: saved to {path}")
+    with c.open_vault() as v:
+        res = api.train_merge(v, adapter)
+    c.emit(res, f"{res['id']}: saved to {res['path']}")
 
 
 @command(train_group, "runs")
@@ -425,13 +413,12 @@ def train_runs_cmd(c: Ctx, name):
 @click.argument("run_id")
 def train_metrics_cmd(c: Ctx, run_id):
     """Per-step loss, learning rate, gradient norm and throughput of a run."""
-    with c.open_vault(read_only=True) as v:
-        from appliance.train.run import metrics
+    from appliance import api
 
-        rows = metrics(v.con, run_id)
-    if not rows:
-        raise VaultError(f"no metrics for run {run_id}", "list runs with `appliance train runs`")
-    c.emit({"run": run_id, "metrics": rows}, lambda: table(
+    with c.open_vault(read_only=True) as v:
+        res = api.train_metrics(v, run_id)
+    rows = res["metrics"]
+    c.emit(res, lambda: table(
         ["step", "loss", "lr", "grad norm", "tok/s"],
         [[m["step"], f"{m['loss']:.4f}", f"{m['lr']:.2e}", f"{m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f}"]
          for m in rows]))
@@ -470,15 +457,15 @@ def audit_group():
 @command(audit_group, "verify")
 def audit_verify_cmd(c: Ctx):
     """Check the hash chain: any edited, deleted or reordered entry is reported."""
-    from appliance.vault import audit
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        rep = audit.verify(v.con, v.secrets.audit_key)
-    failure = CheckFailed(f"audit log verification failed ({len(rep.problems)} problem(s))",
+        rep = api.audit_verify(v)
+    failure = CheckFailed(f"audit log verification failed ({len(rep['problems'])} problem(s))",
                           "the log was altered outside the appliance")
-    c.emit(_with_error(rep.to_json(), None if rep.ok else failure), lambda: out.print(
-        f"{'ok' if rep.ok else 'FAILED'}: {rep.entries} entries" + "".join(f"\n  {p}" for p in rep.problems)))
-    if not rep.ok:
+    c.emit(_with_error(rep, None if rep["ok"] else failure), lambda: out.print(
+        f"{'ok' if rep['ok'] else 'FAILED'}: {rep['entries']} entries" + "".join(f"\n  {p}" for p in rep["problems"])))
+    if not rep["ok"]:
         raise failure
 
 

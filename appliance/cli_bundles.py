@@ -21,13 +21,11 @@ def keys_group():
 @click.option("--name", required=True, help="Key name, e.g. the site's name.")
 def keys_generate_cmd(c: Ctx, name):
     """Make a key pair; the secret half is sealed under APPLIANCE_KEY_PASSPHRASE[_FILE] (or a prompt)."""
-    from appliance.exchange import generate_key, keys_dir
+    from appliance import api
 
     with c.open_vault() as v:
-        pub = generate_key(v, name)
-    path = keys_dir(c.home) / f"{name}.pub"
-    c.emit({"name": name, "key_id": pub.key_id, "public": str(path)},
-           f"key {name} ({pub.key_id}); public key: {path}")
+        res = api.keys_generate(v, name)
+    c.emit(res, f"key {name} ({res['key_id']}); public key: {res['public']}")
 
 
 @command(keys_group, "list")
@@ -71,10 +69,10 @@ def trust_group():
 @click.option("--kinds", default=KINDS, show_default=True, help="Comma-separated kinds it may sign.")
 def trust_add_cmd(c: Ctx, pub_file, name, kinds):
     """Trust a public key file for some kinds of bundle."""
-    from appliance.exchange import trust_add
+    from appliance import api
 
     with c.open_vault() as v:
-        entry = trust_add(v, pub_file, name, [k.strip() for k in kinds.split(",") if k.strip()])
+        entry = api.trust_add(v, pub_file, name, [k.strip() for k in kinds.split(",") if k.strip()])
     c.emit(entry, f"trusting {name} ({entry['key_id']}) for {', '.join(entry['kinds'])}")
 
 
@@ -93,10 +91,10 @@ def trust_list_cmd(c: Ctx):
 @click.argument("name")
 def trust_remove_cmd(c: Ctx, name):
     """Stop trusting a signer."""
-    from appliance.exchange import trust_remove
+    from appliance import api
 
     with c.open_vault() as v:
-        entry = trust_remove(v, name)
+        entry = api.trust_remove(v, name)
     c.emit(entry, f"no longer trusting {name} ({entry['key_id']})")
 
 
@@ -115,10 +113,10 @@ def bundle_group():
 def bundle_export_cmd(c: Ctx, ref, sign_key, recipients, out_path, expires_days):
     """Bundle a model (NAME@K), a GGUF (NAME@K:TYPE), an eval run (eval-SUITE@K) or a dataset version
     (NAME@N, encrypted only), with its lineage, signed, into one file."""
-    from appliance.exchange import export_bundle
+    from appliance import api
 
     with c.open_vault() as v:
-        r = export_bundle(v, ref, sign_key, list(recipients), out_path, expires_days)
+        r = api.bundle_export(v, ref, sign_key, out_path, list(recipients), expires_days)
     c.emit(r, f"{r['out']}: {r['kind']} {r['name']} v{r['version']} ({r['files']} files, {human_bytes(r['bytes'])})"
               f", signed by {r['signer']}" + (f", encrypted to {', '.join(r['encrypted_to'])}"
                                               if r["encrypted_to"] else ""))
@@ -149,10 +147,10 @@ def bundle_inspect_cmd(c: Ctx, file):
 @click.argument("file", type=click.Path(path_type=Path))
 def bundle_verify_cmd(c: Ctx, file):
     """Check signature, trust, expiry, version and every byte; changes nothing."""
-    from appliance.exchange import verify_bundle
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        r = verify_bundle(v, file)
+        r = api.bundle_verify(v, file)
     c.emit(r, f"ok: {r['kind']} {r['name']} v{r['version']}, {r['files']} files, {human_bytes(r['bytes'])}, "
               f"signed by {r['signer']} ({r['key_id']})")
 
@@ -163,10 +161,10 @@ def bundle_verify_cmd(c: Ctx, file):
                                                       "(audited).")
 def bundle_import_cmd(c: Ctx, file, allow_downgrade):
     """Verify, then land the bundle's files in this home atomically, with lineage and an audit entry."""
-    from appliance.exchange import import_bundle
+    from appliance import api
 
     with c.open_vault() as v:
-        r = import_bundle(v, file, allow_downgrade)
+        r = api.bundle_import(v, file, allow_downgrade)
     unit = "cases" if r["kind"] == "eval" else "records"
     where = f" ({r['path']})" if r.get("path") else f" ({r['records']} {unit}, in the vault)"
     c.emit(r, f"imported {r['kind']} {r['name']} v{r['version']} as {r['id']}{where}, signed by {r['signer']}"

@@ -25,11 +25,9 @@ def eval_group():
 @command(eval_group, "suites")
 def eval_suites_cmd(c: Ctx):
     """The shipped example suites."""
-    from appliance.eval.suite import SUITES_DIR, load
+    from appliance import api
 
-    rows = [load(str(p)) for p in sorted(SUITES_DIR.glob("*.toml"))]
-    data = [{"name": s.name, "cases": len(s.cases), "metrics": [m.key for m in s.metrics], "path": s.path,
-             "description": s.description} for s in rows]
+    data = api.eval_suites()["suites"]
     c.emit({"suites": data}, lambda: table(["suite", "cases", "metrics", "description"],
                                             [[d["name"], d["cases"], ", ".join(d["metrics"]), d["description"]]
                                              for d in data]))
@@ -45,23 +43,23 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
     SUITE is a shipped name, a TOML file, or a dataset version NAME@N for its default suite (held-out
     perplexity and cloze questions cut from its documents).
     """
+    from appliance import api
     from appliance.eval.metrics import load_plugins
-    from appliance.eval.run import run
-    from appliance.eval.suite import DATASET_REF, from_dataset, load
+    from appliance.eval.suite import DATASET_REF, load
 
-    load_plugins()
-    by_dataset = bool(DATASET_REF.match(suite))
-    s = None if by_dataset else load(suite)  # a malformed suite is reported before the passphrase is asked
+    if not DATASET_REF.match(suite):
+        load_plugins()
+        load(suite)  # a malformed suite is reported before the passphrase is asked
     bar = StageProgress(not c.json)
     with c.open_vault() as v:
         try:
-            res = run(v, s or from_dataset(v.con, suite), model, progress=bar)
+            res = api.eval_run(v, suite, model, progress=bar)
         finally:
             bar.stop()
-    failure = ChecksFailed(f"{res['id']}: {sum(not k['ok'] for k in res['checks'])} threshold(s) not met",
-                           "see the checks above") if strict and not res["ok"] else None
     # "ok" is the command's outcome (the contract); whether the thresholds held is "checks_ok"
-    data = {**res, "ok": True, "checks_ok": res["ok"]}
+    failure = ChecksFailed(f"{res['id']}: {sum(not k['ok'] for k in res['checks'])} threshold(s) not met",
+                           "see the checks above") if strict and not res["checks_ok"] else None
+    data = dict(res)
     if failure:
         data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
 
@@ -86,10 +84,10 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
 @command(eval_group, "runs")
 def eval_runs_cmd(c: Ctx):
     """Every stored evaluation run."""
-    from appliance.eval.run import runs
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        rows = runs(v.con)
+        rows = api.eval_runs(v)["runs"]
     c.emit({"runs": rows}, lambda: table(
         ["run", "suite", "model", "backend", "passed", "checks", "created"],
         [[r["id"], r["suite"], r["model"], r["backend"], f"{r['passed']}/{r['cases']}",
@@ -118,10 +116,10 @@ def _compare_human(r: dict) -> None:
 @click.argument("b")
 def eval_compare_cmd(c: Ctx, a, b):
     """Per-metric deltas B - A with paired bootstrap intervals, wins, losses and changed answers."""
-    from appliance.eval.run import compare
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        r = compare(v.con, a, b)
+        r = api.eval_compare(v, a, b)
     c.emit(r, lambda: _compare_human(r))
 
 
@@ -132,7 +130,7 @@ def eval_compare_cmd(c: Ctx, a, b):
               help="Allowed regression: relative (0.02 = 2 %), accuracy in absolute points. Repeatable.")
 def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
     """Exit 1 when any metric of the candidate regresses beyond tolerance (for release scripts)."""
-    from appliance.eval.run import gate
+    from appliance import api
 
     per, default = {}, 0.0
     for t in tolerances:
@@ -147,7 +145,7 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
         else:
             default = value
     with c.open_vault(read_only=True) as v:
-        r = gate(v.con, baseline, candidate, per, default)
+        r = api.eval_gate(v, baseline, candidate, per, default)
     failure = ChecksFailed(f"{candidate} regresses on {', '.join(x['metric'] for x in r['regressions'])} "
                            f"against {baseline}", "see the table above") if not r["ok"] else None
     data = dict(r)
@@ -180,10 +178,10 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
 @click.option("--rebaseline", is_flag=True, help="Record a new baseline instead of checking.")
 def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, rebaseline):
     """Compare a model's answers and next-token distributions on fixed probes with the stored baseline."""
-    from appliance.eval.drift import check
+    from appliance import api
 
     with c.open_vault() as v:
-        r = check(v, model, dataset, name, max_change, max_kl, probes, rebaseline)
+        r = api.eval_drift(v, model, dataset, name, max_change, max_kl, probes, rebaseline)
     failure = ChecksFailed(f"{r['model']} drifted from baseline {r['baseline']}", "see the numbers above"
                            ) if not r["ok"] else None
     data = dict(r)
@@ -209,13 +207,11 @@ def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, reb
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def eval_plot_cmd(c: Ctx, runs, out_path):
     """Plot the metrics of evaluation runs side by side (PNG)."""
-    from appliance.eval.plots import metrics_png
-    from appliance.eval.run import load_run
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        summaries = [load_run(v.con, r)[0] for r in runs]
-    keys = metrics_png(summaries, out_path)
-    c.emit({"out": str(out_path), "metrics": keys}, f"wrote {out_path} ({len(keys)} metrics, {len(runs)} runs)")
+        res = api.eval_plot(v, list(runs), out_path)
+    c.emit(res, f"wrote {out_path} ({len(res['metrics'])} metrics, {len(runs)} runs)")
 
 
 @command(train_group, "plot")
@@ -223,13 +219,8 @@ def eval_plot_cmd(c: Ctx, runs, out_path):
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def train_plot_cmd(c: Ctx, runs, out_path):
     """Plot the training loss of runs (NAME@K) per step (PNG)."""
-    from appliance.eval.plots import loss_png
-    from appliance.train.run import losses
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        curves = {r: losses(v.con, r) for r in runs}
-    empty = [r for r, ls in curves.items() if not ls]
-    if empty:
-        raise UsageError(f"no training metrics for {', '.join(empty)}", "list runs with `appliance train runs`")
-    loss_png(curves, out_path)
-    c.emit({"out": str(out_path), "runs": list(curves)}, f"wrote {out_path}")
+        res = api.train_plot(v, list(runs), out_path)
+    c.emit(res, f"wrote {out_path}")

@@ -48,16 +48,14 @@ def jobs_sweep_cmd(c: Ctx, sweep_file, gpus, priority):
     The file names the recipe, fixed overrides (train.eval_every is needed; train.early_stop_patience
     stops a trial that has stopped improving), the method and the [space] of values; see docs/JOBS.md.
     """
+    from appliance import api
     from appliance.jobs import queue
-    from appliance.jobs.dispatch import dispatch
 
-    spec = queue.check_spec("sweep", {"file": str(sweep_file)})  # a bad file is refused before the passphrase
+    queue.check_spec("sweep", {"file": str(sweep_file)})  # a bad file is refused before the passphrase
     with c.open_vault() as v:
-        job = queue.submit(v, "sweep", spec, gpus, priority)
-        dispatch(v)
-        job = queue.get(v.con, job.id)
-    c.emit(job.to_json(), f"{job.id} {job.status}: {job.describe()}; follow it with "
-                          f"`appliance jobs logs {job.id} -f`")
+        job = api.jobs_sweep(v, file=sweep_file, gpus=gpus, priority=priority)
+    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; follow it with "
+                f"`appliance jobs logs {job['id']} -f`")
 
 
 @command(jobs_group, "list")
@@ -90,17 +88,16 @@ def jobs_show_cmd(c: Ctx, job_id):
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 def jobs_logs_cmd(c: Ctx, job_id, follow):
     """A job's log (sealed on disk; opened with the vault's key)."""
+    from appliance import api
     from appliance.errors import VaultBusy
     from appliance.jobs import queue
     from appliance.jobs.log import JobLog
 
     with c.open_vault(read_only=True) as v:
-        job = queue.get(v.con, job_id)
-    log = JobLog(v.home.logs, job_id, v.secrets.data_key)
+        res = api.jobs_logs(v, job_id)
     if not follow:
-        lines = log.lines()
-        return c.emit({"id": job_id, "status": job.status, "lines": lines}, lambda: [out.print(ln, markup=False)
-                                                                                  for ln in lines])
+        return c.emit(res, lambda: [out.print(ln, markup=False) for ln in res["lines"]])
+    log = JobLog(v.home.logs, job_id, v.secrets.data_key)
 
     from appliance.jobs.dispatch import runner_alive
 
@@ -138,14 +135,12 @@ def jobs_cancel_cmd(c: Ctx, job_id):
 @click.argument("job_id")
 def jobs_resume_cmd(c: Ctx, job_id):
     """Queue a stopped training job again; its run continues from the last checkpoint."""
+    from appliance import api
     from appliance.jobs import queue
-    from appliance.jobs.dispatch import dispatch
 
     with c.open_vault() as v:
-        job = queue.resubmit(v, job_id)
-        dispatch(v)
-        job = queue.get(v.con, job.id)
-    c.emit(job.to_json(), f"{job.id} {job.status}: {job.describe()}")
+        job = api.jobs_resume(v, job_id)
+    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}")
 
 
 @command(jobs_group, "work")

@@ -48,20 +48,20 @@ def quantize_cmd(c: Ctx, model, qtype, imatrix_ref, eval_ref, eval_tokens, imatr
         return _list(c)
     if not model:
         raise UsageError("missing MODEL", "pass a model id (see `appliance train models`) or --list")
+    from appliance import api
     from appliance.quantize import types
-    from appliance.quantize.stage import quantize
 
     types.get(qtype)  # a bad --type is a usage error before the passphrase is asked
     bar = StageProgress(not c.json)
     with c.open_vault() as v:
         try:
-            res = quantize(v, model, qtype, imatrix_ref, eval_ref, ppl_bound, eval_tokens, imatrix_tokens,
-                           threads, progress=bar)
+            res = api.quantize(v, model, qtype, imatrix_ref, eval_ref, ppl_bound, eval_tokens, imatrix_tokens,
+                               threads, progress=bar)
         finally:
             bar.stop()
-    failure = (QualityFlagged(f"{res.id} failed its quality bounds", "see the flags above; the file was kept "
-                              "and recorded as flagged") if strict and res.flagged else None)
-    data = res.to_json()
+    failure = (QualityFlagged(f"{res['id']} failed its quality bounds", "see the flags above; the file was kept "
+                              "and recorded as flagged") if strict and res["flagged"] else None)
+    data = dict(res)
     if failure:
         data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
     c.emit(data, lambda: _human(res))
@@ -69,31 +69,31 @@ def quantize_cmd(c: Ctx, model, qtype, imatrix_ref, eval_ref, eval_tokens, imatr
         raise failure
 
 
-def _human(res) -> None:
-    q = res.quality
-    out.print(f"[bold]{res.id}[/]{' (exported before)' if res.existing else ''}  {human_bytes(res.size)}, "
-              f"{res.bits_per_weight:.2f} bits/weight, {res.params:,} parameters"
-              f"{f', importance matrix from {res.imatrix}' if res.imatrix else ''}")
-    out.print(f"tensors: {', '.join(f'{k} {n}' for k, n in res.tensor_types.items())}")
+def _human(res: dict) -> None:
+    q, fb = res["quality"], res["fallbacks"]
+    matrix = f", importance matrix from {res['imatrix']}" if res["imatrix"] else ""
+    out.print(f"[bold]{res['id']}[/]{' (exported before)' if res['existing'] else ''}  {human_bytes(res['size'])}, "
+              f"{res['bits_per_weight']:.2f} bits/weight, {res['params']:,} parameters{matrix}")
+    out.print(f"tensors: {', '.join(f'{k} {n}' for k, n in res['tensor_types'].items())}")
     out.print(f"quality on {q['eval_data']} ({q['eval_split']}, {q['tokens']} tokens): perplexity "
               f"{q['ppl_source']:.3f} -> {q['ppl_gguf']:.3f} ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
               f"{q['top1_agreement']:.2%}, max |logit diff| {q['max_logit_diff']:.4f}, KL {q['mean_kld']:.5f}")
     out.print(f"tokenizer: {q['tokenizer_agreed']}/{q['tokenizer_records']} held-out records tokenized "
               "identically by llama.cpp")
-    if res.fallbacks:
-        stored = sorted({f["stored_as"] for f in res.fallbacks})
-        out.print(f"fallbacks: {len(res.fallbacks)} tensor(s) stored as {', '.join(stored)}: "
-                  f"{res.fallbacks[0]['why']}" + (" (and others; see --json)" if len(res.fallbacks) > 1 else ""))
+    if fb:
+        stored = sorted({f["stored_as"] for f in fb})
+        out.print(f"fallbacks: {len(fb)} tensor(s) stored as {', '.join(stored)}: {fb[0]['why']}"
+                  + (" (and others; see --json)" if len(fb) > 1 else ""))
     for flag in q["flags"]:
         err.print(f"warning: {flag}", markup=False)
-    out.print(f"saved to {res.path} (Ollama Modelfile beside it)")
+    out.print(f"saved to {res['path']} (Ollama Modelfile beside it)")
 
 
 def _list(c: Ctx) -> None:
-    from appliance.quantize.stage import exported
+    from appliance import api
 
     with c.open_vault(read_only=True) as v:
-        rows = exported(v.con)
+        rows = api.quantize_list(v)["gguf"]
     c.emit({"gguf": rows}, lambda: table(
         ["id", "type", "size", "bits/weight", "ppl delta", "top-1", "flagged", "created"],
         [[r["id"], r["type"], human_bytes(r["size"]), r["bits_per_weight"], _pct(r["ppl_delta_pct"], "+.2f"),
