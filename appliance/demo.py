@@ -70,7 +70,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
                     ("mail", [samples / "mail"]),
                     ("code", [samples / "kestrel-tools"]),
                     ("tables", [samples / "tables"]),
-                    ("handbook-qa", [samples / "instructions" / "handbook-qa.jsonl"])]
+                    ("handbook-qa", [samples / "instructions" / "handbook-qa.jsonl"]),
+                    ("handbook-prefs", [samples / "preferences" / "handbook-prefs.jsonl"])]
             for name, paths in plan:
                 r = ingest(v, paths, name)
                 pii = ", ".join(f"{k} {n}" for k, n in r.pii.items()) or "none"
@@ -111,7 +112,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
 
 
 def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
-    """Pre-train the tiny dense preset on the handbook, then LoRA-tune it on the handbook Q&A pairs."""
+    """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs, then
+    preference-tune that (DPO) toward the handbook's answers; the last is the model that ships."""
     from appliance.train.config import load_recipe
     from appliance.train.run import losses, run
 
@@ -129,7 +131,14 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
     ls = losses(v.con, s.id)
     stage("sft", f"{s.id}: LoRA r=8 on {r.id}, {len(ls)} steps on handbook-qa@1 (answers only), loss "
                  f"{ls[0]:.2f} -> {ls[-1]:.2f}; merged as {s.merged}", id=s.id, merged=s.merged)
-    return s.merged
+    dpo = load_recipe("dpo-lora", [f"model.base={s.merged}", "data.datasets=handbook-prefs@1", "train.max_steps=20",
+                                   *common])
+    p = run(v, dpo)
+    ls = losses(v.con, p.id)
+    stage("dpo", f"{p.id}: LoRA on {s.merged}, {len(ls)} steps on {p.data['pairs']} preference pairs of "
+                 f"handbook-prefs@1 (reference: the base, adapters off), loss {ls[0]:.3f} -> {ls[-1]:.3f}; merged "
+                 f"as {p.merged}", id=p.id, merged=p.merged, first_loss=ls[0], last_loss=ls[-1])
+    return p.merged
 
 
 def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:

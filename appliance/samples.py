@@ -1,8 +1,9 @@
 """Generator of the synthetic sample corpus used by the demo and the tests.
 
 Everything is invented and seeded: an engineering handbook of a fictional site (markdown), a mailbox
-(.eml files and an mbox), a small code repository, tables (CSV and Parquet), a PDF, a DOCX, and JSONL
-instruction/response pairs about the handbook. Fake PII is seeded throughout so scrubbing has work to do.
+(.eml files and an mbox), a small code repository, tables (CSV and Parquet), a PDF, a DOCX, JSONL
+instruction/response pairs about the handbook, and JSONL preference rows (prompt, chosen, rejected).
+Fake PII is seeded throughout so scrubbing has work to do.
 The site's own vocabulary recurs often enough that a tiny model trained on it picks the terms up.
 
 Run: `appliance samples --out DIR` (or `python -m appliance.samples DIR`).
@@ -375,6 +376,28 @@ def _pairs(out: Path, rng: random.Random) -> None:
     (d / "handbook-qa.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
+def _preferences(out: Path, rng: random.Random) -> None:
+    """Prompt / chosen / rejected rows for preference tuning: the handbook's answer is preferred over the
+    same answer with another system's fact in it, and over a non-answer."""
+    d = out / "preferences"
+    d.mkdir(parents=True)
+    lines = []
+    evasive = ["I am not sure; check with someone on site.", "That is not something I can answer.",
+               "It depends on the situation."]
+    for i, term in enumerate(TERMS):
+        t, what, when, who, trigger = term
+        other = TERMS[(i + 1 + rng.randrange(len(TERMS) - 1)) % len(TERMS)]  # never the same term
+        for q, a in QUESTIONS[:3]:
+            kw = dict(t=t, what=what, when=when, who=who, Who=who[0].upper() + who[1:], trigger=trigger,
+                      Trigger=trigger[0].upper() + trigger[1:])
+            wrong = {**kw, "what": other[1], "when": other[2], "who": other[3],
+                     "Who": other[3][0].upper() + other[3][1:]}
+            rejected = a.format(**wrong) if rng.random() < 0.75 else rng.choice(evasive)
+            lines.append({"prompt": q.format(**kw), "chosen": a.format(**kw), "rejected": rejected})
+    rng.shuffle(lines)
+    (d / "handbook-prefs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
+
+
 def generate(out: Path, seed: int = 7) -> dict:
     """Write the corpus under `out` (which must not exist or be empty); return a manifest."""
     out = Path(out)
@@ -389,10 +412,12 @@ def generate(out: Path, seed: int = 7) -> dict:
     _tables(out, rng)
     _documents(out, rng)
     _pairs(out, rng)
+    _preferences(out, rng)
     files = [p for p in out.rglob("*") if p.is_file()]
     return {"out": str(out), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "seed": seed,
             "parts": {"handbook": "handbook/", "mail": "mail/", "code": "kestrel-tools/", "tables": "tables/",
-                      "documents": "documents/", "instructions": "instructions/handbook-qa.jsonl"}}
+                      "documents": "documents/", "instructions": "instructions/handbook-qa.jsonl",
+                      "preferences": "preferences/handbook-prefs.jsonl"}}
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ from typing import Any, get_type_hints
 from appliance.errors import UsageError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-STAGES = ("pretrain", "continue", "sft")
+STAGES = ("pretrain", "continue", "sft", "dpo")
+ADAPTER_STAGES = ("sft", "dpo")  # stages that may train LoRA/QLoRA adapters instead of every weight
 METHODS = ("full", "lora", "qlora")
 
 
 @dataclass
 class ModelConfig:
-    """Model shape for `pretrain`; `base` for `continue` and `sft`."""
+    """Model shape for `pretrain`; `base` for `continue`, `sft` and `dpo`."""
 
     arch: str = "dense"
     """dense (Llama-style) or moe (Mixtral-style mixture of experts)."""
@@ -49,7 +50,7 @@ class ModelConfig:
     router_aux_loss: float = 0.02
     """moe: weight of the load-balancing loss."""
     base: str = ""
-    """continue/sft: model id (NAME@K) from `appliance train import` or an earlier run."""
+    """continue/sft/dpo: model id (NAME@K) from `appliance train import` or an earlier run."""
 
     def problems(self, stage: str) -> list[str]:
         p = []
@@ -58,7 +59,7 @@ class ModelConfig:
                 p.append(f"model.base is required for stage {stage!r} (a model id, e.g. pilot@1)")
             return p
         if self.base:
-            p.append("model.base is only for stages 'continue' and 'sft'; pretrain starts from random weights")
+            p.append("model.base is only for stages continue, sft and dpo; pretrain starts from random weights")
         if self.arch not in ("dense", "moe"):
             p.append(f"model.arch must be 'dense' or 'moe', not {self.arch!r}")
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
@@ -94,13 +95,18 @@ class DataConfig:
     seq_len: int = 512
     """Tokens per packed sequence."""
     format: str = "text"
-    """text: records as documents separated by EOS; chat: prompt/response pairs from a table (SFT)."""
+    """text: records as documents separated by EOS; chat: prompt/response pairs from a table (SFT);
+    preference: prompt/chosen/rejected triples from a table (DPO)."""
     prompt_field: str = "instruction"
-    """chat: the column holding the user's turn."""
+    """chat, preference: the column holding the user's turn."""
     response_field: str = "response"
     """chat: the column holding the assistant's answer (the only tokens the loss sees)."""
+    chosen_field: str = "chosen"
+    """preference: the column holding the answer to prefer."""
+    rejected_field: str = "rejected"
+    """preference: the column holding the answer to move away from."""
     system_prompt: str = ""
-    """chat: optional system turn put before every pair."""
+    """chat, preference: optional system turn put before every conversation."""
 
     def problems(self, stage: str) -> list[str]:
         p = []
@@ -112,10 +118,14 @@ class DataConfig:
             p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
         if self.seq_len < 8:
             p.append("data.seq_len must be at least 8")
-        if self.format not in ("text", "chat"):
-            p.append(f"data.format must be 'text' or 'chat', not {self.format!r}")
+        if self.format not in ("text", "chat", "preference"):
+            p.append(f"data.format must be 'text', 'chat' or 'preference', not {self.format!r}")
         if stage == "sft" and self.format != "chat":
             p.append("data.format must be 'chat' for stage 'sft'")
+        if (stage == "dpo") != (self.format == "preference"):
+            p.append("data.format 'preference' goes with stage 'dpo', and only with it")
+        if self.format == "preference" and len({self.prompt_field, self.chosen_field, self.rejected_field}) < 3:
+            p.append("data.prompt_field, data.chosen_field and data.rejected_field must be three different columns")
         return p
 
 
@@ -159,6 +169,8 @@ class TrainConfig:
     """Measure the loss on the datasets' validation split every N steps and at the end (0: never)."""
     early_stop_patience: int = 0
     """Finish early when the validation loss has not improved for this many measurements (0: never)."""
+    dpo_beta: float = 0.1
+    """dpo: strength of the pull back to the reference model (higher: stay closer to it)."""
 
     def problems(self) -> list[str]:
         p = []
@@ -190,6 +202,8 @@ class TrainConfig:
             p.append("train.early_stop_patience needs train.eval_every (the validation loss it watches)")
         if self.parallel not in ("ddp", "fsdp"):
             p.append(f"train.parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
+        if not self.dpo_beta > 0:
+            p.append("train.dpo_beta must be positive")
         return p
 
 
@@ -227,11 +241,12 @@ class Recipe:
     """A whole training run."""
 
     stage: str = "pretrain"
-    """pretrain (random init), continue (more pre-training of a base model) or sft (chat fine-tuning)."""
+    """pretrain (random init), continue (more pre-training of a base model), sft (chat fine-tuning) or dpo
+    (preference tuning: toward chosen answers, away from rejected ones, anchored to the base)."""
     name: str = ""
     """Model name; each run saves NAME@K."""
     method: str = "full"
-    """sft: full, lora or qlora (4-bit NF4 base + LoRA)."""
+    """sft, dpo: full, lora or qlora (4-bit NF4 base + LoRA)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -251,10 +266,12 @@ class Recipe:
                          "letter or digit")
         if self.method not in METHODS:
             p.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
-        elif self.method != "full" and self.stage != "sft":
-            p.append(f"method {self.method!r} is for stage 'sft'; stage {self.stage!r} trains every weight")
+        elif self.method != "full" and self.stage not in ADAPTER_STAGES:
+            p.append(f"method {self.method!r} is for stages sft and dpo; stage {self.stage!r} trains every weight")
         if self.method != "full" and self.train.parallel == "fsdp":
             p.append("train.parallel 'fsdp' is for full training; adapters are small, use 'ddp'")
+        if self.stage == "dpo" and self.train.parallel == "fsdp":
+            p.append("train.parallel 'fsdp' is not available for dpo (the reference model is kept whole); use 'ddp'")
         p += self.model.problems(self.stage)
         p += self.data.problems(self.stage)
         p += self.train.problems()

@@ -3,7 +3,8 @@
 Text (pretrain, continue): documents are tokenized and concatenated with EOS between them, then cut into
 rows of `seq_len`; only the final row is padded. Chat (sft): each prompt/response pair is rendered with the
 tokenizer's chat template; only the assistant's tokens are scored (label -100 elsewhere); pairs are packed
-whole, first come first served, into rows.
+whole, first come first served, into rows. Preference (dpo): each prompt/chosen/rejected triple is one row
+of 2 x `seq_len`: the chosen conversation, padded, then the rejected one, each scored on the answer only.
 
 Packed rows live in memory and in the encrypted vault (`token_cache`), never in a plaintext file.
 """
@@ -56,6 +57,9 @@ def cache_key(cfg: DataConfig, datasets: list[tuple[str, str]], tokenizer_hash: 
             "tokenizer": tokenizer_hash, "packing": 2}
     if cfg.format == "chat":
         spec.update(prompt=cfg.prompt_field, response=cfg.response_field, system=cfg.system_prompt)
+    if cfg.format == "preference":
+        spec.update(prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field,
+                    system=cfg.system_prompt)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -68,16 +72,20 @@ def prepare(vault, cfg: DataConfig, tokenizer, tokenizer_hash: str,
     if cached is not None:
         return cached, datasets, True
     progress(f"tokenizing {', '.join(d for d, _ in datasets)}")
-    if cfg.format == "chat":
-        packed = pack_chat(tokenizer, chat_pairs(vault.con, [d for d, _ in datasets], cfg), cfg.seq_len,
-                           cfg.system_prompt)
-    else:
-        packed = pack_text(tokenizer, _texts(vault.con, [d for d, _ in datasets]), cfg.seq_len)
+    packed = _pack(vault.con, cfg, tokenizer, [d for d, _ in datasets], "train")
     if packed.rows == 0:
         raise UsageError(f"{', '.join(cfg.datasets)} gave no training rows", "ingest more data")
     with vault.transaction():
-        store_cached(vault.con, key, packed, with_labels=cfg.format == "chat")
+        store_cached(vault.con, key, packed, with_labels=cfg.format != "text")
     return packed, datasets, False
+
+
+def _pack(con, cfg: DataConfig, tokenizer, refs: list[str], split: str) -> Packed:
+    if cfg.format == "chat":
+        return pack_chat(tokenizer, chat_pairs(con, refs, cfg, split), cfg.seq_len, cfg.system_prompt)
+    if cfg.format == "preference":
+        return pack_preference(tokenizer, preference_triples(con, refs, cfg, split), cfg.seq_len, cfg.system_prompt)
+    return pack_text(tokenizer, _texts(con, refs, split), cfg.seq_len)
 
 
 def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]], tokenizer_hash: str) -> Packed:
@@ -86,15 +94,12 @@ def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]
     if (cached := load_cached(vault.con, key)) is not None:
         return cached
     refs = [d for d, _ in datasets]
-    if cfg.format == "chat":
-        packed = pack_chat(tokenizer, chat_pairs(vault.con, refs, cfg, "validation"), cfg.seq_len, cfg.system_prompt)
-    else:
-        packed = pack_text(tokenizer, _texts(vault.con, refs, "validation"), cfg.seq_len)
+    packed = _pack(vault.con, cfg, tokenizer, refs, "validation")
     if packed.rows == 0:
         raise UsageError(f"{', '.join(refs)} have no validation split to measure", "ingest with --validation 0.05 "
                          "(the default) or more, or set train.eval_every = 0")
     with vault.transaction():
-        store_cached(vault.con, key, packed, with_labels=cfg.format == "chat")
+        store_cached(vault.con, key, packed, with_labels=cfg.format != "text")
     return packed
 
 
@@ -129,6 +134,21 @@ def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -
 
 def chat_pairs(con, refs: list[str], cfg: DataConfig, split: str = "train") -> Iterator[tuple[str, str]]:
     """(prompt, response) of every row of the tables in `refs` in `split`."""
+    return table_rows(con, refs, [(cfg.prompt_field, "data.prompt_field"), (cfg.response_field, "data.response_field")],
+                      split, "ingest a JSONL/CSV of prompt/response pairs as the SFT dataset")
+
+
+def preference_triples(con, refs: list[str], cfg: DataConfig, split: str = "train") -> Iterator[tuple[str, ...]]:
+    """(prompt, chosen, rejected) of every row of the tables in `refs` in `split`."""
+    return table_rows(con, refs, [(cfg.prompt_field, "data.prompt_field"), (cfg.chosen_field, "data.chosen_field"),
+                                  (cfg.rejected_field, "data.rejected_field")],
+                      split, "ingest a JSONL/CSV of prompt/chosen/rejected rows as the DPO dataset")
+
+
+def table_rows(con, refs: list[str], columns: list[tuple[str, str]], split: str, hint: str
+               ) -> Iterator[tuple[str, ...]]:
+    """The given columns (each with the recipe key that names it) of every table row of `refs` in `split`;
+    rows with an empty value are skipped."""
     from appliance.vault.versions import resolve
 
     for ref in refs:
@@ -141,22 +161,22 @@ def chat_pairs(con, refs: list[str], cfg: DataConfig, split: str = "train") -> I
         if not wanted and split != "train":
             continue
         if not wanted:
-            raise UsageError(f"{ref} has no table rows to fine-tune on",
-                             "ingest a JSONL/CSV of prompt/response pairs as the SFT dataset")
+            raise UsageError(f"{ref} has no table rows to train on", hint)
         for table, rows in wanted.items():
             cols = [c for (c,) in con.execute(
                 "SELECT column_name FROM information_schema.columns WHERE table_schema = 'data' AND table_name = ?",
                 [table]).fetchall()]
-            for f, key in ((cfg.prompt_field, "data.prompt_field"), (cfg.response_field, "data.response_field")):
+            for f, key in columns:
                 if f not in cols:
                     raise UsageError(f"{ref} table has no column {f!r} ({key})",
                                      f"its columns are {', '.join(cols)}; set --{key} NAME")
-            got = dict(((rid + 1), (p, r)) for rid, p, r in con.execute(
-                f'SELECT rowid, "{cfg.prompt_field}", "{cfg.response_field}" FROM data."{table}"').fetchall())
+            picked = ", ".join(f'"{f}"' for f, _ in columns)
+            query = f'SELECT rowid, {picked} FROM data."{table}"'
+            got = {rid + 1: vals for rid, *vals in con.execute(query).fetchall()}
             for row in rows:
-                p, r = got.get(row, (None, None))
-                if p and r:
-                    yield str(p), str(r)
+                vals = got.get(row)
+                if vals and all(vals):
+                    yield tuple(str(x) for x in vals)
 
 
 def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
@@ -234,6 +254,38 @@ def pack_chat(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, system_
         labels_arr[i, :len(lab)] = lab
     pad_count = len(rows) * seq_len - sum(len(t) for t, _ in rows)
     return Packed(tokens, labels_arr, _stats(docs, tokens, labels_arr, pad_count, truncated))
+
+
+def pack_preference(tokenizer, triples: Iterable[tuple[str, str, str]], seq_len: int, system_prompt: str = ""
+                    ) -> Packed:
+    """One row of 2 x seq_len per triple: [chosen conversation | rejected conversation], each padded on its
+    own and scored on the answer only. A triple whose prompt leaves no answer token within seq_len is
+    dropped (it would teach nothing) and counted."""
+    pad = _pad_id(tokenizer)
+    rows: list[tuple[list[int], list[int]]] = []
+    docs = truncated = dropped = used = 0
+    for prompt, chosen, rejected in triples:
+        docs += 1
+        halves = []
+        for answer in (chosen, rejected):
+            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+                {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
+            ids, labels = encode_chat(tokenizer, msgs)
+            truncated += len(ids) > seq_len
+            halves.append((ids[:seq_len], labels[:seq_len]))
+        if any(all(x == IGNORE for x in lab[1:]) for _, lab in halves):  # position 0 is never predicted
+            dropped += 1
+            continue
+        used += sum(len(ids) for ids, _ in halves)
+        rows.append(tuple(halves))  # type: ignore[arg-type]
+    tokens = np.full((len(rows), 2 * seq_len), pad, np.int32)
+    labels_arr = np.full((len(rows), 2 * seq_len), IGNORE, np.int32)
+    for i, halves in enumerate(rows):
+        for h, (ids, lab) in enumerate(halves):
+            tokens[i, h * seq_len:h * seq_len + len(ids)] = ids
+            labels_arr[i, h * seq_len:h * seq_len + len(lab)] = lab
+    stats = _stats(docs, tokens, labels_arr, tokens.size - used, truncated)
+    return Packed(tokens, labels_arr, {**stats, "pairs": len(rows), "dropped": dropped})
 
 
 def _pad_id(tokenizer) -> int:

@@ -213,11 +213,13 @@ def make_optimizer(model, cfg: TrainConfig):
 def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, cfg: TrainConfig,
         dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None], on_checkpoint: Callable[[int, str], None],
         resume_from: Path | None = None, aux_loss_coef: float = 0.0, state: dict | None = None,
-        n_val: int = 0) -> FitResult:
+        n_val: int = 0, dpo=None) -> FitResult:
     """Train `model` (already on its device) for cfg.max_steps, checkpointing as it goes.
 
     Rows `n_rows .. n_rows + n_val` are the validation split: with cfg.eval_every its loss is measured and
     reported as `val_loss`; `on_step` may answer "finish" to end the run early as done (early stopping).
+    With `dpo` (a preference.DPO) each row is a [chosen | rejected] pair and the loss is the mean DPO loss
+    per pair instead of the mean next-token loss per scored token.
     """
     import torch
     import torch.nn.functional as F
@@ -269,7 +271,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
             tok_np, lab_np = rows(index)
             x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)  # (B, T)
             y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
-            scored = dist.sum(int((y[:, 1:] != IGNORE).sum()))
+            scored = dist.sum(len(index)) if dpo else dist.sum(int((y[:, 1:] != IGNORE).sum()))
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -279,16 +281,20 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
                     last = j == len(micro) - 1
                     with _no_sync(model, last), autocast():
                         xb, yb = x[s:s + cfg.micro_batch_size], y[s:s + cfg.micro_batch_size]
-                        kw = {"output_router_logits": True} if moe else {}
-                        out = model(input_ids=xb, use_cache=False, **kw)
-                        logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
-                        # position t predicts token t+1: shift the labels, not the (large) logits
-                        target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
-                        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1),
-                                             ignore_index=IGNORE, reduction="sum")
-                        loss = ce * dist.world / max(scored, 1.0)
-                        if moe and out.aux_loss is not None:
-                            loss = loss + aux_loss_coef * out.aux_loss * len(xb) / per_rank
+                        if dpo is not None:
+                            ce = dpo.losses(model, xb, yb).sum()
+                            loss = ce * dist.world / max(scored, 1.0)
+                        else:
+                            kw = {"output_router_logits": True} if moe else {}
+                            out = model(input_ids=xb, use_cache=False, **kw)
+                            logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
+                            # position t predicts token t+1: shift the labels, not the (large) logits
+                            target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
+                            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1),
+                                                 ignore_index=IGNORE, reduction="sum")
+                            loss = ce * dist.world / max(scored, 1.0)
+                            if moe and out.aux_loss is not None:
+                                loss = loss + aux_loss_coef * out.aux_loss * len(xb) / per_rank
                     loss.backward()
                     loss_sum += ce.detach().double()
                 norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
@@ -313,7 +319,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
                        "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
                        "eta": elapsed / (step - start) * (cfg.max_steps - step)}
             measure = n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-            metrics["val_loss"] = validate(model, rows, n_rows, n_val, cfg, dist, autocast) if measure else None
+            metrics["val_loss"] = validate(model, rows, n_rows, n_val, cfg, dist, autocast, dpo) if measure else None
             verdict = on_step(metrics) if dist.is_main else None
             if verdict is True:
                 stop.set = True  # the launcher relays a Ctrl-C
@@ -327,8 +333,8 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     return FitResult(status, step, loss_val, tokens_seen, time.time() - t_start, last_ckpt, model)
 
 
-def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast) -> float:
-    """Mean loss per scored token over the validation rows, split across ranks.
+def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, dpo=None) -> float:
+    """Mean loss per scored token (per pair with `dpo`) over the validation rows, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP gathers inside them); a rank with fewer rows
     repeats one and does not count it.
@@ -348,6 +354,12 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
             keep = torch.from_numpy(counted[s:s + cfg.micro_batch_size]).to(dist.device)
             x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)
             y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
+            if dpo is not None:
+                with autocast():
+                    per_pair = dpo.losses(model, x, y)
+                total += float(per_pair[keep].sum())
+                scored += int(keep.sum())
+                continue
             with autocast():
                 logits = model(input_ids=x, use_cache=False).logits.float()  # (b, T, vocab)
             target = F.pad(y[:, 1:], (0, 1), value=IGNORE)

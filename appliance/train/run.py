@@ -404,9 +404,10 @@ def _check_tokenizer(recipe: Recipe, tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no end-of-text token", "documents are packed with EOS between them; "
                                                                   "use a tokenizer that defines eos_token")
-    if recipe.data.format == "chat" and not getattr(tokenizer, "chat_template", None):
+    if recipe.data.format in ("chat", "preference") and not getattr(tokenizer, "chat_template", None):
         raise UsageError("the base model's tokenizer has no chat template",
-                         "SFT renders pairs with it; add one (tokenizer_config.json or chat_template.jinja)")
+                         "SFT and DPO render conversations with it; add one (tokenizer_config.json or "
+                         "chat_template.jinja)")
 
 
 def _check_lengths(recipe: Recipe, src: Inputs) -> None:

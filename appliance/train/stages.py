@@ -1,4 +1,4 @@
-"""The three training stages. Each reads top to bottom: load inputs, build the model, fit, save.
+"""The four training stages. Each reads top to bottom: load inputs, build the model, fit, save.
 
 They share only real mechanisms: the data path (`data`), the loop (`loop.fit`), checkpoints and saving.
 Every process of a run calls the same stage function with the same spec; the launcher (`run.py`) does the
@@ -65,7 +65,27 @@ def sft(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
-STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft}
+def dpo(spec: dict, link, dist: loop.Dist) -> dict:
+    """Preference tuning on [chosen | rejected] rows, anchored to the base (see `preference`)."""
+    import torch
+
+    from appliance.train.preference import DPO
+
+    recipe = _recipe(spec)
+    torch.manual_seed(recipe.train.seed)  # adapter init
+    tokenizer = load_tokenizer(Path(spec["base_path"]))
+    base = Path(spec["base_path"])
+    model = load_base(base, recipe.method, recipe.lora, dist.device)
+    if recipe.method != "qlora":
+        model = model.to(dist.device)
+    reference = None  # adapters: the policy with its adapters off
+    if recipe.method == "full":
+        reference = load_base(base).to(dist.device).eval().requires_grad_(False)
+    res = _fit(model, link, recipe, spec, dist, 0.0, DPO(recipe.train.dpo_beta, reference))
+    return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
+
+
+STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft, "dpo": dpo}
 
 
 def _fsdp(recipe: Recipe, dist: loop.Dist) -> bool:
@@ -86,11 +106,11 @@ def _aux_coef(model) -> float:
     return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_local_experts", 0) else 0.0
 
 
-def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float) -> loop.FitResult:
+def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float, dpo=None) -> loop.FitResult:
     resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
     return loop.fit(model, link.rows, spec["rows"], recipe.train, dist, Path(spec["run_dir"]) / "checkpoints",
                     link.step, link.checkpoint, resume_from=resume, aux_loss_coef=aux,
-                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0))
+                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0), dpo=dpo)
 
 
 def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: bool) -> dict:
