@@ -404,7 +404,7 @@ def keys_export_public(v, name: str, out: str | Path | None = None) -> dict:
 def trust_add(v, pub_file: str | Path, name: str, kinds: list[str] | None = None) -> dict:
     from appliance.exchange import trust_add as add
 
-    return add(v, Path(pub_file), name, kinds or ["model", "gguf", "dataset", "eval"])
+    return add(v, Path(pub_file), name, ["model", "gguf", "dataset", "eval"] if kinds is None else kinds)
 
 
 def trust_list(v) -> dict:
@@ -442,5 +442,4 @@ def bundle_export(v, ref: str, sign_key: str, out: str | Path, to: list[str | Pa
                   expires_days: float = 365) -> dict:
     from appliance.exchange import export_bundle
 
-    return export_bundle(v, ref, sign_key, [Path(p) for p in to or []], Path(out).expanduser().absolute(),
-                         expires_days)
+    return export_bundle(v, ref, sign_key, [Path(p) for p in to or []], Path(out).expanduser(), expires_days)

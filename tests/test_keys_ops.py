@@ -26,8 +26,13 @@ def test_rekey_rotates_the_data_key(home, cli, samples):
     assert _state(home) == before
     with open_vault(home, read_only=True) as v:
         assert v.secrets.duckdb_key != old_key
+    # a process that let go of the vault (a run, an export) will attach again with the key it has: no rekey
+    # meanwhile (checked in-process: flock sees a second open file as another holder)
+    with open_vault(home) as detached, detached.released():
+        r = cli("--home", home, "vault", "rekey")
+        assert r.code == 1 and "a training run, quantize or eval is working on this vault" in r.err
     leftovers = sorted(p.name for p in home.iterdir())
-    assert leftovers == [".vault.lock", "artifacts", "keyring.json", "logs", "tmp", "vault.duckdb"]
+    assert leftovers == [".detached.lock", ".vault.lock", "artifacts", "keyring.json", "logs", "tmp", "vault.duckdb"]
     plain = duckdb.connect()
     with pytest.raises(duckdb.Error):
         plain.execute(f"ATTACH '{home / 'vault.duckdb'}' AS v (ENCRYPTION_KEY '{old_key}', READ_ONLY)")

@@ -73,8 +73,10 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     final = gguf_dir(vault.home.artifacts, gid)
     imatrix_ds = _version(vault.con, imatrix_ref) if imatrix_ref else None
     eval_ds = _version(vault.con, eval_ref) if eval_ref else None
+    if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # no lock needed
+        return existing
     with _export_lock(vault.home.root):  # one export at a time per home: see _export_lock
-        if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):
+        if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # made meanwhile
             return existing
         eval_ds = eval_ds or _data_of(vault.con, model_id)
         pl = gguf_export.plan(model_dir)  # every problem with the model shows before any work starts

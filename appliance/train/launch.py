@@ -124,10 +124,19 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
     if len(os.fsencode(path)) > 100:  # AF_UNIX paths are limited to ~107 bytes: a deep home gets a private
         short_dir = Path(tempfile.mkdtemp(prefix="appliance-"))  # 0700 directory in the system's temp dir
         path = short_dir / "train.sock"
+        if len(os.fsencode(path)) > 100:
+            short_dir.rmdir()
+            raise TrainError(f"no short enough place for the workers' socket ({path})",
+                             "use a --home (or TMPDIR) with a shorter path")
     ticket = secrets.token_hex(32)
     results: dict = {}
     stop = threading.Event()
-    server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop)
+    try:
+        server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop)
+    except OSError:
+        if short_dir is not None:
+            short_dir.rmdir()
+        raise
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nodes.nnodes > 1:
         cmd += [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", "--rdzv-backend=c10d",

@@ -127,14 +127,24 @@ class Vault:
 
     @contextmanager
     def released(self, wait: float = 3600.0):
-        """Detached for the length of a block (a training run), then attached again as it was."""
+        """Detached for the length of a block (a training run, a quantize), then attached again as it was.
+
+        A shared lock on the home is held meanwhile: a rekey refuses to swap the key under a process that
+        will attach again with the old one."""
+        import fcntl
+
         attached, read_only = self.con is not None, self.read_only
         self.close()
+        fd = os.open(self.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
             yield self
         finally:
-            if attached:
-                self.reopen(read_only, wait)
+            try:
+                if attached:
+                    self.reopen(read_only, wait)
+            finally:
+                os.close(fd)
 
     def __enter__(self) -> Vault:
         return self
@@ -192,8 +202,19 @@ class Vault:
         if running:  # their processes hold the current key
             raise VaultError(f"jobs are running ({', '.join(running)})", "rekey when they have ended "
                              "(`appliance jobs list`)")
+        import fcntl
+
         with _home_lock(self.home, BUSY_WAIT):
-            self._rekey(passphrase)
+            fd = os.open(self.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:  # a run or an export let go of the vault and will attach again
+                    raise VaultError("a training run, quantize or eval is working on this vault",
+                                     "rekey when it has ended") from None
+                self._rekey(passphrase)
+            finally:
+                os.close(fd)
 
     def _rekey(self, passphrase: str) -> None:
         nxt = Secrets(os.urandom(32), self.secrets.pseudonym_key, self.secrets.audit_key)
