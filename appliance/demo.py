@@ -112,10 +112,11 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
 
 
 def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
-    """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs, then
-    preference-tune that (DPO) toward the handbook's answers; the last is the model that ships."""
+    """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs,
+    preference-tune that (DPO) toward the handbook's answers, then reinforce it (GRPO) with a reward for
+    answers that match the handbook's; the last is the model that ships."""
     from appliance.train.config import load_recipe
-    from appliance.train.run import losses, run
+    from appliance.train.run import losses, metrics, run
 
     common = ["train.checkpoint_every=1000"]
     pre = load_recipe("tiny-dense", ["data.datasets=handbook@2", f"data.tokenizer={tokenizer_id}",
@@ -138,7 +139,15 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
     stage("dpo", f"{p.id}: LoRA on {s.merged}, {len(ls)} steps on {p.data['pairs']} preference pairs of "
                  f"handbook-prefs@1 (reference: the base, adapters off), loss {ls[0]:.3f} -> {ls[-1]:.3f}; merged "
                  f"as {p.merged}", id=p.id, merged=p.merged, first_loss=ls[0], last_loss=ls[-1])
-    return p.merged
+    grpo = load_recipe("grpo-lora", [f"model.base={p.merged}", "data.datasets=handbook-qa@1", "train.max_steps=20",
+                                     *common])
+    g = run(v, grpo)
+    rw = [m["reward"] for m in metrics(v.con, g.id)]
+    first, last = sum(rw[:5]) / 5, sum(rw[-5:]) / 5
+    stage("grpo", f"{g.id}: LoRA on {p.merged}, {len(rw)} steps, {grpo.grpo.group_size} sampled answers per prompt "
+                  f"of handbook-qa@1, reward {'+'.join(grpo.grpo.rewards)} {first:.3f} (first 5 steps) -> {last:.3f} "
+                  f"(last 5); merged as {g.merged}", id=g.id, merged=g.merged, first_reward=first, last_reward=last)
+    return g.merged
 
 
 def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:

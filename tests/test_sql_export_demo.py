@@ -60,16 +60,18 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
                         "handbook-prefs@1"]
-    assert stages[-16:-2] == ["sft", "dpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
+    assert stages[-17:-2] == ["sft", "dpo", "grpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
                               "bundle", "bundle", "jobs", "console", "agent"]
     dpo = next(s for s in r.json["stages"] if s["stage"] == "dpo")
     assert dpo["merged"] == "dpo-lora-merged@1" and dpo["last_loss"] < dpo["first_loss"]
+    grpo = next(s for s in r.json["stages"] if s["stage"] == "grpo")
+    assert grpo["merged"] == "grpo-lora-merged@1" and 0 <= grpo["first_reward"] <= 1
     job = next(s for s in r.json["stages"] if s["stage"] == "jobs")
     assert job["ref"] == "demo-job@1" and (h / "artifacts" / "models" / "demo-job@1" / "config.json").is_file()
     assert sorted(p.name for p in (h / "reports").glob("console-*.svg")) == [
         f"console-{m}.svg" for m in ("audit", "bundles", "dashboard", "models", "train", "vault")]
     quants = [s for s in r.json["stages"] if s["stage"] == "quantize"]
-    assert [q["id"] for q in quants] == ["dpo-lora-merged@1:q8_0", "dpo-lora-merged@1:q4_k_m-imatrix"]
+    assert [q["id"] for q in quants] == ["grpo-lora-merged@1:q8_0", "grpo-lora-merged@1:q4_k_m-imatrix"]
     assert all(q["quality"]["ok"] and Path(q["path"]).is_file() for q in quants)
     assert cli("--home", h, "--json", "demo").code == 0  # reruns cleanly in its own home
     other = tmp_path / "not-a-demo"

@@ -16,8 +16,8 @@ from typing import Any, get_type_hints
 from appliance.errors import UsageError
 
 RECIPES_DIR = Path(__file__).parent / "recipes"
-STAGES = ("pretrain", "continue", "sft", "dpo")
-ADAPTER_STAGES = ("sft", "dpo")  # stages that may train LoRA/QLoRA adapters instead of every weight
+STAGES = ("pretrain", "continue", "sft", "dpo", "grpo")
+ADAPTER_STAGES = ("sft", "dpo", "grpo")  # stages that may train LoRA/QLoRA adapters instead of every weight
 METHODS = ("full", "lora", "qlora")
 
 
@@ -50,7 +50,7 @@ class ModelConfig:
     router_aux_loss: float = 0.02
     """moe: weight of the load-balancing loss."""
     base: str = ""
-    """continue/sft/dpo: model id (NAME@K) from `appliance train import` or an earlier run."""
+    """continue/sft/dpo/grpo: model id (NAME@K) from `appliance train import` or an earlier run."""
 
     def problems(self, stage: str) -> list[str]:
         p = []
@@ -59,7 +59,7 @@ class ModelConfig:
                 p.append(f"model.base is required for stage {stage!r} (a model id, e.g. pilot@1)")
             return p
         if self.base:
-            p.append("model.base is only for stages continue, sft and dpo; pretrain starts from random weights")
+            p.append("model.base is only for stages continue, sft, dpo and grpo; pretrain starts from random weights")
         if self.arch not in ("dense", "moe"):
             p.append(f"model.arch must be 'dense' or 'moe', not {self.arch!r}")
         for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "max_seq_len"):
@@ -96,11 +96,13 @@ class DataConfig:
     """Tokens per packed sequence."""
     format: str = "text"
     """text: records as documents separated by EOS; chat: prompt/response pairs from a table (SFT);
-    preference: prompt/chosen/rejected triples from a table (DPO)."""
+    preference: prompt/chosen/rejected triples from a table (DPO); prompts: prompts (and, if the table has
+    data.response_field, reference answers for the rewards) from a table (GRPO)."""
     prompt_field: str = "instruction"
     """chat, preference: the column holding the user's turn."""
     response_field: str = "response"
-    """chat: the column holding the assistant's answer (the only tokens the loss sees)."""
+    """chat: the column holding the assistant's answer (the only tokens the loss sees); prompts: the
+    reference answer the rewards compare with (optional)."""
     chosen_field: str = "chosen"
     """preference: the column holding the answer to prefer."""
     rejected_field: str = "rejected"
@@ -118,12 +120,14 @@ class DataConfig:
             p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
         if self.seq_len < 8:
             p.append("data.seq_len must be at least 8")
-        if self.format not in ("text", "chat", "preference"):
-            p.append(f"data.format must be 'text', 'chat' or 'preference', not {self.format!r}")
+        if self.format not in ("text", "chat", "preference", "prompts"):
+            p.append(f"data.format must be text, chat, preference or prompts, not {self.format!r}")
         if stage == "sft" and self.format != "chat":
             p.append("data.format must be 'chat' for stage 'sft'")
         if (stage == "dpo") != (self.format == "preference"):
             p.append("data.format 'preference' goes with stage 'dpo', and only with it")
+        if (stage == "grpo") != (self.format == "prompts"):
+            p.append("data.format 'prompts' goes with stage 'grpo', and only with it")
         if self.format == "preference" and len({self.prompt_field, self.chosen_field, self.rejected_field}) < 3:
             p.append("data.prompt_field, data.chosen_field and data.rejected_field must be three different columns")
         return p
@@ -237,20 +241,80 @@ class LoraConfig:
 
 
 @dataclass
+class GrpoConfig:
+    """Reinforcement tuning (`stage = "grpo"`): sampled answers scored by reward functions."""
+
+    rewards: list[str] = field(default_factory=lambda: ["overlap"])
+    """Reward functions, averaged: exact, overlap, regex, json_schema, tool_call, or a plugin's name
+    (modules in APPLIANCE_REWARD_PLUGINS register them)."""
+    group_size: int = 4
+    """Answers sampled per prompt; each is judged against its group's mean reward."""
+    max_new_tokens: int = 32
+    """Longest sampled answer."""
+    temperature: float = 1.0
+    """Sampling temperature."""
+    kl_beta: float = 0.04
+    """Weight of the KL penalty that keeps the policy near the reference (the base)."""
+    pattern: str = ""
+    """regex: the pattern an answer must contain (Python syntax)."""
+    schema: str = ""
+    """json_schema: the JSON Schema (inline JSON) an answer must be a valid instance of."""
+    tools: list[str] = field(default_factory=list)
+    """tool_call: names of the tools an answer may call (empty: any name)."""
+
+    def problems(self) -> list[str]:
+        import json
+        import re
+
+        from appliance.train.rewards import BUILTIN, known
+
+        p = []
+        if not self.rewards:
+            p.append("grpo.rewards must name at least one reward")
+        unknown = [r for r in self.rewards if r not in known()]
+        if unknown:
+            p.append(f"grpo.rewards: unknown {', '.join(unknown)} (built in: {', '.join(BUILTIN)}; plugins come from "
+                     "APPLIANCE_REWARD_PLUGINS)")
+        if self.group_size < 2:
+            p.append("grpo.group_size must be at least 2 (answers are judged against their group)")
+        if self.max_new_tokens < 1:
+            p.append("grpo.max_new_tokens must be at least 1")
+        if not self.temperature > 0:
+            p.append("grpo.temperature must be positive")
+        if self.kl_beta < 0:
+            p.append("grpo.kl_beta must be >= 0")
+        if "regex" in self.rewards:
+            try:
+                re.compile(self.pattern or "")
+            except re.error as e:
+                p.append(f"grpo.pattern is not a valid regex: {e}")
+            if not self.pattern:
+                p.append("grpo.pattern is required by the regex reward")
+        if "json_schema" in self.rewards:
+            try:
+                json.loads(self.schema)
+            except ValueError:
+                p.append("grpo.schema must be a JSON Schema written as JSON (required by the json_schema reward)")
+        return p
+
+
+@dataclass
 class Recipe:
     """A whole training run."""
 
     stage: str = "pretrain"
-    """pretrain (random init), continue (more pre-training of a base model), sft (chat fine-tuning) or dpo
-    (preference tuning: toward chosen answers, away from rejected ones, anchored to the base)."""
+    """pretrain (random init), continue (more pre-training of a base model), sft (chat fine-tuning), dpo
+    (preference tuning: toward chosen answers, away from rejected ones, anchored to the base) or grpo
+    (reinforcement tuning: toward sampled answers that score above their group's mean reward)."""
     name: str = ""
     """Model name; each run saves NAME@K."""
     method: str = "full"
-    """sft, dpo: full, lora or qlora (4-bit NF4 base + LoRA)."""
+    """sft, dpo, grpo: full, lora or qlora (4-bit NF4 base + LoRA)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
 
     def problems(self) -> list[str]:
         p = []
@@ -267,11 +331,15 @@ class Recipe:
         if self.method not in METHODS:
             p.append(f"method must be one of {', '.join(METHODS)}, not {self.method!r}")
         elif self.method != "full" and self.stage not in ADAPTER_STAGES:
-            p.append(f"method {self.method!r} is for stages sft and dpo; stage {self.stage!r} trains every weight")
+            p.append(f"method {self.method!r} is for stages sft, dpo and grpo; stage {self.stage!r} trains every "
+                     "weight")
         if self.method != "full" and self.train.parallel == "fsdp":
             p.append("train.parallel 'fsdp' is for full training; adapters are small, use 'ddp'")
-        if self.stage == "dpo" and self.train.parallel == "fsdp":
-            p.append("train.parallel 'fsdp' is not available for dpo (the reference model is kept whole); use 'ddp'")
+        if self.stage in ("dpo", "grpo") and self.train.parallel == "fsdp":
+            p.append(f"train.parallel 'fsdp' is not available for {self.stage} (the reference model is kept whole); "
+                     "use 'ddp'")
+        if self.stage == "grpo":
+            p += self.grpo.problems()
         p += self.model.problems(self.stage)
         p += self.data.problems(self.stage)
         p += self.train.problems()
@@ -285,7 +353,8 @@ class Recipe:
         return asdict(self)
 
 
-SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig}
+SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lora": LoraConfig,
+            "grpo": GrpoConfig}
 
 
 def shipped() -> dict[str, Path]:

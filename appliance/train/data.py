@@ -60,6 +60,8 @@ def cache_key(cfg: DataConfig, datasets: list[tuple[str, str]], tokenizer_hash: 
     if cfg.format == "preference":
         spec.update(prompt=cfg.prompt_field, chosen=cfg.chosen_field, rejected=cfg.rejected_field,
                     system=cfg.system_prompt)
+    if cfg.format == "prompts":
+        spec.update(prompt=cfg.prompt_field, response=cfg.response_field, system=cfg.system_prompt)
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -85,6 +87,12 @@ def _pack(con, cfg: DataConfig, tokenizer, refs: list[str], split: str) -> Packe
         return pack_chat(tokenizer, chat_pairs(con, refs, cfg, split), cfg.seq_len, cfg.system_prompt)
     if cfg.format == "preference":
         return pack_preference(tokenizer, preference_triples(con, refs, cfg, split), cfg.seq_len, cfg.system_prompt)
+    if cfg.format == "prompts":
+        columns = [(cfg.prompt_field, "data.prompt_field")]
+        if cfg.response_field:
+            columns.append((cfg.response_field, "data.response_field"))
+        rows = table_rows(con, refs, columns, split, "ingest a JSONL/CSV with a prompt column as the GRPO dataset")
+        return pack_prompts(tokenizer, rows, cfg.seq_len, cfg.system_prompt)
     return pack_text(tokenizer, _texts(con, refs, split), cfg.seq_len)
 
 
@@ -286,6 +294,35 @@ def pack_preference(tokenizer, triples: Iterable[tuple[str, str, str]], seq_len:
             labels_arr[i, h * seq_len:h * seq_len + len(lab)] = lab
     stats = _stats(docs, tokens, labels_arr, tokens.size - used, truncated)
     return Packed(tokens, labels_arr, {**stats, "pairs": len(rows), "dropped": dropped})
+
+
+def pack_prompts(tokenizer, rows: Iterable[tuple[str, ...]], seq_len: int, system_prompt: str = "") -> Packed:
+    """One row of 2 x seq_len per prompt for GRPO. The labels carry the data: the prompt rendered up to the
+    assistant's turn in the first half, the reference answer (if any) in the second. A prompt longer than
+    seq_len is dropped and counted; an answer is cut to seq_len."""
+    pad = _pad_id(tokenizer)
+    kept: list[tuple[list[int], list[int]]] = []
+    docs = truncated = dropped = 0
+    for row in rows:
+        docs += 1
+        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
+            {"role": "user", "content": row[0]}]
+        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
+        answer = tokenizer(row[1], add_special_tokens=False)["input_ids"] if len(row) > 1 else []
+        if len(prompt) > seq_len:
+            dropped += 1
+            continue
+        truncated += len(answer) > seq_len
+        kept.append((prompt, answer[:seq_len]))
+    tokens = np.full((len(kept), 2 * seq_len), pad, np.int32)
+    labels = np.full((len(kept), 2 * seq_len), IGNORE, np.int32)
+    for i, (prompt, answer) in enumerate(kept):
+        tokens[i, :len(prompt)] = labels[i, :len(prompt)] = prompt
+        labels[i, seq_len:seq_len + len(answer)] = answer
+    used = sum(len(p) for p, _ in kept)
+    stats = _stats(docs, tokens, labels, tokens.size - used, truncated)
+    return Packed(tokens, labels, {**stats, "prompts": len(kept), "dropped": dropped})
 
 
 def _pad_id(tokenizer) -> int:

@@ -213,13 +213,14 @@ def make_optimizer(model, cfg: TrainConfig):
 def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, cfg: TrainConfig,
         dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None], on_checkpoint: Callable[[int, str], None],
         resume_from: Path | None = None, aux_loss_coef: float = 0.0, state: dict | None = None,
-        n_val: int = 0, dpo=None) -> FitResult:
+        n_val: int = 0, objective=None) -> FitResult:
     """Train `model` (already on its device) for cfg.max_steps, checkpointing as it goes.
 
     Rows `n_rows .. n_rows + n_val` are the validation split: with cfg.eval_every its loss is measured and
     reported as `val_loss`; `on_step` may answer "finish" to end the run early as done (early stopping).
-    With `dpo` (a preference.DPO) each row is a [chosen | rejected] pair and the loss is the mean DPO loss
-    per pair instead of the mean next-token loss per scored token.
+    With an `objective` (preference.DPO, grpo.GRPO) the loss is the mean of `objective.losses(model, x, y)`
+    per row (a [chosen | rejected] pair, a prompt) instead of the mean next-token loss per scored token;
+    its `set_step` and `step_metrics` (when it has them) see each step.
     """
     import torch
     import torch.nn.functional as F
@@ -271,7 +272,9 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
             tok_np, lab_np = rows(index)
             x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)  # (B, T)
             y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
-            scored = dist.sum(len(index)) if dpo else dist.sum(int((y[:, 1:] != IGNORE).sum()))
+            scored = dist.sum(len(index)) if objective else dist.sum(int((y[:, 1:] != IGNORE).sum()))
+            if hasattr(objective, "set_step"):
+                objective.set_step(step)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step, cfg)
             loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
@@ -281,8 +284,8 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
                     last = j == len(micro) - 1
                     with _no_sync(model, last), autocast():
                         xb, yb = x[s:s + cfg.micro_batch_size], y[s:s + cfg.micro_batch_size]
-                        if dpo is not None:
-                            ce = dpo.losses(model, xb, yb).sum()
+                        if objective is not None:
+                            ce = objective.losses(model, xb, yb).sum()
                             loss = ce * dist.world / max(scored, 1.0)
                         else:
                             kw = {"output_router_logits": True} if moe else {}
@@ -318,8 +321,12 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
             metrics = {"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "grad_norm": norm,
                        "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
                        "eta": elapsed / (step - start) * (cfg.max_steps - step)}
+            if hasattr(objective, "step_metrics"):
+                metrics.update({k: (None if v is None else dist.sum(v) / dist.world)
+                                for k, v in objective.step_metrics().items()})
             measure = n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-            metrics["val_loss"] = validate(model, rows, n_rows, n_val, cfg, dist, autocast, dpo) if measure else None
+            metrics["val_loss"] = (validate(model, rows, n_rows, n_val, cfg, dist, autocast, objective) if measure
+                                   else None)
             verdict = on_step(metrics) if dist.is_main else None
             if verdict is True:
                 stop.set = True  # the launcher relays a Ctrl-C
@@ -333,8 +340,8 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     return FitResult(status, step, loss_val, tokens_seen, time.time() - t_start, last_ckpt, model)
 
 
-def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, dpo=None) -> float:
-    """Mean loss per scored token (per pair with `dpo`) over the validation rows, split across ranks.
+def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None) -> float:
+    """Mean loss per scored token (per row with an `objective`) over the validation rows, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP gathers inside them); a rank with fewer rows
     repeats one and does not count it.
@@ -354,9 +361,9 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
             keep = torch.from_numpy(counted[s:s + cfg.micro_batch_size]).to(dist.device)
             x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)
             y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
-            if dpo is not None:
+            if objective is not None:
                 with autocast():
-                    per_pair = dpo.losses(model, x, y)
+                    per_pair = getattr(objective, "val_losses", objective.losses)(model, x, y)
                 total += float(per_pair[keep].sum())
                 scored += int(keep.sum())
                 continue

@@ -145,7 +145,7 @@ class Recorder:
         """Record a step; "finish" when the validation loss has stopped improving (early stopping)."""
         with self.lock:
             self.pending.append([self.run_id, m["step"], m["loss"], m["lr"], m["grad_norm"], m["tokens"],
-                                 m["tokens_per_s"], m["elapsed"], m.get("val_loss")])
+                                 m["tokens_per_s"], m["elapsed"], m.get("val_loss"), m.get("reward")])
         if self.checkpoint_every and m["step"] % self.checkpoint_every == 0:
             # a checkpoint follows; a resume starts from it, so the metrics up to it must be in the vault first
             self.flush(wait=60.0)
@@ -197,7 +197,7 @@ class Recorder:
             with self.vault.session(wait=wait) as v, v.transaction() as con:
                 if rows:
                     con.executemany("INSERT INTO train_metrics (run, step, loss, lr, grad_norm, tokens, tokens_per_s, "
-                                    "elapsed, val_loss) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+                                    "elapsed, val_loss, reward) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
                     con.execute("UPDATE train_runs SET step = ?, updated = ? WHERE id = ?",
                                 [rows[-1][1], utcnow(), self.run_id])
                 if ckpt is not None:
@@ -346,6 +346,8 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
                                             "NULL ORDER BY step", [run_id]).fetchall()]
     if vals:
         metrics.update(best_val_loss=min(vals), final_val_loss=vals[-1], stopped_early=info.get("stopped_early"))
+    if out.get("rewards"):  # grpo: mean reward at the first and last step, and the rewards that failed
+        metrics["rewards"] = out["rewards"]
     kind = "adapter" if out.get("adapter") else "model"
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats}
@@ -501,7 +503,7 @@ def losses(con, run_id: str) -> list[float]:
 
 
 def metrics(con, run_id: str) -> list[dict]:
-    cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "val_loss"]
+    cols = ["step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s", "elapsed", "val_loss", "reward"]
     rows = con.execute(f"SELECT {', '.join(cols)} FROM train_metrics WHERE run = ? ORDER BY step", [run_id])
     return [dict(zip(cols, r)) for r in rows.fetchall()]
 

@@ -1,4 +1,4 @@
-"""The four training stages. Each reads top to bottom: load inputs, build the model, fit, save.
+"""The training stages. Each reads top to bottom: load inputs, build the model, fit, save.
 
 They share only real mechanisms: the data path (`data`), the loop (`loop.fit`), checkpoints and saving.
 Every process of a run calls the same stage function with the same spec; the launcher (`run.py`) does the
@@ -78,6 +78,7 @@ def dpo(spec: dict, link, dist: loop.Dist) -> dict:
     model = load_base(base, recipe.method, recipe.lora, dist.device)
     if recipe.method != "qlora":
         model = model.to(dist.device)
+    _no_dropout(model)  # policy and reference must score the same text the same way
     reference = None  # adapters: the policy with its adapters off
     if recipe.method == "full":
         reference = load_base(base).to(dist.device).eval().requires_grad_(False)
@@ -85,7 +86,46 @@ def dpo(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
-STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft, "dpo": dpo}
+def grpo(spec: dict, link, dist: loop.Dist) -> dict:
+    """Reinforcement tuning with reward functions on sampled answers (see `grpo`)."""
+    import torch
+
+    from appliance.train.grpo import GRPO
+    from appliance.train.rewards import load_plugins
+
+    load_plugins()
+    recipe = _recipe(spec)
+    torch.manual_seed(recipe.train.seed)  # adapter init
+    base = Path(spec["base_path"])
+    tokenizer = load_tokenizer(base)
+    model = load_base(base, recipe.method, recipe.lora, dist.device)
+    if recipe.method != "qlora":
+        model = model.to(dist.device)
+    _no_dropout(model)
+    reference = None  # adapters: the policy with its adapters off
+    if recipe.method == "full":
+        reference = load_base(base).to(dist.device).eval().requires_grad_(False)
+    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank)
+    res = _fit(model, link, recipe, spec, dist, 0.0, objective)
+    return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
+
+
+STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft, "dpo": dpo, "grpo": grpo}
+
+
+def _no_dropout(model) -> None:
+    """Dropout off: the loop trains in train mode, and a preference or policy-gradient loss compares the
+    policy with the reference on the same text, which random masks would make noise of (and the
+    loss at step 1 would no longer be the reference's)."""
+    import torch
+
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    cfg = getattr(loop.unwrap(model), "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop"):
+        if cfg is not None and getattr(cfg, key, None):
+            setattr(cfg, key, 0.0)
 
 
 def _fsdp(recipe: Recipe, dist: loop.Dist) -> bool:
@@ -106,11 +146,11 @@ def _aux_coef(model) -> float:
     return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_local_experts", 0) else 0.0
 
 
-def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float, dpo=None) -> loop.FitResult:
+def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float, objective=None) -> loop.FitResult:
     resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
     return loop.fit(model, link.rows, spec["rows"], recipe.train, dist, Path(spec["run_dir"]) / "checkpoints",
                     link.step, link.checkpoint, resume_from=resume, aux_loss_coef=aux,
-                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0), dpo=dpo)
+                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0), objective=objective)
 
 
 def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: bool) -> dict:

@@ -44,6 +44,7 @@ DDL = [
         run VARCHAR NOT NULL, step INTEGER NOT NULL, loss DOUBLE, lr DOUBLE, grad_norm DOUBLE,
         tokens BIGINT, tokens_per_s DOUBLE, elapsed DOUBLE)""",
     "ALTER TABLE train_metrics ADD COLUMN IF NOT EXISTS val_loss DOUBLE",
+    "ALTER TABLE train_metrics ADD COLUMN IF NOT EXISTS reward DOUBLE",  # grpo: mean reward of the step's samples
     # Bundles sent and received: versions per bundle name (rollback checks) and where they landed.
     """CREATE TABLE IF NOT EXISTS bundles_out (
         name VARCHAR NOT NULL, version INTEGER NOT NULL, id VARCHAR NOT NULL, kind VARCHAR NOT NULL,

@@ -1,0 +1,144 @@
+"""Group relative policy optimisation (GRPO): reinforcement tuning with reward functions.
+
+For each prompt of a batch the policy samples `grpo.group_size` answers; each answer is scored by the
+recipe's rewards (`rewards.py`) and judged against its own group: advantage = (reward - group mean) /
+(group std + eps). The loss per answer is
+
+    -advantage * mean log pi(answer tokens) + kl_beta * mean KL(pi || ref) per answer token
+
+(one update per sample, so the clipped ratio of PPO is 1 and drops out; the KL is the k3 estimator). The
+reference is the base, handled as for DPO: the policy with its adapters off for LoRA/QLoRA, a frozen copy
+for full training. Rows come from the launcher like any other stage: [prompt ids | reference answer ids]
+in the labels of a 2 x seq_len row, so prompts never leave the vault as files.
+
+The validation loss of a grpo run is minus the mean reward of the greedy answer to each held-out prompt.
+"""
+
+from __future__ import annotations
+
+from appliance.train import rewards as R
+
+IGNORE = -100
+
+
+class GRPO:
+    def __init__(self, cfg, tokenizer, reference=None, seed: int = 0, rank: int = 0):
+        self.cfg, self.tok, self.reference = cfg, tokenizer, reference
+        self.seed, self.rank, self.step = seed, rank, 0
+        self.failures: dict = {}
+        self._rewards: list[float] = []
+        self.history: list[float] = []  # mean reward per step, on this process
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else tokenizer.eos_token_id
+        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.stop = sorted({tokenizer.eos_token_id} | ({end} if isinstance(end, int) and end != tokenizer.unk_token_id
+                                                         else set()))
+        self._calls = 0
+
+    # --- the loop's side ----------------------------------------------------------------------------
+    def set_step(self, step: int) -> None:
+        self.step, self._calls = step, 0
+
+    def losses(self, model, x, y):
+        """Per-prompt loss, shape (b,): sample, score, and the policy-gradient + KL loss of the group."""
+        import torch
+
+        prompts, answers = self._split(y)
+        g = self.cfg.group_size
+        seqs, attn, plen, mask = self._sample(model, prompts, g, greedy=False)
+        texts = self._texts(seqs, plen, mask)
+        scores = torch.tensor([R.score(self.cfg.rewards, t, answers[i // g], self.cfg, self.failures)
+                               for i, t in enumerate(texts)], dtype=torch.float32, device=seqs.device).view(-1, g)
+        self._rewards += scores.flatten().tolist()
+        adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
+        policy = token_logps(model, seqs, attn, plen)
+        with torch.no_grad():
+            ref = self._reference_logps(model, seqs, attn, plen)
+        n = mask.sum(-1).clamp(min=1)
+        delta = ref - policy
+        kl = torch.exp(delta) - delta - 1
+        per_answer = (-adv * (policy * mask).sum(-1) + self.cfg.kl_beta * (kl * mask).sum(-1)) / n
+        return per_answer.view(-1, g).mean(-1)
+
+    def val_losses(self, model, x, y):
+        """Minus the reward of each prompt's greedy answer."""
+        import torch
+
+        prompts, answers = self._split(y)
+        seqs, _, plen, mask = self._sample(model, prompts, 1, greedy=True)
+        texts = self._texts(seqs, plen, mask)
+        return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)])
+
+    def step_metrics(self) -> dict:
+        mean = sum(self._rewards) / len(self._rewards) if self._rewards else None
+        self._rewards = []
+        if mean is not None:
+            self.history.append(mean)
+        return {"reward": mean}
+
+    def summary(self) -> dict:
+        h = self.history
+        return {"first_reward": h[0] if h else None, "last_reward": h[-1] if h else None,
+                "reward_failures": self.failures}
+
+    # --- pieces -------------------------------------------------------------------------------------
+    def _split(self, y) -> tuple[list[list[int]], list[str]]:
+        half = y.shape[1] // 2
+        prompts, answers = [], []
+        for row in y.tolist():
+            prompts.append([t for t in row[:half] if t != IGNORE])
+            answers.append(self.tok.decode([t for t in row[half:] if t != IGNORE], skip_special_tokens=True))
+        return prompts, answers
+
+    def _sample(self, model, prompts: list[list[int]], g: int, greedy: bool):
+        """Left-padded prompts, each followed by g sampled answers; the answers' mask stops after the first
+        end-of-turn or end-of-text token."""
+        import torch
+
+        inner = getattr(model, "module", model)
+        device = next(inner.parameters()).device
+        plen = max(len(p) for p in prompts)
+        ids = torch.full((len(prompts), plen), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(prompts), plen), dtype=torch.long)
+        for i, p in enumerate(prompts):
+            ids[i, plen - len(p):] = torch.tensor(p)
+            attn[i, plen - len(p):] = 1
+        # the same samples on a resume: the seed is a function of (seed, step, rank, call)
+        torch.manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.rank * 101 + self._calls)
+        self._calls += 1
+        was_training = inner.training
+        inner.eval()
+        with torch.no_grad():
+            out = inner.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
+                                 temperature=self.cfg.temperature if not greedy else None, top_p=None, top_k=None,
+                                 max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=g,
+                                 pad_token_id=self.pad, eos_token_id=self.stop)
+        inner.train(was_training)
+        answer = out[:, plen:]
+        stop = torch.isin(answer, torch.tensor(self.stop, device=answer.device))
+        # keep tokens up to and including the first stop token
+        after = (stop.cumsum(-1) - stop.long()) > 0
+        mask = (~after).float()
+        full_attn = torch.cat([attn.to(device).repeat_interleave(g, 0), (~after).long()], dim=1)
+        return out, full_attn, plen, mask
+
+    def _texts(self, seqs, plen: int, mask) -> list[str]:
+        return [self.tok.decode([t for t, m in zip(row[plen:], keep) if m], skip_special_tokens=True)
+                for row, keep in zip(seqs.tolist(), mask.tolist())]
+
+    def _reference_logps(self, model, seqs, attn, plen):
+        if self.reference is not None:
+            return token_logps(self.reference, seqs, attn, plen)
+        inner = getattr(model, "module", model)
+        with inner.disable_adapter():
+            return token_logps(inner, seqs, attn, plen)
+
+
+def token_logps(model, seqs, attn, plen: int):
+    """log p of each answer token (positions plen..), shape (n, T): left padding handled by the positions."""
+    import torch
+
+    positions = (attn.cumsum(-1) - 1).clamp(min=0)
+    logits = model(input_ids=seqs, attention_mask=attn, position_ids=positions, use_cache=False).logits.float()
+    logp = torch.log_softmax(logits[:, plen - 1:-1], dim=-1)
+    return logp.gather(-1, seqs[:, plen:].unsqueeze(-1)).squeeze(-1)
