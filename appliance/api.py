@@ -105,6 +105,35 @@ def vault_rekey(v, passphrase: str) -> dict:
     return {"rekeyed": True}
 
 
+def synth_tables(v, source: str, template: str | Path, dataset: str, table: str | None = None,
+                 policy: str | Path | None = None, limit: int | None = None, seed: int = 0, pii: str = "redact"
+                 ) -> dict:
+    """Template question/answer pairs over real rows of a table: a new synthetic version of `dataset`."""
+    from appliance.vault import synth
+
+    pol, tpl = synth.Policy.load(Path(policy) if policy else None), synth.template(Path(template))
+    src, target, cols, rows = synth.source_table(v.con, source, table)
+    pairs, skipped = synth.from_template(rows, cols, tpl, str(template), limit, seed)
+    stem = target.split("_", 1)[1] + "_qa"
+    res = synth.land(v, dataset, stem, pairs, src, "tables",
+                     {"table": target, "template": str(template), "limit": limit, "seed": seed,
+                      "skipped_rows": skipped}, pol, pii)
+    return res.to_json()
+
+
+def synth_edge_cases(v, source: str, dataset: str, table: str | None = None, rows: int = 100,
+                     policy: str | Path | None = None, seed: int = 0, pii: str = "redact") -> dict:
+    """Long-tail rows of a table (unseen and rare combinations, extremes): a new synthetic version."""
+    from appliance.vault import synth
+
+    pol = synth.Policy.load(Path(policy) if policy else None)
+    src, target, cols, data = synth.source_table(v.con, source, table)
+    made = synth.edge_cases(data, cols, rows, seed)
+    res = synth.land(v, dataset, target.split("_", 1)[1] + "_edge", made, src, "edge-cases",
+                     {"table": target, "rows": rows, "seed": seed}, pol, pii)
+    return res.to_json()
+
+
 # --- train, models, lineage, audit -------------------------------------------------------------------
 def train_tokenizer(v, dataset: str, vocab: int = 32000, name: str | None = None, min_frequency: int = 2) -> dict:
     from appliance.train.tokenizer import train_tokenizer as train

@@ -84,6 +84,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             stage("sql", "records by kind, all versions: " + ", ".join(f"{k} {n}" for k, n in q["rows"]))
             tree = lineage.tree(v.con, "handbook@2")
             stage("lineage", " <- ".join(_chain(tree)))
+            _synth(v, samples.parent, stage)
             from appliance.train.tokenizer import train_tokenizer
 
             tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
@@ -109,6 +110,23 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     summary["seconds"] = round(time.time() - t0, 1)
     say(f"done in {summary['seconds']} s. Try: appliance --home {home.root} vault datasets")
     return summary
+
+
+def _synth(v, tmp: Path, stage: Callable[..., None]) -> None:
+    """Synthetic data from the site's own tables: template Q&A under a site policy, then edge cases."""
+    from appliance import api
+
+    template, policy = tmp / "equipment-qa.toml", tmp / "policy.toml"
+    template.write_text('[[qa]]\nquestion = "What is the risk class of {asset_id}?"\n'
+                        'answer = "{asset_id} ({name}) is risk class {risk_class}."\n'
+                        '[[qa]]\nquestion = "Who owns {name}?"\nanswer = "{owner} owns {name}."\n')
+    policy.write_text('banned = ["decommissioned"]\ndisclaimer = "(Synthetic example from the asset register.)"\n')
+    qa = api.synth_tables(v, "tables@1", template, "equipment-qa", "equipment", policy)
+    edge = api.synth_edge_cases(v, "tables@1", "equipment-edge", "equipment", rows=50)
+    pii = ", ".join(f"{k} {n}" for k, n in qa["pii"].items()) or "none"
+    stage("synth", f"{qa['version']}: {qa['records']} Q&A pairs from {qa['source']} (template, policy: disclaimer; "
+                   f"PII scrubbed: {pii}); {edge['version']}: {edge['records']} edge-case rows; both marked synthetic "
+                   "in lineage", version=qa["version"], records=qa["records"], edge=edge["version"])
 
 
 def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:

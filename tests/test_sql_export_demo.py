@@ -60,6 +60,7 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
                         "handbook-prefs@1"]
+    assert "synth" in stages and stages.index("synth") == stages.index("lineage") + 1
     assert stages[-17:-2] == ["sft", "dpo", "grpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
                               "bundle", "bundle", "jobs", "console", "agent"]
     dpo = next(s for s in r.json["stages"] if s["stage"] == "dpo")

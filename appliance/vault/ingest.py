@@ -91,7 +91,7 @@ def split_of(record_hash: str, fraction: float) -> str:
     return "validation" if int(record_hash[:8], 16) < fraction * 0x100000000 else "train"
 
 
-class _Writer:
+class RecordWriter:
     """Buffers records and writes them in batches: blobs (dedup by hash) and the version's record list."""
 
     def __init__(self, con, vid: int, ord_start: int, fraction: float):
@@ -310,7 +310,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
     con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
                 "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                [vid, dataset, utcnow(), _actor(), pii_mode, validation_fraction])
+                [vid, dataset, utcnow(), actor(), pii_mode, validation_fraction])
     seen: set[str] = set()
     start_ord = 0
     if parent:
@@ -318,7 +318,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                     "split, bytes FROM version_records WHERE vid = ?", [vid, parent[0]])
         seen = {h for (h,) in con.execute("SELECT hash FROM version_records WHERE vid = ?", [vid]).fetchall()}
         start_ord = len(seen)
-    writer = _Writer(con, vid, start_ord, validation_fraction)
+    writer = RecordWriter(con, vid, start_ord, validation_fraction)
     res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
                        parent=f"{dataset}@{parent[1]}" if parent else None)
     totals: Counter = Counter()
@@ -381,7 +381,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
         pipe.close()
     writer.flush()
     if res.files == 0 or (res.new_records == 0 and not parent):
-        _discard(con, vid)
+        discard_version(con, vid)
         _drop_orphans(con, orphans)
         why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
         raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
@@ -390,11 +390,11 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     insert_rows(con, "version_pii", pii_rows)
     insert_rows(con, "version_tables", table_rows)
     res.pii = dict(sorted(totals.items()))
-    _commit(vault, vid, dataset, parent, res, pii_mode)
+    commit_version(vault, vid, dataset, parent, res, pii_mode)
     return res
 
 
-def _write(state: _ItemState, scanned: Scanned, writer: _Writer, seen: set[str], progress) -> None:
+def _write(state: _ItemState, scanned: Scanned, writer: RecordWriter, seen: set[str], progress) -> None:
     for rec, counts in scanned:
         state.reported += _advance(progress, state.item, state.reported, len(rec.text))
         state.counts.update(counts)
@@ -427,7 +427,11 @@ def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
 
 
-def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult, pii_mode: str) -> None:
+def commit_version(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult, pii_mode: str,
+                   parents: list[tuple[str, str]] = (), attrs: dict | None = None, action: str = "vault.ingest"
+                   ) -> None:
+    """Number the pending version `vid`, hash it, and record it in lineage (with `parents` and `attrs` beside
+    the previous version) and in the audit log under `action`."""
     con = vault.con
     with vault.transaction():
         recs, nbytes, chash = con.execute(
@@ -441,17 +445,17 @@ def _commit(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResu
         n = con.execute("SELECT coalesce(max(n), 0) + 1 FROM versions WHERE name = ? AND status = 'committed'",
                         [dataset]).fetchone()[0]
         version = f"{dataset}@{n}"
-        parents = [res.parent] if res.parent else []
+        previous = [res.parent] if res.parent else []
         con.execute(
             "UPDATE versions SET n = ?, status = 'committed', committed = ?, content_hash = ?, records = ?, "
             "bytes = ?, duplicates = ?, skipped = ?, parents = ? WHERE vid = ?",
             [n, utcnow(), chash, recs, nbytes, res.duplicates, len(res.skipped) + len(res.failed),
-             json.dumps(parents), vid])
-        lineage.add_node(con, version, "dataset", [(p, "previous") for p in parents], chash,
-                         {"records": recs, "bytes": nbytes, "pii_mode": pii_mode, "files": res.files})
-        vault.audit("vault.ingest", [version], {"records": recs, "new_records": res.new_records,
-                                                 "duplicates": res.duplicates, "files": res.files,
-                                                 "failed": len(res.failed), "skipped": len(res.skipped)})
+             json.dumps(previous + [p for p, _ in parents]), vid])
+        lineage.add_node(con, version, "dataset", [(p, "previous") for p in previous] + list(parents), chash,
+                         {"records": recs, "bytes": nbytes, "pii_mode": pii_mode, "files": res.files, **(attrs or {})})
+        vault.audit(action, [version, *(p for p, _ in parents)],
+                    {"records": recs, "new_records": res.new_records, "duplicates": res.duplicates,
+                     "files": res.files, "failed": len(res.failed), "skipped": len(res.skipped)})
     res.version, res.content_hash, res.records, res.bytes = version, chash, recs, nbytes
 
 
@@ -469,13 +473,13 @@ def discard_unfinished(vault) -> int:
         return 0
     with vault.transaction():
         for vid in vids:
-            _discard(con, vid)
+            discard_version(con, vid)
         con.execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM version_records)")
         vault.audit("vault.ingest.discarded", [], {"unfinished": len(vids)})
     return len(vids)
 
 
-def _discard(con, vid: int) -> None:
+def discard_version(con, vid: int) -> None:
     for (t,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'data' "
                             "AND starts_with(table_name, ?)", [f"t{vid}_"]).fetchall():
         con.execute(f'DROP TABLE IF EXISTS data."{t}"')
@@ -525,7 +529,7 @@ def _advance(progress: Progress | None, item: Item, reported: int, nchars: int) 
     return step
 
 
-def _actor() -> str:
+def actor() -> str:
     from appliance.vault.audit import current_actor
     return current_actor()
 

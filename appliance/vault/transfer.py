@@ -50,7 +50,7 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
     """Land the files as a new version of `name`; returns its summary. All or nothing: `on_commit(con,
     version)` runs inside the same transaction (the caller's own bookkeeping)."""
     from appliance.vault import lineage
-    from appliance.vault.ingest import _Writer, insert_rows
+    from appliance.vault.ingest import RecordWriter, insert_rows
     from appliance.vault.readers import Record
     from appliance.vault.readers.tables import table_columns, table_name
 
@@ -73,7 +73,7 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
             renamed[t] = new
             rows = con.execute(f'SELECT count(*) FROM data."{new}"').fetchone()[0]
             table_rows.append((vid, new, f"bundle:{t}", rows, json.dumps(table_columns(con, new))))
-        writer = _Writer(con, vid, 0, info["validation_fraction"])
+        writer = RecordWriter(con, vid, 0, info["validation_fraction"])
         held_out = []
         for line in files["records.jsonl"].decode("utf-8").splitlines():
             r = json.loads(line)

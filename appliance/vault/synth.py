@@ -1,0 +1,275 @@
+"""`appliance synth`: new dataset versions made from the site's own data, marked synthetic in lineage.
+
+Generators:
+- tables: template questions and answers over real rows of a table ("What is the risk class of
+  {asset_id}?" -> "{asset_id} is {risk_class}."), as instruction/response rows ready for SFT.
+- edge-cases: rows that cover the long tail of a table: pairs of categorical values that never occur
+  together in the data (or occur least), numeric fields at and just past their observed extremes, and the
+  rarest value of each categorical field; every other field is taken from a real row.
+
+Whatever is generated passes the same PII scrubbing as ingest (each cell, its column as context) and the
+site policy (`--policy FILE.toml`: `banned` terms drop a row, a `disclaimer` is appended to every answer)
+before it lands. It lands like an ingested table: a real table in the vault, one record per row, a
+content-hashed version NAME@N, and a lineage node with `synthetic = true`, the generator and its settings,
+and the source version as parent. Nothing is written outside the vault; a failure lands nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+import random
+import re
+import string
+import tomllib
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from appliance.errors import UsageError
+
+PLACEHOLDER = string.Formatter()
+
+
+@dataclass
+class Policy:
+    banned: list[str] = field(default_factory=list)
+    disclaimer: str = ""
+    path: str | None = None
+
+    @classmethod
+    def load(cls, path: Path | None) -> Policy:
+        if path is None:
+            return cls()
+        raw = _toml(path, "policy")
+        unknown = set(raw) - {"banned", "disclaimer"}
+        banned, disclaimer = raw.get("banned", []), raw.get("disclaimer", "")
+        if unknown or not isinstance(banned, list) or not all(isinstance(b, str) and b.strip() for b in banned) \
+                or not isinstance(disclaimer, str):
+            raise UsageError(f"policy {path}: expected banned = [\"term\", ...] and disclaimer = \"...\""
+                             + (f"; unknown key(s) {', '.join(sorted(unknown))}" if unknown else ""),
+                             "fix the policy file")
+        return cls([b.strip() for b in banned], disclaimer.strip(), str(path))
+
+    def banned_in(self, row: dict) -> str | None:
+        text = " ".join(str(v) for v in row.values() if v is not None).lower()
+        return next((b for b in self.banned if re.search(rf"(?<!\w){re.escape(b.lower())}(?!\w)", text)), None)
+
+    def to_json(self) -> dict:
+        return {"banned": len(self.banned), "disclaimer": bool(self.disclaimer), "file": self.path}
+
+
+def _toml(path: Path, what: str) -> dict:
+    try:
+        return tomllib.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise UsageError(f"no {what} file {path}", f"pass an existing {what} TOML file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise UsageError(f"{what} {path} is not valid TOML: {e}", "fix the file and run again") from None
+
+
+def template(path: Path) -> dict:
+    """The [[qa]] templates file (checked against the table's columns when it is used)."""
+    raw = _toml(path, "template")
+    if not isinstance(raw.get("qa"), list) or not raw["qa"]:
+        raise UsageError(f"template {path} has no [[qa]] entries", "add [[qa]] tables with question and answer")
+    return raw
+
+
+# --- reading the source table --------------------------------------------------------------------------
+def source_table(con, ref: str, table: str | None) -> tuple[str, str, list[str], list[dict]]:
+    """(version NAME@N, vault table name, columns, rows) of one table of a version."""
+    from appliance.vault.versions import resolve
+
+    vid, name, n = resolve(con, ref)
+    tables = [t for (t,) in con.execute("SELECT table_name FROM version_tables WHERE vid = ? ORDER BY table_name",
+                                        [vid]).fetchall()]
+    if not tables:
+        raise UsageError(f"{name}@{n} has no tables", "synthesize from a version made by ingesting CSV, Parquet or "
+                                                      "JSONL tables")
+    stems = {t.split("_", 1)[1]: t for t in tables}
+    if table is None:
+        if len(tables) > 1:
+            raise UsageError(f"{name}@{n} has {len(tables)} tables", f"pick one with --table ({', '.join(stems)})")
+        target = tables[0]
+    elif table in stems or table in tables:
+        target = stems.get(table, table)
+    else:
+        raise UsageError(f"{name}@{n} has no table {table!r}", f"its tables are {', '.join(stems)}")
+    cur = con.execute(f'SELECT * FROM data."{target}"')
+    cols = [d[0] for d in cur.description]
+    return f"{name}@{n}", target, cols, [dict(zip(cols, r)) for r in cur.fetchall()]
+
+
+# --- generators ----------------------------------------------------------------------------------------
+def from_template(rows: list[dict], columns: list[str], template: dict, path: str, limit: int | None,
+                  seed: int) -> tuple[list[dict], int]:
+    """instruction/response rows from each [[qa]] of the template over the table's rows; (rows, skipped)."""
+    qas = template.get("qa")
+    if not isinstance(qas, list) or not qas or not all(isinstance(q, dict) for q in qas):
+        raise UsageError(f"template {path} has no [[qa]] entries", "add [[qa]] tables with question and answer")
+    problems = []
+    for i, qa in enumerate(qas, 1):
+        for key in ("question", "answer"):
+            if not isinstance(qa.get(key), str) or not qa[key].strip():
+                problems.append(f"[[qa]] #{i} needs a {key}")
+                continue
+            try:
+                used = {f for _, f, _, _ in PLACEHOLDER.parse(qa[key]) if f is not None}
+            except ValueError as e:
+                problems.append(f"[[qa]] #{i} {key}: {e}")
+                continue
+            if unknown := sorted(used - set(columns)):
+                problems.append(f"[[qa]] #{i} {key} uses {', '.join('{' + u + '}' for u in unknown)}, not a column")
+    if problems:
+        raise UsageError(f"template {path}: " + "; ".join(problems), f"the table's columns are {', '.join(columns)}")
+    out, skipped = [], 0
+    for row in rows:
+        for qa in qas:
+            used = {f for _, f, _, _ in PLACEHOLDER.parse(qa["question"] + qa["answer"]) if f is not None}
+            if any(row.get(c) in (None, "") for c in used):
+                skipped += 1
+                continue
+            vals = {c: str(row[c]) for c in used}
+            out.append({"instruction": qa["question"].format(**vals), "response": qa["answer"].format(**vals)})
+    if limit is not None and len(out) > limit:
+        out = random.Random(seed).sample(out, limit)
+    return out, skipped
+
+
+def edge_cases(rows: list[dict], columns: list[str], n: int, seed: int) -> list[dict]:
+    """Rows for the long tail; see the module docstring. Deterministic for a seed."""
+    rng = random.Random(seed)
+    if not rows:
+        raise UsageError("the table has no rows to start from", "pick a table with data")
+    numeric = [c for c in columns if all(isinstance(r[c], int | float) and not isinstance(r[c], bool)
+                                         for r in rows if r[c] is not None) and any(r[c] is not None for r in rows)]
+    values = {c: Counter(r[c] for r in rows if r[c] not in (None, "")) for c in columns if c not in numeric}
+    # categorical: a few values, repeated (an id or a free-text column has about one row per value)
+    categorical = [c for c, cnt in values.items()
+                   if 2 <= len(cnt) <= max(2, len(rows) // 2) and max(cnt.values()) >= 2]
+    candidates: list[tuple[str, dict]] = []
+    for a, b in itertools.combinations(categorical, 2):
+        seen = Counter((r[a], r[b]) for r in rows)
+        pairs = sorted(itertools.product(values[a], values[b]), key=lambda p: (seen[p], str(p)))
+        candidates += [("unseen pair" if seen[p] == 0 else "rare pair", {a: p[0], b: p[1]}) for p in pairs[:3]]
+    for c in numeric:
+        xs = [r[c] for r in rows if r[c] is not None]
+        lo, hi = min(xs), max(xs)
+        span = (hi - lo) or abs(hi) or 1
+        beyond = [lo, hi, lo - span * 0.1, hi + span * 0.1]
+        cast = int if all(isinstance(x, int) for x in xs) else float
+        candidates += [("numeric extreme", {c: cast(round(v)) if cast is int else round(v, 6)}) for v in beyond]
+    for c in categorical:
+        rare = min(values[c].items(), key=lambda kv: (kv[1], str(kv[0])))[0]
+        candidates.append(("rarest value", {c: rare}))
+    if not candidates:
+        raise UsageError("the table has no categorical or numeric fields to vary",
+                         "edge cases need repeated values (a class, a location) or numbers")
+    out = []
+    for i in range(n):
+        why, change = candidates[i % len(candidates)] if i < len(candidates) else rng.choice(candidates)
+        base = dict(rng.choice(rows))
+        base.update(change)
+        base["edge_case"] = f"{why}: " + ", ".join(f"{k}={v}" for k, v in change.items())
+        out.append(base)
+    return out
+
+
+# --- landing -------------------------------------------------------------------------------------------
+@dataclass
+class SynthResult:
+    version: str
+    content_hash: str
+    records: int
+    table: str
+    generator: str
+    source: str
+    generated: int
+    dropped: dict
+    pii: dict
+    policy: dict
+
+    def to_json(self) -> dict:
+        return dict(self.__dict__)
+
+
+def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generator: str, settings: dict,
+         policy: Policy, pii_mode: str = "redact", validation: float = 0.05) -> SynthResult:
+    """Scrub, apply the policy, and commit `rows` as a new version of `dataset` (a table `stem`)."""
+    import pyarrow as pa
+
+    from appliance.db_time import utcnow
+    from appliance.vault import ingest as ing
+    from appliance.vault.pii import Scrubber
+    from appliance.vault.readers import Record
+    from appliance.vault.readers.tables import table_columns
+
+    ing.validate_name(dataset)
+    scrubber = Scrubber(pii_mode, vault.secrets.pseudonym_key)
+    counts: Counter = Counter()
+    kept, dropped = [], Counter()
+    for row in rows:
+        clean, found = {}, Counter()
+        for c, v in row.items():
+            if isinstance(v, str):
+                v, n = scrubber.scrub_cell(c, v)
+                found.update(n)
+            clean[c] = v
+        if policy.banned_in(clean):
+            dropped["policy"] += 1
+            continue
+        counts.update(found)  # what the landed rows had
+        if policy.disclaimer and "response" in clean and policy.disclaimer not in clean["response"]:
+            clean["response"] = f"{clean['response'].rstrip()} {policy.disclaimer}"
+        kept.append(clean)
+    if not kept:
+        raise UsageError(f"nothing to land: all {len(rows)} generated row(s) were dropped"
+                         + (f" ({dropped['policy']} by the policy)" if dropped["policy"] else ""),
+                         "loosen the policy or the generator's settings")
+    con = vault.con
+    src = f"synth:{generator}:{source}"
+    with vault.transaction():
+        vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
+        con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
+                    "VALUES (?, ?, 'pending', ?, ?, ?, ?)", [vid, dataset, utcnow(), ing.actor(), pii_mode,
+                                                             validation])
+        target = f"t{vid}_{re.sub(r'[^a-z0-9_]+', '_', stem.lower()).strip('_') or 'table'}"
+        cols = list(kept[0])
+        con.register("_synth", pa.Table.from_pylist(kept))
+        try:
+            con.execute(f'CREATE TABLE data."{target}" AS SELECT * FROM _synth')
+        finally:
+            con.unregister("_synth")
+        writer = ing.RecordWriter(con, vid, 0, validation)
+        seen: set[str] = set()
+        nbytes = 0
+        for i, row in enumerate(kept, 1):
+            text = f"[{stem} row {i}]\n" + "\n".join(f"{c}: {'' if row[c] is None else row[c]}" for c in cols)
+            data = text.encode("utf-8")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in seen:
+                dropped["duplicate"] += 1
+                continue
+            seen.add(digest)
+            nbytes += len(data)
+            writer.add(Record(kind="table", source=src, text=text, path=target, title=stem,
+                              meta={"row": i, "synthetic": True}, scrubbed=True), text, digest, len(data))
+        writer.flush()
+        ing.insert_rows(con, "version_sources", [(vid, src, "table", nbytes, None, len(seen), dropped["duplicate"],
+                                                  "ok", None)])
+        ing.insert_rows(con, "version_pii", [(vid, src, t, n) for t, n in sorted(counts.items())])
+        ing.insert_rows(con, "version_tables", [(vid, target, src, len(kept), json.dumps(table_columns(con, target)))])
+    res = ing.IngestResult(version="", content_hash="", records=0, new_records=len(seen), bytes=0,
+                           duplicates=dropped["duplicate"], files=0, parent=None)
+    try:
+        ing.commit_version(vault, vid, dataset, None, res, pii_mode, parents=[(source, "source")],
+                    attrs={"synthetic": True, "generator": generator, "settings": settings,
+                           "policy": policy.to_json(), "pii": dict(counts)}, action="vault.synth")
+    except BaseException:
+        with vault.transaction():
+            ing.discard_version(con, vid)
+        raise
+    return SynthResult(res.version, res.content_hash, res.records, f"data.{target}", generator, source, len(rows),
+                       dict(dropped), dict(sorted(counts.items())), policy.to_json())
