@@ -20,7 +20,7 @@ def test_every_shipped_recipe_loads_and_says_how_to_run_it():
             "sft-lora", "sft-qlora"} <= names
     for name, path in shipped().items():
         r = load_recipe(name)
-        assert r.name and r.stage in ("pretrain", "continue", "sft")
+        assert r.name and r.stage in ("pretrain", "continue", "sft", "dpo", "grpo")
         assert path.read_text().splitlines()[0].startswith(f"# appliance train run {name}")
 
 
@@ -46,7 +46,7 @@ def test_overrides_are_typed_and_every_problem_is_listed_at_once():
     msg = e.value.message
     for part in ("train.lr must be positive", "unknown key model.hiden_size (did you mean model.hidden_size?)",
                  "model.hidden_size (64) must be a multiple of model.num_heads (5)",
-                 "data.seq_len must be an integer, not 'abc'", "method 'lora' is for stage 'sft'",
+                 "data.seq_len must be an integer, not 'abc'", "method 'lora' is for stages sft, dpo and grpo",
                  "override key 'bogus.key'"):
         assert part in msg, part
     assert msg.startswith("recipe tiny-dense.toml has 8 problems")
@@ -107,3 +107,16 @@ def test_recipes_command_lists_presets_and_keys(cli):
     keys = {k["key"]: k for k in cli("--json", "train", "recipes", "--keys").json["keys"]}
     assert keys["train.lr"]["default"] == 3e-4 and "learning rate" in keys["train.lr"]["help"].lower()
     assert {"stage", "method", "model.base", "data.seq_len", "lora.rank"} <= set(keys)
+
+
+def test_a_run_recorded_before_a_section_existed_still_resumes():
+    """Recipes recorded by an older version lack sections added since ([grpo]); their defaults are what that
+    version did, so a resume sees no change."""
+    from appliance.train.config import load_recipe
+    from appliance.train.run import _complete, _diff
+
+    recipe = load_recipe("tiny-dense")
+    old = recipe.to_dict()
+    del old["grpo"], old["train"]["dpo_beta"]
+    assert _diff(old, recipe.to_dict()) == {"grpo", "train.dpo_beta"}
+    assert _diff(_complete(old), recipe.to_dict()) == set()

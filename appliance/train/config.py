@@ -291,10 +291,14 @@ class GrpoConfig:
             if not self.pattern:
                 p.append("grpo.pattern is required by the regex reward")
         if "json_schema" in self.rewards:
+            import jsonschema
+
             try:
-                json.loads(self.schema)
+                jsonschema.Draft202012Validator.check_schema(json.loads(self.schema))
             except ValueError:
                 p.append("grpo.schema must be a JSON Schema written as JSON (required by the json_schema reward)")
+            except jsonschema.SchemaError as e:
+                p.append(f"grpo.schema is not a valid JSON Schema: {e.message}")
         return p
 
 

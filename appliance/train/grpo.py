@@ -30,9 +30,9 @@ class GRPO:
         self.history: list[float] = []  # mean reward per step, on this process
         pad = tokenizer.pad_token_id
         self.pad = pad if pad is not None else tokenizer.eos_token_id
-        end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-        self.stop = sorted({tokenizer.eos_token_id} | ({end} if isinstance(end, int) and end != tokenizer.unk_token_id
-                                                         else set()))
+        ends = {tokenizer.convert_tokens_to_ids(t) for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>")}
+        self.stop = sorted({tokenizer.eos_token_id} | {e for e in ends if isinstance(e, int) and e >= 0
+                                                        and e != tokenizer.unk_token_id})
         self._calls = 0
 
     # --- the loop's side ----------------------------------------------------------------------------
@@ -51,7 +51,7 @@ class GRPO:
                                for i, t in enumerate(texts)], dtype=torch.float32, device=seqs.device).view(-1, g)
         self._rewards += scores.flatten().tolist()
         adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
-        policy = token_logps(model, seqs, attn, plen)
+        policy = token_logps(model, seqs, attn, plen, self.cfg.temperature)
         with torch.no_grad():
             ref = self._reference_logps(model, seqs, attn, plen)
         n = mask.sum(-1).clamp(min=1)
@@ -67,7 +67,8 @@ class GRPO:
         prompts, answers = self._split(y)
         seqs, _, plen, mask = self._sample(model, prompts, 1, greedy=True)
         texts = self._texts(seqs, plen, mask)
-        return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)])
+        return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)],
+                             device=seqs.device)
 
     def step_metrics(self) -> dict:
         mean = sum(self._rewards) / len(self._rewards) if self._rewards else None
@@ -104,13 +105,19 @@ class GRPO:
             ids[i, plen - len(p):] = torch.tensor(p)
             attn[i, plen - len(p):] = 1
         # the same samples on a resume: the seed is a function of (seed, step, rank, call)
-        torch.manual_seed(self.seed * 1_000_003 + self.step * 1009 + self.rank * 101 + self._calls)
+        import numpy as np
+
+        torch.manual_seed(int(np.random.SeedSequence([self.seed, self.step, self.rank, self._calls])
+                              .generate_state(1)[0]))
         self._calls += 1
         was_training = inner.training
         inner.eval()
         with torch.no_grad():
+            # plain sampling at the temperature, nothing the model's generation_config may add (repetition
+            # penalties, n-gram bans): the loss scores exactly the distribution the answers came from
             out = inner.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
                                  temperature=self.cfg.temperature if not greedy else None, top_p=None, top_k=None,
+                                 repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
                                  max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=g,
                                  pad_token_id=self.pad, eos_token_id=self.stop)
         inner.train(was_training)
@@ -127,18 +134,20 @@ class GRPO:
                 for row, keep in zip(seqs.tolist(), mask.tolist())]
 
     def _reference_logps(self, model, seqs, attn, plen):
+        t = self.cfg.temperature
         if self.reference is not None:
-            return token_logps(self.reference, seqs, attn, plen)
+            return token_logps(self.reference, seqs, attn, plen, t)
         inner = getattr(model, "module", model)
         with inner.disable_adapter():
-            return token_logps(inner, seqs, attn, plen)
+            return token_logps(inner, seqs, attn, plen, t)
 
 
-def token_logps(model, seqs, attn, plen: int):
-    """log p of each answer token (positions plen..), shape (n, T): left padding handled by the positions."""
+def token_logps(model, seqs, attn, plen: int, temperature: float = 1.0):
+    """log p of each answer token (positions plen..), shape (n, T), at `temperature` (the sampling one, for
+    the policy-gradient term); left padding handled by the positions."""
     import torch
 
     positions = (attn.cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=seqs, attention_mask=attn, position_ids=positions, use_cache=False).logits.float()
-    logp = torch.log_softmax(logits[:, plen - 1:-1], dim=-1)
+    logp = torch.log_softmax(logits[:, plen - 1:-1] / temperature, dim=-1)
     return logp.gather(-1, seqs[:, plen:].unsqueeze(-1)).squeeze(-1)

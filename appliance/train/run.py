@@ -406,7 +406,7 @@ def _check_tokenizer(recipe: Recipe, tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no end-of-text token", "documents are packed with EOS between them; "
                                                                   "use a tokenizer that defines eos_token")
-    if recipe.data.format in ("chat", "preference") and not getattr(tokenizer, "chat_template", None):
+    if recipe.data.format in ("chat", "preference", "prompts") and not getattr(tokenizer, "chat_template", None):
         raise UsageError("the base model's tokenizer has no chat template",
                          "SFT and DPO render conversations with it; add one (tokenizer_config.json or "
                          "chat_template.jinja)")
@@ -444,7 +444,7 @@ def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict,
         which = resume_run or f"run of {recipe.name}"
         raise UsageError(f"no unfinished {which} to resume", "start one without --resume")
     run_id, old_recipe, old_data = row
-    changed = sorted(_diff(json.loads(old_recipe), recipe.to_dict()) - RESUME_MAY_CHANGE - RESUME_RESOLVED)
+    changed = sorted(_diff(_complete(json.loads(old_recipe)), recipe.to_dict()) - RESUME_MAY_CHANGE - RESUME_RESOLVED)
     if changed:
         raise UsageError(f"{run_id} was started with different settings: {', '.join(changed)}",
                          "resume with the same recipe and overrides, or start a new run")
@@ -462,6 +462,14 @@ def _open_run(vault, recipe: Recipe, resume: bool, resolved: dict,
                     [recipe.train.max_steps, json.dumps(recipe.to_dict()), start, run_id])
         vault.audit("train.resume", [run_id], {"from_step": start})
     return run_id, ckpt
+
+
+def _complete(recipe: dict) -> dict:
+    """A recipe as recorded by an older version, with the sections and keys added since at their defaults
+    (a default is what that version did), so a resume compares like with like."""
+    from appliance.train.config import from_dict
+
+    return from_dict(recipe, []).to_dict()
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
