@@ -110,14 +110,42 @@ def synth_tables(v, source: str, template: str | Path, dataset: str, table: str 
                  ) -> dict:
     """Template question/answer pairs over real rows of a table: a new synthetic version of `dataset`."""
     from appliance.vault import synth
+    from appliance.vault.pii import Scrubber
 
     pol, tpl = synth.Policy.load(Path(policy) if policy else None), synth.template(Path(template))
     src, target, cols, rows = synth.source_table(v.con, source, table)
+    rows, found = synth.scrubbed(rows, Scrubber(pii, v.secrets.pseudonym_key))
     pairs, skipped = synth.from_template(rows, cols, tpl, str(template), limit, seed)
     stem = target.split("_", 1)[1] + "_qa"
     res = synth.land(v, dataset, stem, pairs, src, "tables",
                      {"table": target, "template": str(template), "limit": limit, "seed": seed,
-                      "skipped_rows": skipped}, pol, pii)
+                      "skipped_rows": skipped}, pol, pii, source_pii=found)
+    return res.to_json()
+
+
+def synth_documents(v, source: str, model: str, dataset: str, passages: int = 100, min_grounding: float = 0.5,
+                    max_tokens: int = 48, policy: str | Path | None = None, pii: str = "redact",
+                    progress=None) -> dict:
+    """Question/answer pairs a local model writes about passages of `source`, kept when grounded in them."""
+    from appliance.eval.run import open_backend, resolve_model
+    from appliance.vault import synth
+
+    pol = synth.Policy.load(Path(policy) if policy else None)
+    src, items = synth.passages(v.con, source, passages)
+    model_id, kind, path, in_lineage = resolve_model(v, model)
+    backend = open_backend(kind, path)
+    try:
+        with v.released():  # the model works without the vault; the passages are in memory
+            rows, dropped = synth.from_documents(lambda p, n: backend.complete(p, False, n)["output"], items,
+                                                 min_grounding, max_tokens,
+                                                 (lambda d, t: progress("passages", d, t)) if progress else
+                                                 (lambda d, t: None))
+    finally:
+        backend.close()
+    res = synth.land(v, dataset, "passages_qa", rows, src, "documents",
+                     {"model": model_id, "passages": len(items), "min_grounding": min_grounding,
+                      "max_tokens": max_tokens}, pol, pii, dropped=dropped,
+                     extra_parents=[(model_id, "generator")] if in_lineage else [])
     return res.to_json()
 
 
@@ -125,12 +153,14 @@ def synth_edge_cases(v, source: str, dataset: str, table: str | None = None, row
                      policy: str | Path | None = None, seed: int = 0, pii: str = "redact") -> dict:
     """Long-tail rows of a table (unseen and rare combinations, extremes): a new synthetic version."""
     from appliance.vault import synth
+    from appliance.vault.pii import Scrubber
 
     pol = synth.Policy.load(Path(policy) if policy else None)
     src, target, cols, data = synth.source_table(v.con, source, table)
+    data, found = synth.scrubbed(data, Scrubber(pii, v.secrets.pseudonym_key))
     made = synth.edge_cases(data, cols, rows, seed)
     res = synth.land(v, dataset, target.split("_", 1)[1] + "_edge", made, src, "edge-cases",
-                     {"table": target, "rows": rows, "seed": seed}, pol, pii)
+                     {"table": target, "rows": rows, "seed": seed}, pol, pii, source_pii=found)
     return res.to_json()
 
 

@@ -47,6 +47,36 @@ def synth_tables_cmd(c: Ctx, source, template, dataset, table, policy, limit, se
     c.emit(r, lambda: _human(r))
 
 
+@command(synth_group, "documents")
+@click.argument("source")
+@click.option("--model", required=True, help="The local model that writes the pairs: a model or GGUF id, a model "
+                                             "directory or a .gguf file.")
+@click.option("--dataset", "-d", required=True, help="Name of the new dataset; a version NAME@N is created.")
+@click.option("--passages", type=click.IntRange(1, 100_000), default=100, show_default=True,
+              help="Paragraphs of SOURCE to write about, in order.")
+@click.option("--min-grounding", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of an answer's content words that must appear in its passage.")
+@click.option("--max-tokens", type=click.IntRange(4, 1024), default=48, show_default=True)
+@click.option("--policy", type=click.Path(path_type=Path), default=None,
+              help="Site policy TOML: banned = [...] terms drop a pair; disclaimer = \"...\" ends every answer.")
+@click.option("--pii", type=_PII, default="redact", show_default=True)
+def synth_documents_cmd(c: Ctx, source, model, dataset, passages, min_grounding, max_tokens, policy, pii):
+    """Question/answer pairs a local model writes about passages of SOURCE (a version NAME@N), kept when
+    the answer is grounded in its passage and the question is new."""
+    from appliance import api
+    from appliance.output import StageProgress
+    from appliance.vault import synth
+
+    synth.Policy.load(policy)
+    bar = StageProgress(not c.json)
+    with c.open_vault() as v:
+        try:
+            r = api.synth_documents(v, source, model, dataset, passages, min_grounding, max_tokens, policy, pii, bar)
+        finally:
+            bar.stop()
+    c.emit(r, lambda: _human(r))
+
+
 @command(synth_group, "edge-cases")
 @click.argument("source")
 @click.option("--dataset", "-d", required=True, help="Name of the new dataset; a version NAME@N is created.")

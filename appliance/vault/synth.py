@@ -1,6 +1,9 @@
 """`appliance synth`: new dataset versions made from the site's own data, marked synthetic in lineage.
 
 Generators:
+- documents: a local model (a model or GGUF id) writes a question and its answer for each passage of a
+  version's records; a pair is kept when its answer is grounded in the passage (most of its content words
+  appear there) and its question is new.
 - tables: template questions and answers over real rows of a table ("What is the risk class of
   {asset_id}?" -> "{asset_id} is {risk_class}."), as instruction/response rows ready for SFT.
 - edge-cases: rows that cover the long tail of a table: pairs of categorical values that never occur
@@ -17,6 +20,7 @@ and the source version as parent. Nothing is written outside the vault; a failur
 from __future__ import annotations
 
 import hashlib
+import heapq
 import itertools
 import json
 import random
@@ -30,6 +34,7 @@ from pathlib import Path
 from appliance.errors import UsageError
 
 PLACEHOLDER = string.Formatter()
+MAX_CATEGORIES = 50  # a column with more distinct values is not treated as categorical by edge-cases
 
 
 @dataclass
@@ -79,12 +84,13 @@ def template(path: Path) -> dict:
 
 # --- reading the source table --------------------------------------------------------------------------
 def source_table(con, ref: str, table: str | None) -> tuple[str, str, list[str], list[dict]]:
-    """(version NAME@N, vault table name, columns, rows) of one table of a version."""
+    """(version NAME@N, vault table name, columns, rows) of one table of a version: the rows of its train
+    split only, so nothing held out for validation is turned into training data."""
     from appliance.vault.versions import resolve
 
     vid, name, n = resolve(con, ref)
-    tables = [t for (t,) in con.execute("SELECT table_name FROM version_tables WHERE vid = ? ORDER BY table_name",
-                                        [vid]).fetchall()]
+    tables = [t for (t,) in con.execute("SELECT DISTINCT path FROM version_records WHERE vid = ? AND kind = 'table' "
+                                        "ORDER BY path", [vid]).fetchall()]
     if not tables:
         raise UsageError(f"{name}@{n} has no tables", "synthesize from a version made by ingesting CSV, Parquet or "
                                                       "JSONL tables")
@@ -97,9 +103,31 @@ def source_table(con, ref: str, table: str | None) -> tuple[str, str, list[str],
         target = stems.get(table, table)
     else:
         raise UsageError(f"{name}@{n} has no table {table!r}", f"its tables are {', '.join(stems)}")
-    cur = con.execute(f'SELECT * FROM data."{target}"')
-    cols = [d[0] for d in cur.description]
-    return f"{name}@{n}", target, cols, [dict(zip(cols, r)) for r in cur.fetchall()]
+    train = {json.loads(m)["row"] for (m,) in con.execute(
+        "SELECT meta FROM version_records WHERE vid = ? AND kind = 'table' AND path = ? AND split = 'train'",
+        [vid, target]).fetchall()}
+    cur = con.execute(f'SELECT rowid + 1, * FROM data."{target}"')
+    cols = [d[0] for d in cur.description][1:]
+    return f"{name}@{n}", target, cols, [dict(zip(cols, r[1:])) for r in cur.fetchall() if r[0] in train]
+
+
+def scrubbed(rows: list[dict], scrubber) -> tuple[list[dict], Counter]:
+    """The rows with every cell scrubbed in its own column's context, before anything is made from them
+    (a name in an `owner` column is a person; inside a sentence the context is gone). Typed cells that hold
+    PII (an integer SSN, a date of birth) become their scrubbed text, as at ingest."""
+    counts: Counter = Counter()
+    out = []
+    for row in rows:
+        clean = {}
+        for c, v in row.items():
+            if v is not None and not isinstance(v, bool | list | dict):
+                text, found = scrubber.scrub_cell(c, str(v))
+                if found:
+                    counts.update(found)
+                    v = text
+            clean[c] = v
+        out.append(clean)
+    return out, counts
 
 
 # --- generators ----------------------------------------------------------------------------------------
@@ -145,15 +173,17 @@ def edge_cases(rows: list[dict], columns: list[str], n: int, seed: int) -> list[
         raise UsageError("the table has no rows to start from", "pick a table with data")
     numeric = [c for c in columns if all(isinstance(r[c], int | float) and not isinstance(r[c], bool)
                                          for r in rows if r[c] is not None) and any(r[c] is not None for r in rows)]
-    values = {c: Counter(r[c] for r in rows if r[c] not in (None, "")) for c in columns if c not in numeric}
+    hashable = [c for c in columns if c not in numeric
+                and all(isinstance(r[c], str | int | float | bool | type(None)) for r in rows)]
+    values = {c: Counter(r[c] for r in rows if r[c] not in (None, "")) for c in hashable}
     # categorical: a few values, repeated (an id or a free-text column has about one row per value)
     categorical = [c for c, cnt in values.items()
-                   if 2 <= len(cnt) <= max(2, len(rows) // 2) and max(cnt.values()) >= 2]
+                   if 2 <= len(cnt) <= min(MAX_CATEGORIES, max(2, len(rows) // 2)) and max(cnt.values()) >= 2]
     candidates: list[tuple[str, dict]] = []
     for a, b in itertools.combinations(categorical, 2):
         seen = Counter((r[a], r[b]) for r in rows)
-        pairs = sorted(itertools.product(values[a], values[b]), key=lambda p: (seen[p], str(p)))
-        candidates += [("unseen pair" if seen[p] == 0 else "rare pair", {a: p[0], b: p[1]}) for p in pairs[:3]]
+        pairs = heapq.nsmallest(3, itertools.product(values[a], values[b]), key=lambda p: (seen[p], str(p)))
+        candidates += [("unseen pair" if seen[p] == 0 else "rare pair", {a: p[0], b: p[1]}) for p in pairs]
     for c in numeric:
         xs = [r[c] for r in rows if r[c] is not None]
         lo, hi = min(xs), max(xs)
@@ -177,6 +207,86 @@ def edge_cases(rows: list[dict], columns: list[str], n: int, seed: int) -> list[
     return out
 
 
+_STOP = frozenset("the and for are but not you all any can had her was one our out has his how its may new now "
+                  "see two who did get let put say she too use with that this from they will have what when which "
+                  "there their would about into than then them these your been were more also each".split())
+PASSAGE_CHARS = 600
+
+
+def passages(con, ref: str, limit: int) -> tuple[str, list[tuple[int, str]]]:
+    """(NAME@N, [(record position, passage)]): paragraphs of the version's train records, in order."""
+    from appliance.vault.versions import iter_records, resolve
+
+    _, name, n = resolve(con, ref)
+    out: list[tuple[int, str]] = []
+    for rec in iter_records(con, f"{name}@{n}", split="train"):
+        for para in re.split(r"\n\s*\n", rec["text"]):
+            para = " ".join(para.split())
+            if len(para) >= 40 and not para.startswith("["):
+                out.append((rec["ord"], para[:PASSAGE_CHARS]))
+                if len(out) >= limit:
+                    return f"{name}@{n}", out
+    if not out:
+        raise UsageError(f"{name}@{n} has no passages of text to write questions about",
+                         "use a version of documents (handbooks, procedures, reports)")
+    return f"{name}@{n}", out
+
+
+def content_words(text: str) -> list[str]:
+    return [w for w in re.findall(r"\w+", text.lower()) if len(w) >= 3 and w not in _STOP]
+
+
+def grounding(answer: str, passage: str) -> float:
+    """The share of the answer's content words that appear in the passage (0 when it has none)."""
+    words = content_words(answer)
+    if not words:
+        return 0.0
+    have = set(re.findall(r"\w+", passage.lower()))
+    return sum(w in have for w in words) / len(words)
+
+
+def from_documents(complete, items: list[tuple[int, str]], min_grounding: float, max_tokens: int,
+                   progress=lambda done, total: None) -> tuple[list[dict], Counter]:
+    """One question/answer pair per passage, written by `complete(prompt, max_tokens) -> text`.
+
+    The model continues "PASSAGE / Q:" with a question, then "... A:" with its answer (plain completion,
+    so any model can do it); each stops at the end of its line."""
+    rows, dropped, seen = [], Counter(), set()
+    for i, (pos, passage) in enumerate(items):
+        progress(i, len(items))
+        prompt = f"{passage}\n\nQ:"
+        q = complete(prompt, max_tokens).strip().split("\n")[0].strip()
+        a = complete(f"{prompt} {q}\nA:", max_tokens).strip().split("\n")[0].strip() if q else ""
+        if not q or not a:
+            dropped["empty"] += 1
+            continue
+        g = grounding(a, passage)
+        if g < min_grounding:
+            dropped["ungrounded"] += 1
+            continue
+        key = " ".join(content_words(q))
+        if key in seen:
+            dropped["duplicate"] += 1
+            continue
+        seen.add(key)
+        rows.append({"instruction": q, "response": a, "grounding": round(g, 3), "source_record": pos})
+    progress(len(items), len(items))
+    return rows, dropped
+
+
+def _check_dataset(con, dataset: str) -> None:
+    """Synthetic versions go to a dataset of their own: never on top of ingested data."""
+    from appliance.vault import lineage
+    from appliance.vault.ingest import latest
+
+    if (last := latest(con, dataset)) is None:
+        return
+    node = lineage.node(con, f"{dataset}@{last[1]}")
+    if not (node and node["attrs"].get("synthetic")):
+        raise UsageError(f"dataset {dataset} holds ingested data; synthetic rows never join it",
+                         "pick another --dataset (e.g. {dataset}-synth)".replace("{dataset}", dataset))
+
+
 # --- landing -------------------------------------------------------------------------------------------
 @dataclass
 class SynthResult:
@@ -196,7 +306,9 @@ class SynthResult:
 
 
 def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generator: str, settings: dict,
-         policy: Policy, pii_mode: str = "redact", validation: float = 0.05) -> SynthResult:
+         policy: Policy, pii_mode: str = "redact", validation: float = 0.05, dropped: Counter | None = None,
+         extra_parents: list[tuple[str, str]] = (), source_pii: Counter | None = None) -> SynthResult:
+    """`source_pii`: what scrubbing the source rows found (see `scrubbed`), reported with the rest."""
     """Scrub, apply the policy, and commit `rows` as a new version of `dataset` (a table `stem`)."""
     import pyarrow as pa
 
@@ -207,9 +319,11 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
     from appliance.vault.readers.tables import table_columns
 
     ing.validate_name(dataset)
+    _check_dataset(vault.con, dataset)
     scrubber = Scrubber(pii_mode, vault.secrets.pseudonym_key)
-    counts: Counter = Counter()
-    kept, dropped = [], Counter()
+    counts: Counter = Counter(source_pii or {})
+    kept, dropped, unique = [], Counter(dropped or {}), set()
+    generated = len(rows) + sum(dropped.values())  # the generator's own drops (ungrounded, ...) count too
     for row in rows:
         clean, found = {}, Counter()
         for c, v in row.items():
@@ -223,10 +337,16 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
         counts.update(found)  # what the landed rows had
         if policy.disclaimer and "response" in clean and policy.disclaimer not in clean["response"]:
             clean["response"] = f"{clean['response'].rstrip()} {policy.disclaimer}"
+        key = json.dumps(clean, sort_keys=True, default=str)
+        if key in unique:
+            dropped["duplicate"] += 1
+            continue
+        unique.add(key)
         kept.append(clean)
     if not kept:
-        raise UsageError(f"nothing to land: all {len(rows)} generated row(s) were dropped"
-                         + (f" ({dropped['policy']} by the policy)" if dropped["policy"] else ""),
+        why = ", ".join(f"{n} {'by the policy' if k == 'policy' else k}" for k, n in dropped.items())
+        raise UsageError(f"nothing to land: all {generated} generated row(s) were dropped"
+                         + (f" ({why})" if why else ""),
                          "loosen the policy or the generator's settings")
     con = vault.con
     src = f"synth:{generator}:{source}"
@@ -243,16 +363,13 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
         finally:
             con.unregister("_synth")
         writer = ing.RecordWriter(con, vid, 0, validation)
-        seen: set[str] = set()
+        seen: list[str] = []
         nbytes = 0
         for i, row in enumerate(kept, 1):
             text = f"[{stem} row {i}]\n" + "\n".join(f"{c}: {'' if row[c] is None else row[c]}" for c in cols)
             data = text.encode("utf-8")
             digest = hashlib.sha256(data).hexdigest()
-            if digest in seen:
-                dropped["duplicate"] += 1
-                continue
-            seen.add(digest)
+            seen.append(digest)
             nbytes += len(data)
             writer.add(Record(kind="table", source=src, text=text, path=target, title=stem,
                               meta={"row": i, "synthetic": True}, scrubbed=True), text, digest, len(data))
@@ -264,12 +381,15 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
     res = ing.IngestResult(version="", content_hash="", records=0, new_records=len(seen), bytes=0,
                            duplicates=dropped["duplicate"], files=0, parent=None)
     try:
-        ing.commit_version(vault, vid, dataset, None, res, pii_mode, parents=[(source, "source")],
+        ing.commit_version(vault, vid, dataset, None, res, pii_mode, parents=[(source, "source"), *extra_parents],
                     attrs={"synthetic": True, "generator": generator, "settings": settings,
                            "policy": policy.to_json(), "pii": dict(counts)}, action="vault.synth")
     except BaseException:
         with vault.transaction():
             ing.discard_version(con, vid)
+            if seen:  # the texts too: nothing of a failed synth stays in the vault
+                con.execute("DELETE FROM blobs WHERE hash IN (SELECT unnest(?)) AND hash NOT IN "
+                            "(SELECT hash FROM version_records)", [seen])
         raise
-    return SynthResult(res.version, res.content_hash, res.records, f"data.{target}", generator, source, len(rows),
+    return SynthResult(res.version, res.content_hash, res.records, f"data.{target}", generator, source, generated,
                        dict(dropped), dict(sorted(counts.items())), policy.to_json())
