@@ -83,30 +83,31 @@ def regex(completion: str, answer: str, cfg) -> float:
     return float(re.search(cfg.pattern, completion) is not None)
 
 
+_NOT_JSON = object()
+
+
 def _json(completion: str):
+    """The answer as JSON (a fenced block is fine), or _NOT_JSON."""
     text = completion.strip()
-    if text.startswith("```"):  # a fenced block is still JSON
+    if text.startswith("```"):
         text = text.strip("`").removeprefix("json").strip()
-    return json.loads(text)
+    try:
+        return json.loads(text)
+    except ValueError:
+        return _NOT_JSON
 
 
 @register("json_schema")
 def json_schema(completion: str, answer: str, cfg) -> float:
     import jsonschema
 
-    try:
-        value = _json(completion)
-    except ValueError:
-        return 0.0
-    return float(jsonschema.Draft202012Validator(json.loads(cfg.schema)).is_valid(value))
+    value = _json(completion)
+    return float(value is not _NOT_JSON and jsonschema.Draft202012Validator(json.loads(cfg.schema)).is_valid(value))
 
 
 @register("tool_call")
 def tool_call(completion: str, answer: str, cfg) -> float:
-    try:
-        call = _json(completion)
-    except ValueError:
-        return 0.0
+    call = _json(completion)
     ok = (isinstance(call, dict) and isinstance(call.get("name"), str) and isinstance(call.get("arguments"), dict)
           and (not cfg.tools or call["name"] in cfg.tools))
     return float(ok)
