@@ -67,47 +67,43 @@ def sft(spec: dict, link, dist: loop.Dist) -> dict:
 
 def dpo(spec: dict, link, dist: loop.Dist) -> dict:
     """Preference tuning on [chosen | rejected] rows, anchored to the base (see `preference`)."""
-    import torch
-
     from appliance.train.preference import DPO
 
-    recipe = _recipe(spec)
-    torch.manual_seed(recipe.train.seed)  # adapter init
-    tokenizer = load_tokenizer(Path(spec["base_path"]))
-    base = Path(spec["base_path"])
-    model = load_base(base, recipe.method, recipe.lora, dist.device)
-    if recipe.method != "qlora":
-        model = model.to(dist.device)
-    _no_dropout(model)  # policy and reference must score the same text the same way
-    reference = None  # adapters: the policy with its adapters off
-    if recipe.method == "full":
-        reference = load_base(base).to(dist.device).eval().requires_grad_(False)
+    recipe, tokenizer, model, reference = _policy_and_reference(spec, dist)
     res = _fit(model, link, recipe, spec, dist, 0.0, DPO(recipe.train.dpo_beta, reference))
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
 def grpo(spec: dict, link, dist: loop.Dist) -> dict:
     """Reinforcement tuning with reward functions on sampled answers (see `grpo`)."""
-    import torch
-
     from appliance.train.grpo import GRPO
     from appliance.train.rewards import load_plugins
 
     load_plugins()
+    recipe, tokenizer, model, reference = _policy_and_reference(spec, dist)
+    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank)
+    res = _fit(model, link, recipe, spec, dist, 0.0, objective)
+    return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
+
+
+def _policy_and_reference(spec: dict, dist: loop.Dist):
+    """(recipe, tokenizer, policy, reference) for a stage tuned against its base: the policy with LoRA/QLoRA
+    adapters or every weight trainable, dropout off; the reference None for adapters (the policy with its
+    adapters off), else a frozen copy of the base."""
+    import torch
+
     recipe = _recipe(spec)
     torch.manual_seed(recipe.train.seed)  # adapter init
     base = Path(spec["base_path"])
     tokenizer = load_tokenizer(base)
     model = load_base(base, recipe.method, recipe.lora, dist.device)
-    if recipe.method != "qlora":
+    if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
         model = model.to(dist.device)
-    _no_dropout(model)
-    reference = None  # adapters: the policy with its adapters off
+    _no_dropout(model)  # policy and reference must score the same text the same way
+    reference = None
     if recipe.method == "full":
         reference = load_base(base).to(dist.device).eval().requires_grad_(False)
-    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank)
-    res = _fit(model, link, recipe, spec, dist, 0.0, objective)
-    return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
+    return recipe, tokenizer, model, reference
 
 
 STAGES = {"pretrain": pretrain, "continue": continue_, "sft": sft, "dpo": dpo, "grpo": grpo}
