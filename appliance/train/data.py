@@ -216,6 +216,13 @@ def chat_segments(tokenizer, messages: list[dict]) -> list[tuple[str, bool]]:
     return [(t, s) for t, s in out if t]
 
 
+def conversation(system_prompt: str, prompt: str, answer: str | None = None) -> list[dict]:
+    """The messages of one training conversation: optional system turn, the user's turn, the answer."""
+    return (([{"role": "system", "content": system_prompt}] if system_prompt else [])
+            + [{"role": "user", "content": prompt}]
+            + ([{"role": "assistant", "content": answer}] if answer is not None else []))
+
+
 def encode_chat(tokenizer, messages: list[dict]) -> tuple[list[int], list[int]]:
     ids: list[int] = []
     labels: list[int] = []
@@ -237,9 +244,7 @@ def pack_chat(tokenizer, pairs: Iterable[tuple[str, str]], seq_len: int, system_
     open_rows: list[int] = []  # indices of rows with room left
     docs = truncated = 0
     for prompt, response in pairs:
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}, {"role": "assistant", "content": response}]
-        ids, labels = encode_chat(tokenizer, msgs)
+        ids, labels = encode_chat(tokenizer, conversation(system_prompt, prompt, response))
         docs += 1
         if len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
@@ -276,9 +281,7 @@ def pack_preference(tokenizer, triples: Iterable[tuple[str, str, str]], seq_len:
         docs += 1
         halves = []
         for answer in (chosen, rejected):
-            msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-                {"role": "user", "content": prompt}, {"role": "assistant", "content": answer}]
-            ids, labels = encode_chat(tokenizer, msgs)
+            ids, labels = encode_chat(tokenizer, conversation(system_prompt, prompt, answer))
             truncated += len(ids) > seq_len
             halves.append((ids[:seq_len], labels[:seq_len]))
         if any(all(x == IGNORE for x in lab[1:]) for _, lab in halves):  # position 0 is never predicted
@@ -305,9 +308,8 @@ def pack_prompts(tokenizer, rows: Iterable[tuple[str, ...]], seq_len: int, syste
     docs = truncated = dropped = 0
     for row in rows:
         docs += 1
-        msgs = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": row[0]}]
-        text = tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        text = tokenizer.apply_chat_template(conversation(system_prompt, row[0]), tokenize=False,
+                                             add_generation_prompt=True)
         prompt = tokenizer(text, add_special_tokens=False)["input_ids"]
         answer = tokenizer(row[1], add_special_tokens=False)["input_ids"] if len(row) > 1 else []
         if len(prompt) > seq_len:

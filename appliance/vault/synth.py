@@ -316,7 +316,7 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
     from appliance.vault import ingest as ing
     from appliance.vault.pii import Scrubber
     from appliance.vault.readers import Record
-    from appliance.vault.readers.tables import table_columns
+    from appliance.vault.readers.tables import render_row, table_columns
 
     ing.validate_name(dataset)
     _check_dataset(vault.con, dataset)
@@ -366,7 +366,7 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
         seen: list[str] = []
         nbytes = 0
         for i, row in enumerate(kept, 1):
-            text = f"[{stem} row {i}]\n" + "\n".join(f"{c}: {'' if row[c] is None else row[c]}" for c in cols)
+            text = render_row(stem, i, row, cols)
             data = text.encode("utf-8")
             digest = hashlib.sha256(data).hexdigest()
             seen.append(digest)

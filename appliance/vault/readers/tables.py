@@ -57,8 +57,7 @@ def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub:
             cols = batch.schema.names
             for row in batch.to_pylist():
                 rows += 1
-                text = "\n".join(f"{c}: {_cell(row[c])}" for c in cols)
-                yield Record(kind="table", source=str(path), text=f"[{path.stem} row {rows}]\n{text}",
+                yield Record(kind="table", source=str(path), text=render_row(path.stem, rows, row, cols),
                              path=target, title=path.stem, meta={"row": rows}, scrubbed=True)
     except duckdb.Error as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -75,8 +74,9 @@ def table_columns(con: duckdb.DuckDBPyConnection, target: str) -> list[list[str]
         "AND table_name = ? ORDER BY ordinal_position", [target]).fetchall()]
 
 
-def _cell(v) -> str:
-    return "" if v is None else str(v)
+def render_row(stem: str, n: int, row: dict, cols: list[str]) -> str:
+    """A table row as the text of its record (ingested and synthetic tables alike)."""
+    return f"[{stem} row {n}]\n" + "\n".join(f"{c}: {'' if row[c] is None else row[c]}" for c in cols)
 
 
 class _BatchScrubber:
