@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from textual import work
 from textual.app import ComposeResult
+from textual.css.query import NoMatches
 from textual.screen import Screen
 from textual.widgets import Footer, Header
 
@@ -38,7 +39,15 @@ class Page(Screen):
     def _reload(self) -> None:
         data = self.app.with_vault(self.load, wait=2.0, quiet=self.REFRESH_EVERY is not None)
         if data is not None:
-            self.app.call_from_thread(self.show, data)
+            self.app.call_from_thread(self._show, data)
+
+    def _show(self, data) -> None:
+        # Every widget a page shows into is composed before its first load, so a query that finds nothing
+        # means the page is being taken down (the console quitting while the load ran): drop the data.
+        try:
+            self.show(data)
+        except NoMatches:
+            return
 
     def load(self, vault) -> object:
         return None
