@@ -51,7 +51,7 @@ async def until(pilot, cond, timeout: float = 120.0):
                 return got
         except Exception:  # noqa: BLE001 - the widget may not be mounted yet
             pass
-    raise AssertionError("the console did not get there in time")
+    raise AssertionError(f"the console did not get there in time; its last error: {pilot.app.last_error}")
 
 
 def text(app, selector: str) -> str:

@@ -57,6 +57,17 @@ def open_backend(kind: str, path: Path):
                         "check that it is a complete model directory or GGUF") from None
 
 
+def _texts_for(records, tokens: int) -> list[str]:
+    """Enough texts for a `tokens` budget: a token covers at least one character, so that many characters do."""
+    out, chars = [], 0
+    for r in records:
+        if chars > tokens:
+            break
+        out.append(r["text"])
+        chars += len(r["text"])
+    return out
+
+
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
 
     from appliance.errors import VaultError
@@ -74,24 +85,26 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
             except (UsageError, VaultError) as e:
                 raise SuiteError(f"{suite.path}:{m.line}: {e.message}", e.hint) from None
             datasets[m.dataset] = f"{name}@{n}"
-    backend = open_backend(kind, path)
-    cases, values = [], {}
-    try:
-        # What the metrics need from the vault is read now (bounded by each metric's token budget), so the
-        # vault is free for the console and other jobs while the model works through the suite.
-        inputs = {}
-        for m in suite.metrics:
-            ref = datasets.get(m.dataset, "")
-            if m.type == "perplexity":
-                split, records = held_out(vault.con, ref)
-                inputs[m.key] = (split, token_stream(backend.tokenize, backend.eos, (r["text"] for r in records),
-                                                     m.tokens))
-            elif m.type == "vocab_coverage":
-                inputs[m.key] = M.domain_terms([r["text"] for r in iter_records(vault.con, ref)])
-        with vault.released():
+    cases, values, inputs, texts = [], {}, {}, {}
+    # What the metrics need from the vault is read now (held-out text, domain terms), so the vault is free for
+    # the console and other jobs while the model loads and works through the suite.
+    for m in suite.metrics:
+        ref = datasets.get(m.dataset, "")
+        if m.type == "perplexity":
+            split, records = held_out(vault.con, ref)
+            texts[m.key] = (split, _texts_for(records, m.tokens))
+        elif m.type == "vocab_coverage":
+            inputs[m.key] = M.domain_terms([r["text"] for r in iter_records(vault.con, ref)])
+    with vault.released():
+        backend = open_backend(kind, path)
+        try:
+            for m in suite.metrics:
+                if m.key in texts:
+                    split, chunk = texts[m.key]
+                    inputs[m.key] = (split, token_stream(backend.tokenize, backend.eos, chunk, m.tokens))
             _work(suite, backend, datasets, inputs, cases, values, progress)
-    finally:
-        backend.close()
+        finally:
+            backend.close()
     checks = _checks(suite, values)
     run_id = lineage.next_id(vault.con, f"eval-{suite.name}")
     summary = {"id": run_id, "suite": suite.name, "suite_path": suite.path, "model": model_id,

@@ -164,10 +164,22 @@ def _line(e: BaseException) -> str:
     return f"{type(e).__name__}: {first}" if first else type(e).__name__
 
 
+def _preload() -> None:
+    """Import what every kind of job needs before attaching: torch and transformers take seconds to import
+    (far more on a busy machine), and the vault should not be held from everyone else meanwhile."""
+    import appliance.eval.run  # noqa: F401
+    import appliance.quantize.stage  # noqa: F401
+    import appliance.train.run  # noqa: F401
+    import appliance.train.stages  # noqa: F401
+    from transformers import (  # noqa: F401 - each resolves lazily otherwise
+        AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM, PreTrainedTokenizerFast)
+
+
 def _run(home: Home, job_id: str, secrets, log: JobLog) -> int:
     from appliance.train.run import TrainInterrupted
     from appliance.vault import Vault
 
+    _preload()
     with Vault.from_secrets(home, secrets, wait=600) as vault:
         job = queue.get(vault.con, job_id)
         if job.status != "running" or job.pid != os.getpid():  # the dispatcher that started us did not commit
