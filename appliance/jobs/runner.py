@@ -167,12 +167,18 @@ def _line(e: BaseException) -> str:
 def _preload() -> None:
     """Import what every kind of job needs before attaching: torch and transformers take seconds to import
     (far more on a busy machine), and the vault should not be held from everyone else meanwhile."""
+    from transformers import (  # noqa: F401 - each resolves lazily otherwise
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        LlamaForCausalLM,
+        MixtralForCausalLM,
+        PreTrainedTokenizerFast,
+    )
+
     import appliance.eval.run  # noqa: F401
     import appliance.quantize.stage  # noqa: F401
     import appliance.train.run  # noqa: F401
     import appliance.train.stages  # noqa: F401
-    from transformers import (  # noqa: F401 - each resolves lazily otherwise
-        AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM, MixtralForCausalLM, PreTrainedTokenizerFast)
 
 
 def _run(home: Home, job_id: str, secrets, log: JobLog) -> int:
