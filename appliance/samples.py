@@ -398,6 +398,27 @@ def _preferences(out: Path, rng: random.Random) -> None:
     (d / "handbook-prefs.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines), encoding="utf-8")
 
 
+def _task_demos(out: Path) -> None:
+    """Worked episodes of the shipped asset-risk task (train episodes only), one row per model turn: the
+    call, then the answer from the tool's real result. SFT on them gives a model that sometimes completes
+    the task, which GRPO on the task then improves."""
+    from appliance.eval import tasks
+
+    task = tasks.load("asset-risk")
+    rows = []
+    for i in task.indexes("train"):
+        ep = tasks.Episode(task, i)
+        asset, risk = ep.task.episodes[i]["vars"]["asset"], ep.task.episodes[i]["expect"]
+        call = json.dumps({"name": "lookup", "arguments": {"asset": asset}})
+        rows.append({"instruction": ep.prompt(), "response": call})
+        ep.step(call)
+        answer = f"{risk} risk"
+        rows.append({"instruction": ep.prompt(), "response": answer})
+    d = out / "tasks"
+    d.mkdir()
+    (d / "asset-risk-demos.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+
+
 def generate(out: Path, seed: int = 7) -> dict:
     """Write the corpus under `out` (which must not exist or be empty); return a manifest."""
     out = Path(out)
@@ -413,11 +434,13 @@ def generate(out: Path, seed: int = 7) -> dict:
     _documents(out, rng)
     _pairs(out, rng)
     _preferences(out, rng)
+    _task_demos(out)
     files = [p for p in out.rglob("*") if p.is_file()]
     return {"out": str(out), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "seed": seed,
             "parts": {"handbook": "handbook/", "mail": "mail/", "code": "kestrel-tools/", "tables": "tables/",
                       "documents": "documents/", "instructions": "instructions/handbook-qa.jsonl",
-                      "preferences": "preferences/handbook-prefs.jsonl"}}
+                      "preferences": "preferences/handbook-prefs.jsonl",
+                      "task_demos": "tasks/asset-risk-demos.jsonl"}}
 
 
 if __name__ == "__main__":

@@ -24,8 +24,9 @@ from collections.abc import Callable
 
 REGISTRY: dict[str, Callable[[list[dict]], float]] = {}
 # direction of "better" for gates and comparisons
-HIGHER_IS_BETTER = {"accuracy": True, "perplexity": False, "vocab_coverage": True, "tokens_per_s": True,
-                    "latency_p50_ms": False, "latency_p95_ms": False, "ttft_p50_ms": False, "ttft_p95_ms": False}
+HIGHER_IS_BETTER = {"accuracy": True, "task_completion": True, "perplexity": False, "vocab_coverage": True,
+                    "tokens_per_s": True, "latency_p50_ms": False, "latency_p95_ms": False, "ttft_p50_ms": False,
+                    "ttft_p95_ms": False}
 
 
 def register(name: str):

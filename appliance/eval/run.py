@@ -10,6 +10,7 @@ import hashlib
 import json
 import math
 import random
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -192,6 +193,35 @@ def _work(suite: Suite, backend, datasets: dict, inputs: dict, cases: list, valu
             values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
         elif m.type == "custom":
             values[m.key] = float(M.REGISTRY[m.name](cases))
+        elif m.type == "task":
+            _task(m, backend, cases, values, progress)
+
+
+def _task(m, backend, cases: list, values: dict, progress: Progress) -> None:
+    """The task's episodes, each a case `task:NAME#I` whose scores keep the transcript (every call, its
+    arguments, outcome and time); the completion rate and the reasons episodes failed."""
+    from collections import Counter
+
+    from appliance.eval import tasks
+
+    task = tasks.load(m.task)
+    indexes = task.indexes(m.split or None)
+    reasons: Counter = Counter()
+    done = 0
+    for n, i in enumerate(indexes):
+        progress(f"task {task.name}", n, len(indexes))
+        t0 = time.perf_counter()
+        r = tasks.run_episode(task, lambda p: backend.complete(p, True, m.max_tokens)["output"], i)
+        done += r["success"]
+        if r["reason"]:
+            reasons[r["reason"]] += 1
+        cases.append({"case": f"task:{task.name}#{i}", "passed": r["success"], "output": r["answer"] or "",
+                      "ttft_ms": None, "total_ms": round((time.perf_counter() - t0) * 1000, 1), "tokens": 0,
+                      "scores": {k: r[k] for k in ("goal", "calls", "steps", "reason")}})
+    progress(f"task {task.name}", len(indexes), len(indexes))
+    values[m.key] = done / len(indexes)
+    values[f"{m.key}_episodes"] = len(indexes)
+    values[f"{m.key}_failures"] = [f"{n} x {why}" for why, n in reasons.most_common()]
 
 
 def runs(con) -> list[dict]:
@@ -224,7 +254,8 @@ def compare(con, a_id: str, b_id: str) -> dict:
         row = {"a": va, "b": vb, "higher_is_better": M.HIGHER_IS_BETTER.get(base),
                "delta": vb - va if isinstance(va, int | float) and isinstance(vb, int | float) else None}
         if key == "accuracy" and paired:
-            row["ci95"] = bootstrap_ci([float(y["passed"]) - float(x["passed"]) for x, y in paired])
+            row["ci95"] = bootstrap_ci([float(y["passed"]) - float(x["passed"]) for x, y in paired
+                                        if not x["case"].startswith("task:")])
         if base == "perplexity" and ma.get(f"{key}_tokens") and ma.get(f"{key}_tokens") == mb.get(f"{key}_tokens"):
             # the very same tokens in the same windows: per-window NLL pairs up
             row["ci95_mean_nll"] = bootstrap_ci([y - x for x, y in zip(ma[f"{key}_windows"], mb[f"{key}_windows"])])
@@ -239,7 +270,7 @@ def compare(con, a_id: str, b_id: str) -> dict:
     return out
 
 
-QUALITY = ("accuracy", "perplexity", "vocab_coverage")
+QUALITY = ("accuracy", "perplexity", "vocab_coverage", "task_completion")
 
 
 def gate(con, baseline: str, candidate: str, tolerance: dict[str, float], default_tol: float) -> dict:
@@ -269,7 +300,7 @@ def gate(con, baseline: str, candidate: str, tolerance: dict[str, float], defaul
             continue
         if not isinstance(row["a"], int | float) or math.isnan(row["a"]):
             continue  # nothing to regress from
-        if key == "accuracy":
+        if key == "accuracy" or key.startswith("task_completion"):  # rates: in points
             worse = row["a"] - row["b"] > tol
         else:
             scale = abs(row["a"]) or 1.0

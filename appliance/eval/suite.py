@@ -13,10 +13,18 @@ expect = "contains"             # exact | contains | regex | json | json_schema 
 answer = "secondary coolant"    # choice: one of `choices`, scored by log-likelihood
 
 [[metric]]
-type = "perplexity"             # perplexity | vocab_coverage | latency | custom
+type = "perplexity"             # perplexity | vocab_coverage | latency | custom | task
 dataset = "handbook@2"
 max = 80.0                      # thresholds: max / min (latency: max_p95_ms, max_ttft_ms, min_tokens_per_s)
+
+[[metric]]
+type = "task"                   # an agentic task's completion rate (see appliance/eval/tasks.py)
+task = "asset-risk"             # a shipped task, or a task TOML file (relative to this suite)
+split = "validation"            # its episodes of one split (default: all)
+max_tokens = 64                 # longest model turn
+min = 0.5
 ```
+A task file can also be run as a suite of its own: `appliance eval run TASK.toml --model M`.
 Every problem is reported at once, each as `FILE:LINE: what is wrong`.
 """
 
@@ -36,8 +44,8 @@ class SuiteError(ApplianceError):
 
 SUITES_DIR = Path(__file__).parent / "suites"
 EXPECTS = ("exact", "contains", "regex", "json", "json_schema", "choice")
-METRICS = ("perplexity", "vocab_coverage", "latency", "custom")
-THRESHOLDS = {"perplexity": ("max",), "vocab_coverage": ("min",), "custom": ("min", "max"),
+METRICS = ("perplexity", "vocab_coverage", "latency", "custom", "task")
+THRESHOLDS = {"perplexity": ("max",), "vocab_coverage": ("min",), "custom": ("min", "max"), "task": ("min",),
               "latency": ("max_p95_ms", "max_ttft_ms", "min_tokens_per_s")}
 
 
@@ -63,6 +71,9 @@ class Metric:
     tokens: int = 2048  # perplexity: held-out tokens measured
     line: int = 0
     key: str = ""  # the name its value is reported under (set when the suite is loaded)
+    task: str = ""  # task: the task file, resolved
+    split: str = ""  # task: the episodes of one split ("" for all)
+    max_tokens: int = 64  # task: longest model turn
 
 
 @dataclass
@@ -81,11 +92,14 @@ def find(ref: str) -> Path:
         if not p.is_file():
             raise UsageError(f"no suite file {ref}", "pass a TOML file or a shipped suite name")
         return p
-    shipped = SUITES_DIR / f"{ref}.toml"
-    if shipped.is_file():
-        return shipped
+    from appliance.eval.tasks import TASKS_DIR
+
+    for shipped in (SUITES_DIR / f"{ref}.toml", TASKS_DIR / f"{ref}.toml"):  # a suite, or a task run as one
+        if shipped.is_file():
+            return shipped
     names = ", ".join(sorted(q.stem for q in SUITES_DIR.glob("*.toml")))
-    raise UsageError(f"no suite named {ref!r}", f"shipped suites: {names}; or pass a TOML file")
+    tasks = ", ".join(sorted(q.stem for q in TASKS_DIR.glob("*.toml")))
+    raise UsageError(f"no suite named {ref!r}", f"shipped suites: {names}; tasks: {tasks}; or pass a TOML file")
 
 
 class _Lines:
@@ -115,9 +129,15 @@ class _Lines:
 
 def load(ref: str) -> Suite:
     """Read and check a suite; raise one UsageError listing every problem with FILE:LINE."""
+    from appliance.eval import tasks
     from appliance.eval.metrics import REGISTRY
 
     path = find(ref)
+    if tasks.is_task_file(path):  # a task on its own: a suite of its completion rate
+        task = tasks.load(path)
+        m = Metric("task", line=1, key="task_completion", task=str(path))
+        return Suite(task.name, str(path), [], [m], f"completion rate of task {task.name} "
+                                                    f"({len(task.episodes)} episodes)")
     text = path.read_text()
     try:
         raw = tomllib.loads(text)
@@ -150,7 +170,7 @@ def load(ref: str) -> Suite:
     cases, seen = [], set()
     for i, c in enumerate(raw.get("case", [])):
         cases.append(_case(c, i, where, bad, seen, max_tokens))
-    metrics = [_metric(m, i, where, bad, REGISTRY) for i, m in enumerate(raw.get("metric", []))]
+    metrics = [_metric(m, i, where, bad, REGISTRY, path) for i, m in enumerate(raw.get("metric", []))]
     if not cases and not metrics:
         bad(1, "the suite has no [[case]] and no [[metric]]")
     _name_metrics(metrics)
@@ -209,11 +229,13 @@ def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Ca
                 mt if isinstance(mt, int) and mt > 0 else max_tokens, where.of("case", i))
 
 
-def _metric(m: dict, i: int, where: _Lines, bad, registry: dict) -> Metric:
+def _metric(m: dict, i: int, where: _Lines, bad, registry: dict, path: Path) -> Metric:
     kind = m.get("type")
     if kind not in METRICS:
         bad(where.of("metric", i, "type"), f"metric type {kind!r} is not one of {', '.join(METRICS)}")
         return Metric(str(kind))
+    if kind == "task":
+        return _task_metric(m, i, where, bad, path)
     allowed = {"type", "dataset", "name", "tokens", *THRESHOLDS[kind]}
     for k in set(m) - allowed:
         bad(where.of("metric", i, k), f"{kind} metric has unknown key {k!r} (keys: {', '.join(sorted(allowed))})")
@@ -234,12 +256,50 @@ def _metric(m: dict, i: int, where: _Lines, bad, registry: dict) -> Metric:
     return Metric(kind, str(m.get("dataset", "")), name, thresholds, tokens, where.of("metric", i))
 
 
+def _task_metric(m: dict, i: int, where: _Lines, bad, path: Path) -> Metric:
+    from appliance.eval import tasks
+
+    allowed = {"type", "task", "split", "max_tokens", "min"}
+    for k in set(m) - allowed:
+        bad(where.of("metric", i, k), f"task metric has unknown key {k!r} (keys: {', '.join(sorted(allowed))})")
+    ref = str(m.get("task", ""))
+    if not ref:
+        bad(where.of("metric", i), "task needs task = \"NAME\" (a shipped task) or a task TOML file")
+        return Metric("task", line=where.of("metric", i))
+    if ref.endswith(".toml") and not Path(ref).is_absolute() and (path.parent / ref).is_file():
+        ref = str(path.parent / ref)
+    try:
+        task = tasks.load(ref)
+    except UsageError as e:
+        bad(where.of("metric", i, "task"), e.message)
+        return Metric("task", line=where.of("metric", i))
+    split = str(m.get("split", ""))
+    if split and split not in tasks.SPLITS:
+        bad(where.of("metric", i, "split"), "task.split must be train or validation")
+    elif not task.indexes(split or None):
+        bad(where.of("metric", i, "split"), f"task {task.name} has no {split} episodes")
+    max_tokens = m.get("max_tokens", 64)
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= 4096:
+        bad(where.of("metric", i, "max_tokens"), "task.max_tokens must be an integer from 1 to 4096")
+        max_tokens = 64
+    thresholds = {k: m[k] for k in ("min",) if k in m}
+    for k, v in thresholds.items():
+        if not isinstance(v, int | float) or isinstance(v, bool):
+            bad(where.of("metric", i, k), f"task.{k} must be a number")
+    return Metric("task", "", task.name, thresholds, line=where.of("metric", i), task=task.path, split=split,
+                  max_tokens=max_tokens)
+
+
 def _name_metrics(metrics: list[Metric]) -> None:
     """A metric reports under its type (or custom name); when a type repeats, under TYPE:DATASET."""
     from collections import Counter
 
     counts = Counter(m.type for m in metrics if m.type != "custom")
     for m in metrics:
+        if m.type == "task":  # under the task's name when a suite has several
+            m.key = f"task_completion:{m.name}" + (f"/{m.split}" if m.split else "") if counts["task"] > 1 \
+                else "task_completion"
+            continue
         base = m.name if m.type == "custom" else m.type
         m.key = f"{base}:{m.dataset}" if m.type != "custom" and counts[m.type] > 1 else base
 

@@ -17,6 +17,7 @@ A task file (TOML) declares:
     [[episode]]
     vars = { asset_id = "RB-1000" }
     expect = "critical"
+    split = "train"                                        # or "validation" (default train)
 
     [success]
     answer_contains = "{expect}"                           # and/or tool_called = "lookup_asset"
@@ -24,8 +25,12 @@ A task file (TOML) declares:
 Each turn the model either calls one tool, as a JSON object {"name": ..., "arguments": {...}} on its own,
 or answers. A call is checked against the declared arguments and run in a sandbox: a separate Python
 process with no secrets in its environment, a private working directory, memory and CPU limits and a
-wall-clock timeout. A tool that raises, hangs or returns something that is not JSON ends as an error the
-model sees; the episode goes on. Every call is logged with its arguments, outcome and time.
+wall-clock timeout. A tool that raises, or a call with a wrong name or arguments, is an error the model
+sees, and the episode goes on (it may call again). A tool that hangs past its timeout, or whose sandbox
+dies (out of memory, a crash), ends the episode as failed with that reason. Every call is kept with its
+arguments, outcome and time: in the eval run's cases, and counted in a training run's summary.
+
+Shipped tasks live in `appliance/eval/taskfiles/` and are named without the `.toml`.
 """
 
 from __future__ import annotations
@@ -43,6 +48,9 @@ from pathlib import Path
 
 from appliance.errors import UsageError
 
+TASKS_DIR = Path(__file__).parent / "taskfiles"
+SPLITS = ("train", "validation")
+RESULT_CHARS = 2000  # a tool's answer is cut to this many characters before the model sees it
 TYPES = {"str": str, "int": int, "float": (int, float), "bool": bool}
 SANDBOX_MEMORY = 1 << 30  # bytes of address space a tool may use
 
@@ -66,14 +74,44 @@ class Task:
     tool_timeout: float = 5.0
     path: str = ""
     paths: list[str] = field(default_factory=list)  # where the tool modules are imported from
+    sha256: str = ""
+
+    def indexes(self, split: str | None = None) -> list[int]:
+        """Episode numbers (0-based) of a split, or all of them."""
+        return [i for i, ep in enumerate(self.episodes) if split is None or ep.get("split", "train") == split]
 
 
-def load(path: Path) -> Task:
-    """A checked task; every problem is listed at once, each with its place in the file."""
+def find(ref: str | Path) -> Path:
+    """A shipped task by name, or a TOML file."""
+    p = Path(ref)
+    if p.suffix == ".toml" or p.exists():
+        return p
+    shipped = TASKS_DIR / f"{ref}.toml"
+    if shipped.is_file():
+        return shipped
+    names = ", ".join(sorted(f.stem for f in TASKS_DIR.glob("*.toml")))
+    raise UsageError(f"no task {ref!r}", f"pass a task TOML file or a shipped task: {names}")
+
+
+def is_task_file(path: Path) -> bool:
+    """Whether a TOML file is a task (it has a [task] table) rather than an eval suite."""
     try:
-        raw = tomllib.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise UsageError(f"no task file {path}", "pass an existing task TOML file") from None
+        return "task" in tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError):
+        return False
+
+
+def load(ref: str | Path) -> Task:
+    """A checked task; every problem is listed at once, each with its place in the file."""
+    import hashlib
+
+    path = find(ref)
+    try:
+        data = Path(path).read_bytes()
+        raw = tomllib.loads(data.decode())
+    except OSError as e:
+        raise UsageError(f"cannot read task file {path}: {e.strerror or e}",
+                         "pass an existing task TOML file") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"task {path} is not valid TOML: {e}", "fix the file and run again") from None
     problems: list[str] = []
@@ -117,6 +155,10 @@ def load(path: Path) -> Task:
         if not isinstance(ep, dict) or not isinstance(ep.get("vars", {}), dict):
             problems.append(f"[[episode]] #{i}: vars must be a table")
             continue
+        if extra := sorted(set(ep) - {"vars", "expect", "split"}):
+            problems.append(f"[[episode]] #{i}: unknown key(s) {', '.join(extra)} (keys: vars, expect, split)")
+        if ep.get("split", "train") not in SPLITS:
+            problems.append(f"[[episode]] #{i}: split must be train or validation")
         for text, what in ((goal or "", "goal"), (str(success.get("answer_contains", "")), "answer_contains")):
             try:
                 text.format(**ep.get("vars", {}), expect=ep.get("expect", ""))
@@ -126,7 +168,7 @@ def load(path: Path) -> Task:
         raise UsageError(f"task {path} has {len(problems)} problem(s): " + "; ".join(problems),
                          "fix the task file (see docs/EVAL.md, agentic tasks)")
     return Task(name, goal, tools, episodes, success, max_steps, float(timeout), str(path),
-                [str(Path(path).resolve().parent)])
+                [str(Path(path).resolve().parent)], hashlib.sha256(data).hexdigest())
 
 
 # --- the sandbox ---------------------------------------------------------------------------------------
@@ -175,20 +217,19 @@ def call_tool(task: Task, name: str, arguments) -> dict:
                                    json.dumps(task.paths)], input=json.dumps(arguments), capture_output=True,
                                   text=True, timeout=task.tool_timeout, cwd=cwd, env=env)
         except subprocess.TimeoutExpired:
-            return done(ok=False, error=f"the tool did not answer within {task.tool_timeout:g} s")
+            return done(ok=False, fatal=True, error=f"{name} did not answer within {task.tool_timeout:g} s")
     try:
         out = json.loads(proc.stdout)
     except ValueError:
         last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
-        return done(ok=False, error=f"the tool failed: {last[:300]}")
+        return done(ok=False, fatal=True, error=f"{name}'s sandbox failed: {last[:300]}")
     if not isinstance(out, dict) or "ok" not in out:
-        return done(ok=False, error="the tool's sandbox answered nonsense")
+        return done(ok=False, fatal=True, error=f"{name}'s sandbox answered nonsense")
     return done(**out)
 
 
 # --- episodes ------------------------------------------------------------------------------------------
-PROTOCOL = ("You can use these tools. To call one, reply with only a JSON object "
-            '{"name": TOOL, "arguments": {...}}. When you know the answer, reply with it in plain words.')
+PROTOCOL = 'Tools: to call one, reply with only {"name": TOOL, "arguments": {...}}; else answer in plain words.'
 
 
 def parse_call(text: str) -> dict | None:
@@ -208,37 +249,75 @@ def parse_call(text: str) -> dict | None:
 def prompt_for(task: Task, goal: str, turns: list[tuple[str, str]]) -> str:
     tools = "\n".join(f"- {t.name}({', '.join(f'{a}: {ty}' for a, ty in t.args.items())}): {t.description}"
                       for t in task.tools.values())
-    history = "".join(f"\nYou: {said}\nTool result: {result}" for said, result in turns)
-    return f"{PROTOCOL}\n{tools}\n\nTask: {goal}{history}"
+    history = "".join(f"\nYou: {said}\nResult: {result}" for said, result in turns)
+    return f"{PROTOCOL}\n{tools}\nTask: {goal}{history}"
+
+
+def goal_of(task: Task, index: int) -> str:
+    ep = task.episodes[index]
+    return task.goal.format(**ep.get("vars", {}), expect=ep.get("expect", ""))
+
+
+class Episode:
+    """One episode, advanced a model turn at a time (training samples many side by side)."""
+
+    def __init__(self, task: Task, index: int):
+        self.task, self.index, self.goal = task, index, goal_of(task, index)
+        self.turns: list[tuple[str, str]] = []
+        self.calls: list[dict] = []
+        self.answer: str | None = None
+        self.reason: str | None = None
+        self.done = False
+
+    def prompt(self) -> str:
+        return prompt_for(self.task, self.goal, self.turns)
+
+    def step(self, reply: str, log=lambda line: None) -> None:
+        """The model's reply: an answer ends the episode; a call runs and its result joins the history."""
+        reply = reply.strip()
+        call = parse_call(reply)
+        if call is None:
+            self.answer, self.done = reply, True
+            return
+        res = call_tool(self.task, call["name"], call.get("arguments", {}))
+        self.calls.append({"tool": call["name"], "arguments": call.get("arguments"), **res})
+        log(f"episode {self.index}: {call['name']}({json.dumps(call.get('arguments'), default=str)}) -> "
+            + ("ok" if res["ok"] else f"error: {res['error']}") + f" in {res['seconds']} s")
+        if res.get("fatal"):
+            self.reason, self.done = res["error"], True
+            return
+        shown = json.dumps(res["result"], default=str) if res["ok"] else f"error: {res['error']}"
+        self.turns.append((reply, shown[:RESULT_CHARS]))
+        if len(self.turns) >= self.task.max_steps:
+            self.reason, self.done = f"no answer within {self.task.max_steps} steps", True
+
+    @property
+    def success(self) -> bool:
+        return self.done and self.reason is None and judge(self.task, self.index, self.answer, self.calls)[0]
+
+    def result(self) -> dict:
+        ok, why = judge(self.task, self.index, self.answer, self.calls) if self.reason is None else (False, self.reason)
+        return {"episode": self.index, "goal": self.goal, "answer": self.answer, "calls": self.calls,
+                "steps": len(self.turns) + (self.answer is not None), "success": ok, "reason": why}
+
+
+def judge(task: Task, index: int, answer: str | None, calls: list[dict]) -> tuple[bool, str | None]:
+    """The task's success check on a finished episode: (success, reason it failed)."""
+    ep = task.episodes[index]
+    if answer is None:
+        return False, "no answer"
+    if want := task.success.get("answer_contains"):
+        want = want.format(**ep.get("vars", {}), expect=ep.get("expect", ""))
+        if want.lower() not in answer.lower():
+            return False, "the answer does not contain what the task expects"
+    if (tool := task.success.get("tool_called")) and not any(c["tool"] == tool and c["ok"] for c in calls):
+        return False, f"{tool} was never called successfully"
+    return True, None
 
 
 def run_episode(task: Task, complete, index: int, log=lambda line: None) -> dict:
     """One episode: at most max_steps model turns; `complete(prompt) -> text` is the model."""
-    ep = task.episodes[index]
-    vars_, expect = ep.get("vars", {}), ep.get("expect", "")
-    goal = task.goal.format(**vars_, expect=expect)
-    turns: list[tuple[str, str]] = []
-    calls: list[dict] = []
-    answer, reason = None, None
-    for _ in range(task.max_steps):
-        reply = complete(prompt_for(task, goal, turns)).strip()
-        call = parse_call(reply)
-        if call is None:
-            answer = reply
-            break
-        res = call_tool(task, call["name"], call.get("arguments", {}))
-        calls.append({"tool": call["name"], "arguments": call.get("arguments"), **res})
-        log(f"episode {index}: {call['name']}({json.dumps(call.get('arguments'))}) -> "
-            + ("ok" if res["ok"] else f"error: {res['error']}") + f" in {res['seconds']} s")
-        turns.append((reply, json.dumps({k: v for k, v in res.items() if k != "seconds"}, default=str)))
-    else:
-        reason = f"no answer within {task.max_steps} steps"
-    success = answer is not None
-    if success and (want := task.success.get("answer_contains")):
-        success = want.format(**vars_, expect=expect).lower() in answer.lower()
-        reason = None if success else "the answer does not contain what the task expects"
-    if success and (tool := task.success.get("tool_called")):
-        success = any(c["tool"] == tool and c["ok"] for c in calls)
-        reason = None if success else f"{tool} was never called successfully"
-    return {"episode": index, "goal": goal, "answer": answer, "calls": calls,
-            "steps": len(turns) + (answer is not None), "success": success, "reason": reason}
+    ep = Episode(task, index)
+    while not ep.done:
+        ep.step(complete(ep.prompt()), log)
+    return ep.result()

@@ -97,7 +97,10 @@ class DataConfig:
     format: str = "text"
     """text: records as documents separated by EOS; chat: prompt/response pairs from a table (SFT);
     preference: prompt/chosen/rejected triples from a table (DPO); prompts: prompts (and, if the table has
-    data.response_field, reference answers for the rewards) from a table (GRPO)."""
+    data.response_field, reference answers for the rewards) from a table (GRPO); task: the episodes of
+    data.task (GRPO; the reward is whether the episode succeeded)."""
+    task: str = ""
+    """task: an agentic task (a shipped task's name or a task TOML file) whose episodes are the prompts."""
     prompt_field: str = "instruction"
     """chat, preference: the column holding the user's turn."""
     response_field: str = "response"
@@ -112,22 +115,39 @@ class DataConfig:
 
     def problems(self, stage: str) -> list[str]:
         p = []
-        if not self.datasets:
+        if self.format == "task":
+            if self.datasets:
+                p.append("data.datasets is not used by data.format 'task': the task's episodes are the prompts")
+            if not self.task:
+                p.append("data.task is required by data.format 'task' (a shipped task name or a task TOML file)")
+            else:
+                from appliance.errors import UsageError
+                from appliance.eval.tasks import load
+
+                try:
+                    t = load(self.task)
+                    if not t.indexes("train"):
+                        p.append(f"data.task {self.task} has no train episodes")
+                except UsageError as e:
+                    p.append(f"data.task: {e.message}")
+        elif not self.datasets:
             p.append("data.datasets must name at least one dataset version, e.g. [\"handbook@2\"]")
+        if self.task and self.format != "task":
+            p.append("data.task goes with data.format 'task'")
         if stage == "pretrain" and not self.tokenizer:
             p.append("data.tokenizer is required for pretrain (train one with `appliance train tokenizer`)")
         if stage != "pretrain" and self.tokenizer:
             p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
         if self.seq_len < 8:
             p.append("data.seq_len must be at least 8")
-        if self.format not in ("text", "chat", "preference", "prompts"):
-            p.append(f"data.format must be text, chat, preference or prompts, not {self.format!r}")
+        if self.format not in ("text", "chat", "preference", "prompts", "task"):
+            p.append(f"data.format must be text, chat, preference, prompts or task, not {self.format!r}")
         if stage == "sft" and self.format != "chat":
             p.append("data.format must be 'chat' for stage 'sft'")
         if (stage == "dpo") != (self.format == "preference"):
             p.append("data.format 'preference' goes with stage 'dpo', and only with it")
-        if (stage == "grpo") != (self.format == "prompts"):
-            p.append("data.format 'prompts' goes with stage 'grpo', and only with it")
+        if (stage == "grpo") != (self.format in ("prompts", "task")):
+            p.append("data.format 'prompts' or 'task' goes with stage 'grpo', and only with them")
         if self.format == "preference" and len({self.prompt_field, self.chosen_field, self.rejected_field}) < 3:
             p.append("data.prompt_field, data.chosen_field and data.rejected_field must be three different columns")
         return p
@@ -395,6 +415,8 @@ def build_recipe(raw: dict, overrides: list[str] | None = None, label: str = "th
     for item in overrides or []:
         _apply_override(raw, item, problems)
     recipe = from_dict(raw, problems)
+    if recipe.data.task and Path(recipe.data.task).is_file():  # a job runs elsewhere: a file is named absolutely
+        recipe.data.task = str(Path(recipe.data.task).resolve())
     problems += recipe.problems()
     if problems:
         n = len(problems)

@@ -68,6 +68,8 @@ def cache_key(cfg: DataConfig, datasets: list[tuple[str, str]], tokenizer_hash: 
 def prepare(vault, cfg: DataConfig, tokenizer, tokenizer_hash: str,
             progress: Callable[[str], None] = lambda s: None) -> tuple[Packed, list[tuple[str, str]], bool]:
     """Packed rows for `cfg`, from the vault cache when the same data and tokenizer were packed before."""
+    if cfg.format == "task":  # the prompts are the task's episodes, not vault data: packed in memory
+        return pack_task(tokenizer, cfg, "train"), [], False
     datasets = pinned(vault.con, cfg.datasets)
     key = cache_key(cfg, datasets, tokenizer_hash)
     cached = load_cached(vault.con, key)
@@ -98,6 +100,12 @@ def _pack(con, cfg: DataConfig, tokenizer, refs: list[str], split: str) -> Packe
 
 def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]], tokenizer_hash: str) -> Packed:
     """Packed rows of the datasets' validation split (the loss a run is judged by); cached like the train rows."""
+    if cfg.format == "task":
+        packed = pack_task(tokenizer, cfg, "validation")
+        if packed.rows == 0:
+            raise UsageError(f"task {cfg.task} has no validation episodes to measure",
+                             "mark some episodes split = \"validation\", or set train.eval_every = 0")
+        return packed
     key = "validation:" + cache_key(cfg, datasets, tokenizer_hash)
     if (cached := load_cached(vault.con, key)) is not None:
         return cached
@@ -297,6 +305,16 @@ def pack_preference(tokenizer, triples: Iterable[tuple[str, str, str]], seq_len:
             labels_arr[i, h * seq_len:h * seq_len + len(lab)] = lab
     stats = _stats(docs, tokens, labels_arr, tokens.size - used, truncated)
     return Packed(tokens, labels_arr, {**stats, "pairs": len(rows), "dropped": dropped})
+
+
+def pack_task(tokenizer, cfg: DataConfig, split: str) -> Packed:
+    """GRPO rows of a task's episodes: the first turn's prompt, and the episode's number as the "answer"
+    (the reward plays the rest of the episode from it)."""
+    from appliance.eval.tasks import goal_of, load, prompt_for
+
+    task = load(cfg.task)
+    return pack_prompts(tokenizer, ((prompt_for(task, goal_of(task, i), []), str(i)) for i in task.indexes(split)),
+                        cfg.seq_len, cfg.system_prompt)
 
 
 def pack_prompts(tokenizer, rows: Iterable[tuple[str, ...]], seq_len: int, system_prompt: str = "") -> Packed:

@@ -12,6 +12,12 @@ for full training. Rows come from the launcher like any other stage: [prompt ids
 in the labels of a 2 x seq_len row, so prompts never leave the vault as files.
 
 The validation loss of a grpo run is minus the mean reward of the greedy answer to each held-out prompt.
+
+Agentic tasks (`data.format = "task"`): each row is an episode of the task. Each of the group's samples
+plays the episode out, turn by turn, in the tool-calling loop of `appliance.eval.tasks` (tools run in the
+sandbox); the reward is 1 when the episode succeeds, else 0. Every model turn of an episode shares its
+advantage, and the turns' tokens are scored in their own contexts, all in one forward pass. Tools that
+hang or sandboxes that fail end their episode as failed and are counted in the run's summary.
 """
 
 from __future__ import annotations
@@ -22,8 +28,11 @@ IGNORE = -100
 
 
 class GRPO:
-    def __init__(self, cfg, tokenizer, reference=None, seed: int = 0, rank: int = 0):
+    def __init__(self, cfg, tokenizer, reference=None, seed: int = 0, rank: int = 0, task=None,
+                 system_prompt: str = ""):
         self.cfg, self.tok, self.reference = cfg, tokenizer, reference
+        self.task, self.system_prompt = task, system_prompt
+        self.episodes = {"played": 0, "succeeded": 0, "tool_calls": 0, "tool_errors": 0}
         self.seed, self.rank, self.step = seed, rank, 0
         self.failures: dict = {}
         self._rewards: list[float] = []
@@ -45,6 +54,8 @@ class GRPO:
 
         prompts, answers = self._split(y)
         g = self.cfg.group_size
+        if self.task is not None:
+            return self._task_losses(model, answers, g)
         seqs, attn, plen, mask = self._sample(model, prompts, g, greedy=False)
         texts = self._texts(seqs, plen, mask)
         scores = torch.tensor([R.score(self.cfg.rewards, t, answers[i // g], self.cfg, self.failures)
@@ -65,6 +76,9 @@ class GRPO:
         import torch
 
         prompts, answers = self._split(y)
+        if self.task is not None:
+            eps, _ = self._play(model, [int(a) for a in answers], greedy=True)
+            return -torch.tensor([float(e.success) for e in eps])
         seqs, _, plen, mask = self._sample(model, prompts, 1, greedy=True)
         texts = self._texts(seqs, plen, mask)
         return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)],
@@ -79,8 +93,86 @@ class GRPO:
 
     def summary(self) -> dict:
         h = self.history
-        return {"first_reward": h[0] if h else None, "last_reward": h[-1] if h else None,
-                "reward_failures": self.failures}
+        out = {"first_reward": h[0] if h else None, "last_reward": h[-1] if h else None,
+               "reward_failures": self.failures}
+        if self.task is not None:
+            out["episodes"] = self.episodes
+        return out
+
+    # --- agentic tasks ------------------------------------------------------------------------------
+    def _task_losses(self, model, answers: list[str], g: int):
+        import torch
+
+        eps, segs = self._play(model, [int(a) for a in answers for _ in range(g)], greedy=False)
+        scores = torch.tensor([float(e.success) for e in eps], dtype=torch.float32).view(-1, g)
+        self._rewards += scores.flatten().tolist()
+        adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
+        device = next(getattr(model, "module", model).parameters()).device
+        seqs, attn, plen, mask = self._batch(segs, device)
+        policy = token_logps(model, seqs, attn, plen, self.cfg.temperature)
+        with torch.no_grad():
+            ref = self._reference_logps(model, seqs, attn, plen)
+        delta = ref - policy
+        kl = torch.exp(delta) - delta - 1
+        owner = torch.tensor([k for k, _, _ in segs], device=policy.device)
+        lp = torch.zeros(len(eps), device=policy.device).index_add(0, owner, (policy * mask).sum(-1))
+        kls = torch.zeros(len(eps), device=policy.device).index_add(0, owner, (kl * mask).sum(-1))
+        n = torch.zeros(len(eps), device=policy.device).index_add(0, owner, mask.sum(-1)).clamp(min=1)
+        adv = adv.to(policy.device)
+        return ((-adv * lp + self.cfg.kl_beta * kls) / n).view(-1, g).mean(-1)
+
+    def _play(self, model, indexes: list[int], greedy: bool):
+        """Episodes played side by side, a model turn at a time; returns them and every turn as
+        (episode position, prompt ids, answer ids)."""
+        from appliance.eval.tasks import Episode
+
+        eps = [Episode(self.task, i) for i in indexes]
+        segs: list[tuple[int, list[int], list[int]]] = []
+        while active := [k for k, e in enumerate(eps) if not e.done]:
+            prompts = [self._encode(eps[k].prompt()) for k in active]
+            seqs, _, plen, mask = self._sample(model, prompts, 1, greedy)
+            texts = self._texts(seqs, plen, mask)
+            for j, k in enumerate(active):
+                segs.append((k, prompts[j], seqs[j, plen:plen + int(mask[j].sum())].tolist()))
+                eps[k].step(texts[j])
+        for e in eps:
+            self._count(e)
+        return eps, segs
+
+    def _count(self, e) -> None:
+        c = self.episodes
+        c["played"] += 1
+        c["succeeded"] += e.success
+        c["tool_calls"] += len(e.calls)
+        c["tool_errors"] += sum(not call["ok"] for call in e.calls)
+        if e.reason and e.calls and e.calls[-1].get("fatal"):  # a hung tool or a failed sandbox: listed
+            f = self.failures.setdefault(f"tool {e.calls[-1]['tool']}", {"count": 0, "first": e.reason[:200]})
+            f["count"] += 1
+
+    def _encode(self, prompt: str) -> list[int]:
+        from appliance.train.data import conversation
+
+        text = self.tok.apply_chat_template(conversation(self.system_prompt, prompt), tokenize=False,
+                                            add_generation_prompt=True)
+        return self.tok(text, add_special_tokens=False)["input_ids"]
+
+    def _batch(self, segs, device):
+        """Turns as one batch: prompts left-padded to a common length, answers right-padded and masked."""
+        import torch
+
+        plen = max(len(p) for _, p, _ in segs)
+        alen = max(1, max(len(a) for _, _, a in segs))
+        ids = torch.full((len(segs), plen + alen), self.pad, dtype=torch.long)
+        attn = torch.zeros((len(segs), plen + alen), dtype=torch.long)
+        mask = torch.zeros((len(segs), alen))
+        for i, (_, p, a) in enumerate(segs):
+            ids[i, plen - len(p):plen] = torch.tensor(p)
+            attn[i, plen - len(p):plen] = 1
+            if a:
+                ids[i, plen:plen + len(a)] = torch.tensor(a)
+                attn[i, plen:plen + len(a)] = 1
+                mask[i, :len(a)] = 1
+        return ids.to(device), attn.to(device), plen, mask.to(device)
 
     # --- pieces -------------------------------------------------------------------------------------
     def _split(self, y) -> tuple[list[list[int]], list[str]]:

@@ -281,6 +281,11 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "datasets": [{"version": d, "content_hash": h} for d, h in datasets],
             "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
             "data": packed.stats}
+    if recipe.data.format == "task":  # what the episodes and tools were, exactly
+        from appliance.eval.tasks import load as load_task
+
+        t = load_task(recipe.data.task)
+        info["task"] = {"name": t.name, "path": t.path, "sha256": t.sha256}
     spec = {"run_id": run_id, "stage": recipe.stage, "recipe": recipe.to_dict(), "rows": packed.rows - n_val,
             "val_rows": n_val,
             "tokenizer_path": str(src.tokenizer_path), "base_path": str(src.base_path or ""),
@@ -350,7 +355,8 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
         metrics["rewards"] = out["rewards"]
     kind = "adapter" if out.get("adapter") else "model"
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
-             "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats}
+             "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats,
+             **({"task": info["task"]} if "task" in info else {})}
     merged = None
     with vault.transaction():
         lineage.add_node(vault.con, run_id, kind, parents, content_hash=tree_hash(model_dir), attrs=attrs)

@@ -81,7 +81,12 @@ def grpo(spec: dict, link, dist: loop.Dist) -> dict:
 
     load_plugins()
     recipe, tokenizer, model, reference = _policy_and_reference(spec, dist)
-    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank)
+    task = None
+    if recipe.data.format == "task":
+        from appliance.eval.tasks import load
+
+        task = load(recipe.data.task)
+    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank, task, recipe.data.system_prompt)
     res = _fit(model, link, recipe, spec, dist, 0.0, objective)
     return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
 
