@@ -43,7 +43,7 @@ def _prepare(home: Home) -> None:
 def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     from appliance.samples import generate
     from appliance.vault import Vault, audit, lineage, versions
-    from appliance.vault.ingest import ingest
+    from appliance.vault.ingest import DEFAULT_VALIDATION, ingest
 
     passphrase = os.environ.get("APPLIANCE_PASSPHRASE") or DEMO_PASSPHRASE
     _prepare(home)
@@ -71,9 +71,10 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
                     ("code", [samples / "kestrel-tools"]),
                     ("tables", [samples / "tables"]),
                     ("handbook-qa", [samples / "instructions" / "handbook-qa.jsonl"]),
-                    ("handbook-prefs", [samples / "preferences" / "handbook-prefs.jsonl"])]
-            for name, paths in plan:
-                r = ingest(v, paths, name)
+                    ("handbook-prefs", [samples / "preferences" / "handbook-prefs.jsonl"]),
+                    ("task-demos", [samples / "tasks" / "asset-risk-demos.jsonl"])]
+            for name, paths in plan:  # the worked episodes are all for training: none held out
+                r = ingest(v, paths, name, validation_fraction=0.0 if name == "task-demos" else DEFAULT_VALIDATION)
                 pii = ", ".join(f"{k} {n}" for k, n in r.pii.items()) or "none"
                 stage("ingest", f"{r.version}: {r.records} records ({r.new_records} new, {r.duplicates} duplicates)"
                                 f"; PII redacted: {pii}", version=r.version, records=r.records, pii=r.pii)
@@ -90,7 +91,8 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
             stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
                                f"of {tok.dataset}", id=tok.id)
-            merged = _train(v, tok.id, stage)
+            base, merged = _train(v, tok.id, stage)
+            _agentic(v, base, stage)
             gguf = _quantize(v, merged, stage)
             _evaluate(v, merged, gguf, stage)
             _bundles(v, gguf, Path(tmp), stage)
@@ -165,7 +167,37 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
     stage("grpo", f"{g.id}: LoRA on {p.merged}, {len(rw)} steps, {grpo.grpo.group_size} sampled answers per prompt "
                   f"of handbook-qa@1, reward {'+'.join(grpo.grpo.rewards)} {first:.3f} (first 5 steps) -> {last:.3f} "
                   f"(last 5); merged as {g.merged}", id=g.id, merged=g.merged, first_reward=first, last_reward=last)
-    return g.merged
+    return r.id, g.merged
+
+
+def _agentic(v, base: str, stage: Callable[..., None]) -> None:
+    """The shipped agentic task: SFT on its worked episodes, then GRPO on the task itself (tools in the
+    sandbox, reward: the episode succeeded); completion measured with `appliance eval` before and after."""
+    from appliance.eval.run import run as evaluate
+    from appliance.eval.suite import load
+    from appliance.train.config import load_recipe
+    from appliance.train.run import metrics, run
+
+    common = ["train.checkpoint_every=1000"]
+    suite = load("asset-risk")
+    sft = run(v, load_recipe("sft-full", [f"model.base={base}", "name=task-sft", "data.datasets=task-demos@1",
+                                          "data.seq_len=256", "train.max_steps=150", "train.batch_size=4",
+                                          "train.micro_batch_size=4", "train.lr=4e-3", "train.min_lr=4e-4", *common]))
+    e1 = evaluate(v, suite, sft.id)
+    before = e1["metrics"]["task_completion"]
+    stage("task-sft", f"{sft.id}: full SFT of {base} on task-demos@1 (worked episodes of asset-risk), {sft.steps} "
+                      f"steps; {e1['id']}: completion {before:.0%} of {e1['cases']} episodes (greedy, tools in the "
+                      "sandbox)", id=sft.id, eval=e1["id"], completion=before)
+    recipe = load_recipe("grpo-task", [f"model.base={sft.id}", *common])
+    g = run(v, recipe)
+    rw = [m["reward"] for m in metrics(v.con, g.id)]
+    first, last = sum(rw[:5]) / 5, sum(rw[-5:]) / 5
+    e2 = evaluate(v, suite, g.merged)
+    after = e2["metrics"]["task_completion"]
+    stage("task-grpo", f"{g.id}: LoRA GRPO on the task, {len(rw)} steps, {recipe.grpo.group_size} plays per episode; "
+                       f"sampled completion {first:.2f} (first 5 steps) -> {last:.2f} (last 5); {e2['id']} on "
+                       f"{g.merged}: completion {before:.0%} -> {after:.0%}", id=g.id, merged=g.merged, eval=e2["id"],
+          first_reward=first, last_reward=last, before=before, after=after)
 
 
 def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:

@@ -51,7 +51,10 @@ def test_export_is_explicit_and_audited(home, cli, samples, tmp_path):
     assert r.code == 1 and "no dataset version hb@9" in r.err and not (tmp_path / "x.jsonl").exists()
 
 
-def test_demo_runs_end_to_end(tmp_path, cli):
+def test_demo_runs_end_to_end(tmp_path, cli, capsys):
+    from appliance.demo import DEMO_MARKER, _prepare
+    from appliance.home import Home
+
     h = tmp_path / "demo"
     r = cli("--home", h, "--json", "demo")
     assert r.code == 0, r.err
@@ -59,9 +62,9 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     assert stages[:2] == ["samples", "init"] and stages[-2:] == ["check", "audit"]
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
-                        "handbook-prefs@1"]
+                        "handbook-prefs@1", "task-demos@1"]
     assert "synth" in stages and stages.index("synth") == stages.index("lineage") + 1
-    assert stages[-17:-2] == ["sft", "dpo", "grpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
+    assert stages[-19:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
                               "bundle", "bundle", "jobs", "console", "agent"]
     dpo = next(s for s in r.json["stages"] if s["stage"] == "dpo")
     assert dpo["merged"] == "dpo-lora-merged@1" and dpo["last_loss"] < dpo["first_loss"]
@@ -74,7 +77,17 @@ def test_demo_runs_end_to_end(tmp_path, cli):
     quants = [s for s in r.json["stages"] if s["stage"] == "quantize"]
     assert [q["id"] for q in quants] == ["grpo-lora-merged@1:q8_0", "grpo-lora-merged@1:q4_k_m-imatrix"]
     assert all(q["quality"]["ok"] and Path(q["path"]).is_file() for q in quants)
-    assert cli("--home", h, "--json", "demo").code == 0  # reruns cleanly in its own home
+    task = next(s for s in r.json["stages"] if s["stage"] == "task-grpo")
+    with capsys.disabled():
+        print(f"\nagentic toy task (asset-risk, 12 episodes): completion {task['before']:.3f} after SFT -> "
+              f"{task['after']:.3f} after 30 GRPO steps (greedy, appliance eval); sampled during GRPO "
+              f"{task['first_reward']:.3f} (first 5 steps) -> {task['last_reward']:.3f} (last 5)")
+    assert task["after"] > task["before"] and task["last_reward"] > task["first_reward"]
+    _prepare(Home(h))  # a rerun starts from nothing in its own home (a full second run would double this test)
+    home = Home(h)
+    assert sorted(p.name for p in h.iterdir()) == sorted([DEMO_MARKER, home.tmp.name, home.logs.name,
+                                                          home.artifacts.name])
+    assert not any(home.artifacts.iterdir()) and not any(home.logs.iterdir())
     other = tmp_path / "not-a-demo"
     other.mkdir()
     (other / "keep.txt").write_text("precious")

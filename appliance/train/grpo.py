@@ -78,7 +78,8 @@ class GRPO:
         prompts, answers = self._split(y)
         if self.task is not None:
             eps, _ = self._play(model, [int(a) for a in answers], greedy=True)
-            return -torch.tensor([float(e.success) for e in eps])
+            device = next(getattr(model, "module", model).parameters()).device
+            return -torch.tensor([float(e.success) for e in eps], device=device)
         seqs, _, plen, mask = self._sample(model, prompts, 1, greedy=True)
         texts = self._texts(seqs, plen, mask)
         return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)],
