@@ -169,3 +169,22 @@ def python_env() -> dict:
 
 
 PY = sys.executable
+
+
+@pytest.fixture(scope="module")
+def gbase(train_base, tmp_path_factory) -> Path:
+    """train_base plus `gb@1` (tiny, 30 steps on the handbook) and `gsft-merged@1` (LoRA SFT on handbook-qa)."""
+    from appliance.train.config import load_recipe
+    from appliance.train.run import run as train
+
+    h = copy_home(train_base, tmp_path_factory.mktemp("grpo"))
+    fast = ["train.warmup_steps=1", "train.checkpoint_every=100"]
+    with open_vault(h) as v:
+        train(v, load_recipe("tiny-dense", ["name=gb", "train.max_steps=30", *fast]))
+        train(v, load_recipe("sft-lora", ["name=gsft", "model.base=gb@1", "train.max_steps=20", *fast]))
+    return h
+
+
+@pytest.fixture
+def ghome(gbase, tmp_path) -> Path:
+    return copy_home(gbase, tmp_path)

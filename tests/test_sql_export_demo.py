@@ -64,7 +64,8 @@ def test_demo_runs_end_to_end(tmp_path, cli, capsys):
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
                         "handbook-prefs@1", "task-demos@1"]
     assert "synth" in stages and stages.index("synth") == stages.index("lineage") + 1
-    assert stages[-19:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval", "eval", "gate", "drift",
+    assert stages[-19:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval",
+                              "eval", "gate", "drift",
                               "bundle", "bundle", "jobs", "console", "agent"]
     dpo = next(s for s in r.json["stages"] if s["stage"] == "dpo")
     assert dpo["merged"] == "dpo-lora-merged@1" and dpo["last_loss"] < dpo["first_loss"]

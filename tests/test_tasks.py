@@ -10,7 +10,6 @@ import pytest
 
 from appliance.errors import UsageError
 from appliance.eval import tasks
-from tests.test_grpo import gbase, ghome  # noqa: F401 - the fixtures: a tiny SFT model to play episodes
 from tests.test_train_run import FAST, run
 
 TOOLS = '''
