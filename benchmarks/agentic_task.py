@@ -4,7 +4,7 @@
 
 From nothing, on CPU: the sample handbook, its tokenizer, the tiny dense preset pre-trained 60 steps,
 full SFT on the worked episodes of `asset-risk` (samples/tasks/asset-risk-demos.jsonl, 150 steps), then the
-`grpo-task` recipe (30 steps, LoRA, 4 plays per episode). Completion is measured with `appliance eval`
+`grpo-task` recipe (30 steps, LoRA, 8 plays per episode, 2 episodes per step). Completion is measured with `appliance eval`
 (greedy, every episode of the task, tools in the sandbox) on the SFT model and on the GRPO model; the
 sampled reward is GRPO's own, first 5 steps against last 5. Not part of the test suite: the whole chain
 takes minutes, where the suite's GRPO task test checks the mechanics in seconds.
