@@ -131,10 +131,10 @@ def _synth(v, tmp: Path, stage: Callable[..., None]) -> None:
                    "in lineage", version=qa["version"], records=qa["records"], edge=edge["version"])
 
 
-def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> str:
+def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
     """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs,
     preference-tune that (DPO) toward the handbook's answers, then reinforce it (GRPO) with a reward for
-    answers that match the handbook's; the last is the model that ships."""
+    answers that match the handbook's; the last is the model that ships. Returns (pre-trained, shipped)."""
     from appliance.train.config import load_recipe
     from appliance.train.run import losses, metrics, run
 

@@ -412,6 +412,8 @@ def _task_demos(out: Path) -> None:
         call = json.dumps({"name": "lookup", "arguments": {"asset": asset}})
         rows.append({"instruction": ep.prompt(), "response": call})
         ep.step(call)
+        if not ep.calls[-1]["ok"]:
+            raise RuntimeError(f"the asset-risk tool failed while writing its worked episodes: {ep.calls[-1]['error']}")
         answer = f"{risk} risk"
         rows.append({"instruction": ep.prompt(), "response": answer})
     d = out / "tasks"

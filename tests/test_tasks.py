@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import textwrap
 from pathlib import Path
 
@@ -29,6 +30,18 @@ def env() -> dict:
 
 def hog() -> int:
     return len(bytearray(4 << 30))
+
+def noisy() -> str:
+    print("progress: 50%")
+    return "done"
+
+def parent_env() -> str:
+    with open(f"/proc/{os.getppid()}/environ", "rb") as f:
+        return f.read().decode(errors="replace")
+
+def spawn() -> int:
+    import subprocess
+    return subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
 '''
 
 
@@ -59,6 +72,18 @@ def write_task(d: Path, extra: str = "", timeout: float = 1.0) -> Path:
         [[tool]]
         name = "hog"
         function = "site_tools:hog"
+
+        [[tool]]
+        name = "noisy"
+        function = "site_tools:noisy"
+
+        [[tool]]
+        name = "parent_env"
+        function = "site_tools:parent_env"
+
+        [[tool]]
+        name = "spawn"
+        function = "site_tools:spawn"
 
         [success]
         answer_contains = "{{expect}}"
@@ -103,6 +128,12 @@ def test_a_hanging_tool_fails_the_episode_and_tools_see_no_secrets(tmp_path, mon
     assert env["ok"] and not any("APPLIANCE" in k for k in env["result"]) and "HOME" not in env["result"]
     hog = tasks.call_tool(task, "hog", {})  # 4 GiB against a 1 GiB limit: an error, not a dead machine
     assert not hog["ok"] and "MemoryError" in hog["error"]
+    peek = tasks.call_tool(task, "parent_env", {})  # the passphrase may be in this process's environment
+    if os.geteuid() != 0:  # root reads any process's /proc files (docs/EVAL.md: run the appliance unprivileged)
+        assert not peek["ok"] and "PermissionError" in peek["error"]
+    assert tasks.call_tool(task, "noisy", {}) == {"ok": True, "result": "done", "seconds": pytest.approx(0, abs=30)}
+    pid = tasks.call_tool(task, "spawn", {})["result"]  # what a tool leaves running goes with it
+    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
 
 
 def test_a_malformed_task_lists_every_problem(tmp_path):
@@ -117,6 +148,23 @@ def test_a_malformed_task_lists_every_problem(tmp_path):
         assert part in msg, part
     with pytest.raises(UsageError, match="no task 'nope'"):
         tasks.load("nope")
+    p.write_text('tool = "x"\n[task]\nname = "t"\ngoal = 5\n[success]\ntool_called = ["x"]\n'
+                 'answer_contains = "{expect}"\n[[episode]]\nvars = { expect = "x" }\n[[episode]]\nvars = { a = 1 }\n')
+    with pytest.raises(UsageError) as e:  # wrong types everywhere: listed, never a traceback
+        tasks.load(p)
+    for part in ("write [[tool]]", "goal is required", "tool_called must be a non-empty string",
+                 "'expect' is the episode's own key", "answer_contains is empty for this episode"):
+        assert part in e.value.message, part
+
+
+def test_answers_are_matched_as_words_or_whole(tmp_path):
+    task = tasks.load(write_task(tmp_path))
+    ok = [{"tool": "lookup", "ok": True}]
+    assert tasks.judge(task, 0, "It is HIGH.", ok) == (True, None)
+    assert not tasks.judge(task, 0, "highly unlikely", ok)[0]  # whole words only
+    shipped = tasks.load("asset-risk")  # answer_regex: the class alone, not every class at once
+    assert tasks.judge(shipped, 0, "high risk", ok) == (True, None)
+    assert not tasks.judge(shipped, 0, "high or low or medium", ok)[0]
 
 
 def test_eval_reports_the_completion_rate_and_keeps_each_transcript(ghome, cli, tmp_path):

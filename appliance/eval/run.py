@@ -192,7 +192,7 @@ def _work(suite: Suite, backend, datasets: dict, inputs: dict, cases: list, valu
             values[m.key] = cov["vocab_coverage"]
             values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
         elif m.type == "custom":
-            values[m.key] = float(M.REGISTRY[m.name](cases))
+            values[m.key] = float(M.REGISTRY[m.name]([c for c in cases if not c["case"].startswith("task:")]))
         elif m.type == "task":
             _task(m, backend, cases, values, progress)
 
@@ -251,7 +251,8 @@ def compare(con, a_id: str, b_id: str) -> dict:
         if isinstance(va, list | str) or isinstance(vb, list | str):
             continue
         base = key.split(":")[0]
-        row = {"a": va, "b": vb, "higher_is_better": M.HIGHER_IS_BETTER.get(base),
+        better = None if key.endswith("_episodes") else M.HIGHER_IS_BETTER.get(base)  # a count, not a score
+        row = {"a": va, "b": vb, "higher_is_better": better,
                "delta": vb - va if isinstance(va, int | float) and isinstance(vb, int | float) else None}
         if key == "accuracy" and paired:
             row["ci95"] = bootstrap_ci([float(y["passed"]) - float(x["passed"]) for x, y in paired

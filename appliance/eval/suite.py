@@ -174,6 +174,11 @@ def load(ref: str) -> Suite:
     if not cases and not metrics:
         bad(1, "the suite has no [[case]] and no [[metric]]")
     _name_metrics(metrics)
+    seen_keys: set[str] = set()
+    for m in metrics:
+        if m.type == "task" and m.key in seen_keys:
+            bad(m.line, f"task {m.name} ({m.split or 'all episodes'}) is measured twice in this suite")
+        seen_keys.add(m.key)
     if problems:
         raise SuiteError(f"{len(problems)} problem(s) in the suite: " + "; ".join(problems),
                          "fix them and run again")

@@ -20,12 +20,17 @@ A task file (TOML) declares:
     split = "train"                                        # or "validation" (default train)
 
     [success]
-    answer_contains = "{expect}"                           # and/or tool_called = "lookup_asset"
+    answer_contains = "{expect}"      # whole words, case-blind; or answer_regex (the whole answer); and/or
+    tool_called = "lookup_asset"      # a successful call of this tool
 
 Each turn the model either calls one tool, as a JSON object {"name": ..., "arguments": {...}} on its own,
-or answers. A call is checked against the declared arguments and run in a sandbox: a separate Python
-process with no secrets in its environment, a private working directory, memory and CPU limits and a
-wall-clock timeout. A tool that raises, or a call with a wrong name or arguments, is an error the model
+or answers. A call is checked against the declared arguments and run in a sandbox: a separate `python -I`
+process in a session of its own, with no secrets in its environment, a private working directory, limits
+on address space (1 GiB), CPU seconds and core dumps, a wall-clock timeout after which its whole process
+group is killed, and its prints kept apart from its result. The process that runs tools makes itself
+non-dumpable, so a tool cannot read the passphrase or keys from its /proc files. A tool still runs as the
+appliance's user: what it can reach on disk is what that user can; tools are the site's own code, to be
+reviewed like it. A tool that raises, or a call with a wrong name or arguments, is an error the model
 sees, and the episode goes on (it may call again). A tool that hangs past its timeout, or whose sandbox
 dies (out of memory, a crash), ends the episode as failed with that reason. Every call is kept with its
 arguments, outcome and time: in the eval run's cases, and counted in a training run's summary.
@@ -115,19 +120,39 @@ def load(ref: str | Path) -> Task:
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
         raise UsageError(f"task {path} is not valid TOML: {e}", "fix the file and run again") from None
     problems: list[str] = []
-    t = raw.get("task") or {}
+
+    def table(key: str) -> dict:
+        v = raw.get(key, {})
+        if not isinstance(v, dict):
+            problems.append(f"[{key}] must be a table")
+            return {}
+        return v
+
+    def tables(key: str) -> list[dict]:
+        v = raw.get(key, [])
+        if not isinstance(v, list) or not all(isinstance(x, dict) for x in v):
+            problems.append(f"write [[{key}]] (an array of tables), not {key} = ...")
+            return []
+        return v
+
+    for k in sorted(set(raw) - {"task", "tool", "episode", "success"}):
+        problems.append(f"unknown table [{k}] (tables: [task], [[tool]], [[episode]], [success])")
+    t = table("task")
     name, goal = t.get("name"), t.get("goal")
     if not isinstance(name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*", name or ""):
         problems.append("[task] name must be lowercase letters, digits, '.', '_' or '-'")
     if not isinstance(goal, str) or not goal.strip():
-        problems.append("[task] goal is required")
+        problems.append("[task] goal is required (a string)")
+        goal = ""
     max_steps, timeout = t.get("max_steps", 4), t.get("tool_timeout", 5.0)
-    if not isinstance(max_steps, int) or not 1 <= max_steps <= 50:
+    if not isinstance(max_steps, int) or isinstance(max_steps, bool) or not 1 <= max_steps <= 50:
         problems.append("[task] max_steps must be an integer from 1 to 50")
-    if not isinstance(timeout, int | float) or not 0 < timeout <= 600:
+        max_steps = 4
+    if not isinstance(timeout, int | float) or isinstance(timeout, bool) or not 0 < timeout <= 600:
         problems.append("[task] tool_timeout must be a number of seconds in (0, 600]")
+        timeout = 5.0
     tools: dict[str, Tool] = {}
-    for i, tr in enumerate(raw.get("tool") or [], 1):
+    for i, tr in enumerate(tables("tool"), 1):
         where = f"[[tool]] #{i}"
         tname, fn, args = tr.get("name"), tr.get("function"), tr.get("args", {})
         if not isinstance(tname, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", tname or ""):
@@ -137,47 +162,87 @@ def load(ref: str | Path) -> Task:
             problems.append(f"{where}: tool {tname} is declared twice")
         if not isinstance(fn, str) or not re.fullmatch(r"[\w.]+:\w+", fn or ""):
             problems.append(f"{where} ({tname}): function must be module:function")
-        if not isinstance(args, dict) or any(v not in TYPES for v in args.values()):
+            fn = ""
+        if not isinstance(args, dict) or any(not isinstance(v, str) or v not in TYPES for v in args.values()):
             problems.append(f"{where} ({tname}): args maps each argument to one of {', '.join(TYPES)}")
             args = {}
-        tools[tname] = Tool(tname, fn or "", str(tr.get("description", "")), dict(args))
+        tools[tname] = Tool(tname, fn, str(tr.get("description", "")), dict(args))
     if not tools:
         problems.append("at least one [[tool]] is required")
-    episodes = raw.get("episode") or []
+    episodes = tables("episode")
     if not episodes:
         problems.append("at least one [[episode]] is required")
-    success = raw.get("success") or {}
-    if not set(success) & {"answer_contains", "tool_called"} or set(success) - {"answer_contains", "tool_called"}:
-        problems.append("[success] takes answer_contains and/or tool_called")
+    success = table("success")
+    checks = {"answer_contains", "answer_regex", "tool_called"}
+    if not set(success) & checks or set(success) - checks:
+        problems.append("[success] takes answer_contains, answer_regex and/or tool_called")
+    for k in ("answer_contains", "answer_regex", "tool_called"):
+        if k in success and (not isinstance(success[k], str) or not success[k].strip()):
+            problems.append(f"[success] {k} must be a non-empty string")
+            success.pop(k)
     if (called := success.get("tool_called")) and called not in tools:
         problems.append(f"[success] tool_called names {called!r}, which is not a declared tool")
+    if called and max_steps < 2:
+        problems.append("[success] tool_called needs [task] max_steps of at least 2 (a call, then the answer)")
     for i, ep in enumerate(episodes, 1):
-        if not isinstance(ep, dict) or not isinstance(ep.get("vars", {}), dict):
+        vars_ = ep.get("vars", {})
+        if not isinstance(vars_, dict):
             problems.append(f"[[episode]] #{i}: vars must be a table")
             continue
         if extra := sorted(set(ep) - {"vars", "expect", "split"}):
             problems.append(f"[[episode]] #{i}: unknown key(s) {', '.join(extra)} (keys: vars, expect, split)")
+        if "expect" in vars_:
+            problems.append(f"[[episode]] #{i}: 'expect' is the episode's own key, not a var")
+            continue
+        if not isinstance(ep.get("expect", ""), str):
+            problems.append(f"[[episode]] #{i}: expect must be a string")
+            continue
         if ep.get("split", "train") not in SPLITS:
             problems.append(f"[[episode]] #{i}: split must be train or validation")
-        for text, what in ((goal or "", "goal"), (str(success.get("answer_contains", "")), "answer_contains")):
+        for what in ("goal", "answer_contains", "answer_regex"):
+            text = goal if what == "goal" else success.get(what)
+            if not text:
+                continue
             try:
-                text.format(**ep.get("vars", {}), expect=ep.get("expect", ""))
-            except (KeyError, IndexError, ValueError) as e:
-                problems.append(f"[[episode]] #{i}: the {what} needs {e} and the episode does not give it")
+                filled = text.format(**vars_, expect=ep.get("expect", ""))
+            except Exception as e:  # noqa: BLE001 - KeyError, IndexError, AttributeError...: all the same to the operator
+                problems.append(f"[[episode]] #{i}: the {what} cannot be filled from the episode ({type(e).__name__}: "
+                                f"{e})")
+                continue
+            if what != "goal" and not filled.strip():
+                problems.append(f"[[episode]] #{i}: the {what} is empty for this episode (give it an expect)")
+            if what == "answer_regex":
+                try:
+                    re.compile(_regex(text, vars_, ep.get("expect", "")))
+                except re.error as e:
+                    problems.append(f"[[episode]] #{i}: answer_regex is not a valid regex: {e}")
     if problems:
         raise UsageError(f"task {path} has {len(problems)} problem(s): " + "; ".join(problems),
                          "fix the task file (see docs/EVAL.md, agentic tasks)")
-    return Task(name, goal, tools, episodes, success, max_steps, float(timeout), str(path),
-                [str(Path(path).resolve().parent)], hashlib.sha256(data).hexdigest())
+    paths = [str(Path(path).resolve().parent)]
+    digest = hashlib.sha256(data)
+    for tool in sorted(tools.values(), key=lambda x: x.name):  # the tools' code is part of what a run used
+        module = Path(paths[0]) / (tool.function.split(":")[0].replace(".", "/") + ".py")
+        if module.is_file():
+            digest.update(module.read_bytes())
+    return Task(name, goal, tools, episodes, success, max_steps, float(timeout), str(path), paths, digest.hexdigest())
+
+
+def _regex(template: str, vars_: dict, expect: str) -> str:
+    """answer_regex with the episode's values filled in literally (escaped)."""
+    return template.format(**{k: re.escape(str(v)) for k, v in vars_.items()}, expect=re.escape(expect))
 
 
 # --- the sandbox ---------------------------------------------------------------------------------------
 _RUNNER = r"""
-import importlib, json, resource, sys
-limit = int(sys.argv[2])
+import importlib, json, os, resource, sys
+limit, cpu = int(sys.argv[2]), int(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
 sys.path[:0] = json.loads(sys.argv[3])
+out_fd = os.dup(1)
+os.dup2(2, 1)  # what the tool prints goes to stderr; stdout carries only the result
 mod, fn = sys.argv[1].split(":")
 args = json.loads(sys.stdin.read())
 try:
@@ -185,8 +250,19 @@ try:
     text = json.dumps({"ok": True, "result": out})
 except Exception as e:
     text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
-sys.stdout.write(text)
+os.write(out_fd, text.encode())
 """
+
+
+def _not_dumpable() -> None:
+    """A tool runs as the same user: without this it could read this process's /proc/PID/environ and memory
+    (the passphrase, the keys). Non-dumpable processes have those readable by root only. Linux only."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
+    except (OSError, AttributeError):
+        pass
 
 
 def call_tool(task: Task, name: str, arguments) -> dict:
@@ -210,22 +286,42 @@ def call_tool(task: Task, name: str, arguments) -> dict:
         if isinstance(v, bool) and typ != "bool" or not isinstance(v, TYPES[typ]):
             return done(ok=False, error=f"argument {k} must be {typ}")
     # -I: no PYTHONPATH, no user site; the environment carries no passphrase, key or home
-    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1"}
+    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    _not_dumpable()
     with tempfile.TemporaryDirectory(prefix="appliance-tool-") as cwd:
         try:
-            proc = subprocess.run([sys.executable, "-I", "-c", _RUNNER, tool.function, str(SANDBOX_MEMORY),
-                                   json.dumps(task.paths)], input=json.dumps(arguments), capture_output=True,
-                                  text=True, timeout=task.tool_timeout, cwd=cwd, env=env)
+            proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, tool.function, str(SANDBOX_MEMORY),
+                                     json.dumps(task.paths), str(int(task.tool_timeout) + 1)],
+                                    stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                    cwd=cwd, env=env, start_new_session=True)
+        except OSError as e:
+            return done(ok=False, fatal=True, error=f"{name}'s sandbox did not start: {e.strerror or e}")
+        try:
+            raw_out, raw_err = proc.communicate(json.dumps(arguments).encode(), timeout=task.tool_timeout)
         except subprocess.TimeoutExpired:
+            _kill_group(proc)
             return done(ok=False, fatal=True, error=f"{name} did not answer within {task.tool_timeout:g} s")
+        _kill_group(proc)  # anything the tool left running
+    stdout, stderr = raw_out.decode("utf-8", "replace"), raw_err.decode("utf-8", "replace")
     try:
-        out = json.loads(proc.stdout)
+        out = json.loads(stdout)
     except ValueError:
-        last = (proc.stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
+        last = (stderr.strip().splitlines() or [f"exit {proc.returncode}"])[-1]
         return done(ok=False, fatal=True, error=f"{name}'s sandbox failed: {last[:300]}")
     if not isinstance(out, dict) or "ok" not in out:
         return done(ok=False, fatal=True, error=f"{name}'s sandbox answered nonsense")
     return done(**out)
+
+
+def _kill_group(proc) -> None:
+    import signal
+
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    proc.wait()
 
 
 # --- episodes ------------------------------------------------------------------------------------------
@@ -291,6 +387,9 @@ class Episode:
         if len(self.turns) >= self.task.max_steps:
             self.reason, self.done = f"no answer within {self.task.max_steps} steps", True
 
+    def fail(self, reason: str) -> None:
+        self.reason, self.done = reason, True
+
     @property
     def success(self) -> bool:
         return self.done and self.reason is None and judge(self.task, self.index, self.answer, self.calls)[0]
@@ -302,14 +401,22 @@ class Episode:
 
 
 def judge(task: Task, index: int, answer: str | None, calls: list[dict]) -> tuple[bool, str | None]:
-    """The task's success check on a finished episode: (success, reason it failed)."""
+    """The task's success check on a finished episode: (success, reason it failed).
+
+    answer_contains matches whole words, case-blind ("low" is not in "below"); answer_regex must match the
+    whole answer (stripped, case-blind), with the episode's values filled in literally.
+    """
     ep = task.episodes[index]
+    vars_, expect = ep.get("vars", {}), ep.get("expect", "")
     if answer is None:
         return False, "no answer"
     if want := task.success.get("answer_contains"):
-        want = want.format(**ep.get("vars", {}), expect=ep.get("expect", ""))
-        if want.lower() not in answer.lower():
+        want = want.format(**vars_, expect=expect)
+        if not re.search(rf"(?<!\w){re.escape(want)}(?!\w)", answer, re.IGNORECASE):
             return False, "the answer does not contain what the task expects"
+    if pattern := task.success.get("answer_regex"):
+        if not re.fullmatch(_regex(pattern, vars_, expect), answer.strip(), re.IGNORECASE | re.DOTALL):
+            return False, "the answer does not match the task's answer_regex"
     if (tool := task.success.get("tool_called")) and not any(c["tool"] == tool and c["ok"] for c in calls):
         return False, f"{tool} was never called successfully"
     return True, None
@@ -319,5 +426,11 @@ def run_episode(task: Task, complete, index: int, log=lambda line: None) -> dict
     """One episode: at most max_steps model turns; `complete(prompt) -> text` is the model."""
     ep = Episode(task, index)
     while not ep.done:
-        ep.step(complete(ep.prompt()), log)
+        try:
+            reply = complete(ep.prompt())
+        except Exception as e:  # noqa: BLE001 - e.g. the history outgrew the model's context: this episode fails
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+            ep.fail(f"the model failed: {type(e).__name__}" + (f": {first}" if first else ""))
+            break
+        ep.step(reply, log)
     return ep.result()

@@ -69,7 +69,11 @@ def prepare(vault, cfg: DataConfig, tokenizer, tokenizer_hash: str,
             progress: Callable[[str], None] = lambda s: None) -> tuple[Packed, list[tuple[str, str]], bool]:
     """Packed rows for `cfg`, from the vault cache when the same data and tokenizer were packed before."""
     if cfg.format == "task":  # the prompts are the task's episodes, not vault data: packed in memory
-        return pack_task(tokenizer, cfg, "train"), [], False
+        packed = pack_task(tokenizer, cfg, "train")
+        if packed.rows == 0:
+            raise UsageError(f"every train episode of task {cfg.task} has a first prompt longer than data.seq_len "
+                             f"({cfg.seq_len} tokens)", "raise data.seq_len")
+        return packed, [], False
     datasets = pinned(vault.con, cfg.datasets)
     key = cache_key(cfg, datasets, tokenizer_hash)
     cached = load_cached(vault.con, key)
@@ -103,8 +107,9 @@ def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]
     if cfg.format == "task":
         packed = pack_task(tokenizer, cfg, "validation")
         if packed.rows == 0:
-            raise UsageError(f"task {cfg.task} has no validation episodes to measure",
-                             "mark some episodes split = \"validation\", or set train.eval_every = 0")
+            raise UsageError(f"task {cfg.task} has no validation episodes that fit data.seq_len ({cfg.seq_len} tokens)",
+                             "mark some episodes split = \"validation\" (or raise data.seq_len), or set "
+                             "train.eval_every = 0")
         return packed
     key = "validation:" + cache_key(cfg, datasets, tokenizer_hash)
     if (cached := load_cached(vault.con, key)) is not None:

@@ -105,8 +105,13 @@ class GRPO:
         import torch
 
         eps, segs = self._play(model, [int(a) for a in answers for _ in range(g)], greedy=False)
+        for e in eps:  # training plays only: validation's greedy plays are its loss, not the summary
+            self._count(e)
         scores = torch.tensor([float(e.success) for e in eps], dtype=torch.float32).view(-1, g)
         self._rewards += scores.flatten().tolist()
+        if not segs:  # every play ended before the model spoke (context): nothing to learn, a zero loss
+            zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
+            return zero.repeat(len(answers))
         adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
         device = next(getattr(model, "module", model).parameters()).device
         seqs, attn, plen, mask = self._batch(segs, device)
@@ -129,15 +134,20 @@ class GRPO:
 
         eps = [Episode(self.task, i) for i in indexes]
         segs: list[tuple[int, list[int], list[int]]] = []
+        limit = getattr(getattr(model, "module", model).config, "max_position_embeddings", None)
         while active := [k for k, e in enumerate(eps) if not e.done]:
-            prompts = [self._encode(eps[k].prompt()) for k in active]
+            prompts = {k: self._encode(eps[k].prompt()) for k in active}
+            for k in active:
+                if limit and len(prompts[k]) + self.cfg.max_new_tokens > limit:
+                    eps[k].fail(f"the conversation outgrew the model's context ({len(prompts[k])} tokens)")
+            if not (active := [k for k in active if not eps[k].done]):
+                break
+            prompts = [prompts[k] for k in active]
             seqs, _, plen, mask = self._sample(model, prompts, 1, greedy)
             texts = self._texts(seqs, plen, mask)
             for j, k in enumerate(active):
                 segs.append((k, prompts[j], seqs[j, plen:plen + int(mask[j].sum())].tolist()))
                 eps[k].step(texts[j])
-        for e in eps:
-            self._count(e)
         return eps, segs
 
     def _count(self, e) -> None:
