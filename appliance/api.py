@@ -30,6 +30,14 @@ def open(home: str | Path, passphrase: str, read_only: bool = False):  # noqa: A
     return Vault.open(Home(Path(home).expanduser().absolute()), passphrase, read_only=read_only)
 
 
+# --- the box ----------------------------------------------------------------------------------------------
+def doctor(home: str | Path, passphrase: str | None = None) -> dict:
+    """Every check of the box (no vault needed; with a passphrase the vault is checked read-only too)."""
+    from appliance.doctor import run
+
+    return run(Home(Path(home).expanduser().absolute()), passphrase)
+
+
 # --- vault -------------------------------------------------------------------------------------------
 def vault_datasets(v) -> dict:
     from appliance.vault import versions

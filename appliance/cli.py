@@ -565,6 +565,7 @@ import appliance.cli_agents  # noqa: E402,F401  (registers grant, mcp)
 import appliance.cli_bundles  # noqa: E402,F401  (registers keys, trust, bundle)
 import appliance.cli_eval  # noqa: E402,F401  (registers eval)
 import appliance.cli_jobs  # noqa: E402,F401  (registers jobs)
+import appliance.cli_ops  # noqa: E402,F401  (registers doctor)
 import appliance.cli_quantize  # noqa: E402,F401  (registers its commands on `cli`)
 import appliance.cli_synth  # noqa: E402,F401  (registers synth)
 

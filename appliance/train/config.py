@@ -118,6 +118,9 @@ class DataConfig:
         if self.format == "task":
             if self.datasets:
                 p.append("data.datasets is not used by data.format 'task': the task's episodes are the prompts")
+            if self.system_prompt:
+                p.append("data.system_prompt is not used with data.format 'task': episodes are played (and "
+                         "evaluated) as the user's turn alone")
             if not self.task:
                 p.append("data.task is required by data.format 'task' (a shipped task name or a task TOML file)")
             else:
