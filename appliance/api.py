@@ -38,6 +38,20 @@ def doctor(home: str | Path, passphrase: str | None = None) -> dict:
     return run(Home(Path(home).expanduser().absolute()), passphrase)
 
 
+def vault_backup(v, out: str | Path, no_checkpoints: bool = False, force: bool = False, progress=None) -> dict:
+    """An encrypted, verifiable snapshot of the home to `out`: vault, wrapped keys, models, logs, keys, trust."""
+    from appliance.vault.backup import backup
+
+    return backup(v, Path(out), not no_checkpoints, force, **({"progress": progress} if progress else {}))
+
+
+def vault_restore(backup_file: str | Path, home: str | Path, passphrase: str, force: bool = False) -> dict:
+    """A backup brought back as `home` (no open vault: it makes one); checked before it takes the name."""
+    from appliance.vault.backup import restore
+
+    return restore(Path(backup_file), Home(Path(home).expanduser().absolute()), passphrase, force)
+
+
 # --- vault -------------------------------------------------------------------------------------------
 def vault_datasets(v) -> dict:
     from appliance.vault import versions
