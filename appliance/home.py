@@ -61,11 +61,19 @@ class Home:
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
     """Write to a temp name in the same directory, fsync, then rename over `path`."""
+    with atomic_file(path, mode) as f:
+        f.write(data)
+
+
+@contextmanager
+def atomic_file(path: Path, mode: int = 0o600) -> Iterator:
+    """A file to stream into under a temp name beside `path`; fsynced and renamed over `path` when the block
+    ends, removed if it raises: `path` is either the old file or the whole new one, never half."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,14 @@ def spawn() -> int:
     import subprocess
     return subprocess.Popen(["sleep", "300"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).pid
 '''
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"  # a zombie: dead, not yet reaped
+    except OSError:
+        return True
 
 
 def write_task(d: Path, extra: str = "", timeout: float = 1.0) -> Path:
@@ -133,7 +142,10 @@ def test_a_hanging_tool_fails_the_episode_and_tools_see_no_secrets(tmp_path, mon
         assert not peek["ok"] and "PermissionError" in peek["error"]
     assert tasks.call_tool(task, "noisy", {}) == {"ok": True, "result": "done", "seconds": pytest.approx(0, abs=30)}
     pid = tasks.call_tool(task, "spawn", {})["result"]  # what a tool leaves running goes with it
-    assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    end = time.time() + 10  # SIGKILL is sent; the kernel takes a moment to carry it out
+    while time.time() < end and not gone(pid):
+        time.sleep(0.05)
+    assert gone(pid)
 
 
 def test_a_malformed_task_lists_every_problem(tmp_path):

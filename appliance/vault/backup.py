@@ -32,7 +32,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from appliance.errors import ApplianceError, UsageError, VaultError
-from appliance.home import Home
+from appliance.home import Home, atomic_file
 
 MAGIC = b"APPLIANCE-BACKUP-1\n"
 FORMAT = 1
@@ -87,7 +87,7 @@ class _Hashing(io.RawIOBase):
 
 def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
            progress: Progress = lambda s, d, t: None) -> dict:
-    """Write the encrypted snapshot of `vault`'s home to `out` (0600, a temp name then renamed)."""
+    """Write the encrypted snapshot of `vault`'s home to `out` (0600, streamed under a temp name, renamed)."""
     from bundles.crypt import EncryptingWriter, seal_header
 
     out = Path(out).absolute()
@@ -108,36 +108,27 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
         "%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "nonce": nonce.hex(), "files": len(files),
         "keyring": json.loads(home.keyring.read_bytes())}
     sealed = seal_header(header, key)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     manifest: dict[str, dict] = {}
     total = 0
-    try:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as f:
-            f.write(MAGIC + struct.pack("<Q", len(sealed)) + sealed)
-            enc = EncryptingWriter(f, key, nonce)
-            with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-                for i, rel in enumerate(files):
-                    progress("backup", i, len(files))
-                    src = home.root / rel
-                    info = tarfile.TarInfo(str(rel))
-                    info.size, info.mtime, info.mode = src.stat().st_size, int(src.stat().st_mtime), 0o600
-                    with open(src, "rb") as fh:
-                        hashing = _Hashing(fh)
-                        tar.addfile(info, hashing)  # type: ignore[arg-type]
-                    manifest[str(rel)] = {"sha256": hashing.h.hexdigest(), "size": info.size}
-                    total += info.size
-                body = json.dumps({"vault_id": header["vault_id"], "files": manifest}, indent=1).encode()
-                info = tarfile.TarInfo(MANIFEST)
-                info.size, info.mode = len(body), 0o600
-                tar.addfile(info, io.BytesIO(body))
-            enc.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with atomic_file(out) as f:
+        f.write(MAGIC + struct.pack("<Q", len(sealed)) + sealed)
+        enc = EncryptingWriter(f, key, nonce)
+        with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
+            for i, rel in enumerate(files):
+                progress("backup", i, len(files))
+                src = home.root / rel
+                info = tarfile.TarInfo(str(rel))
+                info.size, info.mtime, info.mode = src.stat().st_size, int(src.stat().st_mtime), 0o600
+                with open(src, "rb") as fh:
+                    hashing = _Hashing(fh)
+                    tar.addfile(info, hashing)  # type: ignore[arg-type]
+                manifest[str(rel)] = {"sha256": hashing.h.hexdigest(), "size": info.size}
+                total += info.size
+            body = json.dumps({"vault_id": header["vault_id"], "files": manifest}, indent=1).encode()
+            info = tarfile.TarInfo(MANIFEST)
+            info.size, info.mode = len(body), 0o600
+            tar.addfile(info, io.BytesIO(body))
+        enc.close()
     progress("backup", len(files), len(files))
     return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(files),
             "bytes": total, "size": out.stat().st_size, "checkpoints": checkpoints}
