@@ -38,7 +38,7 @@ MAGIC = b"APPLIANCE-BACKUP-1\n"
 FORMAT = 1
 _INFO = b"appliance-backup-v1"
 # what a home holds that is not worth keeping: DuckDB's spill files, lock files, the demo's marker
-SKIP_DIRS = {"tmp"}
+SKIP_DIRS = {"tmp", "backups"}  # backups/: the ones made before migrations (a backup never holds backups)
 SKIP_FILES = {".vault.lock", ".detached.lock", ".export.lock", ".appliance-demo"}
 MANIFEST = "MANIFEST.json"
 
@@ -94,7 +94,7 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
     home = vault.home
     if out.exists() and not force:
         raise UsageError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
-    if home.root.resolve() in out.resolve().parents:
+    if home.root.resolve() in out.resolve().parents and (home.root / "backups").resolve() not in out.resolve().parents:
         raise UsageError(f"{out} is inside the home it backs up", "write the backup outside the home")
     if vault.read_only:
         raise VaultError("the vault is open read-only", "open it for writing to back it up")

@@ -31,6 +31,7 @@ class Vault:
         self.secrets = secrets
         self.con = con
         self.read_only = read_only
+        self.migrated: dict | None = None  # what a migration at open did (from, to, backup), if one ran
         self._lock = threading.RLock()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -86,6 +87,9 @@ class Vault:
         try:
             vault._check_schema()
             if not read_only:
+                from appliance.vault.migrate import migrate
+
+                vault.migrated = migrate(vault, SCHEMA_VERSION)
                 vault._ensure_schema()
                 from appliance.vault.ingest import discard_unfinished
                 discard_unfinished(vault)
@@ -180,6 +184,10 @@ class Vault:
         if row and int(row[0]) > SCHEMA_VERSION:
             raise VaultError(f"this vault has schema {row[0]}, newer than this appliance's {SCHEMA_VERSION}",
                              "upgrade the appliance")
+        if row and int(row[0]) < SCHEMA_VERSION and self.read_only:
+            raise VaultError(f"this vault has schema {row[0]}, older than this appliance's {SCHEMA_VERSION}, and "
+                             "a read-only open cannot migrate it", "run `appliance vault datasets` once: it opens "
+                             "the vault for writing, backs it up and migrates it")
 
     # --- keys -----------------------------------------------------------------------------------
     def passwd(self, new_passphrase: str) -> None:

@@ -1,0 +1,73 @@
+"""Vault schema migrations: a newer appliance opens a vault made by an older one and brings it up to date.
+
+The vault's schema version is in `meta.schema_version`. Opening a vault for writing whose version is
+older than `schema.SCHEMA_VERSION` first writes an encrypted backup of the whole home to
+HOME/backups/ (`appliance vault restore` brings it back), then runs every step from the stored version
+to the current one in a single transaction, with the new version and a `vault.migrate` audit entry in
+the same transaction. A step that fails rolls all of it back: the vault is as it was, and the error says
+where the backup is. A read-only open of an older vault is refused (it cannot migrate) with what to do.
+
+A step is a function of the DuckDB connection, registered for the version it starts from:
+
+    @step(1)
+    def _add_review_column(con):
+        con.execute("ALTER TABLE versions ADD COLUMN reviewed_by VARCHAR")
+
+Each schema version keeps a committed vault fixture in tests/fixtures/ that the current code must open.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from appliance.errors import VaultError
+
+STEPS: dict[int, Callable] = {}
+
+
+def step(from_version: int):
+    def deco(fn: Callable) -> Callable:
+        if from_version in STEPS:
+            raise ValueError(f"a migration from schema {from_version} is registered twice")
+        STEPS[from_version] = fn
+        return fn
+    return deco
+
+
+def stored_version(con) -> int | None:
+    import duckdb
+
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    except duckdb.CatalogException:
+        return None  # an empty database: the DDL creates it at the current version
+    return int(row[0]) if row else None
+
+
+def migrate(vault, target: int) -> dict | None:
+    """Bring `vault` (open for writing) from its stored schema to `target`; None when already there."""
+    from appliance.vault.backup import backup
+
+    current = stored_version(vault.con)
+    if current is None or current >= target:
+        return None
+    missing = [v for v in range(current, target) if v not in STEPS]
+    if missing:
+        raise VaultError(f"no migration from schema {missing[0]} (the vault has {current}, this appliance "
+                         f"{target})", "upgrade through the appliance release that introduced the next schema")
+    out = vault.home.root / "backups" / f"before-schema-{target}-{time.strftime('%Y%m%d-%H%M%S')}.backup"
+    out.parent.mkdir(mode=0o700, exist_ok=True)
+    backup(vault, out)  # the vault as it was, restorable with `appliance vault restore`
+    try:
+        with vault.transaction() as con:
+            for v in range(current, target):
+                STEPS[v](con)
+            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(target)])
+            vault.audit("vault.migrate", [], {"from": current, "to": target, "backup": str(out)})
+    except Exception as e:  # noqa: BLE001 - any failing step: rolled back, reported in one line
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+        raise VaultError(f"migrating the vault from schema {current} to {target} failed ({first}); the vault is "
+                         "unchanged", f"report it; the backup written first is {out}") from None
+    vault.con.execute("CHECKPOINT")
+    return {"from": current, "to": target, "backup": str(out)}

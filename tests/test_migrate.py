@@ -1,0 +1,102 @@
+"""Vault schema migrations: older vaults open with this code; a migration backs up, then moves in one step."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance.errors import VaultError
+
+FIXTURES = Path(__file__).parent / "fixtures"
+FIXTURE_PASSPHRASE = "schema fixture passphrase"
+
+
+def fixture_home(version: int, parent: Path) -> Path:
+    h = parent / f"home-v{version}"
+    shutil.copytree(FIXTURES / f"vault-schema-{version}", h, ignore=shutil.ignore_patterns("README.md"))
+    h.chmod(0o700)
+    return h
+
+
+def open_(h: Path, read_only: bool = False):
+    from appliance.home import Home
+    from appliance.vault import Vault
+
+    return Vault.open(Home(h), FIXTURE_PASSPHRASE, read_only=read_only)
+
+
+def schema_of(h: Path) -> int:
+    with open_(h, read_only=True) as v:
+        return int(v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
+
+
+@pytest.mark.parametrize("version", sorted(int(p.name.rsplit("-", 1)[1]) for p in FIXTURES.glob("vault-schema-*")))
+def test_every_schema_fixture_opens_with_this_code(version, tmp_path, cli, monkeypatch):
+    from appliance.vault.schema import SCHEMA_VERSION
+
+    h = fixture_home(version, tmp_path)
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
+    r = cli("--home", h, "--json", "vault", "datasets")  # opens for writing: migrates when it must
+    assert r.code == 0, r.err
+    assert [(d["name"], d["latest"]) for d in r.json["datasets"]] == [("site", "site@1")]
+    assert cli("--home", h, "vault", "check").code == 0
+    assert schema_of(h) == SCHEMA_VERSION
+    texts = [t for (t,) in open_(h, read_only=True).con.execute("SELECT text FROM blobs").fetchall()]
+    assert any("tarn valve" in t for t in texts)
+
+
+def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monkeypatch):
+    from appliance.home import Home
+    from appliance.vault import backup, migrate
+
+    h = fixture_home(1, tmp_path)
+    with monkeypatch.context() as m:  # this code one schema ahead, with a step from 1
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 2)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 2)
+        m.setattr(migrate, "STEPS", {1: lambda con: con.execute("ALTER TABLE versions ADD COLUMN reviewed_by "
+                                                                "VARCHAR")})
+        with open_(h) as v:
+            assert v.migrated["from"] == 1 and v.migrated["to"] == 2
+            cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                                "table_name = 'versions'").fetchall()]
+            assert "reviewed_by" in cols
+            (actions,) = zip(*v.con.execute("SELECT action FROM audit ORDER BY seq").fetchall())
+            assert actions[-2:] == ("vault.backup", "vault.migrate")
+        assert schema_of(h) == 2
+        saved = Path(v.migrated["backup"])
+        with open_(h) as v:
+            assert v.migrated is None  # once only
+    assert saved.parent == h / "backups" and saved.stat().st_mode & 0o777 == 0o600
+    back = tmp_path / "from-backup"  # the backup is the vault as it was: schema 1, the same records
+    res = backup.restore(saved, Home(back), FIXTURE_PASSPHRASE)
+    assert res["records"] == 3 and schema_of(back) == 1
+
+
+def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
+    from appliance.vault import migrate
+
+    h = fixture_home(1, tmp_path)
+
+    def half_then_fail(con):
+        con.execute("ALTER TABLE versions ADD COLUMN reviewed_by VARCHAR")
+        raise RuntimeError("disk on fire")
+
+    with monkeypatch.context() as m:
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 2)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 2)
+        m.setattr(migrate, "STEPS", {1: half_then_fail})
+        with pytest.raises(VaultError) as e:
+            open_(h)
+        assert "from schema 1 to 2 failed (disk on fire); the vault is unchanged" in e.value.message
+        assert "backups" in e.value.hint
+        with pytest.raises(VaultError, match="a read-only open cannot migrate it"):
+            open_(h, read_only=True)
+    with open_(h, read_only=True) as v:
+        assert v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+        cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                            "table_name = 'versions'").fetchall()]
+        assert "reviewed_by" not in cols
+    with open_(h) as v:
+        assert v.check().ok
