@@ -27,6 +27,7 @@ from bundles.errors import BundleError
 class Ctx:
     home_arg: Path | None = None
     json: bool = False
+    verbose: bool = False
 
     @property
     def home(self) -> Home:
@@ -50,23 +51,54 @@ class Ctx:
 
 
 def _merge_globals(f):
-    """Accept --home and --json after the subcommand too: `appliance vault datasets --json`."""
+    """Accept --home, --json and --verbose after the subcommand too: `appliance vault datasets --json`."""
     f = click.option("--json", "json_", is_flag=True, hidden=True, help="Machine-readable output.")(f)
     f = click.option("--home", "home_", type=click.Path(path_type=Path), hidden=True)(f)
+    f = click.option("--verbose", "verbose_", is_flag=True, hidden=True)(f)
 
     @click.pass_context
-    def wrapper(ctx, *args, json_=False, home_=None, **kwargs):
+    def wrapper(ctx, *args, json_=False, home_=None, verbose_=False, **kwargs):
+        import time
+
+        from appliance import logs
+
         c = ctx.find_object(Ctx)
         if home_ is not None:
             c.home_arg = home_
         if json_:
             c.json = True
-        return ctx.invoke(f, c, *args, **kwargs)
+        c.verbose = c.verbose or verbose_
+        name = ctx.command_path.split(" ", 1)[1] if " " in ctx.command_path else ctx.command_path
+        logs.setup(c.home.logs, c.verbose)
+        # option names only, never their values (a value can be a query, a path or a passphrase)
+        given = sorted(k for k, v in kwargs.items() if v not in (None, False, (), []))
+        logs.debug("command.start", command=name, options=given, home=str(c.home.root))
+        t0 = time.perf_counter()
+        try:
+            result = ctx.invoke(f, c, *args, **kwargs)
+        except BaseException as e:
+            code = getattr(e, "exit_code", None) or (130 if isinstance(e, KeyboardInterrupt) else 1)
+            if isinstance(e, SystemExit):
+                code = e.code if isinstance(e.code, int) else 0
+            logs.setup(c.home.logs, c.verbose)  # `init` and `demo` make the logs directory as they run
+            # the error's kind, not its message: a database error can quote a value from the vault
+            logs.event("command.end", logging_level(code), command=name, exit_code=code,
+                       seconds=round(time.perf_counter() - t0, 3), error=type(e).__name__)
+            raise
+        logs.setup(c.home.logs, c.verbose)
+        logs.event("command.end", command=name, exit_code=0, seconds=round(time.perf_counter() - t0, 3))
+        return result
 
     wrapper.__name__ = f.__name__
     wrapper.__doc__ = f.__doc__
     wrapper.__click_params__ = f.__click_params__  # type: ignore[attr-defined]
     return wrapper
+
+
+def logging_level(code: int) -> int:
+    import logging
+
+    return logging.INFO if code == 0 else logging.WARNING if code in (2, 3, 130) else logging.ERROR
 
 
 def command(group, name: str | None = None, **kw):
@@ -79,11 +111,12 @@ def command(group, name: str | None = None, **kw):
 @click.option("--home", type=click.Path(path_type=Path), default=None,
               help="Appliance home (default: $APPLIANCE_HOME, else ~/.local/share/appliance).")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object (for scripts and agents).")
+@click.option("--verbose", "-v", is_flag=True, help="Show what the appliance does (its log events) on stderr.")
 @click.version_option(__version__, prog_name="appliance")
 @click.pass_context
-def cli(ctx, home, json_):
+def cli(ctx, home, json_, verbose):
     """Offline appliance: keep private data in an encrypted vault; train, evaluate and ship models."""
-    ctx.obj = Ctx(home, json_)
+    ctx.obj = Ctx(home, json_, verbose)
 
 
 # --- init ----------------------------------------------------------------------------------------

@@ -97,7 +97,7 @@ def test_every_command_is_an_api_function_with_its_options():
                 names.add("file")
             # --list, --strict, --follow and --set are the CLI's (other functions, the "ok" of the report, a
             # loop over jobs_logs, the overrides list)
-            if names & {"json_", "home_", "list_", "strict", "follow", "sets"} or names & params:
+            if names & {"json_", "home_", "verbose_", "list_", "strict", "follow", "sets"} or names & params:
                 continue
             missing.append(f"{command} --{p.name}")
     assert not missing, f"not mirrored in appliance.api: {missing}"

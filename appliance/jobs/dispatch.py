@@ -23,6 +23,7 @@ import subprocess
 import sys
 import threading
 
+from appliance import logs
 from appliance.db_time import utcnow
 from appliance.jobs import queue
 from appliance.jobs.log import JobLog
@@ -140,4 +141,5 @@ def _start(vault, job: queue.Job, devices: list[int]) -> None:
                           "attempts = attempts + 1 WHERE id = ?",
                           [proc.pid, ",".join(map(str, devices)) or None, utcnow(), job.id])
         vault.audit("jobs.start", [job.id], {"devices": devices, "pid": proc.pid})
+    logs.event("job.start", job=job.id, kind=job.kind, devices=devices, pid=proc.pid)
 

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import logs
 from appliance.errors import ApplianceError, UsageError, VaultError
 from appliance.home import Home, atomic_file
 
@@ -130,6 +131,7 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
             tar.addfile(info, io.BytesIO(body))
         enc.close()
     progress("backup", len(files), len(files))
+    logs.event("vault.backup", files=len(files), bytes=total)
     return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(files),
             "bytes": total, "size": out.stat().st_size, "checkpoints": checkpoints}
 

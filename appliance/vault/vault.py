@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import duckdb
 
+from appliance import logs
 from appliance.errors import VaultBusy, VaultError
 from appliance.home import Home, fsync_path
 from appliance.vault import audit, db
@@ -82,7 +84,9 @@ class Vault:
             _drop_old(home)
             if not home.database.exists():
                 raise VaultError(f"the vault database {home.database} is missing", "restore it from a backup")
+            t0 = time.perf_counter()
             con = db.connect(home.database, secrets.duckdb_key, home.tmp, read_only, memory_limit, wait)
+            logs.debug("vault.attach", read_only=read_only, seconds=round(time.perf_counter() - t0, 3))
         vault = cls(home, ring, secrets, con, read_only)
         try:
             vault._check_schema()
@@ -90,6 +94,8 @@ class Vault:
                 from appliance.vault.migrate import migrate
 
                 vault.migrated = migrate(vault, SCHEMA_VERSION)
+                if vault.migrated:
+                    logs.event("vault.migrate", **vault.migrated)
                 vault._ensure_schema()
                 from appliance.vault.ingest import discard_unfinished
                 discard_unfinished(vault)
