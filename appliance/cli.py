@@ -77,9 +77,11 @@ def _merge_globals(f):
         try:
             result = ctx.invoke(f, c, *args, **kwargs)
         except BaseException as e:
-            code = getattr(e, "exit_code", None) or (130 if isinstance(e, KeyboardInterrupt) else 1)
+            code = getattr(e, "exit_code", None)
             if isinstance(e, SystemExit):
                 code = e.code if isinstance(e.code, int) else 0
+            elif code is None:
+                code = 130 if isinstance(e, KeyboardInterrupt) else 1
             logs.setup(c.home.logs, c.verbose)  # `init` and `demo` make the logs directory as they run
             # the error's kind, not its message: a database error can quote a value from the vault
             logs.event("command.end", logging_level(code), command=name, exit_code=code,

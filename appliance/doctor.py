@@ -40,21 +40,24 @@ def run(home: Home, passphrase: str | None = None) -> dict:
     """Every check, in order; `ok` is false when any failed (warnings do not)."""
     checks: list[Check] = []
     for fn in (_python, _packages, _torch, _duckdb, _llama, _user, _swap, _cores):
-        checks += _safely(fn)
-    checks += _safely(lambda: _disk(home))
-    checks += _safely(lambda: _home(home))
-    checks += _safely(lambda: _vault(home, passphrase))
+        checks += _safely(fn, fn.__name__.strip("_"))
+    checks += _safely(lambda: _disk(home), "disk")
+    checks += _safely(lambda: _home(home), "home")
+    checks += _safely(lambda: _backups(home), "backups")
+    checks += _safely(lambda: _vault(home, passphrase), "vault")
     if not any(c.check == "clock" for c in checks):  # the vault was not opened: the clock against the release
         checks += _clock(None)
     counts = {s: sum(c.status == s for c in checks) for s in ("ok", "warn", "fail")}
     return {"ok": counts["fail"] == 0, "home": str(home.root), "counts": counts, "checks": [asdict(c) for c in checks]}
 
 
-def _safely(fn: Callable[[], list[Check]]) -> list[Check]:
+def _safely(fn: Callable[[], list[Check]], name: str) -> list[Check]:
     try:
         return fn()
+    except PermissionError as e:
+        return [Check(name, "fail", f"permission denied: {e.filename or e}",
+                      "run doctor as the user that owns the appliance's home")]
     except Exception as e:  # noqa: BLE001 - a check that breaks is itself a finding, not the end of the report
-        name = getattr(fn, "__name__", "check").strip("_<>") or "check"
         return [Check(name, "fail", f"the check itself failed: {type(e).__name__}: {e}"[:300],
                       "report this with the output of `appliance doctor --json`")]
 
@@ -255,18 +258,30 @@ def _home(home: Home) -> list[Check]:
     return [Check("home", "ok", f"{home.root}: private to its owner (0700 directories, 0600 files)")]
 
 
+def _backups(home: Home) -> list[Check]:
+    """Backups kept in the home (those made before a migration) carry the keyring as it was then."""
+    kept = sorted((home.root / "backups").glob("*.backup")) if (home.root / "backups").is_dir() else []
+    if not kept:
+        return []
+    return [Check("backups", "warn", f"{len(kept)} backup(s) in {home.root / 'backups'}: each opens with the "
+                                     "passphrase and keys of its day, even after `vault passwd` or `vault rekey`",
+                  "move them to protected backup media, or delete those you do not need")]
+
+
 def _vault(home: Home, passphrase: str | None) -> list[Check]:
     if not home.keyring.exists():
         return []  # _home has said so
     if not passphrase:
         return [Check("vault", "warn", "locked: not opened, so its records, audit chain and clock were not checked",
                       "set APPLIANCE_PASSPHRASE or APPLIANCE_PASSPHRASE_FILE and run again")]
-    from appliance.errors import ApplianceError
+    from appliance.errors import ApplianceError, VaultBusy
     from appliance.vault import Vault, audit
     from appliance.vault.schema import SCHEMA_VERSION
 
     try:
         v = Vault.open(home, passphrase, read_only=True)
+    except VaultBusy as e:
+        return [Check("vault", "warn", f"not checked: {e.message}", "run doctor again when it is free")]
     except ApplianceError as e:
         return [Check("vault", "fail", f"cannot open: {e.message}", e.hint or "")]
     with v:

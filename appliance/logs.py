@@ -41,6 +41,17 @@ class _Private(logging.handlers.RotatingFileHandler):
         fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         return os.fdopen(fd, "a", encoding="utf-8")
 
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A log that cannot be written (full disk, a file of another user) must not break the command or
+        print a traceback: say so once per process on stderr, and go on without it."""
+        global _WARNED
+        if not _WARNED:
+            _WARNED = True
+            sys.stderr.write(f"warning: cannot write the log {self.baseFilename}; the command goes on without it\n")
+
+
+_WARNED = False
+
 
 def setup(logs_dir, verbose: bool = False) -> None:
     """(Re)configure for one command: the file when the home has a logs directory, stderr when verbose."""

@@ -66,6 +66,17 @@ def test_restore_never_replaces_a_home_unasked_and_keeps_the_old_one(kept, cli, 
     assert (old / "keep.txt").read_text() == "precious" and (other / "keyring.json").exists()
     assert not (other / "artifacts" / "runs" / "m@1" / "checkpoints").exists()  # --no-checkpoints
     assert (other / "artifacts" / "models" / "m@1" / "model.safetensors").exists()
+    from tests.conftest import open_vault
+
+    with open_vault(other):  # another process holding the vault: the home is not replaced from under it
+        import subprocess
+        import sys
+
+        code = (f"from appliance.cli import main; main(['--home', {str(other)!r}, 'vault', 'restore', "
+                f"{str(out)!r}, '--force'])")
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                           env={**os.environ})
+    assert p.returncode == 2 and "in use by another appliance process" in p.stderr, p.stderr
 
 
 def test_a_damaged_backup_or_a_wrong_passphrase_restores_nothing(kept, cli, tmp_path, monkeypatch):

@@ -50,6 +50,13 @@ def test_a_home_others_can_read_fails_with_the_command_that_fixes_it(home, cli):
     assert len(err) == 1 and err[0].startswith("error: doctor: 1 check(s) failed")
 
 
+def test_backups_kept_in_the_home_are_a_warning(home, cli):
+    (home / "backups").mkdir()
+    (home / "backups" / "before-schema-2.backup").write_bytes(b"x")
+    b = by_name(cli("--home", home, "--json", "doctor").json)["backups"]
+    assert b["status"] == "warn" and "vault passwd" in b["detail"] and b["fix"]
+
+
 def test_the_api_gives_what_the_cli_prints(home, cli):
     from appliance import api
 

@@ -44,3 +44,12 @@ def test_verbose_shows_the_events_and_the_log_rotates(home, cli, monkeypatch):
         cli("--home", home, "vault", "datasets")
     rotated = sorted(p.name for p in (home / "logs").glob("appliance.log*"))
     assert rotated[0] == "appliance.log" and "appliance.log.1" in rotated and len(rotated) <= 6
+
+
+def test_a_log_that_cannot_be_written_does_not_break_the_command(home, cli):
+    log = home / "logs" / "appliance.log"
+    log.unlink(missing_ok=True)
+    log.mkdir()  # what a full disk or a file of another user looks like to the handler: it cannot write
+    r = cli("--home", home, "--json", "vault", "datasets")
+    assert r.code == 0 and r.json["datasets"] == []
+    assert "Traceback" not in r.err and "Logging error" not in r.err

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ def open_(h: Path, read_only: bool = False):
     return Vault.open(Home(h), FIXTURE_PASSPHRASE, read_only=read_only)
 
 
+def audit_ok(v) -> bool:
+    from appliance.vault import audit
+
+    return audit.verify(v.con, v.secrets.audit_key).ok
+
+
 def schema_of(h: Path) -> int:
     with open_(h, read_only=True) as v:
         return int(v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0])
@@ -38,7 +45,7 @@ def test_every_schema_fixture_opens_with_this_code(version, tmp_path, cli, monke
 
     h = fixture_home(version, tmp_path)
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
-    r = cli("--home", h, "--json", "vault", "datasets")  # opens for writing: migrates when it must
+    r = cli("--home", h, "--json", "vault", "datasets")  # read-only: a vault from an older schema migrates first
     assert r.code == 0, r.err
     assert [(d["name"], d["latest"]) for d in r.json["datasets"]] == [("site", "site@1")]
     assert cli("--home", h, "vault", "check").code == 0
@@ -47,27 +54,28 @@ def test_every_schema_fixture_opens_with_this_code(version, tmp_path, cli, monke
     assert any("tarn valve" in t for t in texts)
 
 
-def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monkeypatch):
+def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monkeypatch, cli):
     from appliance.home import Home
     from appliance.vault import backup, migrate
 
     h = fixture_home(1, tmp_path)
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
     with monkeypatch.context() as m:  # this code one schema ahead, with a step from 1
         m.setattr("appliance.vault.schema.SCHEMA_VERSION", 2)
         m.setattr("appliance.vault.vault.SCHEMA_VERSION", 2)
         m.setattr(migrate, "STEPS", {1: lambda con: con.execute("ALTER TABLE versions ADD COLUMN reviewed_by "
                                                                 "VARCHAR")})
+        r = cli("--home", h, "--json", "vault", "datasets")  # a read-only command: it migrates first, then reads
+        assert r.code == 0 and r.json["datasets"][0]["name"] == "site", r.err
+        assert schema_of(h) == 2
         with open_(h) as v:
-            assert v.migrated["from"] == 1 and v.migrated["to"] == 2
+            assert v.migrated is None  # once only
             cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
                                                 "table_name = 'versions'").fetchall()]
             assert "reviewed_by" in cols
-            (actions,) = zip(*v.con.execute("SELECT action FROM audit ORDER BY seq").fetchall())
-            assert actions[-2:] == ("vault.backup", "vault.migrate")
-        assert schema_of(h) == 2
-        saved = Path(v.migrated["backup"])
-        with open_(h) as v:
-            assert v.migrated is None  # once only
+            last = v.con.execute("SELECT action, details FROM audit ORDER BY seq DESC LIMIT 1").fetchone()
+            assert last[0] == "vault.migrate" and audit_ok(v)
+        saved = Path(json.loads(last[1])["backup"])
     assert saved.parent == h / "backups" and saved.stat().st_mode & 0o777 == 0o600
     back = tmp_path / "from-backup"  # the backup is the vault as it was: schema 1, the same records
     res = backup.restore(saved, Home(back), FIXTURE_PASSPHRASE)
@@ -78,6 +86,8 @@ def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
     from appliance.vault import migrate
 
     h = fixture_home(1, tmp_path)
+    with open_(h, read_only=True) as v:
+        before = v.con.execute("SELECT count(*) FROM audit").fetchone()[0]
 
     def half_then_fail(con):
         con.execute("ALTER TABLE versions ADD COLUMN reviewed_by VARCHAR")
@@ -91,12 +101,13 @@ def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
             open_(h)
         assert "from schema 1 to 2 failed (disk on fire); the vault is unchanged" in e.value.message
         assert "backups" in e.value.hint
-        with pytest.raises(VaultError, match="a read-only open cannot migrate it"):
+        with pytest.raises(VaultError, match="disk on fire"):  # a read-only open tries, and fails the same
             open_(h, read_only=True)
     with open_(h, read_only=True) as v:
         assert v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
         cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
                                             "table_name = 'versions'").fetchall()]
         assert "reviewed_by" not in cols
+        assert v.con.execute("SELECT count(*) FROM audit").fetchone()[0] == before  # not even an entry
     with open_(h) as v:
-        assert v.check().ok
+        assert v.check().ok and audit_ok(v)

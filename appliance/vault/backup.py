@@ -33,7 +33,7 @@ from pathlib import Path
 
 from appliance import logs
 from appliance.errors import ApplianceError, UsageError, VaultError
-from appliance.home import Home, atomic_file
+from appliance.home import Home, atomic_file, fsync_path
 
 MAGIC = b"APPLIANCE-BACKUP-1\n"
 FORMAT = 1
@@ -68,6 +68,8 @@ def _files(home: Home, checkpoints: bool) -> list[Path]:
             p = rel / f
             if p in out or (rel == Path(".") and (f in SKIP_FILES or f.startswith("vault.duckdb"))):
                 continue
+            if f.startswith(".") and ".tmp-" in f:  # a file being written (atomic_write's temp name)
+                continue
             if (home.root / p).is_file() and not (home.root / p).is_symlink():
                 out.append(p)
     return out
@@ -87,8 +89,11 @@ class _Hashing(io.RawIOBase):
 
 
 def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
-           progress: Progress = lambda s, d, t: None) -> dict:
-    """Write the encrypted snapshot of `vault`'s home to `out` (0600, streamed under a temp name, renamed)."""
+           progress: Progress = lambda s, d, t: None, vault_only: bool = False, audit: bool = True) -> dict:
+    """Write the encrypted snapshot of `vault`'s home to `out` (0600, streamed under a temp name, renamed).
+
+    `vault_only`: the database and keyring alone (what a migration changes). `audit`: record the backup in
+    the vault first (a migration records it in its own entry instead)."""
     from bundles.crypt import EncryptingWriter, seal_header
 
     out = Path(out).absolute()
@@ -97,12 +102,16 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
         raise UsageError(f"{out} exists", "pass --force to overwrite it, or choose another --out")
     if home.root.resolve() in out.resolve().parents and (home.root / "backups").resolve() not in out.resolve().parents:
         raise UsageError(f"{out} is inside the home it backs up", "write the backup outside the home")
+    if out.is_dir() or not out.parent.is_dir():
+        why = "it is a directory" if out.is_dir() else f"no directory {out.parent}"
+        raise UsageError(f"cannot write {out}: {why}", "pass --out FILE in an existing directory")
     if vault.read_only:
         raise VaultError("the vault is open read-only", "open it for writing to back it up")
-    with vault.transaction():
-        vault.audit("vault.backup", [], {"file": out.name, "checkpoints": checkpoints})
+    if audit:
+        with vault.transaction():
+            vault.audit("vault.backup", [], {"file": out.name, "checkpoints": checkpoints})
     vault.con.execute("CHECKPOINT")  # everything in the file itself; we hold it attached: nobody else writes
-    files = _files(home, checkpoints)
+    files = [Path("keyring.json"), Path("vault.duckdb")] if vault_only else _files(home, checkpoints)
     nonce = os.urandom(16)
     key = _key(vault.secrets.data_key, nonce)
     header = {"format": FORMAT, "vault_id": vault.keyring.vault_id, "created": time.strftime(
@@ -117,10 +126,14 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
         with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
             for i, rel in enumerate(files):
                 progress("backup", i, len(files))
-                src = home.root / rel
-                info = tarfile.TarInfo(str(rel))
-                info.size, info.mtime, info.mode = src.stat().st_size, int(src.stat().st_mtime), 0o600
-                with open(src, "rb") as fh:
+                try:
+                    fh = open(home.root / rel, "rb")
+                except FileNotFoundError:  # a checkpoint pruned or a temp renamed since the listing: gone
+                    continue
+                with fh:
+                    st = os.fstat(fh.fileno())  # the size of the file we hold open, not of its name
+                    info = tarfile.TarInfo(str(rel))
+                    info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o600
                     hashing = _Hashing(fh)
                     tar.addfile(info, hashing)  # type: ignore[arg-type]
                 manifest[str(rel)] = {"sha256": hashing.h.hexdigest(), "size": info.size}
@@ -131,8 +144,8 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
             tar.addfile(info, io.BytesIO(body))
         enc.close()
     progress("backup", len(files), len(files))
-    logs.event("vault.backup", files=len(files), bytes=total)
-    return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(files),
+    logs.event("vault.backup", files=len(manifest), bytes=total)
+    return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(manifest),
             "bytes": total, "size": out.stat().st_size, "checkpoints": checkpoints}
 
 
@@ -184,6 +197,10 @@ def restore(path: Path, home: Home, passphrase: str, force: bool = False,
             ring_path.write_text(json.dumps(header.get("keyring")))
             os.chmod(ring_path, 0o600)
             ring = Keyring.load(ring_path)
+            kdf = ring.kdf if isinstance(ring.kdf, dict) else {}
+            if not (isinstance(kdf.get("memory_kib"), int) and kdf["memory_kib"] <= 4096 * 1024
+                    and isinstance(kdf.get("iterations"), int) and kdf["iterations"] <= 100):
+                raise BackupError("the backup's key settings are out of bounds", "use another copy of the backup")
             secrets, _ = ring.unlock(passphrase)  # WrongPassphrase before anything else
             key = _key(secrets.data_key, bytes.fromhex(str(header.get("nonce", ""))))
             try:
@@ -206,20 +223,47 @@ def restore(path: Path, home: Home, passphrase: str, force: bool = False,
             with v.transaction():
                 v.audit("vault.restore", [], {"file": path.name, "created": header["created"], "files": files})
         os.chmod(staging, 0o700)
+        for d in sorted({p.parent for p in staging.rglob("*")}, key=lambda p: -len(p.parts)):
+            fsync_path(d)
         replaced = None
         if target.exists():
             if any(target.iterdir()):
+                _not_in_use(target)
                 replaced = target.with_name(f"{target.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.rename(target, replaced)
             else:
                 target.rmdir()
-        os.rename(staging, target)
+        try:
+            os.rename(staging, target)
+        except OSError as e:
+            if replaced is not None:
+                os.rename(replaced, target)  # the old home back where it was
+            raise BackupError(f"cannot put the restored home at {target}: {e.strerror or e}",
+                              "check the directory and try again; nothing was changed") from None
+        fsync_path(target.parent)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return {"home": str(target), "vault_id": header["vault_id"], "created": header["created"], "files": files,
             "records": rep.blobs, "versions": rep.versions, "audit_entries": chain.entries,
             "replaced": str(replaced) if replaced else None}
+
+
+def _not_in_use(root: Path) -> None:
+    """A home that a job or the console holds (detached, or with the database attached) is not replaced."""
+    import fcntl
+
+    for name, lock in ((".detached.lock", fcntl.flock), ("vault.duckdb", fcntl.lockf)):  # DuckDB: POSIX locks
+        if not (root / name).is_file():
+            continue
+        fd = os.open(root / name, os.O_RDWR)
+        try:
+            lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            raise UsageError(f"{root} is in use by another appliance process (a job, the console)",
+                             "stop them, then restore again") from None
+        finally:
+            os.close(fd)
 
 
 def _unpack(stream, dest: Path, expected: int, progress: Progress) -> int:
@@ -244,6 +288,8 @@ def _unpack(stream, dest: Path, expected: int, progress: Progress) -> int:
                 while chunk := src.read(1 << 20):
                     h.update(chunk)
                     o.write(chunk)
+                o.flush()
+                os.fsync(o.fileno())
             hashes[name] = h.hexdigest()
             progress("restore", len(hashes), expected)
     while chunk := stream.read(1 << 16):  # the archive's end is padded to a whole record: zeros, then the end

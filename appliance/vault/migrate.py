@@ -56,18 +56,35 @@ def migrate(vault, target: int) -> dict | None:
     if missing:
         raise VaultError(f"no migration from schema {missing[0]} (the vault has {current}, this appliance "
                          f"{target})", "upgrade through the appliance release that introduced the next schema")
-    out = vault.home.root / "backups" / f"before-schema-{target}-{time.strftime('%Y%m%d-%H%M%S')}.backup"
-    out.parent.mkdir(mode=0o700, exist_ok=True)
-    backup(vault, out)  # the vault as it was, restorable with `appliance vault restore`
+    import fcntl
+    import os
+
+    # A process that let go of the vault for a while (a job, the console's quantize) would attach again
+    # expecting the old schema: like a rekey, a migration waits until none holds it detached.
+    fd = os.open(vault.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with vault.transaction() as con:
-            for v in range(current, target):
-                STEPS[v](con)
-            con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(target)])
-            vault.audit("vault.migrate", [], {"from": current, "to": target, "backup": str(out)})
-    except Exception as e:  # noqa: BLE001 - any failing step: rolled back, reported in one line
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
-        raise VaultError(f"migrating the vault from schema {current} to {target} failed ({first}); the vault is "
-                         "unchanged", f"report it; the backup written first is {out}") from None
-    vault.con.execute("CHECKPOINT")
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise VaultError(f"the vault needs migrating from schema {current} to {target}, and a job or the "
+                             "console is using it", "let them finish (or stop them), then run the command again"
+                             ) from None
+        out = vault.home.root / "backups" / f"before-schema-{target}-{time.strftime('%Y%m%d-%H%M%S')}.backup"
+        out.parent.mkdir(mode=0o700, exist_ok=True)
+        # the vault as it was (database and keyring: the models do not change), restorable with `vault restore`;
+        # no audit entry is written into the old schema: the migration's own entry names the backup
+        backup(vault, out, checkpoints=False, vault_only=True, audit=False)
+        try:
+            with vault.transaction() as con:
+                for v in range(current, target):
+                    STEPS[v](con)
+                con.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", [str(target)])
+                vault.audit("vault.migrate", [], {"from": current, "to": target, "backup": str(out)})
+        except Exception as e:  # noqa: BLE001 - any failing step: rolled back, reported in one line
+            first = str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__
+            raise VaultError(f"migrating the vault from schema {current} to {target} failed ({first}); the vault "
+                             "is unchanged", f"report it; the backup written first is {out}") from None
+        vault.con.execute("CHECKPOINT")
+    finally:
+        os.close(fd)
     return {"from": current, "to": target, "backup": str(out)}

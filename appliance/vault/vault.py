@@ -89,6 +89,12 @@ class Vault:
             logs.debug("vault.attach", read_only=read_only, seconds=round(time.perf_counter() - t0, 3))
         vault = cls(home, ring, secrets, con, read_only)
         try:
+            if read_only and vault._older():  # a read-only open cannot migrate: migrate once, then read
+                con.close()
+                writable = cls._attach(home, ring, secrets, pending, False, memory_limit, wait)
+                writable.close()
+                return cls._attach(home, Keyring.load(home.keyring), writable.secrets, None, True, memory_limit,
+                                   wait)
             vault._check_schema()
             if not read_only:
                 from appliance.vault.migrate import migrate
@@ -117,6 +123,11 @@ class Vault:
                 self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only,
                                       wait=wait)
             self.read_only = read_only
+            try:  # a newer appliance may have migrated the vault meanwhile: refuse to write an unknown schema
+                self._check_schema()
+            except VaultError:
+                self.close()
+                raise
 
     @contextmanager
     def session(self, read_only: bool = False, wait: float = BUSY_WAIT):
@@ -190,10 +201,15 @@ class Vault:
         if row and int(row[0]) > SCHEMA_VERSION:
             raise VaultError(f"this vault has schema {row[0]}, newer than this appliance's {SCHEMA_VERSION}",
                              "upgrade the appliance")
-        if row and int(row[0]) < SCHEMA_VERSION and self.read_only:
-            raise VaultError(f"this vault has schema {row[0]}, older than this appliance's {SCHEMA_VERSION}, and "
-                             "a read-only open cannot migrate it", "run `appliance vault datasets` once: it opens "
-                             "the vault for writing, backs it up and migrates it")
+        if row and int(row[0]) < SCHEMA_VERSION and self.read_only:  # reopened read-only, not yet migrated
+            raise VaultError(f"this vault has schema {row[0]}, older than this appliance's {SCHEMA_VERSION}",
+                             "open it once for writing (e.g. `appliance vault check`): it is backed up and migrated")
+
+    def _older(self) -> bool:
+        from appliance.vault.migrate import stored_version
+
+        stored = stored_version(self.con)
+        return stored is not None and stored < SCHEMA_VERSION
 
     # --- keys -----------------------------------------------------------------------------------
     def passwd(self, new_passphrase: str) -> None:
