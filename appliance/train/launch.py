@@ -164,7 +164,20 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
     try:
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                 start_new_session=True)
-        _, stderr = proc.communicate()
+        # Not communicate(): the kernel may hand SIGINT to any thread (the socket server's, the recorder's),
+        # and Python runs the handler only when the main thread next runs; blocked in a read, that would be
+        # when the ranks are done. Waiting in short slices lets a Ctrl-C act within a fraction of a second.
+        chunks: list[str] = []
+        reader = threading.Thread(target=lambda: chunks.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        while True:
+            try:
+                proc.wait(timeout=0.2)
+                break
+            except subprocess.TimeoutExpired:
+                continue
+        reader.join()
+        stderr = "".join(chunks)
     finally:
         signal.signal(signal.SIGINT, old)
         server.shutdown()
