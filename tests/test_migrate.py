@@ -103,6 +103,7 @@ def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
         assert "backups" in e.value.hint
         with pytest.raises(VaultError, match="disk on fire"):  # a read-only open tries, and fails the same
             open_(h, read_only=True)
+        assert len(list((h / "backups").glob("*.backup"))) == 2  # each attempt kept its backup, even in one second
     with open_(h, read_only=True) as v:
         assert v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
         cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "

@@ -69,8 +69,12 @@ def migrate(vault, target: int) -> dict | None:
             raise VaultError(f"the vault needs migrating from schema {current} to {target}, and a job or the "
                              "console is using it", "let them finish (or stop them), then run the command again"
                              ) from None
-        out = vault.home.root / "backups" / f"before-schema-{target}-{time.strftime('%Y%m%d-%H%M%S')}.backup"
-        out.parent.mkdir(mode=0o700, exist_ok=True)
+        stem = vault.home.root / "backups" / f"before-schema-{target}-{time.strftime('%Y%m%d-%H%M%S')}"
+        stem.parent.mkdir(mode=0o700, exist_ok=True)
+        out, n = stem.with_name(stem.name + ".backup"), 1
+        while out.exists():  # a retry within the same second keeps the earlier backup too
+            n += 1
+            out = stem.with_name(f"{stem.name}-{n}.backup")
         # the vault as it was (database and keyring: the models do not change), restorable with `vault restore`;
         # no audit entry is written into the old schema: the migration's own entry names the backup
         backup(vault, out, checkpoints=False, vault_only=True, audit=False)
