@@ -15,6 +15,18 @@ PASSPHRASE = "test passphrase 1234"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+# The longest files first: two workers take files in collection order, so a long file collected last would
+# run alone at the end with the other core idle (longest-first is the classic fix for that tail).
+LONGEST_FIRST = ("test_train_run.py", "test_tui.py", "test_sql_export_demo.py", "test_jobs.py", "test_agents.py",
+                 "test_sweep.py", "test_grpo.py", "test_quantize.py", "test_eval.py", "test_preference.py",
+                 "test_tasks.py", "test_synth.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: order within a file is kept
+
+
 @pytest.fixture(autouse=True)
 def _passphrase(monkeypatch):
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE)
