@@ -38,6 +38,21 @@ def doctor(home: str | Path, passphrase: str | None = None) -> dict:
     return run(Home(Path(home).expanduser().absolute()), passphrase)
 
 
+def wheelhouse_build(out: str | Path, torch: str | None = None, from_env: bool = False,
+                     find_links: list[str | Path] | None = None, no_index: bool = False,
+                     torch_index: str | None = None, sign_key: str | None = None, bundle: str | Path | None = None,
+                     force: bool = False, home: str | Path | None = None, compress_level: int = 1,
+                     progress=None) -> dict:
+    """Every wheel the appliance runs on, hash-pinned, with an install script (and, with `sign_key` and
+    `bundle`, one signed installer bundle); `home` holds the signing key."""
+    from appliance.home import default_home
+    from appliance.wheelhouse import build
+
+    h = Home(Path(home or default_home()).expanduser().absolute())
+    return build(Path(out), torch, from_env, [Path(p) for p in find_links or []], no_index, torch_index, sign_key,
+                 None if bundle is None else Path(bundle), force, h, progress, compress_level)
+
+
 def vault_backup(v, out: str | Path, no_checkpoints: bool = False, force: bool = False, progress=None) -> dict:
     """An encrypted, verifiable snapshot of the home to `out`: vault, wrapped keys, models, logs, keys, trust."""
     from appliance.vault.backup import backup

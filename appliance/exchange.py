@@ -236,6 +236,9 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         if kind == "eval":
             got["files"] = {}
             return container.Plan(last, collect=got["files"])
+        if kind == "installer":
+            raise BundleError("an installer bundle is not imported: it installs the appliance itself",
+                              "python -m bundles unpack FILE --trust KEY --to DIR, then sh DIR/install.sh")
         if kind not in ("model", "gguf"):
             raise BundleError(f"{kind} bundles cannot be imported into this appliance",
                               "import models, GGUFs, datasets and eval reports")

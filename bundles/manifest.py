@@ -18,7 +18,7 @@ from bundles.digest import ALGORITHM
 from bundles.errors import BundleError
 
 FORMAT = 1
-KINDS = ("model", "gguf", "dataset", "eval")
+KINDS = ("model", "gguf", "dataset", "eval", "installer")
 MAX_FILES = 100_000
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
