@@ -112,12 +112,11 @@ def jobs_logs_cmd(c: Ctx, job_id, follow):
             return True
         return not j.active
 
-    for line in log.follow(ended):
-        out.print(line, markup=False)
-    with v.session(read_only=True):
-        job = queue.get(v.con, job_id)
+    for line in log.follow(ended):  # with --json the lines go to stderr as they come: stdout holds one object
+        (err if c.json else out).print(line, markup=False)
     if c.json:
-        c.emit(job.to_json())
+        with v.session(read_only=True):
+            c.emit(api.jobs_logs(v, job_id))
 
 
 @command(jobs_group, "cancel")

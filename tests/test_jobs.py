@@ -56,6 +56,8 @@ def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
     assert any("checkpoint at step 3" in ln for ln in lines)
     # the follow mode ends by itself once the job has ended
     assert "job-1 done" in cli("--home", train_home, "jobs", "logs", "job-1", "-f").out
+    followed = cli("--home", train_home, "--json", "jobs", "logs", "job-1", "-f")  # one object, schema-checked
+    assert followed.json["status"] == "done" and "job-1 done" in "\n".join(followed.json["lines"])
     lineage = cli("--home", train_home, "--json", "lineage", "bg@1").json["lineage"]
     assert {p["id"] for p in lineage["parents"]} == {"handbook@1", "handbook-bpe@1"}
     actions = [e["action"] for e in cli("--home", train_home, "--json", "audit", "log").json["entries"]]
