@@ -94,6 +94,14 @@ def _trust(home: Home) -> TrustStore:
     return TrustStore.load(d) if d.is_dir() else TrustStore([])
 
 
+def trusted_key(home: Home, name: str) -> PublicKey:
+    """The public key of a trusted site, by its name in the trust store (a recipient to encrypt to)."""
+    match = [t.key for t in _trust(home).entries if t.name == name]
+    if not match:
+        raise UsageError(f"no trusted site named {name}", "see `appliance trust list`")
+    return match[0]
+
+
 def trust_list(home: Home) -> list[dict]:
     d = trust_dir(home)
     return [{"name": t.name, "key_id": t.key.key_id, "kinds": list(t.kinds)}
@@ -121,14 +129,14 @@ def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
                      "bundle the model made from it instead")
 
 
-def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path], out: Path,
+def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | PublicKey], out: Path,
                   expires_days: float = 365) -> dict:
     from appliance.vault import lineage
 
     node_id, kind, name, src = _what(vault, ref)
     if out.exists():
         raise UsageError(f"{out} already exists", "pass another --out")
-    recips = [PublicKey.load(p) for p in recipients]
+    recips = [r if isinstance(r, PublicKey) else PublicKey.load(r) for r in recipients]
     if kind == "dataset":
         if not recips:  # vault text leaves the box only encrypted
             raise UsageError(f"{node_id} is vault data: a dataset bundle must be encrypted",

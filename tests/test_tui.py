@@ -290,8 +290,18 @@ def test_bundles_screen_key_export_and_import_shows_the_report_first(tui_home, t
             await until(pilot, lambda: any(r[0] == "in" for r in rows(app, "#bundles")))
         [err] = [n.message for n in app._notifications if n.severity == "error"]
         assert err.startswith("error: ") and err.count("\n") == 0
+        # the recipient is chosen among the trusted sites: the bundle goes out encrypted to site-a
+        await pilot.press("x")
+        await until(pilot, lambda: app.screen.query_one("#f-ref", Input))
+        for field, value in (("ref", "pilot@1"), ("out", str(sealed)), ("passphrase", "key pass 1234")):
+            app.screen.query_one(f"#f-{field}", Input).value = value
+        app.screen.query_one("#f-to", Select).value = "site-a"
+        await pilot.click("#ok")
+        await until(pilot, lambda: sealed.exists())
 
+    sealed = tmp_path / "sealed.bundle"
     drive(tui_home, import_)
+    assert sealed.read_bytes().startswith(b"APPLIANCE-BUNDLE-1-ENC\n")
     with open_vault(tui_home, read_only=True) as v:
         assert v.con.execute("SELECT count(*) FROM bundles_in").fetchone()[0] == 1
 
@@ -340,6 +350,15 @@ def pinned(monkeypatch):
     monkeypatch.setattr(fmt, "place", lambda path: "/srv/appliance")
 
 
+async def no_blink(pilot) -> None:
+    """Cursor blink off (the cursor stays shown): a picture taken half a second later is the same picture."""
+    from textual.widgets import Input
+
+    for widget in pilot.app.screen.query(Input):
+        widget.cursor_blink = False
+    await pilot.pause()
+
+
 def _to(mode: str, ready):
     async def run_before(pilot):
         app = pilot.app
@@ -348,6 +367,7 @@ def _to(mode: str, ready):
             await pilot.press(mode[0])
         await until(pilot, lambda: ready(app))
         await pilot.pause(0.3)
+        await no_blink(pilot)
     return run_before
 
 
@@ -363,7 +383,7 @@ READY = {
 
 @pytest.mark.parametrize("size", SIZES, ids=["80x24", "120x40"])
 def test_snapshot_unlock(snap_compare, tui_home, pinned, size):
-    assert snap_compare(ApplianceApp(Home(tui_home)), terminal_size=size)
+    assert snap_compare(ApplianceApp(Home(tui_home)), terminal_size=size, run_before=no_blink)
 
 
 @pytest.mark.parametrize("mode", list(READY))
@@ -414,3 +434,5 @@ def test_tmux_smoke(tui_home):
             time.sleep(0.2)
     finally:
         subprocess.run(["tmux", "kill-session", "-t", session], capture_output=True)
+    logs = sorted((tui_home / "logs").glob("appliance.log*"))
+    assert logs and not any(PASSPHRASE in p.read_text() for p in logs)  # typed, shown masked, never logged

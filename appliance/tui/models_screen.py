@@ -160,18 +160,24 @@ class ModelsScreen(Page):
             export_dialog(self, model)
 
 
+SIGNED_ONLY = "(nobody: signed only)"
+
+
 def export_dialog(page, ref: str = "") -> None:
-    """Ask what to bundle, the signing key, the recipients' public keys (to encrypt) and where to write."""
-    from appliance.exchange import list_keys
+    """Ask what to bundle, the signing key, whom to encrypt to (a trusted site, and/or public key files) and
+    where to write."""
+    from appliance.exchange import list_keys, trust_list
 
     keys = [k["name"] for k in list_keys(page.app.home)]
+    sites = [SIGNED_ONLY, *(t["name"] for t in trust_list(page.app.home))]
     if not keys:
         page.notify("no signing key yet: create one on the Bundles screen (n)", severity="warning")
         return
     page.app.push_screen(FormDialog("Export a signed bundle", [
         Field("ref", "What: model, MODEL:TYPE, DATASET@N or eval run", value=ref),
         Field("key", "Signing key", "choice", keys, keys[0]),
-        Field("recipients", "Encrypt to: public key files, comma-separated (empty: signed only)"),
+        Field("to", "Encrypt to a trusted site", "choice", sites, SIGNED_ONLY),
+        Field("recipients", "and/or to public key files, comma-separated"),
         Field("out", "Bundle file to write", value=f"{ref.replace(':', '-').replace('@', '-') or 'bundle'}.bundle"),
         Field("passphrase", "Signing key passphrase", "password")], ok="Export"),
         lambda f: f and _export(page, f))
@@ -179,14 +185,16 @@ def export_dialog(page, ref: str = "") -> None:
 
 @work(thread=True, group="export")
 def _export(page, form: dict) -> None:
-    from appliance.exchange import export_bundle
+    from appliance.exchange import export_bundle, trusted_key
     from bundles.keys import using_passphrase
 
-    recipients = [Path(n.strip()).expanduser() for n in form["recipients"].split(",") if n.strip()]
+    recipients: list = [Path(n.strip()).expanduser() for n in form["recipients"].split(",") if n.strip()]
 
     def go(v):
+        site = [trusted_key(v.home, form["to"])] if form["to"] not in ("", SIGNED_ONLY) else []
         with using_passphrase(form["passphrase"]):
-            return export_bundle(v, form["ref"], form["key"], recipients, Path(form["out"]).expanduser().absolute())
+            return export_bundle(v, form["ref"], form["key"], site + recipients,
+                                 Path(form["out"]).expanduser().absolute())
 
     res = page.app.with_vault(go, write=True, wait=30)
     if res:
