@@ -67,3 +67,25 @@ def test_the_rest_of_the_commands_print_what_they_publish(home, cli, tmp_path, s
     r = cli("--home", home, "--json", "jobs", "show", "job-1")  # the error object
     assert r.code == 2 and r.json == {"ok": False, "schema": 1, "error": "no job job-1",
                                       "hint": "list them with `appliance jobs list`", "exit_code": 2}
+
+
+def test_every_command_is_run_with_json_somewhere_in_the_tests():
+    """The `cli` fixture checks what it sees; this makes sure it sees every command: each one appears in some
+    test's `cli(..., "--json", ...)` call (its words in order among the call's string arguments)."""
+    import ast
+    from pathlib import Path
+
+    calls: list[list[str]] = []
+    for f in Path(__file__).parent.glob("test_*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.Call):
+                words = [a.value for a in node.args if isinstance(a, ast.Constant) and isinstance(a.value, str)]
+                if "--json" in words:
+                    calls.append(words)
+
+    def run_in(command: str, words: list[str]) -> bool:
+        parts = command.split()
+        return any(words[i:i + len(parts)] == parts for i in range(len(words)))
+
+    missing = [c for c in schemas.commands() if not any(run_in(c, w) for w in calls)]
+    assert not missing, f"never run with --json by a test: {missing}"

@@ -150,11 +150,11 @@ def test_a_local_model_writes_pairs_about_the_documents_and_ungrounded_ones_are_
     repeats collapse to one pair."""
     assert cli("--home", train_home, "train", "run", "tiny-dense", "--train.max_steps", "4", "--train.warmup_steps",
                "1", "--train.checkpoint_every", "100").code == 0
-    args = ["synth", "documents", "handbook@1", "--model", "tiny-dense@1", "--passages", "12", "--max-tokens", "8"]
-    r = cli("--home", train_home, "--json", *args, "--dataset", "hb-qa")
+    args = ["handbook@1", "--model", "tiny-dense@1", "--passages", "12", "--max-tokens", "8"]
+    r = cli("--home", train_home, "--json", "synth", "documents", *args, "--dataset", "hb-qa")
     assert r.code == 2 and "nothing to land: all 12 generated row(s) were dropped (12 ungrounded)" in r.json["error"]
     assert "hb-qa" not in [d["name"] for d in cli("--home", train_home, "--json", "vault", "datasets").json["datasets"]]
-    r = cli("--home", train_home, "--json", *args, "--dataset", "hb-qa", "--min-grounding", "0")
+    r = cli("--home", train_home, "--json", "synth", "documents", *args, "--dataset", "hb-qa", "--min-grounding", "0")
     assert r.code == 0, r.err
     d = r.json
     assert d["generator"] == "documents" and d["generated"] == 12 and d["records"] + d["dropped"]["duplicate"] == 12
