@@ -99,6 +99,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             _jobs(v, tok.id, stage)
             _console(v, passphrase, stage)
             _agent(v, passphrase, stage)
+            _operate(v, passphrase, Path(tmp), stage)
             rep = v.check()
             with v.transaction():
                 v.audit("vault.check", [], {"ok": rep.ok, "problems": len(rep.problems)})
@@ -365,6 +366,26 @@ def _agent(v, passphrase: str, stage: Callable[..., None]) -> None:
         raise ApplianceError("demo agent was not refused record text")
     stage("agent", f"agent:demo-agent over MCP ({g['id']}, read only): listed {', '.join(latest)}; "
                    f"refused record text ({refused.split('error: ', 1)[-1].split(' (')[0]})", grant=g["id"])
+
+
+def _operate(v, passphrase: str, tmp: Path, stage: Callable[..., None]) -> None:
+    """Running the box: doctor, a backup restored and checked elsewhere, and the offline installer."""
+    from appliance import api
+
+    with v.released():  # doctor opens the vault read-only, as an operator's second terminal would
+        d = api.doctor(v.home.root, passphrase)
+    n = d["counts"]
+    stage("doctor", f"{n['ok']} ok, {n['warn']} warning(s), {n['fail']} failed: "
+                    + ", ".join(c["check"] for c in d["checks"] if not c["check"].startswith("package ")))
+    b = api.vault_backup(v, tmp / "demo.backup")
+    r = api.vault_restore(tmp / "demo.backup", tmp / "restored", passphrase)
+    stage("backup", f"{b['files']} files of the home in {b['size'] // 2**20} MiB, encrypted; restored elsewhere with "
+                    f"{r['records']} records, {r['versions']} versions and {r['audit_entries']} audit entries "
+                    "checked")
+    w = api.wheelhouse_build(v.home.root / "wheelhouse", from_env=True, compress_level=0, home=v.home.root)
+    stage("wheelhouse", f"{w['out']}: {w['wheels']} wheels ({w['bytes'] // 2**20} MiB, torch "
+                        f"{w['torch']['version']}) checked whole by pip with no index; "
+                        "install elsewhere with install.sh", release=w["release"])
 
 
 @contextmanager

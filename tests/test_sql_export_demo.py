@@ -64,9 +64,11 @@ def test_demo_runs_end_to_end(tmp_path, cli, capsys):
     assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
                         "handbook-prefs@1", "task-demos@1"]
     assert "synth" in stages and stages.index("synth") == stages.index("lineage") + 1
-    assert stages[-19:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval",
-                              "eval", "gate", "drift",
-                              "bundle", "bundle", "jobs", "console", "agent"]
+    assert stages[-22:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval",
+                              "eval", "gate", "drift", "bundle", "bundle", "jobs", "console", "agent", "doctor",
+                              "backup", "wheelhouse"]
+    wheelhouse = h / "wheelhouse"  # the offline installer of this very environment (tests/test_wheelhouse.py)
+    assert (wheelhouse / "install.sh").is_file() and (wheelhouse / "wheels").is_dir()
     dpo = next(s for s in r.json["stages"] if s["stage"] == "dpo")
     assert dpo["merged"] == "dpo-lora-merged@1" and dpo["last_loss"] < dpo["first_loss"]
     grpo = next(s for s in r.json["stages"] if s["stage"] == "grpo")

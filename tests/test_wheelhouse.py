@@ -72,6 +72,8 @@ def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path
                         str(far)], capture_output=True, text=True)
     assert p.returncode == 0 and "ok: installer appliance" in p.stdout, p.stderr
     assert (far / "requirements.txt").read_text() == req
+    shutil.rmtree(wh)  # from here on the far side has only what the bundle carried (and the disk holds one copy)
+    bundle.unlink()
 
     env = offline_env(tmp_path)
     prefix = tmp_path / "opt"
@@ -103,6 +105,8 @@ def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path
     assert os.readlink(current) == f"releases/{meta['release']}"
     assert sorted(os.listdir(prefix / "releases")) == [meta["release"]]
     assert "nothing was switched" in p.stderr
+    for big in (far, prefix):  # gigabytes: not kept among pytest's last temp directories
+        shutil.rmtree(big)
 
 
 def test_bad_requests_are_refused_before_any_work(home, cli, tmp_path):
