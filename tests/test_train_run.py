@@ -190,7 +190,19 @@ def _wait_for(path, proc, timeout=120):
 LONG = ["--train.max_steps", "40", "--train.checkpoint_every", "5", "--train.warmup_steps", "2"]
 
 
-def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli):
+@pytest.fixture(scope="module")
+def whole_losses(train_base, tmp_path_factory) -> list[float]:
+    """The losses of one uninterrupted LONG run: what every stopped-and-resumed run must repeat."""
+    from tests.conftest import PY, copy_home, python_env
+
+    h = copy_home(train_base, tmp_path_factory.mktemp("whole"))
+    p = subprocess.run([PY, "-m", "appliance", "--home", str(h), "--json", "train", "run", "tiny-dense", *LONG,
+                        "--name", "whole"], env=python_env(), capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr
+    return losses(h, json.loads(p.stdout)["id"])
+
+
+def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli, whole_losses):
     import signal
 
     proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "killed")
@@ -202,8 +214,7 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli):
     assert runs[0]["status"] == "running" and runs[0]["step"] < 40  # killed mid-way
     d = run(cli, train_home, "tiny-dense", *LONG, "--name", "killed", "--resume")
     assert d["id"] == "killed@1" and d["resumed_from"] >= 5 and d["steps"] == 40
-    whole = run(cli, train_home, "tiny-dense", *LONG, "--name", "whole")
-    assert losses(train_home, "killed@1") == losses(train_home, whole["id"])  # exactly, on CPU
+    assert losses(train_home, "killed@1") == whole_losses  # exactly, on CPU
     assert len(losses(train_home, "killed@1")) == 40
 
 
@@ -258,7 +269,7 @@ def test_a_busy_vault_says_so(train_home):
     assert p.returncode == 1 and "in use by another appliance process" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli):
+def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli, whole_losses):
     import signal
 
     sharded = ["--gpus", "2", "--train.parallel", "fsdp"]
@@ -273,8 +284,7 @@ def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli
     assert not list((train_home / "tmp").glob("train-*.sock"))  # the socket is gone with the run
     d = run(cli, train_home, "tiny-dense", *LONG, "--name", "dstop", "--resume", *sharded)  # rank 0 reads, shards
     assert d["resumed_from"] == step and d["status"] == "done"
-    whole = run(cli, train_home, "tiny-dense", *LONG, "--name", "whole")
-    assert losses(train_home, "dstop@1") == pytest.approx(losses(train_home, whole["id"]), rel=1e-6)
+    assert losses(train_home, "dstop@1") == pytest.approx(whole_losses, rel=1e-6)
 
 
 def test_a_failure_in_the_ranks_is_one_clear_line(train_home, cli):
