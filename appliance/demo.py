@@ -382,10 +382,12 @@ def _operate(v, passphrase: str, tmp: Path, stage: Callable[..., None]) -> None:
     stage("backup", f"{b['files']} files of the home in {b['size'] // 2**20} MiB, encrypted; restored elsewhere with "
                     f"{r['records']} records, {r['versions']} versions and {r['audit_entries']} audit entries "
                     "checked")
-    w = api.wheelhouse_build(v.home.root / "wheelhouse", from_env=True, compress_level=0, home=v.home.root)
-    stage("wheelhouse", f"{w['out']}: {w['wheels']} wheels ({w['bytes'] // 2**20} MiB, torch "
-                        f"{w['torch']['version']}) checked whole by pip with no index; "
-                        "install elsewhere with install.sh", release=w["release"])
+    # gigabytes, so built in the demo's temp directory and not kept (nor carried by later backups of the home)
+    w = api.wheelhouse_build(tmp / "wheelhouse", from_env=True, compress_level=0, home=v.home.root)
+    stage("wheelhouse", f"{w['wheels']} wheels of this environment ({w['bytes'] // 2**20} MiB, torch "
+                        f"{w['torch']['version']}), hash-pinned and checked whole; "
+                        "`appliance wheelhouse build --out DIR` writes one to keep", release=w["release"],
+          wheels=w["wheels"])
 
 
 @contextmanager

@@ -11,8 +11,9 @@ A wheelhouse is one directory:
 The wheels come from the package index (`pip download`, on a connected machine: the default), or are packed
 from the distributions installed in the running environment (`from_env`: no network at all, so the box
 whose tests passed is the one that gets copied). A packed file must match the hash pip recorded when it
-installed it, so a patched site-packages is refused rather than carried. Either way pip itself then proves
-the set complete: a dry-run install from the wheelhouse alone, every hash checked.
+installed it, so a patched site-packages is refused rather than carried. Either way the set is then checked
+whole before it takes its name: every wheel fits this Python and platform, and every requirement reached
+from the appliance is met inside the wheelhouse.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import platform
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import sysconfig
@@ -64,40 +66,58 @@ def canonical(name: str) -> str:
 
 
 # --- what the appliance runs on ------------------------------------------------------------------------
-def closure(root: str = ROOT) -> dict[str, Pin]:
-    """The installed distributions the appliance needs at run time: its requirements, their requirements
-    (extras followed, markers evaluated for this interpreter), each checked against what asked for it."""
+def walk(root: str, requires, version, missing) -> list[str]:
+    """Every distribution `root` needs at run time: its requirements and theirs, extras followed and markers
+    evaluated for this interpreter, each version checked against what asked for it.
+
+    `requires(key)` and `version(key)` read one distribution (`version` gives None when it is absent);
+    `missing(name, wanted_by)` raises for an absent one. Returns the canonical names, in the order reached."""
     from packaging.requirements import Requirement
 
-    pins: dict[str, Pin] = {}
     extras_seen: dict[str, set[str]] = {}
     todo: list[tuple[str, frozenset[str], str]] = [(root, frozenset(), "")]
     while todo:
         name, extras, wanted_by = todo.pop()
         key = canonical(name)
-        if key in pins and extras <= extras_seen[key]:
+        if key in extras_seen and extras <= extras_seen[key]:
             continue
-        dist = _installed(name, wanted_by)
-        pins[key] = Pin(key, dist.version, dist)
+        if version(key) is None:
+            missing(name, wanted_by)
         extras_seen.setdefault(key, set()).update(extras)
-        for text in dist.requires or []:
+        for text in requires(key):
             req = Requirement(text)
             if req.marker and not any(req.marker.evaluate({"extra": e}) for e in (extras_seen[key] or {""})):
                 continue
-            dep = _installed(req.name, key)
-            if req.specifier and not req.specifier.contains(dep.version, prereleases=True):
-                raise WheelhouseError(f"{key} needs {req.name}{req.specifier}, but {dep.version} is installed",
-                                      f"run `make setup` (or pip install '{req.name}{req.specifier}') first")
+            have = version(canonical(req.name))
+            if have is None:
+                missing(req.name, key)
+            if req.specifier and not req.specifier.contains(have, prereleases=True):
+                raise WheelhouseError(f"{key} needs {req.name}{req.specifier}, but has {have}",
+                                      f"install '{req.name}{req.specifier}' (`make setup`), then build again")
             todo.append((req.name, frozenset(req.extras), key))
-    return dict(sorted(pins.items()))
+    return list(extras_seen)
 
 
-def _installed(name: str, wanted_by: str) -> metadata.Distribution:
-    try:
-        return metadata.distribution(name)
-    except metadata.PackageNotFoundError:
-        raise WheelhouseError(f"{name} is not installed" + (f" (needed by {wanted_by})" if wanted_by else ""),
-                              "run `make setup` first: the wheelhouse holds what this environment runs on") from None
+def closure(root: str = ROOT) -> dict[str, Pin]:
+    """The installed distributions the appliance needs at run time."""
+    dists: dict[str, metadata.Distribution | None] = {}
+
+    def dist(key: str) -> metadata.Distribution | None:
+        if key not in dists:
+            try:
+                dists[key] = metadata.distribution(key)
+            except metadata.PackageNotFoundError:
+                dists[key] = None
+        return dists[key]
+
+    keys = walk(root, lambda k: dist(k).requires or [], lambda k: d.version if (d := dist(k)) else None,
+                _not_installed)
+    return {k: Pin(k, dists[k].version, dists[k]) for k in sorted(keys)}
+
+
+def _not_installed(name: str, wanted_by: str) -> None:
+    raise WheelhouseError(f"{name} is not installed" + (f" (needed by {wanted_by})" if wanted_by else ""),
+                          "run `make setup` first: the wheelhouse holds what this environment runs on")
 
 
 def torch_build(pins: dict[str, Pin]) -> tuple[str, str]:
@@ -195,15 +215,15 @@ def pack_dist(dist: metadata.Distribution, dest: str, level: int = 1) -> tuple[s
                 if ".dist-info/" in arc and "/" not in arc.split(".dist-info/", 1)[1]:
                     info_files.append(entry)  # the metadata goes last, as wheels have it
                 else:
-                    record.append(_add(zf, *entry, dist, kind))
+                    record.append(_add(zf, *entry, dist, kind, level or None))
             for entry in info_files:
-                record.append(_add(zf, *entry, dist, kind))
+                record.append(_add(zf, *entry, dist, kind, level or None))
             rec_name = f"{info_dir}/RECORD"
             record.append((rec_name, "", ""))
             buf = io.StringIO()
             csv.writer(buf, lineterminator="\n").writerows(record)
             zi = zipfile.ZipInfo(rec_name, EPOCH)
-            zi.external_attr = 0o644 << 16
+            zi.external_attr = (stat.S_IFREG | 0o644) << 16
             zf.writestr(zi, buf.getvalue(), zipfile.ZIP_DEFLATED)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -213,7 +233,8 @@ def pack_dist(dist: metadata.Distribution, dest: str, level: int = 1) -> tuple[s
     return fname, out.stat().st_size
 
 
-def _add(zf: zipfile.ZipFile, arc: str, src: Path, want, dist, kind: int) -> tuple[str, str, str]:
+def _add(zf: zipfile.ZipFile, arc: str, src: Path, want, dist, kind: int, level: int | None
+         ) -> tuple[str, str, str]:
     """Copy one installed file into the wheel, checking it against the hash pip recorded for it."""
     try:
         st = src.stat()
@@ -223,15 +244,22 @@ def _add(zf: zipfile.ZipFile, arc: str, src: Path, want, dist, kind: int) -> tup
                               f"reinstall it: pip install --force-reinstall {dist.metadata['Name']}=={dist.version}"
                               ) from None
     zi = zipfile.ZipInfo(arc, EPOCH)
-    zi.external_attr = (st.st_mode & 0o777 | 0o644) << 16
+    # the regular-file type bits too: pip restores an executable bit only when they are there
+    zi.external_attr = (stat.S_IFREG | st.st_mode & 0o777 | 0o644) << 16
     zi.compress_type = kind
+    if hasattr(zi, "compress_level"):  # Python 3.13+; before, zipfile read the level from the private name
+        zi.compress_level = level
+    else:
+        zi._compresslevel = level
     seen, written = hashlib.sha256(), hashlib.sha256()
     size = 0
+    top, _, rest = arc.partition("/")
+    script = top.endswith(".data") and rest.startswith("scripts/")  # installed into bin/: pip fixes its #!
     with fh, zf.open(zi, "w", force_zip64=st.st_size > 1 << 30) as w:
         first = True
         while chunk := fh.read(CHUNK):
             seen.update(chunk)
-            if first and "/scripts/" in arc and chunk.startswith(b"#!") and b"python" in chunk.split(b"\n", 1)[0]:
+            if first and script and chunk.startswith(b"#!") and b"python" in chunk.split(b"\n", 1)[0]:
                 chunk = b"#!python" + chunk[chunk.index(b"\n"):] if b"\n" in chunk else b"#!python\n"
             first = False
             written.update(chunk)
@@ -302,9 +330,13 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
         raise UsageError("--bundle and --sign-key go together", "pass both to also write a signed installer bundle")
     if torch is not None and torch not in BUILDS:
         raise UsageError(f"--torch {torch} is not a build", f"choose one of {', '.join(BUILDS)}")
-    for target in (out, bundle):
-        if target is not None and Path(target).exists() and not force and not _empty_dir(Path(target)):
-            raise UsageError(f"{target} already exists", "pick a new path, or pass --force to replace it")
+    if from_env and (find_links or no_index or torch_index):
+        raise UsageError("--from-env packs what is installed: --find-links, --no-index and --torch-index are for "
+                         "downloading", "leave out --from-env, or those options")
+    _check_target(out, force, is_dir=True)
+    if bundle is not None:
+        bundle = Path(bundle).expanduser().absolute()
+        _check_target(bundle, force, is_dir=False)
     signer = None
     if sign_key:  # opened first: a wrong key passphrase fails before minutes of packing
         from appliance.exchange import secret_key
@@ -320,7 +352,7 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
     if from_env and want != have_build:
         raise WheelhouseError(f"this environment has the {have_build} build of torch ({have_version}); it cannot "
                               f"pack a {want} one", "leave out --from-env to download it (on a connected machine)")
-    own = pins.pop(canonical(ROOT))
+    pins.pop(canonical(ROOT))
     with atomic_dir(out) as tmp:
         wheels = tmp / "wheels"
         wheels.mkdir()
@@ -332,6 +364,7 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
             _download(wheels / own_file, pins, want, have_version, wheels, find_links or [], no_index,
                       torch_index)
         listing = _listing(wheels)
+        version = listing[ROOT]["version"]  # the wheel just built, whatever stale metadata lies around
         torch_wheel = listing.get("torch")
         if torch_wheel is None or (want == "cpu") != ("+cpu" in torch_wheel["version"] or sys.platform == "darwin"):
             raise WheelhouseError(f"the wheelhouse did not get a {want} build of torch "
@@ -339,8 +372,8 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
         req = "".join(f"{w['name']}=={w['version']} \\\n    --hash=sha256:{w['sha256']}\n"
                       for w in listing.values())
         (tmp / "requirements.txt").write_text(req)
-        release = f"{own.version}-{hashlib.sha256(req.encode()).hexdigest()[:12]}"
-        manifest = {"format": FORMAT, "appliance": own.version, "release": release,
+        release = f"{version}-{hashlib.sha256(req.encode()).hexdigest()[:12]}"
+        manifest = {"format": FORMAT, "appliance": version, "release": release,
                     "created": datetime.now(UTC).replace(microsecond=0).isoformat(),
                     "source": "environment" if from_env else "index",
                     "python": f"{sys.version_info.major}.{sys.version_info.minor}",
@@ -349,19 +382,33 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
                     "wheels": list(listing.values())}
         (tmp / "wheelhouse.json").write_text(json.dumps(manifest, indent=2) + "\n")
         script = tmp / "install.sh"
-        script.write_text(INSTALL_SH.format(version=own.version, release=release, python=manifest["python"],
+        script.write_text(INSTALL_SH.format(version=version, release=release, python=manifest["python"],
                                             machine=manifest["machine"]))
         script.chmod(0o755)
-        # pip proves the set whole: every requirement met from these files alone, every hash as written
-        _pip(["install", "--dry-run", "--ignore-installed", "--no-index", "--find-links", str(wheels),
-              "--only-binary", ":all:", "--require-hashes", "-r", str(tmp / "requirements.txt")], isolated=True,
-             what="checking that the wheelhouse installs on its own")
-    result = {"out": str(out), "release": release, "appliance": own.version, "source": manifest["source"],
-              "python": manifest["python"], "machine": manifest["machine"], "torch": manifest["torch"],
-              "wheels": len(listing), "bytes": sum(w["size"] for w in listing.values()), "bundle": None}
-    if signer is not None:
-        result["bundle"] = _bundle(out, Path(bundle).expanduser().absolute(), manifest, signer, progress)
-    return result
+        check_whole(wheels, listing)
+        # signed before the directory takes its name: a failed bundle leaves no wheelhouse either
+        signed = _bundle(tmp, bundle, manifest, signer, progress) if signer is not None else None
+        for d in (tmp, wheels):
+            d.chmod(0o755)  # made private as a temp directory; a wheelhouse is for whoever installs it
+    return {"out": str(out), "release": release, "appliance": version, "source": manifest["source"],
+            "python": manifest["python"], "machine": manifest["machine"], "torch": manifest["torch"],
+            "wheels": len(listing), "bytes": sum(w["size"] for w in listing.values()), "bundle": signed}
+
+
+def _check_target(path: Path, force: bool, is_dir: bool) -> None:
+    """Refuse to overwrite anything but an earlier wheelhouse (or bundle), and that only with --force."""
+    from appliance.errors import UsageError
+
+    if not path.exists() and not path.is_symlink():
+        return
+    if is_dir and _empty_dir(path):
+        return
+    if is_dir and not (path.is_dir() and (path / "wheelhouse.json").is_file()):
+        raise UsageError(f"{path} already exists and is not a wheelhouse", "pick a new directory for --out")
+    if not is_dir and not path.is_file():
+        raise UsageError(f"{path} already exists and is not a file", "pick a new path for --bundle")
+    if not force:
+        raise UsageError(f"{path} already exists", "pick a new path, or pass --force to replace it")
 
 
 def _empty_dir(p: Path) -> bool:
@@ -423,6 +470,35 @@ def _listing(wheels: Path) -> dict[str, dict]:
         listing[str(name)] = {"name": str(name), "version": str(version), "file": f.name,
                               "sha256": _sha256(f), "size": f.stat().st_size}
     return dict(sorted(listing.items()))
+
+
+def check_whole(wheels: Path, listing: dict[str, dict]) -> None:
+    """The wheelhouse installs on its own here: every wheel fits this Python and platform, and every requirement
+    reached from the appliance is met by a wheel in it (as pip's resolver would find, with nothing to fetch)."""
+    from email.parser import HeaderParser
+
+    from packaging.specifiers import SpecifierSet
+    from packaging.tags import sys_tags
+    from packaging.utils import parse_wheel_filename
+
+    supported = set(sys_tags())
+    requires: dict[str, list[str]] = {}
+    for key, w in listing.items():
+        if not parse_wheel_filename(w["file"])[3] & supported:
+            raise WheelhouseError(f"{w['file']} does not install on this Python and platform",
+                                  "build the wheelhouse with the Python and machine it is for")
+        with zipfile.ZipFile(wheels / w["file"]) as z:
+            name = next(n for n in z.namelist() if n.count("/") == 1 and n.endswith(".dist-info/METADATA"))
+            meta = HeaderParser().parsestr(z.read(name).decode("utf-8", "replace"))
+        if (rp := meta.get("Requires-Python")) and not SpecifierSet(rp).contains(platform.python_version()):
+            raise WheelhouseError(f"{w['file']} needs Python {rp}", "build with a Python it supports")
+        requires[key] = meta.get_all("Requires-Dist") or []
+
+    def missing(name: str, wanted_by: str) -> None:
+        raise WheelhouseError(f"the wheelhouse lacks {name}" + (f", needed by {wanted_by}" if wanted_by else ""),
+                              "build it again; pass --find-links where that wheel lies")
+
+    walk(ROOT, requires.__getitem__, lambda k: listing[k]["version"] if k in listing else None, missing)
 
 
 def _sha256(path: Path) -> str:
@@ -491,7 +567,8 @@ if [ -f "$release/.installed" ]; then
 else
   mkdir -p "$prefix/releases"
   rm -rf "$release"
-  trap 'rm -rf "$release"; echo "install: failed; nothing was switched" >&2' EXIT
+  failed() {{ trap - EXIT INT TERM HUP; rm -rf "$release"; echo "install: failed; nothing was switched" >&2; exit 1; }}
+  trap failed EXIT INT TERM HUP
   echo "install: creating $release"
   "$python" -m venv "$release"
   PIP_CONFIG_FILE=/dev/null "$release/bin/python" -m pip --isolated --disable-pip-version-check install \
@@ -499,9 +576,10 @@ else
     -r "$here/requirements.txt"
   "$release/bin/appliance" --version >/dev/null
   touch "$release/.installed"
-  trap - EXIT
+  trap - EXIT INT TERM HUP
 fi
+# a new link under a temp name, renamed over the old one: `current` is the old release or the new, never gone
 ln -sfn "releases/{release}" "$prefix/.current.new"
-mv -T "$prefix/.current.new" "$prefix/current"
+"$release/bin/python" -c 'import os, sys; os.replace(sys.argv[1], sys.argv[2])' "$prefix/.current.new" "$prefix/current"
 echo "install: appliance {version} is $prefix/current; check the box with: $prefix/current/bin/appliance doctor"
 """

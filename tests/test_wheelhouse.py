@@ -25,9 +25,28 @@ def offline_env(tmp_path: Path) -> dict:
     return env
 
 
+def _no_network() -> list[str]:
+    """A command prefix that runs its command in a network namespace of its own, with no way out at all."""
+    try:
+        ok = subprocess.run(["unshare", "-rn", "true"], capture_output=True, timeout=30).returncode == 0
+    except (OSError, subprocess.TimeoutExpired):
+        ok = False
+    return ["unshare", "-rn"] if ok else []
+
+
 def install(wheelhouse: Path, prefix: Path, env: dict) -> subprocess.CompletedProcess:
-    return subprocess.run(["sh", str(wheelhouse / "install.sh"), "--prefix", str(prefix), "--no-compile"], env=env,
-                          cwd=wheelhouse.parent, capture_output=True, text=True, timeout=1200)
+    return subprocess.run([*NO_NETWORK, "sh", str(wheelhouse / "install.sh"), "--prefix", str(prefix),
+                           "--no-compile"], env=env, cwd=wheelhouse.parent, capture_output=True, text=True,
+                          timeout=1200)
+
+
+def torch_build() -> str:
+    from importlib import metadata
+
+    return "cpu" if metadata.version("torch").endswith("+cpu") else "cuda"
+
+
+NO_NETWORK = _no_network()  # where unshare cannot, the dead proxies and index above are the fence
 
 
 def tampered_copy(src: Path, dst: Path, wheel_name: str, release: str) -> Path:
@@ -47,6 +66,11 @@ def tampered_copy(src: Path, dst: Path, wheel_name: str, release: str) -> Path:
 
 
 def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path, monkeypatch):
+    for k in [k for k in os.environ if k.startswith("PIP_")]:  # this machine's pip settings play no part
+        monkeypatch.delenv(k)
+    monkeypatch.setenv("PIP_CONFIG_FILE", os.devnull)
+    (tmp_path / "no-cache").mkdir()
+    monkeypatch.setenv("APPLIANCE_WHEELS", str(tmp_path / "no-cache"))  # the download below sees one source
     monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", "key passphrase 1")
     assert cli("--home", home, "keys", "generate", "--name", "site").code == 0
     pub = tmp_path / "site.pub"
@@ -62,9 +86,31 @@ def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path
     assert {"appliance", "torch", "duckdb", "duckdb-ext-httpfs", "llama-cpp-python", "cryptography"} <= names
     assert not names & {"pytest", "ruff", "hypothesis"}  # what the tests need is not carried
     assert r.json["wheels"] == len(names) == len(list((wh / "wheels").iterdir()))
-    assert r.json["torch"]["build"] == "cpu" and meta["torch"]["version"].endswith("+cpu")
+    assert r.json["torch"]["build"] == meta["torch"]["build"] == torch_build()
     req = (wh / "requirements.txt").read_text()
+    from appliance.wheelhouse import WheelhouseError, _listing, check_whole
+
+    listing = _listing(wh / "wheels")
+    del listing["pathspec"]  # the check that stands before a wheelhouse takes its name sees a missing wheel
+    with pytest.raises(WheelhouseError, match="lacks pathspec, needed by appliance"):
+        check_whole(wh / "wheels", listing)
     assert req.count("--hash=sha256:") == len(names) and req.count("==") == len(names)
+
+    # the download path (the default, on a connected machine), here from those wheels alone: pip picks the
+    # same versions through the constraints, the torch build asked for, and so the very same files
+    r = cli("--home", home, "--json", "wheelhouse", "build", "--no-index", "--find-links", wh / "wheels", "--out",
+            tmp_path / "fetched")
+    assert r.code == 0, r.err
+    fetched = {w["name"]: w for w in json.loads((tmp_path / "fetched" / "wheelhouse.json").read_text())["wheels"]}
+    assert r.json["source"] == "index" and fetched.keys() == names
+    # the same files, but for the appliance's own wheel: built again, with this moment's file times inside
+    changed = [w["name"] for w in meta["wheels"] if fetched[w["name"]]["sha256"] != w["sha256"]]
+    assert changed == ["appliance"], changed
+    shutil.rmtree(tmp_path / "fetched")
+    other = "cuda" if torch_build() == "cpu" else "cpu"
+    r = cli("--home", home, "wheelhouse", "build", "--no-index", "--find-links", wh / "wheels", "--torch", other,
+            "--out", tmp_path / "other")
+    assert r.code == 1 and "torch" in r.err and not (tmp_path / "other").exists()
 
     # the far side checks the signed bundle with `bundles` alone, then unpacks it
     far = tmp_path / "far"
@@ -79,7 +125,6 @@ def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path
     prefix = tmp_path / "opt"
     p = install(far, prefix, env)
     assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
-    assert "Looking in indexes" not in p.stdout + p.stderr
     current = prefix / "current"
     assert os.readlink(current) == f"releases/{meta['release']}"
     appliance = current / "bin" / "appliance"
@@ -117,11 +162,16 @@ def test_bad_requests_are_refused_before_any_work(home, cli, tmp_path):
     assert r.code == 2 and "already exists" in r.err and (out / "keep").exists()
     r = cli("--home", home, "wheelhouse", "build", "--from-env", "--out", tmp_path / "w2", "--sign-key", "site")
     assert r.code == 2 and "--bundle and --sign-key go together" in r.err
-    r = cli("--home", home, "wheelhouse", "build", "--from-env", "--torch", "cuda", "--out", tmp_path / "w3")
-    assert r.code == 1 and "cannot pack a cuda one" in r.err and not (tmp_path / "w3").exists()
+    other = "cuda" if torch_build() == "cpu" else "cpu"
+    r = cli("--home", home, "wheelhouse", "build", "--from-env", "--torch", other, "--out", tmp_path / "w3")
+    assert r.code == 1 and f"cannot pack a {other} one" in r.err and not (tmp_path / "w3").exists()
     r = cli("--home", home, "wheelhouse", "build", "--from-env", "--out", tmp_path / "w4", "--sign-key", "nokey",
             "--bundle", tmp_path / "b")
     assert r.code == 2 and "no key named nokey" in r.err and not (tmp_path / "w4").exists()
+    r = cli("--home", home, "wheelhouse", "build", "--from-env", "--out", out, "--force")  # not a wheelhouse
+    assert r.code == 2 and "is not a wheelhouse" in r.err and (out / "keep").exists()
+    r = cli("--home", home, "wheelhouse", "build", "--from-env", "--no-index", "--out", tmp_path / "w5")
+    assert r.code == 2 and "--from-env packs what is installed" in r.err
 
 
 def test_a_changed_installed_file_is_not_carried(tmp_path):
@@ -149,3 +199,36 @@ def test_a_changed_installed_file_is_not_carried(tmp_path):
     with pytest.raises(WheelhouseError, match="differs from what pip installed"):
         pack_dist(dist, str(tmp_path / "out"))
     assert not list((tmp_path / "out").iterdir())  # the half-written wheel is gone
+
+
+def test_a_packed_wheel_is_what_pip_installed(tmp_path):
+    """Executable files stay executable, package files keep their bytes (a `#!` is rewritten only in a wheel's
+    own scripts), and RECORD names every entry with its hash and size."""
+    import base64
+    import hashlib
+    import stat
+    import zipfile
+    from importlib import metadata
+
+    from appliance.wheelhouse import pack
+
+    for name in ("gguf", "tqdm"):
+        fname, _ = pack(name, str(tmp_path))
+        dist = metadata.distribution(name)
+        with zipfile.ZipFile(tmp_path / fname) as z:
+            infos = {i.filename: i for i in z.infolist()}
+            [record_name] = [n for n in infos if n.endswith(".dist-info/RECORD")]
+            rows = [ln.rsplit(",", 2) for ln in z.read(record_name).decode().splitlines()]
+            assert {r[0] for r in rows} == set(infos)
+            for path, digest, size in rows:
+                if path == record_name:
+                    continue
+                data = z.read(path)
+                assert digest == "sha256=" + base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(
+                    b"=").decode() and int(size) == len(data)
+                installed = dist.locate_file(path)
+                if Path(installed).is_file():
+                    assert data == Path(installed).read_bytes(), path  # no rewriting of package files
+                mode = infos[path].external_attr >> 16
+                assert stat.S_ISREG(mode) and bool(mode & 0o111) == os.access(installed, os.X_OK), path
+        assert not any(n.endswith(".pyc") for n in infos)
