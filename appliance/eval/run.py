@@ -192,9 +192,17 @@ def _work(suite: Suite, backend, datasets: dict, inputs: dict, cases: list, valu
             values[m.key] = cov["vocab_coverage"]
             values[f"{m.key}_tokens_per_term"] = cov["tokens_per_term"]
         elif m.type == "custom":
-            values[m.key] = float(M.REGISTRY[m.name]([c for c in cases if not c["case"].startswith("task:")]))
+            values[m.key] = float(M.REGISTRY[m.name]([c for c in cases if not _is_episode(c)]))
         elif m.type == "task":
             _task(m, backend, cases, values, progress)
+
+
+EPISODE = "task:"  # an agentic task's episode among a run's cases: "task:NAME#I"
+
+
+def _is_episode(case: dict) -> bool:
+    """An episode is judged by its task's success check, so accuracy intervals and custom metrics skip it."""
+    return case["case"].startswith(EPISODE)
 
 
 def _task(m, backend, cases: list, values: dict, progress: Progress) -> None:
@@ -215,7 +223,7 @@ def _task(m, backend, cases: list, values: dict, progress: Progress) -> None:
         done += r["success"]
         if r["reason"]:
             reasons[r["reason"]] += 1
-        cases.append({"case": f"task:{task.name}#{i}", "passed": r["success"], "output": r["answer"] or "",
+        cases.append({"case": f"{EPISODE}{task.name}#{i}", "passed": r["success"], "output": r["answer"] or "",
                       "ttft_ms": None, "total_ms": round((time.perf_counter() - t0) * 1000, 1), "tokens": 0,
                       "scores": {k: r[k] for k in ("goal", "calls", "steps", "reason")}})
     progress(f"task {task.name}", len(indexes), len(indexes))
@@ -256,7 +264,7 @@ def compare(con, a_id: str, b_id: str) -> dict:
                "delta": vb - va if isinstance(va, int | float) and isinstance(vb, int | float) else None}
         if key == "accuracy" and paired:
             row["ci95"] = bootstrap_ci([float(y["passed"]) - float(x["passed"]) for x, y in paired
-                                        if not x["case"].startswith("task:")])
+                                        if not _is_episode(x)])
         if base == "perplexity" and ma.get(f"{key}_tokens") and ma.get(f"{key}_tokens") == mb.get(f"{key}_tokens"):
             # the very same tokens in the same windows: per-window NLL pairs up
             row["ci95_mean_nll"] = bootstrap_ci([y - x for x, y in zip(ma[f"{key}_windows"], mb[f"{key}_windows"])])

@@ -61,7 +61,7 @@ class GRPO:
         scores = torch.tensor([R.score(self.cfg.rewards, t, answers[i // g], self.cfg, self.failures)
                                for i, t in enumerate(texts)], dtype=torch.float32, device=seqs.device).view(-1, g)
         self._rewards += scores.flatten().tolist()
-        adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
+        adv = group_advantages(scores)
         policy = token_logps(model, seqs, attn, plen, self.cfg.temperature)
         with torch.no_grad():
             ref = self._reference_logps(model, seqs, attn, plen)
@@ -78,8 +78,7 @@ class GRPO:
         prompts, answers = self._split(y)
         if self.task is not None:
             eps, _ = self._play(model, [int(a) for a in answers], greedy=True)
-            device = next(getattr(model, "module", model).parameters()).device
-            return -torch.tensor([float(e.success) for e in eps], device=device)
+            return -torch.tensor([float(e.success) for e in eps], device=device_of(model))
         seqs, _, plen, mask = self._sample(model, prompts, 1, greedy=True)
         texts = self._texts(seqs, plen, mask)
         return -torch.tensor([R.score(self.cfg.rewards, t, a, self.cfg, self.failures) for t, a in zip(texts, answers)],
@@ -112,9 +111,8 @@ class GRPO:
         if not segs:  # every play ended before the model spoke (context): nothing to learn, a zero loss
             zero = sum(p.sum() for p in model.parameters() if p.requires_grad) * 0.0
             return zero.repeat(len(answers))
-        adv = ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
-        device = next(getattr(model, "module", model).parameters()).device
-        seqs, attn, plen, mask = self._batch(segs, device)
+        adv = group_advantages(scores)
+        seqs, attn, plen, mask = self._batch(segs, device_of(model))
         policy = token_logps(model, seqs, attn, plen, self.cfg.temperature)
         with torch.no_grad():
             ref = self._reference_logps(model, seqs, attn, plen)
@@ -200,7 +198,7 @@ class GRPO:
         import torch
 
         inner = getattr(model, "module", model)
-        device = next(inner.parameters()).device
+        device = device_of(model)
         plen = max(len(p) for p in prompts)
         ids = torch.full((len(prompts), plen), self.pad, dtype=torch.long)
         attn = torch.zeros((len(prompts), plen), dtype=torch.long)
@@ -243,6 +241,16 @@ class GRPO:
         inner = getattr(model, "module", model)
         with inner.disable_adapter():
             return token_logps(inner, seqs, attn, plen, t)
+
+
+def group_advantages(scores):
+    """(G groups, g samples) rewards -> each sample's advantage against its own group, flattened (G*g,)."""
+    return ((scores - scores.mean(-1, keepdim=True)) / (scores.std(-1, keepdim=True) + 1e-4)).flatten()
+
+
+def device_of(model):
+    """The device of a model's weights, unwrapped from DDP/FSDP first."""
+    return next(getattr(model, "module", model).parameters()).device
 
 
 def token_logps(model, seqs, attn, plen: int, temperature: float = 1.0):
