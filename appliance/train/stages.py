@@ -11,7 +11,7 @@ from pathlib import Path
 
 from appliance.train import loop
 from appliance.train.config import Recipe
-from appliance.train.model import hf_config, load_base, load_tokenizer, new_model, save_model
+from appliance.train.model import TrainError, hf_config, load_base, load_tokenizer, new_model, save_model
 
 
 def pretrain(spec: dict, link, dist: loop.Dist) -> dict:
@@ -86,6 +86,10 @@ def grpo(spec: dict, link, dist: loop.Dist) -> dict:
         from appliance.eval.tasks import load
 
         task = load(recipe.data.task)
+        recorded = spec["info"].get("task", {}).get("sha256")  # what the launcher recorded in the run's lineage
+        if recorded and task.sha256 != recorded:
+            raise TrainError(f"task {task.path} or its tools changed after the run started",
+                             "leave the task's files alone while it trains, then run it again")
     objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank, task, recipe.data.system_prompt)
     res = _fit(model, link, recipe, spec, dist, 0.0, objective)
     return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
