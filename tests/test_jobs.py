@@ -44,6 +44,9 @@ def logged(cli, home, job_id, text) -> bool:
 
 
 def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
+    from appliance.home import Home
+    from appliance.jobs.log import JobLog
+
     r = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", *TINY, "--name", "bg")
     assert r.code == 0, r.err
     d = r.json
@@ -54,6 +57,12 @@ def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
     lines = cli("--home", train_home, "--json", "jobs", "logs", "job-1").json["lines"]
     assert any("run bg@1: 6 steps" in ln for ln in lines) and lines[-1].endswith("job-1 done")
     assert any("checkpoint at step 3" in ln for ln in lines)
+    # the log is sealed on disk: private, no line readable, and a wrong key opens nothing
+    raw = (Home(train_home).logs / "jobs" / "job-1.log").read_bytes()
+    assert raw.count(b"\n") >= 5 and b"loss" not in raw and b"bg@1" not in raw
+    assert oct((Home(train_home).logs / "jobs" / "job-1.log").stat().st_mode)[-3:] == "600"
+    stranger = JobLog(Home(train_home).logs, "job-1", os.urandom(32)).lines()
+    assert stranger and all(ln.startswith("[a line that does not open") for ln in stranger)
     # the follow mode ends by itself once the job has ended
     assert "job-1 done" in cli("--home", train_home, "jobs", "logs", "job-1", "-f").out
     followed = cli("--home", train_home, "--json", "jobs", "logs", "job-1", "-f")  # one object, schema-checked
@@ -65,19 +74,6 @@ def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
     assert cli("--home", train_home, "--json", "jobs", "list").json["jobs"] == []
     assert [j["id"] for j in cli("--home", train_home, "--json", "jobs", "list", "--all").json["jobs"]] == ["job-1"]
     assert cli("--home", train_home, "--json", "jobs", "show", "job-1").json["result"]["id"] == "bg@1"
-
-
-def test_the_log_is_sealed_on_disk(train_home, cli):
-    from appliance.home import Home
-    from appliance.jobs.log import JobLog
-
-    cli("--home", train_home, "jobs", "submit", "tiny-dense", *TINY, "--name", "sealed")
-    wait_until(lambda: ended(train_home, "job-1"))
-    raw = (Home(train_home).logs / "jobs" / "job-1.log").read_bytes()
-    assert raw.count(b"\n") >= 5 and b"loss" not in raw and b"sealed" not in raw
-    assert oct((Home(train_home).logs / "jobs" / "job-1.log").stat().st_mode)[-3:] == "600"
-    stranger = JobLog(Home(train_home).logs, "job-1", os.urandom(32)).lines()
-    assert stranger and all(ln.startswith("[a line that does not open") for ln in stranger)
 
 
 def test_bad_submissions_are_one_line_and_queue_nothing(train_home, cli):
