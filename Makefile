@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml requirements.lock
 	  echo "building llama.cpp once into $(WHEELS) (about 8 minutes on 2 cores)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/python -m pip wheel -q \
 	    --no-deps llama-cpp-python==$(LLAMA_CPP) -w $(WHEELS); }
-	$(VENV)/bin/python -m pip install -q --no-compile --find-links $(WHEELS) -c requirements.lock -e '.[dev]'
+	$(VENV)/bin/python -m pip install -q --find-links $(WHEELS) -c requirements.lock -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
