@@ -371,13 +371,24 @@ def _to(mode: str, ready):
     return run_before
 
 
+def laid_out(app, selector: str) -> bool:
+    """Rows are in, and the table has sized its columns to them: a DataTable measures new rows only when it is
+    next idle, so a picture taken before that shows the columns at their headers' widths."""
+    from rich.cells import cell_len
+
+    t = app.screen.query_one(selector, DataTable)
+    got = rows(app, selector)
+    return bool(got) and all(col.content_width >= max(cell_len(r[i]) for r in got)
+                             for i, col in enumerate(t.ordered_columns))
+
+
 READY = {
-    "dashboard": lambda app: rows(app, "#audit"),
-    "vault": lambda app: rows(app, "#versions"),
+    "dashboard": lambda app: laid_out(app, "#audit"),
+    "vault": lambda app: laid_out(app, "#versions"),
     "train": lambda app: app.screen.options_loaded,
     "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root),
     "bundles": lambda app: app.current_mode == "bundles",
-    "audit": lambda app: rows(app, "#audit-log"),
+    "audit": lambda app: laid_out(app, "#audit-log"),
 }
 
 
