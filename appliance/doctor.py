@@ -70,7 +70,7 @@ def _python() -> list[Check]:
     return [Check("python", "ok", detail)]
 
 
-def _pins() -> dict[str, str]:
+def lock_pins() -> dict[str, str]:
     """The versions requirements.lock pins (when the appliance runs from its source tree)."""
     lock = Path(__file__).resolve().parents[1] / "requirements.lock"
     pins: dict[str, str] = {}
@@ -100,7 +100,7 @@ def _dependencies() -> list[str]:
 
 
 def _packages() -> list[Check]:
-    pins = _pins()
+    pins = lock_pins()
     out = []
     for name in _dependencies():
         try:

@@ -39,7 +39,8 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from appliance.errors import ApplianceError
+from appliance.errors import ApplianceError, UsageError
+from appliance.home import file_sha256
 
 FORMAT = 1
 ROOT = "appliance"
@@ -48,6 +49,7 @@ CPU_INDEX = "https://download.pytorch.org/whl/cpu"  # where PyTorch publishes it
 SKIP_INFO = {"RECORD", "INSTALLER", "REQUESTED", "direct_url.json"}  # written by pip at install time
 EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed zip times: the same installed files pack to the same wheel bytes
 CHUNK = 1 << 20
+NO_PROGRESS = (lambda _n, _total: None, lambda _n, _item: None)  # (start, advance) that show nothing
 
 
 class WheelhouseError(ApplianceError):
@@ -131,9 +133,9 @@ def torch_build(pins: dict[str, Pin]) -> tuple[str, str]:
 
 def _lock_mismatches(pins: dict[str, Pin]) -> list[str]:
     """Where the environment differs from requirements.lock (when the appliance runs from its source tree)."""
-    from appliance.doctor import _pins
+    from appliance.doctor import lock_pins
 
-    lock = _pins()
+    lock = lock_pins()
     return [f"{n} {p.version} (lock: {lock[n]})" for n, p in pins.items()
             if n in lock and lock[n] != p.version.split("+")[0]]
 
@@ -322,7 +324,6 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
           bundle: Path | None = None, force: bool = False, home=None, progress=None, compress_level: int = 1
           ) -> dict:
     """Write a wheelhouse to `out` (and, with `sign_key`, a signed bundle of kind installer to `bundle`)."""
-    from appliance.errors import UsageError
     from appliance.home import atomic_dir
 
     out = Path(out).expanduser().absolute()
@@ -397,8 +398,6 @@ def build(out: Path, torch: str | None = None, from_env: bool = False, find_link
 
 def _check_target(path: Path, force: bool, is_dir: bool) -> None:
     """Refuse to overwrite anything but an earlier wheelhouse (or bundle), and that only with --force."""
-    from appliance.errors import UsageError
-
     if not path.exists() and not path.is_symlink():
         return
     if is_dir and _empty_dir(path):
@@ -418,7 +417,7 @@ def _empty_dir(p: Path) -> bool:
 def _pack_all(pins: dict[str, Pin], wheels: Path, progress, level: int) -> None:
     """Pack every installed distribution, largest first, a thread per core (zlib and hashing release the GIL)."""
     sizes = {n: sum(f.size or 0 for f in p.dist.files or []) for n, p in pins.items()}
-    start, advance = progress or (lambda _n, _t: None, lambda _n, _i: None)
+    start, advance = progress or NO_PROGRESS
     start(len(sizes), sum(sizes.values()))
     with ThreadPoolExecutor(max(1, min(os.cpu_count() or 1, 8))) as pool:
         futures = {pool.submit(pack_dist, pins[n].dist, str(wheels), level): n
@@ -468,7 +467,7 @@ def _listing(wheels: Path) -> dict[str, dict]:
             raise WheelhouseError(f"two wheels of {name}: {listing[name]['file']} and {f.name}",
                                   "build into an empty directory")
         listing[str(name)] = {"name": str(name), "version": str(version), "file": f.name,
-                              "sha256": _sha256(f), "size": f.stat().st_size}
+                              "sha256": file_sha256(f), "size": f.stat().st_size}
     return dict(sorted(listing.items()))
 
 
@@ -501,12 +500,6 @@ def check_whole(wheels: Path, listing: dict[str, dict]) -> None:
     walk(ROOT, requires.__getitem__, lambda k: listing[k]["version"] if k in listing else None, missing)
 
 
-def _sha256(path: Path) -> str:
-    from appliance.home import file_sha256
-
-    return file_sha256(path)
-
-
 def _bundle(out: Path, dest: Path, manifest: dict, signer, progress) -> dict:
     """The wheelhouse as one signed bundle of kind installer, checked on the far side by `python -m bundles`."""
     from bundles import container
@@ -517,7 +510,7 @@ def _bundle(out: Path, dest: Path, manifest: dict, signer, progress) -> dict:
     version = int(re.sub(r"\D", "", manifest["created"])[:14])
     lineage = {k: manifest[k] for k in ("appliance", "release", "python", "machine", "platform", "torch")}
     total = sum(p.stat().st_size for _, p in files)
-    start, advance = progress or (lambda _n, _t: None, lambda _n, _i: None)
+    start, advance = progress or NO_PROGRESS
     start(len(files), total)
     m = container.create(dest, "installer", ROOT, version, files, signer, lineage=lineage,
                          progress=lambda n: advance(n, dest.name))
