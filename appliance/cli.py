@@ -17,6 +17,7 @@ import click
 
 from appliance import __version__
 from appliance.errors import ApplianceError, CheckFailed, PartialIngest, UsageError, VaultError, one_line
+from appliance.hardening import protect_process
 from appliance.home import Home, default_home
 from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
 from appliance.passphrase import check_new, get_passphrase
@@ -608,6 +609,7 @@ import appliance.cli_synth  # noqa: E402,F401  (registers synth)
 # --- entry point ---------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> None:
     os.umask(0o077)
+    protect_process()  # no core dumps, /proc/PID/{environ,mem} root's only: this process may hold keys
     # No path may reach a model hub or send telemetry; transformers' advice about a missing torch is noise.
     for k, value in (("HF_HUB_OFFLINE", "1"), ("HF_HUB_DISABLE_TELEMETRY", "1"), ("TRANSFORMERS_OFFLINE", "1"),
                      ("TRANSFORMERS_VERBOSITY", "error"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),

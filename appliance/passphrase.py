@@ -7,6 +7,7 @@ import os
 import sys
 
 from appliance.errors import ApplianceError
+from appliance.hardening import protect_process
 
 MIN_LENGTH = 8
 
@@ -24,6 +25,7 @@ def from_env(prefix: str) -> str | None:
 
 def get_passphrase(confirm: bool = False, prefix: str = "APPLIANCE_PASSPHRASE", label: str = "passphrase") -> str:
     """Read the passphrase from `{prefix}_FILE`, `{prefix}`, or a terminal prompt, in that order."""
+    protect_process()  # before the passphrase is in this process's memory
     value = from_env(prefix)
     if value is None:
         if not sys.stdin.isatty():

@@ -52,6 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from appliance.errors import UsageError
+from appliance.hardening import protect_process
 
 TASKS_DIR = Path(__file__).parent / "taskfiles"
 SPLITS = ("train", "validation")
@@ -254,17 +255,6 @@ os.write(out_fd, text.encode())
 """
 
 
-def _not_dumpable() -> None:
-    """A tool runs as the same user: without this it could read this process's /proc/PID/environ and memory
-    (the passphrase, the keys). Non-dumpable processes have those readable by root only. Linux only."""
-    import ctypes
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4
-    except (OSError, AttributeError):
-        pass
-
-
 def call_tool(task: Task, name: str, arguments) -> dict:
     """Run one call in the sandbox; {"ok", "result" | "error", "seconds"}. Never raises for the tool's sake."""
     t0 = time.perf_counter()
@@ -288,7 +278,7 @@ def call_tool(task: Task, name: str, arguments) -> dict:
     # -I: no PYTHONPATH, no user site; the environment carries no passphrase, key or home
     env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
            "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    _not_dumpable()
+    protect_process()  # the tool may not read this process's /proc files (it may hold the keys)
     with tempfile.TemporaryDirectory(prefix="appliance-tool-") as cwd:
         try:
             proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, tool.function, str(SANDBOX_MEMORY),

@@ -145,8 +145,10 @@ KINDS = {"train": run_train, "quantize": run_quantize, "eval": run_eval, "sweep"
 
 
 def main(argv: list[str]) -> int:
+    from appliance.hardening import protect_process
     from appliance.vault.keys import Secrets
 
+    protect_process()  # the key arrives on stdin next
     home, job_id = Home(Path(argv[0])), argv[1]
     secrets = Secrets.from_bytes(sys.stdin.buffer.read())
     log = JobLog(home.logs, job_id, secrets.data_key)

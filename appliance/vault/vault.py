@@ -13,6 +13,7 @@ import duckdb
 
 from appliance import logs
 from appliance.errors import VaultBusy, VaultError
+from appliance.hardening import protect_process
 from appliance.home import Home, fsync_path
 from appliance.vault import audit, db
 from appliance.vault.keys import Keyring, Secrets
@@ -44,6 +45,7 @@ class Vault:
         if home.database.exists():
             raise VaultError(f"{home.database} exists without a keyring",
                              "move it away (an interrupted init leaves it) and run init again")
+        protect_process()  # no core dump, no /proc reading of the keys from here on
         home.create_dirs()
         secrets = Secrets.generate()
         ring = Keyring.create(passphrase, secrets, kdf)
@@ -74,6 +76,7 @@ class Vault:
 
     @classmethod
     def _attach(cls, home, ring, secrets, pending, read_only, memory_limit, wait) -> Vault:
+        protect_process()  # every holder of the keys comes through here (CLI, API, jobs, MCP, console)
         with _home_lock(home, wait):  # a rekey in another process is finished (or not started) here
             if Keyring.load(home.keyring).wrapped != ring.wrapped:
                 raise VaultError("the vault was rekeyed while opening", "open it again")

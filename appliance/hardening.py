@@ -1,0 +1,51 @@
+"""A process that holds the passphrase or a key protects its own memory from the disk and from its neighbours.
+
+Two settings, made once at start by every such process (the CLI, and so the console, the MCP server and the
+training launcher; the job runner; anyone who unlocks a vault through the API):
+
+- `RLIMIT_CORE` 0 (soft and hard): a crash leaves no core file, so the passphrase and the data key never
+  reach the disk that way, whatever the box's `ulimit -c` or `kernel.core_pattern` say. A hard limit of 0
+  cannot be raised again by this process or its children.
+- `PR_SET_DUMPABLE` 0: the kernel makes `/proc/PID/environ`, `/proc/PID/mem` and ptrace of this process
+  root's alone, so another process of the same user (a tool a model chose to call, a hostile task module)
+  cannot read the passphrase from the environment or the keys from memory. A program this process
+  executes starts dumpable again: children that hold nothing secret stay debuggable.
+
+`doctor` still warns about the box's own settings; this is the process's guarantee, whatever they are.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import resource
+import sys
+
+PR_SET_DUMPABLE = 4
+PR_GET_DUMPABLE = 3
+
+_done = False
+
+
+def protect_process() -> None:
+    """No core dumps, not dumpable. Idempotent and cheap; Linux only (elsewhere it sets what it can)."""
+    global _done
+    if _done:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    except (ValueError, OSError):  # pragma: no cover - lowering a limit is always allowed
+        pass
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0) != 0:  # pragma: no cover - cannot fail for this value
+            raise OSError(ctypes.get_errno(), "prctl(PR_SET_DUMPABLE, 0) failed")
+    _done = True
+
+
+def is_protected() -> bool:
+    """What the kernel says about this process: core limit 0 and not dumpable (for doctor and tests)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_CORE)
+    if not sys.platform.startswith("linux"):
+        return soft == 0 and hard == 0
+    dumpable = ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
+    return soft == 0 and hard == 0 and dumpable == 0

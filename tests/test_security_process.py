@@ -1,0 +1,154 @@
+"""Processes that hold the passphrase or keys leave no core dump and cannot be read by a neighbour.
+
+The attack: a process of the same user (a tool a model chose to call, a hostile task module) reads
+/proc/PID/environ of an appliance process and finds APPLIANCE_PASSPHRASE, or a crash writes the keys to a
+core file. Each key holder is started for real and caught while it waits for its secret (the passphrase
+from a FIFO, the job key on stdin); a second process with the same uid then tries to read it. Under root
+both sides first drop to an unprivileged uid, since root reads any process (the kernel's owner of a
+non-dumpable process's /proc files is root, which is the fact checked).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import python_env
+
+NOBODY = 65534
+MARKER = "passphrase-marker-7f3a9c"
+
+# Imports happen before the uid changes: the interpreter may live under a directory only root can enter.
+TARGET = """
+import os, sys
+import appliance.cli, appliance.logs, appliance.passphrase, appliance.jobs.runner, appliance.vault.keys, getpass
+if os.geteuid() == 0:
+    os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})
+    # A uid change leaves a process non-dumpable; one started by that user is dumpable: be that one.
+    import ctypes; ctypes.CDLL(None).prctl(4, 1, 0, 0, 0)
+if sys.argv[1] == "cli":
+    appliance.cli.main(sys.argv[2:])
+else:
+    sys.exit(appliance.jobs.runner.main(sys.argv[2:]))
+"""
+
+
+def _start(kind: str, args: list[str], shared: Path, stdin=None) -> subprocess.Popen:
+    env = python_env()
+    env["APPLIANCE_PASSPHRASE"] = MARKER
+    env["APPLIANCE_PASSPHRASE_FILE"] = str(shared / "pass.fifo")
+    return subprocess.Popen([sys.executable, "-c", TARGET.format(uid=NOBODY), kind, *args], env=env,
+                            stdin=stdin if stdin is not None else subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def _core_limit(pid: int) -> tuple[str, str]:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max core file size"):
+            return line.split()[4], line.split()[5]
+    raise AssertionError("no core limit line")
+
+
+def _uid(pid: int) -> int:
+    """The real uid of a process, from its status (not from file owners, which non-dumpable changes)."""
+    line = next(ln for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ln.startswith("Uid:"))
+    return int(line.split()[1])
+
+
+def _protected(pid: int, timeout: float = 60.0) -> bool:
+    """Wait until the process has protected itself (it does so first thing), or say it never did."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if _core_limit(pid) == ("0", "0") and os.stat(f"/proc/{pid}/environ").st_uid == 0:
+                return True
+        except (FileNotFoundError, ProcessLookupError):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def _neighbour_reads_environ(pid: int) -> bool:
+    """A process with the target's uid tries /proc/PID/environ: True if it found the passphrase there."""
+    child = os.fork()
+    if child == 0:  # pragma: no cover - runs in the forked child
+        code = 2
+        try:
+            if os.geteuid() == 0:
+                os.setgroups([])
+                os.setresgid(NOBODY, NOBODY, NOBODY)
+                os.setresuid(NOBODY, NOBODY, NOBODY)
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                code = 0 if MARKER.encode() in f.read() else 3
+        except PermissionError:
+            code = 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(child, 0)
+    return os.waitstatus_to_exitcode(status) == 0
+
+
+@pytest.fixture
+def shared():
+    """A folder both uids can use, with the FIFO the passphrase is read from (nobody ever writes it)."""
+    d = Path(tempfile.mkdtemp(prefix="appliance-sec-"))
+    d.chmod(0o777)
+    fifo = d / "pass.fifo"
+    os.mkfifo(fifo, 0o666)
+    fifo.chmod(0o666)
+    yield d
+    for p in d.iterdir():
+        p.unlink()
+    d.rmdir()
+
+
+def _check(proc: subprocess.Popen) -> None:
+    try:
+        protected = _protected(proc.pid)
+        assert proc.poll() is None, f"the process ended early: {proc.stderr.read().decode()[-500:]}"
+        assert protected, "the key holder stayed dumpable or kept a core limit"
+        uid = _uid(proc.pid)
+        assert uid != 0
+        assert _core_limit(proc.pid) == ("0", "0")
+        assert not _neighbour_reads_environ(proc.pid), f"a process of uid {uid} read the passphrase"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+
+
+def test_the_cli_waiting_for_its_passphrase_is_not_readable_and_dumps_no_core(shared):
+    _check(_start("cli", ["--home", str(shared / "home"), "init"], shared))
+
+
+def test_a_job_runner_waiting_for_its_key_is_not_readable_and_dumps_no_core(shared):
+    r, w = os.pipe()  # the runner reads its key from stdin; nothing is ever written
+    try:
+        _check(_start("runner", [str(shared / "home"), "job-1"], shared, stdin=r))
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_the_attack_succeeds_against_an_unprotected_process(shared):
+    """The check above is real: the same neighbour does read a process that did not protect itself."""
+    env = python_env()
+    env["APPLIANCE_PASSPHRASE"] = MARKER
+    script = TARGET.format(uid=NOBODY).split("if sys.argv[1]")[0] + "import time; time.sleep(60)\n"
+    proc = subprocess.Popen([sys.executable, "-c", script], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        want = NOBODY if os.geteuid() == 0 else os.geteuid()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and _uid(proc.pid) != want:
+            time.sleep(0.05)
+        assert _neighbour_reads_environ(proc.pid)
+    finally:
+        proc.kill()
+        proc.wait()
