@@ -50,6 +50,11 @@ class Home:
     def artifacts(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def outbox(self) -> Path:
+        """Where agents' bundle exports land (a file name here, never a path: appliance/exchange.py)."""
+        return self.root / "outbox"
+
     def exists(self) -> bool:
         return self.keyring.exists()
 
@@ -60,7 +65,7 @@ class Home:
 
 
 def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write to a temp name in the same directory, fsync, then rename over `path`."""
+    """Write to a temp name in the same directory, fsync, then rename over `path` (see `atomic_file`)."""
     with atomic_file(path, mode) as f:
         f.write(data)
 
@@ -68,19 +73,14 @@ def atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
 @contextmanager
 def atomic_file(path: Path, mode: int = 0o600) -> Iterator:
     """A file to stream into under a temp name beside `path`; fsynced and renamed over `path` when the block
-    ends, removed if it raises: `path` is either the old file or the whole new one, never half."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_path(path.parent)
+    ends, removed if it raises: `path` is either the old file or the whole new one, never half.
+
+    The temp file is created exclusively, never through a link, with exactly `mode`, in the directory opened
+    once and checked; a link at `path` is refused (`bundles.safefile`)."""
+    from bundles.safefile import atomic_create
+
+    with atomic_create(Path(path), mode) as f:
+        yield f
 
 
 def file_sha256(path: Path) -> str:
@@ -107,9 +107,14 @@ def fsync_path(path: Path) -> None:
 def atomic_dir(dest: Path) -> Iterator[Path]:
     """Build a directory under a hidden temp name beside `dest`; on success fsync it and rename it into place.
 
-    A kill at any moment leaves either the old `dest` (or none) or the complete new one, never a half.
+    A kill at any moment leaves either the old `dest` (or none) or the complete new one, never a half. The
+    temp directory is private (0700, created exclusively); a link at `dest` is refused, never replaced.
     """
+    from bundles.safefile import UnsafeFileError
+
     dest.parent.mkdir(parents=True, exist_ok=True)
+    if dest.is_symlink():
+        raise UnsafeFileError(f"{dest} is a symbolic link", "refusing to write through it; remove the link")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         yield tmp

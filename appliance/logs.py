@@ -38,7 +38,8 @@ class _Plain(logging.Formatter):
 
 class _Private(logging.handlers.RotatingFileHandler):
     def _open(self):
-        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        # never through a link planted at the log's name
+        fd = os.open(self.baseFilename, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
         return os.fdopen(fd, "a", encoding="utf-8")
 
     def handleError(self, record: logging.LogRecord) -> None:

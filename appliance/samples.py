@@ -12,8 +12,11 @@ Run: `appliance samples --out DIR` (or `python -m appliance.samples DIR`).
 from __future__ import annotations
 
 import json
+import os
 import random
+import shutil
 import sys
+import tempfile
 import zlib
 from datetime import UTC, datetime, timedelta
 from email.message import EmailMessage
@@ -427,16 +430,19 @@ def generate(out: Path, seed: int = 7) -> dict:
     if out.exists() and any(out.iterdir()):
         from appliance.errors import ApplianceError
         raise ApplianceError(f"{out} is not empty", "pick a new directory for the samples")
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(seed)
-    _handbook(out, rng)
-    _mail(out, rng)
-    _repo(out, rng)
-    _tables(out, rng)
-    _documents(out, rng)
-    _pairs(out, rng)
-    _preferences(out, rng)
-    _task_demos(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Written in a private (0700, fresh) directory and renamed into place: a link planted in a shared `out`
+    # meanwhile is never written through. rename() replaces an empty directory, and refuses a link or a file.
+    build = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        rng = random.Random(seed)
+        for part in (_handbook, _mail, _repo, _tables, _documents, _pairs, _preferences):
+            part(build, rng)
+        _task_demos(build)
+        os.rename(build, out)
+    except BaseException:
+        shutil.rmtree(build, ignore_errors=True)
+        raise
     files = [p for p in out.rglob("*") if p.is_file()]
     return {"out": str(out), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "seed": seed,
             "parts": {"handbook": "handbook/", "mail": "mail/", "code": "kestrel-tools/", "tables": "tables/",

@@ -21,7 +21,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import BinaryIO
 
-from bundles import crypt, manifest
+from bundles import crypt, manifest, safefile
 from bundles.digest import ALGORITHM, TreeHasher, digest_file, digest_range
 from bundles.errors import BundleError
 from bundles.keys import PublicKey, SecretKey, b64, unb64
@@ -89,38 +89,30 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
     mbytes = manifest.canonical(m)
     header = manifest.canonical({"manifest": mbytes.decode(), "signature": b64(signer.sign(SIGN_DOMAIN + mbytes))})
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", dir=out.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            sink: BinaryIO | crypt.EncryptingWriter = f
-            if recipients:
-                key, nonce = crypt.new_key_and_nonce()
-                eh = crypt.seal_header({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
-                                        "chunk": crypt.CHUNK}, key)
-                f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
-                sink = crypt.EncryptingWriter(f, key, nonce)
-            sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
-            for (_, src), e in zip(files, entries):
-                if isinstance(src, bytes):
-                    sink.write(src)
-                    progress(len(src))
-                    continue
-                h = TreeHasher()
-                with open(src, "rb") as s:
-                    while chunk := s.read(COPY):
-                        h.update(chunk)
-                        sink.write(chunk)
-                        progress(len(chunk))
-                if str(h.digest()) != e["digest"] or h.size != e["size"]:
-                    raise BundleError(f"{src} changed while it was being bundled", "run the export again")
-            if isinstance(sink, crypt.EncryptingWriter):
-                sink.close()
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with safefile.atomic_create(out, 0o600) as f:
+        sink: BinaryIO | crypt.EncryptingWriter = f
+        if recipients:
+            key, nonce = crypt.new_key_and_nonce()
+            eh = crypt.seal_header({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
+                                    "chunk": crypt.CHUNK}, key)
+            f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
+            sink = crypt.EncryptingWriter(f, key, nonce)
+        sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
+        for (_, src), e in zip(files, entries):
+            if isinstance(src, bytes):
+                sink.write(src)
+                progress(len(src))
+                continue
+            h = TreeHasher()
+            with open(src, "rb") as s:
+                while chunk := s.read(COPY):
+                    h.update(chunk)
+                    sink.write(chunk)
+                    progress(len(chunk))
+            if str(h.digest()) != e["digest"] or h.size != e["size"]:
+                raise BundleError(f"{src} changed while it was being bundled", "run the export again")
+        if isinstance(sink, crypt.EncryptingWriter):
+            sink.close()
     return m
 
 

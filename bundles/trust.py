@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,6 +10,7 @@ from pathlib import Path
 from bundles.errors import BundleError
 from bundles.keys import PublicKey, read_json
 from bundles.manifest import KINDS
+from bundles.safefile import atomic_write_bytes
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
@@ -79,9 +79,7 @@ def add(store: Path, key: PublicKey, name: str, kinds: list[str]) -> Trusted:
         if t.key.key_id == key.key_id:
             raise BundleError(f"key {key.key_id} is already trusted as {t.name}", "remove that entry first")
     entry = Trusted(name, key, tuple(kinds))
-    tmp = dest.with_name(f".{dest.name}.tmp")
-    tmp.write_text(json.dumps(entry.to_json(), indent=2))
-    os.replace(tmp, dest)
+    atomic_write_bytes(dest, json.dumps(entry.to_json(), indent=2).encode(), 0o600)
     return entry
 
 

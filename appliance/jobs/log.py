@@ -43,7 +43,7 @@ class JobLog:
         for line in text.splitlines() or [""]:
             nonce = os.urandom(12)
             sealed = base64.b64encode(nonce + self.aead.encrypt(nonce, f"{stamp} {line}".encode(), self.aad))
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 os.write(fd, sealed + b"\n")
             finally:

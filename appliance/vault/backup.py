@@ -34,6 +34,7 @@ from pathlib import Path
 from appliance import logs
 from appliance.errors import ApplianceError, UsageError, VaultError
 from appliance.home import Home, atomic_file, fsync_path
+from bundles.safefile import create_new
 
 MAGIC = b"APPLIANCE-BACKUP-1\n"
 FORMAT = 1
@@ -194,8 +195,8 @@ def restore(path: Path, home: Home, passphrase: str, force: bool = False,
         with f:
             header = _read_header(f)
             ring_path = staging / "keyring.json"
-            ring_path.write_text(json.dumps(header.get("keyring")))
-            os.chmod(ring_path, 0o600)
+            with create_new(ring_path) as o:
+                o.write(json.dumps(header.get("keyring")).encode())
             ring = Keyring.load(ring_path)
             kdf = ring.kdf if isinstance(ring.kdf, dict) else {}
             if not (isinstance(kdf.get("memory_kib"), int) and kdf["memory_kib"] <= 4096 * 1024
@@ -283,8 +284,9 @@ def _unpack(stream, dest: Path, expected: int, progress: Progress) -> int:
             out = dest / p
             out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             h = hashlib.sha256()
-            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-            with os.fdopen(fd, "wb") as o:
+            if name not in hashes:  # the keyring the header carried lands first; the archive's replaces it
+                out.unlink(missing_ok=True)
+            with create_new(out) as o:  # exclusive, no link followed: a repeated name is refused
                 while chunk := src.read(1 << 20):
                     h.update(chunk)
                     o.write(chunk)

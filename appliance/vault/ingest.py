@@ -21,11 +21,10 @@ import pyarrow as pa
 
 from appliance.db_time import utcnow
 from appliance.errors import IngestError, UsageError
-from appliance.home import file_sha256
 from appliance.vault import lineage
 from appliance.vault.db import cursor
 from appliance.vault.pii import MODES, Scrubber
-from appliance.vault.readers import ReadError, Record
+from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table, table_columns, table_name
 from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scrub_records
@@ -42,6 +41,9 @@ INGEST_SETTINGS = {
     # each rewrites at most one small row group (db.ROW_GROUP_SIZE). 128 MB measured fastest with the
     # lowest RSS: 300 MB ingested in 7.4 s at 426 MB RSS (16 MB: 21 s; 1 GB: out of memory on 1.2 GB).
     "checkpoint_threshold": "128MB",
+    # tables are read through /proc/self/fd/N names (readers.open_input), which the next file reuses:
+    # DuckDB's cache of external files, keyed by name, must not hand one file's bytes out for another
+    "enable_external_file_cache": "false",
 }
 DEFAULT_VALIDATION = 0.05
 
@@ -147,11 +149,12 @@ _REC_TYPES = (pa.int32(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.
 def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
            validation_fraction: float = DEFAULT_VALIDATION, replace: bool = False,
            progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None,
-           workers: int | None = None) -> IngestResult:
+           workers: int | None = None, follow_links: bool = False) -> IngestResult:
     """Create `dataset@N+1` from the previous version (unless `replace`) plus everything under `paths`.
 
     `workers` processes read and scrub files in parallel (default: one per core, at most 8); records
-    still land in a deterministic order.
+    still land in a deterministic order. Links below `paths` are reported as skipped, not followed, unless
+    `follow_links` (an operator's choice, never an agent's); nothing inside the home is read either way.
     """
     if workers is not None and workers < 1:
         raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
@@ -168,7 +171,7 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
         con.execute(f"SET {k} = '{value}'")
     try:
         return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-                       workers or default_workers())
+                       workers or default_workers(), follow_links)
     finally:
         for k, value in saved.items():
             con.execute(f"SET {k} = '{value}'")
@@ -270,7 +273,7 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tab
             tables.append(state.target)
             try:  # the table is written here, in order; its rows come back already scrubbed
                 for batch in _batches(ingest_table(cursor(con), item.path, state.target, scrubber.scrub_cell,
-                                                   state.counts)):
+                                                   state.counts, item.ident)):
                     yield from pipe.put("records", state, _Done([(r, {}) for r in batch]))
                 yield from pipe.put("end", state)
             except ReadError as e:
@@ -299,9 +302,9 @@ def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
 
 
 def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-            workers) -> IngestResult:
+            workers, follow_links) -> IngestResult:
     con = vault.con
-    items = list(plan([p.expanduser() for p in paths]))
+    items = list(plan([p.expanduser() for p in paths], follow_links, vault.home.root))
     total = sum(i.size for i in items)
     if on_plan:
         on_plan(len(items), total)
@@ -362,7 +365,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                 res.new_records += len(state.added)
                 totals.update(state.counts)
                 pii_rows.extend((vid, src, t, n) for t, n in sorted(state.counts.items()))
-                sources.append((vid, src, item.kind, item.size, _file_sha256(item.path), len(state.added),
+                sources.append((vid, src, item.kind, item.size, _file_sha256(item), len(state.added),
                                 state.dups, "ok", None))
                 if state.target:
                     rows = con.execute(f'SELECT count(*) FROM data."{state.target}"').fetchone()[0]
@@ -508,11 +511,16 @@ def _unique_table(con, target: str, taken: list[str]) -> str:
     return target
 
 
-def _file_sha256(path: Path) -> str | None:
+def _file_sha256(item: Item) -> str | None:
+    """SHA-256 of the file the walk saw (no link followed), in 1 MiB pieces."""
+    h = hashlib.sha256()
     try:
-        return file_sha256(path)
-    except OSError:
+        with open_input(item.path, item.ident) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except (OSError, ReadError):
         return None
+    return h.hexdigest()
 
 
 def _tick(progress: Progress | None, item: Item, reported: int = 0) -> None:

@@ -61,7 +61,7 @@ def migrate(vault, target: int) -> dict | None:
 
     # A process that let go of the vault for a while (a job, the console's quantize) would attach again
     # expecting the old schema: like a rekey, a migration waits until none holds it detached.
-    fd = os.open(vault.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(vault.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -24,16 +24,17 @@ class Skip(Exception):
 
 
 def read_item(item: Item) -> Iterator[Record]:
+    """The records of `item`, read from the very file the walk saw, no link followed (`open_input`)."""
     if item.kind == "text":
-        return read_text(item.path)
+        return read_text(item.path, ident=item.ident)
     if item.kind == "email":
-        return read_eml(item.path)
+        return read_eml(item.path, item.ident)
     if item.kind == "mbox":
-        return read_mbox(item.path)
+        return read_mbox(item.path, item.ident)
     if item.kind == "pdf":
-        return read_pdf(item.path)
+        return read_pdf(item.path, item.ident)
     if item.kind == "docx":
-        return read_docx(item.path)
+        return read_docx(item.path, item.ident)
     if item.kind == "code":
         return _code_records(item)
     raise ValueError(item.kind)
@@ -41,7 +42,7 @@ def read_item(item: Item) -> Iterator[Record]:
 
 def _code_records(item: Item) -> Iterator[Record]:
     try:
-        for rec in read_text(item.path, kind="code"):
+        for rec in read_text(item.path, kind="code", ident=item.ident):
             rec.path, rec.language = item.rel, item.language
             rec.meta["repo"] = item.repo
             rec.title = item.rel

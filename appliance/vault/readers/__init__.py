@@ -1,11 +1,17 @@
 """Readers turn one input file into records. One module per kind; `detect` decides which applies.
 
-Readers work in memory: nothing they decode or extract is written to disk.
+Readers work in memory: nothing they decode or extract is written to disk. They open their input with
+`open_input`, which never follows a link (see there).
 """
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import BinaryIO
 
 # Documents larger than this are cut into several records at line boundaries, so memory stays bounded.
 MAX_RECORD_CHARS = 64 << 10
@@ -13,6 +19,43 @@ MAX_RECORD_CHARS = 64 << 10
 
 class ReadError(Exception):
     """This file cannot be read; the message says why and lands in the version's report."""
+
+
+# (st_dev, st_ino) of a file as the walk saw it: the file opened later must be that very file
+Ident = tuple[int, int]
+_OPEN_FLAGS = os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+
+
+def open_input(path: Path, ident: Ident | None = None) -> BinaryIO:
+    """Open an input file for reading, never through a link.
+
+    `O_NOFOLLOW` refuses a link put at `path` after the walk listed it (`O_NONBLOCK`: a FIFO put there does
+    not hang the open); the opened file must be a regular file and, when `ident` is given, the very file the
+    walk saw, so a directory above it swapped for a link cannot lead elsewhere either. Nothing is read
+    from a file that fails these checks.
+    """
+    try:
+        fd = os.open(path, _OPEN_FLAGS)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise ReadError("symbolic link (not followed)") from None
+        raise ReadError(f"cannot read: {e.strerror}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise ReadError("not a regular file")
+        if ident is not None and (st.st_dev, st.st_ino) != tuple(ident):
+            raise ReadError("changed since it was listed (a link or another file was put in its place)")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def fd_path(fd: int) -> str:
+    """A name that opens the file behind `fd` (for libraries that open by name, as DuckDB's readers do)."""
+    return f"/proc/self/fd/{fd}" if os.path.isdir("/proc/self/fd") else f"/dev/fd/{fd}"
 
 
 @dataclass

@@ -33,7 +33,8 @@ NAMED = {"Makefile": "make", "Dockerfile": "dockerfile", "CMakeLists.txt": "cmak
 
 
 def is_repo(path: Path) -> bool:
-    return path.is_dir() and any((path / m).exists() for m in REPO_MARKERS)
+    """A real directory (not a link) holding a repository marker."""
+    return not path.is_symlink() and path.is_dir() and any(os.path.lexists(path / m) for m in REPO_MARKERS)
 
 
 def language_of(path: Path) -> str | None:
@@ -42,32 +43,53 @@ def language_of(path: Path) -> str | None:
 
 def walk_repo(root: Path) -> Iterator[tuple[Path, str, str | None]]:
     """(path, repo-relative path, skip reason or None) in a stable order. Git-ignored paths are not yielded;
-    vendored directories are yielded once, with their reason, and not entered."""
-    specs: list[tuple[str, pathspec.PathSpec]] = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        rel_dir = os.path.relpath(dirpath, root)
-        rel_dir = "" if rel_dir == "." else rel_dir + "/"
-        gi = Path(dirpath) / ".gitignore"
-        if gi.is_file():
-            try:
-                lines = gi.read_text(encoding="utf-8", errors="replace").splitlines()
-                specs.append((rel_dir, pathspec.GitIgnoreSpec.from_lines(lines)))
-            except OSError:
-                pass
-        kept = []
-        for d in sorted(dirnames):
-            if _ignored(specs, rel_dir + d + "/") or d == ".git":
+    vendored directories are yielded once, with their reason, and not entered. Links are never followed:
+    each is yielded with the reason LINK, for the caller to report (or follow, if the operator asked)."""
+    yield from _walk_repo_dir(root, "", [])
+
+
+LINK = "symbolic link"
+
+
+def _walk_repo_dir(here: Path, rel_dir: str, specs: list[tuple[str, pathspec.PathSpec]]
+                   ) -> Iterator[tuple[Path, str, str | None]]:
+    try:
+        with os.scandir(here) as it:
+            entries = sorted(it, key=lambda e: e.name)
+    except OSError:
+        return
+    by_name = {e.name: e for e in entries}
+    gi = by_name.get(".gitignore")
+    if gi is not None and gi.is_file(follow_symlinks=False):
+        lines = _read_gitignore(Path(gi.path))
+        if lines is not None:
+            specs = specs + [(rel_dir, pathspec.GitIgnoreSpec.from_lines(lines))]
+    dirs = []
+    for e in entries:
+        if e.is_dir(follow_symlinks=False):
+            if e.name == ".git" or _ignored(specs, rel_dir + e.name + "/"):
                 continue
-            if d in SKIP_DIRS:
-                yield Path(dirpath) / d, rel_dir + d + "/", "vendored or generated directory"
+            if e.name in SKIP_DIRS:
+                yield Path(e.path), rel_dir + e.name + "/", "vendored or generated directory"
             else:
-                kept.append(d)
-        dirnames[:] = kept
-        for name in sorted(filenames):
-            rel = rel_dir + name
-            if name == ".gitignore" or _ignored(specs, rel):
-                continue
-            yield Path(dirpath) / name, rel, None
+                dirs.append(e)
+    for e in entries:
+        rel = rel_dir + e.name
+        if e.is_dir(follow_symlinks=False) or e.name == ".gitignore" or _ignored(specs, rel):
+            continue
+        yield Path(e.path), rel, LINK if e.is_symlink() else None
+    for e in dirs:
+        yield from _walk_repo_dir(Path(e.path), rel_dir + e.name + "/", specs)
+
+
+def _read_gitignore(path: Path) -> list[str] | None:
+    from appliance.vault.readers import ReadError, open_input
+
+    try:
+        with open_input(path) as f:
+            return f.read().decode("utf-8", errors="replace").splitlines()
+    except (ReadError, OSError):
+        return None
 
 
 def _ignored(specs: list[tuple[str, pathspec.PathSpec]], rel: str) -> bool:

@@ -6,19 +6,20 @@ import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.vault.readers import ReadError, Record, split_long
+from appliance.vault.readers import Ident, ReadError, Record, open_input, split_long
 
 
-def read_pdf(path: Path) -> Iterator[Record]:
+def read_pdf(path: Path, ident: Ident | None = None) -> Iterator[Record]:
     import pypdf  # ~0.2 s import; only when a PDF is ingested
     from pypdf.errors import PdfReadError
 
     try:
-        reader = pypdf.PdfReader(str(path))
-        if reader.is_encrypted:
-            raise ReadError("PDF is encrypted; decrypt it first")
-        pages = [(p.extract_text() or "").strip() for p in reader.pages]
-        title = (reader.metadata.title if reader.metadata else None) or path.stem
+        with open_input(path, ident) as f:
+            reader = pypdf.PdfReader(f)
+            if reader.is_encrypted:
+                raise ReadError("PDF is encrypted; decrypt it first")
+            pages = [(p.extract_text() or "").strip() for p in reader.pages]
+            title = (reader.metadata.title if reader.metadata else None) or path.stem
     except ReadError:
         raise
     except (PdfReadError, OSError, ValueError, KeyError, TypeError) as e:
@@ -31,11 +32,14 @@ def read_pdf(path: Path) -> Iterator[Record]:
                      meta={"pages": len(pages), "part": i} if i else {"pages": len(pages)})
 
 
-def read_docx(path: Path) -> Iterator[Record]:
+def read_docx(path: Path, ident: Ident | None = None) -> Iterator[Record]:
     import docx  # python-docx, lxml underneath
 
     try:
-        doc = docx.Document(str(path))
+        with open_input(path, ident) as f:
+            doc = docx.Document(f)
+    except ReadError:
+        raise
     except (zipfile.BadZipFile, KeyError, ValueError, OSError) as e:
         raise ReadError(f"unreadable DOCX ({type(e).__name__}: {e})") from None
     except Exception as e:  # python-docx raises its own PackageNotFoundError and lxml errors

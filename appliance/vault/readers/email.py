@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import email
 import html
-import mailbox
 import re
 from collections.abc import Iterator
 from email.header import decode_header, make_header
@@ -17,16 +16,16 @@ from email.message import Message
 from email.utils import getaddresses
 from pathlib import Path
 
-from appliance.vault.readers import ReadError, Record, split_long
+from appliance.vault.readers import Ident, ReadError, Record, open_input, split_long
 
 _HEADERS = ("From", "To", "Cc", "Date", "Subject")
 _TAG = re.compile(r"<[^>]+>")
 _SCRIPT = re.compile(r"(?is)<(script|style)\b.*?</\1>")
 
 
-def read_eml(path: Path) -> Iterator[Record]:
+def read_eml(path: Path, ident: Ident | None = None) -> Iterator[Record]:
     try:
-        with open(path, "rb") as f:
+        with open_input(path, ident) as f:
             msg = email.message_from_binary_file(f)
     except OSError as e:
         raise ReadError(f"cannot read: {e.strerror}") from None
@@ -35,20 +34,36 @@ def read_eml(path: Path) -> Iterator[Record]:
     yield from _records(msg, str(path), None)
 
 
-def read_mbox(path: Path) -> Iterator[Record]:
-    try:
-        box = mailbox.mbox(str(path), factory=None, create=False)
-        keys = box.keys()
-    except (OSError, mailbox.Error) as e:
-        raise ReadError(f"cannot read mbox: {e}") from None
-    if not keys:
+def read_mbox(path: Path, ident: Ident | None = None) -> Iterator[Record]:
+    """One record per message, split as `mailbox.mbox` splits (which opens by name, so it is not used)."""
+    with open_input(path, ident) as f:
+        n = 0
+        try:
+            for raw in _mbox_messages(f):
+                n += 1
+                yield from _records(email.message_from_bytes(raw), str(path), f"message {n}")
+        except OSError as e:
+            raise ReadError(f"cannot read mbox: {e}") from None
+    if not n:
         raise ReadError("no messages in mbox")
-    try:
-        for i, key in enumerate(keys):
-            msg = email.message_from_bytes(box.get_bytes(key))
-            yield from _records(msg, str(path), f"message {i + 1}")
-    finally:
-        box.close()
+
+
+def _mbox_messages(f) -> Iterator[bytes]:
+    """Each message's bytes without its 'From ' line and the blank line before the next, as `mailbox.mbox`
+    cuts them (`_generate_toc`, `get_bytes`); text before the first 'From ' line is ignored."""
+    lines: list[bytes] | None = None
+    last_was_empty = False
+    for line in f:
+        if line.startswith(b"From "):
+            if lines is not None:
+                yield b"".join(lines[:-1] if last_was_empty else lines)
+            lines, last_was_empty = [], False
+            continue
+        if lines is not None:
+            lines.append(line)
+        last_was_empty = line == b"\n"
+    if lines is not None:
+        yield b"".join(lines[:-1] if last_was_empty else lines)
 
 
 def _header(msg: Message, name: str) -> str | None:

@@ -12,7 +12,7 @@ import duckdb
 import pyarrow as pa
 
 from appliance.vault.db import cursor
-from appliance.vault.readers import ReadError, Record
+from appliance.vault.readers import Ident, ReadError, Record, fd_path, open_input
 
 READERS = {
     ".csv": "read_csv(?, auto_detect = true, sample_size = 20480)",
@@ -31,18 +31,26 @@ def table_name(vid: int, path: Path) -> str:
 
 
 def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: CellScrub,
-                 counts: Counter) -> Iterator[Record]:
+                 counts: Counter, ident: Ident | None = None) -> Iterator[Record]:
     """Copy `path` into `data.<target>` batch by batch, scrubbing cells; yield one record per row.
 
     `scrub(column, value)` returns (scrubbed value, findings per type); `counts` accumulates the findings.
 
-    `con` must be a cursor of its own: the source query stays open while rows are inserted.
+    `con` must be a cursor of its own: the source query stays open while rows are inserted. DuckDB opens
+    files by name, so it is handed the name of a descriptor `open_input` opened and checked (no link
+    followed; the file the walk saw): a link swapped in meanwhile cannot redirect it.
     """
     reader_sql = READERS[path.suffix.lower()]
+    with open_input(path, ident) as f:
+        yield from _copy_table(con, fd_path(f.fileno()), path, reader_sql, target, scrub, counts)
+
+
+def _copy_table(con, source: str, path: Path, reader_sql: str, target: str, scrub: CellScrub,
+                counts: Counter) -> Iterator[Record]:
     writer = cursor(con)
     created, rows = False, 0
     try:
-        result = con.execute(f"SELECT * FROM {reader_sql}", [str(path)])
+        result = con.execute(f"SELECT * FROM {reader_sql}", [source])
         batches = result.fetch_record_batch(BATCH_ROWS)
         scrub_batch = _BatchScrubber(scrub, counts)
         for batch in batches:

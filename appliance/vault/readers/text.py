@@ -7,7 +7,7 @@ import re
 from collections.abc import Iterator
 from pathlib import Path
 
-from appliance.vault.readers import MAX_RECORD_CHARS, ReadError, Record
+from appliance.vault.readers import MAX_RECORD_CHARS, Ident, ReadError, Record, open_input
 
 _HEADING = re.compile(r"^(?:#{1,6}\s+(.+)|(.+)\n[=\-~^]{3,}\s*$)", re.M)
 _CHUNK_BYTES = 1 << 20
@@ -17,12 +17,14 @@ def looks_binary(head: bytes) -> bool:
     return b"\0" in head
 
 
-def read_text(path: Path, kind: str = "text") -> Iterator[Record]:
-    """Records of at most MAX_RECORD_CHARS characters, cut at line ends; UTF-8 (with or without BOM)."""
+def read_text(path: Path, kind: str = "text", ident: Ident | None = None) -> Iterator[Record]:
+    """Records of at most MAX_RECORD_CHARS characters, cut at line ends; UTF-8 (with or without BOM).
+
+    `ident`: the file the walk saw (`open_input`)."""
     decoder = codecs.getincrementaldecoder("utf-8-sig")(errors="strict")
     buf, part, title = "", 0, None
     try:
-        with open(path, "rb") as f:
+        with open_input(path, ident) as f:
             head = f.read(8192)
             if looks_binary(head):
                 raise ReadError("binary file (contains NUL bytes)")
