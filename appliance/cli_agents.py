@@ -14,16 +14,22 @@ from appliance.output import err, out, table
 @click.option("--caps", default=None, metavar="CAP,...",
               help="Capabilities: read, records, ingest, train, eval, quantize, export.")
 @click.option("--hours", type=float, default=8.0, show_default=True, help="How long the grant lasts.")
+@click.option("--max-gpus", type=int, default=0, show_default=True,
+              help="Most GPUs one of the agent's jobs may ask for (0: CPU jobs only).")
+@click.option("--max-priority", type=int, default=0, show_default=True,
+              help="Highest priority the agent's jobs may ask for.")
 @click.option("--list", "list_", is_flag=True, help="List grants.")
 @click.option("--revoke", default=None, metavar="GRANT_ID", help="Revoke a grant now.")
-def grant_cmd(c: Ctx, agent, caps, hours, list_, revoke):
+def grant_cmd(c: Ctx, agent, caps, hours, max_gpus, max_priority, list_, revoke):
     """Give an agent a scoped, expiring token for `appliance mcp` (printed once; the vault keeps a hash)."""
     from appliance import grants
 
     if list_ or revoke:
         with c.open_vault(read_only=bool(list_)) as v:
             if revoke:
-                return c.emit(grants.revoke(v, revoke), f"{revoke} revoked")
+                r = grants.revoke(v, revoke)
+                return c.emit(r, f"{revoke} revoked" + (f"; cancelled {', '.join(r['cancelled_jobs'])}"
+                                                        if r["cancelled_jobs"] else ""))
             rows = grants.listing(v.con)
         return c.emit({"grants": rows}, lambda: table(
             ["grant", "agent", "caps", "expires", "state"],
@@ -33,7 +39,7 @@ def grant_cmd(c: Ctx, agent, caps, hours, list_, revoke):
         raise UsageError("--agent and --caps are needed to grant", "e.g. appliance grant --agent planner "
                                                                    "--caps read,train,eval --hours 8")
     with c.open_vault() as v:
-        g = grants.create(v, agent, [x.strip() for x in caps.split(",") if x.strip()], hours)
+        g = grants.create(v, agent, [x.strip() for x in caps.split(",") if x.strip()], hours, max_gpus, max_priority)
 
     def human():
         out.print(f"{g['id']} for agent:{g['agent']} ({', '.join(g['caps'])}) until {g['expires']}")

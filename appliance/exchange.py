@@ -4,12 +4,17 @@ The format lives in the light `bundles` package; this module picks what goes int
 directory, a GGUF directory), numbers versions per bundle name, lands imports atomically in the home's
 artifacts, and writes lineage and audit entries. Secret keys live in HOME/keys sealed under their own
 passphrase (APPLIANCE_KEY_PASSPHRASE[_FILE]); trusted signers in HOME/trust.
+
+Agents name things, never paths: an agent's export (`outbox_export`) lands under a plain file name in
+HOME/outbox, created exclusively and never through a link, signed by one of the home's keys by name and
+encrypted only to sites in the trust store, by name. No agent tool writes anywhere else in the home.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 from appliance.db_time import iso, utcnow
@@ -112,7 +117,9 @@ def trust_list(home: Home) -> list[dict]:
 def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
     """(lineage id, kind, bundle name, directory of files) for a model, GGUF or dataset version."""
     from appliance.quantize.stage import gguf_dir
+    from appliance.vault.lineage import alias
 
+    ref = alias(vault.con, ref) or ref  # the sender's id of an imported artifact
     row = vault.con.execute("SELECT id, kind FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
     if row is None:
         raise UsageError(f"nothing named {ref} to bundle",
@@ -130,11 +137,12 @@ def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
 
 
 def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | PublicKey], out: Path,
-                  expires_days: float = 365) -> dict:
+                  expires_days: float = 365, reserved: bool = False) -> dict:
+    """Write the bundle of `ref` to `out` (which must not exist, unless `reserved`: created empty by us)."""
     from appliance.vault import lineage
 
     node_id, kind, name, src = _what(vault, ref)
-    if out.exists():
+    if out.exists() and not reserved:
         raise UsageError(f"{out} already exists", "pass another --out")
     recips = [r if isinstance(r, PublicKey) else PublicKey.load(r) for r in recipients]
     if kind == "dataset":
@@ -165,6 +173,69 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | Public
     return {"id": node_id, "kind": kind, "name": name, "version": version, "out": str(out), "files": len(files),
             "bytes": sum(f["size"] for f in m["files"]), "signer": signer.public.key_id,
             "encrypted_to": [r.key_id for r in recips], "expires": m["expires"]}
+
+
+OUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name: no '/', never '.' or '..'
+
+
+def outbox_target(home: Home, out: str, sign_key: str, recipients: list[str]) -> tuple[str, list[PublicKey]]:
+    """An agent's export checked by name: (`out`, the recipients' keys); UsageError for anything else.
+
+    `out` is a plain file name, new in HOME/outbox; `sign_key` one of the home's keys; each recipient the
+    name of a trusted site (its key from the trust store, never a key file)."""
+    if not isinstance(out, str) or not OUT_NAME.match(out):
+        raise UsageError(f"out {out!r} is not a plain file name",
+                         "name the file only (letters, digits, '.', '_', '-'); it lands in the home's outbox")
+    if sign_key not in {k["name"] for k in list_keys(home)}:
+        raise UsageError(f"no signing key named {sign_key!r}", "see `appliance keys list`")
+    if not isinstance(recipients, list) or not all(isinstance(r, str) for r in recipients):
+        raise UsageError("recipients are names of trusted sites", "see `appliance trust list`")
+    keys = []
+    for r in recipients:
+        match = [t.key for t in _trust(home).entries if t.name == r]
+        if not match:
+            raise UsageError(f"no trusted site named {r!r}", "encrypt only to a site in `appliance trust list`, "
+                                                            "by its name")
+        keys.append(match[0])
+    box = home.outbox
+    if box.is_symlink() or (box.exists() and not box.is_dir()):
+        raise UsageError(f"{box} is not a directory", "the operator makes the outbox a plain folder again")
+    if os.path.lexists(box / out):
+        raise UsageError(f"{out} already exists in the outbox", "pick another name")
+    return out, keys
+
+
+def outbox_export(vault, ref: str, sign_key: str, out: str, recipients: list[str], expires_days: float = 365
+                  ) -> dict:
+    """An agent's export: the bundle of `ref` as HOME/outbox/OUT (see `outbox_target`)."""
+    from bundles.safefile import UnsafeFileError, create_at
+
+    out, keys = outbox_target(vault.home, out, sign_key, recipients)
+    root = os.open(vault.home.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            os.mkdir("outbox", 0o700, dir_fd=root)
+        except FileExistsError:
+            pass
+        try:  # the folder itself, never a link in its place
+            box = os.open("outbox", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=root)
+        except OSError as e:
+            raise UsageError(f"cannot open the outbox {vault.home.outbox}: {e.strerror or e}",
+                             "the operator makes it a plain folder again") from None
+    finally:
+        os.close(root)
+    try:
+        try:  # reserve the name: created exclusively, never through a link (a planted one fails here)
+            os.close(create_at(box, out, 0o600))
+        except UnsafeFileError as e:
+            raise UsageError(f"{out} cannot be created in the outbox: {e.message}", "pick another name") from None
+        try:
+            return export_bundle(vault, ref, sign_key, keys, vault.home.outbox / out, expires_days, reserved=True)
+        except BaseException:
+            os.unlink(out, dir_fd=box)  # our reservation (or our half-recorded bundle)
+            raise
+    finally:
+        os.close(box)
 
 
 def sent(con) -> dict[str, list[dict]]:
@@ -204,8 +275,23 @@ def verify_bundle(vault, path: Path) -> dict:
     def decide(m: dict, signer) -> container.Plan:
         return container.Plan(_last_in(vault.con, m["kind"], m["name"], signer.key.key_id))
 
-    v = container.verify(path, _trust(vault.home), _maybe_identities(vault.home, path), decide=decide)
-    return _summary(v)
+    store, own = _trust_and_own_keys(vault.home)
+    v = container.verify(path, store, _maybe_identities(vault.home, path), decide=decide)
+    return {**_summary(v), "own_key": own.get(v.signer.key.key_id)}
+
+
+def _trust_and_own_keys(home: Home) -> tuple[TrustStore, dict[str, str]]:
+    """The trust store plus this home's own public keys (HOME/keys/*.pub, for every kind), so a site checks its
+    own bundle before it goes on the media; {key id: key name} of the own keys not otherwise trusted. Only
+    `verify` reads it: an import still needs a trust entry."""
+    from bundles.manifest import KINDS
+    from bundles.trust import Trusted
+
+    store = _trust(home)
+    trusted = {t.key.key_id for t in store.entries}
+    own = [Trusted(k["name"], PublicKey.load(Path(k["public"])), KINDS) for k in list_keys(home)
+           if k["key_id"] not in trusted]
+    return TrustStore(store.entries + own), {t.key.key_id: t.name for t in own}
 
 
 def _maybe_identities(home: Home, path: Path) -> list[SecretKey]:

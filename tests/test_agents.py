@@ -95,9 +95,9 @@ def test_every_command_is_an_api_function_with_its_options():
             names = {p.name, *(o.lstrip("-").replace("-", "_") for o in p.opts if o.startswith("--"))}
             if p.name == "sweep_file":
                 names.add("file")
-            # --list, --strict, --follow and --set are the CLI's (other functions, the "ok" of the report, a
-            # loop over jobs_logs, the overrides list)
-            if names & {"json_", "home_", "verbose_", "list_", "strict", "follow", "sets"} or names & params:
+            # --list, --strict, --follow, --set and --format are the CLI's (other functions, the "ok" of the
+            # report, a loop over jobs_logs, the overrides list, how `vault sql` prints the same rows)
+            if names & {"json_", "home_", "verbose_", "list_", "strict", "follow", "sets", "fmt"} or names & params:
                 continue
             missing.append(f"{command} --{p.name}")
     assert not missing, f"not mirrored in appliance.api: {missing}"
@@ -176,7 +176,8 @@ def test_an_agent_runs_the_whole_flow_and_is_refused_what_it_was_not_granted(tra
     entries = cli("--home", train_home, "--json", "audit", "log", "--limit", "200").json["entries"]
     by_agent = [e["action"] for e in entries if e["actor"] == "agent:planner"]
     assert by_agent[:2] == ["mcp.vault_ingest", "vault.ingest"] and "mcp.jobs_submit" in by_agent
-    assert by_agent.count("mcp.refused") == 2 and "jobs.submit" in by_agent  # refusals of the grant
+    # every refusal: the grant's two (export, records), and the four of what was named (inbox, pii, recipe, name)
+    assert by_agent.count("mcp.refused") == 6 and "jobs.submit" in by_agent
     assert any(e["actor"].startswith("agent:planner (job-") and e["action"] == "train.run" for e in entries)
 
 

@@ -28,12 +28,19 @@ or answers. A call is checked against the declared arguments and run in a sandbo
 process in a session of its own, with no secrets in its environment, a private working directory, limits
 on address space (1 GiB), CPU seconds and core dumps, a wall-clock timeout after which its whole process
 group is killed, and its prints kept apart from its result. The process that runs tools makes itself
-non-dumpable, so a tool cannot read the passphrase or keys from its /proc files. A tool still runs as the
-appliance's user: what it can reach on disk is what that user can; tools are the site's own code, to be
-reviewed like it. A tool that raises, or a call with a wrong name or arguments, is an error the model
-sees, and the episode goes on (it may call again). A tool that hangs past its timeout, or whose sandbox
-dies (out of memory, a crash), ends the episode as failed with that reason. Every call is kept with its
-arguments, outcome and time: in the eval run's cases, and counted in a training run's summary.
+non-dumpable, so a tool cannot read the passphrase or keys from its /proc files. When the appliance runs
+as root (as CI does), root may read any process's memory whatever its dumpable flag, so the sandbox drops
+to the unprivileged `nobody` (no supplementary groups, PR_SET_NO_NEW_PRIVS) before the tool's code runs,
+in a working directory of its own. The tool's module source is read by the appliance and handed over on
+stdin, so the code hashed into the task's sha256 is the code that runs, and a checkout or task folder
+under a 0700 directory still works; the sandbox runs the first Python that user can execute (ours, the one
+it was made from, the system's python3: with the last two a tool has the standard library only).
+Otherwise a tool runs as the appliance's user: what it can reach on disk is what that user can; tools are
+the site's own code, to be reviewed like it. A tool that raises, or a call with a wrong name or arguments,
+is an error the model sees, and the episode goes on (it may call again). A tool that hangs past its
+timeout, or whose sandbox dies (out of memory, a crash), ends the episode as failed with that reason.
+Every call is kept with its arguments, outcome and time: in the eval run's cases, and counted in a
+training run's summary.
 
 Shipped tasks live in `appliance/eval/taskfiles/` and are named without the `.toml`.
 """
@@ -81,6 +88,7 @@ class Task:
     path: str = ""
     paths: list[str] = field(default_factory=list)  # where the tool modules are imported from
     sha256: str = ""
+    sources: dict[str, tuple[str, str]] = field(default_factory=dict)  # module -> (file, source) as hashed
 
     def indexes(self, split: str | None = None) -> list[int]:
         """Episode numbers (0-based) of a split, or all of them."""
@@ -222,11 +230,16 @@ def load(ref: str | Path) -> Task:
                          "fix the task file (see docs/EVAL.md, agentic tasks)")
     paths = [str(Path(path).resolve().parent)]
     digest = hashlib.sha256(data)
+    sources: dict[str, tuple[str, str]] = {}
     for tool in sorted(tools.values(), key=lambda x: x.name):  # the tools' code is part of what a run used
-        module = Path(paths[0]) / (tool.function.split(":")[0].replace(".", "/") + ".py")
+        modname = tool.function.split(":")[0]
+        module = Path(paths[0]) / (modname.replace(".", "/") + ".py")
         if module.is_file():
-            digest.update(module.read_bytes())
-    return Task(name, goal, tools, episodes, success, max_steps, float(timeout), str(path), paths, digest.hexdigest())
+            code = module.read_bytes()
+            digest.update(code)
+            sources.setdefault(modname, (str(module), code.decode("utf-8", "replace")))
+    return Task(name, goal, tools, episodes, success, max_steps, float(timeout), str(path), paths, digest.hexdigest(),
+                sources)
 
 
 def _regex(template: str, vars_: dict, expect: str) -> str:
@@ -236,7 +249,11 @@ def _regex(template: str, vars_: dict, expect: str) -> str:
 
 # --- the sandbox ---------------------------------------------------------------------------------------
 _RUNNER = r"""
-import importlib, json, os, resource, sys
+import ctypes, importlib, json, os, resource, sys, types
+try:  # PR_SET_NO_NEW_PRIVS: no setuid program hands privileges back to the tool
+    ctypes.CDLL(None).prctl(38, 1, 0, 0, 0)
+except (OSError, AttributeError):
+    pass
 limit, cpu = int(sys.argv[2]), int(sys.argv[4])
 resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
 resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -245,14 +262,69 @@ sys.path[:0] = json.loads(sys.argv[3])
 out_fd = os.dup(1)
 os.dup2(2, 1)  # what the tool prints goes to stderr; stdout carries only the result
 mod, fn = sys.argv[1].split(":")
-args = json.loads(sys.stdin.read())
+payload = json.loads(sys.stdin.read())
+args, source = payload["args"], payload.get("source")
 try:
-    out = getattr(importlib.import_module(mod), fn)(**args)
+    if source:  # the module's code as the appliance read (and hashed) it
+        m = types.ModuleType(mod)
+        m.__file__ = source[0]
+        sys.modules[mod] = m
+        exec(compile(source[1], source[0], "exec"), m.__dict__)
+    else:
+        m = importlib.import_module(mod)
+    out = getattr(m, fn)(**args)
     text = json.dumps({"ok": True, "result": out})
 except Exception as e:
     text = json.dumps({"ok": False, "error": f"{type(e).__name__}: {e}"[:500]})
 os.write(out_fd, text.encode())
 """
+
+
+SANDBOX_ENV = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
+               "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+_pythons: dict[tuple[int, int] | None, str | None] = {}
+
+
+def sandbox_ids() -> tuple[int, int] | None:
+    """(uid, gid) the sandbox drops to: `nobody`'s when this process is root (root may read any process's
+    memory, dumpable or not), else None (the tool runs as this user; key holders are non-dumpable)."""
+    if os.geteuid() != 0:
+        return None
+    import pwd
+
+    try:
+        pw = pwd.getpwnam("nobody")
+        return pw.pw_uid, pw.pw_gid
+    except KeyError:
+        return 65534, 65534
+
+
+def _drop(ids: tuple[int, int] | None) -> dict:
+    return {"user": ids[0], "group": ids[1], "extra_groups": []} if ids else {}
+
+
+def sandbox_python(ids: tuple[int, int] | None) -> str | None:
+    """The interpreter the sandbox runs: ours, or (when `ids` cannot run it, e.g. it lives under a 0700
+    folder) the one it was made from or the system's python3; None when that user can run none."""
+    if ids is None:
+        return sys.executable
+    if ids not in _pythons:
+        import shutil
+
+        found = None
+        for cand in dict.fromkeys(c for c in (sys.executable, os.path.realpath(sys.executable),
+                                             getattr(sys, "_base_executable", ""),
+                                             shutil.which("python3", path="/usr/local/bin:/usr/bin:/bin")) if c):
+            try:
+                r = subprocess.run([cand, "-I", "-c", "import ctypes, json, resource, types"], env=SANDBOX_ENV,
+                                   cwd="/", capture_output=True, timeout=30, **_drop(ids))
+            except (OSError, subprocess.SubprocessError):
+                continue
+            if r.returncode == 0:
+                found = cand
+                break
+        _pythons[ids] = found
+    return _pythons[ids]
 
 
 def call_tool(task: Task, name: str, arguments) -> dict:
@@ -276,19 +348,26 @@ def call_tool(task: Task, name: str, arguments) -> dict:
         if isinstance(v, bool) and typ != "bool" or not isinstance(v, TYPES[typ]):
             return done(ok=False, error=f"argument {k} must be {typ}")
     # -I: no PYTHONPATH, no user site; the environment carries no passphrase, key or home
-    env = {"PATH": os.defpath, "LANG": "C.UTF-8", "PYTHONDONTWRITEBYTECODE": "1", "OMP_NUM_THREADS": "1",
-           "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     protect_process()  # the tool may not read this process's /proc files (it may hold the keys)
+    ids = sandbox_ids()  # as root: the tool runs as nobody, so root's reach is not the tool's
+    python = sandbox_python(ids)
+    if python is None:
+        return done(ok=False, fatal=True, error=f"{name}'s sandbox did not start: no Python that the unprivileged "
+                                                f"user {ids[0]} can run (install a system python3)")
+    source = task.sources.get(tool.function.split(":")[0])
     with tempfile.TemporaryDirectory(prefix="appliance-tool-") as cwd:
+        if ids:
+            os.chown(cwd, *ids)  # the tool's private working directory is its own
         try:
-            proc = subprocess.Popen([sys.executable, "-I", "-c", _RUNNER, tool.function, str(SANDBOX_MEMORY),
+            proc = subprocess.Popen([python, "-I", "-c", _RUNNER, tool.function, str(SANDBOX_MEMORY),
                                      json.dumps(task.paths), str(int(task.tool_timeout) + 1)],
                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                    cwd=cwd, env=env, start_new_session=True)
+                                    cwd=cwd, env=dict(SANDBOX_ENV), start_new_session=True, **_drop(ids))
         except OSError as e:
             return done(ok=False, fatal=True, error=f"{name}'s sandbox did not start: {e.strerror or e}")
         try:
-            raw_out, raw_err = proc.communicate(json.dumps(arguments).encode(), timeout=task.tool_timeout)
+            raw_out, raw_err = proc.communicate(json.dumps({"args": arguments, "source": source}).encode(),
+                                                timeout=task.tool_timeout)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             return done(ok=False, fatal=True, error=f"{name} did not answer within {task.tool_timeout:g} s")

@@ -13,6 +13,11 @@ alone: they use every core, and one export at a time writes into artifacts/gguf.
 
 Recovery: a job marked running whose runner is gone (the box restarted, the process was killed) is
 queued again; a training job then resumes from its last checkpoint. After MAX_ATTEMPTS it is failed.
+
+Agents: a job queued under a grant that has since been revoked or has expired is cancelled before anything
+starts (grants.cancel_jobs). A runner's environment holds no passphrase, grant token or API key
+(SECRET_ENV): it gets the vault's secrets on a pipe, and what it runs (a model's tool calls, a task's
+modules) must find nothing in its /proc files either.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ MAX_ATTEMPTS = 3
 # Kinds that run alone: llama.cpp and the reference model take every core, and exports share one lock.
 RUN_ALONE = ("quantize", "eval")
 SECRET_ENV = ("APPLIANCE_PASSPHRASE", "APPLIANCE_PASSPHRASE_FILE", "APPLIANCE_NEW_PASSPHRASE",
-              "APPLIANCE_NEW_PASSPHRASE_FILE", "APPLIANCE_KEY_PASSPHRASE", "APPLIANCE_KEY_PASSPHRASE_FILE")
+              "APPLIANCE_NEW_PASSPHRASE_FILE", "APPLIANCE_KEY_PASSPHRASE", "APPLIANCE_KEY_PASSPHRASE_FILE",
+              "APPLIANCE_GRANT", "APPLIANCE_GRANT_FILE", "APPLIANCE_API_KEY", "APPLIANCE_API_KEY_FILE")
 
 
 def gpu_count() -> int:
@@ -63,8 +69,11 @@ def runner_alive(pid: int, job_id: str) -> bool:
 
 def dispatch(vault) -> list[str]:
     """Recover orphaned jobs, then start every queued job that fits; returns the ids started."""
+    from appliance.grants import cancel_jobs
+
     started = []
     with vault.session() as v:
+        cancel_jobs(v)  # an agent's jobs end with its grant (revoked, or expired since they were queued)
         _recover(v)
         running = queue.listing(v.con, ("running",))
         total, slots = gpu_count(), cpu_slots()
@@ -124,10 +133,16 @@ def _fail(vault, job: queue.Job, why: str) -> None:
     queue.finish(vault, job.id, "failed", error=why)
 
 
-def _start(vault, job: queue.Job, devices: list[int]) -> None:
+def runner_env(job: queue.Job, devices: list[int]) -> dict[str, str]:
+    """The environment a job's runner starts with: ours without any secret, plus its devices and actor."""
     env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV}
     env["CUDA_VISIBLE_DEVICES"] = ",".join(map(str, devices))  # "" for a CPU job: it must not take a GPU
     env["APPLIANCE_ACTOR"] = f"{job.submitted_by} ({job.id})"
+    return env
+
+
+def _start(vault, job: queue.Job, devices: list[int]) -> None:
+    env = runner_env(job, devices)
     home = str(vault.home.root)
     # The runner gets the vault's secrets on a pipe, never on its command line or in a file.
     proc = subprocess.Popen([sys.executable, "-m", "appliance.jobs.runner", home, job.id], stdin=subprocess.PIPE,

@@ -6,6 +6,7 @@ once; a running one is asked to stop (a training job stops at a checkpoint) and 
 
 from __future__ import annotations
 
+import contextvars
 import copy
 import json
 from dataclasses import dataclass
@@ -17,6 +18,9 @@ from appliance.vault.audit import current_actor
 
 KINDS = ("train", "quantize", "eval", "sweep")
 FINAL = ("done", "failed", "interrupted", "cancelled")
+# The grant an agent's call runs under (set by the MCP server for the call): jobs it queues record it in their
+# spec ("grant"), so they are cancelled when that grant is revoked or expires (grants.cancel_jobs).
+SUBMITTING_GRANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("submitting_grant", default=None)
 COLUMNS = ("id", "kind", "spec", "status", "priority", "gpus", "devices", "pid", "attempts", "cancel",
            "submitted_by", "created", "started", "finished", "ref", "result", "error")
 
@@ -127,6 +131,8 @@ def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Jo
     if not 0 <= gpus <= 64:
         raise UsageError(f"--gpus {gpus} is out of range", "ask for 0 (CPU) to 64 GPUs")
     spec = check_spec(kind, spec)
+    if grant := SUBMITTING_GRANT.get():
+        spec = {**spec, "grant": grant}
     con = vault.con
     if kind == "sweep":
         _new_sweep_name(con, spec["name"])
@@ -165,8 +171,8 @@ def resubmit(vault, job_id: str) -> Job:
                   old.priority)
 
 
-def cancel(vault, job_id: str) -> Job:
-    """A queued job ends now; a running one is asked to stop and ends as cancelled."""
+def cancel(vault, job_id: str, reason: str | None = None) -> Job:
+    """A queued job ends now; a running one is asked to stop and ends as cancelled (`reason` in the audit)."""
     import os
     import signal
 
@@ -175,11 +181,11 @@ def cancel(vault, job_id: str) -> Job:
         raise UsageError(f"{job_id} has already ended ({job.status})", "nothing to cancel")
     with vault.transaction():
         if job.status == "queued":
-            vault.con.execute("UPDATE jobs SET status = 'cancelled', cancel = true, finished = ? WHERE id = ?",
-                              [utcnow(), job_id])
+            vault.con.execute("UPDATE jobs SET status = 'cancelled', cancel = true, finished = ?, error = ? "
+                              "WHERE id = ?", [utcnow(), reason, job_id])
         else:
             vault.con.execute("UPDATE jobs SET cancel = true WHERE id = ?", [job_id])
-        vault.audit("jobs.cancel", [job_id], {"was": job.status})
+        vault.audit("jobs.cancel", [job_id], {"was": job.status, **({"reason": reason} if reason else {})})
     if job.status == "running" and job.pid:
         from appliance.jobs.dispatch import runner_alive
 

@@ -73,6 +73,9 @@ DDL = [
     """CREATE TABLE IF NOT EXISTS grants (
         id VARCHAR PRIMARY KEY, agent VARCHAR NOT NULL, caps VARCHAR NOT NULL, secret_sha256 VARCHAR NOT NULL,
         created TIMESTAMP NOT NULL, expires TIMESTAMP NOT NULL, revoked TIMESTAMP)""",
+    # What an agent's jobs may ask for (NULL in grants made before the bounds: 0, the safe default).
+    "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_gpus INTEGER",
+    "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_priority INTEGER",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",
