@@ -41,6 +41,7 @@ from pathlib import Path
 
 from appliance.errors import ApplianceError, UsageError
 from appliance.home import file_sha256
+from bundles.safefile import atomic_create
 
 FORMAT = 1
 ROOT = "appliance"
@@ -205,33 +206,28 @@ def pack_dist(dist: metadata.Distribution, dest: str, level: int = 1) -> tuple[s
     info_dir = next((str(f).split("/", 1)[0] for f in dist.files or [] if str(f).split("/", 1)[0].endswith(
         ".dist-info")), f"{dist_name}-{dist.version}.dist-info")
     info_files: list[tuple[str, Path, object]] = []
-    tmp = Path(dest) / f".{fname}.partial"
     kind = zipfile.ZIP_DEFLATED if level else zipfile.ZIP_STORED
-    try:
-        with zipfile.ZipFile(tmp, "w", kind, compresslevel=level or None) as zf:
-            for f in dist.files or []:
-                arc = _place(dist, str(f), site, scripts, info_dir)
-                if arc is None:
-                    continue
-                entry = (arc, Path(f.locate()), f.hash)
-                if ".dist-info/" in arc and "/" not in arc.split(".dist-info/", 1)[1]:
-                    info_files.append(entry)  # the metadata goes last, as wheels have it
-                else:
-                    record.append(_add(zf, *entry, dist, kind, level or None))
-            for entry in info_files:
-                record.append(_add(zf, *entry, dist, kind, level or None))
-            rec_name = f"{info_dir}/RECORD"
-            record.append((rec_name, "", ""))
-            buf = io.StringIO()
-            csv.writer(buf, lineterminator="\n").writerows(record)
-            zi = zipfile.ZipInfo(rec_name, EPOCH)
-            zi.external_attr = (stat.S_IFREG | 0o644) << 16
-            zf.writestr(zi, buf.getvalue(), zipfile.ZIP_DEFLATED)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
     out = Path(dest) / fname
-    os.replace(tmp, out)
+    # a random temp name created exclusively, no link followed (bundles.safefile)
+    with atomic_create(out, 0o644) as fh, zipfile.ZipFile(fh, "w", kind, compresslevel=level or None) as zf:
+        for f in dist.files or []:
+            arc = _place(dist, str(f), site, scripts, info_dir)
+            if arc is None:
+                continue
+            entry = (arc, Path(f.locate()), f.hash)
+            if ".dist-info/" in arc and "/" not in arc.split(".dist-info/", 1)[1]:
+                info_files.append(entry)  # the metadata goes last, as wheels have it
+            else:
+                record.append(_add(zf, *entry, dist, kind, level or None))
+        for entry in info_files:
+            record.append(_add(zf, *entry, dist, kind, level or None))
+        rec_name = f"{info_dir}/RECORD"
+        record.append((rec_name, "", ""))
+        buf = io.StringIO()
+        csv.writer(buf, lineterminator="\n").writerows(record)
+        zi = zipfile.ZipInfo(rec_name, EPOCH)
+        zi.external_attr = (stat.S_IFREG | 0o644) << 16
+        zf.writestr(zi, buf.getvalue(), zipfile.ZIP_DEFLATED)
     return fname, out.stat().st_size
 
 
@@ -527,6 +523,13 @@ INSTALL_SH = r"""#!/bin/sh
 # once it is installed and starts, so a failed install or upgrade leaves the release in use as it was, and
 # going back is pointing DIR/current at the previous release. Put DIR/current/bin on PATH.
 # The vault is not touched here: the new release's first command migrates it, after an encrypted backup.
+#
+# What is checked, and when:
+# - Who made this wheelhouse is checked BEFORE this script, by `python -m bundles unpack FILE --trust KEY`
+#   (or `verify`), which verifies the signed installer bundle. This script checks no signature.
+# - This script has pip check each wheel against the sha256 in requirements.txt beside it. That catches a
+#   damaged copy, not a deliberate change: whoever can edit this directory can edit requirements.txt too.
+#   Run it only from a directory that `python -m bundles unpack` just wrote, or that you built yourself.
 set -eu
 here=$(CDPATH= cd -- "$(dirname -- "$0")" && pwd)
 prefix=/opt/appliance
@@ -536,7 +539,7 @@ while [ $# -gt 0 ]; do
     --prefix) [ $# -ge 2 ] || {{ echo "install: --prefix needs a directory" >&2; exit 2; }}; prefix=$2; shift 2 ;;
     --prefix=*) prefix=${{1#--prefix=}}; shift ;;
     --no-compile) compile=--no-compile; shift ;;
-    -h|--help) sed -n '2,9p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
     *) echo "install: unknown option $1 (try --help)" >&2; exit 2 ;;
   esac
 done

@@ -4,8 +4,10 @@
     python -m bundles unpack FILE --to DIR --trust SITE.pub [--identity EDGE.key] [--state FILE]
 
 `--trust` takes public key files (trusted for every kind) or a trust-store directory. The secret key's
-passphrase comes from APPLIANCE_KEY_PASSPHRASE_FILE, APPLIANCE_KEY_PASSPHRASE or a prompt. `--state`
-remembers the newest version unpacked per bundle name, so an older release is refused (rollback).
+passphrase comes from APPLIANCE_KEY_PASSPHRASE_FILE, APPLIANCE_KEY_PASSPHRASE or a prompt. `unpack`
+always remembers the newest version unpacked per kind, bundle name and signer, so an older release (or the
+same one again) is refused (rollback); the record is `--state FILE`, by default
+$XDG_STATE_HOME/bundles/versions.json (~/.local/state/bundles/versions.json). `--allow-downgrade` overrides.
 Exit codes: 0 ok, 1 refused or failed (one line on stderr), 2 usage.
 """
 
@@ -17,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from bundles import container
+from bundles import container, safefile
 from bundles.errors import BundleError
 from bundles.keys import SecretKey
 from bundles.trust import TrustStore
@@ -27,8 +29,14 @@ def identities(paths: list[Path]) -> list[SecretKey]:
     return [SecretKey.load(p) for p in paths]
 
 
-def _state(path: Path | None) -> dict:
-    if path is None or not path.exists():
+def default_state() -> Path:
+    """Where `unpack` keeps its rollback memory unless --state says otherwise (XDG's state directory)."""
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"), ".local", "state")
+    return Path(base) / "bundles" / "versions.json"
+
+
+def _state(path: Path) -> dict:
+    if not path.exists():
         return {}
     try:
         return json.loads(path.read_text())
@@ -50,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--max-size", type=int, default=container.DEFAULT_MAX_SIZE)
         if name == "unpack":
             p.add_argument("--to", type=Path, required=True, help="new directory to unpack into")
-            p.add_argument("--state", type=Path, default=None, help="file remembering versions (rollback)")
+            p.add_argument("--state", type=Path, default=None,
+                           help="file remembering the newest version unpacked per kind, name and signer; an older "
+                                f"one is refused (default: {default_state()})")
             p.add_argument("--allow-downgrade", action="store_true")
     a = ap.parse_args(argv)
     try:
@@ -65,17 +75,20 @@ def main(argv: list[str] | None = None) -> int:
         if a.cmd == "verify":
             v = container.verify(a.file, trust, ids, max_size=a.max_size)
         else:
+            a.state = a.state or default_state()
             state = _state(a.state)
 
             def decide(m: dict, signer) -> container.Plan:
                 key = f"{m['kind']}/{m['name']}/{signer.key.key_id}"  # rollback per kind, name and signer
 
                 def remember() -> None:  # before the files appear: a crash cannot leave a replayable gap
-                    if a.state is not None:
-                        state[key] = max(m["version"], state.get(key, 0))
-                        tmp = a.state.with_name(f".{a.state.name}.tmp")
-                        tmp.write_text(json.dumps(state, indent=2))
-                        os.replace(tmp, a.state)
+                    state[key] = max(m["version"], state.get(key, 0))
+                    try:
+                        a.state.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                        safefile.atomic_write_bytes(a.state, json.dumps(state, indent=2).encode())  # no link followed
+                    except OSError as e:
+                        raise BundleError(f"cannot record the version in {a.state} ({e.strerror})",
+                                          "pass --state FILE in a writable directory") from None
 
                 return container.Plan(state.get(key), unpack_to=a.to, before_publish=remember)
 

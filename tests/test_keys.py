@@ -44,7 +44,10 @@ def test_passwd_rewraps_same_secrets():
     s = Secrets.generate()
     ring = Keyring.create("old passphrase", s)
     salt = ring.kdf["salt"]
-    ring.rewrap("new passphrase", s)
+    with pytest.raises(WrongPassphrase):  # the current passphrase is checked first; nothing changes
+        ring.rewrap("not the old one", "new passphrase")
+    assert ring.kdf["salt"] == salt
+    ring.rewrap("old passphrase", "new passphrase")
     assert ring.kdf["salt"] != salt
     assert ring.unlock("new passphrase")[0].data_key == s.data_key
     with pytest.raises(WrongPassphrase):

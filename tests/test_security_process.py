@@ -29,6 +29,14 @@ MARKER = "passphrase-marker-7f3a9c"
 TARGET = """
 import os, sys
 import appliance.cli, appliance.logs, appliance.passphrase, appliance.jobs.runner, appliance.vault.keys, getpass
+import resource
+# Start with core dumps allowed, as a box's default may (a test process that ran the CLI in-process has a
+# hard limit of 0, which only root can raise again).
+_, hard = resource.getrlimit(resource.RLIMIT_CORE)
+try:
+    resource.setrlimit(resource.RLIMIT_CORE, (resource.RLIM_INFINITY,) * 2)
+except (ValueError, OSError):  # not root, or no CAP_SYS_RESOURCE: as high as allowed
+    resource.setrlimit(resource.RLIMIT_CORE, (hard, hard))
 if os.geteuid() == 0:
     os.setgroups([]); os.setresgid({uid}, {uid}, {uid}); os.setresuid({uid}, {uid}, {uid})
     # A uid change leaves a process non-dumpable; one started by that user is dumpable: be that one.
@@ -64,10 +72,11 @@ def _uid(pid: int) -> int:
 
 def _protected(pid: int, timeout: float = 60.0) -> bool:
     """Wait until the process has protected itself (it does so first thing), or say it never did."""
+    want = NOBODY if os.geteuid() == 0 else os.geteuid()
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            if _core_limit(pid) == ("0", "0") and os.stat(f"/proc/{pid}/environ").st_uid == 0:
+            if _uid(pid) == want and _core_limit(pid) == ("0", "0") and os.stat(f"/proc/{pid}/environ").st_uid == 0:
                 return True
         except (FileNotFoundError, ProcessLookupError):
             return False

@@ -115,7 +115,7 @@ def test_a_wheelhouse_from_this_environment_installs_offline(home, cli, tmp_path
     # the far side checks the signed bundle with `bundles` alone, then unpacks it
     far = tmp_path / "far"
     p = subprocess.run([sys.executable, "-m", "bundles", "unpack", str(bundle), "--trust", str(pub), "--to",
-                        str(far)], capture_output=True, text=True)
+                        str(far), "--state", str(tmp_path / "versions.json")], capture_output=True, text=True)
     assert p.returncode == 0 and "ok: installer appliance" in p.stdout, p.stderr
     assert (far / "requirements.txt").read_text() == req
     shutil.rmtree(wh)  # from here on the far side has only what the bundle carried (and the disk holds one copy)

@@ -7,7 +7,7 @@ GGUF. A GGUF is named by its path, or by its id (`tiny-dense@1:q4_k_m`) when the
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from appliance.quantize import llama
@@ -89,6 +89,10 @@ def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], sys
         write("model> ")
         reply = "".join(_echo(chat_turn(llm, messages, max_tokens, temperature, seed), write))
         write("\n")
+        if not reply.strip():  # whitespace only: say so, or the operator sees an empty turn and no reason
+            from appliance.output import blank_note
+
+            write(f"{blank_note(reply)}\n")
         messages.append({"role": "assistant", "content": reply})
         replies.append(reply)
         if seed is not None:
@@ -102,8 +106,15 @@ def _echo(pieces: Iterator[str], write: Callable[[str], None]) -> Iterator[str]:
 
 
 def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, api_key: str | None = None,
-          alias: str | None = None, on_ready: Callable[[str], None] = lambda url: None) -> None:
-    """llama-cpp-python's OpenAI-compatible server over one GGUF, until interrupted."""
+          alias: str | None = None, on_ready: Callable[[str], None] = lambda url: None,
+          cors_origins: Sequence[str] = ()) -> None:
+    """llama-cpp-python's OpenAI-compatible server over one GGUF, until interrupted.
+
+    No CORS headers are sent unless `cors_origins` names exact origins (`https://app.example:8443`): a
+    browser then lets pages of those origins, and only those, read the answers. The API key, when set, is
+    compared in constant time.
+    """
+    origins = cors_allowed(cors_origins)  # before minutes of loading a large model
     info = llama.check(path)
     llama.lib()
     os.environ.pop("CONFIG_FILE", None)  # llama_cpp's create_app would replace our settings (the API key too)
@@ -124,6 +135,7 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     except (ValueError, RuntimeError) as e:
         raise QuantizeError(f"llama.cpp could not load {path}: {e}", "check the file with `appliance generate`"
                             ) from e
+    _harden(app, api_key, origins)
     config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
     server = uvicorn.Server(config)
     url = f"http://{host}:{port}/v1"
@@ -148,6 +160,58 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
         _free_models()
     if not server.started:
         raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass another --port")
+
+
+def cors_allowed(origins: Sequence[str]) -> list[str]:
+    """The origins given, each checked to be one exact `scheme://host[:port]`; `*` and patterns are refused."""
+    from urllib.parse import urlsplit
+
+    allowed = []
+    for origin in origins:
+        if "*" in origin:
+            raise QuantizeError(f"--cors-origin {origin} would let any web page read the model's answers",
+                                "name each origin exactly, e.g. --cors-origin http://localhost:3000")
+        try:
+            u = urlsplit(origin)
+            port = u.port
+        except ValueError:
+            u, port = None, None
+        host = u.hostname if u else None
+        canonical = ""
+        if u and u.scheme in ("http", "https") and host and not (u.username or u.password or u.query or u.fragment):
+            canonical = f"{u.scheme}://{f'[{host}]' if ':' in host else host}{f':{port}' if port else ''}"
+        if origin != canonical:
+            example = canonical or "http://localhost:3000"
+            raise QuantizeError(f"--cors-origin {origin} is not an origin",
+                                f"give scheme://host[:port] as a browser sends it, e.g. {example}")
+        allowed.append(origin)
+    return allowed
+
+
+def _harden(app, api_key: str | None, origins: list[str]) -> None:
+    """Take out llama-cpp-python's allow-every-origin CORS and its plain `==` key check; add ours."""
+    import hmac
+
+    from fastapi import Depends, HTTPException
+    from fastapi.middleware.cors import CORSMiddleware
+    from llama_cpp.server import app as server
+
+    # llama.cpp's server answers every origin, with credentials: any page open in a browser on this box
+    # could query the model. Browsers read answers only when CORS allows it, so we send none by default.
+    app.user_middleware = [m for m in app.user_middleware if m.cls is not CORSMiddleware]
+    if origins:
+        app.add_middleware(CORSMiddleware, allow_origins=origins, allow_credentials=False,
+                           allow_methods=["GET", "POST"], allow_headers=["Authorization", "Content-Type"])
+
+    async def authenticate(authorization=Depends(server.bearer_scheme)):  # noqa: B008 - FastAPI's idiom
+        if api_key is None:
+            return True
+        given = authorization.credentials if authorization else ""
+        if hmac.compare_digest(given.encode(), api_key.encode()):  # constant time: no key guessing by timing
+            return given
+        raise HTTPException(status_code=401, detail="Invalid API key")
+
+    app.dependency_overrides[server.authenticate] = authenticate
 
 
 def _check_port(host: str, port: int) -> None:

@@ -1,12 +1,14 @@
 """Envelope keys: passphrase -> Argon2id key-encryption key -> AES-GCM wrapped vault secrets.
 
 The secrets (the DuckDB data key, the pseudonym key, the audit key) are random and never change with the
-passphrase: `passwd` re-wraps them, `rekey` replaces the data key alone.
+passphrase: `passwd` re-wraps them, `rekey` replaces the data key alone. Both unwrap with the current
+passphrase before they write anything, so a mistyped one cannot wrap the keys under a passphrase nobody knows.
 """
 
 from __future__ import annotations
 
 import base64
+import hmac
 import json
 import os
 import uuid
@@ -55,6 +57,10 @@ class Secrets:
     def from_bytes(cls, raw: bytes) -> Secrets:
         d = json.loads(raw)
         return cls(_unb64(d["data_key"]), _unb64(d["pseudonym_key"]), _unb64(d["audit_key"]))
+
+    def same(self, other: Secrets) -> bool:
+        """Whether both hold the same keys (compared in constant time)."""
+        return hmac.compare_digest(self.to_bytes(), other.to_bytes())
 
     @property
     def duckdb_key(self) -> str:
@@ -118,13 +124,42 @@ class Keyring:
         pending = self._unwrap(kek, self.pending_rekey["wrapped"]) if self.pending_rekey else None
         return current, pending
 
-    def rewrap(self, passphrase: str, secrets: Secrets) -> None:
-        """Wrap `secrets` under a fresh salt for `passphrase` (passwd)."""
+    def check(self, passphrase: str, secrets: Secrets) -> None:
+        """Refuse unless `passphrase` opens this keyring to `secrets`, the keys of an open vault.
+
+        Raises:
+            WrongPassphrase: the passphrase does not open the keyring.
+            VaultError: it does, but to other keys (another process rekeyed the vault meanwhile).
+        """
+        current, _ = self.unlock(passphrase)
+        if not current.same(secrets):
+            raise VaultError("the keyring holds other keys than this open vault",
+                             "another process rekeyed it: open the vault again")
+
+    def rewrap(self, passphrase: str, new_passphrase: str) -> Secrets:
+        """Wrap the secrets `passphrase` opens under `new_passphrase` and a fresh salt (passwd); returns them.
+
+        Raises:
+            WrongPassphrase: `passphrase` is not the current one; the keyring is left as it was.
+        """
+        current, pending = self.unlock(passphrase)
         self.kdf = dict(self.kdf, salt=_b64(os.urandom(16)))
-        self.wrapped = self._wrap(self._kek(passphrase), secrets)
+        kek = self._kek(new_passphrase)
+        self.wrapped = self._wrap(kek, current)
+        if self.pending_rekey is not None and pending is not None:  # a half-done rekey stays finishable
+            self.pending_rekey = dict(self.pending_rekey, wrapped=self._wrap(kek, pending))
+        return current
 
     def wrap_pending(self, passphrase: str, nxt: Secrets, file: str) -> None:
-        self.pending_rekey = {"file": file, "wrapped": self._wrap(self._kek(passphrase), nxt)}
+        """Record `nxt` as the next secrets (rekey), wrapped under the current passphrase.
+
+        Raises:
+            WrongPassphrase: `passphrase` does not open the current secrets. Wrapping the next key under it
+                would lock the vault for good once the rekey swaps the file, so nothing is changed.
+        """
+        kek = self._kek(passphrase)
+        self._unwrap(kek, self.wrapped)
+        self.pending_rekey = {"file": file, "wrapped": self._wrap(kek, nxt)}
 
     # --- file -----------------------------------------------------------------------------------
     def to_json(self) -> bytes:

@@ -215,26 +215,37 @@ class Vault:
         return stored is not None and stored < SCHEMA_VERSION
 
     # --- keys -----------------------------------------------------------------------------------
-    def passwd(self, new_passphrase: str) -> None:
-        """Re-wrap the same secrets under a new passphrase; no data is re-encrypted."""
-        self.keyring.rewrap(new_passphrase, self.secrets)
-        with self.transaction():
-            self.audit("vault.passwd", [], {})
-        self.con.execute("CHECKPOINT")
-        self.keyring.save(self.home.keyring)
+    def passwd(self, passphrase: str, new_passphrase: str) -> None:
+        """Re-wrap the same secrets under a new passphrase; no data is re-encrypted, the data key stays.
+
+        `passphrase`, the current one, must open the keyring on disk to this vault's keys: a wrong one raises
+        WrongPassphrase and nothing is written.
+        """
+        with _home_lock(self.home, BUSY_WAIT):
+            ring = Keyring.load(self.home.keyring)
+            if not ring.rewrap(passphrase, new_passphrase).same(self.secrets):
+                raise VaultError("the keyring holds other keys than this open vault",
+                                 "another process rekeyed it: open the vault again")
+            if self.read_only:
+                raise VaultError("the vault is open read-only", "open it for writing to change the passphrase")
+            with self.transaction():
+                self.audit("vault.passwd", [], {})
+            self.con.execute("CHECKPOINT")
+            ring.save(self.home.keyring)
+            self.keyring = ring
 
     def rekey(self, passphrase: str) -> None:
         """Copy everything into a database under a fresh data key and swap it in atomically.
 
-        Crash-safe: the keyring holds the next key as pending until the swap is done; `open` finishes or
-        rolls back a half-done rekey. The old file is overwritten before it is unlinked, and its key is gone.
+        `passphrase` must be the current one (the new key is wrapped under it): a wrong one raises
+        WrongPassphrase before anything is written. Crash-safe: the keyring holds the next key as pending
+        until the swap is done; `open` finishes or rolls back a half-done rekey. The old file is overwritten
+        before it is unlinked, and its key is gone.
         """
-        if self.read_only:
-            raise VaultError("the vault is open read-only", "open it for writing to rekey")
-        running = [j for (j,) in self.con.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
-        if running:  # their processes hold the current key
-            raise VaultError(f"jobs are running ({', '.join(running)})", "rekey when they have ended "
-                             "(`appliance jobs list`)")
+        ring = Keyring.load(self.home.keyring)
+        ring.check(passphrase, self.secrets)  # a typo here would wrap the new key under a passphrase nobody knows
+        self.keyring = ring
+        self.check_rekeyable()
         import fcntl
 
         with _home_lock(self.home, BUSY_WAIT):
@@ -248,6 +259,15 @@ class Vault:
                 self._rekey(passphrase)
             finally:
                 os.close(fd)
+
+    def check_rekeyable(self) -> None:
+        """Refuse a rekey that could not run now (so `passwd --rekey` refuses before it changes anything)."""
+        if self.read_only:
+            raise VaultError("the vault is open read-only", "open it for writing to rekey")
+        running = [j for (j,) in self.con.execute("SELECT id FROM jobs WHERE status = 'running'").fetchall()]
+        if running:  # their processes hold the current key
+            raise VaultError(f"jobs are running ({', '.join(running)})", "rekey when they have ended "
+                             "(`appliance jobs list`)")
 
     def _rekey(self, passphrase: str) -> None:
         nxt = Secrets(os.urandom(32), self.secrets.pseudonym_key, self.secrets.audit_key)
