@@ -80,14 +80,27 @@ def vault_show(v, ref: str) -> dict:
     return versions.show(v.con, ref)
 
 
-def vault_records(v, ref: str, offset: int = 0, limit: int = 20, text: bool = True) -> dict:
-    """A page of a version's records, with their (scrubbed) text unless `text` is false."""
+def vault_records(v, ref: str, offset: int = 0, limit: int = 20, text: bool = True, grep: str | None = None,
+                  file: str | None = None) -> dict:
+    """A page of a version's records, with their (scrubbed) text unless `text` is false.
+
+    `grep` keeps records whose text contains it (case-insensitive), `file` those from that source file or
+    repository path (whole, or its last components); `total` counts every match, not just this page."""
     from appliance.vault import versions
 
-    page = versions.records_page(v.con, ref, offset, limit)
+    page = versions.records_page(v.con, ref, offset, limit, grep, file)
     if text:
         page = [versions.record(v.con, ref, r["ord"]) | {"split": r["split"]} for r in page]
-    return {"version": versions.show(v.con, ref)["version"], "offset": offset, "records": page}
+    return {"version": versions.show(v.con, ref)["version"], "offset": offset, "records": page,
+            "total": versions.count_records(v.con, ref, grep, file)}
+
+
+def vault_record(v, record_id: str) -> dict:
+    """One record (`NAME@N#ORD`, as `vault_records` lists it): its scrubbed text, source path, kind and split."""
+    from appliance.vault import versions
+
+    ref, ord_ = versions.record_id(record_id)
+    return versions.record(v.con, ref, ord_)
 
 
 def vault_sql(v, query: str, limit: int = 100) -> dict:
@@ -97,15 +110,18 @@ def vault_sql(v, query: str, limit: int = 100) -> dict:
 
 
 def vault_ingest(v, paths: list[str | Path], dataset: str, pii: str = "redact", validation: float = 0.05,
-                 replace: bool = False, workers: int | None = None, progress=None, on_plan=None) -> dict:
+                 replace: bool = False, workers: int | None = None, progress=None, on_plan=None,
+                 follow_links: bool = False) -> dict:
     """Ingest files into a new version; `progress(item)` and `on_plan(total)` see it go (as the CLI's bar).
 
-    A partial ingest (some files unreadable) lands the rest and says so in `partial` and `failed`."""
+    A partial ingest (some files unreadable) lands the rest and says so in `partial` and `failed`. Links
+    below `paths` are skipped (and listed in `skipped`) unless `follow_links`, which the operator's CLI
+    alone passes (never the MCP server); a link into the home is refused either way."""
     from appliance.vault.ingest import ingest, validate_name
 
     validate_name(dataset)
     return ingest(v, [Path(p) for p in paths], dataset, pii, validation, replace, progress=progress,
-                  on_plan=on_plan, workers=workers).to_json()
+                  on_plan=on_plan, workers=workers, follow_links=follow_links).to_json()
 
 
 def vault_export(v, ref: str, out: str | Path, split: str | None = None, force: bool = False) -> dict:
@@ -128,16 +144,34 @@ def vault_check(v) -> dict:
     return rep.to_json()
 
 
-def vault_passwd(v, new_passphrase: str) -> dict:
-    """Change the passphrase (re-wraps the keys; no data is re-encrypted)."""
+def vault_passwd(v, passphrase: str, new_passphrase: str, rekey: bool = False) -> dict:
+    """Change the passphrase: re-wraps the keys, the data key stays (no data is re-encrypted).
+
+    `passphrase` is the current one and is checked against the keyring first (`WrongPassphrase`, nothing
+    changed). With `rekey`, the data key is rotated too, under the new passphrase (`vault_rekey`): for a
+    suspected compromise, where someone may hold the old passphrase and a copy of the keyring.
+    """
+    from appliance.errors import ApplianceError, VaultError
     from appliance.passphrase import check_new
 
-    v.passwd(check_new(new_passphrase))
-    return {"changed": True}
+    new_passphrase = check_new(new_passphrase)
+    if rekey:
+        v.check_rekeyable()  # refused before the passphrase changes, not half-way
+    v.passwd(passphrase, new_passphrase)
+    if not rekey:
+        return {"changed": True}
+    try:
+        v.rekey(new_passphrase)
+    except ApplianceError as e:
+        raise VaultError(f"the passphrase was changed, but the data key was not rotated: {e.message}",
+                         f"{e.hint + '; then ' if e.hint else ''}run `appliance vault rekey` "
+                         "with the new passphrase") from e
+    return {"changed": True, "rekeyed": True}
 
 
 def vault_rekey(v, passphrase: str) -> dict:
-    """Rotate the data key; `passphrase` (the current one) wraps the new key."""
+    """Rotate the data key; `passphrase`, the current one, is checked against the keyring first
+    (`WrongPassphrase`, nothing changed) and wraps the new key."""
     v.rekey(passphrase)
     return {"rekeyed": True}
 
@@ -202,7 +236,8 @@ def synth_edge_cases(v, source: str, dataset: str, table: str | None = None, row
 
 
 # --- train, models, lineage, audit -------------------------------------------------------------------
-def train_tokenizer(v, dataset: str, vocab: int = 32000, name: str | None = None, min_frequency: int = 2) -> dict:
+def train_tokenizer(v, dataset: str | list[str], vocab: int = 32000, name: str | None = None,
+                    min_frequency: int = 2) -> dict:
     from appliance.train.tokenizer import train_tokenizer as train
 
     return train(v, dataset, vocab, name, min_frequency).to_json()
@@ -212,7 +247,8 @@ def train_run(v, recipe: str | dict, overrides: list[str] | None = None, resume:
               nnodes: int = 1, node_rank: int = 0, rdzv_endpoint: str = "", on_event=None) -> dict:
     """Train in this process (torchrun below it when `gpus` > 0); `recipe` is a name, a TOML path or its tables.
 
-    `on_event(kind, data)` sees "start", "step", "checkpoint" and "stage" events as the CLI's progress does.
+    `on_event(kind, data)` sees "start", "step", "checkpoint", "stage" and "warning" (over-fitting, once each)
+    events as the CLI's progress does.
     """
     from appliance.errors import UsageError
     from appliance.train.config import build_recipe, load_recipe
@@ -223,23 +259,31 @@ def train_run(v, recipe: str | dict, overrides: list[str] | None = None, resume:
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give node 0's address and a free port")
     kw = {"on_event": on_event} if on_event else {}
-    return run(v, r, resume=resume, gpus=gpus, nodes=Nodes(nnodes, node_rank, rdzv_endpoint), **kw).to_json()
+    res = run(v, r, resume=resume, gpus=gpus, nodes=Nodes(nnodes, node_rank, rdzv_endpoint), **kw).to_json()
+    return {**res, "notes": list(r.notes)}  # what loading adjusted (a warmup fitted to a shortened run)
 
 
-def train_recipes(keys: bool = False) -> dict:
-    """The shipped recipes, or (with `keys`) every recipe key with its default and meaning. Needs no vault."""
-    from appliance.train.config import describe, load_recipe, shipped
-    from appliance.train.model import count_parameters
+def train_recipes(keys: bool = False, home: Path | None = None) -> dict:
+    """The shipped recipes, or (with `keys`) every recipe key with its default and meaning. Needs no vault.
+
+    Parameter counts use the vocabulary of the recipe's tokenizer when `home` has it, else 32,000 tokens;
+    `parameters.vocab_size` and `parameters.vocab_from` (the tokenizer id, or null) say which.
+    """
+    from appliance.train.config import describe, load_recipe, recipe_purpose, shipped
+    from appliance.train.model import count_parameters, tokenizer_vocab
 
     if keys:
         return {"keys": describe()}
     items = []
     for name, path in shipped().items():
         r = load_recipe(str(path))
-        params = count_parameters(r.model) if r.stage == "pretrain" else None
+        params = None
+        if r.stage == "pretrain":
+            tok, vocab = tokenizer_vocab(home, r.data.tokenizer) if home else (None, 32000)
+            params = {**count_parameters(r.model, vocab), "vocab_size": vocab, "vocab_from": tok}
         items.append({"name": name, "path": str(path), "stage": r.stage, "method": r.method,
                       "arch": r.model.arch if r.stage == "pretrain" else None, "parameters": params,
-                      "command": path.read_text().splitlines()[0].lstrip("# ")})
+                      "command": path.read_text().splitlines()[0].lstrip("# "), "purpose": recipe_purpose(path)})
     return {"recipes": items}
 
 

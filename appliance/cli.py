@@ -19,7 +19,7 @@ from appliance import __version__
 from appliance.errors import ApplianceError, CheckFailed, PartialIngest, UsageError, VaultError, one_line
 from appliance.hardening import protect_process
 from appliance.home import Home, default_home
-from appliance.output import ProgressBar, emit_json, err, human_bytes, out, table
+from appliance.output import ProgressBar, emit_json, err, human_bytes, num, out, table
 from appliance.passphrase import check_new, get_passphrase
 from bundles.errors import BundleError
 
@@ -104,13 +104,61 @@ def logging_level(code: int) -> int:
     return logging.INFO if code == 0 else logging.WARNING if code in (2, 3, 130) else logging.ERROR
 
 
+def refuse_repeats(cmd: click.Command, ctx: click.Context, args: list[str]) -> None:
+    """Refuse an option given twice that takes one value: click would silently keep the last one.
+
+    Options declared `multiple=True` (and flags) may repeat; for a group, only its own options (before the
+    subcommand) are looked at. Unknown `--KEY VALUE` pairs (`train run` overrides) are checked by the recipe.
+    """
+    opts = {o: p for p in cmd.params if isinstance(p, click.Option) for o in (*p.opts, *p.secondary_opts)}
+    seen: set[str] = set()
+    i = 0
+    while i < len(args):
+        arg, i = args[i], i + 1
+        if arg == "--" or (isinstance(cmd, click.Group) and not arg.startswith("-")):
+            return
+        if not arg.startswith("-") or arg == "-":
+            continue
+        long = arg.startswith("--")
+        flag, inline = (arg.split("=", 1)[0], "=" in arg) if long else (arg[:2], len(arg) > 2)
+        p = opts.get(flag)
+        if p is None:
+            i += 0 if inline or not cmd.ignore_unknown_options else 1
+            continue
+        if p.is_flag or p.count:
+            continue
+        i += 0 if inline else p.nargs
+        if p.multiple:
+            continue
+        if p.name in seen:
+            several = " (several values go in one comma-separated list)" if "," in (p.metavar or "") else ""
+            raise click.UsageError(f"{p.opts[-1]} was given more than once but takes one value{several}; "
+                                   "give it once", ctx)
+        seen.add(p.name or flag)
+
+
+class OnceCommand(click.Command):
+    def parse_args(self, ctx, args):
+        refuse_repeats(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
+class OnceGroup(click.Group):
+    command_class = OnceCommand
+    group_class = type  # subgroups are OnceGroups too
+
+    def parse_args(self, ctx, args):
+        refuse_repeats(self, ctx, args)
+        return super().parse_args(ctx, args)
+
+
 def command(group, name: str | None = None, **kw):
     def deco(f):
-        return group.command(name, **kw)(_merge_globals(f))
+        return group.command(name, cls=OnceCommand, **kw)(_merge_globals(f))
     return deco
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.group(cls=OnceGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
 @click.option("--home", type=click.Path(path_type=Path), default=None,
               help="Appliance home (default: $APPLIANCE_HOME, else ~/.local/share/appliance).")
 @click.option("--json", "json_", is_flag=True, help="Print one JSON object (for scripts and agents).")
@@ -159,7 +207,9 @@ def vault_group():
 @click.option("--replace", is_flag=True, help="Start the version from nothing instead of the previous one.")
 @click.option("--workers", type=click.IntRange(1, 64), default=None,
               help="Processes that read and scrub files (default: one per core, at most 8).")
-def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers):
+@click.option("--follow-links", is_flag=True,
+              help="Follow symbolic links below PATHS (default: report them as skipped); never into the home.")
+def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers, follow_links):
     """Ingest files, mail, code repositories and tables into a new dataset version."""
     from appliance import api
     from appliance.vault.ingest import validate_name
@@ -169,7 +219,8 @@ def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers):
     with c.open_vault() as v:
         on_plan, on_item = bar.callbacks()
         try:
-            res = api.vault_ingest(v, list(paths), dataset, pii, validation, replace, workers, on_item, on_plan)
+            res = api.vault_ingest(v, list(paths), dataset, pii, validation, replace, workers, on_item, on_plan,
+                                   follow_links)
         finally:
             bar.stop()
 
@@ -223,6 +274,8 @@ def show_cmd(c: Ctx, ref):
         out.print("kinds: " + ", ".join(f"{k} {n}" for k, n in info["kinds"].items()))
         if info["pii"]["total"]:
             out.print("PII: " + ", ".join(f"{k} {n}" for k, n in info["pii"]["total"].items()))
+            table(["file", "PII found"], [[path, ", ".join(f"{k} {n}" for k, n in counts.items())]
+                                          for path, counts in info["pii"]["per_file"].items()])
         for t in info["tables"]:
             out.print(f"table {t['table']}: {t['rows']} rows, {len(t['columns'])} columns")
         table(["source", "kind", "status", "records", "dups", "note"],
@@ -232,17 +285,99 @@ def show_cmd(c: Ctx, ref):
     c.emit(info, human)
 
 
+@command(vault_group, "records")
+@click.argument("ref")
+@click.option("--grep", default=None, help="Only records whose text contains TEXT (case-insensitive).")
+@click.option("--file", "file", default=None, help="Only records from this source file (its full path, or its "
+                                                   "last components: handbook/permits.md).")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=50, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+def records_cmd(c: Ctx, ref, grep, file, limit, offset):
+    """List a version's records (NAME@N): id, kind, split, source, size; `vault record ID` prints one."""
+    from appliance import api
+    from appliance.vault.versions import origin
+
+    with c.open_vault(read_only=True) as v:
+        res = api.vault_records(v, ref, offset, limit, text=False, grep=grep, file=file)
+    rows = res["records"]
+
+    def human():
+        if not rows:
+            out.print(f"no records of {res['version']} match" if grep or file else f"{res['version']} has no records"
+                      + (f" past {offset}" if offset else ""))
+            return
+        table(["id", "kind", "split", "source", "title", "bytes"],
+              [[r["id"], r["kind"], r["split"], origin(r), r["title"] or "", r["bytes"]] for r in rows])
+        shown = f"{offset + 1}-{offset + len(rows)}"
+        err.print(f"records {shown} of {res['total']}" + (f"; next: --offset {offset + len(rows)}"
+                                                           if offset + len(rows) < res["total"] else "")
+                  + "; read one with `appliance vault record ID`", markup=False)
+
+    c.emit(res, human)
+
+
+@command(vault_group, "record")
+@click.argument("record_id")
+def record_cmd(c: Ctx, record_id):
+    """Print one record (NAME@N#ORD, as `vault records` lists it): its source, kind, split and text."""
+    from appliance import api
+    from appliance.vault.versions import origin
+
+    with c.open_vault(read_only=True) as v:
+        rec = api.vault_record(v, record_id)
+
+    def human():
+        out.print(f"{rec['id']}  {rec['kind']}  split {rec['split']}" + (f"  title {rec['title']}" if rec["title"]
+                                                                         else ""), markup=False)
+        out.print(f"source: {origin(rec) or '-'}", markup=False)
+        out.print("")
+        out.print(rec["text"], markup=False)
+
+    c.emit(rec, human)
+
+
 @command(vault_group, "sql")
 @click.argument("query")
 @click.option("--limit", type=click.IntRange(1, 1_000_000), default=100, show_default=True)
-def sql_cmd(c: Ctx, query, limit):
-    """Run read-only SQL over the vault (tables: versions, version_records, blobs, data.*, audit, ...)."""
+@click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table", show_default=True,
+              help="How rows are printed: a table that fits the terminal (wide cells cut), CSV, or a JSON array "
+                   "of objects (--json prints the command's JSON object instead).")
+def sql_cmd(c: Ctx, query, limit, fmt):
+    """Run read-only SQL over the vault (tables: versions, version_records, blobs, data.*, audit, ...).
+
+    To read records without SQL: `appliance vault records NAME@N` and `appliance vault record NAME@N#ORD`.
+    """
     from appliance import api
 
     with c.open_vault() as v:
         res = api.vault_sql(v, query, limit)
-    c.emit(res, lambda: (table(res["columns"], res["rows"]),
+    c.emit(res, lambda: (_print_rows(res["columns"], res["rows"], fmt),
                          res["truncated"] and err.print(f"(first {limit} rows; use --limit)")))
+
+
+def _print_rows(columns: list[str], rows: list[list], fmt: str) -> None:
+    """Query results as a table that fits the terminal (wide cells cut, marked `…`), CSV or JSON objects."""
+    import csv
+    import json as _json
+
+    if fmt == "csv":
+        w = csv.writer(sys.stdout, lineterminator="\n")
+        w.writerow(columns)
+        w.writerows([["" if x is None else x if isinstance(x, str) else _json.dumps(x) if isinstance(x, list | dict)
+                      else x for x in r] for r in rows])
+        return
+    if fmt == "json":
+        sys.stdout.write(_json.dumps([dict(zip(columns, r)) for r in rows], ensure_ascii=False, default=str) + "\n")
+        return
+    from rich.markup import escape
+
+    width = max(10, (out.width - 1 - 3 * max(1, len(columns))) // max(1, len(columns)))  # borders and padding
+
+    def cell(x) -> str:
+        s = " ".join(("" if x is None else str(x)).split())  # one line per row
+        return escape(s if len(s) <= width else s[:width - 1] + "…")
+
+    table([escape(str(c)) for c in columns], [[cell(x) for x in r] for r in rows])
 
 
 @command(vault_group, "export")
@@ -277,14 +412,23 @@ def check_cmd(c: Ctx):
 
 
 @command(vault_group, "passwd")
-def passwd_cmd(c: Ctx):
-    """Change the passphrase (re-wraps the keys; no data is re-encrypted)."""
+@click.option("--rekey", is_flag=True,
+              help="Also rotate the data key, under the new passphrase (for a suspected compromise).")
+def passwd_cmd(c: Ctx, rekey):
+    """Change the passphrase. The data key stays: the keys are re-wrapped, no data is re-encrypted.
+
+    Someone who had the old passphrase and a copy of keyring.json (or a backup) still has the data key.
+    For a suspected compromise use --rekey: new passphrase and a new data key (`vault rekey`), each checked.
+    The new passphrase comes from APPLIANCE_NEW_PASSPHRASE_FILE, APPLIANCE_NEW_PASSPHRASE or a prompt.
+    """
     from appliance import api
 
-    with c.open_vault() as v:
+    passphrase = get_passphrase()  # checked again against the keyring before the keys are re-wrapped
+    with c.open_vault(passphrase=passphrase) as v:
         new = check_new(get_passphrase(confirm=True, prefix="APPLIANCE_NEW_PASSPHRASE", label="new passphrase"))
-        res = api.vault_passwd(v, new)
-    c.emit(res, "passphrase changed")
+        res = api.vault_passwd(v, passphrase, new, rekey=rekey)
+    c.emit(res, "passphrase changed" + ("; data key rotated, the old database file was overwritten and removed"
+                                        if rekey else "; the data key is unchanged (--rekey rotates it)"))
 
 
 @command(vault_group, "rekey")
@@ -305,17 +449,19 @@ def train_group():
 
 
 @command(train_group, "tokenizer")
-@click.option("--dataset", "-d", required=True, help="Dataset version to train on (NAME@N or NAME).")
+@click.option("--dataset", "-d", "datasets", required=True, multiple=True,
+              help="Dataset version to train on (NAME@N or NAME); repeat it to train on several.")
 @click.option("--vocab", type=int, default=32000, show_default=True, help="Vocabulary size.")
 @click.option("--name", default=None, help="Tokenizer name (default: DATASET-bpe); saved as NAME@K.")
 @click.option("--min-frequency", type=click.IntRange(1, 1000), default=2, show_default=True)
-def train_tokenizer_cmd(c: Ctx, dataset, vocab, name, min_frequency):
-    """Train a byte-level BPE tokenizer on a dataset version's train split."""
+def train_tokenizer_cmd(c: Ctx, datasets, vocab, name, min_frequency):
+    """Train a byte-level BPE tokenizer on the train split of one or more dataset versions."""
     from appliance import api
 
     with c.open_vault() as v:
-        res = api.train_tokenizer(v, dataset, vocab, name, min_frequency)
-    c.emit(res, f"{res['id']}: {res['vocab_size']} tokens from {res['records']} records of {res['dataset']}\n"
+        res = api.train_tokenizer(v, list(datasets), vocab, name, min_frequency)
+    c.emit(res, f"{res['id']}: {res['vocab_size']} tokens from {res['records']} records of "
+                f"{', '.join(res['datasets'])}\n"
                 f"saved to {res['path']}")
 
 
@@ -365,7 +511,8 @@ def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_end
     from appliance.train.config import load_recipe
 
     overrides = _overrides(sets, ctx.args)
-    load_recipe(recipe, overrides)  # a bad recipe is reported before the passphrase is asked
+    for note in load_recipe(recipe, overrides).notes:  # a bad recipe is reported before the passphrase is asked
+        err.print(f"note: {note}", markup=False)
     if nnodes > 1 and not rdzv_endpoint:
         raise UsageError("--nnodes > 1 needs --rdzv-endpoint HOST:PORT", "give node 0's address and a free port")
     progress = TrainProgress(not c.json)
@@ -376,7 +523,7 @@ def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_end
             progress.stop()
     c.emit(res, lambda: out.print(
         f"{res['id']}: {res['stage']}/{res['method']}, {res['steps']} steps, final loss "
-        f"{'-' if res['loss'] is None else format(res['loss'], '.4f')}, "
+        f"{num(res['loss'])}, "
         f"{res['tokens_per_s']:,.0f} tok/s, padding {res['data']['padding_fraction']:.2%}\n"
         f"saved to {res['model_path'] or 'node 0 (this node ran worker ranks only)'}"
         + (f"\nmerged: {res['merged']}" if res["merged"] else "")))
@@ -393,12 +540,14 @@ def train_recipes_cmd(c: Ctx, keys):
         c.emit({"keys": rows}, lambda: table(["key", "default", "meaning"],
                                              [[r["key"], str(r["default"]), r["help"]] for r in rows]))
         return
-    items = api.train_recipes()["recipes"]
+    items = api.train_recipes(home=c.home)["recipes"]
     c.emit({"recipes": items}, lambda: (table(
-        ["recipe", "stage", "arch", "parameters"],
-        [[i["name"], f"{i['stage']}/{i['method']}", i["arch"] or "base model", _params(i["parameters"])]
-         for i in items]), out.print("run one with `appliance train run NAME`; see its first line for an example "
-                                     "(`appliance train recipes --json`)")))
+        ["recipe", "stage", "arch", "parameters", "vocabulary"],
+        [[i["name"], f"{i['stage']}/{i['method']}", i["arch"] or "base model", _params(i["parameters"]),
+          _vocab(i["parameters"])] for i in items]),
+        [out.print(f"{i['name']}: {i['purpose']}", markup=False) for i in items if i.get("purpose")],
+        out.print("run one with `appliance train run NAME`; see its first line for an example "
+                  "(`appliance train recipes --json`)")))
 
 
 def _params(p: dict | None) -> str:
@@ -406,6 +555,12 @@ def _params(p: dict | None) -> str:
         return "-"
     fmt = lambda n: f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"  # noqa: E731
     return fmt(p["total"]) + (f" ({fmt(p['active'])} active)" if p["active"] != p["total"] else "")
+
+
+def _vocab(p: dict | None) -> str:
+    if not p:
+        return "base model's"
+    return f"{p['vocab_size']:,} ({p['vocab_from']})" if p.get("vocab_from") else f"{p['vocab_size']:,} (assumed)"
 
 
 @command(train_group, "import")
@@ -456,7 +611,7 @@ def train_metrics_cmd(c: Ctx, run_id):
     rows = res["metrics"]
     c.emit(res, lambda: table(
         ["step", "loss", "lr", "grad norm", "tok/s"],
-        [[m["step"], f"{m['loss']:.4f}", f"{m['lr']:.2e}", f"{m['grad_norm']:.3f}", f"{m['tokens_per_s']:,.0f}"]
+        [[m["step"], num(m["loss"]), num(m["lr"], 3), num(m["grad_norm"]), f"{m['tokens_per_s']:,.0f}"]
          for m in rows]))
 
 

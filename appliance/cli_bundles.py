@@ -151,8 +151,10 @@ def bundle_verify_cmd(c: Ctx, file):
 
     with c.open_vault(read_only=True) as v:
         r = api.bundle_verify(v, file)
-    c.emit(r, f"ok: {r['kind']} {r['name']} v{r['version']}, {r['files']} files, {human_bytes(r['bytes'])}, "
-              f"signed by {r['signer']} ({r['key_id']})")
+    by = (f"signed by this home's own key {r['own_key']} ({r['key_id']}); a receiving site must trust its public "
+          f"key (`appliance keys export-public {r['own_key']}`)" if r.get("own_key")
+          else f"signed by {r['signer']} ({r['key_id']})")
+    c.emit(r, f"ok: {r['kind']} {r['name']} v{r['version']}, {r['files']} files, {human_bytes(r['bytes'])}, {by}")
 
 
 @command(bundle_group, "import")

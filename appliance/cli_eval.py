@@ -8,7 +8,7 @@ import click
 
 from appliance.cli import Ctx, cli, command, train_group
 from appliance.errors import ApplianceError, UsageError
-from appliance.output import StageProgress, err, out, table
+from appliance.output import StageProgress, blank_note, change, err, num, out, table
 
 
 class ChecksFailed(ApplianceError):
@@ -67,12 +67,15 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
         out.print(f"[bold]{res['id']}[/]  {res['suite']} on {res['model']} ({res['backend']}): "
                   f"{res['passed']}/{res['cases']} cases passed")
         table(["case", "passed", "output"], [[r["case"], "yes" if r["passed"] else "no",
-                                              " ".join(r["output"].split())[:70]] for r in res["case_results"]])
+                                              blank_note(r["output"] or "") or " ".join(r["output"].split())[:70]]
+                                             for r in res["case_results"]])
+        if res.get("blank"):
+            err.print(f"warning: {res['blank']} of {res['cases']} answers were blank (empty or whitespace only): "
+                      "the model may need more training steps (docs/TRAINING.md, Recipes)", markup=False)
         m = {k: v for k, v in res["metrics"].items() if not isinstance(v, list) and not k.endswith("_tokens")}
-        out.print("metrics: " + ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-                                          for k, v in m.items()))
+        out.print("metrics: " + ", ".join(f"{k} {num(v)}" for k, v in m.items()))
         for k in res["checks"]:
-            value = f"{k['value']:.4g}" if isinstance(k["value"], int | float) else "not measured"
+            value = num(k["value"]) if isinstance(k["value"], int | float) else "not measured"
             (out if k["ok"] else err).print(f"{'ok' if k['ok'] else 'FAILED'}: {k['metric']} {value} "
                                             f"(needs {k['limit']})", markup=False)
 
@@ -98,14 +101,17 @@ def eval_runs_cmd(c: Ctx):
 def _compare_human(r: dict) -> None:
     rows = []
 
-    def num(x, fmt: str) -> str:
-        return format(x, fmt) if isinstance(x, int | float) else "-"
+    def signed(x) -> str:
+        return ("+" if isinstance(x, int | float) and x > 0 else "") + num(x)
 
     for k, m in r["metrics"].items():
         ci = m.get("ci95") or m.get("ci95_mean_nll")
         what = " (mean NLL)" if m.get("ci95_mean_nll") else ""
-        rows.append([k, num(m["a"], ".4g"), num(m["b"], ".4g"), num(m["delta"], "+.4g"),
-                     f"[{ci[0]:+.3g}, {ci[1]:+.3g}]{what}" if ci else ""])
+        a, b = m["a"], m["b"]
+        rel = f" ({(b - a) / abs(a):+.0%})".replace("%", " %") if isinstance(a, int | float) and isinstance(
+            b, int | float) and a else ""
+        rows.append([k, num(a), num(b), signed(m["delta"]) + rel,
+                     f"[{signed(ci[0])}, {signed(ci[1])}]{what}" if ci else ""])
     table(["metric", r["a"], r["b"], "delta", "95% CI (paired bootstrap)"], rows)
     out.print(f"wins {len(r['wins'])}: {', '.join(r['wins']) or '-'}; losses {len(r['losses'])}: "
               f"{', '.join(r['losses']) or '-'}; answers changed: {', '.join(r['changed']) or '-'}")
@@ -155,8 +161,8 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
     def human():
         _compare_human(r)
         for x in r["regressions"]:
-            err.print(f"regression: {x['metric']} {x['baseline']} -> {x['candidate']} "
-                      f"(tolerance {x['tolerance']:g})", markup=False)
+            err.print(f"regression: {x['metric']} {change(x['baseline'], x['candidate'])} "
+                      f"(tolerance {num(x['tolerance'])})", markup=False)
         if r["ok"]:
             out.print("gate passed: no metric regressed beyond tolerance")
 
@@ -194,8 +200,8 @@ def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, reb
             return
         (out if r["ok"] else err).print(
             f"{'ok' if r['ok'] else 'DRIFT'}: {r['model']} vs baseline {r['baseline']} ({r['baseline_model']}): "
-            f"answers changed {r['answer_change_rate']:.0%} (max {max_change:.0%}), mean KL {r['mean_kl']:.4f} "
-            f"(max {max_kl:g}), worst probe KL {r['max_kl']:.4f}", markup=False)
+            f"answers changed {r['answer_change_rate']:.0%} (max {max_change:.0%}), mean KL {num(r['mean_kl'])} "
+            f"(max {num(max_kl)}), worst probe KL {num(r['max_kl'])}", markup=False)
 
     c.emit(data, human)
     if failure:

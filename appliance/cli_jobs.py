@@ -29,9 +29,12 @@ def jobs_submit_cmd(ctx, c: Ctx, recipe, gpus, priority, resume, sets):
     """Queue a training run of RECIPE (a shipped recipe name or a TOML file) and return at once."""
     from appliance import api
     from appliance.jobs import queue
+    from appliance.train.config import load_recipe
 
     overrides = _overrides(sets, ctx.args)
     queue.check_spec("train", {"recipe": recipe, "overrides": overrides})  # refused before the passphrase
+    for note in load_recipe(recipe, overrides).notes:  # a warmup fitted to a shortened run, said once here
+        err.print(f"note: {note}", markup=False)
     with c.open_vault() as v:
         job = api.jobs_submit(v, recipe, overrides, gpus, priority, resume)
     c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; "

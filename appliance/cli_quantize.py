@@ -11,7 +11,7 @@ import click
 
 from appliance.cli import Ctx, cli, command
 from appliance.errors import ApplianceError, UsageError
-from appliance.output import StageProgress, err, human_bytes, out, table
+from appliance.output import StageProgress, blank_note, err, human_bytes, num, out, table
 
 
 class QualityFlagged(ApplianceError):
@@ -61,6 +61,8 @@ def quantize_cmd(c: Ctx, model, qtype, imatrix_ref, eval_ref, eval_tokens, imatr
             bar.stop()
     failure = (QualityFlagged(f"{res['id']} failed its quality bounds", "see the flags above; the file was kept "
                               "and recorded as flagged") if strict and res["flagged"] else None)
+    if strict and not failure and res["quality"].get("warning"):  # too little text to judge it by
+        failure = QualityFlagged(f"{res['id']}: {res['quality']['warning']}", "the file was kept and recorded")
     data = dict(res)
     if failure:
         data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
@@ -76,8 +78,10 @@ def _human(res: dict) -> None:
               f"{res['bits_per_weight']:.2f} bits/weight, {res['params']:,} parameters{matrix}")
     out.print(f"tensors: {', '.join(f'{k} {n}' for k, n in res['tensor_types'].items())}")
     out.print(f"quality on {q['eval_data']} ({q['eval_split']}, {q['tokens']} tokens): perplexity "
-              f"{q['ppl_source']:.3f} -> {q['ppl_gguf']:.3f} ({q['ppl_delta_pct']:+.2f}%), top-1 agreement "
-              f"{q['top1_agreement']:.2%}, max |logit diff| {q['max_logit_diff']:.4f}, KL {q['mean_kld']:.5f}")
+              f"{num(q['ppl_source'])} -> {num(q['ppl_gguf'])} ({q['ppl_delta_pct']:+.2f} %), top-1 agreement "
+              f"{q['top1_agreement']:.2%}, max |logit diff| {num(q['max_logit_diff'])}, KL {num(q['mean_kld'])}")
+    if q.get("eval_reason"):
+        out.print(f"quality data: {q['eval_data']}, {q['eval_reason']}")
     out.print(f"tokenizer: {q['tokenizer_agreed']}/{q['tokenizer_records']} held-out records tokenized "
               "identically by llama.cpp")
     if fb:
@@ -86,6 +90,8 @@ def _human(res: dict) -> None:
                   + (" (and others; see --json)" if len(fb) > 1 else ""))
     for flag in q["flags"]:
         err.print(f"warning: {flag}", markup=False)
+    if q.get("warning"):
+        err.print(f"warning: {q['warning']}", markup=False)
     out.print(f"saved to {res['path']} (Ollama Modelfile beside it)")
 
 
@@ -96,7 +102,7 @@ def _list(c: Ctx) -> None:
         rows = api.quantize_list(v)["gguf"]
     c.emit({"gguf": rows}, lambda: table(
         ["id", "type", "size", "bits/weight", "ppl delta", "top-1", "flagged", "created"],
-        [[r["id"], r["type"], human_bytes(r["size"]), r["bits_per_weight"], _pct(r["ppl_delta_pct"], "+.2f"),
+        [[r["id"], r["type"], human_bytes(r["size"]), num(r["bits_per_weight"]), _pct(r["ppl_delta_pct"], "+.2f"),
           _pct(r["top1_agreement"], ".2%"), "yes" if r["flagged"] else "", r["created"]] for r in rows])
         if rows else out.print("no GGUF files yet: `appliance quantize MODEL --type q4_k_m`"))
 
@@ -148,10 +154,14 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
         if not c.json:
             sys.stdout.write(piece)
             sys.stdout.flush()
+    text = "".join(pieces)
+    note = blank_note(text)
     if c.json:
-        c.emit({"model": model, "text": "".join(pieces)})
+        c.emit({"model": model, "text": text, "blank": note is not None})
     else:
         sys.stdout.write("\n")
+        if note:  # an undertrained model answers "\n\n\n": say so rather than print nothing visible
+            err.print(note, markup=False)
 
 
 @command(cli, "chat")
@@ -192,14 +202,23 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
 @click.option("--ctx", "n_ctx", type=click.IntRange(0, 1 << 20), default=0, help="Context length (0: the model's).")
 @click.option("--threads", type=click.IntRange(0, 256), default=0, help="CPU threads (0: all, at most 8).")
 @click.option("--name", default=None, help="The model name clients ask for (default: the file's name).")
-def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name):
+@click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
+              help="Let web pages of this exact origin (scheme://host[:port]) call the server; repeatable. "
+                   "Default: no CORS headers, so no web page can read the answers.")
+def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
     """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The API key, when set, comes from APPLIANCE_API_KEY_FILE or APPLIANCE_API_KEY (never a flag, which
-    other users could read in the process list); clients send it as a Bearer token.
+    other users could read in the process list); clients send it as a Bearer token. No CORS headers are
+    sent unless --cors-origin names the origins whose web pages may call it (never `*`).
     """
-    from appliance.quantize.infer import locate, serve
+    from appliance.quantize.infer import cors_allowed, locate, serve
+    from appliance.quantize.types import QuantizeError
 
+    try:
+        cors_allowed(cors_origins)  # before the model loads
+    except QuantizeError as e:
+        raise UsageError(e.message, e.hint) from None
     key = _api_key()
     if not _loopback(host) and not key:
         raise UsageError(f"--host {host} would expose the model to the network without an API key",
@@ -213,7 +232,7 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name):
             err.print(f"serving {path.name} at {url} (OpenAI-compatible){' with an API key' if key else ''}; "
                       "Ctrl-C stops", markup=False)
 
-    serve(path, host, port, n_ctx, threads, key, name, on_ready=ready)
+    serve(path, host, port, n_ctx, threads, key, name, on_ready=ready, cors_origins=cors_origins)
 
 
 def _api_key() -> str | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 from collections.abc import Callable, Iterable
 
@@ -38,6 +39,33 @@ def human_bytes(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1024
     return str(n)
+
+
+def num(x, digits: int = 4) -> str:
+    """A number for people: `digits` significant figures, no exponent for everyday sizes (449.2, 1442, 0.0123).
+
+    `--json` keeps exact values; only human output goes through here.
+    """
+    if x is None:
+        return "-"
+    if isinstance(x, bool) or not isinstance(x, int | float):
+        return str(x)
+    if isinstance(x, int) or x != x or x in (float("inf"), float("-inf")):
+        return f"{x:,}" if isinstance(x, int) and abs(x) >= 10_000 else str(x)
+    if x == 0:
+        return "0"
+    text = f"{x:.{digits}g}"
+    if "e" in text and 1e-4 <= abs(x) < 10 ** (digits + 2):  # 1.442e+03 reads worse than 1442
+        text = f"{x:.{max(digits - 1 - int(math.floor(math.log10(abs(x)))), 0)}f}"
+    return text
+
+
+def change(a, b) -> str:
+    """`a -> b` with the relative change, as people read it: `449.2 -> 1442 (+221 %)`."""
+    text = f"{num(a)} -> {num(b)}"
+    if isinstance(a, int | float) and isinstance(b, int | float) and not isinstance(a, bool) and a:
+        text += f" ({(b - a) / abs(a):+.0%})".replace("%", " %")
+    return text
 
 
 class ProgressBar:
@@ -90,13 +118,17 @@ class TrainProgress:
         self.every = 1
 
     def __call__(self, kind: str, d: dict) -> None:
+        if kind == "warning":  # over-fitting: said even with --json (stderr), and kept in the run's result
+            err.print(d["text"], markup=False)
+            return
         if not self.enabled:
             return
         if kind == "stage" and not self.tty:
             err.print(d["text"], markup=False)
         elif kind == "data":
             err.print(f"data: {d['rows']} rows of {d['seq_len']} tokens, padding {d['padding_fraction']:.2%}"
-                      f"{' (from the vault cache)' if d.get('cached') else ''}", markup=False)
+                      f"{' (from the vault cache)' if d.get('cached') else ''}"
+                      f"{_tables_said(d)}", markup=False)
         elif kind == "start":
             self._start(d)
         elif kind == "step":
@@ -131,6 +163,28 @@ class TrainProgress:
         if self._p is not None:
             self._p.stop()
             self._p = None
+
+
+def blank_note(text: str) -> str | None:
+    """A visible stand-in for an answer that is empty or only whitespace ("(blank answer: 12 newlines)"),
+    so an undertrained model's "\\n\\n\\n" is not mistaken for no output at all; None for a real answer."""
+    if text.strip():
+        return None
+    if not text:
+        return "(blank answer: nothing generated)"
+    kinds = [(text.count("\n"), "newline"), (text.count(" "), "space"), (text.count("\t"), "tab")]
+    other = len(text) - sum(n for n, _ in kinds)
+    parts = [f"{n} {name}{'s' if n != 1 else ''}" for n, name in kinds if n]
+    parts += [f"{other} other whitespace"] if other else []
+    return f"(blank answer: {', '.join(parts)})"
+
+
+def _tables_said(d: dict) -> str:
+    """How a pre-training run took table rows (data.tables), when the data had any."""
+    if not d.get("table_rows"):
+        return ""
+    how = "left out" if d.get("tables") == "skip" else "as 'column: value' text, no row header"
+    return f"; {d['table_rows']} table rows {how} (data.tables)"
 
 
 class StageProgress:

@@ -348,6 +348,7 @@ def pinned(monkeypatch):
     monkeypatch.setattr(fmt, "when", lambda ts: "2026-01-01 00:00" if ts else "")
     monkeypatch.setattr(fmt, "disk", lambda n: "12.0 MiB")
     monkeypatch.setattr(fmt, "place", lambda path: "/srv/appliance")
+    monkeypatch.setattr(fmt, "rate", lambda tps: "-" if tps is None else "1,000 tok/s")  # the train screen's runs
 
 
 async def no_blink(pilot) -> None:

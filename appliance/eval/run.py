@@ -34,6 +34,9 @@ def resolve_model(vault, ref: str) -> tuple[str, str, Path, bool]:
         return str(p.resolve()), "gguf", p, False
     if p.is_dir() and (p / "config.json").is_file():
         return str(p.resolve()), "hf", p, False
+    from appliance.vault.lineage import alias
+
+    ref = alias(vault.con, ref) or ref  # the sender's id of an imported model or GGUF
     row = vault.con.execute("SELECT id, kind, attrs FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
     if row is None or row[1] not in ("model", "gguf"):
         raise UsageError(f"no model {ref}", "pass a model or GGUF id (`appliance train models`, "
@@ -110,7 +113,9 @@ def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t
     run_id = lineage.next_id(vault.con, f"eval-{suite.name}")
     summary = {"id": run_id, "suite": suite.name, "suite_path": suite.path, "model": model_id,
                "backend": backend.name, "metrics": values, "checks": checks, "ok": all(c["ok"] for c in checks),
-               "cases": len(cases), "passed": sum(c["passed"] for c in cases)}
+               "cases": len(cases), "passed": sum(c["passed"] for c in cases),
+               # answers that are empty or whitespace only: an undertrained model's "\n\n\n" (docs/TRAINING.md)
+               "blank": sum(not (c["output"] or "").strip() for c in cases if not _is_episode(c))}
     with vault.transaction():
         vault.con.execute("INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?, ?)",
                           [run_id, suite.name, model_id, backend.name, utcnow(), json.dumps(summary, default=str)])

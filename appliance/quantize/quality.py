@@ -13,6 +13,9 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+MIN_TOKENS = 512  # below this a perplexity (and its delta) says little; the report warns and --strict fails
+
+
 
 @dataclass
 class Report:
@@ -33,6 +36,8 @@ class Report:
     tokenizer_mismatches: list[int] = field(default_factory=list)  # positions in the eval split
     ppl_bound_pct: float = 0.0
     flags: list[str] = field(default_factory=list)
+    eval_reason: str = ""  # why this dataset and split were measured
+    warning: str = ""  # too little held-out text to trust the numbers (not a flag: the file may be fine)
 
     @property
     def ok(self) -> bool:
@@ -114,6 +119,15 @@ def judge(rep: Report, bound_pct: float, exact: bool) -> None:
     if exact and rep.top1_agreement < 1.0:
         rep.flags.append(f"top-1 agreement {rep.top1_agreement:.4f} where the {rep.type} file must match "
                          "the source model exactly")
+
+
+def warn_if_thin(rep: Report, asked: int) -> None:
+    """Warn when the held-out text gave fewer tokens than MIN_TOKENS (or than `asked`, when that is smaller)."""
+    need = min(MIN_TOKENS, asked)
+    if rep.tokens < need:
+        rep.warning = (f"quality measured on only {rep.tokens} tokens of {rep.eval_data} ({rep.eval_split}), "
+                       f"fewer than {need}: the perplexity and agreement numbers say little; pass --eval "
+                       "DATASET@N with more held-out text")
 
 
 def log_softmax(x: np.ndarray) -> np.ndarray:

@@ -78,6 +78,8 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     with _export_lock(vault.home.root):  # one export at a time per home: see _export_lock
         if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # made meanwhile
             return existing
+        reason = "given with --eval" if eval_ds else \
+            f"the nearest dataset in {model_id}'s lineage (its training data)"
         eval_ds = eval_ds or _data_of(vault.con, model_id)
         pl = gguf_export.plan(model_dir)  # every problem with the model shows before any work starts
         model_node = lineage.node(vault.con, model_id)
@@ -90,6 +92,8 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         # vault is free for the console and other jobs while the model is exported, quantized and measured.
         tok = _tokenizer(model_dir)
         eval_split, eval_recs = _records(vault.con, eval_ds)
+        reason += "; its validation split" if eval_split == "validation" else \
+            "; its train split, as it has no validation records (the model has seen this text)"
         imatrix_stream = None
         if imatrix_ds:
             imatrix_stream = quality.token_stream(_ids(tok), tok.eos_token_id, _texts(vault.con, imatrix_ds, "train"),
@@ -127,6 +131,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
                 t0 = time.perf_counter()
                 rep = _quality(source, tok, out, qt, eval_ds, eval_split, eval_recs, eval_tokens, ctx, ppl_bound,
                                threads, progress)
+                rep.eval_reason = reason
                 secs["quality"] = time.perf_counter() - t0
                 tensors = llama.tensor_types(out)
                 res = QuantizeResult(
@@ -197,7 +202,7 @@ def _export_lock(home_root: Path):
     to finish, so waiting here could deadlock; a second export is refused instead."""
     import fcntl
 
-    fd = os.open(home_root / ".export.lock", os.O_CREAT | os.O_RDWR, 0o600)
+    fd = os.open(home_root / ".export.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -298,6 +303,7 @@ def _quality(source, tok, path: Path, qt: QuantType, eval_ds: str, split: str, r
     finally:
         llm.close()
     quality.judge(rep, qt.ppl_bound if ppl_bound is None else ppl_bound, qt.exact)
+    quality.warn_if_thin(rep, eval_tokens)
     return rep
 
 

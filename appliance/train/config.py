@@ -112,6 +112,9 @@ class DataConfig:
     """preference: the column holding the answer to move away from."""
     system_prompt: str = ""
     """chat, preference: optional system turn put before every conversation."""
+    tables: str = "text"
+    """text: how table rows (an ingested CSV/JSONL/Parquet) enter pre-training: "text" as "column: value"
+    lines, without the record's "[table row N]" header; "skip" leaves them out (the run's data says which)."""
 
     def problems(self, stage: str) -> list[str]:
         p = []
@@ -143,6 +146,8 @@ class DataConfig:
             p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
         if self.seq_len < 8:
             p.append("data.seq_len must be at least 8")
+        if self.tables not in ("text", "skip"):
+            p.append(f"data.tables must be text or skip, not {self.tables!r}")
         if self.format not in ("text", "chat", "preference", "prompts", "task"):
             p.append(f"data.format must be text, chat, preference, prompts or task, not {self.format!r}")
         if stage == "sft" and self.format != "chat":
@@ -342,6 +347,7 @@ class Recipe:
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    notes = ()  # not a field (never saved or compared): what loading adjusted, one line each, for the operator
 
     def problems(self) -> list[str]:
         p = []
@@ -389,6 +395,16 @@ def shipped() -> dict[str, Path]:
     return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))}
 
 
+def recipe_purpose(path: Path) -> str:
+    """The recipe's `# purpose:` comment: what it is for and roughly how many steps make a model say something."""
+    for line in path.read_text().splitlines():
+        if not line.startswith("#"):
+            break
+        if line.startswith("# purpose:"):
+            return line.removeprefix("# purpose:").strip()
+    return ""
+
+
 def find_recipe(ref: str) -> Path:
     """A path to a TOML file, or the name of a shipped recipe."""
     p = Path(ref).expanduser()
@@ -415,9 +431,18 @@ def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:
 def build_recipe(raw: dict, overrides: list[str] | None = None, label: str = "the recipe") -> Recipe:
     """A checked Recipe from its TOML tables (as read, or as `Recipe.to_dict` wrote them)."""
     problems: list[str] = []
+    recipe_steps = raw.get("train", {}).get("max_steps", TrainConfig.max_steps) if isinstance(
+        raw.get("train"), dict) else TrainConfig.max_steps
+    given = set()
     for item in overrides or []:
-        _apply_override(raw, item, problems)
+        key = item.partition("=")[0].strip().lstrip("-")
+        if key in given and not _is_list_key(key):
+            problems.append(f"{key} is given more than once; give it once")
+        _apply_override(raw, item, problems, extend=key in given and _is_list_key(key))
+        given.add(key)
     recipe = from_dict(raw, problems)
+    if "train.max_steps" in given and "train.warmup_steps" not in given:
+        recipe.notes = _fit_warmup(recipe.train, recipe_steps)
     if recipe.data.task and Path(recipe.data.task).is_file():  # a job runs elsewhere: a file is named absolutely
         recipe.data.task = str(Path(recipe.data.task).resolve())
     problems += recipe.problems()
@@ -426,6 +451,17 @@ def build_recipe(raw: dict, overrides: list[str] | None = None, label: str = "th
         raise UsageError(f"{label} has {n} problem{'s' * (n > 1)}: " + "; ".join(problems),
                          "fix the recipe or override with --KEY VALUE")
     return recipe
+
+
+def _fit_warmup(t: TrainConfig, recipe_steps) -> tuple[str, ...]:
+    """A run shortened with --train.max_steps keeps the recipe's share of warmup rather than being refused."""
+    steps, warmup = t.max_steps, t.warmup_steps
+    if not (isinstance(steps, int) and isinstance(warmup, int) and steps >= 1 and warmup >= steps):
+        return ()
+    share = warmup / recipe_steps if isinstance(recipe_steps, int) and recipe_steps > 0 else 0.1
+    t.warmup_steps = min(round(share * steps), steps - 1)
+    return (f"train.warmup_steps {warmup} -> {t.warmup_steps}: scaled to the shortened run of {steps} steps "
+            f"(give --train.warmup_steps to choose)",)
 
 
 def from_dict(raw: dict, problems: list[str]) -> Recipe:
@@ -497,7 +533,14 @@ def _type_name(hint) -> str:
         hint, "a list of strings")
 
 
-def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
+def _is_list_key(key: str) -> bool:
+    """Keys that hold a list (data.datasets, lora.target_modules, ...): a repeated --KEY adds to them."""
+    section, _, name = key.rpartition(".")
+    cls = SECTIONS.get(section) if section else Recipe
+    return cls is not None and get_type_hints(cls).get(name) == list[str]
+
+
+def _apply_override(raw: dict, item: str, problems: list[str], extend: bool = False) -> None:
     key, sep, text = item.partition("=")
     key = key.strip().lstrip("-")
     if not sep or not key:
@@ -518,7 +561,16 @@ def _apply_override(raw: dict, item: str, problems: list[str]) -> None:
         if not isinstance(target, dict):
             problems.append(f"{parts[0]} must be a table ([{parts[0]}])")
             return
+    old = target.get(parts[-1])
+    if extend and isinstance(old, _Override):  # --data.datasets a@1 --data.datasets b@2: both
+        text, value = f"{old.text},{text}", _as_list(old.value) + _as_list(value)
     target[parts[-1]] = _Override(text, value)
+
+
+def _as_list(value) -> list:
+    if isinstance(value, str):
+        return [v.strip() for v in value.split(",") if v.strip()]
+    return list(value) if isinstance(value, list) else [value]
 
 
 def describe() -> list[dict]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
@@ -55,6 +56,8 @@ def pinned(con, refs: list[str]) -> list[tuple[str, str]]:
 def cache_key(cfg: DataConfig, datasets: list[tuple[str, str]], tokenizer_hash: str) -> str:
     spec = {"format": cfg.format, "seq_len": cfg.seq_len, "datasets": [h for _, h in datasets],
             "tokenizer": tokenizer_hash, "packing": 2}
+    if cfg.format == "text":  # table rows used to be packed with their "[table row N]" header
+        spec.update(tables=cfg.tables)
     if cfg.format == "chat":
         spec.update(prompt=cfg.prompt_field, response=cfg.response_field, system=cfg.system_prompt)
     if cfg.format == "preference":
@@ -99,7 +102,10 @@ def _pack(con, cfg: DataConfig, tokenizer, refs: list[str], split: str) -> Packe
             columns.append((cfg.response_field, "data.response_field"))
         rows = table_rows(con, refs, columns, split, "ingest a JSONL/CSV with a prompt column as the GRPO dataset")
         return pack_prompts(tokenizer, rows, cfg.seq_len, cfg.system_prompt)
-    return pack_text(tokenizer, _texts(con, refs, split), cfg.seq_len)
+    seen = {"table_rows": 0}
+    packed = pack_text(tokenizer, _texts(con, refs, split, cfg.tables, seen), cfg.seq_len)
+    packed.stats.update(tables=cfg.tables, table_rows=seen["table_rows"])
+    return packed
 
 
 def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]], tokenizer_hash: str) -> Packed:
@@ -124,12 +130,30 @@ def validation(vault, cfg: DataConfig, tokenizer, datasets: list[tuple[str, str]
     return packed
 
 
-def _texts(con, refs: list[str], split: str = "train") -> Iterator[str]:
+def _texts(con, refs: list[str], split: str = "train", tables: str = "text",
+           seen: dict | None = None) -> Iterator[str]:
+    """Documents to pre-train on. A table row's record starts with a "[table row N]" header, which a model
+    would learn to write; it is dropped ("text") or the row left out ("skip"). `seen` counts table rows."""
     from appliance.vault.versions import iter_records
 
     for ref in refs:
         for rec in iter_records(con, ref, split=split):
-            yield rec["text"]
+            if rec["kind"] != "table":
+                yield rec["text"]
+                continue
+            if seen is not None:
+                seen["table_rows"] += 1
+            if tables == "text":
+                yield row_prose(rec["text"])
+
+
+def row_prose(text: str) -> str:
+    """A table row's record without its "[table row N]" header line: "column: value" lines only."""
+    head, _, rest = text.partition("\n")
+    return rest if _ROW_HEADER.fullmatch(head) else text
+
+
+_ROW_HEADER = re.compile(r"\[.* row \d+\]")
 
 
 def pack_text(tokenizer, texts: Iterable[str], seq_len: int, batch: int = 512) -> Packed:

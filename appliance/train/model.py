@@ -24,7 +24,14 @@ class TrainError(ApplianceError):
 
 def quiet() -> None:
     """transformers' own progress bars and advice would mix with ours on the operator's terminal."""
+    import logging
     import warnings
+
+    # bitsandbytes comes in with peft on every LoRA run (peft.helpers imports it), and on a CPU with AVX512-BF16
+    # its CPU backend looks for a hub kernel and logs "Failed to load ... from kernels-community ... `pip install
+    # kernels`". That kernel serves 4-bit matmuls only; without the `kernels` package nothing is fetched, and
+    # with it the hub lookup obeys HF_HUB_OFFLINE (set by the CLI). Must run before bitsandbytes is imported.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
 
     from transformers.utils import logging as hf_logging
 
@@ -62,24 +69,43 @@ def new_model(m: ModelConfig, tokenizer, seed: int):
 
 
 def count_parameters(m: ModelConfig, vocab_size: int = 32000) -> dict:
-    """Total and active (per token) parameters of a preset, built on the meta device (no memory)."""
-    import torch
-    from transformers import AutoModelForCausalLM
+    """Total and active (per token) parameters of a preset, counted from its shape: no torch, no memory.
 
-    class _Vocab:  # just enough of a tokenizer for hf_config
-        bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
-
-        def __len__(self):
-            return vocab_size
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config(m, _Vocab()))
-    total = sum(p.numel() for p in model.parameters())
+    Mirrors what `hf_config` builds (Llama / Mixtral, no biases; the vocabulary padded to 64), which a test
+    checks against the model built on the meta device. (Building it here cost ~5 s of torch import.)
+    """
+    vocab = -(-vocab_size // 64) * 64
+    head = m.hidden_size // max(m.num_heads, 1)
+    attn = 2 * m.hidden_size * m.hidden_size + 2 * m.hidden_size * m.num_kv_heads * head  # q, o; k, v
+    mlp = 3 * m.hidden_size * m.intermediate_size  # gate, up, down
+    experts = m.num_experts if m.arch == "moe" else 1
+    router = m.hidden_size * m.num_experts if m.arch == "moe" else 0
+    layer = attn + experts * mlp + router + 2 * m.hidden_size  # two RMSNorms
+    embed = vocab * m.hidden_size * (1 if m.tie_embeddings else 2)
+    total = embed + m.num_layers * layer + m.hidden_size  # the final norm
     active = total
     if m.arch == "moe":
-        expert = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+        expert = m.num_layers * experts * mlp
         active = total - expert + expert * m.experts_per_token // m.num_experts
     return {"total": total, "active": active}
+
+
+def tokenizer_vocab(home, ref: str, default: int = 32000) -> tuple[str | None, int]:
+    """(tokenizer id, vocabulary size) of `ref` (NAME@K, or NAME for the newest) in `home`'s artifacts, read
+    from its tokenizer.json without the vault; (None, `default`) when the home has no such tokenizer."""
+    root = Path(home.artifacts) / "tokenizers"
+    name, _, k = ref.partition("@")
+    try:
+        found = [p for p in root.iterdir() if p.name.rpartition("@")[0] == name and p.name.rpartition("@")[2].isdigit()
+                 and (not k or p.name == ref)]
+        best = max(found, key=lambda p: int(p.name.rpartition("@")[2])) if ref and found else None
+        if best is None:
+            return None, default
+        doc = json.loads((best / "tokenizer.json").read_text())
+    except (OSError, ValueError):
+        return None, default
+    ids = [*doc.get("model", {}).get("vocab", {}).values(), *(t["id"] for t in doc.get("added_tokens", []))]
+    return (best.name, max(ids) + 1) if ids else (None, default)
 
 
 def load_tokenizer(path: Path):
@@ -139,6 +165,7 @@ def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None
 
 def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -> None:
     """Base (full precision) + adapter -> one plain model directory."""
+    quiet()  # before peft is imported
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM

@@ -24,6 +24,7 @@ from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
 from appliance.train.stages import STAGES
+from appliance.train.watch import LossWatch
 from appliance.vault import lineage
 
 RESUMABLE = ("running", "interrupted", "failed")
@@ -58,6 +59,7 @@ class RunResult:
     resumed_from: int | None
     world: int
     data: dict = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
@@ -85,6 +87,7 @@ def resolve_node(con, ref: str, kinds: tuple[str, ...], what: str) -> str:
     """`NAME@K` as given, or `NAME` -> the newest NAME@K of one of `kinds`."""
     marks = ",".join("?" * len(kinds))
     if "@" in ref:
+        ref = lineage.alias(con, ref) or ref  # the sender's id of an imported model
         row = con.execute(f"SELECT id FROM lineage_nodes WHERE id = ? AND kind IN ({marks})", [ref, *kinds]).fetchone()
     else:
         rows = con.execute(f"SELECT id FROM lineage_nodes WHERE kind IN ({marks}) AND starts_with(id, ?)",
@@ -130,8 +133,9 @@ class Recorder:
     FLUSH_EVERY = 5.0  # seconds; each flush attaches the vault (~0.1 s of CPU), which a 2-core box notices
 
     def __init__(self, vault, run_id: str, on_event: Callable[[str, dict], None], checkpoint_every: int = 0,
-                 patience: int = 0):
+                 patience: int = 0, watch: LossWatch | None = None):
         self.vault, self.run_id, self.on_event = vault, run_id, on_event
+        self.watch = watch or LossWatch()
         self.checkpoint_every, self.patience = checkpoint_every, patience
         self.best_val: float | None = None
         self.since_best = 0
@@ -150,6 +154,8 @@ class Recorder:
             # a checkpoint follows; a resume starts from it, so the metrics up to it must be in the vault first
             self.flush(wait=60.0)
         self.on_event("step", m)
+        if (w := self.watch.feed(m["step"], m.get("loss"), m.get("val_loss"))) is not None:
+            self.on_event("warning", {"text": w, "step": m["step"]})
         return self._verdict(m)
 
     def seed(self, earlier: list[float]) -> None:
@@ -293,7 +299,9 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "resume_from": str(resume_from) if resume_from else None}
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
-    rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every, recipe.train.early_stop_patience)
+    # grpo's loss is minus an advantage and dpo's falls toward 0 by design: only their validation loss is watched
+    watch = LossWatch(collapse=0.0 if recipe.stage in ("dpo", "grpo") else 0.05)
+    rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every, recipe.train.early_stop_patience, watch)
     if resume_step:
         rec.seed([v for (v,) in vault.con.execute(
             "SELECT val_loss FROM train_metrics WHERE run = ? AND step <= ? AND val_loss IS NOT NULL ORDER BY step",
@@ -353,6 +361,8 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
         metrics.update(best_val_loss=min(vals), final_val_loss=vals[-1], stopped_early=info.get("stopped_early"))
     if out.get("rewards"):  # grpo: mean reward at the first and last step, and the rewards that failed
         metrics["rewards"] = out["rewards"]
+    if rec.watch.warnings:  # over-fitting, as said on stderr during the run
+        metrics["warnings"] = rec.watch.warnings
     kind = "adapter" if out.get("adapter") else "model"
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats,
@@ -367,7 +377,7 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
         merged = merge(vault, run_id)
     return RunResult(run_id, recipe.stage, recipe.method, "done", out["step"], out["loss"], metrics["tokens"],
                      round(out["seconds"], 2), metrics["tokens_per_s"], str(model_dir), merged, out["checkpoint"],
-                     resume_step, world, packed.stats)
+                     resume_step, world, packed.stats, list(rec.watch.warnings))
 
 
 def merge(vault, adapter_ref: str) -> str:

@@ -34,14 +34,16 @@ class TokenizerResult:
     dataset: str
     records: int
     chars: int
+    datasets: list[str]
+    """Every version trained on; `dataset` joins them with commas (it named one version before)."""
 
     def to_json(self) -> dict:
         return dict(self.__dict__)
 
 
-def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | None = None,
-                    min_frequency: int = 2) -> TokenizerResult:
-    """Train on `dataset`'s train split; record the tokenizer as a lineage node with the dataset as parent."""
+def train_tokenizer(vault, dataset: str | list[str] | tuple[str, ...], vocab_size: int = 32000,
+                    name: str | None = None, min_frequency: int = 2) -> TokenizerResult:
+    """Train on the train split of `dataset` (one version or several); each is a parent in lineage."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # ~0.1 s
     from transformers import PreTrainedTokenizerFast  # ~1 s; only this command pays it
 
@@ -51,17 +53,24 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
 
     if vocab_size < MIN_VOCAB:
         raise UsageError(f"--vocab {vocab_size} is too small", f"use at least {MIN_VOCAB}")
-    _, ds_name, ds_n = resolve(vault.con, dataset)
-    ref = f"{ds_name}@{ds_n}"
-    name = name or f"{ds_name}-bpe"
+    refs: list[str] = []
+    for one in [dataset] if isinstance(dataset, str) else list(dataset):
+        _, ds_name, ds_n = resolve(vault.con, one)
+        if f"{ds_name}@{ds_n}" not in refs:
+            refs.append(f"{ds_name}@{ds_n}")
+    if not refs:
+        raise UsageError("no dataset to train the tokenizer on", "give --dataset NAME@N (repeatable)")
+    ref = ",".join(refs)
+    name = name or f"{refs[0].split('@')[0]}-bpe"
     validate_name(name, "tokenizer")
     stats = {"records": 0, "chars": 0}
 
     def texts():
-        for rec in iter_records(vault.con, ref, split="train"):
-            stats["records"] += 1
-            stats["chars"] += len(rec["text"])
-            yield rec["text"]
+        for one in refs:
+            for rec in iter_records(vault.con, one, split="train"):
+                stats["records"] += 1
+                stats["chars"] += len(rec["text"])
+                yield rec["text"]
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -80,11 +89,12 @@ def train_tokenizer(vault, dataset: str, vocab_size: int = 32000, name: str | No
     with atomic_dir(final) as tmp:
         fast.save_pretrained(str(tmp))
         (tmp / "appliance.json").write_text(json.dumps(
-            {"id": node_id, "dataset": ref, "vocab_size": fast.vocab_size, "min_frequency": min_frequency,
+            {"id": node_id, "dataset": ref, "datasets": refs, "vocab_size": fast.vocab_size,
+             "min_frequency": min_frequency,
              "special_tokens": SPECIAL_TOKENS}, indent=2))
-    res = TokenizerResult(node_id, str(final), len(fast), ref, stats["records"], stats["chars"])
+    res = TokenizerResult(node_id, str(final), len(fast), ref, stats["records"], stats["chars"], refs)
     with vault.transaction():
-        lineage.add_node(vault.con, node_id, "tokenizer", [(ref, "data")],
+        lineage.add_node(vault.con, node_id, "tokenizer", [(r, "data") for r in refs],
                          attrs={"vocab_size": res.vocab_size, "path": str(final), "records": res.records})
-        vault.audit("train.tokenizer", [node_id, ref], {"vocab_size": res.vocab_size, "records": res.records})
+        vault.audit("train.tokenizer", [node_id, *refs], {"vocab_size": res.vocab_size, "records": res.records})
     return res

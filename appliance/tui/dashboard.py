@@ -10,12 +10,12 @@ from appliance.tui.pages import Page
 
 
 def summary(vault) -> dict:
+    from appliance.vault.versions import totals
+
     con = vault.con
     one = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
     return {"size": vault.home.database.stat().st_size,
-            "datasets": one("SELECT count(DISTINCT name) FROM versions WHERE status = 'committed'"),
-            "versions": one("SELECT count(*) FROM versions WHERE status = 'committed'"),
-            "records": one("SELECT count(*) FROM blobs"),
+            **totals(con),  # datasets, versions, records (summed over the versions), distinct_records
             "models": one("SELECT count(*) FROM lineage_nodes WHERE kind IN ('model', 'adapter')"),
             "ggufs": one("SELECT count(*) FROM lineage_nodes WHERE kind = 'gguf'"),
             "evals": one("SELECT count(*) FROM eval_runs")}
@@ -50,7 +50,8 @@ class DashboardScreen(Page):
         queued = sum(j.status == "queued" for j in data["jobs"])
         self.query_one("#summary", Static).update(
             f"vault {fmt.disk(s['size'])}   datasets {s['datasets']} ({s['versions']} versions, "
-            f"{s['records']} records)\nmodels {s['models']}   GGUF {s['ggufs']}   eval runs {s['evals']}   "
+            f"{s['records']} records summed over them)\n"
+            f"models {s['models']}   GGUF {s['ggufs']}   eval runs {s['evals']}   "
             f"jobs: {running} running, {queued} queued")
         jobs = self.query_one("#jobs", DataTable)
         jobs.clear()

@@ -1,6 +1,7 @@
 """Train: pick data, recipe and method, launch a job; watch its loss curve, tokens/s and ETA; stop, resume.
 
-Runs are jobs (appliance.jobs): they go on when the console closes and are listed here when it reopens.
+Runs are jobs (appliance.jobs): they go on when the console closes and are listed here when it reopens. Runs
+started from the CLI (or the API) are listed too, after the jobs, with their loss curves.
 """
 
 from __future__ import annotations
@@ -29,25 +30,31 @@ def launch_spec(recipe: str, dataset: str | None, method: str, steps: str) -> di
     return {"recipe": recipe, "overrides": overrides}
 
 
-def progress(con, job) -> dict | None:
-    """The live numbers of a training job's run: losses, step of max, tokens/s and an ETA."""
-    if not job.ref:
-        return None
+def run_progress(con, run: dict, running: bool) -> dict:
+    """The live numbers of a run (as `api.train_runs` lists it): losses, step of max, tokens/s and an ETA."""
     from appliance.train.run import metrics
 
-    row = con.execute("SELECT step, max_steps, status FROM train_runs WHERE id = ?", [job.ref]).fetchone()
-    if row is None:
-        return None
-    m = metrics(con, job.ref)
-    step, max_steps, status = row
+    m = metrics(con, run["id"])
+    step, max_steps = run["step"], run["max_steps"]
     recent = [x["tokens_per_s"] for x in m[-10:]]
     tps = sum(recent) / len(recent) if recent else None
     per_step = m[-1]["elapsed"] / max(1, len(m)) if m else None
-    eta = per_step * (max_steps - step) if per_step and job.status == "running" else None
+    eta = per_step * (max_steps - step) if per_step and running else None
     vals = [x["val_loss"] for x in m if x["val_loss"] is not None]
-    return {"run": job.ref, "losses": [x["loss"] for x in m], "step": step, "max_steps": max_steps,
-            "status": status, "tokens_per_s": tps, "eta": eta, "loss": m[-1]["loss"] if m else None,
+    return {"run": run["id"], "losses": [x["loss"] for x in m], "step": step, "max_steps": max_steps,
+            "status": run["status"], "tokens_per_s": tps, "eta": eta, "loss": m[-1]["loss"] if m else None,
             "val_loss": vals[-1] if vals else None}
+
+
+def listing(jobs: list, runs: list[dict]) -> list[dict]:
+    """One row per training job, then one per run started elsewhere (the CLI, the API), newest first."""
+    rows = [{"key": j.id, "job": j.id, "status": j.status, "what": j.describe(), "run": j.ref,
+             "running": j.status == "running"} for j in jobs]
+    by_jobs = {j.ref for j in jobs if j.ref}
+    rows += [{"key": r["id"], "job": "cli", "status": r["status"], "what": f"{r['stage']}/{r['method']}",
+              "run": r["id"], "running": r["status"] == "running"}
+             for r in reversed(runs) if r["id"] not in by_jobs][:50]
+    return rows
 
 
 class TrainScreen(Page):
@@ -59,6 +66,7 @@ class TrainScreen(Page):
         super().__init__()
         self.selected: str | None = None
         self.options_loaded = False
+        self.cli_runs: set[str] = set()  # rows of runs started outside the console: no stop or resume here
 
     def compose_page(self) -> ComposeResult:
         with Horizontal(classes="form"):
@@ -76,15 +84,19 @@ class TrainScreen(Page):
         self.query_one("#train-jobs", DataTable).add_columns("job", "status", "what", "run", "step", "loss")
 
     def load(self, vault) -> dict:
+        from appliance import api
         from appliance.jobs import queue
         from appliance.train.config import shipped
-        from appliance.vault.versions import datasets
 
         jobs = [j for j in queue.listing(vault.con, limit=50) if j.kind == "train"]
-        chosen = next((j for j in jobs if j.id == self.selected), jobs[0] if jobs else None)
-        live = {j.id: progress(vault.con, j) for j in jobs[:10]}
-        return {"jobs": jobs, "live": live, "chosen": chosen.id if chosen else None,
-                "datasets": [d["name"] for d in datasets(vault.con)], "recipes": list(shipped())}
+        runs = api.train_runs(vault)["runs"]  # every run, jobs' and the CLI's alike
+        rows = listing(jobs, runs)
+        chosen = next((x for x in rows if x["key"] == self.selected), rows[0] if rows else None)
+        by_id = {r["id"]: r for r in runs}
+        live = {x["key"]: run_progress(vault.con, by_id[x["run"]], x["running"])
+                for x in rows[:10] + ([chosen] if chosen else []) if x["run"] in by_id}
+        return {"jobs": jobs, "rows": rows, "live": live, "chosen": chosen["key"] if chosen else None,
+                "datasets": [d["name"] for d in api.vault_datasets(vault)["datasets"]], "recipes": list(shipped())}
 
     def show(self, data: dict) -> None:
         if not self.options_loaded:
@@ -93,11 +105,12 @@ class TrainScreen(Page):
             self.options_loaded = True
         t = self.query_one("#train-jobs", DataTable)
         t.clear()
-        for j in data["jobs"]:
-            p = data["live"].get(j.id)
-            t.add_row(j.id, j.status, j.describe(), j.ref or "", f"{p['step']}/{p['max_steps']}" if p else "",
-                      f"{p['loss']:.4f}" if p and p["loss"] is not None else "", key=j.id)
-        ids = [j.id for j in data["jobs"]]
+        self.cli_runs = {x["key"] for x in data["rows"] if x["job"] == "cli"}
+        for x in data["rows"]:
+            p = data["live"].get(x["key"])
+            t.add_row(x["job"], x["status"], x["what"], x["run"] or "", f"{p['step']}/{p['max_steps']}" if p else "",
+                      f"{p['loss']:.4f}" if p and p["loss"] is not None else "", key=x["key"])
+        ids = [x["key"] for x in data["rows"]]
         if data["chosen"] in ids:  # the selection follows the job, not the row number
             t.move_cursor(row=ids.index(data["chosen"]))
         p = data["live"].get(data["chosen"]) if data["chosen"] else None
@@ -106,11 +119,12 @@ class TrainScreen(Page):
             loss = "-" if p["loss"] is None else f"{p['loss']:.4f}"
             if p["val_loss"] is not None:
                 loss += f" (val {p['val_loss']:.4f})"
-            stats.update(f"{data['chosen']} {p['run']} ({p['status']}): step {p['step']}/{p['max_steps']}  "
+            who = p["run"] if data["chosen"] == p["run"] else f"{data['chosen']} {p['run']}"  # a CLI run: no job id
+            stats.update(f"{who} ({p['status']}): step {p['step']}/{p['max_steps']}  "
                          f"loss {loss}  {fmt.rate(p['tokens_per_s'])}  ETA {fmt.seconds(p['eta'])}")
             self.query_one(LinePlot).set_values(p["losses"])
         else:
-            stats.update("no training jobs yet: choose a dataset and recipe, then launch" if not data["jobs"] else "")
+            stats.update("no training runs yet: choose a dataset and recipe, then launch" if not data["rows"] else "")
             self.query_one(LinePlot).set_values([])
 
     @on(DataTable.RowHighlighted, "#train-jobs")
@@ -122,6 +136,10 @@ class TrainScreen(Page):
     def _selected_job(self) -> str | None:
         if self.selected is None:
             self.notify("select a job first", severity="warning")
+        elif self.selected in self.cli_runs:  # a run started from the CLI is not a job here
+            self.notify(f"{self.selected} was started outside the console: stop it there (Ctrl-C); resume it with "
+                        "`appliance train run RECIPE --resume`", severity="warning")
+            return None
         return self.selected
 
     # --- launch, stop, resume -------------------------------------------------------------------

@@ -12,6 +12,7 @@ from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent
 from appliance.tui import actions, fmt
 from appliance.tui.forms import Field, FormDialog
 from appliance.tui.pages import Page
+from appliance.vault.versions import origin
 
 
 def report_text(info: dict) -> str:
@@ -31,6 +32,7 @@ def report_text(info: dict) -> str:
 class VaultScreen(Page):
     MODE = "vault"
     BINDINGS = actions.bindings("vault")
+    AUTO_FOCUS = "#versions"  # the table, not the tabs: arrows and enter pick a version at once
 
     def __init__(self):
         super().__init__()
@@ -59,7 +61,7 @@ class VaultScreen(Page):
     def on_mount(self) -> None:
         super().on_mount()
         self.query_one("#versions", DataTable).add_columns("version", "records", "size", "pii", "committed")
-        self.query_one("#records", DataTable).add_columns("#", "kind", "split", "path", "bytes")
+        self.query_one("#records", DataTable).add_columns("#", "kind", "split", "source", "bytes")
 
     # --- datasets and versions ------------------------------------------------------------------
     def load(self, vault) -> list[dict]:
@@ -93,7 +95,7 @@ class VaultScreen(Page):
         t = self.query_one("#records", DataTable)
         t.clear()
         for r in records:
-            t.add_row(str(r["ord"]), r["kind"], r["split"], (r["path"] or "")[-40:], str(r["bytes"]), key=str(r["ord"]))
+            t.add_row(str(r["ord"]), r["kind"], r["split"], origin(r)[-40:], str(r["bytes"]), key=str(r["ord"]))
 
     # --- records --------------------------------------------------------------------------------
     @on(DataTable.RowSelected, "#records")
@@ -115,7 +117,7 @@ class VaultScreen(Page):
 
         rec = self.app.with_vault(lambda v: record(v.con, ref, ord_))
         if rec:
-            head = f"{rec['version']} #{rec['ord']}  {rec['kind']}  {rec['path'] or ''}\n\n"
+            head = f"{rec['version']} #{rec['ord']}  {rec['kind']}  {origin(rec)}\n\n"
             self.app.call_from_thread(self.set_text, "#preview", head + rec["text"][:8000])
 
     # --- SQL ------------------------------------------------------------------------------------

@@ -40,8 +40,23 @@ def node(con, node_id: str) -> dict:
             "attrs": json.loads(row[4] or "{}")}
 
 
+def alias(con, ref: str) -> str | None:
+    """The local id of what was imported from a bundle under `ref`, its id at the sender (the newest import).
+
+    An import renames (`hosp-sft-merged@1:q4_k_m` arrives as `hosp-sft-merged.q4_k_m@1`); the sender's id
+    stays an alias here, unless a local node has that id itself."""
+    if con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [ref]).fetchone():
+        return None
+    row = con.execute("SELECT id FROM lineage_nodes WHERE json_extract_string(attrs, '$.imported_from') = ? "
+                      "ORDER BY created DESC, id DESC LIMIT 1", [ref]).fetchone()
+    return row[0] if row else None
+
+
 def resolve(con, ref: str) -> str:
-    """A node id as given, or a bare dataset name -> its newest version."""
+    """A node id as given, a sender's id of an imported artifact (`alias`), or a bare dataset name -> its
+    newest version."""
+    if local := alias(con, ref):
+        return local
     if "@" in ref or con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [ref]).fetchone():
         return ref
     from appliance.vault.versions import resolve as resolve_version
@@ -84,9 +99,25 @@ def render(t: dict, indent: str = "") -> list[str]:
     role = f" [{t['role']}]" if t.get("role") else ""
     h = f"  {t['content_hash'][:12]}" if t.get("content_hash") else ""
     lines = [f"{indent}{t['id']} ({t['kind']}){role}{h}"]
+    lines += imported(t, indent + ("│   " if t["parents"] else "    "))
     for i, p in enumerate(t["parents"]):
         last = i == len(t["parents"]) - 1
         sub = render(p, indent + ("    " if last else "│   "))
         sub[0] = indent + ("└── " if last else "├── ") + sub[0][len(indent) + 4:]
         lines += sub
+    return lines
+
+
+def imported(t: dict, pad: str) -> list[str]:
+    """For a node that arrived in a bundle: the bundle, its signer, the sender's id and the sender's lineage."""
+    attrs = t.get("attrs") or {}
+    b = attrs.get("bundle")
+    if not b:
+        return []
+    lines = [f"{pad}imported from bundle {b.get('name')} v{b.get('version')}, signed by {b.get('signer')} "
+             f"({b.get('key_id')}), manifest sha256 {str(b.get('manifest_sha256'))[:16]}",
+             f"{pad}sender's id: {attrs.get('imported_from')} (accepted here as an alias of {t['id']})"]
+    if src := attrs.get("source_lineage"):
+        lines.append(f"{pad}sender's lineage:")
+        lines += render(src, pad + "  ")
     return lines
