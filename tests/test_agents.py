@@ -51,7 +51,7 @@ def test_the_api_returns_what_the_cli_prints(train_home, cli):
                      (("train", "models"), lambda v: api.train_models(v)),
                      (("audit", "verify"), lambda v: api.audit_verify(v)),
                      (("eval", "suites"), lambda v: api.eval_suites()),
-                     (("train", "recipes"), lambda v: api.train_recipes()),
+                     (("train", "recipes"), lambda v: api.train_recipes(home=v.home)),
                      (("jobs", "list", "--all"), lambda v: api.jobs_list(v, all=True))):
         printed = cli("--home", train_home, "--json", *args).json
         with api.open(train_home, PASSPHRASE) as v:

@@ -130,7 +130,7 @@ def test_vault_records_filters_in_sql_and_vault_record_prints_one(train_home, cl
 
 
 def test_vault_show_gives_the_pii_of_each_file(train_home, cli, monkeypatch):
-    monkeypatch.setenv("COLUMNS", "200")
+    monkeypatch.setenv("COLUMNS", "400")  # the paths of pytest's temp folders are long: no cell may be cut
     info = cli("--home", train_home, "--json", "vault", "show", "mail@1").json
     per_file = info["pii"]["per_file"]
     assert per_file
