@@ -1,4 +1,16 @@
-"""One exception root; each area has a subclass. Every message is one line a user can act on."""
+"""One exception root; each area has a subclass. Every message is one line a user can act on.
+
+The light `bundles` package (cryptography only, for edge devices) has its own root, `BundleError`. Its errors
+are translated here, at the boundary: appliance code calls into `bundles` inside `bundle_errors()` (a context
+manager and a decorator), so what reaches a skin is a `BundleRefused`, with the same message, hint and exit
+code. No other appliance module imports `bundles.errors` (tests/test_errors.py walks the tree).
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+from bundles.errors import BundleError
 
 
 class ApplianceError(Exception):
@@ -25,6 +37,11 @@ class UsageError(ApplianceError):
     exit_code = 2
 
 
+class NotFound(UsageError):
+    """A reference that names nothing here; its hint lists what does exist (ids of models, datasets, ...),
+    which is the operator's help and not for an agent that may not read the vault."""
+
+
 class VaultError(ApplianceError):
     """The vault cannot be opened, read or written as asked."""
 
@@ -44,6 +61,10 @@ class CheckFailed(VaultError):
     json_emitted = True
 
 
+class EvalError(ApplianceError):
+    """An evaluation could not run as asked."""
+
+
 class IngestError(ApplianceError):
     """Input that cannot be ingested at all."""
 
@@ -52,3 +73,19 @@ class PartialIngest(ApplianceError):
     """Some inputs were skipped; the version still landed. Exit code 3 means 'partial'."""
 
     exit_code = 3
+
+
+class BundleRefused(ApplianceError):
+    """A bundle, key, trust entry or file that the `bundles` package refused, as it said it."""
+
+
+@contextmanager
+def bundle_errors():
+    """Calls into `bundles` inside this block (or a function decorated with `@bundle_errors()`) raise
+    `BundleRefused` instead of `BundleError`: the one place the two roots meet."""
+    try:
+        yield
+    except BundleError as e:
+        refused = BundleRefused(e.message, e.hint)
+        refused.exit_code = e.exit_code
+        raise refused from e

@@ -18,10 +18,9 @@ import re
 from pathlib import Path
 
 from appliance.db_time import iso, utcnow
-from appliance.errors import UsageError
+from appliance.errors import BundleRefused, UsageError, bundle_errors
 from appliance.home import Home, atomic_write
 from bundles import container
-from bundles.errors import BundleError
 from bundles.keys import PublicKey, SecretKey, key_passphrase
 from bundles.trust import TrustStore
 from bundles.trust import add as trust_add_entry
@@ -37,6 +36,7 @@ def trust_dir(home: Home) -> Path:
 
 
 # --- keys ------------------------------------------------------------------------------------------
+@bundle_errors()
 def generate_key(vault, name: str) -> PublicKey:
     from appliance.vault.ingest import validate_name
 
@@ -53,12 +53,14 @@ def generate_key(vault, name: str) -> PublicKey:
     return key.public
 
 
+@bundle_errors()
 def list_keys(home: Home) -> list[dict]:
     d = keys_dir(home)
     return [{"name": p.stem, "key_id": PublicKey.load(p).key_id, "public": str(p)}
             for p in sorted(d.glob("*.pub"))] if d.is_dir() else []
 
 
+@bundle_errors()
 def public_key(home: Home, name: str) -> tuple[Path, PublicKey]:
     p = keys_dir(home) / f"{name}.pub"
     if not p.is_file():
@@ -66,6 +68,16 @@ def public_key(home: Home, name: str) -> tuple[Path, PublicKey]:
     return p, PublicKey.load(p)
 
 
+@bundle_errors()
+def export_public(home: Home, name: str, out: str | Path | None = None) -> dict:
+    """The public key file other sites trust or encrypt to (`keys export-public`); written to `out` when given."""
+    _, pub = public_key(home, name)
+    if out:
+        atomic_write(Path(out), json.dumps(pub.to_json(), indent=2).encode(), mode=0o644)
+    return {"name": name, "key_id": pub.key_id, "out": str(out) if out else None, "public": pub.to_json()}
+
+
+@bundle_errors()
 def secret_key(home: Home, name: str) -> SecretKey:
     p = keys_dir(home) / f"{name}.key"
     if not p.is_file():
@@ -80,6 +92,7 @@ def _identities(home: Home) -> list[SecretKey]:
 
 
 # --- trust -----------------------------------------------------------------------------------------
+@bundle_errors()
 def trust_add(vault, pub_file: Path, name: str, kinds: list[str]) -> dict:
     entry = trust_add_entry(trust_dir(vault.home), PublicKey.load(pub_file), name, kinds)
     with vault.transaction():
@@ -87,6 +100,7 @@ def trust_add(vault, pub_file: Path, name: str, kinds: list[str]) -> dict:
     return entry.to_json()
 
 
+@bundle_errors()
 def trust_remove(vault, name: str) -> dict:
     entry = trust_remove_entry(trust_dir(vault.home), name)
     with vault.transaction():
@@ -99,6 +113,7 @@ def _trust(home: Home) -> TrustStore:
     return TrustStore.load(d) if d.is_dir() else TrustStore([])
 
 
+@bundle_errors()
 def trusted_key(home: Home, name: str) -> PublicKey:
     """The public key of a trusted site, by its name in the trust store (a recipient to encrypt to)."""
     match = [t.key for t in _trust(home).entries if t.name == name]
@@ -107,6 +122,7 @@ def trusted_key(home: Home, name: str) -> PublicKey:
     return match[0]
 
 
+@bundle_errors()
 def trust_list(home: Home) -> list[dict]:
     d = trust_dir(home)
     return [{"name": t.name, "key_id": t.key.key_id, "kinds": list(t.kinds)}
@@ -116,15 +132,13 @@ def trust_list(home: Home) -> list[dict]:
 # --- export ----------------------------------------------------------------------------------------
 def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
     """(lineage id, kind, bundle name, directory of files) for a model, GGUF or dataset version."""
+    from appliance import refs
     from appliance.quantize.stage import gguf_dir
-    from appliance.vault.lineage import alias
+    from appliance.vault import lineage
 
-    ref = alias(vault.con, ref) or ref  # the sender's id of an imported artifact
-    row = vault.con.execute("SELECT id, kind FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
-    if row is None:
-        raise UsageError(f"nothing named {ref} to bundle",
-                         "pass a model (NAME@K), a GGUF (NAME@K:TYPE) or a dataset version (NAME@N)")
-    node_id, kind = row
+    # NAME@K, NAME (the newest), an imported artifact's id at the sender: `appliance.refs`
+    node_id = refs.node(vault.con, ref, BUNDLED, "model, GGUF, dataset version or eval run")
+    kind = lineage.kind_of(vault.con, node_id)
     if kind in ("dataset", "eval"):
         return node_id, kind, node_id.split("@")[0], None
     if kind == "model":
@@ -132,10 +146,14 @@ def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
     if kind == "gguf":
         model, _, qtype = node_id.partition(":")
         return node_id, "gguf", f"{model.split('@')[0]}.{qtype}", gguf_dir(vault.home.artifacts, node_id)
-    raise UsageError(f"{ref} is a {kind}; bundles carry models and GGUF files here",
+    raise UsageError(f"{ref} is a {kind}; bundles carry models and GGUF files here",  # not in BUNDLED
                      "bundle the model made from it instead")
 
 
+BUNDLED = ("model", "gguf", "dataset", "eval")  # the kinds of lineage node a bundle carries
+
+
+@bundle_errors()
 def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | PublicKey], out: Path,
                   expires_days: float = 365, reserved: bool = False) -> dict:
     """Write the bundle of `ref` to `out` (which must not exist, unless `reserved`: created empty by us)."""
@@ -156,7 +174,7 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | Public
         files = [("eval.json", _eval_report(vault.con, node_id))]
     else:
         if not src.is_dir():
-            raise BundleError(f"the files of {node_id} are missing from {src}", "restore them from a backup")
+            raise BundleRefused(f"the files of {node_id} are missing from {src}", "restore them from a backup")
         files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
     signer = secret_key(vault.home, sign_key)
     (last,) = vault.con.execute("SELECT max(version) FROM bundles_out WHERE name = ?", [name]).fetchone()
@@ -178,6 +196,7 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | Public
 OUT_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # a file name: no '/', never '.' or '..'
 
 
+@bundle_errors()
 def outbox_target(home: Home, out: str, sign_key: str, recipients: list[str]) -> tuple[str, list[PublicKey]]:
     """An agent's export checked by name: (`out`, the recipients' keys); UsageError for anything else.
 
@@ -205,10 +224,11 @@ def outbox_target(home: Home, out: str, sign_key: str, recipients: list[str]) ->
     return out, keys
 
 
+@bundle_errors()
 def outbox_export(vault, ref: str, sign_key: str, out: str, recipients: list[str], expires_days: float = 365
                   ) -> dict:
     """An agent's export: the bundle of `ref` as HOME/outbox/OUT (see `outbox_target`)."""
-    from bundles.safefile import UnsafeFileError, create_at
+    from bundles.safefile import create_at
 
     out, keys = outbox_target(vault.home, out, sign_key, recipients)
     root = os.open(vault.home.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -226,8 +246,9 @@ def outbox_export(vault, ref: str, sign_key: str, out: str, recipients: list[str
         os.close(root)
     try:
         try:  # reserve the name: created exclusively, never through a link (a planted one fails here)
-            os.close(create_at(box, out, 0o600))
-        except UnsafeFileError as e:
+            with bundle_errors():
+                os.close(create_at(box, out, 0o600))
+        except BundleRefused as e:
             raise UsageError(f"{out} cannot be created in the outbox: {e.message}", "pick another name") from None
         try:
             return export_bundle(vault, ref, sign_key, keys, vault.home.outbox / out, expires_days, reserved=True)
@@ -238,13 +259,13 @@ def outbox_export(vault, ref: str, sign_key: str, out: str, recipients: list[str
         os.close(box)
 
 
-def sent(con) -> dict[str, list[dict]]:
-    """Bundles exported, by the lineage id they carry."""
-    out: dict[str, list[dict]] = {}
-    for node_id, name, version, file, created in con.execute(
-            "SELECT id, name, version, file, created FROM bundles_out ORDER BY created").fetchall():
-        out.setdefault(node_id, []).append({"name": name, "version": version, "file": file, "created": iso(created)})
-    return out
+def history(con) -> list[dict]:
+    """Every bundle sent (`way` "out", with the `file` written) and received ("in"), newest first."""
+    rows = con.execute("SELECT 'out', name, version, id, kind, file, created FROM bundles_out UNION ALL "
+                       "SELECT 'in', name, version, id, kind, NULL, created FROM bundles_in "
+                       "ORDER BY created DESC").fetchall()
+    return [{"way": w, "name": n, "version": v, "id": i, "kind": k, "file": f, "created": iso(t)}
+            for w, n, v, i, k, f, t in rows]
 
 
 def _trim(t: dict) -> dict:
@@ -254,6 +275,7 @@ def _trim(t: dict) -> dict:
 
 
 # --- inspect, verify, import ------------------------------------------------------------------------
+@bundle_errors()
 def inspect(home: Home, path: Path) -> dict:
     """The manifest and who claims to have signed it, without trusting anything."""
     o = container.open_bundle(path, _maybe_identities(home, path))
@@ -271,6 +293,7 @@ def _last_in(con, kind: str, name: str, key_id: str) -> int | None:
     return v
 
 
+@bundle_errors()
 def verify_bundle(vault, path: Path) -> dict:
     def decide(m: dict, signer) -> container.Plan:
         return container.Plan(_last_in(vault.con, m["kind"], m["name"], signer.key.key_id))
@@ -306,6 +329,7 @@ def _summary(v) -> dict:
             "created": m["created"], "expires": m["expires"], "source": m.get("lineage", {}).get("id")}
 
 
+@bundle_errors()
 def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
     """Verify, then land the files atomically and record lineage, provenance and audit.
 
@@ -324,17 +348,17 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         got.update(last=last)
         if kind == "dataset":
             if not m["recipients"]:
-                raise BundleError("a dataset bundle must arrive encrypted", "ask the sender to export it with --to")
+                raise BundleRefused("a dataset bundle must arrive encrypted", "ask the sender to export it with --to")
             got["files"] = {}
             return container.Plan(last, collect=got["files"])
         if kind == "eval":
             got["files"] = {}
             return container.Plan(last, collect=got["files"])
         if kind == "installer":
-            raise BundleError("an installer bundle is not imported: it installs the appliance itself",
+            raise BundleRefused("an installer bundle is not imported: it installs the appliance itself",
                               "python -m bundles unpack FILE --trust KEY --to DIR, then sh DIR/install.sh")
         if kind not in ("model", "gguf"):
-            raise BundleError(f"{kind} bundles cannot be imported into this appliance",
+            raise BundleRefused(f"{kind} bundles cannot be imported into this appliance",
                               "import models, GGUFs, datasets and eval reports")
         got["id"] = lineage.next_id(vault.con, name)
         got["dest"] = vault.home.artifacts / ("models" if kind == "model" else "gguf") / got["id"]
@@ -344,7 +368,7 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
                          allow_downgrade=allow_downgrade, decide=decide)
     m = v.manifest
     downgrade = got["last"] is not None and m["version"] <= got["last"]
-    prov = {"imported_from": m["lineage"].get("id"), "bundle": {
+    prov = {"imported_from": lineage.sender_id(m["lineage"].get("id")), "bundle": {
         "name": m["name"], "version": m["version"], "signer": v.signer.name, "key_id": v.signer.key.key_id,
         "manifest_sha256": v.manifest_sha256, "created": m["created"]}}
 
@@ -369,12 +393,31 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
             vault.audit("bundle.import", [node_id], {"name": m["name"], "version": m["version"],
                                                       "signer": v.signer.name, "manifest_sha256": v.manifest_sha256,
                                                       "downgrade": downgrade})
+            if m["kind"] == "gguf" and prov["imported_from"]:
+                _index_sender(dest.parent, prov["imported_from"], node_id)
     except BaseException:
         import shutil
 
         shutil.rmtree(dest, ignore_errors=True)
         raise
     return {**_summary(v), "id": node_id, "path": str(dest), "downgrade": downgrade}
+
+
+def _index_sender(gguf_root: Path, sender: str, node_id: str) -> None:
+    """Remember which imported GGUF answers to a sender's id, for generate/chat/serve, which find GGUFs
+    without the vault. Written by this importer only, from the validated id: nothing a bundle carries."""
+    from appliance.home import atomic_file
+    from appliance.vault.lineage import SENDERS_INDEX
+
+    index = gguf_root / SENDERS_INDEX
+    try:
+        known = json.loads(index.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        known = {}
+    known = {k: v for k, v in known.items() if isinstance(k, str) and isinstance(v, str)}
+    known[sender] = node_id
+    with atomic_file(index) as f:
+        f.write(json.dumps(known, indent=1, sort_keys=True).encode())
 
 
 def _eval_report(con, run_id: str) -> bytes:
@@ -394,12 +437,12 @@ def _import_eval(vault, files: dict, m: dict, v, prov: dict, record, downgrade: 
         report = json.loads(files["eval.json"])
         summary, cases = report["summary"], report["cases"]
     except (KeyError, ValueError) as e:
-        raise BundleError(f"the eval report in the bundle is malformed ({e})", "ask the sender to export it again"
+        raise BundleRefused(f"the eval report in the bundle is malformed ({e})", "ask the sender to export it again"
                           ) from None
     con = vault.con
     with vault.transaction():
         run_id = lineage.next_id(con, m["name"])
-        summary = {**summary, "id": run_id, "imported_from": m["lineage"].get("id")}
+        summary = {**summary, "id": run_id, "imported_from": lineage.sender_id(m["lineage"].get("id"))}
         con.execute("INSERT INTO eval_runs VALUES (?, ?, ?, ?, ?, ?)",
                     [run_id, summary["suite"], summary["model"], summary["backend"], utcnow(), json.dumps(summary)])
         for c in cases:

@@ -17,6 +17,7 @@ import secrets
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from appliance import grant_status
 from appliance.db_time import iso, utcnow
 from appliance.errors import ApplianceError, UsageError
 
@@ -109,40 +110,21 @@ def create(vault, agent: str, caps: list[str], hours: float, max_gpus: int = 0, 
     return {**grant.to_json(), "token": f"{PREFIX}{gid}.{secret}"}
 
 
-def _rows(con, where: str = "", params: list | None = None) -> list[dict]:
-    """Grant rows as dicts; the bounds read as 0 where a vault made before them has no such column yet."""
-    cur = con.execute(f"SELECT * FROM grants{where} ORDER BY created", params or [])
-    names = [d[0] for d in cur.description]
-    rows = [dict(zip(names, r)) for r in cur.fetchall()]
-    for r in rows:
-        r["max_gpus"], r["max_priority"] = r.get("max_gpus") or 0, r.get("max_priority") or 0
-    return rows
-
-
 def check(con, token: str | None) -> Grant:
     """The grant a token stands for, if it is valid right now."""
     if not token:
         raise GrantError("no grant token", "the operator creates one with `appliance grant`; pass it in "
                                            "APPLIANCE_GRANT_FILE or APPLIANCE_GRANT")
     gid, _, secret = token.removeprefix(PREFIX).partition(".")
-    found = _rows(con, " WHERE id = ?", [gid])
+    found = grant_status.rows(con, " WHERE id = ?", [gid])
     if not found or not token.startswith(PREFIX) or not secrets.compare_digest(found[0]["secret_sha256"],
                                                                               _hash(secret)):
         raise GrantError("the grant token is not valid", "ask the operator for a new one (`appliance grant`)")
     row = found[0]
-    if ended := _ended(row):
+    if ended := grant_status.ended_why(row):
         raise GrantError(f"{gid} {ended}", "ask the operator for a new grant")
     return Grant(gid, row["agent"], tuple(json.loads(row["caps"])), row["expires"], row["max_gpus"],
                  row["max_priority"])
-
-
-def _ended(row: dict) -> str | None:
-    """Why a grant row no longer holds ("was revoked", "expired at ..."), or None while it does."""
-    if row["revoked"] is not None:
-        return "was revoked"
-    if utcnow() >= row["expires"]:
-        return f"expired at {iso(row['expires'])}"
-    return None
 
 
 def cancel_jobs(vault, gid: str | None = None) -> list[str]:
@@ -152,17 +134,9 @@ def cancel_jobs(vault, gid: str | None = None) -> list[str]:
     `revoke`, by every dispatch (so an expired grant's jobs never start) and when the MCP server refuses a
     call because the grant has ended. Runs inside the caller's hold on the vault.
     """
-    from appliance.jobs import queue
+    from appliance.jobs import queue  # lazy: the job rows pull in the vault (duckdb)
 
-    ended = {r["id"]: why for r in _rows(vault.con, *((" WHERE id = ?", [gid]) if gid else ()))
-             if (why := _ended(r))}
-    done = []
-    for job in queue.listing(vault.con, ("queued", "running"), limit=10_000):
-        g = job.spec.get("grant") if isinstance(job.spec, dict) else None
-        if g in ended and not job.cancel:
-            queue.cancel(vault, job.id, reason=f"grant {g} {ended[g].split(' at ')[0]}")
-            done.append(job.id)
-    return done
+    return queue.cancel_for_ended_grants(vault, gid)
 
 
 def revoke(vault, gid: str) -> dict:
@@ -178,5 +152,5 @@ def revoke(vault, gid: str) -> dict:
 
 def listing(con) -> list[dict]:
     return [{"id": r["id"], "agent": r["agent"], "caps": json.loads(r["caps"]), "created": iso(r["created"]),
-             "expires": iso(r["expires"]), "revoked": iso(r["revoked"]), "active": _ended(r) is None,
-             "max_gpus": r["max_gpus"], "max_priority": r["max_priority"]} for r in _rows(con)]
+             "expires": iso(r["expires"]), "revoked": iso(r["revoked"]), "active": grant_status.ended_why(r) is None,
+             "max_gpus": r["max_gpus"], "max_priority": r["max_priority"]} for r in grant_status.rows(con)]

@@ -10,6 +10,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import BundleRefused, bundle_errors
+
 
 def default_home() -> Path:
     """`$APPLIANCE_HOME`, else the per-user data directory (XDG)."""
@@ -79,7 +81,7 @@ def atomic_file(path: Path, mode: int = 0o600) -> Iterator:
     once and checked; a link at `path` is refused (`bundles.safefile`)."""
     from bundles.safefile import atomic_create
 
-    with atomic_create(Path(path), mode) as f:
+    with bundle_errors(), atomic_create(Path(path), mode) as f:
         yield f
 
 
@@ -110,11 +112,9 @@ def atomic_dir(dest: Path) -> Iterator[Path]:
     A kill at any moment leaves either the old `dest` (or none) or the complete new one, never a half. The
     temp directory is private (0700, created exclusively); a link at `dest` is refused, never replaced.
     """
-    from bundles.safefile import UnsafeFileError
-
     dest.parent.mkdir(parents=True, exist_ok=True)
     if dest.is_symlink():
-        raise UnsafeFileError(f"{dest} is a symbolic link", "refusing to write through it; remove the link")
+        raise BundleRefused(f"{dest} is a symbolic link", "refusing to write through it; remove the link")
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.", dir=dest.parent))
     try:
         yield tmp

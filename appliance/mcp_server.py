@@ -1,34 +1,26 @@
 """`appliance mcp`: a Model Context Protocol server over stdio, so an agent can drive the appliance.
 
 The operator starts it (the passphrase from APPLIANCE_PASSPHRASE[_FILE], as for every command) with a
-grant token from `appliance grant` in APPLIANCE_GRANT[_FILE]. Each tool is a thin skin over `appliance.api`
-and returns the same JSON as the matching CLI command. On every call the grant is checked again (a revoked
-or expired grant stops working mid-session) against the capability the tool needs, and the call lands in
-the audit log under `agent:NAME` (refusals too, as `mcp.refused`). Record text and anything that leaves
-the box (bundles) need capabilities of their own ("records", "export").
+grant token from `appliance grant` in APPLIANCE_GRANT[_FILE]. Each tool is one line: the matching
+`api.agent_*` function, which returns the same JSON as the CLI command and does every check in the core
+(appliance/api/agents.py): on every call the grant is checked again (a revoked or expired grant stops working
+mid-session) against the capability the tool needs, what the call names is resolved against what the vault
+or the shipped folders hold (agents name things, never paths), and the call lands in the audit log under
+`agent:NAME` (refusals too, as `mcp.refused`). Record text and anything that leaves the box (bundles) need
+capabilities of their own ("records", "export").
 
-Agents name things, never paths. Before a call runs, what it names is resolved against what the vault or the
-shipped folders hold, and anything else is refused (one line, audited as `mcp.refused`): a recipe, suite or
-task is a member of the shipped set (a suite may also be a dataset version DATASET@N in the vault); a model
-is a model or GGUF id in the vault, never a directory; recipe overrides come from an allow-list of plain
-values (AGENT_KEYS), each type-checked, with dataset, model and tokenizer references resolved in the vault
-and a task by its shipped name; `gpus` and `priority` stay within the grant; a bundle is written under a
-plain file name in the home's outbox, signed by a home key and encrypted to trusted sites, each by name.
+Who acts is the vault handle's (`api.agent_open` sets it to the grant's agent), never the process
+environment: nothing else in this process, and nothing it starts, is taken for the agent.
 """
 
 from __future__ import annotations
 
-import json
-import math
-import os
-import re
 import threading
-import tomllib
 from typing import Any
 
-from appliance import api, grants
-from appliance.errors import ApplianceError, UsageError, one_line
-from bundles.errors import BundleError
+from appliance import api
+from appliance.api import ops
+from appliance.errors import ApplianceError, one_line
 
 INSTRUCTIONS = (
     "Tools of an offline model appliance. Datasets are versioned (NAME@N); training, eval and quantize run "
@@ -37,404 +29,126 @@ INSTRUCTIONS = (
 )
 
 
-AGENT_PII = ("redact", "pseudonymize")  # an agent never lands PII unscrubbed
-
-
-def inbox_paths(paths: list[str], home_root) -> list[str]:
-    """Paths an agent may ingest: inside the operator's inbox (APPLIANCE_MCP_INBOX), links resolved."""
-    from pathlib import Path
-
-    inbox = os.environ.get("APPLIANCE_MCP_INBOX")
-    if not inbox:
-        raise UsageError("ingest over MCP needs an inbox", "the operator sets APPLIANCE_MCP_INBOX to the folder "
-                                                           "agents may ingest from")
-    root = Path(inbox).resolve()
-    out = []
-    for p in paths:
-        real = Path(root, p).resolve()  # relative paths are inside the inbox
-        if not real.is_relative_to(root) or real.is_relative_to(Path(home_root).resolve()):
-            raise UsageError(f"{p} is outside the ingest inbox", f"put it under {root}")
-        out.append(str(real))
-    return out
-
-
-def shipped_only(recipe: str) -> str:
-    """Agents train from the shipped recipes (and overrides); recipe files are the operator's. The recipe's
-    file, by membership in the shipped set (never a name looked up on disk relative to somewhere)."""
-    from appliance.train.config import shipped
-
-    found = shipped()
-    if not isinstance(recipe, str) or recipe not in found:
-        raise UsageError(f"no shipped recipe named {recipe!r}", "use one of " + ", ".join(found))
-    return str(found[recipe].resolve())
-
-
-# --- what agents may name ----------------------------------------------------------------------------
-def agent_suite(con, suite: str) -> str:
-    """A shipped suite (or shipped task run as one) by name -> its file; or DATASET@N held by the vault."""
-    from appliance.eval.suite import DATASET_REF, SUITES_DIR
-    from appliance.eval.tasks import TASKS_DIR
-    from appliance.vault.versions import resolve
-
-    if isinstance(suite, str) and DATASET_REF.match(suite):
-        resolve(con, suite)  # a dataset version the vault holds, or VaultError
-        return suite
-    shipped = {p.stem: p for d in (TASKS_DIR, SUITES_DIR) for p in sorted(d.glob("*.toml"))}  # suites win
-    if not isinstance(suite, str) or suite not in shipped:
-        raise UsageError(f"no shipped suite named {suite!r}",
-                         "use one of " + ", ".join(sorted(shipped)) + ", or DATASET@N (a dataset version in the vault)")
-    return str(shipped[suite].resolve())
-
-
-def agent_model(con, ref: str, kinds: tuple[str, ...] = ("model", "gguf")) -> str:
-    """A model (or GGUF) id the vault holds; never a directory or a file."""
-    row = con.execute("SELECT id, kind FROM lineage_nodes WHERE id = ?", [ref]).fetchone() \
-        if isinstance(ref, str) else None
-    if row is None or row[1] not in kinds:
-        raise UsageError(f"no {' or '.join(kinds)} {ref!r} in the vault",
-                         "name a model by its id (`train_models`" + (", `quantize --list`" if "gguf" in kinds else "")
-                         + "); agents never pass paths")
-    return row[0]
-
-
-def agent_task(name: str) -> str:
-    """A shipped task by name -> its file."""
-    from appliance.eval.tasks import TASKS_DIR
-
-    shipped = {p.stem: p for p in sorted(TASKS_DIR.glob("*.toml"))}
-    if not isinstance(name, str) or name not in shipped:
-        raise UsageError(f"no shipped task named {name!r}", "use one of " + ", ".join(sorted(shipped)))
-    return str(shipped[name].resolve())
-
-
-_IDENT = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
-
-
-def _int(lo: int = 0, hi: int = 10**9):
-    def check(con, key, v):
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise UsageError(f"{key} must be an integer from {lo} to {hi}, not {v!r}", "give a plain number")
-        return v
-    return check
-
-
-def _float(lo: float = -1e9, hi: float = 1e9):
-    def check(con, key, v):
-        if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v) or not lo <= v <= hi:
-            raise UsageError(f"{key} must be a number from {lo:g} to {hi:g}, not {v!r}", "give a plain number")
-        return float(v)
-    return check
-
-
-def _bool(con, key, v):
-    if not isinstance(v, bool):
-        raise UsageError(f"{key} must be true or false, not {v!r}", "give true or false")
-    return v
-
-
-def _choice(*options: str):
-    def check(con, key, v):
-        if v not in options:
-            raise UsageError(f"{key} must be one of {', '.join(options)}, not {v!r}", "pick one of those")
-        return v
-    return check
-
-
-def _text(con, key, v):
-    if not isinstance(v, str) or len(v) > 4000 or "\0" in v:
-        raise UsageError(f"{key} must be a string of at most 4000 characters", "give plain text")
-    return v
-
-
-def _name(con, key, v):
-    from appliance.vault.ingest import NAME_RE
-
-    if not isinstance(v, str) or not NAME_RE.match(v):
-        raise UsageError(f"{key} {v!r} must be lowercase letters, digits, '.', '_' or '-', starting with a letter "
-                         "or digit", "give a plain name")
-    return v
-
-
-def _list(item):
-    def check(con, key, v):
-        if isinstance(v, str):  # one name or a comma list, as on the command line
-            v = [x.strip() for x in v.split(",") if x.strip()]
-        if not isinstance(v, list) or not v or len(v) > 64:
-            raise UsageError(f"{key} must be a list of 1 to 64 names", "give names, comma-separated")
-        return [item(con, key, x) for x in v]
-    return check
-
-
-def _ident(con, key, v):
-    if not isinstance(v, str) or not _IDENT.match(v):
-        raise UsageError(f"{key}: {v!r} is not a plain identifier", "letters, digits and '_'")
-    return v
-
-
-def _dataset(con, key, v):
-    from appliance.vault.versions import resolve
-
-    if not isinstance(v, str):
-        raise UsageError(f"{key}: {v!r} is not a dataset version", "name one as NAME@N")
-    _, name, n = resolve(con, v)  # VaultError unless the vault holds it
-    return f"{name}@{n}"
-
-
-def _node(kind: str, what: str):
-    def check(con, key, v):
-        from appliance.train.run import resolve_node
-
-        if not isinstance(v, str) or not v:
-            raise UsageError(f"{key} must name a {what} in the vault", "by its id, e.g. NAME@K")
-        return resolve_node(con, v, (kind,), what)  # the id it stands for now, or UsageError
-    return check
-
-
-def _task(con, key, v):
-    return agent_task(v)
-
-
-def _reward(con, key, v):
-    from appliance.train.rewards import known
-
-    if v not in known():
-        raise UsageError(f"{key}: unknown reward {v!r}", "built in: " + ", ".join(sorted(known())))
-    return v
-
-
-_SHAPE = _int(1, 1 << 20)
-# The recipe keys an agent may set (jobs_submit overrides, jobs_sweep overrides and space), each with its check.
-# Plain values only: nothing here is a path or names a file; references resolve in the vault or the shipped set.
-AGENT_KEYS: dict[str, Any] = {
-    "name": _name, "method": _choice("full", "lora", "qlora"),
-    "model.base": _node("model", "base model"), "model.arch": _choice("dense", "moe"),
-    **{f"model.{k}": _SHAPE for k in ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads",
-                                      "max_seq_len", "num_experts", "experts_per_token")},
-    "model.rope_theta": _float(0, 1e9), "model.tie_embeddings": _bool, "model.router_aux_loss": _float(0, 100),
-    "data.datasets": _list(_dataset), "data.tokenizer": _node("tokenizer", "tokenizer"), "data.task": _task,
-    "data.seq_len": _SHAPE, "data.format": _choice("text", "chat", "preference", "prompts", "task"),
-    **{f"data.{k}": _ident for k in ("prompt_field", "response_field", "chosen_field", "rejected_field")},
-    "data.system_prompt": _text,
-    **{f"train.{k}": _int() for k in ("max_steps", "batch_size", "micro_batch_size", "warmup_steps", "seed",
-                                      "checkpoint_every", "keep_checkpoints", "eval_every", "early_stop_patience")},
-    **{f"train.{k}": _float() for k in ("lr", "min_lr", "weight_decay", "beta1", "beta2", "grad_clip", "dpo_beta")},
-    "train.activation_checkpointing": _bool, "train.precision": _choice("auto", "bf16", "fp32"),
-    "train.parallel": _choice("ddp", "fsdp"),
-    "lora.rank": _int(1, 4096), "lora.alpha": _float(), "lora.dropout": _float(0, 1), "lora.merge": _bool,
-    "lora.target_modules": _list(_ident),
-    "grpo.rewards": _list(_reward), "grpo.group_size": _int(1, 1024), "grpo.max_new_tokens": _int(1, 1 << 16),
-    "grpo.temperature": _float(), "grpo.kl_beta": _float(), "grpo.pattern": _text, "grpo.schema": _text,
-    "grpo.tools": _list(_ident),
-}
-_TEXT_KEYS = {k for k, c in AGENT_KEYS.items() if c in (_name, _text, _task, _ident) or k in (
-    "method", "model.base", "model.arch", "data.tokenizer", "data.format", "train.precision", "train.parallel")}
-
-
-def agent_value(con, key: str, value):
-    """`value` for recipe key `key` if an agent may set it (checked, references resolved), else UsageError."""
-    if key not in AGENT_KEYS:
-        raise UsageError(f"recipe key {key!r} is not for agents",
-                         "agents set plain values only: " + ", ".join(sorted(AGENT_KEYS)))
-    return AGENT_KEYS[key](con, key, value)
-
-
-def _toml(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml(v) for v in value) + "]"
-    if isinstance(value, str):
-        return json.dumps(value)  # a TOML basic string
-    return repr(value)
-
-
-def agent_overrides(con, overrides: list[str]) -> list[str]:
-    """KEY=VALUE overrides from an agent, each checked against AGENT_KEYS; rewritten with what they resolved
-    to (so the job runs exactly what was checked)."""
-    if not isinstance(overrides, list) or not all(isinstance(o, str) for o in overrides):
-        raise UsageError("overrides must be a list of \"KEY=VALUE\" strings", "e.g. [\"train.max_steps=100\"]")
-    out = []
-    for item in overrides:
-        key, sep, text = item.partition("=")
-        key = key.strip().lstrip("-")
-        if not sep or not key:
-            raise UsageError(f"override {item!r} must be KEY=VALUE", "e.g. train.lr=1e-4")
-        try:  # as the recipe reads it: a TOML literal, else a bare string
-            value = tomllib.loads(f"v = {text}")["v"]
-        except tomllib.TOMLDecodeError:
-            value = text
-        if key in _TEXT_KEYS and not isinstance(value, str):
-            value = text.strip()
-        out.append(f"{key}={_toml(agent_value(con, key, value))}")
-    return out
-
-
-def agent_space(con, space: dict) -> dict:
-    if not isinstance(space, dict):
-        raise UsageError("space must map recipe keys to lists of values", "e.g. {\"train.lr\": [1e-4, 1e-3]}")
-    out = {}
-    for key, values in space.items():
-        if not isinstance(values, list) or not values:
-            raise UsageError(f"space.{key} must be a non-empty list of values", "e.g. [1e-4, 1e-3]")
-        out[key] = [agent_value(con, key, v) for v in values]
-    return out
-
-
-def build(vault, token: str):
-    """The server, bound to an unlocked (detached) vault and the agent's grant token."""
-    from mcp.server.mcpserver import MCPServer
+def caller(vault, token: str | None):
+    """`call(api.agent_TOOL, **args)`: the agent function run on the attached vault with the grant token,
+    one call at a time (tools run in worker threads); any failure reaches the agent as one line."""
     from mcp.server.mcpserver.exceptions import ToolError
 
-    from appliance import __version__
+    lock = threading.Lock()
 
-    lock = threading.Lock()  # one hold on the vault at a time (tools run in worker threads)
-    server = MCPServer("appliance", instructions=INSTRUCTIONS, version=__version__)
-
-    def tool(description: str):  # every result is the command's JSON object, as structured content
-        return server.tool(description=description, structured_output=True)
-
-    def call(tool: str, cap: str, fn, vet=None, **args):
-        """Check the grant, then (`vet`) what the call names and asks for; run it under the grant's id."""
-        from appliance.jobs import queue
-
+    def call(fn, **args) -> dict[str, Any]:
         with lock:
             try:
                 with vault.session(wait=30) as v:
-                    try:
-                        try:
-                            grant = grants.check(v.con, token)
-                        except grants.GrantError:
-                            grants.cancel_jobs(v)  # an ended grant's jobs end with it
-                            raise
-                        grant.require(cap)
-                        checked = vet(v, grant, **args) if vet else args
-                    except (ApplianceError, BundleError) as e:
-                        with v.transaction():
-                            v.audit("mcp.refused", [], {"tool": tool, "reason": e.message})
-                        raise
-                    with v.transaction():
-                        v.audit(f"mcp.{tool}", [], {k: a for k, a in args.items() if a not in (None, [], "")})
-                    grant_id = queue.SUBMITTING_GRANT.set(grant.id)  # jobs queued now are this grant's
-                    try:
-                        return fn(v, **checked)
-                    finally:
-                        queue.SUBMITTING_GRANT.reset(grant_id)
-            except (ApplianceError, BundleError) as e:
+                    return fn(v, token, **args)
+            except ApplianceError as e:
                 raise ToolError(one_line(e.message, e.hint)) from None
             except Exception as e:  # noqa: BLE001 - one line for the agent, never a traceback
-                raise ToolError(f"error: {tool} failed ({type(e).__name__})") from None
+                raise ToolError(f"error: {fn.__name__.removeprefix('agent_')} failed ({type(e).__name__})") from None
+    return call
+
+
+def read_tools(tool, call) -> None:
+    """What the vault holds, models, runs and lineage (read); record text and SQL (records)."""
 
     @tool("Datasets and their newest versions (read).")
     def vault_datasets() -> dict[str, Any]:
-        return call("vault_datasets", "read", api.vault_datasets)
+        return call(api.agent_vault_datasets)
 
     @tool("One dataset version: counts, splits, sources, PII report (read).")
     def vault_show(ref: str) -> dict[str, Any]:
-        return call("vault_show", "read", api.vault_show, ref=ref)
+        return call(api.agent_vault_show, ref=ref)
 
     @tool("A page of a version's records with their scrubbed text (records).")
     def vault_records(ref: str, offset: int = 0, limit: int = 20) -> dict[str, Any]:
-        return call("vault_records", "records", api.vault_records, ref=ref, offset=offset, limit=min(limit, 200))
+        return call(api.agent_vault_records, ref=ref, offset=offset, limit=limit)
 
     @tool("Read-only SQL over the vault (records).")
     def vault_sql(query: str, limit: int = 100) -> dict[str, Any]:
-        return call("vault_sql", "records", api.vault_sql, query=query, limit=min(limit, 10_000))
-
-    @tool("Ingest files or directories on this box into a new version of DATASET (ingest).")
-    def vault_ingest(paths: list[str], dataset: str, pii: str = "redact") -> dict[str, Any]:
-        def vet(v, grant, paths, dataset, pii):
-            if pii not in AGENT_PII:
-                raise UsageError(f"pii {pii!r} is not for agents", "use redact or pseudonymize")
-            return {"paths": inbox_paths(paths, v.home.root), "dataset": dataset, "pii": pii}
-        return call("vault_ingest", "ingest", api.vault_ingest, vet, paths=paths, dataset=dataset, pii=pii)
+        return call(api.agent_vault_sql, query=query, limit=limit)
 
     @tool("Models and adapters (read).")
     def train_models() -> dict[str, Any]:
-        return call("train_models", "read", api.train_models)
+        return call(api.agent_train_models)
 
     @tool("Training runs and their status (read).")
     def train_runs(name: str | None = None) -> dict[str, Any]:
-        return call("train_runs", "read", api.train_runs, name=name)
+        return call(api.agent_train_runs, name=name)
 
     @tool("What a dataset version, model, GGUF or eval run came from (read).")
     def lineage(node_id: str) -> dict[str, Any]:
-        return call("lineage", "read", api.lineage, node_id=node_id)
+        return call(api.agent_lineage, node_id=node_id)
+
+
+def job_tools(tool, call) -> None:
+    """Long work as jobs (train, eval, quantize), and following them (read)."""
 
     @tool("Queue a training run of a shipped recipe with KEY=VALUE overrides of plain values; gpus and priority "
           "within the grant (train).")
     def jobs_submit(recipe: str, overrides: list[str] | None = None, gpus: int = 0, priority: int = 0,
                     resume: bool = False) -> dict[str, Any]:
-        def vet(v, grant, recipe, overrides, gpus, priority, resume):
-            grant.bound(gpus, priority)
-            return {"recipe": shipped_only(recipe), "overrides": agent_overrides(v.con, overrides), "gpus": gpus,
-                    "priority": priority, "resume": bool(resume)}
-        return call("jobs_submit", "train", api.jobs_submit, vet, recipe=recipe, overrides=overrides or [], gpus=gpus,
-                    priority=priority, resume=resume)
+        return call(api.agent_jobs_submit, recipe=recipe, overrides=overrides, gpus=gpus, priority=priority,
+                    resume=resume)
 
     @tool("Queue a GGUF export of a model (its id in the vault) with its quality report (quantize).")
     def jobs_quantize(model: str, type: str = "q4_k_m") -> dict[str, Any]:  # noqa: A002 - the CLI's --type
-        def vet(v, grant, model, type):  # noqa: A002
-            return {"model": agent_model(v.con, model, ("model",)), "type": type}
-        return call("jobs_quantize", "quantize", api.jobs_quantize, vet, model=model, type=type)
+        return call(api.agent_jobs_quantize, model=model, type=type)
 
     @tool("Queue an eval run: a shipped suite name or DATASET@N, on a model or GGUF id in the vault (eval).")
     def jobs_eval(suite: str, model: str) -> dict[str, Any]:
-        def vet(v, grant, suite, model):
-            return {"suite": agent_suite(v.con, suite), "model": agent_model(v.con, model)}
-        return call("jobs_eval", "eval", api.jobs_eval, vet, suite=suite, model=model)
+        return call(api.agent_jobs_eval, suite=suite, model=model)
 
     @tool("Queue a hyperparameter sweep over recipe keys (plain values, as jobs_submit's overrides), ranked by "
           "validation loss; overrides must set train.eval_every (train).")
     def jobs_sweep(name: str, recipe: str, space: dict[str, list], overrides: list[str] | None = None,
                    method: str = "grid", trials: int | None = None, seed: int = 0) -> dict[str, Any]:
-        def vet(v, grant, name, recipe, space, overrides, **kw):
-            return {"name": _name(v.con, "name", name), "recipe": shipped_only(recipe),
-                    "space": agent_space(v.con, space), "overrides": agent_overrides(v.con, overrides), **kw}
-        return call("jobs_sweep", "train", api.jobs_sweep, vet, name=name, recipe=recipe, space=space,
-                    overrides=overrides or [], method=method, trials=trials, seed=seed)
+        return call(api.agent_jobs_sweep, name=name, recipe=recipe, space=space, overrides=overrides, method=method,
+                    trials=trials, seed=seed)
 
     @tool("Running and queued jobs; all=true for ended ones too (read).")
     def jobs_list(all: bool = False) -> dict[str, Any]:  # noqa: A002
-        return call("jobs_list", "read", lambda v, all: api.jobs_list(v, all, dispatch=False), all=all)
+        return call(api.agent_jobs_list, all=all)
 
     @tool("A job's log lines and status (read).")
     def jobs_logs(job_id: str) -> dict[str, Any]:
-        return call("jobs_logs", "read", api.jobs_logs, job_id=job_id)
+        return call(api.agent_jobs_logs, job_id=job_id)
 
     @tool("Cancel a queued job or stop a running one at a checkpoint (train).")
     def jobs_cancel(job_id: str) -> dict[str, Any]:
-        def cancel(v, job_id):
-            from appliance.jobs import queue
+        return call(api.agent_jobs_cancel, job_id=job_id)
 
-            if queue.get(v.con, job_id).submitted_by != os.environ.get("APPLIANCE_ACTOR"):
-                raise ApplianceError(f"{job_id} is not this agent's job", "agents cancel only the jobs they started")
-            return api.jobs_cancel(v, job_id)
-        return call("jobs_cancel", "train", cancel, job_id=job_id)
+
+def inbound_outbound_tools(tool, call) -> None:
+    """Files in (ingest, from the operator's inbox) and bundles out (export, to the home's outbox)."""
+
+    @tool("Ingest files or directories on this box into a new version of DATASET (ingest).")
+    def vault_ingest(paths: list[str], dataset: str, pii: str = "redact") -> dict[str, Any]:
+        return call(api.agent_vault_ingest, paths=paths, dataset=dataset, pii=pii)
 
     @tool("Write a signed bundle of a model, GGUF, eval run or dataset as OUT, a file name in the home's outbox; "
           "sign_key is one of the home's keys and `to` names trusted sites to encrypt to (export).")
     def bundle_export(ref: str, sign_key: str, out: str, to: list[str] | None = None) -> dict[str, Any]:
-        from appliance import exchange
+        return call(api.agent_bundle_export, ref=ref, sign_key=sign_key, out=out, to=to)
 
-        def vet(v, grant, ref, sign_key, out, to):
-            exchange.outbox_target(v.home, out, sign_key, to)  # names only: refused here, before anything is made
-            return {"ref": ref, "sign_key": sign_key, "out": out, "recipients": to}
-        return call("bundle_export", "export", exchange.outbox_export, vet, ref=ref, sign_key=sign_key, out=out,
-                    to=to or [])
 
+TOOL_GROUPS = (read_tools, job_tools, inbound_outbound_tools)
+
+
+def build(vault, token: str | None):
+    """The server, bound to an agent's (detached) vault from `api.agent_open` and the agent's grant token."""
+    from mcp.server.mcpserver import MCPServer
+
+    server = MCPServer("appliance", instructions=INSTRUCTIONS, version=ops.version())
+
+    def tool(description: str):  # every result is the command's JSON object, as structured content
+        return server.tool(description=description, structured_output=True)
+
+    call = caller(vault, token)
+    for group in TOOL_GROUPS:
+        group(tool, call)
     return server
 
 
 def serve(home, passphrase: str, token: str | None) -> None:
     """Check the grant, then answer MCP over stdin/stdout until the client goes."""
-    from appliance.vault import Vault
-
-    vault = Vault.open(home, passphrase)
-    try:
-        grant = grants.check(vault.con, token)
-        with vault.transaction():
-            vault.audit("mcp.start", [grant.id], {"agent": grant.agent, "caps": list(grant.caps)})
-    finally:
-        vault.close()  # attached only during calls: jobs and the console share it
-    os.environ["APPLIANCE_ACTOR"] = grant.actor  # everything done here, and by jobs it starts, is the agent's
-    build(vault, token).run("stdio")
+    build(api.agent_open(home, passphrase, token), token).run("stdio")

@@ -405,7 +405,7 @@ def _task_demos(out: Path) -> None:
     """Worked episodes of the shipped asset-risk task (train episodes only), one row per model turn: the
     call, then the answer from the tool's real result. SFT on them gives a model that sometimes completes
     the task, which GRPO on the task then improves."""
-    from appliance.eval import tasks
+    from appliance import tasks
 
     task = tasks.load("asset-risk")
     rows = []

@@ -39,7 +39,7 @@ from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
 
-from appliance.errors import ApplianceError, UsageError
+from appliance.errors import ApplianceError, UsageError, bundle_errors
 from appliance.home import file_sha256
 from bundles.safefile import atomic_create
 
@@ -191,6 +191,7 @@ def pack(name: str, dest: str, level: int = 1) -> tuple[str, int]:
     return pack_dist(metadata.distribution(name), dest, level)
 
 
+@bundle_errors()
 def pack_dist(dist: metadata.Distribution, dest: str, level: int = 1) -> tuple[str, int]:
     wheel_text = dist.read_text("WHEEL")
     tag = _tags(wheel_text or "")
@@ -315,6 +316,7 @@ def _pip(args: list[str], isolated: bool, what: str, echo: bool = False) -> None
 
 
 # --- the wheelhouse ------------------------------------------------------------------------------------------
+@bundle_errors()
 def build(out: Path, torch: str | None = None, from_env: bool = False, find_links: list[Path] | None = None,
           no_index: bool = False, torch_index: str | None = None, sign_key: str | None = None,
           bundle: Path | None = None, force: bool = False, home=None, progress=None, compress_level: int = 1

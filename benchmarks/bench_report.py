@@ -17,12 +17,14 @@ def update_section(path: Path, key: str, title: str, body: str) -> None:
 
 
 def parser(doc: str, steps: int = 30):
-    """The options every model benchmark takes: --steps, --threads, --write."""
+    """The options every model benchmark takes: --steps, --threads, --smoke, --write."""
     import argparse
     import os
 
     ap = argparse.ArgumentParser(description=doc.splitlines()[0])
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--smoke", action="store_true",
+                    help="a tiny model and few steps: checks in seconds that every part runs (not a measurement)")
     ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's section")
     return ap

@@ -1,11 +1,12 @@
 """Eval throughput: cases per second on GGUF (llama.cpp) vs. transformers, same suite, same model, same run.
 
-    python benchmarks/eval_throughput.py [--steps 20] [--threads 2] [--write docs/BENCHMARKS.md]
+    python benchmarks/eval_throughput.py [--steps 20] [--threads 2] [--smoke] [--write docs/BENCHMARKS.md]
 
 The model of `edge_inference.py` (Llama-style 6 x 512, trained briefly in a fresh vault) is exported to
 f32, q8_0 and q4_k_m. The suite: the shipped `handbook-checks` cases plus 20 cloze questions cut from
 the corpus's held-out text (the default suite of a dataset), cases only, greedy. Each backend runs it
 once to warm up, then timed. Answers of the f32 GGUF are compared with transformers' one by one.
+--smoke: the smoke model of `edge_inference.py` and 2 cloze questions: a check that it runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -20,12 +21,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_report import parser, update_section  # noqa: E402
-from edge_inference import PASS, setup  # noqa: E402
+from edge_inference import PASS, SMOKE_STEPS, setup, size_of  # noqa: E402
 
 TYPES = ["f32", "q8_0", "q4_k_m"]
+CLOZE, SMOKE_CLOZE = 20, 2
 
 
-def measure(home: Path, model_id: str, threads: int) -> dict:
+def measure(home: Path, model_id: str, threads: int, cloze_n: int = CLOZE) -> dict:
     import torch
 
     from appliance.eval.run import run
@@ -38,7 +40,7 @@ def measure(home: Path, model_id: str, threads: int) -> dict:
     shipped = load("handbook-checks")
     out = {}
     with Vault.open(Home(home), PASS) as v:
-        cloze = from_dataset(v.con, "bench@1", n=20)
+        cloze = from_dataset(v.con, "bench@1", n=cloze_n)
         suite = Suite("bench", "bench", shipped.cases + cloze.cases, [])
         targets = {"transformers fp32": model_id}
         for t in TYPES:
@@ -53,7 +55,7 @@ def measure(home: Path, model_id: str, threads: int) -> dict:
     return out
 
 
-def report(r: dict, threads: int) -> str:
+def report(r: dict, threads: int, shipped: int) -> str:
     import llama_cpp
     import torch
 
@@ -62,7 +64,7 @@ def report(r: dict, threads: int) -> str:
     same = sum(a == b for a, b in zip(base["outputs"], r["llama.cpp f32"]["outputs"]))
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, llama-cpp-python "
              f"{llama_cpp.__version__}, {os.cpu_count()} cores, {threads} thread(s). Model as in the edge "
-             f"benchmark; {base['cases']} cases (4 shipped handbook checks + cloze questions), greedy.", "",
+             f"benchmark; {base['cases']} cases ({shipped} shipped handbook checks + cloze questions), greedy.", "",
              "| backend | cases/s | vs. transformers | passed |", "| --- | ---: | ---: | ---: |"]
     for k, x in r.items():
         lines.append(f"| {k} | {rate[k]:.2f} | {rate[k] / rate['transformers fp32']:.2f}x | "
@@ -74,13 +76,17 @@ def report(r: dict, threads: int) -> str:
 
 
 def main() -> None:
+    from appliance.eval.suite import load
+
     a = parser(__doc__, steps=20).parse_args()
+    if a.smoke:
+        a.steps = SMOKE_STEPS
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TRANSFORMERS_VERBOSITY": "error",
                        "APPLIANCE_TRAIN_THREADS": str(a.threads)})
     with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
-        home, model_id = setup(Path(tmp), a.steps)
-        r = measure(home, model_id, a.threads)
-    body = report(r, a.threads)
+        home, model_id = setup(Path(tmp), a.steps, size_of(a.smoke))
+        r = measure(home, model_id, a.threads, SMOKE_CLOZE if a.smoke else CLOZE)
+    body = report(r, a.threads, len(load("handbook-checks").cases))
     print(body)
     if a.write:
         update_section(a.write, "eval_throughput", "Eval throughput (`benchmarks/eval_throughput.py`)", body)

@@ -1,6 +1,6 @@
 """Pre-training throughput: `appliance train run` against the transformers `Trainer`, same run, same box.
 
-    python benchmarks/train_throughput.py [--steps 30] [--threads 2] [--write docs/BENCHMARKS.md]
+    python benchmarks/train_throughput.py [--steps 30] [--threads 2] [--smoke] [--write docs/BENCHMARKS.md]
 
 Same model (a Llama-style preset sized below), same tokenizer and vault data, same sequence length,
 global batch, learning-rate schedule, optimizer and thread count. Each side runs in a child process of
@@ -11,6 +11,7 @@ its own so its peak RSS is its own. Three rows:
                   and padded to the sequence length (`padding="max_length"`), pad tokens masked
 Throughput is the median over steady-state steps (the first 3 are dropped) of tokens per second, both
 raw (every position, padding included) and useful (positions that carry a document token).
+--smoke runs the same three sides on a 2 x 64 model for 5 steps: a check that they run, not a measurement.
 """
 
 from __future__ import annotations
@@ -33,9 +34,18 @@ PASS = "benchmark passphrase"
 SHAPE = {"model.hidden_size": 256, "model.intermediate_size": 768, "model.num_layers": 4, "model.num_heads": 4,
          "model.num_kv_heads": 2, "data.seq_len": 256, "train.batch_size": 8, "train.micro_batch_size": 8,
          "train.warmup_steps": 2, "train.lr": 1e-3, "train.min_lr": 1e-4, "train.checkpoint_every": 100000}
+VOCAB = 4000
+# --smoke: the tiny-dense preset's own sizes, short rows, small batches
+SMOKE_SHAPE = {**SHAPE, "model.hidden_size": 64, "model.intermediate_size": 192, "model.num_layers": 2,
+               "data.seq_len": 64, "train.batch_size": 4, "train.micro_batch_size": 4}
+SMOKE_VOCAB, SMOKE_STEPS = 1000, 5
 
 
-def setup(work: Path) -> Path:
+def shape(smoke: bool) -> dict:
+    return SMOKE_SHAPE if smoke else SHAPE
+
+
+def setup(work: Path, vocab: int) -> Path:
     from appliance.home import Home
     from appliance.samples import generate
     from appliance.train.tokenizer import train_tokenizer
@@ -47,12 +57,12 @@ def setup(work: Path) -> Path:
     generate(src)
     with Vault.init(Home(home), PASS) as v:
         ingest(v, [src / "handbook", src / "documents", src / "mail", src / "kestrel-tools"], "bench")
-        train_tokenizer(v, "bench@1", vocab_size=4000, name="bench-bpe")
+        train_tokenizer(v, "bench@1", vocab_size=vocab, name="bench-bpe")
     return home
 
 
-def overrides(steps: int) -> list[str]:
-    return [f"{k}={v}" for k, v in SHAPE.items()] + [f"train.max_steps={steps}", "data.datasets=bench@1",
+def overrides(steps: int, smoke: bool = False) -> list[str]:
+    return [f"{k}={v}" for k, v in shape(smoke).items()] + [f"train.max_steps={steps}", "data.datasets=bench@1",
                                                      "data.tokenizer=bench-bpe", "name=bench"]
 
 
@@ -69,8 +79,8 @@ def child(cmd: list[str], env: dict) -> tuple[str, float]:
         return out.read(), usage.ru_maxrss / 1024
 
 
-def appliance_side(home: Path, steps: int, env: dict) -> dict:
-    args = [x for o in overrides(steps) for x in ("--set", o)]
+def appliance_side(home: Path, steps: int, env: dict, smoke: bool = False) -> dict:
+    args = [x for o in overrides(steps, smoke) for x in ("--set", o)]
     out, rss = child([sys.executable, "-m", "appliance", "--home", str(home), "--json", "train", "run",
                       "tiny-dense", *args], env)
     res = json.loads(out)
@@ -84,7 +94,7 @@ def appliance_side(home: Path, steps: int, env: dict) -> dict:
     return {"raw": raw, "useful": raw * (1 - pad), "padding": pad, "rss": rss, "loss": mean_loss}
 
 
-def trainer_child(home: Path, steps: int, mode: str, threads: int) -> None:
+def trainer_child(home: Path, steps: int, mode: str, threads: int, smoke: bool = False) -> None:
     """Runs inside a child: the Trainer on packed or padded rows read from the vault (in memory only)."""
     import numpy as np
     import torch
@@ -98,7 +108,7 @@ def trainer_child(home: Path, steps: int, mode: str, threads: int) -> None:
     from appliance.vault import Vault
     from appliance.vault.versions import iter_records
 
-    recipe = load_recipe("tiny-dense", overrides(steps))
+    recipe = load_recipe("tiny-dense", overrides(steps, smoke))
     tok = load_tokenizer(home / "artifacts" / "tokenizers" / "bench-bpe@1")
     L = recipe.data.seq_len
     with Vault.open(Home(home), PASS) as v:
@@ -144,19 +154,21 @@ def trainer_child(home: Path, steps: int, mode: str, threads: int) -> None:
     print(json.dumps({"raw": raw, "useful": raw * useful, "padding": 1 - useful, "loss": out.training_loss}))
 
 
-def trainer_side(home: Path, steps: int, mode: str, threads: int, env: dict) -> dict:
+def trainer_side(home: Path, steps: int, mode: str, threads: int, env: dict, smoke: bool = False) -> dict:
     out, rss = child([sys.executable, __file__, "--trainer-child", mode, "--home", str(home), "--steps", str(steps),
-                      "--threads", str(threads)], env)
+                      "--threads", str(threads), *(["--smoke"] if smoke else [])], env)
     return {**json.loads(out.strip().splitlines()[-1]), "rss": rss}
 
 
-def report(r: dict, steps: int, threads: int) -> str:
+def report(r: dict, steps: int, threads: int, smoke: bool = False) -> str:
     import torch
 
-    a = r["appliance"]
+    a, s = r["appliance"], shape(smoke)
     lines = [f"python {platform.python_version()}, torch {torch.__version__}, {os.cpu_count()} cores, "
-             f"{threads} thread(s) per side, CPU fp32. Model: Llama-style, 4 layers x 256 (MLP 768, GQA 4/2), "
-             f"vocab 4000; sequence 256, global batch 8, {steps} steps (median of steps 4..{steps}). Data: the "
+             f"{threads} thread(s) per side, CPU fp32. Model: Llama-style, {s['model.num_layers']} layers x "
+             f"{s['model.hidden_size']} (MLP {s['model.intermediate_size']}, GQA {s['model.num_heads']}/"
+             f"{s['model.num_kv_heads']}), vocab {SMOKE_VOCAB if smoke else VOCAB}; sequence {s['data.seq_len']}, "
+             f"global batch {s['train.batch_size']}, {steps} steps (median of steps 4..{steps}). Data: the "
              "sample handbook, documents, mail and code in the vault.", "",
              "| trainer | raw tok/s | useful tok/s | padding | peak RSS MB | mean loss |",
              "| --- | ---: | ---: | ---: | ---: | ---: |"]
@@ -179,15 +191,19 @@ def main() -> None:
     os.environ.update({"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "APPLIANCE_PASSPHRASE": PASS,
                        "TRANSFORMERS_VERBOSITY": "error"})
     if a.trainer_child:
-        trainer_child(a.home, a.steps, a.trainer_child, a.threads)
+        trainer_child(a.home, a.steps, a.trainer_child, a.threads, a.smoke)
         return
+    if a.smoke:
+        a.steps = SMOKE_STEPS
+    if a.steps < 4:
+        ap.error("--steps must be at least 4 (the first 3 are dropped)")
     env = {**os.environ, "APPLIANCE_TRAIN_THREADS": str(a.threads), "PYTHONPATH": str(Path(__file__).parents[1])}
     with tempfile.TemporaryDirectory(prefix="train-bench-") as tmp:
-        home = setup(Path(tmp))
-        r = {"appliance": appliance_side(home, a.steps, env),
-             "packed": trainer_side(home, a.steps, "packed", a.threads, env),
-             "padded": trainer_side(home, a.steps, "padded", a.threads, env)}
-    body = report(r, a.steps, a.threads)
+        home = setup(Path(tmp), SMOKE_VOCAB if a.smoke else VOCAB)
+        r = {"appliance": appliance_side(home, a.steps, env, a.smoke),
+             "packed": trainer_side(home, a.steps, "packed", a.threads, env, a.smoke),
+             "padded": trainer_side(home, a.steps, "padded", a.threads, env, a.smoke)}
+    body = report(r, a.steps, a.threads, a.smoke)
     print(body)
     if a.write:
         update_section(a.write, "train_throughput", "Training throughput (`benchmarks/train_throughput.py`)", body)

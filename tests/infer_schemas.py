@@ -56,8 +56,7 @@ def infer(values: list, depth: int = 0) -> dict:
 
 def main(record: str) -> None:
     from appliance.cli import cli
-    from appliance.output import JSON_SCHEMA_VERSION
-    from appliance.schemas import file_of
+    from appliance.schemas import JSON_SCHEMA_VERSION, file_of
 
     seen: dict[str, list] = defaultdict(list)
     for line in Path(record).read_text().splitlines():

@@ -7,10 +7,10 @@ import json
 import time
 
 import pytest
+from mcp import ClientSession, StdioServerParameters
+from mcp.client.stdio import stdio_client
 
 from tests.conftest import PASSPHRASE, PY, open_vault, python_env
-
-mcp = pytest.importorskip("mcp")
 
 FLOW_CAPS = "read,ingest,train,eval,quantize"
 
@@ -66,7 +66,7 @@ NOT_IN_API = {
     "demo": "a showcase run, not an operation",
     "samples": "writes the sample corpus, not an operation on the vault",
     "schema": "the contract itself: appliance.schemas",
-    "grant": "grants are the operator's act at the terminal, never a program's",
+    "grant": "one command, three modes: api.grant_create, api.grant_list, api.grant_revoke",
     "generate": "inference on a GGUF needs no vault: appliance.quantize.infer",
 }
 
@@ -104,9 +104,6 @@ def test_every_command_is_an_api_function_with_its_options():
 
 
 async def _session(home, token: str, body, inbox=None):
-    from mcp import ClientSession, StdioServerParameters
-    from mcp.client.stdio import stdio_client
-
     env = {**python_env(), "APPLIANCE_GRANT": token, **({"APPLIANCE_MCP_INBOX": str(inbox)} if inbox else {})}
     params = StdioServerParameters(command=PY, args=["-m", "appliance", "--home", str(home), "mcp"], env=env)
     async with stdio_client(params) as (read, write), ClientSession(read, write) as s:
@@ -136,6 +133,7 @@ async def _until_done(s, job_id: str, timeout: float = 240) -> dict:
     raise AssertionError(f"{job_id} did not end")
 
 
+@pytest.mark.slow
 def test_an_agent_runs_the_whole_flow_and_is_refused_what_it_was_not_granted(train_home, cli, samples, tmp_path):
     token = cli("--home", train_home, "--json", "grant", "--agent", "planner", "--caps", FLOW_CAPS).json["token"]
 

@@ -64,4 +64,4 @@ def test_lineage_tree_and_render(audited, cli):
     r = cli("--home", audited, "lineage", "hb")
     assert r.code == 0 and r.out.startswith("hb@2 (dataset)")
     r = cli("--home", audited, "lineage", "nope@1")
-    assert r.code == 1 and "no lineage node nope@1" in r.err
+    assert r.code == 2 and "no lineage node nope@1" in r.err

@@ -42,6 +42,7 @@ def greedy_reward(home: Path, model: str, limit: int = 40) -> float:
     return sum(scores) / len(scores)
 
 
+@pytest.mark.slow
 def test_grpo_trains_and_merges_on_the_sample_task(ghome, cli, capsys):
     d = run(cli, ghome, *GRPO, "--train.max_steps", "30", "--train.eval_every", "15")
     assert d["id"] == "grpo-lora@1" and d["stage"] == "grpo" and d["merged"] == "grpo-lora-merged@1"
@@ -64,6 +65,7 @@ def test_grpo_trains_and_merges_on_the_sample_task(ghome, cli, capsys):
     assert summary["reward_failures"] == {} and summary["first_reward"] == pytest.approx(rewards[0])
 
 
+@pytest.mark.slow
 def test_a_failing_reward_is_counted_and_training_goes_on(ghome, cli, tmp_path, monkeypatch):
     (tmp_path / "site_rewards.py").write_text(
         "from appliance.train.rewards import register\n"
@@ -110,6 +112,7 @@ def test_builtin_rewards():
     assert failures == {"boom": {"count": 1, "first": "ZeroDivisionError: division by zero"}}
 
 
+@pytest.mark.slow
 def test_bad_grpo_recipes_say_what_to_do(ghome, cli):
     r = cli("--home", ghome, "train", "run", *GRPO, "--grpo.rewards", '["overlap", "vibes"]')
     assert r.code == 2 and "grpo.rewards: unknown vibes" in r.err

@@ -43,6 +43,7 @@ def logged(cli, home, job_id, text) -> bool:
     return r.code == 0 and any(text in ln for ln in r.json["lines"])
 
 
+@pytest.mark.slow
 def test_a_submitted_run_goes_on_alone_and_lands_in_lineage(train_home, cli):
     from appliance.home import Home
     from appliance.jobs.log import JobLog
@@ -86,6 +87,7 @@ def test_bad_submissions_are_one_line_and_queue_nothing(train_home, cli):
     assert cli("--home", train_home, "--json", "jobs", "list", "--all").json["jobs"] == []
 
 
+@pytest.mark.slow
 def test_gpus_are_handed_out_and_big_jobs_wait(train_home, cli, monkeypatch):
     """Two 1-GPU runs side by side on a 2-GPU box; a 2-GPU run waits for both; more than the box is refused."""
     monkeypatch.setenv("APPLIANCE_GPUS", "2")
@@ -103,6 +105,7 @@ def test_gpus_are_handed_out_and_big_jobs_wait(train_home, cli, monkeypatch):
     assert done.started >= max(first.finished, second.finished)  # it waited for both GPUs
 
 
+@pytest.mark.slow
 def test_cancel_stops_a_run_at_a_checkpoint_and_resume_finishes_it(train_home, cli):
     long = ["--train.max_steps", "400", "--train.warmup_steps", "0", "--train.checkpoint_every", "2"]
     cli("--home", train_home, "jobs", "submit", "tiny-dense", *long, "--name", "stopme")
@@ -123,6 +126,7 @@ def test_cancel_stops_a_run_at_a_checkpoint_and_resume_finishes_it(train_home, c
     assert wait_until(lambda: ended(train_home, "job-2")).status == "cancelled"
 
 
+@pytest.mark.slow
 def test_a_killed_runner_is_recovered_and_its_run_resumes(train_home, cli):
     long = ["--train.max_steps", "30", "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
     j = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", *long, "--name", "crash").json
@@ -154,3 +158,25 @@ def test_quantize_and_eval_run_as_jobs(train_home, cli, kind):
     assert done.ref == ("qm@1:q8_0" if kind == "quantize" else done.result["id"])
     node = cli("--home", train_home, "--json", "lineage", done.ref).json["lineage"]
     assert node["kind"] == ("gguf" if kind == "quantize" else "eval")
+
+
+def test_the_work_loop_starts_what_dispatch_starts_and_rides_out_errors(monkeypatch):
+    """`appliance jobs work` is `dispatch.work`: a round per tick; a busy vault or a failed start is reported,
+    and the next round goes on."""
+    from appliance.errors import VaultBusy
+    from appliance.jobs import dispatch
+
+    rounds = iter([["job-1"], VaultBusy("the vault is busy"), OSError("no runner"), ["job-2", "job-3"]])
+
+    def fake_dispatch(vault):
+        r = next(rounds)
+        if isinstance(r, Exception):
+            raise r
+        return r
+
+    monkeypatch.setattr(dispatch, "dispatch", fake_dispatch)
+    started, errors, slept = [], [], []
+    dispatch.work(object(), 2.5, on_started=started.append, on_error=lambda e: errors.append(str(e)),
+                  stop=lambda: len(slept) == 4, sleep=slept.append)
+    assert started == ["job-1", "job-2", "job-3"]
+    assert errors == ["the vault is busy", "no runner"] and slept == [2.5] * 4

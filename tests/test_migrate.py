@@ -56,7 +56,7 @@ def test_every_schema_fixture_opens_with_this_code(version, tmp_path, cli, monke
 
 def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monkeypatch, cli):
     from appliance.home import Home
-    from appliance.vault import backup, migrate
+    from appliance.vault import migrate, restore
 
     h = fixture_home(1, tmp_path)
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
@@ -78,7 +78,7 @@ def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monk
         saved = Path(json.loads(last[1])["backup"])
     assert saved.parent == h / "backups" and saved.stat().st_mode & 0o777 == 0o600
     back = tmp_path / "from-backup"  # the backup is the vault as it was: schema 1, the same records
-    res = backup.restore(saved, Home(back), FIXTURE_PASSPHRASE)
+    res = restore.restore(saved, Home(back), FIXTURE_PASSPHRASE)
     assert res["records"] == 3 and schema_of(back) == 1
 
 

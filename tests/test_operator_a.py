@@ -41,8 +41,8 @@ def test_a_repeated_single_value_option_is_refused_in_one_line(tmp_path, cli):
 
 def test_every_command_refuses_a_repeat_of_each_single_value_option():
     """The check sits in the shared command class, so no command or option can miss it."""
-    from appliance.cli import OnceCommand, OnceGroup, refuse_repeats
     from appliance.cli import cli as root
+    from appliance.cli.app import OnceCommand, OnceGroup, refuse_repeats
 
     def walk(group):
         for sub in group.commands.values():
@@ -105,7 +105,7 @@ def test_warmup_is_scaled_only_when_the_user_shortens_the_run():
 
 # --- round numbers for people -----------------------------------------------------------------------
 def test_number_formatting():
-    from appliance.output import change, num
+    from appliance.api.format import change, num
 
     assert num(449.2128396283631) == "449.2" and num(1442.2647574461048) == "1442"
     assert num(0.012345678) == "0.01235" and num(None) == "-" and num(3) == "3" and num(2.0) == "2"

@@ -99,6 +99,25 @@ def test_a_collapsing_run_warns_on_stderr_and_in_its_result(train_home, cli):
     assert lines[0] in r.out
 
 
+def test_a_job_runs_warnings_land_in_its_log(train_home, monkeypatch):
+    # The runner is what `jobs logs -f` follows: an over-fitting warning must be there, not only in the result.
+    from appliance.jobs import queue, runner
+    from appliance.jobs.log import JobLog
+    from appliance.train import run as run_mod
+
+    orig = run_mod.LossWatch
+    monkeypatch.setattr(run_mod, "LossWatch", lambda collapse=0.05: orig(collapse=1e9, window=2))
+    with open_vault(train_home) as v:
+        job = queue.submit(v, "train", {"recipe": "tiny-dense", "overrides": [
+            "train.max_steps=2", "train.warmup_steps=1", "train.checkpoint_every=100"]})
+        log = JobLog(v.home.logs, job.id, v.secrets.data_key)
+        res = runner.run_train(v, queue.get(v.con, job.id), log)
+        lines = log.lines()
+    warned = [ln for ln in lines if "warning at step" in ln and "training loss" in ln]
+    assert len(warned) == 1, lines
+    assert res["warnings"] and res["warnings"][0] in warned[0]
+
+
 # --- 4: no hub-kernel advice on a LoRA run ---------------------------------------------------------------
 # Run the CLI in a fresh interpreter where bitsandbytes believes the CPU has AVX512-BF16 (as the hospital's
 # box did): its CPU backend then looks for a `kernels-community` hub kernel when it is imported.
@@ -179,7 +198,7 @@ def test_quantize_says_which_dataset_it_chose_and_why(ohome, cli):
 
 # --- 1c: blank answers shown and counted -------------------------------------------------------------------
 def test_blank_note_names_what_the_whitespace_was():
-    from appliance.output import blank_note
+    from appliance.api.format import blank_note
 
     assert blank_note("\n" * 12) == "(blank answer: 12 newlines)"
     assert blank_note("") == "(blank answer: nothing generated)"

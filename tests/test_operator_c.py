@@ -10,15 +10,11 @@ import csv
 import io
 import json
 
-import pytest
+from textual.widgets import DataTable, Label
 
 from tests.conftest import PASSPHRASE, open_vault
 from tests.test_bundles import model_home  # noqa: F401 - a fixture: train_home plus an imported model tiny@1
-
-pytest.importorskip("textual")
-from textual.widgets import DataTable, Label  # noqa: E402
-
-from tests.test_tui import drive, rows, text, tui_base, tui_home, unlock, until  # noqa: E402,F401
+from tests.test_tui import drive, rows, text, tui_base, tui_home, unlock, until  # noqa: F401
 
 
 # --- the console -------------------------------------------------------------------------------------
@@ -179,6 +175,10 @@ def test_a_receiving_site_sees_the_senders_lineage_and_uses_the_senders_id(model
     # the sender's id is an alias here
     by_alias = cli("--home", edge, "--json", "lineage", "tiny@1:f16")
     assert by_alias.code == 0 and by_alias.json["lineage"]["id"] == "tiny.f16@1", by_alias.err
+    # generate, chat and serve find GGUFs without the vault: they take the sender's id too
+    gen = cli("--home", edge, "generate", "tiny@1:f16", "The", "--max-tokens", "2", "--temperature", "0")
+    assert gen.code == 0, gen.err
+    assert "no GGUF" in cli("--home", edge, "generate", "tiny@2:f16", "The", "--max-tokens", "2").err
     assert cli("--home", edge, "keys", "generate", "--name", "edge").code == 0
     again = cli("--home", edge, "--json", "bundle", "export", "tiny@1:f16", "--sign-key", "edge", "--out",
                 tmp_path / "again.bundle")

@@ -11,14 +11,11 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import pwd
 from pathlib import Path
-
-import pytest
 
 from tests.conftest import open_vault
 from tests.test_agents import _call, _refused, _session
-
-mcp = pytest.importorskip("mcp")
 
 EVIL_TOOLS = '''
 import glob
@@ -75,7 +72,7 @@ def test_eval_suites_and_models_are_names_never_paths(train_home, cli, tmp_path)
 
     async def flow(s):
         return [await _refused(s, "jobs_eval", suite=up, model="nope@1"),
-                await _refused(s, "jobs_eval", suite="../taskfiles/asset-risk", model="nope@1"),
+                await _refused(s, "jobs_eval", suite="../../tasks/shipped/asset-risk", model="nope@1"),
                 await _refused(s, "jobs_eval", suite=str(task), model="nope@1"),
                 await _refused(s, "jobs_eval", suite=str(task.with_suffix("")), model="nope@1"),
                 await _refused(s, "jobs_eval", suite="handbook@1", model=str(model_dir)),
@@ -250,7 +247,11 @@ def test_a_job_runner_starts_without_any_secret_in_its_environment(home, monkeyp
             return 0
 
     monkeypatch.setattr(subprocess, "Popen", FakeRunner)
+    from appliance.vault import lineage
+
     with open_vault(home) as v:
+        with v.transaction():  # a model to name (jobs resolve what they name when queued); never run here
+            lineage.add_node(v.con, "m@1", "model")
         queue.submit(v, "quantize", {"model": "m@1", "type": "q8_0"})
         assert dispatch.dispatch(v)
     (env,) = started
@@ -276,7 +277,7 @@ def parent_env() -> str:
 
 def test_the_tool_sandbox_cannot_read_the_key_holder_even_as_root(tmp_path, monkeypatch):
     """Tools run as nobody when the appliance is root: root's reach into other processes is not theirs."""
-    from appliance.eval import tasks
+    from appliance import tasks
 
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", "do-not-leak")
     d = tmp_path / "private"
@@ -290,8 +291,14 @@ def test_the_tool_sandbox_cannot_read_the_key_holder_even_as_root(tmp_path, monk
     assert who["ok"], who
     peek = tasks.call_tool(task, "parent_env", {})
     assert not peek["ok"] and "PermissionError" in peek["error"]  # non-dumpable, and not root's to read
+    # Who the tool runs as, for any user the suite runs as: nobody with no groups under root, else this user;
+    # never root, and no setuid program hands privileges back.
     if os.geteuid() == 0:
-        assert who["result"]["euid"] != 0 and who["result"]["egid"] != 0 and who["result"]["groups"] == []
-        assert who["result"]["no_new_privs"] == "1"
+        nobody = pwd.getpwnam("nobody")
+        want, groups = (nobody.pw_uid, nobody.pw_gid), []
+    else:
+        want, groups = (os.geteuid(), os.getegid()), os.getgroups()
+    assert (who["result"]["euid"], who["result"]["egid"]) == want and who["result"]["groups"] == groups
+    assert who["result"]["euid"] != 0 and who["result"]["no_new_privs"] == "1"
     shipped = tasks.load("asset-risk")
     assert tasks.call_tool(shipped, "lookup", {"asset": "pump"})["result"] == {"asset": "pump", "risk": "high"}

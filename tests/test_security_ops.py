@@ -192,6 +192,29 @@ def test_serve_sends_no_cors_headers_unless_asked(tiny_gguf, cli, tmp_path):
         assert r.code == 2 and "--cors-origin" in r.err and r.err.count("\n") == 1, r.err
 
 
+def test_the_serve_exposure_policy_is_decided_in_the_core(tmp_path):
+    """`serve_exposure` (appliance.quantize.infer) is the policy the CLI applies: loopback without a key,
+    anything else with one; the key from a file first; origins exact."""
+    from appliance.errors import UsageError
+    from appliance.quantize.infer import serve_exposure
+
+    assert serve_exposure("127.0.0.1", env={}) == serve_exposure("127.0.0.1", (), {})
+    e = serve_exposure("localhost", ["http://localhost:3000"], env={})
+    assert (e.host, e.api_key, e.cors_origins) == ("localhost", None, ["http://localhost:3000"])
+    for host in ("0.0.0.0", "10.1.2.3", "::", "box.example"):
+        with pytest.raises(UsageError, match="without an API key"):
+            serve_exposure(host, env={})
+    key_file = tmp_path / "key"
+    key_file.write_text("from-file\n")
+    e = serve_exposure("0.0.0.0", env={"APPLIANCE_API_KEY_FILE": str(key_file), "APPLIANCE_API_KEY": "env"})
+    assert e.api_key == "from-file" and serve_exposure("::", env={"APPLIANCE_API_KEY": "env"}).api_key == "env"
+    key_file.write_text("  \n")
+    with pytest.raises(UsageError, match="is empty"):
+        serve_exposure("127.0.0.1", env={"APPLIANCE_API_KEY_FILE": str(key_file)})
+    with pytest.raises(UsageError, match="would let any web page"):
+        serve_exposure("127.0.0.1", ["*"], env={})
+
+
 # --- item 8b: unpack keeps rollback memory by default; install.sh says what it checks -------------------
 def test_unpack_refuses_an_older_bundle_by_default(tmp_path):
     from bundles import container

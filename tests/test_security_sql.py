@@ -9,18 +9,13 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+# Imported at collection, not under capture: the MCP client binds sys.stderr as the server's stderr.
+import mcp.client.stdio  # noqa: F401
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import PASSPHRASE, copy_home, open_vault
-
-try:  # imported at collection, not under capture: the MCP client binds sys.stderr as the server's stderr
-    import mcp.client.stdio  # noqa: F401
-except ImportError:
-    pass
-
-hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 # {home} is the vault home, {out} a directory of the test's own; both are checked for new files.
 ATTACKS = [
@@ -256,8 +251,9 @@ def test_every_path_runs_the_same_check(sql_home):
     from appliance.tui import vault_screen
 
     assert "versions.query(" in inspect.getsource(api.vault_sql)
-    assert "api.vault_sql" in inspect.getsource(mcp_server.build)
-    assert "import query" in inspect.getsource(vault_screen) and "query(v, text" in inspect.getsource(vault_screen)
+    assert "api.agent_vault_sql" in inspect.getsource(mcp_server.read_tools)
+    assert "data.vault_sql" in inspect.getsource(api.agent_vault_sql)  # the grant checked, then the same function
+    assert "api.vault_sql(v, text" in inspect.getsource(vault_screen)
     with open_vault(sql_home) as v:
         with pytest.raises(VaultError, match="EXPLAIN ANALYZE is not allowed"):
             api.vault_sql(v, f"EXPLAIN ANALYSE COPY (SELECT 1) TO '{sql_home}/vault.duckdb' (USE_TMP_FILE false)")
@@ -268,7 +264,6 @@ def test_every_path_runs_the_same_check(sql_home):
 def test_mcp_vault_sql_refuses(sql_home, cli):
     import asyncio
 
-    pytest.importorskip("mcp")
     from tests.test_agents import _call, _session
     from tests.test_agents import _refused as mcp_refused
 
@@ -286,7 +281,6 @@ def test_mcp_vault_sql_refuses(sql_home, cli):
 
 
 def test_console_sql_panel_refuses(sql_home, monkeypatch):
-    pytest.importorskip("textual")
     from textual.widgets import Input
 
     from tests.test_tui import drive, unlock, until

@@ -57,6 +57,7 @@ def test_early_stopping_finishes_the_run_with_its_model(train_home, cli):
     assert node["attrs"]["metrics"]["best_val_loss"] == min(vals)
 
 
+@pytest.mark.slow
 def test_a_sweep_ranks_its_trials_and_records_them_in_lineage(train_home, cli, tmp_path):
     f = tmp_path / "sweep.toml"
     f.write_text('name = "lr-sweep"\nrecipe = "tiny-dense"\n'

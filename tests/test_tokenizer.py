@@ -41,5 +41,5 @@ def test_tokenizer_bad_input(home, cli, samples):
     r = cli("--home", home, "train", "tokenizer", "--dataset", "hb", "--vocab", "100")
     assert r.code == 2 and "too small" in r.err
     r = cli("--home", home, "train", "tokenizer", "--dataset", "nope@1")
-    assert r.code == 1 and "no dataset version nope@1" in r.err
+    assert r.code == 2 and "no dataset version nope@1" in r.err  # a usage error, as for any reference
     assert not (home / "artifacts" / "tokenizers").exists() or not any((home / "artifacts" / "tokenizers").iterdir())

@@ -11,14 +11,11 @@ import time
 from pathlib import Path
 
 import pytest
+from textual.widgets import DataTable, Input, Select, Static, Tree
 
+from appliance.home import Home
+from appliance.tui.app import ApplianceApp
 from tests.conftest import PASSPHRASE, PY, copy_home, open_vault, python_env
-
-pytest.importorskip("textual")
-from textual.widgets import DataTable, Input, Select, Static, Tree  # noqa: E402
-
-from appliance.home import Home  # noqa: E402
-from appliance.tui.app import ApplianceApp  # noqa: E402
 
 SIZES = [(80, 24), (120, 40)]
 
@@ -213,6 +210,7 @@ def test_a_run_started_here_goes_on_after_the_console_closes(tui_home):
     drive(tui_home, reopen)
 
 
+@pytest.mark.slow
 def test_models_screen_lineage_quantize_and_evaluate(tui_home):
     async def flow(pilot, app):
         await unlock(pilot, app)
@@ -244,6 +242,7 @@ def _labels(node) -> set[str]:
     return out
 
 
+@pytest.mark.slow
 def test_bundles_screen_key_export_and_import_shows_the_report_first(tui_home, tmp_path, cli, monkeypatch):
     out = tmp_path / "pilot.bundle"
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance.errors import EvalError
 from appliance.quantize.quality import log_softmax
 
 
@@ -19,8 +20,6 @@ def render_chat(template: str, prompt: str, bos: str, eos: str) -> str:
     from jinja2 import TemplateError
     from jinja2.ext import loopcontrols
     from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    from appliance.eval.run import EvalError
 
     def raise_exception(message):
         raise TemplateError(message)

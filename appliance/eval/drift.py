@@ -60,9 +60,9 @@ def kl(base_top: dict, now: np.ndarray) -> float:
 
 def check(vault, model_ref: str, dataset: str | None, name: str | None, max_change: float, max_kl: float,
           probes_n: int = 20, rebaseline: bool = False) -> dict:
+    from appliance import refs
     from appliance.eval.run import open_backend, resolve_model
-    from appliance.quantize.stage import _data_of
-    from appliance.vault.versions import resolve
+    from appliance.vault.lineage import nearest_dataset
 
     model_id, kind, path, in_lineage = resolve_model(vault, model_ref)
     key = name or model_id
@@ -70,13 +70,9 @@ def check(vault, model_ref: str, dataset: str | None, name: str | None, max_chan
     row = con.execute("SELECT model, dataset, probes, snapshot FROM eval_drift WHERE name = ?", [key]).fetchone()
     if row is None or rebaseline:
         if dataset:
-            _, dn, n = resolve(con, dataset)
-            dataset = f"{dn}@{n}"
+            dataset = refs.dataset(con, dataset)
         else:
-            try:
-                dataset = _data_of(con, model_id) if in_lineage else None
-            except UsageError:
-                dataset = None
+            dataset = nearest_dataset(con, model_id) if in_lineage else None
         if not dataset:
             raise UsageError(f"{model_id} has no dataset in its lineage to draw probes from",
                              "pass --dataset NAME@N")

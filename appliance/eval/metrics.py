@@ -14,15 +14,15 @@ metrics are imported from APPLIANCE_EVAL_PLUGINS (comma-separated module names).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import re
 from collections import Counter
 from collections.abc import Callable
 
-REGISTRY: dict[str, Callable[[list[dict]], float]] = {}
+from appliance.plugins import Registry
+
+REGISTRY = Registry("eval metric", "APPLIANCE_EVAL_PLUGINS")  # name -> fn(cases) -> float
 # direction of "better" for gates and comparisons
 HIGHER_IS_BETTER = {"accuracy": True, "task_completion": True, "perplexity": False, "vocab_coverage": True,
                     "tokens_per_s": True, "latency_p50_ms": False, "latency_p95_ms": False, "ttft_p50_ms": False,
@@ -30,15 +30,13 @@ HIGHER_IS_BETTER = {"accuracy": True, "task_completion": True, "perplexity": Fal
 
 
 def register(name: str):
-    def deco(fn: Callable[[list[dict]], float]):
-        REGISTRY[name] = fn
-        return fn
-    return deco
+    """`@register("name")`: a custom metric, fn(cases) -> float."""
+    return REGISTRY.register(name)
 
 
 def load_plugins() -> None:
-    for mod in filter(None, (os.environ.get("APPLIANCE_EVAL_PLUGINS") or "").split(",")):
-        importlib.import_module(mod.strip())
+    """Import the modules named in APPLIANCE_EVAL_PLUGINS (appliance.plugins: one line if one fails)."""
+    REGISTRY.load()
 
 
 @register("mean_output_words")

@@ -14,16 +14,13 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from appliance import refs
 from appliance.db_time import utcnow
-from appliance.errors import ApplianceError, UsageError
+from appliance.errors import ApplianceError, EvalError, UsageError  # EvalError: also importable from here
 from appliance.eval import metrics as M
 from appliance.eval.suite import Suite
 
 Progress = Callable[[str, int, int], None]
-
-
-class EvalError(ApplianceError):
-    """An evaluation could not run as asked."""
 
 
 def resolve_model(vault, ref: str) -> tuple[str, str, Path, bool]:
@@ -34,18 +31,14 @@ def resolve_model(vault, ref: str) -> tuple[str, str, Path, bool]:
         return str(p.resolve()), "gguf", p, False
     if p.is_dir() and (p / "config.json").is_file():
         return str(p.resolve()), "hf", p, False
-    from appliance.vault.lineage import alias
+    from appliance.vault import lineage
 
-    ref = alias(vault.con, ref) or ref  # the sender's id of an imported model or GGUF
-    row = vault.con.execute("SELECT id, kind, attrs FROM lineage_nodes WHERE id = ?", [ref]).fetchone()
-    if row is None or row[1] not in ("model", "gguf"):
-        raise UsageError(f"no model {ref}", "pass a model or GGUF id (`appliance train models`, "
-                                            "`appliance quantize --list`), a model directory or a .gguf file")
-    if row[1] == "model":
-        return row[0], "hf", vault.home.artifacts / "models" / row[0], True
+    ref = refs.model(vault.con, ref, gguf=True)  # NAME@K, NAME (the newest), a GGUF id, an imported one's alias
+    if lineage.kind_of(vault.con, ref) == "model":
+        return ref, "hf", vault.home.artifacts / "models" / ref, True
     from appliance.quantize.infer import locate
 
-    return row[0], "gguf", locate(row[0], vault.home.artifacts), True
+    return ref, "gguf", locate(ref, vault.home.artifacts), True
 
 
 def open_backend(kind: str, path: Path):
@@ -74,21 +67,19 @@ def _texts_for(records, tokens: int) -> list[str]:
 
 def run(vault, suite: Suite, model_ref: str, progress: Progress = lambda s, d, t: None) -> dict:
 
-    from appliance.errors import VaultError
     from appliance.eval.suite import SuiteError
     from appliance.quantize.quality import token_stream
     from appliance.vault import lineage
-    from appliance.vault.versions import held_out, iter_records, resolve
+    from appliance.vault.versions import held_out, iter_records
 
     model_id, kind, path, in_lineage = resolve_model(vault, model_ref)
     datasets = {}
     for m in suite.metrics:  # every dataset is checked before any model is loaded
         if m.dataset:
             try:
-                _, name, n = resolve(vault.con, m.dataset)
-            except (UsageError, VaultError) as e:
+                datasets[m.dataset] = refs.dataset(vault.con, m.dataset)
+            except UsageError as e:
                 raise SuiteError(f"{suite.path}:{m.line}: {e.message}", e.hint) from None
-            datasets[m.dataset] = f"{name}@{n}"
     cases, values, inputs, texts = [], {}, {}, {}
     # What the metrics need from the vault is read now (held-out text, domain terms), so the vault is free for
     # the console and other jobs while the model loads and works through the suite.
@@ -149,6 +140,7 @@ def _checks(suite: Suite, values: dict) -> list[dict]:
 
 
 def load_run(con, run_id: str) -> tuple[dict, list[dict]]:
+    run_id = refs.node(con, run_id, ("eval",), "eval run")  # NAME@K, or NAME (eval-SUITE) for the newest
     row = con.execute("SELECT summary FROM eval_runs WHERE id = ?", [run_id]).fetchone()
     if row is None:
         raise UsageError(f"no eval run {run_id}", "list them with `appliance eval runs`")
@@ -215,7 +207,7 @@ def _task(m, backend, cases: list, values: dict, progress: Progress) -> None:
     arguments, outcome and time); the completion rate and the reasons episodes failed."""
     from collections import Counter
 
-    from appliance.eval import tasks
+    from appliance import tasks
 
     task = tasks.load(m.task)
     indexes = task.indexes(m.split or None)
@@ -240,6 +232,11 @@ def _task(m, backend, cases: list, values: dict, progress: Progress) -> None:
 def runs(con) -> list[dict]:
     return [json.loads(s) | {"created": str(t)[:19]} for s, t in con.execute(
         "SELECT summary, created FROM eval_runs ORDER BY created, id").fetchall()]
+
+
+def count(con) -> int:
+    """How many eval runs the vault holds."""
+    return con.execute("SELECT count(*) FROM eval_runs").fetchone()[0]
 
 
 def bootstrap_ci(deltas: list[float], n: int = 2000, seed: int = 0) -> tuple[float, float]:

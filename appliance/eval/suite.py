@@ -18,7 +18,7 @@ dataset = "handbook@2"
 max = 80.0                      # thresholds: max / min (latency: max_p95_ms, max_ttft_ms, min_tokens_per_s)
 
 [[metric]]
-type = "task"                   # an agentic task's completion rate (see appliance/eval/tasks.py)
+type = "task"                   # an agentic task's completion rate (see appliance/tasks/)
 task = "asset-risk"             # a shipped task, or a task TOML file (relative to this suite)
 split = "validation"            # its episodes of one split (default: all)
 max_tokens = 64                 # longest model turn
@@ -36,13 +36,15 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import refs, tasks
 from appliance.errors import ApplianceError, UsageError
+from appliance.toml_lines import TomlLines, decode_error
 
 
 class SuiteError(ApplianceError):
     """A suite file with problems; the message lists each with FILE:LINE."""
 
-SUITES_DIR = Path(__file__).parent / "suites"
+SUITES_DIR = refs.SUITES_DIR  # shipped suites (`appliance.refs` finds them)
 EXPECTS = ("exact", "contains", "regex", "json", "json_schema", "choice")
 METRICS = ("perplexity", "vocab_coverage", "latency", "custom", "task")
 THRESHOLDS = {"perplexity": ("max",), "vocab_coverage": ("min",), "custom": ("min", "max"), "task": ("min",),
@@ -86,50 +88,12 @@ class Suite:
 
 
 def find(ref: str) -> Path:
-    """A shipped suite by name, or a TOML file."""
-    p = Path(ref)
-    if p.suffix == ".toml" or p.exists():
-        if not p.is_file():
-            raise UsageError(f"no suite file {ref}", "pass a TOML file or a shipped suite name")
-        return p
-    from appliance.eval.tasks import TASKS_DIR
-
-    for shipped in (SUITES_DIR / f"{ref}.toml", TASKS_DIR / f"{ref}.toml"):  # a suite, or a task run as one
-        if shipped.is_file():
-            return shipped
-    names = ", ".join(sorted(q.stem for q in SUITES_DIR.glob("*.toml")))
-    tasks = ", ".join(sorted(q.stem for q in TASKS_DIR.glob("*.toml")))
-    raise UsageError(f"no suite named {ref!r}", f"shipped suites: {names}; tasks: {tasks}; or pass a TOML file")
-
-
-class _Lines:
-    """Where things are in the TOML text, for messages: [suite], the n-th [[case]] / [[metric]], its keys."""
-
-    def __init__(self, text: str):
-        self.lines = text.splitlines()
-        self.heads: dict[str, list[int]] = {"case": [], "metric": [], "suite": []}
-        self.tables: list[int] = []  # every table header, of any name
-        for i, line in enumerate(self.lines, 1):
-            if re.match(r"\s*\[", line):
-                self.tables.append(i)
-            m = re.match(r"\s*\[\[?\s*(case|metric|suite)\s*\]", line)
-            if m:
-                self.heads[m.group(1)].append(i)
-
-    def of(self, table: str, index: int, key: str | None = None) -> int:
-        heads = self.heads[table]
-        start = heads[index] if index < len(heads) else 1
-        end = min([h for h in self.tables if h > start], default=len(self.lines) + 1)
-        if key:
-            for i in range(start, end):
-                if re.match(rf"\s*{re.escape(key)}\s*=", self.lines[i - 1]):
-                    return i
-        return start
+    """A shipped suite (or task) by name, or a TOML file: `appliance.refs.suite_file`."""
+    return refs.suite_file(ref)
 
 
 def load(ref: str) -> Suite:
     """Read and check a suite; raise one UsageError listing every problem with FILE:LINE."""
-    from appliance.eval import tasks
     from appliance.eval.metrics import REGISTRY
 
     path = find(ref)
@@ -142,10 +106,10 @@ def load(ref: str) -> Suite:
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
-        m = re.search(r"\(at line (\d+)", str(e))
-        raise SuiteError(f"{path}:{m.group(1) if m else 1}: not valid TOML ({str(e).split(' (at')[0]})",
+        line, what = decode_error(e)
+        raise SuiteError(f"{path}:{line}: not valid TOML ({what})",
                          "fix the file and run again") from None
-    where = _Lines(text)
+    where = TomlLines(text)
     problems: list[str] = []
 
     def bad(line: int, msg: str) -> None:
@@ -185,7 +149,7 @@ def load(ref: str) -> Suite:
     return Suite(str(head.get("name") or path.stem), str(path), cases, metrics, str(head.get("description", "")))
 
 
-def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Case:
+def _case(c: dict, i: int, where: TomlLines, bad, seen: set, max_tokens: int) -> Case:
     known = {"id", "prompt", "expect", "answer", "choices", "schema", "chat", "max_tokens"}
     for k in set(c) - known:
         bad(where.of("case", i, k), f"case has unknown key {k!r} (keys: {', '.join(sorted(known))})")
@@ -234,7 +198,7 @@ def _case(c: dict, i: int, where: _Lines, bad, seen: set, max_tokens: int) -> Ca
                 mt if isinstance(mt, int) and mt > 0 else max_tokens, where.of("case", i))
 
 
-def _metric(m: dict, i: int, where: _Lines, bad, registry: dict, path: Path) -> Metric:
+def _metric(m: dict, i: int, where: TomlLines, bad, registry: dict, path: Path) -> Metric:
     kind = m.get("type")
     if kind not in METRICS:
         bad(where.of("metric", i, "type"), f"metric type {kind!r} is not one of {', '.join(METRICS)}")
@@ -261,9 +225,7 @@ def _metric(m: dict, i: int, where: _Lines, bad, registry: dict, path: Path) -> 
     return Metric(kind, str(m.get("dataset", "")), name, thresholds, tokens, where.of("metric", i))
 
 
-def _task_metric(m: dict, i: int, where: _Lines, bad, path: Path) -> Metric:
-    from appliance.eval import tasks
-
+def _task_metric(m: dict, i: int, where: TomlLines, bad, path: Path) -> Metric:
     allowed = {"type", "task", "split", "max_tokens", "min"}
     for k in set(m) - allowed:
         bad(where.of("metric", i, k), f"task metric has unknown key {k!r} (keys: {', '.join(sorted(allowed))})")
@@ -309,16 +271,16 @@ def _name_metrics(metrics: list[Metric]) -> None:
         m.key = f"{base}:{m.dataset}" if m.type != "custom" and counts[m.type] > 1 else base
 
 
-DATASET_REF = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}@\d+$")
+DATASET_REF = refs.DATASET_REF  # a dataset version as a suite: its default suite
 
 
 def from_dataset(con, ref: str, n: int = 20) -> Suite:
     """The default suite of a dataset version: held-out perplexity, and cloze questions cut from its
     held-out documents (the sentence without its last word; the model must say the word)."""
-    from appliance.vault.versions import iter_records, resolve
+    from appliance.vault.versions import iter_records
 
-    _, name, num = resolve(con, ref)
-    version = f"{name}@{num}"
+    version = refs.dataset(con, ref)
+    name = refs.name_of(version)
     cases: list[Case] = []
     for split in ("validation", "train"):
         for rec in iter_records(con, version, split=split):

@@ -2,8 +2,8 @@
 
 There is no resident daemon. Whoever changes the queue (a submit, a runner that finishes, `jobs list`,
 the console) calls `dispatch` while it holds the vault; DuckDB lets one process write at a time, so two
-dispatches never hand out the same GPU. `appliance jobs work` calls it in a loop for a box that should
-pick up its queue after a reboot without anyone logging in.
+dispatches never hand out the same GPU. `work` (`appliance jobs work`) calls it in a loop for a box that
+should pick up its queue after a reboot without anyone logging in.
 
 Capacity: the GPUs of this box (APPLIANCE_GPUS overrides the count), each given to one job at a time
 through CUDA_VISIBLE_DEVICES; jobs that ask for no GPU share APPLIANCE_CPU_JOBS slots (default 1).
@@ -15,7 +15,7 @@ Recovery: a job marked running whose runner is gone (the box restarted, the proc
 queued again; a training job then resumes from its last checkpoint. After MAX_ATTEMPTS it is failed.
 
 Agents: a job queued under a grant that has since been revoked or has expired is cancelled before anything
-starts (grants.cancel_jobs). A runner's environment holds no passphrase, grant token or API key
+starts (queue.cancel_for_ended_grants). A runner's environment holds no passphrase, grant token or API key
 (SECRET_ENV): it gets the vault's secrets on a pipe, and what it runs (a model's tool calls, a task's
 modules) must find nothing in its /proc files either.
 """
@@ -27,11 +27,15 @@ import os
 import subprocess
 import sys
 import threading
+import time
+from collections.abc import Callable
 
 from appliance import logs
 from appliance.db_time import utcnow
+from appliance.errors import ApplianceError
 from appliance.jobs import queue
 from appliance.jobs.log import JobLog
+from appliance.jobs.pids import runner_alive
 
 MAX_ATTEMPTS = 3
 # Kinds that run alone: llama.cpp and the reference model take every core, and exports share one lock.
@@ -55,25 +59,11 @@ def cpu_slots() -> int:
     return max(1, int(os.environ.get("APPLIANCE_CPU_JOBS") or 1))
 
 
-def runner_alive(pid: int, job_id: str) -> bool:
-    """Whether `pid` is still the runner of `job_id` (not a stranger that reused the number, not a zombie)."""
-    try:
-        with open(f"/proc/{pid}/cmdline", "rb") as f:
-            argv = f.read().split(b"\0")
-    except PermissionError:  # hidden from us (hidepid): it exists, so count it alive rather than run it twice
-        return True
-    except OSError:
-        return False
-    return b"appliance.jobs.runner" in argv and job_id.encode() in argv
-
-
 def dispatch(vault) -> list[str]:
     """Recover orphaned jobs, then start every queued job that fits; returns the ids started."""
-    from appliance.grants import cancel_jobs
-
     started = []
     with vault.session() as v:
-        cancel_jobs(v)  # an agent's jobs end with its grant (revoked, or expired since they were queued)
+        queue.cancel_for_ended_grants(v)  # an agent's jobs end with its grant (revoked, or expired since queued)
         _recover(v)
         running = queue.listing(v.con, ("running",))
         total, slots = gpu_count(), cpu_slots()
@@ -105,6 +95,24 @@ def dispatch(vault) -> list[str]:
             started.append(job.id)
             alone = job.kind in RUN_ALONE
     return started
+
+
+def work(vault, every: float, on_started: Callable[[str], None] = lambda job_id: None,
+         on_error: Callable[[Exception], None] = lambda e: None, stop: Callable[[], bool] = lambda: False,
+         sleep: Callable[[float], None] = time.sleep) -> None:
+    """Keep the queue moving: `dispatch` every `every` seconds until `stop()` is true (or Ctrl-C).
+
+    This is `appliance jobs work`, run as a service so that a rebooted box picks up its queue. A busy vault
+    or a runner that failed to start goes to `on_error` and is tried again on the next round; every job
+    started goes to `on_started`. Running jobs go on when the loop ends.
+    """
+    while not stop():
+        try:
+            for job_id in dispatch(vault):
+                on_started(job_id)
+        except (ApplianceError, OSError) as e:  # busy, or a runner that failed to start: try again later
+            on_error(e)
+        sleep(every)
 
 
 def _recover(vault) -> None:

@@ -12,14 +12,17 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import refs
 from appliance.db_time import iso, utcnow
 from appliance.errors import UsageError
-from appliance.vault.audit import current_actor
+from appliance.grant_status import ended
+from appliance.jobs.pids import runner_alive
+from appliance.vault.audit import actor_of
 
 KINDS = ("train", "quantize", "eval", "sweep")
 FINAL = ("done", "failed", "interrupted", "cancelled")
 # The grant an agent's call runs under (set by the MCP server for the call): jobs it queues record it in their
-# spec ("grant"), so they are cancelled when that grant is revoked or expires (grants.cancel_jobs).
+# spec ("grant"), so they are cancelled when that grant is revoked or expires (cancel_for_ended_grants).
 SUBMITTING_GRANT: contextvars.ContextVar[str | None] = contextvars.ContextVar("submitting_grant", default=None)
 COLUMNS = ("id", "kind", "spec", "status", "priority", "gpus", "devices", "pid", "attempts", "cancel",
            "submitted_by", "created", "started", "finished", "ref", "result", "error")
@@ -93,8 +96,10 @@ def listing(con, status: tuple[str, ...] = (), limit: int = 200) -> list[Job]:
     return [_row(r) for r in rows]
 
 
-def check_spec(kind: str, spec: dict) -> dict:
-    """The spec made self-contained: a recipe or suite file is read now, so later edits don't change the job."""
+def check_spec(kind: str, spec: dict, vault=None) -> dict:
+    """The spec made self-contained: a recipe or suite file is read now, so later edits don't change the job;
+    with a `vault`, what a quantize or eval job names is resolved now too (`appliance.refs`: NAME is the newest
+    NAME@K when the job is queued), so a mistake is refused at once and the job runs what was checked."""
     if kind not in KINDS:
         raise UsageError(f"unknown job kind {kind!r}", f"use one of {', '.join(KINDS)}")
     if kind == "train":
@@ -102,6 +107,8 @@ def check_spec(kind: str, spec: dict) -> dict:
 
         ref, overrides = spec["recipe"], spec.get("overrides") or []
         recipe = build_recipe(copy.deepcopy(ref), overrides) if isinstance(ref, dict) else load_recipe(ref, overrides)
+        if vault is not None:
+            _check_inputs(vault.con, recipe)
         return {"name": recipe.name, "recipe": recipe.to_dict(), "resume": bool(spec.get("resume")),
                 "run": spec.get("run")}
     if kind == "sweep":
@@ -114,23 +121,44 @@ def check_spec(kind: str, spec: dict) -> dict:
         from appliance.quantize import types
 
         types.get(spec.get("type") or "q4_k_m")
-        return {"model": spec["model"], "type": spec.get("type") or "q4_k_m", "imatrix": spec.get("imatrix"),
-                "eval": spec.get("eval")}
-    from appliance.eval.suite import DATASET_REF, load
+        model, imatrix, data = spec["model"], spec.get("imatrix"), spec.get("eval")
+        if vault is not None:
+            model = refs.model(vault.con, model)
+            imatrix = refs.dataset(vault.con, imatrix) if imatrix else imatrix
+            data = refs.dataset(vault.con, data) if data else data
+        return {"model": model, "type": spec.get("type") or "q4_k_m", "imatrix": imatrix, "eval": data}
+    from appliance.eval.suite import load
 
-    suite = spec["suite"]
-    if not DATASET_REF.match(suite):
+    suite, model = spec["suite"], spec["model"]
+    if refs.is_dataset_suite(suite):
+        suite = refs.dataset(vault.con, suite) if vault is not None else suite
+    else:
         load(suite)  # a malformed suite is refused now, not when the job runs
         if Path(suite).suffix == ".toml":
             suite = str(Path(suite).absolute())
-    return {"suite": suite, "model": spec["model"]}
+    if vault is not None:
+        from appliance.eval.run import resolve_model
+
+        model = resolve_model(vault, model)[0]  # an id, or a model directory's or GGUF file's absolute path
+    return {"suite": suite, "model": model}
+
+
+def _check_inputs(con, recipe) -> None:
+    """What a training run will read exists now (`appliance.refs`; the run resolves them again when it starts,
+    as `train run` does): a mistyped base, tokenizer or dataset is refused at once, not when the job runs."""
+    if recipe.stage == "pretrain":
+        refs.tokenizer(con, recipe.data.tokenizer)
+    else:
+        refs.node(con, recipe.model.base, ("model",), "base model")
+    for ref in recipe.data.datasets:
+        refs.dataset(con, ref)
 
 
 def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Job:
     """Queue a job; `dispatch` starts it when the GPUs (or a CPU slot) it needs are free."""
     if not 0 <= gpus <= 64:
         raise UsageError(f"--gpus {gpus} is out of range", "ask for 0 (CPU) to 64 GPUs")
-    spec = check_spec(kind, spec)
+    spec = check_spec(kind, spec, vault)
     if grant := SUBMITTING_GRANT.get():
         spec = {**spec, "grant": grant}
     con = vault.con
@@ -141,7 +169,7 @@ def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Jo
         job_id = f"job-{seq}"
         con.execute("INSERT INTO jobs (id, seq, kind, spec, status, priority, gpus, attempts, cancel, "
                     "submitted_by, created) VALUES (?, ?, ?, ?, 'queued', ?, ?, 0, false, ?, ?)",
-                    [job_id, seq, kind, json.dumps(spec), priority, gpus, current_actor(), utcnow()])
+                    [job_id, seq, kind, json.dumps(spec), priority, gpus, actor_of(vault), utcnow()])
         vault.audit("jobs.submit", [job_id], {"kind": kind, "gpus": gpus, "priority": priority,
                                               "what": describe(kind, spec)})
     return get(con, job_id)
@@ -149,10 +177,12 @@ def submit(vault, kind: str, spec: dict, gpus: int = 0, priority: int = 0) -> Jo
 
 def _new_sweep_name(con, name: str) -> None:
     """A sweep's trials are found again by name after a restart, so a name is used by one sweep only."""
-    used = con.execute("SELECT 1 FROM train_runs WHERE starts_with(name, ?) UNION ALL SELECT 1 FROM lineage_nodes "
-                       "WHERE starts_with(id, ?) UNION ALL SELECT 1 FROM jobs WHERE kind = 'sweep' AND "
-                       "json_extract_string(spec, '$.name') = ? LIMIT 1", [f"{name}-t", f"{name}@", name]).fetchone()
-    if used:
+    from appliance.vault import lineage
+
+    used = con.execute("SELECT 1 FROM train_runs WHERE starts_with(name, ?) UNION ALL SELECT 1 FROM jobs "
+                       "WHERE kind = 'sweep' AND json_extract_string(spec, '$.name') = ? LIMIT 1",
+                       [f"{name}-t", name]).fetchone()
+    if used or lineage.name_used(con, name):
         raise UsageError(f"the name {name!r} is used by an earlier sweep or its trials", "give the sweep a new name")
 
 
@@ -187,14 +217,25 @@ def cancel(vault, job_id: str, reason: str | None = None) -> Job:
             vault.con.execute("UPDATE jobs SET cancel = true WHERE id = ?", [job_id])
         vault.audit("jobs.cancel", [job_id], {"was": job.status, **({"reason": reason} if reason else {})})
     if job.status == "running" and job.pid:
-        from appliance.jobs.dispatch import runner_alive
-
         if runner_alive(job.pid, job_id):
             try:
                 os.kill(job.pid, signal.SIGINT)  # a training job stops at its next step, at a checkpoint
             except ProcessLookupError:  # it ended in the meantime; the next dispatch settles the row
                 pass
     return get(vault.con, job_id)
+
+
+def cancel_for_ended_grants(vault, gid: str | None = None) -> list[str]:
+    """Cancel the active jobs queued under grant `gid` (under every ended grant when None), if it has ended;
+    the ids cancelled (grants.cancel_jobs; every dispatch)."""
+    gone = ended(vault.con, gid)
+    done = []
+    for job in listing(vault.con, ("queued", "running"), limit=10_000):
+        g = job.spec.get("grant") if isinstance(job.spec, dict) else None
+        if g in gone and not job.cancel:
+            cancel(vault, job.id, reason=f"grant {g} {gone[g].split(' at ')[0]}")
+            done.append(job.id)
+    return done
 
 
 def set_ref(vault, job_id: str, ref: str) -> None:

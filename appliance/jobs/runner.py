@@ -37,6 +37,8 @@ def run_train(vault, job: queue.Job, log: JobLog) -> dict:
             log.write(f"checkpoint at step {d['step']}")
         elif kind == "stage":
             log.write(d["text"])
+        elif kind == "warning":  # over-fitting and the like: said in the log the operator follows
+            log.write(f"warning at step {d['step']}: {d['text']}")
 
     res = run(vault, recipe, resume=job.spec.get("resume", False), gpus=job.gpus, on_event=on_event,
               resume_run=job.spec.get("run"))
@@ -65,13 +67,14 @@ def run_quantize(vault, job: queue.Job, log: JobLog) -> dict:
 
 
 def run_eval(vault, job: queue.Job, log: JobLog) -> dict:
+    from appliance import refs
     from appliance.eval.metrics import load_plugins
     from appliance.eval.run import run
-    from appliance.eval.suite import DATASET_REF, from_dataset, load
+    from appliance.eval.suite import from_dataset, load
 
     load_plugins()
     s = job.spec
-    suite = from_dataset(vault.con, s["suite"]) if DATASET_REF.match(s["suite"]) else load(s["suite"])
+    suite = from_dataset(vault.con, s["suite"]) if refs.is_dataset_suite(s["suite"]) else load(s["suite"])
     res = run(vault, suite, s["model"], progress=_stage_progress(log))
     queue.set_ref(vault, job.id, res["id"])
     log.write(f"{res['id']}: {res['passed']}/{res['cases']} cases passed")

@@ -6,10 +6,13 @@ GGUF. A GGUF is named by its path, or by its id (`tiny-dense@1:q4_k_m`) when the
 
 from __future__ import annotations
 
+import json
 import os
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+from appliance.errors import UsageError
 from appliance.quantize import llama
 from appliance.quantize.types import QuantizeError
 
@@ -29,7 +32,30 @@ def locate(ref: str, artifacts: Path | None) -> Path:
         found = sorted(d.glob("*.gguf")) if d.is_dir() else []  # an imported bundle keeps its file's name
         if len(found) == 1:
             return found[0]
+        if (p := _by_sender_id(artifacts / "gguf", ref)) is not None:
+            return p
     raise QuantizeError(f"no GGUF {ref}", "pass a .gguf path, or an id listed by `appliance quantize --list`")
+
+
+def _by_sender_id(root: Path, ref: str) -> Path | None:
+    """An imported GGUF under the id it had at the site that sent it, as `lineage` accepts it: from the index
+    the importer keeps (artifacts/gguf/.senders.json, written from validated ids, never a bundle's file), and
+    only while this site has no GGUF of that NAME of its own."""
+    from appliance.vault.lineage import SENDERS_INDEX, sender_id
+
+    if sender_id(ref) is None or not root.is_dir():
+        return None
+    name = ref.split("@", 1)[0]
+    if any(d.name.startswith(name + "@") for d in root.iterdir() if d.is_dir()):
+        return None  # this site's own NAME@K: a sender's id never stands in for them
+    try:
+        local = json.loads((root / SENDERS_INDEX).read_text(encoding="utf-8")).get(ref)
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(local, str) or Path(local).name != local or local.startswith("."):
+        return None
+    found = sorted((root / local).glob("*.gguf")) if (root / local).is_dir() else []
+    return found[0] if len(found) == 1 else None
 
 
 def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0):
@@ -66,8 +92,12 @@ def _seed(seed: int | None) -> int:
 
 
 def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], system: str = "",
-              max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None) -> list[str]:
-    """A terminal conversation: /reset forgets, /exit or end of input leaves. Returns the replies."""
+              max_tokens: int = 256, temperature: float = 0.7, seed: int | None = None,
+              blank_note: Callable[[str], str | None] | None = None) -> list[str]:
+    """A terminal conversation: /reset forgets, /exit or end of input leaves. Returns the replies.
+
+    `blank_note(reply)` words a reply that is only whitespace (written after it, so the operator does not
+    see an empty turn and no reason); without it such a reply is left as it is."""
     messages = [{"role": "system", "content": system}] if system else []
     replies: list[str] = []
     while True:
@@ -89,9 +119,7 @@ def chat_loop(llm, read: Callable[[str], str], write: Callable[[str], None], sys
         write("model> ")
         reply = "".join(_echo(chat_turn(llm, messages, max_tokens, temperature, seed), write))
         write("\n")
-        if not reply.strip():  # whitespace only: say so, or the operator sees an empty turn and no reason
-            from appliance.output import blank_note
-
+        if blank_note is not None and not reply.strip():  # whitespace only: say so
             write(f"{blank_note(reply)}\n")
         messages.append({"role": "assistant", "content": reply})
         replies.append(reply)
@@ -112,9 +140,11 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
 
     No CORS headers are sent unless `cors_origins` names exact origins (`https://app.example:8443`): a
     browser then lets pages of those origins, and only those, read the answers. The API key, when set, is
-    compared in constant time.
+    compared in constant time; a host other than loopback is refused without one (`serve_exposure` decides
+    all three from the command line and the environment).
     """
     origins = cors_allowed(cors_origins)  # before minutes of loading a large model
+    _refuse_open_without_key(host, api_key)
     info = llama.check(path)
     llama.lib()
     os.environ.pop("CONFIG_FILE", None)  # llama_cpp's create_app would replace our settings (the API key too)
@@ -160,6 +190,70 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
         _free_models()
     if not server.started:
         raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass another --port")
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """What `serve` opens, and to whom: decided by `serve_exposure` before any model loads."""
+
+    host: str
+    """The address to listen on; anything but loopback has an API key."""
+    api_key: str | None
+    """The key clients send as a Bearer token; None: no key (loopback only)."""
+    cors_origins: list[str]
+    """The exact origins whose web pages may read the answers; empty: no CORS headers at all."""
+
+
+def serve_exposure(host: str, cors_origins: Sequence[str] = (), env: Mapping[str, str] | None = None) -> Exposure:
+    """The serve exposure policy: which origins, which key, and whether `host` may be listened on.
+
+    The key comes from APPLIANCE_API_KEY_FILE, then APPLIANCE_API_KEY (`env`, default the process's), never
+    a flag, which other users could read in the process list. Without a key only loopback is served. CORS
+    origins must each be one exact `scheme://host[:port]` (`cors_allowed`).
+
+    Raises:
+        UsageError: a `*` or malformed origin, an unreadable or empty key file, or a non-loopback `host`
+            without a key.
+    """
+    try:
+        origins = cors_allowed(cors_origins)
+    except QuantizeError as e:
+        raise UsageError(e.message, e.hint) from None
+    key = api_key_from_env(env)
+    _refuse_open_without_key(host, key)
+    return Exposure(host, key, origins)
+
+
+def api_key_from_env(env: Mapping[str, str] | None = None) -> str | None:
+    """The server's API key from APPLIANCE_API_KEY_FILE, then APPLIANCE_API_KEY; None when neither is set."""
+    env = os.environ if env is None else env
+    if f := env.get("APPLIANCE_API_KEY_FILE"):
+        try:
+            key = open(f).read().strip()
+        except OSError as e:
+            raise UsageError(f"cannot read APPLIANCE_API_KEY_FILE {f}: {e.strerror}", "check the path") from e
+        if not key:
+            raise UsageError(f"APPLIANCE_API_KEY_FILE {f} is empty", "put the key in it")
+        return key
+    return env.get("APPLIANCE_API_KEY") or None
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (a name or an address) reaches this machine only."""
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _refuse_open_without_key(host: str, api_key: str | None) -> None:
+    if not is_loopback(host) and not api_key:
+        raise UsageError(f"--host {host} would expose the model to the network without an API key",
+                         "set APPLIANCE_API_KEY_FILE (or APPLIANCE_API_KEY), or keep the default 127.0.0.1")
 
 
 def cors_allowed(origins: Sequence[str]) -> list[str]:

@@ -16,6 +16,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from appliance import refs
 from appliance.errors import UsageError
 from appliance.home import atomic_dir, file_sha256
 from appliance.quantize import gguf_export, llama, quality, types
@@ -59,20 +60,20 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
              ppl_bound: float | None = None, eval_tokens: int = 2048, imatrix_tokens: int = 8192,
              threads: int = 0, progress: Progress = lambda s, d, t: None) -> QuantizeResult:
     """Export `model_ref` as a GGUF of `type_name`, with its quality report; see the module docstring."""
-    from appliance.train.run import code_version
     from appliance.vault import lineage
+    from appliance.version import code_version
 
     qt = types.get(type_name)
     if imatrix_ref and qt.block == 1:
         raise UsageError(f"--imatrix does nothing for {qt.name}", "an importance matrix guides quantized types only")
-    model_id = _resolve_model(vault.con, model_ref)
+    model_id = refs.model(vault.con, model_ref)  # NAME@K, or NAME for the newest
     model_dir = vault.home.artifacts / "models" / model_id
     if not model_dir.is_dir():
         raise QuantizeError(f"the files of model {model_id} are missing from {model_dir}", "retrain or re-import it")
     gid = f"{model_id}:{qt.name}" + ("-imatrix" if imatrix_ref else "")
     final = gguf_dir(vault.home.artifacts, gid)
-    imatrix_ds = _version(vault.con, imatrix_ref) if imatrix_ref else None
-    eval_ds = _version(vault.con, eval_ref) if eval_ref else None
+    imatrix_ds = refs.dataset(vault.con, imatrix_ref) if imatrix_ref else None
+    eval_ds = refs.dataset(vault.con, eval_ref) if eval_ref else None
     if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # no lock needed
         return existing
     with _export_lock(vault.home.root):  # one export at a time per home: see _export_lock
@@ -154,29 +155,18 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
         return res
 
 
-def _resolve_model(con, ref: str) -> str:
-    from appliance.train.run import resolve_node
-
-    try:
-        return resolve_node(con, ref, ("model",), "model")
-    except UsageError:
-        adapter = con.execute("SELECT 1 FROM lineage_nodes WHERE id = ? AND kind = 'adapter'", [ref]).fetchone()
-        if adapter:
-            raise UsageError(f"{ref} is a LoRA adapter, not a model",
-                             f"merge it first: `appliance train merge {ref}`") from None
-        raise
-
-
 def _existing(con, gid: str, final: Path, imatrix_ds: str | None, eval_ds: str | None, ppl_bound: float | None,
               qt: QuantType) -> QuantizeResult | None:
     """The same model and type were exported before: ids are never reused, so hand back that export.
 
     Its quality numbers stand; the flags are judged again against the bound asked for now.
     """
-    row = con.execute("SELECT attrs FROM lineage_nodes WHERE id = ?", [gid]).fetchone()
-    if row is None:
+    from appliance.vault import lineage
+
+    node = lineage.find(con, gid)
+    if node is None:
         return None
-    attrs = json.loads(row[0])
+    attrs = node["attrs"]
     path = final / f"{final.name}.gguf"
     if not path.is_file():
         raise QuantizeError(f"{gid} was exported before but its file {path} is gone",
@@ -224,29 +214,12 @@ def _sweep(gguf_root: Path) -> None:
                 shutil.rmtree(d, ignore_errors=True)
 
 
-def _version(con, ref: str) -> str:
-    from appliance.vault.versions import resolve
-
-    _, name, n = resolve(con, ref)
-    return f"{name}@{n}"
-
-
 def _data_of(con, model_id: str) -> str:
     """The nearest dataset version in the model's ancestry (what it was trained or fine-tuned on)."""
-    frontier, seen = [model_id], {model_id}
-    while frontier:
-        nxt = []
-        for child in frontier:
-            for parent, kind in con.execute(
-                    "SELECT e.parent, n.kind FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.parent "
-                    "WHERE e.child = ? ORDER BY CASE e.role WHEN 'data' THEN 0 WHEN 'adapter' THEN 1 "
-                    "WHEN 'base' THEN 2 ELSE 3 END, e.parent", [child]).fetchall():
-                if kind == "dataset":
-                    return parent
-                if parent not in seen:
-                    seen.add(parent)
-                    nxt.append(parent)
-        frontier = nxt
+    from appliance.vault import lineage
+
+    if found := lineage.nearest_dataset(con, model_id):
+        return found
     raise UsageError(f"{model_id} has no dataset in its lineage to measure quality on",
                      "pass --eval DATASET@N (its validation split is used)")
 
@@ -358,13 +331,13 @@ def modelfile(gguf_name: str, info: dict) -> str:
 
 def exported(con) -> list[dict]:
     """Every GGUF the vault knows, newest first."""
-    rows = con.execute("SELECT id, created, attrs FROM lineage_nodes WHERE kind = 'gguf' ORDER BY created DESC, id"
-                       ).fetchall()
+    from appliance.vault import lineage
+
     out = []
-    for gid, created, attrs in rows:
-        a = json.loads(attrs)
+    for n in lineage.nodes(con, ("gguf",), newest_first=True):
+        a = n["attrs"]
         q = a.get("quality", {})
-        out.append({"id": gid, "created": str(created)[:19], "type": a.get("type"), "source": a.get("source"),
+        out.append({"id": n["id"], "created": str(n["created"])[:19], "type": a.get("type"), "source": a.get("source"),
                     "size": a.get("size"), "bits_per_weight": a.get("bits_per_weight"),
                     "ppl_delta_pct": q.get("ppl_delta_pct"), "top1_agreement": q.get("top1_agreement"),
                     "flagged": not q.get("ok", True), "path": a.get("gguf_path") or a.get("path"),

@@ -12,8 +12,7 @@ import json
 from functools import cache
 from pathlib import Path
 
-from appliance.output import JSON_SCHEMA_VERSION
-
+JSON_SCHEMA_VERSION = 1  # the "schema" of every --json object
 HERE = Path(__file__).parent
 # Commands that print no JSON object: they hold a terminal or a stream.
 NO_JSON = ("chat", "serve", "tui", "mcp", "jobs work")

@@ -13,9 +13,10 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, get_type_hints
 
+from appliance import refs
 from appliance.errors import UsageError
 
-RECIPES_DIR = Path(__file__).parent / "recipes"
+RECIPES_DIR = refs.RECIPES_DIR  # shipped recipes (`appliance.refs` finds them)
 STAGES = ("pretrain", "continue", "sft", "dpo", "grpo")
 ADAPTER_STAGES = ("sft", "dpo", "grpo")  # stages that may train LoRA/QLoRA adapters instead of every weight
 METHODS = ("full", "lora", "qlora")
@@ -128,7 +129,7 @@ class DataConfig:
                 p.append("data.task is required by data.format 'task' (a shipped task name or a task TOML file)")
             else:
                 from appliance.errors import UsageError
-                from appliance.eval.tasks import load
+                from appliance.tasks import load
 
                 try:
                     t = load(self.task)
@@ -392,7 +393,7 @@ SECTIONS = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig, "lor
 
 def shipped() -> dict[str, Path]:
     """Recipes that ship with the appliance, by name."""
-    return {p.stem: p for p in sorted(RECIPES_DIR.glob("*.toml"))}
+    return refs.shipped(RECIPES_DIR)
 
 
 def recipe_purpose(path: Path) -> str:
@@ -406,16 +407,8 @@ def recipe_purpose(path: Path) -> str:
 
 
 def find_recipe(ref: str) -> Path:
-    """A path to a TOML file, or the name of a shipped recipe."""
-    p = Path(ref).expanduser()
-    if p.is_file():
-        return p
-    if ref in shipped():
-        return shipped()[ref]
-    hint = "shipped recipes: " + ", ".join(shipped()) + " (see `appliance train recipes`)"
-    if p.suffix == ".toml" or "/" in ref:
-        raise UsageError(f"no recipe file {ref}", hint)
-    raise UsageError(f"no recipe named {ref!r}", hint)
+    """A path to a TOML file, or the name of a shipped recipe: `appliance.refs.recipe`."""
+    return refs.recipe(ref)
 
 
 def load_recipe(ref: str, overrides: list[str] | None = None) -> Recipe:

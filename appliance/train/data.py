@@ -339,7 +339,7 @@ def pack_preference(tokenizer, triples: Iterable[tuple[str, str, str]], seq_len:
 def pack_task(tokenizer, cfg: DataConfig, split: str) -> Packed:
     """GRPO rows of a task's episodes: the first turn's prompt, and the episode's number as the "answer"
     (the reward plays the rest of the episode from it)."""
-    from appliance.eval.tasks import goal_of, load, prompt_for
+    from appliance.tasks import goal_of, load, prompt_for
 
     task = load(cfg.task)
     return pack_prompts(tokenizer, ((prompt_for(task, goal_of(task, i), []), str(i)) for i in task.indexes(split)),

@@ -14,7 +14,7 @@ in the labels of a 2 x seq_len row, so prompts never leave the vault as files.
 The validation loss of a grpo run is minus the mean reward of the greedy answer to each held-out prompt.
 
 Agentic tasks (`data.format = "task"`): each row is an episode of the task. Each of the group's samples
-plays the episode out, turn by turn, in the tool-calling loop of `appliance.eval.tasks` (tools run in the
+plays the episode out, turn by turn, in the tool-calling loop of `appliance.tasks` (tools run in the
 sandbox); the reward is 1 when the episode succeeds, else 0. Every model turn of an episode shares its
 advantage, and the turns' tokens are scored in their own contexts, all in one forward pass. Tools that
 hang or sandboxes that fail end their episode as failed and are counted in the run's summary.
@@ -128,7 +128,7 @@ class GRPO:
     def _play(self, model, indexes: list[int], greedy: bool):
         """Episodes played side by side, a model turn at a time; returns them and every turn as
         (episode position, prompt ids, answer ids)."""
-        from appliance.eval.tasks import Episode
+        from appliance.tasks import Episode
 
         eps = [Episode(self.task, i) for i in indexes]
         segs: list[tuple[int, list[int], list[int]]] = []

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -33,6 +34,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.train.model import TrainError
+from appliance.train.spec import StageSpec
 
 ENV_SOCKET, ENV_TICKET = "APPLIANCE_TRAIN_SOCKET", "APPLIANCE_TRAIN_TICKET"
 MAX_HEADER = 1 << 24
@@ -76,7 +78,7 @@ class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
 
 
-def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable, on_checkpoint: Callable,
+def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
           results: dict, stop: threading.Event | None = None) -> _Server:
     lock = threading.Lock()  # the vault connection is shared: one writer at a time
 
@@ -88,7 +90,7 @@ def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable
                 if header.get("op") != "hello" or not secrets.compare_digest(str(header.get("ticket", "")), ticket):
                     send(sock, {"ok": False, "error": "bad ticket"})
                     return
-                send(sock, {"ok": True, "spec": spec})
+                send(sock, {"ok": True, "spec": spec.to_dict()})
                 while True:
                     header, payload = recv(sock)
                     op = header["op"]
@@ -115,7 +117,7 @@ def serve(path: Path, ticket: str, spec: dict, rows: Callable, on_step: Callable
     return server
 
 
-def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable, on_checkpoint: Callable,
+def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
                     nproc: int, nodes: Nodes, threads: int | None = None) -> dict:
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -140,7 +142,7 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nodes.nnodes > 1:
         cmd += [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec['recipe']['name']}"]
+                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec.recipe.name}"]
     else:
         cmd += ["--standalone"]
     cmd += ["-m", "appliance.train.worker"]
@@ -196,10 +198,25 @@ def run_distributed(tmp_dir: Path, spec: dict, rows: Callable, on_step: Callable
                      "see the message above; resume with --resume once fixed")
 
 
+_EXCEPTION = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b")
+
+
 def _last_error(stderr: str) -> str:
+    """The ranks' own last error in torchrun's stderr.
+
+    torchrun ends a failed run with a report of its own (a traceback ending in `ChildFailedError:`, then
+    exit codes), which says nothing of the cause: the rank's exception line before it is what to show, else
+    torchrun's line naming the rank that failed and how (a signal leaves no traceback).
+    """
     lines = [ln.strip() for ln in stderr.splitlines() if ln.strip()]
     for ln in reversed(lines):
-        if "Error" in ln or "error:" in ln:
+        if _EXCEPTION.match(ln) and "ChildFailedError" not in ln:
+            return ln[:300]
+    for ln in reversed(lines):
+        if "failed (exitcode" in ln:
+            return ln[ln.index("failed (exitcode"):][:300]
+    for ln in reversed(lines):
+        if ("Error" in ln or "error:" in ln) and "ChildFailedError" not in ln:
             return ln[:300]
     return lines[-1][:300] if lines else "no output"
 
@@ -215,7 +232,7 @@ class SocketLink:
         header, _ = recv(self.sock)
         if not header.get("ok"):
             raise TrainError("the launcher refused this worker", header.get("error"))
-        self.spec = header["spec"]
+        self.spec = StageSpec.from_dict(header["spec"])
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         send(self.sock, {"op": "rows"}, np.asarray(index, np.int64).tobytes())

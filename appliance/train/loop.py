@@ -222,122 +222,208 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     per row (a [chosen | rejected] pair, a prompt) instead of the mean next-token loss per scored token;
     its `set_step` and `step_metrics` (when it has them) see each step.
     """
-    import torch
-    import torch.nn.functional as F
-
-    per_rank = cfg.batch_size // dist.world
-    if per_rank * dist.world != cfg.batch_size or per_rank % cfg.micro_batch_size:
-        raise TrainError(f"train.batch_size {cfg.batch_size} does not split into {dist.world} process(es) x "
-                         f"micro batches of {cfg.micro_batch_size}",
-                         "make batch_size a multiple of processes x micro_batch_size")
-    model = wrap(model, dist, cfg)
-    opt = make_optimizer(model, cfg)
-    start, loss_val, last_ckpt = 0, None, None
-    if resume_from is not None:
-        resumed = checkpoint.load(resume_from, model, opt, dist.is_main, dist.world)
-        start, loss_val, last_ckpt = resumed["step"], resumed.get("loss"), str(resume_from)
-    if dist.world > 1 and dist.sum(start) != start * dist.world:  # e.g. a node without the checkpoint files
-        raise TrainError(f"the processes disagree on the step to resume from (this one: {start})",
-                         "every node needs the run's checkpoints at the same path")
-    order = Order(n_rows, cfg.seed)
-    cuda = dist.device.startswith("cuda")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-    autocast = (lambda: torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)) if bf16 \
-        else contextlib.nullcontext
-    params = [p for p in model.parameters() if p.requires_grad]
-    moe = aux_loss_coef > 0
-    model.train()
-    t_start = time.time()
-    step, tokens_seen = start, 0
-    finishing = False
-    state = state or {}
-
-    def save(at: int) -> None:
-        nonlocal last_ckpt
-        local = [p.to_local() if hasattr(p, "to_local") else p for p in params]
-        if dist.any(any(not bool(torch.isfinite(p.detach()).all()) for p in local)):
-            raise TrainError(f"the weights became non-finite at step {at}; not checkpointed"
-                             f"{f' (the last good checkpoint is {last_ckpt})' if last_ckpt else ''}",
-                             "lower train.lr or raise train.warmup_steps, then resume with --resume")
-        path = checkpoint.save(ckpt_dir, at, model, opt, {**state, "loss": loss_val}, dist.is_main,
-                               cfg.keep_checkpoints)
-        if dist.is_main:
-            last_ckpt = str(path)
-            on_checkpoint(at, last_ckpt)
-
+    run = _Training(model, rows, n_rows, cfg, dist, ckpt_dir, on_step, on_checkpoint, resume_from, aux_loss_coef,
+                    state or {}, n_val, objective)
     with _StopFlag() as stop:
-        while step < cfg.max_steps:
+        while run.step < cfg.max_steps:
             t0 = time.time()
-            index = order.batch(step, cfg.batch_size)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-            tok_np, lab_np = rows(index)
-            x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)  # (B, T)
-            y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
-            scored = dist.sum(len(index)) if objective else dist.sum(int((y[:, 1:] != IGNORE).sum()))
-            if hasattr(objective, "set_step"):
-                objective.set_step(step)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
-            micro = range(0, per_rank, cfg.micro_batch_size)
-            try:
-                for j, s in enumerate(micro):
-                    last = j == len(micro) - 1
-                    with _no_sync(model, last), autocast():
-                        xb, yb = x[s:s + cfg.micro_batch_size], y[s:s + cfg.micro_batch_size]
-                        if objective is not None:
-                            ce = objective.losses(model, xb, yb).sum()
-                            loss = ce * dist.world / max(scored, 1.0)
-                        else:
-                            kw = {"output_router_logits": True} if moe else {}
-                            out = model(input_ids=xb, use_cache=False, **kw)
-                            logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
-                            # position t predicts token t+1: shift the labels, not the (large) logits
-                            target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
-                            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1),
-                                                 ignore_index=IGNORE, reduction="sum")
-                            loss = ce * dist.world / max(scored, 1.0)
-                            if moe and out.aux_loss is not None:
-                                loss = loss + aux_loss_coef * out.aux_loss * len(xb) / per_rank
-                    loss.backward()
-                    loss_sum += ce.detach().double()
-                norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-                norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
-            except torch.OutOfMemoryError:
-                raise TrainError(f"out of memory at step {step + 1}",
-                                 "lower train.micro_batch_size or data.seq_len, or set "
-                                 "train.activation_checkpointing = true; resume with --resume") from None
-            loss_val = dist.sum(float(loss_sum)) / max(scored, 1.0)
-            if not (math.isfinite(loss_val) and math.isfinite(norm)):
-                raise TrainError(f"loss became {'NaN' if math.isnan(loss_val) else 'infinite'} at step {step + 1}"
-                                 f"{f'; the last good checkpoint is {last_ckpt}' if last_ckpt else ''}",
-                                 "lower train.lr or raise train.warmup_steps, then resume with --resume")
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            step += 1
-            n_tok = cfg.batch_size * x.shape[1]
-            tokens_seen += n_tok
-            dt = time.time() - t0
-            elapsed = time.time() - t_start
-            metrics = {"step": step, "loss": loss_val, "lr": lr_at(step - 1, cfg), "grad_norm": norm,
-                       "tokens": n_tok, "tokens_per_s": n_tok / dt if dt > 0 else 0.0, "elapsed": elapsed,
-                       "eta": elapsed / (step - start) * (cfg.max_steps - step)}
-            if hasattr(objective, "step_metrics"):
-                metrics.update({k: (None if v is None else dist.sum(v) / dist.world)
-                                for k, v in objective.step_metrics().items()})
-            measure = n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-            metrics["val_loss"] = (validate(model, rows, n_rows, n_val, cfg, dist, autocast, objective) if measure
-                                   else None)
-            verdict = on_step(metrics) if dist.is_main else None
-            if verdict is True:
-                stop.set = True  # the launcher relays a Ctrl-C
-            finishing = dist.any(verdict == "finish")  # early stopping: rank 0 decides for all
-            stopping = dist.any(stop.set) or finishing
-            if step % cfg.checkpoint_every == 0 or step == cfg.max_steps or stopping:
-                save(step)
+            stats = run.train_step()
+            metrics = run.step_metrics(stats, t0)
+            metrics["val_loss"] = run.validation()
+            stopping = run.report(metrics, stop)
+            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps or stopping:
+                run.checkpoint()
             if stopping:
                 break
-    status = "done" if step >= cfg.max_steps or finishing else "interrupted"
-    return FitResult(status, step, loss_val, tokens_seen, time.time() - t_start, last_ckpt, model)
+    return run.result()
+
+
+@dataclass
+class StepStats:
+    """What one optimizer step measured, over the global batch."""
+
+    loss: float
+    """Mean loss per scored token (per row with an objective)."""
+    grad_norm: float
+    """The gradient norm before clipping."""
+    tokens: int
+    """Tokens in the global batch, padding included."""
+
+
+class _Training:
+    """One `fit` in progress: the wrapped model, its optimizer and where the run stands (step, loss, checkpoint).
+
+    Built in the order the processes must agree on: the batch split checked, the model wrapped (DDP/FSDP), the
+    optimizer made, the checkpoint to resume from loaded.
+    """
+
+    def __init__(self, model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int,
+                 cfg: TrainConfig, dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None],
+                 on_checkpoint: Callable[[int, str], None], resume_from: Path | None, aux_loss_coef: float,
+                 state: dict, n_val: int, objective):
+        import torch
+
+        self.per_rank = cfg.batch_size // dist.world
+        if self.per_rank * dist.world != cfg.batch_size or self.per_rank % cfg.micro_batch_size:
+            raise TrainError(f"train.batch_size {cfg.batch_size} does not split into {dist.world} process(es) x "
+                             f"micro batches of {cfg.micro_batch_size}",
+                             "make batch_size a multiple of processes x micro_batch_size")
+        self.rows, self.n_rows, self.n_val, self.cfg, self.dist = rows, n_rows, n_val, cfg, dist
+        self.ckpt_dir, self.on_step, self.on_checkpoint = ckpt_dir, on_step, on_checkpoint
+        self.state, self.objective, self.aux_loss_coef = state, objective, aux_loss_coef
+        self.model = wrap(model, dist, cfg)
+        self.opt = make_optimizer(self.model, cfg)
+        self.start, self.loss, self.last_ckpt = 0, None, None
+        self._resume(resume_from)
+        self.step, self.tokens_seen, self.finishing = self.start, 0, False
+        self.order = Order(n_rows, cfg.seed)
+        cuda = dist.device.startswith("cuda")
+        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
+        self.autocast = (lambda: torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)) if bf16 \
+            else contextlib.nullcontext
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.model.train()
+        self.t_start = time.time()
+
+    def _resume(self, resume_from: Path | None) -> None:
+        """Load model, optimizer and RNG from a checkpoint; every process must resume from the same step."""
+        dist = self.dist
+        if resume_from is not None:
+            resumed = checkpoint.load(resume_from, self.model, self.opt, dist.is_main, dist.world)
+            self.start, self.loss, self.last_ckpt = resumed["step"], resumed.get("loss"), str(resume_from)
+        if dist.world > 1 and dist.sum(self.start) != self.start * dist.world:  # e.g. a node without the files
+            raise TrainError(f"the processes disagree on the step to resume from (this one: {self.start})",
+                             "every node needs the run's checkpoints at the same path")
+
+    def _batch(self, step: int):
+        """This process's slice of the global batch of `step`, on its device: (tokens, labels), each (B, T)."""
+        import torch
+
+        dist, per_rank = self.dist, self.per_rank
+        index = self.order.batch(step, self.cfg.batch_size)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
+        tok_np, lab_np = self.rows(index)
+        x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)  # (B, T)
+        y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
+        return x, y
+
+    def _micro_loss(self, xb, yb, scored: float):
+        """(loss to backpropagate, summed loss for the report) of one micro batch.
+
+        The loss is scaled by the global batch's scored tokens (rows with an objective) times the world size,
+        so the gradients DDP/FSDP average over processes sum to the gradient of the global mean.
+        """
+        import torch.nn.functional as F
+
+        dist = self.dist
+        if self.objective is not None:
+            ce = self.objective.losses(self.model, xb, yb).sum()
+            return ce * dist.world / max(scored, 1.0), ce
+        moe = self.aux_loss_coef > 0
+        kw = {"output_router_logits": True} if moe else {}
+        out = self.model(input_ids=xb, use_cache=False, **kw)
+        logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
+        # position t predicts token t+1: shift the labels, not the (large) logits
+        target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
+        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                             reduction="sum")
+        loss = ce * dist.world / max(scored, 1.0)
+        if moe and out.aux_loss is not None:
+            loss = loss + self.aux_loss_coef * out.aux_loss * len(xb) / self.per_rank
+        return loss, ce
+
+    def train_step(self) -> StepStats:
+        """One optimizer step: forward and backward per micro batch (gradients accumulate and are synced on the
+        last), clip, refuse a non-finite loss or norm, AdamW step at the scheduled learning rate."""
+        import torch
+
+        cfg, dist, step = self.cfg, self.dist, self.step
+        x, y = self._batch(step)
+        scored = dist.sum(len(x)) if self.objective else dist.sum(int((y[:, 1:] != IGNORE).sum()))
+        if hasattr(self.objective, "set_step"):
+            self.objective.set_step(step)
+        for g in self.opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        loss_sum = torch.zeros((), dtype=torch.float64, device=dist.device)
+        micro = range(0, self.per_rank, cfg.micro_batch_size)
+        try:
+            for j, s in enumerate(micro):
+                with _no_sync(self.model, j == len(micro) - 1), self.autocast():
+                    loss, ce = self._micro_loss(x[s:s + cfg.micro_batch_size], y[s:s + cfg.micro_batch_size], scored)
+                loss.backward()
+                loss_sum += ce.detach().double()
+            norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+        except torch.OutOfMemoryError:
+            raise TrainError(f"out of memory at step {step + 1}",
+                             "lower train.micro_batch_size or data.seq_len, or set "
+                             "train.activation_checkpointing = true; resume with --resume") from None
+        loss_val = dist.sum(float(loss_sum)) / max(scored, 1.0)
+        if not (math.isfinite(loss_val) and math.isfinite(norm)):
+            raise TrainError(f"loss became {'NaN' if math.isnan(loss_val) else 'infinite'} at step {step + 1}"
+                             f"{f'; the last good checkpoint is {self.last_ckpt}' if self.last_ckpt else ''}",
+                             "lower train.lr or raise train.warmup_steps, then resume with --resume")
+        self.loss = loss_val
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        n_tok = cfg.batch_size * x.shape[1]
+        self.tokens_seen += n_tok
+        return StepStats(loss_val, norm, n_tok)
+
+    def step_metrics(self, stats: StepStats, t0: float) -> dict:
+        """The step's report (speed and ETA from `t0`, when the step began), the objective's own numbers
+        averaged over processes."""
+        cfg, step = self.cfg, self.step
+        dt = time.time() - t0
+        elapsed = time.time() - self.t_start
+        metrics = {"step": step, "loss": stats.loss, "lr": lr_at(step - 1, cfg), "grad_norm": stats.grad_norm,
+                   "tokens": stats.tokens, "tokens_per_s": stats.tokens / dt if dt > 0 else 0.0, "elapsed": elapsed,
+                   "eta": elapsed / (step - self.start) * (cfg.max_steps - step)}
+        if hasattr(self.objective, "step_metrics"):
+            metrics.update({k: (None if v is None else self.dist.sum(v) / self.dist.world)
+                            for k, v in self.objective.step_metrics().items()})
+        return metrics
+
+    def validation(self) -> float | None:
+        """The validation loss when it is due (every cfg.eval_every steps and at the last), else None."""
+        cfg, step = self.cfg, self.step
+        measure = self.n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
+        if not measure:
+            return None
+        return validate(self.model, self.rows, self.n_rows, self.n_val, cfg, self.dist, self.autocast, self.objective)
+
+    def report(self, metrics: dict, stop: _StopFlag) -> bool:
+        """Rank 0 reports the step; True when every process is to stop now: asked to (Ctrl-C or SIGTERM here,
+        or relayed by the launcher), or finishing early as done (early stopping: rank 0 decides for all)."""
+        dist = self.dist
+        verdict = self.on_step(metrics) if dist.is_main else None
+        if verdict is True:
+            stop.set = True  # the launcher relays a Ctrl-C
+        self.finishing = dist.any(verdict == "finish")
+        return dist.any(stop.set) or self.finishing
+
+    def checkpoint(self) -> None:
+        """Checkpoint the current step (every process takes part, rank 0 writes and tells `on_checkpoint`);
+        refused when the weights are no longer finite."""
+        import torch
+
+        at, dist = self.step, self.dist
+        local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
+        if dist.any(any(not bool(torch.isfinite(p.detach()).all()) for p in local)):
+            raise TrainError(f"the weights became non-finite at step {at}; not checkpointed"
+                             f"{f' (the last good checkpoint is {self.last_ckpt})' if self.last_ckpt else ''}",
+                             "lower train.lr or raise train.warmup_steps, then resume with --resume")
+        path = checkpoint.save(self.ckpt_dir, at, self.model, self.opt, {**self.state, "loss": self.loss},
+                               dist.is_main, self.cfg.keep_checkpoints)
+        if dist.is_main:
+            self.last_ckpt = str(path)
+            self.on_checkpoint(at, self.last_ckpt)
+
+    def result(self) -> FitResult:
+        """Done when every step ran or early stopping finished the run; interrupted otherwise."""
+        status = "done" if self.step >= self.cfg.max_steps or self.finishing else "interrupted"
+        return FitResult(status, self.step, self.loss, self.tokens_seen, time.time() - self.t_start, self.last_ckpt,
+                         self.model)
 
 
 def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None) -> float:

@@ -93,14 +93,14 @@ def count_parameters(m: ModelConfig, vocab_size: int = 32000) -> dict:
 def tokenizer_vocab(home, ref: str, default: int = 32000) -> tuple[str | None, int]:
     """(tokenizer id, vocabulary size) of `ref` (NAME@K, or NAME for the newest) in `home`'s artifacts, read
     from its tokenizer.json without the vault; (None, `default`) when the home has no such tokenizer."""
+    from appliance.refs import pick
+
     root = Path(home.artifacts) / "tokenizers"
-    name, _, k = ref.partition("@")
     try:
-        found = [p for p in root.iterdir() if p.name.rpartition("@")[0] == name and p.name.rpartition("@")[2].isdigit()
-                 and (not k or p.name == ref)]
-        best = max(found, key=lambda p: int(p.name.rpartition("@")[2])) if ref and found else None
-        if best is None:
+        found = pick(ref, [p.name for p in root.iterdir() if p.is_dir()]) if ref else None  # the rule of refs
+        if found is None:
             return None, default
+        best = root / found
         doc = json.loads((best / "tokenizer.json").read_text())
     except (OSError, ValueError):
         return None, default

@@ -17,34 +17,25 @@ that answer; the run goes on and its summary counts each failure with the first 
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
-import os
 import re
-from collections.abc import Callable
 
-REGISTRY: dict[str, Callable] = {}
+from appliance.plugins import Registry
+
+REGISTRY = Registry("reward", "APPLIANCE_REWARD_PLUGINS")  # name -> fn(completion, answer, cfg) -> float
 BUILTIN = ("exact", "overlap", "regex", "json_schema", "tool_call")
 _WORD = re.compile(r"\w+")
 
 
 def register(name: str):
-    def deco(fn):
-        REGISTRY[name] = fn
-        return fn
-    return deco
+    """`@register("name")`: a reward, fn(completion, answer, cfg) -> float in [0, 1]."""
+    return REGISTRY.register(name)
 
 
 def load_plugins() -> None:
-    from appliance.errors import UsageError
-
-    for mod in filter(None, (m.strip() for m in (os.environ.get("APPLIANCE_REWARD_PLUGINS") or "").split(","))):
-        try:
-            importlib.import_module(mod)
-        except Exception as e:  # noqa: BLE001 - any failure of a site's module is one line
-            raise UsageError(f"reward plugin {mod} failed to load: {type(e).__name__}: {e}",
-                             "fix the module or APPLIANCE_REWARD_PLUGINS") from None
+    """Import the modules named in APPLIANCE_REWARD_PLUGINS (appliance.plugins: one line if one fails)."""
+    REGISTRY.load()
 
 
 def known() -> set[str]:

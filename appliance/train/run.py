@@ -17,15 +17,18 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance import refs
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, UsageError
 from appliance.home import atomic_dir
 from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
+from appliance.train.spec import StageSpec
 from appliance.train.stages import STAGES
 from appliance.train.watch import LossWatch
 from appliance.vault import lineage
+from appliance.version import code_version
 
 RESUMABLE = ("running", "interrupted", "failed")
 # Keys a resumed run may change: how long it runs, how it checkpoints, and the step size (to recover from a
@@ -72,33 +75,9 @@ class Inputs:
     parents: list[tuple[str, str]]
 
 
-def code_version() -> str:
-    """The package version plus a hash of its source: which code made an artifact."""
-    from appliance import __version__
-
-    root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256()
-    for p in sorted(root.rglob("*.py")):
-        h.update(p.relative_to(root).as_posix().encode() + b"\0" + p.read_bytes())
-    return f"{__version__}+{h.hexdigest()[:12]}"
-
-
 def resolve_node(con, ref: str, kinds: tuple[str, ...], what: str) -> str:
-    """`NAME@K` as given, or `NAME` -> the newest NAME@K of one of `kinds`."""
-    marks = ",".join("?" * len(kinds))
-    if "@" in ref:
-        ref = lineage.alias(con, ref) or ref  # the sender's id of an imported model
-        row = con.execute(f"SELECT id FROM lineage_nodes WHERE id = ? AND kind IN ({marks})", [ref, *kinds]).fetchone()
-    else:
-        rows = con.execute(f"SELECT id FROM lineage_nodes WHERE kind IN ({marks}) AND starts_with(id, ?)",
-                           [*kinds, ref + "@"]).fetchall()
-        rows = [r for r in rows if r[0].rsplit("@", 1)[1].isdigit()]
-        row = max(rows, key=lambda r: int(r[0].rsplit("@", 1)[1])) if rows else None
-    if row is None:
-        hint = ("train one with `appliance train tokenizer --dataset NAME`" if kinds == ("tokenizer",)
-                else "list them with `appliance train models`")
-        raise UsageError(f"no {what} {ref}", hint)
-    return row[0]
+    """`NAME@K` as given, or `NAME` -> the newest NAME@K of one of `kinds` (`appliance.refs.node`)."""
+    return refs.node(con, ref, kinds, what)
 
 
 def inputs(vault, recipe: Recipe) -> Inputs:
@@ -288,15 +267,14 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
             "data": packed.stats}
     if recipe.data.format == "task":  # what the episodes and tools were, exactly
-        from appliance.eval.tasks import load as load_task
+        from appliance.tasks import load as load_task
 
         t = load_task(recipe.data.task)
         info["task"] = {"name": t.name, "path": t.path, "sha256": t.sha256}
-    spec = {"run_id": run_id, "stage": recipe.stage, "recipe": recipe.to_dict(), "rows": packed.rows - n_val,
-            "val_rows": n_val,
-            "tokenizer_path": str(src.tokenizer_path), "base_path": str(src.base_path or ""),
-            "run_dir": str(run_dir), "model_dir": str(model_dir), "info": info,
-            "resume_from": str(resume_from) if resume_from else None}
+    spec = StageSpec(run_id=run_id, recipe=recipe, rows=packed.rows - n_val, val_rows=n_val,
+                     tokenizer_path=Path(src.tokenizer_path), base_path=Path(src.base_path) if src.base_path else None,
+                     run_dir=run_dir, model_dir=model_dir, info=info,
+                     resume_from=Path(resume_from) if resume_from else None)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
     # grpo's loss is minus an advantage and dpo's falls toward 0 by design: only their validation loss is watched
@@ -338,7 +316,7 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     return _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec)
 
 
-def _fit(vault, recipe: Recipe, spec: dict, packed: data.Packed, rec: Recorder, gpus: int, nodes: launch.Nodes,
+def _fit(vault, recipe: Recipe, spec: StageSpec, packed: data.Packed, rec: Recorder, gpus: int, nodes: launch.Nodes,
          world: int) -> dict:
     if world > 1:
         threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
@@ -384,13 +362,12 @@ def merge(vault, adapter_ref: str) -> str:
     """Base + LoRA adapter -> a plain model directory `NAME-merged@K`, a lineage node of its own."""
     adapter_id = resolve_node(vault.con, adapter_ref, ("adapter",), "adapter")
     node = lineage.node(vault.con, adapter_id)
-    (base,) = [p for (p,) in vault.con.execute(
-        "SELECT parent FROM lineage_edges WHERE child = ? AND role = 'base'", [adapter_id]).fetchall()]
+    (base,) = [p for p, role in lineage.parents(vault.con, adapter_id) if role == "base"]
     art = vault.home.artifacts / "models"
     name, k = adapter_id.rsplit("@", 1)
     merged_id = f"{name}-merged@{k}"
     dest = art / merged_id
-    if vault.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [merged_id]).fetchone():
+    if lineage.exists(vault.con, merged_id):
         raise UsageError(f"{adapter_id} is already merged as {merged_id}", f"use {merged_id}")
     _drop_stale(vault, merged_id, dest)
     merge_adapter(art / base, art / adapter_id, dest, {"id": merged_id, "adapter": adapter_id, "base": base,
@@ -406,7 +383,7 @@ def _drop_stale(vault, node_id: str, path: Path) -> None:
     """A directory with no lineage node is what a crash between saving and recording left: remove it."""
     import shutil
 
-    if path.exists() and not vault.con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [node_id]).fetchone():
+    if path.exists() and not lineage.exists(vault.con, node_id):
         shutil.rmtree(path)
 
 
@@ -515,10 +492,9 @@ def runs(con, name: str | None = None) -> list[dict]:
 
 def models(con) -> list[dict]:
     """Models and adapters (trained, merged or imported), oldest first."""
-    rows = con.execute("SELECT id, kind, created, attrs FROM lineage_nodes WHERE kind IN ('model', 'adapter') "
-                       "ORDER BY created").fetchall()
-    return [{"id": i, "kind": k, "created": str(t)[:19], **{key: json.loads(a).get(key) for key in
-             ("stage", "method", "path")}} for i, k, t, a in rows]
+    return [{"id": n["id"], "kind": n["kind"], "created": str(n["created"])[:19],
+             **{key: n["attrs"].get(key) for key in ("stage", "method", "path")}}
+            for n in lineage.nodes(con, ("model", "adapter"))]
 
 
 def losses(con, run_id: str) -> list[float]:

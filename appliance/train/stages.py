@@ -1,23 +1,22 @@
 """The training stages. Each reads top to bottom: load inputs, build the model, fit, save.
 
 They share only real mechanisms: the data path (`data`), the loop (`loop.fit`), checkpoints and saving.
-Every process of a run calls the same stage function with the same spec; the launcher (`run.py`) does the
-vault side: packing rows, recording metrics, lineage and audit.
+Every process of a run calls the same stage function with the same `StageSpec` (`spec.py`); the launcher
+(`run.py`) does the vault side: packing rows, recording metrics, lineage and audit.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 from appliance.train import loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, hf_config, load_base, load_tokenizer, new_model, save_model
+from appliance.train.spec import StageSpec
 
 
-def pretrain(spec: dict, link, dist: loop.Dist) -> dict:
+def pretrain(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """From random weights: a preset shape, the run's own tokenizer."""
-    recipe = _recipe(spec)
-    tokenizer = load_tokenizer(Path(spec["tokenizer_path"]))
+    recipe = spec.recipe
+    tokenizer = load_tokenizer(spec.tokenizer_path)
     if _fsdp(recipe, dist):
         model = loop.build_sharded(hf_config(recipe.model, tokenizer),
                                    lambda: new_model(recipe.model, tokenizer, recipe.train.seed), dist)
@@ -28,11 +27,11 @@ def pretrain(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=False)
 
 
-def continue_(spec: dict, link, dist: loop.Dist) -> dict:
+def continue_(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """More next-token training of a base model on new data, with the base's tokenizer."""
-    recipe = _recipe(spec)
-    tokenizer = load_tokenizer(Path(spec["base_path"]))
-    base = Path(spec["base_path"])
+    recipe = spec.recipe
+    tokenizer = load_tokenizer(spec.base_path)
+    base = spec.base_path
     if _fsdp(recipe, dist):
         from transformers import AutoConfig
 
@@ -44,14 +43,14 @@ def continue_(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=False)
 
 
-def sft(spec: dict, link, dist: loop.Dist) -> dict:
+def sft(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """Chat fine-tuning: every weight (full), or LoRA adapters on a frozen (qlora: 4-bit) base."""
     import torch
 
-    recipe = _recipe(spec)
+    recipe = spec.recipe
     torch.manual_seed(recipe.train.seed)  # adapter init
-    tokenizer = load_tokenizer(Path(spec["base_path"]))
-    base = Path(spec["base_path"])
+    tokenizer = load_tokenizer(spec.base_path)
+    base = spec.base_path
     if recipe.method == "full" and _fsdp(recipe, dist):
         from transformers import AutoConfig
 
@@ -65,7 +64,7 @@ def sft(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
-def dpo(spec: dict, link, dist: loop.Dist) -> dict:
+def dpo(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """Preference tuning on [chosen | rejected] rows, anchored to the base (see `preference`)."""
     from appliance.train.preference import DPO
 
@@ -74,7 +73,7 @@ def dpo(spec: dict, link, dist: loop.Dist) -> dict:
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
-def grpo(spec: dict, link, dist: loop.Dist) -> dict:
+def grpo(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """Reinforcement tuning with reward functions on sampled answers (see `grpo`)."""
     from appliance.train.grpo import GRPO
     from appliance.train.rewards import load_plugins
@@ -83,10 +82,10 @@ def grpo(spec: dict, link, dist: loop.Dist) -> dict:
     recipe, tokenizer, model, reference = _policy_and_reference(spec, dist)
     task = None
     if recipe.data.format == "task":
-        from appliance.eval.tasks import load
+        from appliance.tasks import load
 
         task = load(recipe.data.task)
-        recorded = spec["info"].get("task", {}).get("sha256")  # what the launcher recorded in the run's lineage
+        recorded = spec.info.get("task", {}).get("sha256")  # what the launcher recorded in the run's lineage
         if recorded and task.sha256 != recorded:
             raise TrainError(f"task {task.path} or its tools changed after the run started",
                              "leave the task's files alone while it trains, then run it again")
@@ -95,15 +94,15 @@ def grpo(spec: dict, link, dist: loop.Dist) -> dict:
     return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
 
 
-def _policy_and_reference(spec: dict, dist: loop.Dist):
+def _policy_and_reference(spec: StageSpec, dist: loop.Dist):
     """(recipe, tokenizer, policy, reference) for a stage tuned against its base: the policy with LoRA/QLoRA
     adapters or every weight trainable, dropout off; the reference None for adapters (the policy with its
     adapters off), else a frozen copy of the base."""
     import torch
 
-    recipe = _recipe(spec)
+    recipe = spec.recipe
     torch.manual_seed(recipe.train.seed)  # adapter init
-    base = Path(spec["base_path"])
+    base = spec.base_path
     tokenizer = load_tokenizer(base)
     model = load_base(base, recipe.method, recipe.lora, dist.device)
     if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
@@ -137,28 +136,18 @@ def _fsdp(recipe: Recipe, dist: loop.Dist) -> bool:
     return dist.world > 1 and recipe.train.parallel == "fsdp"
 
 
-def _recipe(spec: dict) -> Recipe:
-    from appliance.train.config import from_dict
-
-    problems: list[str] = []
-    recipe = from_dict(spec["recipe"], problems)
-    assert not problems, problems  # the launcher checked it
-    return recipe
-
-
 def _aux_coef(model) -> float:
     cfg = model.config
     return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_local_experts", 0) else 0.0
 
 
-def _fit(model, link, recipe: Recipe, spec: dict, dist: loop.Dist, aux: float, objective=None) -> loop.FitResult:
-    resume = Path(spec["resume_from"]) if spec.get("resume_from") else None
-    return loop.fit(model, link.rows, spec["rows"], recipe.train, dist, Path(spec["run_dir"]) / "checkpoints",
-                    link.step, link.checkpoint, resume_from=resume, aux_loss_coef=aux,
-                    state={"run": spec["run_id"]}, n_val=spec.get("val_rows", 0), objective=objective)
+def _fit(model, link, recipe: Recipe, spec: StageSpec, dist: loop.Dist, aux: float, objective=None) -> loop.FitResult:
+    return loop.fit(model, link.rows, spec.rows, recipe.train, dist, spec.run_dir / "checkpoints",
+                    link.step, link.checkpoint, resume_from=spec.resume_from, aux_loss_coef=aux,
+                    state={"run": spec.run_id}, n_val=spec.val_rows, objective=objective)
 
 
-def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: bool) -> dict:
+def _save(res: loop.FitResult, tokenizer, spec: StageSpec, dist: loop.Dist, adapter: bool) -> dict:
     """The final model (or adapter) directory, when the run finished; rank 0 writes it."""
     out = {"status": res.status, "step": res.step, "loss": res.loss, "tokens": res.tokens,
            "seconds": res.seconds, "checkpoint": res.checkpoint, "model_path": None}
@@ -176,8 +165,8 @@ def _save(res: loop.FitResult, tokenizer, spec: dict, dist: loop.Dist, adapter: 
         base = loop.unwrap(model)
         if hasattr(base, "generation_config") and getattr(tokenizer, "chat_template", None):
             _stop_on_turn_end(base, tokenizer)
-        save_model(base, tokenizer, Path(spec["model_dir"]), spec["info"], state_dict=state)
-        out["model_path"] = spec["model_dir"]
+        save_model(base, tokenizer, spec.model_dir, spec.info, state_dict=state)
+        out["model_path"] = str(spec.model_dir)
     out["adapter"] = adapter
     return out
 

@@ -47,17 +47,18 @@ def train_tokenizer(vault, dataset: str | list[str] | tuple[str, ...], vocab_siz
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers  # ~0.1 s
     from transformers import PreTrainedTokenizerFast  # ~1 s; only this command pays it
 
+    from appliance.refs import dataset as dataset_version
     from appliance.vault import lineage
     from appliance.vault.ingest import validate_name
-    from appliance.vault.versions import iter_records, resolve
+    from appliance.vault.versions import iter_records
 
     if vocab_size < MIN_VOCAB:
         raise UsageError(f"--vocab {vocab_size} is too small", f"use at least {MIN_VOCAB}")
     refs: list[str] = []
     for one in [dataset] if isinstance(dataset, str) else list(dataset):
-        _, ds_name, ds_n = resolve(vault.con, one)
-        if f"{ds_name}@{ds_n}" not in refs:
-            refs.append(f"{ds_name}@{ds_n}")
+        version = dataset_version(vault.con, one)
+        if version not in refs:
+            refs.append(version)
     if not refs:
         raise UsageError("no dataset to train the tokenizer on", "give --dataset NAME@N (repeatable)")
     ref = ",".join(refs)

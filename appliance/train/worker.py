@@ -19,25 +19,28 @@ def main() -> int:
         return 2
     loop.set_threads()
     link = launch.SocketLink(path, ticket)
-    dist = loop.Dist.from_env()
     from appliance.errors import ApplianceError
 
+    # torchrun's own numbers until the process group is up: a rank that fails to join it still reports why
+    rank, local_rank, dist = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), None
     try:
         try:
-            result = STAGES[link.spec["stage"]](link.spec, link, dist)
+            dist = loop.Dist.from_env()
+            rank, local_rank = dist.rank, dist.local_rank
+            result = STAGES[link.spec.stage](link.spec, link, dist)
         except ApplianceError as e:  # NaN, out of memory: the launcher shows the message and keeps the run
             result = {"status": "failed", "error": e.message, "hint": e.hint}
         except Exception as e:  # anything else, on any rank: one line to the launcher, not a lost traceback
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-            result = {"status": "failed", "error": f"rank {dist.rank}: {type(e).__name__}: {first}"[:500],
+            result = {"status": "failed", "error": f"rank {rank}: {type(e).__name__}: {first}"[:500],
                       "hint": "fix the cause, then continue with --resume"}
-        if dist.local_rank == 0 or result["status"] == "failed":
-            link.result(dist.rank, result)
+        if local_rank == 0 or result["status"] == "failed":
+            link.result(rank, result)
         if result["status"] == "failed":
             return 1
     finally:
         link.close()
-        if dist.world > 1:
+        if dist is not None and dist.world > 1:
             import torch.distributed
 
             torch.distributed.destroy_process_group()

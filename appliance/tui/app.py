@@ -8,8 +8,8 @@ from functools import partial
 from textual.app import App
 from textual.command import DiscoveryHit, Hit, Hits, Provider
 
+from appliance import api
 from appliance.errors import ApplianceError, VaultBusy, one_line
-from appliance.home import Home
 from appliance.tui import actions
 from appliance.tui.audit_screen import AuditScreen
 from appliance.tui.bundles_screen import BundlesScreen
@@ -18,7 +18,6 @@ from appliance.tui.models_screen import ModelsScreen
 from appliance.tui.train_screen import TrainScreen
 from appliance.tui.unlock import UnlockScreen
 from appliance.tui.vault_screen import VaultScreen
-from bundles.errors import BundleError
 
 
 class ActionCommands(Provider):
@@ -59,8 +58,11 @@ class ApplianceApp(App):
     BINDINGS = actions.bindings(None)
     COMMANDS = App.COMMANDS | {ActionCommands}
     COMMAND_PALETTE_BINDING = "ctrl+p"
+    # `{action id: key}` from a keys.toml (None: the default file, if any); a bad file is a UsageError. The
+    # command line checks `--keys` with it before the console starts.
+    load_keymap = staticmethod(actions.load_keymap)
 
-    def __init__(self, home: Home, keymap: dict[str, str] | None = None):
+    def __init__(self, home, keymap: dict[str, str] | None = None):  # home: `api.home(path)`
         super().__init__()
         self.home = home
         self.vault = None
@@ -84,9 +86,8 @@ class ApplianceApp(App):
         self.recover_jobs()
 
     def recover_jobs(self) -> None:
-        from appliance.jobs.dispatch import dispatch
-
-        self.run_worker(lambda: self.with_vault(dispatch, write=True), thread=True, group="jobs")
+        # listing the jobs with write access first recovers orphans and starts what fits, as `jobs list` does
+        self.run_worker(lambda: self.with_vault(api.jobs_list, write=True), thread=True, group="jobs")
 
     # --- the vault, from worker threads -----------------------------------------------------------
     def with_vault(self, fn, write: bool = False, wait: float = 10.0, quiet: bool = False):
@@ -102,7 +103,7 @@ class ApplianceApp(App):
         except VaultBusy as e:
             if not quiet:
                 self.call_from_thread(self.report, e)
-        except (ApplianceError, BundleError) as e:
+        except ApplianceError as e:
             self.call_from_thread(self.report, e)
         except OSError as e:  # a file that vanished, a full disk: one line, the console stays up
             self.call_from_thread(self.report, ApplianceError(f"{e.strerror or e}: {e.filename or ''}".rstrip(": "),
@@ -111,7 +112,7 @@ class ApplianceApp(App):
             self._vault_lock.release()
         return None
 
-    def report(self, e: ApplianceError | BundleError) -> None:
+    def report(self, e: ApplianceError) -> None:
         """The same line the CLI prints, as a notification."""
         self.last_error = one_line(e.message, e.hint, getattr(e, "exit_code", 1))
         self.notify(self.last_error, severity="error", markup=False, timeout=8)

@@ -8,6 +8,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.pages import Page
 
@@ -25,9 +26,7 @@ class AuditScreen(Page):
         self.query_one("#audit-log", DataTable).add_columns("seq", "time", "actor", "action", "ids", "details")
 
     def load(self, vault) -> list[dict]:
-        from appliance.vault import audit
-
-        return audit.entries(vault.con, 500)[::-1]
+        return api.audit_log(vault, 500)["entries"][::-1]  # newest first
 
     def show(self, rows: list[dict]) -> None:
         t = self.query_one("#audit-log", DataTable)
@@ -42,14 +41,12 @@ class AuditScreen(Page):
 
     @work(thread=True, exclusive=True, group="verify")
     def _verify(self) -> None:
-        from appliance.vault import audit
-
-        rep = self.app.with_vault(lambda v: audit.verify(v.con, v.secrets.audit_key))
+        rep = self.app.with_vault(api.audit_verify)
         if rep is None:
             return
-        text = (f"ok: {rep.entries} entries, the chain is intact" if rep.ok else
-                f"FAILED: {len(rep.problems)} problem(s)\n" + "\n".join(f"  {p}" for p in rep.problems[:20]))
+        text = (f"ok: {rep['entries']} entries, the chain is intact" if rep["ok"] else
+                f"FAILED: {len(rep['problems'])} problem(s)\n" + "\n".join(f"  {p}" for p in rep["problems"][:20]))
         self.app.call_from_thread(self.set_text, "#verify-result", text)
-        if not rep.ok:
+        if not rep["ok"]:
             self.app.call_from_thread(self.notify, "error: audit log verification failed; the log was altered "
                                                    "outside the appliance", severity="error")

@@ -9,6 +9,7 @@ from textual import work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.forms import ConfirmDialog, Field, FormDialog
 from appliance.tui.models_screen import export_dialog
@@ -44,13 +45,8 @@ class BundlesScreen(Page):
         self.query_one("#bundles", DataTable).add_columns("way", "name", "version", "id", "kind", "when")
 
     def load(self, vault) -> dict:
-        from appliance.exchange import list_keys, trust_list
-
-        con = vault.con
-        sent = con.execute("SELECT 'out', name, version, id, kind, created FROM bundles_out").fetchall()
-        got = con.execute("SELECT 'in', name, version, id, kind, created FROM bundles_in").fetchall()
-        rows = sorted(sent + got, key=lambda r: r[5], reverse=True)
-        return {"keys": list_keys(vault.home), "trust": trust_list(vault.home), "bundles": rows}
+        return {"keys": api.keys_list(vault)["keys"], "trust": api.trust_list(vault)["trusted"],
+                "bundles": api.bundle_history(vault)["bundles"]}  # newest first
 
     def show(self, data: dict) -> None:
         keys, trust, bundles = (self.query_one(f"#{i}", DataTable) for i in ("keys", "trust", "bundles"))
@@ -60,8 +56,8 @@ class BundlesScreen(Page):
             keys.add_row(k["name"], k["key_id"][:24])
         for t in data["trust"]:
             trust.add_row(t["name"], t["key_id"][:24], ", ".join(t["kinds"]))
-        for way, name, version, node, kind, when in data["bundles"]:
-            bundles.add_row(way, name, str(version), node, kind, fmt.when(when.isoformat()))
+        for b in data["bundles"]:
+            bundles.add_row(b["way"], b["name"], str(b["version"]), b["id"], b["kind"], fmt.when(b["created"]))
 
     # --- actions --------------------------------------------------------------------------------
     def action_export(self) -> None:
@@ -85,16 +81,13 @@ class BundlesScreen(Page):
 
     @work(thread=True, group="keys")
     def _create_key(self, name: str, passphrase: str) -> None:
-        from appliance.exchange import generate_key
-        from bundles.keys import using_passphrase
-
         def go(v):
-            with using_passphrase(passphrase):
-                return generate_key(v, name)
+            with api.using_key_passphrase(passphrase):
+                return api.keys_generate(v, name)
 
         pub = self.app.with_vault(go, write=True)
         if pub:
-            self.app.call_from_thread(self.notify, f"key {name} created ({pub.key_id[:16]})")
+            self.app.call_from_thread(self.notify, f"key {name} created ({pub['key_id'][:16]})")
             self.app.call_from_thread(self.action_refresh)
 
     def action_import_bundle(self) -> None:
@@ -105,12 +98,9 @@ class BundlesScreen(Page):
 
     @work(thread=True, group="import")
     def _verify(self, path: Path, passphrase: str) -> None:
-        from appliance.exchange import verify_bundle
-        from bundles.keys import using_passphrase
-
         def go(v):
-            with using_passphrase(passphrase):
-                return verify_bundle(v, path)
+            with api.using_key_passphrase(passphrase):
+                return api.bundle_verify(v, path)
 
         report = self.app.with_vault(go, wait=30)
         if report:
@@ -120,12 +110,9 @@ class BundlesScreen(Page):
 
     @work(thread=True, group="import")
     def _import(self, path: Path, passphrase: str) -> None:
-        from appliance.exchange import import_bundle
-        from bundles.keys import using_passphrase
-
         def go(v):
-            with using_passphrase(passphrase):
-                return import_bundle(v, path)
+            with api.using_key_passphrase(passphrase):
+                return api.bundle_import(v, path)
 
         r = self.app.with_vault(go, write=True, wait=30)
         if r:

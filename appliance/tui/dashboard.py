@@ -5,20 +5,9 @@ from __future__ import annotations
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
 
+from appliance import api
 from appliance.tui import fmt
 from appliance.tui.pages import Page
-
-
-def summary(vault) -> dict:
-    from appliance.vault.versions import totals
-
-    con = vault.con
-    one = lambda sql: con.execute(sql).fetchone()[0]  # noqa: E731
-    return {"size": vault.home.database.stat().st_size,
-            **totals(con),  # datasets, versions, records (summed over the versions), distinct_records
-            "models": one("SELECT count(*) FROM lineage_nodes WHERE kind IN ('model', 'adapter')"),
-            "ggufs": one("SELECT count(*) FROM lineage_nodes WHERE kind = 'gguf'"),
-            "evals": one("SELECT count(*) FROM eval_runs")}
 
 
 class DashboardScreen(Page):
@@ -38,16 +27,11 @@ class DashboardScreen(Page):
         self.query_one("#audit", DataTable).add_columns("seq", "time", "actor", "action", "ids")
 
     def load(self, vault) -> dict:
-        from appliance.jobs import queue
-        from appliance.vault import audit
+        return api.overview(vault)  # counts as the CLI counts them; running, queued and the last ended jobs
 
-        jobs = queue.listing(vault.con, ("running", "queued")) + queue.listing(vault.con, queue.FINAL, limit=3)
-        return {"summary": summary(vault), "jobs": jobs, "audit": audit.entries(vault.con, 6)[::-1]}
-
-    def show(self, data: dict) -> None:
-        s = data["summary"]
-        running = sum(j.status == "running" for j in data["jobs"])
-        queued = sum(j.status == "queued" for j in data["jobs"])
+    def show(self, s: dict) -> None:
+        running = sum(j["status"] == "running" for j in s["jobs"])
+        queued = sum(j["status"] == "queued" for j in s["jobs"])
         self.query_one("#summary", Static).update(
             f"vault {fmt.disk(s['size'])}   datasets {s['datasets']} ({s['versions']} versions, "
             f"{s['records']} records summed over them)\n"
@@ -55,9 +39,10 @@ class DashboardScreen(Page):
             f"jobs: {running} running, {queued} queued")
         jobs = self.query_one("#jobs", DataTable)
         jobs.clear()
-        for j in data["jobs"]:
-            jobs.add_row(j.id, j.status, j.describe(), str(j.gpus or "cpu"), j.ref or "")
+        for j in s["jobs"]:
+            jobs.add_row(j["id"], j["status"], api.jobs_describe(j["kind"], j["spec"]), str(j["gpus"] or "cpu"),
+                         j["ref"] or "")
         log = self.query_one("#audit", DataTable)
         log.clear()
-        for e in data["audit"]:
+        for e in s["audit"]:
             log.add_row(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:40])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from appliance.output import human_bytes
+from appliance.api.format import human_bytes
 
 
 def when(ts: str | None) -> str:

@@ -11,25 +11,30 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, Vertical
 from textual.widgets import DataTable, Static, Tree
 
+from appliance import api
 from appliance.tui import actions
 from appliance.tui.forms import Field, FormDialog
 from appliance.tui.pages import Page
 
 
-def model_rows(con) -> list[dict]:
-    from appliance.quantize.stage import exported
-    from appliance.train.run import models
-
+def model_rows(vault) -> list[dict]:
     rows = [{"id": m["id"], "kind": m["kind"], "made": f"{m['stage'] or 'import'}/{m['method'] or '-'}"}
-            for m in models(con)]
+            for m in api.train_models(vault)["models"]]
     return rows + [{"id": g["id"], "kind": "gguf", "made": f"{g['type']}{' flagged' if g['flagged'] else ''}"}
-                   for g in exported(con)]
+                   for g in api.quantize_list(vault)["gguf"]]
 
 
-def evals_of(con, node_id: str) -> list[dict]:
-    from appliance.eval.run import runs
+def evals_of(vault, node_id: str) -> list[dict]:
+    return [r for r in api.eval_runs(vault)["runs"] if r.get("model") == node_id]
 
-    return [r for r in runs(con) if r.get("model") == node_id]
+
+def sent(vault) -> dict[str, list[dict]]:
+    """Bundles exported, oldest first, by the lineage id they carry."""
+    out: dict[str, list[dict]] = {}
+    for b in reversed(api.bundle_history(vault)["bundles"]):
+        if b["way"] == "out":
+            out.setdefault(b["id"], []).append(b)
+    return out
 
 
 class ModelsScreen(Page):
@@ -53,7 +58,7 @@ class ModelsScreen(Page):
         self.query_one("#models", DataTable).add_columns("id", "kind", "made by")
 
     def load(self, vault) -> list[dict]:
-        return model_rows(vault.con)
+        return model_rows(vault)
 
     def show(self, rows: list[dict]) -> None:
         t = self.query_one("#models", DataTable)
@@ -78,11 +83,9 @@ class ModelsScreen(Page):
 
     @work(thread=True, exclusive=True, group="detail")
     def _load_detail(self, node_id: str) -> None:
-        from appliance.exchange import sent
-        from appliance.vault import lineage
-
-        got = self.app.with_vault(lambda v: (lineage.tree(v.con, node_id), lineage.descendants(v.con, node_id),
-                                             evals_of(v.con, node_id), sent(v.con)), quiet=True)
+        got = self.app.with_vault(lambda v: (api.lineage(v, node_id)["lineage"],
+                                             api.lineage_descendants(v, node_id)["made"],
+                                             evals_of(v, node_id), sent(v)), quiet=True)
         if got:
             self.app.call_from_thread(self._show_detail, *got)
 
@@ -123,36 +126,26 @@ class ModelsScreen(Page):
 
     # --- actions --------------------------------------------------------------------------------
     def action_quantize(self) -> None:
-        from appliance.quantize.types import TYPES
-
         if model := self._need():
             self.app.push_screen(FormDialog(f"Quantize {model}", [
-                Field("type", "Type", "choice", list(TYPES), "q4_k_m"),
+                Field("type", "Type", "choice", api.quantize_types(), "q4_k_m"),
                 Field("imatrix", "Importance matrix data (DATASET@N, optional)")], ok="Queue"),
-                lambda f: f and self._job("quantize", {"model": model, "type": f["type"],
-                                                       "imatrix": f["imatrix"] or None}))
+                lambda f: f and self._job("quantize", lambda v: api.jobs_quantize(v, model, f["type"],
+                                                                                   f["imatrix"] or None)))
 
     def action_evaluate(self) -> None:
-        from appliance.eval.suite import SUITES_DIR
-
         if model := self._need():
-            suites = sorted(p.stem for p in SUITES_DIR.glob("*.toml"))
+            suites = sorted(Path(s["path"]).stem for s in api.eval_suites()["suites"])
             self.app.push_screen(FormDialog(f"Evaluate {model}", [
                 Field("suite", "Suite: a shipped name, a TOML file, or DATASET@N", value=suites[0] if suites else "")],
-                ok="Queue"), lambda f: f and self._job("eval", {"suite": f["suite"], "model": model}))
+                ok="Queue"), lambda f: f and self._job("eval", lambda v: api.jobs_eval(v, f["suite"], model)))
 
     @work(thread=True, group="submit")
-    def _job(self, kind: str, spec: dict) -> None:
-        from appliance.jobs import queue
-        from appliance.jobs.dispatch import dispatch
-
-        def go(v):
-            job = queue.submit(v, kind, spec)
-            return job.id, job.id in dispatch(v)
-
-        got = self.app.with_vault(go, write=True)
-        if got:
-            self.app.call_from_thread(self.notify, f"{got[0]} {'started' if got[1] else 'queued'}: {kind}; "
+    def _job(self, kind: str, submit) -> None:
+        job = self.app.with_vault(submit, write=True)
+        if job:
+            started = job["status"] != "queued"
+            self.app.call_from_thread(self.notify, f"{job['id']} {'started' if started else 'queued'}: {kind}; "
                                                    "see the Dashboard")
 
     def action_export(self) -> None:
@@ -166,10 +159,8 @@ SIGNED_ONLY = "(nobody: signed only)"
 def export_dialog(page, ref: str = "") -> None:
     """Ask what to bundle, the signing key, whom to encrypt to (a trusted site, and/or public key files) and
     where to write."""
-    from appliance.exchange import list_keys, trust_list
-
-    keys = [k["name"] for k in list_keys(page.app.home)]
-    sites = [SIGNED_ONLY, *(t["name"] for t in trust_list(page.app.home))]
+    keys = [k["name"] for k in api.keys_list_at(page.app.home)["keys"]]
+    sites = [SIGNED_ONLY, *(t["name"] for t in api.trust_list_at(page.app.home)["trusted"])]
     if not keys:
         page.notify("no signing key yet: create one on the Bundles screen (n)", severity="warning")
         return
@@ -185,16 +176,13 @@ def export_dialog(page, ref: str = "") -> None:
 
 @work(thread=True, group="export")
 def _export(page, form: dict) -> None:
-    from appliance.exchange import export_bundle, trusted_key
-    from bundles.keys import using_passphrase
-
     recipients: list = [Path(n.strip()).expanduser() for n in form["recipients"].split(",") if n.strip()]
+    sites = [form["to"]] if form["to"] not in ("", SIGNED_ONLY) else []
 
     def go(v):
-        site = [trusted_key(v.home, form["to"])] if form["to"] not in ("", SIGNED_ONLY) else []
-        with using_passphrase(form["passphrase"]):
-            return export_bundle(v, form["ref"], form["key"], site + recipients,
-                                 Path(form["out"]).expanduser().absolute())
+        with api.using_key_passphrase(form["passphrase"]):
+            return api.bundle_export(v, form["ref"], form["key"], Path(form["out"]).expanduser().absolute(),
+                                     recipients, to_sites=sites)
 
     res = page.app.with_vault(go, write=True, wait=30)
     if res:

@@ -1,6 +1,6 @@
 """Train: pick data, recipe and method, launch a job; watch its loss curve, tokens/s and ETA; stop, resume.
 
-Runs are jobs (appliance.jobs): they go on when the console closes and are listed here when it reopens. Runs
+Runs are jobs (`api.jobs_submit`): they go on when the console closes and are listed here when it reopens. Runs
 started from the CLI (or the API) are listed too, after the jobs, with their loss curves.
 """
 
@@ -11,6 +11,8 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.widgets import DataTable, Input, Select, Static
 
+from appliance import api
+from appliance.errors import VaultError
 from appliance.tui import actions, fmt
 from appliance.tui.pages import Page
 from appliance.tui.plot import LinePlot
@@ -30,11 +32,12 @@ def launch_spec(recipe: str, dataset: str | None, method: str, steps: str) -> di
     return {"recipe": recipe, "overrides": overrides}
 
 
-def run_progress(con, run: dict, running: bool) -> dict:
+def run_progress(vault, run: dict, running: bool) -> dict:
     """The live numbers of a run (as `api.train_runs` lists it): losses, step of max, tokens/s and an ETA."""
-    from appliance.train.run import metrics
-
-    m = metrics(con, run["id"])
+    try:
+        m = api.train_metrics(vault, run["id"])["metrics"]
+    except VaultError:  # no step recorded yet
+        m = []
     step, max_steps = run["step"], run["max_steps"]
     recent = [x["tokens_per_s"] for x in m[-10:]]
     tps = sum(recent) / len(recent) if recent else None
@@ -46,11 +49,12 @@ def run_progress(con, run: dict, running: bool) -> dict:
             "val_loss": vals[-1] if vals else None}
 
 
-def listing(jobs: list, runs: list[dict]) -> list[dict]:
-    """One row per training job, then one per run started elsewhere (the CLI, the API), newest first."""
-    rows = [{"key": j.id, "job": j.id, "status": j.status, "what": j.describe(), "run": j.ref,
-             "running": j.status == "running"} for j in jobs]
-    by_jobs = {j.ref for j in jobs if j.ref}
+def listing(jobs: list[dict], runs: list[dict]) -> list[dict]:
+    """One row per training job (as `api.jobs_list` lists it), then one per run started elsewhere (the CLI,
+    the API), newest first."""
+    rows = [{"key": j["id"], "job": j["id"], "status": j["status"], "what": api.jobs_describe(j["kind"], j["spec"]),
+             "run": j["ref"], "running": j["status"] == "running"} for j in jobs]
+    by_jobs = {j["ref"] for j in jobs if j["ref"]}
     rows += [{"key": r["id"], "job": "cli", "status": r["status"], "what": f"{r['stage']}/{r['method']}",
               "run": r["id"], "running": r["status"] == "running"}
              for r in reversed(runs) if r["id"] not in by_jobs][:50]
@@ -84,19 +88,17 @@ class TrainScreen(Page):
         self.query_one("#train-jobs", DataTable).add_columns("job", "status", "what", "run", "step", "loss")
 
     def load(self, vault) -> dict:
-        from appliance import api
-        from appliance.jobs import queue
-        from appliance.train.config import shipped
-
-        jobs = [j for j in queue.listing(vault.con, limit=50) if j.kind == "train"]
+        everyone = api.jobs_list(vault, all=True, dispatch=False)["jobs"][:50]  # newest first
+        jobs = [j for j in everyone if j["kind"] == "train"]
         runs = api.train_runs(vault)["runs"]  # every run, jobs' and the CLI's alike
         rows = listing(jobs, runs)
         chosen = next((x for x in rows if x["key"] == self.selected), rows[0] if rows else None)
         by_id = {r["id"]: r for r in runs}
-        live = {x["key"]: run_progress(vault.con, by_id[x["run"]], x["running"])
+        live = {x["key"]: run_progress(vault, by_id[x["run"]], x["running"])
                 for x in rows[:10] + ([chosen] if chosen else []) if x["run"] in by_id}
         return {"jobs": jobs, "rows": rows, "live": live, "chosen": chosen["key"] if chosen else None,
-                "datasets": [d["name"] for d in api.vault_datasets(vault)["datasets"]], "recipes": list(shipped())}
+                "datasets": [d["name"] for d in api.vault_datasets(vault)["datasets"]],
+                "recipes": [] if self.options_loaded else [r["name"] for r in api.train_recipes()["recipes"]]}
 
     def show(self, data: dict) -> None:
         if not self.options_loaded:
@@ -156,18 +158,11 @@ class TrainScreen(Page):
 
     @work(thread=True, group="submit")
     def _submit(self, spec: dict, gpus: int) -> None:
-        from appliance.jobs import queue
-        from appliance.jobs.dispatch import dispatch
-
-        def go(v):
-            job = queue.submit(v, "train", spec, gpus)
-            started = dispatch(v)
-            return job.id, job.id in started
-
-        got = self.app.with_vault(go, write=True)
-        if got:
-            self.selected = got[0]
-            self.app.call_from_thread(self.notify, f"{got[0]} {'started' if got[1] else 'queued'}")
+        job = self.app.with_vault(lambda v: api.jobs_submit(v, spec["recipe"], spec["overrides"], gpus), write=True)
+        if job:
+            self.selected = job["id"]
+            started = job["status"] != "queued"
+            self.app.call_from_thread(self.notify, f"{job['id']} {'started' if started else 'queued'}")
             self.app.call_from_thread(self.action_refresh)
 
     def action_stop(self) -> None:
@@ -180,19 +175,10 @@ class TrainScreen(Page):
 
     @work(thread=True, group="submit")
     def _job_op(self, op: str, job_id: str) -> None:
-        from appliance.jobs import queue
-        from appliance.jobs.dispatch import dispatch
-
-        def go(v):
-            if op == "cancel":
-                return queue.cancel(v, job_id)
-            job = queue.resubmit(v, job_id)
-            dispatch(v)
-            return job
-
-        job = self.app.with_vault(go, write=True)
+        job = self.app.with_vault(lambda v: (api.jobs_cancel if op == "cancel" else api.jobs_resume)(v, job_id),
+                                  write=True)
         if job:
-            self.selected = job.id
-            what = {"cancel": "asked to stop" if job.status == "running" else job.status}.get(op, "resumes as")
-            self.app.call_from_thread(self.notify, f"{job_id} {what}" + (f" {job.id}" if op == "resume" else ""))
+            self.selected = job["id"]
+            what = {"cancel": "asked to stop" if job["status"] == "running" else job["status"]}.get(op, "resumes as")
+            self.app.call_from_thread(self.notify, f"{job_id} {what}" + (f" {job['id']}" if op == "resume" else ""))
             self.app.call_from_thread(self.action_refresh)

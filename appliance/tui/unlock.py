@@ -8,6 +8,7 @@ from textual.containers import Center, Vertical
 from textual.screen import Screen
 from textual.widgets import Footer, Header, Input, Label, Static
 
+from appliance import api
 from appliance.errors import ApplianceError, one_line
 from appliance.tui import fmt
 
@@ -40,10 +41,8 @@ class UnlockScreen(Screen):
 
     @work(thread=True, exclusive=True)
     def _unlock(self, passphrase: str) -> None:
-        from appliance.vault import Vault
-
         try:
-            vault = Vault.open(self.home, passphrase)
+            vault = api.open(self.home.root, passphrase)
             vault.close()  # attached only while reading or writing; see Vault.session
         except ApplianceError as e:
             self.app.call_from_thread(self._failed, one_line(e.message, e.hint))

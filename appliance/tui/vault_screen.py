@@ -9,10 +9,10 @@ from textual.app import ComposeResult
 from textual.containers import Horizontal, VerticalScroll
 from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent, TabPane
 
+from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.forms import Field, FormDialog
 from appliance.tui.pages import Page
-from appliance.vault.versions import origin
 
 
 def report_text(info: dict) -> str:
@@ -65,9 +65,7 @@ class VaultScreen(Page):
 
     # --- datasets and versions ------------------------------------------------------------------
     def load(self, vault) -> list[dict]:
-        from appliance.vault.versions import all_versions
-
-        return all_versions(vault.con)
+        return api.vault_versions(vault)["versions"]
 
     def show(self, rows: list[dict]) -> None:
         t = self.query_one("#versions", DataTable)
@@ -84,9 +82,8 @@ class VaultScreen(Page):
 
     @work(thread=True, exclusive=True, group="version")
     def _load_version(self, ref: str) -> None:
-        from appliance.vault.versions import records_page, show
-
-        got = self.app.with_vault(lambda v: (show(v.con, ref), records_page(v.con, ref)))
+        got = self.app.with_vault(lambda v: (api.vault_show(v, ref),
+                                             api.vault_records(v, ref, limit=200, text=False)["records"]))
         if got:
             self.app.call_from_thread(self._show_version, *got)
 
@@ -95,7 +92,8 @@ class VaultScreen(Page):
         t = self.query_one("#records", DataTable)
         t.clear()
         for r in records:
-            t.add_row(str(r["ord"]), r["kind"], r["split"], origin(r)[-40:], str(r["bytes"]), key=str(r["ord"]))
+            t.add_row(str(r["ord"]), r["kind"], r["split"], api.record_origin(r)[-40:], str(r["bytes"]),
+                      key=str(r["ord"]))
 
     # --- records --------------------------------------------------------------------------------
     @on(DataTable.RowSelected, "#records")
@@ -113,11 +111,9 @@ class VaultScreen(Page):
 
     @work(thread=True, exclusive=True, group="preview")
     def _preview(self, ref: str, ord_: int) -> None:
-        from appliance.vault.versions import record
-
-        rec = self.app.with_vault(lambda v: record(v.con, ref, ord_))
+        rec = self.app.with_vault(lambda v: api.vault_record(v, f"{ref}#{ord_}"))
         if rec:
-            head = f"{rec['version']} #{rec['ord']}  {rec['kind']}  {origin(rec)}\n\n"
+            head = f"{rec['version']} #{rec['ord']}  {rec['kind']}  {api.record_origin(rec)}\n\n"
             self.app.call_from_thread(self.set_text, "#preview", head + rec["text"][:8000])
 
     # --- SQL ------------------------------------------------------------------------------------
@@ -132,9 +128,7 @@ class VaultScreen(Page):
 
     @work(thread=True, exclusive=True, group="sql")
     def _sql(self, text: str) -> None:
-        from appliance.vault.versions import query
-
-        res = self.app.with_vault(lambda v: query(v, text, 200), write=True)  # audited, then read-only
+        res = self.app.with_vault(lambda v: api.vault_sql(v, text, 200), write=True)  # audited, then read-only
         if res:
             self.app.call_from_thread(self._show_sql, res)
 
@@ -173,8 +167,6 @@ class VaultScreen(Page):
 
     @work(thread=True, exclusive=True, group="ingest")
     def _ingest(self, bar: ProgressBar, path: Path, dataset: str, pii: str) -> None:
-        from appliance.vault.ingest import ingest, validate_name
-
         def on_plan(_n: int, total: int) -> None:
             self.app.call_from_thread(bar.update, total=total, progress=0)
 
@@ -182,17 +174,16 @@ class VaultScreen(Page):
             self.app.call_from_thread(bar.advance, n)
 
         def work_(v):
-            validate_name(dataset)
-            return ingest(v, [path], dataset, pii, progress=on_item, on_plan=on_plan)
+            return api.vault_ingest(v, [path], dataset, pii, progress=on_item, on_plan=on_plan)
 
         res = self.app.with_vault(work_, write=True, wait=30)
         if res is None:
             self.app.call_from_thread(self.set_text, "#ingest-status", f"nothing landed: {self.app.last_error}")
             return
-        text = (f"{res.version}: {res.records} records ({res.new_records} new), {fmt.size(res.bytes)}, "
-                f"{res.duplicates} duplicates removed, {res.files} files"
-                + "".join(f"\nskipped {p}: {r}" for p, r in res.skipped)
-                + "".join(f"\nfailed {p}: {r}" for p, r in res.failed))
+        text = (f"{res['version']}: {res['records']} records ({res['new_records']} new), {fmt.size(res['bytes'])}, "
+                f"{res['duplicates']} duplicates removed, {res['files']} files"
+                + "".join(f"\nskipped {s['path']}: {s['reason']}" for s in res["skipped"])
+                + "".join(f"\nfailed {s['path']}: {s['reason']}" for s in res["failed"]))
         self.app.call_from_thread(self.set_text, "#ingest-status", text)
-        self.app.call_from_thread(self.notify, f"{res.version} landed")
+        self.app.call_from_thread(self.notify, f"{res['version']} landed")
         self.app.call_from_thread(self.action_refresh)

@@ -7,6 +7,7 @@ is one of the vault secrets, so forging a chain needs the passphrase, not just t
 
 from __future__ import annotations
 
+import contextvars
 import getpass
 import hashlib
 import hmac
@@ -18,8 +19,20 @@ from datetime import UTC, datetime
 GENESIS = "0" * 64
 
 
+# An agent's call in progress, in this thread only: it names the actor without touching the vault handle,
+# which other threads (the operator's, the console's) may be using at the same moment.
+ACTING: contextvars.ContextVar[str | None] = contextvars.ContextVar("appliance_acting", default=None)
+
+
+def actor_of(vault) -> str:
+    """Who acts through `vault` here: an agent call in this thread, else the handle's own actor, else the
+    process's (`current_actor`)."""
+    return ACTING.get() or getattr(vault, "actor", None) or current_actor()
+
+
 def current_actor() -> str:
-    """Who is acting: `APPLIANCE_ACTOR` (agents set it), else the OS user."""
+    """Who this process acts as: `APPLIANCE_ACTOR` (the operator's setting; a job runner's is set by its
+    dispatcher), else the OS user. A vault handle opened for someone else carries its own (`Vault.actor`)."""
     if actor := os.environ.get("APPLIANCE_ACTOR"):
         return actor
     try:

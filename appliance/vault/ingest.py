@@ -1,36 +1,37 @@
 """Ingest: files -> records -> PII scrubbing -> content-addressed blobs -> a new immutable dataset version.
 
-Records stream through in bounded batches. The version row stays 'pending' until the final transaction
-gives it its number, so a killed ingest leaves nothing visible; the next open discards its leftovers.
+Records stream through in bounded batches into a `VersionBuilder` (appliance/vault/builder.py), which
+keeps the version 'pending' until the final transaction gives it its number: an error discards it at once,
+and a killed ingest leaves nothing visible (the next open discards its leftovers).
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import multiprocessing
 import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import pyarrow as pa
-
-from appliance.db_time import utcnow
 from appliance.errors import IngestError, UsageError
-from appliance.vault import lineage
+from appliance.vault.builder import (
+    RecordWriter,  # noqa: F401  (benchmarks/vault_ingest.py times it here)
+    VersionBuilder,
+    latest,
+)
 from appliance.vault.db import cursor
 from appliance.vault.pii import MODES, Scrubber
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
-from appliance.vault.readers.tables import ingest_table, table_columns, table_name
+from appliance.vault.readers.tables import ingest_table
 from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
-BATCH_BYTES = 8 << 20
 SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
 SCAN_BATCH_CHARS = 1 << 20  # larger files are read here and their records scrubbed in batches of this size
 POOL_MIN_BYTES = 16 << 20
@@ -88,64 +89,6 @@ def validate_name(name: str, what: str = "dataset") -> str:
     return name
 
 
-def split_of(record_hash: str, fraction: float) -> str:
-    """Deterministic split from the content hash: a record keeps its split in every version."""
-    return "validation" if int(record_hash[:8], 16) < fraction * 0x100000000 else "train"
-
-
-class RecordWriter:
-    """Buffers records and writes them in batches: blobs (dedup by hash) and the version's record list."""
-
-    def __init__(self, con, vid: int, ord_start: int, fraction: float):
-        self.con, self.vid, self.ord, self.fraction = con, vid, ord_start, fraction
-        self.rows: list[tuple] = []
-        self.blobs: dict[str, tuple[str, int]] = {}  # hash -> (text, UTF-8 bytes)
-        self.pending_bytes = 0
-
-    def add(self, rec: Record, text: str, digest: str, nbytes: int) -> None:
-        """`nbytes` is the UTF-8 length of `text`, which the caller already encoded to hash it."""
-        self.rows.append((self.vid, self.ord, digest, rec.kind, rec.source, rec.path, rec.language, rec.title,
-                          json.dumps(rec.meta, default=str) if rec.meta else None,
-                          split_of(digest, self.fraction), nbytes))
-        self.blobs[digest] = (text, nbytes)
-        self.ord += 1
-        self.pending_bytes += nbytes
-        if self.pending_bytes >= BATCH_BYTES:
-            self.flush()
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        texts, sizes = zip(*self.blobs.values())
-        blobs = pa.table({"hash": list(self.blobs), "text": list(texts), "bytes": list(sizes)})
-        cols = list(zip(*self.rows))
-        recs = pa.table({n: pa.array(c, type=t) for n, c, t in zip(_REC_COLS, cols, _REC_TYPES)})
-        self.con.register("_blobs", blobs)
-        self.con.register("_recs", recs)
-        try:
-            self.con.execute("INSERT OR IGNORE INTO blobs SELECT * FROM _blobs")
-            self.con.execute("INSERT INTO version_records SELECT * FROM _recs")
-        finally:
-            self.con.unregister("_blobs")
-            self.con.unregister("_recs")
-        self.rows, self.blobs, self.pending_bytes = [], {}, 0
-
-    def rollback_from(self, ord_start: int) -> None:
-        """Forget a file's records (it failed half way): buffered ones and already written ones."""
-        for r in self.rows:
-            if r[1] >= ord_start:
-                self.blobs.pop(r[2], None)
-        self.rows = [r for r in self.rows if r[1] < ord_start]
-        self.pending_bytes = sum(r[10] for r in self.rows)
-        self.con.execute("DELETE FROM version_records WHERE vid = ? AND ord >= ?", [self.vid, ord_start])
-        self.ord = ord_start
-
-
-_REC_COLS = ("vid", "ord", "hash", "kind", "source", "path", "language", "title", "meta", "split", "bytes")
-_REC_TYPES = (pa.int32(), pa.int64(), pa.string(), pa.string(), pa.string(), pa.string(), pa.string(),
-              pa.string(), pa.string(), pa.string(), pa.int64())
-
-
 def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
            validation_fraction: float = DEFAULT_VALIDATION, replace: bool = False,
            progress: Progress | None = None, on_plan: Callable[[int, int], None] | None = None,
@@ -156,6 +99,15 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
     still land in a deterministic order. Links below `paths` are reported as skipped, not followed, unless
     `follow_links` (an operator's choice, never an agent's); nothing inside the home is read either way.
     """
+    _check_args(paths, dataset, pii_mode, validation_fraction, workers)
+    with _ingest_settings(vault.con):
+        return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
+                       workers or default_workers(), follow_links)
+
+
+def _check_args(paths: list[Path], dataset: str, pii_mode: str, validation_fraction: float,
+                workers: int | None) -> None:
+    """UsageError for a call that cannot ingest anything, before anything is read."""
     if workers is not None and workers < 1:
         raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
     validate_name(dataset)
@@ -165,13 +117,16 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
         raise UsageError("validation fraction must be in [0, 1)", "pass e.g. 0.05")
     if not paths:
         raise UsageError("no paths to ingest", "name one or more files or directories")
-    con = vault.con
+
+
+@contextmanager
+def _ingest_settings(con) -> Iterator[None]:
+    """DuckDB set for a long write (INGEST_SETTINGS) inside the block, as it was after it."""
     saved = {k: con.execute(f"SELECT current_setting('{k}')").fetchone()[0] for k in INGEST_SETTINGS}
     for k, value in INGEST_SETTINGS.items():
         con.execute(f"SET {k} = '{value}'")
     try:
-        return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-                       workers or default_workers(), follow_links)
+        yield
     finally:
         for k, value in saved.items():
             con.execute(f"SET {k} = '{value}'")
@@ -247,46 +202,60 @@ class _ItemState:
     reported: int = 0
 
 
-def _produce(vault, items: list[Item], pipe: _Pipeline, vid: int, mode: str, tables: list[str]) -> Iterator[tuple]:
-    """Walk the items in order and feed the pipeline; yields finished entries in order."""
-    con, key = vault.con, vault.secrets.pseudonym_key
+def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode: str) -> Iterator[tuple]:
+    """Walk the items in order and feed the pipeline; yields finished entries in order.
+
+    Each item becomes entries for `_Landing`: "skip"; or "records" batches then "end" (or "fail"); or, for
+    small files grouped for a worker, one "files" entry with an outcome per file."""
+    key = vault.secrets.pseudonym_key
     scrubber = Scrubber(mode, key)
     group: list[_ItemState] = []  # consecutive small files go to a worker together: fewer round trips
-
-    def send_group():
-        if group:
-            yield from pipe.submit("files", list(group), scan_files, [g.item for g in group], mode, key)
-            group.clear()
-
     for item in items:
         state = _ItemState(item)
         if pipe.pool is not None and item.kind not in ("skip", "table") and item.size <= SMALL_FILE:
             group.append(state)
             if sum(g.item.size for g in group) >= SCAN_BATCH_CHARS or len(group) >= 64:
-                yield from send_group()
+                yield from _send_files(pipe, group, mode, key)
             continue
-        yield from send_group()
+        yield from _send_files(pipe, group, mode, key)
         if item.kind == "skip":
             yield from pipe.put("skip", state)
         elif item.kind == "table":
-            state.target = _unique_table(con, table_name(vid, item.path), tables)
-            tables.append(state.target)
-            try:  # the table is written here, in order; its rows come back already scrubbed
-                for batch in _batches(ingest_table(cursor(con), item.path, state.target, scrubber.scrub_cell,
-                                                   state.counts, item.ident)):
-                    yield from pipe.put("records", state, _Done([(r, {}) for r in batch]))
-                yield from pipe.put("end", state)
-            except ReadError as e:
-                yield from pipe.put("fail", state, _Done((str(e), False)))
-        else:  # large files stream through here; their records are scrubbed in batches
-            try:
-                for batch in _batches(read_item(item)):
-                    yield from pipe.submit("records", state, scrub_records, batch, mode, key)
-                yield from pipe.put("end", state)
-            except (ReadError, Skip) as e:
-                yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
-    yield from send_group()
+            state.target = b.table_name(item.path)
+            yield from _read_table(vault.con, pipe, state, scrubber)
+        else:
+            yield from _read_large(pipe, state, mode, key)
+    yield from _send_files(pipe, group, mode, key)
     yield from pipe.drain()
+
+
+def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes) -> Iterator[tuple]:
+    """The grouped small files to one worker, read and scrubbed whole; empties `group`."""
+    if group:
+        yield from pipe.submit("files", list(group), scan_files, [g.item for g in group], mode, key)
+        group.clear()
+
+
+def _read_table(con, pipe: _Pipeline, state: _ItemState, scrubber: Scrubber) -> Iterator[tuple]:
+    """A table file, written here in order into `state.target`; its rows come back already scrubbed."""
+    item = state.item
+    try:
+        for batch in _batches(ingest_table(cursor(con), item.path, state.target, scrubber.scrub_cell,
+                                           state.counts, item.ident)):
+            yield from pipe.put("records", state, _Done([(r, {}) for r in batch]))
+        yield from pipe.put("end", state)
+    except ReadError as e:
+        yield from pipe.put("fail", state, _Done((str(e), False)))
+
+
+def _read_large(pipe: _Pipeline, state: _ItemState, mode: str, key: bytes) -> Iterator[tuple]:
+    """A large file, streamed through here; its records are scrubbed in batches (on the pool, if any)."""
+    try:
+        for batch in _batches(read_item(state.item)):
+            yield from pipe.submit("records", state, scrub_records, batch, mode, key)
+        yield from pipe.put("end", state)
+    except (ReadError, Skip) as e:
+        yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
 
 
 def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
@@ -303,212 +272,134 @@ def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
 
 def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
             workers, follow_links) -> IngestResult:
-    con = vault.con
     items = list(plan([p.expanduser() for p in paths], follow_links, vault.home.root))
     total = sum(i.size for i in items)
     if on_plan:
         on_plan(len(items), total)
 
-    parent = None if replace else latest(con, dataset)
-    vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
-    con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
-                "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                [vid, dataset, utcnow(), actor(), pii_mode, validation_fraction])
-    seen: set[str] = set()
-    start_ord = 0
-    if parent:
-        con.execute("INSERT INTO version_records SELECT ?, ord, hash, kind, source, path, language, title, meta, "
-                    "split, bytes FROM version_records WHERE vid = ?", [vid, parent[0]])
-        seen = {h for (h,) in con.execute("SELECT hash FROM version_records WHERE vid = ?", [vid]).fetchall()}
-        start_ord = len(seen)
-    writer = RecordWriter(con, vid, start_ord, validation_fraction)
-    res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
-                       parent=f"{dataset}@{parent[1]}" if parent else None)
-    totals: Counter = Counter()
-    sources, pii_rows, table_rows, table_names = [], [], [], []
-    orphans: list[str] = []  # hashes of records from files that failed half way
-    # a pool only pays for its start-up (about a second) on large inputs
-    pipe = _Pipeline(workers if total >= POOL_MIN_BYTES else 1)
-    try:
-        def consume(event: str, state: _ItemState, value) -> None:
-            item, src = state.item, str(state.item.path)
-            if state.file_ord is None:
-                state.file_ord = writer.ord
-            if event == "file":
-                scanned, reason, skipped = value
-                if reason is not None:
-                    event, value = "fail", (reason, skipped)
-                else:
-                    _write(state, scanned, writer, seen, progress)
-                    event = "end"
-            if event == "records":
-                _write(state, value, writer, seen, progress)
-            elif event == "skip":
-                (res.failed if item.explicit else res.skipped).append((src, item.reason or "skipped"))
-                sources.append((vid, src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped",
-                                item.reason))
-                _tick(progress, item)
-            elif event == "fail":
-                reason, skipped = value
-                writer.rollback_from(state.file_ord)
-                seen.difference_update(state.added)
-                orphans.extend(state.added)
-                if state.target:
-                    con.execute(f'DROP TABLE IF EXISTS data."{state.target}"')
-                (res.skipped if skipped else res.failed).append((src, reason))
-                sources.append((vid, src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed",
-                                reason))
-                _tick(progress, item, state.reported)
-            elif event == "end":
-                res.files += 1
-                res.duplicates += state.dups
-                res.new_records += len(state.added)
-                totals.update(state.counts)
-                pii_rows.extend((vid, src, t, n) for t, n in sorted(state.counts.items()))
-                sources.append((vid, src, item.kind, item.size, _file_sha256(item), len(state.added),
-                                state.dups, "ok", None))
-                if state.target:
-                    rows = con.execute(f'SELECT count(*) FROM data."{state.target}"').fetchone()[0]
-                    table_rows.append((vid, state.target, src, rows,
-                                       json.dumps(table_columns(con, state.target))))
-                    res.tables.append(f"data.{state.target}")
-                _tick(progress, item, state.reported)
-
-        for event, state, value in _produce(vault, items, pipe, vid, pii_mode, table_names):
-            if event == "files":
-                for st, result in zip(state, value):
-                    consume("file", st, result)
-            else:
-                consume(event, state, value)
-    finally:
-        pipe.close()
-    writer.flush()
-    if res.files == 0 or (res.new_records == 0 and not parent):
-        discard_version(con, vid)
-        _drop_orphans(con, orphans)
-        why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
-        raise IngestError(f"nothing ingested ({why})", "check the paths and file types")
-    _drop_orphans(con, orphans)
-    insert_rows(con, "version_sources", sources)
-    insert_rows(con, "version_pii", pii_rows)
-    insert_rows(con, "version_tables", table_rows)
-    res.pii = dict(sorted(totals.items()))
-    commit_version(vault, vid, dataset, parent, res, pii_mode)
+    parent = None if replace else latest(vault.con, dataset)
+    with VersionBuilder(vault, dataset, pii_mode=pii_mode, validation_fraction=validation_fraction,
+                        previous=parent) as b:
+        res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
+                           parent=b.previous)
+        totals = _scan_into(vault, b, items, res, pii_mode, progress,
+                            workers if total >= POOL_MIN_BYTES else 1)  # a pool only pays on large inputs
+        if res.files == 0 or (res.new_records == 0 and not parent):
+            why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
+            raise IngestError(f"nothing ingested ({why})", "check the paths and file types")  # the builder discards
+        res.pii = dict(sorted(totals.items()))
+        done = b.commit("vault.ingest", attrs={"files": res.files}, duplicates=res.duplicates,
+                        skipped=len(res.skipped) + len(res.failed),
+                        details={"new_records": res.new_records, "duplicates": res.duplicates, "files": res.files,
+                                 "failed": len(res.failed), "skipped": len(res.skipped)})
+    res.version, res.content_hash, res.records, res.bytes = done.version, done.content_hash, done.records, done.bytes
     return res
 
 
-def _write(state: _ItemState, scanned: Scanned, writer: RecordWriter, seen: set[str], progress) -> None:
-    for rec, counts in scanned:
-        state.reported += _advance(progress, state.item, state.reported, len(rec.text))
-        state.counts.update(counts)
-        data = rec.text.encode("utf-8")
-        digest = hashlib.sha256(data).hexdigest()
-        if digest in seen:
-            state.dups += 1
-            continue
-        seen.add(digest)
-        state.added.append(digest)
-        writer.add(rec, rec.text, digest, len(data))
-
-
-def insert_rows(con, table: str, rows: list[tuple]) -> None:
-    """Insert many rows through Arrow: DuckDB's executemany binds row by row and is ~100x slower."""
-    if not rows:
-        return
-    cols = [c for (c,) in con.execute("SELECT column_name FROM information_schema.columns WHERE table_name = ? "
-                                      "AND table_catalog = current_database() ORDER BY ordinal_position",
-                                      [table]).fetchall()]
-    batch = pa.table({c: list(v) for c, v in zip(cols, zip(*rows))})
-    con.register("_rows", batch)
+def _scan_into(vault, b: VersionBuilder, items: list[Item], res: IngestResult, pii_mode: str, progress,
+               workers: int) -> Counter:
+    """Read, scrub and add every item to the version in order; the PII found, by type."""
+    landing = _Landing(b, res, progress)
+    pipe = _Pipeline(workers)
     try:
-        con.execute(f"INSERT INTO {table} SELECT * FROM _rows")
+        for event, state, value in _produce(vault, items, pipe, b, pii_mode):
+            landing.land(event, state, value)
     finally:
-        con.unregister("_rows")
+        pipe.close()
+    return landing.totals
+
+
+class _Landing:
+    """Puts the pipeline's entries into the version, in order, and keeps the result's counts.
+
+    An item's records land as they come; its last entry says how it ended: "end" (kept), "fail" (its records
+    taken out again: failed, or skipped when the reader skipped it) or "skip" (the walk left it out)."""
+
+    def __init__(self, b: VersionBuilder, res: IngestResult, progress: Progress | None):
+        self.b, self.res, self.progress = b, res, progress
+        self.seen = b.inherited  # every text the version holds: a repeated one counts as a duplicate
+        self.totals: Counter = Counter()
+
+    def land(self, event: str, state, value) -> None:
+        """One entry from `_produce`; for "files", `state` and `value` are lists, one per small file."""
+        if event == "files":
+            for st, (scanned, reason, skipped) in zip(state, value):
+                self.file(st, scanned, reason, skipped)
+            return
+        self._start(state)
+        if event == "records":
+            self.records(state, value)
+        elif event == "skip":
+            self.skip(state)
+        elif event == "fail":
+            self.fail(state, *value)
+        elif event == "end":
+            self.end(state)
+        else:
+            raise ValueError(event)
+
+    def _start(self, state: _ItemState) -> None:
+        if state.file_ord is None:  # where the item's records begin, to take them out if it fails
+            state.file_ord = self.b.next_ord
+
+    def file(self, state: _ItemState, scanned: Scanned, reason: str | None, skipped: bool) -> None:
+        """A small file scanned whole by a worker: all its records and its outcome at once."""
+        self._start(state)
+        if reason is not None:
+            self.fail(state, reason, skipped)
+        else:
+            self.records(state, scanned)
+            self.end(state)
+
+    def records(self, state: _ItemState, scanned: Scanned) -> None:
+        """A batch of an item's scrubbed records; a text the version already holds counts as a duplicate."""
+        for rec, counts in scanned:
+            state.reported += _advance(self.progress, state.item, state.reported, len(rec.text))
+            state.counts.update(counts)
+            data = rec.text.encode("utf-8")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in self.seen:
+                state.dups += 1
+                continue
+            self.seen.add(digest)
+            state.added.append(digest)
+            self.b.add(rec, rec.text, digest, len(data))
+
+    def skip(self, state: _ItemState) -> None:
+        """An item the walk did not read: failed if it was named explicitly, else skipped."""
+        item, src = state.item, str(state.item.path)
+        (self.res.failed if item.explicit else self.res.skipped).append((src, item.reason or "skipped"))
+        self.b.source(src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped", item.reason)
+        _tick(self.progress, item)
+
+    def fail(self, state: _ItemState, reason: str, skipped: bool) -> None:
+        """An item that could not be read to the end: what it added is taken out again."""
+        item, src = state.item, str(state.item.path)
+        self.b.drop_from(state.file_ord, state.added)
+        self.seen.difference_update(state.added)
+        if state.target:
+            self.b.drop_table(state.target)
+        (self.res.skipped if skipped else self.res.failed).append((src, reason))
+        self.b.source(src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed", reason)
+        _tick(self.progress, item, state.reported)
+
+    def end(self, state: _ItemState) -> None:
+        """An item read to the end: counted, with its source entry, PII counts and table."""
+        item, src, res = state.item, str(state.item.path), self.res
+        res.files += 1
+        res.duplicates += state.dups
+        res.new_records += len(state.added)
+        self.totals.update(state.counts)
+        self.b.pii(src, state.counts)
+        self.b.source(src, item.kind, item.size, _file_sha256(item), len(state.added), state.dups, "ok")
+        if state.target:
+            self.b.table(state.target, src)
+            res.tables.append(f"data.{state.target}")
+        _tick(self.progress, item, state.reported)
 
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def commit_version(vault, vid: int, dataset: str, parent: tuple | None, res: IngestResult, pii_mode: str,
-                   parents: list[tuple[str, str]] = (), attrs: dict | None = None, action: str = "vault.ingest"
-                   ) -> None:
-    """Number the pending version `vid`, hash it, and record it in lineage (with `parents` and `attrs` beside
-    the previous version) and in the audit log under `action`."""
-    con = vault.con
-    with vault.transaction():
-        recs, nbytes, chash = con.execute(
-            "SELECT count(*), coalesce(sum(bytes), 0), sha256(coalesce(string_agg(hash, '' ORDER BY ord), '')) "
-            "FROM version_records WHERE vid = ?", [vid]).fetchone()
-        if recs >= 2 and not con.execute(
-                "SELECT 1 FROM version_records WHERE vid = ? AND split = 'validation' LIMIT 1", [vid]).fetchone():
-            # a tiny dataset still needs one held-out record; pick it by hash so it is deterministic
-            con.execute("UPDATE version_records SET split = 'validation' WHERE vid = ? AND hash = "
-                        "(SELECT min(hash) FROM version_records WHERE vid = ?)", [vid, vid])
-        n = con.execute("SELECT coalesce(max(n), 0) + 1 FROM versions WHERE name = ? AND status = 'committed'",
-                        [dataset]).fetchone()[0]
-        version = f"{dataset}@{n}"
-        previous = [res.parent] if res.parent else []
-        con.execute(
-            "UPDATE versions SET n = ?, status = 'committed', committed = ?, content_hash = ?, records = ?, "
-            "bytes = ?, duplicates = ?, skipped = ?, parents = ? WHERE vid = ?",
-            [n, utcnow(), chash, recs, nbytes, res.duplicates, len(res.skipped) + len(res.failed),
-             json.dumps(previous + [p for p, _ in parents]), vid])
-        lineage.add_node(con, version, "dataset", [(p, "previous") for p in previous] + list(parents), chash,
-                         {"records": recs, "bytes": nbytes, "pii_mode": pii_mode, "files": res.files, **(attrs or {})})
-        vault.audit(action, [version, *(p for p, _ in parents)],
-                    {"records": recs, "new_records": res.new_records, "duplicates": res.duplicates,
-                     "files": res.files, "failed": len(res.failed), "skipped": len(res.skipped)})
-    res.version, res.content_hash, res.records, res.bytes = version, chash, recs, nbytes
-
-
-def latest(con, dataset: str) -> tuple[int, int] | None:
-    """(vid, n) of the newest committed version of `dataset`."""
-    return con.execute("SELECT vid, n FROM versions WHERE name = ? AND status = 'committed' ORDER BY n DESC LIMIT 1",
-                       [dataset]).fetchone()
-
-
-def discard_unfinished(vault) -> int:
-    """Remove what killed ingests left behind. Runs on every writable open; returns how many."""
-    con = vault.con
-    vids = [v for (v,) in con.execute("SELECT vid FROM versions WHERE status = 'pending'").fetchall()]
-    if not vids:
-        return 0
-    with vault.transaction():
-        for vid in vids:
-            discard_version(con, vid)
-        con.execute("DELETE FROM blobs WHERE hash NOT IN (SELECT hash FROM version_records)")
-        vault.audit("vault.ingest.discarded", [], {"unfinished": len(vids)})
-    return len(vids)
-
-
-def discard_version(con, vid: int) -> None:
-    for (t,) in con.execute("SELECT table_name FROM information_schema.tables WHERE table_schema = 'data' "
-                            "AND starts_with(table_name, ?)", [f"t{vid}_"]).fetchall():
-        con.execute(f'DROP TABLE IF EXISTS data."{t}"')
-    for table in ("version_records", "version_sources", "version_pii", "version_tables", "versions"):
-        con.execute(f"DELETE FROM {table} WHERE vid = ?", [vid])
-
-
-def _drop_orphans(con, hashes: list[str]) -> None:
-    """Blobs written for a file that then failed, unless another record still uses them."""
-    if hashes:
-        con.register("_orphans", pa.table({"hash": hashes}))
-        try:
-            con.execute("DELETE FROM blobs WHERE hash IN (SELECT hash FROM _orphans) "
-                        "AND hash NOT IN (SELECT hash FROM version_records)")
-        finally:
-            con.unregister("_orphans")
-
-
-def _unique_table(con, target: str, taken: list[str]) -> str:
-    names = set(taken)
-    base, i = target, 2
-    while target in names or con.execute(
-            "SELECT 1 FROM information_schema.tables WHERE table_schema = 'data' AND table_name = ?",
-            [target]).fetchone():
-        target, i = f"{base}_{i}", i + 1
-    return target
 
 
 def _file_sha256(item: Item) -> str | None:
@@ -535,11 +426,3 @@ def _advance(progress: Progress | None, item: Item, reported: int, nchars: int) 
     if progress and step:
         progress(step, str(item.rel or item.path.name))
     return step
-
-
-def actor() -> str:
-    from appliance.vault.audit import current_actor
-    return current_actor()
-
-
-

@@ -1,8 +1,13 @@
-"""The lineage catalog: every dataset version, tokenizer, run, model, eval and bundle is a node with parents."""
+"""The lineage catalog: every dataset version, tokenizer, run, model, eval and bundle is a node with parents.
+
+This module holds every query of `lineage_nodes` and `lineage_edges`; the rest of the appliance asks it.
+"""
 
 from __future__ import annotations
 
 import json
+import re
+from collections.abc import Iterator
 
 from appliance.db_time import iso, utcnow
 from appliance.errors import VaultError
@@ -11,7 +16,7 @@ from appliance.errors import VaultError
 def add_node(con, node_id: str, kind: str, parents: list[tuple[str, str]] | None = None,
              content_hash: str | None = None, attrs: dict | None = None) -> None:
     """Record `node_id`; `parents` are (parent id, role) pairs. Ids are never reused."""
-    if con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [node_id]).fetchone():
+    if exists(con, node_id):
         raise VaultError(f"lineage id {node_id} already exists", "ids are never reused")
     con.execute(
         "INSERT INTO lineage_nodes VALUES (?, ?, ?, ?, ?)",
@@ -31,38 +36,131 @@ def next_id(con, name: str) -> str:
 
 
 def node(con, node_id: str) -> dict:
+    """The node `node_id` (id, kind, created, content_hash, attrs); VaultError if there is none."""
+    found = find(con, node_id)
+    if found is None:
+        raise VaultError(f"no lineage node {node_id}", "list ids with `appliance vault datasets`")
+    return found
+
+
+def find(con, node_id: str) -> dict | None:
+    """The node `node_id` as `node` gives it, or None."""
     row = con.execute(
         "SELECT id, kind, created, content_hash, attrs FROM lineage_nodes WHERE id = ?", [node_id]
     ).fetchone()
     if row is None:
-        raise VaultError(f"no lineage node {node_id}", "list ids with `appliance vault datasets`")
+        return None
     return {"id": row[0], "kind": row[1], "created": iso(row[2]), "content_hash": row[3],
             "attrs": json.loads(row[4] or "{}")}
+
+
+def exists(con, node_id: str) -> bool:
+    return con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [node_id]).fetchone() is not None
+
+
+def kind_of(con, node_id: str) -> str | None:
+    """The kind of node `node_id` (dataset, tokenizer, model, adapter, gguf, eval, ...), or None."""
+    row = con.execute("SELECT kind FROM lineage_nodes WHERE id = ?", [node_id]).fetchone()
+    return row[0] if row else None
+
+
+def nodes(con, kinds: tuple[str, ...], newest_first: bool = False) -> list[dict]:
+    """Every node of `kinds`, oldest (or newest) first: id, kind, created (as stored, a timestamp), attrs."""
+    marks = ",".join("?" * len(kinds))
+    rows = con.execute(f"SELECT id, kind, created, attrs FROM lineage_nodes WHERE kind IN ({marks}) "
+                       f"ORDER BY created{' DESC' if newest_first else ''}, id", list(kinds)).fetchall()
+    return [{"id": i, "kind": k, "created": t, "attrs": json.loads(a or "{}")} for i, k, t, a in rows]
+
+
+def count(con, kinds: tuple[str, ...]) -> int:
+    """How many nodes of `kinds` there are."""
+    marks = ",".join("?" * len(kinds))
+    return con.execute(f"SELECT count(*) FROM lineage_nodes WHERE kind IN ({marks})", list(kinds)).fetchone()[0]
+
+
+def newest(con, name: str, kinds: tuple[str, ...]) -> str | None:
+    """The `NAME@K` of one of `kinds` with the highest K, or None."""
+    marks = ",".join("?" * len(kinds))
+    ids = [i for (i,) in con.execute(f"SELECT id FROM lineage_nodes WHERE kind IN ({marks}) AND starts_with(id, ?)",
+                                     [*kinds, name + "@"]).fetchall() if i.rsplit("@", 1)[1].isdigit()]
+    return max(ids, key=lambda i: int(i.rsplit("@", 1)[1])) if ids else None
+
+
+def ids_named(con, name: str, kinds: tuple[str, ...] | None = None) -> list[tuple[str, str]]:
+    """(id, kind) of every node `NAME@...` (of `kinds`, or of any kind), by id."""
+    where, params = "starts_with(id, ?)", [name + "@"]
+    if kinds is not None:
+        where += f" AND kind IN ({','.join('?' * len(kinds))})"
+        params += list(kinds)
+    return [(i, k) for i, k in con.execute(f"SELECT id, kind FROM lineage_nodes WHERE {where} ORDER BY id",
+                                           params).fetchall()]
+
+
+def name_used(con, name: str) -> bool:
+    """Whether any node has an id `NAME@...`."""
+    return con.execute("SELECT 1 FROM lineage_nodes WHERE starts_with(id, ?) LIMIT 1", [name + "@"]).fetchone() \
+        is not None
+
+
+def parents(con, node_id: str) -> list[tuple[str, str]]:
+    """(parent id, role) of `node_id`, by parent id."""
+    return [(p, r) for p, r in con.execute(
+        "SELECT parent, role FROM lineage_edges WHERE child = ? ORDER BY parent", [node_id]).fetchall()]
+
+
+# Which parents lead to what a model learned from: its data first, then what it was adapted or built from.
+# What a sender's id may look like to be kept as an alias: a whole versioned id, `NAME@K` or `NAME@K:TYPE`.
+# A bare name never is: it would shadow this site's own newest NAME@K (names are the sender's choice).
+SENDER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}@[0-9]{1,9}(:[a-z0-9_-]{1,32})?")
+
+
+SENDERS_INDEX = ".senders.json"  # in artifacts/gguf/: sender's id -> imported GGUF, for vault-less lookups
+
+
+def sender_id(value) -> str | None:
+    """The sender's id from a bundle's (signed, but sender-written) lineage, if it is a whole versioned id."""
+    return value if isinstance(value, str) and SENDER_ID.fullmatch(value) else None
+
+
+_ROLE_ORDER = ("CASE e.role WHEN 'data' THEN 0 WHEN 'adapter' THEN 1 WHEN 'base' THEN 2 ELSE 3 END, e.parent")
+
+
+def ancestors(con, node_id: str) -> Iterator[tuple[str, str, str]]:
+    """(id, kind, role) of every ancestor of `node_id`, nearest first (breadth first; a model's data before
+    its adapter before its base at each step), each once."""
+    frontier, seen = [node_id], {node_id}
+    while frontier:
+        nxt = []
+        for child in frontier:
+            for parent, kind, role in con.execute(
+                    "SELECT e.parent, n.kind, e.role FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.parent "
+                    "WHERE e.child = ? ORDER BY " + _ROLE_ORDER, [child]).fetchall():
+                if parent not in seen:
+                    seen.add(parent)
+                    nxt.append(parent)
+                    yield parent, kind, role
+        frontier = nxt
+
+
+def nearest_dataset(con, node_id: str) -> str | None:
+    """The nearest dataset version in `node_id`'s ancestry (what a model was trained or fine-tuned on), or None."""
+    return next((a for a, kind, _ in ancestors(con, node_id) if kind == "dataset"), None)
 
 
 def alias(con, ref: str) -> str | None:
     """The local id of what was imported from a bundle under `ref`, its id at the sender (the newest import).
 
     An import renames (`hosp-sft-merged@1:q4_k_m` arrives as `hosp-sft-merged.q4_k_m@1`); the sender's id
-    stays an alias here, unless a local node has that id itself."""
-    if con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [ref]).fetchone():
+    stays an alias here, unless it is not a whole `NAME@K[:TYPE]`, or this site has made its own NAME@K."""
+    if sender_id(ref) is None or exists(con, ref):
         return None
+    name = ref.split("@", 1)[0]
+    if con.execute("SELECT 1 FROM lineage_nodes WHERE starts_with(id, ?) AND json_extract_string(attrs, "
+                   "'$.imported_from') IS NULL LIMIT 1", [name + "@"]).fetchone():
+        return None  # this site has its own NAME@K: a sender's id never stands in for them
     row = con.execute("SELECT id FROM lineage_nodes WHERE json_extract_string(attrs, '$.imported_from') = ? "
                       "ORDER BY created DESC, id DESC LIMIT 1", [ref]).fetchone()
     return row[0] if row else None
-
-
-def resolve(con, ref: str) -> str:
-    """A node id as given, a sender's id of an imported artifact (`alias`), or a bare dataset name -> its
-    newest version."""
-    if local := alias(con, ref):
-        return local
-    if "@" in ref or con.execute("SELECT 1 FROM lineage_nodes WHERE id = ?", [ref]).fetchone():
-        return ref
-    from appliance.vault.versions import resolve as resolve_version
-
-    _, name, n = resolve_version(con, ref)
-    return f"{name}@{n}"
 
 
 def descendants(con, node_id: str, _seen: frozenset[str] = frozenset()) -> list[dict]:

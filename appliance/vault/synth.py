@@ -277,7 +277,7 @@ def from_documents(complete, items: list[tuple[int, str]], min_grounding: float,
 def _check_dataset(con, dataset: str) -> None:
     """Synthetic versions go to a dataset of their own: never on top of ingested data."""
     from appliance.vault import lineage
-    from appliance.vault.ingest import latest
+    from appliance.vault.builder import latest
 
     if (last := latest(con, dataset)) is None:
         return
@@ -312,13 +312,13 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
     """Scrub, apply the policy, and commit `rows` as a new version of `dataset` (a table `stem`)."""
     import pyarrow as pa
 
-    from appliance.db_time import utcnow
-    from appliance.vault import ingest as ing
+    from appliance.vault.builder import VersionBuilder
+    from appliance.vault.ingest import validate_name
     from appliance.vault.pii import Scrubber
     from appliance.vault.readers import Record
-    from appliance.vault.readers.tables import render_row, table_columns
+    from appliance.vault.readers.tables import render_row
 
-    ing.validate_name(dataset)
+    validate_name(dataset)
     _check_dataset(vault.con, dataset)
     scrubber = Scrubber(pii_mode, vault.secrets.pseudonym_key)
     counts: Counter = Counter(source_pii or {})
@@ -348,48 +348,26 @@ def land(vault, dataset: str, stem: str, rows: list[dict], source: str, generato
         raise UsageError(f"nothing to land: all {generated} generated row(s) were dropped"
                          + (f" ({why})" if why else ""),
                          "loosen the policy or the generator's settings")
-    con = vault.con
     src = f"synth:{generator}:{source}"
-    with vault.transaction():
-        vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
-        con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
-                    "VALUES (?, ?, 'pending', ?, ?, ?, ?)", [vid, dataset, utcnow(), ing.actor(), pii_mode,
-                                                             validation])
-        target = f"t{vid}_{re.sub(r'[^a-z0-9_]+', '_', stem.lower()).strip('_') or 'table'}"
+    with VersionBuilder(vault, dataset, pii_mode=pii_mode, validation_fraction=validation, atomic=True) as b:
+        target = b.table_name(stem)
         cols = list(kept[0])
-        con.register("_synth", pa.Table.from_pylist(kept))
-        try:
-            con.execute(f'CREATE TABLE data."{target}" AS SELECT * FROM _synth')
-        finally:
-            con.unregister("_synth")
-        writer = ing.RecordWriter(con, vid, 0, validation)
-        seen: list[str] = []
+        b.create_table(target, pa.Table.from_pylist(kept))
         nbytes = 0
         for i, row in enumerate(kept, 1):
             text = render_row(stem, i, row, cols)
             data = text.encode("utf-8")
-            digest = hashlib.sha256(data).hexdigest()
-            seen.append(digest)
             nbytes += len(data)
-            writer.add(Record(kind="table", source=src, text=text, path=target, title=stem,
-                              meta={"row": i, "synthetic": True}, scrubbed=True), text, digest, len(data))
-        writer.flush()
-        ing.insert_rows(con, "version_sources", [(vid, src, "table", nbytes, None, len(seen), dropped["duplicate"],
-                                                  "ok", None)])
-        ing.insert_rows(con, "version_pii", [(vid, src, t, n) for t, n in sorted(counts.items())])
-        ing.insert_rows(con, "version_tables", [(vid, target, src, len(kept), json.dumps(table_columns(con, target)))])
-    res = ing.IngestResult(version="", content_hash="", records=0, new_records=len(seen), bytes=0,
-                           duplicates=dropped["duplicate"], files=0, parent=None)
-    try:
-        ing.commit_version(vault, vid, dataset, None, res, pii_mode, parents=[(source, "source"), *extra_parents],
-                    attrs={"synthetic": True, "generator": generator, "settings": settings,
-                           "policy": policy.to_json(), "pii": dict(counts)}, action="vault.synth")
-    except BaseException:
-        with vault.transaction():
-            ing.discard_version(con, vid)
-            if seen:  # the texts too: nothing of a failed synth stays in the vault
-                con.execute("DELETE FROM blobs WHERE hash IN (SELECT unnest(?)) AND hash NOT IN "
-                            "(SELECT hash FROM version_records)", [seen])
-        raise
-    return SynthResult(res.version, res.content_hash, res.records, f"data.{target}", generator, source, generated,
+            b.add(Record(kind="table", source=src, text=text, path=target, title=stem,
+                         meta={"row": i, "synthetic": True}, scrubbed=True), text, hashlib.sha256(data).hexdigest(),
+                  len(data))
+        b.source(src, "table", nbytes, None, len(kept), dropped["duplicate"], "ok")
+        b.pii(src, counts)
+        b.table(target, src)
+        done = b.commit("vault.synth", parents=[(source, "source"), *extra_parents], duplicates=dropped["duplicate"],
+                        attrs={"files": 0, "synthetic": True, "generator": generator, "settings": settings,
+                               "policy": policy.to_json(), "pii": dict(counts)},
+                        details={"new_records": len(kept), "duplicates": dropped["duplicate"], "files": 0,
+                                 "failed": 0, "skipped": 0})
+    return SynthResult(done.version, done.content_hash, done.records, f"data.{target}", generator, source, generated,
                        dict(dropped), dict(sorted(counts.items())), policy.to_json())

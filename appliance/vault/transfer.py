@@ -14,12 +14,9 @@ import io
 import json
 import re
 from collections.abc import Callable
-from pathlib import Path
 
-import pyarrow as pa
 import pyarrow.parquet as pq
 
-from appliance.db_time import utcnow
 from appliance.errors import VaultError
 
 
@@ -49,31 +46,18 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
                    on_commit: Callable[[object, str], None] = lambda con, version: None) -> dict:
     """Land the files as a new version of `name`; returns its summary. All or nothing: `on_commit(con,
     version)` runs inside the same transaction (the caller's own bookkeeping)."""
-    from appliance.vault import lineage
-    from appliance.vault.ingest import RecordWriter, insert_rows
+    from appliance.vault.builder import VersionBuilder
     from appliance.vault.readers import Record
-    from appliance.vault.readers.tables import table_columns, table_name
 
     info = json.loads(files["dataset.json"])
-    con = vault.con
-    con.begin()
-    try:
-        vid = con.execute("SELECT nextval('version_vid')").fetchone()[0]
-        con.execute("INSERT INTO versions (vid, name, status, created, actor, pii_mode, validation_fraction) "
-                    "VALUES (?, ?, 'pending', ?, ?, ?, ?)",
-                    [vid, name, utcnow(), "bundle", info["pii_mode"], info["validation_fraction"]])
-        renamed, table_rows = {}, []
+    with VersionBuilder(vault, name, pii_mode=info["pii_mode"], validation_fraction=info["validation_fraction"],
+                        actor="bundle", atomic=True) as b:
+        renamed = {}
         for t in info["tables"]:
-            new = table_name(vid, Path(re.sub(r"^t\d+_", "", t)))  # this version's own table
-            con.register("_t", pq.read_table(io.BytesIO(files[f"tables/{t}.parquet"])))
-            try:
-                con.execute(f'CREATE TABLE data."{new}" AS SELECT * FROM _t')
-            finally:
-                con.unregister("_t")
+            new = b.table_name(re.sub(r"^t\d+_", "", t))  # this version's own table
+            b.create_table(new, pq.read_table(io.BytesIO(files[f"tables/{t}.parquet"])))
+            b.table(new, f"bundle:{t}")
             renamed[t] = new
-            rows = con.execute(f'SELECT count(*) FROM data."{new}"').fetchone()[0]
-            table_rows.append((vid, new, f"bundle:{t}", rows, json.dumps(table_columns(con, new))))
-        writer = RecordWriter(con, vid, 0, info["validation_fraction"])
         held_out = []
         for line in files["records.jsonl"].decode("utf-8").splitlines():
             r = json.loads(line)
@@ -84,36 +68,12 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
             if digest != r["hash"]:
                 raise VaultError("a record in the bundle does not match its hash", "the bundle is damaged")
             path = renamed.get(r["path"], r["path"]) if r["kind"] == "table" else r["path"]
-            writer.add(Record(r["kind"], r["source"], r["text"], path, r["language"], r["title"], r["meta"] or {}),
-                       r["text"], digest, len(data))
-        writer.flush()
-        insert_rows(con, "version_tables", table_rows)
-        recs, nbytes, chash = con.execute(
-            "SELECT count(*), coalesce(sum(bytes), 0), sha256(coalesce(string_agg(hash, '' ORDER BY ord), '')) "
-            "FROM version_records WHERE vid = ?", [vid]).fetchone()
-        if chash != info["content_hash"]:
+            b.add(Record(r["kind"], r["source"], r["text"], path, r["language"], r["title"], r["meta"] or {}),
+                  r["text"], digest, len(data))
+        if b.totals().content_hash != info["content_hash"]:
             raise VaultError("the imported dataset does not hash to the exported one", "the bundle is damaged")
         # the splits travel with the records: keep them exactly as they were exported
-        con.register("_h", pa.table({"hash": pa.array(held_out, pa.string())}))
-        try:
-            con.execute("UPDATE version_records SET split = CASE WHEN hash IN (SELECT hash FROM _h) "
-                        "THEN 'validation' ELSE 'train' END WHERE vid = ?", [vid])
-        finally:
-            con.unregister("_h")
-        n = con.execute("SELECT coalesce(max(n), 0) + 1 FROM versions WHERE name = ? AND status = 'committed'",
-                        [name]).fetchone()[0]
-        version = f"{name}@{n}"
-        con.execute("UPDATE versions SET n = ?, status = 'committed', committed = ?, content_hash = ?, records = ?, "
-                    "bytes = ?, duplicates = 0, skipped = 0, parents = '[]' WHERE vid = ?",
-                    [n, utcnow(), chash, recs, nbytes, vid])
-        lineage.add_node(con, version, "dataset", [], chash, {"records": recs, "bytes": nbytes,
-                                                              "pii_mode": info["pii_mode"], **provenance})
-        vault.audit("bundle.import", [version], {"kind": "dataset", "records": recs, **{
-            k: v for k, v in provenance.items() if k != "source_lineage"}})
-        on_commit(con, version)
-        con.commit()
-    except BaseException:
-        con.rollback()  # the tables, records and version row all go with it
-        raise
-    return {"version": version, "records": recs, "bytes": nbytes, "content_hash": chash,
-            "tables": list(renamed.values())}
+        done = b.commit("bundle.import", attrs=provenance, held_out=held_out, on_commit=on_commit,
+                        details={"kind": "dataset", **{k: v for k, v in provenance.items() if k != "source_lineage"}})
+    return {"version": done.version, "records": done.records, "bytes": done.bytes,
+            "content_hash": done.content_hash, "tables": list(renamed.values())}

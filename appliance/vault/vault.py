@@ -35,6 +35,9 @@ class Vault:
         self.con = con
         self.read_only = read_only
         self.migrated: dict | None = None  # what a migration at open did (from, to, backup), if one ran
+        # Who acts through this handle, for the audit log, job and version rows: set by whoever opened it for
+        # someone else (an agent's session: `agent:NAME`); None is the process's actor (audit.current_actor).
+        self.actor: str | None = None
         self._lock = threading.RLock()
 
     # --- lifecycle ------------------------------------------------------------------------------
@@ -106,7 +109,7 @@ class Vault:
                 if vault.migrated:
                     logs.event("vault.migrate", **vault.migrated)
                 vault._ensure_schema()
-                from appliance.vault.ingest import discard_unfinished
+                from appliance.vault.builder import discard_unfinished
                 discard_unfinished(vault)
         except BaseException:
             con.close()
@@ -188,7 +191,7 @@ class Vault:
         self.con.commit()
 
     def audit(self, action: str, ids: list[str] | None = None, details: dict | None = None) -> int:
-        return audit.append(self.con, self.secrets.audit_key, action, ids, details)
+        return audit.append(self.con, self.secrets.audit_key, action, ids, details, actor=audit.actor_of(self))
 
     def _ensure_schema(self) -> None:
         for stmt in DDL:

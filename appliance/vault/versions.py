@@ -11,12 +11,13 @@ from pathlib import Path
 import duckdb
 
 from appliance.db_time import iso
-from appliance.errors import UsageError, VaultError
+from appliance.errors import NotFound, UsageError, VaultError, bundle_errors
 from appliance.vault.db import cursor
 
 
 def resolve(con, ref: str) -> tuple[int, str, int]:
-    """`name@n` or `name` (the newest) -> (vid, name, n)."""
+    """`name@n` or `name` (the newest) -> (vid, name, n); the rule of `appliance.refs` for dataset versions,
+    kept here so the vault's own readers share it. A miss is the UsageError `refs` gives for any kind."""
     name, _, n = ref.partition("@")
     if n:
         if not (n.isascii() and n.isdigit()):
@@ -27,8 +28,22 @@ def resolve(con, ref: str) -> tuple[int, str, int]:
         row = con.execute("SELECT vid, name, n FROM versions WHERE name = ? AND status = 'committed' "
                           "ORDER BY n DESC LIMIT 1", [name]).fetchone()
     if row is None:
-        raise VaultError(f"no dataset version {ref}", "list them with `appliance vault datasets`")
+        raise NotFound(f"no dataset version {ref}", _missing_hint(con, name))
     return row
+
+
+def _missing_hint(con, name: str) -> str:
+    """What exists instead, worded as `appliance.refs` words it for every kind: the versions of `name`, else
+    the newest of the other datasets."""
+    same = [f"{name}@{n}" for (n,) in con.execute(
+        "SELECT n FROM versions WHERE name = ? AND status = 'committed' ORDER BY n", [name]).fetchall()]
+    if same:
+        return f"{name} has {', '.join(same[-6:])}; list them with `appliance vault datasets`"
+    latest = [r["latest"] for r in sorted(datasets(con), key=lambda r: r["updated"] or "", reverse=True)]
+    if not latest:
+        return "the vault has no datasets yet; ingest one with `appliance vault ingest`"
+    more = ", ..." if len(latest) > 5 else ""
+    return f"datasets here: {', '.join(latest[:5])}{more}; list them with `appliance vault datasets`"
 
 
 def datasets(con) -> list[dict]:
@@ -196,7 +211,7 @@ def export(con, ref: str, out: Path, split: str | None = None, force: bool = Fal
     from bundles.safefile import atomic_create  # exclusive random temp name, no links followed (item 7)
 
     n = nbytes = 0
-    with atomic_create(out, 0o600, replace=force) as f:
+    with bundle_errors(), atomic_create(out, 0o600, replace=force) as f:
         for rec in iter_records(con, ref, split):
             line = json.dumps(rec, ensure_ascii=False) + "\n"
             f.write(line.encode("utf-8"))
@@ -244,9 +259,13 @@ def query(vault, text: str, limit: int = 1000) -> dict:
     statement = checked(vault.con, text)
     with vault.transaction():
         vault.audit("vault.sql", [], {"query": text})
+    was_read_only = vault.read_only
     vault.reopen(read_only=True)
-    _lock_down(vault.con)
-    return _run(vault.con, statement, limit)
+    try:
+        _lock_down(vault.con)
+        return _run(vault.con, statement, limit)
+    finally:  # a fresh, unlocked attach as before: the handle goes on working for its caller (API, console)
+        vault.reopen(read_only=was_read_only)
 
 
 def _lock_down(con) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import click
 
-from appliance.cli import Ctx, cli, command
+from appliance import api
+from appliance.cli.app import Ctx, cli, command
+from appliance.cli.output import err, out, table
 from appliance.errors import UsageError
-from appliance.output import err, out, table
 
 
 @command(cli, "grant")
@@ -22,15 +23,13 @@ from appliance.output import err, out, table
 @click.option("--revoke", default=None, metavar="GRANT_ID", help="Revoke a grant now.")
 def grant_cmd(c: Ctx, agent, caps, hours, max_gpus, max_priority, list_, revoke):
     """Give an agent a scoped, expiring token for `appliance mcp` (printed once; the vault keeps a hash)."""
-    from appliance import grants
-
     if list_ or revoke:
         with c.open_vault(read_only=bool(list_)) as v:
             if revoke:
-                r = grants.revoke(v, revoke)
+                r = api.grant_revoke(v, revoke)
                 return c.emit(r, f"{revoke} revoked" + (f"; cancelled {', '.join(r['cancelled_jobs'])}"
                                                         if r["cancelled_jobs"] else ""))
-            rows = grants.listing(v.con)
+            rows = api.grant_list(v)["grants"]
         return c.emit({"grants": rows}, lambda: table(
             ["grant", "agent", "caps", "expires", "state"],
             [[g["id"], g["agent"], ",".join(g["caps"]), g["expires"],
@@ -39,7 +38,7 @@ def grant_cmd(c: Ctx, agent, caps, hours, max_gpus, max_priority, list_, revoke)
         raise UsageError("--agent and --caps are needed to grant", "e.g. appliance grant --agent planner "
                                                                    "--caps read,train,eval --hours 8")
     with c.open_vault() as v:
-        g = grants.create(v, agent, [x.strip() for x in caps.split(",") if x.strip()], hours, max_gpus, max_priority)
+        g = api.grant_create(v, agent, [x.strip() for x in caps.split(",") if x.strip()], hours, max_gpus, max_priority)
 
     def human():
         out.print(f"{g['id']} for agent:{g['agent']} ({', '.join(g['caps'])}) until {g['expires']}")
@@ -53,11 +52,10 @@ def grant_cmd(c: Ctx, agent, caps, hours, max_gpus, max_priority, list_, revoke)
 def mcp_cmd(c: Ctx):
     """Serve the appliance to an agent over MCP (stdio), within the grant in APPLIANCE_GRANT[_FILE]."""
     from appliance.mcp_server import serve
-    from appliance.passphrase import from_env, get_passphrase
 
     home = c.home
     if not home.exists():
         from appliance.errors import VaultError
 
         raise VaultError(f"no vault at {home.root}", "run `appliance init` or pass --home")
-    serve(home, get_passphrase(), from_env("APPLIANCE_GRANT"))
+    serve(home, api.get_passphrase(), api.secret_from_env("APPLIANCE_GRANT"))

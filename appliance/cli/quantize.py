@@ -1,17 +1,17 @@
 """`appliance quantize`, `generate`, `chat`, `serve`: GGUF export and llama.cpp inference (thin over
-`appliance.quantize`). generate/chat/serve need no vault and no passphrase, so they run on edge devices."""
+`appliance.api`: serving). generate/chat/serve need no vault and no passphrase, so they run on edge devices."""
 
 from __future__ import annotations
 
-import ipaddress
-import os
 import sys
 
 import click
 
-from appliance.cli import Ctx, cli, command
+from appliance import api
+from appliance.api.format import blank_note, human_bytes, num
+from appliance.cli.app import Ctx, cli, command
+from appliance.cli.output import StageProgress, err, out, table
 from appliance.errors import ApplianceError, UsageError
-from appliance.output import StageProgress, blank_note, err, human_bytes, num, out, table
 
 
 class QualityFlagged(ApplianceError):
@@ -48,10 +48,7 @@ def quantize_cmd(c: Ctx, model, qtype, imatrix_ref, eval_ref, eval_tokens, imatr
         return _list(c)
     if not model:
         raise UsageError("missing MODEL", "pass a model id (see `appliance train models`) or --list")
-    from appliance import api
-    from appliance.quantize import types
-
-    types.get(qtype)  # a bad --type is a usage error before the passphrase is asked
+    api.quantize_type(qtype)  # a bad --type is a usage error before the passphrase is asked
     bar = StageProgress(not c.json)
     with c.open_vault() as v:
         try:
@@ -96,8 +93,6 @@ def _human(res: dict) -> None:
 
 
 def _list(c: Ctx) -> None:
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         rows = api.quantize_list(v)["gguf"]
     c.emit({"gguf": rows}, lambda: table(
@@ -111,11 +106,6 @@ def _pct(value, fmt: str) -> str:
     if value is None:
         return "-"
     return format(value, fmt) + ("%" if not fmt.endswith("%") else "")
-
-
-def _artifacts(c: Ctx):
-    home = c.home
-    return home.artifacts if home.artifacts.is_dir() else None
 
 
 _SAMPLING = [
@@ -143,13 +133,11 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
 
     PROMPT `-` reads the prompt from standard input. Needs no vault: runs on edge devices too.
     """
-    from appliance.quantize.infer import generate, locate, open_model
-
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads)
+    llm = api.gguf_open(api.gguf_locate(model, c.home), n_ctx, threads)
     pieces = []
-    for piece in generate(llm, prompt, max_tokens, temperature, top_p, seed):
+    for piece in api.generate(llm, prompt, max_tokens, temperature, top_p, seed):
         pieces.append(piece)
         if not c.json:
             sys.stdout.write(piece)
@@ -170,9 +158,7 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
 @click.option("--system", default="", help="A system message that opens the conversation.")
 def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system):
     """Talk to a GGUF chat model in the terminal, streaming its replies. /reset forgets, /exit leaves."""
-    from appliance.quantize.infer import chat_loop, locate, open_model
-
-    llm = open_model(locate(model, _artifacts(c)), n_ctx, threads)
+    llm = api.gguf_open(api.gguf_locate(model, c.home), n_ctx, threads)
     if not llm.metadata.get("tokenizer.chat_template"):
         raise UsageError(f"{model} has no chat template", "use `appliance generate` for plain completion")
 
@@ -189,7 +175,7 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
             sys.stdout.write(s)
             sys.stdout.flush()
 
-    replies = chat_loop(llm, read, write, system, max_tokens, temperature, seed)
+    replies = api.chat(llm, read, write, system, max_tokens, temperature, seed)
     if c.json:
         c.emit({"model": model, "turns": len(replies), "replies": replies})
 
@@ -212,18 +198,9 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
     other users could read in the process list); clients send it as a Bearer token. No CORS headers are
     sent unless --cors-origin names the origins whose web pages may call it (never `*`).
     """
-    from appliance.quantize.infer import cors_allowed, locate, serve
-    from appliance.quantize.types import QuantizeError
-
-    try:
-        cors_allowed(cors_origins)  # before the model loads
-    except QuantizeError as e:
-        raise UsageError(e.message, e.hint) from None
-    key = _api_key()
-    if not _loopback(host) and not key:
-        raise UsageError(f"--host {host} would expose the model to the network without an API key",
-                         "set APPLIANCE_API_KEY_FILE (or APPLIANCE_API_KEY), or keep the default 127.0.0.1")
-    path = locate(model, _artifacts(c))
+    exposure = api.serve_exposure(host, cors_origins)  # the origins, the key and the host, before the model loads
+    key = exposure.api_key
+    path = api.gguf_locate(model, c.home)
 
     def ready(url: str) -> None:
         if c.json:
@@ -232,25 +209,4 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
             err.print(f"serving {path.name} at {url} (OpenAI-compatible){' with an API key' if key else ''}; "
                       "Ctrl-C stops", markup=False)
 
-    serve(path, host, port, n_ctx, threads, key, name, on_ready=ready, cors_origins=cors_origins)
-
-
-def _api_key() -> str | None:
-    if f := os.environ.get("APPLIANCE_API_KEY_FILE"):
-        try:
-            key = open(f).read().strip()
-        except OSError as e:
-            raise UsageError(f"cannot read APPLIANCE_API_KEY_FILE {f}: {e.strerror}", "check the path") from e
-        if not key:
-            raise UsageError(f"APPLIANCE_API_KEY_FILE {f} is empty", "put the key in it")
-        return key
-    return os.environ.get("APPLIANCE_API_KEY") or None
-
-
-def _loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+    api.serve(path, exposure.host, port, n_ctx, threads, key, name, on_ready=ready, cors_origins=exposure.cors_origins)

@@ -1,4 +1,4 @@
-"""`appliance keys`, `appliance trust`, `appliance bundle`: thin over `appliance.exchange`."""
+"""`appliance keys`, `appliance trust`, `appliance bundle`: thin over `appliance.api` (exchange)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ from pathlib import Path
 
 import click
 
-from appliance.cli import Ctx, cli, command
-from appliance.output import human_bytes, out, table
+from appliance import api
+from appliance.api.format import human_bytes
+from appliance.cli.app import Ctx, cli, command
+from appliance.cli.output import out, table
 
 KINDS = "model,gguf,dataset,eval"
 
@@ -21,8 +23,6 @@ def keys_group():
 @click.option("--name", required=True, help="Key name, e.g. the site's name.")
 def keys_generate_cmd(c: Ctx, name):
     """Make a key pair; the secret half is sealed under APPLIANCE_KEY_PASSPHRASE[_FILE] (or a prompt)."""
-    from appliance import api
-
     with c.open_vault() as v:
         res = api.keys_generate(v, name)
     c.emit(res, f"key {name} ({res['key_id']}); public key: {res['public']}")
@@ -31,9 +31,7 @@ def keys_generate_cmd(c: Ctx, name):
 @command(keys_group, "list")
 def keys_list_cmd(c: Ctx):
     """The keys in this home."""
-    from appliance.exchange import list_keys
-
-    keys = list_keys(c.home)
+    keys = api.keys_list_at(c.home)["keys"]
     c.emit({"keys": keys}, lambda: table(["name", "key id", "public key file"],
                                           [[k["name"], k["key_id"], k["public"]] for k in keys])
            if keys else out.print("no keys yet: `appliance keys generate --name SITE`"))
@@ -47,15 +45,8 @@ def keys_export_cmd(c: Ctx, name, out_path):
     """The public key file other sites trust (`appliance trust add`) or encrypt to (`--to`)."""
     import json
 
-    from appliance.exchange import public_key
-    from appliance.home import atomic_write
-
-    _, pub = public_key(c.home, name)
-    text = json.dumps(pub.to_json(), indent=2)
-    if out_path:
-        atomic_write(out_path, text.encode(), mode=0o644)
-    c.emit({"name": name, "key_id": pub.key_id, "out": str(out_path) if out_path else None, "public": pub.to_json()},
-           f"wrote {out_path}" if out_path else text)
+    res = api.keys_export_public_at(c.home, name, out_path)
+    c.emit(res, f"wrote {out_path}" if out_path else json.dumps(res["public"], indent=2))
 
 
 @cli.group("trust")
@@ -69,8 +60,6 @@ def trust_group():
 @click.option("--kinds", default=KINDS, show_default=True, help="Comma-separated kinds it may sign.")
 def trust_add_cmd(c: Ctx, pub_file, name, kinds):
     """Trust a public key file for some kinds of bundle."""
-    from appliance import api
-
     with c.open_vault() as v:
         entry = api.trust_add(v, pub_file, name, [k.strip() for k in kinds.split(",") if k.strip()])
     c.emit(entry, f"trusting {name} ({entry['key_id']}) for {', '.join(entry['kinds'])}")
@@ -79,9 +68,7 @@ def trust_add_cmd(c: Ctx, pub_file, name, kinds):
 @command(trust_group, "list")
 def trust_list_cmd(c: Ctx):
     """Trusted signers."""
-    from appliance.exchange import trust_list
-
-    rows = trust_list(c.home)
+    rows = api.trust_list_at(c.home)["trusted"]
     c.emit({"trusted": rows}, lambda: table(["name", "key id", "kinds"],
                                              [[t["name"], t["key_id"], ", ".join(t["kinds"])] for t in rows])
            if rows else out.print("nobody is trusted yet: `appliance trust add FILE.pub --name SITE`"))
@@ -91,8 +78,6 @@ def trust_list_cmd(c: Ctx):
 @click.argument("name")
 def trust_remove_cmd(c: Ctx, name):
     """Stop trusting a signer."""
-    from appliance import api
-
     with c.open_vault() as v:
         entry = api.trust_remove(v, name)
     c.emit(entry, f"no longer trusting {name} ({entry['key_id']})")
@@ -113,8 +98,6 @@ def bundle_group():
 def bundle_export_cmd(c: Ctx, ref, sign_key, recipients, out_path, expires_days):
     """Bundle a model (NAME@K), a GGUF (NAME@K:TYPE), an eval run (eval-SUITE@K) or a dataset version
     (NAME@N, encrypted only), with its lineage, signed, into one file."""
-    from appliance import api
-
     with c.open_vault() as v:
         r = api.bundle_export(v, ref, sign_key, out_path, list(recipients), expires_days)
     c.emit(r, f"{r['out']}: {r['kind']} {r['name']} v{r['version']} ({r['files']} files, {human_bytes(r['bytes'])})"
@@ -126,9 +109,7 @@ def bundle_export_cmd(c: Ctx, ref, sign_key, recipients, out_path, expires_days)
 @click.argument("file", type=click.Path(path_type=Path))
 def bundle_inspect_cmd(c: Ctx, file):
     """Show the manifest, signer and lineage without trusting or unpacking anything."""
-    from appliance.exchange import inspect
-
-    info = inspect(c.home, file)
+    info = api.bundle_inspect_at(c.home, file)
     m = info["manifest"]
 
     def human():
@@ -147,8 +128,6 @@ def bundle_inspect_cmd(c: Ctx, file):
 @click.argument("file", type=click.Path(path_type=Path))
 def bundle_verify_cmd(c: Ctx, file):
     """Check signature, trust, expiry, version and every byte; changes nothing."""
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         r = api.bundle_verify(v, file)
     by = (f"signed by this home's own key {r['own_key']} ({r['key_id']}); a receiving site must trust its public "
@@ -163,8 +142,6 @@ def bundle_verify_cmd(c: Ctx, file):
                                                       "(audited).")
 def bundle_import_cmd(c: Ctx, file, allow_downgrade):
     """Verify, then land the bundle's files in this home atomically, with lineage and an audit entry."""
-    from appliance import api
-
     with c.open_vault() as v:
         r = api.bundle_import(v, file, allow_downgrade)
     unit = "cases" if r["kind"] == "eval" else "records"

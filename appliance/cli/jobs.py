@@ -1,14 +1,14 @@
-"""`appliance jobs submit|list|show|logs|cancel|resume|work`: thin over `appliance.jobs`."""
+"""`appliance jobs submit|list|show|logs|cancel|resume|work`: thin over `appliance.api` (jobs)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import click
 
-from appliance.cli import Ctx, _overrides, cli, command
-from appliance.output import err, out, table
+from appliance import api
+from appliance.cli.app import Ctx, cli, command, recipe_overrides
+from appliance.cli.output import err, out, table
 
 
 @cli.group("jobs")
@@ -27,17 +27,13 @@ def jobs_group():
 @click.pass_context
 def jobs_submit_cmd(ctx, c: Ctx, recipe, gpus, priority, resume, sets):
     """Queue a training run of RECIPE (a shipped recipe name or a TOML file) and return at once."""
-    from appliance import api
-    from appliance.jobs import queue
-    from appliance.train.config import load_recipe
-
-    overrides = _overrides(sets, ctx.args)
-    queue.check_spec("train", {"recipe": recipe, "overrides": overrides})  # refused before the passphrase
-    for note in load_recipe(recipe, overrides).notes:  # a warmup fitted to a shortened run, said once here
+    overrides = recipe_overrides(sets, ctx.args)
+    api.jobs_check("train", {"recipe": recipe, "overrides": overrides})  # refused before the passphrase
+    for note in api.train_recipe_notes(recipe, overrides):  # a warmup fitted to a shortened run, said once here
         err.print(f"note: {note}", markup=False)
     with c.open_vault() as v:
         job = api.jobs_submit(v, recipe, overrides, gpus, priority, resume)
-    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; "
+    c.emit(job, f"{job['id']} {job['status']}: {api.jobs_describe(job['kind'], job['spec'])}; "
                 f"follow it with `appliance jobs logs {job['id']} -f`")
 
 
@@ -51,13 +47,10 @@ def jobs_sweep_cmd(c: Ctx, sweep_file, gpus, priority):
     The file names the recipe, fixed overrides (train.eval_every is needed; train.early_stop_patience
     stops a trial that has stopped improving), the method and the [space] of values; see docs/JOBS.md.
     """
-    from appliance import api
-    from appliance.jobs import queue
-
-    queue.check_spec("sweep", {"file": str(sweep_file)})  # a bad file is refused before the passphrase
+    api.jobs_check("sweep", {"file": str(sweep_file)})  # a bad file is refused before the passphrase
     with c.open_vault() as v:
         job = api.jobs_sweep(v, file=sweep_file, gpus=gpus, priority=priority)
-    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}; follow it with "
+    c.emit(job, f"{job['id']} {job['status']}: {api.jobs_describe(job['kind'], job['spec'])}; follow it with "
                 f"`appliance jobs logs {job['id']} -f`")
 
 
@@ -65,13 +58,10 @@ def jobs_sweep_cmd(c: Ctx, sweep_file, gpus, priority):
 @click.option("--all", "all_", is_flag=True, help="Also the jobs that have ended.")
 def jobs_list_cmd(c: Ctx, all_):
     """Running and queued jobs (starting any that now fit, and recovering any whose process is gone)."""
-    from appliance import api
-    from appliance.jobs import queue
-
     with c.open_vault() as v:
         data = api.jobs_list(v, all_)
     c.emit(data, lambda: table(["job", "status", "what", "gpus", "ref", "by", "error"], [
-        [j["id"], j["status"], queue.describe(j["kind"], j["spec"]), j["gpus"] or "cpu", j["ref"] or "",
+        [j["id"], j["status"], api.jobs_describe(j["kind"], j["spec"]), j["gpus"] or "cpu", j["ref"] or "",
          j["submitted_by"], j["error"] or ""] for j in data["jobs"]]))
 
 
@@ -79,8 +69,6 @@ def jobs_list_cmd(c: Ctx, all_):
 @click.argument("job_id")
 def jobs_show_cmd(c: Ctx, job_id):
     """One job: its spec, state and result."""
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         job = api.jobs_show(v, job_id)
     c.emit(job, lambda: out.print_json(data=job))
@@ -91,31 +79,16 @@ def jobs_show_cmd(c: Ctx, job_id):
 @click.option("--follow", "-f", is_flag=True, help="Keep printing until the job ends.")
 def jobs_logs_cmd(c: Ctx, job_id, follow):
     """A job's log (sealed on disk; opened with the vault's key)."""
-    from appliance import api
-    from appliance.errors import VaultBusy
-    from appliance.jobs import queue
-    from appliance.jobs.log import JobLog
-
     with c.open_vault(read_only=True) as v:
         res = api.jobs_logs(v, job_id)
     if not follow:
         return c.emit(res, lambda: [out.print(ln, markup=False) for ln in res["lines"]])
-    log = JobLog(v.home.logs, job_id, v.secrets.data_key)
 
-    from appliance.jobs.dispatch import runner_alive
+    def gone() -> None:
+        err.print(f"the runner of {job_id} is gone; `appliance jobs list` recovers the job", markup=False)
 
-    def ended() -> bool:
-        try:
-            with v.session(read_only=True, wait=5):
-                j = queue.get(v.con, job_id)
-        except VaultBusy:  # a job holds the vault for now: ask again on the next poll
-            return False
-        if j.status == "running" and j.pid and not runner_alive(j.pid, job_id):
-            err.print(f"the runner of {job_id} is gone; `appliance jobs list` recovers the job", markup=False)
-            return True
-        return not j.active
-
-    for line in log.follow(ended):  # with --json the lines go to stderr as they come: stdout holds one object
+    # with --json the lines go to stderr as they come: stdout holds one object
+    for line in api.jobs_follow(v, job_id, on_gone=gone):
         (err if c.json else out).print(line, markup=False)
     if c.json:
         with v.session(read_only=True):
@@ -126,8 +99,6 @@ def jobs_logs_cmd(c: Ctx, job_id, follow):
 @click.argument("job_id")
 def jobs_cancel_cmd(c: Ctx, job_id):
     """Cancel a queued job, or ask a running one to stop (training stops at a checkpoint)."""
-    from appliance import api
-
     with c.open_vault() as v:
         job = api.jobs_cancel(v, job_id)
     c.emit(job, f"{job_id}: {'cancelled' if job['status'] == 'cancelled' else 'asked to stop'}")
@@ -137,12 +108,9 @@ def jobs_cancel_cmd(c: Ctx, job_id):
 @click.argument("job_id")
 def jobs_resume_cmd(c: Ctx, job_id):
     """Queue a stopped training job again; its run continues from the last checkpoint."""
-    from appliance import api
-    from appliance.jobs import queue
-
     with c.open_vault() as v:
         job = api.jobs_resume(v, job_id)
-    c.emit(job, f"{job['id']} {job['status']}: {queue.describe(job['kind'], job['spec'])}")
+    c.emit(job, f"{job['id']} {job['status']}: {api.jobs_describe(job['kind'], job['spec'])}")
 
 
 @command(jobs_group, "work")
@@ -150,16 +118,10 @@ def jobs_resume_cmd(c: Ctx, job_id):
               help="Seconds between looks at the queue.")
 def jobs_work_cmd(c: Ctx, every):
     """Keep the queue moving until Ctrl-C (run it as a service so a rebooted box picks up its jobs)."""
-    from appliance.errors import ApplianceError
-    from appliance.jobs.dispatch import dispatch
+    import time
 
     with c.open_vault() as v:
         v.close()
         out.print(f"watching the queue every {every:g} s; Ctrl-C to stop (running jobs go on)")
-        while True:
-            try:
-                for job_id in dispatch(v):
-                    out.print(f"started {job_id}")
-            except (ApplianceError, OSError) as e:  # busy, or a runner that failed to start: try again later
-                err.print(f"{time.strftime('%H:%M:%S')} {e}", markup=False)
-            time.sleep(every)
+        api.jobs_work(v, every, on_started=lambda job_id: out.print(f"started {job_id}"),
+             on_error=lambda e: err.print(f"{time.strftime('%H:%M:%S')} {e}", markup=False))

@@ -1,4 +1,4 @@
-"""`appliance synth tables|edge-cases`: thin over `appliance.vault.synth` (through `appliance.api`)."""
+"""`appliance synth tables|edge-cases`: thin over `appliance.api` (data)."""
 
 from __future__ import annotations
 
@@ -6,8 +6,9 @@ from pathlib import Path
 
 import click
 
-from appliance.cli import Ctx, cli, command
-from appliance.output import out
+from appliance import api
+from appliance.cli.app import Ctx, cli, command
+from appliance.cli.output import StageProgress, out
 
 _PII = click.Choice(["redact", "pseudonymize", "flag", "off"])
 
@@ -37,11 +38,7 @@ def _human(r: dict) -> None:
 @click.option("--pii", type=_PII, default="redact", show_default=True)
 def synth_tables_cmd(c: Ctx, source, template, dataset, table, policy, limit, seed, pii):
     """Question/answer pairs from templates over real rows of a table in SOURCE (a version NAME@N)."""
-    from appliance import api
-    from appliance.vault import synth
-
-    synth.Policy.load(policy)  # a bad file is refused before the passphrase is asked
-    synth.template(template)
+    api.synth_check(template, policy)  # a bad file is refused before the passphrase is asked
     with c.open_vault() as v:
         r = api.synth_tables(v, source, template, dataset, table, policy, limit, seed, pii)
     c.emit(r, lambda: _human(r))
@@ -63,11 +60,7 @@ def synth_tables_cmd(c: Ctx, source, template, dataset, table, policy, limit, se
 def synth_documents_cmd(c: Ctx, source, model, dataset, passages, min_grounding, max_tokens, policy, pii):
     """Question/answer pairs a local model writes about passages of SOURCE (a version NAME@N), kept when
     the answer is grounded in its passage and the question is new."""
-    from appliance import api
-    from appliance.output import StageProgress
-    from appliance.vault import synth
-
-    synth.Policy.load(policy)
+    api.synth_check(policy=policy)
     bar = StageProgress(not c.json)
     with c.open_vault() as v:
         try:
@@ -89,10 +82,7 @@ def synth_documents_cmd(c: Ctx, source, model, dataset, passages, min_grounding,
 def synth_edge_cases_cmd(c: Ctx, source, dataset, table, rows, policy, seed, pii):
     """Rows for the long tail of a table in SOURCE: unseen and rare combinations of its own values,
     numbers at and past their observed extremes; each says which case it covers (column edge_case)."""
-    from appliance import api
-    from appliance.vault import synth
-
-    synth.Policy.load(policy)
+    api.synth_check(policy=policy)
     with c.open_vault() as v:
         r = api.synth_edge_cases(v, source, dataset, table, rows, policy, seed, pii)
     c.emit(r, lambda: _human(r))

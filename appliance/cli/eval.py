@@ -1,4 +1,4 @@
-"""`appliance eval run|runs|compare|gate|suites`: thin over `appliance.eval`."""
+"""`appliance eval run|runs|compare|gate|suites`: thin over `appliance.api` (evaluation)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,11 @@ from pathlib import Path
 
 import click
 
-from appliance.cli import Ctx, cli, command, train_group
+from appliance import api
+from appliance.api.format import blank_note, change, num
+from appliance.cli.app import Ctx, cli, command
+from appliance.cli.output import StageProgress, err, out, table
 from appliance.errors import ApplianceError, UsageError
-from appliance.output import StageProgress, blank_note, change, err, num, out, table
 
 
 class ChecksFailed(ApplianceError):
@@ -25,8 +27,6 @@ def eval_group():
 @command(eval_group, "suites")
 def eval_suites_cmd(c: Ctx):
     """The shipped example suites."""
-    from appliance import api
-
     data = api.eval_suites()["suites"]
     c.emit({"suites": data}, lambda: table(["suite", "cases", "metrics", "description"],
                                             [[d["name"], d["cases"], ", ".join(d["metrics"]), d["description"]]
@@ -43,13 +43,7 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
     SUITE is a shipped name, a TOML file, or a dataset version NAME@N for its default suite (held-out
     perplexity and cloze questions cut from its documents).
     """
-    from appliance import api
-    from appliance.eval.metrics import load_plugins
-    from appliance.eval.suite import DATASET_REF, load
-
-    if not DATASET_REF.match(suite):
-        load_plugins()
-        load(suite)  # a malformed suite is reported before the passphrase is asked
+    api.eval_suite_check(suite)  # a malformed suite is reported before the passphrase is asked
     bar = StageProgress(not c.json)
     with c.open_vault() as v:
         try:
@@ -87,8 +81,6 @@ def eval_run_cmd(c: Ctx, suite, model, strict):
 @command(eval_group, "runs")
 def eval_runs_cmd(c: Ctx):
     """Every stored evaluation run."""
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         rows = api.eval_runs(v)["runs"]
     c.emit({"runs": rows}, lambda: table(
@@ -122,8 +114,6 @@ def _compare_human(r: dict) -> None:
 @click.argument("b")
 def eval_compare_cmd(c: Ctx, a, b):
     """Per-metric deltas B - A with paired bootstrap intervals, wins, losses and changed answers."""
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         r = api.eval_compare(v, a, b)
     c.emit(r, lambda: _compare_human(r))
@@ -136,8 +126,6 @@ def eval_compare_cmd(c: Ctx, a, b):
               help="Allowed regression: relative (0.02 = 2 %), accuracy in absolute points. Repeatable.")
 def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
     """Exit 1 when any metric of the candidate regresses beyond tolerance (for release scripts)."""
-    from appliance import api
-
     per, default = {}, 0.0
     for t in tolerances:
         key, _, val = t.rpartition("=")
@@ -184,8 +172,6 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
 @click.option("--rebaseline", is_flag=True, help="Record a new baseline instead of checking.")
 def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, rebaseline):
     """Compare a model's answers and next-token distributions on fixed probes with the stored baseline."""
-    from appliance import api
-
     with c.open_vault() as v:
         r = api.eval_drift(v, model, dataset, name, max_change, max_kl, probes, rebaseline)
     failure = ChecksFailed(f"{r['model']} drifted from baseline {r['baseline']}", "see the numbers above"
@@ -213,20 +199,6 @@ def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, reb
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def eval_plot_cmd(c: Ctx, runs, out_path):
     """Plot the metrics of evaluation runs side by side (PNG)."""
-    from appliance import api
-
     with c.open_vault(read_only=True) as v:
         res = api.eval_plot(v, list(runs), out_path)
     c.emit(res, f"wrote {out_path} ({len(res['metrics'])} metrics, {len(runs)} runs)")
-
-
-@command(train_group, "plot")
-@click.argument("runs", nargs=-1, required=True)
-@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
-def train_plot_cmd(c: Ctx, runs, out_path):
-    """Plot the training loss of runs (NAME@K) per step (PNG)."""
-    from appliance import api
-
-    with c.open_vault(read_only=True) as v:
-        res = api.train_plot(v, list(runs), out_path)
-    c.emit(res, f"wrote {out_path}")
