@@ -133,26 +133,31 @@ def _synth(v, tmp: Path, stage: Callable[..., None]) -> None:
 
 
 def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
-    """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs,
+    """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs (long enough
+    that it answers the sample questions, scored with the shipped `handbook-answers` suite),
     preference-tune that (DPO) toward the handbook's answers, then reinforce it (GRPO) with a reward for
     answers that match the handbook's; the last is the model that ships. Returns (pre-trained, shipped)."""
+    from appliance.eval.run import run as evaluate
+    from appliance.eval.suite import load
     from appliance.train.config import load_recipe
     from appliance.train.run import losses, metrics, run
 
     common = ["train.checkpoint_every=1000"]
     pre = load_recipe("tiny-dense", ["data.datasets=handbook@2", f"data.tokenizer={tokenizer_id}",
-                                     "train.max_steps=60", *common])
+                                     "train.max_steps=300", *common])
     r = run(v, pre)
     ls = losses(v.con, r.id)
     stage("pretrain", f"{r.id}: Llama-style 2 layers x 64, {r.steps} steps on handbook@2, loss {ls[0]:.2f} -> "
                       f"{ls[-1]:.2f}, {r.tokens_per_s:,.0f} tok/s, padding {r.data['padding_fraction']:.2%}",
           id=r.id, first_loss=ls[0], last_loss=ls[-1])
-    sft = load_recipe("sft-lora", [f"model.base={r.id}", "data.datasets=handbook-qa@1", "train.max_steps=30",
+    sft = load_recipe("sft-lora", [f"model.base={r.id}", "data.datasets=handbook-qa@1", "train.max_steps=300",
                                    *common])
     s = run(v, sft)
     ls = losses(v.con, s.id)
+    e = evaluate(v, load("handbook-answers"), s.merged)
     stage("sft", f"{s.id}: LoRA r=8 on {r.id}, {len(ls)} steps on handbook-qa@1 (answers only), loss "
-                 f"{ls[0]:.2f} -> {ls[-1]:.2f}; merged as {s.merged}", id=s.id, merged=s.merged)
+                 f"{ls[0]:.2f} -> {ls[-1]:.2f}; merged as {s.merged}; {e['id']}: answers {e['passed']}/{e['cases']} "
+                 "sample questions", id=s.id, merged=s.merged, eval=e["id"], passed=e["passed"], cases=e["cases"])
     dpo = load_recipe("dpo-lora", [f"model.base={s.merged}", "data.datasets=handbook-prefs@1", "train.max_steps=20",
                                    *common])
     p = run(v, dpo)
@@ -218,10 +223,10 @@ def _quantize(v, model_id: str, stage: Callable[..., None]) -> str:
     question = "What does the tarn valve do?"
     t0 = time.perf_counter()
     llm = open_model(Path(r.path), n_ctx=256, seed=1)
-    text = "".join(chat_turn(llm, [{"role": "user", "content": question}], max_tokens=24, temperature=0.7))
+    text = "".join(chat_turn(llm, [{"role": "user", "content": question}], max_tokens=32, temperature=0.0))
     secs = time.perf_counter() - t0
     llm.close()
-    stage("chat", f"llama.cpp on {r.id} ({secs:.2f} s; a 170k-parameter model, so expect little sense): "
+    stage("chat", f"llama.cpp on {r.id} ({secs:.2f} s, greedy): "
                   f"{question!r} -> {' '.join(text.split())[:90]!r}", text=text)
     return r.id
 
@@ -240,6 +245,11 @@ def _evaluate(v, model_id: str, gguf_id: str, stage: Callable[..., None]) -> Non
         stage("eval", f"{r['id']}: {r['suite']} on {r['model']} ({r['backend']}): {r['passed']}/{r['cases']} cases, "
                       f"perplexity {m['perplexity']:.2f}, site-term coverage {m['vocab_coverage']:.0%}, "
                       f"{m['tokens_per_s']:,.0f} tok/s", id=r["id"], metrics=m)
+    answers = [run(v, load("handbook-answers"), m) for m in (model_id, gguf_id)]
+    for r in answers:
+        stage("answers", f"{r['id']}: {r['suite']} on {r['model']} ({r['backend']}): answers {r['passed']}/"
+                         f"{r['cases']} sample questions ({r['passed'] / r['cases']:.0%}; "
+                         f"{_sample_answer(r)})", id=r["id"], passed=r["passed"], cases=r["cases"])
     g = gate(v.con, a["id"], b["id"], {}, 0.05)
     stage("gate", f"{b['id']} vs {a['id']}: {'passed' if g['ok'] else 'REGRESSED'} within 5 % "
                   f"(answers changed on {len(g['changed'])} of {b['cases']} cases)", ok=g["ok"])
@@ -250,6 +260,12 @@ def _evaluate(v, model_id: str, gguf_id: str, stage: Callable[..., None]) -> Non
     plots.loss_png({r: losses(v.con, r) for r in ("tiny-dense@1", "sft-lora@1")}, out / "loss.png")
     stage("drift", f"{gguf_id} against the baseline of {model_id} ({d['probes']} probes): answers changed "
                    f"{d['answer_change_rate']:.0%}, mean KL {d['mean_kl']:.4f}; plots in {out}", ok=d["ok"])
+
+
+def _sample_answer(r: dict) -> str:
+    """One answer of a run, quoted, so the score reads with an example beside it."""
+    c = next((c for c in r["case_results"] if c["passed"]), r["case_results"][0])
+    return f"{c['case']}: {' '.join(c['output'].split())[:70]!r}"
 
 
 def _bundles(v, gguf_id: str, tmp: Path, stage: Callable[..., None]) -> None:

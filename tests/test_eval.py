@@ -259,7 +259,7 @@ def test_the_vault_is_free_while_a_suite_runs(ehome):
 
 def test_suite_json_is_one_object(ehome, cli):
     r = cli("--home", ehome, "--json", "eval", "suites")
-    assert [s["name"] for s in json.loads(r.out)["suites"]] == ["handbook-checks"]
+    assert [s["name"] for s in json.loads(r.out)["suites"]] == ["handbook-answers", "handbook-checks"]
 
 
 def test_a_model_given_by_path(ehome, cli):
