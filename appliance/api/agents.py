@@ -21,7 +21,6 @@ from pathlib import Path
 from appliance.api import data, jobs, training
 from appliance.errors import ApplianceError, NotFound
 from appliance.home import Home
-from appliance.vault.audit import ACTING, actor_of
 
 
 # --- grants: the operator's ---------------------------------------------------------------------------
@@ -84,11 +83,19 @@ def agent_open(home: str | Path | Home, passphrase: str, token: str | None):
 def _acting(v, actor: str):
     """`v` acts as `actor` for the length of a block, in this thread only (the handle itself is unchanged:
     another thread using it meanwhile stays who it is)."""
+    from appliance.vault.audit import ACTING
+
     token = ACTING.set(actor)
     try:
         yield v
     finally:
         ACTING.reset(token)
+
+
+def _actor(v) -> str:
+    from appliance.vault.audit import actor_of  # the vault (and DuckDB) only when a call runs
+
+    return actor_of(v)
 
 
 def _as_agent(v, token: str | None, tool: str, cap: str, run, vet=None, **args):
@@ -107,7 +114,7 @@ def _as_agent(v, token: str | None, tool: str, cap: str, run, vet=None, **args):
         grant.require(cap)
         checked = vet(v, grant, **args) if vet else args
     except ApplianceError as e:  # as the grant's agent; with no valid grant, as the session's
-        with _acting(v, grant.actor if grant else actor_of(v)), v.transaction():
+        with _acting(v, grant.actor if grant else _actor(v)), v.transaction():
             v.audit("mcp.refused", [], {"tool": tool, "reason": e.message})
         raise _unlisted(e, grant) from None
     with _acting(v, grant.actor):
@@ -245,7 +252,7 @@ def agent_jobs_cancel(v, token: str | None, job_id: str) -> dict:
     """Cancel a queued job or stop a running one at a checkpoint: only the agent's own jobs (train)."""
 
     def cancel(v, job_id):
-        if jobs.jobs_show(v, job_id)["submitted_by"] != actor_of(v):  # the grant's agent, in this call
+        if jobs.jobs_show(v, job_id)["submitted_by"] != _actor(v):  # the grant's agent, in this call
             raise ApplianceError(f"{job_id} is not this agent's job", "agents cancel only the jobs they started")
         return jobs.jobs_cancel(v, job_id)
 
