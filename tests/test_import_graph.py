@@ -45,19 +45,27 @@ def imported(name: str, path: Path, known: set[str]) -> set[str]:
         if target and target != name:
             found.add(target)
 
+    for base, names in import_statements(path, package):
+        for n in names:  # `from pkg import mod` imports a module, `from mod import f` its module
+            add(f"{base}.{n}" if base and f"{base}.{n}" in known else (base or n))
+    return found
+
+
+def import_statements(path: Path, package: str) -> list[tuple[str, list[str]]]:
+    """Each import in a file as (module, names): `import a.b` is ("", ["a.b"]); `from .x import f` is
+    ("PACKAGE.x", ["f"]), relative imports resolved against `package`."""
+    out: list[tuple[str, list[str]]] = []
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
-            for alias in node.names:
-                add(alias.name)
+            out.append(("", [a.name for a in node.names]))
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 up = package.split(".")
                 up = up[: len(up) - (node.level - 1)]
                 base = ".".join(up + ([base] if base else []))
-            for alias in node.names:  # `from pkg import mod` imports a module, `from mod import f` its module
-                add(f"{base}.{alias.name}" if f"{base}.{alias.name}" in known else base)
-    return found
+            out.append((base, [a.name for a in node.names]))
+    return out
 
 
 def package_of(module: str) -> str:
@@ -190,17 +198,9 @@ def all_imports(path: Path, name: str) -> set[str]:
     """Every module name a file imports (ours resolved to dotted names, others by their top-level name)."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     found: set[str] = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            found |= {a.name for a in node.names}
-        elif isinstance(node, ast.ImportFrom):
-            base = node.module or ""
-            if node.level:
-                up = package.split(".")
-                up = up[: len(up) - (node.level - 1)]
-                base = ".".join(up + ([base] if base else []))
-            ours = base.split(".")[0] in ("appliance", "bundles")
-            found |= {f"{base}.{a.name}" if ours else base for a in node.names}
+    for base, names in import_statements(path, package):
+        ours = base.split(".")[0] in ("appliance", "bundles")
+        found |= {f"{base}.{n}" if ours else (base or n) for n in names}
     return found
 
 
