@@ -7,10 +7,15 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/appliance/wheels
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# llama.cpp's tokenizer test vectors (vocabulary-only GGUFs + .inp/.out) from the same version's sdist,
+# kept in VOCAB for tests/test_gguf_vocab.py (APPLIANCE_VOCAB_DIR overrides where the tests look).
+VOCAB ?= $(WHEELS)/../vocab
+VOCAB_FAMILIES := llama-bpe qwen2 qwen35 gpt-2 llama-spm starcoder
+VOCAB_STAMP := $(VOCAB)/.llama-cpp-$(LLAMA_CPP)-$(shell echo $(VOCAB_FAMILIES) | cksum | cut -d' ' -f1)
 
 .PHONY: setup demo test bench lint
 
-setup: $(STAMP)
+setup: $(STAMP) $(VOCAB_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -22,10 +27,18 @@ $(STAMP): pyproject.toml requirements.lock
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
+$(VOCAB_STAMP): | $(STAMP)
+	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP).tar.gz >/dev/null 2>&1 || \
+	  $(VENV)/bin/python -m pip download -q --no-deps --no-binary :all: llama-cpp-python==$(LLAMA_CPP) -d $(WHEELS)
+	mkdir -p $(VOCAB)
+	tar xzf $(WHEELS)/llama_cpp_python-$(LLAMA_CPP).tar.gz -C $(VOCAB) --strip-components=4 --wildcards \
+	  $(foreach f,$(VOCAB_FAMILIES),'llama_cpp_python-$(LLAMA_CPP)/vendor/llama.cpp/models/ggml-vocab-$(f).gguf*')
+	touch $@
+
 demo: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/appliance demo --home .demo-home
 
-test: $(STAMP)
+test: $(STAMP) $(VOCAB_STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=25
 
 bench: $(STAMP)

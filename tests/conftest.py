@@ -201,3 +201,15 @@ def gbase(train_base, tmp_path_factory) -> Path:
 @pytest.fixture
 def ghome(gbase, tmp_path) -> Path:
     return copy_home(gbase, tmp_path)
+
+
+@pytest.fixture(scope="session")
+def vocab_dir() -> Path:
+    """llama.cpp's vocabulary-only GGUFs with expected tokenizations, which `make setup` extracts."""
+    d = Path(os.environ.get("APPLIANCE_VOCAB_DIR") or Path.home() / ".cache" / "appliance" / "vocab")
+    missing = [f for f in ("llama-bpe", "qwen2", "qwen35", "gpt-2", "llama-spm", "starcoder")
+               if not (d / f"ggml-vocab-{f}.gguf.out").is_file()]
+    if missing:
+        pytest.fail(f"llama.cpp tokenizer test vectors ({', '.join(missing)}) are missing from {d}: run `make setup`",
+                    pytrace=False)
+    return d

@@ -80,9 +80,9 @@ def test_f32_export_gives_the_same_logits_as_transformers(qbase, tmp_path, model
 
 
 def test_a_wrong_rotary_permutation_is_caught_by_the_logits(qbase, tmp_path, monkeypatch):
-    from appliance.quantize import gguf_export
+    from appliance.quantize import gguf_arch, gguf_export
 
-    monkeypatch.setattr(gguf_export, "permute_qk", lambda w, n_head: w)  # what a naive converter does
+    monkeypatch.setattr(gguf_arch, "permute_qk", lambda w, n_head: w)  # what a naive converter does
     out = tmp_path / "m.gguf"
     gguf_export.write(model_dir(qbase, "kq@1"), out, {"id": "kq@1"})
     a, b = logits_both(qbase, "kq@1", out, held_out(qbase)[0])
@@ -102,6 +102,7 @@ def test_quantize_end_to_end(qhome, cli):
     q = d["quality"]
     assert q["eval_data"] == "handbook@1" and q["eval_split"] == "validation" and q["tokens"] == 2048
     assert q["tokenizer_records"] >= 1 and q["tokenizer_agreed"] == q["tokenizer_records"]
+    assert q["tokenizer_hard_strings"] >= 10 and q["tokenizer_hard_agreed"] == q["tokenizer_hard_strings"]
     assert abs(q["ppl_delta_pct"]) < 3 and q["top1_agreement"] > 0.9 and q["ok"]
     # the file stands on its own: metadata and tokenizer that llama.cpp reads back
     from appliance.quantize import llama

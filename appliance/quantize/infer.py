@@ -155,7 +155,7 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     except ImportError as e:
         raise QuantizeError("the server's packages are not installed", "run `make setup`") from e
     _check_port(host, port)  # before minutes of loading a large model
-    n_ctx = n_ctx or int(info["fields"].get("llama.context_length") or 2048)
+    n_ctx = n_ctx or int(info["fields"].get("context_length") or 2048)
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
     model = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
                           n_threads_batch=threads, verbose=False)

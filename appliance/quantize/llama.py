@@ -113,6 +113,8 @@ def check(path: Path) -> dict:
         if key in r.fields:
             fld = r.fields[key]
             fields[key] = fld.contents() if hasattr(fld, "contents") else None
+    ctx = r.fields.get(f"{fields.get('general.architecture')}.context_length")  # the key is per arch
+    fields["context_length"] = ctx.contents() if ctx is not None and hasattr(ctx, "contents") else None
     return {"fields": fields, "reader": r}
 
 
@@ -123,7 +125,7 @@ def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool 
     ll = lib()
     from llama_cpp import Llama
 
-    n_ctx = n_ctx or int(info["fields"].get("llama.context_length") or 2048)
+    n_ctx = n_ctx or int(info["fields"].get("context_length") or 2048)
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
     logs(clear=True)
     try:

@@ -1,6 +1,7 @@
 """The quality report of an export: does the GGUF behave like the model it came from?
 
-- tokenizer agreement: llama.cpp tokenizes each held-out record exactly as the transformers tokenizer;
+- tokenizer agreement: llama.cpp tokenizes each held-out record, and a fixed set of hard strings (digits, whitespace
+  runs, code, accented and non-Latin scripts, emoji, special tokens in text), exactly as the transformers tokenizer;
 - perplexity of the GGUF and of the source model on the same tokens, the same windows;
 - top-1 agreement (same next-token argmax), max |logit difference|, mean KL divergence (source || GGUF).
 The report holds numbers and record positions only, never text: it is written beside the GGUF.
@@ -34,6 +35,9 @@ class Report:
     tokenizer_records: int = 0
     tokenizer_agreed: int = 0
     tokenizer_mismatches: list[int] = field(default_factory=list)  # positions in the eval split
+    tokenizer_hard_strings: int = 0  # HARD_STRINGS (and the tokenizer's special tokens in text) checked too
+    tokenizer_hard_agreed: int = 0
+    tokenizer_hard_mismatches: list[str] = field(default_factory=list)  # their names, never record text
     ppl_bound_pct: float = 0.0
     flags: list[str] = field(default_factory=list)
     eval_reason: str = ""  # why this dataset and split were measured
@@ -62,16 +66,51 @@ def windows_of(stream: np.ndarray, window: int) -> list[np.ndarray]:
     return [w for w in (stream[i:i + window] for i in range(0, len(stream), window)) if len(w) >= 2]
 
 
-def tokenizer_agreement(llm, tokenizer, records: Iterable[tuple[int, str]], rep: Report) -> None:
-    """Each (position, text): llama.cpp's ids must equal transformers' ids (special tokens parsed by both)."""
-    for pos, text in records:
+# Text where tokenizers tend to part ways (pre-tokenizer splits, normalization, byte fallback, added tokens):
+# checked on every export besides the held-out records, which may hold none of it. Fixed strings, not data.
+HARD_STRINGS = {
+    "digits": "0 7 42 365 2024 31415926535 1,234,567.89 -0.0001 3.14e-10 0x1F 007",
+    "long_number": "123456789012345678901234567890",
+    "whitespace_runs": "a  b   c    d     e" + " " * 16 + "f",
+    "tabs_newlines": "col1\tcol2\t\tcol3\nline2\n\n\nline5\r\nline6\n \n\t\n",
+    "leading_trailing_space": "   padded text   ",
+    "code": "def f(x):\n    return {'a': [1, 2], \"b\": x ** 2}  # comment\n\nif x != y && z >= 0 { y++; }\n",
+    "accents": "café naïve Ångström façade São Paulo Dvořák Łódź ß œ",
+    "non_latin": "Привет мир. 你好，世界。こんにちは。안녕하세요. مرحبا بالعالم. שלום. नमस्ते. Γειά σου.",
+    "emoji": "ok 👍🏽 👨‍👩‍👧‍👦 🇫🇷 ❤️ 🤖✨",
+    "mixed": "Temp: 21.5°C — “quoted” ‘text’ … ½ ¼ ™ © € £ ¥ → ≤ ≥ ≠ ∞",
+}
+
+
+def hard_strings(tokenizer) -> dict[str, str]:
+    """HARD_STRINGS plus one string with the tokenizer's own special tokens inside running text."""
+    specials = [t for t in getattr(tokenizer, "all_special_tokens", []) if t]
+    out = dict(HARD_STRINGS)
+    if specials:
+        out["special_tokens"] = "text " + " mid ".join(specials) + " end" + "".join(specials[:2]) + "tail"
+    return out
+
+
+def tokenizer_agreement(llm, tokenizer, records: Iterable[tuple[int, str]], rep: Report, hard: bool = True) -> None:
+    """Each (position, text) and each hard string: llama.cpp's ids must equal transformers' ids (special tokens
+    parsed by both)."""
+    def agree(text: str) -> bool:
         ours = tokenizer(text, add_special_tokens=False)["input_ids"]
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)
+        return list(ours) == list(theirs)
+
+    for pos, text in records:
         rep.tokenizer_records += 1
-        if list(ours) == list(theirs):
+        if agree(text):
             rep.tokenizer_agreed += 1
         elif len(rep.tokenizer_mismatches) < 20:
             rep.tokenizer_mismatches.append(pos)
+    for name, text in (hard_strings(tokenizer) if hard else {}).items():
+        rep.tokenizer_hard_strings += 1
+        if agree(text):
+            rep.tokenizer_hard_agreed += 1
+        else:
+            rep.tokenizer_hard_mismatches.append(name)
 
 
 def compare(source, llm, windows: list[np.ndarray], rep: Report,
@@ -114,6 +153,9 @@ def judge(rep: Report, bound_pct: float, exact: bool) -> None:
     if rep.tokenizer_agreed < rep.tokenizer_records:
         rep.flags.append(f"tokenizer: llama.cpp disagrees on {rep.tokenizer_records - rep.tokenizer_agreed} of "
                          f"{rep.tokenizer_records} held-out records")
+    if rep.tokenizer_hard_agreed < rep.tokenizer_hard_strings:
+        rep.flags.append(f"tokenizer: llama.cpp disagrees on {rep.tokenizer_hard_strings - rep.tokenizer_hard_agreed}"
+                         f" of {rep.tokenizer_hard_strings} hard strings ({', '.join(rep.tokenizer_hard_mismatches)})")
     if rep.ppl_delta_pct > bound_pct:
         rep.flags.append(f"perplexity rose {rep.ppl_delta_pct:.2f}% (bound {bound_pct:g}%)")
     if exact and rep.top1_agreement < 1.0:

@@ -250,9 +250,9 @@ class LoraConfig:
     """Scale: the update is multiplied by alpha / rank."""
     dropout: float = 0.0
     """Dropout on the adapter input."""
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                "gate_proj", "up_proj", "down_proj"])
-    """Linear layers that get adapters."""
+    target_modules: list[str] = field(default_factory=list)
+    """Linear layers that get adapters; empty: chosen by the base's architecture (q/k/v/o and gate/up/down
+    projections; Phi-3's fused qkv_proj and gate_up_proj), recorded in the run's lineage."""
     merge: bool = False
     """Also save the base with the adapter merged in (a plain model directory)."""
 
@@ -264,8 +264,6 @@ class LoraConfig:
             p.append("lora.alpha must be positive")
         if not 0 <= self.dropout < 1:
             p.append("lora.dropout must be in [0, 1)")
-        if not self.target_modules:
-            p.append("lora.target_modules must name at least one layer")
         return p
 
 

@@ -15,8 +15,6 @@ from appliance.errors import ApplianceError, UsageError
 from appliance.home import atomic_dir, file_sha256
 from appliance.train.config import LoraConfig, ModelConfig
 
-MODEL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json")
-
 
 class TrainError(ApplianceError):
     """A training run could not start or had to stop."""
@@ -108,10 +106,17 @@ def tokenizer_vocab(home, ref: str, default: int = 32000) -> tuple[str | None, i
     return (best.name, max(ids) + 1) if ids else (None, default)
 
 
-def load_tokenizer(path: Path):
+def load_tokenizer(path: Path, chat: bool = False):
+    """The tokenizer at `path`; with `chat`, one without a chat template gets the appliance's ChatML
+    (`bases.ensure_chat_template`), which is then saved with every model trained from it."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    if chat:
+        from appliance.train.bases import ensure_chat_template
+
+        ensure_chat_template(tokenizer)
+    return tokenizer
 
 
 def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, device: str = "cpu"):
@@ -140,14 +145,29 @@ def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, 
 
     if method == "qlora":
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    targets = lora_targets(model, lora)
+    cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                   bias="none", task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def lora_targets(model, lora: LoraConfig) -> list[str]:
+    """The layers that get adapters: `lora.target_modules`, or when it names none, those of the architecture
+    (`bases.lora_targets`: q/k/v/o + gate/up/down; Phi-3's fused qkv_proj and gate_up_proj)."""
+    from appliance.train.bases import lora_targets as by_architecture
+
     present = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+    if not lora.target_modules:
+        targets = by_architecture(getattr(model.config, "architectures", None), present)
+        if not targets:
+            raise UsageError(f"no default LoRA targets for {model.config.architectures}",
+                             "name its linear layers with --lora.target_modules")
+        return targets
     targets = [t for t in lora.target_modules if t in present]
     if not targets:
         raise UsageError(f"lora.target_modules {lora.target_modules} match no layer of the base model",
                          "name linear layers such as q_proj, v_proj")
-    cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                   bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    return targets
 
 
 def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None = None) -> None:
@@ -173,26 +193,6 @@ def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -
     base = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, dtype=torch.float32)
     merged = PeftModel.from_pretrained(base, str(adapter_path), local_files_only=True).merge_and_unload()
     save_model(merged, load_tokenizer(adapter_path), dest, info)
-
-
-def check_model_dir(src: Path) -> dict:
-    """What `appliance train import` accepts: a local transformers causal-LM directory with a tokenizer."""
-    if not src.is_dir():
-        raise UsageError(f"{src} is not a directory", "point at a local transformers model directory")
-    missing = [f for f in MODEL_FILES if not (src / f).exists()]
-    if not list(src.glob("*.safetensors")):
-        missing.append("*.safetensors")
-    if missing:
-        raise UsageError(f"{src} is not a complete model directory: missing {', '.join(missing)}",
-                         "it needs config.json, safetensors weights and a tokenizer")
-    try:
-        config = json.loads((src / "config.json").read_text())
-    except json.JSONDecodeError as e:
-        raise UsageError(f"{src / 'config.json'} is not valid JSON: {e}", "fix or re-export the model") from None
-    if config.get("auto_map"):
-        raise UsageError(f"{src} needs custom code (auto_map in config.json)",
-                         "the appliance runs no code that comes with a model; use a built-in architecture")
-    return config
 
 
 def tree_hash(root: Path) -> str:

@@ -92,12 +92,15 @@ def inputs(vault, recipe: Recipe) -> Inputs:
     return Inputs(path, path, [(base, "base")])
 
 
-def tokenizer_hash(path: Path) -> str:
-    """Every file that changes how text becomes ids (vocabulary, specials, chat template)."""
+def tokenizer_hash(path: Path, added_template: str = "") -> str:
+    """Every file that changes how text becomes ids (vocabulary, specials, chat template), and the template the
+    appliance gave a tokenizer that had none."""
     h = hashlib.sha256()
     for p in sorted(path.iterdir()):
         if p.is_file() and p.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
             h.update(p.name.encode() + b"\0" + p.read_bytes())
+    if added_template:
+        h.update(b"added chat template\0" + added_template.encode())
     return h.hexdigest()
 
 
@@ -245,13 +248,15 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
     tokenizer = load_tokenizer(src.tokenizer_path)
     _check_lengths(recipe, src)
     _check_tokenizer(recipe, tokenizer)
+    template = _chat_template(recipe, tokenizer, src, on_event)
+    tok_hash = tokenizer_hash(src.tokenizer_path, tokenizer.chat_template if template else "")
     on_event("stage", {"text": "packing rows"})
-    packed, datasets, cached = data.prepare(vault, recipe.data, tokenizer, tokenizer_hash(src.tokenizer_path),
+    packed, datasets, cached = data.prepare(vault, recipe.data, tokenizer, tok_hash,
                                             progress=lambda s: on_event("stage", {"text": s}))
     on_event("data", {**packed.stats, "cached": cached})
     n_val = 0
     if recipe.train.eval_every:  # validation rows go after the train rows, served the same way
-        val = data.validation(vault, recipe.data, tokenizer, datasets, tokenizer_hash(src.tokenizer_path))
+        val = data.validation(vault, recipe.data, tokenizer, datasets, tok_hash)
         n_val = val.rows
         packed = data.Packed(np.concatenate([packed.tokens, val.tokens]), np.concatenate([packed.labels, val.labels]),
                              {**packed.stats, "validation_rows": n_val})
@@ -266,6 +271,8 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
             "datasets": [{"version": d, "content_hash": h} for d, h in datasets],
             "parents": [{"id": p, "role": r} for p, r in parents], "code_version": code_version(),
             "data": packed.stats}
+    if template:  # the base had none: the appliance's, saved with the model
+        info["chat_template"] = template
     if recipe.data.format == "task":  # what the episodes and tools were, exactly
         from appliance.tasks import load as load_task
 
@@ -342,9 +349,13 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
     if rec.watch.warnings:  # over-fitting, as said on stderr during the run
         metrics["warnings"] = rec.watch.warnings
     kind = "adapter" if out.get("adapter") else "model"
+    if kind == "adapter":  # the layers adapted, as chosen for the architecture or named by the recipe
+        metrics["lora_target_modules"] = sorted(json.loads((model_dir / "adapter_config.json").read_text())
+                                                .get("target_modules") or [])
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats,
-             **({"task": info["task"]} if "task" in info else {})}
+             **({"task": info["task"]} if "task" in info else {}),
+             **({"chat_template": info["chat_template"]} if "chat_template" in info else {})}
     merged = None
     with vault.transaction():
         lineage.add_node(vault.con, run_id, kind, parents, content_hash=tree_hash(model_dir), attrs=attrs)
@@ -399,10 +410,21 @@ def _check_tokenizer(recipe: Recipe, tokenizer) -> None:
     if tokenizer.eos_token_id is None:
         raise UsageError("the tokenizer has no end-of-text token", "documents are packed with EOS between them; "
                                                                   "use a tokenizer that defines eos_token")
-    if recipe.data.format in ("chat", "preference", "prompts") and not getattr(tokenizer, "chat_template", None):
-        raise UsageError("the base model's tokenizer has no chat template",
-                         "SFT and DPO render conversations with it; add one (tokenizer_config.json or "
-                         "chat_template.jinja)")
+
+
+CHAT_FORMATS = ("chat", "preference", "prompts", "task")
+
+
+def _chat_template(recipe: Recipe, tokenizer, src: Inputs, on_event) -> str | None:
+    """Conversations render with the base's own chat template; a base without one (most base models) gets the
+    appliance's ChatML, said once as a stage line; the stages set the same and save it with the model."""
+    from appliance.train.bases import ensure_chat_template
+
+    if recipe.data.format not in CHAT_FORMATS or (added := ensure_chat_template(tokenizer)) is None:
+        return None
+    on_event("stage", {"text": f"{src.parents[0][0]} has no chat template: using the appliance's ({added}); "
+                               "it is saved with the model"})
+    return added
 
 
 def _check_lengths(recipe: Recipe, src: Inputs) -> None:
@@ -462,7 +484,13 @@ def _complete(recipe: dict) -> dict:
     (a default is what that version did), so a resume compares like with like."""
     from appliance.train.config import from_dict
 
+    lora = recipe.get("lora") or {}
+    if lora.get("target_modules") == OLD_LORA_DEFAULT:  # the default before targets were chosen by architecture
+        recipe = {**recipe, "lora": {**lora, "target_modules": []}}
     return from_dict(recipe, []).to_dict()
+
+
+OLD_LORA_DEFAULT = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 def _diff(a: dict, b: dict, prefix: str = "") -> set[str]:
@@ -512,11 +540,12 @@ def import_model(vault, src: Path, name: str) -> dict:
     """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code)."""
     import shutil
 
-    from appliance.train.model import check_model_dir
+    from appliance.train.bases import check_model_dir, source_record
     from appliance.vault.ingest import validate_name
 
     validate_name(name, "model")
-    config = check_model_dir(src)
+    config = check_model_dir(src)  # refusals (custom code, pickle weights, ...) come before any copy
+    source = source_record(src, config)
     model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
     try:
@@ -532,9 +561,10 @@ def import_model(vault, src: Path, name: str) -> dict:
         raise UsageError(f"cannot import {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
                          "it must be a complete local transformers model directory") from None
     attrs = {"path": str(root / model_id), "source": str(src), "architectures": config.get("architectures"),
-             "imported": True}
+             "imported": True, "base": source}
     with vault.transaction():
         lineage.add_node(vault.con, model_id, "model", [], content_hash=digest, attrs=attrs)
-        vault.audit("train.import", [model_id], {"source": str(src), "content_hash": digest})
+        vault.audit("train.import", [model_id], {"source": str(src), "content_hash": digest,
+                                                 "name": source["name"], "revision": source["revision"]})
     return {"id": model_id, "path": str(root / model_id), "content_hash": digest,
-            "architectures": config.get("architectures")}
+            "architectures": config.get("architectures"), "base": source}

@@ -49,7 +49,7 @@ def sft(spec: StageSpec, link, dist: loop.Dist) -> dict:
 
     recipe = spec.recipe
     torch.manual_seed(recipe.train.seed)  # adapter init
-    tokenizer = load_tokenizer(spec.base_path)
+    tokenizer = load_tokenizer(spec.base_path, chat=True)
     base = spec.base_path
     if recipe.method == "full" and _fsdp(recipe, dist):
         from transformers import AutoConfig
@@ -103,7 +103,7 @@ def _policy_and_reference(spec: StageSpec, dist: loop.Dist):
     recipe = spec.recipe
     torch.manual_seed(recipe.train.seed)  # adapter init
     base = spec.base_path
-    tokenizer = load_tokenizer(base)
+    tokenizer = load_tokenizer(base, chat=True)
     model = load_base(base, recipe.method, recipe.lora, dist.device)
     if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
         model = model.to(dist.device)
