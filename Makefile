@@ -10,7 +10,7 @@ LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLA
 # llama.cpp's tokenizer test vectors (vocabulary-only GGUFs + .inp/.out) from the same version's sdist,
 # kept in VOCAB for tests/test_gguf_vocab.py (APPLIANCE_VOCAB_DIR overrides where the tests look).
 VOCAB ?= $(WHEELS)/../vocab
-VOCAB_FAMILIES := llama-bpe qwen2 qwen35 gpt-2 llama-spm starcoder
+VOCAB_FAMILIES := llama-bpe qwen2 qwen35 gpt-2 llama-spm starcoder phi-3
 VOCAB_STAMP := $(VOCAB)/.llama-cpp-$(LLAMA_CPP)-$(shell echo $(VOCAB_FAMILIES) | cksum | cut -d' ' -f1)
 
 .PHONY: setup demo test bench lint

@@ -207,7 +207,7 @@ def ghome(gbase, tmp_path) -> Path:
 def vocab_dir() -> Path:
     """llama.cpp's vocabulary-only GGUFs with expected tokenizations, which `make setup` extracts."""
     d = Path(os.environ.get("APPLIANCE_VOCAB_DIR") or Path.home() / ".cache" / "appliance" / "vocab")
-    missing = [f for f in ("llama-bpe", "qwen2", "qwen35", "gpt-2", "llama-spm", "starcoder")
+    missing = [f for f in ("llama-bpe", "qwen2", "qwen35", "gpt-2", "llama-spm", "starcoder", "phi-3")
                if not (d / f"ggml-vocab-{f}.gguf.out").is_file()]
     if missing:
         pytest.fail(f"llama.cpp tokenizer test vectors ({', '.join(missing)}) are missing from {d}: run `make setup`",

@@ -75,7 +75,9 @@ FAMILIES = {
     "llama-bpe": ("gpt2", "llama-bpe"),
     "qwen2": ("gpt2", "qwen2"),
     "qwen35": ("gpt2", "qwen35"),
+    "phi-3": ("llama", "default"),
 }
+SPM = {"llama-spm", "phi-3"}
 SLOW = {"llama-bpe", "qwen2", "qwen35"}  # 128k-152k vocabularies: transformers' GGUF rebuild alone takes ~20 s
 NFC = {"qwen2", "qwen35"}  # Qwen2Tokenizer and Qwen3_5Tokenizer set an NFC normalizer
 
@@ -105,8 +107,8 @@ def test_family_tokenizes_like_llama_cpp_and_transformers(vocab_dir, tmp_path, f
     if fam in NFC:  # the one accepted difference: llama.cpp does not NFC-normalize decomposed accents
         assert llm.tokenize("e\u0301".encode(), add_bos=False) != tok.encode("e\u0301", add_special_tokens=False)
         assert llm.tokenize("\u00e9".encode(), add_bos=False) == tok.encode("e\u0301", add_special_tokens=False)
-    assert meta["tokenizer.ggml.add_bos_token"] == ("true" if fam == "llama-spm" else "false")
-    if fam == "llama-spm":  # SentencePiece: scores, 256 BYTE tokens, <unk> typed UNKNOWN, a space prefix
+    assert meta["tokenizer.ggml.add_bos_token"] == ("true" if fam in SPM else "false")
+    if fam in SPM:  # SentencePiece: scores, 256 BYTE tokens, <unk> typed UNKNOWN, a space prefix
         types = list(GGUFReader(out).fields["tokenizer.ggml.token_type"].contents())
         assert types.count(gguf_vocab.BYTE) == 256 and types[tok.unk_token_id] == gguf_vocab.UNKNOWN
         assert meta["tokenizer.ggml.add_space_prefix"] == "true"
@@ -155,3 +157,76 @@ def test_refusal_writes_nothing(vocab_dir, tmp_path):
     with pytest.raises(QuantizeError, match="WordPiece"):
         gguf_export.write(d, out, {"id": "wp"})
     assert not out.exists()
+
+
+def _tiny_llama(d: Path, n_vocab: int) -> None:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=n_vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+
+
+def _gguf_tokenizes_as(d: Path, tok, texts: list[str], out: Path):
+    """Export `d` to f32 and return llama.cpp's tokenizer on it, after checking it agrees with `tok` on texts."""
+    gguf_export.write(d, out, {"id": d.name})
+    llama.lib()
+    from llama_cpp import Llama
+
+    llm = Llama(model_path=str(out), vocab_only=True, verbose=False)
+    bad = [t for t in texts if llm.tokenize(t.encode("utf-8"), add_bos=False, special=False)
+           != tok.encode(t, add_special_tokens=False)]
+    assert not bad, f"llama.cpp on our GGUF differs from transformers on {bad[:3]}"
+    return llm
+
+
+def test_import_rewrites_a_metaspace_tokenizer_as_sentencepiece_runs_it(vocab_dir, tmp_path):
+    """transformers 5 runs every LlamaTokenizer with Metaspace, which drops SentencePiece's ▁ before text that
+    starts with a space; import rewrites it, and then transformers, llama.cpp and SentencePiece itself (the
+    `.out` vectors) agree on every line."""
+    from transformers import AutoTokenizer
+
+    from appliance.train.bases import as_sentencepiece
+
+    cases = vectors(vocab_dir, "llama-spm")
+    d = tmp_path / "llama2"
+    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(d)
+    tc = d / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "LlamaTokenizer"}))
+    before = AutoTokenizer.from_pretrained(str(d))
+    assert json.loads(before.backend_tokenizer.to_str())["pre_tokenizer"]["type"] == "Metaspace"
+    differs = [t for t, want in cases if before.encode(t, add_special_tokens=False) != want]
+    assert differs and all(t.startswith(" ") for t in differs)  # what import fixes: text after a space
+    with pytest.raises(QuantizeError, match="Metaspace"):
+        gguf_vocab.family(json.loads(before.backend_tokenizer.to_str()))
+
+    assert "Metaspace" in as_sentencepiece(d)
+    assert as_sentencepiece(d) is None  # once is enough
+    after = AutoTokenizer.from_pretrained(str(d))
+    assert [after.encode(t, add_special_tokens=False) for t, _ in cases] == [want for _, want in cases]
+    assert after.encode("a")[0] == after.bos_token_id
+    assert after.decode(after.encode(" a b"), skip_special_tokens=True) == " a b"
+    _tiny_llama(d, len(after))
+    llm = _gguf_tokenizes_as(d, after, [t for t, _ in cases], tmp_path / "llama2.gguf")
+    assert [llm.tokenize(t.encode(), add_bos=False, special=False) for t, _ in cases] == [w for _, w in cases]
+
+
+def test_gemma_sentencepiece_without_a_space_prefix(vocab_dir, tmp_path):
+    """Gemma's tokenizer: spaces become ▁ with no dummy prefix (llama.cpp's add_space_prefix false). transformers'
+    own GemmaTokenizer pipeline, on llama.cpp's llama-spm vocabulary, against llama.cpp on every test line."""
+    from transformers import AutoTokenizer
+
+    d = tmp_path / "gemma"
+    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(d)
+    tc = d / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "GemmaTokenizer",
+                              "pad_token": "<unk>", "mask_token": "<unk>"}))
+    tok = AutoTokenizer.from_pretrained(str(d))
+    spec = json.loads(tok.backend_tokenizer.to_str())
+    assert spec["normalizer"]["type"] == "Replace" and spec["pre_tokenizer"]["type"] == "Split"
+    assert gguf_vocab.family(spec) == ("llama", "default", False)
+    _tiny_llama(d, len(tok))
+    texts = [t for t, _ in vectors(vocab_dir, "llama-spm")]
+    llm = _gguf_tokenizes_as(d, tok, texts, tmp_path / "gemma.gguf")
+    assert llm.metadata["tokenizer.ggml.add_space_prefix"] == "false"
+    assert tok.encode(" a", add_special_tokens=False) != tok.encode("a", add_special_tokens=False)

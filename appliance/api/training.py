@@ -56,10 +56,23 @@ def train_recipes(keys: bool = False, home: Path | None = None) -> dict:
     return {"recipes": items}
 
 
-def train_import(v, src: str | Path, name: str) -> dict:
+def train_import(v, src: str | Path, name: str, progress=None) -> dict:
+    """A transformers directory, or a model GGUF dequantized into one (`quantize.gguf_import`, checked against
+    llama.cpp on the file itself)."""
+    from appliance.quantize import gguf_import
     from appliance.train.run import import_model
 
-    return import_model(v, Path(src), name)
+    src = Path(src)
+    if src.is_file() and gguf_import.is_gguf(src):
+        gguf_import.read(src)  # refusals come before anything is written
+        return import_model(v, src, name, convert=lambda tmp: gguf_import.source_record(
+            src, gguf_import.convert(src, tmp, progress or (lambda done, total: None))))
+    if src.is_file():
+        from appliance.errors import UsageError
+
+        raise UsageError(f"{src} is neither a model directory nor a GGUF file",
+                         "import a local transformers model directory or a .gguf model file")
+    return import_model(v, src, name)
 
 
 def train_merge(v, adapter: str) -> dict:

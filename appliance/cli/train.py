@@ -9,7 +9,7 @@ import click
 from appliance import api
 from appliance.api.format import num
 from appliance.cli.app import Ctx, cli, command, recipe_overrides
-from appliance.cli.output import TrainProgress, err, out, table
+from appliance.cli.output import ProgressBar, TrainProgress, err, out, table
 
 
 # --- train ---------------------------------------------------------------------------------------
@@ -109,10 +109,36 @@ def _vocab(p: dict | None) -> str:
 @click.argument("src", type=click.Path(path_type=Path))
 @click.option("--name", required=True, help="Model name; imported as NAME@K.")
 def train_import_cmd(c: Ctx, src, name):
-    """Import a base model from a local transformers directory (e.g. unpacked from a bundle)."""
+    """Import a base model: a local transformers directory (e.g. unpacked from a bundle) or a model GGUF file.
+
+    A GGUF is dequantized into a transformers model (Llama, Mistral, Qwen2, Qwen3, Phi-3, Gemma 2) and checked
+    against llama.cpp on the file itself: same tokens on hard strings, same next tokens on a probe.
+    """
+    bar = ProgressBar(not c.json, "dequantizing")
+    start, advance = bar.callbacks()
+    state = {"started": False, "done": 0}
+
+    def progress(done: int, total: int) -> None:
+        if not state["started"]:
+            start(0, total)
+            state["started"] = True
+        advance(done - state["done"], "")
+        state["done"] = done
+
     with c.open_vault() as v:
-        res = api.train_import(v, src, name)
-    c.emit(res, f"{res['id']}: {', '.join(res['architectures'] or ['model'])} from {src}\nsaved to {res['path']}")
+        try:
+            res = api.train_import(v, src, name, progress=progress)
+        finally:
+            bar.stop()
+    lines = [f"{res['id']}: {', '.join(res['architectures'] or ['model'])} from {src}", f"saved to {res['path']}"]
+    g = (res.get("base") or {}).get("gguf")
+    if g:
+        lines.append(f"dequantized from {', '.join(g['tensor_types'])}; against llama.cpp on the file: "
+                     f"{g['hard_strings']} hard strings tokenized alike, top-1 agreement {g['top1_agreement']:.3f} "
+                     f"and max |logit diff| {g['max_logit_diff']:.2g} over {g['probe_tokens']} tokens")
+    if res.get("tokenizer_rewritten"):
+        lines.append(res["tokenizer_rewritten"])
+    c.emit(res, "\n".join(lines))
 
 
 @command(train_group, "merge")

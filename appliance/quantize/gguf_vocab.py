@@ -12,8 +12,10 @@ anything else is refused in one line:
   (transformers' Qwen classes) is the one accepted difference: llama.cpp does not normalize, so only text
   that is not already NFC (decomposed accents) tokenizes differently.
 - SentencePiece-style BPE (`llama`): byte fallback with all 256 `<0xNN>` tokens, spaces as `▁` by the
-  `Prepend`+`Replace` normalizer (SentencePiece's dummy prefix); scores recreate the merge order. The newer
-  `Metaspace` form is refused: it adds no `▁` before text that starts with a space, llama.cpp does.
+  `Prepend`+`Replace` normalizer (SentencePiece's dummy prefix: Llama 2, Mistral 7B, Phi-3) or by `Replace`
+  alone (Gemma: no prefix); scores recreate the merge order. The `Metaspace` form transformers 5 builds for
+  `LlamaTokenizer` is refused here: it adds no `▁` before text that starts with a space, llama.cpp does.
+  `appliance train import` rewrites it to the `Prepend` form (`train.bases.sentencepiece_form`).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ SPLITS = {_LLAMA3: "llama-bpe", _QWEN2: "qwen2", _QWEN35: "qwen35", _TEKKEN: "te
 # pre-tokenizers for which llama.cpp first looks a whole word up in the vocabulary (ignore_merges)
 IGNORE_MERGES = {"llama-bpe", "tekken", "gpt-4o"}
 EOT_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+_GEMMA_SPLIT = {"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}
 _HINT = "GGUF export handles byte-level BPE (GPT-2, Llama 3, Qwen2, StarCoder splits) and SentencePiece-style BPE"
 
 
@@ -153,15 +156,19 @@ def _sentencepiece(pre: dict | None, norm: dict | None, model: dict) -> bool:
         raise QuantizeError(f"byte-fallback BPE lacks byte tokens ({', '.join(missing[:3])}, ...)", _HINT)
     if model.get("ignore_merges"):
         raise QuantizeError("SentencePiece-style BPE with ignore_merges has no llama.cpp equivalent", _HINT)
-    if pre is None and norm and norm.get("type") == "Sequence":
-        steps = [(s.get("type"), s.get("prepend"), (s.get("pattern") or {}).get("String"), s.get("content"))
-                 for s in norm.get("normalizers", [])]
-        if steps == [("Prepend", "▁", None, None), ("Replace", None, " ", "▁")]:
-            return True  # Llama 2's form: SentencePiece's dummy prefix, as llama.cpp's add_space_prefix
+    steps = norm.get("normalizers", []) if norm and norm.get("type") == "Sequence" else [norm] if norm else []
+    shape = [(s.get("type"), s.get("prepend"), (s.get("pattern") or {}).get("String"), s.get("content"))
+             for s in steps]
+    no_split = pre is None or pre == _GEMMA_SPLIT  # Gemma's split on " " finds none: the normalizer replaced them
+    if no_split and shape == [("Prepend", "▁", None, None), ("Replace", None, " ", "▁")]:
+        return True  # Llama 2's form: SentencePiece's dummy prefix, as llama.cpp's add_space_prefix
+    if no_split and shape == [("Replace", None, " ", "▁")]:
+        return False  # Gemma's: spaces become ▁, no dummy prefix
     if pre and pre.get("type") == "Metaspace":
         raise QuantizeError("a Metaspace pre-tokenizer adds no ▁ to text that starts with a space, SentencePiece "
                             "and llama.cpp do: such text would tokenize differently",
-                            "transformers 5 builds LlamaTokenizer classes this way; llama.cpp has no equivalent")
+                            "import the base with `appliance train import`, which writes its tokenizer as "
+                            "SentencePiece runs it")
     raise QuantizeError(f"byte-fallback BPE with normalizer {_short(norm)} and pre-tokenizer {_short(pre)} "
                         "is not SentencePiece-shaped", _HINT)
 

@@ -119,8 +119,9 @@ def check(path: Path) -> dict:
 
 
 def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool = False, threads: int = 0,
-         seed: int = 0):
-    """A llama_cpp.Llama over `path` (checked first), with llama.cpp's log kept off the terminal."""
+         seed: int = 0, f32_cache: bool = False):
+    """A llama_cpp.Llama over `path` (checked first), with llama.cpp's log kept off the terminal. `f32_cache`
+    keeps the KV cache in f32 (llama.cpp's default f16 cache alone moves logits by ~5e-3), for comparisons."""
     info = check(path)
     ll = lib()
     from llama_cpp import Llama
@@ -130,7 +131,8 @@ def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool 
     logs(clear=True)
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
-                    vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False)
+                    vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
+                    **({"type_k": 0, "type_v": 0} if f32_cache else {}))
     except (ValueError, RuntimeError) as e:
         raise QuantizeError(f"llama.cpp could not load {path}: {_last_error() or e}",
                             "rerun with APPLIANCE_DEBUG=1 to see llama.cpp's log") from e

@@ -122,7 +122,8 @@ def source_record(src: Path, config: dict) -> dict:
     says them, and every file's sha256."""
     files = sorted(p for p in src.iterdir() if p.is_file() and not p.name.startswith("."))
     name, revision = _name_and_revision(src, config)
-    return {"architecture": (config.get("architectures") or [None])[0], "model_type": config.get("model_type"),
+    return {"format": "transformers", "architecture": (config.get("architectures") or [None])[0],
+            "model_type": config.get("model_type"),
             "dtype": config.get("dtype") or config.get("torch_dtype"), "weight_dtypes": weight_dtypes(src),
             "name": name, "revision": revision, "transformers_version": config.get("transformers_version"),
             "sharded": (src / INDEX).is_file(), "files": {p.name: file_sha256(p) for p in files}}
@@ -155,6 +156,59 @@ def _front_matter(path: Path) -> dict:
         if sep and key and not key.startswith((" ", "-")) and value.strip():
             out[key.strip()] = value.strip().strip("'\"")
     return out
+
+
+# SentencePiece's own rule, as llama.cpp's `llama` tokenizer runs it: spaces become ▁ and, with its dummy
+# prefix, one ▁ starts every stretch of text (also one that already starts with a space).
+_SPM_PREPEND = {"type": "Prepend", "prepend": "\u2581"}
+_SPM_REPLACE = {"type": "Replace", "pattern": {"String": " "}, "content": "\u2581"}
+BACKEND_CLASS = "TokenizersBackend"  # transformers runs tokenizer.json as written, rebuilding nothing
+
+
+def sentencepiece_form(spec: dict) -> dict | None:
+    """tokenizer.json as SentencePiece tokenizes, for a byte-fallback BPE that transformers runs with a
+    `Metaspace` pre-tokenizer; None when it has another shape (nothing to change).
+
+    transformers 5 builds every `LlamaTokenizer` (Llama 2, Mistral 7B, Phi-3, ...) with `Metaspace`, which
+    adds no ▁ before text that already starts with a space: " hello" gives `▁hello`, where SentencePiece,
+    which these models were trained with, and llama.cpp give `▁` `▁hello`. Written as SentencePiece's dummy
+    prefix (a `Prepend` normalizer), training, the GGUF and the original model tokenize alike.
+    """
+    model, pre = spec.get("model") or {}, spec.get("pre_tokenizer")
+    if not (model.get("type") == "BPE" and model.get("byte_fallback") and spec.get("normalizer") is None
+            and pre and pre.get("type") == "Metaspace" and pre.get("replacement") == "\u2581"
+            and not pre.get("split") and pre.get("prepend_scheme") in ("first", "always", "never")):
+        return None
+    prefix = [] if pre["prepend_scheme"] == "never" else [_SPM_PREPEND]
+    return {**spec, "pre_tokenizer": None,
+            "normalizer": {"type": "Sequence", "normalizers": [*prefix, _SPM_REPLACE]}}
+
+
+def as_sentencepiece(model_dir: Path) -> str | None:
+    """Rewrite the tokenizer in `model_dir` (a copy being imported) to `sentencepiece_form`, run as written;
+    returns what was done, for the import's output and lineage, or None when it already tokenizes so."""
+    from transformers import AutoTokenizer
+
+    def load_tokenizer(d: Path):
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+
+    tok = load_tokenizer(model_dir)
+    spec = json.loads(tok.backend_tokenizer.to_str()) if getattr(tok, "backend_tokenizer", None) else {}
+    fixed = sentencepiece_form(spec)
+    if fixed is None:
+        return None
+    before = tok.encode(" a", add_special_tokens=False)
+    (model_dir / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
+    config = _json(model_dir / "tokenizer_config.json")
+    was = config.get("tokenizer_class")
+    (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": BACKEND_CLASS},
+                                                                indent=2, ensure_ascii=False))
+    after = load_tokenizer(model_dir)
+    if json.loads(after.backend_tokenizer.to_str()).get("normalizer") != fixed["normalizer"]:
+        raise UsageError(f"the tokenizer in {model_dir} could not be rewritten as SentencePiece runs it",
+                         "save it with tokenizer_class TokenizersBackend and a Prepend/Replace normalizer")
+    return (f"tokenizer rewritten as SentencePiece runs it ({was or 'its class'} under transformers used a "
+            f"Metaspace pre-tokenizer: ' a' was {before}, now {after.encode(' a', add_special_tokens=False)})")
 
 
 def chat_template_for(tokenizer) -> tuple[str, str] | None:

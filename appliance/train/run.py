@@ -536,35 +536,47 @@ def metrics(con, run_id: str) -> list[dict]:
     return [dict(zip(cols, r)) for r in rows.fetchall()]
 
 
-def import_model(vault, src: Path, name: str) -> dict:
-    """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code)."""
+def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | None = None) -> dict:
+    """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code).
+
+    With `convert`, the directory is made by `convert(tmp)` instead of copied (a GGUF dequantized by
+    `quantize.gguf_import`); it returns the source record kept in lineage."""
     import shutil
 
-    from appliance.train.bases import check_model_dir, source_record
+    from appliance.train.bases import as_sentencepiece, check_model_dir, source_record
     from appliance.vault.ingest import validate_name
 
     validate_name(name, "model")
-    config = check_model_dir(src)  # refusals (custom code, pickle weights, ...) come before any copy
-    source = source_record(src, config)
+    if convert is None:
+        config = check_model_dir(src)  # refusals (custom code, pickle weights, ...) come before any copy
+        source = source_record(src, config)
     model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
     try:
         with atomic_dir(root / model_id) as tmp:
-            for p in sorted(src.iterdir()):
-                if p.is_file() and not p.name.startswith("."):
-                    shutil.copy2(p, tmp / p.name)
+            if convert is None:
+                for p in sorted(src.iterdir()):
+                    if p.is_file() and not p.name.startswith("."):
+                        shutil.copy2(p, tmp / p.name)
+            else:
+                source = convert(tmp)
+                config = json.loads((tmp / "config.json").read_text())
             load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
+            tokenizer_note = as_sentencepiece(tmp)
             digest = tree_hash(tmp)
     except BaseException as e:
         if isinstance(e, ApplianceError | KeyboardInterrupt):
             raise
         raise UsageError(f"cannot import {src}: {str(e).splitlines()[0] if str(e) else type(e).__name__}",
-                         "it must be a complete local transformers model directory") from None
+                         "it must be a complete local transformers model directory or a model GGUF") from None
     attrs = {"path": str(root / model_id), "source": str(src), "architectures": config.get("architectures"),
              "imported": True, "base": source}
+    if tokenizer_note:
+        attrs["tokenizer_rewritten"] = tokenizer_note
     with vault.transaction():
         lineage.add_node(vault.con, model_id, "model", [], content_hash=digest, attrs=attrs)
         vault.audit("train.import", [model_id], {"source": str(src), "content_hash": digest,
                                                  "name": source["name"], "revision": source["revision"]})
     return {"id": model_id, "path": str(root / model_id), "content_hash": digest,
-            "architectures": config.get("architectures"), "base": source}
+            "source_format": source.get("format", "transformers"),
+            "architectures": config.get("architectures"), "base": source, "tokenizer_rewritten": tokenizer_note}

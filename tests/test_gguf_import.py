@@ -1,0 +1,126 @@
+"""`appliance train import FILE.gguf`: a GGUF dequantized back into a transformers model, proven three ways.
+
+For every family the exporter writes (test_gguf_arch's tiny random models): the f32 GGUF comes back with
+the very same tensors as the source directory (Q/K un-permuted, Gemma's +1 taken off, Llama 3's RoPE
+parameters recovered from `rope_freqs`); the importer's own check against llama.cpp passes; a quantized file
+is imported through the CLI and recorded in lineage. A mapping error is caught by that check, and what
+cannot be imported is refused in one line with nothing written.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+from appliance.quantize import gguf_export, gguf_import, llama
+from appliance.quantize import types as qtypes
+from appliance.quantize.safetensors import Weights
+from appliance.quantize.types import QuantizeError
+from tests.test_gguf_arch import FAMILIES, build, tok_dir  # noqa: F401  (tok_dir is a fixture)
+
+
+def _export(d, out):
+    gguf_export.write(d, out, {"id": d.name, "name": d.name})
+    return out
+
+
+@pytest.mark.parametrize("fam", list(FAMILIES))
+def test_f32_gguf_comes_back_as_the_same_tensors(tok_dir, tmp_path, fam):  # noqa: F811
+    cls, kw = FAMILIES[fam]
+    src = build(tok_dir, tmp_path / fam, cls, **kw)
+    gguf = _export(src, tmp_path / f"{fam}.gguf")
+    out = tmp_path / "back"
+    out.mkdir()
+    figures = gguf_import.convert(gguf, out)
+    assert figures["top1_agreement"] == 1.0 and figures["max_logit_diff"] < 1e-2, figures
+    a, b = Weights(src), Weights(out)
+    tied = json.loads((src / "config.json").read_text()).get("tie_word_embeddings")
+    names = {n for n in a.names() if not (tied and n == "lm_head.weight")}
+    assert set(b.names()) == names
+    for n in names:  # bit for bit, but Gemma's norms: w + 1 - 1 rounds in f32
+        if fam == "gemma2" and "norm" in n:
+            np.testing.assert_allclose(a.get(n), b.get(n), rtol=0, atol=1e-6, err_msg=n)
+        else:
+            assert np.array_equal(a.get(n), b.get(n)), n
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["architectures"] == json.loads((src / "config.json").read_text())["architectures"] or fam == "mistral"
+    if fam == "llama3":  # recovered from the rope_freqs tensor
+        assert cfg["rope_parameters"]["rope_type"] == "llama3" and cfg["rope_parameters"]["factor"] == 8.0
+    # the rebuilt tokenizer is the source's on text, and exports again to the same llama.cpp family
+    from transformers import AutoTokenizer
+
+    text = "Valve V-203 closed at 06:40; pressure 3.5 bar.\n\tcrew: 12"
+    assert (AutoTokenizer.from_pretrained(str(out))(text, add_special_tokens=False)["input_ids"]
+            == AutoTokenizer.from_pretrained(str(src))(text, add_special_tokens=False)["input_ids"])
+
+
+def test_a_mapping_error_is_caught_by_the_check(tok_dir, tmp_path, monkeypatch):  # noqa: F811
+    """Skip the Q/K un-permutation: the model loads and runs, and the check against llama.cpp refuses it."""
+    cls, kw = FAMILIES["llama3"]
+    gguf = _export(build(tok_dir, tmp_path / "l3", cls, **kw), tmp_path / "l3.gguf")
+    monkeypatch.setattr(gguf_import, "unpermute_qk", lambda w, n_head: w)
+    out = tmp_path / "back"
+    out.mkdir()
+    with pytest.raises(QuantizeError, match="computes differently from llama.cpp"):
+        gguf_import.convert(gguf, out)
+
+
+def test_cli_imports_a_quantized_gguf_into_lineage(tok_dir, tmp_path, train_home, cli):  # noqa: F811
+    cls, kw = FAMILIES["qwen2"]
+    f32 = _export(build(tok_dir, tmp_path / "q2", cls, **kw), tmp_path / "q2-f32.gguf")
+    q8 = tmp_path / "site-qwen2-q8_0.gguf"
+    llama.quantize(f32, q8, qtypes.get("q8_0"))
+    r = cli("--home", train_home, "--json", "train", "import", q8, "--name", "outside")
+    assert r.code == 0, r.err
+    d = r.json
+    assert d["id"] == "outside@1" and d["source_format"] == "gguf" and d["architectures"] == ["Qwen2ForCausalLM"]
+    g = d["base"]["gguf"]
+    assert g["quantized"] and g["tensor_types"] == ["Q8_0"] and g["top1_agreement"] >= 0.9
+    assert d["base"]["files"] == {q8.name: __import__("appliance.home", fromlist=["x"]).file_sha256(q8)}
+    node = cli("--home", train_home, "--json", "lineage", "outside@1").json["lineage"]
+    assert node["attrs"]["base"]["format"] == "gguf"
+    human = cli("--home", train_home, "train", "import", q8, "--name", "outside")
+    assert human.code == 0 and "top-1 agreement" in human.out and "outside@2" in human.out
+    # the import is a model like any other: it exports again
+    r = cli("--home", train_home, "--json", "quantize", "outside@1", "--type", "f32", "--eval", "handbook@1")
+    assert r.code == 0, r.err
+    assert r.json["quality"]["tokenizer_hard_agreed"] == r.json["quality"]["tokenizer_hard_strings"]
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("vocab", "holds a vocabulary only"),
+    ("text", "neither a model directory nor a GGUF file"),
+    ("truncated", "truncated or corrupt GGUF"),
+    ("moe", "mixture-of-experts GGUF"),
+    ("arch", "GGUF architecture 'bert' cannot be imported"),
+])
+def test_refusals_are_one_line_and_write_nothing(vocab_dir, tok_dir, tmp_path, train_home, cli, what, expect):  # noqa: F811
+    import gguf as gg
+
+    path = tmp_path / f"{what}.gguf"
+    if what == "vocab":
+        shutil.copy(vocab_dir / "ggml-vocab-llama-spm.gguf", path)
+    elif what == "text":
+        path.write_text("not a model\n")
+    elif what == "truncated":
+        cls, kw = FAMILIES["qwen2"]
+        full = _export(build(tok_dir, tmp_path / "q2", cls, **kw), tmp_path / "full.gguf")
+        path.write_bytes(full.read_bytes()[:-4096])
+    else:
+        wr = gg.GGUFWriter(str(path), "llama" if what == "moe" else "bert")
+        wr.add_block_count(1)
+        if what == "moe":
+            wr.add_expert_count(8)
+        wr.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+        wr.write_header_to_file()
+        wr.write_kv_data_to_file()
+        wr.write_tensors_to_file()
+        wr.close()
+    r = cli("--home", train_home, "train", "import", path, "--name", "bad")
+    assert r.code != 0 and expect in r.err, r.err
+    assert len([ln for ln in r.err.splitlines() if ln.startswith("error:")]) == 1 and "Traceback" not in r.err
+    models = train_home / "artifacts" / "models"
+    assert not models.exists() or not any(p.name.startswith(("bad@", ".bad@")) for p in models.iterdir())
