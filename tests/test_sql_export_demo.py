@@ -63,12 +63,21 @@ def test_demo_runs_end_to_end(tmp_path, cli, capsys):
     stages = [s["stage"] for s in r.json["stages"]]
     assert stages[:2] == ["samples", "init"] and stages[-2:] == ["check", "audit"]
     versions = [s["version"] for s in r.json["stages"] if s["stage"] == "ingest"]
-    assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "handbook-qa@1",
+    assert versions == ["handbook@1", "handbook@2", "mail@1", "code@1", "tables@1", "clinic@1", "handbook-qa@1",
                         "handbook-prefs@1", "task-demos@1"]
+    # the clinic's ward and procedure notes name people in prose: the PII report counts them redacted
+    clinic = next(s for s in r.json["stages"] if s.get("version") == "clinic@1")
+    assert clinic["pii"]["PERSON"] >= 12 and clinic["pii"]["MRN"] == 1
     assert "synth" in stages and stages.index("synth") == stages.index("lineage") + 1
-    assert stages[-24:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval",
-                              "eval", "answers", "answers", "gate", "drift", "bundle", "bundle", "jobs", "console",
-                              "agent", "doctor", "backup", "wheelhouse"]
+    assert stages[-26:-2] == ["sft", "dpo", "grpo", "task-sft", "task-grpo", "quantize", "quantize", "chat", "eval",
+                              "eval", "answers", "answers", "gate", "drift", "import", "import", "bundle", "bundle",
+                              "jobs", "console", "agent", "doctor", "backup", "wheelhouse"]
+    # a base from outside (Qwen2-style, its own tokenizer) imported, tuned and shipped with a clean report
+    outside = [s for s in r.json["stages"] if s["stage"] == "import"]
+    assert outside[0]["id"] == "site-qwen2@1" and outside[1]["id"] == "site-qwen2-sft-merged@1:q8_0"
+    q = outside[1]["quality"]
+    assert q["tokenizer_agreed"] == q["tokenizer_records"] > 0
+    assert q["tokenizer_hard_agreed"] == q["tokenizer_hard_strings"]
     # the shipped model answers the sample questions: its score is printed (how many it gets is CPU-dependent,
     # so a benchmark's claim; that it is measured on every case, on the model and on its GGUF, holds anywhere)
     sft = next(s for s in r.json["stages"] if s["stage"] == "sft")

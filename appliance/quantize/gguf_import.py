@@ -117,7 +117,8 @@ def config(r, arch: str, fam: gguf_arch.Family, tensors: dict) -> dict:
                    attn_logit_softcapping=float(m.need("attn_logit_softcapping")),
                    final_logit_softcapping=float(m.need("final_logit_softcapping")))
     cfg["rope_parameters"] = rope
-    return {k: v for k, v in cfg.items() if v is not None}
+    # token ids stay even when None: a config class's default (Phi-3's pad 32000) may lie outside the vocabulary
+    return {k: v for k, v in cfg.items() if v is not None or k.endswith("_token_id")}
 
 
 def llama3_rope(factors: np.ndarray, theta: float, dim: int) -> dict:
