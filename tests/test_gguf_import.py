@@ -124,3 +124,15 @@ def test_refusals_are_one_line_and_write_nothing(vocab_dir, tok_dir, tmp_path, t
     assert len([ln for ln in r.err.splitlines() if ln.startswith("error:")]) == 1 and "Traceback" not in r.err
     models = train_home / "artifacts" / "models"
     assert not models.exists() or not any(p.name.startswith(("bad@", ".bad@")) for p in models.iterdir())
+
+
+def test_files_beside_the_gguf_are_not_read(tok_dir, tmp_path):  # noqa: F811
+    """A tokenizer_config.json next to the GGUF (naming another tokenizer class) does not change the import."""
+    cls, kw = FAMILIES["qwen2"]
+    gguf = _export(build(tok_dir, tmp_path / "q2", cls, **kw), tmp_path / "drop" / "m.gguf") if (
+        tmp_path / "drop").mkdir() is None else None
+    (tmp_path / "drop" / "tokenizer_config.json").write_text(json.dumps({"tokenizer_class": "BertTokenizer"}))
+    out = tmp_path / "back"
+    out.mkdir()
+    assert gguf_import.convert(gguf, out)["top1_agreement"] == 1.0
+    assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"

@@ -190,12 +190,18 @@ def weights(r, cfg: dict, fam: gguf_arch.Family, tensors: dict):
 
 def tokenizer(path: Path, r, out: Path, chat_template: str | None):
     """transformers' tokenizer built from the GGUF, with what its rebuild gets wrong put right, saved in `out`."""
+    import os
+    import tempfile
+
     from transformers import AutoTokenizer
 
     from appliance.train.bases import BACKEND_CLASS, sentencepiece_form
 
     try:
-        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        # alone in a private directory: transformers would also read a tokenizer_config.json lying beside the file
+        with tempfile.TemporaryDirectory(prefix="gguf-import-") as alone:
+            os.symlink(path.resolve(), Path(alone) / "model.gguf")
+            tok = AutoTokenizer.from_pretrained(alone, gguf_file="model.gguf", local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any failure of transformers' converter is one line here
         raise QuantizeError(f"transformers cannot build a tokenizer from {path.name} ({str(e)[:120]})",
                             "import the model's transformers directory") from None
