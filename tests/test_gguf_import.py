@@ -136,3 +136,115 @@ def test_files_beside_the_gguf_are_not_read(tok_dir, tmp_path):  # noqa: F811
     out.mkdir()
     assert gguf_import.convert(gguf, out)["top1_agreement"] == 1.0
     assert json.loads((out / "tokenizer_config.json").read_text())["tokenizer_class"] == "TokenizersBackend"
+
+
+def _rewrite(src, dst, kv=None, tensors=None):
+    """A copy of GGUF `src` with some keys replaced and some tensors changed, as a hostile file would be."""
+    import gguf as gg
+
+    r = gg.GGUFReader(str(src))
+    w = gg.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for name, f in r.fields.items():
+        if name.startswith("GGUF.") or name == "general.architecture" or name in (kv or {}):
+            continue
+        vt = f.types[0]
+        w.add_key_value(name, f.contents(), vt, sub_type=f.types[-1] if vt == gg.GGUFValueType.ARRAY else None)
+    for name, (value, vt) in (kv or {}).items():
+        w.add_key_value(name, value, vt)
+    for t in r.tensors:
+        data = np.array(t.data)
+        w.add_tensor(t.name, (tensors or {}).get(t.name, lambda a: a)(data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def _nan_row(a):
+    a = a.copy()
+    a[0, :] = np.nan
+    return a
+
+
+@pytest.mark.parametrize("what,expect", [
+    ("nan", "holds NaN or Inf"),  # NaN logits would compare equal on argmax and pass a NaN-blind check
+    ("kv_heads", "do not divide"),  # llama.cpp would abort inside the process
+    ("rot", "rotates 8 of 16 head dimensions"),  # likewise
+    ("linear", "rope.scaling.factor"),  # llama.cpp scales linearly; the import would not
+])
+def test_hostile_files_are_refused_before_llama_cpp_runs(tok_dir, tmp_path, what, expect):  # noqa: F811
+    import gguf as gg
+
+    cls, kw = FAMILIES["qwen2"]
+    src = _export(build(tok_dir, tmp_path / "q2", cls, **kw), tmp_path / "q2.gguf")
+    kv, tensors = {}, {}
+    if what == "nan":
+        tensors["output_norm.weight"] = lambda a: np.full_like(a, np.nan)
+        tensors["token_embd.weight"] = _nan_row
+    elif what == "kv_heads":
+        kv["qwen2.attention.head_count_kv"] = (3, gg.GGUFValueType.UINT32)
+    elif what == "rot":
+        kv["qwen2.rope.dimension_count"] = (8, gg.GGUFValueType.UINT32)
+    else:
+        kv["qwen2.rope.scaling.factor"] = (2.0, gg.GGUFValueType.FLOAT32)
+    bad = _rewrite(src, tmp_path / f"{what}.gguf", kv, tensors)
+    out = tmp_path / "back"
+    out.mkdir()
+    with pytest.raises(QuantizeError, match=expect):
+        gguf_import.convert(bad, out)
+
+
+def test_a_header_that_lies_about_its_sizes_is_refused_at_once(tmp_path):
+    """A 100-byte file declaring an array of 2^61 numbers: gguf's own reader would loop, growing memory."""
+    import struct
+
+    def s(x: str) -> bytes:
+        return struct.pack("<Q", len(x)) + x.encode()
+
+    head = b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + s("general.architecture") + struct.pack("<I", 8) + s("llama")
+    path = tmp_path / "liar.gguf"
+    path.write_bytes(head + s("x.arr") + struct.pack("<IIQ", 9, 4, 1 << 61) + b"\0" * 64)
+    with pytest.raises(QuantizeError, match="an array of 2305843009213693952 items"):
+        llama.check(path)
+
+
+def test_tensors_sharing_bytes_are_refused(tok_dir, tmp_path):  # noqa: F811
+    """Many tensors pointing at the same bytes would let a small file expand to gigabytes when dequantized."""
+    import struct
+
+    cls, kw = FAMILIES["qwen2"]
+    src = _export(build(tok_dir, tmp_path / "q2", cls, **kw), tmp_path / "q2.gguf")
+    data = bytearray(src.read_bytes())
+    r = __import__("gguf").GGUFReader(str(src))
+    first, second = r.tensors[0], r.tensors[1]
+    # the second tensor's info: its name, n_dims, the dims, its type, then its offset
+    name = struct.pack("<Q", len(second.name)) + second.name.encode()
+    at = data.find(name) + len(name) + 4 + 8 * len(second.shape) + 4
+    assert struct.unpack_from("<Q", data, at)[0] == int(second.data_offset) - int(r.data_offset)
+    data[at:at + 8] = struct.pack("<Q", int(first.data_offset) - int(r.data_offset))
+    bad = tmp_path / "alias.gguf"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(QuantizeError, match="out of order or overlapping"):
+        gguf_import.read(bad)
+
+
+def test_added_tokens_survive_the_sentencepiece_rewrite(vocab_dir, tmp_path):
+    """An added token stays one token right after a word or a newline, as llama.cpp matches it."""
+    from transformers import AutoTokenizer
+
+    from appliance.train.bases import as_sentencepiece
+    from tests.test_gguf_vocab import _gguf_tokenizes_as, _tiny_llama
+
+    d = tmp_path / "spm"
+    t0 = AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf")
+    t0.add_tokens(["<tool>"])  # normalized, add_tokens' default
+    t0.save_pretrained(d)
+    tc = d / "tokenizer_config.json"
+    tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "LlamaTokenizer"}))
+    assert as_sentencepiece(d)
+    tok = AutoTokenizer.from_pretrained(str(d))
+    tool = tok.convert_tokens_to_ids("<tool>")
+    assert tok.encode("call<tool>", add_special_tokens=False)[-1] == tool
+    _tiny_llama(d, len(tok))
+    _gguf_tokenizes_as(d, tok, ["call<tool>", "x\n<tool>", "call <tool> now", "<tool>"], tmp_path / "m.gguf")

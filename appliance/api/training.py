@@ -65,8 +65,19 @@ def train_import(v, src: str | Path, name: str, progress=None) -> dict:
     src = Path(src)
     if src.is_file() and gguf_import.is_gguf(src):
         gguf_import.read(src)  # refusals come before anything is written
-        return import_model(v, src, name, convert=lambda tmp: gguf_import.source_record(
-            src, gguf_import.convert(src, tmp, progress or (lambda done, total: None))))
+        from appliance.home import file_sha256
+
+        digest = file_sha256(src)  # what lineage records is what was read: checked again after the import
+
+        def convert(tmp: Path) -> dict:
+            record = gguf_import.source_record(src, gguf_import.convert(src, tmp, progress or (lambda d, t: None)))
+            if record["files"][src.name] != digest:
+                from appliance.errors import UsageError
+
+                raise UsageError(f"{src} changed while it was imported", "import it again once it is complete")
+            return record
+
+        return import_model(v, src, name, convert=convert)
     if src.is_file():
         from appliance.errors import UsageError
 

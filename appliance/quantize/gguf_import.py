@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,8 @@ ARCHES = {"llama": "llama", "qwen2": "qwen2", "qwen3": "qwen3", "phi3": "phi3", 
 FLOAT_TYPES = {"F32", "F16", "BF16"}
 SHARD_BYTES = 2 << 30
 PROBE = ("The pump house log, 14 March: valve V-203 was closed at 06:40 and the crew checked the seals. "
-         "Pressure held at 3.5 bar; no leaks were found.")
+         "Pressure held at 3.5 bar; no leaks were found. Shift B reported a torque of 42 Nm on flange 7, "
+         "below the 45 Nm the manual asks for, and re-tightened it.\n\n") * 4  # ~160 tokens: past short windows
 
 
 def is_gguf(path: Path) -> bool:
@@ -80,6 +82,26 @@ def read(path: Path):
     scaling = meta.get("rope.scaling.type")
     if scaling not in (None, "none"):
         raise QuantizeError(f"GGUF RoPE scaling {scaling!r} cannot be imported", "import its transformers directory")
+    # settings llama.cpp applies (a scaling factor with no type is linear there) that the import would drop
+    for key in ("rope.scaling.factor", "rope.scale_linear", "rope.scaling.attn_factor"):
+        if meta.get(key) not in (None, 0, 0.0, 1, 1.0):
+            raise QuantizeError(f"GGUF {arch}.{key} = {meta.get(key)} cannot be imported",
+                                "import its transformers directory")
+    if meta.get("rope.freq_base_swa") is not None:
+        raise QuantizeError(f"GGUF {arch}.rope.freq_base_swa cannot be imported", "import its transformers directory")
+    heads, kv = meta.get("attention.head_count"), meta.get("attention.head_count_kv")
+    if not isinstance(heads, int) or heads <= 0 or (kv is not None and (not isinstance(kv, int) or kv <= 0
+                                                                         or heads % kv)):
+        raise QuantizeError(f"GGUF attention heads {heads} / KV heads {kv} do not divide", "the file is corrupt")
+    key_len, value_len = meta.get("attention.key_length"), meta.get("attention.value_length")
+    if value_len is not None and value_len != key_len:
+        raise QuantizeError(f"GGUF value length {value_len} differs from key length {key_len}",
+                            "import its transformers directory")
+    hd = key_len or (meta.get("embedding_length") or 0) // heads
+    rot = meta.get("rope.dimension_count")
+    if rot is not None and arch != "phi3" and rot != hd:
+        raise QuantizeError(f"GGUF rotates {rot} of {hd} head dimensions; only phi3 rotates part",
+                            "import its transformers directory")
     return r, arch, gguf_arch.FAMILIES[ARCHES[arch]]
 
 
@@ -112,8 +134,9 @@ def config(r, arch: str, fam: gguf_arch.Family, tensors: dict) -> dict:
     if fam.model_type == "qwen2":
         cfg["use_sliding_window"] = False
     if fam.model_type == "gemma2":
+        window = m.get("attention.sliding_window")
         cfg.update(hidden_activation=fam.act, query_pre_attn_scalar=hidden // heads if cfg["num_hidden_layers"] == 46
-                   else hd, sliding_window=int(m.get("attention.sliding_window") or cfg["max_position_embeddings"]),
+                   else hd, sliding_window=int(4096 if window is None else window),  # llama.cpp's default
                    attn_logit_softcapping=float(m.need("attn_logit_softcapping")),
                    final_logit_softcapping=float(m.need("final_logit_softcapping")))
     cfg["rope_parameters"] = rope
@@ -165,10 +188,8 @@ def _inverse(kind: str, n_head: int, n_kv: int):
     return lambda a: a
 
 
-def weights(r, cfg: dict, fam: gguf_arch.Family, tensors: dict):
-    """(hf name, f32 array) for every tensor, dequantized and mapped back; refuses unmapped or missing ones."""
-    from gguf.quants import dequantize
-
+def _plan(cfg: dict, fam: gguf_arch.Family, tensors: dict) -> list:
+    """(GGUF name, hf name, inverse transform) for every tensor; refuses unmapped or missing ones."""
     n_head, n_kv = cfg["num_attention_heads"], cfg["num_key_value_heads"]
     plan = [("token_embd.weight", "model.embed_tokens.weight", lambda a: a),
             ("output_norm.weight", "model.norm.weight", _inverse(fam.global_shift, 0, 0))]
@@ -182,9 +203,35 @@ def weights(r, cfg: dict, fam: gguf_arch.Family, tensors: dict):
                             "import its transformers directory")
     if missing := [g for g, _, _ in plan if g not in tensors]:
         raise QuantizeError(f"the GGUF lacks {', '.join(missing[:3])} for {fam.hf_class}", "the file is incomplete")
+    return plan
+
+
+def check_shapes(hf_cfg, r, cfg: dict, fam: gguf_arch.Family, tensors: dict) -> None:
+    """Every tensor's shape against the model its config describes (built on the meta device), before a byte
+    is written: a file whose shapes disagree with its own keys would otherwise only fail inside llama.cpp."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_cfg)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    for g, h, _ in _plan(cfg, fam, tensors):
+        got = tuple(int(n) for n in reversed(tensors[g].shape))
+        if want.get(h) != got:
+            raise QuantizeError(f"GGUF tensor {g} has shape {got}, its config says {want.get(h)}",
+                                "the file is corrupt")
+
+
+def weights(r, cfg: dict, fam: gguf_arch.Family, tensors: dict):
+    """(hf name, f32 array) for every tensor, dequantized and mapped back; refuses unmapped or missing ones."""
+    from gguf.quants import dequantize
+
+    plan = _plan(cfg, fam, tensors)
     for g, h, inverse in plan:
         t = tensors[g]
         arr = dequantize(t.data, t.tensor_type).reshape(tuple(int(n) for n in reversed(t.shape)))
+        if not np.isfinite(arr).all():
+            raise QuantizeError(f"GGUF tensor {g} holds NaN or Inf", "the file's weights are broken")
         yield h, np.ascontiguousarray(inverse(arr.astype(np.float32, copy=False)))
 
 
@@ -246,9 +293,14 @@ def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
     kw = {k: v for k, v in cfg.items() if k not in ("model_type", "architectures")}
     hf_cfg = AutoConfig.for_model(fam.model_type, **kw)
     hf_cfg.architectures = [fam.hf_class]
+    check_shapes(hf_cfg, r, cfg, fam, tensors)
+    total = sum(int(t.n_elements) for t in r.tensors) * 4
+    free = shutil.disk_usage(out).free
+    if total > free:
+        raise QuantizeError(f"the model needs {total / 2**30:.1f} GiB as f32 and {free / 2**30:.1f} GiB are free",
+                            "free space in the home, then import again")
     hf_cfg.save_pretrained(str(out))
     shard, size, index, done = {}, 0, {}, 0
-    total = sum(int(t.n_elements) for t in r.tensors) * 4
     files = []
 
     def flush():
@@ -279,37 +331,100 @@ def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
             "name": meta.get("general.name"), "rope": cfg["rope_parameters"].get("rope_type"), **figures}
 
 
+def _llama_side(path: str, texts: list[str], probe: str, n_probe: int) -> dict:
+    """In a child process: llama.cpp's tokens for `texts`, what it adds around text, and its logits on the
+    probe. A file that makes llama.cpp abort takes the child down, not the import."""
+    from appliance.quantize import llama
+
+    try:
+        llm = llama.load(Path(path), n_ctx=n_probe + 64, logits_all=True, threads=1, f32_cache=True)
+        try:
+            out = {"tokens": [llm.tokenize(t.encode("utf-8"), add_bos=False, special=True) for t in texts],
+                   "with_specials": llm.tokenize(b"a", add_bos=True, special=False),
+                   "plain": llm.tokenize(b"a", add_bos=False, special=False),
+                   "ids": llm.tokenize(probe.encode("utf-8"), add_bos=False, special=False)[:n_probe]}
+            llm.eval(out["ids"])
+            out["scores"] = np.asarray(llm.scores[:len(out["ids"])], dtype=np.float32)
+        finally:
+            llm.close()
+        return out
+    except Exception as e:  # noqa: BLE001 - returned as one line to the parent
+        return {"error": getattr(e, "message", None) or str(e).splitlines()[0][:200]}
+
+
+def llama_cpp_side(path: Path, texts: list[str], probe: str, n_probe: int = 160) -> dict:
+    import concurrent.futures as cf
+    import multiprocessing as mp
+    import os
+
+    os.environ["GGML_NO_BACKTRACE"] = "1"  # an abort prints no debugger backtrace
+    with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        try:
+            got = ex.submit(_llama_side, str(path), texts, probe, n_probe).result()
+        except cf.process.BrokenProcessPool:
+            raise QuantizeError("llama.cpp aborted on the GGUF", "the file is corrupt, or not a model llama.cpp "
+                                                               "runs: import its transformers directory") from None
+    if "error" in got:
+        raise QuantizeError(f"llama.cpp cannot run the GGUF: {got['error']}", "the file is corrupt")
+    return got
+
+
+def _match_specials(tok, out: Path, lc: dict):
+    """Make the tokenizer add BOS/EOS around text exactly as llama.cpp does with this file (its add_bos and
+    add_eos keys, or llama.cpp's defaults when absent); returns the tokenizer as saved."""
+    from transformers import AutoTokenizer
+
+    if tok("a")["input_ids"] == lc["with_specials"]:
+        return tok
+    plain, full = lc["plain"], lc["with_specials"]
+    at = next((i for i in range(len(full) - len(plain) + 1) if full[i:i + len(plain)] == plain), None)
+    if at is None:
+        raise QuantizeError("llama.cpp adds tokens inside text, not around it", "import its transformers directory")
+    before, after = full[:at], full[at + len(plain):]
+    names = tok.convert_ids_to_tokens(before + after)
+    seq = {"Sequence": {"id": "A", "type_id": 0}}
+    single = [{"SpecialToken": {"id": t, "type_id": 0}} for t in names[:len(before)]] + [seq] + [
+        {"SpecialToken": {"id": t, "type_id": 0}} for t in names[len(before):]]
+    spec = json.loads((out / "tokenizer.json").read_text(encoding="utf-8"))
+    spec["post_processor"] = {"type": "TemplateProcessing", "single": single, "pair": single + [
+        {"Sequence": {"id": "B", "type_id": 1}}], "special_tokens": {
+        t: {"id": t, "ids": [i], "tokens": [t]} for t, i in zip(names, before + after)}} if names else None
+    (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    tok = AutoTokenizer.from_pretrained(str(out), local_files_only=True)
+    if tok("a")["input_ids"] != full:
+        raise QuantizeError("the tokenizer cannot add BOS/EOS as llama.cpp does with this file",
+                            "import its transformers directory")
+    return tok
+
+
 def verify(path: Path, out: Path, tok, quantized: bool) -> dict:
-    """The new directory against llama.cpp on the source GGUF: tokenizer on the hard strings, logits on a probe."""
+    """The new directory against llama.cpp on the source GGUF: BOS/EOS around text, the hard strings and the
+    tokenizer's added tokens in text, and the logits on a probe of llama.cpp's own tokens."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from appliance.quantize import llama, quality
+    from appliance.quantize import quality
 
-    llm = llama.load(path, n_ctx=256, logits_all=True, threads=1, f32_cache=True)
-    try:
-        bad = [n for n, text in quality.hard_strings(tok).items()
-               if tok(text, add_special_tokens=False)["input_ids"]
-               != llm.tokenize(text.encode("utf-8"), add_bos=False, special=True)]
-        if bad:
-            raise QuantizeError(f"the tokenizer rebuilt from the GGUF tokenizes {', '.join(bad[:3])} differently "
-                                "from llama.cpp", "import the model's transformers directory")
-        ids = tok(PROBE, add_special_tokens=False)["input_ids"][:48]
-        model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True)
-        with torch.no_grad():
-            a = model(torch.tensor([ids])).logits[0].numpy()
-        llm.reset()
-        llm.eval(ids)
-        b = np.asarray(llm.scores[:len(ids)])
-    finally:
-        llm.close()
-    diff = float(np.abs(a - b).max())
-    top1 = float((a.argmax(-1) == b.argmax(-1)).mean())
-    if (not quantized and (top1 < 1.0 or diff > 1e-2)) or top1 < 0.9:
+    hard = quality.hard_strings(tok)
+    lc = llama_cpp_side(path, list(hard.values()), PROBE)
+    tok = _match_specials(tok, out, lc)
+    bad = [n for (n, text), theirs in zip(hard.items(), lc["tokens"])
+           if tok(text, add_special_tokens=False)["input_ids"] != theirs]
+    if bad:
+        raise QuantizeError(f"the tokenizer rebuilt from the GGUF tokenizes {', '.join(bad[:3])} differently "
+                            "from llama.cpp", "import the model's transformers directory")
+    ids = lc["ids"]
+    model = AutoModelForCausalLM.from_pretrained(str(out), dtype=torch.float32, local_files_only=True)
+    with torch.no_grad():
+        a = model(torch.tensor([ids])).logits[0].numpy()
+    b = lc["scores"]
+    finite = bool(np.isfinite(a).all() and np.isfinite(b).all())
+    diff = float(np.abs(a - b).max()) if finite else float("inf")
+    top1 = float((a.argmax(-1) == b.argmax(-1)).mean()) if finite else 0.0
+    if not finite or (not quantized and not (top1 == 1.0 and diff <= 1e-2)) or not top1 >= 0.9:
         raise QuantizeError(f"the model rebuilt from the GGUF computes differently from llama.cpp (top-1 agreement "
                             f"{top1:.2f}, max |logit diff| {diff:.3g})", "import the model's transformers directory")
-    return {"hard_strings": len(quality.hard_strings(tok)), "probe_tokens": len(ids), "top1_agreement": top1,
-            "max_logit_diff": diff}
+    return {"hard_strings": len(hard), "probe_tokens": len(ids), "top1_agreement": top1, "max_logit_diff": diff}
 
 
 def source_record(path: Path, figures: dict) -> dict:

@@ -98,6 +98,8 @@ def check(path: Path) -> dict:
         magic = f.read(4)
     if magic != b"GGUF":
         raise QuantizeError(f"{path} is not a GGUF file", "pass a file written by `appliance quantize`")
+    if problem := header_problem(path):  # before gguf's reader, which trusts every count it reads
+        raise QuantizeError(f"{path} is a corrupt GGUF ({problem})", "copy it again, or export it again")
     try:
         r = GGUFReader(str(path))
     except (ValueError, IndexError, OSError, KeyError) as e:
@@ -116,6 +118,89 @@ def check(path: Path) -> dict:
     ctx = r.fields.get(f"{fields.get('general.architecture')}.context_length")  # the key is per arch
     fields["context_length"] = ctx.contents() if ctx is not None and hasattr(ctx, "contents") else None
     return {"fields": fields, "reader": r}
+
+
+# GGUF value types (gguf.GGUFValueType) -> size in bytes; 8 (string) and 9 (array) have their own layout
+_FIXED = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+
+
+def header_problem(path: Path) -> str | None:
+    """What is wrong with a GGUF's header, read with every count bounded by the bytes left, or None.
+
+    gguf's reader loops over whatever count a header declares: a 162-byte file declaring an array of 2^61
+    numbers would keep it busy, growing memory, until killed. Here each count must fit in the rest of the file
+    before anything is read, and tensor data must lie in order without overlapping (many tensors pointing at
+    the same bytes would let a small file expand to gigabytes when dequantized)."""
+    import mmap
+    import struct
+
+    with open(path, "rb") as f:
+        try:
+            mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+        except ValueError:
+            return "empty file"
+    with mm:
+        size, pos = len(mm), 4
+
+        def take(fmt: str):
+            nonlocal pos
+            n = struct.calcsize(fmt)
+            if pos + n > size:
+                raise ValueError("it ends inside its header")
+            v = struct.unpack_from(fmt, mm, pos)
+            pos += n
+            return v[0] if len(v) == 1 else v
+
+        def string() -> None:
+            nonlocal pos
+            n = take("<Q")
+            if n > size - pos:
+                raise ValueError(f"a string of {n} bytes in {size - pos} left")
+            pos += n
+
+        def value(kind: int, depth: int = 0) -> None:
+            nonlocal pos
+            if kind in _FIXED:
+                take(f"<{_FIXED[kind]}s")
+            elif kind == 8:
+                string()
+            elif kind == 9 and depth < 4:
+                item, count = take("<I"), take("<Q")
+                least = _FIXED.get(item, 8 if item == 8 else 12)
+                if count * least > size - pos:
+                    raise ValueError(f"an array of {count} items in {size - pos} bytes")
+                if item in _FIXED:
+                    pos += count * _FIXED[item]
+                else:
+                    for _ in range(count):
+                        value(item, depth + 1)
+            else:
+                raise ValueError(f"value type {kind}")
+
+        try:
+            version, n_tensors, n_kv = take("<I"), take("<Q"), take("<Q")
+            if version not in (2, 3):
+                return f"version {version}"
+            if n_kv * 13 > size or n_tensors * 28 > size:
+                return f"{n_kv} keys and {n_tensors} tensors do not fit in {size} bytes"
+            for _ in range(n_kv):
+                string()
+                value(take("<I"))
+            spans = []
+            for _ in range(n_tensors):
+                string()
+                dims = take("<I")
+                if dims > 8:
+                    return f"a tensor with {dims} dimensions"
+                for _ in range(dims):
+                    take("<Q")
+                take("<I")
+                spans.append(take("<Q"))
+        except (ValueError, struct.error) as e:
+            return str(e)
+        if spans != sorted(spans) or len(set(spans)) != len(spans):
+            return "tensor data out of order or overlapping"
+    return None
 
 
 def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool = False, threads: int = 0,

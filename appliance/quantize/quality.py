@@ -88,6 +88,10 @@ def hard_strings(tokenizer) -> dict[str, str]:
     out = dict(HARD_STRINGS)
     if specials:
         out["special_tokens"] = "text " + " mid ".join(specials) + " end" + "".join(specials[:2]) + "tail"
+    added = sorted(t for t in (tokenizer.get_added_vocab() if hasattr(tokenizer, "get_added_vocab") else {})
+                   if t not in specials)[:64]
+    if added:  # right against words and newlines, where a normalizer applied to them would show
+        out["added_tokens"] = "call" + "x\n".join(added) + "end " + " ".join(added[:4])
     return out
 
 

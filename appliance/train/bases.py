@@ -180,7 +180,10 @@ def sentencepiece_form(spec: dict) -> dict | None:
             and not pre.get("split") and pre.get("prepend_scheme") in ("first", "always", "never")):
         return None
     prefix = [] if pre["prepend_scheme"] == "never" else [_SPM_PREPEND]
-    return {**spec, "pre_tokenizer": None,
+    # added tokens are matched in the raw text, as in Llama 2's tokenizer.json: a normalized one would get the
+    # ▁ prefix too and then match only after a space
+    added = [{**t, "normalized": False} for t in spec.get("added_tokens", [])]
+    return {**spec, "pre_tokenizer": None, "added_tokens": added,
             "normalizer": {"type": "Sequence", "normalizers": [*prefix, _SPM_REPLACE]}}
 
 
@@ -208,7 +211,8 @@ def as_sentencepiece(model_dir: Path) -> str | None:
         raise UsageError(f"the tokenizer in {model_dir} could not be rewritten as SentencePiece runs it",
                          "save it with tokenizer_class TokenizersBackend and a Prepend/Replace normalizer")
     return (f"tokenizer rewritten as SentencePiece runs it ({was or 'its class'} under transformers used a "
-            f"Metaspace pre-tokenizer: ' a' was {before}, now {after.encode(' a', add_special_tokens=False)})")
+            f"Metaspace pre-tokenizer: ' a' was {before}, now {after.encode(' a', add_special_tokens=False)}; text "
+            "after a special token now starts with ▁, as in llama.cpp)")
 
 
 def chat_template_for(tokenizer) -> tuple[str, str] | None:
