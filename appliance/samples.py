@@ -1,7 +1,8 @@
 """Generator of the synthetic sample corpus used by the demo and the tests.
 
 Everything is invented and seeded: an engineering handbook of a fictional site (markdown), a mailbox
-(.eml files and an mbox), a small code repository, tables (CSV and Parquet), a PDF, a DOCX, JSONL
+(.eml files and an mbox), a small code repository, tables (CSV and Parquet), a PDF, a DOCX, the site
+clinic's ward and procedure notes (markdown, with people named in the prose), JSONL
 instruction/response pairs about the handbook, and JSONL preference rows (prompt, chosen, rejected).
 Fake PII is seeded throughout so scrubbing has work to do.
 The site's own vocabulary recurs often enough that a tiny model trained on it picks the terms up.
@@ -355,6 +356,46 @@ def _documents(out: Path, rng: random.Random) -> None:
     doc.save(str(d / "frostline-procedure.docx"))
 
 
+# --- clinic notes --------------------------------------------------------------------------------
+# The site's occupational health clinic: ward and procedure notes written the way staff write them, with
+# patients, staff and operators named in the prose, and job titles and equipment that are not people.
+CLINIC_NOTES = [
+    ("ward-round.md", "# Ward round, occupational health bay\n\n"
+     "Patient {p1} (MRN: {mrn}, DOB: {dob}) was seen on the ward by Dr. {s1last} after the cold exposure "
+     "drill. {p1first} reports numb fingers; capillary refill normal. Admitted on {day}, for review by the "
+     "Endoscopy Nurse Manager only if symptoms persist. Nurse {s2last} will repeat the Doppler check at 14:00.\n"),
+    ("endoscopy-list.md", "# Endoscopy list\n\n"
+     "The scope was reprocessed after the list for patient {p2}. The Senior Biomedical Engineer, {s3}, "
+     "replaced the light source (serial number {serial}) and signed the log. Will the Foley catheter stock "
+     "last until May? The Endoscopy Nurse Manager says yes.\n"),
+    ("needle-stick.md", "# Needle-stick incident report\n\n"
+     "Blood was drawn from source patient {p3} after the needle-stick. The injured staff member, {s4}, "
+     "was seen by {s1} on {day2}. Witness: {s5lastfirst}. Hope the new sharps bins arrive before August.\n"),
+    ("handover.md", "# Night handover\n\n"
+     "patient {p4lower} settled overnight; family contact {phone}. Mrs {p4last}'s daughter will visit at 10. "
+     "Sgt. {s6last} from site security escorted the 93-year-old visitor. Fax the discharge letter to "
+     "{fax}.\n"),
+]
+
+
+def _clinic(out: Path, rng: random.Random) -> None:
+    d = out / "clinic"
+    d.mkdir(parents=True)
+    people = [(rng.choice(FIRST), rng.choice(LAST)) for _ in range(10)]
+    full = [f"{f} {last}" for f, last in people]
+    values = {
+        "p1": full[0], "p1first": people[0][0], "p2": full[1], "p3": full[2], "p4lower": full[3].lower(),
+        "p4last": people[3][1], "s1": full[4], "s1last": people[4][1], "s2last": people[5][1], "s3": full[6],
+        "s4": full[7], "s5lastfirst": f"{people[8][1]}, {people[8][0]}", "s6last": people[9][1],
+        "mrn": f"MRN-{rng.randint(100000, 999999)}", "dob": f"19{rng.randint(55, 99)}-{rng.randint(1, 12):02d}-"
+        f"{rng.randint(1, 28):02d}", "day": f"2025-{rng.randint(1, 12):02d}-{rng.randint(1, 28):02d}",
+        "day2": f"March {rng.randint(1, 28)}, 2025", "serial": f"SN-{rng.randint(100000, 999999)}",
+        "phone": _phone(rng), "fax": _phone(rng),
+    }
+    for name, body in CLINIC_NOTES:
+        (d / name).write_text(body.format(**values), encoding="utf-8")
+
+
 # --- instruction pairs ---------------------------------------------------------------------------
 QUESTIONS = [
     ("What does the {t} do?", "The {t} {what}."),
@@ -438,6 +479,7 @@ def generate(out: Path, seed: int = 7) -> dict:
         rng = random.Random(seed)
         for part in (_handbook, _mail, _repo, _tables, _documents, _pairs, _preferences):
             part(build, rng)
+        _clinic(build, random.Random(seed + 1000))  # its own stream: the parts above stay as they were
         _task_demos(build)
         os.rename(build, out)
     except BaseException:
@@ -446,6 +488,7 @@ def generate(out: Path, seed: int = 7) -> dict:
     files = [p for p in out.rglob("*") if p.is_file()]
     return {"out": str(out), "files": len(files), "bytes": sum(p.stat().st_size for p in files), "seed": seed,
             "parts": {"handbook": "handbook/", "mail": "mail/", "code": "kestrel-tools/", "tables": "tables/",
+                      "clinic": "clinic/",
                       "documents": "documents/", "instructions": "instructions/handbook-qa.jsonl",
                       "preferences": "preferences/handbook-prefs.jsonl",
                       "task_demos": "tasks/asset-risk-demos.jsonl"}}

@@ -86,6 +86,21 @@ def test_vault_ingest(tmp_path):
     assert rss > 0
 
 
+def test_pii_recall(tmp_path):
+    out = smoke("pii_recall.py", tmp_path)
+    labels, negatives = ratio(out, r"documents of the \*eval\* split \(NUM KB\): NUM labeled identifiers, NUM hard")[1:]
+    assert labels > 0 and negatives > 0
+    for t in ("PERSON", "EMAIL", "ADDRESS", "DATE", "FAX", "URL"):
+        m = re.search(r"^\| " + t + r" \| (\d+) \| " + NUM + r" \| " + NUM + r" \|", out, re.M)
+        assert m, f"no row {t} in:\n{out}"
+        assert int(m.group(1)) > 0 and 0 <= number(m.group(2)) <= 1 and 0 <= number(m.group(3)) <= 1, t
+    recall, precision = ratio(out, r"\*\*Names: recall NUM, precision NUM\*\*")
+    assert 0 <= recall <= 1 and 0 <= precision <= 1
+    assert 0 <= ratio(out, r"\*\*Look-alikes kept: NUM\*\*")[0] <= 1
+    assert ratio(out, r"\*\*NUM MB/s\*\* \(appliance\)")[0] > 0
+    assert "scrubadub" in out  # measured beside it, or said to be not installed
+
+
 def test_bundle_throughput(tmp_path):
     out = smoke("bundle_throughput.py", tmp_path)
     for label in ("`sha256sum` (baseline)", "bundle verify (plain)", "bundle export (plain)",
@@ -143,3 +158,15 @@ def test_agentic_task(tmp_path):
     m = re.search(r"\| mean sampled reward, GRPO's first (\d+) / last \1 steps \| " + NUM + r" \| " + NUM, out)
     assert m, out
     assert all(0 <= number(x) <= 1 for x in m.groups()[1:])
+
+
+@pytest.mark.slow
+def test_byo_bases(tmp_path):
+    out = smoke("byo_bases.py", tmp_path)
+    assert out.startswith("Smoke run (not a measurement)")
+    for fam in ("llama3", "mistral", "qwen2", "qwen3", "phi3", "gemma2"):
+        m = re.search(rf"^\| {fam} \| sample-trained \| q8_0 \| {NUM} \| {NUM} \| (\d+)/(\d+) \| (\d+)/(\d+) \|",
+                      out, re.M)
+        assert m, f"no q8_0 row for {fam}:\n{out}"
+        assert m.group(3) == m.group(4) != "0" and m.group(5) == m.group(6) != "0", m.group(0)  # tokenizer agrees
+        assert re.search(rf"^\| {fam} \| sample-trained \| {NUM} \| {NUM} \| .* top-1 {NUM} \|$", out, re.M), fam

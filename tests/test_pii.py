@@ -92,5 +92,6 @@ def test_table_cell_uses_column_as_context():
     s = Scrubber("redact")
     assert s.scrub_cell("ssn", "123456789")[0] == "[SSN]"
     assert s.scrub_cell("date_of_birth", "1984-03-12")[0] == "[DOB]"
-    assert s.scrub_cell("visit_date", "1984-03-12")[0] == "1984-03-12"
+    assert s.scrub_cell("inspection_date", "1984-03-12")[0] == "1984-03-12"
+    assert s.scrub_cell("visit_date", "1984-03-12")[0] == "[DATE]"  # a date of service (Safe Harbor)
     assert s.scrub_cell("patient_name", "Jane Doe")[0] == "[PERSON]"

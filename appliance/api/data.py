@@ -54,19 +54,68 @@ def vault_sql(v, query: str, limit: int = 100) -> dict:
     return versions.query(v, query, limit)
 
 
-def vault_ingest(v, paths: list[str | Path], dataset: str, pii: str = "redact", validation: float = 0.05,
+def vault_ingest(v, paths: list[str | Path], dataset: str | None, pii: str | None = "redact", validation: float = 0.05,
                  replace: bool = False, workers: int | None = None, progress=None, on_plan=None,
-                 follow_links: bool = False) -> dict:
+                 follow_links: bool = False, rescrub: str | None = None) -> dict:
     """Ingest files into a new version; `progress(item)` and `on_plan(total)` see it go (as the CLI's bar).
 
     A partial ingest (some files unreadable) lands the rest and says so in `partial` and `failed`. Links
     below `paths` are skipped (and listed in `skipped`) unless `follow_links`, which the operator's CLI
-    alone passes (never the MCP server); a link into the home is refused either way."""
-    from appliance.vault.ingest import ingest, validate_name
+    alone passes (never the MCP server); a link into the home is refused either way. Every field that lands
+    (titles, subjects, document properties, paths, table and column names) is scrubbed like the text.
 
-    validate_name(dataset)
-    return ingest(v, [Path(p) for p in paths], dataset, pii, validation, replace, progress=progress,
+    `rescrub="NAME@N"` (no `paths`) scrubs that version again instead: `vault_rescrub`."""
+    vault_ingest_check(paths, dataset, rescrub, replace, follow_links)
+    if rescrub:
+        return vault_rescrub(v, rescrub, pii, dataset)
+    from appliance.vault.ingest import ingest
+
+    return ingest(v, [Path(p) for p in paths], dataset, pii or "redact", validation, replace, progress=progress,
                   on_plan=on_plan, workers=workers, follow_links=follow_links).to_json()
+
+
+def vault_ingest_check(paths: list, dataset: str | None, rescrub: str | None = None, replace: bool = False,
+                       follow_links: bool = False) -> None:
+    """The arguments of `vault_ingest` checked as it checks them, so a skin refuses them before it asks for the
+    passphrase: paths and a dataset, or `rescrub` without paths (nor `replace`, nor `follow_links`)."""
+    from appliance.errors import UsageError
+    from appliance.vault.ingest import validate_name
+
+    if rescrub:
+        if paths:
+            raise UsageError("--rescrub takes no PATHS", "re-scrub a version, or ingest files, one at a time")
+        if replace or follow_links:
+            raise UsageError(f"--rescrub cannot be used with {'--replace' if replace else '--follow-links'}",
+                             "a re-scrub reads the version, not files")
+    elif not paths:
+        raise UsageError("no paths to ingest", "name one or more files or directories (or --rescrub NAME@N)")
+    elif not dataset:
+        raise UsageError("--dataset is required", "name the dataset: --dataset NAME")
+    if dataset:
+        validate_name(dataset)
+
+
+def vault_rescrub(v, ref: str, pii: str | None = None, dataset: str | None = None) -> dict:
+    """Scrub version `ref` again under the current (stricter) policy: a new version of `dataset` (default: the
+    same dataset) whose lineage parent is `ref` and whose lineage says why (`policy_before`, `policy_after`).
+    What was made from `ref` is warned about from then on (`lineage`, `vault_show`). `pii` defaults to the old
+    version's mode when it was redact or pseudonymize, else redact. Returns `vault_ingest`'s shape, plus
+    `rescrub_of`, `policy_before` and `policy_after`."""
+    from appliance.vault.rescrub import rescrub
+
+    return rescrub(v, ref, pii, dataset)
+
+
+def vault_pii_review(v, ref: str, limit: int = 20, offset: int = 0, type: str | None = None,  # noqa: A002
+                     band: str | None = None, file: str | None = None) -> dict:
+    """The lowest-confidence PII findings of version `ref` in context, each value masked, to tune the policy.
+
+    `type` keeps one PII type (PERSON, ...), `band` one confidence band (low, medium, high), `file` one source
+    file (whole or by its last components). `total` counts every match; `summary` is the version's report by
+    type, detector and band. Values are never stored: the context is the scrubbed text around each finding."""
+    from appliance.vault.review import review
+
+    return review(v.con, ref, limit, offset, type, band, file)
 
 
 def vault_export(v, ref: str, out: str | Path, split: str | None = None, force: bool = False) -> dict:
@@ -184,7 +233,8 @@ def lineage(v, node_id: str) -> dict:
     from appliance import refs
     from appliance.vault import lineage as lin
 
-    return {"lineage": lin.tree(v.con, refs.node(v.con, node_id))}
+    node = refs.node(v.con, node_id)
+    return {"lineage": lin.tree(v.con, node), "warnings": [w["message"] for w in lin.less_scrubbed(v.con, node)]}
 
 
 def lineage_descendants(v, node_id: str) -> dict:

@@ -37,10 +37,11 @@ def vault_group():
 
 
 @command(vault_group, "ingest")
-@click.argument("paths", nargs=-1, required=True, type=click.Path(path_type=Path))
-@click.option("--dataset", "-d", required=True, help="Dataset name; a new version NAME@N is created.")
-@click.option("--pii", type=click.Choice(["redact", "pseudonymize", "flag", "off"]), default="redact",
-              show_default=True, help="What to do with personal data found.")
+@click.argument("paths", nargs=-1, type=click.Path(path_type=Path))
+@click.option("--dataset", "-d", default=None, help="Dataset name; a new version NAME@N is created.")
+@click.option("--pii", type=click.Choice(["redact", "pseudonymize", "flag", "off"]), default=None,
+              help="What to do with personal data found.  [default: redact; with --rescrub, the old version's "
+                   "mode if it replaced what it found]")
 @click.option("--validation", type=float, default=0.05, show_default=True,
               help="Fraction of records held out as the validation split.")
 @click.option("--replace", is_flag=True, help="Start the version from nothing instead of the previous one.")
@@ -48,35 +49,50 @@ def vault_group():
               help="Processes that read and scrub files (default: one per core, at most 8).")
 @click.option("--follow-links", is_flag=True,
               help="Follow symbolic links below PATHS (default: report them as skipped); never into the home.")
-def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers, follow_links):
+@click.option("--rescrub", "rescrub", default=None, metavar="NAME@N",
+              help="Scrub version NAME@N again under the current policy (no PATHS): a new version of its dataset "
+                   "(or --dataset), its lineage parent NAME@N; what was made from NAME@N is warned about.")
+def ingest_cmd(c: Ctx, paths, dataset, pii, validation, replace, workers, follow_links, rescrub):
     """Ingest files, mail, code repositories and tables into a new dataset version."""
-    api.validate_dataset_name(dataset)
-    bar = ProgressBar(not c.json, f"ingest {dataset}")
+    if not rescrub and (not paths or not dataset):  # as click says it when an argument is required
+        ctx = click.get_current_context()
+        missing = next(p for p in ctx.command.params if p.name == ("dataset" if paths else "paths"))
+        raise click.MissingParameter(ctx=ctx, param=missing, param_hint=None if paths else "'PATHS...'")
+    api.vault_ingest_check(list(paths), dataset, rescrub, replace, follow_links)
+    bar = ProgressBar(not c.json and not rescrub, f"ingest {dataset or rescrub}")
     with c.open_vault() as v:
         on_plan, on_item = bar.callbacks()
         try:
             res = api.vault_ingest(v, list(paths), dataset, pii, validation, replace, workers, on_item, on_plan,
-                                   follow_links)
+                                   follow_links, rescrub)
         finally:
             bar.stop()
 
     def human():
-        out.print(f"{res['version']}  {res['records']} records ({res['new_records']} new), "
-                  f"{human_bytes(res['bytes'])}, {res['duplicates']} duplicates removed, {res['files']} files")
-        if res["pii"]:
-            out.print("PII " + ("flagged" if pii == "flag" else "found") + ": " +
-                      ", ".join(f"{k} {n}" for k, n in res["pii"].items()))
-        for t in res["tables"]:
-            out.print(f"table {t}")
-        for x in res["skipped"]:
-            out.print(f"skipped {x['path']}: {x['reason']}")
-        for x in res["failed"]:
-            err.print(f"failed {x['path']}: {x['reason']}")
+        _print_ingest(res, pii or "redact")
+        if rescrub:
+            out.print(f"re-scrubbed {res['rescrub_of']} (pii {res['policy_before'].get('mode')}) as "
+                      f"{res['version']} (pii {res['policy_after']['mode']}); what was made from "
+                      f"{res['rescrub_of']} is marked in lineage as made from less-scrubbed data", markup=False)
 
     c.emit(res, human)
     if res["partial"]:
         raise PartialIngest(f"partial: {len(res['failed'])} file(s) could not be read; {res['version']} has the "
                             "rest", f"see `appliance vault show {res['version']}`")
+
+
+def _print_ingest(res: dict, pii: str) -> None:
+    out.print(f"{res['version']}  {res['records']} records ({res['new_records']} new), "
+              f"{human_bytes(res['bytes'])}, {res['duplicates']} duplicates removed, {res['files']} files")
+    if res["pii"]:
+        out.print("PII " + ("flagged" if pii == "flag" else "found") + ": " +
+                  ", ".join(f"{k} {n}" for k, n in res["pii"].items()))
+    for t in res["tables"]:
+        out.print(f"table {t}")
+    for x in res["skipped"]:
+        out.print(f"skipped {x['path']}: {x['reason']}", markup=False)
+    for x in res["failed"]:
+        err.print(f"failed {x['path']}: {x['reason']}", markup=False)
 
 
 @command(vault_group, "datasets")
@@ -108,13 +124,60 @@ def show_cmd(c: Ctx, ref):
             out.print("PII: " + ", ".join(f"{k} {n}" for k, n in info["pii"]["total"].items()))
             table(["file", "PII found"], [[path, ", ".join(f"{k} {n}" for k, n in counts.items())]
                                           for path, counts in info["pii"]["per_file"].items()])
+            _print_detectors(info["pii"]["by_detector"])
+            out.print(f"lowest-confidence findings in context: `appliance vault pii-review {info['version']}`",
+                      markup=False)
         for t in info["tables"]:
             out.print(f"table {t['table']}: {t['rows']} rows, {len(t['columns'])} columns")
         table(["source", "kind", "status", "records", "dups", "note"],
               [[s["path"], s["kind"], s["status"], s["records"], s["duplicates"], s["reason"] or ""]
                for s in info["sources"]])
+        for w in info["warnings"]:
+            err.print(f"warning: {w}", markup=False)
 
     c.emit(info, human)
+
+
+def _print_detectors(rows: list[dict]) -> None:
+    """The PII report by type, detector and confidence band, over all files."""
+    totals: dict[tuple, int] = {}
+    for r in rows:
+        key = (r["type"], r["detector"] or "-", r["band"] or "-")
+        totals[key] = totals.get(key, 0) + r["count"]
+    if any(k[1] != "-" or k[2] != "-" for k in totals):
+        table(["type", "detector", "confidence", "found"], [[*k, n] for k, n in sorted(totals.items())])
+
+
+@command(vault_group, "pii-review")
+@click.argument("ref")
+@click.option("--type", "type_", default=None, help="Only findings of this PII type (PERSON, SSN, ...).")
+@click.option("--band", type=click.Choice(["low", "medium", "high"]), default=None,
+              help="Only findings in this confidence band.")
+@click.option("--file", "file", default=None, help="Only findings from this source file (its full path, or its "
+                                                   "last components).")
+@click.option("--limit", type=click.IntRange(1, 100_000), default=20, show_default=True)
+@click.option("--offset", type=click.IntRange(0), default=0, show_default=True)
+def pii_review_cmd(c: Ctx, ref, type_, band, file, limit, offset):
+    """Show a version's lowest-confidence PII findings in context, each value masked, to tune the policy."""
+    with c.open_vault(read_only=True) as v:
+        res = api.vault_pii_review(v, ref, limit, offset, type_, band, file)
+
+    def human():
+        from rich.markup import escape  # record text may hold [tags] of its own
+
+        if not res["findings"]:
+            out.print(f"no PII findings of {res['version']} " + ("match" if type_ or band or file else "to review"),
+                      markup=False)
+            return
+        table(["score", "type", "detector", "record", "field", "context"],
+              [[f"{f['score']:.2f} {f['band']}", f["type"], f["detector"] or "-", f["id"] or f["source"], f["field"],
+                escape(f["context"])] for f in res["findings"]])
+        shown = f"{offset + 1}-{offset + len(res['findings'])}"
+        err.print(f"findings {shown} of {res['total']} kept for review, lowest score first"
+                  + (f"; next: --offset {offset + len(res['findings'])}"
+                     if offset + len(res["findings"]) < res["total"] else ""), markup=False)
+
+    c.emit(res, human)
 
 
 @command(vault_group, "records")
@@ -266,8 +329,10 @@ def rekey_cmd(c: Ctx):
 def lineage_cmd(c: Ctx, node_id):
     """Print what NODE_ID (a dataset version, model, ...) came from, as a tree."""
     with c.open_vault(read_only=True) as v:
-        t = api.lineage(v, node_id)["lineage"]
-    c.emit({"lineage": t}, lambda: out.print("\n".join(api.lineage_lines(t))))
+        res = api.lineage(v, node_id)
+    t = res["lineage"]
+    c.emit(res, lambda: (out.print("\n".join(api.lineage_lines(t))),
+                         [err.print(f"warning: {w}", markup=False) for w in res["warnings"]]))
 
 
 @cli.group("audit")

@@ -36,7 +36,9 @@ from appliance.vault.audit import actor_of
 from appliance.vault.readers import Record
 
 BATCH_BYTES = 8 << 20
-_VERSION_TABLES = ("version_records", "version_sources", "version_pii", "version_tables", "versions")
+_VERSION_TABLES = ("version_records", "version_sources", "version_pii", "version_pii_findings", "version_tables",
+                   "versions")
+FINDINGS_BATCH = 50_000  # findings kept for review are written in batches of this many
 
 
 @dataclass(frozen=True)
@@ -141,6 +143,7 @@ class VersionBuilder:
         self._writer: RecordWriter | None = None
         self._sources: list[tuple] = []
         self._pii: list[tuple] = []
+        self._findings: list[tuple] = []
         self._table_rows: list[tuple] = []
         self._orphans: list[str] = []  # hashes of records dropped again (a file that failed half way)
         self._totals: Totals | None = None
@@ -171,6 +174,8 @@ class VersionBuilder:
                             "meta, split, bytes FROM version_records WHERE vid = ?", [self.vid, self._previous[0]])
                 self.inherited = {h for (h,) in con.execute("SELECT hash FROM version_records WHERE vid = ?",
                                                             [self.vid]).fetchall()}
+                con.execute("INSERT INTO version_pii_findings SELECT ?, ord, source, field, type, detector, score, "
+                            "pos, len FROM version_pii_findings WHERE vid = ?", [self.vid, self._previous[0]])
         except BaseException:
             self.discard()
             raise
@@ -244,15 +249,33 @@ class VersionBuilder:
         self._totals = None
         self._writer.rollback_from(ord_start)
         self._orphans.extend(hashes)
+        self._findings = [r for r in self._findings if r[1] is None or r[1] < ord_start]
+        self.con.execute("DELETE FROM version_pii_findings WHERE vid = ? AND ord >= ?", [self.vid, ord_start])
 
     def source(self, path: str, kind: str | None, size: int | None, sha256: str | None, records: int,
                duplicates: int, status: str, reason: str | None = None) -> None:
         """One entry of the source manifest (status ok, skipped or failed)."""
         self._sources.append((self.vid, path, kind, size, sha256, records, duplicates, status, reason))
 
-    def pii(self, path: str, counts: Mapping[str, int]) -> None:
-        """What PII scrubbing found in `path`, by type."""
-        self._pii.extend((self.vid, path, t, n) for t, n in sorted(counts.items()))
+    def pii(self, path: str, counts: Mapping) -> None:
+        """What PII scrubbing found in `path`: counts by type, or by (type, detector, confidence band)."""
+        rows: dict[tuple, int] = {}
+        for k, n in counts.items():
+            key = tuple(k) if isinstance(k, tuple) else (k, None, None)
+            rows[key] = rows.get(key, 0) + n
+        self._pii.extend((self.vid, path, t, n, d, band) for (t, d, band), n in
+                         sorted(rows.items(), key=lambda x: tuple(str(p) for p in x[0])) if n)
+
+    def findings(self, path: str, found: Iterable[tuple]) -> None:
+        """Findings of `path` kept for review: (record ord or None, `fields.Found`), never their values."""
+        self._findings.extend((self.vid, o, path, f.field, f.type, f.detector, f.score, f.start, f.end - f.start)
+                              for o, f in found)
+        if len(self._findings) >= FINDINGS_BATCH and not self.atomic:
+            self._flush_findings()
+
+    def _flush_findings(self) -> None:
+        insert_rows(self.con, "version_pii_findings", self._findings)
+        self._findings = []
 
     def table_name(self, stem: str | Path) -> str:
         """A new data table's name for this version, `t<vid>_<stem>`, free in the vault (`_2`, ... if not)."""
@@ -302,6 +325,7 @@ class VersionBuilder:
         _drop_blobs(con, self._orphans)
         insert_rows(con, "version_sources", self._sources)
         insert_rows(con, "version_pii", self._pii)
+        self._flush_findings()
         insert_rows(con, "version_tables", self._table_rows)
         t = self.totals()
         if held_out is not None:

@@ -25,7 +25,19 @@ from appliance.vault.builder import (
     latest,
 )
 from appliance.vault.db import cursor
-from appliance.vault.pii import MODES, Scrubber
+from appliance.vault.fields import (
+    FieldScrubber,
+    Found,
+    ReviewKeep,
+    by_type,
+    field_value,
+    policy,
+    scrub_reason,
+    scrub_record,
+    scrub_source,
+    site_types,
+)
+from appliance.vault.pii import MODES
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table
@@ -100,9 +112,10 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
     `follow_links` (an operator's choice, never an agent's); nothing inside the home is read either way.
     """
     _check_args(paths, dataset, pii_mode, validation_fraction, workers)
-    with _ingest_settings(vault.con):
+    types = site_types(vault.home.root)  # the site's policy file: a bad one is refused before anything is read
+    with write_settings(vault.con):
         return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-                       workers or default_workers(), follow_links)
+                       workers or default_workers(), follow_links, types)
 
 
 def _check_args(paths: list[Path], dataset: str, pii_mode: str, validation_fraction: float,
@@ -120,8 +133,8 @@ def _check_args(paths: list[Path], dataset: str, pii_mode: str, validation_fract
 
 
 @contextmanager
-def _ingest_settings(con) -> Iterator[None]:
-    """DuckDB set for a long write (INGEST_SETTINGS) inside the block, as it was after it."""
+def write_settings(con) -> Iterator[None]:
+    """DuckDB set for a long write (INGEST_SETTINGS: ingest, a re-scrub) inside the block, as it was after it."""
     saved = {k: con.execute(f"SELECT current_setting('{k}')").fetchone()[0] for k in INGEST_SETTINGS}
     for k, value in INGEST_SETTINGS.items():
         con.execute(f"SET {k} = '{value}'")
@@ -194,65 +207,99 @@ class _Done:
 @dataclass
 class _ItemState:
     item: Item
+    source: str = ""  # the item's path as it lands (scrubbed, `_label`)
     target: str | None = None  # the data table of a table item
     file_ord: int | None = None
     added: list[str] = field(default_factory=list)
     dups: int = 0
-    counts: Counter = field(default_factory=Counter)
+    counts: Counter = field(default_factory=Counter)  # by (type, detector, band)
     reported: int = 0
+    review: ReviewKeep = field(default_factory=ReviewKeep)  # findings kept for review
+    fields_seen: set = field(default_factory=set)  # (field, value): a title repeated in each part counts once
 
 
-def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode: str) -> Iterator[tuple]:
+def _label(state: _ItemState, fs: FieldScrubber) -> _ItemState:
+    """Scrub what the walk knows of an item before anything is read: its path (the records' source) and, in
+    a repository, its path there and the repository's name. Counted once, as the file's own findings."""
+    item = state.item
+    state.source, counts, found = scrub_source(fs, item.path)
+    state.counts.update(counts)
+    found = list(found)  # the scrubber remembers what it returned
+    if item.rel:  # the records' path and title
+        item.rel, c, f = fs.path(item.rel)
+        state.counts.update(c)
+        found += f
+    if item.repo:
+        item.repo, c, f = fs.path(item.repo, "meta.repo")  # a directory's name
+        state.counts.update(c)
+        found += f
+    for f in found:  # kept with the file's first record, whose fields show them
+        state.review.add(None, f)
+    return state
+
+
+def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode: str,
+             types: tuple[str, ...] | None) -> Iterator[tuple]:
     """Walk the items in order and feed the pipeline; yields finished entries in order.
 
     Each item becomes entries for `_Landing`: "skip"; or "records" batches then "end" (or "fail"); or, for
     small files grouped for a worker, one "files" entry with an outcome per file."""
     key = vault.secrets.pseudonym_key
-    scrubber = Scrubber(mode, key)
+    fs = FieldScrubber(mode, key, types)
     group: list[_ItemState] = []  # consecutive small files go to a worker together: fewer round trips
     for item in items:
-        state = _ItemState(item)
+        state = _label(_ItemState(item), fs)
         if pipe.pool is not None and item.kind not in ("skip", "table") and item.size <= SMALL_FILE:
             group.append(state)
             if sum(g.item.size for g in group) >= SCAN_BATCH_CHARS or len(group) >= 64:
-                yield from _send_files(pipe, group, mode, key)
+                yield from _send_files(pipe, group, mode, key, types)
             continue
-        yield from _send_files(pipe, group, mode, key)
+        yield from _send_files(pipe, group, mode, key, types)
         if item.kind == "skip":
             yield from pipe.put("skip", state)
         elif item.kind == "table":
-            state.target = b.table_name(item.path)
-            yield from _read_table(vault.con, pipe, state, scrubber)
+            state.target = b.table_name(state.source)
+            yield from _read_table(vault.con, pipe, state, fs)
         else:
-            yield from _read_large(pipe, state, mode, key)
-    yield from _send_files(pipe, group, mode, key)
+            yield from _read_large(pipe, state, mode, key, types)
+    yield from _send_files(pipe, group, mode, key, types)
     yield from pipe.drain()
 
 
-def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes) -> Iterator[tuple]:
+def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes,
+                types: tuple[str, ...] | None) -> Iterator[tuple]:
     """The grouped small files to one worker, read and scrubbed whole; empties `group`."""
     if group:
-        yield from pipe.submit("files", list(group), scan_files, [g.item for g in group], mode, key)
+        yield from pipe.submit("files", list(group), scan_files, [g.item for g in group], mode, key,
+                              types)
         group.clear()
 
 
-def _read_table(con, pipe: _Pipeline, state: _ItemState, scrubber: Scrubber) -> Iterator[tuple]:
-    """A table file, written here in order into `state.target`; its rows come back already scrubbed."""
+def _read_table(con, pipe: _Pipeline, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple]:
+    """A table file, written here in order into `state.target`; its rows come back already scrubbed, as do
+    its name and column names."""
     item = state.item
     try:
-        for batch in _batches(ingest_table(cursor(con), item.path, state.target, scrubber.scrub_cell,
-                                           state.counts, item.ident)):
-            yield from pipe.put("records", state, _Done([(r, {}) for r in batch]))
+        for batch in _batches(ingest_table(cursor(con), item.path, state.target, fs.cell, state.counts,
+                                           item.ident, lambda n: fs.name(n, state.counts))):
+            yield from pipe.put("records", state, _Done([(r, _scrubbed(fs, r)) for r in batch]))
         yield from pipe.put("end", state)
     except ReadError as e:
         yield from pipe.put("fail", state, _Done((str(e), False)))
 
 
-def _read_large(pipe: _Pipeline, state: _ItemState, mode: str, key: bytes) -> Iterator[tuple]:
+def _scrubbed(fs: FieldScrubber, rec: Record) -> dict:
+    """A record whose reader scrubbed its text (a table row) still goes through `scrub_record` for its fields."""
+    counts, rec.found = scrub_record(fs, rec)
+    return dict(counts)
+
+
+def _read_large(pipe: _Pipeline, state: _ItemState, mode: str, key: bytes,
+                types: tuple[str, ...] | None) -> Iterator[tuple]:
     """A large file, streamed through here; its records are scrubbed in batches (on the pool, if any)."""
     try:
         for batch in _batches(read_item(state.item)):
-            yield from pipe.submit("records", state, scrub_records, batch, mode, key)
+            yield from pipe.submit("records", state, scrub_records, batch, mode, key, types)
         yield from pipe.put("end", state)
     except (ReadError, Skip) as e:
         yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
@@ -271,7 +318,7 @@ def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
 
 
 def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-            workers, follow_links) -> IngestResult:
+            workers, follow_links, types) -> IngestResult:
     items = list(plan([p.expanduser() for p in paths], follow_links, vault.home.root))
     total = sum(i.size for i in items)
     if on_plan:
@@ -282,13 +329,14 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
                         previous=parent) as b:
         res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
                            parent=b.previous)
-        totals = _scan_into(vault, b, items, res, pii_mode, progress,
+        totals = _scan_into(vault, b, items, res, pii_mode, types, progress,
                             workers if total >= POOL_MIN_BYTES else 1)  # a pool only pays on large inputs
         if res.files == 0 or (res.new_records == 0 and not parent):
             why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
             raise IngestError(f"nothing ingested ({why})", "check the paths and file types")  # the builder discards
-        res.pii = dict(sorted(totals.items()))
-        done = b.commit("vault.ingest", attrs={"files": res.files}, duplicates=res.duplicates,
+        res.pii = dict(sorted(by_type(totals).items()))
+        done = b.commit("vault.ingest", attrs={"files": res.files, "pii_policy": policy(pii_mode, types)},
+                        duplicates=res.duplicates,
                         skipped=len(res.skipped) + len(res.failed),
                         details={"new_records": res.new_records, "duplicates": res.duplicates, "files": res.files,
                                  "failed": len(res.failed), "skipped": len(res.skipped)})
@@ -296,13 +344,14 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
     return res
 
 
-def _scan_into(vault, b: VersionBuilder, items: list[Item], res: IngestResult, pii_mode: str, progress,
+def _scan_into(vault, b: VersionBuilder, items: list[Item], res: IngestResult, pii_mode: str,
+               types: tuple[str, ...] | None, progress,
                workers: int) -> Counter:
     """Read, scrub and add every item to the version in order; the PII found, by type."""
-    landing = _Landing(b, res, progress)
+    landing = _Landing(b, res, progress, FieldScrubber(pii_mode, vault.secrets.pseudonym_key, types))
     pipe = _Pipeline(workers)
     try:
-        for event, state, value in _produce(vault, items, pipe, b, pii_mode):
+        for event, state, value in _produce(vault, items, pipe, b, pii_mode, types):
             landing.land(event, state, value)
     finally:
         pipe.close()
@@ -315,8 +364,8 @@ class _Landing:
     An item's records land as they come; its last entry says how it ended: "end" (kept), "fail" (its records
     taken out again: failed, or skipped when the reader skipped it) or "skip" (the walk left it out)."""
 
-    def __init__(self, b: VersionBuilder, res: IngestResult, progress: Progress | None):
-        self.b, self.res, self.progress = b, res, progress
+    def __init__(self, b: VersionBuilder, res: IngestResult, progress: Progress | None, fs: FieldScrubber):
+        self.b, self.res, self.progress, self.fs = b, res, progress, fs
         self.seen = b.inherited  # every text the version holds: a repeated one counts as a duplicate
         self.totals: Counter = Counter()
 
@@ -355,7 +404,9 @@ class _Landing:
         """A batch of an item's scrubbed records; a text the version already holds counts as a duplicate."""
         for rec, counts in scanned:
             state.reported += _advance(self.progress, state.item, state.reported, len(rec.text))
+            rec.source = state.source
             state.counts.update(counts)
+            found = self._fields(state, rec)
             data = rec.text.encode("utf-8")
             digest = hashlib.sha256(data).hexdigest()
             if digest in self.seen:
@@ -363,18 +414,38 @@ class _Landing:
                 continue
             self.seen.add(digest)
             state.added.append(digest)
+            for f in found:
+                state.review.add(self.b.next_ord, f)
             self.b.add(rec, rec.text, digest, len(data))
+
+    @staticmethod
+    def _fields(state: _ItemState, rec) -> list[Found]:
+        """The record's findings to keep: in its text, and in each field value the first time the file shows
+        it (a title repeated in every part of a file is one finding, counted once)."""
+        keep = []
+        for f in rec.found:
+            if f.field != "text":
+                seen = (f.field, f.start, f.end, field_value(rec, f.field))
+                if seen in state.fields_seen:
+                    continue
+                state.fields_seen.add(seen)
+                state.counts[f.key] += 1
+            keep.append(f)
+        rec.found = []
+        return keep
 
     def skip(self, state: _ItemState) -> None:
         """An item the walk did not read: failed if it was named explicitly, else skipped."""
-        item, src = state.item, str(state.item.path)
-        (self.res.failed if item.explicit else self.res.skipped).append((src, item.reason or "skipped"))
-        self.b.source(src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped", item.reason)
+        item, src = state.item, state.source
+        reason = scrub_reason(self.fs, item.reason)
+        (self.res.failed if item.explicit else self.res.skipped).append((src, reason or "skipped"))
+        self.b.source(src, None, item.size, None, 0, 0, "failed" if item.explicit else "skipped", reason)
         _tick(self.progress, item)
 
     def fail(self, state: _ItemState, reason: str, skipped: bool) -> None:
         """An item that could not be read to the end: what it added is taken out again."""
-        item, src = state.item, str(state.item.path)
+        item, src = state.item, state.source
+        reason = scrub_reason(self.fs, reason) or ""
         self.b.drop_from(state.file_ord, state.added)
         self.seen.difference_update(state.added)
         if state.target:
@@ -385,12 +456,13 @@ class _Landing:
 
     def end(self, state: _ItemState) -> None:
         """An item read to the end: counted, with its source entry, PII counts and table."""
-        item, src, res = state.item, str(state.item.path), self.res
+        item, src, res = state.item, state.source, self.res
         res.files += 1
         res.duplicates += state.dups
         res.new_records += len(state.added)
         self.totals.update(state.counts)
         self.b.pii(src, state.counts)
+        self.b.findings(src, state.review.kept(state.file_ord if state.added else None))
         self.b.source(src, item.kind, item.size, _file_sha256(item), len(state.added), state.dups, "ok")
         if state.target:
             self.b.table(state.target, src)

@@ -219,3 +219,70 @@ def imported(t: dict, pad: str) -> list[str]:
         lines.append(f"{pad}sender's lineage:")
         lines += render(src, pad + "  ")
     return lines
+
+
+# --- re-scrubbed datasets ------------------------------------------------------------------------
+RESCRUB = "rescrub"  # the role of the edge from a re-scrubbed version to the version it re-scrubbed
+
+
+def rescrubbed_as(con, dataset_id: str) -> list[str]:
+    """The versions made by re-scrubbing `dataset_id` under a stricter policy (`vault ingest --rescrub`)."""
+    return [c for (c,) in con.execute("SELECT child FROM lineage_edges WHERE parent = ? AND role = ? ORDER BY child",
+                                      [dataset_id, RESCRUB]).fetchall()]
+
+
+def less_scrubbed(con, node_id: str) -> list[dict]:
+    """Datasets in `node_id`'s making (itself included) that were re-scrubbed since under a stricter policy:
+    what was made from them learned from less-scrubbed data. Each: dataset, rescrubbed_as, made (for the
+    dataset itself: what was made from it) and a message. Empty when there is nothing to warn about."""
+    kind = kind_of(con, node_id)
+    if kind is None:
+        return []
+    out = []
+    for ds, k in [(node_id, kind), *_unscrubbed_ancestors(con, node_id)]:
+        later = rescrubbed_as(con, ds) if k == "dataset" else []
+        if not later:
+            continue
+        ids = ", ".join(later)
+        if ds == node_id:
+            made = _made(descendants(con, ds))
+            msg = (f"{ds} was re-scrubbed under a stricter policy as {ids}"
+                   + (f"; made from it, on less-scrubbed data: {', '.join(made[:10])}"
+                      + (f" and {len(made) - 10} more" if len(made) > 10 else "") if made else ""))
+        else:
+            made = []
+            again = (f"re-scrub it too (`appliance vault ingest --rescrub {node_id}`)" if kind == "dataset"
+                     else f"make it again from {later[-1]}")
+            msg = (f"{node_id} was made from {ds}, which was re-scrubbed under a stricter policy as {ids}: it "
+                   f"holds less-scrubbed data; {again}")
+        out.append({"dataset": ds, "rescrubbed_as": later, "made": made, "message": msg})
+    return out
+
+
+def _unscrubbed_ancestors(con, node_id: str) -> Iterator[tuple[str, str]]:
+    """(id, kind) of `node_id`'s ancestors, not past a re-scrub: what a re-scrubbed version came from was
+    scrubbed again in it."""
+    frontier, seen = [node_id], {node_id}
+    while frontier:
+        nxt = []
+        for child in frontier:
+            for parent, kind in con.execute(
+                    "SELECT e.parent, n.kind FROM lineage_edges e JOIN lineage_nodes n ON n.id = e.parent "
+                    "WHERE e.child = ? AND e.role <> ? ORDER BY e.parent", [child, RESCRUB]).fetchall():
+                if parent not in seen:
+                    seen.add(parent)
+                    nxt.append(parent)
+                    yield parent, kind
+        frontier = nxt
+
+
+def _made(tree: list[dict]) -> list[str]:
+    """Ids in a `descendants` tree that are not dataset versions, each once, in order."""
+    out: list[str] = []
+    for c in tree:
+        if c["role"] == RESCRUB:  # the re-scrubbed version, and what was made from it, are not the warning's
+            continue
+        if c["kind"] != "dataset" and c["id"] not in out:
+            out.append(c["id"])
+        out += [i for i in _made(c["children"]) if i not in out]
+    return out

@@ -1,8 +1,10 @@
 """PII detection and scrubbing: regex candidates, then validators (Luhn, IBAN mod-97, address parsing,
-context words) that keep false positives down.
+context words) that keep false positives down, and names of people from context rules over name lists
+(`pii_names`). The other Safe Harbor identifiers prose carries live in `pii_safe_harbor`.
 
-Cheap literal pre-checks (`'@' in text`, keyword presence in the lower-cased text) skip whole detectors on
-text that cannot hold their type, which is what keeps the scan fast on ordinary prose.
+Cheap literal pre-checks (`'@' in text`, keyword presence in the lower-cased text, any digit at all) skip
+whole detectors on text that cannot hold their type, which is what keeps the scan fast on ordinary prose.
+A site chooses which types it scrubs with a `Policy` (`HOME/pii-policy.toml`); every type is on by default.
 """
 
 from __future__ import annotations
@@ -12,20 +14,34 @@ import hashlib
 import hmac
 import ipaddress
 import re
+import tomllib
 from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
+
+from appliance.vault import pii_names, pii_safe_harbor
+from appliance.vault.pii_base import DATE as _DATE
+from appliance.vault.pii_base import Finding
+
+__all__ = ["MODES", "STRUCTURED", "TYPES", "Finding", "Policy", "Scrubber", "detect", "load_policy",
+           "site_policy"]
 
 MODES = ("redact", "pseudonymize", "flag", "off")
 STRUCTURED = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6")  # detectable from the value alone
-TYPES = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6", "DOB", "MRN", "PASSPORT", "PERSON")
-
-
-@dataclass(frozen=True, slots=True)
-class Finding:
-    type: str
-    start: int
-    end: int
-    value: str
+TYPES = ("EMAIL", "PHONE", "SSN", "CARD", "IBAN", "IPV4", "IPV6", "DOB", "MRN", "PASSPORT", "PERSON",
+         "ADDRESS", "ZIP", "DATE", "AGE", "FAX", "ACCOUNT", "LICENSE", "VEHICLE", "DEVICE", "URL", "DODID")
+TYPE_HELP = {
+    "EMAIL": "e-mail addresses", "PHONE": "telephone numbers", "SSN": "US social security numbers",
+    "CARD": "payment card numbers (Luhn)", "IBAN": "bank account numbers (IBAN, mod-97)",
+    "IPV4": "IPv4 addresses", "IPV6": "IPv6 addresses", "DOB": "dates of birth",
+    "MRN": "medical record and patient numbers", "PASSPORT": "passport numbers", "PERSON": "names of people",
+    "ADDRESS": "street addresses and PO boxes", "ZIP": "ZIP codes (after a state or a label)",
+    "DATE": "dates of admission, discharge, death, service and other events of a person",
+    "AGE": "ages over 89", "FAX": "fax numbers", "ACCOUNT": "health-plan, insurance, member and account numbers",
+    "LICENSE": "licence, certificate, DEA and NPI numbers", "VEHICLE": "VINs and licence plates",
+    "DEVICE": "device identifiers and serial numbers", "URL": "web addresses", "DODID": "DoD ID numbers (EDIPI)",
+}
 
 
 # --- email ---------------------------------------------------------------------------------------
@@ -233,30 +249,24 @@ def _phones(text: str, _low: str, regions):
 
 
 # --- context-bound identifiers -------------------------------------------------------------------
-_MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
-_DATE = (rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}"
-         rf"|{_MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
-         rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{_MONTH},? \d{{4}})")
 _DOB = re.compile(rf"(?i:date of birth|d\.o\.b\.?|dob|birth ?date|born(?: on)?)\b[\s:=-]*(?:is |was |on )?({_DATE})")
 _MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?))"
                   r"[\s:#=-]*(?:is\s+)?(?=[A-Z0-9-]*\d)([A-Z]{0,4}-?[A-Z0-9]{4,14}(?:-[A-Z0-9]{1,6})?)\b")
 _PASSPORT = re.compile(r"(?i:passport)(?:\s*(?:number|no\.?|#|id))?[\s:#=-]*(?:is\s+)?(?=[A-Z0-9]*\d)([A-Z0-9]{6,9})\b")
 
 
-def _contextual(text: str, low: str, _regions):
-    if "birth" in low or "dob" in low or "d.o.b" in low or "born" in low:
-        for m in _DOB.finditer(text):
-            yield Finding("DOB", m.start(1), m.end(1), m.group(1))
-    if "mrn" in low or "medical record" in low or "patient" in low or "chart" in low:
-        for m in _MRN.finditer(text):
-            yield Finding("MRN", m.start(1), m.end(1), m.group(1))
-    if "passport" in low:
-        for m in _PASSPORT.finditer(text):
-            yield Finding("PASSPORT", m.start(1), m.end(1), m.group(1))
+def _contextual(text: str, _low: str, scan: pii_safe_harbor.Scan):
+    for m in _keyed(_DOB, text, scan, "dob"):
+        yield Finding("DOB", m.start(1), m.end(1), m.group(1), "dob")
+    for m in _keyed(_MRN, text, scan, "mrn"):
+        yield Finding("MRN", m.start(1), m.end(1), m.group(1), "mrn")
+    for m in _keyed(_PASSPORT, text, scan, "passport"):
+        yield Finding("PASSPORT", m.start(1), m.end(1), m.group(1), "passport")
 
 
 # --- person names (only where a cheap, reliable signal exists) -----------------------------------
-_NAME = r"[A-Z][a-z'’-]+(?: [A-Z]\.)?(?: (?:van |de |von |O')?[A-Z][a-z'’-]+){1,2}"
+_NAME = (r"[A-Z][a-z'’]+(?:-[A-Z]?[a-z'’]+)?(?: [A-Z]\.)?"
+         r"(?: (?:van |de |von |O')?[A-Z][a-z'’]+(?:-[A-Z]?[a-z'’]+)?){1,2}")
 _FIELD_WORDS = (
     r"(?:Name|Full name|Patient|Patient name|Employee|Contact|Attn|Attention|Signed|Approved by|Reviewed by"
     r"|Prepared by|Issued by|Author|Maintainer|Reported by|Requested by|Owner|Customer|Client|Technician"
@@ -266,10 +276,9 @@ _FIELD_WORDS = (
 # a leading \b or alternation would make a scan over the whole text slow.
 _FIELD_BEFORE = re.compile(rf"(?<!\w){_FIELD_WORDS}[ \t]*$")
 _NAME_AFTER = re.compile(rf"[ \t]*({_NAME})")
-_HONORIFIC = re.compile(rf"(?:Mr|Mrs|Ms|Miss|Dr|Prof)\.? ({_NAME}|[A-Z][a-z'’-]{{2,}})")
-_SIGNOFF_HIT = re.compile(r"(?:regards|thanks|thank you|sincerely|cheers|best|respectfully)[,.!]?[ \t]*\r?\n")
-_SIGNOFF_LINE = re.compile(r"[ \t]*(?:Best|Regards|Best regards|Kind regards|Warm regards|Thanks|Thank you"
-                           r"|Sincerely|Cheers|Many thanks|Respectfully)[,.!]?[ \t]*\r?\n")
+# Starts with a newline (a literal the engine jumps to): the sign-off line itself, in the lower-cased text.
+_SIGNOFF_HIT = re.compile(r"\n[ \t]*(?:best|regards|best regards|kind regards|warm regards|thanks|thank you"
+                          r"|sincerely|cheers|many thanks|respectfully|--)[,.!]?[ \t]*\r?\n")
 _SIGNOFF_NAME = re.compile(rf"[ \t]*(?:--[ \t]*\r?\n[ \t]*)?({_NAME}|[A-Z][a-z'’-]{{2,}})[ \t]*(?:\r?\n|$)")
 
 
@@ -283,25 +292,14 @@ def _field_names(text: str):
         pos = text.find(":", pos + 1)
 
 
-def _honorific_names(text: str):
-    for m in _HONORIFIC.finditer(text):
-        if m.start() == 0 or not text[m.start() - 1].isalnum():
+def _signoff_names(text: str, low: str):
+    for hit in _SIGNOFF_HIT.finditer("\n" + low):  # the newline in front: a sign-off on the first line
+        m = _SIGNOFF_NAME.match(text, hit.end() - 1)
+        if m:
             yield m.group(1)
 
 
-def _signoff_names(text: str, low: str):
-    for hit in _SIGNOFF_HIT.finditer(low):
-        line_start = low.rfind("\n", 0, hit.start()) + 1
-        if _SIGNOFF_LINE.fullmatch(text, line_start, hit.end()):
-            m = _SIGNOFF_NAME.match(text, hit.end())
-            if m:
-                yield m.group(1)
-
-
-_SIGNOFF_WORDS = ("regards", "thanks", "thank you", "sincerely", "cheers", "best", "respectfully")
-
-
-def _person_spans(text: str, names: set[str]):
+def _person_spans(text: str, names: dict[str, tuple[str, float]]):
     """Every whole-word occurrence of the known names, longest first, in one scan."""
     usable = sorted((n for n in names if len(n) >= 3), key=len, reverse=True)
     if len(usable) > 16:  # many names: one compiled scan beats a find loop per name
@@ -310,7 +308,10 @@ def _person_spans(text: str, names: set[str]):
         spans = ((i, i + len(n)) for n in usable for i in _find_all(text, n))
     for start, end in spans:
         if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
-            yield Finding("PERSON", start, end, text[start:end])
+            detector, score = names[text[start:end]]
+            if detector == "name-repeat" and pii_names.eponym_follows(text, end):
+                continue  # "Foley catheter" after "Dr. Foley": the thing, not the person
+            yield Finding("PERSON", start, end, text[start:end], detector, score)
 
 
 def _find_all(text: str, needle: str):
@@ -338,35 +339,87 @@ def _names_from_emails(text: str, emails: list[Finding]) -> set[str]:
     return found
 
 
-def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding]) -> set[str]:
-    found = {h.strip() for h in hints if h and h.strip()}
-    found |= _names_from_emails(text, emails)
-    found.update(_field_names(text))
-    if "Mr" in text or "Ms" in text or "Dr" in text or "Prof" in text or "Miss" in text:
-        found.update(_honorific_names(text))
-    if "\n" in text and any(w in low for w in _SIGNOFF_WORDS):
-        found.update(_signoff_names(text, low))
+def _plausible(name: str) -> bool:
+    """Not a job title or an ordinary phrase: "Endoscopy Nurse Manager" is no name, "Ana Okafor" is."""
+    sc = pii_names.scorer()
+    words = [w.lower() for w in name.split() if len(w.rstrip(".")) > 1]
+    return any(sc.given(w) > 0 or sc.surname(w) > 0 for w in words) and not any(
+        w in pii_names.ROLES or w in pii_names.NOT_PERSON_AFTER for w in words)
+
+
+def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding], runs: list) -> dict:
+    """Every name to look for in the text, with the rule that found it and its confidence."""
+    found: dict[str, tuple[str, float]] = {}
+    for c in runs:  # weakest first: a stronger rule below overwrites
+        for w in pii_names.repeat_words([c]):
+            found.setdefault(w, ("name-repeat", c.score))
+    accepted = {text[c.start:c.end] for c in runs}
+    for n in _field_names(text):
+        if n in accepted or _plausible(n):
+            found[n] = ("field", 0.9)
+    if "\n" in text:
+        found.update((n, ("signoff", 0.8)) for n in _signoff_names(text, low) if _plausible(n))
+    found.update((n, ("mail", 0.95)) for n in _names_from_emails(text, emails))
+    found.update((h.strip(), ("hint", 1.0)) for h in hints if h and h.strip())
     return found
 
 
 # --- the whole scan ------------------------------------------------------------------------------
-# Order is priority: on overlap the earlier detector keeps the span.
-_DETECTORS = (_emails, _ibans, _cards, _ssns, _ipv6s, _ipv4s, _contextual, _phones)
+_keyed = pii_safe_harbor._keyed
+_sh = pii_safe_harbor
+# (detector, the types it yields, what the text must hold for it to run). Order is priority: on overlap the
+# earlier detector keeps the span. The needs are checked once per text, so a short table cell pays only for
+# the detectors that can fire on it.
+_ANY, _AT, _DIGIT, _REGION, _KEYWORD, _CAPITAL, _COLONS = range(7)
+_DETECTORS = (
+    (_emails, {"EMAIL"}, _AT), (_sh.urls, {"URL"}, _ANY), (_ibans, {"IBAN"}, _REGION),
+    (_cards, {"CARD"}, _REGION), (_ssns, {"SSN"}, _REGION), (_sh.dod_ids, {"DODID"}, _KEYWORD),
+    (_ipv6s, {"IPV6"}, _COLONS), (_ipv4s, {"IPV4"}, _REGION), (_contextual, {"DOB", "MRN", "PASSPORT"}, _KEYWORD),
+    (_sh.person_dates, {"DATE", "AGE"}, _DIGIT), (_sh.faxes, {"FAX"}, _KEYWORD),
+    (_sh.labelled_ids, {"ACCOUNT", "LICENSE", "DEVICE", "VEHICLE"}, _DIGIT), (_phones, {"PHONE"}, _REGION),
+    (_sh.addresses, {"ADDRESS", "ZIP"}, _DIGIT),
+)
+_ALL = frozenset(TYPES)
 
 
-def detect(text: str, name_hints: tuple[str, ...] = ()) -> list[Finding]:
-    """Non-overlapping findings in text order."""
+_A_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(text: str) -> bool:
+    if len(text) < 4096:
+        return _A_DIGIT.search(text) is not None
+    return any(d in text for d in "0123456789")  # ten memchr scans: far faster than a regex over long text
+
+
+def _needs(text: str, low: str, scan: pii_safe_harbor.Scan, digits: bool) -> list[bool]:
+    return [True, "@" in text, digits, bool(scan), digits and scan.any_hits(), digits and not text.islower(),
+            text.count(":") >= 2]
+
+
+def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | None = None) -> list[Finding]:
+    """Non-overlapping findings in text order; with `types`, only those types are reported (a value of a
+    type left out still keeps its span, so it is not reported as some other type)."""
+    on = _ALL if types is None else frozenset(types)
     low = text.lower()
-    regions = _regions(text)
+    digits = _has_digit(text)
+    scan = pii_safe_harbor.Scan(text, low, _regions(text) if digits else [])
+    needs = _needs(text, low, scan, digits)
     taken = _Spans()
-    for det in _DETECTORS:
-        for f in det(text, low, regions):
-            taken.add(f)
-    names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"])
-    if names:
-        for f in _person_spans(text, names):
-            taken.add(f)
-    return taken.findings
+    for det, _kinds, need in _DETECTORS:  # all of them, whatever `types`: a fax number left in stays a fax
+        if needs[need]:
+            for f in det(text, low, scan):
+                taken.add(f)
+    if "PERSON" in on:
+        runs = pii_names.find_names(text, low)
+        for c in sorted(runs, key=lambda c: (c.start, -c.end)):
+            taken.add(Finding("PERSON", c.start, c.end, text[c.start:c.end], c.detector, round(c.score, 2)))
+        names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"], runs)
+        if names:
+            for f in _person_spans(text, names):
+                taken.add(f)
+    if on is _ALL:
+        return taken.findings
+    return [f for f in taken.findings if f.type in on]
 
 
 class _Spans:
@@ -387,23 +440,97 @@ class _Spans:
 
 
 def _normal(f: Finding) -> str:
-    if f.type in ("EMAIL", "PERSON", "IPV6", "PASSPORT", "MRN"):
+    if f.type in ("EMAIL", "PERSON", "IPV6", "PASSPORT", "MRN", "URL"):
         return f.value.lower().replace(" ", "")
-    if f.type in ("PHONE", "CARD", "SSN"):
+    if f.type in ("PHONE", "CARD", "SSN", "FAX", "DODID"):
         return "".join(c for c in f.value if c.isdigit())
     return f.value.replace(" ", "")
 
 
-class Scrubber:
-    """Applies one mode to text; pseudonyms are HMAC-keyed so the same value maps to the same token."""
+# A column that holds people by name: its lower-case cells are read too ("jane doe").
+_PERSON_COLUMN = re.compile(r"name|patient|owner|person|contact|author|employee|staff|nurse|doctor|physician"
+                            r"|engineer|technician|operator|inspector|witness|signed|reviewer|customer|client")
 
-    def __init__(self, mode: str, key: bytes | None = None):
+
+# --- the site's policy ---------------------------------------------------------------------------
+POLICY_FILE = "pii-policy.toml"
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Which PII types a site scrubs. Every type is on unless `keep` names it."""
+
+    keep: frozenset[str] = frozenset()
+    """Types left in the text (not detected, not counted): e.g. {"URL", "DEVICE"} for maintenance logs."""
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.keep) - set(TYPES))
+        if unknown:
+            raise ValueError(f"unknown PII type(s) {', '.join(unknown)} in keep; the types are {', '.join(TYPES)}")
+        object.__setattr__(self, "keep", frozenset(self.keep))
+
+    @property
+    def types(self) -> tuple[str, ...]:
+        """The types scrubbed, in `TYPES` order (what `Scrubber(types=)` and `detect(types=)` take)."""
+        return tuple(t for t in TYPES if t not in self.keep)
+
+    @classmethod
+    def only(cls, types: Iterable[str]) -> Policy:
+        """A policy that scrubs exactly `types`."""
+        want = set(types)
+        unknown = sorted(want - set(TYPES))
+        if unknown:
+            raise ValueError(f"unknown PII type(s) {', '.join(unknown)}; the types are {', '.join(TYPES)}")
+        return cls(frozenset(TYPES) - want)
+
+    def to_toml(self) -> str:
+        keep = ", ".join(f'"{t}"' for t in TYPES if t in self.keep)
+        return f"# PII types left in the text; every other type is scrubbed\nkeep = [{keep}]\n"
+
+
+def load_policy(path: Path) -> Policy:
+    """The policy in a TOML file (`keep = ["URL", ...]`); a missing file means every type on."""
+    if not path.exists():
+        return Policy()
+    try:
+        raw = tomllib.loads(path.read_text())
+    except (OSError, tomllib.TOMLDecodeError) as e:
+        raise ValueError(f"PII policy {path}: {e}") from None
+    extra = sorted(set(raw) - {"keep"})
+    keep = raw.get("keep", [])
+    if extra or not isinstance(keep, list) or not all(isinstance(t, str) for t in keep):
+        raise ValueError(f"PII policy {path}: expected only keep = [\"TYPE\", ...]"
+                         + (f", not {', '.join(extra)}" if extra else ""))
+    try:
+        return Policy(frozenset(t.upper() for t in keep))
+    except ValueError as e:
+        raise ValueError(f"PII policy {path}: {e}") from None
+
+
+def site_policy(home_root: Path) -> Policy:
+    """The site's policy: `HOME/pii-policy.toml`, or every type on when the file is absent."""
+    return load_policy(Path(home_root) / POLICY_FILE)
+
+
+class Scrubber:
+    """Applies one mode to text; pseudonyms are HMAC-keyed so the same value maps to the same token.
+
+    `types` (a `Policy`, or the type names to scrub) limits what is scrubbed; by default every type."""
+
+    def __init__(self, mode: str, key: bytes | None = None, types: Policy | Iterable[str] | None = None):
         if mode not in MODES:
             raise ValueError(f"unknown PII mode {mode!r}; use one of {', '.join(MODES)}")
         if mode == "pseudonymize" and not key:
             raise ValueError("pseudonymize needs a key")
         self.mode = mode
         self.key = key or b""
+        if isinstance(types, Policy):
+            types = types.types
+        elif types is not None:
+            types = Policy.only(types).types
+        self.types: tuple[str, ...] | None = None if types is None or set(types) == _ALL else tuple(types)
+        self._cells: dict[tuple[str, str], list[Finding]] = {}
+        self._labels: dict[str, str] = {}  # column -> "Column name: ", the context a cell is read in
 
     def token(self, f: Finding) -> str:
         if self.mode == "redact":
@@ -412,19 +539,45 @@ class Scrubber:
         return f"[{f.type}_{digest}]"
 
     def scrub_cell(self, column: str, value: str) -> tuple[str, Counter]:
-        """Scrub one table cell with its column name as context ("ssn", "date_of_birth", "owner")."""
-        label = column.replace("_", " ").strip().capitalize() or "Value"
-        prefix = f"{label}: "
-        out, counts = self.scrub(prefix + value)
+        """Scrub one table cell with its column name as context ("ssn", "date_of_birth", "owner").
+
+        Columns repeat their values ("high", "pass", a site's system names), so the findings of the most
+        recent few thousand cells are remembered (their placeholders still go through `token`); a short cell
+        with no digit, capital or "@" is plain text unless its column names a person."""
+        prefix = self._labels.get(column)
+        if prefix is None:
+            prefix = self._labels[column] = f"{column.replace('_', ' ').strip().capitalize() or 'Value'}: "
+        key = (prefix, value)
+        found = self._cells.get(key)
+        if found is None:
+            if len(value) < 64 and value.islower() and "@" not in value and not _has_digit(value) \
+                    and not _PERSON_COLUMN.search(prefix.lower()):
+                found = []
+            else:
+                found = detect(prefix + value, (), self.types)
+            if len(self._cells) >= 4096:
+                self._cells.clear()
+            self._cells[key] = found
+        if self.mode == "off":
+            return value, Counter()
+        out, counts = self._apply(prefix + value, found)
         return (out[len(prefix):] if out.startswith(prefix) else out), counts
+
+    def findings(self, text: str, name_hints: tuple[str, ...] = ()) -> list[Finding]:
+        """What `scrub` would replace, under this scrubber's types."""
+        return detect(text, name_hints, self.types)
 
     def scrub(self, text: str, name_hints: tuple[str, ...] = ()) -> tuple[str, Counter]:
         """(scrubbed text, counts per type). 'flag' counts but keeps the text; 'off' does nothing."""
         if self.mode == "off":
             return text, Counter()
-        found = detect(text, name_hints)
-        counts = Counter(f.type for f in found)
-        if self.mode == "flag" or not found:
+        return self._apply(text, detect(text, name_hints, self.types))
+
+    def _apply(self, text: str, found: list[Finding]) -> tuple[str, Counter]:
+        if not found:
+            return text, Counter()
+        counts = Counter([f.type for f in found])
+        if self.mode == "flag":
             return text, counts
         out, pos = [], 0
         for f in found:

@@ -6,17 +6,16 @@ process through pipes, in memory.
 
 from __future__ import annotations
 
-from collections import Counter
 from collections.abc import Iterator
 
-from appliance.vault.pii import Scrubber
+from appliance.vault.fields import FieldScrubber, by_type, scrub_record
 from appliance.vault.readers import ReadError, Record
 from appliance.vault.readers.detect import Item
 from appliance.vault.readers.documents import read_docx, read_pdf
 from appliance.vault.readers.email import read_eml, read_mbox
 from appliance.vault.readers.text import read_text
 
-Scanned = list[tuple[Record, dict[str, int]]]
+Scanned = list[tuple[Record, dict[tuple[str, str, str], int]]]  # counts by (type, detector, band)
 
 
 class Skip(Exception):
@@ -53,28 +52,29 @@ def _code_records(item: Item) -> Iterator[Record]:
         raise
 
 
-def scrub_records(records: list[Record], mode: str, key: bytes) -> Scanned:
-    """Scrub in place; each record with its PII counts. 'flag' notes the counts in the record's meta."""
-    scrubber = Scrubber(mode, key)
+def scrub_records(records: list[Record], mode: str, key: bytes, types: tuple[str, ...] | None = None) -> Scanned:
+    """Scrub in place, text and every field (`fields.scrub_record`); each record with its text's PII counts
+    by (type, detector, band), its findings in `rec.found`. 'flag' notes the counts in the record's meta."""
+    fs = FieldScrubber(mode, key, types)
     out: Scanned = []
     for rec in records:
-        counts: Counter = Counter()
-        if not rec.scrubbed:
-            rec.text, counts = scrubber.scrub(rec.text, rec.name_hints)
-            if mode == "flag" and counts:
-                rec.meta["pii"] = dict(counts)
+        counts, rec.found = scrub_record(fs, rec)
+        if mode == "flag" and counts:
+            rec.meta["pii"] = dict(by_type(counts))
         out.append((rec, dict(counts)))
     return out
 
 
-def scan_files(items: list[Item], mode: str, key: bytes) -> list[tuple[Scanned, str | None, bool]]:
-    return [scan_file(item, mode, key) for item in items]
+def scan_files(items: list[Item], mode: str, key: bytes, types: tuple[str, ...] | None = None
+               ) -> list[tuple[Scanned, str | None, bool]]:
+    return [scan_file(item, mode, key, types) for item in items]
 
 
-def scan_file(item: Item, mode: str, key: bytes) -> tuple[Scanned, str | None, bool]:
+def scan_file(item: Item, mode: str, key: bytes, types: tuple[str, ...] | None = None
+              ) -> tuple[Scanned, str | None, bool]:
     """A whole (small) file: (scanned records, failure reason or None, skipped by policy)."""
     try:
-        return scrub_records(list(read_item(item)), mode, key), None, False
+        return scrub_records(list(read_item(item)), mode, key, types), None, False
     except Skip as e:
         return [], str(e), True
     except ReadError as e:

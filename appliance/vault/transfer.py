@@ -47,9 +47,12 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
     """Land the files as a new version of `name`; returns its summary. All or nothing: `on_commit(con,
     version)` runs inside the same transaction (the caller's own bookkeeping)."""
     from appliance.vault.builder import VersionBuilder
+    from appliance.vault.fields import FieldScrubber, scrub_record, site_types
     from appliance.vault.readers import Record
 
     info = json.loads(files["dataset.json"])
+    # the text must stay as hashed; its fields (title, path, source, metadata) land scrubbed like everywhere
+    fs = FieldScrubber(info["pii_mode"], vault.secrets.pseudonym_key, site_types(vault.home.root))
     with VersionBuilder(vault, name, pii_mode=info["pii_mode"], validation_fraction=info["validation_fraction"],
                         actor="bundle", atomic=True) as b:
         renamed = {}
@@ -68,8 +71,12 @@ def import_dataset(vault, files: dict[str, bytes], name: str, provenance: dict,
             if digest != r["hash"]:
                 raise VaultError("a record in the bundle does not match its hash", "the bundle is damaged")
             path = renamed.get(r["path"], r["path"]) if r["kind"] == "table" else r["path"]
-            b.add(Record(r["kind"], r["source"], r["text"], path, r["language"], r["title"], r["meta"] or {}),
-                  r["text"], digest, len(data))
+            rec = Record(r["kind"], r["source"], r["text"], path, r["language"], r["title"], r["meta"] or {},
+                         scrubbed=True)
+            scrub_record(fs, rec)
+            if rec.source:
+                rec.source = fs.path(rec.source, "source")[0]
+            b.add(rec, r["text"], digest, len(data))
         if b.totals().content_hash != info["content_hash"]:
             raise VaultError("the imported dataset does not hash to the exported one", "the bundle is damaged")
         # the splits travel with the records: keep them exactly as they were exported

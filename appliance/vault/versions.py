@@ -145,9 +145,14 @@ def show(con, ref: str) -> dict:
     pii_total = dict(con.execute("SELECT type, sum(count)::BIGINT FROM version_pii WHERE vid = ? GROUP BY type "
                                  "ORDER BY type", [vid]).fetchall())
     pii_files: dict[str, dict[str, int]] = {}
-    for path, typ, cnt in con.execute("SELECT path, type, count FROM version_pii WHERE vid = ? ORDER BY path, type",
-                                      [vid]).fetchall():
+    for path, typ, cnt in con.execute("SELECT path, type, sum(count)::BIGINT FROM version_pii WHERE vid = ? "
+                                      "GROUP BY path, type ORDER BY path, type", [vid]).fetchall():
         pii_files.setdefault(path, {})[typ] = cnt
+    # a vault made before the report kept detectors, opened read-only, has no such columns yet
+    cols = "detector, band" if has_column(con, "version_pii", "detector") else "NULL, NULL"
+    detectors = [{"path": p, "type": t, "detector": d, "band": bd, "count": c} for p, t, d, bd, c in con.execute(
+        f"SELECT path, type, {cols}, sum(count)::BIGINT FROM version_pii WHERE vid = ? "
+        "GROUP BY ALL ORDER BY ALL NULLS FIRST", [vid]).fetchall()]
     sources = [{"path": p, "kind": k, "bytes": b, "sha256": s, "records": r, "duplicates": d, "status": st,
                 "reason": why} for p, k, b, s, r, d, st, why in con.execute(
         "SELECT path, kind, bytes, sha256, records, duplicates, status, reason FROM version_sources "
@@ -160,8 +165,22 @@ def show(con, ref: str) -> dict:
         "pii_mode": v[3], "content_hash": v[4], "records": v[5], "bytes": v[6], "duplicates": v[7],
         "skipped_files": v[8], "validation_fraction": v[9], "parents": json.loads(v[10] or "[]"),
         "splits": {"train": splits.get("train", 0), "validation": splits.get("validation", 0)},
-        "kinds": kinds, "pii": {"total": pii_total, "per_file": pii_files}, "sources": sources, "tables": tables,
+        "kinds": kinds, "pii": {"total": pii_total, "per_file": pii_files, "by_detector": detectors},
+        "sources": sources, "tables": tables, "warnings": _rescrub_warnings(con, f"{name}@{n}"),
     }
+
+
+def has_column(con, table: str, column: str) -> bool:
+    """Whether the vault's `table` has `column` (a vault made by an older release, opened read-only, may not)."""
+    return con.execute("SELECT 1 FROM information_schema.columns WHERE table_name = ? AND column_name = ? "
+                       "AND table_catalog = current_database()", [table, column]).fetchone() is not None
+
+
+def _rescrub_warnings(con, version: str) -> list[str]:
+    """What `lineage.less_scrubbed` says of this version: rescrubbed since, and what was made from it."""
+    from appliance.vault import lineage
+
+    return [w["message"] for w in lineage.less_scrubbed(con, version)]
 
 
 def iter_records(con, ref: str, split: str | None = None, batch: int = 1000) -> Iterator[dict]:

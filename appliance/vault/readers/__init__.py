@@ -69,6 +69,7 @@ class Record:
     meta: dict = field(default_factory=dict)
     name_hints: tuple[str, ...] = ()  # person names known from structure (mail headers)
     scrubbed: bool = False  # PII already handled by the reader (table cells, scrubbed with their column)
+    found: list = field(default_factory=list)  # what scrubbing found (fields.Found: never the values)
 
 
 def split_long(text: str, limit: int = MAX_RECORD_CHARS) -> list[str]:

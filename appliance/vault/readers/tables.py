@@ -23,6 +23,7 @@ READERS = {
 }
 BATCH_ROWS = 2048
 CellScrub = Callable[[str, str], tuple[str, Counter]]
+NameScrub = Callable[[str], str]  # a table's or column's name as it lands (PII in it scrubbed)
 
 
 def table_name(vid: int, path: Path) -> str:
@@ -31,10 +32,11 @@ def table_name(vid: int, path: Path) -> str:
 
 
 def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: CellScrub,
-                 counts: Counter, ident: Ident | None = None) -> Iterator[Record]:
+                 counts: Counter, ident: Ident | None = None, name: NameScrub = str) -> Iterator[Record]:
     """Copy `path` into `data.<target>` batch by batch, scrubbing cells; yield one record per row.
 
     `scrub(column, value)` returns (scrubbed value, findings per type); `counts` accumulates the findings.
+    `name` scrubs the file's stem (the records' title) and the column names, which land as they return them.
 
     `con` must be a cursor of its own: the source query stays open while rows are inserted. DuckDB opens
     files by name, so it is handed the name of a descriptor `open_input` opened and checked (no link
@@ -42,17 +44,18 @@ def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub:
     """
     reader_sql = READERS[path.suffix.lower()]
     with open_input(path, ident) as f:
-        yield from _copy_table(con, fd_path(f.fileno()), path, reader_sql, target, scrub, counts)
+        yield from _copy_table(con, fd_path(f.fileno()), path, reader_sql, target, scrub, counts, name)
 
 
 def _copy_table(con, source: str, path: Path, reader_sql: str, target: str, scrub: CellScrub,
-                counts: Counter) -> Iterator[Record]:
+                counts: Counter, name: NameScrub = str) -> Iterator[Record]:
     writer = cursor(con)
     created, rows = False, 0
+    stem = name(path.stem)
     try:
         result = con.execute(f"SELECT * FROM {reader_sql}", [source])
         batches = result.fetch_record_batch(BATCH_ROWS)
-        scrub_batch = _BatchScrubber(scrub, counts)
+        scrub_batch = _BatchScrubber(scrub, counts, name)
         for batch in batches:
             batch = scrub_batch(batch)
             writer.register("_ingest_batch", batch)
@@ -65,8 +68,8 @@ def _copy_table(con, source: str, path: Path, reader_sql: str, target: str, scru
             cols = batch.schema.names
             for row in batch.to_pylist():
                 rows += 1
-                yield Record(kind="table", source=str(path), text=render_row(path.stem, rows, row, cols),
-                             path=target, title=path.stem, meta={"row": rows}, scrubbed=True)
+                yield Record(kind="table", source=str(path), text=render_row(stem, rows, row, cols),
+                             path=target, title=stem, meta={"row": rows}, scrubbed=True)
     except duckdb.Error as e:
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ReadError(f"unreadable table: {msg}") from None
@@ -88,32 +91,38 @@ def render_row(stem: str, n: int, row: dict, cols: list[str]) -> str:
 
 
 class _BatchScrubber:
-    """Scrub every string cell with its column name as context ("ssn", "date_of_birth", "owner").
+    """Scrub every string cell with its column name as context ("ssn", "date_of_birth", "owner"), and the
+    column names themselves (`name`; a clash after scrubbing gets `_2`, `_3`, ...).
 
     Typed columns (a CSV's DATE column of birth dates, an integer SSN column) are tested on the first
     batch; a column where anything is found becomes text for the whole table so it can hold placeholders.
     """
 
-    def __init__(self, scrub: CellScrub, counts: Counter):
+    def __init__(self, scrub: CellScrub, counts: Counter, name: NameScrub = str):
         self.scrub = scrub
         self.counts = counts
+        self.name = name
         self.textual: set[str] | None = None
+        self.names: dict[str, str] | None = None  # column name as read -> as it lands
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
+        if self.names is None:  # cells are scrubbed with their column's name as it lands: no PII in the context
+            self.names = _landing_names([f.name for f in batch.schema], self.name)
         if self.textual is None:
             self.textual = {f.name for f in batch.schema if _is_string(f.type)}
             for col, f in zip(batch.columns, batch.schema):
-                if f.name not in self.textual and self._holds_pii(f.name, col):
+                if f.name not in self.textual and self._holds_pii(self.names[f.name], col):
                     self.textual.add(f.name)
         cols, fields = [], []
         for col, f in zip(batch.columns, batch.schema):
             if f.name in self.textual:
-                cols.append(pa.array([None if v is None else self._cell(f.name, str(v)) for v in col.to_pylist()],
+                landed = self.names[f.name]
+                cols.append(pa.array([None if v is None else self._cell(landed, str(v)) for v in col.to_pylist()],
                                      type=pa.string()))
-                fields.append(pa.field(f.name, pa.string()))
+                fields.append(pa.field(self.names[f.name], pa.string()))
             else:
                 cols.append(col)
-                fields.append(f)
+                fields.append(f.with_name(self.names[f.name]))
         return pa.RecordBatch.from_arrays(cols, schema=pa.schema(fields))
 
     def _cell(self, column: str, value: str) -> str:
@@ -125,5 +134,39 @@ class _BatchScrubber:
         return any(self.scrub(column, str(v))[1] for v in col.to_pylist() if v is not None)
 
 
+def _landing_names(columns: list[str], name: NameScrub) -> dict[str, str]:
+    """Each column's name as it lands: scrubbed, and distinct (case-insensitively, as DuckDB wants)."""
+    out, taken = {}, set()
+    for c in columns:
+        base = landed = name(c)
+        i = 2
+        while landed.lower() in taken:
+            landed, i = f"{base}_{i}", i + 1
+        taken.add(landed.lower())
+        out[c] = landed
+    return out
+
+
 def _is_string(t: pa.DataType) -> bool:
     return pa.types.is_string(t) or pa.types.is_large_string(t)
+
+
+def rescrub_table(con: duckdb.DuckDBPyConnection, source: str, target: str, scrub: CellScrub, counts: Counter,
+                  name: NameScrub = str) -> None:
+    """Copy the vault's table `data.<source>` to `data.<target>`, its cells and column names scrubbed again
+    (`vault ingest --rescrub`). `con` must be a cursor of its own, as for `ingest_table`."""
+    writer = cursor(con)
+    created = False
+    try:
+        batches = con.execute(f'SELECT * FROM data."{source}"').fetch_record_batch(BATCH_ROWS)
+        scrub_batch = _BatchScrubber(scrub, counts, name)
+        for batch in batches:
+            writer.register("_rescrub_batch", scrub_batch(batch))
+            writer.execute(f'{"INSERT INTO" if created else "CREATE TABLE"} data."{target}" '
+                           f'{"" if created else "AS "}SELECT * FROM _rescrub_batch')
+            writer.unregister("_rescrub_batch")
+            created = True
+    finally:
+        writer.close()
+    if not created:  # an empty table stays one, with its columns
+        con.execute(f'CREATE TABLE data."{target}" AS SELECT * FROM data."{source}" LIMIT 0')

@@ -1,0 +1,684 @@
+"""Names of people in free text: context rules over public-domain name lists.
+
+Three scans, each cheap on text that holds no names:
+  - runs of capitalized words ("Ana Okafor", "Dr. A. de Vries", "Nurse Hollis", "Senior Biomedical Engineer
+    Derek Hollis"): each word is scored as a given name and as a surname from the US Census 1990 name lists,
+    and words that are ordinary English (Webster's 1934 word list) or job titles score nothing;
+  - role words and titles in any case ("patient okonkwo", "PATIENT: MARGARET OKONKWO", "seen by Okafor"):
+    the words after them are scored the same way, with the role as evidence;
+  - "Last, First" pairs where both halves are listed names ("Okafor, Ana").
+A candidate is kept when its evidence (given-name score + surname score + context) reaches `THRESHOLD`; its
+words are then looked for on their own elsewhere in the text ("Okafor's chart"). Words that are names and
+ordinary words at once ("Will", "May", "Hope", "Mark", months) need a surname or a title beside them, and
+place, organisation and equipment words end a candidate ("Johns Hopkins Hospital", "Foley catheter").
+"""
+
+from __future__ import annotations
+
+import functools
+import gzip
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+DATA = Path(__file__).with_name("data") / "names.txt.gz"
+THRESHOLD = 1.5
+
+# Given names that are also everyday words, months, or seasons: alone they are not evidence.
+AMBIGUOUS_FIRST = frozenset("""
+will may hope mark bill grant rose june april august joy faith grace dawn ray frank guy jack major king long
+young lane page chance chase crystal amber ruby pearl iris ivy holly jasmine daisy lily violet heather olive
+penny sandy rusty dusty sunny stormy star rocky summer winter autumn spring sterling walker carter mason hunter
+cole ward queen princess prince angel destiny glory mercy patience prudence charity liberty harmony trinity
+genesis season golden diamond coral jade jewel velvet maple willow sage moon sun song love many see so son in
+an my man lady miss ma pa na un yen loan lean dot dell bell angle angelic aide echo omega alpha delta era nova
+meta vita viva palma marine honey candy ginger cherry berry fern brook noble royal tiny windy sparkle blossom
+fairy bunny dimple precious china temple lore desire cherish scarlet easter valentine marvel manual forest
+freeman porter palmer parker tanner foster fletcher booker barton buck bud herb art earl rich reed clay basil
+heath cliff rod rob chuck dean don dick deb bob pat sue kit carry marry drew sal brain merry mica opal garnet
+emerald ivory ebony raven sierra savanna dixie misty sunshine tequila pansy magnolia hyacinth sol else
+german junior china gay lean many noel ore van tory miles christian
+georgia virginia washington carolina dakota london paris houston dallas austin denver phoenix portland
+madison charlotte jackson lincoln hamilton victoria sydney florence kingston chester lancaster york
+""".split())
+
+# Titles: whatever capitalized word follows is taken as a name unless it is an ordinary word.
+TITLES = frozenset("""
+dr mr mrs ms mx miss prof sgt ssgt msgt capt lt ltc col maj cpl lcpl pvt pfc spc gen cdr lcdr adm cmdr
+rev fr sister matron nurse sir dame mme mlle herr frau
+""".split())
+# Roles: the words after them are likely a name.
+ROLES = {
+    **dict.fromkeys("patient pt patients".split(), 0.9),
+    **dict.fromkeys("""
+doctor physician surgeon nurse technician tech engineer operator supervisor manager officer inspector witness
+driver resident consultant midwife paramedic pharmacist therapist radiographer sonographer anaesthetist
+anesthetist anesthesiologist registrar intern attending fellow clinician hygienist dentist porter contractor
+electrician fitter mechanic pilot sergeant captain lieutenant corporal private specialist colonel commander
+admiral chaplain reviewer author owner requester caller client customer employee member relative mother
+father son daughter wife husband spouse partner guardian sister brother friend neighbour neighbor colleague
+technologist coordinator director lead chief assistant aide analyst administrator clerk soldier airman
+sailor marine veteran decedent deceased donor recipient victim suspect subject resident tenant
+visitor applicant student trainee apprentice foreman worker staff staffer courier maintainer practitioner
+educator advisor adviser counsellor counselor auditor planner scheduler dispatcher controller steward
+superintendent warden commissioner executive secretary receptionist housekeeper cleaner caretaker janitor guard
+handler""".split(), 0.9),
+    **dict.fromkeys("by with to from cc attn name named called signed contact and".split(), 0.4),
+    "per": 0.8,
+    **dict.fromkeys("present attendees apologies participants absent invitees attending".split(), 0.8),
+    **dict.fromkeys("dear hi hello".split(), 0.8),
+}
+# Two words before a name that say a person follows ("thanks to Erlinda", "spoke with Hollis").
+PAIR_ROLES = frozenset(("thanks to", "thank you", "spoke with", "spoke to", "talked to", "discussed with",
+                        "handed over to", "over to", "escalated to", "assigned to", "met with", "seen by", "signed by",
+                        "reported by", "reviewed by", "approved by", "checked by", "witnessed by", "performed by"))
+# Words that end a candidate and make it a place, a body or a thing rather than a person.
+NOT_PERSON_AFTER = frozenset("""
+hospital clinic center centre medical university institute street st road rd avenue ave boulevard blvd lane
+drive way court place square unit ward wing building hall foundation company inc ltd llc corp corporation
+group station base airport county park school college lab laboratory health healthcare pharmacy memorial
+trust bank dynamics systems associates partners house river lake mountain bay valley island county city
+district state river hotel church chapel cathedral library museum theatre theater stadium arena plaza
+catheter tube mask valve pump key wrench screwdriver burner counter dish test sign syndrome disease
+procedure maneuver manoeuvre reflex score scale forceps clamp retractor needle probe stitch knot
+bed frame splint brace collar fracture law principle effect equation number award prize sucker stand
+lock saw coma manoeuvre maneuver monitor needle sign lamp
+""".split())
+# Words that start a place: "Fort Worth", "San Diego", "New Hollis".
+PLACE_LEAD = frozenset("fort port san santa los las el la new north south east west saint st mount mt lake "
+                       "cape glen upper lower great little old".split())
+# Proper nouns that are never people in this setting, checked before the lists.
+NOT_NAMES = frozenset("""
+january february march july september october november december monday tuesday
+wednesday thursday friday saturday sunday christmas easter
+alabama alaska arizona arkansas california colorado connecticut delaware florida hawaii idaho illinois
+indiana iowa kansas kentucky louisiana maine maryland massachusetts michigan minnesota mississippi missouri
+montana nebraska nevada ohio oklahoma oregon pennsylvania tennessee texas utah vermont wisconsin wyoming
+america american europe european africa african asia asian england english britain british scotland
+scottish wales welsh ireland irish france french germany spain spanish italy italian norway
+norwegian sweden swedish denmark danish finland finnish canada canadian mexico mexican chinese
+japan japanese india indian russia russian nigeria nigerian kenya australia oslo bergen
+berlin boston chicago seattle atlanta
+god lord jesus christ allah
+""".split())
+# Equipment, tests and signs named after people, as they are written in notes: never a person on their own.
+EPONYMS = frozenset("""
+doppler holter yankauer luer geiger bunsen petri venturi heimlich apgar babinski korotkoff trendelenburg
+bovie ambu hickman broviac groshong seldinger metzenbaum mcgill macintosh richter celsius fahrenheit
+kelvin parkinson alzheimer crohn hodgkin tourette asperger
+""".split())
+# Everyday words that start sentences and precede names ("Ask Okafor", "Call Hollis"): never a given name,
+# even where the 1934 word list and a name list disagree about rarer words ("Arjun", a tree there).
+COMMON = frozenset("""
+a an the and or but if then so as at by for from in into of on onto per to with without via about after before
+ask asked call called check checked see seen saw tell told thank thanks please contact email mail send sent met
+meet let get got give gave have has had is are was were be been will would can could may might must shall should
+do does did done make made take took say said note noted page paged phone phoned ring rang visit visited treat
+treated review reviewed refer referred inform informed notify notified dear hi hello hey cc attn re fw fwd
+this that these those there here when where while who whom whose which what why how all any each every both
+no not nor only also just than too very our your their his her its my we you they he she it i me us them him
+mister madam sir
+""".split())
+PARTICLES = frozenset("de da di du del della der den van von la le ter ten bin ibn al el st".split())
+# Suffixes of ordinary words that a 1934 dictionary may lack ("biomedical", "endoscopy", "firmware").
+_WORD_SUFFIX = re.compile(r"(?:ology|ologist|scopy|graphy|ical|ware|tion|sion|ment|ness|ship|able|ible|ists?"
+                          r"|isms?|ics|ing|ings|ers|ed|ize|ise|ized|ised|izing|ising|ality|ivity|ous|ful|less)$")
+_EXTRA_WORDS = frozenset("""
+email online website software firmware hardware laptop smartphone internet app apps wifi login logout
+biomedical endoscopy telemetry dashboard workflow checklist handover onboarding sepsis covid ebola mrsa
+icu ed er or ot op ob gyn ent opd ipd ems ems ecg ekg eeg mri ct pet cpr dnr dnar iv im po prn bid tid qid
+licence centre colour organisation programme theatre haemoglobin anaesthetic paediatric oesophagus defence
+offence practise catalogue labour behaviour favour honour neighbour tumour odour rumour metre litre fibre
+""".split())
+
+
+@dataclass(frozen=True)
+class NameLists:
+    first: frozenset[str]
+    last_rank: dict[str, int]
+    words: frozenset[str]
+
+
+@functools.cache
+def lists() -> NameLists:
+    """The name and word lists, read once per process (about 0.1 s)."""
+    ranked = ranked_lists()
+    return NameLists(frozenset(ranked["first"]), {n: i for i, n in enumerate(ranked["last"])},
+                     frozenset([*ranked["words"], *_EXTRA_WORDS]))
+
+
+@functools.cache
+def ranked_lists() -> dict[str, list[str]]:
+    """{"first": [...], "last": [...], "words": [...]}, lower case, names most frequent first."""
+    out: dict[str, list[str]] = {}
+    for section in gzip.decompress(DATA.read_bytes()).decode().split("# ")[1:]:  # split in C: ~0.05 s, not 0.2
+        name, _, body = section.partition("\n")
+        out[name] = body.split()
+    return out
+
+
+class _Scorer:
+    """Scores of one word (lower case) as a given name and as a surname, cached per process."""
+
+    def __init__(self) -> None:
+        self.n = lists()
+        # plain dicts: faster than lru_cache on a method, and bounded by the vocabulary of the text
+        self._word: dict[str, bool] = {}
+        self._given: dict[str, float] = {}
+        self._surname: dict[str, float] = {}
+
+    def is_word(self, w: str) -> bool:
+        out = self._word.get(w)
+        if out is None:
+            out = self._word[w] = self._is_word(w)
+        return out
+
+    def given(self, w: str) -> float:
+        """How much `w` (lower case, one word) says "a given name"."""
+        out = self._given.get(w)
+        if out is None:
+            out = self._given[w] = self._given_score(w)
+        return out
+
+    def surname(self, w: str) -> float:
+        """How much `w` says "a surname"."""
+        out = self._surname.get(w)
+        if out is None:
+            out = self._surname[w] = self._surname_score(w)
+        return out
+
+    def _is_word(self, w: str) -> bool:
+        words = self.n.words
+        if w in words or w in NOT_NAMES or w in ROLES or w in TITLES or w in NOT_PERSON_AFTER:
+            return True
+        for cut in ("s", "es", "ed", "d", "ing", "ly", "er", "ers"):
+            if w.endswith(cut) and len(w) - len(cut) >= 3 and w[:-len(cut)] in words:
+                return w not in self.n.first and w not in self.n.last_rank
+        return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
+
+    def _given_score(self, w: str) -> float:
+        if w in NOT_NAMES or w in ROLES or w in TITLES or w in EPONYMS:
+            return 0.0
+        if "-" in w:
+            return max(self.given(p) for p in w.split("-") if p)
+        if w in self.n.first:
+            return 0.5 if w in AMBIGUOUS_FIRST else 1.0
+        if self.is_word(w):
+            return 0.0
+        rank = self.n.last_rank.get(w)
+        return 0.6 if rank is not None else 0.5
+
+    def _surname_score(self, w: str) -> float:
+        if w in NOT_NAMES or w in ROLES or w in TITLES or w in NOT_PERSON_AFTER or w in EPONYMS:
+            return 0.0
+        if "-" in w:
+            return max(self.surname(p) for p in w.split("-") if p)
+        rank = self.n.last_rank.get(w)
+        word = self.is_word(w)
+        if rank is not None and not word:
+            return 1.0
+        if rank is not None and rank < 10000:
+            # Smith, White, Young: frequent surnames that are also words; Hackney, Kidder: rarer ones
+            return 0.7 if rank < 3000 else 0.5
+        if word:
+            return 0.0
+        return 0.6 if w in self.n.first and w not in AMBIGUOUS_FIRST else 0.6
+
+
+@functools.cache
+def scorer() -> _Scorer:
+    return _Scorer()
+
+
+# --- candidates ----------------------------------------------------------------------------------
+_UP = "A-ZÀ-ÖØ-Þ"
+_LO = "a-zß-öø-ÿ"
+_TOK = rf"[{_UP}](?:['’][{_UP}])?(?:[{_LO}]+[{_UP}])?[{_LO}]+(?:-[{_UP}][{_LO}]+)?"
+_INIT = rf"[{_UP}]\."
+_PART = r"(?:de|da|di|du|del|della|der|den|van|von|la|le|ter|ten|bin|ibn|al|el)"
+# One element of a run: a capitalized word, an initial ("A."), a title ("Dr.", "SSgt."), "O'Neil", "Al-Haddad".
+# It starts with one capital letter, so the engine skips ahead to capitals quickly.
+_ELEM = rf"[{_UP}](?:[{_LO}]*[{_UP}])?[{_LO}]*(?:['’][{_UP}][{_LO}]+)?(?:-[{_UP}][{_LO}]+)?\.?"
+# Two capitalized words in a row, maybe with a particle between: cheap to look for, and rare in prose; the
+# whole run is matched only where this finds a start.
+_PAIR = re.compile(rf"[{_UP}](?:[{_LO}]+\.?|\.)[ \t]+(?:[{_LO}]{{1,4}}[ \t]+){{0,2}}[{_UP}][{_LO}.'’]")
+_RUN = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})+")
+_ELEM_ONE = re.compile(rf"({_ELEM})|({_PART})")
+_LAST_FIRST = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?![ \t]*[{_UP}{_LO}])")
+# After a role word, in any case: up to three words, particles and initials allowed.
+_ANYTOK = r"(?:[A-Za-zÀ-ÖØ-öø-ÿ]['’])?[A-Za-zÀ-ÖØ-öø-ÿ][a-zA-Zß-öø-ÿ]*(?:-[A-Za-zÀ-ÖØ-öø-ÿ]+)?"
+_AFTER_ROLE = re.compile(rf"[ \t]*(?:[:#-][ \t]*)?((?:(?:{_INIT}|{_ANYTOK})[ \t]+(?:(?i:{_PART})[ \t]+)*){{0,2}}"
+                         rf"{_ANYTOK})")
+# Role words looked for in the lower-cased text with str.find (each costs a pass over the text, so only the
+# roles that precede lower-case, upper-case or lone surnames are here; capitalized runs need none of them).
+_ROLE_SCAN = ("patient", "nurse", "dr", "mr", "ms", " by ", "name", "witness")
+_ROLE_HEAD = re.compile(r"[a-z. ]*?([a-z]+)\.?$")
+
+
+@dataclass
+class Candidate:
+    start: int
+    end: int
+    score: float
+    detector: str
+    parts: tuple[str, ...]  # the words of the name, for the repeat scan
+
+
+Word = tuple[int, int, str]  # (start, end, text)
+_DOTTED = 1.1  # context of an abbreviated title ("Dr.", "Sgt."): stronger than "Nurse"
+
+
+def _is_initial(w: str) -> bool:
+    return len(w) == 2 and w.endswith(".")
+
+
+def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool = False) -> float:
+    """Evidence that `words` is one person's name, given `context`; particles are already left out."""
+    sc = scorer()
+    names = [w for _, _, w in words if not _is_initial(w)]
+    if not names or (not lower_ok and any(w.islower() for w in names)):
+        return 0.0
+    low = [w.lower() for w in names]
+    initial_first = _is_initial(words[0][2])
+    if len(names) == 1:
+        w = low[0]
+        if names[0].islower() and (sc.is_word(w) or w not in sc.n.first and w not in sc.n.last_rank):
+            return 0.0  # "engineer licence", "patient transport": lower case needs a listed name
+        s = max(sc.given(w), sc.surname(w))
+        if context >= _DOTTED or initial_first or context >= 1.0 and not sc.is_word(w):
+            listed = (w in sc.n.last_rank or w in sc.n.first) and w not in NOT_NAMES and w not in EPONYMS
+            s = max(s, 0.6 if listed else 0.0)  # "Sgt. Way", "B. Back"
+        if initial_first:
+            return s + 0.9 + max(context, 0.0) if s else 0.0
+        return s + context if context >= 0.8 and s else 0.0
+    first = 0.9 if initial_first else sc.given(low[0])
+    last = sc.surname(low[-1])
+    if first == 0.0 and len(names) >= 2 and _given_before_surname(names[0], names[1]):
+        first = 0.5
+    if last == 0.0 and low[-1] in sc.n.last_rank and (_is_initial(words[-2][2]) or first >= 1.0 or context >= 0.8):
+        last = 0.5  # "J. Jubilee", "Mona Genet", "Patient Sydney Poley": a listed surname that is also a word
+    if first == 0.0 or last == 0.0:
+        return 0.0
+    if len(words) > 2 and any(_is_initial(w) for _, _, w in words[1:-1]):
+        first += 0.5  # a middle initial: "Rhyino J. Durant"
+    if particle:
+        first += 0.4  # "Veyanwo de West", "Ikume van der Adashi"
+    if lower_ok and all(w.islower() for w in names):
+        # lower case: the given name must be listed and never an ordinary word
+        if low[0] not in sc.n.first or low[0] in AMBIGUOUS_FIRST:
+            return 0.0
+    if names[0].islower() and low[0] not in sc.n.first and low[0] not in sc.n.last_rank:
+        return 0.0  # lower case starts with a listed name; an unlisted surname may follow it
+    if any(w.islower() and sc.is_word(lw) and lw not in sc.n.last_rank for w, lw in zip(names, low)):
+        return 0.0
+    return first + last + context
+
+
+def _context_before(text: str, start: int) -> float:
+    """Strength of the role or title word just before `start` (same line)."""
+    before = text[max(0, start - 32):start].rstrip(" \t:,(-").rsplit(None, 1)
+    if not before or not before[-1]:
+        return 0.0
+    word = before[-1].lower()
+    if not word[-1].isalpha() and word[-1] != ".":
+        return 0.0
+    if len(before) > 1 and f"{before[-2].lower().rsplit(None, 1)[-1] if before[-2] else ''} {word}" in PAIR_ROLES:
+        return 0.8
+    if word.rstrip(".") in TITLES:
+        return _DOTTED if word.endswith(".") else 1.0
+    return ROLES.get(word.rstrip("."), 0.0)
+
+
+def _breaks(w: str) -> bool:
+    """An ordinary word that is no name at all ends a run of name words."""
+    sc = scorer()
+    lw = w.lower()
+    return len(w) > 2 and sc.given(lw) == 0.0 and sc.surname(lw) == 0.0
+
+
+def _continues(part: list[Word], lw: str, context: float) -> bool:
+    """A listed surname that is also a word ("Poley", "Genet", "Back") still belongs to the name when a title,
+    an initial or a given name comes right before it."""
+    sc = scorer()
+    if lw not in sc.n.last_rank and lw not in sc.n.first or lw in NOT_NAMES or lw in EPONYMS or lw in ROLES \
+            or lw in TITLES or lw in NOT_PERSON_AFTER:
+        return False
+    if not part:
+        return context >= _DOTTED or context >= 1.0 and not sc.is_word(lw)  # "Sgt. Way"; not "Nurse Service"
+    prev = part[-1][2]
+    return _is_initial(prev) or sc.given(prev.lower()) >= 0.5
+
+
+_NUMBER_BEFORE = re.compile(r"\d[ \t]*$")
+
+
+def _cached_split(text: str, m: re.Match) -> Iterator[Candidate]:
+    """`_split_run`, remembered per run text, context and next word: prose repeats its capitalized phrases
+    ("At Ridgeback Station", "Halvorsen Dynamics") far more often than it holds new ones."""
+    nxt = _NEXT_WORD.match(text, m.end())
+    key = (m.group(), _context_before(text, m.start()), nxt.group(1).lower() if nxt else "")
+    found = _RUN_CACHE.get(key)
+    if found is None:
+        if len(_RUN_CACHE) > 50000:
+            _RUN_CACHE.clear()
+        base = m.start()
+        found = _RUN_CACHE[key] = [(c.start - base, c.end - base, c.score, c.detector, c.parts)
+                                   for c in _split_run(text, m)]
+    for s, e, score, detector, parts in found:
+        yield Candidate(m.start() + s, m.start() + e, score, detector, parts)
+
+
+def _split_run(text: str, m: re.Match) -> Iterator[Candidate]:
+    """A run of capitalized words: titles and roles are context, ordinary words split it into parts."""
+    elems = [(e.start(), e.end(), e.group()) for e in _ELEM_ONE.finditer(text, m.start(), m.end())]
+    if m.start() and (text[m.start() - 1].isalnum() or text[m.start() - 1] in "-/") and _is_initial(elems[0][2]):
+        elems = elems[1:]  # "batch 2231-B. March": a code, not an initial
+    elif elems and _is_initial(elems[0][2]) and _NUMBER_BEFORE.search(text, max(0, m.start() - 12), m.start()):
+        elems = elems[1:]  # "98.6 F. Hope": a unit, not an initial
+    context = _context_before(text, m.start())
+    part: list[Word] = []
+    span_start = -1  # where the part starts, a particle before its words included
+    particle = False  # "de", "van der" in the part
+    elems.append((m.end(), m.end(), ""))
+    for k, (s, e, w) in enumerate(elems):
+        lw = w.lower().rstrip(".")
+        if w and w.islower() and lw in PARTICLES:
+            span_start = s if span_start < 0 else span_start
+            particle = True
+            continue
+        if w and not _is_initial(w) and not any(c.islower() for c in w):
+            w, lw, context = "", "", 0.0  # "A", "OK", "KE" (the start of "KESTREL"): no name word
+        stop = w.endswith(".") and len(w) > 2 and lw not in TITLES
+        if stop:  # "... Ana Okafor. Frank said": the full stop ends the sentence, and the name
+            w, e = w[:-1], e - 1
+        title = lw in TITLES
+        if w and not title and lw not in ROLES and (_continues(part, lw, context) or not _breaks(w)
+                                                    or _given_before_surname(w, elems[k + 1][2])):
+            part.append((s, e, w))
+            span_start = s if span_start < 0 else span_start
+            if not stop:
+                continue
+            w = lw = ""
+        if part:
+            if lw not in NOT_PERSON_AFTER:
+                yield from _split_run_words(text, part, context, span_start, particle)
+            context = 0.0
+        part, span_start, particle = [], -1, False
+        if title:
+            context = _DOTTED if w.endswith(".") else 1.0
+        elif lw in ROLES:
+            context = ROLES[lw]
+        elif w:
+            context = 0.0
+
+
+# Given names that start questions and orders as verbs ("Will Derek Hollis attend?", "Mark Ana Okafor absent").
+_VERBISH = frozenset("will may hope mark bill grant chase drew sue rob pat".split())
+_SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+|\n\s*)$")
+
+
+def _given_before_surname(w: str, nxt: str) -> bool:
+    """An unlisted capitalized word right before a listed surname that is no word ("Arjun Okafor"): a given
+    name the lists lack, unless it is an everyday word ("Ask Okafor") or a place, a title or a thing."""
+    lw = w.lower()
+    if not w[:1].isupper() or lw in COMMON or lw in NOT_NAMES or lw in ROLES or lw in TITLES or lw in EPONYMS \
+            or lw in NOT_PERSON_AFTER or lw in PLACE_LEAD or len(w) < 3:
+        return False
+    return scorer().surname(nxt.lower().rstrip(".")) >= 1.0
+
+
+def _split_run_words(text: str, part: list[Word], context: float, span_start: int,
+                     particle: bool = False) -> Iterator[Candidate]:
+    """One part of a run: judged unless it starts like a place ("New", "Fort", "San"). Leading words that
+    cannot start a name ("Call Derek Hollis": "Call" is a listed surname but no given name) are dropped."""
+    if part[0][2].lower() in PLACE_LEAD:
+        return
+    sc = scorer()
+    while len(part) > 1 and not _is_initial(part[0][2]) and sc.given(part[0][2].lower()) == 0.0 \
+            and not (len(part) == 2 and _given_before_surname(part[0][2], part[1][2])):
+        part = part[1:]
+        span_start = part[0][0]
+    head = part[0][0]
+    if len(part) >= 3 and part[0][2].lower() in _VERBISH and _SENTENCE_START.search(text, max(0, head - 8), head):
+        part = part[1:]  # "Will Derek Hollis attend?": the verb starts the sentence, the name follows it
+        span_start = part[0][0]
+    if part:
+        yield from _judge(text, part, context, "name-run", start=span_start, particle=particle)
+
+
+def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok: bool = False,
+           start: int = -1, particle: bool = False, end: int = -1) -> Iterator[Candidate]:
+    score = _score_run(part, context, lower_ok, particle)
+    end = part[-1][1] if end < 0 else end
+    if score >= THRESHOLD and not _followed_by_thing(text, end):
+        yield Candidate(part[0][0] if start < 0 else start, end, min(1.0, score / 2.5), detector,
+                        tuple(w for _, _, w in part if len(w.rstrip(".")) > 1))
+
+
+_NEXT_WORD = re.compile(r"[ \t]+([A-Za-z]+)")
+
+
+def _followed_by_thing(text: str, end: int) -> bool:
+    m = _NEXT_WORD.match(text, end)
+    return bool(m) and m.group(1).lower() in NOT_PERSON_AFTER
+
+
+_RUN_CACHE: dict[tuple[str, float, str], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
+
+
+def _runs(text: str) -> Iterator[Candidate]:
+    p = _PAIR.search(text)
+    while p:
+        start = p.start()
+        while start and text[start - 1].isalpha():
+            start -= 1  # "McDonald Smith": the pair starts at "Donald"
+        m = _RUN.match(text, start)
+        if m:
+            yield from _cached_split(text, m)
+        if not m or m.end() <= p.end() - 2:  # "Thanks to Erlinda and", "Per Froese, the": a lone name after a role
+            yield from _lone(text, p.end() - 2)
+        # resume at the second capital of the pair: "Reported by E. Zanume" pairs "Reported by E", then "E. Z"
+        p = _PAIR.search(text, m.end() if m else p.end() - 2)
+
+
+def _lone(text: str, i: int) -> Iterator[Candidate]:
+    """A single capitalized word at `i`, kept when a strong role or title comes right before it."""
+    context = _context_before(text, i)
+    if context >= 0.8:
+        m = _LONE.match(text, i)
+        if m and not m.group(2):
+            yield from _judge(text, [(m.start(1), m.end(1), m.group(1))], context, "name-run")
+
+
+_LONE = re.compile(rf"({_TOK})([ \t]+[{_UP}])?")
+
+
+def _after_roles(text: str, low: str) -> Iterator[Candidate]:
+    """Names after role words in any case: "patient okonkwo", "PATIENT: MARGARET OKONKWO", "seen by Hollis"."""
+    n = len(low)
+    for key in _ROLE_SCAN:
+        i = low.find(key)
+        while i != -1:
+            j = i + len(key)
+            # whole words only, and cheaply: "items", "drive", "patients" are passed over here
+            if (not i or not low[i - 1].isalpha() or key[0] == " ") and (
+                    j >= n or not low[j].isalpha() or key in ("mr", "ms") and low[j] == "s"):
+                yield from _after_role_at(text, low, i + (key[0] == " "), key.strip())
+            i = low.find(key, j)
+
+
+def _role_context(low: str, i: int, key: str) -> tuple[float, int]:
+    """(strength, end of the role word) for a role key found at `i`; strength 0 when it is no role."""
+    if i and low[i - 1].isalpha():
+        return 0.0, i
+    end = i + len(key.rstrip(" ."))
+    while end < len(low) and low[end].isalpha():
+        end += 1
+    head = _ROLE_HEAD.search(low, i, end)
+    role = head.group(1) if head else ""
+    if key in ("name", "witness"):
+        context = 0.8
+    elif role in TITLES:
+        context = _DOTTED if end < len(low) and low[end] == "." else 1.0
+    else:
+        context = ROLES.get(role, 0.6 if key == "by" else 0.0)
+    if end < len(low) and low[end] == ".":
+        end += 1
+    return context, end
+
+
+def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]:
+    context, end = _role_context(low, i, key)
+    if context == 0.0:
+        return
+    m = _AFTER_ROLE.match(text, end)
+    if not m:
+        return
+    sc = scorer()
+    kept: list[Word] = []
+    start = -1
+    for e in _WORD.finditer(m.group(1)):
+        w, s = e.group(), m.start(1) + e.start()
+        lw = w.lower().rstrip(".")
+        if lw in PARTICLES and not kept or lw in PARTICLES and w.islower():
+            start = s if start < 0 else start
+            continue
+        listed_last = not kept and _COMMA_GIVEN.match(text, s + len(w)) and lw in sc.n.last_rank
+        if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or (
+                sc.given(lw) == 0.0 and not listed_last and not (kept and not w.islower() and _continues(kept, lw, 0.0))
+                and (
+                sc.surname(lw) == 0.0 or not kept and sc.surname(lw) < 0.7)):
+            break
+        if kept and _casing(w) != _casing(kept[0][2]):
+            break  # "Nurse Iversen will repeat": a name keeps the case it started in
+        kept.append((s, s + len(w), w))
+        start = s if start < 0 else start
+    if not kept:
+        return
+    tail = _COMMA_GIVEN.match(text, kept[-1][1])
+    end = kept[-1][1]
+    if len(kept) == 1 and tail and not _breaks(tail.group(1)):  # "Witness: Frazier, Ugooya": score it as
+        kept.insert(0, (tail.start(1), tail.end(1), tail.group(1)))  # "Ugooya Frazier", keep the span
+        end, context = tail.end(1), context + 0.4
+    norm = [(s, e, w.capitalize() if w.isupper() and len(w) > 2 else w) for s, e, w in kept]
+    yield from _judge(text, norm, context, "name-role", lower_ok=True, start=start, end=end)
+
+
+_WORD = re.compile(r"[^\s,;]+")
+
+
+def _casing(w: str) -> str:
+    return "lower" if w.islower() else "upper" if w.isupper() and len(w) > 2 else "title"
+_COMMA_GIVEN = re.compile(rf", ({_TOK})(?![ \t]*[{_UP}{_LO}])")
+
+
+_COMMA_CAP = re.compile(rf", (?=[{_UP}])")  # a literal first: the engine jumps from comma to comma
+_TOK_END = re.compile(rf"{_TOK}$")
+
+
+def _last_first(text: str) -> Iterator[Candidate]:
+    sc = scorer()
+    for c in _COMMA_CAP.finditer(text):
+        before = _TOK_END.search(text, max(0, c.start() - 40), c.start())
+        m = before and _LAST_FIRST.match(text, before.start())
+        if not m:
+            continue
+        last, first = m.group(1).lower(), m.group(2).lower()
+        listed = first in sc.n.first and first not in AMBIGUOUS_FIRST
+        unlisted = sc.surname(last) >= 1.0 and not _breaks(m.group(2)) and first not in COMMON  # "Krasner, Chaeze"
+        if sc.surname(last) >= 0.7 and (listed or unlisted) and first not in NOT_NAMES:
+            yield Candidate(m.start(), m.end(), 0.8, "name-last-first", (m.group(1), m.group(2)))
+
+
+# At the start of a line (the engine jumps from newline to newline): "Hi Darrick,", "Thanks Elaine!".
+_GREETING = re.compile(rf"\n[ \t]*(?:(?i:hi|hello|hey|dear|thanks|thank you|good morning|morning|cheers)[ \t]+"
+                       rf"({_TOK})[ \t]*(?:[,!:.]|\r?\n)|({_TOK}),[ \t]+(?:could|can|would|will|please|thanks|thank"
+                       r"|do|did|are|have|just|see|let|when|if)\b)")
+
+
+def _greetings(text: str) -> Iterator[Candidate]:
+    """A single given name after a greeting at the start of a line."""
+    sc = scorer()
+    for m in _GREETING.finditer("\n" + text):
+        g = 1 if m.group(1) else 2
+        name, w = m.group(g), m.group(g).lower()
+        if w not in ROLES and w not in TITLES and w not in NOT_NAMES and w not in COMMON and (
+                w in sc.n.first or not _breaks(name)):
+            yield Candidate(m.start(g) - 1, m.end(g) - 1, 0.7, "name-greeting", (name,))
+
+
+def find_names(text: str, low: str) -> list[Candidate]:
+    """Every person-name candidate the rules accept, in no particular order (overlaps allowed)."""
+    out = list(_runs(text))
+    if ", " in text:
+        out.extend(_last_first(text))
+    out.extend(_after_roles(text, low))
+    out.extend(_greetings(text))
+    out.extend(_caps(text))
+    if out:
+        out.extend(_coordinated(text, out))
+    return out
+
+
+# At the start of a line (a newline is a literal the engine jumps to); after a role word the role scan has them.
+_CAPS_PAIR = re.compile(r"\n[ \t]*([A-Z][A-Z'’]++(?:[ \t]+[A-Z]\.)?[ \t]+[A-Z][A-Z'’]++(?:-[A-Z][A-Z'’]+)?)"
+                        r"(?![A-Za-z])")
+
+
+def _caps(text: str) -> Iterator[Candidate]:
+    """Upper-case names heading a line without a role before them ("MARGARET OKONKWO" on a form): a listed
+    given name that is no everyday word, then a surname-like word."""
+    sc = scorer()
+    for m in _CAPS_PAIR.finditer("\n" + text):
+        words = m.group(1).split()
+        first, last = words[0].lower(), words[-1].lower()
+        if sc.given(first) >= 1.0 and first not in COMMON and sc.surname(last) >= 0.6:
+            yield Candidate(m.start(1) - 1, m.end(1) - 1, 0.7, "name-caps",
+                            (words[0].capitalize(), words[-1].capitalize()))
+
+
+# After a name: ", ", "; ", " and ", " or ", " & " and the next item of the list.
+_NEXT_ITEM = re.compile(rf"(?:[ \t]*[,;&][ \t]*|[ \t]+(?:and|or)[ \t]+)(?=[{_UP}])")
+_ITEM = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})*")
+
+
+def _coordinated(text: str, found: list[Candidate]) -> Iterator[Candidate]:
+    """Names listed with a name already found ("Thanks to Shanda and Kwaumide Ridder", "Present: A; B; C"):
+    each next item is judged with the list as its context."""
+    seen = {c.start for c in found}
+    todo = sorted(found, key=lambda c: c.start)
+    while todo:
+        c = todo.pop(0)
+        sep = _NEXT_ITEM.match(text, c.end)
+        item = sep and _ITEM.match(text, sep.end())
+        if not item or item.start() in seen:
+            continue
+        words = [(e.start(), e.end(), e.group().rstrip(".") if len(e.group()) > 2 else e.group())
+                 for e in _ELEM_ONE.finditer(text, item.start(), item.end()) if e.group(1)]
+        words = [(s, s + len(w), w) for s, _, w in words]
+        particle = any(e.group(2) for e in _ELEM_ONE.finditer(text, item.start(), item.end()))
+        if len(words) == 1 and (words[0][2].lower() in AMBIGUOUS_FIRST or scorer().is_word(words[0][2].lower())):
+            continue  # "Derek Hollis and May": a lone word that is a name and a word stays a word
+        for cand in _judge(text, words, 0.8, "name-list", start=item.start(), particle=particle):
+            seen.add(cand.start)
+            todo.append(cand)
+            yield cand
+
+
+def repeat_words(cands: list[Candidate]) -> set[str]:
+    """The single words of accepted names worth finding again alone ("Okafor" after "Ana Okafor")."""
+    sc = scorer()
+    out = set()
+    for c in cands:
+        for w in c.parts:
+            lw = w.lower()
+            if len(w) >= 3 and not sc.is_word(lw) and lw not in AMBIGUOUS_FIRST and lw not in NOT_NAMES \
+                    and lw not in TITLES and lw not in ROLES:
+                out.add(w if not w.isupper() else w.capitalize())
+    return out
+
+
+def eponym_follows(text: str, end: int) -> bool:
+    """True when the word after `end` makes the name a thing ("Foley catheter", "Allen key")."""
+    return _followed_by_thing(text, end)

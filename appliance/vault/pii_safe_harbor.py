@@ -1,0 +1,287 @@
+"""The HIPAA Safe Harbor identifiers that prose carries beyond the structured ones: street addresses and ZIP
+codes, dates tied to a person, ages over 89, fax numbers, health-plan and account numbers, licence and
+certificate numbers, vehicle and device identifiers, URLs, and DoD ID numbers (EDIPI).
+
+Each detector is skipped unless a cheap literal check on the lower-cased text passes: a keyword of its
+context ("fax", "licen", "serial", ...) or a shape marker ("://", a digit). Values tied to a context word
+are found only next to it, so an order number or a build date elsewhere in the text is left alone.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from appliance.vault.pii_base import DATE, Finding, trie_pattern
+
+
+class Scan(list):
+    """The numeric regions of a text (a list of windows, as the structured detectors take them) and, computed
+    on first use, the context keywords found near its digits by one compiled multi-pattern prescan.
+
+    Context-bound identifiers (a fax number, a licence, a date of admission) all hold digits and follow their
+    keyword closely, so the prescan only reads the few dozen characters before each run of digits."""
+
+    def __init__(self, text: str, low: str, regions: list[tuple[int, int]]):
+        super().__init__(regions)
+        self.text, self.low = text, low
+        self._hits: dict[str, list[int]] | None = None
+
+    def any_hits(self) -> bool:
+        """Whether any keyword is near a digit at all."""
+        if self._hits is None:
+            self._hits = _prescan(self.text, self.low)
+        return bool(self._hits)
+
+    def hits(self, family: str) -> list[int]:
+        """Where keywords of `family` ("fax", "license", ...) start a word within reach of a digit."""
+        if self._hits is None:
+            self._hits = _prescan(self.text, self.low)
+        return self._hits.get(family, [])
+
+
+_REACH = 48  # how far before a digit a keyword may start
+# Runs of two digits or more (every keyed identifier holds one: "AB12 CDE"), with the runs that lie within
+# reach of each other taken together, so the engine, not a Python loop, merges the windows.
+_DIGIT_CLUSTER = re.compile(rf"\d\d+(?:\D{{0,{_REACH}}}\d\d+)*")
+
+
+def _prescan(text: str, low: str) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for d in _DIGIT_CLUSTER.finditer(text):
+        for m in _KEYWORDS.finditer(low, max(0, d.start() - _REACH), d.end()):
+            i = m.start()
+            if i and low[i - 1].isalnum():
+                continue
+            for family in _FAMILY_OF[m.group()]:
+                out.setdefault(family, []).append(i)
+    return out
+
+
+def _find_all(low: str, key: str) -> Iterator[int]:
+    i = low.find(key)
+    while i != -1:
+        yield i
+        i = low.find(key, i + 1)
+
+
+def _keyed(pattern: re.Pattern, text: str, scan: Scan, family: str) -> Iterator[re.Match]:
+    for i in scan.hits(family):
+        m = pattern.match(text, i)
+        if m:
+            yield m
+
+
+# --- URLs ----------------------------------------------------------------------------------------
+_URL = re.compile(r"(?:https?|ftp|sftp)://[^\s<>\"'`)\]}]+|(?<![\w.@/])www\.[A-Za-z0-9-]+\.[^\s<>\"'`)\]}]+")
+
+
+# Starts with a literal ".": the engine jumps from full stop to full stop, which is fast.
+_TLD = re.compile(r"\.(?:com|org|net|edu|gov|mil|int|io|info|biz|health|co\.uk|nhs\.uk|ac\.uk|us|eu|de|no|fr|nl"
+                  r"|se|dk|ca|au)(?![a-z0-9])")
+_HOST_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789-.")
+_URL_TAIL = re.compile(r"(?::\d{1,5})?(?:[/?#][^\s<>\"'`)\]}]*)?")
+
+
+def urls(text: str, low: str, _scan: Scan) -> Iterator[Finding]:
+    if "://" in text or "www." in low:
+        for m in _URL.finditer(text):
+            yield _url(text, m.start(), m.end())
+    for m in _TLD.finditer(low):
+        yield from _bare_host(text, low, m.start())
+
+
+def _url(text: str, start: int, end: int) -> Finding:
+    while end > start and text[end - 1] in ".,;:!?":
+        end -= 1
+    return Finding("URL", start, end, text[start:end], "url")
+
+
+def _bare_host(text: str, low: str, i: int) -> Iterator[Finding]:
+    """A host name without a scheme ("intranet.example.com/ticket?id=4"), found from its top-level domain."""
+    end = i + 1
+    while end < len(low) and low[end].isalpha():
+        end += 1
+    start = i
+    while start > 0 and low[start - 1] in _HOST_CHARS:
+        start -= 1
+    if start and low[start - 1] in "@/:_":
+        return  # an e-mail address or part of a longer URL, found on its own
+    host = low[start:end]
+    if host.count(".") < 2 or not host[0].isalnum() or ".." in host:
+        return  # "example.com" alone is too often a product or a file; a host needs a sub-domain
+    m = _URL_TAIL.match(text, end)
+    yield _url(text, start, m.end() if m else end)
+
+
+
+
+# --- fax numbers (before phones: the same shape, a different type) ---------------------------------
+_FAX = re.compile(r"(?i:fax|facsimile)(?:[ \t]*(?i:no\.?|number|#|nr\.?|line))?[ \t]*[:.#-]?[ \t]*"
+                  r"(?:[A-Za-z]+[ \t]+){0,4}?(?:(?i:to|on|at|via)[ \t]+)?"
+                  r"(\+?\(?\d[\d ().-]{5,18}\d)(?![\d-])")
+
+
+def faxes(text: str, _low: str, scan: Scan) -> Iterator[Finding]:
+    for m in _keyed(_FAX, text, scan, "fax"):
+        if sum(c.isdigit() for c in m.group(1)) >= 7:
+            yield Finding("FAX", m.start(1), m.end(1), m.group(1), "fax")
+
+
+# --- DoD ID / EDIPI --------------------------------------------------------------------------------
+_DODID = re.compile(r"(?i:edipi|dod[ \t]*id(?:[ \t]*(?:number|no\.?|#))?|dod[ \t]*identification[ \t]*number"
+                    r"|cac[ \t]*(?:id|number))[ \t]*[:#=-]?[ \t]*(?:is[ \t]+)?(\d{10})(?!\d)")
+
+
+def dod_ids(text: str, _low: str, scan: Scan) -> Iterator[Finding]:
+    for m in _keyed(_DODID, text, scan, "dodid"):
+        yield Finding("DODID", m.start(1), m.end(1), m.group(1), "dodid")
+
+
+# --- identifiers that follow a label ---------------------------------------------------------------
+_ID = r"((?=[A-Z0-9./-]*\d)(?:[A-Z]{1,4}[- ]?)?[A-Z0-9][A-Z0-9./-]{3,22}[A-Z0-9])(?![\w-])"
+_LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#)\.?)?[ \t]*[:#=-]?[ \t]*(?:is[ \t]+|of[ \t]+)?"
+_ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
+                      r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan)"
+                      + _LABEL_TAIL + _ID)
+_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|certificate|cert\.|dea|npi|registration"
+                      r"|permit|board[ \t]*certification|credential)" + _LABEL_TAIL + _ID)
+_DEVICE = re.compile(r"(?i:serial(?:[ \t]*number)?|s/n|sn|device[ \t]*(?:id|identifier|serial)|imei|udi"
+                     r"|asset[ \t]*tag|implant[ \t]*(?:id|serial))" + _LABEL_TAIL + _ID)
+_PLATE = re.compile(r"(?i:licen[cs]e[ \t]*plate|number[ \t]*plate|plate|vehicle[ \t]*reg(?:istration)?|reg\.?"
+                    r"[ \t]*(?:no\.?|number|plate)|tag)" + _LABEL_TAIL
+                    + r"((?=[A-Z0-9 -]*\d)(?=[A-Z0-9 -]*[A-Z])[A-Z0-9]{1,4}[- ]?[A-Z0-9]{2,5})(?![\w-])")
+_VIN = re.compile(r"(?<![A-Z0-9])(?=[A-HJ-NPR-Z0-9]{0,16}[A-HJ-NPR-Z])(?=[A-HJ-NPR-Z0-9]{0,16}\d)"
+                  r"[A-HJ-NPR-Z0-9]{17}(?![A-Z0-9])")
+_VIN_VALUES = {**{str(d): d for d in range(10)}, **dict(zip("ABCDEFGH", range(1, 9))),
+               **dict(zip("JKLMN", range(1, 6))), "P": 7, "R": 9, **dict(zip("STUVWXYZ", range(2, 10)))}
+_VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
+
+_ACCOUNT_KEYS = ("health", "insurance", "member", "subscriber", "beneficiary", "policy", "account", "acct",
+                 "medicaid", "medicare", "group")
+_LICENSE_KEYS = ("licen", "certif", "cert.", "dea", "npi", "registration", "permit", "credential")
+_DEVICE_KEYS = ("serial", "s/n", "sn", "device", "imei", "udi", "asset", "implant")
+_PLATE_KEYS = ("licen", "number plate", "plate", "vehicle", "reg", "tag")
+_VIN_KEYS = ("vin", "vehicle", "car ", "truck", "chassis", "van ")
+
+
+def vin_ok(vin: str) -> bool:
+    """The North American check digit (position 9)."""
+    total = sum(_VIN_VALUES[c] * w for c, w in zip(vin, _VIN_WEIGHTS))
+    return "0123456789X"[total % 11] == vin[8]
+
+
+def _labelled(pattern: re.Pattern, typ: str, detector: str, text: str, scan: Scan, family: str,
+              min_digits: int = 3) -> Iterator[Finding]:
+    for m in _keyed(pattern, text, scan, family):
+        value = m.group(1)
+        if sum(c.isdigit() for c in value) >= min_digits:
+            yield Finding(typ, m.start(1), m.end(1), value, detector)
+
+
+def labelled_ids(text: str, low: str, scan: Scan) -> Iterator[Finding]:
+    """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label."""
+    yield from _labelled(_ACCOUNT, "ACCOUNT", "account", text, scan, "account")
+    yield from _labelled(_LICENSE, "LICENSE", "license", text, scan, "license")
+    yield from _labelled(_DEVICE, "DEVICE", "device", text, scan, "device")
+    yield from _labelled(_PLATE, "VEHICLE", "plate", text, scan, "plate", 1)
+    # a VIN may hold no two digits in a row, so it is looked for after its keywords directly, not via the prescan
+    for i in sorted({i for k in ("vin", "vehicle") for i in _find_all(low, k)} | set(scan.hits("vin"))):
+        for m in _VIN.finditer(text, i, i + 64):
+            v = m.group()
+            if vin_ok(v) or "vin" in low[max(0, m.start() - 24):m.start()]:
+                yield Finding("VEHICLE", m.start(), m.end(), v, "vin")
+
+
+# --- street addresses and ZIP codes --------------------------------------------------------------
+_SUFFIXES = ("Street", "St", "Avenue", "Ave", "Road", "Rd", "Boulevard", "Blvd", "Lane", "Ln", "Drive", "Dr",
+             "Court", "Ct", "Way", "Place", "Pl", "Terrace", "Ter", "Circle", "Cir", "Highway", "Hwy", "Parkway",
+             "Pkwy", "Square", "Sq", "Trail", "Trl", "Crescent", "Close", "Row", "Plaza", "Loop", "Pike", "Alley",
+             "Gardens", "Mews", "Walk", "Hill")
+_SUFFIX = f"(?:{trie_pattern(_SUFFIXES)})"  # a trie: one branch per letter, not forty tried in turn
+_STATES = trie_pattern(("AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY LA ME MD MA MI MN MS MO MT NE NV NH NJ "
+                         "NM NY NC ND OH OK OR PA RI SC SD TN TX UT VT VA WA WV WI WY PR GU VI").split())
+_CITY_ZIP = rf"(?:,?[ \t]+(?:[A-Z][a-z]+[ \t]?){{1,3}},?[ \t]+(?:{_STATES})\.?(?:[ \t]+\d{{5}}(?:-\d{{4}})?)?)?"
+_ADDRESS = re.compile(rf"\d{{1,6}}[A-Z]?(?:-\d{{1,4}})?[ \t]+(?:[NSEW]\.?[ \t]+)?"
+                      rf"(?:[A-Z][a-z]+\.?[ \t]+|\d{{1,3}}(?:st|nd|rd|th)[ \t]+){{1,3}}{_SUFFIX}\b\.?"
+                      rf"(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Room|Rm|Floor|Fl|#)\.?[ \t]*#?[A-Z0-9-]{{1,6}})?"
+                      + _CITY_ZIP)
+# A street suffix is found first (a capital letter, then one branch of a trie: fast to scan for); only then is
+# the house number looked for in the few dozen characters before it, and the whole address matched there.
+_SUFFIX_AT = re.compile(_SUFFIX + r"\b")
+_HOUSE = re.compile(r"\d{1,6}[A-Z]?(?:-\d{1,4})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:[A-Z][a-z]|\d{1,3}(?:st|nd|rd|th)\b)")
+_PO_BOX = re.compile(r"(?i:p\.?[ \t]?o\.?[ \t]*box)[ \t]+\d{1,6}" + _CITY_ZIP)
+_ZIP_STATE = re.compile(rf"(?:{_STATES})\.?,?[ \t]+(\d{{5}}(?:-\d{{4}})?)(?![\w-])")
+_ZIP_LABEL = re.compile(r"(?i:zip(?:[ \t]*code)?|postal[ \t]*code|postcode)[ \t]*[:#]?[ \t]*"
+                        r"(\d{5}(?:-\d{4})?)(?![\w-])")
+
+
+def addresses(text: str, low: str, scan: Scan) -> Iterator[Finding]:
+    done = 0
+    for suffix in _SUFFIX_AT.finditer(text):
+        if suffix.start() < done or not suffix.start() or text[suffix.start() - 1] not in " \t":
+            continue
+        for head in _HOUSE.finditer(text, max(done, suffix.start() - 64), suffix.start()):
+            start = head.start()
+            if start and (text[start - 1].isalnum() or text[start - 1] in "/.-_"):
+                continue
+            m = _ADDRESS.match(text, start)
+            if m and m.end() >= suffix.end():
+                done = m.end()
+                yield Finding("ADDRESS", m.start(), m.end(), m.group(), "address")
+                break
+    if "box" in low:
+        for m in _PO_BOX.finditer(text):
+            yield Finding("ADDRESS", m.start(), m.end(), m.group(), "address")
+    for m in _ZIP_STATE.finditer(text):
+        if not m.start() or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "-"):
+            yield Finding("ZIP", m.start(1), m.end(1), m.group(1), "zip")
+    for m in _keyed(_ZIP_LABEL, text, scan, "zip"):
+        yield Finding("ZIP", m.start(1), m.end(1), m.group(1), "zip")
+
+
+# --- dates tied to a person, and ages over 89 ------------------------------------------------------
+_EVENT = (r"(?i:admitted|admission|admit|discharged|discharge|died|death|deceased|expired|passed[ \t]+away|reported"
+          r"|occurred|incident|examined|treated|attended|arrived|fell"
+          r"|date[ \t]+of[ \t]+service|dos|surgery|operated|operation|procedure|delivered|delivery|injured"
+          r"|injury|seen|presented|transferred|transfer|deployed|enlisted|hired|terminated|separated|visit|visited)")
+_PERSON_DATE = re.compile(_EVENT + r"\b[^\n;]{0,30}?(?<![\d/.-])(" + DATE + r")(?![\d/-])")
+_DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passed away", "service", "dos", "reported",
+              "occurred", "incident", "examined", "treated", "attended", "arrived", "fell",
+              "surgery", "operat", "procedure", "deliver", "injur", "seen", "presented", "transfer", "deployed",
+              "enlisted", "hired", "terminated", "separated", "visit")
+# Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
+_AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
+_AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?![\d.])")
+
+
+def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
+    for m in _keyed(_PERSON_DATE, text, scan, "date"):
+        yield Finding("DATE", m.start(1), m.end(1), m.group(1), "date-event")
+    for m in _AGE.finditer(text):
+        if m.start() and (text[m.start() - 1].isdigit() or text[m.start() - 1] == "."):
+            continue
+        yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
+    for m in _keyed(_AGE_LABEL, text, scan, "age"):
+        yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
+
+
+# Every keyword of the prescan, by the family of detectors it wakes.
+KEYWORDS = {
+    "dob": ("date of birth", "d.o.b", "dob", "birth", "born"),
+    "mrn": ("mrn", "medical record", "patient", "chart"),
+    "passport": ("passport",),
+    "date": _DATE_KEYS,
+    "age": ("age", "aged"),
+    "fax": ("fax", "facsimile"),
+    "dodid": ("edipi", "dod", "cac"),
+    "zip": ("zip", "postal", "postcode"),
+    "account": _ACCOUNT_KEYS, "license": _LICENSE_KEYS, "device": _DEVICE_KEYS, "plate": _PLATE_KEYS,
+    "vin": _VIN_KEYS,
+}
+_FAMILY_OF: dict[str, list[str]] = {}
+for _family, _keys in KEYWORDS.items():
+    for _k in _keys:
+        _FAMILY_OF.setdefault(_k, []).append(_family)
+# A trie, and only at the start of a word: far fewer places for the engine to try than every letter.
+_KEYWORDS = re.compile(rf"(?<![a-z0-9])(?:{trie_pattern(_FAMILY_OF)})")

@@ -1,0 +1,172 @@
+"""Re-scrub a dataset version under the current policy: `appliance vault ingest --rescrub NAME@N`.
+
+Every record of NAME@N goes through `fields.scrub_record` again (text, title, path, metadata, source), its
+tables are copied with cells and column names scrubbed again, and the result lands, through the one version
+builder, as a new version whose lineage parent is NAME@N (role `rescrub`) and whose lineage attributes say
+why: the policy before and after. From then on `lineage.less_scrubbed` warns about everything made from
+NAME@N (tokenizers, models, GGUFs): `appliance lineage` and `vault show` print it.
+
+Records keep their splits (a validation record stays one, whatever its new hash) and their order.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from collections import Counter
+
+from appliance.errors import UsageError
+from appliance.vault import lineage
+from appliance.vault.builder import VersionBuilder
+from appliance.vault.db import cursor
+from appliance.vault.fields import (
+    FieldScrubber,
+    ReviewKeep,
+    by_type,
+    policy,
+    scrub_reason,
+    scrub_record,
+    site_types,
+)
+from appliance.vault.readers import Record
+from appliance.vault.readers.tables import rescrub_table
+from appliance.vault.versions import iter_records, resolve
+
+STRICT = ("redact", "pseudonymize")  # a re-scrub replaces what it finds; flag and off would keep it
+
+
+def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = None) -> dict:
+    """A new version of `dataset` (default: the same dataset) holding `ref` scrubbed under the current policy.
+
+    `pii_mode` defaults to the old version's mode when it replaced what it found, else `redact`. Returns
+    what `vault ingest` returns, with `rescrub_of`, `policy_before` and `policy_after`."""
+    from appliance.vault.ingest import validate_name, write_settings
+
+    con = vault.con
+    vid, name, n = resolve(con, ref)
+    old_id = f"{name}@{n}"
+    old_mode, fraction = con.execute("SELECT pii_mode, validation_fraction FROM versions WHERE vid = ?",
+                                     [vid]).fetchone()
+    mode = pii_mode or (old_mode if old_mode in STRICT else "redact")
+    if mode not in STRICT:
+        raise UsageError(f"--rescrub cannot use --pii {mode}: it would keep what it finds",
+                         f"use one of {', '.join(STRICT)}")
+    target = validate_name(dataset or name)
+    before = (lineage.node(con, old_id)["attrs"].get("pii_policy") if lineage.exists(con, old_id) else None) \
+        or {"mode": old_mode}
+    types = site_types(vault.home.root)
+    after = policy(mode, types)
+    fs = FieldScrubber(mode, vault.secrets.pseudonym_key, types)
+    with write_settings(con), VersionBuilder(vault, target, pii_mode=mode, validation_fraction=fraction) as b:
+        run = _Rescrub(b, fs, vid)
+        run.tables()
+        run.records(f"{name}@{n}")
+        run.sources(keep_old_pii=old_mode in STRICT)
+        found = by_type(run.new)
+        done = b.commit("vault.rescrub", parents=[(old_id, lineage.RESCRUB)], held_out=run.held_out,
+                        duplicates=run.dups,
+                        attrs={"rescrub_of": old_id, "policy_before": before, "policy_after": after,
+                               "pii_policy": after, "pii_found": dict(sorted(found.items()))},
+                        details={"rescrub_of": old_id, "found": sum(found.values()), "duplicates": run.dups})
+    return {"version": done.version, "content_hash": done.content_hash, "records": done.records,
+            "new_records": done.records, "bytes": done.bytes, "duplicates": run.dups, "files": run.files,
+            "partial": False, "parent": old_id, "pii": dict(sorted(found.items())), "tables": run.new_tables,
+            "skipped": [], "failed": [], "rescrub_of": old_id, "policy_before": before, "policy_after": after}
+
+
+class _Rescrub:
+    """The steps of one re-scrub, into builder `b`, from version `vid`."""
+
+    def __init__(self, b: VersionBuilder, fs: FieldScrubber, vid: int):
+        self.b, self.fs, self.vid, self.con = b, fs, vid, b.con
+        self.renamed: dict[str, str] = {}  # old table -> new table
+        self.new_tables: list[str] = []
+        self.new: Counter = Counter()  # what this re-scrub found, by (type, detector, band)
+        self.per_source: dict[str, Counter] = {}
+        self.review: dict[str, ReviewKeep] = {}  # scrubbed source -> its findings kept for review
+        self.first: dict[str, int] = {}  # scrubbed source -> its first record's ord
+        self.held_out: list[str] = []
+        self.dups = 0
+        self.files = 0
+
+    def source(self, path: str | None) -> str:
+        """A source path as it lands now; what is found in it counts once per file."""
+        if not path:
+            return path or ""
+        out, counts, found = self.fs.path(path, "source")
+        if out not in self.per_source:
+            self.per_source[out] = Counter(counts)
+            self.new.update(counts)
+            keep = self.review[out] = ReviewKeep()
+            for f in found:
+                keep.add(None, f)
+        return out
+
+    def tables(self) -> None:
+        for old, src in self.con.execute("SELECT table_name, source FROM version_tables WHERE vid = ? "
+                                         "ORDER BY table_name", [self.vid]).fetchall():
+            source = self.source(src)
+            counts = self.per_source.setdefault(source, Counter())
+            before = Counter(counts)
+            # named after its file as it lands now (the old name may hold what the file name held, lower-cased)
+            stem = source if "/" in source else self.fs.path(re.sub(r"^t\d+_", "", old), "table")[0]
+            new = self.b.table_name(stem)
+            rescrub_table(cursor(self.con), old, new, self.fs.cell, counts,
+                          lambda c, counts=counts: self.fs.name(c, counts))
+            self.new.update(counts - before)
+            self.b.table(new, source)
+            self.renamed[old] = new
+            self.new_tables.append(f"data.{new}")
+
+    def records(self, ref: str) -> None:
+        seen: set[str] = set()
+        fields_seen: set = set()
+        for r in iter_records(self.con, ref):
+            rec = Record(r["kind"], r["source"], r["text"], r["path"], r["language"], r["title"], r["meta"] or {})
+            counts, found = scrub_record(self.fs, rec)
+            rec.source = self.source(r["source"])
+            if rec.kind == "table" and r["path"] in self.renamed:
+                rec.path = self.renamed[r["path"]]
+            tally = self.per_source.setdefault(rec.source, Counter())
+            tally.update(counts)
+            self.new.update(counts)
+            for f in [f for f in found if f.field != "text"]:
+                key = (rec.source, f.field, f.start, f.end, getattr(rec, f.field, None) if "." not in f.field
+                       else rec.meta.get(f.field[5:]))
+                if key in fields_seen:
+                    found.remove(f)
+                    continue
+                fields_seen.add(key)
+                tally[f.key] += 1
+                self.new[f.key] += 1
+            data = rec.text.encode("utf-8")
+            digest = hashlib.sha256(data).hexdigest()
+            if digest in seen:
+                self.dups += 1
+                continue
+            seen.add(digest)
+            if r["split"] == "validation":
+                self.held_out.append(digest)
+            ord_ = self.b.next_ord
+            self.first.setdefault(rec.source, ord_)
+            keep = self.review.setdefault(rec.source, ReviewKeep())
+            for f in found:
+                keep.add(ord_, f)
+            self.b.add(rec, rec.text, digest, len(data))
+
+    def sources(self, keep_old_pii: bool) -> None:
+        """The source manifest and PII report: the old ones with their paths scrubbed again, and what this
+        re-scrub found (the old counts only where the old version replaced what it found)."""
+        for path, kind, size, sha, recs, dups, status, reason in self.con.execute(
+                "SELECT path, kind, bytes, sha256, records, duplicates, status, reason FROM version_sources "
+                "WHERE vid = ? ORDER BY path", [self.vid]).fetchall():
+            self.b.source(self.source(path), kind, size, sha, recs, dups, status, scrub_reason(self.fs, reason))
+            self.files += status == "ok"
+        if keep_old_pii:
+            for path, typ, cnt, det, bnd in self.con.execute(
+                    "SELECT path, type, count, detector, band FROM version_pii WHERE vid = ?", [self.vid]).fetchall():
+                self.b.pii(self.source(path), {(typ, det, bnd) if det is not None else typ: cnt})
+        for source, counts in self.per_source.items():
+            self.b.pii(source, +counts)
+            if source in self.review:
+                self.b.findings(source, self.review[source].kept(self.first.get(source)))

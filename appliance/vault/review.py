@@ -1,0 +1,104 @@
+"""`appliance vault pii-review`: the lowest-confidence findings of a version, in context, the value masked.
+
+Ingest keeps each finding's place in the scrubbed field (`version_pii_findings`, inside the vault), never
+the value; the context shown here is cut from the stored, scrubbed text around that place. The context is
+scrubbed again before it is shown (a `flag` or `off` version stores values in the clear) and the finding
+itself always shows as a placeholder.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+
+from appliance.errors import UsageError
+from appliance.vault.fields import BANDS, band
+from appliance.vault.pii import Scrubber
+from appliance.vault.versions import has_column, resolve
+
+CONTEXT = 60  # characters of context either side
+_PLACEHOLDER = re.compile(r"\[[A-Z][A-Z0-9]*(?:_[0-9a-f]+)?\]")
+_SPACE = re.compile(r"\s+")
+
+
+def review(con, ref: str, limit: int = 20, offset: int = 0, type_: str | None = None, band_: str | None = None,
+           file: str | None = None) -> dict:
+    """The findings of version `ref` kept for review, lowest score first, each in its masked context.
+
+    `type_` keeps one PII type, `band_` one confidence band (high, medium, low), `file` one source file
+    (whole, or its last components). `total` counts every match; `summary` is the version's whole report by
+    type, detector and band."""
+    vid, name, n = resolve(con, ref)
+    where, params = _filter(vid, type_, band_, file)
+    total, rows = 0, []
+    if has_column(con, "version_pii_findings", "score"):  # an older vault opened read-only has none yet
+        total = con.execute(f"SELECT count(*) FROM version_pii_findings WHERE {where}", params).fetchone()[0]
+        rows = con.execute(
+            f"SELECT ord, source, field, type, detector, score, pos, len FROM version_pii_findings WHERE {where} "
+            "ORDER BY score, ord NULLS FIRST, field, pos LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
+    records = _records(con, vid, {r[0] for r in rows if r[0] is not None})
+    redact = Scrubber("redact")
+    findings = []
+    for ord_, source, field, typ, detector, score, pos, length in rows:
+        value = source if field == "source" else _value(records.get(ord_), field)
+        findings.append({
+            "id": None if ord_ is None else f"{name}@{n}#{ord_}", "source": source, "field": field, "type": typ,
+            "detector": detector or "", "score": round(float(score), 4), "band": band(score),
+            "context": _context(value, pos, length, typ, redact)})
+    cols = "detector, band" if has_column(con, "version_pii", "detector") else "NULL, NULL"
+    summary = [{"type": t, "detector": d or "", "band": b or "", "count": c} for t, d, b, c in con.execute(
+        f"SELECT type, {cols}, sum(count)::BIGINT FROM version_pii WHERE vid = ? GROUP BY ALL "
+        "ORDER BY ALL NULLS FIRST", [vid]).fetchall()]
+    mode = con.execute("SELECT pii_mode FROM versions WHERE vid = ?", [vid]).fetchone()[0]
+    return {"version": f"{name}@{n}", "pii_mode": mode, "total": total, "offset": offset, "findings": findings,
+            "summary": summary}
+
+
+def _filter(vid: int, type_: str | None, band_: str | None, file: str | None) -> tuple[str, list]:
+    """The WHERE clause (fixed text; values bound) of a version's findings matching the filters."""
+    where, params = "vid = ?", [vid]
+    if type_:
+        where += " AND type = ?"
+        params.append(type_.upper())
+    if band_:
+        bounds = dict(BANDS)
+        if band_ not in bounds:
+            raise UsageError(f"unknown band {band_!r}", f"use one of {', '.join(b for b, _ in BANDS)}")
+        upper = [floor for b, floor in BANDS if floor > bounds[band_]]
+        where += " AND score >= ?" + (" AND score < ?" if upper else "")
+        params += [bounds[band_]] + ([min(upper)] if upper else [])
+    if file:
+        where += " AND (source = ? OR ends_with(source, '/' || ?))"
+        params += [file, file]
+    return where, params
+
+
+def _records(con, vid: int, ords: set[int]) -> dict[int, dict]:
+    """The stored (scrubbed) fields of the records `ords` of version `vid`."""
+    if not ords:
+        return {}
+    marks = ",".join("?" * len(ords))
+    rows = con.execute(f"SELECT r.ord, b.text, r.title, r.path, r.meta FROM version_records r JOIN blobs b "
+                       f"ON b.hash = r.hash WHERE r.vid = ? AND r.ord IN ({marks})", [vid, *sorted(ords)]).fetchall()
+    return {o: {"text": t, "title": ti, "path": p, "meta": json.loads(m) if m else {}} for o, t, ti, p, m in rows}
+
+
+def _value(rec: dict | None, field: str) -> str:
+    if rec is None:
+        return ""
+    if field.startswith("meta."):
+        value = rec["meta"].get(field[5:])
+    else:
+        value = rec.get(field)
+    return value if isinstance(value, str) else ""
+
+
+def _context(value: str, pos: int, length: int, typ: str, redact: Scrubber) -> str:
+    """`value` around [pos, pos + length) on one line: the finding as its placeholder, marked »so«, the rest
+    scrubbed."""
+    hit = value[pos:pos + length]
+    shown = hit if _PLACEHOLDER.fullmatch(hit) else f"[{typ}]"  # a flag/off version stores the value itself
+    start, end = max(0, pos - CONTEXT), min(len(value), pos + length + CONTEXT)
+    left, right = redact.scrub(value[start:pos])[0], redact.scrub(value[pos + length:end])[0]
+    line = ("…" if start else "") + left + f"»{shown}«" + right + ("…" if end < len(value) else "")
+    return _SPACE.sub(" ", line).strip()

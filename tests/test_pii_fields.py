@@ -1,0 +1,274 @@
+"""Every field that lands is scrubbed: titles, subjects, headings, document properties, file and repository
+paths, table names and columns, the manifest. The attack: identifiers put where only text used to be
+scrubbed, then looked for in an export, the records, an agent's view and a tokenizer trained on the data.
+Also: the PII report by detector and band, `vault pii-review`, and `vault ingest --rescrub`."""
+
+from __future__ import annotations
+
+import json
+from email.message import EmailMessage
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import PASSPHRASE, open_vault
+
+WHO = "Mr. Derek Hollis"  # a name with a signal the detectors know (an honorific)
+SSN = "123-45-6789"
+MAIL = "derek.hollis@example.org"
+SECRETS = ("Hollis", "Derek", SSN, "123456789", MAIL)
+TAG = f"{WHO} SSN {SSN}"  # what each field holds
+
+
+def _attack(root: Path) -> Path:
+    """Files whose every field but the body holds a name and an SSN; bodies are harmless."""
+    from appliance.samples import write_pdf
+
+    src = root / f"patients {SSN}"  # a directory in the path, too
+    (src / "notes").mkdir(parents=True)
+    (src / "notes" / f"Lab results for {TAG}.md").write_text(
+        f"Lab results for {TAG}\n=====================\n\nThe valve at pump house two was checked.\n")
+    (src / "notes" / f"Mr._Derek_Hollis_{SSN}.txt").write_text("No heading: the title is the file's name.\n")
+    msg = EmailMessage()
+    msg["From"], msg["To"], msg["Subject"] = "ops@example.org", "ward@example.org", f"Re: {TAG} <{MAIL}>"
+    msg.set_content("Pump house two is back in service.\n")
+    (src / "mail.eml").write_bytes(bytes(msg))
+    import docx
+
+    d = docx.Document()
+    d.add_paragraph("The relief valve procedure, step by step.")
+    d.core_properties.title = TAG
+    d.save(src / "procedure.docx")
+    write_pdf(src / "bulletin.pdf", [["Safety bulletin: wear gloves near the compressor."]], TAG)
+    rows = "\n".join(f"{i},pump {i},ok" for i in range(40))
+    (src / f"{TAG}.csv").write_text(f"id,{TAG},status\n{rows}\n")
+    repo = src / f"tools-{SSN}"
+    (repo / "src").mkdir(parents=True)
+    (repo / ".gitignore").write_text("*.pyc\n")
+    (repo / "src" / f"{TAG}.py").write_text("def pressure(bar):\n    return bar * 14.5\n")
+    return src
+
+
+def _leaks(blob: str) -> list[str]:
+    return [s for s in SECRETS if s.lower() in blob.lower()]
+
+
+@pytest.fixture
+def attacked(home, cli, tmp_path):
+    src = _attack(tmp_path)
+    r = cli("--home", home, "--json", "vault", "ingest", src, "--dataset", "ward")
+    assert r.code == 0, r.err
+    assert not _leaks(r.out), r.out  # the result itself names the files it read
+    return home
+
+
+def test_no_field_keeps_an_identifier(attacked, cli, tmp_path):
+    home = attacked
+    out = tmp_path / "ward.jsonl"
+    assert cli("--home", home, "vault", "export", "ward@1", "--out", out).code == 0
+    exported = out.read_text()
+    assert len(exported.splitlines()) >= 40 and not _leaks(exported), _leaks(exported)
+    # the records carry their fields: titles, paths, sources, metadata
+    kinds = {json.loads(line)["kind"] for line in exported.splitlines()}
+    assert {"text", "email", "docx", "pdf", "table", "code"} <= kinds
+    titles = [json.loads(line)["title"] for line in exported.splitlines()]
+    assert any("[SSN]" in (t or "") for t in titles)
+    for cmd in (["vault", "show", "ward@1"], ["vault", "records", "ward@1", "--limit", "100"],
+                ["vault", "record", "ward@1#0"], ["vault", "pii-review", "ward@1", "--limit", "500"],
+                ["vault", "sql", "SELECT * FROM version_sources"], ["vault", "sql", "SELECT * FROM version_pii"],
+                ["vault", "sql", "SELECT * FROM version_tables"],
+                ["vault", "sql", "SELECT table_name, column_name FROM information_schema.columns "
+                                 "WHERE table_schema = 'data'"]):
+        r = cli("--home", home, "--json", *cmd)
+        assert r.code == 0, (cmd, r.err)
+        assert not _leaks(r.out), (cmd, _leaks(r.out))
+    # the tables' own rows too
+    with open_vault(home, read_only=True) as v:
+        (table,) = [t for (t,) in v.con.execute("SELECT table_name FROM version_tables").fetchall()]
+        rows = v.con.execute(f'SELECT * FROM data."{table}"').fetchall()
+        assert len(rows) == 40 and not _leaks(json.dumps(rows, default=str))
+
+
+def test_an_agent_sees_no_identifier(attacked, cli):
+    from appliance import api
+
+    token = cli("--home", attacked, "--json", "grant", "--agent", "reader", "--caps", "read,records",
+                "--hours", "1").json["token"]
+    agent = api.agent_open(attacked, PASSPHRASE, token)
+    try:
+        with agent.session(wait=30) as v:  # as the MCP server runs each call
+            seen = [api.agent_vault_show(v, token, "ward@1"), api.agent_vault_datasets(v, token),
+                    api.agent_vault_records(v, token, "ward@1", limit=200), api.agent_lineage(v, token, "ward@1"),
+                    api.agent_vault_sql(v, token, "SELECT * FROM version_records")]
+    finally:
+        agent.close()
+    blob = json.dumps(seen, default=str)
+    assert "[SSN]" in blob and not _leaks(blob), _leaks(blob)
+
+
+def test_a_tokenizer_learns_no_identifier(attacked, cli):
+    r = cli("--home", attacked, "--json", "train", "tokenizer", "--dataset", "ward@1", "--vocab", "400")
+    assert r.code == 0, r.err
+    files = [p for p in Path(r.json["path"]).rglob("*") if p.is_file()]
+    assert files
+    blob = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in files)
+    assert "pump" in blob.lower()  # it did learn the text
+    assert not _leaks(blob), _leaks(blob)
+
+
+def test_the_report_counts_fields_by_detector_and_band(attacked, cli):
+    d = cli("--home", attacked, "--json", "vault", "show", "ward@1").json
+    assert d["pii"]["total"]["SSN"] >= 7 and d["pii"]["total"]["PERSON"] >= 6
+    rows = d["pii"]["by_detector"]
+    assert rows and all(set(r) == {"path", "type", "detector", "band", "count"} for r in rows)
+    assert {r["band"] for r in rows} <= {"high", "medium", "low"}
+    assert sum(r["count"] for r in rows) == sum(d["pii"]["total"].values())
+    assert d["warnings"] == []
+
+
+def test_pii_review_shows_findings_in_context_masked(attacked, cli):
+    r = cli("--home", attacked, "--json", "vault", "pii-review", "ward@1", "--limit", "5")
+    assert r.code == 0, r.err
+    d = r.json
+    assert d["version"] == "ward@1" and d["total"] >= 7 and len(d["findings"]) == 5
+    scores = [f["score"] for f in d["findings"]]
+    assert scores == sorted(scores)
+    for f in d["findings"]:
+        assert f["type"] in f["context"] and f["field"] in ("text", "title", "path", "source") or \
+            f["field"].startswith("meta.")
+    fields = {f["field"] for f in cli("--home", attacked, "--json", "vault", "pii-review", "ward@1",
+                                      "--limit", "500").json["findings"]}
+    assert {"title", "source"} <= fields
+    ssn = cli("--home", attacked, "--json", "vault", "pii-review", "ward@1", "--type", "ssn", "--band", "high",
+              "--file", "mail.eml").json
+    assert ssn["findings"] and all(f["type"] == "SSN" and f["source"].endswith("mail.eml") for f in ssn["findings"])
+    human = cli("--home", attacked, "vault", "pii-review", "ward@1")
+    assert human.code == 0 and "[SSN]" in human.out and not _leaks(human.out)
+    bad = cli("--home", attacked, "vault", "pii-review", "ward@9")
+    assert bad.code == 2 and "ward@1" in bad.err
+
+
+def test_flag_mode_review_masks_the_values(home, cli, tmp_path):
+    f = tmp_path / "note.md"
+    f.write_text(f"# Visit\n\nSeen by {WHO}, SSN {SSN}, mail {MAIL}.\n")
+    assert cli("--home", home, "vault", "ingest", f, "--dataset", "flagged", "--pii", "flag").code == 0
+    d = cli("--home", home, "--json", "vault", "pii-review", "flagged@1").json
+    assert {x["type"] for x in d["findings"]} >= {"SSN", "EMAIL", "PERSON"}
+    assert not _leaks(json.dumps(d["findings"]))
+
+
+def test_rescrub_makes_a_stricter_version_and_marks_what_was_made(home, cli, tmp_path):
+    src = _attack(tmp_path)
+    assert cli("--home", home, "vault", "ingest", src, "--dataset", "ward", "--pii", "flag").code == 0
+    out = tmp_path / "flag.jsonl"
+    cli("--home", home, "vault", "export", "ward@1", "--out", out)
+    assert _leaks(out.read_text())  # flag keeps what it finds
+    tok = cli("--home", home, "--json", "train", "tokenizer", "--dataset", "ward@1", "--vocab", "300")
+    assert tok.code == 0, tok.err
+
+    r = cli("--home", home, "--json", "vault", "ingest", "--rescrub", "ward@1")
+    assert r.code == 0, r.err
+    d = r.json
+    assert d["version"] == "ward@2" and d["rescrub_of"] == "ward@1" and d["parent"] == "ward@1"
+    assert d["policy_before"]["mode"] == "flag" and d["policy_after"]["mode"] == "redact"
+    assert d["pii"]["SSN"] >= 7 and d["tables"]
+    out2 = tmp_path / "rescrubbed.jsonl"
+    assert cli("--home", home, "vault", "export", "ward@2", "--out", out2).code == 0
+    assert not _leaks(out2.read_text()), _leaks(out2.read_text())
+    old = cli("--home", home, "--json", "vault", "show", "ward@1").json
+    new = cli("--home", home, "--json", "vault", "show", "ward@2").json
+    assert new["records"] == old["records"] and new["splits"] == old["splits"] and new["pii_mode"] == "redact"
+    assert not _leaks(json.dumps(new))
+
+    lin = cli("--home", home, "--json", "lineage", "ward@2").json
+    assert lin["lineage"]["parents"][0]["id"] == "ward@1" and lin["lineage"]["parents"][0]["role"] == "rescrub"
+    assert lin["lineage"]["attrs"]["policy_before"]["mode"] == "flag" and lin["warnings"] == []
+    tok_id = tok.json["id"]
+    warned = cli("--home", home, "--json", "lineage", tok_id).json["warnings"]
+    assert len(warned) == 1 and "ward@1" in warned[0] and "ward@2" in warned[0]
+    assert any(tok_id in w for w in old["warnings"]) and new["warnings"] == []
+    human = cli("--home", home, "lineage", tok_id)
+    assert "warning:" in human.err and "less-scrubbed" in human.err
+    # a tokenizer made from the re-scrubbed version is not warned about
+    tok2 = cli("--home", home, "--json", "train", "tokenizer", "--dataset", "ward@2", "--vocab", "300").json["id"]
+    assert cli("--home", home, "--json", "lineage", tok2).json["warnings"] == []
+
+    # re-scrubbing an already scrubbed version finds nothing new, and still lands
+    again = cli("--home", home, "--json", "vault", "ingest", "--rescrub", "ward@2").json
+    assert again["version"] == "ward@3" and again["pii"] == {} and again["content_hash"] == d["content_hash"]
+
+
+def test_rescrub_bad_input_is_one_line_and_writes_nothing(home, cli, tmp_path):
+    f = tmp_path / "a.md"
+    f.write_text("# A\n\nplain text\n")
+    assert cli("--home", home, "vault", "ingest", f, "--dataset", "a").code == 0
+    for args, words in ((["--rescrub", "a@1", f], "no PATHS"), (["--rescrub", "a@7"], "a@1"),
+                        (["--rescrub", "a@1", "--pii", "flag"], "redact"),
+                        (["--rescrub", "a@1", "--replace"], "--replace"),
+                        ([], "Missing argument 'PATHS...'"), ([f], "Missing option '--dataset'")):
+        r = cli("--home", home, "vault", "ingest", *args)
+        assert r.code == 2 and words in r.err, (args, r.err)
+    assert [d["latest"] for d in cli("--home", home, "--json", "vault", "datasets").json["datasets"]] == ["a@1"]
+
+
+def test_the_site_policy_holds_for_fields_too(home, cli, tmp_path):
+    from appliance.vault import pii
+
+    f = tmp_path / f"visit {MAIL}.md"
+    f.write_text(f"# Call {MAIL} about SSN {SSN}\n\nWrite to {MAIL}.\n")
+    (home / pii.POLICY_FILE).write_text('keep = ["EMAIL"]\n')
+    r = cli("--home", home, "--json", "vault", "ingest", f, "--dataset", "kept")
+    assert r.code == 0, r.err
+    rec = cli("--home", home, "--json", "vault", "record", "kept@1#0").json
+    for value in (rec["text"], rec["title"], rec["source"]):
+        assert MAIL in value and SSN not in value  # the e-mail is kept by policy, everywhere alike
+    assert "[SSN]" in rec["title"]
+    lineage = cli("--home", home, "--json", "lineage", "kept@1").json["lineage"]
+    assert "EMAIL" not in lineage["attrs"]["pii_policy"]["types"]
+
+    (home / pii.POLICY_FILE).write_text("keep = [\"NOPE\"]\n")
+    bad = cli("--home", home, "vault", "ingest", f, "--dataset", "kept")
+    assert bad.code == 2 and len(bad.err.strip().splitlines()) == 1 and "NOPE" in bad.err
+    assert cli("--home", home, "--json", "vault", "show", "kept").json["version"] == "kept@1"
+
+
+def test_a_vault_from_before_reads_and_rescrubs(cli, tmp_path, monkeypatch):
+    """A vault made before the report kept detectors and findings: read-only reads work as they did; the
+    first writable open adds what is new, and its versions can be re-scrubbed."""
+    from tests.test_migrate import FIXTURE_PASSPHRASE, fixture_home
+
+    h = fixture_home(1, tmp_path)
+    monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
+    show = cli("--home", h, "--json", "vault", "show", "site@1")
+    assert show.code == 0, show.err
+    assert all(r["detector"] is None for r in show.json["pii"]["by_detector"])
+    review = cli("--home", h, "--json", "vault", "pii-review", "site@1")
+    assert review.code == 0 and review.json["findings"] == [], review.err
+    r = cli("--home", h, "--json", "vault", "ingest", "--rescrub", "site@1")
+    assert r.code == 0, r.err
+    assert r.json["version"] == "site@2" and r.json["policy_before"] == {"mode": "redact"}
+    assert cli("--home", h, "--json", "vault", "check").json["ok"]
+
+
+def test_a_warning_follows_the_data_not_past_a_rescrub(home, cli, tmp_path):
+    """site@2 holds site@1's records: re-scrubbing site@1 warns about site@2 and what was made from it, until
+    site@2 is re-scrubbed too; nothing made from a re-scrubbed version is warned about."""
+    a, b = tmp_path / "a.md", tmp_path / "b.md"
+    a.write_text(f"# A\n\nSeen by {WHO} about the pump house valve.\n" * 20)
+    b.write_text("# B\n\nThe compressor was serviced and the valve replaced.\n" * 20)
+    ok = lambda *args: cli("--home", home, "--json", *args)  # noqa: E731
+    assert ok("vault", "ingest", a, "--dataset", "site", "--pii", "flag").code == 0  # site@1
+    assert ok("vault", "ingest", b, "--dataset", "site", "--pii", "flag").code == 0  # site@2 = site@1 + b
+    assert ok("vault", "ingest", "--rescrub", "site@1").json["version"] == "site@3"
+    tok = ok("train", "tokenizer", "--dataset", "site@2", "--vocab", "300").json["id"]
+    (w2,) = ok("vault", "show", "site@2").json["warnings"]
+    assert "site@1" in w2 and "--rescrub site@2" in w2
+    (wt,) = ok("lineage", tok).json["warnings"]
+    assert "site@1" in wt and "site@3" in wt
+    assert ok("vault", "show", "site@3").json["warnings"] == []
+    assert ok("vault", "ingest", "--rescrub", "site@2").json["version"] == "site@4"
+    assert ok("vault", "show", "site@4").json["warnings"] == []
+    tok4 = ok("train", "tokenizer", "--dataset", "site@4", "--vocab", "300").json["id"]
+    assert ok("lineage", tok4).json["warnings"] == []
+    (w1,) = ok("vault", "show", "site@1").json["warnings"]
+    assert tok in w1 and tok4 not in w1  # what was made from site@1's data, not from its re-scrubs
