@@ -20,20 +20,16 @@ def _tokenizer(home):
     return tok
 
 
-def _spm_tokenizer(vocab_dir, kind: str):
-    """llama.cpp's Llama 2 SentencePiece vocabulary as a base would ship it: Mistral's `LlamaTokenizer` (which
-    transformers 5 runs with Metaspace) or Gemma's `GemmaTokenizer` (no space prefix)."""
-    import tempfile
-    from pathlib import Path
+def _spm_tokenizer(tmp_path, kind: str):
+    """A SentencePiece BPE as a base would ship it (`appliance.sample_bases`, 1,280 tokens learnt from sample
+    sentences): Mistral v0.3's Metaspace tokenizer.json under `LlamaTokenizer`, or Gemma's `GemmaTokenizer` (no
+    space prefix). llama.cpp's own SentencePiece vectors are checked in tests/test_gguf_vocab.py."""
+    from appliance.sample_bases import _tokenizer
 
-    from transformers import AutoTokenizer
-
-    d = Path(tempfile.mkdtemp())
-    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(d)
-    tc = json.loads((d / "tokenizer_config.json").read_text())
-    extra = {"pad_token": "<unk>", "mask_token": "<unk>"} if kind == "GemmaTokenizer" else {}
-    (d / "tokenizer_config.json").write_text(json.dumps({**tc, "tokenizer_class": kind, **extra}))
-    return AutoTokenizer.from_pretrained(str(d))
+    words = "valve pump seal north river audit ledger inspection boiler report shift crew torque gasket".split()
+    texts = [" ".join(words[(i * 7 + j) % len(words)] for j in range(12)) + f" {i}." for i in range(300)]
+    (tmp_path / "tok").mkdir()
+    return _tokenizer("gemma2" if kind == "GemmaTokenizer" else "mistral", tmp_path / "tok", texts, 1024)
 
 
 def _save_base(arch: str, tok, dest):
@@ -76,12 +72,12 @@ SEPARATE = ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "
     ("phi3", ["down_proj", "gate_up_proj", "o_proj", "qkv_proj"], "appliance"),
     ("gemma2", SEPARATE, "GemmaTokenizer"),
 ])
-def test_import_sft_merge_and_export_each_family(train_home, cli, tmp_path, vocab_dir, arch, targets, tokenizer):
+def test_import_sft_merge_and_export_each_family(train_home, cli, tmp_path, arch, targets, tokenizer):
     """The path most sites take: bring a base, LoRA SFT it on vault data, merge, ship a q8_0 GGUF with its report."""
     from transformers import AutoTokenizer
 
     where = tmp_path / "models--site--llama3-tiny" / "snapshots" / "0a1b2c" if arch == "llama3" else tmp_path / arch
-    tok = _tokenizer(train_home) if tokenizer == "appliance" else _spm_tokenizer(vocab_dir, tokenizer)
+    tok = _tokenizer(train_home) if tokenizer == "appliance" else _spm_tokenizer(tmp_path, tokenizer)
     src = _save_base(arch, tok, where)
     r = cli("--home", train_home, "--json", "train", "import", src, "--name", arch)
     assert r.code == 0, r.err

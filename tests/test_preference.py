@@ -107,8 +107,8 @@ def test_bad_preference_recipes_say_what_to_do(phome, cli):
     assert r.code == 2 and "data.format 'preference' goes with stage 'dpo'" in r.err
     r = cli("--home", phome, "train", "run", *DPO, "--train.dpo_beta", "0")
     assert r.code == 2 and "train.dpo_beta must be positive" in r.err
-    r = cli("--home", phome, "train", "run", *DPO, "--train.parallel", "fsdp", "--method", "full")
-    assert r.code == 2 and "not available for dpo" in r.err
+    r = cli("--home", phome, "train", "run", *DPO, "--data.cross_document", "true")
+    assert r.code == 2 and "data.cross_document is for data.format 'text'" in r.err
     # a table without the columns: one line naming the column and the key that sets it
     r = cli("--home", phome, "train", "run", *DPO, "--data.datasets", "handbook-qa@1")
     errors = [ln for ln in r.err.splitlines() if ln.startswith("error:")]

@@ -116,6 +116,10 @@ class DataConfig:
     tables: str = "text"
     """text: how table rows (an ingested CSV/JSONL/Parquet) enter pre-training: "text" as "column: value"
     lines, without the record's "[table row N]" header; "skip" leaves them out (the run's data says which)."""
+    cross_document: bool = False
+    """text: let a document attend to those packed before it in a row (one causal span per row, positions
+    straight through); false (the default) restarts positions at each document and masks across them. Chat,
+    preference and prompts rows never attend across conversations."""
 
     def problems(self, stage: str) -> list[str]:
         p = []
@@ -147,6 +151,9 @@ class DataConfig:
             p.append(f"data.tokenizer is not used by stage {stage!r}: the base model's tokenizer is")
         if self.seq_len < 8:
             p.append("data.seq_len must be at least 8")
+        if self.cross_document and self.format != "text":
+            p.append("data.cross_document is for data.format 'text' (pre-training); conversations never attend "
+                     "to each other")
         if self.tables not in ("text", "skip"):
             p.append(f"data.tables must be text or skip, not {self.tables!r}")
         if self.format not in ("text", "chat", "preference", "prompts", "task"):
@@ -195,9 +202,12 @@ class TrainConfig:
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory, about 30% more compute."""
     precision: str = "auto"
-    """auto (bf16 autocast on GPU, fp32 on CPU), bf16 or fp32."""
-    parallel: str = "ddp"
-    """With --gpus > 1: ddp (replicate) or fsdp (shard parameters, for models that don't fit one GPU)."""
+    """auto (bf16 on GPU: FSDP2's mixed-precision policy or autocast; fp32 on CPU), bf16 or fp32."""
+    parallel: str = "auto"
+    """With --gpus > 1: ddp (replicate), fsdp (shard parameters, gradients and optimizer state with FSDP2), or
+    auto: ddp when the memory estimate fits one GPU (train.gpu_memory_gb), else fsdp (full training only)."""
+    gpu_memory_gb: float = 141.0
+    """Memory of one GPU of the box, in GB (1e9 bytes), for the memory estimate behind train.parallel = auto."""
     eval_every: int = 0
     """Measure the loss on the datasets' validation split every N steps and at the end (0: never)."""
     early_stop_patience: int = 0
@@ -233,8 +243,10 @@ class TrainConfig:
             p.append("train.eval_every and train.early_stop_patience must be >= 0")
         if self.early_stop_patience and not self.eval_every:
             p.append("train.early_stop_patience needs train.eval_every (the validation loss it watches)")
-        if self.parallel not in ("ddp", "fsdp"):
-            p.append(f"train.parallel must be 'ddp' or 'fsdp', not {self.parallel!r}")
+        if self.parallel not in ("auto", "ddp", "fsdp"):
+            p.append(f"train.parallel must be 'auto', 'ddp' or 'fsdp', not {self.parallel!r}")
+        if not self.gpu_memory_gb > 0:
+            p.append("train.gpu_memory_gb must be positive")
         if not self.dpo_beta > 0:
             p.append("train.dpo_beta must be positive")
         return p
@@ -367,9 +379,9 @@ class Recipe:
                      "weight")
         if self.method != "full" and self.train.parallel == "fsdp":
             p.append("train.parallel 'fsdp' is for full training; adapters are small, use 'ddp'")
-        if self.stage in ("dpo", "grpo") and self.train.parallel == "fsdp":
-            p.append(f"train.parallel 'fsdp' is not available for {self.stage} (the reference model is kept whole); "
-                     "use 'ddp'")
+        if self.data.format == "task" and self.train.parallel == "fsdp":
+            p.append("train.parallel 'fsdp' is not available for data.format 'task' (episodes play a different "
+                     "number of turns on each process, and FSDP needs the same forward passes on all); use 'ddp'")
         if self.stage == "grpo":
             p += self.grpo.problems()
         p += self.model.problems(self.stage)

@@ -1,7 +1,8 @@
 """The data path: vault records -> token ids -> fixed-length packed rows, cached only inside the vault.
 
 Text (pretrain, continue): documents are tokenized and concatenated with EOS between them, then cut into
-rows of `seq_len`; only the final row is padded. Chat (sft): each prompt/response pair is rendered with the
+rows of `seq_len`; only the final row is padded. Documents packed into a row are kept apart by position
+ids that restart per document (`document_positions`). Chat (sft): each prompt/response pair is rendered with the
 tokenizer's chat template; only the assistant's tokens are scored (label -100 elsewhere); pairs are packed
 whole, first come first served, into rows. Preference (dpo): each prompt/chosen/rejected triple is one row
 of 2 x `seq_len`: the chosen conversation, padded, then the rejected one, each scored on the answer only.
@@ -372,6 +373,37 @@ def pack_prompts(tokenizer, rows: Iterable[tuple[str, ...]], seq_len: int, syste
     used = sum(len(p) for p, _ in kept)
     stats = _stats(docs, tokens, labels, tokens.size - used, truncated)
     return Packed(tokens, labels, {**stats, "prompts": len(kept), "dropped": dropped})
+
+
+def document_positions(tokens: np.ndarray, labels: np.ndarray, fmt: str, eos_id: int | None) -> np.ndarray:
+    """Position ids (B, T) that restart at 0 at every document packed into a row.
+
+    The model sees them as `position_ids` with no attention mask, which transformers turns into a
+    block-causal mask (SDPA, eager) or flash-attention varlen boundaries: a document never attends to the one
+    packed before it, and its rotary positions are those it has alone. The documents are found from the
+    rows themselves, as packed: text documents end with EOS (`pack_text`), so the token after an EOS starts
+    one; a chat row is whole conversations, each an unscored prompt then its scored answer (`pack_chat`), so
+    an unscored token after a scored one starts one. Padding is split into single tokens, never scored.
+    """
+    B, T = tokens.shape
+    start = np.zeros((B, T), dtype=bool)
+    start[:, 0] = True
+    if fmt == "chat":
+        start[:, 1:] |= (labels[:, 1:] == IGNORE) & (labels[:, :-1] != IGNORE)
+    elif eos_id is not None:
+        start[:, 1:] |= tokens[:, :-1] == eos_id
+    idx = np.broadcast_to(np.arange(T, dtype=np.int64), (B, T))
+    first = np.maximum.accumulate(np.where(start, idx, 0), axis=1)  # where each token's document starts
+    return idx - first
+
+
+def position_rule(cfg: DataConfig, eos_id: int | None):
+    """What the loop passes the model as positions for rows of `cfg.format`: `document_positions`, or None
+    where each row is one sequence already (dpo, grpo: each conversation a sequence of its own) or where a
+    pre-training recipe keeps attention across documents (`data.cross_document = true`)."""
+    if cfg.format not in ("text", "chat") or (cfg.format == "text" and cfg.cross_document):
+        return None
+    return lambda tokens, labels: document_positions(tokens, labels, cfg.format, eos_id)
 
 
 def _pad_id(tokenizer) -> int:

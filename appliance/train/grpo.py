@@ -211,6 +211,9 @@ class GRPO:
         torch.manual_seed(int(np.random.SeedSequence([self.seed, self.step, self.rank, self._calls])
                               .generate_state(1)[0]))
         self._calls += 1
+        # FSDP2 gathers each layer in every forward, so every process must run as many: sharded, the answers
+        # run to max_new_tokens without stopping, and the mask below ends each at its first stop token
+        sharded = hasattr(inner, "set_requires_gradient_sync")
         was_training = inner.training
         inner.eval()
         with torch.no_grad():
@@ -220,7 +223,7 @@ class GRPO:
                                  temperature=self.cfg.temperature if not greedy else None, top_p=None, top_k=None,
                                  repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
                                  max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=g,
-                                 pad_token_id=self.pad, eos_token_id=self.stop)
+                                 pad_token_id=self.pad, eos_token_id=None if sharded else self.stop)
         inner.train(was_training)
         answer = out[:, plen:]
         stop = torch.isin(answer, torch.tensor(self.stop, device=answer.device))

@@ -1,7 +1,8 @@
 """The one training loop every stage shares.
 
-AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation, clipping, bf16
-autocast on GPU and fp32 on CPU, optional activation checkpointing, DDP or FSDP2 across processes.
+AdamW (decay on matrices only), linear warmup + cosine decay, gradient accumulation, clipping, bf16 on GPU
+(autocast, or FSDP2's mixed-precision policy; see `precision`) and fp32 on CPU, optional activation
+checkpointing, DDP or FSDP2 across processes.
 
 The global batch of step s is a pure function of (seed, s): rows are read in a seeded permutation per
 epoch, and each process takes its slice. The loss is the sum over scored tokens divided by the scored
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.train import checkpoint
+from appliance.train import checkpoint, precision
 from appliance.train.config import TrainConfig
 from appliance.train.data import IGNORE
 from appliance.train.model import TrainError
@@ -141,31 +142,34 @@ class _StopFlag:
             signal.signal(sig, old)
 
 
-def wrap(model, dist: Dist, cfg: TrainConfig):
-    """DDP or FSDP2 across processes; activation checkpointing if asked."""
+def wrap(model, dist: Dist, cfg: TrainConfig, plan: precision.PrecisionPlan | None = None):
+    """DDP or FSDP2 across processes (FSDP2 with the plan's mixed-precision policy); activation checkpointing if
+    asked."""
     if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if dist.world == 1:
         return model
-    if cfg.parallel == "fsdp":
+    if cfg.parallel == "fsdp" or hasattr(model, "set_requires_gradient_sync"):  # auto: the stage chose FSDP
         if not hasattr(model, "set_requires_gradient_sync"):  # not yet sharded by `build_sharded`
-            shard(model)
+            shard(model, precision.mp_policy(plan) if plan else None)
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
 
-def shard(model) -> None:
-    """FSDP2: each decoder layer a unit of its own, then the rest (embeddings, head) at the root."""
+def shard(model, policy=None) -> None:
+    """FSDP2: each decoder layer a unit of its own, then the rest (embeddings, head) at the root; `policy` a
+    MixedPrecisionPolicy (bf16 weights in compute, fp32 gradient reduction) or None (fp32)."""
     from torch.distributed.fsdp import fully_shard
 
+    kw = {"mp_policy": policy} if policy is not None else {}
     for layer in getattr(getattr(model, "model", None), "layers", None) or []:
-        fully_shard(layer)
-    fully_shard(model)
+        fully_shard(layer, **kw)
+    fully_shard(model, **kw)
 
 
-def build_sharded(config, build_full, dist: Dist):
+def build_sharded(config, build_full, dist: Dist, plan: precision.PrecisionPlan | None = None):
     """An FSDP2 model whose full weights exist only once, on rank 0's host, never on every rank.
 
     Every rank builds the model on the meta device (no memory), shards it and allocates its shard; rank 0
@@ -177,8 +181,9 @@ def build_sharded(config, build_full, dist: Dist):
 
     full = build_full() if dist.is_main else None
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    shard(model)
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
+                                                 attn_implementation=plan.attention if plan else "sdpa")
+    shard(model, precision.mp_policy(plan) if plan else None)
     model.to_empty(device=dist.device)
     _reset_buffers(model, dist.device)
     state = full.state_dict() if full is not None else {}
@@ -213,8 +218,11 @@ def make_optimizer(model, cfg: TrainConfig):
 def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int, cfg: TrainConfig,
         dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None], on_checkpoint: Callable[[int, str], None],
         resume_from: Path | None = None, aux_loss_coef: float = 0.0, state: dict | None = None,
-        n_val: int = 0, objective=None) -> FitResult:
+        n_val: int = 0, objective=None, positions=None) -> FitResult:
     """Train `model` (already on its device) for cfg.max_steps, checkpointing as it goes.
+
+    `positions(tokens, labels)` gives the position ids of packed rows (`data.position_rule`): passed to the
+    model, they keep the documents of a row from attending to each other. None: one sequence per row.
 
     Rows `n_rows .. n_rows + n_val` are the validation split: with cfg.eval_every its loss is measured and
     reported as `val_loss`; `on_step` may answer "finish" to end the run early as done (early stopping).
@@ -223,7 +231,7 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     its `set_step` and `step_metrics` (when it has them) see each step.
     """
     run = _Training(model, rows, n_rows, cfg, dist, ckpt_dir, on_step, on_checkpoint, resume_from, aux_loss_coef,
-                    state or {}, n_val, objective)
+                    state or {}, n_val, objective, positions)
     with _StopFlag() as stop:
         while run.step < cfg.max_steps:
             t0 = time.time()
@@ -260,9 +268,7 @@ class _Training:
     def __init__(self, model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_rows: int,
                  cfg: TrainConfig, dist: Dist, ckpt_dir: Path, on_step: Callable[[dict], None],
                  on_checkpoint: Callable[[int, str], None], resume_from: Path | None, aux_loss_coef: float,
-                 state: dict, n_val: int, objective):
-        import torch
-
+                 state: dict, n_val: int, objective, positions=None):
         self.per_rank = cfg.batch_size // dist.world
         if self.per_rank * dist.world != cfg.batch_size or self.per_rank % cfg.micro_batch_size:
             raise TrainError(f"train.batch_size {cfg.batch_size} does not split into {dist.world} process(es) x "
@@ -271,16 +277,17 @@ class _Training:
         self.rows, self.n_rows, self.n_val, self.cfg, self.dist = rows, n_rows, n_val, cfg, dist
         self.ckpt_dir, self.on_step, self.on_checkpoint = ckpt_dir, on_step, on_checkpoint
         self.state, self.objective, self.aux_loss_coef = state, objective, aux_loss_coef
-        self.model = wrap(model, dist, cfg)
+        self.positions = positions
+        sharded = hasattr(model, "set_requires_gradient_sync") or (dist.world > 1 and cfg.parallel == "fsdp")
+        self.plan = precision.plan(dist.device, cfg.precision, fsdp=sharded)
+        precision.bf16_experts(unwrap(model), self.plan)
+        self.model = wrap(model, dist, cfg, self.plan)
         self.opt = make_optimizer(self.model, cfg)
         self.start, self.loss, self.last_ckpt = 0, None, None
         self._resume(resume_from)
         self.step, self.tokens_seen, self.finishing = self.start, 0, False
         self.order = Order(n_rows, cfg.seed)
-        cuda = dist.device.startswith("cuda")
-        bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and cuda)
-        self.autocast = (lambda: torch.autocast("cuda" if cuda else "cpu", dtype=torch.bfloat16)) if bf16 \
-            else contextlib.nullcontext
+        self.autocast = lambda: precision.autocast(self.plan)  # no autocast under FSDP2's policy, nor in fp32
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.model.train()
         self.t_start = time.time()
@@ -296,17 +303,13 @@ class _Training:
                              "every node needs the run's checkpoints at the same path")
 
     def _batch(self, step: int):
-        """This process's slice of the global batch of `step`, on its device: (tokens, labels), each (B, T)."""
-        import torch
-
+        """This process's slice of the global batch of `step`, on its device: (tokens, labels, positions), each
+        (B, T); positions None when each row is one sequence."""
         dist, per_rank = self.dist, self.per_rank
         index = self.order.batch(step, self.cfg.batch_size)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        tok_np, lab_np = self.rows(index)
-        x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)  # (B, T)
-        y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
-        return x, y
+        return to_device(*self.rows(index), self.positions, dist.device)
 
-    def _micro_loss(self, xb, yb, scored: float):
+    def _micro_loss(self, xb, yb, scored: float, pb=None):
         """(loss to backpropagate, summed loss for the report) of one micro batch.
 
         The loss is scaled by the global batch's scored tokens (rows with an objective) times the world size,
@@ -320,7 +323,7 @@ class _Training:
             return ce * dist.world / max(scored, 1.0), ce
         moe = self.aux_loss_coef > 0
         kw = {"output_router_logits": True} if moe else {}
-        out = self.model(input_ids=xb, use_cache=False, **kw)
+        out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
         logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
         # position t predicts token t+1: shift the labels, not the (large) logits
         target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
@@ -337,7 +340,7 @@ class _Training:
         import torch
 
         cfg, dist, step = self.cfg, self.dist, self.step
-        x, y = self._batch(step)
+        x, y, pos = self._batch(step)
         scored = dist.sum(len(x)) if self.objective else dist.sum(int((y[:, 1:] != IGNORE).sum()))
         if hasattr(self.objective, "set_step"):
             self.objective.set_step(step)
@@ -347,9 +350,12 @@ class _Training:
         micro = range(0, self.per_rank, cfg.micro_batch_size)
         try:
             for j, s in enumerate(micro):
-                with _no_sync(self.model, j == len(micro) - 1), self.autocast():
-                    loss, ce = self._micro_loss(x[s:s + cfg.micro_batch_size], y[s:s + cfg.micro_batch_size], scored)
-                loss.backward()
+                part = slice(s, s + cfg.micro_batch_size)
+                # the backward runs inside no-sync too: DDP's all-reduce and FSDP's reduce-scatter happen in it
+                with _no_sync(self.model, j == len(micro) - 1):
+                    with self.autocast():
+                        loss, ce = self._micro_loss(x[part], y[part], scored, None if pos is None else pos[part])
+                    loss.backward()
                 loss_sum += ce.detach().double()
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
             norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
@@ -390,7 +396,8 @@ class _Training:
         measure = self.n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
         if not measure:
             return None
-        return validate(self.model, self.rows, self.n_rows, self.n_val, cfg, self.dist, self.autocast, self.objective)
+        return validate(self.model, self.rows, self.n_rows, self.n_val, cfg, self.dist, self.autocast, self.objective,
+                        self.positions)
 
     def report(self, metrics: dict, stop: _StopFlag) -> bool:
         """Rank 0 reports the step; True when every process is to stop now: asked to (Ctrl-C or SIGTERM here,
@@ -426,7 +433,18 @@ class _Training:
                          self.model)
 
 
-def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None) -> float:
+def to_device(tok_np: np.ndarray, lab_np: np.ndarray, positions, device: str):
+    """Rows as (tokens, labels, positions) tensors on `device`, each (B, T); positions None without a rule."""
+    import torch
+
+    x = torch.from_numpy(tok_np.astype(np.int64)).to(device)
+    y = torch.from_numpy(lab_np.astype(np.int64)).to(device)
+    pos = None if positions is None else torch.from_numpy(positions(tok_np, lab_np)).to(device)
+    return x, y, pos
+
+
+def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None,
+             positions=None) -> float:
     """Mean loss per scored token (per row with an `objective`) over the validation rows, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP gathers inside them); a rank with fewer rows
@@ -443,10 +461,8 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
     model.eval()
     with torch.no_grad():
         for s in range(0, per, cfg.micro_batch_size):
-            tok_np, lab_np = rows(index[s:s + cfg.micro_batch_size])
             keep = torch.from_numpy(counted[s:s + cfg.micro_batch_size]).to(dist.device)
-            x = torch.from_numpy(tok_np.astype(np.int64)).to(dist.device)
-            y = torch.from_numpy(lab_np.astype(np.int64)).to(dist.device)
+            x, y, pos = to_device(*rows(index[s:s + cfg.micro_batch_size]), positions, dist.device)
             if objective is not None:
                 with autocast():
                     per_pair = getattr(objective, "val_losses", objective.losses)(model, x, y)
@@ -454,7 +470,7 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
                 scored += int(keep.sum())
                 continue
             with autocast():
-                logits = model(input_ids=x, use_cache=False).logits.float()  # (b, T, vocab)
+                logits = model(input_ids=x, position_ids=pos, use_cache=False).logits.float()  # (b, T, vocab)
             target = F.pad(y[:, 1:], (0, 1), value=IGNORE)
             target[~keep] = IGNORE
             ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
@@ -466,7 +482,8 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
 
 
 def _no_sync(model, last: bool):
-    """Skip the gradient all-reduce on all but the last micro batch of a step."""
+    """Skip the gradient all-reduce (DDP) or reduce-scatter (FSDP2) on all but the last micro batch of a step:
+    gradients accumulate locally and are synced once per optimizer step. Forward and backward run inside."""
     if last:
         return contextlib.nullcontext()
     if hasattr(model, "no_sync"):  # DDP

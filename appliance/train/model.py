@@ -57,13 +57,14 @@ def hf_config(m: ModelConfig, tokenizer):
     return LlamaConfig(**common)
 
 
-def new_model(m: ModelConfig, tokenizer, seed: int):
-    """Random init from a preset; the same seed gives the same weights."""
+def new_model(m: ModelConfig, tokenizer, seed: int, attention: str = "sdpa"):
+    """Random init from a preset (fp32); the same seed gives the same weights."""
     import torch
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(hf_config(m, tokenizer), dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(hf_config(m, tokenizer), dtype=torch.float32,
+                                            attn_implementation=attention)
 
 
 def count_parameters(m: ModelConfig, vocab_size: int = 32000) -> dict:
@@ -119,13 +120,19 @@ def load_tokenizer(path: Path, chat: bool = False):
     return tokenizer
 
 
-def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, device: str = "cpu"):
-    """A base model for `continue` / `sft`: full weights, or frozen (4-bit for qlora) with LoRA adapters."""
+def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, device: str = "cpu",
+              frozen_dtype: str = "float32", attention: str = "sdpa"):
+    """A base model for `continue` / `sft`: full weights, or frozen (4-bit for qlora) with LoRA adapters.
+
+    Trained weights load in fp32 (the optimizer's master copy); a LoRA base, frozen, in `frozen_dtype` (bf16 on
+    a GPU: `precision.plan`), its adapters in fp32. `attention`: the transformers attention implementation.
+    """
     import torch
     from transformers import AutoModelForCausalLM
 
     quiet()
-    kwargs: dict = {"local_files_only": True, "dtype": torch.float32}
+    dtype = getattr(torch, frozen_dtype) if method == "lora" else torch.float32
+    kwargs: dict = {"local_files_only": True, "dtype": dtype, "attn_implementation": attention}
     if method == "qlora":
         from transformers import BitsAndBytesConfig
 
@@ -133,6 +140,7 @@ def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, 
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=torch.bfloat16 if device.startswith("cuda") else torch.float32)
         kwargs["device_map"] = {"": device}
+    kwargs["attn_implementation"] = supported_attention(path, attention)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
     except (OSError, ValueError) as e:
@@ -149,6 +157,38 @@ def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, 
     cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                    bias="none", task_type="CAUSAL_LM")
     return get_peft_model(model, cfg)
+
+
+def supported_attention(path: Path, attention: str) -> str:
+    """`attention`, or "eager" where the architecture lacks it (Gemma 2 has no SDPA path: its logit soft-capping).
+    Eager attention keeps packed documents apart the same way: transformers builds its mask from the position
+    ids that restart per document."""
+    import json
+
+    from transformers import AutoModelForCausalLM
+
+    if attention == "eager":
+        return attention
+    try:
+        config = json.loads((Path(path) / "config.json").read_text())
+        from transformers import AutoConfig
+
+        cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(config["model_type"]))]
+    except (OSError, ValueError, KeyError):
+        return attention
+    flag = {"sdpa": "_supports_sdpa", "flash_attention_2": "_supports_flash_attn"}.get(attention)
+    return attention if flag is None or getattr(cls, flag, True) else "eager"
+
+
+def load_reference(path: Path, device: str, frozen_dtype: str = "float32", attention: str = "sdpa"):
+    """The frozen reference of a full DPO/GRPO run: the base in `frozen_dtype` (bf16 on a GPU), no gradients."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    quiet()
+    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=getattr(torch, frozen_dtype),
+                                                 attn_implementation=supported_attention(path, attention))
+    return model.to(device).eval().requires_grad_(False)
 
 
 def lora_targets(model, lora: LoraConfig) -> list[str]:

@@ -32,11 +32,12 @@ from appliance.version import code_version
 
 RESUMABLE = ("running", "interrupted", "failed")
 # Keys a resumed run may change: how long it runs, how it checkpoints, and the step size (to recover from a
-# diverged run); not the model, the data or the batch.
+# diverged run), and how it is laid out on the GPUs (sharded checkpoints reshard on load); not the model, the
+# data or the batch.
 RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.lr",
                      "train.min_lr", "train.warmup_steps", "train.grad_clip", "train.micro_batch_size",
                      "train.activation_checkpointing", "train.precision", "train.eval_every",
-                     "train.early_stop_patience"}
+                     "train.early_stop_patience", "train.parallel", "train.gpu_memory_gb"}
 # How inputs were named; what they resolved to (versions, tokenizer, base) is compared instead.
 RESUME_RESOLVED = {"data.datasets", "data.tokenizer", "model.base"}
 

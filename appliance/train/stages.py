@@ -7,9 +7,18 @@ Every process of a run calls the same stage function with the same `StageSpec` (
 
 from __future__ import annotations
 
-from appliance.train import loop
+from appliance.train import loop, precision
 from appliance.train.config import Recipe
-from appliance.train.model import TrainError, hf_config, load_base, load_tokenizer, new_model, save_model
+from appliance.train.data import position_rule
+from appliance.train.model import (
+    TrainError,
+    hf_config,
+    load_base,
+    load_reference,
+    load_tokenizer,
+    new_model,
+    save_model,
+)
 from appliance.train.spec import StageSpec
 
 
@@ -17,13 +26,14 @@ def pretrain(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """From random weights: a preset shape, the run's own tokenizer."""
     recipe = spec.recipe
     tokenizer = load_tokenizer(spec.tokenizer_path)
-    if _fsdp(recipe, dist):
-        model = loop.build_sharded(hf_config(recipe.model, tokenizer),
-                                   lambda: new_model(recipe.model, tokenizer, recipe.train.seed), dist)
+    config = hf_config(recipe.model, tokenizer)
+    fsdp, plan = _layout(recipe, dist, config)
+    if fsdp:
+        model = loop.build_sharded(config, lambda: new_model(recipe.model, tokenizer, recipe.train.seed), dist, plan)
     else:
-        model = new_model(recipe.model, tokenizer, recipe.train.seed).to(dist.device)
+        model = new_model(recipe.model, tokenizer, recipe.train.seed, plan.attention).to(dist.device)
     coef = recipe.model.router_aux_loss if recipe.model.arch == "moe" else 0.0
-    res = _fit(model, link, recipe, spec, dist, coef)
+    res = _fit(model, link, recipe, spec, dist, coef, tokenizer=tokenizer)
     return _save(res, tokenizer, spec, dist, adapter=False)
 
 
@@ -32,14 +42,13 @@ def continue_(spec: StageSpec, link, dist: loop.Dist) -> dict:
     recipe = spec.recipe
     tokenizer = load_tokenizer(spec.base_path)
     base = spec.base_path
-    if _fsdp(recipe, dist):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
-        model = loop.build_sharded(config, lambda: load_base(base), dist)
+    config = _base_config(base)
+    fsdp, plan = _layout(recipe, dist, config)
+    if fsdp:
+        model = loop.build_sharded(config, lambda: load_base(base), dist, plan)
     else:
-        model = load_base(base).to(dist.device)
-    res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
+        model = load_base(base, attention=plan.attention).to(dist.device)
+    res = _fit(model, link, recipe, spec, dist, _aux_coef(model), tokenizer=tokenizer)
     return _save(res, tokenizer, spec, dist, adapter=False)
 
 
@@ -51,16 +60,15 @@ def sft(spec: StageSpec, link, dist: loop.Dist) -> dict:
     torch.manual_seed(recipe.train.seed)  # adapter init
     tokenizer = load_tokenizer(spec.base_path, chat=True)
     base = spec.base_path
-    if recipe.method == "full" and _fsdp(recipe, dist):
-        from transformers import AutoConfig
-
-        config = AutoConfig.from_pretrained(str(base), local_files_only=True)
-        model = loop.build_sharded(config, lambda: load_base(base), dist)
+    config = _base_config(base)
+    fsdp, plan = _layout(recipe, dist, config)
+    if fsdp:
+        model = loop.build_sharded(config, lambda: load_base(base), dist, plan)
     else:
-        model = load_base(base, recipe.method, recipe.lora, dist.device)
+        model = load_base(base, recipe.method, recipe.lora, dist.device, plan.frozen, plan.attention)
         if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
             model = model.to(dist.device)
-    res = _fit(model, link, recipe, spec, dist, _aux_coef(model))
+    res = _fit(model, link, recipe, spec, dist, _aux_coef(model), tokenizer=tokenizer)
     return _save(res, tokenizer, spec, dist, adapter=recipe.method != "full")
 
 
@@ -104,13 +112,18 @@ def _policy_and_reference(spec: StageSpec, dist: loop.Dist):
     torch.manual_seed(recipe.train.seed)  # adapter init
     base = spec.base_path
     tokenizer = load_tokenizer(base, chat=True)
-    model = load_base(base, recipe.method, recipe.lora, dist.device)
-    if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
-        model = model.to(dist.device)
+    config = _base_config(base)
+    fsdp, plan = _layout(recipe, dist, config)
+    if fsdp:
+        model = loop.build_sharded(config, lambda: load_base(base), dist, plan)
+    else:
+        model = load_base(base, recipe.method, recipe.lora, dist.device, plan.frozen, plan.attention)
+        if recipe.method != "qlora":  # a 4-bit model is placed on its device when loaded
+            model = model.to(dist.device)
     _no_dropout(model)  # policy and reference must score the same text the same way
     reference = None
-    if recipe.method == "full":
-        reference = load_base(base).to(dist.device).eval().requires_grad_(False)
+    if recipe.method == "full":  # frozen: bf16 on a GPU (`precision.plan`), kept whole on each process
+        reference = load_reference(base, dist.device, plan.frozen, plan.attention)
     return recipe, tokenizer, model, reference
 
 
@@ -132,8 +145,26 @@ def _no_dropout(model) -> None:
             setattr(cfg, key, 0.0)
 
 
-def _fsdp(recipe: Recipe, dist: loop.Dist) -> bool:
-    return dist.world > 1 and recipe.train.parallel == "fsdp"
+def _layout(recipe: Recipe, dist: loop.Dist, config) -> tuple[bool, precision.PrecisionPlan]:
+    """(FSDP2 or not, the dtypes): the recipe's train.parallel, or with "auto" the mode whose memory estimate
+    fits one GPU (`memory.choose`: DDP when it fits, else FSDP2); FSDP2 only for full training on several
+    processes. The dtypes follow (`precision.plan`): bf16 compute on a GPU, fp32 masters, bf16 frozen weights."""
+    fsdp = False
+    if dist.world > 1 and recipe.method == "full":
+        if recipe.train.parallel == "auto":
+            from appliance.train import memory
+
+            shape = memory.shape_of(memory.meta_model(config), recipe.lora.rank, recipe.lora.target_modules)
+            fsdp = memory.choose(shape, recipe, dist.world)[0] == "fsdp"
+        else:
+            fsdp = recipe.train.parallel == "fsdp"
+    return fsdp, precision.plan(dist.device, recipe.train.precision, fsdp=fsdp)
+
+
+def _base_config(base):
+    from transformers import AutoConfig
+
+    return AutoConfig.from_pretrained(str(base), local_files_only=True)
 
 
 def _aux_coef(model) -> float:
@@ -141,10 +172,13 @@ def _aux_coef(model) -> float:
     return float(getattr(cfg, "router_aux_loss_coef", 0.0) or 0.0) if getattr(cfg, "num_local_experts", 0) else 0.0
 
 
-def _fit(model, link, recipe: Recipe, spec: StageSpec, dist: loop.Dist, aux: float, objective=None) -> loop.FitResult:
+def _fit(model, link, recipe: Recipe, spec: StageSpec, dist: loop.Dist, aux: float, objective=None,
+         tokenizer=None) -> loop.FitResult:
+    eos = getattr(tokenizer, "eos_token_id", None)
     return loop.fit(model, link.rows, spec.rows, recipe.train, dist, spec.run_dir / "checkpoints",
                     link.step, link.checkpoint, resume_from=spec.resume_from, aux_loss_coef=aux,
-                    state={"run": spec.run_id}, n_val=spec.val_rows, objective=objective)
+                    state={"run": spec.run_id}, n_val=spec.val_rows, objective=objective,
+                    positions=position_rule(recipe.data, eos))
 
 
 def _save(res: loop.FitResult, tokenizer, spec: StageSpec, dist: loop.Dist, adapter: bool) -> dict:
@@ -167,6 +201,10 @@ def _save(res: loop.FitResult, tokenizer, spec: StageSpec, dist: loop.Dist, adap
             _stop_on_turn_end(base, tokenizer)
         save_model(base, tokenizer, spec.model_dir, spec.info, state_dict=state)
         out["model_path"] = str(spec.model_dir)
+    if dist.world > 1:  # the other ranks wait for the model on disk before they take their process group down
+        import torch.distributed
+
+        torch.distributed.barrier()
     out["adapter"] = adapter
     return out
 
