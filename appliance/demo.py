@@ -96,6 +96,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             _agentic(v, base, stage)
             gguf = _quantize(v, merged, stage)
             _evaluate(v, merged, gguf, stage)
+            _ab(v, f"{merged}:q8_0", gguf, stage)
             _outside_base(v, samples, Path(tmp), stage)
             _bundles(v, gguf, Path(tmp), stage)
             _jobs(v, tok.id, stage)
@@ -199,7 +200,8 @@ def _agentic(v, base: str, stage: Callable[..., None]) -> None:
     stage("task-sft", f"{sft.id}: full SFT of {base} on task-demos@1 (worked episodes of asset-risk), {sft.steps} "
                       f"steps; {e1['id']}: completion {before:.0%} of {e1['cases']} episodes (greedy, tools in the "
                       "sandbox)", id=sft.id, eval=e1["id"], completion=before)
-    recipe = load_recipe("grpo-task", [f"model.base={sft.id}", *common])
+    # 15 of the recipe's 30 steps: the demo shows the stage; benchmarks/agentic_task.py measures it in full
+    recipe = load_recipe("grpo-task", [f"model.base={sft.id}", "train.max_steps=15", *common])
     g = run(v, recipe)
     rw = [m["reward"] for m in metrics(v.con, g.id)]
     first, last = sum(rw[:5]) / 5, sum(rw[-5:]) / 5
@@ -265,6 +267,54 @@ def _evaluate(v, model_id: str, gguf_id: str, stage: Callable[..., None]) -> Non
     plots.loss_png({r: losses(v.con, r) for r in ("tiny-dense@1", "sft-lora@1")}, out / "loss.png")
     stage("drift", f"{gguf_id} against the baseline of {model_id} ({d['probes']} probes): answers changed "
                    f"{d['answer_change_rate']:.0%}, mean KL {d['mean_kl']:.4f}; plots in {out}", ok=d["ok"])
+
+
+AB_QUESTIONS = ("What does the tarn valve do?", "Who owns the tarn valve?",
+                "I am dana.reyes@example.com; what does the tarn valve do?")
+
+
+def _ab(v, source: str, quant: str, stage: Callable[..., None], requests: int = 12) -> dict:
+    """A short A/B in service: the q8_0 export (next to lossless: the source) answers half the conversations,
+    the 4-bit one the other half, through the real server; every request is recorded scrubbed in the vault,
+    and `eval ab` gives the verdict."""
+    import json
+    import socket
+    import threading
+    import urllib.request
+
+    from appliance import api
+
+    api.deploy_create(v, "demo-ab", source, quant, 0.5, record=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    stop, ids = threading.Event(), []
+
+    def post(url: str, body: dict) -> dict:
+        req = urllib.request.Request(url, json.dumps(body).encode(), {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=300) as r:
+            return json.loads(r.read())
+
+    def drive(url: str) -> None:
+        try:
+            for i in range(requests):
+                ids.append(post(f"{url}/chat/completions", {
+                    "model": "demo-ab", "messages": [{"role": "user", "content": AB_QUESTIONS[i % len(AB_QUESTIONS)]}],
+                    "max_tokens": 16, "temperature": 0, "user": f"operator-{i}"})["id"])
+            post(f"{url}/feedback", {"id": ids[0], "rating": 4})
+        finally:
+            stop.set()
+
+    done = api.serve_deployment(v, "demo-ab", port=port, threads=2, flush_records=8, flush_seconds=1.0,
+                                on_ready=lambda url: threading.Thread(target=drive, args=(url,), daemon=True).start(),
+                                stop=stop)
+    r = api.eval_ab(v, "demo-ab", min_requests=3)
+    a, b = r["arms"]["model"], r["arms"]["candidate"]
+    stage("ab", f"demo-ab: {source} ({a['requests']} requests) vs {quant} ({b['requests']}), split 50 %, "
+                f"{done['records']} records scrubbed into the vault: verdict {r['verdict']} ({r['reason']}); "
+                f"latency {a['latency_ms']['mean'] or 0:.0f} vs {b['latency_ms']['mean'] or 0:.0f} ms",
+          verdict=r["verdict"], records=done["records"])
+    return r
 
 
 def _outside_base(v, samples: Path, tmp: Path, stage: Callable[..., None]) -> None:

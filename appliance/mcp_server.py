@@ -79,6 +79,15 @@ def read_tools(tool, call) -> None:
     def lineage(node_id: str) -> dict[str, Any]:
         return call(api.agent_lineage, node_id=node_id)
 
+    @tool("Deployments: the model in service, the candidate and its split, the last A/B verdict (read).")
+    def deploy_list() -> dict[str, Any]:
+        return call(api.agent_deploy_list)
+
+    @tool("A deployment's model against its candidate on what they served: latency, length, refusals, ratings, "
+          "with 95 % intervals and a verdict. Changes nothing (read).")
+    def deploy_compare(deployment: str, min_requests: int = 30) -> dict[str, Any]:
+        return call(api.agent_deploy_compare, deployment=deployment, min_requests=min_requests)
+
 
 def job_tools(tool, call) -> None:
     """Long work as jobs (train, eval, quantize), and following them (read)."""

@@ -25,6 +25,8 @@ from __future__ import annotations
 
 from appliance.api.agents import (  # noqa: F401
     agent_bundle_export,
+    agent_deploy_compare,
+    agent_deploy_list,
     agent_jobs_cancel,
     agent_jobs_eval,
     agent_jobs_list,
@@ -62,13 +64,31 @@ from appliance.api.data import (  # noqa: F401
     vault_datasets,
     vault_export,
     vault_ingest,
+    vault_ingest_check,
     vault_passwd,
+    vault_pii_review,
     vault_record,
     vault_records,
     vault_rekey,
+    vault_rescrub,
     vault_show,
     vault_sql,
     vault_versions,
+)
+from appliance.api.deployments import (  # noqa: F401
+    deploy_compare,
+    deploy_create,
+    deploy_delete_record,
+    deploy_list,
+    deploy_records,
+    deploy_show,
+    deploy_spec,
+    eval_ab,
+    eval_drift_served,
+    feedback_add,
+    feedback_export,
+    serve_ab,
+    serve_deployment,
 )
 from appliance.api.evaluation import (  # noqa: F401
     eval_compare,

@@ -119,7 +119,7 @@ def _as_agent(v, token: str | None, tool: str, cap: str, run, vet=None, **args):
         raise _unlisted(e, grant) from None
     with _acting(v, grant.actor):
         with v.transaction():
-            v.audit(f"mcp.{tool}", [], {k: a for k, a in args.items() if a not in (None, [], "")})
+            v.audit(f"mcp.{tool}", [], _audited(args))
         submitting = queue.SUBMITTING_GRANT.set(grant.id)  # jobs queued now are this grant's
         try:
             return run(v, **checked)
@@ -127,6 +127,18 @@ def _as_agent(v, token: str | None, tool: str, cap: str, run, vet=None, **args):
             raise _unlisted(e, grant) from None
         finally:
             queue.SUBMITTING_GRANT.reset(submitting)
+
+
+def _audited(args: dict) -> dict:
+    """A call's arguments as its audit entry keeps them; the paths of files to ingest scrubbed like the files'
+    own paths are (a file name may hold a name or an SSN)."""
+    out = {k: a for k, a in args.items() if a not in (None, [], "")}
+    if isinstance(out.get("paths"), list):
+        from appliance.vault.fields import FieldScrubber  # the vault only when a call runs
+
+        fs = FieldScrubber("redact")
+        out["paths"] = [fs.path(str(p), "source")[0] for p in out["paths"]]
+    return out
 
 
 def _unlisted(e: ApplianceError, grant) -> ApplianceError:
@@ -173,6 +185,21 @@ def agent_train_runs(v, token: str | None, name: str | None = None) -> dict:
 def agent_lineage(v, token: str | None, node_id: str) -> dict:
     """What a dataset version, model, GGUF or eval run came from (read)."""
     return _as_agent(v, token, "lineage", "read", data.lineage, node_id=node_id)
+
+
+def agent_deploy_list(v, token: str | None) -> dict:
+    """Deployments, their arms, recording and last A/B verdict (read)."""
+    from appliance.api import deployments
+
+    return _as_agent(v, token, "deploy_list", "read", deployments.deploy_list)
+
+
+def agent_deploy_compare(v, token: str | None, deployment: str, min_requests: int = 30) -> dict:
+    """A deployment's model against its candidate on what they served, with the verdict; changes nothing (read)."""
+    from appliance.api import deployments
+
+    return _as_agent(v, token, "deploy_compare", "read", deployments.deploy_compare, deployment=deployment,
+                     min_requests=min_requests)
 
 
 def agent_jobs_list(v, token: str | None, all: bool = False) -> dict:  # noqa: A002 - the CLI's --all

@@ -52,9 +52,18 @@ def eval_gate(v, baseline: str, candidate: str, tolerances: dict[str, float] | N
     return gate(v.con, baseline, candidate, tolerances or {}, tolerance)
 
 
-def eval_drift(v, model: str, dataset: str | None = None, baseline: str | None = None, max_change: float = 0.2,
-               max_kl: float = 0.05, probes: int = 20, rebaseline: bool = False) -> dict:
+def eval_drift(v, model: str | None, dataset: str | None = None, baseline: str | None = None, max_change: float = 0.2,
+               max_kl: float = 0.05, probes: int = 20, rebaseline: bool = False, deployment: str | None = None,
+               window: str = "7d", limits: dict[str, float] | None = None, min_records: int = 20,
+               plot: str | Path | None = None) -> dict:
+    """A model's answers on fixed probes against its baseline; or, given `deployment`, what that deployment
+    served in the recent `window` against the window before it (`eval_drift_served`)."""
     from appliance.eval.drift import check
+
+    if deployment:
+        from appliance.api.deployments import eval_drift_served
+
+        return eval_drift_served(v, deployment, window, limits, min_records, plot)
 
     return check(v, model, dataset, baseline, max_change, max_kl, probes, rebaseline)
 

@@ -14,6 +14,7 @@ import click
 # The command table: each module registers its commands on `cli` as it is imported.
 import appliance.cli.agents  # noqa: F401  (grant, mcp)
 import appliance.cli.bundles  # noqa: F401  (keys, trust, bundle)
+import appliance.cli.deploy  # noqa: F401  (deploy, feedback)
 import appliance.cli.eval  # noqa: F401  (eval)
 import appliance.cli.jobs  # noqa: F401  (jobs)
 import appliance.cli.misc  # noqa: F401  (schema, tui, samples, demo)

@@ -160,7 +160,7 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
 
 
 @command(eval_group, "drift")
-@click.option("--model", "model", required=True, help="The model or GGUF to check.")
+@click.option("--model", "model", default=None, help="The model or GGUF to check on fixed probes.")
 @click.option("--dataset", default=None, help="Where the probes come from (default: the model's own data).")
 @click.option("--baseline", "name", default=None, help="Baseline name (default: the model id). The first "
                                                        "check records it.")
@@ -170,8 +170,26 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
               help="Largest allowed mean KL divergence of next-token distributions.")
 @click.option("--probes", type=click.IntRange(1, 1000), default=20, show_default=True)
 @click.option("--rebaseline", is_flag=True, help="Record a new baseline instead of checking.")
-def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, rebaseline):
-    """Compare a model's answers and next-token distributions on fixed probes with the stored baseline."""
+@click.option("--deployment", default=None, help="Check what this deployment served instead (no model is run).")
+@click.option("--window", default="7d", show_default=True, help="With --deployment: the recent window (30m, 12h, "
+                                                                "7d, 2w), compared with the window before it.")
+@click.option("--limit", "limits", multiple=True, metavar="METRIC=VALUE",
+              help="With --deployment: a drift limit (js_divergence, unseen_rate, length_change, refusal_change, "
+                   "error_change). Repeatable.")
+@click.option("--min-records", type=click.IntRange(1), default=20, show_default=True,
+              help="With --deployment: fewer records in a window and nothing is judged.")
+@click.option("--plot", type=click.Path(path_type=Path), default=None,
+              help="With --deployment: also draw the measures against their limits (PNG).")
+def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, rebaseline, deployment, window, limits,
+                   min_records, plot):
+    """Compare a model's answers and next-token distributions on fixed probes with the stored baseline; or,
+    with --deployment, what a deployment served in the recent window with the window before it. Exit 1 on
+    drift (for scheduled checks)."""
+    if bool(model) == bool(deployment):
+        raise UsageError("give --model or --deployment", "--model M checks probes; --deployment D --window 7d "
+                                                         "checks what D served")
+    if deployment:
+        return _served_drift(c, deployment, window, limits, min_records, plot)
     with c.open_vault() as v:
         r = api.eval_drift(v, model, dataset, name, max_change, max_kl, probes, rebaseline)
     failure = ChecksFailed(f"{r['model']} drifted from baseline {r['baseline']}", "see the numbers above"
@@ -188,6 +206,89 @@ def eval_drift_cmd(c: Ctx, model, dataset, name, max_change, max_kl, probes, reb
             f"{'ok' if r['ok'] else 'DRIFT'}: {r['model']} vs baseline {r['baseline']} ({r['baseline_model']}): "
             f"answers changed {r['answer_change_rate']:.0%} (max {max_change:.0%}), mean KL {num(r['mean_kl'])} "
             f"(max {num(max_kl)}), worst probe KL {num(r['max_kl'])}", markup=False)
+
+    c.emit(data, human)
+    if failure:
+        raise failure
+
+
+def _metric_values(given: tuple[str, ...], flag: str) -> dict[str, float]:
+    per = {}
+    for t in given:
+        key, _, val = t.partition("=")
+        try:
+            per[key] = float(val)
+        except ValueError:
+            raise UsageError(f"{flag} {t!r} is not METRIC=NUMBER", f"e.g. {flag} refusal_rate=0.05") from None
+    return per
+
+
+def _served_drift(c: Ctx, deployment, window, limits, min_records, plot):
+    per = _metric_values(limits, "--limit")
+    with c.open_vault() as v:
+        r = api.eval_drift(v, None, deployment=deployment, window=window, limits=per, min_records=min_records,
+                           plot=plot)
+    failure = ChecksFailed(f"{deployment} drifted: {', '.join(r['drifted'])}", "see the numbers above"
+                           ) if not r["ok"] else None
+    data = dict(r)
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+
+    def human():
+        out.print(f"{deployment}: {r['recent']['records']} records in {r['window']['start']} .. {r['window']['end']}, "
+                  f"{r['earlier']['records']} in the window before")
+        table(["metric", "value", "limit", ""],
+              [[k, num(x) if x is not None else "-", num(r["limits"][k]), "DRIFT" if k in r["drifted"] else ""]
+               for k, x in r["metrics"].items()])
+        if not r["enough"]:
+            out.print(f"not judged: a window holds fewer than {min_records} records")
+        elif r["ok"]:
+            out.print("ok: no drift past the limits")
+        if r.get("plot"):
+            out.print(f"wrote {r['plot']}")
+
+    c.emit(data, human)
+    if failure:
+        raise failure
+
+
+@command(eval_group, "ab")
+@click.argument("deployment")
+@click.option("--promote", is_flag=True, help="Make the candidate the deployment's model if the verdict passes.")
+@click.option("--min-requests", type=click.IntRange(1), default=30, show_default=True,
+              help="Answered requests each arm needs before a verdict.")
+@click.option("--tolerance", "tolerances", multiple=True, metavar="METRIC=VALUE",
+              help="Allowed worsening of refusal_rate, error_rate (absolute, default 0.02) or rating (points, "
+                   "default 0.25). Repeatable.")
+@click.option("--max-latency-increase", type=click.FloatRange(0), default=None,
+              help="Gate latency too: the largest relative increase allowed (0.2 = 20 %).")
+def eval_ab_cmd(c: Ctx, deployment, promote, min_requests, tolerances, max_latency_increase):
+    """Compare DEPLOYMENT's model and candidate on what they served: latency, answer length, refusal rate,
+    errors and feedback ratings, with 95 % intervals and a verdict. Exit 1 unless the verdict passes."""
+    per = _metric_values(tolerances, "--tolerance")
+    with c.open_vault() as v:
+        r = api.eval_ab(v, deployment, min_requests, per, max_latency_increase, promote)
+    failure = ChecksFailed(f"{deployment}: A/B verdict {r['verdict']} ({r['reason']})"
+                           + ("; not promoted" if promote else ""), "see the table above") if not r["passed"] else None
+    data = dict(r)
+    if failure:
+        data.update(ok=False, error=failure.message, hint=failure.hint, exit_code=1)
+
+    def human():
+        a, b = r["arms"]["model"], r["arms"]["candidate"]
+        out.print(f"{deployment}: {r['model']} ({a['requests']} requests, {a['ratings']} rated) vs {r['candidate']} "
+                  f"({b['requests']} requests, {b['ratings']} rated)")
+
+        def cell(x):
+            return "-" if x is None else num(x)
+
+        table(["metric", "model", "candidate", "delta", "95% CI", "gated"],
+              [[k, cell(m["model"]), cell(m["candidate"]), cell(m["delta"]),
+                f"[{cell(m['ci95'][0])}, {cell(m['ci95'][1])}]" if m["ci95"] else "-", "yes" if m["gated"] else "no"]
+               for k, m in r["metrics"].items()])
+        (out if r["passed"] else err).print(f"verdict: {r['verdict']} ({r['reason']})", markup=False)
+        if r["promoted"]:
+            out.print(f"promoted: {deployment} now serves {r['candidate']}")
 
     c.emit(data, human)
     if failure:

@@ -181,7 +181,7 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
 
 
 @command(cli, "serve")
-@click.argument("model")
+@click.argument("model", required=False)
 @click.option("--host", default="127.0.0.1", show_default=True,
               help="Address to listen on. Anything but loopback needs an API key.")
 @click.option("--port", type=click.IntRange(1, 65535), default=8000, show_default=True)
@@ -191,13 +191,72 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
 @click.option("--cors-origin", "cors_origins", multiple=True, metavar="ORIGIN",
               help="Let web pages of this exact origin (scheme://host[:port]) call the server; repeatable. "
                    "Default: no CORS headers, so no web page can read the answers.")
-def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
+@click.option("--model", "model_opt", default=None, help="The model in service (A/B serving; instead of MODEL).")
+@click.option("--candidate", default=None, help="A model on trial, answering a share --split of conversations.")
+@click.option("--split", type=click.FloatRange(0, 1), default=None, help="The candidate's share (0..1).")
+@click.option("--deployment", default=None, help="Serve (and, given --model, create or change) this deployment.")
+@click.option("--record", is_flag=True, help="Record requests and responses, scrubbed, in the vault (needs "
+                                             "--deployment).")
+@click.option("--flush-records", type=click.IntRange(1, 100000), default=64, show_default=True,
+              help="Write recorded requests to the vault once this many are waiting ...")
+@click.option("--flush-seconds", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
+              help="... or this often.")
+def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, model_opt, candidate, split, deployment,
+              record, flush_records, flush_seconds):
     """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The API key, when set, comes from APPLIANCE_API_KEY_FILE or APPLIANCE_API_KEY (never a flag, which
     other users could read in the process list); clients send it as a Bearer token. No CORS headers are
     sent unless --cors-origin names the origins whose web pages may call it (never `*`).
+
+    A/B serving: `--model A --candidate B --split 0.1` answers a tenth of conversations (sticky per `user`,
+    else per API key or client) with B; `--deployment NAME` serves a deployment of the vault (with --model,
+    created or changed first) and `--record` keeps its requests and responses, PII-scrubbed, in the vault.
+    This server has /v1/models, /v1/chat/completions and /v1/feedback.
     """
+    if model and model_opt:
+        raise UsageError("give the model once: MODEL or --model", "e.g. appliance serve --model A --candidate B")
+    if not (model_opt or candidate or split is not None or deployment or record):
+        if not model:
+            raise UsageError("no model to serve", "appliance serve MODEL, or --model A [--candidate B --split 0.1]")
+        return _serve_one(c, model, host, port, n_ctx, threads, name, cors_origins)
+    model = model or model_opt
+    if record and not deployment:
+        raise UsageError("--record needs --deployment NAME", "records are kept per deployment in the vault")
+    if not deployment and not model:
+        raise UsageError("--model is required", "e.g. appliance serve --model A --candidate B --split 0.1")
+    if not deployment and split and not candidate:
+        raise UsageError("--split needs --candidate", "name the model on trial with --candidate")
+    exposure = api.serve_exposure(host, cors_origins)  # the origins, the key and the host, before the models load
+    if deployment and model:
+        api.deploy_spec(deployment, model, candidate, split or 0.0, record)  # before the passphrase
+
+    def ready(url: str) -> None:
+        what = deployment or model
+        if c.json:
+            c.emit({"model": what, "url": url, "auth": bool(exposure.api_key)})
+        else:
+            err.print(f"serving {what} at {url} (OpenAI-compatible, with /v1/feedback)"
+                      f"{' with an API key' if exposure.api_key else ''}; Ctrl-C stops", markup=False)
+
+    if not deployment:
+        api.serve_ab(model, candidate, split or 0.0, exposure.host, port, n_ctx, threads, exposure.api_key,
+                     exposure.cors_origins, name, c.home, on_ready=ready)
+        return
+    with c.open_vault() as v:
+        if model:
+            api.deploy_create(v, deployment, model, candidate, split or 0.0, record)
+        elif record:
+            d = api.deploy_show(v, deployment)["deployment"]
+            api.deploy_create(v, deployment, d["model"], d["candidate"], d["split"], True)
+        done = api.serve_deployment(v, deployment, exposure.host, port, n_ctx, threads, exposure.api_key,
+                                    exposure.cors_origins, flush_records, flush_seconds, on_ready=ready)
+    if done and not c.json:
+        err.print(f"recorded {done['records']} responses and {done['feedback']} feedback into the vault"
+                  + (f"; {done['dropped']} could not be written" if done.get("dropped") else ""), markup=False)
+
+
+def _serve_one(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
     exposure = api.serve_exposure(host, cors_origins)  # the origins, the key and the host, before the model loads
     key = exposure.api_key
     path = api.gguf_locate(model, c.home)

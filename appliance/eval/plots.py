@@ -68,3 +68,26 @@ def _save(fig, plt, out: Path) -> None:
     plt.close(fig)
     out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(out, buf.getvalue(), mode=0o644)
+
+
+def served_drift_png(res: dict, out: Path) -> list[str]:
+    """A deployment's served drift (`eval drift --deployment`): each measure against its limit, and the two
+    windows' refusal and error rates side by side. Numbers only, never record text. Returns the measures drawn."""
+    plt = _figure()
+    keys = [k for k, v in res["metrics"].items() if v is not None]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(9.6, 3.4))
+    values = [abs(res["metrics"][k]) for k in keys]
+    left.bar(range(len(keys)), values, color=["C3" if k in res["drifted"] else "C0" for k in keys])
+    left.scatter(range(len(keys)), [res["limits"][k] for k in keys], marker="_", s=400, color="k", label="limit")
+    left.set_xticks(range(len(keys)), keys, fontsize=7, rotation=20)
+    left.set_title(f"{res['deployment']}: recent window against the one before", fontsize=9)
+    left.legend(fontsize=7)
+    rates = ("refusal_rate", "error_rate")
+    for i, (name, w) in enumerate((("earlier", res["earlier"]), ("recent", res["recent"]))):
+        right.bar([j + 0.38 * i for j in range(len(rates))], [w[r] or 0.0 for r in rates], width=0.38,
+                  label=f"{name} ({w['records']} records)")
+    right.set_xticks([j + 0.19 for j in range(len(rates))], rates, fontsize=7)
+    right.legend(fontsize=7)
+    fig.tight_layout()
+    _save(fig, plt, out)
+    return keys

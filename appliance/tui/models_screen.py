@@ -28,6 +28,19 @@ def evals_of(vault, node_id: str) -> list[dict]:
     return [r for r in api.eval_runs(vault)["runs"] if r.get("model") == node_id]
 
 
+def deployments_of(vault, node_id: str) -> list[str]:
+    """One line per deployment serving `node_id` or trying it as its candidate: the split and the A/B verdict."""
+    lines = []
+    for d in api.deploy_list(vault)["deployments"]:
+        if node_id not in (d["model"], d["candidate"]):
+            continue
+        role = "in service" if d["model"] == node_id else f"candidate on {d['split']:.0%} (vs {d['model']})"
+        trial = f"; candidate {d['candidate']} on {d['split']:.0%}" if d["model"] == node_id and d["candidate"] else ""
+        verdict = f"; A/B: {d['verdict']['verdict']}" if d.get("verdict") else ""
+        lines.append(f"deployment {d['name']}: {role}{trial}{verdict}; {d['records']} records")
+    return lines
+
+
 def sent(vault) -> dict[str, list[dict]]:
     """Bundles exported, oldest first, by the lineage id they carry."""
     out: dict[str, list[dict]] = {}
@@ -85,11 +98,13 @@ class ModelsScreen(Page):
     def _load_detail(self, node_id: str) -> None:
         got = self.app.with_vault(lambda v: (api.lineage(v, node_id)["lineage"],
                                              api.lineage_descendants(v, node_id)["made"],
-                                             evals_of(v, node_id), sent(v)), quiet=True)
+                                             evals_of(v, node_id), sent(v), deployments_of(v, node_id)),
+                                  quiet=True)
         if got:
             self.app.call_from_thread(self._show_detail, *got)
 
-    def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict], bundles: dict) -> None:
+    def _show_detail(self, ancestors: dict, made: list[dict], evals: list[dict], bundles: dict,
+                     deployed: list[str] = ()) -> None:
         tree = self.query_one("#lineage", Tree)
         tree.clear()
         tree.root.set_label(Text(f"{ancestors['id']} ({ancestors['kind']})"))
@@ -117,7 +132,8 @@ class ModelsScreen(Page):
         lines = [f"{e['id']}: {e['suite']}  {e['passed']}/{e['cases']} passed"
                  + "".join(f"  {k} {v:.4g}" for k, v in e.get("metrics", {}).items()
                            if isinstance(v, float) and not k.endswith("_tokens"))[:120] for e in evals]
-        self.query_one("#evals", Static).update("eval runs:\n" + "\n".join(lines) if lines else "no eval runs")
+        text = "eval runs:\n" + "\n".join(lines) if lines else "no eval runs"
+        self.query_one("#evals", Static).update("\n".join([*deployed, text]))  # deployments first: they are live
 
     def _need(self) -> str | None:
         if self.selected is None:

@@ -21,6 +21,14 @@ DDL = [
         records BIGINT, duplicates BIGINT, status VARCHAR NOT NULL, reason VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS version_pii (
         vid INTEGER NOT NULL, path VARCHAR NOT NULL, type VARCHAR NOT NULL, count BIGINT NOT NULL)""",
+    # The PII report counts by detector and confidence band too (NULL in versions made before they were kept).
+    "ALTER TABLE version_pii ADD COLUMN IF NOT EXISTS detector VARCHAR",
+    "ALTER TABLE version_pii ADD COLUMN IF NOT EXISTS band VARCHAR",
+    # Findings kept for review (`vault pii-review`): where each placeholder sits in a record's scrubbed field
+    # (`field`: text, title, path, source, meta.KEY), its type, detector and score. Never the value.
+    """CREATE TABLE IF NOT EXISTS version_pii_findings (
+        vid INTEGER NOT NULL, ord BIGINT, source VARCHAR NOT NULL, field VARCHAR NOT NULL, type VARCHAR NOT NULL,
+        detector VARCHAR, score DOUBLE NOT NULL, pos BIGINT NOT NULL, len BIGINT NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS version_tables (
         vid INTEGER NOT NULL, table_name VARCHAR NOT NULL, source VARCHAR, rows BIGINT, columns VARCHAR)""",
     "CREATE SCHEMA IF NOT EXISTS data",
@@ -76,6 +84,18 @@ DDL = [
     # What an agent's jobs may ask for (NULL in grants made before the bounds: 0, the safe default).
     "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_gpus INTEGER",
     "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_priority INTEGER",
+    # Models in service (appliance/serving): deployments, what they served (scrubbed) and the feedback on it.
+    """CREATE TABLE IF NOT EXISTS deployments (
+        name VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, candidate VARCHAR, split DOUBLE NOT NULL,
+        record BOOLEAN NOT NULL, sample_rate DOUBLE NOT NULL, retention_days INTEGER NOT NULL,
+        created TIMESTAMP NOT NULL, updated TIMESTAMP NOT NULL, verdict VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS serving_records (
+        id VARCHAR PRIMARY KEY, deployment VARCHAR NOT NULL, arm VARCHAR NOT NULL, model VARCHAR NOT NULL,
+        created TIMESTAMP NOT NULL, messages VARCHAR NOT NULL, answer VARCHAR NOT NULL, input_chars INTEGER,
+        prompt_tokens INTEGER, completion_tokens INTEGER, latency_ms DOUBLE, status VARCHAR NOT NULL,
+        finish_reason VARCHAR, pii VARCHAR)""",
+    """CREATE TABLE IF NOT EXISTS serving_feedback (
+        record VARCHAR NOT NULL, created TIMESTAMP NOT NULL, rating INTEGER, correction VARCHAR, actor VARCHAR)""",
     """CREATE TABLE IF NOT EXISTS audit (
         seq BIGINT PRIMARY KEY, ts VARCHAR NOT NULL, actor VARCHAR NOT NULL, action VARCHAR NOT NULL,
         ids VARCHAR NOT NULL, details VARCHAR NOT NULL, mac VARCHAR NOT NULL)""",
