@@ -131,7 +131,8 @@ def test_a_killed_runner_is_recovered_and_its_run_resumes(train_home, cli):
     long = ["--train.max_steps", "30", "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
     j = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", *long, "--name", "crash").json
     ckpts = train_home / "artifacts" / "runs" / "crash@1" / "checkpoints"
-    wait_until(lambda: ckpts.is_dir() and any(ckpts.iterdir()))
+    # a complete checkpoint: the one being written is a hidden temp directory beside it until every shard is in
+    wait_until(lambda: ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()))
     os.kill(j["pid"], signal.SIGKILL)  # as a power cut would
     wait_until(lambda: not os.path.exists(f"/proc/{j['pid']}") or open(f"/proc/{j['pid']}/stat").read().split()[2]
                == "Z")

@@ -386,7 +386,8 @@ READY = {
     "dashboard": lambda app: laid_out(app, "#audit"),
     "vault": lambda app: laid_out(app, "#versions"),
     "train": lambda app: app.screen.options_loaded,
-    "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root),
+    "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root)
+    and laid_out(app, "#models"),
     "bundles": lambda app: app.current_mode == "bundles",
     "audit": lambda app: laid_out(app, "#audit-log"),
 }
