@@ -366,9 +366,25 @@ def _to(mode: str, ready):
         if mode != "dashboard":
             await pilot.press(mode[0])
         await until(pilot, lambda: ready(app))
-        await pilot.pause(0.3)
         await no_blink(pilot)
+        await settled(pilot)
     return run_before
+
+
+async def settled(pilot, timeout: float = 60.0) -> None:
+    """The picture the screen shows now is the one it showed a moment ago: on a loaded machine focus, a table's
+    cursor or a relayout can land after the rows are in, and a picture taken between the two differs."""
+    app = pilot.app
+    focus = getattr(app.screen, "AUTO_FOCUS", None)
+    last, end = None, time.time() + timeout
+    while time.time() < end:
+        await pilot.pause(0.3)
+        if focus and app.focused is not app.screen.query_one(focus):
+            continue
+        if (now := app.export_screenshot()) == last:
+            return
+        last = now
+    raise AssertionError("the console never settled on one picture")
 
 
 def laid_out(app, selector: str) -> bool:
