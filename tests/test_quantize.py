@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import PY, copy_home, open_vault, python_env
+from tests.servers import free_port, start_server
 
 DENSE = ["name=kq", "model.hidden_size=256", "model.intermediate_size=512", "model.tie_embeddings=false",
          "train.max_steps=16", "train.checkpoint_every=1000", "train.warmup_steps=2"]
@@ -347,43 +347,15 @@ def test_chat_streams_replies_until_exit(qhome, cli):
     assert p.returncode == 0 and d["turns"] == 1 and len(d["replies"]) == 1
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start_server(path: str, port: int, env: dict) -> subprocess.Popen:
-    proc = subprocess.Popen([PY, "-m", "appliance", "serve", path, "--port", str(port), "--threads", "1"],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    import urllib.request
-
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-            return proc
-        except Exception as e:  # noqa: BLE001
-            if getattr(e, "code", None) == 401:
-                return proc
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("server did not start")
-
-
 def test_serve_speaks_openai_to_the_official_client(qhome, cli, tmp_path):
     from openai import AuthenticationError, OpenAI
 
     path = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "q8_0", "--eval-tokens", "256").json["path"]
-    port = _free_port()
+    port = free_port()
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")
     env = {**python_env(), "APPLIANCE_API_KEY_FILE": str(key_file)}
-    proc = _start_server(path, port, env)
+    proc = start_server(["serve", path], port, env)
     try:
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="s3cret-key", max_retries=0)
         assert [m.id for m in client.models.list().data] == ["kq@1-q8_0"]

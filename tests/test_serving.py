@@ -9,15 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
-import time
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import PY, copy_home, open_vault, python_env
+from tests.servers import free_port, start_server
 from tests.test_agents import _call, _refused, _session  # mcp's stdio client binds stderr when imported
 
 EMAIL, SSN = "jane.roe@example.org", "512-44-7391"
@@ -149,6 +148,7 @@ def test_ab_feedback_export_promote_drift_and_erasure(home, cli):
     assert r.code == 1 and r.json["ok"] is False and r.json["enough"]
     assert (home.parent / "drift.png").read_bytes()[:4] == b"\x89PNG"
     assert {"js_divergence", "unseen_rate"} <= set(r.json["drifted"]) and r.json["metrics"]["unseen_rate"] == 1.0
+    assert r.json["replay"]["measured"] is False and "no probe set" in r.json["replay"]["reason"]  # a path: no lineage
     r = cli("--home", home, "--json", "eval", "drift", "--deployment", "site", "--window", "30m")
     assert r.code == 0 and r.json["enough"] is False  # nothing in either window: not judged
     assert cli("--home", home, "eval", "drift", "--deployment", "site", "--window", "soon").code == 2
@@ -193,32 +193,6 @@ def served_home(train_base, tmp_path_factory) -> tuple[Path, str, str]:
     return h, a, b
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(args: list[str], port: int, env: dict) -> subprocess.Popen:
-    import urllib.request
-
-    proc = subprocess.Popen([PY, "-m", "appliance", *args, "--port", str(port), "--threads", "1"], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + 120
-    while time.time() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(proc.stderr.read())
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1)
-            return proc
-        except Exception as e:  # noqa: BLE001
-            if getattr(e, "code", None) == 401:
-                return proc
-            time.sleep(0.3)
-    proc.kill()
-    raise AssertionError("server did not start")
-
-
 def _post(url: str, payload: dict) -> tuple[int, dict]:
     import urllib.error
     import urllib.request
@@ -249,9 +223,9 @@ def test_ab_serving_end_to_end_with_the_openai_client(served_home, cli, tmp_path
 
     src, a, b = served_home
     home = copy_home(src, tmp_path)
-    port = _free_port()
+    port = free_port()
     env = {**python_env(), "APPLIANCE_HOME": str(home)}
-    proc = _start(["serve", "--deployment", "site", "--model", a, "--candidate", b, "--split", "0.5", "--record",
+    proc = start_server(["serve", "--deployment", "site", "--model", a, "--candidate", b, "--split", "0.5", "--record",
                    "--flush-records", "4", "--flush-seconds", "1"], port, env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
@@ -273,6 +247,9 @@ def test_ab_serving_end_to_end_with_the_openai_client(served_home, cli, tmp_path
             model="site", messages=[{"role": "user", "content": "Hi"}], max_tokens=4, temperature=0, stream=True,
             user="user-1") if c.choices and c.choices[0].delta.content is not None]
         assert isinstance(pieces, list)
+        comp = client.completions.create(model="site", prompt="The tarn valve", max_tokens=3, temperature=0,
+                                         user="user-2")
+        assert comp.id.startswith("cmpl-") and comp.model in (a, b) and comp.choices[0].text is not None
         code, body = _post(f"{base}/feedback", {"id": ids[0], "rating": 2, "correction": f"Ask {EMAIL} instead"})
         assert code == 200 and body["recorded"] is True
         assert _post(f"{base}/feedback", {"id": "chatcmpl-" + "0" * 24, "rating": 2})[0] == 404
@@ -284,15 +261,16 @@ def test_ab_serving_end_to_end_with_the_openai_client(served_home, cli, tmp_path
         proc.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr.read()
     r = cli("--home", home, "--json", "deploy", "records", "site", "--text", "--limit", "100")
-    assert r.json["total"] == 13
+    assert r.json["total"] == 14
     texts = json.dumps(r.json["records"])
     assert "[EMAIL]" in texts and "[SSN]" in texts and EMAIL not in texts and SSN not in texts
     assert cli("--home", home, "feedback", ids[1], "--rating", "4").code == 0
     r = cli("--home", home, "--json", "eval", "ab", "site", "--min-requests", "1")
-    assert r.json["arms"]["model"]["requests"] + r.json["arms"]["candidate"]["requests"] == 13
+    assert r.json["arms"]["model"]["requests"] + r.json["arms"]["candidate"]["requests"] == 14
     assert r.json["verdict"] in ("pass", "fail")
     r = cli("--home", home, "--json", "eval", "drift", "--deployment", "site", "--window", "7d")
-    assert r.code == 0 and r.json["recent"]["records"] == 13 and r.json["earlier"]["records"] == 0
+    assert r.code == 0 and r.json["recent"]["records"] == 14 and r.json["earlier"]["records"] == 0
+    assert r.json["replay"]["dataset"] == "handbook@1" and "first replay" in r.json["replay"]["reason"]
     r = cli("--home", home, "--json", "feedback", "export", "site", "--name", "served-fb")
     assert r.code == 0 and r.json["rows"] == 1 and r.json["parents"]
     # sealed: the raw strings are in no file under the home (vault, WAL, logs, artifacts, spill files)
@@ -341,10 +319,10 @@ def test_ab_without_a_vault_keeps_the_key_rules_and_records_nothing(served_home,
     assert len(gguf) == 2
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")
-    port = _free_port()
+    port = free_port()
     env = {**python_env(), "APPLIANCE_API_KEY_FILE": str(key_file)}
     env.pop("APPLIANCE_PASSPHRASE")  # no vault is opened
-    proc = _start(["serve", "--model", str(gguf[0]), "--candidate", str(gguf[1]), "--split", "1"], port, env)
+    proc = start_server(["serve", "--model", str(gguf[0]), "--candidate", str(gguf[1]), "--split", "1"], port, env)
     base = f"http://127.0.0.1:{port}/v1"
     try:
         client = OpenAI(base_url=base, api_key="s3cret-key", max_retries=0)
@@ -364,3 +342,206 @@ def test_ab_without_a_vault_keeps_the_key_rules_and_records_nothing(served_home,
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=60)
     assert proc.returncode == 0, proc.stderr.read()
+
+
+# --- one server start/stop, suite metrics on served answers, completions, output drift on replayed probes ------
+def test_run_server_serves_until_stopped_cleans_up_and_names_a_busy_port():
+    import socket
+    import threading
+    import urllib.request
+
+    from fastapi import FastAPI
+
+    from appliance.quantize.infer import run_server
+    from appliance.quantize.types import QuantizeError
+
+    app = FastAPI()
+
+    @app.get("/v1/ping")
+    def ping():
+        return {"pong": True}
+
+    port, stop, ready, cleaned = free_port(), threading.Event(), [], []
+    worker = threading.Thread(target=run_server, args=(app, "127.0.0.1", port, ready.append, stop,
+                                                       lambda: cleaned.append("server")))
+    worker.start()
+    try:
+        for _ in range(600):  # until it listens (a bound on waiting, nothing timed)
+            if ready:
+                break
+            stop.wait(0.05)
+        assert ready == [f"http://127.0.0.1:{port}/v1"]
+        with urllib.request.urlopen(f"{ready[0]}/ping", timeout=30) as r:
+            assert json.loads(r.read()) == {"pong": True}
+    finally:
+        stop.set()
+        worker.join(60)
+    assert not worker.is_alive() and cleaned == ["server"]
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        with pytest.raises(QuantizeError, match=f"could not listen on 127.0.0.1:{busy}"):
+            run_server(app, "127.0.0.1", busy, cleanup=lambda: cleaned.append("busy"))
+    assert cleaned == ["server", "busy"]
+
+
+def test_eval_ab_scores_served_answers_with_the_suites_and_references(home, cli):
+    from appliance import api
+
+    assert cli("--home", home, "deploy", "create", "site", "--model", "a.gguf", "--candidate", "b.gguf", "--split",
+               "0.5", "--record").code == 0
+    tarn = [{"role": "user", "content": "What does the  tarn valve do?"}]  # case and spacing aside, a suite case
+    with open_vault(home) as v:
+        rec = _recorder(v, "site", flush_records=1000)
+        for i in range(12):
+            for arm, model, answer in (("model", "a.gguf", "It isolates the secondary coolant circuit."),
+                                       ("candidate", "b.gguf", "It opens the relief line.")):
+                rid = f"chatcmpl-{i:012x}{model[0] * 12}"
+                rec.add(rid, arm, model, tarn, answer, {"completion_tokens": 7}, 9.0, "ok", "stop")
+        for i, (arm, model, answer) in enumerate((("model", "a.gguf", "The relief line opens."),
+                                                  ("candidate", "b.gguf", "Mail it, then wait."),
+                                                  ("candidate", "b.gguf", f"Mail {EMAIL} first."))):
+            rec.add(f"chatcmpl-{i:024x}", arm, model, [{"role": "user", "content": "Who gets the form?"}], answer, {},
+                    9.0, "ok", "stop", reference={"reference": f"mail {EMAIL}", "expect": "contains"})
+        # a completion of a chat case's question is not that case; the suite's completion case is
+        rec.add("cmpl-" + "1" * 24, "model", "a.gguf", [{"role": "prompt", "content": "What does the tarn valve do?"}],
+                "It isolates the secondary coolant circuit.", {}, 9.0, "ok", "stop")
+        rec.add("cmpl-" + "2" * 24, "candidate", "b.gguf",
+                [{"role": "prompt", "content": "Reply with the status as JSON:"}], '{"status": "ok"}', {}, 9.0, "ok",
+                "stop")
+        rec.close()
+        stored = json.loads(v.con.execute("SELECT messages FROM serving_records WHERE id = ?",
+                                          [f"chatcmpl-{0:024x}"]).fetchone()[0])
+    assert stored == [{"role": "user", "content": "Who gets the form?", "reference": "mail [EMAIL]",
+                       "expect": "contains"}]  # the reference is kept with the question, scrubbed
+    r = cli("--home", home, "--json", "eval", "ab", "site", "--min-requests", "10")
+    assert r.code == 1 and r.json["verdict"] == "fail"
+    assert {x["metric"] for x in r.json["regressions"]} == {"accuracy:handbook-answers", "accuracy:handbook-checks"}
+    m, arms = r.json["metrics"], r.json["arms"]
+    assert (m["accuracy:handbook-checks"]["model"], m["accuracy:handbook-checks"]["candidate"]) == (1.0, 1 / 13)
+    assert m["accuracy:handbook-answers"]["delta"] == -1.0 and m["accuracy:handbook-answers"]["gated"]
+    assert arms["model"]["scored"] == {"accuracy:handbook-answers": 12, "accuracy:handbook-checks": 12,
+                                       "accuracy:reference": 1}
+    assert arms["candidate"]["scored"]["accuracy:handbook-checks"] == 13  # 12 chats and the JSON completion
+    assert (m["accuracy:reference"]["model"], m["accuracy:reference"]["candidate"]) == (0.0, 0.5)  # scrubbed alike
+    # the suite's custom metric, by the eval registry's own function, on the answers scored under that suite
+    words = m["mean_output_words:handbook-checks"]
+    assert (words["model"], words["candidate"], words["gated"]) == (6.0, (12 * 5 + 2) / 13, False)
+    r = cli("--home", home, "--json", "eval", "ab", "site", "--min-requests", "10", "--tolerance", "accuracy=1")
+    assert r.code == 0 and r.json["verdict"] == "pass"
+    with open_vault(home, read_only=True) as v:
+        only = api.deploy_compare(v, "site", 10, suites=["handbook-checks"])
+    assert only["suites"] == ["handbook-checks"] and "accuracy:handbook-answers" not in only["metrics"]
+
+
+def test_a_completion_prompt_is_what_was_asked_and_replays_are_trimmed():
+    from collections import Counter
+
+    from appliance.serving import drift, feedback
+
+    asked = [{"role": "system", "content": "Be brief"}, {"role": "prompt", "content": "The tarn valve"}]
+    assert drift.words([{"messages": asked}]) == Counter({"the": 1, "tarn": 1, "valve": 1})  # input drift
+    assert feedback._prompt(asked) == "The tarn valve"  # a correction's instruction
+    replays = [{"model": "a" if i < 5 else "b", "at": str(i)} for i in range(100)]
+    kept = drift._trim(replays)  # the first of every model version, then the newest
+    assert [r["at"] for r in kept] == ["0", "5"] + [str(i) for i in range(40, 100)]
+
+
+def test_completions_and_references_on_the_ab_server_through_the_openai_client(served_home, cli, tmp_path):
+    from openai import BadRequestError, OpenAI
+    from starlette.testclient import TestClient
+
+    from appliance.quantize import infer
+    from appliance.serving import router, server
+
+    src, a, b = served_home
+    home = copy_home(src, tmp_path)
+    assert cli("--home", home, "deploy", "create", "site", "--model", a, "--candidate", b, "--split", "0.5",
+               "--record").code == 0
+    with open_vault(home) as v:
+        arms = {x.arm: x for x in (server.Arm("model", a, infer.locate(a, v.home.artifacts)),
+                                   server.Arm("candidate", b, infer.locate(b, v.home.artifacts)))}
+        rec = _recorder(v, "site", flush_records=1000, flush_seconds=3600)
+        try:
+            for x in arms.values():
+                x.llm = infer.open_model(x.path, 0, 1)
+            with TestClient(server.build_app("site", arms, 0.5, rec, None, [])) as http:  # in process, no port
+                client = OpenAI(base_url="http://testserver/v1", api_key="none", http_client=http, max_retries=0)
+                served = {}
+                for u in range(6):
+                    comp = client.completions.create(model="site", prompt=f"The tarn valve {u}", max_tokens=3,
+                                                     temperature=0, user=f"user-{u}")
+                    assert comp.id.startswith("cmpl-") and isinstance(comp.choices[0].text, str)
+                    assert comp.model == arms[router.arm("site", f"user:user-{u}", 0.5, True)].name  # sticky split
+                    served[comp.model] = comp.id
+                assert set(served) == {a, b}
+                whole = client.completions.create(model="site", prompt="The permit", max_tokens=3, temperature=0,
+                                                  user="user-0")
+                pieces = [c.choices[0].text for c in client.completions.create(
+                    model="site", prompt="The permit", max_tokens=3, temperature=0, stream=True, user="user-0")]
+                assert "".join(pieces) == whole.choices[0].text and whole.usage.prompt_tokens > 0
+                chat = client.chat.completions.create(model="site", messages=[{"role": "user", "content": "Who?"}],
+                                                      max_tokens=2, temperature=0, user="user-1",
+                                                      metadata={"reference": f"mail {EMAIL}"})
+                with pytest.raises(BadRequestError, match="not a valid regex"):
+                    client.completions.create(model="site", prompt="x", max_tokens=1,
+                                              extra_body={"metadata": {"reference": "(", "expect": "regex"}})
+                with pytest.raises(BadRequestError, match="prompt must be"):
+                    client.completions.create(model="site", prompt="", max_tokens=1)
+                assert http.post("/v1/feedback", json={"id": served[a], "rating": 4}).status_code == 200
+        finally:
+            written = rec.close()
+            for x in arms.values():
+                if x.llm is not None:
+                    x.llm.close()
+        assert (written["records"], written["feedback"]) == (9, 1)  # refused requests are not recorded
+        rows = {r[0]: (json.loads(r[1]), r[2]) for r in v.con.execute(
+            "SELECT id, messages, answer FROM serving_records").fetchall()}
+    assert rows[served[a]][0] == [{"role": "prompt", "content": rows[served[a]][0][0]["content"]}]
+    assert rows[chat.id][0] == [{"role": "user", "content": "Who?", "reference": "mail [EMAIL]",
+                                 "expect": "contains"}]
+    assert [x[1] for x in rows.values() if x[0][0]["content"] == "The permit"] == [whole.choices[0].text] * 2
+    r = cli("--home", home, "--json", "feedback", "add", served[b], "--rating", "2")  # a completion's id too
+    assert r.code == 0 and r.json["id"] == served[b]
+
+
+def test_output_drift_replays_the_deployment_probes_over_time(served_home, cli, tmp_path):
+    from appliance import api
+    from appliance.db_time import utcnow
+
+    src, a, b = served_home
+    home = copy_home(src, tmp_path)
+    assert cli("--home", home, "deploy", "create", "other", "--model", a, "--probes", "nope@1").code == 2
+    r = cli("--home", home, "--json", "deploy", "create", "site", "--model", a, "--candidate", b, "--split", "0.5",
+            "--probes", "handbook@1", "--probe-count", "4")
+    assert r.code == 0 and r.json["probes"] == {"dataset": "handbook@1", "probes": 4, "replays": 0, "models": [],
+                                                "last": None}
+    assert [d["name"] for d in cli("--home", home, "--json", "deploy", "list").json["deployments"]] == ["site"]
+    r = cli("--home", home, "--json", "eval", "drift", "--deployment", "site", "--window", "1d")
+    assert r.code == 0 and r.json["replay"]["measured"] is False and "first replay" in r.json["replay"]["reason"]
+    assert r.json["metrics"]["answer_change"] is None
+    t0 = utcnow()
+    with open_vault(home) as v:
+        same = api.eval_drift_served(v, "site", "1d", now=t0 + timedelta(days=2))
+    rp = same["replay"]
+    assert same["ok"] and rp["measured"] and rp["baseline"]["model"] == a and rp["model"] == a
+    assert rp["answer_change"] == 0.0 and rp["probe_kl"] < 1e-4  # the same GGUF answers the same
+    assert rp["candidate"]["model"] == b
+    assert [(h["model"], h["arm"], h["answer_change"]) for h in rp["history"]] == [
+        (a, "model", 0.0), (b, "candidate", rp["candidate"]["answer_change"])]
+    # another model version in service, and answers unlike those of a window ago: drift on the probes
+    assert cli("--home", home, "deploy", "create", "site", "--model", b).code == 0
+    with open_vault(home) as v:
+        kept = json.loads(v.con.execute("SELECT snapshot FROM eval_drift WHERE name = 'deployment:site'").fetchone()[0])
+        assert [(x["model"], x["arm"]) for x in kept] == [(a, "model"), (b, "candidate")] * 2
+        for p in kept[2]["answers"]:  # the model's replay of day 2: the newest when the earlier window ended
+            p["answer"] = "something else entirely"
+        v.con.execute("UPDATE eval_drift SET snapshot = ? WHERE name = 'deployment:site'", [json.dumps(kept)])
+        later = api.eval_drift_served(v, "site", "1d", now=t0 + timedelta(days=4))
+    rp = later["replay"]
+    assert (rp["baseline"]["model"], rp["model"], rp["baseline"]["at"]) == (a, b, same["replay"]["at"])
+    assert later["ok"] is False and later["drifted"] == ["answer_change"] and rp["answer_change"] == 1.0
+    assert rp["changed_probes"] == [0, 1, 2, 3] and "candidate" not in rp
+    assert cli("--home", home, "--json", "deploy", "show", "site").json["probes"]["replays"] == 5
+    assert cli("--home", home, "eval", "drift", "--model", a, "--baseline", "deployment:site").code == 2

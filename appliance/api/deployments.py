@@ -4,6 +4,7 @@ and drift of what was served."""
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from datetime import datetime
 from pathlib import Path
 
 
@@ -16,11 +17,15 @@ def deploy_spec(name: str, model: str, candidate: str | None = None, split: floa
 
 
 def deploy_create(v, name: str, model: str, candidate: str | None = None, split: float = 0.0, record: bool = False,
-                  sample_rate: float | None = None, retention_days: int | None = None) -> dict:
+                  sample_rate: float | None = None, retention_days: int | None = None,
+                  probes: str | None = None, probe_count: int = 20) -> dict:
     """Create or update deployment `name` (`appliance deploy create --json`); its GGUFs must be found.
-    `sample_rate` and `retention_days` left None keep the deployment's (default 1.0 and 30)."""
+    `sample_rate` and `retention_days` left None keep the deployment's (default 1.0 and 30). `probes`
+    (a dataset version) fixes the probe set (`probe_count` probes) `eval drift --deployment` replays on its
+    models."""
+    from appliance import refs
     from appliance.quantize import infer
-    from appliance.serving import store
+    from appliance.serving import drift, store
 
     old = store.find(v.con, name)
     sample_rate = sample_rate if sample_rate is not None else old.sample_rate if old else 1.0
@@ -28,7 +33,12 @@ def deploy_create(v, name: str, model: str, candidate: str | None = None, split:
     d = deploy_spec(name, model, candidate, split, record, sample_rate, retention_days)
     for ref in filter(None, (d.model, d.candidate)):
         infer.locate(ref, v.home.artifacts)
-    return {"deployment": store.put(v, d).to_json()}
+    if probes is not None:
+        refs.dataset(v.con, probes)  # before anything is written
+    res = {"deployment": store.put(v, d).to_json()}
+    if probes is not None:
+        drift.set_probes(v, name, probes, probe_count)
+    return {**res, "probes": drift.described(v.con, name)}
 
 
 def deploy_list(v) -> dict:
@@ -39,10 +49,10 @@ def deploy_list(v) -> dict:
 
 
 def deploy_show(v, name: str) -> dict:
-    from appliance.serving import store
+    from appliance.serving import drift, store
 
     d = store.get(v.con, name)
-    return {"deployment": d.to_json(), **store.counts(v.con, name)}
+    return {"deployment": d.to_json(), **store.counts(v.con, name), "probes": drift.described(v.con, name)}
 
 
 def deploy_records(v, name: str, limit: int = 50, offset: int = 0, text: bool = False) -> dict:
@@ -83,21 +93,25 @@ def feedback_export(v, deployment: str, name: str, validation: float = 0.05) -> 
 
 
 def deploy_compare(v, deployment: str, min_requests: int = 30, tolerances: dict[str, float] | None = None,
-                   max_latency_increase: float | None = None) -> dict:
-    """The comparison `eval_ab` makes, read only: nothing kept, nothing promoted (for agents)."""
-    from appliance.serving import ab
+                   max_latency_increase: float | None = None, suites: Sequence[str] | None = None) -> dict:
+    """The comparison `eval_ab` makes, read only: nothing kept, nothing promoted (for agents). `suites` (names
+    or TOML files; None: every shipped suite) score the served answers that match their cases."""
+    from appliance.serving import ab, scores
 
-    return ab.compare(v.con, deployment, min_requests, tolerances, max_latency_increase)
+    return ab.compare(v.con, deployment, min_requests, tolerances, max_latency_increase,
+                      scores.suites(suites))
 
 
 def eval_ab(v, deployment: str, min_requests: int = 30, tolerances: dict[str, float] | None = None,
-            max_latency_increase: float | None = None, promote: bool = False) -> dict:
+            max_latency_increase: float | None = None, promote: bool = False,
+            suites: Sequence[str] | None = None) -> dict:
     """The model in service against its candidate on what they served, with a verdict ("passed"); with
     `promote`, a passing candidate becomes the deployment's model. Needs a writable vault (the verdict is
-    kept for the console)."""
+    kept for the console). Served answers that match a case of `suites` (None: every shipped suite) or carry
+    a reference answer are scored with the suites' metrics (`accuracy:SUITE`, gated like the refusal rate)."""
     from appliance.serving import store
 
-    res = deploy_compare(v, deployment, min_requests, tolerances, max_latency_increase)
+    res = deploy_compare(v, deployment, min_requests, tolerances, max_latency_increase, suites)
     verdict = {k: res[k] for k in ("verdict", "reason", "model", "candidate")}
     with v.transaction() as con:
         store.set_verdict(con, deployment, verdict)
@@ -109,12 +123,15 @@ def eval_ab(v, deployment: str, min_requests: int = 30, tolerances: dict[str, fl
 
 
 def eval_drift_served(v, deployment: str, window: str = "7d", limits: dict[str, float] | None = None,
-                      min_records: int = 20, plot: str | Path | None = None) -> dict:
-    """A deployment's recent window of served requests against the window before it ("ok" false on drift);
-    `plot` writes a PNG of the measures against their limits (numbers only)."""
+                      min_records: int = 20, plot: str | Path | None = None, now: datetime | None = None) -> dict:
+    """A deployment's recent window of served requests against the window before it, and its probe set
+    replayed on its models against the replay of a window ago ("ok" false on drift); `plot` writes a PNG of
+    the measures against their limits (numbers only). `now` ends the recent window (default: now)."""
     from appliance.serving import drift
 
-    res = drift.check(v.con, deployment, drift.parse_window(window), limits, min_records)
+    span = drift.parse_window(window)
+    replayed = drift.replay(v, deployment, span, now)
+    res = drift.check(v.con, deployment, span, limits, min_records, now, replayed)
     if plot is not None:
         from appliance.eval.plots import served_drift_png
 
@@ -122,7 +139,8 @@ def eval_drift_served(v, deployment: str, window: str = "7d", limits: dict[str, 
         res["plot"] = str(plot)
     if not v.read_only:
         with v.transaction():
-            v.audit("eval.drift.served", [deployment], {"drifted": res["drifted"], "enough": res["enough"]})
+            v.audit("eval.drift.served", [deployment], {"drifted": res["drifted"], "enough": res["enough"],
+                                                        "replayed": replayed["measured"]})
     return res
 
 

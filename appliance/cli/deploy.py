@@ -35,13 +35,27 @@ def _describe(d: dict) -> str:
               help="The share of requests recorded (default: as it was, else 1).")
 @click.option("--retention-days", type=click.IntRange(1), default=None,
               help="Records older than this are deleted (default: as it was, else 30).")
-def deploy_create_cmd(c: Ctx, name, model, candidate, split, record, sample_rate, retention_days):
+@click.option("--probes", default=None, metavar="DATASET@N",
+              help="Fix the probes `eval drift --deployment` replays on the models from this dataset (default: "
+                   "the dataset nearest the model in its lineage, at the first check).")
+@click.option("--probe-count", type=click.IntRange(1, 1000), default=20, show_default=True,
+              help="With --probes: how many probes.")
+def deploy_create_cmd(c: Ctx, name, model, candidate, split, record, sample_rate, retention_days, probes,
+                      probe_count):
     """Create or change deployment NAME (audited)."""
     api.deploy_spec(name, model, candidate, split, record, 1.0 if sample_rate is None else sample_rate,
                     30 if retention_days is None else retention_days)  # before the passphrase
     with c.open_vault() as v:
-        r = api.deploy_create(v, name, model, candidate, split, record, sample_rate, retention_days)
-    c.emit(r, _describe(r["deployment"]))
+        r = api.deploy_create(v, name, model, candidate, split, record, sample_rate, retention_days, probes,
+                              probe_count)
+    c.emit(r, _describe(r["deployment"]) + _probes(r["probes"]))
+
+
+def _probes(p: dict | None) -> str:
+    if not p:
+        return ""
+    last = f", last {p['last']}" if p["last"] else ""
+    return f"\nprobes: {p['probes']} from {p['dataset']}, replayed {p['replays']} times{last}"
 
 
 @command(deploy_group, "list")
@@ -64,7 +78,7 @@ def deploy_show_cmd(c: Ctx, name):
     with c.open_vault(read_only=True) as v:
         r = api.deploy_show(v, name)
     c.emit(r, f"{_describe(r['deployment'])}\n{r['records']} records ({r['first'] or '-'} .. {r['last'] or '-'}), "
-              f"{r['feedback']} feedback")
+              f"{r['feedback']} feedback{_probes(r['probes'])}")
 
 
 @command(deploy_group, "records")

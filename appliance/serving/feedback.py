@@ -40,7 +40,7 @@ def add(vault, record_id: str, rating: int | None, correction: str | None, scrub
 
 
 def _prompt(messages: list[dict]) -> str:
-    users = [m.get("content") or "" for m in messages if m.get("role") == "user"]
+    users = [m.get("content") or "" for m in messages if m.get("role") in store.ASKED]
     return users[-1] if users else ""
 
 

@@ -56,7 +56,10 @@ class Recorder:
         return self.sample_rate >= 1.0 or self._rng.random() < self.sample_rate
 
     def add(self, rid: str, arm: str, model: str, messages: list[dict], answer: str, usage: dict,
-            latency_ms: float, status: str, finish_reason: str | None) -> None:
+            latency_ms: float, status: str, finish_reason: str | None, reference: dict | None = None) -> None:
+        """One response. `messages` are the request's (a completion's prompt is one message of role `prompt`);
+        `reference` ({"reference", "expect"}, from the request's metadata) is kept, scrubbed, on the last
+        user or prompt message, where `eval ab` scores the answer against it."""
         counts: dict[str, int] = {}
 
         def scrub(text: str) -> str:
@@ -66,7 +69,10 @@ class Recorder:
             return out
 
         clean = [{"role": str(m.get("role", "")), "content": scrub(_content(m.get("content")))} for m in messages]
-        user = sum(len(_content(m.get("content"))) for m in messages if m.get("role") == "user")
+        asked = [m for m in clean if m["role"] in store.ASKED]
+        if reference and asked:
+            asked[-1].update(reference=scrub(reference["reference"]), expect=reference.get("expect", "contains"))
+        user = sum(len(_content(m.get("content"))) for m in messages if m.get("role") in store.ASKED)
         rec = store.Served(rid, self.deployment, arm, model, utcnow(), json.dumps(clean), scrub(answer or ""), user,
                            usage.get("prompt_tokens"), usage.get("completion_tokens"), latency_ms, status,
                            finish_reason, counts)

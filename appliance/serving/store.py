@@ -2,7 +2,8 @@
 
 A deployment names the model in service, optionally a candidate and the share of requests it gets, and
 whether (and how much) is recorded and for how long. Records hold only scrubbed text; their id is the id
-the server gave the response (`chatcmpl-...`), which clients quote when they send feedback.
+the server gave the response (`chatcmpl-...`, or `cmpl-...` for a completion), which clients quote when they
+send feedback.
 """
 
 from __future__ import annotations
@@ -16,8 +17,9 @@ from appliance.db_time import iso, utcnow
 from appliance.errors import UsageError
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
-RECORD_ID = re.compile(r"chatcmpl-[0-9a-f]{8,64}")
+RECORD_ID = re.compile(r"(?:chat)?cmpl-[0-9a-f]{8,64}")
 ARMS = ("model", "candidate")
+ASKED = ("user", "prompt")  # the roles of what was asked in a record: a chat's user messages, a completion's prompt
 
 
 @dataclass
@@ -147,7 +149,8 @@ class Served:
     model: str
     created: datetime
     messages: str
-    """The request's messages as JSON, every content scrubbed."""
+    """The request's messages as JSON, every content scrubbed; a completion's prompt is one message of role
+    `prompt`. The last user (or prompt) message may hold the request's `reference` answer and its `expect`."""
     answer: str
     """The answer, scrubbed."""
     input_chars: int
@@ -219,8 +222,8 @@ def record_exists(con, record_id: str, deployment: str | None = None) -> bool:
 
 def check_record_id(record_id: str) -> str:
     if not RECORD_ID.fullmatch(record_id or ""):
-        raise UsageError(f"{record_id!r} is not a response id", "ids look like chatcmpl-0123abcd...; list them "
-                                                                "with `appliance deploy records DEPLOYMENT`")
+        raise UsageError(f"{record_id!r} is not a response id", "ids look like chatcmpl-0123abcd... (cmpl-... for a "
+                         "completion); list them with `appliance deploy records DEPLOYMENT`")
     return record_id
 
 
