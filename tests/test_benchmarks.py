@@ -110,6 +110,13 @@ def test_bundle_throughput(tmp_path):
     assert all(x > 0 for x in ratio(out, r"\*\*verify / sha256sum: NUMx\*\*.*one core: NUMx"))
 
 
+def test_sealed_io(tmp_path):
+    out = smoke("sealed_io.py", tmp_path)
+    plain, sealed, vs = row(out, "bundle verify", 3)  # plain MB/s, sealed MB/s, ratio (the aim is no figure)
+    assert plain > 0 and sealed > 0 and vs > 0
+    assert ratio(out, r"\*\*bundle verify, sealed / plain: NUMx\*\* \(aim: >= NUMx\)") == [vs, 0.7]
+
+
 @pytest.mark.slow
 def test_train_throughput(tmp_path):
     out = smoke("train_throughput.py", tmp_path, "--threads", "1")

@@ -1,0 +1,133 @@
+"""The one STREAM construction, sealing whole buffers on every core: encrypted bundles and sealed artifacts.
+
+A payload is cut into 1 MiB chunks, each sealed with ChaCha20-Poly1305 under a nonce that is the chunk's
+index (11 bytes) and a last-chunk flag (age's STREAM). A chunk changed, dropped, moved or added fails its
+tag; a stream cut short lacks the flagged last chunk; a payload that is an exact number of chunks still
+ends in a flagged one (the writer keeps at least one byte back), so an empty payload is one empty chunk.
+
+Since each chunk's nonce is its index, chunks seal and open independently: `seal_into` and `open_into` run
+them on a thread pool (`encrypt_into`/`decrypt_into` release the GIL, so threads use every core) from one
+buffer into another, which may be a memory map of an anonymous in-memory file (`memfiles`). The sizes
+follow from each other: `sealed_size(n)` bytes of stream for `n` bytes of payload, and `payload_size`
+back, refusing a length no writer produces.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, wait
+
+CHUNK = 1 << 20
+TAG = 16
+
+
+class StreamError(ValueError):
+    """A stream that does not open: altered, cut, extended or under another key."""
+
+
+def nonce(counter: int, last: bool) -> bytes:
+    return counter.to_bytes(11, "big") + (b"\x01" if last else b"\x00")
+
+
+def hkdf(secret: bytes, salt: bytes, info: bytes) -> bytes:
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=salt, info=info).derive(secret)
+
+
+def aead(key: bytes):
+    from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+    return ChaCha20Poly1305(key)
+
+
+def chunks(size: int) -> int:
+    """How many chunks a payload of `size` bytes is sealed in."""
+    return max(1, -(-size // CHUNK))
+
+
+def sealed_size(size: int) -> int:
+    return size + chunks(size) * TAG
+
+
+def payload_size(stream: int) -> int:
+    """The payload's size for a stream of `stream` bytes; a length no writer makes is refused."""
+    n = -(-stream // (CHUNK + TAG))
+    size = stream - n * TAG
+    if n == 0 or size < 0 or chunks(size) != n:
+        raise StreamError(f"an encrypted stream of {stream:,} bytes is cut or extended")
+    return size
+
+
+def workers() -> int:
+    return max(1, min(os.cpu_count() or 1, 32))
+
+
+_POOL: ThreadPoolExecutor | None = None
+
+
+def pool() -> ThreadPoolExecutor:
+    """One process-wide pool: sealing is called from many places and starting threads each time costs."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="stream")
+    return _POOL
+
+
+def _parallel(fn: Callable[[int], bool], n: int) -> list[bool]:
+    if n <= 2:
+        return [fn(i) for i in range(n)]
+    futures = [pool().submit(fn, i) for i in range(n)]
+    wait(futures)  # all done before any error is raised: no task still holds or writes the caller's buffers
+    return [f.result() for f in futures]
+
+
+def seal_into(key: bytes, src, dst, first: int = 0, total: int | None = None) -> None:
+    """Seal the payload `src` (a buffer) into `dst` (a writable buffer of `sealed_size(len(src))` bytes).
+
+    `first`/`total` seal a run of chunks of a longer stream: `src` starts at chunk `first` of `total`."""
+    a = aead(key)
+    with memoryview(src) as s0, memoryview(dst) as d0, s0.cast("B") as src, d0.cast("B") as dst:
+        n = chunks(len(src)) if total is None else -(-len(src) // CHUNK) or 1
+        total = n if total is None else total
+        if len(dst) != len(src) + n * TAG:
+            raise ValueError(f"the output holds {len(dst):,} bytes, the sealed payload {len(src) + n * TAG:,}")
+
+        def one(i: int) -> bool:
+            at = i * (CHUNK + TAG)
+            with src[i * CHUNK:(i + 1) * CHUNK] as piece, dst[at:at + len(piece) + TAG] as out:
+                a.encrypt_into(nonce(first + i, first + i == total - 1), piece, None, out)
+            return True
+
+        _parallel(one, n)
+
+
+def open_into(key: bytes, src, dst, first: int = 0, total: int | None = None) -> None:
+    """Open the stream `src` into `dst` (`payload_size(len(src))` bytes); refuses any chunk that does not
+    authenticate, naming it. `first`/`total` open a run of whole chunks of a longer stream."""
+    from cryptography.exceptions import InvalidTag
+
+    a = aead(key)
+    bad: list[int] = []
+    with memoryview(src) as s0, memoryview(dst) as d0, s0.cast("B") as src, d0.cast("B") as dst:
+        n = -(-len(src) // (CHUNK + TAG))
+        if total is None:
+            total = n
+            payload_size(len(src))
+        if len(dst) != len(src) - n * TAG:
+            raise StreamError(f"an encrypted stream of {len(src):,} bytes does not hold {len(dst):,} payload bytes")
+
+        def one(i: int) -> bool:
+            with src[i * (CHUNK + TAG):(i + 1) * (CHUNK + TAG)] as piece, \
+                    dst[i * CHUNK:i * CHUNK + len(piece) - TAG] as out:
+                try:
+                    a.decrypt_into(nonce(first + i, first + i == total - 1), piece, None, out)
+                except InvalidTag:
+                    return False
+            return True
+
+        bad = [first + i for i, ok in zip(range(n), _parallel(one, n)) if not ok]
+    if bad:
+        raise StreamError(f"encrypted chunk {bad[0]} does not authenticate")
