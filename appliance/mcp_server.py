@@ -63,6 +63,11 @@ def read_tools(tool, call) -> None:
     def vault_records(ref: str, offset: int = 0, limit: int = 20) -> dict[str, Any]:
         return call(api.agent_vault_records, ref=ref, offset=offset, limit=limit)
 
+    @tool("A version's lowest-confidence PII findings in context, each value masked, to tune the policy (records).")
+    def vault_pii_review(ref: str, limit: int = 20, offset: int = 0, type: str | None = None,  # noqa: A002
+                         band: str | None = None, file: str | None = None) -> dict[str, Any]:
+        return call(api.agent_vault_pii_review, ref=ref, limit=limit, offset=offset, type=type, band=band, file=file)
+
     @tool("Read-only SQL over the vault (records).")
     def vault_sql(query: str, limit: int = 100) -> dict[str, Any]:
         return call(api.agent_vault_sql, query=query, limit=limit)

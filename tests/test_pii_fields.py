@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import PASSPHRASE, open_vault
+from tests.conftest import PASSPHRASE, artifact, open_vault
 
 WHO = "Mr. Derek Hollis"  # a name with a signal the detectors know (an honorific)
 SSN = "123-45-6789"
@@ -109,9 +109,10 @@ def test_an_agent_sees_no_identifier(attacked, cli):
 def test_a_tokenizer_learns_no_identifier(attacked, cli):
     r = cli("--home", attacked, "--json", "train", "tokenizer", "--dataset", "ward@1", "--vocab", "400")
     assert r.code == 0, r.err
-    files = [p for p in Path(r.json["path"]).rglob("*") if p.is_file()]
-    assert files
-    blob = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in files)
+    with artifact(attacked, r.json["path"]) as d:  # sealed at rest: the vocabulary as it is in memory
+        files = [p for p in Path(d).rglob("*") if p.is_file()]
+        assert files
+        blob = "\n".join(p.read_bytes().decode("utf-8", "replace") for p in files)
     assert "pump" in blob.lower()  # it did learn the text
     assert not _leaks(blob), _leaks(blob)
 
@@ -272,3 +273,81 @@ def test_a_warning_follows_the_data_not_past_a_rescrub(home, cli, tmp_path):
     assert ok("lineage", tok4).json["warnings"] == []
     (w1,) = ok("vault", "show", "site@1").json["warnings"]
     assert tok in w1 and tok4 not in w1  # what was made from site@1's data, not from its re-scrubs
+
+
+def test_table_cells_are_kept_for_review_like_text(home, tmp_path):
+    """A finding in a table cell is reviewed in its row's record, in context, masked."""
+    from appliance import api
+
+    rows = "\n".join(f"{i},Derek Hollis,{SSN},pump {i}" for i in range(5))
+    (tmp_path / "staff.csv").write_text(f"id,name,ssn,asset\n{rows}\n")
+    with open_vault(home) as v:
+        for mode in ("redact", "flag"):
+            api.vault_ingest(v, [tmp_path / "staff.csv"], f"staff-{mode}", pii=mode, workers=1)
+            d = api.vault_pii_review(v, f"staff-{mode}@1", limit=100)
+            cells = [f for f in d["findings"] if f["source"].endswith("staff.csv") and f["field"] == "text"]
+            assert {f["type"] for f in cells} == {"SSN", "PERSON"} and len(cells) == 10, d["findings"]
+            assert all(f["id"].startswith(f"staff-{mode}@1#") for f in cells)
+            assert any("ssn: »[SSN]«" in f["context"] for f in cells), cells
+            assert not _leaks(json.dumps(d)), _leaks(json.dumps(d))
+
+
+def test_the_mcp_tool_for_pii_review_is_the_api_call(attacked, cli):
+    """One line over `api.agent_vault_pii_review`, which needs the records capability."""
+    from appliance import api, mcp_server
+
+    tools, calls = {}, []
+
+    def tool(_doc):
+        return lambda fn: tools.setdefault(fn.__name__, fn)
+
+    mcp_server.read_tools(tool, lambda fn, **args: calls.append((fn, args)) or {})
+    tools["vault_pii_review"]("ward@1", limit=3, type="SSN")
+    assert calls == [(api.agent_vault_pii_review, {"ref": "ward@1", "limit": 3, "offset": 0, "type": "SSN",
+                                                   "band": None, "file": None})]
+    token = cli("--home", attacked, "--json", "grant", "--agent", "reader", "--caps", "read,records",
+                "--hours", "1").json["token"]
+    read_only = cli("--home", attacked, "--json", "grant", "--agent", "peek", "--caps", "read",
+                    "--hours", "1").json["token"]
+    agent = api.agent_open(attacked, PASSPHRASE, token)
+    try:
+        with agent.session(wait=30) as v:
+            d = api.agent_vault_pii_review(v, token, "ward@1", limit=500)
+            with pytest.raises(Exception, match="records"):
+                api.agent_vault_pii_review(v, read_only, "ward@1")
+    finally:
+        agent.close()
+    assert d["findings"] and "[SSN]" in json.dumps(d) and not _leaks(json.dumps(d))
+
+
+def test_training_on_a_superseded_version_warns_once_and_goes_on(home, tmp_path, monkeypatch):
+    """A run on data re-scrubbed since under a stricter policy says so in one line and keeps the line in its
+    result; it is not refused (what the run does after the warning is stubbed here: no training needed)."""
+    from appliance import api
+    from appliance.train import run as train_run
+    from appliance.train.config import load_recipe
+
+    src = tmp_path / "notes"
+    src.mkdir()
+    for i in range(12):
+        (src / f"n{i}.md").write_text(f"# Note {i}\n\nSeen by {WHO} about valve {i} of pump house {i % 3}.\n" * 5)
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_a, **_k):
+        raise Stop
+
+    monkeypatch.setattr(train_run, "_open_run", stop)  # right after the warning: the run would start here
+    events = []
+    with open_vault(home) as v:
+        api.vault_ingest(v, [src], "site", pii="flag", workers=1)
+        tok = api.train_tokenizer(v, "site@1", vocab=300)["id"]
+        assert api.vault_rescrub(v, "site@1")["version"] == "site@2"
+        recipe = load_recipe("tiny-dense", ["data.datasets=['site@1']", f"data.tokenizer={tok}", "train.eval_every=0"])
+        with pytest.raises(Stop):
+            train_run.run(v, recipe, on_event=lambda kind, d: events.append((kind, d)))
+        again = train_run.less_scrubbed_warning(v, ["site@2"])
+    (warning,) = [d["text"] for kind, d in events if kind == "warning"]
+    assert warning.startswith("warning: ") and "site@1" in warning and "site@2" in warning and "\n" not in warning
+    assert again == ""  # the re-scrubbed version itself is nothing to warn about

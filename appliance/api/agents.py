@@ -167,6 +167,13 @@ def agent_vault_records(v, token: str | None, ref: str, offset: int = 0, limit: 
                      limit=max(1, min(limit, 200)))
 
 
+def agent_vault_pii_review(v, token: str | None, ref: str, limit: int = 20, offset: int = 0, type: str | None = None,  # noqa: A002
+                           band: str | None = None, file: str | None = None) -> dict:
+    """The lowest-confidence PII findings of a version in masked context, at most 200 (records)."""
+    return _as_agent(v, token, "vault_pii_review", "records", data.vault_pii_review, ref=ref,
+                     limit=max(1, min(limit, 200)), offset=max(0, offset), type=type, band=band, file=file)
+
+
 def agent_vault_sql(v, token: str | None, query: str, limit: int = 100) -> dict:
     """Read-only SQL over the vault, at most 10,000 rows (records)."""
     return _as_agent(v, token, "vault_sql", "records", data.vault_sql, query=query, limit=max(1, min(limit, 10_000)))

@@ -26,6 +26,9 @@ BANDS = (("high", 0.9), ("medium", 0.6), ("low", 0.0))
 REVIEW_KEEP = 50  # findings kept for review per file, type and detector: the lowest scores
 PATH_META = frozenset({"repo"})  # metadata that names a file or directory: scrubbed as a path
 _CACHE = 4096  # distinct short field values remembered per scrubber (a file's title repeats in every part)
+# cells with findings remembered for their rows' records: more than a table batch of rows (2,048) can hold, so
+# every row still finds its cells when the batch's records are scrubbed after it
+_CELL_FINDINGS = 65536
 # `_`, and `-` or `.` between a letter and a digit: word separators in a file name, spaces to the detectors
 _SEPARATORS = re.compile(r"_|(?<=[^\W\d_])[-.](?=\d)|(?<=\d)[-.](?=[^\W\d_])")
 
@@ -62,8 +65,8 @@ class _Recording(Scrubber):
         super().__init__(mode, key, **({"types": types} if types is not None else {}))
         self.seen: list = []
 
-    def token(self, f) -> str:
-        tok = super().token(f)
+    def replacement(self, f, person: str = "") -> str:
+        tok = super().replacement(f, person)
         self.seen.append((f, tok))
         return tok
 
@@ -80,6 +83,9 @@ class FieldScrubber:
         self._s = _Recording("redact" if mode in ("flag", "off") else mode, key, types)
         self._cache: dict[tuple[str, str], tuple[str, Counter, list[Found]]] = {}
         self.spans: list[tuple[int, int]] = []  # where the last `scrub` found something, in its input
+        # (column, cell as it lands) -> its findings, at their places in that value: a table row's record
+        # (`table_found`) takes them from here, so cells are reviewed as text is
+        self._cells: dict[tuple[str, str], list[Found]] = {}
 
     # --- the field kinds ------------------------------------------------------------------------------
     def scrub(self, text: str, hints: tuple[str, ...] = (), field: str = "text") -> tuple[str, Counter, list[Found]]:
@@ -154,13 +160,35 @@ class FieldScrubber:
         return (comp if self.mode == "flag" else "".join(out)), _detail(counts, found), found
 
     def cell(self, column: str, value: str) -> tuple[str, Counter]:
-        """A table cell, with its column name as context ("ssn", "date_of_birth", "owner")."""
+        """A table cell, with its column name as context ("ssn", "date_of_birth", "owner"). Its findings are
+        kept (by column and value as it lands) for the row's record: `table_found`."""
         if self.mode == "off":
             return value, Counter()
         self._s.seen = []
         out, counts = self._s.scrub_cell(column, value)
-        detail = _detail(counts, self._located(None, "cell"))
-        return (value if self.mode == "flag" else out), detail
+        landed = value if self.mode == "flag" else out
+        prefix = self._s.label(column)
+        found = [Found("text", f.type, f.detector, f.score, f.start - len(prefix), f.end - len(prefix))
+                 for f in self._located(prefix + landed, "cell") if f.start >= len(prefix)]
+        if found:
+            if len(self._cells) >= _CELL_FINDINGS:
+                del self._cells[next(iter(self._cells))]
+            self._cells[(column, landed)] = found
+        return landed, _detail(counts, found)
+
+    def table_found(self, text: str) -> list[Found]:
+        """The findings of a table row's record (`render_row`: a "[table row N]" line, then "column: value"
+        lines), from its cells as `cell` scrubbed them, at their places in `text`."""
+        out, pos = [], text.find("\n") + 1
+        while pos:
+            end = text.find("\n", pos)
+            line = text[pos:] if end < 0 else text[pos:end]
+            column, sep, value = line.partition(": ")
+            for f in self._cells.get((column, value), ()) if sep else ():
+                at = pos + len(column) + 2
+                out.append(Found("text", f.type, f.detector, f.score, f.start + at, f.end + at))
+            pos = end + 1
+        return out
 
     def name(self, value: str, counts: Counter, field: str = "column") -> str:
         """A table's or column's name, scrubbed as a file name is; what was found goes into `counts`."""
@@ -216,6 +244,8 @@ def scrub_record(fs: FieldScrubber, rec) -> tuple[Counter, list[Found]]:
         text = rec.text
         rec.text, counts, found = fs.scrub(text, rec.name_hints)
         clean = _clean_in(text, str(rec.title or ""), fs)
+    elif getattr(rec, "kind", "") == "table":  # counted as its cells were scrubbed; kept for review here
+        found = fs.table_found(rec.text)
     if rec.title and not clean:
         rec.title, _, f = fs.field(str(rec.title), "title", rec.name_hints)
         found += f

@@ -75,13 +75,17 @@ def _regions(text: str) -> list[tuple[int, int]]:
 
 def _in_regions(pattern: re.Pattern, text: str, regions):
     """Matches of `pattern` inside the windows; overlapping windows are merged first so that no match
-    is cut at a window's edge."""
-    merged: list[list[int]] = []
-    for start, end in regions:
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
+    is cut at a window's edge (once per text: a `Scan` keeps its merged windows for every detector)."""
+    merged = getattr(regions, "merged", None)
+    if merged is None:
+        merged = []
+        for start, end in regions:
+            if merged and start <= merged[-1][1]:
+                merged[-1][1] = max(merged[-1][1], end)
+            else:
+                merged.append([start, end])
+        if isinstance(regions, pii_safe_harbor.Scan):
+            regions.merged = merged
     for start, end in merged:
         yield from pattern.finditer(text, start, end)
 
@@ -278,18 +282,37 @@ _FIELD_BEFORE = re.compile(rf"(?<!\w){_FIELD_WORDS}[ \t]*$")
 _NAME_AFTER = re.compile(rf"[ \t]*({_NAME})")
 # Starts with a newline (a literal the engine jumps to): the sign-off line itself, in the lower-cased text.
 _SIGNOFF_HIT = re.compile(r"\n[ \t]*(?:best|regards|best regards|kind regards|warm regards|thanks|thank you"
-                          r"|sincerely|cheers|many thanks|respectfully|--)[,.!]?[ \t]*\r?\n")
+                          r"|sincerely|cheers|many thanks|respectfully|signed|yours sincerely|yours truly|yours"
+                          r"|best wishes|with thanks|--)[,.!]?[ \t]*\r?\n")
 _SIGNOFF_NAME = re.compile(rf"[ \t]*(?:--[ \t]*\r?\n[ \t]*)?({_NAME}|[A-Z][a-z'’-]{{2,}})[ \t]*(?:\r?\n|$)")
 
 
+_ROLE_BEFORE = re.compile(r"(?<![A-Za-z])([A-Za-z]+)[ \t]*$")
+_ONE_NAME_AFTER = re.compile(r"[ \t]*([A-Z][a-z'’]+(?:-[A-Z][a-z'’]+)?)(?=[ \t]*(?:[.,;)|]|\r?\n|$))")
+
+
 def _field_names(text: str):
+    """Values of fields that hold a person: "Name: Ana Okafor", and any role word as a label ("Surgeon:",
+    "Witness: Okafor"), where a single surname is enough if the lists know it as one."""
     pos = text.find(":")
     while pos != -1:
-        if _FIELD_BEFORE.search(text, max(0, pos - 24), pos):
-            m = _NAME_AFTER.match(text, pos + 1)
-            if m:
+        m = _NAME_AFTER.match(text, pos + 1)
+        one = None if m else _ONE_NAME_AFTER.match(text, pos + 1)
+        if m or one:  # only then is the label before the colon read
+            role = _ROLE_BEFORE.search(text, max(0, pos - 24), pos)
+            strength = pii_names.ROLES.get(role.group(1).lower(), 0.0) if role else 0.0
+            if m and (strength >= 0.9 or _FIELD_BEFORE.search(text, max(0, pos - 24), pos)):
                 yield m.group(1)
+            elif one and strength >= 0.8 and _surname_alone(one.group(1)):
+                yield one.group(1)
         pos = text.find(":", pos + 1)
+
+
+def _surname_alone(w: str) -> bool:
+    """A word that is a surname by itself: listed and no ordinary word, or in no list and no word at all."""
+    sc = pii_names.scorer()
+    lw = w.lower()
+    return sc.surname(lw) >= 0.6 and not sc.is_word(lw) and lw not in pii_names.NOT_NAMES
 
 
 def _signoff_names(text: str, low: str):
@@ -299,16 +322,24 @@ def _signoff_names(text: str, low: str):
             yield m.group(1)
 
 
-def _person_spans(text: str, names: dict[str, tuple[str, float]]):
-    """Every whole-word occurrence of the known names, longest first, in one scan."""
-    usable = sorted((n for n in names if len(n) >= 3), key=len, reverse=True)
+def _person_spans(text: str, low: str, names: dict[str, tuple[str, float]]):
+    """Every whole-word occurrence of the known names (in any of the cases `names` holds), longest first, in
+    one scan of the lower-cased text: one search per name, whatever the cases it is looked for in."""
+    if len(low) != len(text):  # a rare letter whose lower case is longer ("İ"): search the text itself
+        low, names_low = text, {n: n for n in names if len(n) >= 3}
+    else:
+        names_low = {n.lower(): n for n in names if len(n) >= 3}
+    usable = sorted(names_low, key=len, reverse=True)
     if len(usable) > 16:  # many names: one compiled scan beats a find loop per name
-        spans = ((m.start(), m.end()) for m in re.compile("|".join(map(re.escape, usable))).finditer(text))
+        spans = ((m.start(), m.end()) for m in re.compile("|".join(map(re.escape, usable))).finditer(low))
     else:  # a few names (the usual mail or record): compiling a pattern would cost more than the search
-        spans = ((i, i + len(n)) for n in usable for i in _find_all(text, n))
+        spans = ((i, i + len(n)) for n in usable for i in _find_all(low, n))
     for start, end in spans:
         if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
-            detector, score = names[text[start:end]]
+            hit = names.get(text[start:end])
+            if hit is None:
+                continue  # a case the name is not looked for in ("HOPE" for "Hope")
+            detector, score = hit
             if detector == "name-repeat" and pii_names.eponym_follows(text, end):
                 continue  # "Foley catheter" after "Dr. Foley": the thing, not the person
             yield Finding("PERSON", start, end, text[start:end], detector, score)
@@ -361,7 +392,33 @@ def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding], r
         found.update((n, ("signoff", 0.8)) for n in _signoff_names(text, low) if _plausible(n))
     found.update((n, ("mail", 0.95)) for n in _names_from_emails(text, emails))
     found.update((h.strip(), ("hint", 1.0)) for h in hints if h and h.strip())
-    return found
+    return _cased(found)
+
+
+def _cased(found: dict[str, tuple[str, float]]) -> dict[str, tuple[str, float]]:
+    """Each name also in lower case ("okafor" in a handover after "Ana Okafor"), unless that is an ordinary
+    word; the form as found keeps its own rule."""
+    out = dict(found)
+    for n, rule in found.items():
+        low = _LOWER_FORM.get(n)
+        if low is None:
+            if len(_LOWER_FORM) > 65536:
+                _LOWER_FORM.clear()
+            low = _LOWER_FORM[n] = _lower_form(n)
+        if low:
+            out.setdefault(low, rule)
+    return out
+
+
+_LOWER_FORM: dict[str, str] = {}  # name -> its lower-case form to look for too, "" for none
+
+
+def _lower_form(name: str) -> str:
+    sc = pii_names.scorer()
+    words = name.lower().split()
+    if len(name) < 3 or any(sc.is_word(w) or w in pii_names.AMBIGUOUS_FIRST for w in words):
+        return ""
+    return name.lower()
 
 
 # --- the whole scan ------------------------------------------------------------------------------
@@ -415,7 +472,7 @@ def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | N
             taken.add(Finding("PERSON", c.start, c.end, text[c.start:c.end], c.detector, round(c.score, 2)))
         names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"], runs)
         if names:
-            for f in _person_spans(text, names):
+            for f in _person_spans(text, low, names):
                 taken.add(f)
     if on is _ALL:
         return taken.findings
@@ -439,6 +496,12 @@ class _Spans:
         self.findings.insert(i, f)
 
 
+def _surname(name: str) -> str:
+    """The surname of a name as written ("Ana Okafor", "Okafor, Ana", "OKAFOR", "Okafor's"), lower case."""
+    name = name.split(",")[0] if "," in name else name.split()[-1] if name.split() else name
+    return re.sub(r"['’]s$", "", name.strip().lower())
+
+
 def _normal(f: Finding) -> str:
     if f.type in ("EMAIL", "PERSON", "IPV6", "PASSPORT", "MRN", "URL"):
         return f.value.lower().replace(" ", "")
@@ -447,6 +510,7 @@ def _normal(f: Finding) -> str:
     return f.value.replace(" ", "")
 
 
+CELL_CACHE = 16384  # table cells whose findings a scrubber remembers (a few MB at most)
 # A column that holds people by name: its lower-case cells are read too ("jane doe").
 _PERSON_COLUMN = re.compile(r"name|patient|owner|person|contact|author|employee|staff|nurse|doctor|physician"
                             r"|engineer|technician|operator|inspector|witness|signed|reviewer|customer|client")
@@ -538,15 +602,20 @@ class Scrubber:
         digest = hmac.new(self.key, f"{f.type}:{_normal(f)}".encode(), hashlib.sha256).hexdigest()[:10]
         return f"[{f.type}_{digest}]"
 
+    def label(self, column: str) -> str:
+        """The context a cell of `column` is read in: "Date of birth: " for date_of_birth."""
+        prefix = self._labels.get(column)
+        if prefix is None:
+            prefix = self._labels[column] = f"{column.replace('_', ' ').strip().capitalize() or 'Value'}: "
+        return prefix
+
     def scrub_cell(self, column: str, value: str) -> tuple[str, Counter]:
         """Scrub one table cell with its column name as context ("ssn", "date_of_birth", "owner").
 
         Columns repeat their values ("high", "pass", a site's system names), so the findings of the most
         recent few thousand cells are remembered (their placeholders still go through `token`); a short cell
         with no digit, capital or "@" is plain text unless its column names a person."""
-        prefix = self._labels.get(column)
-        if prefix is None:
-            prefix = self._labels[column] = f"{column.replace('_', ' ').strip().capitalize() or 'Value'}: "
+        prefix = self.label(column)
         key = (prefix, value)
         found = self._cells.get(key)
         if found is None:
@@ -555,8 +624,8 @@ class Scrubber:
                 found = []
             else:
                 found = detect(prefix + value, (), self.types)
-            if len(self._cells) >= 4096:
-                self._cells.clear()
+            if len(self._cells) >= CELL_CACHE:  # the oldest goes (dicts keep insertion order): no cliff where a
+                del self._cells[next(iter(self._cells))]  # table's distinct values outnumber the cache
             self._cells[key] = found
         if self.mode == "off":
             return value, Counter()
@@ -579,10 +648,40 @@ class Scrubber:
         counts = Counter([f.type for f in found])
         if self.mode == "flag":
             return text, counts
+        people = self._date_people(found) if self.mode == "pseudonymize" else {}
         out, pos = [], 0
-        for f in found:
+        for i, f in enumerate(found):
             out.append(text[pos:f.start])
-            out.append(self.token(f))
+            out.append(self.replacement(f, people.get(i, "")))
             pos = f.end
         out.append(text[pos:])
         return "".join(out), counts
+
+    def replacement(self, f: Finding, person: str = "") -> str:
+        """What stands in the text for `f`: its placeholder (`token`), or, in pseudonymize mode, a date tied to
+        `person` shifted by that person's offset (`date_shift`), so intervals between a person's dates hold."""
+        if person and f.type == "DATE" and self.mode == "pseudonymize":
+            shifted = pii_safe_harbor.shift_date(f.value, self.date_shift(person))
+            if shifted:
+                return shifted
+        return self.token(f)
+
+    def date_shift(self, person: str) -> int:
+        """Days (±1..365) by which the dates of `person` (a surname, lower case) move: keyed by the vault's
+        pseudonym key, so the same person moves by the same days in every record and every version."""
+        n = int.from_bytes(hmac.new(self.key, f"date-shift:{person}".encode(), hashlib.sha256).digest()[:4], "big")
+        days = n % 730 - 365
+        return days if days < 0 else days + 1
+
+    @staticmethod
+    def _date_people(found: list[Finding]) -> dict[int, str]:
+        """For each DATE finding (by index), the person it belongs to: the nearest name before it in the same
+        text, else the first after it; by surname, so "Ana Okafor" and "Okafor" are one person."""
+        out: dict[int, str] = {}
+        last = ""
+        for i, f in enumerate(found):
+            if f.type == "PERSON":
+                last = _surname(f.value)
+            elif f.type == "DATE":
+                out[i] = last or next((_surname(g.value) for g in found[i + 1:] if g.type == "PERSON"), "")
+        return out

@@ -48,6 +48,10 @@ TITLES = frozenset("""
 dr mr mrs ms mx miss prof sgt ssgt msgt capt lt ltc col maj cpl lcpl pvt pfc spc gen cdr lcdr adm cmdr
 rev fr sister matron nurse sir dame mme mlle herr frau
 """.split())
+# Titles and roles that are written as whole words: a full stop after one ends a sentence ("... the Charge
+# Nurse. Will the team ...") and says nothing about the next word. Only abbreviations ("Dr.", "Pt.") carry on.
+FULL_WORD_TITLES = frozenset("sister matron nurse sir dame miss herr frau".split())
+ABBREVIATIONS = (TITLES - FULL_WORD_TITLES) | frozenset("pt tech attn cc".split())
 # Roles: the words after them are likely a name.
 ROLES = {
     **dict.fromkeys("patient pt patients".split(), 0.9),
@@ -72,7 +76,16 @@ handler""".split(), 0.9),
 # Two words before a name that say a person follows ("thanks to Erlinda", "spoke with Hollis").
 PAIR_ROLES = frozenset(("thanks to", "thank you", "spoke with", "spoke to", "talked to", "discussed with",
                         "handed over to", "over to", "escalated to", "assigned to", "met with", "seen by", "signed by",
-                        "reported by", "reviewed by", "approved by", "checked by", "witnessed by", "performed by"))
+                        "reported by", "reviewed by", "approved by", "checked by", "witnessed by", "performed by",
+                        "family of", "wife of", "husband of", "son of", "daughter of", "mother of", "father of",
+                        "partner of", "carer of", "next of kin"))
+# An age right after a name: "Ana Okafor, 54, presented", "Derek Hollis (67)".
+_AGE_AFTER = re.compile(r"(?:,[ \t]*|[ \t]*\()(?:aged[ \t]+)?\d{1,3}(?:[ \t]*(?:y/?o|yrs?|years?(?:[ \t-]*old)?))?"
+                        r"[ \t]*[,)]")
+_PAIR_SECOND = frozenset(r.split()[-1] for r in PAIR_ROLES)
+# Credentials after a name ("Ana Okafor, RN", "Derek Hollis (MD)"): a person, whatever the words.
+_CREDENTIAL = re.compile(r"[ \t]*(?:,[ \t]*|\([ \t]*)?(?:RN|MD|DO|NP|PA-C|LPN|CNA|RGN|RMN|PhD|DDS|PharmD|MBBS"
+                         r"|MBChB|FRCS|MRCP|FRCP|CRNA|DNP|MSN|BSN|APRN|RPh|EMT|PE|CEng)(?![\w-])")
 # Words that end a candidate and make it a place, a body or a thing rather than a person.
 NOT_PERSON_AFTER = frozenset("""
 hospital clinic center centre medical university institute street st road rd avenue ave boulevard blvd lane
@@ -120,6 +133,13 @@ this that these those there here when where while who whom whose which what why 
 no not nor only also just than too very our your their his her its my we you they he she it i me us them him
 mister madam sir
 """.split())
+# Proper nouns above that are given names too ("Easter Becnel", "India Okafor"): a name before a listed surname.
+GIVEN_PLACES = frozenset("easter sunday india kenya asia florida nevada america jesus maryland".split())
+# Role words that are surnames as well ("Harland Porter", "Ana Driver"): after a listed given name, a surname.
+ROLE_SURNAMES = frozenset("porter driver clerk guard steward foreman pilot warden handler sailor marine mechanic "
+                          "courier".split())
+# Proper nouns above that are never surnames after a given name ("Jesus Christ").
+NOT_SURNAMES = frozenset("lord christ allah god jesus".split())
 PARTICLES = frozenset("de da di du del della der den van von la le ter ten bin ibn al el st".split())
 # Suffixes of ordinary words that a 1934 dictionary may lack ("biomedical", "endoscopy", "firmware").
 _WORD_SUFFIX = re.compile(r"(?:ology|ologist|scopy|graphy|ical|ware|tion|sion|ment|ness|ship|able|ible|ists?"
@@ -195,6 +215,8 @@ class _Scorer:
         for cut in ("s", "es", "ed", "d", "ing", "ly", "er", "ers"):
             if w.endswith(cut) and len(w) - len(cut) >= 3 and w[:-len(cut)] in words:
                 return w not in self.n.first and w not in self.n.last_rank
+        if w.endswith(("ies", "ied")) and len(w) > 5 and w[:-3] + "y" in words:  # "facilities", "supplied"
+            return w not in self.n.first and w not in self.n.last_rank
         return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
 
     def _given_score(self, w: str) -> float:
@@ -232,8 +254,8 @@ def scorer() -> _Scorer:
 
 
 # --- candidates ----------------------------------------------------------------------------------
-_UP = "A-ZÀ-ÖØ-Þ"
-_LO = "a-zß-öø-ÿ"
+_UP = "A-ZÀ-ÖØ-ÞĀ-ž"  # Latin Extended-A (Ł, Ś, Ž, ...) alternates cases: it counts as both
+_LO = "a-zß-öø-ÿĀ-ž"
 _TOK = rf"[{_UP}](?:['’][{_UP}])?(?:[{_LO}]+[{_UP}])?[{_LO}]+(?:-[{_UP}][{_LO}]+)?"
 _INIT = rf"[{_UP}]\."
 _PART = r"(?:de|da|di|du|del|della|der|den|van|von|la|le|ter|ten|bin|ibn|al|el)"
@@ -242,12 +264,13 @@ _PART = r"(?:de|da|di|du|del|della|der|den|van|von|la|le|ter|ten|bin|ibn|al|el)"
 _ELEM = rf"[{_UP}](?:[{_LO}]*[{_UP}])?[{_LO}]*(?:['’][{_UP}][{_LO}]+)?(?:-[{_UP}][{_LO}]+)?\.?"
 # Two capitalized words in a row, maybe with a particle between: cheap to look for, and rare in prose; the
 # whole run is matched only where this finds a start.
-_PAIR = re.compile(rf"[{_UP}](?:[{_LO}]+\.?|\.)[ \t]+(?:[{_LO}]{{1,4}}[ \t]+){{0,2}}[{_UP}][{_LO}.'’]")
+_PAIR = re.compile(rf"[{_UP}](?:[{_LO}]+\.?|\.)[ \t]+(?:[{_LO}]{{1,4}}[ \t]+){{0,2}}[{_UP}]"
+                   rf"(?:[{_LO}.'’]|[ \t]+[{_UP}][{_LO}])")  # "Ana J Okafor": an initial without its full stop
 _RUN = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})+")
 _ELEM_ONE = re.compile(rf"({_ELEM})|({_PART})")
 _LAST_FIRST = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?![ \t]*[{_UP}{_LO}])")
 # After a role word, in any case: up to three words, particles and initials allowed.
-_ANYTOK = r"(?:[A-Za-zÀ-ÖØ-öø-ÿ]['’])?[A-Za-zÀ-ÖØ-öø-ÿ][a-zA-Zß-öø-ÿ]*(?:-[A-Za-zÀ-ÖØ-öø-ÿ]+)?"
+_ANYTOK = r"(?:[A-Za-zÀ-ÖØ-öø-ž]['’])?[A-Za-zÀ-ÖØ-öø-ž][a-zA-Zß-öø-ž]*(?:-[A-Za-zÀ-ÖØ-öø-ž]+)?"
 _AFTER_ROLE = re.compile(rf"[ \t]*(?:[:#-][ \t]*)?((?:(?:{_INIT}|{_ANYTOK})[ \t]+(?:(?i:{_PART})[ \t]+)*){{0,2}}"
                          rf"{_ANYTOK})")
 # Role words looked for in the lower-cased text with str.find (each costs a pass over the text, so only the
@@ -287,7 +310,8 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
             return 0.0  # "engineer licence", "patient transport": lower case needs a listed name
         s = max(sc.given(w), sc.surname(w))
         if context >= _DOTTED or initial_first or context >= 1.0 and not sc.is_word(w):
-            listed = (w in sc.n.last_rank or w in sc.n.first) and w not in NOT_NAMES and w not in EPONYMS
+            listed = (w in sc.n.last_rank or w in sc.n.first) and w not in NOT_NAMES and (
+                w not in EPONYMS or context >= 1.0)
             s = max(s, 0.6 if listed else 0.0)  # "Sgt. Way", "B. Back"
         if initial_first:
             return s + 0.9 + max(context, 0.0) if s else 0.0
@@ -298,6 +322,10 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
         first = 0.5
     if last == 0.0 and low[-1] in sc.n.last_rank and (_is_initial(words[-2][2]) or first >= 1.0 or context >= 0.8):
         last = 0.5  # "J. Jubilee", "Mona Genet", "Patient Sydney Poley": a listed surname that is also a word
+    if particle and len(names) == 2 and _listed(names[0]) and _listed(names[-1]):
+        first, last = max(first, 0.5), max(last, 0.5)  # "Chino van Redden": a particle between two listed names
+    if last == 0.0 and _CAMEL.match(names[-1]):
+        last = 0.8  # "MacErving", "O'Harless": written as no ordinary word is
     if first == 0.0 or last == 0.0:
         return 0.0
     if len(words) > 2 and any(_is_initial(w) for _, _, w in words[1:-1]):
@@ -305,26 +333,38 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
     if particle:
         first += 0.4  # "Veyanwo de West", "Ikume van der Adashi"
     if lower_ok and all(w.islower() for w in names):
-        # lower case: the given name must be listed and never an ordinary word
-        if low[0] not in sc.n.first or low[0] in AMBIGUOUS_FIRST:
+        # lower case: the given name must be listed and never an ordinary word, or, right after a strong role
+        # ("patient hope rader", "patient ugoume gleisner"), a listed surname that is no word must end it
+        after_role = context >= 0.9 and sc.surname(low[-1]) >= 1.0 and low[0] not in COMMON and (
+            low[0] in sc.n.first or not sc.is_word(low[0]))
+        if (low[0] not in sc.n.first or low[0] in AMBIGUOUS_FIRST) and not after_role:
             return 0.0
+        if after_role:
+            return first + last + context
     if names[0].islower() and low[0] not in sc.n.first and low[0] not in sc.n.last_rank:
         return 0.0  # lower case starts with a listed name; an unlisted surname may follow it
-    if any(w.islower() and sc.is_word(lw) and lw not in sc.n.last_rank for w, lw in zip(names, low)):
+    if any(w.islower() and sc.is_word(lw) and lw not in sc.n.last_rank
+           and not (i == 0 and lw in sc.n.first and lw not in AMBIGUOUS_FIRST)  # "francisca" is an axe too
+           for i, (w, lw) in enumerate(zip(names, low))):
         return 0.0
     return first + last + context
 
 
 def _context_before(text: str, start: int) -> float:
     """Strength of the role or title word just before `start` (same line)."""
+    if not start or text[start - 1] == "\n":
+        return 0.0  # the usual case in mail and forms, answered without slicing
     before = text[max(0, start - 32):start].rstrip(" \t:,(-").rsplit(None, 1)
     if not before or not before[-1]:
         return 0.0
     word = before[-1].lower()
     if not word[-1].isalpha() and word[-1] != ".":
         return 0.0
-    if len(before) > 1 and f"{before[-2].lower().rsplit(None, 1)[-1] if before[-2] else ''} {word}" in PAIR_ROLES:
+    if len(before) > 1 and word in _PAIR_SECOND and \
+            f"{before[-2].lower().rsplit(None, 1)[-1] if before[-2] else ''} {word}" in PAIR_ROLES:
         return 0.8
+    if word.endswith(".") and word.rstrip(".") not in ABBREVIATIONS:
+        return 0.0  # "... the Ward Sister. Will": a sentence ended there
     if word.rstrip(".") in TITLES:
         return _DOTTED if word.endswith(".") else 1.0
     return ROLES.get(word.rstrip("."), 0.0)
@@ -334,13 +374,30 @@ def _breaks(w: str) -> bool:
     """An ordinary word that is no name at all ends a run of name words."""
     sc = scorer()
     lw = w.lower()
-    return len(w) > 2 and sc.given(lw) == 0.0 and sc.surname(lw) == 0.0
+    return len(w) > 2 and sc.given(lw) == 0.0 and sc.surname(lw) == 0.0 and not _CAMEL.match(w)
+
+
+# "MacErving", "O'Harless", "DeVries": a surname prefix glued to a capital; no dictionary word is written so,
+# whatever its ending ("-ing", "-less") says
+_CAMEL = re.compile(r"(?:Ma?c|O['’]|De|Di|Du|La|Le|Van|Von|Fitz)[A-Z][a-z]")
+
+
+def _strong_given(w: str) -> bool:
+    """A listed given name that is no ordinary word ("Jodi", "Harland"; not "Mark", not "Ask")."""
+    lw = w.lower()
+    return lw not in COMMON and lw in scorer().n.first and scorer().given(lw) >= 1.0
 
 
 def _continues(part: list[Word], lw: str, context: float) -> bool:
     """A listed surname that is also a word ("Poley", "Genet", "Back") still belongs to the name when a title,
     an initial or a given name comes right before it."""
     sc = scorer()
+    if len(part) == 1 and lw in sc.n.last_rank and (lw in NOT_NAMES and lw not in NOT_SURNAMES
+                                                     or lw in ROLE_SURNAMES) \
+            and _strong_given(part[0][2]):
+        return True  # "Jodi English", "Roslyn Boston", "Harland Porter": a listed given name, then a surname
+    if not part and lw in EPONYMS and lw in sc.n.last_rank and context >= 1.0:
+        return True  # "Dr. Parkinson", "Nurse Richter": after a title the person (a thing after it ends it later)
     if lw not in sc.n.last_rank and lw not in sc.n.first or lw in NOT_NAMES or lw in EPONYMS or lw in ROLES \
             or lw in TITLES or lw in NOT_PERSON_AFTER:
         return False
@@ -351,22 +408,40 @@ def _continues(part: list[Word], lw: str, context: float) -> bool:
 
 
 _NUMBER_BEFORE = re.compile(r"\d[ \t]*$")
+_ELEM_NAME = re.compile(rf"[{_UP}][{_LO}]+.*")
 
 
 def _cached_split(text: str, m: re.Match) -> Iterator[Candidate]:
-    """`_split_run`, remembered per run text, context and next word: prose repeats its capitalized phrases
-    ("At Ridgeback Station", "Halvorsen Dynamics") far more often than it holds new ones."""
-    nxt = _NEXT_WORD.match(text, m.end())
-    key = (m.group(), _context_before(text, m.start()), nxt.group(1).lower() if nxt else "")
-    found = _RUN_CACHE.get(key)
+    """`_split_run`, remembered: prose and mail repeat their capitalized phrases ("At Ridgeback Station",
+    "Halvorsen Dynamics") far more often than they hold new ones. What `_split_run` reads lies within 32
+    characters either side of the run (the role or title before it, the word, credential or age after it), so
+    that window is the first key, read without a regex; a run seen in a new window is keyed as before, by its
+    text, the strength of the role before it and what follows it."""
+    lo = max(0, m.start() - 32)
+    window = (m.start() - lo, text[lo:m.end() + 32])
+    found = _WINDOW_CACHE.get(window)
     if found is None:
-        if len(_RUN_CACHE) > 50000:
-            _RUN_CACHE.clear()
+        after = text[m.end():m.end() + 1]
+        nxt = _NEXT_WORD.match(text, m.end()) if after in " \t" and after else None
+        key = (m.group(), _context_before(text, m.start()), nxt.group(1).lower() if nxt else "", after,
+               after in " \t,(" and after != "" and (_CREDENTIAL.match(text, m.end()) is not None
+                                                   or _AGE_AFTER.match(text, m.end()) is not None))
+        found = _RUN_CACHE.get(key)
+        if found is None:
+            if len(_RUN_CACHE) > 50000:
+                _RUN_CACHE.clear()
+            base = m.start()
+            found = _RUN_CACHE[key] = [(c.start - base, c.end - base, c.score, c.detector, c.parts)
+                                       for c in _split_run(text, m)]
+        if len(_WINDOW_CACHE) > 50000:
+            _WINDOW_CACHE.clear()
+        _WINDOW_CACHE[window] = found
+    if found:
         base = m.start()
-        found = _RUN_CACHE[key] = [(c.start - base, c.end - base, c.score, c.detector, c.parts)
-                                   for c in _split_run(text, m)]
-    for s, e, score, detector, parts in found:
-        yield Candidate(m.start() + s, m.start() + e, score, detector, parts)
+        yield from [Candidate(base + s, base + e, score, detector, parts) for s, e, score, detector, parts in found]
+
+
+_WINDOW_CACHE: dict[tuple[int, str], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
 
 
 def _split_run(text: str, m: re.Match) -> Iterator[Candidate]:
@@ -387,14 +462,17 @@ def _split_run(text: str, m: re.Match) -> Iterator[Candidate]:
             span_start = s if span_start < 0 else span_start
             particle = True
             continue
-        if w and not _is_initial(w) and not any(c.islower() for c in w):
+        if len(w) == 1 and part and _ELEM_NAME.fullmatch(elems[k + 1][2]) and not _is_initial(part[-1][2]):
+            w, lw = w + ".", lw  # "Ana J Okafor": a middle initial written without its full stop
+        elif w and not _is_initial(w) and not any(c.islower() for c in w):
             w, lw, context = "", "", 0.0  # "A", "OK", "KE" (the start of "KESTREL"): no name word
         stop = w.endswith(".") and len(w) > 2 and lw not in TITLES
         if stop:  # "... Ana Okafor. Frank said": the full stop ends the sentence, and the name
             w, e = w[:-1], e - 1
         title = lw in TITLES
-        if w and not title and lw not in ROLES and (_continues(part, lw, context) or not _breaks(w)
-                                                    or _given_before_surname(w, elems[k + 1][2])):
+        if w and not title and (lw not in ROLES or _continues(part, lw, context)) and (
+                _continues(part, lw, context) or not _breaks(w) or _given_before_surname(w, elems[k + 1][2])
+                or _before_particle(w, elems, k)):
             part.append((s, e, w))
             span_start = s if span_start < 0 else span_start
             if not stop:
@@ -405,7 +483,9 @@ def _split_run(text: str, m: re.Match) -> Iterator[Candidate]:
                 yield from _split_run_words(text, part, context, span_start, particle)
             context = 0.0
         part, span_start, particle = [], -1, False
-        if title:
+        if (title or lw in ROLES) and (stop or w.endswith(".") and lw not in ABBREVIATIONS):
+            context = 0.0  # "the Charge Nurse. Will", "Senior Engineer. Hope": a sentence ended there
+        elif title:
             context = _DOTTED if w.endswith(".") else 1.0
         elif lw in ROLES:
             context = ROLES[lw]
@@ -422,10 +502,25 @@ def _given_before_surname(w: str, nxt: str) -> bool:
     """An unlisted capitalized word right before a listed surname that is no word ("Arjun Okafor"): a given
     name the lists lack, unless it is an everyday word ("Ask Okafor") or a place, a title or a thing."""
     lw = w.lower()
-    if not w[:1].isupper() or lw in COMMON or lw in NOT_NAMES or lw in ROLES or lw in TITLES or lw in EPONYMS \
-            or lw in NOT_PERSON_AFTER or lw in PLACE_LEAD or len(w) < 3:
+    if not w[:1].isupper() or lw in COMMON or lw in NOT_NAMES and lw not in GIVEN_PLACES or lw in ROLES \
+            or lw in TITLES or lw in EPONYMS or lw in NOT_PERSON_AFTER or lw in PLACE_LEAD or len(w) < 3:
         return False
     return scorer().surname(nxt.lower().rstrip(".")) >= 1.0
+
+
+def _listed(w: str) -> bool:
+    """A listed given name or surname, even one that is also a word ("Chino", "Redden"), but no everyday
+    word, place, role or title."""
+    lw = w.lower()
+    sc = scorer()
+    return (lw in sc.n.first or lw in sc.n.last_rank) and not (
+        lw in COMMON or lw in NOT_NAMES or lw in ROLES or lw in TITLES or lw in EPONYMS or lw in NOT_PERSON_AFTER
+        or lw in PLACE_LEAD)
+
+
+def _before_particle(w: str, elems: list[tuple[int, int, str]], k: int) -> bool:
+    """A listed name right before a lower-case particle and a capitalized word: "Chino van Redden"."""
+    return k + 2 < len(elems) and elems[k + 1][2] in PARTICLES and elems[k + 2][2][:1].isupper() and _listed(w)
 
 
 def _split_run_words(text: str, part: list[Word], context: float, span_start: int,
@@ -436,7 +531,8 @@ def _split_run_words(text: str, part: list[Word], context: float, span_start: in
         return
     sc = scorer()
     while len(part) > 1 and not _is_initial(part[0][2]) and sc.given(part[0][2].lower()) == 0.0 \
-            and not (len(part) == 2 and _given_before_surname(part[0][2], part[1][2])):
+            and not (len(part) == 2 and (_given_before_surname(part[0][2], part[1][2])
+                                         or particle and _listed(part[0][2]))):
         part = part[1:]
         span_start = part[0][0]
     head = part[0][0]
@@ -449,8 +545,10 @@ def _split_run_words(text: str, part: list[Word], context: float, span_start: in
 
 def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok: bool = False,
            start: int = -1, particle: bool = False, end: int = -1) -> Iterator[Candidate]:
-    score = _score_run(part, context, lower_ok, particle)
     end = part[-1][1] if end < 0 else end
+    if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end):
+        context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented"
+    score = _score_run(part, context, lower_ok, particle)
     if score >= THRESHOLD and not _followed_by_thing(text, end):
         yield Candidate(part[0][0] if start < 0 else start, end, min(1.0, score / 2.5), detector,
                         tuple(w for _, _, w in part if len(w.rstrip(".")) > 1))
@@ -464,7 +562,7 @@ def _followed_by_thing(text: str, end: int) -> bool:
     return bool(m) and m.group(1).lower() in NOT_PERSON_AFTER
 
 
-_RUN_CACHE: dict[tuple[str, float, str], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
+_RUN_CACHE: dict[tuple[str, float, str, str, bool], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
 
 
 def _runs(text: str) -> Iterator[Candidate]:
@@ -483,11 +581,17 @@ def _runs(text: str) -> Iterator[Candidate]:
 
 
 def _lone(text: str, i: int) -> Iterator[Candidate]:
-    """A single capitalized word at `i`, kept when a strong role or title comes right before it."""
+    """A single capitalized word at `i`, kept when a strong role or title comes right before it, or when it is a
+    listed given name and no word at all after "with" or "by" ("Discussed with Yesenia", "seen by Latisha")."""
     context = _context_before(text, i)
-    if context >= 0.8:
+    if context >= 0.4:
         m = _LONE.match(text, i)
         if m and not m.group(2):
+            if context < 0.8:
+                if not _strong_given(m.group(1)) or scorer().is_word(m.group(1).lower()) \
+                        or text[max(0, i - 5):i].lower().split()[-1:] not in (["with"], ["by"]):
+                    return
+                context = 0.8
             yield from _judge(text, [(m.start(1), m.end(1), m.group(1))], context, "name-run")
 
 
@@ -506,6 +610,70 @@ def _after_roles(text: str, low: str) -> Iterator[Candidate]:
                     j >= n or not low[j].isalpha() or key in ("mr", "ms") and low[j] == "s"):
                 yield from _after_role_at(text, low, i + (key[0] == " "), key.strip())
             i = low.find(key, j)
+    yield from _upper_after_roles(text, low)
+
+
+# The blank between two upper-case words ("…A OK…"): a literal first, which the engine finds faster than a
+# capital letter, and a failed try costs a step or two however long the words are ("KESTREL", "FROSTLINE")
+_UPPER_GAP = re.compile(r" (?<=[A-Z'’] )(?:[A-Z]{1,4} )?[A-Z][A-Z'’]")
+_WORD_BEFORE = re.compile(r"(?<![a-z])([a-z]+)\.?[ \t]*:?[ \t]*$")
+_LINE_START = re.compile(r"(?:^|\n)[ \t]*$")
+
+
+def _upper_after_roles(text: str, low: str) -> Iterator[Candidate]:
+    """Upper-case names after any role or title not in `_ROLE_SCAN` ("Officer LORETTA BLAIS", "Driver: ANA
+    OKAFOR"): the role is read from the word before the pair. Without a role, an upper-case pair inside a
+    line is judged as one heading a line is (`_caps_name`): "Yesterday DAREN THARP called"."""
+    sc = scorer()
+    end = 0
+    for g in _UPPER_GAP.finditer(text):
+        gap = g.start()
+        lo = max(0, gap - 40)
+        start = max(text.rfind(" ", lo, gap), text.rfind("\n", lo, gap), text.rfind("\t", lo, gap),
+                    text.rfind("(", lo, gap), lo - 1) + 1  # the first word: back to the blank before it, in C
+        if start < end or gap - start < 2:
+            continue
+        first = low[start:gap]
+        if sc.given(first) < 1.0 and sc.is_word(first) or not text[start:gap].isupper():
+            continue  # "ICU BED", "KESTREL TELEMETRY": no name starts with an ordinary word; "McDONALD"
+        end = g.end()
+        # what decides here lies within this window: a window seen before with nothing in it is passed over
+        window = text[max(0, start - 24):g.end() + 40]
+        if window in _UPPER_NOTHING:
+            continue
+        found = list(_upper_at(text, low, start))
+        if found:
+            yield from found
+        else:
+            if len(_UPPER_NOTHING) > 50000:
+                _UPPER_NOTHING.clear()
+            _UPPER_NOTHING.add(window)
+
+
+_UPPER_NOTHING: set[str] = set()  # windows around upper-case pairs that held no name (prose repeats them)
+
+
+def _upper_at(text: str, low: str, start: int) -> Iterator[Candidate]:
+    """An upper-case pair starting at `start`: a name after a role, or a name by itself (`_caps_name`)."""
+    role = _word_before(low, start)
+    if role not in _ROLE_SCAN and (ROLES.get(role, 0.0) >= 0.9 or role in TITLES):
+        yield from _after_role_at(text, low, low.rfind(role, 0, start), role)
+    elif start and text[start - 1] in " \t(" and not _LINE_START.search(text, max(0, start - 8), start):
+        m = _CAPS_AT.match(text, start)
+        if m and _caps_name(m.group(1)):
+            words = m.group(1).split()
+            yield Candidate(m.start(1), m.end(1), 0.7, "name-caps", (words[0].capitalize(), words[-1].capitalize()))
+
+
+def _word_before(low: str, i: int) -> str:
+    """The word before `i` on its line, past blanks, a colon and a full stop: "officer" in "officer: ANA"."""
+    j = i
+    while j and low[j - 1] in " \t:.":
+        j -= 1
+    k = j
+    while k and low[k - 1].isalpha():
+        k -= 1
+    return low[k:j] if j - k < 24 else ""
 
 
 def _role_context(low: str, i: int, key: str) -> tuple[float, int]:
@@ -517,6 +685,8 @@ def _role_context(low: str, i: int, key: str) -> tuple[float, int]:
         end += 1
     head = _ROLE_HEAD.search(low, i, end)
     role = head.group(1) if head else ""
+    if end < len(low) and low[end] == "." and role not in ABBREVIATIONS:
+        return 0.0, end  # "the nurse. will": a sentence ended there
     if key in ("name", "witness"):
         context = 0.8
     elif role in TITLES:
@@ -538,11 +708,13 @@ def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]
     sc = scorer()
     kept: list[Word] = []
     start = -1
+    particle = False
     for e in _WORD.finditer(m.group(1)):
         w, s = e.group(), m.start(1) + e.start()
         lw = w.lower().rstrip(".")
-        if lw in PARTICLES and not kept or lw in PARTICLES and w.islower():
-            start = s if start < 0 else start
+        if lw in PARTICLES and (not kept or w.islower() or w.isupper() and kept[0][2].isupper()):
+            start = s if start < 0 else start  # "de Vries", "MICKI DE SOLUME"
+            particle = particle or bool(kept)
             continue
         listed_last = not kept and _COMMA_GIVEN.match(text, s + len(w)) and lw in sc.n.last_rank
         if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or (
@@ -556,16 +728,20 @@ def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]
         start = s if start < 0 else start
     if not kept:
         return
+    if len(kept) == 1 and kept[0][2].lower() in AMBIGUOUS_FIRST and ":" in text[end:kept[0][0]] \
+            and _LOWER_NEXT.match(text, kept[0][1]):
+        return  # "Charge Nurse: Will be reviewed": a label, then a sentence that starts with a word
     tail = _COMMA_GIVEN.match(text, kept[-1][1])
     end = kept[-1][1]
     if len(kept) == 1 and tail and not _breaks(tail.group(1)):  # "Witness: Frazier, Ugooya": score it as
         kept.insert(0, (tail.start(1), tail.end(1), tail.group(1)))  # "Ugooya Frazier", keep the span
         end, context = tail.end(1), context + 0.4
     norm = [(s, e, w.capitalize() if w.isupper() and len(w) > 2 else w) for s, e, w in kept]
-    yield from _judge(text, norm, context, "name-role", lower_ok=True, start=start, end=end)
+    yield from _judge(text, norm, context, "name-role", lower_ok=True, start=start, end=end, particle=particle)
 
 
 _WORD = re.compile(r"[^\s,;]+")
+_LOWER_NEXT = re.compile(r"[ \t]+[a-z]")
 
 
 def _casing(w: str) -> str:
@@ -574,6 +750,8 @@ _COMMA_GIVEN = re.compile(rf", ({_TOK})(?![ \t]*[{_UP}{_LO}])")
 
 
 _COMMA_CAP = re.compile(rf", (?=[{_UP}])")  # a literal first: the engine jumps from comma to comma
+_ITEM_START = re.compile(r"(?:^|[;:\n|])[ \t]*$")
+_PARTICLES_BEFORE = re.compile(rf"(?<![\w])(?:{_PART}[ \t]+)+$")
 _TOK_END = re.compile(rf"{_TOK}$")
 
 
@@ -585,10 +763,19 @@ def _last_first(text: str) -> Iterator[Candidate]:
         if not m:
             continue
         last, first = m.group(1).lower(), m.group(2).lower()
+        if first in NOT_NAMES:
+            continue
+        lead = _PARTICLES_BEFORE.search(text, max(0, m.start() - 16), m.start())  # "van Quillen, Cleopatra"
+        head = lead.start() if lead else m.start()
+        # where an item of a list or a field starts (after ";", ":", "|" or a line break), weaker surnames do
+        item = _ITEM_START.search(text, max(0, head - 8), head) is not None
         listed = first in sc.n.first and first not in AMBIGUOUS_FIRST
-        unlisted = sc.surname(last) >= 1.0 and not _breaks(m.group(2)) and first not in COMMON  # "Krasner, Chaeze"
-        if sc.surname(last) >= 0.7 and (listed or unlisted) and first not in NOT_NAMES:
-            yield Candidate(m.start(), m.end(), 0.8, "name-last-first", (m.group(1), m.group(2)))
+        unlisted = not _breaks(m.group(2)) and first not in COMMON
+        if listed and (sc.surname(last) >= 0.7 or item and sc.surname(last) >= 0.6) \
+                or unlisted and sc.surname(last) >= 1.0 \
+                or unlisted and item and _listed(last) and not sc.is_word(first):
+            # "Okafor, Ana"; "Krasner, Chaeze"; "Obaeze, Rowena" and "Contact: Champion, Emira" in a list
+            yield Candidate(head, m.end(), 0.8, "name-last-first", (m.group(1), m.group(2)))
 
 
 # At the start of a line (the engine jumps from newline to newline): "Hi Darrick,", "Thanks Elaine!".
@@ -616,26 +803,51 @@ def find_names(text: str, low: str) -> list[Candidate]:
     out.extend(_after_roles(text, low))
     out.extend(_greetings(text))
     out.extend(_caps(text))
+    if "|" in text:
+        out.extend(_table_cells(text))
     if out:
         out.extend(_coordinated(text, out))
     return out
 
 
 # At the start of a line (a newline is a literal the engine jumps to); after a role word the role scan has them.
-_CAPS_PAIR = re.compile(r"\n[ \t]*([A-Z][A-Z'’]++(?:[ \t]+[A-Z]\.)?[ \t]+[A-Z][A-Z'’]++(?:-[A-Z][A-Z'’]+)?)"
-                        r"(?![A-Za-z])")
+_CAPS_PART = r"(?:VAN|VON|DE|DER|DEN|DA|DI|DU|DEL|DELLA|LA|LE|TER|TEN|BIN|IBN|AL|EL)"
+_CAPS_WORDS = (rf"([A-Z][A-Z'’]++(?:[ \t]+[A-Z]\.)?(?:[ \t]+{_CAPS_PART}(?=[ \t]))*[ \t]+"
+               r"[A-Z][A-Z'’]++(?:-[A-Z][A-Z'’]+)?)(?![A-Za-z])")
+_CAPS_PAIR = re.compile(r"\n[ \t]*" + _CAPS_WORDS)
+_CAPS_AT = re.compile(_CAPS_WORDS)  # the same pair inside a line, matched where it starts
 
 
 def _caps(text: str) -> Iterator[Candidate]:
-    """Upper-case names heading a line without a role before them ("MARGARET OKONKWO" on a form): a listed
-    given name that is no everyday word, then a surname-like word."""
-    sc = scorer()
+    """Upper-case names heading a line without a role before them ("MARGARET OKONKWO" on a form)."""
     for m in _CAPS_PAIR.finditer("\n" + text):
-        words = m.group(1).split()
-        first, last = words[0].lower(), words[-1].lower()
-        if sc.given(first) >= 1.0 and first not in COMMON and sc.surname(last) >= 0.6:
+        if _caps_name(m.group(1)):
+            words = m.group(1).split()
             yield Candidate(m.start(1) - 1, m.end(1) - 1, 0.7, "name-caps",
                             (words[0].capitalize(), words[-1].capitalize()))
+
+
+_CAPS_SEEN: dict[str, bool] = {}  # upper-case pairs judged, per process: prose repeats its acronyms
+
+
+def _caps_name(pair: str) -> bool:
+    """Whether an upper-case pair with no role before it is a name: a listed given name that is no everyday
+    word, then a surname-like word; or a given name the lists lack, then a listed surname ("EMEKA HEALY") or a
+    particle and no word ("HESTER VAN DER NWAANWO")."""
+    out = _CAPS_SEEN.get(pair)
+    if out is None:
+        sc = scorer()
+        words = pair.split()
+        first, last = words[0].lower(), words[-1].lower()
+        particle = any(w.lower() in PARTICLES for w in words[1:-1])
+        unlisted_first = not sc.is_word(first) and first not in COMMON and first not in NOT_NAMES and (
+            sc.surname(last) >= 1.0 or particle and not sc.is_word(last))
+        out = sc.given(first) >= 1.0 and first not in COMMON and (sc.surname(last) >= 0.6 or _listed(last)) \
+            or unlisted_first
+        if len(_CAPS_SEEN) > 50000:
+            _CAPS_SEEN.clear()
+        _CAPS_SEEN[pair] = out
+    return out
 
 
 # After a name: ", ", "; ", " and ", " or ", " & " and the next item of the list.
@@ -664,6 +876,61 @@ def _coordinated(text: str, found: list[Candidate]) -> Iterator[Candidate]:
             seen.add(cand.start)
             todo.append(cand)
             yield cand
+    yield from _coordinated_before(text, found, seen)
+
+
+_PREV_ITEM = re.compile(rf"(?<![\w'’-])({_TOK})(?:[ \t]*&[ \t]*|[ \t]+and[ \t]+)$")
+
+
+def _coordinated_before(text: str, found: list[Candidate], seen: set[int]) -> Iterator[Candidate]:
+    """A single word joined by "and" to a name found, with a role before it ("Thanks to Zanenna and Julia
+    Esaw"): the list and the role together are its context. Without a role it stays a word ("Hope and ...")."""
+    for c in found:
+        m = _PREV_ITEM.search(text, max(0, c.start - 40), c.start)
+        if not m or m.start(1) in seen or _context_before(text, m.start(1)) < 0.8:
+            continue
+        w = m.group(1)
+        if w.lower() in AMBIGUOUS_FIRST or scorer().is_word(w.lower()):
+            continue
+        for cand in _judge(text, [(m.start(1), m.end(1), w)], 1.2, "name-list"):
+            seen.add(cand.start)
+            yield cand
+
+
+# Column headers of a Markdown table whose cells hold people by name.
+PERSON_HEADERS = frozenset(("name", "full name", "patient", "patient name", "staff", "staff name", "employee",
+                            "contact", "owner", "engineer", "technician", "nurse", "doctor", "physician",
+                            "clinician", "surgeon", "reviewer", "author", "signed by", "assigned to", "attendee",
+                            "person", "witness", "operator", "inspector", "customer", "client", "who"))
+_TABLE_ROW = re.compile(r"^[ \t]*\|.*\|[ \t]*\r?$", re.M)
+_CELL = re.compile(r"\|([^|\n]*)(?=\|)")
+
+
+def _table_cells(text: str) -> Iterator[Candidate]:
+    """The cells of a Markdown table under a column that names people ("| Name | Role |"): each judged with
+    the column as its context, as a role word before it would be."""
+    cols: list[int] | None = None
+    last_end = -1
+    for row in _TABLE_ROW.finditer(text):
+        if row.start() != last_end + 1:
+            cols = None  # a new table
+        last_end = row.end()
+        cells = list(_CELL.finditer(text, row.start(), row.end()))
+        if cols is None:
+            cols = [i for i, c in enumerate(cells) if c.group(1).strip().lower() in PERSON_HEADERS]
+            continue
+        for i in cols:
+            if i < len(cells):
+                yield from _cell_name(text, cells[i].start(1), cells[i].end(1))
+
+
+def _cell_name(text: str, start: int, end: int) -> Iterator[Candidate]:
+    elems = list(_ELEM_ONE.finditer(text, start, end))
+    words = [(e.start(), e.end(), e.group()) for e in elems if e.group(1)]
+    if not words or text[start:end].strip() != text[elems[0].start():elems[-1].end()]:
+        return  # a cell with more than names in it
+    yield from _judge(text, words, 0.9, "name-table", start=elems[0].start(),
+                      particle=any(e.group(2) for e in elems))
 
 
 def repeat_words(cands: list[Candidate]) -> set[str]:

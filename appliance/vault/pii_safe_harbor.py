@@ -26,6 +26,7 @@ class Scan(list):
         super().__init__(regions)
         self.text, self.low = text, low
         self._hits: dict[str, list[int]] | None = None
+        self.merged: list[list[int]] | None = None  # the windows merged where they overlap, once per text
 
     def any_hits(self) -> bool:
         """Whether any keyword is near a digit at all."""
@@ -253,6 +254,71 @@ _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passe
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
 _AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
 _AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?![\d.])")
+
+
+_MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
+           "november", "december")
+_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
+_NUMERIC = re.compile(r"(\d{1,2})([/.-])(\d{1,2})[/.-](\d{2,4})")
+_MONTH_FIRST = re.compile(r"([A-Za-z]+)(\.?) (\d{1,2})(st|nd|rd|th)?(,?) (\d{4})")
+_DAY_FIRST = re.compile(r"(\d{1,2})(st|nd|rd|th)? (of )?([A-Za-z]+)(\.?)(,?) (\d{4})")
+
+
+def shift_date(value: str, days: int) -> str | None:
+    """`value` (a date as `DATE` matches it) moved by `days`, written as it was ("2024-03-05", "3/5/2024",
+    "March 5, 2024", "5th of Mar. 2024"); None when it is no real date. Numeric dates read month first (US)
+    unless the first number cannot be a month."""
+    import datetime as dt
+
+    def move(y: int, m: int, d: int):
+        try:
+            return dt.date(y, m, d) + dt.timedelta(days=days)
+        except ValueError:
+            return None
+
+    def pad(new: int, old: str) -> str:
+        return f"{new:0{len(old)}d}"  # "05" stays two digits, "5" one where it can
+
+    if m := _ISO.fullmatch(value):
+        new = move(int(m[1]), int(m[2]), int(m[3]))
+        return new and f"{new.year:04d}-{pad(new.month, m[2])}-{pad(new.day, m[3])}"
+    if m := _NUMERIC.fullmatch(value):
+        a, sep, b, y = m[1], m[2], m[3], m[4]
+        day_first = int(a) > 12
+        year = int(y) if len(y) == 4 else 2000 + int(y) if int(y) < 50 else 1900 + int(y)
+        new = move(year, int(b), int(a)) if day_first else move(year, int(a), int(b))
+        if new is None:
+            return None
+        first, second = (new.day, new.month) if day_first else (new.month, new.day)
+        ys = f"{new.year:04d}" if len(y) == 4 else f"{new.year % 100:02d}"
+        return f"{pad(first, a)}{sep}{pad(second, b)}{sep}{ys}"
+    if m := _MONTH_FIRST.fullmatch(value):
+        month = _month(m[1])
+        new = month and move(int(m[6]), month, int(m[3]))
+        return new and (f"{_month_name(new.month, m[1])}{m[2]} {new.day}{_ordinal(new.day) if m[4] else ''}{m[5]} "
+                        f"{new.year}")
+    if m := _DAY_FIRST.fullmatch(value):
+        month = _month(m[4])
+        new = month and move(int(m[7]), month, int(m[1]))
+        return new and (f"{new.day}{_ordinal(new.day) if m[2] else ''} {m[3] or ''}{_month_name(new.month, m[4])}"
+                        f"{m[5]}{m[6]} {new.year}")
+    return None
+
+
+def _month(word: str) -> int:
+    w = word.lower()
+    return next((i + 1 for i, name in enumerate(_MONTHS) if len(w) >= 3 and name.startswith(w)), 0)
+
+
+def _month_name(month: int, like: str) -> str:
+    """Month `month` written as `like` is: in full or cut to three letters ("Sept" for September), in its case."""
+    name = _MONTHS[month - 1]
+    name = name if like.lower() in _MONTHS else "sept" if month == 9 and len(like) == 4 else name[:3]
+    return name.upper() if like.isupper() and len(like) > 1 else name.capitalize() if like[0].isupper() else name
+
+
+def _ordinal(day: int) -> str:
+    return "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
 
 
 def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
