@@ -29,15 +29,24 @@ def demo_home(home_arg: Path | None) -> Home:
     return Home(user_data_dir() / "appliance-demo")
 
 
+def reports_dir(home: Home) -> Path:
+    """Where the demo puts the pictures it asks for (plots, the console's screens): beside the home, not in it,
+    since nothing derived from vault data stays in the home in the clear (these are exports, made on purpose)."""
+    return home.root.with_name(home.root.name + "-reports")
+
+
 def _prepare(home: Home) -> None:
-    """A demo always starts fresh, but only ever wipes a home that an earlier demo made."""
-    if home.root.exists() and any(home.root.iterdir()):
-        if not (home.root / DEMO_MARKER).exists():
-            raise ApplianceError(f"{home.root} is not empty and was not made by `appliance demo`",
-                                 "pass --home with a new or demo directory")
-        shutil.rmtree(home.root)
+    """A demo always starts fresh, but only ever wipes a home (and reports) that an earlier demo made."""
+    for d in (home.root, reports_dir(home)):
+        if d.exists() and any(d.iterdir()):
+            if not (d / DEMO_MARKER).exists():
+                raise ApplianceError(f"{d} is not empty and was not made by `appliance demo`",
+                                     "pass --home with a new or demo directory")
+            shutil.rmtree(d)
     home.create_dirs()
-    (home.root / DEMO_MARKER).write_text("made by `appliance demo`; safe to delete\n")
+    reports_dir(home).mkdir(mode=0o700, exist_ok=True)
+    for d in (home.root, reports_dir(home)):
+        (d / DEMO_MARKER).write_text("made by `appliance demo`; safe to delete\n")
 
 
 def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
@@ -47,7 +56,7 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
 
     passphrase = os.environ.get("APPLIANCE_PASSPHRASE") or DEMO_PASSPHRASE
     _prepare(home)
-    summary: dict = {"home": str(home.root), "stages": []}
+    summary: dict = {"home": str(home.root), "reports": str(reports_dir(home)), "stages": []}
     t0 = time.time()
 
     def stage(name: str, detail: str, **data) -> None:
@@ -262,7 +271,7 @@ def _evaluate(v, model_id: str, gguf_id: str, stage: Callable[..., None]) -> Non
                   f"(answers changed on {len(g['changed'])} of {b['cases']} cases)", ok=g["ok"])
     drift.check(v, model_id, None, "source", 0.2, 0.05, probes_n=8)  # the baseline: the source model
     d = drift.check(v, gguf_id, None, "source", 0.2, 0.05)
-    out = v.home.root / "reports"
+    out = reports_dir(v.home)
     plots.metrics_png([a, b], out / "eval.png")
     plots.loss_png({r: losses(v.con, r) for r in ("tiny-dense@1", "sft-lora@1")}, out / "loss.png")
     stage("drift", f"{gguf_id} against the baseline of {model_id} ({d['probes']} probes): answers changed "
@@ -361,7 +370,7 @@ def _bundles(v, gguf_id: str, tmp: Path, stage: Callable[..., None]) -> None:
         pub_file = exchange.keys_dir(v.home) / "demo-site.pub"
         exchange.trust_add(v, pub_file, "demo-site", ["gguf", "dataset"])
         out = v.home.root / "bundles"
-        g = exchange.export_bundle(v, gguf_id, "demo-site", [], out / "gguf.bundle")
+        g = exchange.export_bundle(v, gguf_id, "demo-site", [pub_file], out / "gguf.bundle")  # sealed in transit too
         checked = exchange.verify_bundle(v, out / "gguf.bundle")
         stage("bundle", f"{g['out']}: {g['name']} v{g['version']}, {g['files']} files, signed by {pub.key_id}; "
                         f"verified against the trust store ({checked['bytes']:,} bytes)", bundle=g)
@@ -406,12 +415,12 @@ def _jobs(v, tokenizer_id: str, stage: Callable[..., None]) -> None:
 
 
 def _console(v, passphrase: str, stage: Callable[..., None]) -> None:
-    """The operator's console, driven headless through every screen; a picture of each lands in reports/."""
+    """The operator's console, driven headless through every screen; a picture of each lands in the reports."""
     import asyncio
 
     from appliance.tui.app import ApplianceApp
 
-    out = v.home.root / "reports"
+    out = reports_dir(v.home)
     shown: list[str] = []
 
     async def tour() -> None:

@@ -15,8 +15,11 @@ from __future__ import annotations
 import json
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
+from appliance import sealed
 from appliance.db_time import iso, utcnow
 from appliance.errors import BundleRefused, UsageError, bundle_errors
 from appliance.home import Home, atomic_write
@@ -153,6 +156,54 @@ def _what(vault, ref: str) -> tuple[str, str, str, Path | None]:
 BUNDLED = ("model", "gguf", "dataset", "eval")  # the kinds of lineage node a bundle carries
 
 
+@contextmanager
+def exported(vault, action: str, ids: list[str], out: str | Path) -> Iterator[Path]:
+    """A report or plot an operator asked for (`--out`): written where asked, never inside the home (where
+    nothing derived stays in the clear), and audited once it is written."""
+    out = Path(out)
+    if vault.home.root.resolve() in out.absolute().resolve().parents:
+        raise UsageError(f"{out} is inside the home", "write reports and plots outside the appliance's home")
+    yield out
+    with vault.transaction():
+        vault.audit(action, list(ids), {"out": str(out)})
+
+
+def export_plain(vault, ref: str, out: Path) -> dict:
+    """The files of a model, adapter, tokenizer or GGUF as plain files in `out` (a new directory): the one way
+    plaintext of an artifact leaves the sealed store besides a bundle. Audited before the directory appears."""
+    from appliance import refs
+    from appliance.home import atomic_dir
+    from appliance.quantize.stage import gguf_dir
+    from appliance.vault import lineage
+
+    node_id = refs.node(vault.con, ref, ("model", "adapter", "tokenizer", "gguf"),
+                        "model, adapter, tokenizer or GGUF")
+    kind = lineage.kind_of(vault.con, node_id)
+    src = gguf_dir(vault.home.artifacts, node_id) if kind == "gguf" else \
+        vault.home.artifacts / ("tokenizers" if kind == "tokenizer" else "models") / node_id
+    if not src.is_dir():
+        raise BundleRefused(f"the files of {node_id} are missing from {src}", "restore them from a backup")
+    out = Path(out)
+    if os.path.lexists(out):
+        raise UsageError(f"{out} already exists", "pass a new directory with --out")
+    if sealed.store_for(out) is not None:
+        raise UsageError(f"{out} is inside the home's artifacts", "export to a directory outside the home")
+    names = sealed.sealed_names(src) if sealed.is_sealed(src) else \
+        sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
+    total = 0
+    with atomic_dir(out) as tmp:
+        for name in names:
+            (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+            with sealed.opened(src / name) as plain, open(plain, "rb") as f, \
+                    open(tmp / name, "xb", opener=lambda p, fl: os.open(p, fl | os.O_NOFOLLOW, 0o600)) as g:
+                while piece := f.read(4 << 20):
+                    g.write(piece)
+                    total += len(piece)
+        with vault.transaction():  # the record first: no plaintext copy without its audit entry
+            vault.audit("model.export", [node_id], {"out": str(out), "files": len(names), "bytes": total})
+    return {"id": node_id, "kind": kind, "out": str(out), "files": names, "bytes": total}
+
+
 @bundle_errors()
 def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | PublicKey], out: Path,
                   expires_days: float = 365, reserved: bool = False) -> dict:
@@ -175,7 +226,10 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | Public
     else:
         if not src.is_dir():
             raise BundleRefused(f"the files of {node_id} are missing from {src}", "restore them from a backup")
-        files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
+        if sealed.is_sealed(src):  # opened in memory: the bundle is the only place the files are written
+            files = [(name, sealed.read_bytes(src / name)) for name in sealed.sealed_names(src)]
+        else:
+            files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]
     signer = secret_key(vault.home, sign_key)
     (last,) = vault.con.execute("SELECT max(version) FROM bundles_out WHERE name = ?", [name]).fetchone()
     version = (last or 0) + 1
@@ -362,7 +416,10 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
                               "import models, GGUFs, datasets and eval reports")
         got["id"] = lineage.next_id(vault.con, name)
         got["dest"] = vault.home.artifacts / ("models" if kind == "model" else "gguf") / got["id"]
-        return container.Plan(last, unpack_to=got["dest"])
+        if os.path.lexists(got["dest"]):
+            raise BundleRefused(f"{got['dest']} already exists", "remove what a crash left there, then import")
+        got["files"] = {}  # checked in memory, then sealed into the artifacts: never on disk in the clear
+        return container.Plan(last, collect=got["files"])
 
     v = container.verify(path, _trust(vault.home), _maybe_identities(vault.home, path),
                          allow_downgrade=allow_downgrade, decide=decide)
@@ -385,6 +442,7 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         return _import_eval(vault, got["files"], m, v, prov, record, downgrade)
     dest, node_id = got["dest"], got["id"]
     try:
+        sealed.write_dir(dest, got.pop("files"))
         with vault.transaction():
             attrs = {**_sender_report(dest, m["kind"]), **prov, "path": str(dest),
                      "source_lineage": m.get("lineage", {}).get("tree")}
@@ -461,12 +519,13 @@ def _import_eval(vault, files: dict, m: dict, v, prov: dict, record, downgrade: 
 
 def _sender_report(dest: Path, kind: str) -> dict:
     """A GGUF's type, size and quality report as the sender measured them (its appliance.json)."""
-    if kind != "gguf" or not (dest / "appliance.json").is_file():
+    if kind != "gguf" or not sealed.exists(dest / "appliance.json"):
         return {}
     try:
-        result = json.loads((dest / "appliance.json").read_text()).get("result", {})
+        result = json.loads(sealed.read_bytes(dest / "appliance.json")).get("result", {})
     except ValueError:
         return {}
     keep = ("type", "size", "bits_per_weight", "params", "tensor_types", "fallbacks", "quality", "imatrix")
-    path = next(iter(sorted(dest.glob("*.gguf"))), None)
+    path = next(iter(n for n in sealed.sealed_names(dest) if n.endswith(".gguf")), None)
+    path = dest / path if path else None
     return {k: result[k] for k in keep if k in result} | ({"gguf_path": str(path)} if path else {})

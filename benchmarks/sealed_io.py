@@ -10,6 +10,9 @@ SECTIONS; a new one takes the Context and returns a Result):
     (ChaCha20-Poly1305 STREAM: each core reads, opens and hashes its own runs of the digest tree's leaves);
     with it, one core's speed at SHA-256 and at opening chunks, which bound the ratio where the CPU is the
     limit.
+  - `model load`: `from_pretrained` of a model saved plain against the same model sealed in a home's artifacts.
+  - `GGUF load`: llama.cpp loading an f32 GGUF and evaluating one token, plain file against sealed.
+  - `checkpoint save`: a training checkpoint (weights and AdamW moments) plain against sealed as written.
 Best of `--repeat`, the two ways taken in turns. --smoke: one pass over 4 MiB, a check that every section
 runs, not a measurement.
 """
@@ -48,6 +51,7 @@ class Result:
     sealed_s: float  # best time of the sealed way, same payload
     aim: float  # sealed speed / plain speed wanted (issue 21)
     note: str = ""  # what bounds the ratio, measured in the same run
+    bytes: int = 0  # bytes the operation moves, when not the payload's size
 
 
 def best(fn: Callable[[], object], repeat: int) -> float:
@@ -116,7 +120,152 @@ def one_core_rates(size: int, repeat: int) -> tuple[float, float]:
     return mb / best(lambda: hashlib.sha256(data).digest(), repeat), mb / best(open_all, repeat)
 
 
-SECTIONS: list[Callable[[Context], Result]] = [bundle_verify]
+def _llama(size: int, tie: bool = False):
+    """A Llama whose fp32 weights are about `size` bytes (random, not trained: only bytes are timed)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    hidden, vocab = (1024, 32000) if size >= 64 << 20 else (64, 256)
+    per_layer = 4 * hidden * hidden + 3 * hidden * int(hidden * 2.75)
+    layers = max(1, (size // 4 - 2 * vocab * hidden) // per_layer)
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=int(hidden * 2.75),
+                      num_hidden_layers=int(layers), num_attention_heads=max(1, hidden // 64),
+                      num_key_value_heads=max(1, hidden // 64), max_position_embeddings=256, tie_word_embeddings=tie)
+    with torch.device("cpu"):
+        return LlamaForCausalLM(cfg).eval()
+
+
+class _Sealed:
+    """A throwaway home's artifacts with its own keys, registered like an open vault's."""
+
+    def __init__(self, work: Path):
+        from appliance import sealed
+
+        self.root = work / "home" / "artifacts"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.store = sealed.register(sealed.Store(self.root, work / "home" / "tmp", sealed.GivenKeys(
+            {f"{k}/bench@1": os.urandom(32) for k in ("models", "gguf", "runs")})))
+
+    def close(self) -> None:
+        from appliance import sealed
+
+        sealed.unregister(self.store)
+
+
+def model_load(ctx: Context) -> Result:
+    """`from_pretrained` of one model: its plain directory against its sealed artifact (opened in memory)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, models
+
+    from appliance import sealed
+    from appliance.train.model import save_model
+
+    model = _llama(ctx.size)
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.WordLevel({"<unk>": 0}, unk_token="<unk>")))
+    s = _Sealed(ctx.work)
+    plain, dest = ctx.work / "plain-model", s.root / "models" / "bench@1"
+    try:
+        save_model(model, tok, plain, {"id": "bench@1"})
+        save_model(model, tok, dest, {"id": "bench@1"})
+        del model
+
+        def first_token(m) -> None:  # reads every weight: a plain load maps the file and reads it lazily
+            with torch.no_grad():
+                m(torch.tensor([[0]]))
+
+        def load_plain():
+            first_token(AutoModelForCausalLM.from_pretrained(str(plain), dtype=torch.float32))
+
+        def load_sealed():
+            with sealed.opened(dest) as d:
+                first_token(AutoModelForCausalLM.from_pretrained(str(d), dtype=torch.float32))
+
+        r = Result("model load + first token (from_pretrained)", *best_pair(load_plain, load_sealed, ctx.repeat),
+                   0.8)
+        r.note = ("Both read from the page cache; the sealed side opens every file into memory first (one pass that "
+                  "decrypts on every core), the plain side maps the file and reads it as the first token runs.")
+        return r
+    finally:
+        s.close()
+        shutil.rmtree(plain, ignore_errors=True)
+        shutil.rmtree(s.root.parent, ignore_errors=True)
+
+
+def gguf_load(ctx: Context) -> Result:
+    """llama.cpp loading one f32 GGUF and evaluating one token (which touches every weight): the plain file
+    against the sealed one, decrypted into an anonymous in-memory file."""
+    import shutil
+
+    from appliance import sample_bases, sealed
+    from appliance.quantize import gguf_export, llama
+
+    hidden = 1024 if ctx.size >= 64 << 20 else 64
+    layers = max(1, (ctx.size // 4) // (12 * hidden * hidden))
+    src = sample_bases.build("llama3", ctx.work / "gguf-src", ["a bench of text for a small vocabulary"] * 40,
+                             vocab_size=300, shape=dict(hidden_size=hidden, intermediate_size=hidden * 2,
+                                                        num_hidden_layers=int(layers), num_attention_heads=hidden // 64,
+                                                        num_key_value_heads=hidden // 64,
+                                                        max_position_embeddings=256))
+    s = _Sealed(ctx.work)
+    plain = ctx.work / "bench.gguf"
+    dest = s.root / "gguf" / "bench@1"
+    try:
+        gguf_export.write(src, plain, {"id": "bench@1"})
+        s.store.write_dir(dest, {"bench.gguf": plain})
+
+        def run(path: Path) -> None:
+            llm = llama.load(path, n_ctx=64, threads=os.cpu_count() or 1)
+            llm.eval([1])
+            llm.close()
+
+        r = Result("GGUF load + first token (llama.cpp)",
+                   *best_pair(lambda: run(plain), lambda: run(dest / "bench.gguf"), ctx.repeat), 0.8)
+        r.note = (f"An f32 GGUF of {plain.stat().st_size / 1e6:,.0f} MB; llama.cpp maps the plain file lazily, so "
+                  "the first token, which reads every weight, is in the time of both sides.")
+        r.bytes = plain.stat().st_size
+        return r
+    finally:
+        s.close()
+        for p in (plain, ctx.work / "gguf-src"):
+            shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+        shutil.rmtree(s.root.parent, ignore_errors=True)
+
+
+def checkpoint_save(ctx: Context) -> Result:
+    """A training checkpoint (weights and both AdamW moments, torch.distributed.checkpoint) written plain
+    against sealed as it is written, for a model a third of the payload (the checkpoint is the payload's size)."""
+    import shutil
+
+    import torch
+
+    from appliance.train import checkpoint
+
+    model = _llama(ctx.size // 3)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    s = _Sealed(ctx.work)
+    plain_root, sealed_root = ctx.work / "plain-run" / "checkpoints", s.root / "runs" / "bench@1" / "checkpoints"
+    steps = iter(range(1, 1000))
+    try:
+        r = Result("checkpoint save (torch.distributed.checkpoint)", *best_pair(
+            lambda: checkpoint.save(plain_root, next(steps), model, opt, {}, True, 1),
+            lambda: checkpoint.save(sealed_root, next(steps), model, opt, {}, True, 1), ctx.repeat), 0.8)
+        r.bytes = sum(p.stat().st_size for p in checkpoint.latest(plain_root).iterdir())
+        r.note = f"A checkpoint of {r.bytes / 1e6:,.0f} MB, fsynced on both sides."
+        return r
+    finally:
+        s.close()
+        shutil.rmtree(plain_root.parent, ignore_errors=True)
+        shutil.rmtree(s.root.parent, ignore_errors=True)
+
+
+SECTIONS: list[Callable[[Context], Result]] = [bundle_verify, model_load, gguf_load, checkpoint_save]
 
 
 def write_payload(path: Path, size: int) -> None:
@@ -135,7 +284,8 @@ def report(results: list[Result], size: int, repeat: int) -> str:
              f"one {amount} payload in the page cache; best of {repeat}.", "",
              "| operation | plain MB/s | sealed MB/s | sealed / plain | aim |", "| --- | ---: | ---: | ---: | ---: |"]
     for r in results:
-        lines.append(f"| {r.label} | {mb / r.plain_s:,.0f} | {mb / r.sealed_s:,.0f} | "
+        m = r.bytes / 1e6 if r.bytes else mb
+        lines.append(f"| {r.label} | {m / r.plain_s:,.0f} | {m / r.sealed_s:,.0f} | "
                      f"{r.plain_s / r.sealed_s:.2f}x | >= {r.aim:g}x |")
     lines.append("")
     lines += [f"**{r.label}, sealed / plain: {r.plain_s / r.sealed_s:.2f}x** (aim: >= {r.aim:g}x). {r.note}".rstrip()

@@ -345,7 +345,7 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
                 left = e["size"]
                 while left:
                     with buf[:min(len(buf), left)] as piece:
-                        if _fill(readinto, piece) < len(piece):
+                        if crypt.read_fully(readinto, piece) < len(piece):
                             raise BundleError(f"the bundle is truncated (inside {e['path']})", "copy the file again")
                         h.update(piece)
                         if out is not None:
@@ -380,18 +380,6 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
         raise
-
-
-def _fill(readinto: Callable[[memoryview], int | None], view: memoryview) -> int:
-    """Read into all of `view` unless the file ends first; how many bytes were read."""
-    got = 0
-    while got < len(view):
-        with view[got:] as rest:
-            k = readinto(rest)
-        if not k:
-            break
-        got += k
-    return got
 
 
 def _write_all(fd: int, data: bytes) -> None:

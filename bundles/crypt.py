@@ -249,7 +249,7 @@ class DecryptingReader:
     def _read_into(self, view: memoryview) -> int:
         """Fill `view` from the file (short only at its end): a regular file in pieces read in parallel."""
         if self._fd is None:
-            return _read_fully(self._f.readinto, view)
+            return read_fully(self._f.readinto, view)
         piece = 2 * SEALED
 
         def one(at: int) -> int:
@@ -291,7 +291,8 @@ class DecryptingReader:
         return True
 
 
-def _read_fully(readinto, view: memoryview) -> int:
+def read_fully(readinto, view: memoryview) -> int:
+    """Read into all of `view` unless the file ends first; how many bytes were read."""
     got = 0
     while got < len(view):
         with view[got:] as rest:

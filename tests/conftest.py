@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -171,6 +172,24 @@ def open_vault(h: Path, read_only: bool = False):
     from appliance.vault import Vault
 
     return Vault.open(Home(h), PASSPHRASE, read_only=read_only)
+
+
+@contextlib.contextmanager
+def artifact(h: Path, path):
+    """A sealed artifact of home `h` (a model or tokenizer directory, or one file of it) opened in memory as the
+    appliance opens it: the vault is opened for its key and closed again before the block runs."""
+    from appliance import sealed
+
+    with contextlib.ExitStack() as stack:
+        with open_vault(h, read_only=True):
+            p = stack.enter_context(sealed.opened(Path(path)))
+        yield p
+
+
+def artifact_bytes(h: Path, path) -> bytes:
+    """One file of a sealed artifact of home `h`, decrypted."""
+    with artifact(h, path) as p:
+        return Path(p).read_bytes()
 
 
 def python_env() -> dict:

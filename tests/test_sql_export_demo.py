@@ -53,11 +53,17 @@ def test_export_is_explicit_and_audited(home, cli, samples, tmp_path):
     assert r.code == 2 and "no dataset version hb@9" in r.err and not (tmp_path / "x.jsonl").exists()
 
 
-def test_demo_runs_end_to_end(tmp_path, cli, capsys):
+def test_demo_runs_end_to_end(tmp_path, cli, capsys, monkeypatch):
+    import tempfile
+
     from appliance.demo import DEMO_MARKER, _prepare
     from appliance.home import Home
 
     h = tmp_path / "demo"
+    private_tmp = tmp_path / "tmpdir"  # the demo's TMPDIR, searched for plaintext afterwards
+    private_tmp.mkdir()
+    monkeypatch.setenv("TMPDIR", str(private_tmp))
+    monkeypatch.setattr(tempfile, "tempdir", None)
     r = cli("--home", h, "--json", "demo")
     assert r.code == 0, r.err
     stages = [s["stage"] for s in r.json["stages"]]
@@ -95,12 +101,13 @@ def test_demo_runs_end_to_end(tmp_path, cli, capsys):
     grpo = next(s for s in r.json["stages"] if s["stage"] == "grpo")
     assert grpo["merged"] == "grpo-lora-merged@1" and 0 <= grpo["first_reward"] <= 1
     job = next(s for s in r.json["stages"] if s["stage"] == "jobs")
-    assert job["ref"] == "demo-job@1" and (h / "artifacts" / "models" / "demo-job@1" / "config.json").is_file()
-    assert sorted(p.name for p in (h / "reports").glob("console-*.svg")) == [
+    assert job["ref"] == "demo-job@1" and (h / "artifacts" / "models" / "demo-job@1" / "config.json.sealed").is_file()
+    assert sorted(p.name for p in Path(r.json["reports"]).glob("console-*.svg")) == [
         f"console-{m}.svg" for m in ("audit", "bundles", "dashboard", "models", "train", "vault")]
+    nothing_derived_in_the_clear(h, private_tmp)
     quants = [s for s in r.json["stages"] if s["stage"] == "quantize"]
     assert [q["id"] for q in quants] == ["grpo-lora-merged@1:q8_0", "grpo-lora-merged@1:q4_k_m-imatrix"]
-    assert all(q["quality"]["ok"] and Path(q["path"]).is_file() for q in quants)
+    assert all(q["quality"]["ok"] and Path(q["path"] + ".sealed").is_file() for q in quants)  # sealed at rest
     task = next(s for s in r.json["stages"] if s["stage"] == "task-grpo")
     with capsys.disabled():
         print(f"\nagentic toy task (asset-risk, 12 episodes): completion {task['before']:.3f} after SFT -> "
@@ -112,12 +119,57 @@ def test_demo_runs_end_to_end(tmp_path, cli, capsys):
     home = Home(h)
     assert sorted(p.name for p in h.iterdir()) == sorted([DEMO_MARKER, home.tmp.name, home.logs.name,
                                                           home.artifacts.name])
+    assert [p.name for p in Path(r.json["reports"]).iterdir()] == [DEMO_MARKER]
     assert not any(home.artifacts.iterdir()) and not any(home.logs.iterdir())
     other = tmp_path / "not-a-demo"
     other.mkdir()
     (other / "keep.txt").write_text("precious")
     r = cli("--home", other, "demo")
     assert r.code == 1 and "not made by `appliance demo`" in r.err and (other / "keep.txt").exists()
+
+
+# Files under a home that do not derive from vault data, or hold it encrypted: everything else must be sealed.
+NOT_DERIVED = {"keyring.json", "vault.duckdb", ".vault.lock", ".detached.lock", ".export.lock", ".appliance-demo",
+               "artifacts/gguf/.senders.json"}
+ENCRYPTED_MAGIC = {"bundles": b"APPLIANCE-BUNDLE-1-ENC\n", "outbox": b"APPLIANCE-BUNDLE-1-ENC\n",
+                   "backups": b"APPLIANCE-BACKUP-1"}
+
+
+def nothing_derived_in_the_clear(h: Path, tmp: Path) -> None:  # tmp: the TMPDIR the demo ran with
+    """After the demo (ingest, train, quantize, eval, serve, bundle, jobs, agent, backup): every file in the home
+    is sealed, the encrypted vault, encrypted by its own format, or not derived from vault data; and the demo
+    tokenizer's longest words (what a stolen disk would give away of the corpus), read through the sealed store,
+    appear in no file of the home or of the temp directory, as words or as token strings."""
+    import os
+
+    from tests.conftest import artifact
+
+    plain = []
+    for p in sorted(q for q in h.rglob("*") if q.is_file() and not q.is_symlink()):
+        rel = p.relative_to(h).as_posix()
+        top = rel.split("/", 1)[0]
+        if rel in NOT_DERIVED or p.name.endswith(".sealed") or top in ("keys", "trust", "logs"):
+            continue
+        if top in ENCRYPTED_MAGIC and p.read_bytes()[:len(ENCRYPTED_MAGIC[top])] == ENCRYPTED_MAGIC[top]:
+            continue
+        plain.append(rel)
+    assert plain == [], f"files in the clear: {plain}"
+    tokenizers = sorted((h / "artifacts" / "tokenizers").iterdir())
+    with artifact(h, tokenizers[0]) as d:
+        vocab = json.loads((Path(d) / "tokenizer.json").read_text())["model"]["vocab"]
+    words = sorted((t for t in vocab if len(t.lstrip("Ġ")) >= 8 and t.lstrip("Ġ").isalpha()), key=len)[-40:]
+    assert len(words) >= 20, words
+    needles = {w.encode() for w in words} | {w.lstrip("Ġ").encode() for w in words}
+    found = []
+    for root in (h, tmp):
+        for p in root.rglob("*"):
+            if p.is_file() and not p.is_symlink() and os.access(p, os.R_OK):
+                try:
+                    data = p.read_bytes()
+                except OSError:
+                    continue
+                found += [(str(p), n.decode()) for n in needles if n in data]
+    assert found == [], f"corpus words on disk in the clear: {found[:10]}"
 
 
 def test_light_imports():

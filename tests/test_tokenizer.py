@@ -2,7 +2,7 @@
 
 import json
 
-from tests.conftest import open_vault
+from tests.conftest import artifact, artifact_bytes, open_vault
 
 
 def test_tokenizer_learns_the_site_and_loads_offline(home, cli, samples, monkeypatch):
@@ -13,9 +13,14 @@ def test_tokenizer_learns_the_site_and_loads_offline(home, cli, samples, monkeyp
     d = r.json
     # the vocabulary stops early when no pair is seen twice more (a small, repetitive corpus)
     assert d["id"] == "hb-bpe@1" and d["dataset"] == "hb@1" and 900 < d["vocab_size"] <= 1200
+    from pathlib import Path
+
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(d["path"], local_files_only=True)
+    assert sorted(p.name for p in Path(d["path"]).iterdir()) == [  # sealed at rest: no vocabulary in the clear
+        "appliance.json.sealed", "chat_template.jinja.sealed", "tokenizer.json.sealed", "tokenizer_config.json.sealed"]
+    with artifact(home, d["path"]) as p:  # stock transformers, from the plaintext in memory
+        tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     text = "The FROSTLINE calibration aligns the cryogenic sensors. Zürich ✓ 42"
     ids = tok(text)["input_ids"]
     assert tok.decode(ids) == text  # byte-level: anything round-trips, no unknown token
@@ -32,7 +37,7 @@ def test_tokenizer_learns_the_site_and_loads_offline(home, cli, samples, monkeyp
     with open_vault(home, read_only=True) as v:
         actions = [a for (a,) in v.con.execute("SELECT action FROM audit").fetchall()]
     assert actions.count("train.tokenizer") == 2
-    meta = json.loads((home / "artifacts" / "tokenizers" / "hb-bpe@1" / "appliance.json").read_text())
+    meta = json.loads(artifact_bytes(home, home / "artifacts" / "tokenizers" / "hb-bpe@1" / "appliance.json"))
     assert meta["dataset"] == "hb@1"
 
 

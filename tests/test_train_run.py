@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import open_vault
+from tests.conftest import artifact, artifact_bytes, open_vault
 
 FAST = ["--train.warmup_steps", "1", "--train.checkpoint_every", "100"]
 
@@ -23,11 +23,25 @@ def losses(home, run_id):
                                             [run_id]).fetchall()]
 
 
-def load(path):
+def load(home, path):
+    """A model the appliance saved (sealed), loaded with stock transformers from its plaintext in memory."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return (AutoModelForCausalLM.from_pretrained(path, local_files_only=True),
-            AutoTokenizer.from_pretrained(path, local_files_only=True))
+    with artifact(home, path) as p:
+        return (AutoModelForCausalLM.from_pretrained(p, local_files_only=True),
+                AutoTokenizer.from_pretrained(p, local_files_only=True))
+
+
+def weights(home, path):
+    from safetensors.torch import load
+
+    return load(artifact_bytes(home, f"{path}/model.safetensors"))
+
+
+def names(home, path) -> set[str]:
+    from appliance import sealed
+
+    return set(sealed.sealed_names(Path(path)))
 
 
 def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home, cli):
@@ -37,14 +51,14 @@ def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home
     d = run(cli, train_home, "tiny-dense", "--train.max_steps", "8", *FAST)
     assert d["id"] == "tiny-dense@1" and d["status"] == "done" and d["steps"] == 8
     assert d["data"]["padding_fraction"] < 0.01 and d["data"]["rows"] > 100
-    model, tok = load(d["model_path"])
+    model, tok = load(train_home, d["model_path"])
     assert type(model).__name__ == "LlamaForCausalLM"
     import torch
 
     with torch.no_grad():
         out = model.generate(**tok("The HALO permit", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert out.shape[1] > 3
-    info = json.loads(open(f"{d['model_path']}/appliance.json").read())
+    info = json.loads(artifact_bytes(train_home, f"{d['model_path']}/appliance.json"))
     assert info["recipe"]["train"]["max_steps"] == 8 and info["code_version"].startswith("0.")
     assert info["datasets"][0]["version"] == "handbook@1" and len(info["datasets"][0]["content_hash"]) == 64
     ls = losses(train_home, "tiny-dense@1")
@@ -69,39 +83,38 @@ def test_pretrain_dense_lands_a_plain_transformers_model_with_lineage(train_home
 
 def test_pretrain_mixture_of_experts(train_home, cli):
     d = run(cli, train_home, "tiny-moe", "--train.max_steps", "3", *FAST)
-    model, _ = load(d["model_path"])
+    model, _ = load(train_home, d["model_path"])
     assert type(model).__name__ == "MixtralForCausalLM" and model.config.num_local_experts == 4
     assert all(x == x for x in losses(train_home, d["id"]))
 
 
 def test_sft_full_lora_qlora_and_merge(train_home, cli):
     import torch
-    from safetensors.torch import load_file
 
     base = run(cli, train_home, "tiny-dense", "--train.max_steps", "2", *FAST)["model_path"]
-    base_weights = load_file(f"{base}/model.safetensors")
+    base_weights = weights(train_home, base)
     full = run(cli, train_home, "sft-full", "--model.base", "tiny-dense@1", "--train.max_steps", "2", *FAST)
-    assert type(load(full["model_path"])[0]).__name__ == "LlamaForCausalLM"
+    assert type(load(train_home, full["model_path"])[0]).__name__ == "LlamaForCausalLM"
     lora = run(cli, train_home, "sft-lora", "--model.base", "tiny-dense", "--train.max_steps", "3", *FAST)
-    files = {p.split("/")[-1] for p in map(str, __import__("pathlib").Path(lora["model_path"]).iterdir())}
+    files = names(train_home, lora["model_path"])
     assert {"adapter_config.json", "adapter_model.safetensors", "tokenizer.json"} <= files
     assert "model.safetensors" not in files  # an adapter, not a copy of the base
     assert lora["merged"] == "sft-lora-merged@1"
-    merged, tok = load(f"{train_home}/artifacts/models/sft-lora-merged@1")
+    merged, tok = load(train_home, f"{train_home}/artifacts/models/sft-lora-merged@1")
     changed = [k for k, w in merged.state_dict().items() if k in base_weights
                and not torch.equal(w, base_weights[k])]
     assert changed and all("proj" in k for k in changed)  # only the adapted layers moved
-    assert load_file(f"{base}/model.safetensors").keys() == base_weights.keys()
+    assert weights(train_home, base).keys() == base_weights.keys()
     assert tok.convert_tokens_to_ids("<|im_end|>") in merged.generation_config.eos_token_id
     tree = cli("--home", train_home, "--json", "lineage", "sft-lora-merged@1").json["lineage"]
     assert {(p["id"], p["role"]) for p in tree["parents"]} == {("sft-lora@1", "adapter"), ("tiny-dense@1", "base")}
     q = run(cli, train_home, "sft-qlora", "--model.base", "tiny-dense@1", "--train.max_steps", "2",
             "--lora.merge", "false", *FAST)
     assert q["merged"] is None and q["method"] == "qlora"
-    assert json.loads(open(f"{q['model_path']}/adapter_config.json").read())["r"] == 8
+    assert json.loads(artifact_bytes(train_home, f"{q['model_path']}/adapter_config.json"))["r"] == 8
     r = cli("--home", train_home, "--json", "train", "merge", "sft-qlora@1")
     assert r.code == 0, r.err
-    assert type(load(r.json["path"])[0]).__name__ == "LlamaForCausalLM"
+    assert type(load(train_home, r.json["path"])[0]).__name__ == "LlamaForCausalLM"
     r = cli("--home", train_home, "train", "merge", "sft-qlora@1")
     assert r.code == 2 and "already merged as sft-qlora-merged@1" in r.err
     kinds = {m["id"]: m["kind"] for m in cli("--home", train_home, "--json", "train", "models").json["models"]}
@@ -114,7 +127,8 @@ def test_continue_from_an_imported_local_model(train_home, cli, tmp_path):
     from appliance.train.model import load_tokenizer
 
     src = tmp_path / "site-base"
-    tok = load_tokenizer(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1")
+    with artifact(train_home, train_home / "artifacts" / "tokenizers" / "handbook-bpe@1") as d:
+        tok = load_tokenizer(d)
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, max_position_embeddings=128)).save_pretrained(src)
     tok.pad_token = None  # many imported tokenizers have none: padding falls back to EOS (never scored)
@@ -158,8 +172,10 @@ def test_bad_runs_say_what_to_do(train_home, cli):
     ckpt = r.json["error"].split("last good checkpoint is ")[1].split(";")[0].strip()
     from appliance.train.checkpoint import read_weights
 
-    assert list(Path(ckpt).glob("*.distcp"))  # sharded: torch.distributed.checkpoint files
-    weights = read_weights(Path(ckpt))
+    assert list(Path(ckpt).glob("*.distcp.sealed"))  # sharded torch.distributed.checkpoint files, sealed
+    assert not [p for p in Path(ckpt).iterdir() if not p.name.endswith(".sealed")]
+    with open_vault(train_home, read_only=True):  # the run's key is in the vault
+        weights = read_weights(Path(ckpt))
     assert weights and all(bool(torch.isfinite(w).all()) for w in weights.values())
     r = cli("--home", train_home, "train", "run", "tiny-dense", "--resume", "--model.num_layers", "3")
     assert r.code == 2 and "different settings: model.num_layers" in r.err
@@ -241,14 +257,13 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(train_home, cli):
 
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_processes_match_one(train_home, cli, parallel):
-    from safetensors.torch import load_file
 
     args = ["tiny-dense", "--train.max_steps", "3", *FAST]
     one = run(cli, train_home, *args, "--name", "one")
     two = run(cli, train_home, *args, "--name", "two", "--gpus", "2", "--train.parallel", parallel)
     assert two["world"] == 2
     assert losses(train_home, "two@1") == pytest.approx(losses(train_home, "one@1"), rel=1e-6)
-    a, b = load_file(f"{one['model_path']}/model.safetensors"), load_file(f"{two['model_path']}/model.safetensors")
+    a, b = weights(train_home, one["model_path"]), weights(train_home, two["model_path"])
     assert a.keys() == b.keys()
     import torch
 

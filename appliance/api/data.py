@@ -138,6 +138,23 @@ def vault_check(v) -> dict:
     return rep.to_json()
 
 
+def vault_seal(v) -> dict:
+    """Seal the artifacts an older appliance left in the clear under artifacts/ (`vault check` lists them); each
+    directory is replaced whole by its sealed copy. Audited."""
+    from appliance import sealed
+
+    done, total = [], 0
+    root = v.home.artifacts
+    for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+        for d in sorted(p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")):
+            if n := sealed.seal_plain(v.store, d):
+                done.append(d.relative_to(root).as_posix())
+                total += n
+    with v.transaction():
+        v.audit("vault.seal", [], {"artifacts": done, "bytes": total})
+    return {"sealed": done, "bytes": total}
+
+
 def vault_passwd(v, passphrase: str, new_passphrase: str, rekey: bool = False) -> dict:
     """Change the passphrase: re-wraps the keys, the data key stays (no data is re-encrypted).
 

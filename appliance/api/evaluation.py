@@ -72,8 +72,10 @@ def eval_plot(v, runs: list[str], out: str | Path) -> dict:
     """The metrics of eval runs side by side, as a PNG."""
     from appliance.eval.plots import metrics_png
     from appliance.eval.run import load_run
+    from appliance.exchange import exported
 
-    keys = metrics_png([load_run(v.con, r)[0] for r in runs], Path(out))
+    with exported(v, "eval.plot", runs, out) as path:
+        keys = metrics_png([load_run(v.con, r)[0] for r in runs], path)
     return {"out": str(out), "metrics": keys}
 
 

@@ -73,6 +73,14 @@ def bundle_export(v, ref: str, sign_key: str, out: str | Path, to: list[str | Pa
     return export_bundle(v, ref, sign_key, keys, Path(out).expanduser(), expires_days)
 
 
+def model_export(v, ref: str, out: str | Path) -> dict:
+    """A model, adapter, tokenizer or GGUF as plain files in the new directory `out` (`appliance model export`):
+    audited, like `vault export`; bundles stay the way models cross the air gap."""
+    from appliance.exchange import export_plain
+
+    return export_plain(v, ref, Path(out))
+
+
 def bundle_history(v) -> dict:
     """Every bundle sent (`way` "out", with the `file` written) and received ("in"), newest first."""
     from appliance.exchange import history

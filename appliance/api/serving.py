@@ -1,9 +1,11 @@
 """Quantize to GGUF (with its quality report), the GGUFs there are, and inference on one: generate, chat and
-an OpenAI-compatible server (these need no vault)."""
+an OpenAI-compatible server (these need no vault for a GGUF file; a GGUF id of a home is sealed there, and
+needs that home's vault for the moment its key is read: `gguf_keys`)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -48,6 +50,87 @@ def gguf_locate(model: str, home: str | Path | None = None) -> Path:
 
     artifacts = None if home is None else (home if isinstance(home, Home) else Home(Path(home))).artifacts
     return infer.locate(model, artifacts if artifacts is not None and artifacts.is_dir() else None)
+
+
+def gguf_sealed(path: str | Path) -> bool:
+    """Whether `path` (from `gguf_locate`) is a sealed GGUF of a home: loading it needs that home's vault."""
+    from appliance import sealed
+
+    p = Path(path)
+    return not p.is_file() and sealed.exists(p)
+
+
+def gguf_home(path: str | Path) -> Path | None:
+    """The home whose artifacts hold the GGUF `path` (HOME/artifacts/gguf/ID/FILE), or None."""
+    p = Path(path).absolute()
+    if len(p.parents) > 3 and p.parents[2].name == "artifacts" and (p.parents[3] / "keyring.json").is_file():
+        return p.parents[3]
+    return None
+
+
+def gguf_keys(v, paths: Sequence[str | Path]) -> None:
+    """Hold the keys of the sealed GGUFs among `paths` in memory and let go of the database: they then load
+    (decrypted into memory only) for as long as `v` is not closed, while other commands use the vault."""
+    for p in paths:
+        if gguf_sealed(p):
+            store = v.store
+            store.keys.key(store.artifact(Path(p)))
+    v.detach()
+
+
+def is_bundle(path: str | Path) -> bool:
+    """Whether `path` is an appliance bundle file (signed, maybe encrypted), by its first bytes."""
+    from bundles.container import ENC_MAGIC, MAGIC
+
+    p = Path(path)
+    try:
+        with open(p, "rb") as f:
+            head = f.read(len(ENC_MAGIC))
+    except OSError:
+        return False
+    return head.startswith(MAGIC) or head == ENC_MAGIC
+
+
+@contextmanager
+def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: Sequence[str | Path] = (),
+                home: str | Path | None = None) -> Iterator[Path]:
+    """The GGUF a bundle carries, checked (signature, trust, expiry, every digest) and decrypted into an
+    anonymous in-memory file: an edge device runs it without the model ever on its disk in the clear.
+
+    `identities`: secret key files it may be encrypted to (their passphrase from APPLIANCE_KEY_PASSPHRASE
+    [_FILE] or a prompt); `trust`: public key files or trust directories of its signer, else `home`'s trust store.
+    """
+    from appliance.errors import UsageError, bundle_errors
+    from appliance.exchange import trust_dir
+    from appliance.home import Home
+    from appliance.memfiles import MemFile
+    from bundles import container
+    from bundles.errors import BundleError
+    from bundles.keys import SecretKey
+    from bundles.trust import TrustStore
+
+    got: dict[str, bytes] = {}
+    with bundle_errors():
+        ids = [SecretKey.load(Path(p)) for p in identities]
+        if trust:
+            store = TrustStore.load(*[Path(t) for t in trust])
+        elif home is not None and trust_dir(Home(Path(home))).is_dir():
+            store = TrustStore.load(trust_dir(Home(Path(home))))
+        else:
+            raise UsageError(f"no trusted key to check {path} against", "pass --trust SITE.pub (the signer's key)")
+
+        def decide(m: dict, signer) -> container.Plan:
+            if m["kind"] != "gguf":
+                raise BundleError(f"{path} carries a {m['kind']}, not a GGUF", "pass a GGUF bundle")
+            return container.Plan(collect=got)
+
+        container.verify(Path(path), store, ids, decide=decide)
+    names = sorted(n for n in got if n.endswith(".gguf"))
+    if len(names) != 1:
+        raise UsageError(f"{path} holds {len(names)} GGUF files", "a GGUF bundle holds exactly one")
+    with MemFile.of(Path(names[0]).name, got.pop(names[0])) as f:
+        got.clear()
+        yield Path(f.path)
 
 
 def gguf_open(path: str | Path, n_ctx: int = 0, threads: int = 0):

@@ -112,7 +112,10 @@ def train_plot(v, runs: list[str], out: str | Path) -> dict:
     curves = {r: losses(v.con, r) for r in runs}
     if empty := [r for r, ls in curves.items() if not ls]:
         raise UsageError(f"no training metrics for {', '.join(empty)}", "list runs with `appliance train runs`")
-    loss_png(curves, Path(out))
+    from appliance.exchange import exported
+
+    with exported(v, "train.plot", runs, out) as path:
+        loss_png(curves, path)
     return {"out": str(out), "runs": list(curves)}
 
 

@@ -300,6 +300,6 @@ def eval_ab_cmd(c: Ctx, deployment, promote, min_requests, tolerances, max_laten
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def eval_plot_cmd(c: Ctx, runs, out_path):
     """Plot the metrics of evaluation runs side by side (PNG)."""
-    with c.open_vault(read_only=True) as v:
+    with c.open_vault() as v:  # writable: the export is audited
         res = api.eval_plot(v, list(runs), out_path)
     c.emit(res, f"wrote {out_path} ({len(res['metrics'])} metrics, {len(runs)} runs)")

@@ -3,7 +3,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import sys
+from pathlib import Path
 
 import click
 
@@ -123,19 +126,38 @@ def _sampling(f):
     return f
 
 
+_BUNDLE = [
+    click.option("--identity", "identities", multiple=True, type=click.Path(path_type=Path, dir_okay=False),
+                 help="Secret key an encrypted bundle is addressed to: MODEL may then be a GGUF bundle, run "
+                      "decrypted in memory only (edge devices); repeatable."),
+    click.option("--trust", "trusted", multiple=True, type=click.Path(path_type=Path),
+                 help="The bundle signer's public key or a trust directory (default: the home's trust store)."),
+]
+
+
+def _bundle_opts(f):
+    for opt in reversed(_BUNDLE):
+        f = opt(f)
+    return f
+
+
 @command(cli, "generate")
 @click.argument("model")
 @click.argument("prompt")
 @_sampling
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
-def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, threads, top_p):
+@_bundle_opts
+def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, threads, top_p, identities, trusted):
     """Complete PROMPT with a GGUF (a path, or an id such as NAME@K:q4_k_m); streams as it goes.
 
-    PROMPT `-` reads the prompt from standard input. Needs no vault: runs on edge devices too.
+    PROMPT `-` reads the prompt from standard input. A GGUF file needs no vault, and neither does a GGUF bundle
+    (with --identity when it is encrypted): edge devices run them from memory. A GGUF id of the home is sealed
+    there, and needs the passphrase for a moment.
     """
     if prompt == "-":
         prompt = sys.stdin.read()
-    llm = api.gguf_open(api.gguf_locate(model, c.home), n_ctx, threads)
+    with _unsealed(c, model, identities=identities, trusted=trusted) as path:
+        llm = api.gguf_open(path, n_ctx, threads)
     pieces = []
     for piece in api.generate(llm, prompt, max_tokens, temperature, top_p, seed):
         pieces.append(piece)
@@ -156,9 +178,11 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
 @click.argument("model")
 @_sampling
 @click.option("--system", default="", help="A system message that opens the conversation.")
-def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system):
+@_bundle_opts
+def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system, identities, trusted):
     """Talk to a GGUF chat model in the terminal, streaming its replies. /reset forgets, /exit leaves."""
-    llm = api.gguf_open(api.gguf_locate(model, c.home), n_ctx, threads)
+    with _unsealed(c, model, identities=identities, trusted=trusted) as path:
+        llm = api.gguf_open(path, n_ctx, threads)
     if not llm.metadata.get("tokenizer.chat_template"):
         raise UsageError(f"{model} has no chat template", "use `appliance generate` for plain completion")
 
@@ -201,8 +225,9 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
               help="Write recorded requests to the vault once this many are waiting ...")
 @click.option("--flush-seconds", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="... or this often.")
+@_bundle_opts
 def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, model_opt, candidate, split, deployment,
-              record, flush_records, flush_seconds):
+              record, flush_records, flush_seconds, identities, trusted):
     """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The API key, when set, comes from APPLIANCE_API_KEY_FILE or APPLIANCE_API_KEY (never a flag, which
@@ -219,7 +244,7 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, mod
     if not (model_opt or candidate or split is not None or deployment or record):
         if not model:
             raise UsageError("no model to serve", "appliance serve MODEL, or --model A [--candidate B --split 0.1]")
-        return _serve_one(c, model, host, port, n_ctx, threads, name, cors_origins)
+        return _serve_one(c, model, host, port, n_ctx, threads, name, cors_origins, identities, trusted)
     model = model or model_opt
     if record and not deployment:
         raise UsageError("--record needs --deployment NAME", "records are kept per deployment in the vault")
@@ -240,8 +265,9 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, mod
                       f"{' with an API key' if exposure.api_key else ''}; Ctrl-C stops", markup=False)
 
     if not deployment:
-        api.serve_ab(model, candidate, split or 0.0, exposure.host, port, n_ctx, threads, exposure.api_key,
-                     exposure.cors_origins, name, c.home, on_ready=ready)
+        with _unsealed(c, model, candidate):  # keys held while the server runs; the vault is let go
+            api.serve_ab(model, candidate, split or 0.0, exposure.host, port, n_ctx, threads, exposure.api_key,
+                         exposure.cors_origins, name, c.home, on_ready=ready)
         return
     with c.open_vault() as v:
         if model:
@@ -256,10 +282,49 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, mod
                   + (f"; {done['dropped']} could not be written" if done.get("dropped") else ""), markup=False)
 
 
-def _serve_one(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins):
+@contextlib.contextmanager
+def _unsealed(c: Ctx, *models: str | None, identities=(), trusted=()):
+    """The located GGUF of the first of `models`; for sealed GGUFs of the home, the vault is opened for the
+    moment their keys are read and closed when the block ends (after the model loaded into memory). A bundle
+    file is checked and its GGUF decrypted into memory."""
+    if models and models[0] and api.is_bundle(models[0]):
+        with api.gguf_bundle(models[0], identities, trusted, c.home.root if c.home.exists() else None) as p:
+            yield p
+        return
+    paths = [api.gguf_locate(m, c.home) for m in models if m]
+    if not any(api.gguf_sealed(p) for p in paths):
+        yield paths[0] if paths else None
+        return
+    with _vault_of(c, paths) as v:
+        api.gguf_keys(v, paths)
+        yield paths[0]
+
+
+def _vault_of(c: Ctx, paths: list[Path]):
+    """The vault (read-only) whose artifacts hold the sealed GGUFs `paths`: --home's, or the home a path lies in."""
+    home = api.gguf_home(paths[0]) if c.home_arg is None and not os.environ.get("APPLIANCE_HOME") else None
+    if home is not None and home != c.home.root:
+        return api.open(home, api.get_passphrase(), read_only=True)
+    return c.open_vault(read_only=True)
+
+
+def _serve_one(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, identities=(), trusted=()):
     exposure = api.serve_exposure(host, cors_origins)  # the origins, the key and the host, before the model loads
+    with contextlib.ExitStack() as stack:
+        _serve_from(stack, c, exposure, model, port, n_ctx, threads, name, identities, trusted)
+
+
+def _serve_from(stack, c: Ctx, exposure, model, port, n_ctx, threads, name, identities, trusted):
     key = exposure.api_key
-    path = api.gguf_locate(model, c.home)
+    if api.is_bundle(model):  # checked and decrypted into memory: never on this disk in the clear
+        path = stack.enter_context(api.gguf_bundle(model, identities, trusted,
+                                                   c.home.root if c.home.exists() else None))
+        name = name or Path(model).stem
+    else:
+        path = api.gguf_locate(model, c.home)
+    if api.gguf_sealed(path):  # its key read now, the vault let go: the model loads into memory only
+        v = stack.enter_context(_vault_of(c, [path]))
+        api.gguf_keys(v, [path])
 
     def ready(url: str) -> None:
         if c.json:

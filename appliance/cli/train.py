@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
@@ -73,6 +75,18 @@ def train_run_cmd(ctx, c: Ctx, recipe, resume, gpus, nnodes, node_rank, rdzv_end
         + (f"\nmerged: {res['merged']}" if res["merged"] else "")))
 
 
+@contextmanager
+def _vault_unasked(c: Ctx):
+    """The home's vault, read-only, when it opens without asking (the passphrase in the environment, or its
+    file); otherwise nothing, and a listing counts with an assumed vocabulary rather than prompt for it."""
+    if not (os.environ.get("APPLIANCE_PASSPHRASE_FILE") or os.environ.get("APPLIANCE_PASSPHRASE")) \
+            or not c.home.exists():
+        yield None
+        return
+    with c.open_vault(read_only=True) as v:
+        yield v
+
+
 @command(train_group, "recipes")
 @click.option("--keys", is_flag=True, help="List every recipe key with its default and meaning.")
 def train_recipes_cmd(c: Ctx, keys):
@@ -82,7 +96,8 @@ def train_recipes_cmd(c: Ctx, keys):
         c.emit({"keys": rows}, lambda: table(["key", "default", "meaning"],
                                              [[r["key"], str(r["default"]), r["help"]] for r in rows]))
         return
-    items = api.train_recipes(home=c.home)["recipes"]
+    with _vault_unasked(c):  # the home's tokenizers are sealed: their vocabulary opens with the vault's keys
+        items = api.train_recipes(home=c.home)["recipes"]
     c.emit({"recipes": items}, lambda: (table(
         ["recipe", "stage", "arch", "parameters", "vocabulary"],
         [[i["name"], f"{i['stage']}/{i['method']}", i["arch"] or "base model", _params(i["parameters"]),
@@ -190,6 +205,27 @@ def train_models_cmd(c: Ctx):
 @click.option("--out", "out_path", required=True, type=click.Path(path_type=Path), help="PNG file to write.")
 def train_plot_cmd(c: Ctx, runs, out_path):
     """Plot the training loss of runs (NAME@K) per step (PNG)."""
-    with c.open_vault(read_only=True) as v:
+    with c.open_vault() as v:  # writable: the export is audited
         res = api.train_plot(v, list(runs), out_path)
     c.emit(res, f"wrote {out_path}")
+
+
+# --- model -------------------------------------------------------------------------------------------
+@cli.group("model")
+def model_group():
+    """Artifacts made here (models, adapters, tokenizers, GGUFs), sealed at rest; plain copies on purpose."""
+
+
+@command(model_group, "export")
+@click.argument("ref")
+@click.option("--out", "out_path", required=True, type=click.Path(path_type=Path),
+              help="New directory for the plain files.")
+def model_export_cmd(c: Ctx, ref, out_path):
+    """Write a model, adapter, tokenizer or GGUF as plain files (a transformers directory, or the .gguf).
+
+    Explicit and audited, like `vault export`: the files are no longer sealed. Bundles stay the way models
+    cross the air gap."""
+    with c.open_vault() as v:
+        res = api.model_export(v, ref, out_path)
+    c.emit(res, lambda: (out.print(f"exported {res['id']} ({len(res['files'])} files) to {res['out']}"),
+                         err.print("warning: these files are plaintext outside the vault")))

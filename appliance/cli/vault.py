@@ -288,10 +288,19 @@ def check_cmd(c: Ctx):
     failure = CheckFailed(f"vault check found {len(rep['problems'])} problem(s)", "restore from a backup")
     c.emit(with_error(rep, None if rep["ok"] else failure), lambda: out.print(
         f"{'ok' if rep['ok'] else 'FAILED'}: {rep['records']} records, {rep['versions']} versions, "
-        f"{rep['audit_entries']} audit entries checked" +
-        "".join(f"\n  {p}" for p in rep["problems"])))
+        f"{rep['audit_entries']} audit entries, {rep['artifacts']} sealed artifacts checked" +
+        "".join(f"\n  {p}" for p in rep["problems"]) +
+        "".join(f"\n  in the clear: {u} (seal with `appliance vault seal`)" for u in rep["unsealed"])))
     if not rep["ok"]:
         raise failure
+
+
+@command(vault_group, "seal")
+def seal_cmd(c: Ctx):
+    """Seal the artifacts an older appliance left in the clear (models, tokenizers, GGUFs, runs)."""
+    with c.open_vault() as v:
+        res = api.vault_seal(v)
+    c.emit(res, f"sealed {len(res['sealed'])} artifact(s)" + "".join(f"\n  {a}" for a in res["sealed"]))
 
 
 @command(vault_group, "passwd")

@@ -50,9 +50,12 @@ class HFBackend:
 
         quiet()
         self.torch = torch
-        self.tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-        self.model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True,
-                                                          dtype=torch.float32).eval()
+        from appliance import sealed
+
+        with sealed.opened(model_dir) as d:  # a sealed model: its plaintext in memory only
+            self.tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+            self.model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True,
+                                                              dtype=torch.float32).eval()
         self.stop = {i for i in (self.tok.eos_token_id, self.tok.convert_tokens_to_ids("<|im_end|>"))
                      if isinstance(i, int) and i >= 0 and i != self.tok.unk_token_id}
         self.eos = self.tok.eos_token_id

@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from appliance import refs
+from appliance import refs, sealed
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, EvalError, UsageError  # EvalError: also importable from here
 from appliance.eval import metrics as M
@@ -25,11 +25,11 @@ Progress = Callable[[str, int, int], None]
 
 def resolve_model(vault, ref: str) -> tuple[str, str, Path, bool]:
     """(id, backend kind, path, whether the id is a lineage node) for a model id, a GGUF id, a model
-    directory or a .gguf file (a path's id is its absolute path)."""
+    directory or a .gguf file (a path's id is its absolute path; a sealed one of the home by its plaintext name)."""
     p = Path(ref)
-    if p.suffix == ".gguf" and p.is_file():
+    if p.suffix == ".gguf" and sealed.exists(p):
         return str(p.resolve()), "gguf", p, False
-    if p.is_dir() and (p / "config.json").is_file():
+    if p.is_dir() and sealed.exists(p / "config.json"):
         return str(p.resolve()), "hf", p, False
     from appliance.vault import lineage
 

@@ -93,5 +93,8 @@ def load_source(model_dir: Path):
     from appliance.train.model import quiet
 
     quiet()
-    model = AutoModelForCausalLM.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32)
+    from appliance import sealed
+
+    with sealed.opened(model_dir) as d:
+        model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True, dtype=torch.float32)
     return model.eval()

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from appliance import sealed
 from appliance.errors import UsageError
 from appliance.quantize import llama
 from appliance.quantize.types import QuantizeError
@@ -27,9 +29,9 @@ def locate(ref: str, artifacts: Path | None) -> Path:
 
         d = gguf_dir(artifacts, ref)
         cand = d / f"{d.name}.gguf"
-        if cand.is_file():
+        if sealed.exists(cand):
             return cand
-        found = sorted(d.glob("*.gguf")) if d.is_dir() else []  # an imported bundle keeps its file's name
+        found = _ggufs(d)  # an imported bundle keeps its file's name
         if len(found) == 1:
             return found[0]
         if (p := _by_sender_id(artifacts / "gguf", ref)) is not None:
@@ -54,8 +56,16 @@ def _by_sender_id(root: Path, ref: str) -> Path | None:
         return None
     if not isinstance(local, str) or Path(local).name != local or local.startswith("."):
         return None
-    found = sorted((root / local).glob("*.gguf")) if (root / local).is_dir() else []
+    found = _ggufs(root / local)
     return found[0] if len(found) == 1 else None
+
+
+def _ggufs(d: Path) -> list[Path]:
+    """The GGUF files of an artifact directory, by their plaintext names (sealed or not)."""
+    if not d.is_dir():
+        return []
+    return sorted({p.with_name(p.name.removesuffix(sealed.SUFFIX)) for p in d.iterdir()
+                   if p.name.endswith((".gguf", ".gguf" + sealed.SUFFIX))})
 
 
 def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0):
@@ -149,7 +159,7 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     llama.lib()
     os.environ.pop("CONFIG_FILE", None)  # llama_cpp's create_app would replace our settings (the API key too)
     try:
-        import uvicorn
+        import uvicorn  # noqa: F401 - here: the server packages are checked before a model loads
         from llama_cpp.server.app import create_app
         from llama_cpp.server.settings import ModelSettings, ServerSettings
     except ImportError as e:
@@ -157,24 +167,43 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     _check_port(host, port)  # before minutes of loading a large model
     n_ctx = n_ctx or int(info["fields"].get("context_length") or 2048)
     threads = threads or max(1, min(os.cpu_count() or 1, 8))
-    model = ModelSettings(model=str(path), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
-                          n_threads_batch=threads, verbose=False)
     settings = ServerSettings(host=host, port=port, api_key=api_key)
     try:
-        app = create_app(server_settings=settings, model_settings=[model])
+        with sealed.opened(path) as p:  # a sealed GGUF: loaded from memory, which llama.cpp keeps mapped
+            model = ModelSettings(model=str(p), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
+                                  n_threads_batch=threads, verbose=False)
+            app = create_app(server_settings=settings, model_settings=[model])
     except (ValueError, RuntimeError) as e:
         raise QuantizeError(f"llama.cpp could not load {path}: {e}", "check the file with `appliance generate`"
                             ) from e
     _harden(app, api_key, origins)
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False)
-    server = uvicorn.Server(config)
-    url = f"http://{host}:{port}/v1"
+    run_server(app, host, port, on_ready, cleanup=_free_models)
 
+
+def run_server(app, host: str, port: int, on_ready: Callable[[str], None] = lambda url: None,
+               stop: threading.Event | None = None, cleanup: Callable[[], None] = lambda: None) -> None:
+    """Serve the ASGI `app` with uvicorn until Ctrl-C, or until `stop` (a threading.Event) is set.
+
+    `on_ready(url)` is called once the socket listens; `cleanup()` runs afterwards whatever happened (free
+    the models there, while llama.cpp is still loaded). The one start/stop of every server the appliance runs.
+
+    Raises:
+        QuantizeError: nothing could listen on `host:port`.
+    """
+    try:
+        import uvicorn
+    except ImportError as e:
+        raise QuantizeError("the server's packages are not installed", "run `make setup`") from e
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False))
+    url = f"http://{host}:{port}/v1"
     original = server.startup
 
     async def startup(sockets=None):
         await original(sockets)
         if server.started:
+            if stop is not None:
+                threading.Thread(target=lambda: (stop.wait(), setattr(server, "should_exit", True)),
+                                 daemon=True).start()
             on_ready(url)
 
     server.startup = startup  # type: ignore[method-assign]
@@ -187,7 +216,7 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
         if not server.started:
             raise
     finally:
-        _free_models()
+        cleanup()
     if not server.started:
         raise QuantizeError(f"could not listen on {host}:{port}", "is the port in use? pass another --port")
 

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from appliance import sealed
 from appliance.quantize.types import QuantizeError, QuantType
 
 _LOG: list[str] = []
@@ -88,7 +89,16 @@ def quantize(src: Path, dst: Path, qtype: QuantType, imatrix: dict[str, np.ndarr
 
 
 def check(path: Path) -> dict:
-    """Read a GGUF's header and tensor table with gguf's reader; a clear error for anything else."""
+    """Read a GGUF's header and tensor table with gguf's reader; a clear error for anything else. A sealed
+    GGUF is read from memory (its reader's map keeps the in-memory file alive)."""
+    path = Path(path)
+    if sealed.exists(path) and not path.is_file():
+        with sealed.opened(path) as p:
+            return _check(p)
+    return _check(path)
+
+
+def _check(path: Path) -> dict:
     from gguf import GGUFReader
 
     if not path.is_file():
@@ -206,7 +216,16 @@ def header_problem(path: Path) -> str | None:
 def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool = False, threads: int = 0,
          seed: int = 0, f32_cache: bool = False):
     """A llama_cpp.Llama over `path` (checked first), with llama.cpp's log kept off the terminal. `f32_cache`
-    keeps the KV cache in f32 (llama.cpp's default f16 cache alone moves logits by ~5e-3), for comparisons."""
+    keeps the KV cache in f32 (llama.cpp's default f16 cache alone moves logits by ~5e-3), for comparisons.
+
+    A sealed GGUF of a home whose vault is open here is decrypted into an anonymous in-memory file and loaded
+    from its /proc/self/fd path: llama.cpp maps it, so it stays in memory after the descriptor closes."""
+    with sealed.opened(path) as p:
+        return _load(p, path, n_ctx, logits_all, vocab_only, threads, seed, f32_cache)
+
+
+def _load(path: Path, shown: Path, n_ctx: int, logits_all: bool, vocab_only: bool, threads: int, seed: int,
+          f32_cache: bool):
     info = check(path)
     ll = lib()
     from llama_cpp import Llama
@@ -219,7 +238,7 @@ def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool 
                     vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
                     **({"type_k": 0, "type_v": 0} if f32_cache else {}))
     except (ValueError, RuntimeError) as e:
-        raise QuantizeError(f"llama.cpp could not load {path}: {_last_error() or e}",
+        raise QuantizeError(f"llama.cpp could not load {shown}: {_last_error() or e}",
                             "rerun with APPLIANCE_DEBUG=1 to see llama.cpp's log") from e
     ll.llama_log_set(_CALLBACK, ctypes.c_void_p(0))
     return llm
@@ -231,7 +250,8 @@ def tensor_types(path: Path) -> list[dict]:
 
     from appliance.quantize.types import GGML_TYPE_NAMES
 
-    r = GGUFReader(str(path))
+    with sealed.opened(path) as p:
+        r = GGUFReader(str(p))
     return [{"name": t.name, "type": GGML_TYPE_NAMES.get(int(t.tensor_type), str(t.tensor_type.name).lower()),
              "shape": [int(x) for x in t.shape], "bytes": int(t.n_bytes), "elements": int(t.n_elements)}
             for t in r.tensors]

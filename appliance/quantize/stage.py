@@ -16,9 +16,10 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from appliance import refs
+from appliance import refs, sealed
 from appliance.errors import UsageError
-from appliance.home import atomic_dir, file_sha256
+from appliance.home import file_sha256
+from appliance.memfiles import MemDir
 from appliance.quantize import gguf_export, llama, quality, types
 from appliance.quantize.types import QuantizeError, QuantType
 
@@ -76,7 +77,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     eval_ds = refs.dataset(vault.con, eval_ref) if eval_ref else None
     if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # no lock needed
         return existing
-    with _export_lock(vault.home.root):  # one export at a time per home: see _export_lock
+    with _export_lock(vault.home.root), sealed.opened(model_dir) as model_dir:  # the model, in memory
         if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # made meanwhile
             return existing
         reason = "given with --eval" if eval_ds else \
@@ -100,7 +101,12 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
             imatrix_stream = quality.token_stream(_ids(tok), tok.eos_token_id, _texts(vault.con, imatrix_ds, "train"),
                                                   imatrix_tokens)
         _sweep(final.parent)
-        with atomic_dir(final) as tmp:
+        # Built in memory (links to in-memory files the exporter and llama.cpp write through), sealed when done.
+        names = ("source-f32.gguf", fname, "Modelfile", "appliance.json")
+        with MemDir(vault.home.tmp) as mem:
+            for n in dict.fromkeys(names):
+                mem.new(n)
+            tmp = mem.path
             with vault.released():
                 t0 = time.perf_counter()
                 f32 = tmp / ("source-f32.gguf" if qt.name != "f32" else fname)
@@ -127,6 +133,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
                     if imat is not None:
                         imat_used = _imatrix_used(log)
                     f32.unlink()
+                    mem.files.pop(f32.name).close()
                     progress("quantize", 1, 1)
                     secs["quantize"] = time.perf_counter() - t0
                 t0 = time.perf_counter()
@@ -145,6 +152,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
                 (tmp / "appliance.json").write_text(json.dumps(
                     {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
                      "tensors": tensors}, indent=2, default=str))
+                sealed.write_dir(final, mem.check())
         parents = [(model_id, "source"), (eval_ds, "eval")] + ([(imatrix_ds, "imatrix")] if imatrix_ds else [])
         attrs = {k: v for k, v in res.to_json().items() if k not in ("existing", "id")} | {"sha256": sha}
         with vault.transaction():
@@ -168,7 +176,7 @@ def _existing(con, gid: str, final: Path, imatrix_ds: str | None, eval_ds: str |
         return None
     attrs = node["attrs"]
     path = final / f"{final.name}.gguf"
-    if not path.is_file():
+    if not sealed.exists(path):
         raise QuantizeError(f"{gid} was exported before but its file {path} is gone",
                             "restore artifacts/gguf from a backup")
     if imatrix_ds and attrs.get("imatrix") != imatrix_ds:
@@ -251,7 +259,8 @@ def _records(con, ref: str) -> tuple[str, list[tuple[int, str]]]:
 def _tokenizer(model_dir: Path):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+    with sealed.opened(model_dir, weights=False) as d:
+        return AutoTokenizer.from_pretrained(str(d), local_files_only=True)
 
 
 def _load_source(model_dir: Path):

@@ -14,6 +14,7 @@ import re
 import struct
 from pathlib import Path
 
+from appliance import sealed
 from appliance.errors import UsageError
 from appliance.home import file_sha256
 
@@ -42,6 +43,9 @@ def check_model_dir(src: Path) -> dict:
     """What `appliance train import` accepts; its config.json. Every refusal is one line, before any copy."""
     if not src.is_dir():
         raise UsageError(f"{src} is not a directory", "point at a local transformers model directory")
+    if sealed.is_sealed(src):  # a model made here: its files are sealed, and it is a base as it is
+        raise UsageError(f"{src} is a sealed artifact, not a model directory",
+                         "train on it by its id (--model.base NAME@K), or `appliance model export` a plain copy")
     files = sorted(p for p in src.rglob("*") if p.is_file() and not p.name.startswith("."))
     if code := [p.name for p in files if p.suffix == ".py"]:
         raise UsageError(f"{src} ships code ({', '.join(code[:3])}): refused",

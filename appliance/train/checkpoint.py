@@ -12,11 +12,18 @@ A checkpoint is written to a hidden temp directory beside its final name (rank 0
 others), fsynced and renamed by rank 0 once every rank's shard is in, with `state.json` written last; so a
 kill at any moment leaves either the previous checkpoints or the new one, never a half-written one.
 Checkpoints of earlier versions (`model.pt` + `optimizer.pt`, full state dicts) still load.
+
+Under a home's artifacts every file of a checkpoint is sealed (`appliance.sealed`) with the run's key, which
+the launcher hands each rank: the shards go through `SealedFS`, a `torch.distributed.checkpoint` file
+system whose streams seal as they are written (bound to the checkpoint's final name, so a shard moved to
+another step does not open) and open into memory when read. The plain layout above is what a checkpoint
+outside the artifacts looks like.
 """
 
 from __future__ import annotations
 
 import contextlib
+import io
 import json
 import os
 import shutil
@@ -24,9 +31,121 @@ import tempfile
 import warnings
 from pathlib import Path
 
+from appliance import sealed
 from appliance.home import fsync_path
 
 PREFIX = "step-"
+
+
+def _sealed_fs():
+    from torch.distributed.checkpoint.filesystem import FileSystem
+
+    class SealedFS(FileSystem):
+        """The files of one checkpoint, sealed; each bound to `final` (the checkpoint's name) and its own name."""
+
+        def __init__(self, store: sealed.Store, final: Path):
+            super().__init__()
+            self.store = store
+            self.artifact, top = store._where(final)
+            self.key = store.keys.key(self.artifact)
+            self.prefix = final.relative_to(top).as_posix()
+
+        def _name(self, path) -> str:
+            return f"{self.prefix}/{Path(path).name}"
+
+        @contextlib.contextmanager
+        def create_stream(self, path, mode: str):
+            from bundles.safefile import create_new
+
+            path = Path(path)
+            if "r" in mode:
+                with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(path)) as mf, \
+                        open(mf.path, "rb") as f:
+                    yield f
+                return
+            with create_new(_sealed(path)) as f:
+                w = sealed.SealingWriter(f, self.key, self.artifact, self._name(path))
+                yield w
+                w.close()
+                f.flush()
+                os.fsync(f.fileno())
+
+        def rename(self, path, new_path) -> None:  # the name is bound: seal again under the new one
+            with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(Path(path))) as mf, \
+                    mf.map() as data:
+                sealed.seal_file(self.key, self.artifact, self._name(new_path), data, _sealed(Path(new_path)))
+            _sealed(Path(path)).unlink()
+
+        def exists(self, path) -> bool:
+            return _sealed(Path(path)).exists()
+
+        def rm_file(self, path) -> None:
+            _sealed(Path(path)).unlink()
+
+        def ls(self, path) -> list[str]:
+            return [str(p)[:-len(sealed.SUFFIX)] for p in Path(path).iterdir() if p.name.endswith(sealed.SUFFIX)]
+
+    return SealedFS
+
+
+def _sealed(path: Path) -> Path:
+    return path.with_name(path.name + sealed.SUFFIX)
+
+
+def _writer(tmp: Path, final: Path):
+    """The storage writer for a checkpoint being built in `tmp`: sealed under a store, plain elsewhere."""
+    from torch.distributed.checkpoint import FileSystemWriter
+
+    w = FileSystemWriter(str(tmp))
+    if (store := sealed.store_for(final)) is not None:
+        w.fs = _sealed_fs()(store, final)
+        w.sync_files = False  # each sealed file is fsynced as it closes
+    return w
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+
+    r = FileSystemReader(str(path))
+    if (store := sealed.store_for(path)) is not None and sealed.is_sealed(path):
+        r.fs = _sealed_fs()(store, path)
+    return r
+
+
+@contextlib.contextmanager
+def _said_plainly():
+    """A sealed shard that does not open fails inside torch.distributed.checkpoint, which wraps every rank's
+    error in one exception with tracebacks: the operator gets the appliance's own line instead."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    try:
+        yield
+    except CheckpointException as e:
+        for failure in e.failures.values():
+            inner = failure[0] if isinstance(failure, tuple) else failure
+            if isinstance(inner, sealed.SealedError):
+                raise inner from None
+        raise
+
+
+def _put(tmp: Path, final: Path, name: str, data: bytes) -> None:
+    store = sealed.store_for(final)
+    if store is None:
+        (tmp / name).write_bytes(data)
+        return
+    artifact, top = store._where(final)
+    sealed.seal_file(store.keys.key(artifact), artifact, f"{final.relative_to(top).as_posix()}/{name}", data,
+                     _sealed(tmp / name))
+
+
+def _get(path: Path, name: str) -> bytes:
+    store = sealed.store_for(path)
+    if store is None or not _sealed(path / name).exists():
+        return (path / name).read_bytes()
+    artifact, top = store._where(path)
+    with sealed.open_file(store.keys.key(artifact), artifact, f"{path.relative_to(top).as_posix()}/{name}",
+                          _sealed(path / name)) as mf:
+        return mf.read()
 
 
 def _options(full: bool = False, **kw):
@@ -77,11 +196,14 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
     tmp = _shared_tmp(final, is_main)
     try:
         with _one_process_is_fine():
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp), no_dist=not _distributed())
+            dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp, final),
+                     no_dist=not _distributed())
         if not is_main:
             return None
-        torch.save({"cpu": torch.get_rng_state()}, tmp / "rng.pt")
-        (tmp / "state.json").write_text(json.dumps({"step": step, **state}, indent=2, default=str))
+        rng = io.BytesIO()
+        torch.save({"cpu": torch.get_rng_state()}, rng)
+        _put(tmp, final, "rng.pt", rng.getvalue())
+        _put(tmp, final, "state.json", json.dumps({"step": step, **state}, indent=2, default=str).encode())
         for p in tmp.rglob("*"):
             if p.is_file():
                 fsync_path(p)
@@ -101,7 +223,7 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
 def all_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (p / "state.json").exists())
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and sealed.exists(p / "state.json"))
 
 
 def latest(root: Path) -> Path | None:
@@ -110,7 +232,7 @@ def latest(root: Path) -> Path | None:
 
 
 def read_state(path: Path) -> dict:
-    return json.loads((path / "state.json").read_text())
+    return json.loads(_get(path, "state.json"))
 
 
 def read_weights(path: Path) -> dict:
@@ -119,12 +241,13 @@ def read_weights(path: Path) -> dict:
 
     if (path / "model.pt").exists():
         return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
-    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
 
-    with tempfile.TemporaryDirectory() as tmp:
-        with _one_process_is_fine():
-            dcp_to_torch_save(str(path), str(Path(tmp) / "all.pt"))
-        return torch.load(Path(tmp) / "all.pt", map_location="cpu", weights_only=True)["model"]
+    sd: dict = {}
+    with _one_process_is_fine(), _said_plainly():  # in memory: no plaintext copy of the weights on disk
+        _load_state_dict(sd, storage_reader=_reader(path), planner=_EmptyStateDictLoadPlanner(), no_dist=True)
+    return sd["model"]
 
 
 def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> dict:
@@ -142,12 +265,12 @@ def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> 
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())  # the shapes to fill
         both = {"model": model_sd, "optim": optim_sd}
-        with _one_process_is_fine():
-            dcp.load(both, checkpoint_id=str(path), no_dist=not _distributed())
+        with _one_process_is_fine(), _said_plainly():
+            dcp.load(both, storage_reader=_reader(path), no_dist=not _distributed())
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"],
                        options=_options(strict=False))
         del both, model_sd, optim_sd
-    torch.set_rng_state(torch.load(path / "rng.pt", weights_only=True)["cpu"])
+    torch.set_rng_state(torch.load(io.BytesIO(_get(path, "rng.pt")), weights_only=True)["cpu"])
     return read_state(path)
 
 

@@ -79,7 +79,12 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 
 def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
-          results: dict, stop: threading.Event | None = None) -> _Server:
+          results: dict, stop: threading.Event | None = None, keys: dict[str, bytes] | None = None) -> _Server:
+    """The launcher's side. A rank that proves itself gets the spec and the keys of the sealed artifacts the run
+    reads and writes (its run key among them; `run.run_keys`), never the vault's."""
+    import base64
+
+    handed = {a: base64.b64encode(k).decode() for a, k in (keys or {}).items()}
     lock = threading.Lock()  # the vault connection is shared: one writer at a time
 
     class Handler(socketserver.BaseRequestHandler):
@@ -90,7 +95,7 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                 if header.get("op") != "hello" or not secrets.compare_digest(str(header.get("ticket", "")), ticket):
                     send(sock, {"ok": False, "error": "bad ticket"})
                     return
-                send(sock, {"ok": True, "spec": spec.to_dict()})
+                send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed})
                 while True:
                     header, payload = recv(sock)
                     op = header["op"]
@@ -118,7 +123,7 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
 
 
 def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
-                    nproc: int, nodes: Nodes, threads: int | None = None) -> dict:
+                    nproc: int, nodes: Nodes, threads: int | None = None, keys: dict[str, bytes] | None = None) -> dict:
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
@@ -134,7 +139,7 @@ def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Cal
     results: dict = {}
     stop = threading.Event()
     try:
-        server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop)
+        server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop, keys)
     except OSError:
         if short_dir is not None:
             short_dir.rmdir()
@@ -233,6 +238,13 @@ class SocketLink:
         if not header.get("ok"):
             raise TrainError("the launcher refused this worker", header.get("error"))
         self.spec = StageSpec.from_dict(header["spec"])
+        import base64
+
+        from appliance import sealed
+
+        artifacts = self.spec.run_dir.parent.parent  # HOME/artifacts/runs/ID
+        sealed.register(sealed.Store(artifacts, artifacts.parent / "tmp", sealed.GivenKeys(
+            {a: base64.b64decode(k) for a, k in header.get("keys", {}).items()})))
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         send(self.sock, {"op": "rows"}, np.asarray(index, np.int64).tobytes())

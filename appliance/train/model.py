@@ -11,8 +11,10 @@ import hashlib
 import json
 from pathlib import Path
 
+from appliance import sealed
 from appliance.errors import ApplianceError, UsageError
 from appliance.home import atomic_dir, file_sha256
+from appliance.memfiles import MemFile
 from appliance.train.config import LoraConfig, ModelConfig
 
 
@@ -100,8 +102,8 @@ def tokenizer_vocab(home, ref: str, default: int = 32000) -> tuple[str | None, i
         if found is None:
             return None, default
         best = root / found
-        doc = json.loads((best / "tokenizer.json").read_text())
-    except (OSError, ValueError):
+        doc = json.loads(sealed.read_bytes(best / "tokenizer.json"))
+    except (OSError, ValueError, sealed.SealedError):
         return None, default
     ids = [*doc.get("model", {}).get("vocab", {}).values(), *(t["id"] for t in doc.get("added_tokens", []))]
     return (best.name, max(ids) + 1) if ids else (None, default)
@@ -112,7 +114,8 @@ def load_tokenizer(path: Path, chat: bool = False):
     (`bases.ensure_chat_template`), which is then saved with every model trained from it."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    with sealed.opened(path, weights=False) as p:
+        tokenizer = AutoTokenizer.from_pretrained(str(p), local_files_only=True)
     if chat:
         from appliance.train.bases import ensure_chat_template
 
@@ -142,7 +145,9 @@ def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, 
         kwargs["device_map"] = {"": device}
     kwargs["attn_implementation"] = supported_attention(path, attention)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(path), **kwargs)
+        with sealed.opened(path) as p:
+            model = AutoModelForCausalLM.from_pretrained(str(p), **kwargs)
+        model.name_or_path = model.config._name_or_path = str(path)  # not the in-memory directory, gone now
     except (OSError, ValueError) as e:
         raise TrainError(f"cannot load the base model at {path}: {str(e).splitlines()[0]}",
                          "re-import it with `appliance train import`") from None
@@ -170,7 +175,7 @@ def supported_attention(path: Path, attention: str) -> str:
     if attention == "eager":
         return attention
     try:
-        config = json.loads((Path(path) / "config.json").read_text())
+        config = json.loads(sealed.read_bytes(Path(path) / "config.json"))
         from transformers import AutoConfig
 
         cls = AutoModelForCausalLM._model_mapping[type(AutoConfig.for_model(config["model_type"]))]
@@ -186,8 +191,9 @@ def load_reference(path: Path, device: str, frozen_dtype: str = "float32", atten
     from transformers import AutoModelForCausalLM
 
     quiet()
-    model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype=getattr(torch, frozen_dtype),
-                                                 attn_implementation=supported_attention(path, attention))
+    with sealed.opened(path) as p:
+        model = AutoModelForCausalLM.from_pretrained(str(p), local_files_only=True, dtype=getattr(torch, frozen_dtype),
+                                                     attn_implementation=supported_attention(path, attention))
     return model.to(device).eval().requires_grad_(False)
 
 
@@ -211,16 +217,67 @@ def lora_targets(model, lora: LoraConfig) -> list[str]:
 
 
 def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None = None) -> None:
-    """Write a plain transformers directory (or a PEFT adapter directory) atomically, with appliance.json.
+    """Write a transformers directory (or a PEFT adapter directory) with appliance.json, whole or not at all.
 
+    Under a home's artifacts the files are built in memory and sealed (`appliance.sealed`): weights and
+    configuration are serialized here the way `save_pretrained` writes them, since safetensors replaces the
+    file it saves to; elsewhere (`model export`) they are plain files from `save_pretrained`.
     `state_dict`: full weights gathered from FSDP shards, when the model itself holds only a shard.
     """
     quiet()
-    with atomic_dir(dest) as tmp:
-        kw = {"state_dict": state_dict} if state_dict is not None else {}
-        model.save_pretrained(str(tmp), safe_serialization=True, **kw)
-        tokenizer.save_pretrained(str(tmp))
-        (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
+    if sealed.store_for(dest) is None:
+        with atomic_dir(dest) as tmp:
+            kw = {"state_dict": state_dict} if state_dict is not None else {}
+            model.save_pretrained(str(tmp), safe_serialization=True, **kw)
+            tokenizer.save_pretrained(str(tmp))
+            (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
+        return
+    with sealed.building(dest, MODEL_JSON + sealed.TOKENIZER_FILES) as d:
+        for name, data in model_files(model, state_dict, d.path).items():
+            d.add(name, MemFile.of(name, data))
+        tokenizer.save_pretrained(str(d.path))
+        d.add("appliance.json", MemFile.of("appliance.json", json.dumps(info, indent=2, default=str).encode()))
+
+
+MODEL_JSON = ("config.json", "generation_config.json", "adapter_config.json")
+
+
+def model_files(model, state_dict: dict | None, into: Path) -> dict[str, bytes]:
+    """The weights of `model` as `save_pretrained` would write them, in memory; its JSON files are written
+    into `into` (links to in-memory files) by their own `save_pretrained`, which writes through them."""
+    import safetensors.torch
+
+    if hasattr(model, "peft_config"):  # a PEFT adapter: adapter_model.safetensors + adapter_config.json
+        from peft.utils import get_peft_model_state_dict
+
+        name = model.active_adapter if isinstance(model.active_adapter, str) else model.active_adapters[0]
+        weights = get_peft_model_state_dict(model, state_dict=state_dict, adapter_name=name)
+        cfg = model.peft_config[name]
+        if cfg.base_model_name_or_path is None:  # as PeftModel.save_pretrained fills them in
+            cfg.base_model_name_or_path = model.base_model.model.__dict__.get("name_or_path", None) or None
+        mapping = None
+        if cfg.task_type is None:
+            cls = model._get_base_model_class(is_prompt_tuning=cfg.is_prompt_learning)
+            mapping = {"base_model_class": cls.__name__, "parent_library": cls.__module__}
+        inference = cfg.inference_mode
+        cfg.inference_mode = True
+        try:
+            cfg.save_pretrained(str(into), auto_mapping_dict=mapping)
+        finally:
+            cfg.inference_mode = inference
+        return {"adapter_model.safetensors": safetensors.torch.save(
+            {k: v.detach().contiguous() for k, v in weights.items()}, metadata={"format": "pt"})}
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict, revert_weight_conversion
+
+    model.config.dtype = str(model.dtype).split(".")[1]
+    model.config.architectures = [type(model).__name__.removeprefix("FSDP")]
+    model.config.save_pretrained(str(into))
+    if model.can_generate():
+        model.generation_config.save_pretrained(str(into))
+    weights = model.state_dict() if state_dict is None else state_dict
+    weights = revert_weight_conversion(model, remove_tied_weights_from_state_dict(weights, model))
+    return {"model.safetensors": safetensors.torch.save(
+        {k: v.detach().contiguous() for k, v in weights.items()}, metadata={"format": "pt"})}
 
 
 def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -> None:
@@ -230,13 +287,17 @@ def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(str(base_path), local_files_only=True, dtype=torch.float32)
-    merged = PeftModel.from_pretrained(base, str(adapter_path), local_files_only=True).merge_and_unload()
+    with sealed.opened(base_path) as b, sealed.opened(adapter_path) as a:
+        base = AutoModelForCausalLM.from_pretrained(str(b), local_files_only=True, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, str(a), local_files_only=True).merge_and_unload()
     save_model(merged, load_tokenizer(adapter_path), dest, info)
 
 
 def tree_hash(root: Path) -> str:
-    """sha256 over (relative path, file sha256) of every file, sorted: the content hash of a directory."""
+    """sha256 over (relative path, file sha256) of every file, sorted: the content hash of a directory (of its
+    plaintext, for a sealed artifact)."""
+    if sealed.is_sealed(root):
+        return sealed._need(root).tree_hash(root)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -17,10 +18,9 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance import refs
+from appliance import refs, sealed
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, UsageError
-from appliance.home import atomic_dir
 from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
@@ -97,9 +97,10 @@ def tokenizer_hash(path: Path, added_template: str = "") -> str:
     """Every file that changes how text becomes ids (vocabulary, specials, chat template), and the template the
     appliance gave a tokenizer that had none."""
     h = hashlib.sha256()
-    for p in sorted(path.iterdir()):
-        if p.is_file() and p.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
-            h.update(p.name.encode() + b"\0" + p.read_bytes())
+    with sealed.opened(path, weights=False) as d:
+        for p in sorted(Path(d).iterdir()):
+            if p.is_file() and p.name.startswith(("tokenizer", "chat_template", "special_tokens", "vocab", "merges")):
+                h.update(p.name.encode() + b"\0" + p.read_bytes())
     if added_template:
         h.update(b"added chat template\0" + added_template.encode())
     return h.hexdigest()
@@ -230,6 +231,13 @@ class _LocalLink:
         self.rows, self.step, self.checkpoint = packed.take, rec.step, rec.checkpoint
 
 
+def less_scrubbed_warning(vault, inputs: list[str]) -> str:
+    """One line when a dataset, tokenizer or base this run learns from was re-scrubbed since under a stricter
+    policy (`lineage.less_scrubbed`); "" when there is nothing to say."""
+    said = [w["message"] for i in dict.fromkeys(inputs) for w in lineage.less_scrubbed(vault.con, i)]
+    return f"warning: training on less-scrubbed data: {'; '.join(dict.fromkeys(said))}" if said else ""
+
+
 def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launch.Nodes | None = None,
         on_event: Callable[[str, dict], None] = lambda kind, d: None, resume_run: str | None = None) -> RunResult:
     """Train as `recipe` says; on success the model is NAME@K in artifacts/models and in lineage.
@@ -262,6 +270,9 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
         packed = data.Packed(np.concatenate([packed.tokens, val.tokens]), np.concatenate([packed.labels, val.labels]),
                              {**packed.stats, "validation_rows": n_val})
     parents = [(d, "data") for d, _ in datasets] + src.parents
+    scrub_warning = less_scrubbed_warning(vault, [p for p, _ in parents])
+    if scrub_warning:  # trained all the same: the operator decides; the run keeps the warning
+        on_event("warning", {"text": scrub_warning, "step": 0})
     resolved = {"datasets": [list(d) for d in datasets], "inputs": [list(p) for p in src.parents]}
     run_id, resume_from = _open_run(vault, recipe, resume, resolved, resume_run)
     resume_step = _step_of(resume_from)  # read now: old checkpoints are pruned as the run goes
@@ -284,9 +295,10 @@ def run(vault, recipe: Recipe, resume: bool = False, gpus: int = 0, nodes: launc
                      run_dir=run_dir, model_dir=model_dir, info=info,
                      resume_from=Path(resume_from) if resume_from else None)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "recipe.json").write_text(json.dumps(info, indent=2, default=str))
+    sealed.write_file(run_dir / "recipe.json", json.dumps(info, indent=2, default=str).encode())
     # grpo's loss is minus an advantage and dpo's falls toward 0 by design: only their validation loss is watched
     watch = LossWatch(collapse=0.0 if recipe.stage in ("dpo", "grpo") else 0.05)
+    watch.warnings += [scrub_warning] if scrub_warning else []
     rec = Recorder(vault, run_id, on_event, recipe.train.checkpoint_every, recipe.train.early_stop_patience, watch)
     if resume_step:
         rec.seed([v for (v,) in vault.con.execute(
@@ -330,9 +342,22 @@ def _fit(vault, recipe: Recipe, spec: StageSpec, packed: data.Packed, rec: Recor
         threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
             else max(1, (os.cpu_count() or 1) // max(gpus, 1))
         return launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
-                                      nodes, threads)
+                                      nodes, threads, run_keys(vault, spec))
     loop.set_threads()
     return STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
+
+
+def run_keys(vault, spec: StageSpec) -> dict[str, bytes]:
+    """The keys a run's ranks are handed: of what it reads (tokenizer, base) and of what it writes (its run
+    directory and its model, keys made here and kept in the vault). Nothing else of the home opens with them."""
+    store = vault.store
+    keys = {}
+    for path, write in ((spec.tokenizer_path, False), (spec.base_path, False), (spec.run_dir, True),
+                        (spec.model_dir, True)):
+        artifact = store.artifact(path) if path is not None else None
+        if artifact is not None and (write or sealed.is_sealed(store.root / artifact)):
+            keys[artifact] = store.keys.key(artifact, create=write)
+    return keys
 
 
 def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:
@@ -351,7 +376,7 @@ def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_ste
         metrics["warnings"] = rec.watch.warnings
     kind = "adapter" if out.get("adapter") else "model"
     if kind == "adapter":  # the layers adapted, as chosen for the architecture or named by the recipe
-        metrics["lora_target_modules"] = sorted(json.loads((model_dir / "adapter_config.json").read_text())
+        metrics["lora_target_modules"] = sorted(json.loads(sealed.read_bytes(model_dir / "adapter_config.json"))
                                                 .get("target_modules") or [])
     attrs = {"stage": recipe.stage, "method": recipe.method, "path": str(model_dir), "recipe": recipe.to_dict(),
              "code_version": info["code_version"], "metrics": metrics, "world": world, "data": packed.stats,
@@ -431,7 +456,7 @@ def _chat_template(recipe: Recipe, tokenizer, src: Inputs, on_event) -> str | No
 def _check_lengths(recipe: Recipe, src: Inputs) -> None:
     if src.base_path is None:
         return
-    cfg = json.loads((src.base_path / "config.json").read_text())
+    cfg = json.loads(sealed.read_bytes(src.base_path / "config.json"))
     limit = cfg.get("max_position_embeddings")
     if limit and recipe.data.seq_len > limit:
         raise UsageError(f"data.seq_len {recipe.data.seq_len} exceeds the base model's context of {limit}",
@@ -554,7 +579,10 @@ def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | 
     model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
     try:
-        with atomic_dir(root / model_id) as tmp:
+        # Staged in the clear under HOME/tmp (the base arrived in the clear and holds no vault data), checked,
+        # then sealed into the artifacts like every model; the staging directory is removed either way.
+        with tempfile.TemporaryDirectory(prefix=".import-", dir=vault.home.tmp) as staging:
+            tmp = Path(staging)
             if convert is None:
                 for p in sorted(src.iterdir()):
                     if p.is_file() and not p.name.startswith("."):
@@ -565,6 +593,8 @@ def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | 
             load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
             tokenizer_note = as_sentencepiece(tmp)
             digest = tree_hash(tmp)
+            sealed.write_dir(root / model_id, {p.relative_to(tmp).as_posix(): p
+                                               for p in sorted(tmp.rglob("*")) if p.is_file()})
     except BaseException as e:
         if isinstance(e, ApplianceError | KeyboardInterrupt):
             raise

@@ -164,7 +164,10 @@ def _layout(recipe: Recipe, dist: loop.Dist, config) -> tuple[bool, precision.Pr
 def _base_config(base):
     from transformers import AutoConfig
 
-    return AutoConfig.from_pretrained(str(base), local_files_only=True)
+    from appliance import sealed
+
+    with sealed.opened(base, weights=False) as d:
+        return AutoConfig.from_pretrained(str(d), local_files_only=True)
 
 
 def _aux_coef(model) -> float:

@@ -10,8 +10,8 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from appliance import sealed
 from appliance.errors import UsageError
-from appliance.home import atomic_dir
 
 BOS, EOS, PAD = "<|begin_of_text|>", "<|end_of_text|>", "<|pad|>"
 IM_START, IM_END = "<|im_start|>", "<|im_end|>"
@@ -87,9 +87,9 @@ def train_tokenizer(vault, dataset: str | list[str] | tuple[str, ...], vocab_siz
                                    model_max_length=1 << 20)
     node_id = lineage.next_id(vault.con, name)
     final = vault.home.artifacts / "tokenizers" / node_id
-    with atomic_dir(final) as tmp:
-        fast.save_pretrained(str(tmp))
-        (tmp / "appliance.json").write_text(json.dumps(
+    with sealed.building(final, sealed.TOKENIZER_FILES + ("appliance.json",)) as d:  # in memory, then sealed
+        fast.save_pretrained(str(d.path))
+        (d.path / "appliance.json").write_text(json.dumps(
             {"id": node_id, "dataset": ref, "datasets": refs, "vocab_size": fast.vocab_size,
              "min_frequency": min_frequency,
              "special_tokens": SPECIAL_TOKENS}, indent=2))

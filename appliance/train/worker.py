@@ -13,6 +13,9 @@ def main() -> int:
     from appliance.train import launch, loop
     from appliance.train.stages import STAGES
 
+    from appliance.hardening import protect_process
+
+    protect_process()  # a rank holds its run's keys and the decrypted weights: no core dump, no /proc reading
     path, ticket = os.environ.pop(launch.ENV_SOCKET, ""), os.environ.pop(launch.ENV_TICKET, "")
     if not path or not ticket:
         print("error: appliance.train.worker is started by `appliance train run --gpus N`", file=sys.stderr)

@@ -85,6 +85,10 @@ DDL = [
     "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_gpus INTEGER",
     "ALTER TABLE grants ADD COLUMN IF NOT EXISTS max_priority INTEGER",
     # Models in service (appliance/serving): deployments, what they served (scrubbed) and the feedback on it.
+    # The key of each sealed artifact under HOME/artifacts (`appliance/sealed.py`): a file key per artifact
+    # directory, kept here so that only the data key's holder can open the artifacts and a rekey costs nothing.
+    """CREATE TABLE IF NOT EXISTS artifact_keys (
+        artifact VARCHAR PRIMARY KEY, key BLOB NOT NULL, created TIMESTAMP NOT NULL)""",
     """CREATE TABLE IF NOT EXISTS deployments (
         name VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, candidate VARCHAR, split DOUBLE NOT NULL,
         record BOOLEAN NOT NULL, sample_rate DOUBLE NOT NULL, retention_days INTEGER NOT NULL,

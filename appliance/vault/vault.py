@@ -12,7 +12,7 @@ from pathlib import Path
 import duckdb
 
 from appliance import logs
-from appliance.errors import VaultBusy, VaultError
+from appliance.errors import ApplianceError, VaultBusy, VaultError
 from appliance.hardening import protect_process
 from appliance.home import Home, fsync_path
 from appliance.vault import audit, db
@@ -39,6 +39,9 @@ class Vault:
         # someone else (an agent's session: `agent:NAME`); None is the process's actor (audit.current_actor).
         self.actor: str | None = None
         self._lock = threading.RLock()
+        from appliance import sealed
+
+        self.store = sealed.register(sealed.store(self))  # the artifacts' keys are in this vault
 
     # --- lifecycle ------------------------------------------------------------------------------
     @classmethod
@@ -117,6 +120,17 @@ class Vault:
         return vault
 
     def close(self) -> None:
+        """Detach, and let go of the artifacts' keys: sealed artifacts no longer open through this vault."""
+        from appliance import sealed
+
+        sealed.unregister(self.store)
+        self._detach()
+
+    def detach(self) -> None:
+        """Free the database for other processes; the keys stay in memory (a session attaches again)."""
+        self._detach()
+
+    def _detach(self) -> None:
         if self.con is not None:
             self.con.close()
             self.con = None  # type: ignore[assignment]
@@ -124,10 +138,13 @@ class Vault:
     def reopen(self, read_only: bool, wait: float = BUSY_WAIT) -> None:
         """Re-attach the database, e.g. read-only after writing an audit entry; no new unlock."""
         with self._lock:
-            self.close()
+            self._detach()
             with _home_lock(self.home, wait):
                 self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only,
                                       wait=wait)
+            from appliance import sealed
+
+            sealed.register(self.store)
             self.read_only = read_only
             try:  # a newer appliance may have migrated the vault meanwhile: refuse to write an unknown schema
                 self._check_schema()
@@ -150,7 +167,7 @@ class Vault:
             try:
                 yield self
             finally:
-                self.close()
+                self._detach()
 
     @contextmanager
     def released(self, wait: float = 3600.0):
@@ -161,7 +178,7 @@ class Vault:
         import fcntl
 
         attached, read_only = self.con is not None, self.read_only
-        self.close()
+        self._detach()  # the artifacts still open: their keys attach for a moment (`sealed.VaultKeys`)
         fd = os.open(self.home.root / ".detached.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_SH)
@@ -286,7 +303,7 @@ class Vault:
             self.con.execute("CHECKPOINT rekeyed")
         finally:
             self.con.execute("DETACH rekeyed")
-        self.close()
+        self._detach()  # the artifacts' keys move with the database: nothing under artifacts/ changes
         self.keyring.wrap_pending(passphrase, nxt, new_path.name)
         self.keyring.save(self.home.keyring)
         old = self.home.database.with_name(self.home.database.name + OLD_SUFFIX)
@@ -329,7 +346,29 @@ class Vault:
                 rep.problems.append(f"{vid}: {count} records / {total} bytes, recorded {recs} / {nbytes}")
         rep.audit = audit.verify(c, self.secrets.audit_key)
         rep.problems += [f"audit: {p}" for p in rep.audit.problems]
+        self._check_artifacts(rep)
         return rep
+
+    def _check_artifacts(self, rep: CheckReport) -> None:
+        """Every sealed artifact opens with its key (each file in memory, dropped at once); files in the clear
+        under artifacts/ (an older appliance's) are listed, for `vault seal`."""
+        from appliance import sealed
+
+        root = self.home.artifacts
+        for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
+            for d in sorted(p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")):
+                rel = d.relative_to(root).as_posix()
+                plain = [p.relative_to(d).as_posix() for p in d.rglob("*")
+                         if p.is_file() and not p.name.endswith(sealed.SUFFIX)]
+                if plain:  # made by an older appliance, or put there by hand: said, not failed
+                    rep.unsealed.append(f"{rel}: {len(plain)} file(s) in the clear ({plain[0]})")
+                if not sealed.is_sealed(d):
+                    continue
+                try:
+                    rep.artifact_bytes += self.store.verify(d)
+                    rep.artifacts += 1
+                except ApplianceError as e:
+                    rep.problems.append(f"artifact {rel}: {e.message}")
 
 
 @dataclass
@@ -338,6 +377,9 @@ class CheckReport:
     versions: int = 0
     problems: list[str] = field(default_factory=list)
     audit: audit.AuditReport | None = None
+    artifacts: int = 0  # sealed artifact directories opened
+    artifact_bytes: int = 0
+    unsealed: list[str] = field(default_factory=list)  # artifacts with files in the clear (`vault seal`)
 
     @property
     def ok(self) -> bool:
@@ -345,7 +387,8 @@ class CheckReport:
 
     def to_json(self) -> dict:
         return {"ok": self.ok, "records": self.blobs, "versions": self.versions,
-                "audit_entries": self.audit.entries if self.audit else 0, "problems": self.problems}
+                "audit_entries": self.audit.entries if self.audit else 0, "artifacts": self.artifacts,
+                "artifact_bytes": self.artifact_bytes, "unsealed": self.unsealed, "problems": self.problems}
 
 
 @contextmanager

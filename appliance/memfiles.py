@@ -1,0 +1,147 @@
+"""Files that live only in memory: anonymous in-memory files, and directories of them.
+
+`MemFile` is a `memfd_create` file: it has no name on any filesystem, lives in this process's memory
+(swap aside, like any memory) and is gone when its last descriptor closes. Code that wants a path gets
+`/proc/PID/fd/N`: this process opens it (llama.cpp, safetensors' memory map); another process only when this
+one may be read by it, which a key holder (made non-dumpable by `hardening.protect_process`) never is.
+
+`MemDir` gives a library that loads or saves a whole directory by path (`from_pretrained`,
+`save_pretrained`) a directory whose entries are links to such files: the links name the files, the
+bytes are in memory only. It is made private (0700) under the home's `tmp/`, holds nothing but links, and
+is removed with its files when closed. After a save, `check` refuses any entry that is not one of its links:
+a library that wrote a file of its own there would have put plaintext on the disk.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import shutil
+import stat
+import tempfile
+from pathlib import Path
+
+from appliance.errors import ApplianceError
+
+
+class MemFile:
+    """An anonymous in-memory file of `size` bytes (it grows if written through its path)."""
+
+    def __init__(self, name: str, size: int = 0):
+        self.fd = os.memfd_create(name[:200] or "file", os.MFD_CLOEXEC)
+        if size:
+            os.ftruncate(self.fd, size)
+
+    @classmethod
+    def of(cls, name: str, data) -> MemFile:
+        f = cls(name, len(data))
+        if len(data):
+            with f.map(write=True) as m:
+                m[:] = data
+        return f
+
+    @property
+    def path(self) -> str:
+        return f"/proc/{os.getpid()}/fd/{self.fd}"
+
+    @property
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def map(self, write: bool = False) -> mmap.mmap | _Empty:
+        """A memory map of the whole file (an empty buffer for an empty file, which mmap refuses)."""
+        if not self.size:
+            return _Empty()
+        return mmap.mmap(self.fd, self.size, prot=mmap.PROT_READ | (mmap.PROT_WRITE if write else 0))
+
+    def read(self) -> bytes:
+        with self.map() as m:
+            return bytes(m)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self) -> MemFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class _Empty(bytearray):
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+class MemDir:
+    """A private directory of links to in-memory files; see the module docstring."""
+
+    def __init__(self, parent: Path, files: dict[str, MemFile] | None = None):
+        parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path = Path(tempfile.mkdtemp(prefix=".mem-", dir=parent))
+        self.files: dict[str, MemFile] = {}
+        self.content_hash: str | None = None  # set by `sealed.Store.building` once the files are sealed
+        for name, f in (files or {}).items():
+            self.add(name, f)
+
+    def add(self, name: str, f: MemFile) -> None:
+        parts = Path(name).parts
+        if not parts or Path(name).is_absolute() or any(p in ("", ".", "..") for p in parts):
+            raise ApplianceError(f"refusing the in-memory file name {name!r}", "names are relative, without '..'")
+        (self.path / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.symlink(f.path, self.path / name)
+        self.files[name] = f
+
+    def new(self, name: str) -> MemFile:
+        f = MemFile(Path(name).name)
+        self.add(name, f)
+        return f
+
+    def check(self) -> dict[str, MemFile]:
+        """The files written through the links; a plain file or any other entry made there is refused."""
+        for dirpath, dirnames, filenames in os.walk(self.path):
+            for n in filenames + dirnames:
+                p = Path(dirpath, n)
+                rel = str(p.relative_to(self.path))
+                mode = os.lstat(p).st_mode
+                if stat.S_ISDIR(mode) and any(k.startswith(rel + "/") for k in self.files):
+                    continue
+                if not (stat.S_ISLNK(mode) and rel in self.files and os.readlink(p) == self.files[rel].path):
+                    _shred(p)
+                    raise ApplianceError(f"a library wrote {rel} as a file on disk where only in-memory files "
+                                         "may be", "it was removed; report this, it is a defect")
+        return self.files
+
+    def close(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+    def __enter__(self) -> MemDir:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _shred(p: Path) -> None:
+    """Overwrite a stray regular file before removing it (a directory is removed whole)."""
+    if p.is_symlink() or not p.exists():
+        p.unlink(missing_ok=True)
+    elif p.is_dir():
+        for q in p.rglob("*"):
+            if q.is_file() and not q.is_symlink():
+                _shred(q)
+        shutil.rmtree(p, ignore_errors=True)
+    else:
+        with open(p, "r+b") as f:
+            f.write(b"\0" * os.fstat(f.fileno()).st_size)
+            f.flush()
+            os.fsync(f.fileno())
+        p.unlink()
