@@ -175,7 +175,7 @@ def eval_gate_cmd(c: Ctx, baseline, candidate, tolerances):
                                                                 "7d, 2w), compared with the window before it.")
 @click.option("--limit", "limits", multiple=True, metavar="METRIC=VALUE",
               help="With --deployment: a drift limit (js_divergence, unseen_rate, length_change, refusal_change, "
-                   "error_change). Repeatable.")
+                   "error_change, answer_change, probe_kl). Repeatable.")
 @click.option("--min-records", type=click.IntRange(1), default=20, show_default=True,
               help="With --deployment: fewer records in a window and nothing is judged.")
 @click.option("--plot", type=click.Path(path_type=Path), default=None,
@@ -262,12 +262,15 @@ def _served_drift(c: Ctx, deployment, window, limits, min_records, plot):
                    "default 0.25). Repeatable.")
 @click.option("--max-latency-increase", type=click.FloatRange(0), default=None,
               help="Gate latency too: the largest relative increase allowed (0.2 = 20 %).")
-def eval_ab_cmd(c: Ctx, deployment, promote, min_requests, tolerances, max_latency_increase):
+@click.option("--suite", "suites", multiple=True, metavar="SUITE",
+              help="Score served answers to this suite's questions (repeatable; default: every shipped suite).")
+def eval_ab_cmd(c: Ctx, deployment, promote, min_requests, tolerances, max_latency_increase, suites):
     """Compare DEPLOYMENT's model and candidate on what they served: latency, answer length, refusal rate,
-    errors and feedback ratings, with 95 % intervals and a verdict. Exit 1 unless the verdict passes."""
+    errors, feedback ratings and, for answers to suite questions (or requests with a reference), the suites'
+    accuracy, with 95 % intervals and a verdict. Exit 1 unless the verdict passes."""
     per = _metric_values(tolerances, "--tolerance")
     with c.open_vault() as v:
-        r = api.eval_ab(v, deployment, min_requests, per, max_latency_increase, promote)
+        r = api.eval_ab(v, deployment, min_requests, per, max_latency_increase, promote, list(suites) or None)
     failure = ChecksFailed(f"{deployment}: A/B verdict {r['verdict']} ({r['reason']})"
                            + ("; not promoted" if promote else ""), "see the table above") if not r["passed"] else None
     data = dict(r)
