@@ -48,6 +48,7 @@ bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/train_throughput.py --steps 30 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/edge_inference.py --steps 30 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/bundle_throughput.py --gib 1 --write docs/BENCHMARKS.md
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/sealed_io.py --gib 1 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/eval_throughput.py --steps 20 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/agentic_task.py --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/byo_bases.py --write docs/BENCHMARKS.md
