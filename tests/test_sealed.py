@@ -25,6 +25,21 @@ def store(tmp_path):
     sealed.unregister(s)
 
 
+@pytest.fixture(scope="module")
+def base_of(tmp_path_factory):
+    """A tiny base of a family (built once per family for this file)."""
+    from appliance import sample_bases
+
+    built: dict[str, Path] = {}
+
+    def get(family: str) -> Path:
+        if family not in built:
+            built[family] = sample_bases.build(family, tmp_path_factory.mktemp(family) / "base",
+                                               ["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+        return built[family]
+    return get
+
+
 def _plain_files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*") if p.is_file() and not p.name.endswith(".sealed"))
 
@@ -110,17 +125,15 @@ def test_a_memfile_has_no_name_on_disk_and_opens_by_its_path():
 
 
 @pytest.mark.parametrize("family", ["qwen2", "llama3"])
-def test_a_model_saved_in_memory_loads_as_its_save_pretrained_twin(store, tmp_path, family):
+def test_a_model_saved_in_memory_loads_as_its_save_pretrained_twin(store, tmp_path, family, base_of):
     """save_model under the artifacts serializes weights itself (safetensors replaces a file it saves to);
     what it seals must load exactly like what save_pretrained writes."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    from appliance import sample_bases
     from appliance.train.model import load_tokenizer, save_model, tree_hash
 
-    src = sample_bases.build(family, tmp_path / family, ["the quick brown fox jumps over the lazy dog"] * 20,
-                             vocab_size=300)
+    src = base_of(family)
     tok = load_tokenizer(src, chat=True)
     model = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     plain, dest = tmp_path / "plain", store.root / "models/a@1"
@@ -199,16 +212,14 @@ def test_a_checkpoint_is_sealed_as_it_is_written_and_a_shard_moved_to_another_st
         checkpoint.read_weights(b)
 
 
-def test_a_lora_adapter_saved_in_memory_is_what_peft_saves(store, tmp_path):
+def test_a_lora_adapter_saved_in_memory_is_what_peft_saves(store, tmp_path, base_of):
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from appliance import sample_bases
     from appliance.train.model import load_tokenizer, save_model, tree_hash
 
-    src = sample_bases.build("llama3", tmp_path / "base", ["the quick brown fox jumps over the lazy dog"] * 20,
-                             vocab_size=300)
+    src = base_of("llama3")
     tok = load_tokenizer(src)
     base = AutoModelForCausalLM.from_pretrained(str(src), dtype=torch.float32)
     model = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
