@@ -122,7 +122,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(1)
-    from appliance import api
+    from appliance import api, sealed
     from appliance.home import Home
     from appliance.quantize import gguf_export
     from appliance.quantize.stage import quantize
@@ -158,23 +158,27 @@ def main() -> None:
                                  f"{q['tokenizer_agreed']}/{q['tokenizer_records']}",
                                  f"{q['tokenizer_hard_agreed']}/{q['tokenizer_hard_strings']}",
                                  f"{q['ppl_delta_pct']:+.2f}%", f"{q['top1_agreement']:.3f}", f"{q['mean_kld']:.5f}"])
-                    if qt == "q8_0":
+                    if qt == "q8_0":  # sealed in the home: brought back as a site would, from a plain copy
+                        plain = api.model_export(v, r.id, tmp / f"{fam}-q8_0")
+                        gguf = Path(plain["out"]) / next(n for n in plain["files"] if n.endswith(".gguf"))
                         t0 = time.perf_counter()
-                        back = api.train_import(v, Path(r.path), f"{fam}-back")
+                        back = api.train_import(v, gguf, f"{fam}-back")
                         t_back = time.perf_counter() - t0
                         g = back["base"]["gguf"]
                 # the baseline beside ours, on the same imported directory, same run
                 ours = tmp / f"{fam}-ours.gguf"
-                t0 = time.perf_counter()
-                gguf_export.write(model_dir, ours, {"id": imp["id"]})
-                t_ours = time.perf_counter() - t0
-                t_theirs, outcome = run_converter(script, model_dir, tmp / f"{fam}-llamacpp.gguf")
-                if t_theirs is not None:
-                    from transformers import AutoTokenizer
+                with sealed.opened(model_dir) as plain_dir:  # the sealed import, in memory, for both converters
+                    t0 = time.perf_counter()
+                    gguf_export.write(plain_dir, ours, {"id": imp["id"], "name": model_dir.name})
+                    t_ours = time.perf_counter() - t0
+                    t_theirs, outcome = run_converter(script, plain_dir, tmp / f"{fam}-llamacpp.gguf")
+                    if t_theirs is not None:
+                        from transformers import AutoTokenizer
 
-                    diff, same = same_as_ours(ours, tmp / f"{fam}-llamacpp.gguf",
-                                              AutoTokenizer.from_pretrained(str(model_dir)))
-                    outcome += f": max abs logit diff vs ours {diff:.1e}, tokens {'identical' if same else 'DIFFER'}"
+                        diff, same = same_as_ours(ours, tmp / f"{fam}-llamacpp.gguf",
+                                                  AutoTokenizer.from_pretrained(str(plain_dir)))
+                        outcome += (f": max abs logit diff vs ours {diff:.1e}, tokens "
+                                    f"{'identical' if same else 'DIFFER'}")
                 base_rows.append([fam, vocab, f"{t_import:.1f}", f"{t_ours:.2f}",
                                   f"{t_theirs:.2f}" if t_theirs else "-",
                                   f"{t_ours / t_theirs:.2f}x" if t_theirs else "-", outcome,

@@ -85,19 +85,16 @@ def setup(work: Path, steps: int, size: Size = FULL):
     return home, res.id
 
 
-def prompts(home: Path, tok, size: Size) -> list[list[int]]:
-    from appliance.home import Home
-    from appliance.vault import Vault
+def prompts(v, tok, size: Size) -> list[list[int]]:
     from appliance.vault.versions import iter_records
 
     out = []
-    with Vault.open(Home(home), PASS, read_only=True) as v:
-        for rec in iter_records(v.con, "bench@1", split="validation"):
-            ids = tok(rec["text"], add_special_tokens=False)["input_ids"]
-            if len(ids) >= size.prompt_tokens:
-                out.append(ids[:size.prompt_tokens])
-            if len(out) == size.prompts:
-                break
+    for rec in iter_records(v.con, "bench@1", split="validation"):
+        ids = tok(rec["text"], add_special_tokens=False)["input_ids"]
+        if len(ids) >= size.prompt_tokens:
+            out.append(ids[:size.prompt_tokens])
+        if len(out) == size.prompts:
+            break
     if not out:
         raise SystemExit("no held-out record is long enough for a prompt")
     return out
@@ -140,23 +137,25 @@ def measure(home: Path, model_id: str, threads: int, size: Size = FULL) -> dict:
     import torch
     from transformers import AutoTokenizer
 
+    from appliance import sealed
     from appliance.home import Home
     from appliance.quantize.stage import quantize
     from appliance.vault import Vault
 
     torch.set_num_threads(threads)
-    model_dir = home / "artifacts" / "models" / model_id
-    tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
-    ps = prompts(home, tok, size)
     rows = {}
-    with Vault.open(Home(home), PASS) as v:
+    # Artifacts are sealed: the model and the GGUFs are opened in memory while the vault is open (loading is not timed).
+    with Vault.open(Home(home), PASS) as v, sealed.opened(home / "artifacts" / "models" / model_id) as model_dir:
+        tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
+        ps = prompts(v, tok, size)
         for t in TYPES:
             r = quantize(v, model_id, t, eval_tokens=size.eval_tokens, threads=threads)
             rows[t] = {"size": r.size, "bpw": r.bits_per_weight, "q": r.quality, "secs": r.seconds,
                        "params": r.params, "path": r.path}
-    for t in TYPES:
-        rows[t]["tok_s"] = llama_speed(Path(rows[t]["path"]), ps, threads, size.new_tokens)
-    return {"rows": rows, "hf_tok_s": transformers_speed(model_dir, ps, size.new_tokens), "prompts": len(ps)}
+        for t in TYPES:
+            rows[t]["tok_s"] = llama_speed(Path(rows[t]["path"]), ps, threads, size.new_tokens)
+        hf_tok_s = transformers_speed(model_dir, ps, size.new_tokens)
+    return {"rows": rows, "hf_tok_s": hf_tok_s, "prompts": len(ps)}
 
 
 def report(r: dict, steps: int, threads: int, size: Size = FULL) -> str:

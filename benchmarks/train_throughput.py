@@ -109,9 +109,9 @@ def trainer_child(home: Path, steps: int, mode: str, threads: int, smoke: bool =
     from appliance.vault.versions import iter_records
 
     recipe = load_recipe("tiny-dense", overrides(steps, smoke))
-    tok = load_tokenizer(home / "artifacts" / "tokenizers" / "bench-bpe@1")
     L = recipe.data.seq_len
     with Vault.open(Home(home), PASS) as v:
+        tok = load_tokenizer(home / "artifacts" / "tokenizers" / "bench-bpe@1")  # sealed: read with the vault open
         if mode == "packed":
             packed, _, _ = data.prepare(v, recipe.data, tok, "bench")
             rows = [(t, lab) for t, lab in zip(packed.tokens.astype(np.int64), packed.labels.astype(np.int64))]

@@ -5,6 +5,7 @@ import json
 
 import pytest
 
+from tests.conftest import artifact
 from tests.test_train_run import FAST, run
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -15,7 +16,8 @@ def _tokenizer(home):
     """The appliance's tokenizer fixture, as a base model's would ship: no chat template."""
     from appliance.train.model import load_tokenizer
 
-    tok = load_tokenizer(home / "artifacts" / "tokenizers" / "handbook-bpe@1")
+    with artifact(home, home / "artifacts" / "tokenizers" / "handbook-bpe@1") as d:
+        tok = load_tokenizer(d)
     tok.chat_template = None
     return tok
 
@@ -96,7 +98,8 @@ def test_import_sft_merge_and_export_each_family(train_home, cli, tmp_path, arch
     assert r.code == 0, r.err
     assert r.err.count("has no chat template: using the appliance's (ChatML") == 1
     merged = train_home / "artifacts" / "models" / "sft-lora-merged@1"
-    tok = AutoTokenizer.from_pretrained(merged, local_files_only=True)
+    with artifact(train_home, merged) as d:
+        tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
     assert "<|im_start|>" in tok.chat_template  # saved with the model, so the GGUF carries it
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                    add_generation_prompt=True).endswith("<|im_start|>assistant\n")

@@ -264,7 +264,11 @@ def test_suite_json_is_one_object(ehome, cli):
 
 def test_a_model_given_by_path(ehome, cli):
     """A GGUF file or model directory outside the vault's lineage runs, and its run records no model edge."""
-    gguf = next((ehome / "artifacts" / "gguf").rglob("*.gguf"))
+    from appliance import sealed
+
+    gguf = next(p.with_name(p.name.removesuffix(sealed.SUFFIX))  # sealed at rest: given by its plaintext name
+                for p in (ehome / "artifacts" / "gguf").rglob("*.gguf" + sealed.SUFFIX))
+    assert sealed.exists(gguf) and not gguf.exists()
     r = _run(cli, ehome, "handbook-checks", "--model", gguf)
     assert r["model"] == str(gguf.resolve()) and r["backend"] == "llama.cpp"
     tree = cli("--home", ehome, "--json", "lineage", r["id"]).json["lineage"]

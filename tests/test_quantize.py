@@ -10,7 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.conftest import PY, copy_home, open_vault, python_env
+from appliance import sealed
+from tests.conftest import PY, artifact, artifact_bytes, copy_home, open_vault, python_env
 from tests.servers import free_port, start_server
 
 DENSE = ["name=kq", "model.hidden_size=256", "model.intermediate_size=512", "model.tie_embeddings=false",
@@ -38,6 +39,17 @@ def qhome(qbase, tmp_path) -> Path:
     return copy_home(qbase, tmp_path)
 
 
+@pytest.fixture(scope="module")
+def q8home(qbase, tmp_path_factory) -> Path:
+    """qbase plus the GGUF `kq@1:q8_0` (sealed, as every artifact); tests copy it before changing it."""
+    from appliance.quantize.stage import quantize
+
+    h = copy_home(qbase, tmp_path_factory.mktemp("q8"))
+    with open_vault(h) as v:
+        quantize(v, "kq@1", "q8_0", eval_tokens=256, threads=1)
+    return h
+
+
 def model_dir(h: Path, model: str) -> Path:
     return h / "artifacts" / "models" / model
 
@@ -56,11 +68,12 @@ def logits_both(h: Path, model: str, gguf: Path, text: str):
 
     from appliance.quantize import llama
 
-    d = str(model_dir(h, model))
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    ids = tok(text, add_special_tokens=False)["input_ids"][:200]
+    with artifact(h, model_dir(h, model)) as d:
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        ids = tok(text, add_special_tokens=False)["input_ids"][:200]
+        model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)
     with torch.no_grad():
-        a = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)(torch.tensor([ids])).logits[0].numpy()
+        a = model(torch.tensor([ids])).logits[0].numpy()
     llm = llama.load(gguf, n_ctx=256, logits_all=True, threads=1)
     llm.eval(ids)
     b = np.asarray(llm.scores[:len(ids)])
@@ -73,7 +86,8 @@ def test_f32_export_gives_the_same_logits_as_transformers(qbase, tmp_path, model
     from appliance.quantize import gguf_export
 
     out = tmp_path / "m.gguf"
-    gguf_export.write(model_dir(qbase, model), out, {"id": model})
+    with artifact(qbase, model_dir(qbase, model)) as d:
+        gguf_export.write(d, out, {"id": model, "name": model})
     a, b = logits_both(qbase, model, out, held_out(qbase)[0])
     assert np.abs(a - b).max() < 1e-2  # float32 sums in another order; a wrong export is off by whole units
     assert (a.argmax(-1) == b.argmax(-1)).all()
@@ -84,7 +98,8 @@ def test_a_wrong_rotary_permutation_is_caught_by_the_logits(qbase, tmp_path, mon
 
     monkeypatch.setattr(gguf_arch, "permute_qk", lambda w, n_head: w)  # what a naive converter does
     out = tmp_path / "m.gguf"
-    gguf_export.write(model_dir(qbase, "kq@1"), out, {"id": "kq@1"})
+    with artifact(qbase, model_dir(qbase, "kq@1")) as d:
+        gguf_export.write(d, out, {"id": "kq@1", "name": "kq@1"})
     a, b = logits_both(qbase, "kq@1", out, held_out(qbase)[0])
     assert np.abs(a - b).max() > 0.5 and (a.argmax(-1) == b.argmax(-1)).mean() < 0.95  # loads, runs, is wrong
 
@@ -94,8 +109,10 @@ def test_quantize_end_to_end(qhome, cli):
     assert r.code == 0, r.err + r.out
     d = r.json
     assert d["id"] == "kq@1:q4_k_m" and d["type"] == "q4_k_m" and d["source"] == "kq@1" and not d["flagged"]
-    path = Path(d["path"])
-    assert path.is_file() and path.name == "kq@1-q4_k_m.gguf" and d["size"] == path.stat().st_size
+    path = Path(d["path"])  # the GGUF's plaintext name: sealed at rest, beside its sealed Modelfile and report
+    assert not path.exists() and sealed.exists(path) and path.name == "kq@1-q4_k_m.gguf"
+    assert sealed.sealed_names(path.parent) == sorted(["Modelfile", "appliance.json", path.name])
+    assert d["size"] == len(artifact_bytes(qhome, path))
     # llama.cpp's mix: q4_k for most matrices, q6_k for some (attn_v, ffn_down, output), f32 norms
     assert set(d["tensor_types"]) == {"f32", "q4_k", "q6_k"} and d["fallbacks"] == []
     assert 4.5 < d["bits_per_weight"] < 6.5
@@ -107,18 +124,20 @@ def test_quantize_end_to_end(qhome, cli):
     # the file stands on its own: metadata and tokenizer that llama.cpp reads back
     from appliance.quantize import llama
 
-    llm = llama.load(path, n_ctx=128, threads=1)
+    with artifact(qhome, path) as p:
+        llm = llama.load(p, n_ctx=128, threads=1)
     assert llm.metadata["general.architecture"] == "llama" and llm.metadata["tokenizer.ggml.pre"] == "gpt-2"
     assert llm.metadata["appliance.source"] == "kq@1" and "<|im_start|>" in llm.metadata["tokenizer.chat_template"]
     llm.close()
-    side = json.loads((path.parent / "appliance.json").read_text())
+    side_text = artifact_bytes(qhome, path.parent / "appliance.json").decode()
+    side = json.loads(side_text)
     assert side["source_hash"] and side["sha256"] and side["result"]["quality"]["ok"]
-    modelfile = (path.parent / "Modelfile").read_text()
+    modelfile = artifact_bytes(qhome, path.parent / "Modelfile").decode()
     assert f"FROM ./{path.name}" in modelfile and 'PARAMETER stop "<|im_end|>"' in modelfile
     # no vault text outside the vault: the report holds numbers and positions only
     for text in held_out(qhome):
-        for f in (path.parent / "appliance.json", path.parent / "Modelfile"):
-            assert text[:60] not in f.read_text()
+        for f in (side_text, modelfile):
+            assert text[:60] not in f
     # lineage and audit
     tree = cli("--home", qhome, "--json", "lineage", "kq@1:q4_k_m").json["lineage"]
     assert tree["kind"] == "gguf" and tree["content_hash"] == side["sha256"]
@@ -188,8 +207,10 @@ def test_importance_matrix_from_vault_data(qhome, cli):
     # llama.cpp received one entry per quantized matrix: 7 per layer and the untied output
     assert d["imatrix_entries"] == 15
     plain = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "q4_k_m", "--eval-tokens", "512").json
-    assert tensor_bytes(plain["path"], "blk.0.attn_q.weight") != tensor_bytes(d["path"], "blk.0.attn_q.weight")
-    assert tensor_bytes(plain["path"], "blk.0.attn_norm.weight") == tensor_bytes(d["path"], "blk.0.attn_norm.weight")
+    q = "blk.0.attn_q.weight"
+    assert tensor_bytes(qhome, plain["path"], q) != tensor_bytes(qhome, d["path"], q)
+    norm = "blk.0.attn_norm.weight"
+    assert tensor_bytes(qhome, plain["path"], norm) == tensor_bytes(qhome, d["path"], norm)
     other = cli("--home", qhome, "quantize", "kq@1", "--type", "q4_k_m", "--imatrix", "handbook-qa@1")
     assert other.code == 2 and "already exists, quantized with the importance matrix of handbook@1" in other.err
     tree = cli("--home", qhome, "--json", "lineage", "kq@1:q4_k_m-imatrix").json["lineage"]
@@ -198,10 +219,12 @@ def test_importance_matrix_from_vault_data(qhome, cli):
     assert bad.code == 2 and "--imatrix does nothing for f16" in bad.err
 
 
-def tensor_bytes(path: str, name: str) -> bytes:
+def tensor_bytes(h: Path, path: str, name: str) -> bytes:
+    """One tensor's bytes in the sealed GGUF `path` of home `h`."""
     from gguf import GGUFReader
 
-    return next(t for t in GGUFReader(path).tensors if t.name == name).data.tobytes()
+    with artifact(h, path) as p:
+        return next(t for t in GGUFReader(str(p)).tensors if t.name == name).data.tobytes()
 
 
 def test_importance_matrix_of_experts(qhome):
@@ -209,7 +232,8 @@ def test_importance_matrix_of_experts(qhome):
     from appliance.quantize.imatrix import compute, load_source
     from appliance.quantize.stage import quantize
 
-    model = load_source(model_dir(qhome, "kqmoe@1"))
+    with artifact(qhome, model_dir(qhome, "kqmoe@1")) as d:
+        model = load_source(d)
     got = compute(model, [np.arange(3, 131, dtype=np.int64)])
     assert got["blk.0.ffn_gate_exps.weight"].shape == (4 * 256,)
     assert got["blk.0.ffn_down_exps.weight"].shape == (4 * 320,)  # the down projection's input is 320 wide
@@ -227,7 +251,8 @@ def test_importance_matrix_values_are_mean_squared_activations(qbase):
 
     from appliance.quantize.imatrix import compute, load_source
 
-    model = load_source(model_dir(qbase, "kq@1"))
+    with artifact(qbase, model_dir(qbase, "kq@1")) as d:
+        model = load_source(d)
     ids = np.arange(3, 67, dtype=np.int64)
     got = compute(model, [ids])
     seen = {}
@@ -246,7 +271,7 @@ def test_a_quant_over_its_bound_is_flagged_and_strict_fails(qhome, cli):
     assert r.code == 1
     d = r.json
     assert d["ok"] is False and d["flagged"] and "perplexity rose" in d["quality"]["flags"][0]
-    assert Path(d["path"]).is_file()  # kept, and recorded as flagged, for the operator to inspect
+    assert sealed.exists(Path(d["path"]))  # kept, and recorded as flagged, for the operator to inspect
     listed = cli("--home", qhome, "--json", "quantize", "--list").json["gguf"]
     assert listed[0]["flagged"]
     human = cli("--home", qhome, "quantize", "kq@1", "--type", "q4_0", "--ppl-bound", "0.01")
@@ -285,12 +310,14 @@ def test_bad_input_is_one_line_and_leaves_nothing(qhome, cli, tmp_path, monkeypa
     nothing_left()
     # a model without a tokenizer, and an architecture llama.cpp's llama arch cannot hold
     d = model_dir(qhome, "kq@1")
-    shutil.move(d / "tokenizer.json", tmp_path / "tokenizer.json")
+    shutil.move(d / "tokenizer.json.sealed", tmp_path / "tokenizer.json.sealed")
     r = cli("--home", qhome, "quantize", "kq@1")
     assert r.code == 1 and "has no tokenizer.json" in r.err
-    shutil.move(tmp_path / "tokenizer.json", d / "tokenizer.json")
-    cfg = json.loads((d / "config.json").read_text())
-    (d / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}))
+    shutil.move(tmp_path / "tokenizer.json.sealed", d / "tokenizer.json.sealed")
+    cfg = json.loads(artifact_bytes(qhome, d / "config.json"))
+    with open_vault(qhome):  # sealed again under the model's key, as the appliance writes it
+        sealed.write_file(d / "config.json",
+                          json.dumps({**cfg, "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"]}).encode())
     r = cli("--home", qhome, "quantize", "kq@1")
     assert r.code == 1 and "unsupported architecture 'gpt2'" in r.err
     nothing_left()
@@ -298,16 +325,17 @@ def test_bad_input_is_one_line_and_leaves_nothing(qhome, cli, tmp_path, monkeypa
 
 def test_truncated_gguf_is_refused(qhome, cli, tmp_path):
     r = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "q8_0", "--eval-tokens", "256")
-    data = Path(r.json["path"]).read_bytes()
+    data = artifact_bytes(qhome, r.json["path"])
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:len(data) // 2])
     r = cli("generate", cut, "hi")
     assert r.code == 1 and "truncated" in r.err and len(r.err.strip().splitlines()) == 1
 
 
-def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli):
+def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli, tmp_path):
     r = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "f32", "--eval-tokens", "256")
-    path = r.json["path"]
+    assert cli("--home", qhome, "model", "export", "kq@1:f32", "--out", tmp_path / "plain").code == 0
+    path = str(tmp_path / "plain" / Path(r.json["path"]).name)  # the GGUF as it leaves the home, in the clear
     prompt = "The HALO permit"
     # the command, on an edge device: no vault, no passphrase, no torch, no duckdb
     code = ("import sys; from appliance.cli import main\n"
@@ -322,9 +350,9 @@ def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    d = str(model_dir(qhome, "kq@1"))
-    tok = AutoTokenizer.from_pretrained(d, local_files_only=True)
-    model = AutoModelForCausalLM.from_pretrained(d, local_files_only=True)
+    with artifact(qhome, model_dir(qhome, "kq@1")) as d:
+        tok = AutoTokenizer.from_pretrained(str(d), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(d), local_files_only=True)
     ids = tok(prompt, return_tensors="pt", add_special_tokens=False)
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=12, do_sample=False, eos_token_id=None)
@@ -332,6 +360,48 @@ def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli):
     assert text and want.startswith(text)  # llama.cpp's greedy tokens are transformers' (it may stop at EOS)
     by_id = cli("--home", qhome, "--json", "generate", "kq@1:f32", prompt, "--max-tokens", "12", "--temperature", "0")
     assert by_id.code == 0 and by_id.json["text"].strip() == text.strip()
+
+
+def test_a_gguf_leaves_in_the_clear_by_export_and_runs_from_an_encrypted_bundle(q8home, cli, tmp_path,
+                                                                                 monkeypatch):
+    """`model export` writes the plain .gguf (audited); an edge device runs the GGUF of an encrypted bundle from
+    memory, and greedy decoding gives what the home's sealed GGUF gives."""
+    monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", "key pass 1234")
+    h = copy_home(q8home, tmp_path)
+    gid, prompt = "kq@1:q8_0", "The HALO permit"
+    sealed_path = h / "artifacts" / "gguf" / "kq@1-q8_0" / "kq@1-q8_0.gguf"
+    plain = artifact_bytes(h, sealed_path)
+    out = tmp_path / "plain"
+    r = cli("--home", h, "--json", "model", "export", gid, "--out", out)
+    assert r.code == 0, r.err
+    assert r.json["id"] == gid and r.json["kind"] == "gguf" and "kq@1-q8_0.gguf" in r.json["files"]
+    assert (out / "kq@1-q8_0.gguf").read_bytes() == plain
+    from appliance.quantize import llama
+
+    llm = llama.load(out / "kq@1-q8_0.gguf", n_ctx=128, threads=1)  # llama.cpp reads the plain file as it is
+    assert llm.metadata["appliance.source"] == "kq@1"
+    llm.close()
+    log = cli("--home", h, "--json", "audit", "log", "--action", "model.export").json["entries"]
+    assert [(e["action"], e["ids"], e["details"]["out"]) for e in log] == [("model.export", [gid], str(out))]
+    # an encrypted bundle to an edge key, run there from memory: no vault, no passphrase, nothing unpacked
+    assert cli("--home", h, "keys", "generate", "--name", "site-a").code == 0
+    assert cli("--home", h, "keys", "generate", "--name", "edge").code == 0
+    bundle = tmp_path / "kq.bundle"
+    r = cli("--home", h, "--json", "bundle", "export", gid, "--sign-key", "site-a", "--to", h / "keys" / "edge.pub",
+            "--out", bundle)
+    assert r.code == 0 and r.json["encrypted_to"], r.err
+    assert plain[:4096] not in bundle.read_bytes()
+    edge = tmp_path / "edge"
+    edge.mkdir()
+    env = {**python_env(), "APPLIANCE_KEY_PASSPHRASE": "key pass 1234", "APPLIANCE_HOME": str(edge / "none")}
+    env.pop("APPLIANCE_PASSPHRASE")
+    p = subprocess.run([PY, "-m", "appliance", "--json", "generate", str(bundle), prompt, "--identity",
+                        str(h / "keys" / "edge.key"), "--trust", str(h / "keys" / "site-a.pub"), "--max-tokens", "12",
+                        "--temperature", "0"], cwd=edge, capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert list(edge.iterdir()) == []
+    by_id = cli("--home", h, "--json", "generate", gid, prompt, "--max-tokens", "12", "--temperature", "0")
+    assert by_id.code == 0 and json.loads(p.stdout)["text"] == by_id.json["text"] and by_id.json["text"].strip()
 
 
 def test_chat_streams_replies_until_exit(qhome, cli):
