@@ -114,10 +114,7 @@ BATCH = 64  # chunks sealed at once (in parallel) before they are written: memor
 def seal_to(f, key: bytes, artifact: str, name: str, payload) -> None:
     """Write `payload` sealed to the open binary file `f`."""
     w = SealingWriter(f, key, artifact, name)
-    with memoryview(payload) as v0, v0.cast("B") as view:
-        for at in range(0, len(view), BATCH * stream.CHUNK):
-            with view[at:at + BATCH * stream.CHUNK] as piece:
-                w.write(piece)
+    w.write(payload)  # whole batches sealed straight from the payload
     w.close()
 
 
@@ -133,15 +130,30 @@ class SealingWriter:
         self._n = 0
         self._size = 0
         self._done = False
+        self._out = bytearray()
         f.write(MAGIC + nonce)
 
     def write(self, data) -> int:
-        n = len(data) if not isinstance(data, memoryview) else data.nbytes
-        self._buf += data
-        self._size += n
+        """Whole batches are sealed straight from `data`; only a remainder is copied and kept for the next write
+        (at least one byte always stays back: the last chunk must be flagged)."""
         whole = BATCH * stream.CHUNK
-        while len(self._buf) > whole:  # at least one byte stays back: the last chunk must be flagged
-            self._emit(whole, last=False)
+        with memoryview(data) as v0, v0.cast("B") as view:
+            n, pos = len(view), 0
+            self._size += n
+            if self._buf:
+                with view[:whole - len(self._buf)] as top:
+                    self._buf += top
+                    pos = len(top)
+                if len(self._buf) == whole and pos < n:  # more follows: the buffered batch is not the last
+                    self._emit(self._buf, last=False)
+                    self._buf = bytearray()
+            while n - pos > whole:
+                with view[pos:pos + whole] as piece:
+                    self._emit(piece, last=False)
+                pos += whole
+            if pos < n:
+                with view[pos:] as rest:
+                    self._buf += rest
         return n
 
     def tell(self) -> int:
@@ -160,18 +172,20 @@ class SealingWriter:
     def closed(self) -> bool:
         return self._done
 
-    def _emit(self, n: int, last: bool) -> None:
-        k = -(-n // stream.CHUNK) or 1
-        out = bytearray(n + k * stream.TAG)
-        with memoryview(self._buf) as b, b[:n] as piece:
+    def _emit(self, piece, last: bool) -> None:
+        k = -(-len(piece) // stream.CHUNK) or 1
+        n = len(piece) + k * stream.TAG
+        if len(self._out) < n:
+            self._out = bytearray(n)
+        with memoryview(self._out) as o, o[:n] as out:
             stream.seal_into(self._key, piece, out, self._n, self._n + k if last else self._n + k + 1)
-        del self._buf[:n]
+            self._f.write(out)
         self._n += k
-        self._f.write(out)
 
     def close(self) -> None:
         if not self._done:
-            self._emit(len(self._buf), last=True)
+            self._emit(self._buf, last=True)
+            self._buf = bytearray()
             self._done = True
 
 
