@@ -18,12 +18,13 @@ def kept(home, cli, tmp_path) -> Path:
     src.mkdir()
     (src / "note.md").write_text(f"# note\n{MARKER} in a note\n" * 20)
     assert cli("--home", home, "vault", "ingest", src, "--dataset", "notes").code == 0
-    model = home / "artifacts" / "models" / "m@1"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(os.urandom(300_000))
-    ckpt = home / "artifacts" / "runs" / "m@1" / "checkpoints" / "step-00000002"
-    ckpt.mkdir(parents=True)
-    (ckpt / "state.pt").write_bytes(os.urandom(1000))
+    from appliance import sealed
+    from tests.conftest import open_vault
+
+    with open_vault(home):  # artifacts are sealed at rest: written as the appliance writes them
+        sealed.write_dir(home / "artifacts" / "models" / "m@1", {"model.safetensors": os.urandom(300_000)})
+        sealed.write_dir(home / "artifacts" / "runs" / "m@1",
+                         {"checkpoints/step-00000002/state.pt": os.urandom(1000)})
     return home
 
 
@@ -65,7 +66,9 @@ def test_restore_never_replaces_a_home_unasked_and_keeps_the_old_one(kept, cli, 
     old = Path(r.json["replaced"])
     assert (old / "keep.txt").read_text() == "precious" and (other / "keyring.json").exists()
     assert not (other / "artifacts" / "runs" / "m@1" / "checkpoints").exists()  # --no-checkpoints
-    assert (other / "artifacts" / "models" / "m@1" / "model.safetensors").exists()
+    from appliance import sealed
+
+    assert sealed.exists(other / "artifacts" / "models" / "m@1" / "model.safetensors")
     from tests.conftest import open_vault
 
     with open_vault(other):  # another process holding the vault: the home is not replaced from under it

@@ -19,7 +19,7 @@ from bundles import container, manifest
 from bundles.errors import BundleError
 from bundles.keys import SecretKey
 from bundles.trust import Trusted, TrustStore
-from tests.conftest import PY, python_env
+from tests.conftest import PY, artifact, python_env
 
 KEY = SecretKey.generate("site-a")
 EDGE = SecretKey.generate("edge")
@@ -342,8 +342,8 @@ def model_home(train_home, cli, tmp_path, monkeypatch) -> Path:
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
     monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", "key pass 1234")
-    tok = AutoTokenizer.from_pretrained(str(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1"),
-                                        local_files_only=True)
+    with artifact(train_home, train_home / "artifacts" / "tokenizers" / "handbook-bpe@1") as path:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
     d = tmp_path / "tiny"
     LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=1)).save_pretrained(d)
@@ -353,6 +353,8 @@ def model_home(train_home, cli, tmp_path, monkeypatch) -> Path:
 
 
 def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
+    from appliance import sealed
+
     h = model_home
     r = cli("--home", h, "--json", "keys", "generate", "--name", "site-a")
     assert r.code == 0, r.err
@@ -381,8 +383,10 @@ def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
     assert r.code == 0, r.err
     d = r.json
     assert d["id"] == "tiny@2" and d["signer"] == "hq"
-    for f in (h / "artifacts" / "models" / "tiny@1").iterdir():
-        assert (Path(d["path"]) / f.name).read_bytes() == f.read_bytes()
+    sent = h / "artifacts" / "models" / "tiny@1"
+    with artifact(h, sent) as a, artifact(h, d["path"]) as b:
+        for name in sealed.sealed_names(sent):
+            assert (b / name).read_bytes() == (a / name).read_bytes()
     tree = cli("--home", h, "--json", "lineage", "tiny@2").json["lineage"]
     assert tree["attrs"]["imported_from"] == "tiny@1" and tree["attrs"]["bundle"]["version"] == 1
     # the same release again is a replay: refused unless explicitly allowed, and then audited

@@ -8,7 +8,7 @@ from pathlib import Path
 import duckdb
 import pytest
 
-from tests.conftest import PY, open_vault, python_env
+from tests.conftest import PY, artifact, open_vault, python_env
 
 MARKER = "ZEBRA-QUOKKA-7781-plaintext-marker"
 
@@ -86,4 +86,20 @@ def test_no_plaintext_lands_on_disk(tmp_path):
         n = v.con.execute("SELECT count(*) FROM blobs WHERE text LIKE ?", [f"%{MARKER}%"]).fetchone()[0]
         assert n == 304  # one markdown record, 300 rows, the mail, the PDF and the DOCX
         assert v.con.execute("SELECT count(*) FROM data.t1_table").fetchone()[0] == 300
+    # a tokenizer and a model trained on it are sealed: neither the text nor the tokenizer's own token strings
+    # for it (`ZEBRA`, `ĠZEBRA` in tokenizer.json) are found in any file of the home, checkpoints included
+    for args in (["--home", str(home), "train", "tokenizer", "--dataset", "m", "--vocab", "600", "--name", "mk"],
+                 ["--home", str(home), "train", "run", "tiny-dense", "--data.datasets", "m", "--data.tokenizer",
+                  "mk", "--train.max_steps", "2", "--train.warmup_steps", "1", "--train.checkpoint_every", "1"]):
+        r = subprocess.run([PY, "-c", code, *args], env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+    from transformers import AutoTokenizer
+
+    with artifact(home, home / "artifacts" / "tokenizers" / "mk@1") as path:
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+    pieces = {t for text in (MARKER, f" {MARKER}") for t in tok.tokenize(text)
+              if ("ZEBRA" in t or "QUOKKA" in t) and len(t) >= 4}
+    assert any(t.startswith("Ġ") for t in pieces) and any(not t.startswith("Ġ") for t in pieces), pieces
+    for needle in sorted(pieces | {MARKER}):
+        assert _grep([home, tmpdir], needle.encode()) == [], needle
     assert not any(MARKER in p for p in map(str, Path(tempfile.gettempdir()).glob("*")))

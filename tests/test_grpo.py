@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import open_vault
+from tests.conftest import artifact, open_vault
 from tests.test_train_run import FAST, losses, run
 
 GRPO = ["grpo-lora", "--model.base", "gsft-merged@1", *FAST]
@@ -24,9 +24,9 @@ def greedy_reward(home: Path, model: str, limit: int = 40) -> float:
     from appliance.train.data import chat_pairs
     from appliance.train.rewards import overlap
 
-    path = str(home / "artifacts" / "models" / model)
-    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    lm = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
+    with artifact(home, home / "artifacts" / "models" / model) as path:  # sealed: opened in memory
+        tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        lm = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True).eval()
     with open_vault(home, read_only=True) as v:
         pairs = list(chat_pairs(v.con, ["handbook-qa@1"], DataConfig(datasets=["handbook-qa@1"], format="chat")))
     end = tok.convert_tokens_to_ids("<|im_end|>")

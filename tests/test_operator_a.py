@@ -7,7 +7,7 @@ import subprocess
 import click
 import pytest
 
-from tests.conftest import PY, python_env
+from tests.conftest import PY, open_vault, python_env
 
 
 # --- a repeated option never silently drops values --------------------------------------------------
@@ -168,7 +168,8 @@ def test_train_recipes_counts_with_the_homes_tokenizer(train_home, tmp_path, cli
     from appliance.train.config import load_recipe
     from appliance.train.model import count_parameters, load_tokenizer
 
-    vocab = len(load_tokenizer(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1"))
+    with open_vault(train_home, read_only=True):  # the tokenizer is sealed: opened with the vault's key
+        vocab = len(load_tokenizer(train_home / "artifacts" / "tokenizers" / "handbook-bpe@1"))
     items = {i["name"]: i for i in cli("--home", train_home, "--json", "train", "recipes").json["recipes"]}
     p = items["tiny-dense"]["parameters"]
     assert p["vocab_from"] == "handbook-bpe@1" and p["vocab_size"] == vocab

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import copy_home, open_vault
+from tests.conftest import artifact, copy_home, open_vault
 from tests.test_train_run import FAST, losses, run
 
 
@@ -43,7 +43,10 @@ def margins(home: Path, model_dir: str, base_dir: str, split: str = "train") -> 
     from appliance.train.config import DataConfig
     from appliance.train.data import encode_chat, preference_triples
 
-    tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    with artifact(home, base_dir) as b, artifact(home, model_dir) as t:  # sealed: opened in memory
+        tok = AutoTokenizer.from_pretrained(str(b), local_files_only=True)
+        tuned = AutoModelForCausalLM.from_pretrained(str(t), local_files_only=True).eval()
+        base = AutoModelForCausalLM.from_pretrained(str(b), local_files_only=True).eval()
     cfg = DataConfig(datasets=["handbook-prefs@1"], format="preference", prompt_field="prompt")
     with open_vault(home, read_only=True) as v:
         triples = list(preference_triples(v.con, ["handbook-prefs@1"], cfg, split))
@@ -55,8 +58,6 @@ def margins(home: Path, model_dir: str, base_dir: str, split: str = "train") -> 
             lp = torch.log_softmax(model(input_ids=x).logits[0, :-1], -1)
         return sum(float(lp[t - 1, ids[t]]) for t in range(1, len(ids)) if labels[t] != -100)
 
-    tuned = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
-    base = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True).eval()
     return [(logp(tuned, p, c) - logp(tuned, p, r)) - (logp(base, p, c) - logp(base, p, r)) for p, c, r in triples]
 
 
@@ -84,11 +85,13 @@ def test_dpo_lora_moves_toward_the_chosen_answers(phome, cli, capsys):
 
 
 def test_dpo_full_keeps_a_frozen_reference(phome, cli):
+    from appliance import sealed
+
     d = run(cli, phome, *DPO, "--method", "full", "--name", "dpo-full", "--train.max_steps", "6",
             "--train.lr", "1e-3")
     ls = losses(phome, "dpo-full@1")
     assert ls[0] == pytest.approx(math.log(2), abs=1e-5) and ls[-1] < ls[0]
-    files = {p.name for p in Path(d["model_path"]).iterdir()}
+    files = set(sealed.sealed_names(Path(d["model_path"])))
     assert "model.safetensors" in files and "adapter_config.json" not in files
     m = margins(phome, d["model_path"], str(phome / "artifacts" / "models" / "pbase@1"))
     assert sum(m) / len(m) > 0

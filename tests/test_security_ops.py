@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from appliance.errors import WrongPassphrase
-from tests.conftest import PASSPHRASE, PY, copy_home, open_vault, python_env
+from tests.conftest import PASSPHRASE, PY, artifact, copy_home, open_vault, python_env
 
 NEW = "a new passphrase 5678"
 TYPO = "test passphrase 1243"
@@ -108,7 +108,8 @@ def tiny_gguf(train_base, tmp_path_factory) -> Path:
         run(v, load_recipe("tiny-dense", ["name=sv", "train.max_steps=2", "train.checkpoint_every=1000",
                                           "train.warmup_steps=1"]))
     out = h / "sv.gguf"
-    gguf_export.write(h / "artifacts" / "models" / "sv@1", out, {"id": "sv@1"})
+    with artifact(h, h / "artifacts" / "models" / "sv@1") as model_dir:  # sealed: opened in memory
+        gguf_export.write(model_dir, out, {"id": "sv@1", "name": "sv@1"})
     return out
 
 

@@ -15,7 +15,7 @@ import threading
 
 import pytest
 
-from tests.conftest import PASSPHRASE
+from tests.conftest import PASSPHRASE, artifact_bytes
 
 KEY_PASS = "key pass 1234"
 
@@ -23,7 +23,7 @@ KEY_PASS = "key pass 1234"
 @pytest.fixture()
 def site(tmp_path, monkeypatch):
     """A home with its own pilot@1 and pilot@1:q4_k_m, and a partner key trusted for models and GGUFs."""
-    from appliance import api
+    from appliance import api, sealed
     from appliance.vault import lineage
 
     monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", KEY_PASS)
@@ -33,12 +33,8 @@ def site(tmp_path, monkeypatch):
         with v.transaction():
             lineage.add_node(v.con, "pilot@1", "model", [])
             lineage.add_node(v.con, "pilot@1:q4_k_m", "gguf", [("pilot@1", "source")])
-        m = v.home.artifacts / "models" / "pilot@1"
-        m.mkdir(parents=True)
-        (m / "config.json").write_text("{}")
-        g = v.home.artifacts / "gguf" / "pilot@1-q4_k_m"
-        g.mkdir(parents=True)
-        (g / "pilot@1-q4_k_m.gguf").write_bytes(b"GGUF local")
+        sealed.write_dir(v.home.artifacts / "models" / "pilot@1", {"config.json": b"{}"})
+        sealed.write_dir(v.home.artifacts / "gguf" / "pilot@1-q4_k_m", {"pilot@1-q4_k_m.gguf": b"GGUF local"})
         api.keys_generate(v, "partner")
         pub = tmp_path / "partner.pub"
         api.keys_export_public(v, "partner", out=pub)
@@ -82,7 +78,7 @@ def test_an_imported_bundle_never_takes_this_sites_names(site, tmp_path):
         for ref in ("pilot:q4_k_m", "pilot@2:q4_k_m"):  # vault-less: chat, generate, serve
             with pytest.raises(ApplianceError, match="no GGUF"):
                 api.gguf_locate(ref, site)
-        assert api.gguf_locate("pilot@1:q4_k_m", site).read_bytes() == b"GGUF local"
+        assert artifact_bytes(site, api.gguf_locate("pilot@1:q4_k_m", site)) == b"GGUF local"
 
 
 def test_a_senders_whole_id_still_works_where_this_site_has_no_such_name(tmp_path, monkeypatch):
@@ -109,7 +105,7 @@ def test_a_senders_whole_id_still_works_where_this_site_has_no_such_name(tmp_pat
     with api.open(edge, PASSPHRASE) as v:
         assert api.bundle_import(v, b)["id"] == "sft.q4_k_m@1"
         assert api.lineage(v, "sft@1:q4_k_m")["lineage"]["id"] == "sft.q4_k_m@1"
-    assert api.gguf_locate("sft@1:q4_k_m", edge).read_bytes() == b"GGUF from hq"
+    assert artifact_bytes(edge, api.gguf_locate("sft@1:q4_k_m", edge)) == b"GGUF from hq"
     # the index is the importer's, beside the imports: a bundle's own files cannot write it
     index = Home(edge).artifacts / "gguf" / ".senders.json"
     assert json.loads(index.read_text()) == {"sft@1:q4_k_m": "sft.q4_k_m@1"}

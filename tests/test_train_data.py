@@ -11,7 +11,8 @@ from tests.conftest import open_vault
 
 @pytest.fixture(scope="module")
 def tok(train_base):
-    return load_tokenizer(train_base / "artifacts" / "tokenizers" / "handbook-bpe@1")
+    with open_vault(train_base, read_only=True):  # the tokenizer is sealed: opened with the vault's key
+        return load_tokenizer(train_base / "artifacts" / "tokenizers" / "handbook-bpe@1")
 
 
 def test_text_packing_puts_eos_between_documents_and_pads_only_the_last_row(tok):

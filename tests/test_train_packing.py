@@ -9,6 +9,7 @@ from appliance.train import loop
 from appliance.train.config import DataConfig, TrainConfig
 from appliance.train.data import IGNORE, conversation, document_positions, encode_chat, pack_chat, position_rule
 from appliance.train.model import load_tokenizer
+from tests.conftest import open_vault
 
 EOS, PAD = 2, 0
 
@@ -56,7 +57,8 @@ def test_document_b_has_the_same_logits_alone_and_packed_after_a(tiny):
 
 @pytest.fixture(scope="module")
 def tok(train_base):
-    return load_tokenizer(train_base / "artifacts" / "tokenizers" / "handbook-bpe@1")
+    with open_vault(train_base, read_only=True):  # the tokenizer is sealed: opened with the vault's key
+        return load_tokenizer(train_base / "artifacts" / "tokenizers" / "handbook-bpe@1")
 
 
 def test_sft_rows_keep_conversations_apart_in_the_loss(tiny, tok):
