@@ -158,8 +158,8 @@ def model_load(ctx: Context) -> Result:
     import shutil
 
     import torch
-    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
     from tokenizers import Tokenizer, models
+    from transformers import AutoModelForCausalLM, PreTrainedTokenizerFast
 
     from appliance import sealed
     from appliance.train.model import save_model
@@ -200,7 +200,7 @@ def gguf_load(ctx: Context) -> Result:
     against the sealed one, decrypted into an anonymous in-memory file."""
     import shutil
 
-    from appliance import sample_bases, sealed
+    from appliance import sample_bases
     from appliance.quantize import gguf_export, llama
 
     hidden = 1024 if ctx.size >= 64 << 20 else 64

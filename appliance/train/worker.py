@@ -10,10 +10,9 @@ import sys
 
 
 def main() -> int:
+    from appliance.hardening import protect_process
     from appliance.train import launch, loop
     from appliance.train.stages import STAGES
-
-    from appliance.hardening import protect_process
 
     protect_process()  # a rank holds its run's keys and the decrypted weights: no core dump, no /proc reading
     path, ticket = os.environ.pop(launch.ENV_SOCKET, ""), os.environ.pop(launch.ENV_TICKET, "")
