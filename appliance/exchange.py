@@ -186,8 +186,10 @@ def export_plain(vault, ref: str, out: Path) -> dict:
     out = Path(out)
     if os.path.lexists(out):
         raise UsageError(f"{out} already exists", "pass a new directory with --out")
-    if sealed.store_for(out) is not None:
-        raise UsageError(f"{out} is inside the home's artifacts", "export to a directory outside the home")
+    if vault.home.root.resolve() in out.absolute().resolve().parents or out.absolute().resolve() == \
+            vault.home.root.resolve():
+        raise UsageError(f"{out} is inside the home", "export to a directory outside the home: nothing derived "
+                                                     "stays in the clear there")
     names = sealed.sealed_names(src) if sealed.is_sealed(src) else \
         sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     total = 0

@@ -83,7 +83,7 @@ class MemDir:
 
     def __init__(self, parent: Path, files: dict[str, MemFile] | None = None):
         parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self.path = Path(tempfile.mkdtemp(prefix=".mem-", dir=parent))
+        self.path = Path(tempfile.mkdtemp(prefix=f".mem-{os.getpid()}-", dir=parent))
         self.files: dict[str, MemFile] = {}
         self.content_hash: str | None = None  # set by `sealed.Store.building` once the files are sealed
         for name, f in (files or {}).items():
@@ -145,3 +145,26 @@ def _shred(p: Path) -> None:
             f.flush()
             os.fsync(f.fileno())
         p.unlink()
+
+
+def sweep(parent: Path) -> list[str]:
+    """Remove what a killed process left in `parent` (the home's tmp/): its in-memory directories' links
+    (`.mem-PID-*`) and import staging (`.import-PID-*`, shredded), when process PID is gone."""
+    gone = []
+    if not parent.is_dir():
+        return gone
+    for d in parent.iterdir():
+        parts = d.name.split("-")
+        if not (d.is_dir() and not d.is_symlink() and len(parts) >= 3 and parts[0] in (".mem", ".import")
+                and parts[1].isdigit()):
+            continue
+        try:
+            os.kill(int(parts[1]), 0)
+            continue  # alive (or another user's): not ours to remove
+        except ProcessLookupError:
+            pass
+        except PermissionError:
+            continue
+        _shred(d)
+        gone.append(d.name)
+    return gone

@@ -60,7 +60,10 @@ class VaultKeys:
         with self.vault._lock:
             if artifact in self._known:
                 return self._known[artifact]
-            with self.vault.session(read_only=not create and self.vault.read_only):  # as is if attached
+            if create and self.vault.read_only:
+                raise SealedError(f"the vault is open read-only: no key can be made for {artifact}",
+                                  "open it for writing to write artifacts")
+            with self.vault.session(read_only=self.vault.read_only):  # as is if attached
                 con = self.vault.con
                 row = con.execute("SELECT key FROM artifact_keys WHERE artifact = ?", [artifact]).fetchone()
                 if row is None and not create:
@@ -74,6 +77,10 @@ class VaultKeys:
             self._known[artifact] = key
             return key
 
+    def forget(self) -> None:
+        """Drop the keys held in memory (the vault is closed)."""
+        self._known.clear()
+
     def drop(self, artifact: str) -> None:
         with self.vault._lock, self.vault.session():
             self.vault.con.execute("DELETE FROM artifact_keys WHERE artifact = ?", [artifact])
@@ -84,7 +91,7 @@ class VaultKeys:
 class GivenKeys:
     """Keys handed over for one job (a training run's ranks): these artifacts only."""
 
-    keys: dict[str, bytes] = field(default_factory=dict)
+    keys: dict[str, bytes] = field(default_factory=dict, repr=False)
 
     def key(self, artifact: str, create: bool = False) -> bytes:
         if artifact not in self.keys:
@@ -202,11 +209,19 @@ def open_file(key: bytes, artifact: str, name: str, src: Path) -> MemFile:
             size = stream.payload_size(total - len(head))
         except stream.StreamError:
             raise SealedError(f"{src} is cut or extended", "restore the artifact from a backup") from None
+        if os.fstat(fd).st_blocks * 512 < total // 2 and total > 1 << 20:  # holes: a size claimed, not written
+            raise SealedError(f"{src} is a sparse file", "it was replaced; restore it from a backup")
         out = MemFile(name.rsplit("/", 1)[-1], size)
         try:
+            fkey = _file_key(key, nonce, artifact, name)
+            n, step = stream.chunks(size), BATCH
             with mmap.mmap(fd, total, prot=mmap.PROT_READ) as m, out.map(write=True) as dst, \
-                    memoryview(m) as whole, whole[len(head):] as body:
-                stream.open_into(_file_key(key, nonce, artifact, name), body, dst)
+                    memoryview(m) as whole, whole[len(head):] as body, memoryview(dst) as d:
+                for first in range(0, n, step):  # a batch at a time: an altered file stops at its first bad batch
+                    last = min(first + step, n)
+                    with body[first * (stream.CHUNK + stream.TAG):last * (stream.CHUNK + stream.TAG)] as piece, \
+                            d[first * stream.CHUNK:min(last * stream.CHUNK, size)] as into:
+                        stream.open_into(fkey, piece, into, first, n)
         except stream.StreamError as e:
             out.close()
             raise SealedError(f"{src} does not open: {e}", "it was altered, moved from another artifact or "
@@ -241,7 +256,7 @@ class Store:
 
     root: Path  # HOME/artifacts
     tmp: Path  # HOME/tmp: where in-memory directories put their links
-    keys: VaultKeys | GivenKeys
+    keys: VaultKeys | GivenKeys = field(repr=False)
 
     def artifact(self, path: Path) -> str | None:
         """The id of the artifact `path` is (or is in): its top two levels under the root; None outside."""
@@ -267,6 +282,10 @@ class Store:
         return open_file(self.keys.key(artifact), artifact, name, sealed)
 
     def read_bytes(self, path: Path) -> bytes:
+        path = Path(path)
+        if not path.name.endswith(SUFFIX) and not path.with_name(path.name + SUFFIX).is_file() \
+                and os.path.lexists(path):
+            _refuse_plain(path)
         with self.open_file(path) as f:
             return f.read()
 
@@ -276,8 +295,13 @@ class Store:
         as `/proc/PID/fd/N`, a directory as a private directory of links; without its weight files when not
         `weights`, for a tokenizer read from a model's directory)."""
         path = Path(path)
-        if self.artifact(path) is None or not (is_sealed(path) or is_sealed(path.with_name(path.name + SUFFIX))):
+        if self.artifact(path) is None:
             yield path
+            return
+        if not (is_sealed(path) or is_sealed(path.with_name(path.name + SUFFIX))):
+            if os.path.lexists(path):
+                _refuse_plain(path)
+            yield path  # missing: the loader says so, naming it
             return
         if not path.is_dir():
             with self.open_file(path) as f:
@@ -389,29 +413,51 @@ def store(vault) -> Store:
 # An open vault registers its home's store; a training rank registers the keys its launcher handed it. Code
 # that loads or saves an artifact finds the store by the artifact's path, so two homes open in one process
 # (tests, an agent server) each use their own keys.
-_STORES: dict[str, Store] = {}
+_STORES: dict[str, list[Store]] = {}
 
 
 def register(s: Store) -> Store:
-    _STORES[os.path.abspath(s.root)] = s
+    stores = _STORES.setdefault(os.path.abspath(s.root), [])
+    if s not in stores:
+        stores.append(s)
     return s
 
 
 def unregister(s: Store) -> None:
-    if _STORES.get(os.path.abspath(s.root)) is s:
-        del _STORES[os.path.abspath(s.root)]
+    """This store only: another handle on the same home keeps its own registration."""
+    stores = _STORES.get(os.path.abspath(s.root), [])
+    if s in stores:
+        stores.remove(s)
 
 
 def store_for(path: Path) -> Store | None:
-    """The registered store whose artifacts hold `path`, or None."""
+    """The registered store whose artifacts hold `path` (the newest registered of that home), or None."""
     p = os.path.abspath(path)
-    for root, s in list(_STORES.items()):
-        if p == root or p.startswith(root + os.sep):
-            return s
+    for root, stores in list(_STORES.items()):
+        if stores and (p == root or p.startswith(root + os.sep)):
+            return stores[-1]
     return None
 
 
-def _need(path: Path) -> Store:
+def home_artifacts(path: Path) -> Path | None:
+    """The `artifacts/` directory of a home (a directory with a keyring) that holds `path`, or None. Whether a
+    file must be sealed is decided by where it is, never by whether a store happens to be registered."""
+    p = Path(os.path.abspath(path))
+    for d in [p, *p.parents]:
+        if d.name == "artifacts" and (d.parent / "keyring.json").is_file():
+            return d
+    return None
+
+
+def _refuse_plain(path: Path) -> None:
+    """A file or directory in the clear where only sealed ones may be: never loaded (a planted checkpoint would
+    run code as it unpickles), named instead."""
+    raise SealedError(f"{path} is in the clear inside the home's artifacts",
+                      "nothing there is read unsealed: run `appliance vault seal` if an older appliance made it, "
+                      "else remove it")
+
+
+def need(path: Path) -> Store:
     s = store_for(path)
     if s is None:
         raise SealedError(f"{path} is a sealed artifact and its vault is not open in this process",
@@ -421,24 +467,22 @@ def _need(path: Path) -> Store:
 
 @contextmanager
 def opened(path: Path, weights: bool = True) -> Iterator[Path]:
-    """`Store.opened` with the store that holds `path`; a path in no store, and not sealed, as it is."""
+    """`Store.opened` with the store that holds `path`. Outside every home's artifacts a path is used as it is;
+    inside, only sealed files open (with the home's vault open here), and anything in the clear is refused."""
     path = Path(path)
-    s = store_for(path)
-    if s is None:
-        if is_sealed(path) or is_sealed(path.with_name(path.name + SUFFIX)):
-            _need(path)
+    if home_artifacts(path) is None:
         yield path
         return
-    with s.opened(path, weights) as p:
+    with need(path).opened(path, weights) as p:
         yield p
 
 
 def read_bytes(path: Path) -> bytes:
-    """One file's plaintext: sealed under an open store, or a plain file read as it is."""
+    """One file's plaintext: sealed inside a home's artifacts (its vault open here), else read as it is."""
     path = Path(path)
-    if is_sealed(path.with_name(path.name + SUFFIX)):
-        return _need(path).read_bytes(path)
-    return path.read_bytes()
+    if home_artifacts(path) is None:
+        return path.read_bytes()
+    return need(path).read_bytes(path)
 
 
 def exists(path: Path) -> bool:
@@ -450,16 +494,16 @@ def exists(path: Path) -> bool:
 @contextmanager
 def building(dest: Path, names: tuple[str, ...] = ()) -> Iterator[MemDir]:
     """`Store.building` with the store that holds `dest`."""
-    with _need(dest).building(dest, names) as d:
+    with need(dest).building(dest, names) as d:
         yield d
 
 
 def write_dir(dest: Path, files: dict) -> str:
-    return _need(dest).write_dir(dest, files)
+    return need(dest).write_dir(dest, files)
 
 
 def write_file(dest: Path, data: bytes) -> None:
-    _need(dest).write_file(dest, data)
+    need(dest).write_file(dest, data)
 
 
 def seal_plain(store: Store, top: Path) -> int:

@@ -144,6 +144,7 @@ class _Sealed:
 
         self.root = work / "home" / "artifacts"
         self.root.mkdir(parents=True, exist_ok=True)
+        (self.root.parent / "keyring.json").write_text("{}")  # a home: its artifacts are sealed
         self.store = sealed.register(sealed.Store(self.root, work / "home" / "tmp", sealed.GivenKeys(
             {f"{k}/bench@1": os.urandom(32) for k in ("models", "gguf", "runs")})))
 

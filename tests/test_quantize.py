@@ -335,6 +335,8 @@ def test_truncated_gguf_is_refused(qhome, cli, tmp_path):
 def test_generate_matches_transformers_greedy_and_needs_no_torch(qhome, cli, tmp_path):
     r = cli("--home", qhome, "--json", "quantize", "kq@1", "--type", "f32", "--eval-tokens", "256")
     assert cli("--home", qhome, "model", "export", "kq@1:f32", "--out", tmp_path / "plain").code == 0
+    # an f32 export is the GGUF, its Modelfile and report: no empty second .gguf beside it
+    assert sorted(p.name for p in (tmp_path / "plain").iterdir()) == ["Modelfile", "appliance.json", "kq@1-f32.gguf"]
     path = str(tmp_path / "plain" / Path(r.json["path"]).name)  # the GGUF as it leaves the home, in the clear
     prompt = "The HALO permit"
     # the command, on an edge device: no vault, no passphrase, no torch, no duckdb

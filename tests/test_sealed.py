@@ -19,6 +19,7 @@ CHUNK = stream.CHUNK
 def store(tmp_path):
     art = tmp_path / "home" / "artifacts"
     art.mkdir(parents=True)
+    (art.parent / "keyring.json").write_text("{}")  # a home: what lies in its artifacts must be sealed
     s = sealed.register(sealed.Store(art, tmp_path / "home" / "tmp", sealed.GivenKeys(
         {"models/a@1": os.urandom(32), "models/b@1": os.urandom(32), "gguf/a@1-q8_0": os.urandom(32)})))
     yield s
@@ -236,3 +237,88 @@ def test_a_lora_adapter_saved_in_memory_is_what_peft_saves(store, tmp_path, base
     assert all(same.values()), same
     assert torch.equal(again(x).logits, model(x).logits)
     assert tree_hash(dest)
+
+
+def test_nothing_in_the_clear_under_the_artifacts_is_ever_loaded_and_a_planted_checkpoint_does_not_run(store,
+                                                                                                         tmp_path):
+    """A file planted in the clear where only sealed ones belong is refused by every loader: a checkpoint's
+    .metadata is unpickled by torch, so loading a planted one would run its code."""
+    import pickle
+
+    from appliance.train import checkpoint
+
+    pwned = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(pwned), "w"))
+
+    root = store.root / "runs" / "r@1" / "checkpoints"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    planted = root / "step-99999999"
+    planted.mkdir(parents=True)
+    (planted / "state.json").write_text('{"step": 99999999}')
+    (planted / ".metadata").write_bytes(pickle.dumps(Payload()))
+    assert checkpoint.latest(root) is None  # not a checkpoint there: its state is not sealed
+    with pytest.raises(sealed.SealedError, match="missing or in the clear"):
+        checkpoint.read_state(planted)
+    with pytest.raises(sealed.SealedError):
+        checkpoint.read_weights(planted)
+    assert not pwned.exists()
+    plain = store.root / "models" / "b@1"
+    plain.mkdir(parents=True)
+    (plain / "config.json").write_text("{}")
+    with pytest.raises(sealed.SealedError, match="in the clear inside the home's artifacts"), sealed.opened(plain):
+        pass
+    with pytest.raises(sealed.SealedError, match="in the clear"):
+        sealed.read_bytes(plain / "config.json")
+
+
+def test_a_save_into_a_homes_artifacts_with_no_store_open_refuses_instead_of_writing_in_the_clear(store, base_of):
+    from appliance.train.model import load_tokenizer, save_model
+
+    tok = load_tokenizer(base_of("qwen2"))
+    sealed.unregister(store)
+    try:
+        with pytest.raises(sealed.SealedError, match="vault is not open"):
+            save_model(type("M", (), {})(), tok, store.root / "models" / "a@1", {})
+    finally:
+        sealed.register(store)
+    assert not (store.root / "models" / "a@1").exists() and _plain_files(store.root) == []
+
+
+def test_a_sparse_file_claiming_gigabytes_is_refused_before_anything_is_allocated(store):
+    f = store.root / "models" / "a@1" / "w.bin.sealed"
+    f.parent.mkdir(parents=True)
+    with open(f, "wb") as out:
+        out.write(sealed.MAGIC + os.urandom(sealed.NONCE))
+        out.truncate(2 << 30)  # 2 GiB of holes
+    with pytest.raises(sealed.SealedError, match="sparse"):
+        store.read_bytes(store.root / "models" / "a@1" / "w.bin")
+
+
+def test_a_closed_vault_opens_no_artifact_a_read_only_one_makes_no_key_and_a_killed_process_leftovers_go(home):
+    from tests.conftest import open_vault
+
+    with open_vault(home) as v:
+        v.store.write_dir(v.home.artifacts / "models" / "a@1", {"w.bin": b"weights"})
+        stale = v.home.tmp / ".mem-999999999-x"  # a process that is gone
+        stale.mkdir()
+        os.symlink("/proc/999999999/fd/3", stale / "model.safetensors")
+    v.close()
+    with pytest.raises(sealed.SealedError, match="vault is not open"):
+        sealed.read_bytes(home / "artifacts" / "models" / "a@1" / "w.bin")
+    with pytest.raises(Exception, match="was closed"), v.session():
+        pass
+    with open_vault(home):  # a writable open sweeps the dead process's links
+        assert not stale.exists()
+    with open_vault(home, read_only=True) as r:
+        assert sealed.read_bytes(home / "artifacts" / "models" / "a@1" / "w.bin") == b"weights"
+        with pytest.raises(sealed.SealedError, match="read-only"):
+            r.store.write_dir(home / "artifacts" / "models" / "b@1", {"w.bin": b"x"})
+        assert r.read_only  # refusing did not leave it attached for writing
+
+
+def test_model_export_into_the_home_is_refused(home, cli):
+    r = cli("--home", home, "model", "export", "nothing@1", "--out", home / "tmp" / "x")
+    assert r.code != 0

@@ -74,7 +74,7 @@ def agent_open(home: str | Path | Home, passphrase: str, token: str | None):
         with v.transaction():
             v.audit("mcp.start", [grant.id], {"agent": grant.agent, "caps": list(grant.caps)})
     finally:
-        v.close()
+        v.detach()  # attached only during calls
     v.actor = grant.actor
     return v
 

@@ -121,7 +121,7 @@ def jobs_work_cmd(c: Ctx, every):
     import time
 
     with c.open_vault() as v:
-        v.close()
+        v.detach()  # attached only while it looks at the queue
         out.print(f"watching the queue every {every:g} s; Ctrl-C to stop (running jobs go on)")
         api.jobs_work(v, every, on_started=lambda job_id: out.print(f"started {job_id}"),
              on_error=lambda e: err.print(f"{time.strftime('%H:%M:%S')} {e}", markup=False))

@@ -265,6 +265,9 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, mod
                       f"{' with an API key' if exposure.api_key else ''}; Ctrl-C stops", markup=False)
 
     if not deployment:
+        if any(api.is_bundle(m) for m in (model, candidate) if m):
+            raise UsageError("A/B serving takes GGUF ids or files, not bundles",
+                             "import the bundle (`appliance bundle import`), then serve its GGUF id")
         with _unsealed(c, model, candidate):  # keys held while the server runs; the vault is let go
             api.serve_ab(model, candidate, split or 0.0, exposure.host, port, n_ctx, threads, exposure.api_key,
                          exposure.cors_origins, name, c.home, on_ready=ready)

@@ -102,7 +102,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
                                                   imatrix_tokens)
         _sweep(final.parent)
         # Built in memory (links to in-memory files the exporter and llama.cpp write through), sealed when done.
-        names = ("source-f32.gguf", fname, "Modelfile", "appliance.json")
+        names = (*(["source-f32.gguf"] if qt.name != "f32" else []), fname, "Modelfile", "appliance.json")
         with MemDir(vault.home.tmp) as mem:
             for n in dict.fromkeys(names):
                 mem.new(n)
@@ -152,7 +152,7 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
                 (tmp / "appliance.json").write_text(json.dumps(
                     {**meta, "sha256": sha, "eval_data": eval_ds, "imatrix_data": imatrix_ds, "result": res.to_json(),
                      "tensors": tensors}, indent=2, default=str))
-                sealed.write_dir(final, mem.check())
+                sealed.write_dir(final, {n: f for n, f in mem.check().items() if f.size})
         parents = [(model_id, "source"), (eval_ds, "eval")] + ([(imatrix_ds, "imatrix")] if imatrix_ds else [])
         attrs = {k: v for k, v in res.to_json().items() if k not in ("existing", "id")} | {"sha256": sha}
         with vault.transaction():

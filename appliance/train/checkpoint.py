@@ -59,6 +59,8 @@ def _sealed_fs():
 
             path = Path(path)
             if "r" in mode:
+                if not _sealed(path).is_file():
+                    raise sealed.SealedError(f"{path} is missing or in the clear", "the checkpoint is damaged")
                 with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(path)) as mf, \
                         open(mf.path, "rb") as f:
                     yield f
@@ -97,8 +99,8 @@ def _writer(tmp: Path, final: Path):
     from torch.distributed.checkpoint import FileSystemWriter
 
     w = FileSystemWriter(str(tmp))
-    if (store := sealed.store_for(final)) is not None:
-        w.fs = _sealed_fs()(store, final)
+    if sealed.home_artifacts(final) is not None:  # by where it goes: a home's artifacts are sealed, always
+        w.fs = _sealed_fs()(sealed.need(final), final)
         w.sync_files = False  # each sealed file is fsynced as it closes
     return w
 
@@ -107,8 +109,10 @@ def _reader(path: Path):
     from torch.distributed.checkpoint import FileSystemReader
 
     r = FileSystemReader(str(path))
-    if (store := sealed.store_for(path)) is not None and sealed.is_sealed(path):
-        r.fs = _sealed_fs()(store, path)
+    if sealed.home_artifacts(path) is not None:  # only sealed files are read there (a planted .metadata unpickles)
+        if not _sealed(path / ".metadata").is_file():
+            raise sealed.SealedError(f"{path} holds no sealed checkpoint", "the checkpoint is damaged or planted")
+        r.fs = _sealed_fs()(sealed.need(path), path)
     return r
 
 
@@ -129,19 +133,21 @@ def _said_plainly():
 
 
 def _put(tmp: Path, final: Path, name: str, data: bytes) -> None:
-    store = sealed.store_for(final)
-    if store is None:
+    if sealed.home_artifacts(final) is None:
         (tmp / name).write_bytes(data)
         return
+    store = sealed.need(final)
     artifact, top = store._where(final)
     sealed.seal_file(store.keys.key(artifact), artifact, f"{final.relative_to(top).as_posix()}/{name}", data,
                      _sealed(tmp / name))
 
 
 def _get(path: Path, name: str) -> bytes:
-    store = sealed.store_for(path)
-    if store is None or not _sealed(path / name).exists():
+    if sealed.home_artifacts(path) is None:
         return (path / name).read_bytes()
+    store = sealed.need(path)
+    if not _sealed(path / name).exists():
+        raise sealed.SealedError(f"{path / name} is missing or in the clear", "the checkpoint is damaged")
     artifact, top = store._where(path)
     with sealed.open_file(store.keys.key(artifact), artifact, f"{path.relative_to(top).as_posix()}/{name}",
                           _sealed(path / name)) as mf:
@@ -223,7 +229,9 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
 def all_checkpoints(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and sealed.exists(p / "state.json"))
+    inside = sealed.home_artifacts(root) is not None  # there, only a sealed state.json makes a checkpoint
+    return sorted(p for p in root.iterdir() if p.name.startswith(PREFIX) and (
+        _sealed(p / "state.json").is_file() if inside else (p / "state.json").exists()))
 
 
 def latest(root: Path) -> Path | None:
@@ -239,7 +247,7 @@ def read_weights(path: Path) -> dict:
     """The trained weights of a checkpoint as full tensors by name, read in this one process (to inspect it)."""
     import torch
 
-    if (path / "model.pt").exists():
+    if (path / "model.pt").exists() and sealed.home_artifacts(path) is None:  # an earlier version's, outside
         return torch.load(path / "model.pt", map_location="cpu", weights_only=True)
     from torch.distributed.checkpoint.format_utils import _EmptyStateDictLoadPlanner
     from torch.distributed.checkpoint.state_dict_loader import _load_state_dict
@@ -260,7 +268,7 @@ def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> 
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    if (path / "model.pt").exists():
+    if (path / "model.pt").exists() and sealed.home_artifacts(path) is None:  # an earlier version's, outside
         _load_full(path, model, optimizer, is_main, world)
     else:
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())  # the shapes to fill

@@ -225,14 +225,15 @@ def save_model(model, tokenizer, dest: Path, info: dict, state_dict: dict | None
     `state_dict`: full weights gathered from FSDP shards, when the model itself holds only a shard.
     """
     quiet()
-    if sealed.store_for(dest) is None:
+    if sealed.home_artifacts(dest) is None:  # by where it goes, never by whether a store is registered
         with atomic_dir(dest) as tmp:
             kw = {"state_dict": state_dict} if state_dict is not None else {}
             model.save_pretrained(str(tmp), safe_serialization=True, **kw)
             tokenizer.save_pretrained(str(tmp))
             (tmp / "appliance.json").write_text(json.dumps(info, indent=2, default=str))
         return
-    with sealed.building(dest, MODEL_JSON + sealed.TOKENIZER_FILES) as d:
+    vocab_files = tuple(getattr(tokenizer, "vocab_files_names", {}).values())  # tokenizer.model, vocab.json ...
+    with sealed.building(dest, tuple(dict.fromkeys(MODEL_JSON + sealed.TOKENIZER_FILES + vocab_files))) as d:
         for name, data in model_files(model, state_dict, d.path).items():
             d.add(name, MemFile.of(name, data))
         tokenizer.save_pretrained(str(d.path))
@@ -297,7 +298,7 @@ def tree_hash(root: Path) -> str:
     """sha256 over (relative path, file sha256) of every file, sorted: the content hash of a directory (of its
     plaintext, for a sealed artifact)."""
     if sealed.is_sealed(root):
-        return sealed._need(root).tree_hash(root)
+        return sealed.need(root).tree_hash(root)
     h = hashlib.sha256()
     for p in sorted(q for q in root.rglob("*") if q.is_file()):
         h.update(f"{p.relative_to(root).as_posix()}\0{file_sha256(p)}\n".encode())

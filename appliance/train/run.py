@@ -581,7 +581,7 @@ def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | 
     try:
         # Staged in the clear under HOME/tmp (the base arrived in the clear and holds no vault data), checked,
         # then sealed into the artifacts like every model; the staging directory is removed either way.
-        with tempfile.TemporaryDirectory(prefix=".import-", dir=vault.home.tmp) as staging:
+        with tempfile.TemporaryDirectory(prefix=f".import-{os.getpid()}-", dir=vault.home.tmp) as staging:
             tmp = Path(staging)
             if convert is None:
                 for p in sorted(src.iterdir()):

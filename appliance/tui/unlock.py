@@ -43,7 +43,7 @@ class UnlockScreen(Screen):
     def _unlock(self, passphrase: str) -> None:
         try:
             vault = api.open(self.home.root, passphrase)
-            vault.close()  # attached only while reading or writing; see Vault.session
+            vault.detach()  # attached only while reading or writing; see Vault.session
         except ApplianceError as e:
             self.app.call_from_thread(self._failed, one_line(e.message, e.hint))
             return

@@ -39,6 +39,7 @@ class Vault:
         # someone else (an agent's session: `agent:NAME`); None is the process's actor (audit.current_actor).
         self.actor: str | None = None
         self._lock = threading.RLock()
+        self._closed = False
         from appliance import sealed
 
         self.store = sealed.register(sealed.store(self))  # the artifacts' keys are in this vault
@@ -114,16 +115,22 @@ class Vault:
                 vault._ensure_schema()
                 from appliance.vault.builder import discard_unfinished
                 discard_unfinished(vault)
+                from appliance.memfiles import sweep
+
+                sweep(home.tmp)  # a killed process's in-memory directories (links) and import staging
         except BaseException:
             con.close()
             raise
         return vault
 
     def close(self) -> None:
-        """Detach, and let go of the artifacts' keys: sealed artifacts no longer open through this vault."""
+        """Detach for good, and let go of the artifacts' keys: sealed artifacts no longer open through this vault
+        (a holder that only lets the database go between uses calls `detach`)."""
         from appliance import sealed
 
         sealed.unregister(self.store)
+        self.store.keys.forget()
+        self._closed = True
         self._detach()
 
     def detach(self) -> None:
@@ -138,6 +145,8 @@ class Vault:
     def reopen(self, read_only: bool, wait: float = BUSY_WAIT) -> None:
         """Re-attach the database, e.g. read-only after writing an audit entry; no new unlock."""
         with self._lock:
+            if self._closed:
+                raise VaultError("this vault handle was closed", "open the vault again")
             self._detach()
             with _home_lock(self.home, wait):
                 self.con = db.connect(self.home.database, self.secrets.duckdb_key, self.home.tmp, read_only,
@@ -355,13 +364,17 @@ class Vault:
         from appliance import sealed
 
         root = self.home.artifacts
+        stray = [p.relative_to(root).as_posix() for p in root.rglob("*") if (p.is_file() or p.is_symlink())
+                 and not p.name.endswith(sealed.SUFFIX) and p.name != ".senders.json"] if root.is_dir() else []
+        by_artifact: dict[str, list[str]] = {}
+        for rel in stray:  # made by an older appliance, or put there by hand: said (never loaded), not failed
+            parts = rel.split("/")
+            where, name = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (rel, parts[-1])
+            by_artifact.setdefault(where, []).append(name)
+        rep.unsealed += [f"{a}: {len(fs)} file(s) in the clear ({fs[0]})" for a, fs in sorted(by_artifact.items())]
         for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
             for d in sorted(p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 rel = d.relative_to(root).as_posix()
-                plain = [p.relative_to(d).as_posix() for p in d.rglob("*")
-                         if p.is_file() and not p.name.endswith(sealed.SUFFIX)]
-                if plain:  # made by an older appliance, or put there by hand: said, not failed
-                    rep.unsealed.append(f"{rel}: {len(plain)} file(s) in the clear ({plain[0]})")
                 if not sealed.is_sealed(d):
                     continue
                 try:
