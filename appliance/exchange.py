@@ -420,8 +420,9 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         got["dest"] = vault.home.artifacts / ("models" if kind == "model" else "gguf") / got["id"]
         if os.path.lexists(got["dest"]):
             raise BundleRefused(f"{got['dest']} already exists", "remove what a crash left there, then import")
-        got["files"] = {}  # checked in memory, then sealed into the artifacts: never on disk in the clear
-        return container.Plan(last, collect=got["files"])
+        # sealed into the artifacts as the bytes stream in: never in the clear, never whole in memory
+        r = got["receiving"] = sealed.Receiving(vault.store, got["dest"])
+        return container.Plan(last, sink=r.file, publish=r.publish, discard=r.discard)
 
     v = container.verify(path, _trust(vault.home), _maybe_identities(vault.home, path),
                          allow_downgrade=allow_downgrade, decide=decide)
@@ -444,7 +445,6 @@ def import_bundle(vault, path: Path, allow_downgrade: bool = False) -> dict:
         return _import_eval(vault, got["files"], m, v, prov, record, downgrade)
     dest, node_id = got["dest"], got["id"]
     try:
-        sealed.write_dir(dest, got.pop("files"))
         with vault.transaction():
             attrs = {**_sender_report(dest, m["kind"]), **prov, "path": str(dest),
                      "source_lineage": m.get("lineage", {}).get("tree")}

@@ -523,3 +523,53 @@ def seal_plain(store: Store, top: Path) -> int:
         for f in opened.values():
             f.close()
     return size or 1  # an artifact of empty files was still sealed
+
+
+class Receiving:
+    """An artifact directory received file by file as a stream (a bundle being imported): each file sealed as
+    its bytes arrive, under a temp name beside `dest`, renamed into place whole by `publish()` once the sender's
+    bundle checked, removed by `discard()` otherwise. Nothing of it is held in memory or written in the clear."""
+
+    def __init__(self, store: Store, dest: Path):
+        import tempfile
+
+        self.store, self.dest = store, Path(dest)
+        self.artifact, top = store._where(dest)
+        if Path(os.path.abspath(dest)) != Path(os.path.abspath(top)):
+            raise ApplianceError(f"{dest} is inside the artifact {self.artifact}", "a defect: report it")
+        self.key = store.keys.key(self.artifact, create=True)
+        self.dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+
+    def file(self, name: str):
+        from bundles.safefile import create_new
+
+        path = self.tmp / (name + SUFFIX)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        f = create_new(path)
+        w = SealingWriter(f, self.key, self.artifact, name)
+
+        class _Sink:
+            def write(self, data) -> None:
+                w.write(data)
+
+            def close(self) -> None:
+                w.close()
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
+
+        return _Sink()
+
+    def publish(self) -> None:
+        from appliance.home import fsync_path
+
+        if os.path.lexists(self.dest):
+            raise ApplianceError(f"{self.dest} appeared meanwhile", "import again")
+        os.rename(self.tmp, self.dest)
+        fsync_path(self.dest.parent)
+
+    def discard(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.tmp, ignore_errors=True)

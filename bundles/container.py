@@ -222,6 +222,12 @@ class Plan:
     unpack_to: Path | None = None
     collect: dict | None = None
     before_publish: Callable[[], None] | None = None  # runs after every check, before the files appear
+    # Or each file's bytes into `sink(path)` (an object with write and close) as they are read, then
+    # `publish()` once every byte checked, `discard()` on any failure: a receiver that writes them its own way
+    # (the appliance seals them into its artifacts as they stream, holding none of them in memory).
+    sink: Callable[[str], object] | None = None
+    publish: Callable[[], None] | None = None
+    discard: Callable[[], None] | None = None
 
 
 def verify(path: Path, trust: TrustStore, identities: list[SecretKey] | None = None, now: datetime | None = None,
@@ -239,13 +245,18 @@ def verify(path: Path, trust: TrustStore, identities: list[SecretKey] | None = N
         signer = check_signature(o, trust)
         total = manifest.check(o.manifest, max_size)
         plan = decide(o.manifest, signer) if decide else Plan(last_version, unpack_to, collect)
-        check_policy(o.manifest, now, plan.last_version, allow_downgrade)
-        only_verify = plan.unpack_to is None and plan.collect is None
+        try:
+            check_policy(o.manifest, now, plan.last_version, allow_downgrade)
+        except BaseException:
+            if plan.discard is not None:
+                plan.discard()
+            raise
+        only_verify = plan.unpack_to is None and plan.collect is None and plan.sink is None
         if only_verify and not o.encrypted:
             _verify_plain(o, total)  # raises on any fault
         if not only_verify or (o.encrypted and not _verify_sealed(o, total)):
             # unpacking, or an encrypted bundle the parallel check did not pass: this path names the fault
-            _stream(o, total, plan.unpack_to, plan.collect, plan.before_publish)
+            _stream(o, total, plan.unpack_to, plan.collect, plan.before_publish, plan)
         elif plan.before_publish is not None:
             plan.before_publish()
         return Verified(o.manifest, signer, total, o.encrypted, hashlib.sha256(o.manifest_bytes).hexdigest())
@@ -322,7 +333,7 @@ def _read_size() -> int:
 
 
 def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = None,
-            before_publish: Callable[[], None] | None = None) -> None:
+            before_publish: Callable[[], None] | None = None, plan: Plan | None = None) -> None:
     """Read every file front to back (decrypting if need be), hash it, and write it under a temp dir.
 
     Reads are large and start on a leaf of the file's digest tree, so an encrypted bundle's batches open
@@ -338,8 +349,10 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
         changed = []
         got: dict[str, bytes] = {}
         with memoryview(bytearray(max(1, min(_read_size(), total)))) as buf:
+            sink = plan.sink if plan is not None else None
             for e in o.manifest["files"]:
                 out = _create(tmp, e["path"]) if tmp else None
+                into = sink(e["path"]) if sink is not None else None
                 kept = bytearray() if collect is not None else None
                 h = TreeHasher(stream.pool())
                 left = e["size"]
@@ -350,12 +363,16 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
                         h.update(piece)
                         if out is not None:
                             _write_all(out, piece)
+                        if into is not None:
+                            into.write(piece)
                         if kept is not None:
                             kept += piece
                         left -= len(piece)
                 if out is not None:
                     os.fsync(out)
                     os.close(out)
+                if into is not None:
+                    into.close()
                 if str(h.digest()) != e["digest"]:
                     changed.append(e["path"])
                 if kept is not None:
@@ -376,9 +393,13 @@ def _stream(o: Opened, total: int, dest: Path | None, collect: dict | None = Non
             os.rename(tmp, dest)
         if collect is not None:
             collect.update(got)  # only once every byte checked
+        if plan is not None and plan.sink is not None and plan.publish is not None:
+            plan.publish()
     except BaseException:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
+        if plan is not None and plan.discard is not None:
+            plan.discard()
         raise
 
 

@@ -391,6 +391,7 @@ def test_keys_trust_and_bundles_through_the_cli(model_home, cli, tmp_path):
     assert tree["attrs"]["imported_from"] == "tiny@1" and tree["attrs"]["bundle"]["version"] == 1
     # the same release again is a replay: refused unless explicitly allowed, and then audited
     assert "not newer than v1" in cli("--home", h, "bundle", "import", out).err
+    assert not [p.name for p in (h / "artifacts" / "models").iterdir() if p.name.startswith(".")]  # nothing left
     r = cli("--home", h, "--json", "bundle", "import", out, "--allow-downgrade")
     assert r.code == 0 and r.json["downgrade"] and r.json["id"] == "tiny@3"
     log = cli("--home", h, "--json", "audit", "log", "--action", "bundle.*").json["entries"]
