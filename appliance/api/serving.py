@@ -4,6 +4,7 @@ needs that home's vault for the moment its key is read: `gguf_keys`)."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,7 +110,7 @@ def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: 
     from bundles.keys import SecretKey
     from bundles.trust import TrustStore
 
-    got: dict[str, bytes] = {}
+    got: dict[str, MemFile] = {}
     with bundle_errors():
         ids = [SecretKey.load(Path(p)) for p in identities]
         if trust:
@@ -119,18 +120,52 @@ def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: 
         else:
             raise UsageError(f"no trusted key to check {path} against", "pass --trust SITE.pub (the signer's key)")
 
+        def sink(name: str):  # straight into an in-memory file: the GGUF is held once, never on this disk
+            f = got[name] = MemFile(Path(name).name)
+
+            class _Into:
+                def write(self, data) -> None:
+                    with memoryview(data) as view:
+                        at = 0
+                        while at < len(view):
+                            with view[at:] as rest:
+                                at += os.write(f.fd, rest)
+
+                def close(self) -> None:
+                    pass
+
+            return _Into()
+
+        def discard() -> None:
+            for f in got.values():
+                f.close()
+            got.clear()
+
         def decide(m: dict, signer) -> container.Plan:
             if m["kind"] != "gguf":
                 raise BundleError(f"{path} carries a {m['kind']}, not a GGUF", "pass a GGUF bundle")
-            return container.Plan(collect=got)
+            ggufs = [e for e in m["files"] if e["path"].endswith(".gguf")]
+            if len(ggufs) != 1:
+                raise BundleError(f"{path} holds {len(ggufs)} GGUF files", "a GGUF bundle holds exactly one")
+            return container.Plan(sink=lambda name: sink(name) if name.endswith(".gguf") else _Drop(),
+                                  discard=discard)
 
         container.verify(Path(path), store, ids, decide=decide)
-    names = sorted(n for n in got if n.endswith(".gguf"))
-    if len(names) != 1:
-        raise UsageError(f"{path} holds {len(names)} GGUF files", "a GGUF bundle holds exactly one")
-    with MemFile.of(Path(names[0]).name, got.pop(names[0])) as f:
-        got.clear()
+    (f,) = got.values()
+    try:
         yield Path(f.path)
+    finally:
+        f.close()
+
+
+class _Drop:
+    """A bundle's file that is checked but not kept (the Modelfile and report beside a GGUF)."""
+
+    def write(self, data) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
 
 
 def gguf_open(path: str | Path, n_ctx: int = 0, threads: int = 0):
