@@ -106,7 +106,7 @@ def report(docs, split: str, ours, ref) -> str:
                   f"**Look-alikes kept: {_pct(sc.kept_rate())}** (aim 0.95): "
                   + ", ".join(f"{c} {_pct(sc.kept_rate(c))}" for c in sorted(sc.negatives)) + ".",
               "", f"Speed, `detect()` on this corpus (short documents dense with identifiers, the slowest case): "
-                  f"**{mbs:.1f} MB/s** (appliance)"
+                  f"**{(f'{mbs:.1f}' if mbs >= 1 else f'{mbs:.4f}')} MB/s** (appliance)"
               + (f", {ref[1]:.1f} MB/s (scrubadub, default detectors; no names)." if ref
                  else "; scrubadub: not installed (`pip install '.[bench]'`).")]
     return "\n".join(lines)

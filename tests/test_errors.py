@@ -95,7 +95,7 @@ def test_a_damaged_key_is_the_same_line_in_the_cli_the_api_and_mcp(home, cli, tm
             api.keys_list(v)
         assert one_line(got.value.message, got.value.hint, got.value.exit_code) == line
     vault = Vault.open(Home(home), PASSPHRASE)
-    vault.close()  # detached between calls, as `appliance mcp` runs it
+    vault.detach()  # detached between calls, as `appliance mcp` runs it
     server = mcp_server.build(vault, token)
     with pytest.raises(ToolError) as got:
         asyncio.run(server.call_tool("bundle_export", {"ref": "x@1", "sign_key": "site", "out": "x.bundle"}))

@@ -315,7 +315,12 @@ def test_ab_without_a_vault_keeps_the_key_rules_and_records_nothing(served_home,
     from openai import AuthenticationError, OpenAI
 
     src, a, b = served_home
-    gguf = sorted((src / "artifacts" / "gguf").rglob("*.gguf"))
+    gguf = []
+    for i, ref in enumerate((a, b)):  # the home's GGUFs are sealed: plain copies leave by an audited export
+        out = tmp_path / f"plain-{i}"
+        assert subprocess.run([PY, "-m", "appliance", "--home", str(src), "model", "export", ref, "--out", str(out)],
+                              env=python_env(), capture_output=True).returncode == 0
+        gguf += sorted(out.glob("*.gguf"))
     assert len(gguf) == 2
     key_file = tmp_path / "key"
     key_file.write_text("s3cret-key\n")

@@ -105,8 +105,8 @@ def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: 
     from appliance.exchange import trust_dir
     from appliance.home import Home
     from appliance.memfiles import MemFile
+    from appliance.errors import BundleRefused
     from bundles import container
-    from bundles.errors import BundleError
     from bundles.keys import SecretKey
     from bundles.trust import TrustStore
 
@@ -143,10 +143,10 @@ def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: 
 
         def decide(m: dict, signer) -> container.Plan:
             if m["kind"] != "gguf":
-                raise BundleError(f"{path} carries a {m['kind']}, not a GGUF", "pass a GGUF bundle")
+                raise BundleRefused(f"{path} carries a {m['kind']}, not a GGUF", "pass a GGUF bundle")
             ggufs = [e for e in m["files"] if e["path"].endswith(".gguf")]
             if len(ggufs) != 1:
-                raise BundleError(f"{path} holds {len(ggufs)} GGUF files", "a GGUF bundle holds exactly one")
+                raise BundleRefused(f"{path} holds {len(ggufs)} GGUF files", "a GGUF bundle holds exactly one")
             return container.Plan(sink=lambda name: sink(name) if name.endswith(".gguf") else _Drop(),
                                   discard=discard)
 
