@@ -101,11 +101,10 @@ def gguf_bundle(path: str | Path, identities: Sequence[str | Path] = (), trust: 
     `identities`: secret key files it may be encrypted to (their passphrase from APPLIANCE_KEY_PASSPHRASE
     [_FILE] or a prompt); `trust`: public key files or trust directories of its signer, else `home`'s trust store.
     """
-    from appliance.errors import UsageError, bundle_errors
+    from appliance.errors import BundleRefused, UsageError, bundle_errors
     from appliance.exchange import trust_dir
     from appliance.home import Home
     from appliance.memfiles import MemFile
-    from appliance.errors import BundleRefused
     from bundles import container
     from bundles.keys import SecretKey
     from bundles.trust import TrustStore
