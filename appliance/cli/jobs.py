@@ -81,18 +81,19 @@ def jobs_logs_cmd(c: Ctx, job_id, follow):
     """A job's log (sealed on disk; opened with the vault's key)."""
     with c.open_vault(read_only=True) as v:
         res = api.jobs_logs(v, job_id)
-    if not follow:
-        return c.emit(res, lambda: [out.print(ln, markup=False) for ln in res["lines"]])
+        if not follow:
+            return c.emit(res, lambda: [out.print(ln, markup=False) for ln in res["lines"]])
+        v.detach()  # attached only while it reads: the job writes its progress meanwhile
 
-    def gone() -> None:
-        err.print(f"the runner of {job_id} is gone; `appliance jobs list` recovers the job", markup=False)
+        def gone() -> None:
+            err.print(f"the runner of {job_id} is gone; `appliance jobs list` recovers the job", markup=False)
 
-    # with --json the lines go to stderr as they come: stdout holds one object
-    for line in api.jobs_follow(v, job_id, on_gone=gone):
-        (err if c.json else out).print(line, markup=False)
-    if c.json:
-        with v.session(read_only=True):
-            c.emit(api.jobs_logs(v, job_id))
+        # with --json the lines go to stderr as they come: stdout holds one object
+        for line in api.jobs_follow(v, job_id, on_gone=gone):
+            (err if c.json else out).print(line, markup=False)
+        if c.json:
+            with v.session(read_only=True):
+                c.emit(api.jobs_logs(v, job_id))
 
 
 @command(jobs_group, "cancel")
