@@ -81,10 +81,6 @@ class VaultKeys:
         """Drop the keys held in memory (the vault is closed)."""
         self._known.clear()
 
-    def drop(self, artifact: str) -> None:
-        with self.vault._lock, self.vault.session():
-            self.vault.con.execute("DELETE FROM artifact_keys WHERE artifact = ?", [artifact])
-            self._known.pop(artifact, None)
 
 
 @dataclass
