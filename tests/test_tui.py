@@ -375,16 +375,24 @@ async def settled(pilot, timeout: float = 60.0) -> None:
     """The picture the screen shows now is the one it showed a moment ago: on a loaded machine focus, a table's
     cursor or a relayout can land after the rows are in, and a picture taken between the two differs."""
     app = pilot.app
-    focus = getattr(app.screen, "AUTO_FOCUS", None)
     last, end = None, time.time() + timeout
     while time.time() < end:
         await pilot.pause(0.3)
-        if focus and app.focused is not app.screen.query_one(focus):
+        if app.focused is not _first_focus(app.screen):
             continue
         if (now := app.export_screenshot()) == last:
             return
         last = now
     raise AssertionError("the console never settled on one picture")
+
+
+def _first_focus(screen):
+    """Where focus lands on this screen: its AUTO_FOCUS, or (as the app's "*" does) the first widget that can
+    take focus."""
+    if focus := getattr(screen, "AUTO_FOCUS", None):
+        return screen.query_one(focus)
+    chain = screen.focus_chain
+    return chain[0] if chain else None
 
 
 def laid_out(app, selector: str) -> bool:
