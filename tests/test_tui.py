@@ -74,6 +74,34 @@ def drive(home: Path, flow, size=(80, 24), keymap=None):
 
 
 # --- boundaries -------------------------------------------------------------------------------------
+def test_a_refresh_that_changes_nothing_leaves_a_table_alone():
+    """Pages refresh on a timer: the same rows again keep the cursor and the sized columns (a cleared table shows
+    its cells cut at the headers' widths until it is next idle, which a snapshot once caught)."""
+    from textual.app import App
+
+    from appliance.tui.pages import fill
+
+    class One(App):
+        def compose(self):
+            yield DataTable()
+
+    async def main():
+        app = One()
+        async with app.run_test() as pilot:
+            t = app.query_one(DataTable)
+            t.add_columns("seq", "time")
+            got = [("1", "2026-01-01 00:00"), ("2", "2026-01-02 00:00")]
+            assert fill(t, got) is True
+            await pilot.pause()
+            t.move_cursor(row=1)
+            widths = [c.content_width for c in t.ordered_columns]
+            assert fill(t, list(got)) is False and t.cursor_row == 1
+            assert [c.content_width for c in t.ordered_columns] == widths == [3, 16]
+            assert fill(t, [*got, ("3", "x")]) is True and t.row_count == 3
+            assert fill(t, got, keys=["a", "b"]) is True and fill(t, got, keys=["a", "b"]) is False
+    asyncio.run(main())
+
+
 def test_the_core_never_imports_textual():
     code = ("import sys\n"
             "import appliance.cli, appliance.vault, appliance.train.run, appliance.eval.run, appliance.exchange\n"

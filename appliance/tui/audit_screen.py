@@ -10,7 +10,7 @@ from textual.widgets import DataTable, Static
 
 from appliance import api
 from appliance.tui import actions, fmt
-from appliance.tui.pages import Page
+from appliance.tui.pages import Page, fill
 
 
 class AuditScreen(Page):
@@ -29,11 +29,9 @@ class AuditScreen(Page):
         return api.audit_log(vault, 500)["entries"][::-1]  # newest first
 
     def show(self, rows: list[dict]) -> None:
-        t = self.query_one("#audit-log", DataTable)
-        t.clear()
-        for e in rows:
-            t.add_row(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:30],
-                      json.dumps(e["details"], separators=(",", ":"))[:60])
+        fill(self.query_one("#audit-log", DataTable),
+             [(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:30],
+               json.dumps(e["details"], separators=(",", ":"))[:60]) for e in rows])
 
     def action_verify(self) -> None:
         self.query_one("#verify-result", Static).update("verifying…")

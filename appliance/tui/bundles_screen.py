@@ -13,7 +13,7 @@ from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.forms import ConfirmDialog, Field, FormDialog
 from appliance.tui.models_screen import export_dialog
-from appliance.tui.pages import Page
+from appliance.tui.pages import Page, fill
 
 
 def verification_text(r: dict) -> str:
@@ -50,14 +50,10 @@ class BundlesScreen(Page):
 
     def show(self, data: dict) -> None:
         keys, trust, bundles = (self.query_one(f"#{i}", DataTable) for i in ("keys", "trust", "bundles"))
-        for t in (keys, trust, bundles):
-            t.clear()
-        for k in data["keys"]:
-            keys.add_row(k["name"], k["key_id"][:24])
-        for t in data["trust"]:
-            trust.add_row(t["name"], t["key_id"][:24], ", ".join(t["kinds"]))
-        for b in data["bundles"]:
-            bundles.add_row(b["way"], b["name"], str(b["version"]), b["id"], b["kind"], fmt.when(b["created"]))
+        fill(keys, [(k["name"], k["key_id"][:24]) for k in data["keys"]])
+        fill(trust, [(t["name"], t["key_id"][:24], ", ".join(t["kinds"])) for t in data["trust"]])
+        fill(bundles, [(b["way"], b["name"], str(b["version"]), b["id"], b["kind"], fmt.when(b["created"]))
+                       for b in data["bundles"]])
 
     # --- actions --------------------------------------------------------------------------------
     def action_export(self) -> None:

@@ -7,7 +7,7 @@ from textual.widgets import DataTable, Static
 
 from appliance import api
 from appliance.tui import fmt
-from appliance.tui.pages import Page
+from appliance.tui.pages import Page, fill
 
 
 class DashboardScreen(Page):
@@ -37,12 +37,9 @@ class DashboardScreen(Page):
             f"{s['records']} records summed over them)\n"
             f"models {s['models']}   GGUF {s['ggufs']}   eval runs {s['evals']}   "
             f"jobs: {running} running, {queued} queued")
-        jobs = self.query_one("#jobs", DataTable)
-        jobs.clear()
-        for j in s["jobs"]:
-            jobs.add_row(j["id"], j["status"], api.jobs_describe(j["kind"], j["spec"]), str(j["gpus"] or "cpu"),
-                         j["ref"] or "")
-        log = self.query_one("#audit", DataTable)
-        log.clear()
-        for e in s["audit"]:
-            log.add_row(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:40])
+        fill(self.query_one("#jobs", DataTable),
+             [(j["id"], j["status"], api.jobs_describe(j["kind"], j["spec"]), str(j["gpus"] or "cpu"), j["ref"] or "")
+              for j in s["jobs"]])
+        fill(self.query_one("#audit", DataTable),
+             [(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:40])
+              for e in s["audit"]])

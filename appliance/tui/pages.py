@@ -6,7 +6,21 @@ from textual import work
 from textual.app import ComposeResult
 from textual.css.query import NoMatches
 from textual.screen import Screen
-from textual.widgets import Footer, Header
+from textual.widgets import DataTable, Footer, Header
+
+
+def fill(table: DataTable, rows: list[tuple], keys: list[str] | None = None) -> bool:
+    """Show `rows` (with row `keys`, if given) in `table`, unless it shows exactly these already: a refresh that
+    changes nothing keeps the cursor, the scroll and the column widths (a cleared table sizes its columns to its
+    rows again only when it is next idle, so for a moment it would show them cut). True when it changed."""
+    want = [tuple(str(c) for c in r) for r in rows]
+    if (keys is None or [str(k.value) for k in table.rows] == keys) and want == [
+            tuple(str(c) for c in table.get_row_at(i)) for i in range(table.row_count)]:
+        return False
+    table.clear()
+    for i, r in enumerate(rows):
+        table.add_row(*r, key=None if keys is None else keys[i])
+    return True
 
 
 class Page(Screen):

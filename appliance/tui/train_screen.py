@@ -14,7 +14,7 @@ from textual.widgets import DataTable, Input, Select, Static
 from appliance import api
 from appliance.errors import VaultError
 from appliance.tui import actions, fmt
-from appliance.tui.pages import Page
+from appliance.tui.pages import Page, fill
 from appliance.tui.plot import LinePlot
 
 METHODS = ["recipe's own", "full", "lora", "qlora"]
@@ -106,13 +106,11 @@ class TrainScreen(Page):
             self.query_one("#recipe", Select).set_options([(r, r) for r in data["recipes"]])
             self.options_loaded = True
         t = self.query_one("#train-jobs", DataTable)
-        t.clear()
         self.cli_runs = {x["key"] for x in data["rows"] if x["job"] == "cli"}
-        for x in data["rows"]:
-            p = data["live"].get(x["key"])
-            t.add_row(x["job"], x["status"], x["what"], x["run"] or "", f"{p['step']}/{p['max_steps']}" if p else "",
-                      f"{p['loss']:.4f}" if p and p["loss"] is not None else "", key=x["key"])
+        live = [data["live"].get(x["key"]) for x in data["rows"]]
         ids = [x["key"] for x in data["rows"]]
+        fill(t, [(x["job"], x["status"], x["what"], x["run"] or "", f"{p['step']}/{p['max_steps']}" if p else "",
+                  f"{p['loss']:.4f}" if p and p["loss"] is not None else "") for x, p in zip(data["rows"], live)], ids)
         if data["chosen"] in ids:  # the selection follows the job, not the row number
             t.move_cursor(row=ids.index(data["chosen"]))
         p = data["live"].get(data["chosen"]) if data["chosen"] else None

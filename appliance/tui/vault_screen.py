@@ -12,7 +12,7 @@ from textual.widgets import DataTable, Input, ProgressBar, Static, TabbedContent
 from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.forms import Field, FormDialog
-from appliance.tui.pages import Page
+from appliance.tui.pages import Page, fill
 
 
 def report_text(info: dict) -> str:
@@ -68,11 +68,9 @@ class VaultScreen(Page):
         return api.vault_versions(vault)["versions"]
 
     def show(self, rows: list[dict]) -> None:
-        t = self.query_one("#versions", DataTable)
-        t.clear()
-        for r in rows:
-            t.add_row(r["version"], str(r["records"]), fmt.size(r["bytes"]), r["pii_mode"], fmt.when(r["committed"]),
-                      key=r["version"])
+        fill(self.query_one("#versions", DataTable),
+             [(r["version"], str(r["records"]), fmt.size(r["bytes"]), r["pii_mode"], fmt.when(r["committed"]))
+              for r in rows], [r["version"] for r in rows])
 
     @on(DataTable.RowSelected, "#versions")
     def version_chosen(self, event: DataTable.RowSelected) -> None:
@@ -89,11 +87,9 @@ class VaultScreen(Page):
 
     def _show_version(self, info: dict, records: list[dict]) -> None:
         self.query_one("#report", Static).update(report_text(info))
-        t = self.query_one("#records", DataTable)
-        t.clear()
-        for r in records:
-            t.add_row(str(r["ord"]), r["kind"], r["split"], api.record_origin(r)[-40:], str(r["bytes"]),
-                      key=str(r["ord"]))
+        fill(self.query_one("#records", DataTable),
+             [(str(r["ord"]), r["kind"], r["split"], api.record_origin(r)[-40:], str(r["bytes"])) for r in records],
+             [str(r["ord"]) for r in records])
 
     # --- records --------------------------------------------------------------------------------
     @on(DataTable.RowSelected, "#records")
