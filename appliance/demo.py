@@ -59,8 +59,12 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
     summary: dict = {"home": str(home.root), "reports": str(reports_dir(home)), "stages": []}
     t0 = time.time()
 
-    def stage(name: str, detail: str, **data) -> None:
-        summary["stages"].append({"stage": name, "detail": detail, **data})
+    last = [t0]
+
+    def stage(name: str, detail: str, **data) -> None:  # seconds: since the stage before, so a slow one shows
+        now = time.time()
+        summary["stages"].append({"stage": name, "detail": detail, "seconds": round(now - last[0], 1), **data})
+        last[0] = now
         say(f"[green]✓[/] {name:<10} {detail}")
 
     say(f"demo home: {home.root}")
