@@ -7,6 +7,21 @@ STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements.lock | cksum
 LLAMA_CPP := 0.3.36
 WHEELS ?= $(HOME)/.cache/appliance/wheels
 LLAMA_CMAKE := -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF
+# With a CUDA toolkit (nvcc on PATH or in /usr/local/cuda) and a GPU (nvidia-smi lists one) llama.cpp is built
+# with CUDA, so `serve` offloads layers to the GPU; its wheel is cached apart (WHEELS/cuda: the same file name
+# as the CPU build's). LLAMA_CUDA=1 forces the CUDA build (a toolkit without a GPU, e.g. a build host),
+# LLAMA_CUDA=0 the CPU one. A toolkit alone does not choose it: the CUDA build takes far longer to compile.
+LLAMA_CUDA ?= auto
+NVCC := $(shell command -v nvcc 2>/dev/null || ls /usr/local/cuda/bin/nvcc 2>/dev/null)
+ifeq ($(LLAMA_CUDA),auto)
+override LLAMA_CUDA := $(if $(and $(NVCC),$(shell nvidia-smi -L 2>/dev/null | grep -m1 GPU)),1,0)
+endif
+ifeq ($(LLAMA_CUDA),1)
+LLAMA_CMAKE += -DGGML_CUDA=ON -DCMAKE_CUDA_COMPILER=$(NVCC)
+LLAMA_WHEELS := $(WHEELS)/cuda
+else
+LLAMA_WHEELS := $(WHEELS)
+endif
 # llama.cpp's tokenizer test vectors (vocabulary-only GGUFs + .inp/.out) from the same version's sdist,
 # kept in VOCAB for tests/test_gguf_vocab.py (APPLIANCE_VOCAB_DIR overrides where the tests look).
 VOCAB ?= $(WHEELS)/../vocab
@@ -19,11 +34,11 @@ setup: $(STAMP) $(VOCAB_STAMP)
 
 $(STAMP): pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
-	@ls $(WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || { \
-	  echo "building llama.cpp once into $(WHEELS) (about 8 minutes on 2 cores)"; \
+	@ls $(LLAMA_WHEELS)/llama_cpp_python-$(LLAMA_CPP)-*.whl >/dev/null 2>&1 || { \
+	  echo "building llama.cpp$(if $(filter 1,$(LLAMA_CUDA)), with CUDA,) once into $(LLAMA_WHEELS) (about 8 minutes on 2 cores)"; \
 	  CMAKE_ARGS="$(LLAMA_CMAKE)" CMAKE_BUILD_PARALLEL_LEVEL=$$(nproc) $(VENV)/bin/python -m pip wheel -q \
-	    --no-deps llama-cpp-python==$(LLAMA_CPP) -w $(WHEELS); }
-	$(VENV)/bin/python -m pip install -q --find-links $(WHEELS) -c requirements.lock -e '.[dev]'
+	    --no-deps llama-cpp-python==$(LLAMA_CPP) -w $(LLAMA_WHEELS); }
+	$(VENV)/bin/python -m pip install -q --find-links $(LLAMA_WHEELS) -c requirements.lock -e '.[dev]'
 	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 

@@ -3,8 +3,10 @@
     python benchmarks/gpu_smoke.py [--steps 10] [--smoke]
 
 Prints one JSON object. Parts (each reports its own error instead of stopping the others):
-  dense       dense-1b-shaped pre-training steps (bf16 autocast, activation checkpointing, micro batch 8 x 2048,
-              32k vocabulary) through the shared loop: tokens/s, MFU against the GPU's bf16 peak, peak memory
+  dense       dense-1b-shaped pre-training steps as the recipe runs them (bf16 autocast, no activation
+              checkpointing, each decoder layer compiled, the chunked cross-entropy, the loss read once at the
+              end, micro batch 8 x 2048, 32k vocabulary) through the shared loop: tokens/s, MFU against the
+              GPU's bf16 peak, peak memory, the compile time (in the warm-up, not in tokens/s)
   fsdp        FSDP2 at world size 1 with MixedPrecisionPolicy(bf16, fp32): 4 steps, and 2 + 2 with a sharded
               checkpoint and a resume in between; the losses must be identical
   moe         a mixture-of-experts step under the plan: the dtypes the experts' matmul kernels receive
@@ -97,26 +99,29 @@ def dense(device: str, smoke: bool, steps: int) -> dict:
     shape, vocab, seq, micro = (TINY, 512, 64, 2) if smoke else (DENSE_1B, 32000, 2048, 8)
     m = ModelConfig(**shape)
     model = new_model(m, Vocab(vocab), 0).to(device)
-    cfg = train_cfg(steps + 2, micro, micro, activation_checkpointing=not smoke)
+    cfg = train_cfg(steps + 2, micro, micro, activation_checkpointing="none", compile="auto")
+    t0 = time.perf_counter()
     run = loop._Training(model, rows_of(64, seq, vocab), 64, cfg, loop.Dist(device=device), None,
                          lambda s: None, lambda *a: None, None, 0.0, {}, 0, None)
-    for _ in range(2):  # warm-up: allocator, kernels
+    for _ in range(2):  # warm-up: allocator, kernels, and the layers' compile
         run.train_step()
+    warmup = time.perf_counter() - t0
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     sync(device)
     t0 = time.perf_counter()
-    for _ in range(steps):
-        stats = run.train_step()
-    sync(device)
+    pending = [run.train_step_async() for _ in range(steps)]  # as `fit` runs them: no read of the loss per step
+    stats = run._read(pending)[-1]
     dt = (time.perf_counter() - t0) / steps
+    run.close()
     n = count_parameters(m, vocab)["total"]
     flops_per_token = 6 * n + 12 * m.num_layers * m.hidden_size * seq  # weights + causal attention (fwd+bwd)
     tokens_s = micro * seq / dt
     peak = peak_flops(device)
     out = {"params": n, "seq_len": seq, "micro_batch": micro, "step_s": round(dt, 4), "tokens_per_s": round(tokens_s),
            "loss": round(stats.loss, 4), "autocast": run.plan.autocast, "compute": run.plan.compute,
-           "attention": run.plan.attention}
+           "attention": run.plan.attention, "chunked_loss": run.chunked, "warmup_s": round(warmup, 1),
+           "compiled": loop.compile_wanted(cfg.compile, device), "activation_checkpointing": "none"}
     if peak:
         out["mfu"] = round(flops_per_token * tokens_s / peak, 4)
     if device.startswith("cuda"):

@@ -123,3 +123,42 @@ def test_bad_grpo_recipes_say_what_to_do(ghome, cli):
     r = cli("--home", ghome, "train", "run", *GRPO, "--data.datasets", "handbook@1")
     assert r.code == 2 and "has no table rows to train on" in r.err
     assert [x["id"] for x in cli("--home", ghome, "--json", "train", "runs").json["runs"]] == ["gb@1", "gsft@1"]
+
+
+def test_answers_are_sampled_from_a_merged_copy_that_answers_as_the_policy_does():
+    """The generator merges LoRA into a plain copy of the base; greedy answers from it, with a dynamic or a
+    static cache, are the unmerged policy's, and a refresh follows the adapters as they train."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from appliance.train.grpo import Generator
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                        pad_token_id=0, eos_token_id=1, bos_token_id=2))
+    policy = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"]))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)  # adapters that change the answers (they start at zero)
+    ids = torch.tensor([[0, 0, 5, 9, 17], [3, 4, 5, 6, 7]])  # left-padded prompts
+    attn = (torch.arange(5) >= torch.tensor([[2], [0]])).long()
+    kw = dict(attention_mask=attn, do_sample=False, max_new_tokens=8, pad_token_id=0, eos_token_id=None)
+    policy.eval()
+    with torch.no_grad():
+        want = policy.generate(input_ids=ids, **kw)
+        with policy.disable_adapter():
+            plain = policy.generate(input_ids=ids, **kw)
+        assert not torch.equal(want, plain)  # the adapters matter to the answers
+        gen = Generator("float32")
+        merged = gen.refresh(policy)
+        assert not hasattr(merged, "peft_config") and merged is not base
+        assert torch.equal(merged.generate(input_ids=ids, **kw), want)
+        assert torch.equal(merged.generate(input_ids=ids, cache_implementation="static", **kw), want)
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.zero_()  # the adapters moved: a refresh follows them (here: back to the base)
+        assert gen.refresh(policy) is merged
+        assert torch.equal(merged.generate(input_ids=ids, **kw), plain)

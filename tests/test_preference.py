@@ -119,3 +119,57 @@ def test_bad_preference_recipes_say_what_to_do(phome, cli):
     r = cli("--home", phome, "train", "run", *DPO, "--data.datasets", "handbook@1")
     assert r.code == 2 and "has no table rows to train on" in r.err
     assert [r["id"] for r in cli("--home", phome, "--json", "train", "runs").json["runs"]] == ["pbase@1"]
+
+
+def test_reference_log_probs_are_computed_once_per_row_not_every_step(tmp_path):
+    """A full-method DPO fit over 3 epochs of 8 rows: the reference runs once per block of rows before the first
+    step (4 forwards), where scoring it with every micro batch took one per micro batch (12), and the losses
+    are those of the reference scored alongside the policy."""
+    import numpy as np
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from appliance.train import loop
+    from appliance.train.config import TrainConfig
+    from appliance.train.preference import DPO as Objective
+
+    def tiny(seed):
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                            num_attention_heads=4, num_key_value_heads=4))
+
+    rng = np.random.default_rng(0)
+    tok = rng.integers(0, 128, (8, 32)).astype(np.int32)  # [chosen | rejected], 16 tokens each
+    lab = tok.copy()
+    lab[:, :6] = lab[:, 16:22] = -100  # the prompt is not scored
+
+    def rows(index):
+        return tok[index], lab[index]
+
+    cfg = TrainConfig(max_steps=6, batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=100,
+                      compile="off")
+    reference = tiny(1).eval().requires_grad_(False)
+    forwards = []
+    reference.register_forward_pre_hook(lambda m, a: forwards.append(1))
+    cached, reported = Objective(0.1, reference), []
+    loop.fit(tiny(0), rows, 8, cfg, loop.Dist(), tmp_path / "a", reported.append, lambda s, p: None,
+             objective=cached)
+    assert len(forwards) == 4  # 8 rows in blocks of 2, once; not 6 steps x 2 micro batches
+    assert cached.table.shape == (8, 2)
+
+    forwards.clear()
+    plain = []
+    loop.fit(tiny(0), rows, 8, cfg, loop.Dist(), tmp_path / "b", plain.append, lambda s, p: None,
+             objective=_NoPrepare(Objective(0.1, reference)))
+    assert len(forwards) == 12
+    assert [m["loss"] for m in reported] == pytest.approx([m["loss"] for m in plain], rel=1e-6)
+
+
+class _NoPrepare:
+    """An objective as the loop saw DPO before the cache: only `losses`."""
+
+    def __init__(self, inner):
+        self.inner = inner
+
+    def losses(self, model, x, y):
+        return self.inner.losses(model, x, y)

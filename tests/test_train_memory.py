@@ -72,3 +72,26 @@ def test_fsdp_is_allowed_for_full_preference_and_reinforcement_tuning():
     with pytest.raises(UsageError, match="not available for data.format 'task'"):
         load_recipe("grpo-task", ["method=full", "train.parallel=fsdp"])
     assert load_recipe("tiny-dense").train.parallel == "auto"
+
+
+def test_each_recipe_recomputes_activations_only_as_much_as_it_needs_to_fit(plans):
+    from appliance.train.config import checkpointing_mode
+
+    recipes = {name: load_recipe(name) for name in plans}  # fresh: other tests change the fixture's
+    used = {name: checkpointing_mode(recipe.train.activation_checkpointing) for name, recipe in recipes.items()}
+    least = {name: memory.least_checkpointing(_shape(recipe), recipe, plans[name][1], BOX)
+             for name, recipe in recipes.items()}
+    assert used == least
+    assert used["dense-1b"] == "none" and used["moe-8x7b"] == "full"
+    recipe = recipes["moe-8x7b"]  # selective sits between none and full
+    sizes = {}
+    for ac in ("none", "selective", "full"):
+        recipe.train.activation_checkpointing = ac
+        sizes[ac] = memory.estimate(_shape(recipe), recipe, "fsdp", BOX).activations
+    assert sizes["none"] > sizes["selective"] > sizes["full"]
+
+
+def test_the_loss_never_holds_the_whole_logits_of_a_pretraining_micro_batch(plans):
+    recipe, mode, est = plans["dense-1b"]  # 8 x 2048 tokens, 32k vocabulary: whole fp32 logits would be ~7 GB
+    tokens = recipe.train.micro_batch_size * recipe.data.seq_len
+    assert est.logits < 0.3 * 14 * tokens * 32000

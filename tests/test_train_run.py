@@ -238,6 +238,26 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli, whol
     assert len(losses(train_home, "killed@1")) == 40
 
 
+def test_background_checkpoints_are_sealed_and_a_kill_resumes_from_them_exactly(train_home, cli, whole_losses):
+    import signal
+
+    from appliance import sealed
+
+    bg = ["--train.checkpoint_async", "on"]
+    proc = _spawn(train_home, "tiny-dense", *LONG, *bg, "--name", "behind")
+    ckpts = train_home / "artifacts" / "runs" / "behind@1" / "checkpoints"
+    _wait_for(ckpts / "step-00000005", proc)
+    proc.send_signal(signal.SIGKILL)  # perhaps while the next one is being written: never half of one
+    proc.communicate()
+    for ck in ckpts.iterdir():
+        if not ck.name.startswith("."):
+            assert {"state.json", "rng.pt", ".metadata"} <= set(sealed.sealed_names(ck)), ck
+            assert not [f for f in ck.iterdir() if not f.name.endswith(sealed.SUFFIX)], ck  # nothing in the clear
+    d = run(cli, train_home, "tiny-dense", *LONG, *bg, "--name", "behind", "--resume")
+    assert d["resumed_from"] >= 5 and d["status"] == "done"
+    assert losses(train_home, "behind@1") == whole_losses
+
+
 def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(train_home, cli):
     import signal
 

@@ -143,15 +143,32 @@ def _echo(pieces: Iterator[str], write: Callable[[str], None]) -> Iterator[str]:
         yield p
 
 
+def gpu_layers(requested: int | None = None, offload: bool | None = None) -> int:
+    """Layers llama.cpp puts on the GPU: `requested` (-1: all), or by default all when llama.cpp was built with
+    CUDA (`make setup` on a box with a GPU) and none otherwise. `offload`: whether this build can offload
+    (None: ask llama.cpp)."""
+    if requested is not None:
+        return requested
+    if offload is None:
+        try:
+            import llama_cpp
+
+            offload = bool(llama_cpp.llama_supports_gpu_offload())
+        except (ImportError, AttributeError, OSError):
+            offload = False
+    return -1 if offload else 0
+
+
 def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, api_key: str | None = None,
           alias: str | None = None, on_ready: Callable[[str], None] = lambda url: None,
-          cors_origins: Sequence[str] = ()) -> None:
+          cors_origins: Sequence[str] = (), n_gpu_layers: int | None = None) -> None:
     """llama-cpp-python's OpenAI-compatible server over one GGUF, until interrupted.
 
     No CORS headers are sent unless `cors_origins` names exact origins (`https://app.example:8443`): a
     browser then lets pages of those origins, and only those, read the answers. The API key, when set, is
     compared in constant time; a host other than loopback is refused without one (`serve_exposure` decides
-    all three from the command line and the environment).
+    all three from the command line and the environment). `n_gpu_layers`: layers offloaded to the GPU
+    (`gpu_layers`: by default all on a CUDA build of llama.cpp, none on a CPU one).
     """
     origins = cors_allowed(cors_origins)  # before minutes of loading a large model
     _refuse_open_without_key(host, api_key)
@@ -171,7 +188,7 @@ def serve(path: Path, host: str, port: int, n_ctx: int = 0, threads: int = 0, ap
     try:
         with sealed.opened(path) as p:  # a sealed GGUF: loaded from memory, which llama.cpp keeps mapped
             model = ModelSettings(model=str(p), model_alias=alias or path.stem, n_ctx=n_ctx, n_threads=threads,
-                                  n_threads_batch=threads, verbose=False)
+                                  n_threads_batch=threads, n_gpu_layers=gpu_layers(n_gpu_layers), verbose=False)
             app = create_app(server_settings=settings, model_settings=[model])
     except (ValueError, RuntimeError) as e:
         raise QuantizeError(f"llama.cpp could not load {path}: {e}", "check the file with `appliance generate`"

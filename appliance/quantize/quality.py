@@ -117,17 +117,57 @@ def tokenizer_agreement(llm, tokenizer, records: Iterable[tuple[int, str]], rep:
             rep.tokenizer_hard_mismatches.append(name)
 
 
+FLOAT_FILE_TYPES = {0, 1, 32}  # general.file_type of an f32, f16 or bf16 GGUF: held to agree within 1e-2
+
+
+def source_placement(cuda: bool, free_bytes: int, model_bytes: int, file_type: int | None) -> tuple[str, bool]:
+    """(device, bf16 autocast) for the source side of the report: on a GPU when one is free for the model
+    (kept in its own fp32 weights), with bf16 matmuls against a quantized GGUF (its own error is far larger)
+    and fp32 against a float one (whose logits must agree within 1e-2); else on the CPU in fp32."""
+    if not cuda or model_bytes > 0.9 * free_bytes:
+        return "cpu", False
+    return "cuda", file_type not in FLOAT_FILE_TYPES
+
+
+def _placement(source, llm) -> tuple[str, bool]:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    free = torch.cuda.mem_get_info()[0] if cuda else 0
+    size = sum(p.numel() * p.element_size() for p in source.parameters())
+    file_type = llm.metadata.get("general.file_type")
+    return source_placement(cuda, free, size, int(file_type) if file_type is not None else None)
+
+
 def compare(source, llm, windows: list[np.ndarray], rep: Report,
             progress: Callable[[int, int], None] = lambda d, t: None) -> None:
-    """Run both models over every window; fill the perplexity and agreement fields of `rep`."""
+    """Run both models over every window; fill the perplexity and agreement fields of `rep`. The source runs on
+    a GPU when there is one (`source_placement`), and is back on the CPU afterwards."""
+    import torch
+
+    device, bf16 = _placement(source, llm)
+    if device != "cpu":
+        source.to(device)
+    try:
+        _compare(source, llm, windows, rep, progress, device, bf16)
+    finally:
+        if device != "cpu":
+            source.to("cpu")
+            torch.cuda.empty_cache()
+
+
+def _compare(source, llm, windows, rep, progress, device: str, bf16: bool) -> None:
+    import contextlib
+
     import torch
 
     nll_src = nll_gguf = kld = 0.0
     agree = n = 0
     max_diff = 0.0
+    cast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
     for i, w in enumerate(windows):
-        with torch.no_grad():
-            a = source(torch.as_tensor(w)[None]).logits[0].double().numpy()  # (T, vocab)
+        with torch.no_grad(), cast():
+            a = source(torch.as_tensor(w, device=device)[None]).logits[0].double().cpu().numpy()  # (T, vocab)
         llm.reset()
         llm.eval(w.tolist())
         b = np.asarray(llm.scores[:len(w)], dtype=np.float64)  # (T, vocab)

@@ -13,6 +13,10 @@ others), fsynced and renamed by rank 0 once every rank's shard is in, with `stat
 kill at any moment leaves either the previous checkpoints or the new one, never a half-written one.
 Checkpoints of earlier versions (`model.pt` + `optimizer.pt`, full state dicts) still load.
 
+Several nodes: every rank writes its own shard (under HSDP one replica's ranks, whichever node they are on),
+so the run directory must be on storage every node mounts at the same path; a rank that cannot see the
+temp directory rank 0 made stops every rank with that reason before anything is written.
+
 Under a home's artifacts every file of a checkpoint is sealed (`appliance.sealed`) with the run's key, which
 the launcher hands each rank: the shards go through `SealedFS`, a `torch.distributed.checkpoint` file
 system whose streams seal as they are written (bound to the checkpoint's final name, so a shard moved to
@@ -175,7 +179,8 @@ def _one_process_is_fine():
 
 
 def _shared_tmp(final: Path, is_main: bool) -> Path:
-    """A fresh hidden temp directory beside `final`, made by rank 0, its name sent to every rank."""
+    """A fresh hidden temp directory beside `final`, made by rank 0, its name sent to every rank; every rank must
+    see it (one node's disk, or storage all nodes share), or every rank stops with the reason."""
     tmp = None
     if is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
@@ -186,9 +191,19 @@ def _shared_tmp(final: Path, is_main: bool) -> Path:
         box = [tmp]
         dist.broadcast_object_list(box, src=0)
         tmp = box[0]
-    path = Path(tmp)
-    path.mkdir(parents=True, exist_ok=True)  # a node that does not share rank 0's disk
-    return path
+        seen = [Path(tmp).is_dir()]
+        everyone = [None] * dist.get_world_size()
+        dist.all_gather_object(everyone, seen[0])
+        if not all(everyone):
+            from appliance.train.model import TrainError
+
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            blind = [r for r, ok in enumerate(everyone) if not ok]
+            raise TrainError(f"ranks {blind} cannot see the checkpoint directory rank 0 made ({final.parent}): "
+                             "every node writes its own shard into it",
+                             "put artifacts/runs/ on storage every node mounts at the same path (NFS, Lustre)")
+    return Path(tmp)
 
 
 def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, keep: int) -> Path | None:
@@ -200,15 +215,79 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     final = root / f"{PREFIX}{step:08d}"
     tmp = _shared_tmp(final, is_main)
+    rng = torch.get_rng_state()
     try:
         with _one_process_is_fine():
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp, final),
                      no_dist=not _distributed())
-        if not is_main:
-            return None
-        rng = io.BytesIO()
-        torch.save({"cpu": torch.get_rng_state()}, rng)
-        _put(tmp, final, "rng.pt", rng.getvalue())
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return _finish(root, tmp, final, step, rng, state, keep) if is_main else None
+
+
+class Saving:
+    """A checkpoint being written behind the training (`save_async`); `wait()` returns once it is in place: its
+    path on rank 0, None on the others. An error of the writing is raised there."""
+
+    def __init__(self, future, step: int):
+        self.future, self.step = future, step
+
+    def wait(self) -> Path | None:
+        return self.future.result()
+
+
+def save_async(root: Path, step: int, model, optimizer, state: dict, is_main: bool, keep: int,
+               group=None) -> Saving:
+    """`save`, with the writing in the background: the trainable state is copied to host memory now (the
+    training goes on changing its own), then a thread writes the shards (`torch.distributed.checkpoint.
+    async_save`, its collectives on `group`, a gloo group of their own) and rank 0 adds RNG and state.json
+    and renames, as `save` does, sealed and atomic alike. The RNG and state are those of now."""
+    import concurrent.futures
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = _shared_tmp(final, is_main)
+    rng, state = torch.get_rng_state(), dict(state)
+    if not _distributed():  # said from the writing thread, which `_one_process_is_fine` does not cover
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+    try:
+        with _one_process_is_fine():
+            upload = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp, final),
+                                    process_group=group, no_dist=not _distributed())
+    except BaseException:
+        if is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+    def finish() -> Path | None:
+        try:
+            upload.result()  # every rank's shard is in once the coordinator's write returns
+        except BaseException:
+            if is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return _finish(root, tmp, final, step, rng, state, keep) if is_main else None
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="checkpoint")
+    future = pool.submit(finish)
+    pool.shutdown(wait=False)  # the thread ends with `finish`
+    return Saving(future, step)
+
+
+def _finish(root: Path, tmp: Path, final: Path, step: int, rng, state: dict, keep: int) -> Path:
+    """Rank 0, once every shard is in `tmp`: RNG and state.json (last), fsync, rename to `final`, prune."""
+    import torch
+
+    try:
+        buf = io.BytesIO()
+        torch.save({"cpu": rng}, buf)
+        _put(tmp, final, "rng.pt", buf.getvalue())
         _put(tmp, final, "state.json", json.dumps({"step": step, **state}, indent=2, default=str).encode())
         for p in tmp.rglob("*"):
             if p.is_file():
@@ -218,8 +297,7 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
         os.replace(tmp, final)
         fsync_path(final.parent)
     except BaseException:
-        if is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in all_checkpoints(root)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)

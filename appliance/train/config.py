@@ -199,8 +199,20 @@ class TrainConfig:
     """Write a resumable checkpoint every N steps (and at the end or on Ctrl-C)."""
     keep_checkpoints: int = 2
     """Checkpoints kept on disk; older ones are removed."""
-    activation_checkpointing: bool = False
-    """Recompute activations in the backward pass: less memory, about 30% more compute."""
+    checkpoint_async: str = "auto"
+    """Write checkpoints behind the training: "on", "off", or "auto" (on a GPU: the state is copied to host
+    memory, the next steps run while a thread seals and writes it)."""
+    activation_checkpointing: bool | str = False
+    """Recompute activations in the backward pass: "full" (or true) every decoder layer, least memory, about
+    30% more compute; "selective" every other layer, about half of both; "none" (or false). Shipped recipes use
+    the least that fits the box (appliance/train/memory.py)."""
+    compile: str = "auto"
+    """torch.compile each decoder layer: "on", "off", or "auto" (on a GPU only: compiling costs a minute at
+    start and pays back over a long run, not in a CPU test)."""
+    sync_every: int = 0
+    """Read the loss and gradient norm to the host every N steps (0: auto, 10 on a GPU, 1 on a CPU), so a GPU
+    never waits for the host each step; every step is still reported, N at a time. A NaN, Ctrl-C or early
+    stopping is acted on at the next read (and always before a checkpoint)."""
     precision: str = "auto"
     """auto (bf16 on GPU: FSDP2's mixed-precision policy or autocast; fp32 on CPU), bf16 or fp32."""
     parallel: str = "auto"
@@ -243,6 +255,15 @@ class TrainConfig:
             p.append("train.eval_every and train.early_stop_patience must be >= 0")
         if self.early_stop_patience and not self.eval_every:
             p.append("train.early_stop_patience needs train.eval_every (the validation loss it watches)")
+        if checkpointing_mode(self.activation_checkpointing) is None:
+            p.append("train.activation_checkpointing must be full, selective or none (true and false: full and "
+                     f"none), not {self.activation_checkpointing!r}")
+        if self.checkpoint_async not in ("auto", "on", "off"):
+            p.append(f"train.checkpoint_async must be auto, on or off, not {self.checkpoint_async!r}")
+        if self.compile not in ("auto", "on", "off"):
+            p.append(f"train.compile must be auto, on or off, not {self.compile!r}")
+        if self.sync_every < 0:
+            p.append("train.sync_every must be >= 0 (0: auto)")
         if self.parallel not in ("auto", "ddp", "fsdp"):
             p.append(f"train.parallel must be 'auto', 'ddp' or 'fsdp', not {self.parallel!r}")
         if not self.gpu_memory_gb > 0:
@@ -250,6 +271,13 @@ class TrainConfig:
         if not self.dpo_beta > 0:
             p.append("train.dpo_beta must be positive")
         return p
+
+
+def checkpointing_mode(value) -> str | None:
+    """train.activation_checkpointing as one of full | selective | none (None when it is none of them)."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    return value if value in ("full", "selective", "none") else None
 
 
 @dataclass

@@ -29,8 +29,10 @@ IGNORE = -100
 
 class GRPO:
     def __init__(self, cfg, tokenizer, reference=None, seed: int = 0, rank: int = 0, task=None,
-                 system_prompt: str = ""):
+                 system_prompt: str = "", generator: Generator | None = None):
         self.cfg, self.tok, self.reference = cfg, tokenizer, reference
+        self.generator = generator or Generator()
+        self._sampler = None  # the generator's model, refreshed once per `losses` / `val_losses` call
         self.task, self.system_prompt = task, system_prompt
         self.episodes = {"played": 0, "succeeded": 0, "tool_calls": 0, "tool_errors": 0}
         self.seed, self.rank, self.step = seed, rank, 0
@@ -54,6 +56,7 @@ class GRPO:
 
         prompts, answers = self._split(y)
         g = self.cfg.group_size
+        self._sampler = None  # the policy changed since the last samples: merge again
         if self.task is not None:
             return self._task_losses(model, answers, g)
         seqs, attn, plen, mask = self._sample(model, prompts, g, greedy=False)
@@ -76,6 +79,7 @@ class GRPO:
         import torch
 
         prompts, answers = self._split(y)
+        self._sampler = None
         if self.task is not None:
             eps, _ = self._play(model, [int(a) for a in answers], greedy=True)
             return -torch.tensor([float(e.success) for e in eps], device=device_of(model))
@@ -214,17 +218,21 @@ class GRPO:
         # FSDP2 gathers each layer in every forward, so every process must run as many: sharded, the answers
         # run to max_new_tokens without stopping, and the mask below ends each at its first stop token
         sharded = hasattr(inner, "set_requires_gradient_sync")
-        was_training = inner.training
-        inner.eval()
+        if self._sampler is None:
+            self._sampler = self.generator.refresh(model)  # LoRA merged, bf16 on a GPU (the policy when sharded)
+        sampler = self._sampler
+        was_training = sampler.training
+        sampler.eval()
+        static = {"cache_implementation": "static"} if self.generator.static and not sharded else {}
         with torch.no_grad():
             # plain sampling at the temperature, nothing the model's generation_config may add (repetition
             # penalties, n-gram bans): the loss scores exactly the distribution the answers came from
-            out = inner.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
-                                 temperature=self.cfg.temperature if not greedy else None, top_p=None, top_k=None,
-                                 repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
-                                 max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=g,
-                                 pad_token_id=self.pad, eos_token_id=None if sharded else self.stop)
-        inner.train(was_training)
+            out = sampler.generate(input_ids=ids.to(device), attention_mask=attn.to(device), do_sample=not greedy,
+                                   temperature=self.cfg.temperature if not greedy else None, top_p=None, top_k=None,
+                                   repetition_penalty=None, no_repeat_ngram_size=None, min_new_tokens=None,
+                                   max_new_tokens=self.cfg.max_new_tokens, num_return_sequences=g,
+                                   pad_token_id=self.pad, eos_token_id=None if sharded else self.stop, **static)
+        sampler.train(was_training)
         answer = out[:, plen:]
         stop = torch.isin(answer, torch.tensor(self.stop, device=answer.device))
         # keep tokens up to and including the first stop token
@@ -265,3 +273,67 @@ def token_logps(model, seqs, attn, plen: int, temperature: float = 1.0):
     logits = model(input_ids=seqs, attention_mask=attn, position_ids=positions, use_cache=False).logits.float()
     logp = torch.log_softmax(logits[:, plen - 1:-1] / temperature, dim=-1)
     return logp.gather(-1, seqs[:, plen:].unsqueeze(-1)).squeeze(-1)
+
+
+class Generator:
+    """The policy as a plain model for sampling: LoRA merged into a copy of the base (a 4-bit QLoRA base
+    dequantized), in `dtype` (bf16 on a GPU), refreshed from the policy before each batch of samples.
+
+    Sampling through the policy itself runs every adapter's extra matmuls (and QLoRA's dequantization) in
+    every decoding step; the copy runs the base's shape alone, in bf16, with a static key/value cache on a GPU
+    (`static`), which also lets torch.compile keep its graphs across steps. Its weights are the policy's to
+    float rounding, so greedy answers are the same (`tests/test_grpo.py`). An FSDP2-sharded policy is not
+    copied (a whole copy on each process is what sharding avoids): it samples through itself.
+    """
+
+    def __init__(self, dtype: str = "float32", static: bool = False):
+        self.dtype, self.static = dtype, static
+        self.model = None
+
+    def refresh(self, policy):
+        """The copy, its weights set from `policy` (DDP-wrapped or not) now; the policy itself when sharded."""
+        import torch
+
+        inner = getattr(policy, "module", policy)
+        if hasattr(inner, "set_requires_gradient_sync"):
+            return inner
+        base = inner.get_base_model() if hasattr(inner, "peft_config") else inner
+        if self.model is None:
+            self.model = self._build(base)
+        target = dict(self.model.named_parameters())
+        dtype = getattr(torch, self.dtype)
+        with torch.no_grad():
+            for name, p in base.named_parameters():
+                if "lora_" not in name:
+                    target[name.replace(".base_layer", "")].copy_(_dequantized(p))  # casts to the copy's dtype
+            for name, module in base.named_modules():
+                if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
+                    for adapter in module.active_adapters:
+                        if adapter in getattr(module, "lora_A", {}):
+                            target[f"{name}.weight"].add_(module.get_delta_weight(adapter).to(dtype))
+        return self.model
+
+    def _build(self, base):
+        import copy
+
+        import torch
+        from transformers import AutoModelForCausalLM
+
+        config = copy.deepcopy(base.config)
+        for key in ("quantization_config", "_pre_quantization_dtype"):
+            if hasattr(config, key):
+                delattr(config, key)
+        device = next(base.parameters()).device
+        model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, self.dtype),
+                                                 attn_implementation=base.config._attn_implementation)
+        model.generation_config = copy.deepcopy(base.generation_config)
+        return model.to(device).eval().requires_grad_(False)
+
+
+def _dequantized(p):
+    """A weight as a plain tensor: a bitsandbytes 4-bit one dequantized."""
+    if hasattr(p, "quant_state"):
+        from peft.utils.integrations import dequantize_bnb_weight
+
+        return dequantize_bnb_weight(p, state=p.quant_state)
+    return p

@@ -49,6 +49,22 @@ class Nodes:
     rdzv_endpoint: str = ""
 
 
+def rendezvous_id(spec: StageSpec, nodes: Nodes) -> str:
+    """torchrun's rendezvous id for a multi-node run: the same on every node of one run, different for every run.
+
+    Made of what every node of one run shares and another run does not: the run's id (NAME@K, a new K for each
+    run of a recipe; a resumed run keeps its own), the resolved recipe, the node count and node 0's endpoint.
+    Nodes whose vaults disagree on NAME@K (not restored from the same backup) do not meet, and say so by timing
+    out rather than joining another run.
+    """
+    import hashlib
+
+    what = {"run": spec.run_id, "recipe": spec.recipe.to_dict(), "nnodes": nodes.nnodes,
+            "endpoint": nodes.rdzv_endpoint}
+    digest = hashlib.sha256(json.dumps(what, sort_keys=True, default=str).encode()).hexdigest()[:16]
+    return f"{spec.recipe.name}-{digest}"
+
+
 # --- wire format: 4-byte length + JSON header, then `nbytes` of raw payload ------------------------------
 def send(sock: socket.socket, header: dict, payload: bytes = b"") -> None:
     head = json.dumps({**header, "nbytes": len(payload)}).encode()
@@ -147,7 +163,7 @@ def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Cal
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}"]
     if nodes.nnodes > 1:
         cmd += [f"--nnodes={nodes.nnodes}", f"--node-rank={nodes.node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={spec.recipe.name}"]
+                f"--rdzv-endpoint={nodes.rdzv_endpoint}", f"--rdzv-id={rendezvous_id(spec, nodes)}"]
     else:
         cmd += ["--standalone"]
     cmd += ["-m", "appliance.train.worker"]
@@ -231,6 +247,9 @@ class SocketLink:
     """What a rank sees of the launcher: rows by index, and places to report steps and checkpoints."""
 
     def __init__(self, path: str, ticket: str):
+        import threading
+
+        self.lock = threading.Lock()  # rows are fetched on the prefetch thread while the main one reports steps
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.connect(path)
         send(self.sock, {"op": "hello", "ticket": ticket})
@@ -247,21 +266,22 @@ class SocketLink:
             {a: base64.b64decode(k) for a, k in header.get("keys", {}).items()})))
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        send(self.sock, {"op": "rows"}, np.asarray(index, np.int64).tobytes())
-        header, payload = recv(self.sock)
+        with self.lock:
+            send(self.sock, {"op": "rows"}, np.asarray(index, np.int64).tobytes())
+            header, payload = recv(self.sock)
         n, L = header["shape"]
         half = n * L * 4
         return (np.frombuffer(payload[:half], np.int32).reshape(n, L),
                 np.frombuffer(payload[half:], np.int32).reshape(n, L))
 
-    def _call(self, header: dict) -> None:
-        send(self.sock, header)
-        recv(self.sock)
+    def _call(self, header: dict) -> dict:
+        with self.lock:
+            send(self.sock, header)
+            return recv(self.sock)[0]
 
     def step(self, metrics: dict) -> bool | str:
         """Report a step; True when the launcher asks the run to stop, "finish" to end it early as done."""
-        send(self.sock, {"op": "step", "metrics": metrics})
-        header, _ = recv(self.sock)
+        header = self._call({"op": "step", "metrics": metrics})
         return "finish" if header.get("finish") else bool(header.get("stop"))
 
     def checkpoint(self, step: int, path: str) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.train import checkpoint, precision
-from appliance.train.config import TrainConfig
+from appliance.train import checkpoint, loss, precision
+from appliance.train.config import TrainConfig, checkpointing_mode
 from appliance.train.data import IGNORE
 from appliance.train.model import TrainError
 
@@ -37,10 +37,17 @@ class Dist:
     world: int = 1
     local_rank: int = 0
     device: str = "cpu"
+    nnodes: int = 1
+    """Nodes of the run (torchrun's WORLD_SIZE / LOCAL_WORLD_SIZE): FSDP2 shards within a node, replicates across."""
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
+
+    @property
+    def shard_size(self) -> int:
+        """Processes one FSDP2 shard group spans: those of one node (`mesh_shape`)."""
+        return mesh_shape(self.world, self.nnodes)[-1]
 
     @classmethod
     def from_env(cls) -> Dist:
@@ -57,7 +64,8 @@ class Dist:
             if cuda:
                 torch.cuda.set_device(local)
             dist.init_process_group("nccl" if cuda else "gloo")
-            return cls(dist.get_rank(), world, local, device)
+            per_node = int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+            return cls(dist.get_rank(), world, local, device, max(world // max(per_node, 1), 1))
         return cls(0, 1, 0, device)
 
     def sum(self, x: float | int) -> float:
@@ -143,27 +151,91 @@ class _StopFlag:
 
 
 def wrap(model, dist: Dist, cfg: TrainConfig, plan: precision.PrecisionPlan | None = None):
-    """DDP or FSDP2 across processes (FSDP2 with the plan's mixed-precision policy); activation checkpointing if
-    asked."""
-    if cfg.activation_checkpointing and hasattr(model, "gradient_checkpointing_enable"):
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    """DDP or FSDP2 across processes (FSDP2 with the plan's mixed-precision policy); activation checkpointing and
+    per-layer compile as the recipe asks."""
+    checkpoint_layers(model, checkpointing_mode(cfg.activation_checkpointing))
+    if compile_wanted(cfg.compile, dist.device):
+        compile_layers(model)
     if dist.world == 1:
         return model
     if cfg.parallel == "fsdp" or hasattr(model, "set_requires_gradient_sync"):  # auto: the stage chose FSDP
         if not hasattr(model, "set_requires_gradient_sync"):  # not yet sharded by `build_sharded`
-            shard(model, precision.mp_policy(plan) if plan else None)
+            shard(model, precision.mp_policy(plan) if plan else None, device_mesh(dist))
         return model
     from torch.nn.parallel import DistributedDataParallel
 
     return DistributedDataParallel(model, device_ids=[dist.local_rank] if dist.device.startswith("cuda") else None)
 
 
-def shard(model, policy=None) -> None:
+def decoder_layers(model) -> list:
+    """The model's decoder layers (transformers' checkpointable layers), in order, through any PEFT wrapper."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def checkpoint_layers(model, mode: str) -> int:
+    """Activation checkpointing: "full" recomputes every decoder layer in the backward, "selective" every other one
+    (half the saving for half the recompute), "none" none. Returns how many layers recompute."""
+    if mode == "none" or not hasattr(model, "gradient_checkpointing_enable"):
+        return 0
+    enable = getattr(model, "activation_checkpointing_enable", None)  # transformers 5's name for it
+    if enable is not None:
+        enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    layers = decoder_layers(model)
+    if mode == "selective":
+        for layer in layers[1::2]:  # the flag is read per layer at each forward
+            layer.gradient_checkpointing = False
+    return sum(layer.gradient_checkpointing for layer in layers)
+
+
+def compile_wanted(setting: str, device: str) -> bool:
+    """train.compile: "on", "off", or "auto" (on a GPU only: compiling costs about a minute at start, which a
+    long GPU run earns back and a CPU test or demo does not)."""
+    return setting == "on" or (setting == "auto" and device.startswith("cuda"))
+
+
+def compile_layers(model, backend: str = "inductor") -> int:
+    """torch.compile each decoder layer in place (one graph per layer shape, reused by every layer; the loss
+    and the rest stay eager, as torchtitan does). Returns how many layers were compiled."""
+    layers = decoder_layers(model)
+    for layer in layers:
+        layer.compile(backend=backend)
+    return len(layers)
+
+
+def mesh_shape(world: int, nnodes: int = 1) -> tuple[int, ...]:
+    """The FSDP2 device mesh: (world,) on one node, sharding across every process; with several nodes
+    (replicas, shards) = (nodes, processes per node), HSDP: each node holds a whole sharded copy, so the
+    parameter gathers of every layer stay on the node's NVLink and only the gradient all-reduce (once a step,
+    between replicas) crosses the slower network between nodes."""
+    if nnodes > 1 and world % nnodes == 0 and world // nnodes > 1:
+        return (nnodes, world // nnodes)
+    return (world,)
+
+
+def device_mesh(dist: Dist):
+    """The device mesh of `mesh_shape` for this run (None on one process: FSDP2's default, all processes)."""
+    shape = mesh_shape(dist.world, dist.nnodes)
+    if len(shape) == 1:
+        return None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    return init_device_mesh("cuda" if dist.device.startswith("cuda") else "cpu", shape,
+                            mesh_dim_names=("replicate", "shard"))
+
+
+def shard(model, policy=None, mesh=None) -> None:
     """FSDP2: each decoder layer a unit of its own, then the rest (embeddings, head) at the root; `policy` a
-    MixedPrecisionPolicy (bf16 weights in compute, fp32 gradient reduction) or None (fp32)."""
+    MixedPrecisionPolicy (bf16 weights in compute, fp32 gradient reduction) or None (fp32); `mesh` a 2-D
+    (replicate, shard) mesh for HSDP across nodes, or None (shard across every process)."""
     from torch.distributed.fsdp import fully_shard
 
     kw = {"mp_policy": policy} if policy is not None else {}
+    if mesh is not None:
+        kw["mesh"] = mesh
     for layer in getattr(getattr(model, "model", None), "layers", None) or []:
         fully_shard(layer, **kw)
     fully_shard(model, **kw)
@@ -183,7 +255,7 @@ def build_sharded(config, build_full, dist: Dist, plan: precision.PrecisionPlan 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.float32,
                                                  attn_implementation=plan.attention if plan else "sdpa")
-    shard(model, precision.mp_policy(plan) if plan else None)
+    shard(model, precision.mp_policy(plan) if plan else None, device_mesh(dist))
     model.to_empty(device=dist.device)
     _reset_buffers(model, dist.device)
     state = full.state_dict() if full is not None else {}
@@ -228,22 +300,43 @@ def fit(model, rows: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], n_ro
     reported as `val_loss`; `on_step` may answer "finish" to end the run early as done (early stopping).
     With an `objective` (preference.DPO, grpo.GRPO) the loss is the mean of `objective.losses(model, x, y)`
     per row (a [chosen | rejected] pair, a prompt) instead of the mean next-token loss per scored token;
-    its `set_step` and `step_metrics` (when it has them) see each step.
+    its `set_step` and `step_metrics` (when it has them) see each step, its `prepare` (when it has one) the
+    model and the rows once before the first step.
+
+    The loss and gradient norm stay on the device and are read every `sync_every` steps (`sync_interval`), and
+    before every checkpoint and validation: then each step of the span is reported in order.
     """
     run = _Training(model, rows, n_rows, cfg, dist, ckpt_dir, on_step, on_checkpoint, resume_from, aux_loss_coef,
                     state or {}, n_val, objective, positions)
-    with _StopFlag() as stop:
-        while run.step < cfg.max_steps:
-            t0 = time.time()
-            stats = run.train_step()
-            metrics = run.step_metrics(stats, t0)
-            metrics["val_loss"] = run.validation()
-            stopping = run.report(metrics, stop)
-            if run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps or stopping:
-                run.checkpoint()
-            if stopping:
-                break
+    every = sync_interval(cfg, dist.device)
+    try:
+        with _StopFlag() as stop:
+            while run.step < cfg.max_steps:
+                run.pending.append(run.train_step_async())
+                due_ckpt = run.step % cfg.checkpoint_every == 0 or run.step == cfg.max_steps
+                if not (due_ckpt or run.validation_due() or run.step % every == 0):
+                    continue
+                stopping = run.flush(stop)
+                if due_ckpt or stopping:
+                    run.checkpoint()
+                if stopping:
+                    break
+        run.settle()  # the checkpoint still being written, if any, is in place before the run ends
+    finally:
+        run.close()
     return run.result()
+
+
+def async_checkpoints(cfg: TrainConfig, device: str) -> bool:
+    """train.checkpoint_async: "on", "off", or "auto" (on a GPU, where the steps are worth not waiting for the
+    disk; on a CPU the copy to host memory saves nothing)."""
+    return cfg.checkpoint_async == "on" or (cfg.checkpoint_async == "auto" and device.startswith("cuda"))
+
+
+def sync_interval(cfg: TrainConfig, device: str) -> int:
+    """Steps between reads of the loss to the host: train.sync_every, or 10 on a GPU and 1 on a CPU (where a
+    read costs nothing and a NaN is caught before the optimizer step)."""
+    return cfg.sync_every or (10 if device.startswith("cuda") else 1)
 
 
 @dataclass
@@ -256,6 +349,56 @@ class StepStats:
     """The gradient norm before clipping."""
     tokens: int
     """Tokens in the global batch, padding included."""
+
+
+@dataclass
+class _Pending:
+    """A step whose numbers are still on the device: summed loss and scored tokens of this process (scored
+    already summed over processes), the global gradient norm."""
+
+    step: int
+    loss_sum: object
+    scored: object
+    norm: object
+    tokens: int
+    t0: float
+    stats: StepStats | None = None
+    """The numbers on the host, once read."""
+
+
+@dataclass
+class _Batch:
+    """This process's slice of a step's global batch, on its device: tokens, labels, positions (B, T) (None
+    when each row is one sequence), the rows' indices, and the scored tokens (counted on the host)."""
+
+    x: object
+    y: object
+    pos: object
+    index: np.ndarray
+    scored: int
+
+
+class _Prefetch:
+    """The next step's rows, fetched on a background thread while this step computes: read from the launcher,
+    packed positions built, and on a GPU copied into pinned memory so the copy to the device does not block."""
+
+    def __init__(self, fetch: Callable[[int], tuple], device: str):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.fetch, self.device = fetch, device
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="rows")
+        self.ahead: dict = {}
+
+    def get(self, step: int):
+        future = self.ahead.pop(step, None)
+        return future.result() if future is not None else self.fetch(step)
+
+    def start(self, step: int) -> None:
+        self.ahead[step] = self.pool.submit(self.fetch, step)
+
+    def close(self) -> None:
+        self.ahead.clear()
+        self.pool.shutdown(wait=True, cancel_futures=True)
 
 
 class _Training:
@@ -282,6 +425,7 @@ class _Training:
         self.plan = precision.plan(dist.device, cfg.precision, fsdp=sharded)
         precision.bf16_experts(unwrap(model), self.plan)
         self.model = wrap(model, dist, cfg, self.plan)
+        self.chunked = objective is None and loss.supports(self.model)
         self.opt = make_optimizer(self.model, cfg)
         self.start, self.loss, self.last_ckpt = 0, None, None
         self._resume(resume_from)
@@ -289,6 +433,16 @@ class _Training:
         self.order = Order(n_rows, cfg.seed)
         self.autocast = lambda: precision.autocast(self.plan)  # no autocast under FSDP2's policy, nor in fp32
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.pending: list[_Pending] = []
+        self.prefetch = _Prefetch(self._fetch, dist.device)
+        self.saving: checkpoint.Saving | None = None  # a checkpoint being written in the background
+        self.ckpt_group = None
+        if async_checkpoints(cfg, dist.device) and dist.world > 1:  # its collectives apart from the training's
+            import torch.distributed
+
+            self.ckpt_group = torch.distributed.new_group(backend="gloo")
+        if hasattr(objective, "prepare"):  # e.g. DPO's reference log-probabilities, once for every row
+            objective.prepare(self.model, rows, n_rows + n_val, cfg.micro_batch_size, dist, self.autocast)
         self.model.train()
         self.t_start = time.time()
 
@@ -302,46 +456,82 @@ class _Training:
             raise TrainError(f"the processes disagree on the step to resume from (this one: {self.start})",
                              "every node needs the run's checkpoints at the same path")
 
-    def _batch(self, step: int):
-        """This process's slice of the global batch of `step`, on its device: (tokens, labels, positions), each
-        (B, T); positions None when each row is one sequence."""
+    def _fetch(self, step: int) -> tuple:
+        """(index, tokens, labels, positions, scored) of this process's slice of `step`'s batch, on the host (in
+        pinned memory on a GPU); runs on the prefetch thread."""
+        import torch
+
         dist, per_rank = self.dist, self.per_rank
         index = self.order.batch(step, self.cfg.batch_size)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
-        return to_device(*self.rows(index), self.positions, dist.device)
+        tok, lab = self.rows(index)
+        pos = None if self.positions is None else torch.from_numpy(self.positions(tok, lab))
+        x, y = torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(lab.astype(np.int64))
+        if dist.device.startswith("cuda"):
+            x, y, pos = x.pin_memory(), y.pin_memory(), None if pos is None else pos.pin_memory()
+        return index, x, y, pos, int((lab[:, 1:] != IGNORE).sum())
 
-    def _micro_loss(self, xb, yb, scored: float, pb=None):
+    def _batch(self, step: int) -> _Batch:
+        """This process's slice of the global batch of `step`, on its device (fetched ahead on a thread); the
+        next step's fetch starts here."""
+        index, x, y, pos, scored = self.prefetch.get(step)
+        if step + 1 < self.cfg.max_steps:
+            self.prefetch.start(step + 1)
+        device = self.dist.device
+        move = (lambda t: t.to(device, non_blocking=True)) if device != "cpu" else (lambda t: t)
+        return _Batch(move(x), move(y), None if pos is None else move(pos), index, scored)
+
+    def _micro_loss(self, xb, yb, scale, pb=None, index=None):
         """(loss to backpropagate, summed loss for the report) of one micro batch.
 
-        The loss is scaled by the global batch's scored tokens (rows with an objective) times the world size,
+        The loss is scaled by `scale`: world size / the global batch's scored tokens (rows with an objective),
         so the gradients DDP/FSDP average over processes sum to the gradient of the global mean.
         """
         import torch.nn.functional as F
 
-        dist = self.dist
         if self.objective is not None:
+            if hasattr(self.objective, "set_rows"):
+                self.objective.set_rows(index)
             ce = self.objective.losses(self.model, xb, yb).sum()
-            return ce * dist.world / max(scored, 1.0), ce
+            return ce * scale, ce
         moe = self.aux_loss_coef > 0
         kw = {"output_router_logits": True} if moe else {}
-        out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
-        logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
         # position t predicts token t+1: shift the labels, not the (large) logits
         target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                             reduction="sum")
-        loss = ce * dist.world / max(scored, 1.0)
+        if self.chunked:  # the head returns the summed loss, its logits built a chunk at a time (`loss`)
+            with loss.head_loss(self.model, target):
+                out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
+            ce = out.logits
+        else:
+            out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
+            logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
+            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                                 reduction="sum")
+        total = ce * scale
         if moe and out.aux_loss is not None:
-            loss = loss + self.aux_loss_coef * out.aux_loss * len(xb) / self.per_rank
-        return loss, ce
+            total = total + self.aux_loss_coef * out.aux_loss * len(xb) / self.per_rank
+        return total, ce
 
     def train_step(self) -> StepStats:
+        """One optimizer step, its numbers read at once (see `train_step_async`)."""
+        return self._read([self.train_step_async()])[0]
+
+    def train_step_async(self) -> _Pending:
         """One optimizer step: forward and backward per micro batch (gradients accumulate and are synced on the
-        last), clip, refuse a non-finite loss or norm, AdamW step at the scheduled learning rate."""
+        last), clip, AdamW step at the scheduled learning rate. Its loss and norm stay on the device: nothing
+        here waits for the GPU (`flush` reads them and refuses a non-finite one)."""
         import torch
 
         cfg, dist, step = self.cfg, self.dist, self.step
-        x, y, pos = self._batch(step)
-        scored = dist.sum(len(x)) if self.objective else dist.sum(int((y[:, 1:] != IGNORE).sum()))
+        t0 = time.time()
+        b = self._batch(step)
+        # rows with an objective: the global batch; else the scored tokens of every process, summed on the device
+        scored = torch.tensor(float(cfg.batch_size if self.objective else b.scored), dtype=torch.float64,
+                              device=dist.device)
+        if dist.world > 1 and not self.objective:
+            import torch.distributed
+
+            torch.distributed.all_reduce(scored)
+        scale = (dist.world / scored.clamp(min=1.0)).float()
         if hasattr(self.objective, "set_step"):
             self.objective.set_step(step)
         for g in self.opt.param_groups:
@@ -354,59 +544,97 @@ class _Training:
                 # the backward runs inside no-sync too: DDP's all-reduce and FSDP's reduce-scatter happen in it
                 with _no_sync(self.model, j == len(micro) - 1):
                     with self.autocast():
-                        loss, ce = self._micro_loss(x[part], y[part], scored, None if pos is None else pos[part])
-                    loss.backward()
+                        total, ce = self._micro_loss(b.x[part], b.y[part], scale,
+                                                     None if b.pos is None else b.pos[part], b.index[part])
+                    total.backward()
                 loss_sum += ce.detach().double()
             norm = torch.nn.utils.clip_grad_norm_(self.params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            norm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+            norm = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
         except torch.OutOfMemoryError:
             raise TrainError(f"out of memory at step {step + 1}",
-                             "lower train.micro_batch_size or data.seq_len, or set "
-                             "train.activation_checkpointing = true; resume with --resume") from None
-        loss_val = dist.sum(float(loss_sum)) / max(scored, 1.0)
-        if not (math.isfinite(loss_val) and math.isfinite(norm)):
-            raise TrainError(f"loss became {'NaN' if math.isnan(loss_val) else 'infinite'} at step {step + 1}"
-                             f"{f'; the last good checkpoint is {self.last_ckpt}' if self.last_ckpt else ''}",
-                             "lower train.lr or raise train.warmup_steps, then resume with --resume")
-        self.loss = loss_val
+                             "lower train.micro_batch_size or data.seq_len, or set train.activation_checkpointing "
+                             "= \"selective\" or \"full\"; resume with --resume") from None
+        pending = _Pending(step, loss_sum, scored, norm, cfg.batch_size * b.x.shape[1], t0)
+        if sync_interval(cfg, dist.device) == 1:  # reading now costs nothing: refuse a NaN before it is applied
+            self._read([pending])
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
-        n_tok = cfg.batch_size * x.shape[1]
-        self.tokens_seen += n_tok
-        return StepStats(loss_val, norm, n_tok)
+        self.tokens_seen += pending.tokens
+        return pending
 
-    def step_metrics(self, stats: StepStats, t0: float) -> dict:
-        """The step's report (speed and ETA from `t0`, when the step began), the objective's own numbers
-        averaged over processes."""
-        cfg, step = self.cfg, self.step
-        dt = time.time() - t0
+    def _read(self, pending: list[_Pending]) -> list[StepStats]:
+        """The steps' numbers on the host, in one device sync and one all-reduce; a non-finite loss or norm stops
+        the run naming the first step that had it."""
+        unread = [p for p in pending if p.stats is None]
+        if unread:
+            self._read_now(unread)
+        self.loss = pending[-1].stats.loss
+        return [p.stats for p in pending]
+
+    def _read_now(self, pending: list[_Pending]) -> None:
+        import torch
+
+        sums = torch.stack([p.loss_sum for p in pending])
+        if self.dist.world > 1:
+            import torch.distributed
+
+            torch.distributed.all_reduce(sums)
+        scored = torch.stack([p.scored for p in pending]).clamp(min=1.0)
+        norms = torch.stack([torch.as_tensor(p.norm, device=sums.device).double() for p in pending])
+        losses, norms = _to_host(torch.stack([sums / scored, norms]))  # the one wait for the device
+        for p, loss_val, norm in zip(pending, losses, norms):
+            if not (math.isfinite(loss_val) and math.isfinite(norm)):
+                raise TrainError(f"loss became {'NaN' if math.isnan(loss_val) else 'infinite'} at step {p.step + 1}"
+                                 f"{f'; the last good checkpoint is {self.last_ckpt}' if self.last_ckpt else ''}",
+                                 "lower train.lr or raise train.warmup_steps, then resume with --resume")
+            p.stats = StepStats(loss_val, norm, p.tokens)
+
+    def flush(self, stop: _StopFlag) -> bool:
+        """Read the pending steps, measure validation when due, and report each step in order; True when every
+        process is to stop now (see `report`)."""
+        pending, self.pending = self.pending, []
+        stats = self._read(pending)
+        now = time.time()
+        span = (now - pending[0].t0) / len(pending)  # the GPU ran ahead: time per step over the span
+        verdicts = []
+        for k, (p, st) in enumerate(zip(pending, stats)):
+            metrics = self.step_metrics(st, p.step + 1, span, last=k == len(pending) - 1)
+            metrics["val_loss"] = self.validation() if k == len(pending) - 1 else None
+            verdicts.append(self.on_step(metrics) if self.dist.is_main else None)
+        return self.report(verdicts, stop)
+
+    def step_metrics(self, stats: StepStats, step: int, dt: float, last: bool = True) -> dict:
+        """The report of `step` (speed from `dt`, its seconds, and ETA), the objective's own numbers averaged over
+        processes on the last step of a read."""
+        cfg = self.cfg
         elapsed = time.time() - self.t_start
         metrics = {"step": step, "loss": stats.loss, "lr": lr_at(step - 1, cfg), "grad_norm": stats.grad_norm,
                    "tokens": stats.tokens, "tokens_per_s": stats.tokens / dt if dt > 0 else 0.0, "elapsed": elapsed,
-                   "eta": elapsed / (step - self.start) * (cfg.max_steps - step)}
-        if hasattr(self.objective, "step_metrics"):
+                   "eta": elapsed / max(step - self.start, 1) * (cfg.max_steps - step)}
+        if hasattr(self.objective, "step_metrics") and last:
             metrics.update({k: (None if v is None else self.dist.sum(v) / self.dist.world)
                             for k, v in self.objective.step_metrics().items()})
         return metrics
 
+    def validation_due(self) -> bool:
+        cfg, step = self.cfg, self.step
+        return bool(self.n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps))
+
     def validation(self) -> float | None:
         """The validation loss when it is due (every cfg.eval_every steps and at the last), else None."""
-        cfg, step = self.cfg, self.step
-        measure = self.n_val and cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.max_steps)
-        if not measure:
+        if not self.validation_due():
             return None
-        return validate(self.model, self.rows, self.n_rows, self.n_val, cfg, self.dist, self.autocast, self.objective,
-                        self.positions)
+        return validate(self.model, self.rows, self.n_rows, self.n_val, self.cfg, self.dist, self.autocast,
+                        self.objective, self.positions, self.chunked)
 
-    def report(self, metrics: dict, stop: _StopFlag) -> bool:
-        """Rank 0 reports the step; True when every process is to stop now: asked to (Ctrl-C or SIGTERM here,
-        or relayed by the launcher), or finishing early as done (early stopping: rank 0 decides for all)."""
+    def report(self, verdicts: list, stop: _StopFlag) -> bool:
+        """True when every process is to stop now: asked to (Ctrl-C or SIGTERM here, or relayed by the launcher
+        in its answer to a step report), or finishing early as done (early stopping: rank 0 decides for all)."""
         dist = self.dist
-        verdict = self.on_step(metrics) if dist.is_main else None
-        if verdict is True:
+        if True in verdicts:
             stop.set = True  # the launcher relays a Ctrl-C
-        self.finishing = dist.any(verdict == "finish")
+        self.finishing = dist.any("finish" in verdicts)
         return dist.any(stop.set) or self.finishing
 
     def checkpoint(self) -> None:
@@ -416,13 +644,29 @@ class _Training:
 
         at, dist = self.step, self.dist
         local = [p.to_local() if hasattr(p, "to_local") else p for p in self.params]
-        if dist.any(any(not bool(torch.isfinite(p.detach()).all()) for p in local)):
+        finite = torch.stack([torch.isfinite(p.detach()).all() for p in local]).all() if local else True
+        if dist.any(not bool(finite)):
             raise TrainError(f"the weights became non-finite at step {at}; not checkpointed"
                              f"{f' (the last good checkpoint is {self.last_ckpt})' if self.last_ckpt else ''}",
                              "lower train.lr or raise train.warmup_steps, then resume with --resume")
-        path = checkpoint.save(self.ckpt_dir, at, self.model, self.opt, {**self.state, "loss": self.loss},
-                               dist.is_main, self.cfg.keep_checkpoints)
-        if dist.is_main:
+        self.settle()  # one checkpoint in flight at a time
+        state = {**self.state, "loss": self.loss}
+        if async_checkpoints(self.cfg, dist.device):
+            self.saving = checkpoint.save_async(self.ckpt_dir, at, self.model, self.opt, state, dist.is_main,
+                                                self.cfg.keep_checkpoints, self.ckpt_group)
+            return
+        path = checkpoint.save(self.ckpt_dir, at, self.model, self.opt, state, dist.is_main,
+                               self.cfg.keep_checkpoints)
+        self._saved(at, path)
+
+    def settle(self) -> None:
+        """Wait for the checkpoint being written in the background, if any, and tell `on_checkpoint`."""
+        if self.saving is not None:
+            saving, self.saving = self.saving, None
+            self._saved(saving.step, saving.wait())
+
+    def _saved(self, at: int, path) -> None:
+        if self.dist.is_main:
             self.last_ckpt = str(path)
             self.on_checkpoint(at, self.last_ckpt)
 
@@ -431,6 +675,19 @@ class _Training:
         status = "done" if self.step >= self.cfg.max_steps or self.finishing else "interrupted"
         return FitResult(status, self.step, self.loss, self.tokens_seen, time.time() - self.t_start, self.last_ckpt,
                          self.model)
+
+    def close(self) -> None:
+        """The prefetch thread stopped; a checkpoint still being written (the run failed) finished or failed."""
+        self.prefetch.close()
+        if self.saving is not None:
+            with contextlib.suppress(Exception):  # the run's own error is the one to report
+                self.saving.wait()
+            self.saving = None
+
+
+def _to_host(t) -> list:
+    """A tensor's values as Python numbers: the loop's one place that waits for the device."""
+    return t.tolist()
 
 
 def to_device(tok_np: np.ndarray, lab_np: np.ndarray, positions, device: str):
@@ -444,7 +701,7 @@ def to_device(tok_np: np.ndarray, lab_np: np.ndarray, positions, device: str):
 
 
 def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None,
-             positions=None) -> float:
+             positions=None, chunked: bool = False) -> float:
     """Mean loss per scored token (per row with an `objective`) over the validation rows, split across ranks.
 
     Every rank runs the same number of forward passes (FSDP gathers inside them); a rank with fewer rows
@@ -464,17 +721,23 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
             keep = torch.from_numpy(counted[s:s + cfg.micro_batch_size]).to(dist.device)
             x, y, pos = to_device(*rows(index[s:s + cfg.micro_batch_size]), positions, dist.device)
             if objective is not None:
+                if hasattr(objective, "set_rows"):
+                    objective.set_rows(index[s:s + cfg.micro_batch_size])
                 with autocast():
                     per_pair = getattr(objective, "val_losses", objective.losses)(model, x, y)
                 total += float(per_pair[keep].sum())
                 scored += int(keep.sum())
                 continue
-            with autocast():
-                logits = model(input_ids=x, position_ids=pos, use_cache=False).logits.float()  # (b, T, vocab)
             target = F.pad(y[:, 1:], (0, 1), value=IGNORE)
             target[~keep] = IGNORE
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                                 reduction="sum")
+            if chunked:  # the loss a chunk of logits at a time (`loss.head_loss`)
+                with autocast(), loss.head_loss(model, target):
+                    ce = model(input_ids=x, position_ids=pos, use_cache=False).logits
+            else:
+                with autocast():
+                    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits.float()  # (b, T, vocab)
+                ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                                     reduction="sum")
             total += float(ce)
             scored += int((target != IGNORE).sum())
     model.train()

@@ -13,10 +13,13 @@ Bytes per GPU (P: trained parameters, F: frozen ones, N: world size), with bf16 
   gradients of the one being reduced (8 bytes a layer parameter), and the root (embeddings, head, final
   norm) unsharded through the step (6 bytes a parameter);
 - frozen weights (LoRA base, DPO/GRPO reference): 2 F (bf16), 0.56 F for a 4-bit QLoRA base, never sharded;
+  GRPO's merged bf16 copy for sampling (2 bytes a parameter; not under FSDP2, which samples through the shards);
 - activations of one micro batch: per token and layer 2 (5h + 2kv + 4i) bytes in bf16 plus 8h of fp32
-  residual and norm inputs (i: the MLP width times experts per token); with activation checkpointing, 4h
-  per token and layer plus one layer in full;
-- logits: 14 bytes per token and vocabulary entry (bf16 logits, their fp32 copy, its gradient, the log-softmax);
+  residual and norm inputs (i: the MLP width times experts per token); a checkpointed layer keeps only its
+  4h-byte input, plus one layer in full for the recompute ("full": every layer, "selective": every other);
+- logits: the loss runs the output head over CHUNK tokens at a time (`loss.chunked_cross_entropy`), so
+  14 bytes per vocabulary entry for at most CHUNK tokens (bf16 logits, their fp32 copy, its gradient, the
+  log-softmax), and the bf16 hidden states it recomputes them from;
 - 2 GB for the CUDA context and kernels.
 """
 
@@ -24,7 +27,10 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+from appliance.train.config import checkpointing_mode
+
 HEADROOM = 0.85
+CHUNK = 4096  # tokens per piece of the chunked cross-entropy (`loss.CHUNK`)
 GB = 1e9
 CONTEXT = 2 * GB
 DEFAULT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -118,6 +124,8 @@ def estimate(shape: Shape, recipe, mode: str, world: int) -> Estimate:
     if method == "full" and recipe.stage in ("dpo", "grpo"):
         frozen += 2.0 * shape.params  # the reference model, bf16, whole on each GPU
     sharded = mode == "fsdp" and world > 1
+    if recipe.stage == "grpo" and not sharded:
+        frozen += 2.0 * shape.params  # the merged bf16 copy answers are sampled from (`grpo.Generator`)
     state = 16.0 * trained / (world if sharded else 1)
     if sharded:
         working = 8.0 * shape.layer_params + 6.0 * shape.root_params
@@ -127,13 +135,31 @@ def estimate(shape: Shape, recipe, mode: str, world: int) -> Estimate:
     tokens = seqs * length
     h = shape.hidden
     per_layer = 2.0 * (5 * h + 2 * shape.kv_dim + 4 * shape.mlp_per_token) + 8 * h  # bytes per token
-    if recipe.train.activation_checkpointing:
-        acts = tokens * (4.0 * h * shape.layers + per_layer)
-    else:
-        acts = tokens * per_layer * shape.layers
-    logits = 14.0 * tokens * shape.vocab
+    acts = activations(tokens, h, per_layer, shape.layers, checkpointing_mode(recipe.train.activation_checkpointing))
+    logits = 14.0 * min(tokens, CHUNK) * shape.vocab + 2.0 * tokens * h
+    if recipe.stage in ("dpo", "grpo"):  # their log-probabilities still come from whole logits (fp32 + grads)
+        logits = 14.0 * tokens * shape.vocab
     total = state + working + frozen + acts + logits + CONTEXT
     return Estimate(mode, state, working, frozen, acts, logits, total, HEADROOM * recipe.train.gpu_memory_gb * GB)
+
+
+def activations(tokens: int, h: int, per_layer: float, layers: int, mode: str) -> float:
+    """Bytes of one micro batch's activations with activation checkpointing `mode` (full | selective | none)."""
+    kept = {"full": layers, "selective": (layers + 1) // 2, "none": 0}[mode]  # layers that keep only their input
+    return tokens * ((layers - kept) * per_layer + kept * 4.0 * h + (per_layer if kept else 0.0))
+
+
+def least_checkpointing(shape: Shape, recipe, mode: str, world: int) -> str:
+    """The lightest activation checkpointing (none, then selective, then full) under which `recipe` fits in `mode`:
+    recomputing costs time, so a recipe that fits without it should not use it."""
+    import copy
+
+    trial = copy.deepcopy(recipe)
+    for ac in ("none", "selective", "full"):
+        trial.train.activation_checkpointing = ac
+        if estimate(shape, trial, mode, world).fits:
+            return ac
+    return "full"
 
 
 def choose(shape: Shape, recipe, world: int) -> tuple[str, Estimate]:

@@ -37,7 +37,8 @@ RESUMABLE = ("running", "interrupted", "failed")
 RESUME_MAY_CHANGE = {"train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.lr",
                      "train.min_lr", "train.warmup_steps", "train.grad_clip", "train.micro_batch_size",
                      "train.activation_checkpointing", "train.precision", "train.eval_every",
-                     "train.early_stop_patience", "train.parallel", "train.gpu_memory_gb"}
+                     "train.early_stop_patience", "train.parallel", "train.gpu_memory_gb",
+                     "train.compile", "train.sync_every", "train.checkpoint_async"}
 # How inputs were named; what they resolved to (versions, tokenizer, base) is compared instead.
 RESUME_RESOLVED = {"data.datasets", "data.tokenizer", "model.base"}
 

@@ -83,7 +83,7 @@ def dpo(spec: StageSpec, link, dist: loop.Dist) -> dict:
 
 def grpo(spec: StageSpec, link, dist: loop.Dist) -> dict:
     """Reinforcement tuning with reward functions on sampled answers (see `grpo`)."""
-    from appliance.train.grpo import GRPO
+    from appliance.train.grpo import GRPO, Generator
     from appliance.train.rewards import load_plugins
 
     load_plugins()
@@ -97,7 +97,10 @@ def grpo(spec: StageSpec, link, dist: loop.Dist) -> dict:
         if recorded and task.sha256 != recorded:
             raise TrainError(f"task {task.path} or its tools changed after the run started",
                              "leave the task's files alone while it trains, then run it again")
-    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank, task, recipe.data.system_prompt)
+    plan = precision.plan(dist.device, recipe.train.precision)
+    sampler = Generator(plan.frozen, static=dist.device.startswith("cuda"))  # bf16, static cache on a GPU
+    objective = GRPO(recipe.grpo, tokenizer, reference, recipe.train.seed, dist.rank, task, recipe.data.system_prompt,
+                     sampler)
     res = _fit(model, link, recipe, spec, dist, 0.0, objective)
     return {**_save(res, tokenizer, spec, dist, adapter=recipe.method != "full"), "rewards": objective.summary()}
 
@@ -155,7 +158,7 @@ def _layout(recipe: Recipe, dist: loop.Dist, config) -> tuple[bool, precision.Pr
             from appliance.train import memory
 
             shape = memory.shape_of(memory.meta_model(config), recipe.lora.rank, recipe.lora.target_modules)
-            fsdp = memory.choose(shape, recipe, dist.world)[0] == "fsdp"
+            fsdp = memory.choose(shape, recipe, dist.shard_size)[0] == "fsdp"  # HSDP shards within a node
         else:
             fsdp = recipe.train.parallel == "fsdp"
     return fsdp, precision.plan(dist.device, recipe.train.precision, fsdp=fsdp)
