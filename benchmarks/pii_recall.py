@@ -17,8 +17,9 @@ Speed is `detect()` on one core over the same documents. Beside the appliance, o
 temporary directory) and this tree's, each in child processes taking turns, on the same parsed text: the
 scan stage of `vault_ingest.py` (redact-mode `scrub_records` over every record and field, and every table
 cell through one `Scrubber.scrub_cell`) on its *mixed* corpus (the sample generator, mail-heavy) and its
-*prose* corpus, and `detect()` on the labeled corpus; CPU seconds (`time.process_time`), best of 3 per turn,
-so that other work on a shared box weighs less. Names recall and precision of REV on the same corpus beside.
+*prose* corpus, and `detect()` on the labeled corpus; CPU seconds (`time.process_time`), best of 3 per turn
+(`--turns`, 2 by default), so that other work on a shared box weighs less. Names recall and precision of REV
+on the same corpus beside.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ def child(tree: str, corpora: str, docs: int, split: str) -> None:
     print(json.dumps(out))
 
 
-def against(rev: str, mb: float, docs: int, split: str) -> str:
+def against(rev: str, mb: float, docs: int, split: str, turns: int = 2) -> str:
     """The scan speed of this tree against `rev`'s detectors, in the same run, as Markdown."""
     root_dir = Path(__file__).resolve().parents[1]
     with tempfile.TemporaryDirectory(prefix="pii-bench-") as tmp:
@@ -186,7 +187,7 @@ def against(rev: str, mb: float, docs: int, split: str) -> str:
         subprocess.run(["tar", "-x", "-C", str(base)], input=archive, check=True)
         corpora = build_scan_corpora(tmp, mb)
         runs: dict[str, list[dict]] = {"base": [], "this": []}
-        for _ in range(2):  # taking turns: a slow spell of the box falls on both
+        for _ in range(turns):  # taking turns: a slow spell of the box falls on both
             for label, tree in (("base", base), ("this", root_dir)):
                 env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(tree), str(root_dir)]))
                 r = subprocess.run([sys.executable, __file__, "--child", str(tree), "--corpora", str(corpora),
@@ -197,7 +198,8 @@ def against(rev: str, mb: float, docs: int, split: str) -> str:
                 assert Path(runs[label][-1].pop("tree")).resolve() == tree.resolve(), "the child ran another tree"
     best = {label: {k: min((x[k] for x in rs), key=lambda v: v["secs"]) for k in rs[0]} for label, rs in runs.items()}
     b, t = best["base"], best["this"]
-    lines = [f"Against `{rev}` in the same run (`--against {rev}`; CPU seconds, best of 6 per tree, turns taken):", "",
+    lines = [f"Against `{rev}` in the same run (`--against {rev}`; CPU seconds, best of {3 * turns} per tree, "
+             f"{turns} turns taken):", "",
              f"| scan (MB/s per core) | {rev} | this tree | ratio |", "| --- | ---: | ---: | ---: |"]
     for key, label in (("mixed", f"ingest scan, *mixed* ({b['mixed']['mb']:.1f} MB of records, mail-heavy, "
                                  f"+ {b['mixed']['cells']} table cells)"),
@@ -219,6 +221,7 @@ def main() -> None:
     ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's section")
     ap.add_argument("--against", default=None, metavar="REV", help="also time the scan against git revision REV")
     ap.add_argument("--mb", type=float, default=8.0, help="size of the scan corpora for --against")
+    ap.add_argument("--turns", type=int, default=2, help="turns each tree takes for --against (3 runs each)")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--corpora", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -240,7 +243,7 @@ def main() -> None:
                  f"{_pct(dev.recall('PERSON'))}, precision {_pct(dev.precision('PERSON'))}; look-alikes kept "
                  f"{_pct(dev.kept_rate())}.")
     if args.against:
-        text += "\n\n" + against(args.against, 0.3 if args.smoke else args.mb, args.docs, args.split)
+        text += "\n\n" + against(args.against, 0.3 if args.smoke else args.mb, args.docs, args.split, args.turns)
     print(text)
     if args.write:
         update_section(args.write, "pii_recall", "PII detection (`benchmarks/pii_recall.py`)", text)

@@ -67,10 +67,12 @@ def _emails(text: str, _low: str, _regions):
 # those runs is one fast scan (the pattern starts with a digit class, which the regex engine can skip
 # to); the precise detectors then run only around each run.
 _NUM_REGION = re.compile(r"\d[\d .()/+-]{5,}\d")
+_NUM_REGION_SHAPE = re.compile(rb"0[0 .()/+-]{5,}0")  # the same in digit shapes (`pii_safe_harbor.digit_shapes`)
 
 
-def _regions(text: str) -> list[tuple[int, int]]:
-    return [(max(0, m.start() - 5), min(len(text), m.end() + 3)) for m in _NUM_REGION.finditer(text)]
+def _regions(text: str, digits: bytes | None = None) -> list[tuple[int, int]]:
+    found = _NUM_REGION.finditer(text) if digits is None else _NUM_REGION_SHAPE.finditer(digits)
+    return [(max(0, m.start() - 5), min(len(text), m.end() + 3)) for m in found]
 
 
 def _in_regions(pattern: re.Pattern, text: str, regions):
@@ -86,8 +88,7 @@ def _in_regions(pattern: re.Pattern, text: str, regions):
                 merged.append([start, end])
         if isinstance(regions, pii_safe_harbor.Scan):
             regions.merged = merged
-    for start, end in merged:
-        yield from pattern.finditer(text, start, end)
+    return [m for start, end in merged for m in pattern.finditer(text, start, end)]  # a list: no generator
 
 
 # --- payment cards -------------------------------------------------------------------------------
@@ -218,7 +219,9 @@ def _ipv6s(text: str, _low: str, _regions):
             continue  # part of a longer token: "std::vector", "a1::b2x"
         s = text[start:end]
         if sum(1 for g in s.split(":") if g) < 3:
-            continue  # "a::b" in code; times like "12:30:45" fail below
+            continue  # "a::b" in code
+        if "::" not in s and s.count(":") != 7:
+            continue  # eight groups, or fewer with "::": times like "08:00:00" are no address (and parse slowly)
         try:
             ipaddress.IPv6Address(s)
         except ValueError:
@@ -322,7 +325,7 @@ def _signoff_names(text: str, low: str):
             yield m.group(1)
 
 
-def _person_spans(text: str, low: str, names: dict[str, tuple[str, float]]):
+def _person_spans(text: str, low: str, names: dict[str, tuple[str, float]], free=None):
     """Every whole-word occurrence of the known names (in any of the cases `names` holds), longest first, in
     one scan of the lower-cased text: one search per name, whatever the cases it is looked for in."""
     if len(low) != len(text):  # a rare letter whose lower case is longer ("İ"): search the text itself
@@ -331,25 +334,25 @@ def _person_spans(text: str, low: str, names: dict[str, tuple[str, float]]):
         names_low = {n.lower(): n for n in names if len(n) >= 3}
     usable = sorted(names_low, key=len, reverse=True)
     if len(usable) > 16:  # many names: one compiled scan beats a find loop per name
-        spans = ((m.start(), m.end()) for m in re.compile("|".join(map(re.escape, usable))).finditer(low))
+        spans = [(m.start(), m.end()) for m in re.compile("|".join(map(re.escape, usable))).finditer(low)]
     else:  # a few names (the usual mail or record): compiling a pattern would cost more than the search
-        spans = ((i, i + len(n)) for n in usable for i in _find_all(low, n))
+        spans = []
+        for n in usable:
+            i = low.find(n)
+            while i != -1:
+                spans.append((i, i + len(n)))
+                i = low.find(n, i + len(n))
     for start, end in spans:
         if (start == 0 or not text[start - 1].isalnum()) and (end == len(text) or not text[end].isalnum()):
+            if free is not None and not free(start, end):
+                continue  # within a finding kept already (the name where it was first found): nothing to judge
             hit = names.get(text[start:end])
             if hit is None:
                 continue  # a case the name is not looked for in ("HOPE" for "Hope")
             detector, score = hit
             if detector == "name-repeat" and pii_names.eponym_follows(text, end):
                 continue  # "Foley catheter" after "Dr. Foley": the thing, not the person
-            yield Finding("PERSON", start, end, text[start:end], detector, score)
-
-
-def _find_all(text: str, needle: str):
-    i = text.find(needle)
-    while i != -1:
-        yield i
-        i = text.find(needle, i + len(needle))
+            yield start, end, detector, score
 
 
 _NAME_BEFORE_ADDRESS = re.compile(rf"({_NAME})\s*[<(]\s*$")
@@ -359,19 +362,47 @@ def _names_from_emails(text: str, emails: list[Finding]) -> set[str]:
     """'Jane Doe <jane@x>' and 'jane.doe@x' both tell us 'Jane Doe' is a person."""
     found = set()
     for f in emails:
-        m = _NAME_BEFORE_ADDRESS.search(text, max(0, f.start - 60), f.start)
-        if m:
-            found.add(m.group(1))
-        parts = re.split(r"[._-]", f.value.split("@")[0])
-        if len(parts) == 2 and all(p.isalpha() and len(p) > 1 for p in parts):
-            full = " ".join(p.capitalize() for p in parts)
-            if full in text:
-                found.add(full)
+        window = text[max(0, f.start - 60):f.start]  # all the pattern reads: mail repeats its headers
+        name = _BEFORE_ADDRESS_SEEN.get(window)
+        if name is None:
+            m = _NAME_BEFORE_ADDRESS.search(window)
+            name = _remember(_BEFORE_ADDRESS_SEEN, window, m.group(1) if m else "")
+        if name:
+            found.add(name)
+        full = _ADDRESS_NAME.get(f.value)
+        if full is None:
+            parts = re.split(r"[._-]", f.value.split("@")[0])
+            full = " ".join(p.capitalize() for p in parts) \
+                if len(parts) == 2 and all(p.isalpha() and len(p) > 1 for p in parts) else ""
+            _remember(_ADDRESS_NAME, f.value, full)
+        if full and full in text:
+            found.add(full)
     return found
+
+
+_BEFORE_ADDRESS_SEEN: dict[str, str] = {}  # the 60 characters before an address -> the name there, or ""
+_ADDRESS_NAME: dict[str, str] = {}  # an address -> the name its local part spells ("jane.doe" -> "Jane Doe"), or ""
+
+
+def _remember(cache: dict, key, value):
+    if len(cache) > 50000:
+        cache.clear()
+    cache[key] = value
+    return value
 
 
 def _plausible(name: str) -> bool:
     """Not a job title or an ordinary phrase: "Endoscopy Nurse Manager" is no name, "Ana Okafor" is."""
+    out = _PLAUSIBLE.get(name)
+    if out is None:
+        out = _remember(_PLAUSIBLE, name, _plausible_words(name))
+    return out
+
+
+_PLAUSIBLE: dict[str, bool] = {}
+
+
+def _plausible_words(name: str) -> bool:
     sc = pii_names.scorer()
     words = [w.lower() for w in name.split() if len(w.rstrip(".")) > 1]
     return any(sc.given(w) > 0 or sc.surname(w) > 0 for w in words) and not any(
@@ -450,7 +481,7 @@ def _has_digit(text: str) -> bool:
 
 def _needs(text: str, low: str, scan: pii_safe_harbor.Scan, digits: bool) -> list[bool]:
     return [True, "@" in text, digits, bool(scan), digits and scan.any_hits(), digits and not text.islower(),
-            text.count(":") >= 2]
+            text.find(":", text.find(":") + 1) > 0]  # two colons at least; stops at the second
 
 
 def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | None = None) -> list[Finding]:
@@ -459,7 +490,8 @@ def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | N
     on = _ALL if types is None else frozenset(types)
     low = text.lower()
     digits = _has_digit(text)
-    scan = pii_safe_harbor.Scan(text, low, _regions(text) if digits else [])
+    shape = pii_safe_harbor.digit_shapes(text) if digits else None
+    scan = pii_safe_harbor.Scan(text, low, _regions(text, shape) if digits else [], shape)
     needs = _needs(text, low, scan, digits)
     taken = _Spans()
     for det, _kinds, need in _DETECTORS:  # all of them, whatever `types`: a fax number left in stays a fax
@@ -471,9 +503,10 @@ def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | N
         for c in sorted(runs, key=lambda c: (c.start, -c.end)):
             taken.add(Finding("PERSON", c.start, c.end, text[c.start:c.end], c.detector, round(c.score, 2)))
         names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"], runs)
-        if names:
-            for f in _person_spans(text, low, names):
-                taken.add(f)
+        if names:  # most occurrences lie in a span taken already (the name as first found): no Finding made for those
+            for start, end, detector, score in _person_spans(text, low, names, taken.free):
+                if taken.free(start, end):
+                    taken.add(Finding("PERSON", start, end, text[start:end], detector, score))
     if on is _ALL:
         return taken.findings
     return [f for f in taken.findings if f.type in on]
@@ -485,6 +518,11 @@ class _Spans:
     def __init__(self) -> None:
         self.starts: list[int] = []
         self.findings: list[Finding] = []
+
+    def free(self, start: int, end: int) -> bool:
+        """Whether no finding kept overlaps [start, end)."""
+        i = bisect.bisect_right(self.starts, start)
+        return not (i and self.findings[i - 1].end > start or i < len(self.findings) and self.findings[i].start < end)
 
     def add(self, f: Finding) -> None:
         i = bisect.bisect_right(self.starts, f.start)
@@ -627,7 +665,7 @@ class Scrubber:
             if len(self._cells) >= CELL_CACHE:  # the oldest goes (dicts keep insertion order): no cliff where a
                 del self._cells[next(iter(self._cells))]  # table's distinct values outnumber the cache
             self._cells[key] = found
-        if self.mode == "off":
+        if self.mode == "off" or not found:
             return value, Counter()
         out, counts = self._apply(prefix + value, found)
         return (out[len(prefix):] if out.startswith(prefix) else out), counts

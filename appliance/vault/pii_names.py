@@ -334,9 +334,11 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
         first += 0.4  # "Veyanwo de West", "Ikume van der Adashi"
     if lower_ok and all(w.islower() for w in names):
         # lower case: the given name must be listed and never an ordinary word, or, right after a strong role
-        # ("patient hope rader", "patient ugoume gleisner"), a listed surname that is no word must end it
-        after_role = context >= 0.9 and sc.surname(low[-1]) >= 1.0 and low[0] not in COMMON and (
-            low[0] in sc.n.first or not sc.is_word(low[0]))
+        # ("patient hope rader", "patient ugoume gleisner"), a surname that is no word must end it: a listed
+        # one, or, after a given name that is no word either, one in no list ("patient ugoumide draumide")
+        after_role = context >= 0.9 and low[0] not in COMMON and (
+            low[0] in sc.n.first or not sc.is_word(low[0])) and (
+            sc.surname(low[-1]) >= 1.0 or _unknown_word(low[-1]) and not sc.is_word(low[0]))
         if (low[0] not in sc.n.first or low[0] in AMBIGUOUS_FIRST) and not after_role:
             return 0.0
         if after_role:
@@ -348,6 +350,13 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
            for i, (w, lw) in enumerate(zip(names, low))):
         return 0.0
     return first + last + context
+
+
+def _unknown_word(lw: str) -> bool:
+    """In no name list and no word at all (an invented or foreign name, as far as the lists can tell)."""
+    sc = scorer()
+    return len(lw) >= 3 and lw.isalpha() and lw not in sc.n.last_rank and lw not in sc.n.first \
+        and not sc.is_word(lw) and lw not in NOT_NAMES and lw not in COMMON
 
 
 def _context_before(text: str, start: int) -> float:
@@ -565,8 +574,8 @@ def _followed_by_thing(text: str, end: int) -> bool:
 _RUN_CACHE: dict[tuple[str, float, str, str, bool], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
 
 
-def _runs(text: str) -> Iterator[Candidate]:
-    p = _PAIR.search(text)
+def _runs(text: str, shape: bytes | None = None) -> Iterator[Candidate]:
+    p = _pair_search(text, shape, 0)
     while p:
         start = p.start()
         while start and text[start - 1].isalpha():
@@ -577,7 +586,50 @@ def _runs(text: str) -> Iterator[Candidate]:
         if not m or m.end() <= p.end() - 2:  # "Thanks to Erlinda and", "Per Froese, the": a lone name after a role
             yield from _lone(text, p.end() - 2)
         # resume at the second capital of the pair: "Reported by E. Zanume" pairs "Reported by E", then "E. Z"
-        p = _PAIR.search(text, m.end() if m else p.end() - 2)
+        p = _pair_search(text, shape, m.end() if m else p.end() - 2)
+
+
+# --- letter shapes: a prescan for the name rules ------------------------------------------------------
+# Python's regex engine finds a literal at about 2 ns a character but tests a character class at about 8: a
+# scan for "a capital letter, then ..." over a long text costs four times one for a fixed string. An ASCII
+# text is therefore first written as its letter shapes in one `bytes.translate` ("U" an upper-case letter, "l" a
+# lower-case one, and an apostrophe as a capital, for "O'BRIEN"; blanks and full stops as they are, anything
+# else "#"). The shapes the name rules look for (a capitalized word, "Ul"; two upper-case words, "U U") start
+# with a fixed letter there, found fast, and the exact pattern is matched on the text only where the shapes say
+# it may (a superset of where it does). Other text (any letter beyond ASCII) is scanned with the patterns
+# themselves, as before.
+_SHAPE = bytearray(b"#" * 256)
+_SHAPE[ord("A"):ord("Z") + 1] = b"U" * 26
+_SHAPE[ord("a"):ord("z") + 1] = b"l" * 26
+_SHAPE[ord("'")] = ord("U")
+for _c in b" \t\n.(":
+    _SHAPE[_c] = _c
+SHAPES = bytes(_SHAPE)
+_SHAPES_FROM = 2048  # shorter texts (a mail, a cell) are scanned directly: setting up the shapes costs more
+
+
+def shapes(text: str) -> bytes | None:
+    """The letter shapes of `text`, or None when it is not ASCII (then offsets in bytes would not be offsets
+    in the text)."""
+    return text.encode("ascii").translate(SHAPES) if text.isascii() else None
+
+
+# `_PAIR` in shapes: it starts with one fixed letter, "U". Wherever `_PAIR` matches in an ASCII text, this
+# matches in its shapes (the apostrophe after the second capital is a "U" there); the text's own match decides.
+_PAIR_SHAPE = re.compile(rb"U(?:l+\.?|\.)[ \t]+(?:l{1,4}[ \t]+){0,2}U(?:[lU.]|[ \t]+Ul)")
+
+
+def _pair_search(text: str, shape: bytes | None, pos: int) -> re.Match | None:
+    """`_PAIR.search(text, pos)`, found in the letter shapes where there are some."""
+    if shape is None:
+        return _PAIR.search(text, pos)
+    c = _PAIR_SHAPE.search(shape, pos)
+    while c:
+        m = _PAIR.match(text, c.start())
+        if m:
+            return m
+        c = _PAIR_SHAPE.search(shape, c.start() + 1)  # never in ASCII text; but never trust it blindly
+    return None
 
 
 def _lone(text: str, i: int) -> Iterator[Candidate]:
@@ -598,7 +650,7 @@ def _lone(text: str, i: int) -> Iterator[Candidate]:
 _LONE = re.compile(rf"({_TOK})([ \t]+[{_UP}])?")
 
 
-def _after_roles(text: str, low: str) -> Iterator[Candidate]:
+def _after_roles(text: str, low: str, shape: bytes | None = None) -> Iterator[Candidate]:
     """Names after role words in any case: "patient okonkwo", "PATIENT: MARGARET OKONKWO", "seen by Hollis"."""
     n = len(low)
     for key in _ROLE_SCAN:
@@ -610,23 +662,41 @@ def _after_roles(text: str, low: str) -> Iterator[Candidate]:
                     j >= n or not low[j].isalpha() or key in ("mr", "ms") and low[j] == "s"):
                 yield from _after_role_at(text, low, i + (key[0] == " "), key.strip())
             i = low.find(key, j)
-    yield from _upper_after_roles(text, low)
+    yield from _upper_after_roles(text, low, shape)
 
 
 # The blank between two upper-case words ("…A OK…"): a literal first, which the engine finds faster than a
 # capital letter, and a failed try costs a step or two however long the words are ("KESTREL", "FROSTLINE")
 _UPPER_GAP = re.compile(r" (?<=[A-Z'’] )(?:[A-Z]{1,4} )?[A-Z][A-Z'’]")
+# `_UPPER_GAP` in the letter shapes (`shapes`), where an apostrophe is a capital: a fixed string first ("U ").
+_UPPER_GAP_SHAPE = re.compile(rb"U (?:U{1,4} )?UU")
+
+
+def _upper_gaps(text: str, shape: bytes | None) -> Iterator[re.Match]:
+    """`_UPPER_GAP.finditer(text)`, found in the letter shapes where there are some: every place it matches
+    there is one the shapes hold, and the pattern itself decides at each."""
+    if shape is None:
+        yield from _UPPER_GAP.finditer(text)
+        return
+    c = _UPPER_GAP_SHAPE.search(shape)
+    while c:
+        m = _UPPER_GAP.match(text, c.start() + 1)  # the look-behind reads the capital before the blank
+        if m:
+            yield m
+        c = _UPPER_GAP_SHAPE.search(shape, m.end() - 1 if m else c.start() + 1)
+
+
 _WORD_BEFORE = re.compile(r"(?<![a-z])([a-z]+)\.?[ \t]*:?[ \t]*$")
 _LINE_START = re.compile(r"(?:^|\n)[ \t]*$")
 
 
-def _upper_after_roles(text: str, low: str) -> Iterator[Candidate]:
+def _upper_after_roles(text: str, low: str, shape: bytes | None = None) -> Iterator[Candidate]:
     """Upper-case names after any role or title not in `_ROLE_SCAN` ("Officer LORETTA BLAIS", "Driver: ANA
     OKAFOR"): the role is read from the word before the pair. Without a role, an upper-case pair inside a
     line is judged as one heading a line is (`_caps_name`): "Yesterday DAREN THARP called"."""
     sc = scorer()
     end = 0
-    for g in _UPPER_GAP.finditer(text):
+    for g in _upper_gaps(text, shape):
         gap = g.start()
         lo = max(0, gap - 40)
         start = max(text.rfind(" ", lo, gap), text.rfind("\n", lo, gap), text.rfind("\t", lo, gap),
@@ -797,10 +867,11 @@ def _greetings(text: str) -> Iterator[Candidate]:
 
 def find_names(text: str, low: str) -> list[Candidate]:
     """Every person-name candidate the rules accept, in no particular order (overlaps allowed)."""
-    out = list(_runs(text))
+    shape = shapes(text) if len(text) >= _SHAPES_FROM else None
+    out = list(_runs(text, shape))
     if ", " in text:
         out.extend(_last_first(text))
-    out.extend(_after_roles(text, low))
+    out.extend(_after_roles(text, low, shape))
     out.extend(_greetings(text))
     out.extend(_caps(text))
     if "|" in text:
@@ -935,14 +1006,28 @@ def _cell_name(text: str, start: int, end: int) -> Iterator[Candidate]:
 
 def repeat_words(cands: list[Candidate]) -> set[str]:
     """The single words of accepted names worth finding again alone ("Okafor" after "Ana Okafor")."""
+    if len(cands) == 1:  # one name's words, remembered: mail repeats its people in every message
+        parts = cands[0].parts
+        out = _REPEAT.get(parts)
+        if out is None:
+            if len(_REPEAT) > 50000:
+                _REPEAT.clear()
+            out = _REPEAT[parts] = frozenset(_repeat_words(parts))
+        return set(out)
+    return _repeat_words(w for c in cands for w in c.parts)
+
+
+_REPEAT: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def _repeat_words(words) -> set[str]:
     sc = scorer()
     out = set()
-    for c in cands:
-        for w in c.parts:
-            lw = w.lower()
-            if len(w) >= 3 and not sc.is_word(lw) and lw not in AMBIGUOUS_FIRST and lw not in NOT_NAMES \
-                    and lw not in TITLES and lw not in ROLES:
-                out.add(w if not w.isupper() else w.capitalize())
+    for w in words:
+        lw = w.lower()
+        if len(w) >= 3 and not sc.is_word(lw) and lw not in AMBIGUOUS_FIRST and lw not in NOT_NAMES \
+                and lw not in TITLES and lw not in ROLES:
+            out.add(w if not w.isupper() else w.capitalize())
     return out
 
 
