@@ -251,6 +251,11 @@ def measure(corpus: Path, work: Path) -> dict:
             "write": mb(scrubbed) / t_write, "e2e": e2e_bytes / 1e6 / t_e2e, "bare": mb(scrubbed) / t_bare}
 
 
+def rate(mb_s: float) -> str:
+    """MB/s with one decimal, or two significant digits below 1: a slow stage on a loaded machine is not 0.0."""
+    return f"{mb_s:.1f}" if mb_s >= 1 else f"{mb_s:.2g}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--mb", type=float, default=40.0, help="size of each corpus in MB")
@@ -280,7 +285,7 @@ def main() -> None:
              f"item kinds {', '.join(mixed['kinds'])}; {mixed['tables']} tables); "
              f"*prose* is long markdown documents with no PII.", "",
              "| stage (MB/s) | mixed | prose |", "| --- | ---: | ---: |"]
-    lines += [f"| {name} | {mixed[k]:.1f} | {prose[k]:.1f} |" for name, k in stages]
+    lines += [f"| {name} | {rate(mixed[k])} | {rate(prose[k])} |" for name, k in stages]
     lines += ["| **end-to-end / bare insert** | "
               f"**{mixed['e2e'] / mixed['bare']:.2f}x** | **{prose['e2e'] / prose['bare']:.2f}x** |", "",
               "Aims: end-to-end >= 0.5x the bare insert; PII scan >= 30 MB/s per core."]
