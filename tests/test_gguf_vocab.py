@@ -47,11 +47,34 @@ def as_real_model(spec: dict, fam: str) -> dict:
     return spec
 
 
-def model_dir(vocab_dir: Path, fam: str, d: Path):
+@pytest.fixture(scope="module")
+def from_gguf(vocab_dir, tmp_path_factory):
+    """`from_gguf(fam, d)`: transformers' tokenizer rebuilt from llama.cpp's vocabulary-only GGUF, saved in `d`.
+
+    The rebuild parses the GGUF in Python (seconds even for llama-spm's 32k tokens, four tests use it), so each
+    family is rebuilt once per module and copied."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    built: dict[str, Path] = {}
+
+    def save(fam: str, d: Path) -> Path:
+        if fam not in built:
+            built[fam] = tmp_path_factory.mktemp(f"hf-{fam}")
+            AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file=f"ggml-vocab-{fam}.gguf").save_pretrained(
+                built[fam])
+        shutil.copytree(built[fam], d)
+        return d
+
+    return save
+
+
+def model_dir(from_gguf, fam: str, d: Path):
     """A tiny random-weight Llama with the family's tokenizer; returns (dir, transformers tokenizer)."""
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file=f"ggml-vocab-{fam}.gguf").save_pretrained(d)
+    from_gguf(fam, d)
     tj = d / "tokenizer.json"
     tj.write_text(json.dumps(as_real_model(json.loads(tj.read_text()), fam)), encoding="utf-8")
     # transformers 5 rebuilds a class's own pipeline: the class the real model names, or tokenizer.json as is
@@ -83,8 +106,8 @@ NFC = {"qwen2", "qwen35"}  # Qwen2Tokenizer and Qwen3_5Tokenizer set an NFC norm
 
 
 @pytest.mark.parametrize("fam", [pytest.param(f, marks=[pytest.mark.slow] if f in SLOW else []) for f in FAMILIES])
-def test_family_tokenizes_like_llama_cpp_and_transformers(vocab_dir, tmp_path, fam):
-    d, tok = model_dir(vocab_dir, fam, tmp_path / "model")
+def test_family_tokenizes_like_llama_cpp_and_transformers(vocab_dir, from_gguf, tmp_path, fam):
+    d, tok = model_dir(from_gguf, fam, tmp_path / "model")
     out = tmp_path / "model.gguf"
     gguf_export.write(d, out, {"id": fam})
     llama.lib()  # the appliance's llama_cpp, log captured; Llama directly: llama.load's header check parses
@@ -145,11 +168,11 @@ def test_unknown_families_are_refused_in_one_line(spec, why):
     assert why in str(e.value) and "\n" not in str(e.value)
 
 
-def test_refusal_writes_nothing(vocab_dir, tmp_path):
+def test_refusal_writes_nothing(from_gguf, tmp_path):
     """A real WordPiece (BERT) vocabulary beside a model: plan() refuses before any file is written."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    d, _ = model_dir(vocab_dir, "llama-spm", tmp_path / "model")
+    d, _ = model_dir(from_gguf, "llama-spm", tmp_path / "model")
     wp = Tokenizer(models.WordPiece({"[UNK]": 0, "a": 1, "##b": 2}, unk_token="[UNK]"))
     wp.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
     wp.save(str(d / "tokenizer.json"))
@@ -180,7 +203,7 @@ def _gguf_tokenizes_as(d: Path, tok, texts: list[str], out: Path):
     return llm
 
 
-def test_import_rewrites_a_metaspace_tokenizer_as_sentencepiece_runs_it(vocab_dir, tmp_path):
+def test_import_rewrites_a_metaspace_tokenizer_as_sentencepiece_runs_it(vocab_dir, from_gguf, tmp_path):
     """transformers 5 runs every LlamaTokenizer with Metaspace, which drops SentencePiece's ▁ before text that
     starts with a space; import rewrites it, and then transformers, llama.cpp and SentencePiece itself (the
     `.out` vectors) agree on every line."""
@@ -189,8 +212,7 @@ def test_import_rewrites_a_metaspace_tokenizer_as_sentencepiece_runs_it(vocab_di
     from appliance.train.bases import as_sentencepiece
 
     cases = vectors(vocab_dir, "llama-spm")
-    d = tmp_path / "llama2"
-    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(d)
+    d = from_gguf("llama-spm", tmp_path / "llama2")
     tc = d / "tokenizer_config.json"
     tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "LlamaTokenizer"}))
     before = AutoTokenizer.from_pretrained(str(d))
@@ -211,13 +233,12 @@ def test_import_rewrites_a_metaspace_tokenizer_as_sentencepiece_runs_it(vocab_di
     assert [llm.tokenize(t.encode(), add_bos=False, special=False) for t, _ in cases] == [w for _, w in cases]
 
 
-def test_gemma_sentencepiece_without_a_space_prefix(vocab_dir, tmp_path):
+def test_gemma_sentencepiece_without_a_space_prefix(vocab_dir, from_gguf, tmp_path):
     """Gemma's tokenizer: spaces become ▁ with no dummy prefix (llama.cpp's add_space_prefix false). transformers'
     own GemmaTokenizer pipeline, on llama.cpp's llama-spm vocabulary, against llama.cpp on every test line."""
     from transformers import AutoTokenizer
 
-    d = tmp_path / "gemma"
-    AutoTokenizer.from_pretrained(str(vocab_dir), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(d)
+    d = from_gguf("llama-spm", tmp_path / "gemma")
     tc = d / "tokenizer_config.json"
     tc.write_text(json.dumps({**json.loads(tc.read_text()), "tokenizer_class": "GemmaTokenizer",
                               "pad_token": "<unk>", "mask_token": "<unk>"}))

@@ -11,6 +11,7 @@ import pytest
 from tests.conftest import open_vault
 
 TINY = ["--train.max_steps", "6", "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
+SHORT = ["--train.max_steps", "2", "--train.warmup_steps", "0", "--train.checkpoint_every", "100"]
 
 
 def wait_until(cond, timeout=180.0, every=0.3):
@@ -91,10 +92,11 @@ def test_bad_submissions_are_one_line_and_queue_nothing(train_home, cli):
 def test_gpus_are_handed_out_and_big_jobs_wait(train_home, cli, monkeypatch):
     """Two 1-GPU runs side by side on a 2-GPU box; a 2-GPU run waits for both; more than the box is refused."""
     monkeypatch.setenv("APPLIANCE_GPUS", "2")
-    long = ["--train.max_steps", "20", "--train.warmup_steps", "0", "--train.checkpoint_every", "10"]
-    a = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "1", *long, "--name", "a").json
-    b = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "1", *long, "--name", "b").json
-    c = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "2", *TINY, "--name", "c").json
+    # Few steps are enough: a runner spends seconds importing torch before its first step, and a job holds its
+    # GPUs from the moment it is started until it is recorded as finished.
+    a = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "1", *SHORT, "--name", "a").json
+    b = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "1", *SHORT, "--name", "b").json
+    c = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "2", *SHORT, "--name", "c").json
     assert (a["status"], a["devices"]) == ("running", "0") and (b["status"], b["devices"]) == ("running", "1")
     assert c["status"] == "queued"
     big = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", "--gpus", "4", *TINY).json
@@ -128,11 +130,11 @@ def test_cancel_stops_a_run_at_a_checkpoint_and_resume_finishes_it(train_home, c
 
 @pytest.mark.slow
 def test_a_killed_runner_is_recovered_and_its_run_resumes(train_home, cli):
-    long = ["--train.max_steps", "30", "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
+    long = ["--train.max_steps", "12", "--train.warmup_steps", "0", "--train.checkpoint_every", "3"]
     j = cli("--home", train_home, "--json", "jobs", "submit", "tiny-dense", *long, "--name", "crash").json
     ckpts = train_home / "artifacts" / "runs" / "crash@1" / "checkpoints"
     # a complete checkpoint: the one being written is a hidden temp directory beside it until every shard is in
-    wait_until(lambda: ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()))
+    wait_until(lambda: ckpts.is_dir() and any(p.name.startswith("step-") for p in ckpts.iterdir()), every=0.02)
     os.kill(j["pid"], signal.SIGKILL)  # as a power cut would
     wait_until(lambda: not os.path.exists(f"/proc/{j['pid']}") or open(f"/proc/{j['pid']}/stat").read().split()[2]
                == "Z")
@@ -141,15 +143,32 @@ def test_a_killed_runner_is_recovered_and_its_run_resumes(train_home, cli):
     assert listed[0]["spec"]["resume"] is True
     done = wait_until(lambda: ended(train_home, "job-1"))
     assert done.status == "done" and done.ref == "crash@1" and done.result["resumed_from"] >= 3
-    assert done.result["steps"] == 30
+    assert done.result["steps"] == 12
+
+
+@pytest.fixture(scope="module")
+def qm_base(train_base, tmp_path_factory):
+    """train_base plus a tiny model `qm@1`, trained once for the quantize and eval jobs."""
+    from appliance.train.config import load_recipe
+    from appliance.train.run import run
+    from tests.conftest import copy_home
+
+    h = copy_home(train_base, tmp_path_factory.mktemp("qm"))
+    with pytest.MonkeyPatch.context() as mp:  # as the function-scoped autouse fixture sets it for every test
+        mp.setenv("APPLIANCE_TRAIN_THREADS", "1")
+        with open_vault(h) as v:
+            run(v, load_recipe("tiny-dense", ["name=qm", "train.max_steps=2", "train.warmup_steps=0",
+                                              "train.checkpoint_every=100"]))
+    return h
 
 
 @pytest.mark.parametrize("kind", ["quantize", "eval"])
-def test_quantize_and_eval_run_as_jobs(train_home, cli, kind):
+def test_quantize_and_eval_run_as_jobs(qm_base, tmp_path, cli, kind):
     from appliance.jobs import queue
     from appliance.jobs.dispatch import dispatch
+    from tests.conftest import copy_home
 
-    assert cli("--home", train_home, "train", "run", "tiny-dense", *TINY, "--name", "qm").code == 0
+    train_home = copy_home(qm_base, tmp_path)
     spec = {"model": "qm@1", "type": "q8_0"} if kind == "quantize" else {"suite": "handbook@1", "model": "qm@1"}
     with open_vault(train_home) as v:
         j = queue.submit(v, kind, spec)

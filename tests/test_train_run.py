@@ -207,19 +207,29 @@ def _wait_for(path, proc, timeout=120):
         time.sleep(0.02)
 
 
-LONG = ["--train.max_steps", "40", "--train.checkpoint_every", "5", "--train.warmup_steps", "2"]
+# Enough steps that a stop at the first checkpoint lands mid-way, with checkpoints to resume from on each side.
+LONG = ["--train.max_steps", "16", "--train.checkpoint_every", "4", "--train.warmup_steps", "2"]
+FIRST_CKPT = "step-00000004"
 
 
 @pytest.fixture(scope="module")
 def whole_losses(train_base, tmp_path_factory) -> list[float]:
-    """The losses of one uninterrupted LONG run: what every stopped-and-resumed run must repeat."""
-    from tests.conftest import PY, copy_home, python_env
+    """The losses of one uninterrupted LONG run: what every stopped-and-resumed run must repeat.
+
+    In this process through the API (the resumed runs it is compared with are in-process CLI runs too): a
+    subprocess would spend most of its time importing torch and transformers."""
+    from appliance.train.config import load_recipe
+    from appliance.train.run import run as train
+    from tests.conftest import PASSPHRASE, copy_home
 
     h = copy_home(train_base, tmp_path_factory.mktemp("whole"))
-    p = subprocess.run([PY, "-m", "appliance", "--home", str(h), "--json", "train", "run", "tiny-dense", *LONG,
-                        "--name", "whole"], env=python_env(), capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stderr
-    return losses(h, json.loads(p.stdout)["id"])
+    overrides = [f"{k[2:]}={v}" for k, v in zip(LONG[::2], LONG[1::2])]
+    with pytest.MonkeyPatch.context() as mp:  # as the function-scoped autouse fixture sets it for every test
+        mp.setenv("APPLIANCE_PASSPHRASE", PASSPHRASE)
+        mp.setenv("APPLIANCE_TRAIN_THREADS", "1")
+        with open_vault(h) as v:
+            run_id = train(v, load_recipe("tiny-dense", [*overrides, "name=whole"])).id
+    return losses(h, run_id)
 
 
 def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli, whole_losses):
@@ -227,15 +237,15 @@ def test_resume_after_a_kill_repeats_the_uninterrupted_run(train_home, cli, whol
 
     proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "killed")
     ckpts = train_home / "artifacts" / "runs" / "killed@1" / "checkpoints"
-    _wait_for(ckpts / "step-00000005", proc)
+    _wait_for(ckpts / FIRST_CKPT, proc)
     proc.send_signal(signal.SIGKILL)
     proc.communicate()
     runs = cli("--home", train_home, "--json", "train", "runs", "--name", "killed").json["runs"]
-    assert runs[0]["status"] == "running" and runs[0]["step"] < 40  # killed mid-way
+    assert runs[0]["status"] == "running" and runs[0]["step"] < 16  # killed mid-way
     d = run(cli, train_home, "tiny-dense", *LONG, "--name", "killed", "--resume")
-    assert d["id"] == "killed@1" and d["resumed_from"] >= 5 and d["steps"] == 40
+    assert d["id"] == "killed@1" and d["resumed_from"] >= 4 and d["steps"] == 16
     assert losses(train_home, "killed@1") == whole_losses  # exactly, on CPU
-    assert len(losses(train_home, "killed@1")) == 40
+    assert len(losses(train_home, "killed@1")) == 16
 
 
 def test_background_checkpoints_are_sealed_and_a_kill_resumes_from_them_exactly(train_home, cli, whole_losses):
@@ -246,7 +256,7 @@ def test_background_checkpoints_are_sealed_and_a_kill_resumes_from_them_exactly(
     bg = ["--train.checkpoint_async", "on"]
     proc = _spawn(train_home, "tiny-dense", *LONG, *bg, "--name", "behind")
     ckpts = train_home / "artifacts" / "runs" / "behind@1" / "checkpoints"
-    _wait_for(ckpts / "step-00000005", proc)
+    _wait_for(ckpts / FIRST_CKPT, proc)
     proc.send_signal(signal.SIGKILL)  # perhaps while the next one is being written: never half of one
     proc.communicate()
     for ck in ckpts.iterdir():
@@ -254,7 +264,7 @@ def test_background_checkpoints_are_sealed_and_a_kill_resumes_from_them_exactly(
             assert {"state.json", "rng.pt", ".metadata"} <= set(sealed.sealed_names(ck)), ck
             assert not [f for f in ck.iterdir() if not f.name.endswith(sealed.SUFFIX)], ck  # nothing in the clear
     d = run(cli, train_home, "tiny-dense", *LONG, *bg, "--name", "behind", "--resume")
-    assert d["resumed_from"] >= 5 and d["status"] == "done"
+    assert d["resumed_from"] >= 4 and d["status"] == "done"
     assert losses(train_home, "behind@1") == whole_losses
 
 
@@ -262,14 +272,14 @@ def test_ctrl_c_stops_at_a_checkpoint_and_resume_finishes(train_home, cli):
     import signal
 
     proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "stopped")
-    _wait_for(train_home / "artifacts" / "runs" / "stopped@1" / "checkpoints" / "step-00000005", proc)
+    _wait_for(train_home / "artifacts" / "runs" / "stopped@1" / "checkpoints" / FIRST_CKPT, proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "stopped at step" in err and "--resume" in err and "Traceback" not in err
     runs = cli("--home", train_home, "--json", "train", "runs", "--name", "stopped").json["runs"]
     step = runs[0]["step"]
-    assert runs[0]["status"] == "interrupted" and 5 <= step < 40
+    assert runs[0]["status"] == "interrupted" and 4 <= step < 16
     assert (train_home / "artifacts" / "runs" / "stopped@1" / "checkpoints" / f"step-{step:08d}").is_dir()
     d = run(cli, train_home, "tiny-dense", *LONG, "--name", "stopped", "--resume")
     assert d["resumed_from"] == step and d["status"] == "done"
@@ -313,12 +323,12 @@ def test_ctrl_c_at_the_launcher_stops_every_rank_at_a_checkpoint(train_home, cli
 
     sharded = ["--gpus", "2", "--train.parallel", "fsdp"]
     proc = _spawn(train_home, "tiny-dense", *LONG, "--name", "dstop", *sharded)
-    _wait_for(train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / "step-00000005", proc)
+    _wait_for(train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / FIRST_CKPT, proc)
     proc.send_signal(signal.SIGINT)  # the launcher only: torchrun and the ranks are in a session of their own
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     step = cli("--home", train_home, "--json", "train", "runs", "--name", "dstop").json["runs"][0]["step"]
-    assert 5 <= step < 40
+    assert 4 <= step < 16
     assert (train_home / "artifacts" / "runs" / "dstop@1" / "checkpoints" / f"step-{step:08d}").is_dir()
     assert not list((train_home / "tmp").glob("train-*.sock"))  # the socket is gone with the run
     d = run(cli, train_home, "tiny-dense", *LONG, "--name", "dstop", "--resume", *sharded)  # rank 0 reads, shards
