@@ -151,7 +151,7 @@ def main() -> None:
                 vocab = f"{REAL_VOCAB[fam]} (real)" if tok is not None else "sample-trained"
                 for qt in types:
                     t0 = time.perf_counter()
-                    r = quantize(v, imp["id"], qt, eval_ref="handbook@1", eval_tokens=512 if a.smoke else 4096)
+                    r = quantize(v, imp["id"], qt, eval_ref="handbook@1", eval_tokens=256 if a.smoke else 4096)
                     secs = time.perf_counter() - t0
                     q = r.quality
                     rows.append([fam, vocab, qt, f"{secs:.1f}", f"{r.size / 2**20:.1f}",

@@ -11,8 +11,9 @@ with `appliance quantize` to every type. Measured:
   - export (our GGUF writer) and quantize (llama.cpp) time;
   - per type, laid out like llama.cpp's quantize table: file size, bits per weight, perplexity and its
     change against the fp32 source on the validation split, top-1 agreement, KL divergence.
---smoke: every type, every side, on a 2 x 256 model (the smallest k-quants take) trained 2 steps, with short
-prompts and evaluations: a check that it all runs, not a measurement.
+--smoke: f32, q8_0 and q4_k_m (a plain, a block and a k-quant type; tests/test_quantize.py checks every type),
+every side, on a 2 x 256 model (the smallest k-quants take) trained 2 steps, with short prompts and
+evaluations: a check that it all runs, not a measurement.
 """
 
 from __future__ import annotations
@@ -39,9 +40,10 @@ TYPES = ["f32", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "q4_0"]
 
 @dataclass(frozen=True)
 class Size:
-    """What a run measures on: the model's shape, its training, the prompts, the perplexity tokens."""
+    """What a run measures on: the model's shape, the GGUF types, the prompts, the perplexity tokens."""
 
     shape: dict
+    types: tuple[str, ...] = tuple(TYPES)
     vocab: int = 4000
     prompts: int = 4
     prompt_tokens: int = 32
@@ -53,7 +55,8 @@ FULL = Size(SHAPE)
 # k-quants work on rows of 256: the smallest model every type accepts
 SMOKE = Size({**SHAPE, "model.hidden_size": 256, "model.intermediate_size": 512, "model.num_layers": 2,
               "model.num_heads": 4, "model.num_kv_heads": 2, "data.seq_len": 64, "train.warmup_steps": 1},
-             vocab=1000, prompts=2, prompt_tokens=8, new_tokens=8, eval_tokens=256)
+             types=("f32", "q8_0", "q4_k_m"), vocab=1000, prompts=2, prompt_tokens=8, new_tokens=8,
+             eval_tokens=256)
 SMOKE_STEPS = 2
 
 
@@ -148,11 +151,11 @@ def measure(home: Path, model_id: str, threads: int, size: Size = FULL) -> dict:
     with Vault.open(Home(home), PASS) as v, sealed.opened(home / "artifacts" / "models" / model_id) as model_dir:
         tok = AutoTokenizer.from_pretrained(str(model_dir), local_files_only=True)
         ps = prompts(v, tok, size)
-        for t in TYPES:
+        for t in size.types:
             r = quantize(v, model_id, t, eval_tokens=size.eval_tokens, threads=threads)
             rows[t] = {"size": r.size, "bpw": r.bits_per_weight, "q": r.quality, "secs": r.seconds,
                        "params": r.params, "path": r.path}
-        for t in TYPES:
+        for t in size.types:
             rows[t]["tok_s"] = llama_speed(Path(rows[t]["path"]), ps, threads, size.new_tokens)
         hf_tok_s = transformers_speed(model_dir, ps, size.new_tokens)
     return {"rows": rows, "hf_tok_s": hf_tok_s, "prompts": len(ps)}
@@ -177,7 +180,7 @@ def report(r: dict, steps: int, threads: int, size: Size = FULL) -> str:
              "transformers | export + quantize s |",
              "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
     lines.append(f"| source (transformers fp32) | | 32 | {q0['ppl_source']:.3f} | | | | {hf:,.1f} | 1.00x | |")
-    for t in TYPES:
+    for t in size.types:
         x = rows[t]
         q = x["q"]
         secs = x["secs"]["export"] + x["secs"].get("quantize", 0.0)

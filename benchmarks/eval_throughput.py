@@ -6,7 +6,8 @@ The model of `edge_inference.py` (Llama-style 6 x 512, trained briefly in a fres
 f32, q8_0 and q4_k_m. The suite: the shipped `handbook-checks` cases plus 20 cloze questions cut from
 the corpus's held-out text (the default suite of a dataset), cases only, greedy. Each backend runs it
 once to warm up, then timed. Answers of the f32 GGUF are compared with transformers' one by one.
---smoke: the smoke model of `edge_inference.py` and 2 cloze questions: a check that it runs, not a measurement.
+--smoke: the smoke model of `edge_inference.py`, 2 cloze questions and no warm-up: a check that it runs, not a
+measurement.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ TYPES = ["f32", "q8_0", "q4_k_m"]
 CLOZE, SMOKE_CLOZE = 20, 2
 
 
-def measure(home: Path, model_id: str, threads: int, cloze_n: int = CLOZE) -> dict:
+def measure(home: Path, model_id: str, threads: int, cloze_n: int = CLOZE, warm_up: bool = True) -> dict:
     import torch
 
     from appliance.eval.run import run
@@ -46,7 +47,8 @@ def measure(home: Path, model_id: str, threads: int, cloze_n: int = CLOZE) -> di
         for t in TYPES:
             targets[f"llama.cpp {t}"] = quantize(v, model_id, t, eval_tokens=256, threads=threads).id
         for label, ref in targets.items():
-            run(v, suite, ref)  # warm-up
+            if warm_up:
+                run(v, suite, ref)
             t0 = time.perf_counter()
             res = run(v, suite, ref)
             secs = time.perf_counter() - t0
@@ -85,7 +87,7 @@ def main() -> None:
                        "APPLIANCE_TRAIN_THREADS": str(a.threads)})
     with tempfile.TemporaryDirectory(prefix="eval-bench-") as tmp:
         home, model_id = setup(Path(tmp), a.steps, size_of(a.smoke))
-        r = measure(home, model_id, a.threads, SMOKE_CLOZE if a.smoke else CLOZE)
+        r = measure(home, model_id, a.threads, SMOKE_CLOZE if a.smoke else CLOZE, warm_up=not a.smoke)
     body = report(r, a.threads, len(load("handbook-checks").cases))
     print(body)
     if a.write:

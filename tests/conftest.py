@@ -18,7 +18,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 # The longest files first: two workers take files in collection order, so a long file collected last would
 # run alone at the end with the other core idle (longest-first is the classic fix for that tail).
-LONGEST_FIRST = ("test_train_run.py", "test_tui.py", "test_sql_export_demo.py", "test_jobs.py", "test_agents.py",
+LONGEST_FIRST = ("test_benchmarks.py", "test_benchmarks_models.py",  # each about half of the benchmarks' smokes
+                 "test_train_run.py", "test_tui.py", "test_sql_export_demo.py", "test_jobs.py", "test_agents.py",
                  "test_wheelhouse.py",
                  "test_sweep.py", "test_grpo.py", "test_quantize.py", "test_eval.py", "test_preference.py",
                  "test_tasks.py", "test_synth.py")
