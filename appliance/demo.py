@@ -49,14 +49,21 @@ def _prepare(home: Home) -> None:
         (d / DEMO_MARKER).write_text("made by `appliance demo`; safe to delete\n")
 
 
-def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
+# Training steps per stage. The full demo trains long enough for the model to answer the sample questions
+# (about 30 of 36; the score is printed); --quick runs every stage with a few steps each, to check a box.
+STEPS = {"pretrain": 300, "sft": 300, "dpo": 20, "grpo": 20, "task-sft": 150, "task-grpo": 15, "outside-sft": 40}
+QUICK_STEPS = {"pretrain": 30, "sft": 30, "dpo": 5, "grpo": 5, "task-sft": 20, "task-grpo": 5, "outside-sft": 10}
+
+
+def run_demo(home: Home, say: Callable[[str], None] = print, quick: bool = False) -> dict:
     from appliance.samples import generate
     from appliance.vault import Vault, audit, lineage, versions
     from appliance.vault.ingest import DEFAULT_VALIDATION, ingest
 
     passphrase = os.environ.get("APPLIANCE_PASSPHRASE") or DEMO_PASSPHRASE
     _prepare(home)
-    summary: dict = {"home": str(home.root), "reports": str(reports_dir(home)), "stages": []}
+    summary: dict = {"home": str(home.root), "reports": str(reports_dir(home)), "quick": quick, "stages": []}
+    steps = QUICK_STEPS if quick else STEPS
     t0 = time.time()
 
     last = [t0]
@@ -105,12 +112,12 @@ def run_demo(home: Home, say: Callable[[str], None] = print) -> dict:
             tok = train_tokenizer(v, "handbook@2", vocab_size=2000)
             stage("tokenizer", f"{tok.id}: byte-level BPE, {tok.vocab_size} tokens from {tok.records} records "
                                f"of {tok.dataset}", id=tok.id)
-            base, merged = _train(v, tok.id, stage)
-            _agentic(v, base, stage)
+            base, merged = _train(v, tok.id, stage, steps)
+            _agentic(v, base, stage, steps)
             gguf = _quantize(v, merged, stage)
             _evaluate(v, merged, gguf, stage)
             _ab(v, f"{merged}:q8_0", gguf, stage)
-            _outside_base(v, samples, Path(tmp), stage)
+            _outside_base(v, samples, Path(tmp), stage, steps)
             _bundles(v, gguf, Path(tmp), stage)
             _jobs(v, tok.id, stage)
             _console(v, passphrase, stage)
@@ -148,7 +155,7 @@ def _synth(v, tmp: Path, stage: Callable[..., None]) -> None:
                    "in lineage", version=qa["version"], records=qa["records"], edge=edge["version"])
 
 
-def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
+def _train(v, tokenizer_id: str, stage: Callable[..., None], steps: dict) -> tuple[str, str]:
     """Pre-train the tiny dense preset on the handbook, LoRA-tune it on the handbook Q&A pairs (long enough
     that it answers the sample questions, scored with the shipped `handbook-answers` suite),
     preference-tune that (DPO) toward the handbook's answers, then reinforce it (GRPO) with a reward for
@@ -160,14 +167,14 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
 
     common = ["train.checkpoint_every=1000"]
     pre = load_recipe("tiny-dense", ["data.datasets=handbook@2", f"data.tokenizer={tokenizer_id}",
-                                     "train.max_steps=300", *common])
+                                     f"train.max_steps={steps['pretrain']}", *common])
     r = run(v, pre)
     ls = losses(v.con, r.id)
     stage("pretrain", f"{r.id}: Llama-style 2 layers x 64, {r.steps} steps on handbook@2, loss {ls[0]:.2f} -> "
                       f"{ls[-1]:.2f}, {r.tokens_per_s:,.0f} tok/s, padding {r.data['padding_fraction']:.2%}",
           id=r.id, first_loss=ls[0], last_loss=ls[-1])
-    sft = load_recipe("sft-lora", [f"model.base={r.id}", "data.datasets=handbook-qa@1", "train.max_steps=300",
-                                   *common])
+    sft = load_recipe("sft-lora", [f"model.base={r.id}", "data.datasets=handbook-qa@1",
+                                   f"train.max_steps={steps['sft']}", *common])
     s = run(v, sft)
     ls = losses(v.con, s.id)
     e = evaluate(v, load("handbook-answers"), s.merged)
@@ -177,15 +184,15 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
     # a gentle rate on top of SFT: at the recipes' 5e-3, 20 DPO and 20 GRPO steps undo most of what SFT taught
     # (sample answers 21 -> 15 -> 2 of 36 in one run); at 5e-4, 21 -> 21 -> 20
     gentle = ["train.lr=5e-4", "train.min_lr=5e-5"]
-    dpo = load_recipe("dpo-lora", [f"model.base={s.merged}", "data.datasets=handbook-prefs@1", "train.max_steps=20",
-                                   *gentle, *common])
+    dpo = load_recipe("dpo-lora", [f"model.base={s.merged}", "data.datasets=handbook-prefs@1",
+                                   f"train.max_steps={steps['dpo']}", *gentle, *common])
     p = run(v, dpo)
     ls = losses(v.con, p.id)
     stage("dpo", f"{p.id}: LoRA on {s.merged}, {len(ls)} steps on {p.data['pairs']} preference pairs of "
                  f"handbook-prefs@1 (reference: the base, adapters off), loss {ls[0]:.3f} -> {ls[-1]:.3f}; merged "
                  f"as {p.merged}", id=p.id, merged=p.merged, first_loss=ls[0], last_loss=ls[-1])
-    grpo = load_recipe("grpo-lora", [f"model.base={p.merged}", "data.datasets=handbook-qa@1", "train.max_steps=20",
-                                     *gentle, *common])
+    grpo = load_recipe("grpo-lora", [f"model.base={p.merged}", "data.datasets=handbook-qa@1",
+                                     f"train.max_steps={steps['grpo']}", *gentle, *common])
     g = run(v, grpo)
     rw = [m["reward"] for m in metrics(v.con, g.id)]
     first, last = sum(rw[:5]) / 5, sum(rw[-5:]) / 5
@@ -195,7 +202,7 @@ def _train(v, tokenizer_id: str, stage: Callable[..., None]) -> tuple[str, str]:
     return r.id, g.merged
 
 
-def _agentic(v, base: str, stage: Callable[..., None]) -> None:
+def _agentic(v, base: str, stage: Callable[..., None], steps: dict) -> None:
     """The shipped agentic task: SFT on its worked episodes, then GRPO on the task itself (tools in the
     sandbox, reward: the episode succeeded); completion measured with `appliance eval` before and after."""
     from appliance.eval.run import run as evaluate
@@ -206,15 +213,16 @@ def _agentic(v, base: str, stage: Callable[..., None]) -> None:
     common = ["train.checkpoint_every=1000"]
     suite = load("asset-risk")
     sft = run(v, load_recipe("sft-full", [f"model.base={base}", "name=task-sft", "data.datasets=task-demos@1",
-                                          "data.seq_len=256", "train.max_steps=150", "train.batch_size=4",
-                                          "train.micro_batch_size=4", "train.lr=4e-3", "train.min_lr=4e-4", *common]))
+                                          "data.seq_len=256", f"train.max_steps={steps['task-sft']}",
+                                          "train.batch_size=4", "train.micro_batch_size=4", "train.lr=4e-3",
+                                          "train.min_lr=4e-4", *common]))
     e1 = evaluate(v, suite, sft.id)
     before = e1["metrics"]["task_completion"]
     stage("task-sft", f"{sft.id}: full SFT of {base} on task-demos@1 (worked episodes of asset-risk), {sft.steps} "
                       f"steps; {e1['id']}: completion {before:.0%} of {e1['cases']} episodes (greedy, tools in the "
                       "sandbox)", id=sft.id, eval=e1["id"], completion=before)
     # 15 of the recipe's 30 steps: the demo shows the stage; benchmarks/agentic_task.py measures it in full
-    recipe = load_recipe("grpo-task", [f"model.base={sft.id}", "train.max_steps=15", *common])
+    recipe = load_recipe("grpo-task", [f"model.base={sft.id}", f"train.max_steps={steps['task-grpo']}", *common])
     g = run(v, recipe)
     rw = [m["reward"] for m in metrics(v.con, g.id)]
     first, last = sum(rw[:5]) / 5, sum(rw[-5:]) / 5
@@ -330,7 +338,7 @@ def _ab(v, source: str, quant: str, stage: Callable[..., None], requests: int = 
     return r
 
 
-def _outside_base(v, samples: Path, tmp: Path, stage: Callable[..., None]) -> None:
+def _outside_base(v, samples: Path, tmp: Path, stage: Callable[..., None], steps: dict) -> None:
     """The path most sites take: a base brought from outside (here a tiny Qwen2-style model built locally, with
     a Qwen2-style tokenizer and no chat template), imported, LoRA-tuned on vault data, merged and exported,
     with its quality report."""
@@ -347,7 +355,7 @@ def _outside_base(v, samples: Path, tmp: Path, stage: Callable[..., None]) -> No
                     f"{'/'.join(imp['base']['weight_dtypes'])} safetensors, {len(imp['base']['files'])} files hashed "
                     "into lineage; no chat template: ChatML is given at fine-tuning)", id=imp["id"])
     s = run(v, load_recipe("sft-lora", [f"model.base={imp['id']}", "name=site-qwen2-sft",
-                                        "data.datasets=handbook-qa@1", "train.max_steps=40",
+                                        "data.datasets=handbook-qa@1", f"train.max_steps={steps['outside-sft']}",
                                         "train.checkpoint_every=1000"]))
     ls = losses(v.con, s.id)
     r = quantize(v, s.merged, "q8_0", eval_ref="handbook-qa@1")

@@ -64,7 +64,9 @@ def samples_cmd(c: Ctx, out_dir, seed):
 
 
 @command(cli, "demo")
-def demo_cmd(c: Ctx):
+@click.option("--quick", is_flag=True, help="Every stage with a few training steps each: checks a box in a few "
+              "minutes; the models it trains do not answer the sample questions.")
+def demo_cmd(c: Ctx, quick):
     """Run the end-to-end pipeline on the bundled sample data, in a home of its own.
 
     The demo home defaults to ~/.local/share/appliance-demo (never your real vault) and is rebuilt on
@@ -72,6 +74,6 @@ def demo_cmd(c: Ctx):
     """
     from appliance.demo import demo_home, run_demo  # the showcase drives every skin: started, as `tui` is
 
-    summary = run_demo(demo_home(c.home_arg), say=(lambda s: None) if c.json else out.print)
+    summary = run_demo(demo_home(c.home_arg), say=(lambda s: None) if c.json else out.print, quick=quick)
     c.emit(summary)
 
