@@ -45,3 +45,19 @@ def test_compare_runs_the_source_on_the_cpu_without_a_gpu():
     quality.compare(source, Same(), windows, rep)
     assert rep.top1_agreement > 0.8 and rep.max_logit_diff < 1e-5 and rep.ppl_delta_pct == 0.0
     assert next(source.parameters()).device.type == "cpu"
+
+
+def test_generate_chat_serve_and_eval_take_the_layers_to_offload(monkeypatch, cli):
+    from appliance import api
+    from appliance.quantize import llama
+
+    seen = []
+    monkeypatch.setattr(llama, "load", lambda path, **kw: seen.append(kw["n_gpu_layers"]))
+    api.gguf_open("m.gguf", 0, 0, 7)
+    api.gguf_open("m.gguf")
+    assert seen == [7, infer.gpu_layers()]  # asked for, else as the build allows (none on this CPU build)
+    for command in ("generate", "chat", "serve"):
+        r = cli(command, "--help")
+        assert r.code == 0 and "--gpu-layers" in r.out, command
+    r = cli("generate", "m.gguf", "hi", "--gpu-layers", "-2")
+    assert r.code == 2 and "--gpu-layers" in r.err

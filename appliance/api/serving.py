@@ -167,12 +167,13 @@ class _Drop:
         pass
 
 
-def gguf_open(path: str | Path, n_ctx: int = 0, threads: int = 0):
+def gguf_open(path: str | Path, n_ctx: int = 0, threads: int = 0, n_gpu_layers: int | None = None):
     """A GGUF loaded by llama.cpp for `generate` and `chat` (`n_ctx` 0: the model's; `threads` 0: all, at
-    most 8). Its `metadata` holds the file's keys (`tokenizer.chat_template`, ...)."""
+    most 8; `n_gpu_layers` None: all on a CUDA build, none otherwise). Its `metadata` holds the file's keys
+    (`tokenizer.chat_template`, ...)."""
     from appliance.quantize import infer
 
-    return infer.open_model(Path(path), n_ctx, threads)
+    return infer.open_model(Path(path), n_ctx, threads, n_gpu_layers=n_gpu_layers)
 
 
 def generate(llm, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,
@@ -204,11 +205,11 @@ def serve_exposure(host: str, cors_origins: Sequence[str] = ()):
 
 def serve(path: str | Path, host: str = "127.0.0.1", port: int = 8000, n_ctx: int = 0, threads: int = 0,
           api_key: str | None = None, name: str | None = None, on_ready: Callable[[str], None] | None = None,
-          cors_origins: Sequence[str] = ()) -> None:
+          cors_origins: Sequence[str] = (), n_gpu_layers: int | None = None) -> None:
     """An OpenAI-compatible HTTP server (/v1/chat/completions, /v1/completions, /v1/models) over one GGUF,
     until interrupted; `on_ready(url)` is called once it listens. `name` is the model name clients ask for
     (default: the file's name)."""
     from appliance.quantize import infer
 
     infer.serve(Path(path), host, port, n_ctx, threads, api_key, name, on_ready=on_ready or (lambda url: None),
-                cors_origins=cors_origins)
+                cors_origins=cors_origins, n_gpu_layers=n_gpu_layers)

@@ -141,13 +141,20 @@ def _bundle_opts(f):
     return f
 
 
+_gpu_layers = click.option("--gpu-layers", "gpu_layers", type=click.IntRange(-1, 1 << 16), default=None,
+                           help="Layers llama.cpp runs on the GPU (-1: all). Default: all on a CUDA build of "
+                                "llama.cpp (`make setup` on a box with a GPU), none otherwise.")
+
+
 @command(cli, "generate")
 @click.argument("model")
 @click.argument("prompt")
 @_sampling
 @click.option("--top-p", type=click.FloatRange(0, 1), default=0.95, show_default=True)
 @_bundle_opts
-def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, threads, top_p, identities, trusted):
+@_gpu_layers
+def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, threads, top_p, identities, trusted,
+                 gpu_layers):
     """Complete PROMPT with a GGUF (a path, or an id such as NAME@K:q4_k_m); streams as it goes.
 
     PROMPT `-` reads the prompt from standard input. A GGUF file needs no vault, and neither does a GGUF bundle
@@ -157,7 +164,7 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
     if prompt == "-":
         prompt = sys.stdin.read()
     with _unsealed(c, model, identities=identities, trusted=trusted) as path:
-        llm = api.gguf_open(path, n_ctx, threads)
+        llm = api.gguf_open(path, n_ctx, threads, gpu_layers)
     pieces = []
     for piece in api.generate(llm, prompt, max_tokens, temperature, top_p, seed):
         pieces.append(piece)
@@ -179,10 +186,11 @@ def generate_cmd(c: Ctx, model, prompt, max_tokens, temperature, seed, n_ctx, th
 @_sampling
 @click.option("--system", default="", help="A system message that opens the conversation.")
 @_bundle_opts
-def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system, identities, trusted):
+@_gpu_layers
+def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, system, identities, trusted, gpu_layers):
     """Talk to a GGUF chat model in the terminal, streaming its replies. /reset forgets, /exit leaves."""
     with _unsealed(c, model, identities=identities, trusted=trusted) as path:
-        llm = api.gguf_open(path, n_ctx, threads)
+        llm = api.gguf_open(path, n_ctx, threads, gpu_layers)
     if not llm.metadata.get("tokenizer.chat_template"):
         raise UsageError(f"{model} has no chat template", "use `appliance generate` for plain completion")
 
@@ -226,8 +234,9 @@ def chat_cmd(c: Ctx, model, max_tokens, temperature, seed, n_ctx, threads, syste
 @click.option("--flush-seconds", type=click.FloatRange(0.1, 3600), default=5.0, show_default=True,
               help="... or this often.")
 @_bundle_opts
+@_gpu_layers
 def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, model_opt, candidate, split, deployment,
-              record, flush_records, flush_seconds, identities, trusted):
+              record, flush_records, flush_seconds, identities, trusted, gpu_layers):
     """Serve a GGUF over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models).
 
     The API key, when set, comes from APPLIANCE_API_KEY_FILE or APPLIANCE_API_KEY (never a flag, which
@@ -244,7 +253,7 @@ def serve_cmd(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, mod
     if not (model_opt or candidate or split is not None or deployment or record):
         if not model:
             raise UsageError("no model to serve", "appliance serve MODEL, or --model A [--candidate B --split 0.1]")
-        return _serve_one(c, model, host, port, n_ctx, threads, name, cors_origins, identities, trusted)
+        return _serve_one(c, model, host, port, n_ctx, threads, name, cors_origins, identities, trusted, gpu_layers)
     model = model or model_opt
     if record and not deployment:
         raise UsageError("--record needs --deployment NAME", "records are kept per deployment in the vault")
@@ -311,13 +320,14 @@ def _vault_of(c: Ctx, paths: list[Path]):
     return c.open_vault(read_only=True)
 
 
-def _serve_one(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, identities=(), trusted=()):
+def _serve_one(c: Ctx, model, host, port, n_ctx, threads, name, cors_origins, identities=(), trusted=(),
+               gpu_layers=None):
     exposure = api.serve_exposure(host, cors_origins)  # the origins, the key and the host, before the model loads
     with contextlib.ExitStack() as stack:
-        _serve_from(stack, c, exposure, model, port, n_ctx, threads, name, identities, trusted)
+        _serve_from(stack, c, exposure, model, port, n_ctx, threads, name, identities, trusted, gpu_layers)
 
 
-def _serve_from(stack, c: Ctx, exposure, model, port, n_ctx, threads, name, identities, trusted):
+def _serve_from(stack, c: Ctx, exposure, model, port, n_ctx, threads, name, identities, trusted, gpu_layers=None):
     key = exposure.api_key
     if api.is_bundle(model):  # checked and decrypted into memory: never on this disk in the clear
         path = stack.enter_context(api.gguf_bundle(model, identities, trusted,
@@ -336,4 +346,5 @@ def _serve_from(stack, c: Ctx, exposure, model, port, n_ctx, threads, name, iden
             err.print(f"serving {path.name} at {url} (OpenAI-compatible){' with an API key' if key else ''}; "
                       "Ctrl-C stops", markup=False)
 
-    api.serve(path, exposure.host, port, n_ctx, threads, key, name, on_ready=ready, cors_origins=exposure.cors_origins)
+    api.serve(path, exposure.host, port, n_ctx, threads, key, name, on_ready=ready, cors_origins=exposure.cors_origins,
+              n_gpu_layers=gpu_layers)

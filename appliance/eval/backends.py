@@ -109,8 +109,10 @@ class GGUFBackend:
 
     def __init__(self, path: Path, n_ctx: int = 0):
         from appliance.quantize import llama
+        from appliance.quantize.infer import gpu_layers
 
-        self.llm = llama.load(path, n_ctx=n_ctx, logits_all=True)  # the model's own context length
+        # the model's own context length; on the GPU where llama.cpp was built with CUDA
+        self.llm = llama.load(path, n_ctx=n_ctx, logits_all=True, n_gpu_layers=gpu_layers())
         self.template = self.llm.metadata.get("tokenizer.chat_template")
         self.eos = self.llm.token_eos()
         im_end = self.llm.tokenize(b"<|im_end|>", add_bos=False, special=True)

@@ -68,8 +68,9 @@ def _ggufs(d: Path) -> list[Path]:
                    if p.name.endswith((".gguf", ".gguf" + sealed.SUFFIX))})
 
 
-def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0):
-    return llama.load(path, n_ctx=n_ctx, threads=threads, seed=seed)
+def open_model(path: Path, n_ctx: int = 0, threads: int = 0, seed: int = 0, n_gpu_layers: int | None = None):
+    """A GGUF for generate, chat and eval: offloaded to the GPU as `gpu_layers` says (all on a CUDA build)."""
+    return llama.load(path, n_ctx=n_ctx, threads=threads, seed=seed, n_gpu_layers=gpu_layers(n_gpu_layers))
 
 
 def generate(llm, prompt: str, max_tokens: int = 128, temperature: float = 0.8, top_p: float = 0.95,

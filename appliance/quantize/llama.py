@@ -214,18 +214,19 @@ def header_problem(path: Path) -> str | None:
 
 
 def load(path: Path, n_ctx: int = 0, logits_all: bool = False, vocab_only: bool = False, threads: int = 0,
-         seed: int = 0, f32_cache: bool = False):
+         seed: int = 0, f32_cache: bool = False, n_gpu_layers: int = 0):
     """A llama_cpp.Llama over `path` (checked first), with llama.cpp's log kept off the terminal. `f32_cache`
     keeps the KV cache in f32 (llama.cpp's default f16 cache alone moves logits by ~5e-3), for comparisons.
+    `n_gpu_layers`: layers offloaded to the GPU on a CUDA build (-1: all); comparisons keep the default, 0.
 
     A sealed GGUF of a home whose vault is open here is decrypted into an anonymous in-memory file and loaded
     from its /proc/self/fd path: llama.cpp maps it, so it stays in memory after the descriptor closes."""
     with sealed.opened(path) as p:
-        return _load(p, path, n_ctx, logits_all, vocab_only, threads, seed, f32_cache)
+        return _load(p, path, n_ctx, logits_all, vocab_only, threads, seed, f32_cache, n_gpu_layers)
 
 
 def _load(path: Path, shown: Path, n_ctx: int, logits_all: bool, vocab_only: bool, threads: int, seed: int,
-          f32_cache: bool):
+          f32_cache: bool, n_gpu_layers: int = 0):
     info = check(path)
     ll = lib()
     from llama_cpp import Llama
@@ -236,7 +237,7 @@ def _load(path: Path, shown: Path, n_ctx: int, logits_all: bool, vocab_only: boo
     try:
         llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=min(n_ctx, 512), logits_all=logits_all,
                     vocab_only=vocab_only, n_threads=threads, n_threads_batch=threads, seed=seed, verbose=False,
-                    **({"type_k": 0, "type_v": 0} if f32_cache else {}))
+                    n_gpu_layers=n_gpu_layers, **({"type_k": 0, "type_v": 0} if f32_cache else {}))
     except (ValueError, RuntimeError) as e:
         raise QuantizeError(f"llama.cpp could not load {shown}: {_last_error() or e}",
                             "rerun with APPLIANCE_DEBUG=1 to see llama.cpp's log") from e
