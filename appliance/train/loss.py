@@ -5,7 +5,7 @@ its log-softmax: at dense-1b's micro batch (8 x 2048 tokens, 32k vocabulary) abo
 the activations. Here the head's matmul and the loss run over `CHUNK` tokens at a time, each piece under
 activation checkpointing: the forward keeps only the hidden states (bf16 on a GPU) and the summed loss, and the
 backward recomputes one piece's logits at a time. The cost is one more head matmul (about 2 % of dense-1b's
-FLOPs); the result is the plain loss and its gradients within float rounding (`tests/test_train_loss.py`).
+FLOPs); the result is the plain loss and its gradients within float rounding (`tests/test_train_throughput.py`).
 
 The model's own forward runs as ever (DDP's and FSDP2's hooks around it): only its output head is replaced, for
 one forward, by one that returns the summed loss instead of logits (`head_loss`).
