@@ -459,13 +459,11 @@ class _Training:
     def _fetch(self, step: int) -> tuple:
         """(index, tokens, labels, positions, scored) of this process's slice of `step`'s batch, on the host (in
         pinned memory on a GPU); runs on the prefetch thread."""
-        import torch
 
         dist, per_rank = self.dist, self.per_rank
         index = self.order.batch(step, self.cfg.batch_size)[dist.rank * per_rank:(dist.rank + 1) * per_rank]
         tok, lab = self.rows(index)
-        pos = None if self.positions is None else torch.from_numpy(self.positions(tok, lab))
-        x, y = torch.from_numpy(tok.astype(np.int64)), torch.from_numpy(lab.astype(np.int64))
+        x, y, pos = to_tensors(tok, lab, self.positions)
         if dist.device.startswith("cuda"):
             x, y, pos = x.pin_memory(), y.pin_memory(), None if pos is None else pos.pin_memory()
         return index, x, y, pos, int((lab[:, 1:] != IGNORE).sum())
@@ -497,15 +495,7 @@ class _Training:
         kw = {"output_router_logits": True} if moe else {}
         # position t predicts token t+1: shift the labels, not the (large) logits
         target = F.pad(yb[:, 1:], (0, 1), value=IGNORE)  # (b, T)
-        if self.chunked:  # the head returns the summed loss, its logits built a chunk at a time (`loss`)
-            with loss.head_loss(self.model, target):
-                out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
-            ce = out.logits
-        else:
-            out = self.model(input_ids=xb, position_ids=pb, use_cache=False, **kw)
-            logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
-            ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                                 reduction="sum")
+        out, ce = next_token_loss(self.model, xb, pb, target, self.chunked, **kw)
         total = ce * scale
         if moe and out.aux_loss is not None:
             total = total + self.aux_loss_coef * out.aux_loss * len(xb) / self.per_rank
@@ -690,14 +680,32 @@ def _to_host(t) -> list:
     return t.tolist()
 
 
-def to_device(tok_np: np.ndarray, lab_np: np.ndarray, positions, device: str):
-    """Rows as (tokens, labels, positions) tensors on `device`, each (B, T); positions None without a rule."""
+def to_tensors(tok_np: np.ndarray, lab_np: np.ndarray, positions) -> tuple:
+    """Rows as (tokens, labels, positions) tensors on the host, each (B, T); positions None without a rule."""
     import torch
 
-    x = torch.from_numpy(tok_np.astype(np.int64)).to(device)
-    y = torch.from_numpy(lab_np.astype(np.int64)).to(device)
-    pos = None if positions is None else torch.from_numpy(positions(tok_np, lab_np)).to(device)
-    return x, y, pos
+    pos = None if positions is None else torch.from_numpy(positions(tok_np, lab_np))
+    return torch.from_numpy(tok_np.astype(np.int64)), torch.from_numpy(lab_np.astype(np.int64)), pos
+
+
+def to_device(tok_np: np.ndarray, lab_np: np.ndarray, positions, device: str):
+    """Rows as (tokens, labels, positions) tensors on `device`, each (B, T); positions None without a rule."""
+    return tuple(None if t is None else t.to(device) for t in to_tensors(tok_np, lab_np, positions))
+
+
+def next_token_loss(model, x, pos, target, chunked: bool, **kw) -> tuple:
+    """(the model's output, its summed next-token loss against `target` (B, T), already shifted): through the
+    chunked head (`loss.head_loss`, the logits never built whole) or from the whole logits."""
+    import torch.nn.functional as F
+
+    if chunked:  # the head returns the summed loss, its logits built a chunk at a time
+        with loss.head_loss(model, target):
+            out = model(input_ids=x, position_ids=pos, use_cache=False, **kw)
+        return out, out.logits
+    out = model(input_ids=x, position_ids=pos, use_cache=False, **kw)
+    logits = out.logits.float()  # (b, T, vocab); a no-op in fp32, no copy
+    return out, F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
+                                reduction="sum")
 
 
 def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist, autocast, objective=None,
@@ -730,14 +738,8 @@ def validate(model, rows, n_rows: int, n_val: int, cfg: TrainConfig, dist: Dist,
                 continue
             target = F.pad(y[:, 1:], (0, 1), value=IGNORE)
             target[~keep] = IGNORE
-            if chunked:  # the loss a chunk of logits at a time (`loss.head_loss`)
-                with autocast(), loss.head_loss(model, target):
-                    ce = model(input_ids=x, position_ids=pos, use_cache=False).logits
-            else:
-                with autocast():
-                    logits = model(input_ids=x, position_ids=pos, use_cache=False).logits.float()  # (b, T, vocab)
-                ce = F.cross_entropy(logits.view(-1, logits.size(-1)), target.reshape(-1), ignore_index=IGNORE,
-                                     reduction="sum")
+            with autocast():
+                _, ce = next_token_loss(model, x, pos, target, chunked)
             total += float(ce)
             scored += int((target != IGNORE).sum())
     model.train()

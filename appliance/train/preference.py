@@ -31,13 +31,13 @@ class DPO:
         import numpy as np
         import torch
 
+        from appliance.train.loop import to_device
+
         table = torch.zeros((n_rows, 2), dtype=torch.float64, device=dist.device)
         with torch.no_grad(), autocast():
             for start in range(dist.rank * micro, n_rows, dist.world * micro):
                 index = np.arange(start, min(start + micro, n_rows))
-                tok, lab = rows(index)
-                x = torch.from_numpy(tok.astype(np.int64)).to(dist.device)
-                y = torch.from_numpy(lab.astype(np.int64)).to(dist.device)
+                x, y, _ = to_device(*rows(index), None, dist.device)
                 seqs, labels = _pairs(x, y)
                 ref = self._reference_logps(model, seqs, labels).double()
                 table[start:start + len(index)] = torch.stack([ref[:len(index)], ref[len(index):]], dim=1)
