@@ -66,12 +66,13 @@ def run_demo(home: Home, say: Callable[[str], None] = print, quick: bool = False
     steps = QUICK_STEPS if quick else STEPS
     t0 = time.time()
 
-    last = [t0]
+    last = t0
 
     def stage(name: str, detail: str, **data) -> None:  # seconds: since the stage before, so a slow one shows
+        nonlocal last
         now = time.time()
-        summary["stages"].append({"stage": name, "detail": detail, "seconds": round(now - last[0], 1), **data})
-        last[0] = now
+        summary["stages"].append({"stage": name, "detail": detail, "seconds": round(now - last, 1), **data})
+        last = now
         say(f"[green]✓[/] {name:<10} {detail}")
 
     say(f"demo home: {home.root}")
