@@ -102,6 +102,14 @@ def test_a_refresh_that_changes_nothing_leaves_a_table_alone():
     asyncio.run(main())
 
 
+def test_audit_details_show_numbers_to_four_digits():
+    """A loss's last digits differ from one CPU to the next: the console shows what an operator can read."""
+    from appliance.tui import fmt
+
+    got = fmt.details({"loss": 6.849109319251354, "steps": 300, "runs": [{"lr": 0.000312345}], "ok": True})
+    assert got == '{"loss":6.849,"steps":300,"runs":[{"lr":0.0003123}],"ok":true}'
+
+
 def test_the_core_never_imports_textual():
     code = ("import sys\n"
             "import appliance.cli, appliance.vault, appliance.train.run, appliance.eval.run, appliance.exchange\n"

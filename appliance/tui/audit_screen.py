@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 from textual import work
 from textual.app import ComposeResult
 from textual.widgets import DataTable, Static
@@ -31,7 +29,7 @@ class AuditScreen(Page):
     def show(self, rows: list[dict]) -> None:
         fill(self.query_one("#audit-log", DataTable),
              [(str(e["seq"]), fmt.when(e["ts"]), e["actor"], e["action"], ", ".join(e["ids"])[:30],
-               json.dumps(e["details"], separators=(",", ":"))[:60]) for e in rows])
+               fmt.details(e["details"])[:60]) for e in rows])
 
     def action_verify(self) -> None:
         self.query_one("#verify-result", Static).update("verifying…")
