@@ -11,6 +11,11 @@ from appliance.tui import actions, fmt
 from appliance.tui.pages import Page, fill
 
 
+# Fixed widths: the log's columns do not jump as entries come and go, and a picture of the screen never catches
+# them sized to their headers (a table sizes free columns to new rows only when it is next idle).
+COLUMNS = (("seq", 6), ("time", 16), ("actor", 12), ("action", 18), ("ids", 30), ("details", 60))
+
+
 class AuditScreen(Page):
     MODE = "audit"
     BINDINGS = actions.bindings("audit")
@@ -21,7 +26,9 @@ class AuditScreen(Page):
 
     def on_mount(self) -> None:
         super().on_mount()
-        self.query_one("#audit-log", DataTable).add_columns("seq", "time", "actor", "action", "ids", "details")
+        table = self.query_one("#audit-log", DataTable)
+        for label, width in COLUMNS:
+            table.add_column(label, width=width)
 
     def load(self, vault) -> list[dict]:
         return api.audit_log(vault, 500)["entries"][::-1]  # newest first
