@@ -130,7 +130,7 @@ def build_scan_corpora(root: Path, mb: float) -> Path:
     out = {}
     for name, tree in (("mixed", lambda: vi.build_corpus(root, mb)), ("prose", lambda: vi.big_tree(root, mb / 1000))):
         cells = Cells()
-        recs, _ = vi.parse(tree(), root / f"work-{name}", cells)
+        recs, _, _ = vi.parse(tree(), root / f"work-{name}", cells)
         out[name] = ([r for r in recs if not r.scrubbed], cells.cells)  # table rows: their cells are the scan
     path = root / "scan.pkl"
     path.write_bytes(pickle.dumps(out))

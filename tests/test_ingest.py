@@ -284,3 +284,93 @@ def test_parallel_ingest_matches_serial(home, samples, tmp_path, monkeypatch):
     assert parallel.pii == serial.pii and parallel.duplicates == serial.duplicates
     assert [p for p, _ in parallel.failed] == [p for p, _ in serial.failed] == [str(broken)]
     assert sorted(parallel.skipped) == sorted(serial.skipped)
+
+
+def _mail_both_ways(raw: bytes, tmp_path, name="m.eml"):
+    """(records of `read_eml`, records the email package's parse gives, whether the plain path took it)."""
+    import email
+    import io
+
+    from appliance.vault.readers import email as mail
+
+    p = tmp_path / name
+    p.write_bytes(raw)
+    slow = list(mail._records(email.message_from_binary_file(io.BytesIO(raw)), str(p), None))
+    return list(mail.read_eml(p)), slow, mail._plain(raw) is not None
+
+
+def _mbox_both_ways(path):
+    import email
+
+    from appliance.vault.readers import email as mail
+
+    with open(path, "rb") as f:
+        slow = [r for n, raw in enumerate(mail._mbox_messages(f), 1)
+                for r in mail._records(email.message_from_bytes(raw), str(path), f"message {n}")]
+    return list(mail.read_mbox(path)), slow
+
+
+def test_plain_mail_path_matches_the_email_package(tmp_path):
+    """Every sample mail (several seeds), read by the plain path where it can, is the record the email package
+    gives; most sample mail takes the plain path."""
+    from appliance.samples import generate
+    from appliance.vault.readers import email as mail
+
+    plain = total = 0
+    for seed in range(3):
+        generate(tmp_path / f"s{seed}", seed)
+        for p in sorted((tmp_path / f"s{seed}").rglob("*.eml")):
+            fast, slow, took = _mail_both_ways(p.read_bytes(), tmp_path)
+            assert fast == slow, p
+            plain, total = plain + took, total + 1
+        for p in sorted((tmp_path / f"s{seed}").rglob("*.mbox")):
+            fast, slow = _mbox_both_ways(p)
+            assert fast == slow and len(fast) >= 60
+            with open(p, "rb") as f:
+                plain += sum(mail._plain(raw) is not None for raw in mail._mbox_messages(f))
+    assert total >= 120 and plain > total
+
+
+_HEAD = b"From: Ana Okafor <ana.okafor@site.example>\nTo: Derek Hollis <d@site.example>, ops@site.example\n"
+
+
+def test_plain_mail_path_takes_only_plain_mail(tmp_path):
+    """Plain cases take the fast path and match; folded and encoded headers, multipart, base64, other charsets,
+    attachments, CR line ends and non-ASCII headers go to the email package, and match too (it reads them)."""
+    plain_cases = [
+        _HEAD + b"Subject: Hello\n\nBody with caf\xc3\xa9.\n",
+        _HEAD + b"Subject: QP\nContent-Type: text/plain; charset=\"utf-8\"\nContent-Transfer-Encoding: "
+        b"quoted-printable\n\nLine one is long and cut=\nhere, caf=C3=A9 =3D ok=\n",
+        _HEAD + b"Subject: ascii\nContent-Type: TEXT/PLAIN; Charset=US-ASCII\nContent-Transfer-Encoding: 7bit\n\n"
+        b"Bytes \xff kept as replacement.\n",
+        _HEAD + b"Cc: \nSubject:   spaced  \t\nX-Empty:\nSubject: second ignored\n\n\n\nBody after blank lines\n\n",
+        b"To: \"Okafor, Ana\" <a@x.example>, (comment) b@y.example, Dr. J. Smith <j@z.example>\nSubject: s\n\nb\n",
+        _HEAD + b"Subject: no body\n\n",
+    ]
+    slow_cases = [
+        _HEAD + b"Subject: folded\n  over two lines\n\nBody\n",
+        _HEAD + b"Subject: =?utf-8?q?Lab_results_for_J=C3=B6rg?=\n\nBody\n",
+        _HEAD + b"Subject: b64\nContent-Transfer-Encoding: base64\n\nSGVsbG8gQW5hIE9rYWZvcg==\n",
+        _HEAD + b"Subject: latin\nContent-Type: text/plain; charset=iso-8859-1\n\nCaf\xe9\n",
+        _HEAD + b"Subject: html\nContent-Type: text/html\n\n<p>Hi <b>Ana</b></p>\n",
+        _HEAD + b"Subject: crlf\r\n\r\nBody\r\n",
+        _HEAD + b"Subject: caf\xc3\xa9\n\nBody\n",
+        _HEAD + b"Subject: att\nContent-Disposition: attachment; filename=\"notes.txt\"\n\nNotes\n",
+        _HEAD + b"Subject: qp with space\nContent-Transfer-Encoding: quoted-printable \n\nA=3DB\n",
+        b"From someone@x Mon Jan  1 00:00:00 2024\n" + _HEAD + b"Subject: unix from\n\nBody\n",
+        _HEAD + b"Subject: mp\nMIME-Version: 1.0\nContent-Type: multipart/mixed; boundary=\"XX\"\n\n--XX\n"
+        b"Content-Type: text/plain\nContent-Transfer-Encoding: quoted-printable\n\nHi =3D Ana\n--XX\n"
+        b"Content-Type: text/plain\nContent-Disposition: attachment; filename=\"a.txt\"\n\nSSN 123-45-6789\n--XX--\n",
+        _HEAD + b"Subject: no blank line, headers only\n",
+    ]
+    for raw in plain_cases + slow_cases:
+        fast, slow, took = _mail_both_ways(raw, tmp_path)
+        assert fast == slow, raw
+        assert took == (raw in plain_cases), raw
+    fast, _, _ = _mail_both_ways(plain_cases[1], tmp_path)
+    assert "cuthere, café = ok" in fast[0].text.replace("\n", "")
+    assert fast[0].name_hints == ("Ana Okafor", "Derek Hollis")
+    mbox = tmp_path / "a.mbox"
+    mbox.write_bytes(b"".join(b"From x@y Mon Jan  1 00:00:00 2024\n" + raw + b"\n" for raw in plain_cases + slow_cases))
+    fast, slow = _mbox_both_ways(mbox)
+    assert fast == slow and len(fast) == len(plain_cases) + len(slow_cases) + 1  # its "From " line splits too

@@ -140,6 +140,7 @@ class VersionBuilder:
         self.vid: int | None = None
         self.inherited: set[str] = set()  # hashes of the records copied from `previous`
         self.tables: list[str] = []  # data tables this version named (a dropped one stays taken)
+        self._data_tables: set[str] | None = None  # the vault's data tables when this version first named one
         self._writer: RecordWriter | None = None
         self._sources: list[tuple] = []
         self._pii: list[tuple] = []
@@ -282,10 +283,11 @@ class VersionBuilder:
         from appliance.vault.readers.tables import table_name
 
         base = target = table_name(self.vid, Path(stem))
-        taken, i = set(self.tables), 2
-        while target in taken or self.con.execute(
-                "SELECT 1 FROM information_schema.tables WHERE table_schema = 'data' AND table_name = ?",
-                [target]).fetchone():
+        if self._data_tables is None:  # the catalog, read once: a query per name costs ~10 ms, more with more tables
+            self._data_tables = {t for (t,) in self.con.execute(
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'data'").fetchall()}
+        taken, i = self._data_tables.union(self.tables), 2  # every data table made since is in `tables`
+        while target in taken:
             target, i = f"{base}_{i}", i + 1
         self.tables.append(target)
         return target

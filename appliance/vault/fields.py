@@ -166,6 +166,8 @@ class FieldScrubber:
             return value, Counter()
         self._s.seen = []
         out, counts = self._s.scrub_cell(column, value)
+        if not counts:  # most cells: nothing found, so nothing replaced, located or kept
+            return value, counts
         landed = value if self.mode == "flag" else out
         prefix = self._s.label(column)
         found = [Found("text", f.type, f.detector, f.score, f.start - len(prefix), f.end - len(prefix))

@@ -80,9 +80,11 @@ def _copy_table(con, source: str, path: Path, reader_sql: str, target: str, scru
 
 
 def table_columns(con: duckdb.DuckDBPyConnection, target: str) -> list[list[str]]:
+    # `duckdb_columns()` directly: `information_schema.columns` is a view of it, with these very fields, and
+    # costs half as much again
     return [[n, t] for n, t in con.execute(
-        "SELECT column_name, data_type FROM information_schema.columns WHERE table_schema = 'data' "
-        "AND table_name = ? ORDER BY ordinal_position", [target]).fetchall()]
+        "SELECT column_name, data_type FROM duckdb_columns() WHERE schema_name = 'data' "
+        "AND table_name = ? ORDER BY column_index", [target]).fetchall()]
 
 
 def render_row(stem: str, n: int, row: dict, cols: list[str]) -> str:
