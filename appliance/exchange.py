@@ -7,7 +7,8 @@ passphrase (APPLIANCE_KEY_PASSPHRASE[_FILE]); trusted signers in HOME/trust.
 
 Agents name things, never paths: an agent's export (`outbox_export`) lands under a plain file name in
 HOME/outbox, created exclusively and never through a link, signed by one of the home's keys by name and
-encrypted only to sites in the trust store, by name. No agent tool writes anywhere else in the home.
+encrypted to sites in the trust store, by name: always, a bundle an agent asks for in the clear is refused.
+No agent tool writes anywhere else in the home.
 """
 
 from __future__ import annotations
@@ -257,7 +258,8 @@ def outbox_target(home: Home, out: str, sign_key: str, recipients: list[str]) ->
     """An agent's export checked by name: (`out`, the recipients' keys); UsageError for anything else.
 
     `out` is a plain file name, new in HOME/outbox; `sign_key` one of the home's keys; each recipient the
-    name of a trusted site (its key from the trust store, never a key file)."""
+    name of a trusted site (its key from the trust store, never a key file), and at least one: an agent's
+    bundle is always encrypted."""
     if not isinstance(out, str) or not OUT_NAME.match(out):
         raise UsageError(f"out {out!r} is not a plain file name",
                          "name the file only (letters, digits, '.', '_', '-'); it lands in the home's outbox")
@@ -272,6 +274,9 @@ def outbox_target(home: Home, out: str, sign_key: str, recipients: list[str]) ->
             raise UsageError(f"no trusted site named {r!r}", "encrypt only to a site in `appliance trust list`, "
                                                             "by its name")
         keys.append(match[0])
+    if not keys:  # whatever a bundle carries (model, GGUF, eval run, dataset) derives from vault data
+        raise UsageError("an agent's bundle must be encrypted: it carries what was made from vault data",
+                         "name the receiving site in `to` (a site in `appliance trust list`)")
     box = home.outbox
     if box.is_symlink() or (box.exists() and not box.is_dir()):
         raise UsageError(f"{box} is not a directory", "the operator makes the outbox a plain folder again")

@@ -140,7 +140,8 @@ def inbound_outbound_tools(tool, call) -> None:
         return call(api.agent_vault_ingest, paths=paths, dataset=dataset, pii=pii)
 
     @tool("Write a signed bundle of a model, GGUF, eval run or dataset as OUT, a file name in the home's outbox; "
-          "sign_key is one of the home's keys and `to` names trusted sites to encrypt to (export).")
+          "sign_key is one of the home's keys and `to` names trusted sites to encrypt to, at least one: an "
+          "agent's bundles are always encrypted (export).")
     def bundle_export(ref: str, sign_key: str, out: str, to: list[str] | None = None) -> dict[str, Any]:
         return call(api.agent_bundle_export, ref=ref, sign_key=sign_key, out=out, to=to)
 

@@ -102,6 +102,12 @@ class MemDir:
         self.add(name, f)
         return f
 
+    def rename(self, old: str, new: str) -> None:
+        """Give the in-memory file `old` the name `new` (its link moves; the bytes stay where they are)."""
+        f = self.files.pop(old)
+        os.unlink(self.path / old)
+        self.add(new, f)
+
     def check(self) -> dict[str, MemFile]:
         """The files written through the links; a plain file or any other entry made there is refused."""
         for dirpath, dirnames, filenames in os.walk(self.path):

@@ -12,6 +12,13 @@ A sealed file is `NAME.sealed`: MAGIC, a random 16-byte nonce, then the file's b
 HKDF(artifact key, nonce, artifact id + file name). The id and name in the key bind a file to its place:
 moved into another artifact or renamed, it does not open; cut, extended or altered, it does not open.
 
+Each sealed directory (an artifact, and each checkpoint inside a run) holds a manifest, `.appliance-manifest.sealed`,
+sealed like its files and written last, with the directory: every file's name, plaintext size, sealed size and
+nonce (the nonce names one write of a file: its key derives from it, so no other sealed bytes open under it), a
+write counter and a random write id. A directory is checked against it whenever it is opened: a file removed,
+added, or put back from an earlier write of the same artifact does not open. A directory without one (made
+before manifests) opens as before, and `vault check` lists it.
+
 Reading never writes plaintext: `Store.opened(path)` gives a path for a loader (transformers, llama.cpp,
 safetensors) that points into memory (`memfiles`): a sealed file becomes an anonymous in-memory file, a
 sealed directory a private directory of links to them. Writing builds the files in memory (`Store.building`)
@@ -21,9 +28,12 @@ own directory given on the command line) is used as it is.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
+import json
 import mmap
 import os
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -39,6 +49,11 @@ SUFFIX = ".sealed"
 NONCE = 16
 _INFO = b"appliance-sealed-v1\x00"
 WEIGHTS = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".distcp")
+MANIFEST = ".appliance-manifest"  # a sealed directory's list of its files, sealed as MANIFEST + SUFFIX
+# Directories inside an artifact that keep a manifest of their own: a run's checkpoints, each written (and pruned,
+# or left out of a backup) whole, apart from the rest of the run.
+OWN_MANIFEST = re.compile(r"^(checkpoints/[^/]+)/")
+_RESTORE = "restore the artifact from a backup, or make it again"
 # The names a tokenizer's save_pretrained writes (transformers 5): made as in-memory files before it runs.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "special_tokens_map.json",
                    "added_tokens.json")
@@ -101,24 +116,27 @@ def _file_key(key: bytes, nonce: bytes, artifact: str, name: str) -> bytes:
     return stream.hkdf(key, nonce, _INFO + artifact.encode() + b"\x00" + name.encode())
 
 
-def seal_file(key: bytes, artifact: str, name: str, payload, dest: Path) -> None:
-    """Write `payload` (a buffer) sealed to `dest` (a new file: exclusive, never through a link, 0600)."""
+def seal_file(key: bytes, artifact: str, name: str, payload, dest: Path) -> dict:
+    """Write `payload` (a buffer) sealed to `dest` (a new file: exclusive, never through a link, 0600). Returns
+    its manifest entry."""
     from bundles.safefile import create_new
 
     with create_new(dest) as f:
-        seal_to(f, key, artifact, name, payload)
+        entry = seal_to(f, key, artifact, name, payload)
         f.flush()
         os.fsync(f.fileno())
+    return entry
 
 
 BATCH = 64  # chunks sealed at once (in parallel) before they are written: memory stays at 64 MiB a file
 
 
-def seal_to(f, key: bytes, artifact: str, name: str, payload) -> None:
-    """Write `payload` sealed to the open binary file `f`."""
+def seal_to(f, key: bytes, artifact: str, name: str, payload) -> dict:
+    """Write `payload` sealed to the open binary file `f`. Returns its manifest entry."""
     w = SealingWriter(f, key, artifact, name)
     w.write(payload)  # whole batches sealed straight from the payload
     w.close()
+    return w.entry()
 
 
 class SealingWriter:
@@ -126,7 +144,7 @@ class SealingWriter:
     chunk), for a writer that streams (a checkpoint's shards); batches of chunks are sealed in parallel."""
 
     def __init__(self, f, key: bytes, artifact: str, name: str):
-        nonce = os.urandom(NONCE)
+        nonce = self.nonce = os.urandom(NONCE)
         self._key = _file_key(key, nonce, artifact, name)
         self._f = f
         self._buf = bytearray()
@@ -191,6 +209,11 @@ class SealingWriter:
             self._buf = bytearray()
             self._done = True
 
+    def entry(self) -> dict:
+        """The file's manifest entry (once closed)."""
+        return {"size": self._size, "sealed": len(MAGIC) + NONCE + stream.sealed_size(self._size),
+                "nonce": self.nonce.hex()}
+
 
 def open_file(key: bytes, artifact: str, name: str, src: Path) -> MemFile:
     """The plaintext of the sealed file `src`, as an in-memory file."""
@@ -240,9 +263,113 @@ def is_sealed(path: Path) -> bool:
 
 
 def sealed_names(root: Path) -> list[str]:
-    """The plaintext names of the files a sealed directory holds, sorted."""
-    return sorted(p.relative_to(root).as_posix()[:-len(SUFFIX)] for p in root.rglob("*" + SUFFIX)
-                  if p.is_file() and not p.is_symlink())
+    """The plaintext names of the files a sealed directory holds, sorted (not its manifests, nor what lies in a
+    hidden directory: one being built under a temp name)."""
+    names: list[str] = []
+
+    def walk(d: Path, rel: str) -> None:
+        for e in os.scandir(d):
+            if e.is_dir(follow_symlinks=False):
+                if not e.name.startswith("."):
+                    walk(Path(e.path), f"{rel}{e.name}/")
+            elif e.name.endswith(SUFFIX) and e.name != MANIFEST + SUFFIX and e.is_file(follow_symlinks=False):
+                names.append(rel + e.name[:-len(SUFFIX)])
+
+    if Path(root).is_dir():
+        walk(Path(root), "")
+    return sorted(names)
+
+
+# --- manifests ---------------------------------------------------------------------------------------
+def entry_of(path: Path) -> dict:
+    """The manifest entry of the sealed file `path`, from its header and size."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:
+        total = os.fstat(fd).st_size
+        head = os.pread(fd, len(MAGIC) + NONCE, 0)
+    finally:
+        os.close(fd)
+    try:
+        size = stream.payload_size(total - len(MAGIC) - NONCE) if head.startswith(MAGIC) else -1
+    except stream.StreamError:
+        size = -1
+    return {"size": size, "sealed": total, "nonce": head[len(MAGIC):].hex()}
+
+
+def _same(a: dict, b: dict | None) -> bool:
+    return b is not None and (a["sealed"], a["nonce"]) == (b["sealed"], b["nonce"])
+
+
+def _covered(d: Path) -> tuple[dict[str, Path], list[Path]]:
+    """The sealed files a manifest in `d` lists (names relative to `d`), and the directories below with a manifest
+    of their own (a checkpoint in a run), which it does not."""
+    files: dict[str, Path] = {}
+    nested: list[Path] = []
+
+    def walk(cur: Path, rel: str) -> None:
+        for e in os.scandir(cur):
+            if e.is_dir(follow_symlinks=False):
+                if e.name.startswith("."):
+                    continue  # a directory being built under a temp name: never opened as part of the artifact
+                if os.path.isfile(os.path.join(e.path, MANIFEST + SUFFIX)):
+                    nested.append(Path(e.path))
+                else:
+                    walk(Path(e.path), f"{rel}{e.name}/")
+            elif e.name.endswith(SUFFIX) and e.name != MANIFEST + SUFFIX:
+                files[rel + e.name[:-len(SUFFIX)]] = Path(e.path)
+
+    walk(d, "")
+    return files, nested
+
+
+def seal_manifest(key: bytes, artifact: str, prefix: str, files: dict[str, dict], write: int, dest: Path,
+                  pending: dict[str, dict] | None = None) -> None:
+    """Seal the manifest of a directory (`prefix`: its name inside the artifact, "" for the artifact itself) to
+    `dest`, replacing it. `pending` holds the entries of files being replaced, accepted until the next write."""
+    from bundles.safefile import atomic_create
+
+    doc = {"format": 1, "artifact": artifact, "dir": prefix, "write": write, "id": os.urandom(16).hex(),
+           "files": dict(sorted(files.items()))}
+    if pending:
+        doc["pending"] = pending
+    with atomic_create(dest) as f:
+        seal_to(f, key, artifact, _join(prefix, MANIFEST), json.dumps(doc, indent=1).encode())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}/{name}" if prefix else name
+
+
+@contextmanager
+def _locked(top: Path) -> Iterator[None]:
+    """The artifact directory locked against another process updating its manifest meanwhile."""
+    fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def _rel(path: Path, top: Path) -> str:
+    """`path` relative to `top`, "" for `top` itself."""
+    rel = Path(os.path.abspath(path)).relative_to(os.path.abspath(top)).as_posix()
+    return "" if rel == "." else rel
+
+
+def _compare(artifact: str, prefix: str, want: dict, pending: dict, got: dict[str, Path]) -> None:
+    """The sealed files `got` against the manifest's entries `want` (and `pending`: a write or removal under way,
+    either state accepted); one SealedError naming the artifact and what differs."""
+    missing = sorted(n for n in want if n not in got)
+    added = sorted(n for n in got if n not in want and n not in pending)
+    stale = sorted(n for n in got if (n in want or n in pending) and not (
+        _same(entry_of(got[n]), want.get(n)) or _same(entry_of(got[n]), pending.get(n))))
+    said = [f"{_join(prefix, n)} {what}" for names, what in (
+        (missing, "is missing"), (added, "was added"), (stale, "is not the copy last written")) for n in names]
+    if said:
+        more = f" (and {len(said) - 3} more)" if len(said) > 3 else ""
+        raise SealedError(f"the artifact {artifact} does not match its manifest: {'; '.join(said[:3])}{more}",
+                          f"a file was removed, added or put back from an earlier write; {_RESTORE}")
 
 
 # --- the store ---------------------------------------------------------------------------------------
@@ -275,7 +402,13 @@ class Store:
         sealed = path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
         artifact, top = self._where(sealed)
         name = sealed.relative_to(top).as_posix()[:-len(SUFFIX)]
-        return open_file(self.keys.key(artifact), artifact, name, sealed)
+        out = open_file(self.keys.key(artifact), artifact, name, sealed)  # altered, cut, moved: said by the open
+        try:
+            self._check_file(artifact, top, sealed)  # a whole file of another write: said by the manifest
+        except BaseException:
+            out.close()
+            raise
+        return out
 
     def read_bytes(self, path: Path) -> bytes:
         path = Path(path)
@@ -305,6 +438,7 @@ class Store:
             return
         artifact, top = self._where(path)
         key = self.keys.key(artifact)
+        self.check(path)
         with MemDir(self.tmp) as d:
             for name in sealed_names(path):
                 if weights or not name.endswith(WEIGHTS):
@@ -327,6 +461,7 @@ class Store:
         what `train.model.tree_hash` gives for the same files in the clear."""
         artifact, top = self._where(path)
         key = self.keys.key(artifact)
+        self.check(path)
         h = hashlib.sha256()
         for name in sealed_names(path):
             rel = (path / name).relative_to(top).as_posix()
@@ -345,14 +480,24 @@ class Store:
             raise ApplianceError(f"{dest} is inside the artifact {artifact}", "a defect: report it")
         key = self.keys.key(artifact, create=True)
         h = hashlib.sha256()
+        entries: dict[str, dict] = {}
         with atomic_dir(dest) as tmp:
             for name in sorted(files):
                 f = files[name]
                 (tmp / name).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
                 opened = f.map() if isinstance(f, MemFile) else _mapped(f) if isinstance(f, Path) else _Buffer(f)
                 with opened as data:
-                    h.update(f"{name}\0{hashlib.sha256(data).hexdigest()}\n".encode())
-                    seal_file(key, artifact, name, data, tmp / (name + SUFFIX))
+                    digest = hashlib.sha256(data).hexdigest()
+                    h.update(f"{name}\0{digest}\n".encode())
+                    entries[name] = {**seal_file(key, artifact, name, data, tmp / (name + SUFFIX)), "sha256": digest}
+            groups: dict[str, dict[str, dict]] = {}
+            for name, entry in entries.items():  # a checkpoint has a manifest of its own, wherever it is written
+                own = OWN_MANIFEST.match(name)
+                sub = own.group(1) if own else ""
+                groups.setdefault(sub, {})[name[len(sub) + 1:] if sub else name] = entry
+            for sub, listed in groups.items():  # last: the directory is renamed into place with them
+                seal_manifest(key, artifact, sub, listed, self._write_count(artifact, top, top / sub) + 1,
+                              tmp / sub / (MANIFEST + SUFFIX))
         return h.hexdigest()
 
     def write_file(self, dest: Path, data: bytes) -> None:
@@ -360,11 +505,128 @@ class Store:
         from bundles.safefile import atomic_create
 
         artifact, top = self._where(dest)
-        name = Path(dest).relative_to(top).as_posix()
+        dest = Path(os.path.abspath(dest))
+        name = dest.relative_to(top).as_posix()
         key = self.keys.key(artifact, create=True)
-        Path(dest).parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        with atomic_create(Path(str(dest) + SUFFIX)) as f:
-            seal_to(f, key, artifact, name, data)
+        dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        target = Path(str(dest) + SUFFIX)
+        with _locked(top):
+            mdir = self._covering(top, dest.parent)
+            doc = self._manifest(artifact, top, mdir) if mdir else None
+            if doc is None and set(_covered(top)[0]) <= {name}:  # a new artifact: its first file starts a manifest
+                mdir, doc = top, {"files": {}, "write": 0}
+            if mdir is None or doc is None:  # an artifact made before manifests: left as it was
+                with atomic_create(target) as f:
+                    seal_to(f, key, artifact, name, data)
+                return
+            prefix, mname, mpath = _rel(mdir, top), _rel(dest, mdir), mdir / (MANIFEST + SUFFIX)
+            old = doc["files"].get(mname)
+            with atomic_create(target) as f:
+                entry = {**seal_to(f, key, artifact, name, data), "sha256": hashlib.sha256(data).hexdigest()}
+                files = {**doc["files"], mname: entry}
+                # before the rename: either copy opens if the process dies between the two
+                seal_manifest(key, artifact, prefix, files, doc["write"] + 1, mpath, {mname: old} if old else None)
+            seal_manifest(key, artifact, prefix, files, doc["write"] + 2, mpath)
+
+    def remove(self, path: Path) -> None:
+        """Remove a directory inside an artifact (a pruned checkpoint), and its files from the manifest that lists
+        them."""
+        import shutil
+
+        artifact, top = self._where(path)
+        path = Path(os.path.abspath(path))
+        with _locked(top):
+            mdir = None if (path / (MANIFEST + SUFFIX)).is_file() else self._covering(top, path.parent)
+            doc = self._manifest(artifact, top, mdir) if mdir else None
+            if doc is None:
+                shutil.rmtree(path, ignore_errors=True)
+                return
+            sub, key = _rel(path, mdir) + "/", self.keys.key(artifact)
+            prefix, mpath = _rel(mdir, top), mdir / (MANIFEST + SUFFIX)
+            gone = {n: e for n, e in doc["files"].items() if n.startswith(sub)}
+            files = {n: e for n, e in doc["files"].items() if n not in gone}
+            seal_manifest(key, artifact, prefix, files, doc["write"] + 1, mpath, gone)  # either state checks
+            shutil.rmtree(path, ignore_errors=True)
+            seal_manifest(key, artifact, prefix, files, doc["write"] + 2, mpath)
+
+    def seal_manifest_of(self, tmp: Path, final: Path) -> None:
+        """The manifest of a directory built in `tmp` (a checkpoint) that is renamed to `final` inside an artifact:
+        every sealed file it holds, written last into `tmp`."""
+        artifact, top = self._where(final)
+        final = Path(os.path.abspath(final))
+        files, _ = _covered(tmp)
+        seal_manifest(self.keys.key(artifact), artifact, _rel(final, top), {n: entry_of(p) for n, p in files.items()},
+                      self._write_count(artifact, top, final) + 1, tmp / (MANIFEST + SUFFIX))
+
+    # manifests
+    def _covering(self, top: Path, d: Path) -> Path | None:
+        """The nearest directory from `d` up to the artifact `top` that holds a manifest."""
+        cur, top = Path(os.path.abspath(d)), Path(os.path.abspath(top))
+        while True:
+            if (cur / (MANIFEST + SUFFIX)).is_file():
+                return cur
+            if cur == top or top not in cur.parents:
+                return None
+            cur = cur.parent
+
+    def _manifest(self, artifact: str, top: Path, d: Path) -> dict | None:
+        """The manifest of directory `d` of an artifact, opened (None when there is none)."""
+        f = Path(d) / (MANIFEST + SUFFIX)
+        if not f.is_file():
+            return None
+        name = _join(_rel(d, top), MANIFEST)
+        try:
+            with open_file(self.keys.key(artifact), artifact, name, f) as m:
+                doc = json.loads(m.read())
+            doc["files"], doc["write"] = dict(doc["files"]), int(doc["write"])
+        except SealedError:
+            raise SealedError(f"the manifest of the artifact {artifact} ({name}) does not open",
+                              f"it was altered, or put there from another directory; {_RESTORE}") from None
+        except (ValueError, KeyError, TypeError):
+            raise SealedError(f"the manifest of the artifact {artifact} ({name}) is malformed", _RESTORE) from None
+        return doc
+
+    def _write_count(self, artifact: str, top: Path, d: Path) -> int:
+        """The write counter of the manifest `d` holds now (0 when none, or it does not open: it is replaced)."""
+        try:
+            doc = self._manifest(artifact, top, d) if Path(d).is_dir() else None
+        except SealedError:
+            return 0
+        return doc["write"] if doc else 0
+
+    def check(self, path: Path) -> bool:
+        """Check a sealed directory (an artifact, or a directory inside one) against its manifests: a file missing,
+        added, or not the copy last written raises a SealedError naming the artifact. False when some of it has no
+        manifest (made before manifests: it opens as before), else True."""
+        artifact, top = self._where(path)
+        d, top = Path(os.path.abspath(path)), Path(os.path.abspath(top))
+        mdir = self._covering(top, d)
+        files, nested = _covered(d)
+        whole = True
+        if mdir is None:
+            whole = not files
+        else:
+            doc = self._manifest(artifact, top, mdir)
+            sub = _rel(d, mdir)
+            cut = len(sub) + 1 if sub else 0
+
+            def under(entries: dict) -> dict:
+                return {n[cut:]: e for n, e in entries.items() if not sub or n.startswith(sub + "/")}
+
+            _compare(artifact, _rel(d, top), under(doc["files"]), under(doc.get("pending") or {}), files)
+        for n in nested:
+            whole = self.check(n) and whole
+        return whole
+
+    def _check_file(self, artifact: str, top: Path, sealed_path: Path) -> None:
+        """One file against the manifest that covers it (none: made before manifests, opened as before)."""
+        mdir = self._covering(top, sealed_path.parent)
+        if mdir is None or not sealed_path.is_file():
+            return  # missing: the open says so, naming it
+        doc = self._manifest(artifact, top, mdir)
+        name = _rel(sealed_path, mdir)[:-len(SUFFIX)]
+        _compare(artifact, _rel(mdir, top), {n: e for n, e in doc["files"].items() if n == name},
+                 {n: e for n, e in (doc.get("pending") or {}).items() if n == name}, {name: sealed_path})
 
     @contextmanager
     def building(self, dest: Path, names: tuple[str, ...] = ()) -> Iterator[MemDir]:
@@ -473,6 +735,32 @@ def opened(path: Path, weights: bool = True) -> Iterator[Path]:
         yield p
 
 
+@contextmanager
+def named(opened_path: Path, label: str) -> Iterator[None]:
+    """Errors raised in the block name `label` (a model's id) where they would name `opened_path`, the in-memory
+    directory `opened` gave, or one of its files by its `/proc/PID/fd/N` path: names that mean nothing to a user
+    and are gone once the block ends."""
+    try:
+        yield
+    except ApplianceError as e:
+        said = [(str(opened_path), label)]
+        if Path(opened_path).is_dir():
+            for dirpath, _, filenames in os.walk(opened_path):
+                for n in filenames:
+                    link = Path(dirpath, n)
+                    if link.is_symlink():
+                        said.append((os.readlink(link), f"{label}/{link.relative_to(opened_path).as_posix()}"))
+        said.sort(key=lambda pair: -len(pair[0]))  # a file's link before the directory it is in
+        message, hint = e.message, e.hint
+        for was, now in said:
+            message = message.replace(was, now)
+            hint = hint.replace(was, now) if hint else hint
+        if (message, hint) != (e.message, e.hint):
+            e.message, e.hint = message, hint
+            e.args = (f"{message}; {hint}" if hint else message,)
+        raise
+
+
 def read_bytes(path: Path) -> bytes:
     """One file's plaintext: sealed inside a home's artifacts (its vault open here), else read as it is."""
     path = Path(path)
@@ -510,6 +798,7 @@ def seal_plain(store: Store, top: Path) -> int:
              if p.is_file() and not p.is_symlink() and not p.name.endswith(SUFFIX)}
     if not plain:
         return 0
+    store.check(top)  # what is sealed already is kept as it is: never a file removed, added or rolled back
     size = sum(p.stat().st_size for p in plain.values())
     key = store.keys.key(artifact, create=True)
     opened = {n: open_file(key, artifact, n, top / (n + SUFFIX)) for n in sealed_names(top)}
@@ -536,6 +825,7 @@ class Receiving:
         self.key = store.keys.key(self.artifact, create=True)
         self.dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
+        self.entries: dict[str, dict] = {}  # for the manifest, written last
 
     def file(self, name: str):
         from bundles.safefile import create_new
@@ -544,6 +834,7 @@ class Receiving:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         f = create_new(path)
         w = SealingWriter(f, self.key, self.artifact, name)
+        entries = self.entries
 
         class _Sink:
             def write(self, data) -> None:
@@ -554,6 +845,7 @@ class Receiving:
                 f.flush()
                 os.fsync(f.fileno())
                 f.close()
+                entries[name] = w.entry()
 
         return _Sink()
 
@@ -562,6 +854,7 @@ class Receiving:
 
         if os.path.lexists(self.dest):
             raise ApplianceError(f"{self.dest} appeared meanwhile", "import again")
+        seal_manifest(self.key, self.artifact, "", self.entries, 1, self.tmp / (MANIFEST + SUFFIX))
         os.rename(self.tmp, self.dest)
         fsync_path(self.dest.parent)
 

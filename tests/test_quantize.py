@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -310,10 +309,13 @@ def test_bad_input_is_one_line_and_leaves_nothing(qhome, cli, tmp_path, monkeypa
     nothing_left()
     # a model without a tokenizer, and an architecture llama.cpp's llama arch cannot hold
     d = model_dir(qhome, "kq@1")
-    shutil.move(d / "tokenizer.json.sealed", tmp_path / "tokenizer.json.sealed")
+    files = {n: artifact_bytes(qhome, d / n) for n in sealed.sealed_names(d)}
+    with open_vault(qhome):  # the model as the appliance would write it without a tokenizer (a deleted file is
+        sealed.write_dir(d, {n: b for n, b in files.items() if n != "tokenizer.json"})  # refused by its manifest)
     r = cli("--home", qhome, "quantize", "kq@1")
-    assert r.code == 1 and "has no tokenizer.json" in r.err
-    shutil.move(tmp_path / "tokenizer.json.sealed", d / "tokenizer.json.sealed")
+    assert r.code == 1 and "kq@1 has no tokenizer.json" in r.err and ".mem-" not in r.err
+    with open_vault(qhome):
+        sealed.write_dir(d, files)
     cfg = json.loads(artifact_bytes(qhome, d / "config.json"))
     with open_vault(qhome):  # sealed again under the model's key, as the appliance writes it
         sealed.write_file(d / "config.json",
@@ -321,6 +323,25 @@ def test_bad_input_is_one_line_and_leaves_nothing(qhome, cli, tmp_path, monkeypa
     r = cli("--home", qhome, "quantize", "kq@1")
     assert r.code == 1 and "unsupported architecture 'gpt2'" in r.err
     nothing_left()
+
+
+def test_a_malformed_model_is_named_by_its_id_not_its_in_memory_copy(qhome, cli):
+    d = model_dir(qhome, "kq@1")
+    files = {n: artifact_bytes(qhome, d / n) for n in sealed.sealed_names(d)}
+    with open_vault(qhome):
+        sealed.write_file(d / "config.json", b'{"model_type": "llama", ')  # cut short
+    errs = [cli("--home", qhome, "quantize", "kq@1")]
+    assert errs[-1].code == 1 and errs[-1].err.startswith("error: kq@1/config.json is not valid JSON"), errs[-1].err
+    with open_vault(qhome):
+        sealed.write_dir(d, {n: b for n, b in files.items() if n != "config.json"})
+        sealed.write_dir(model_dir(qhome, "kqmoe@1"), {n: b for n, b in files.items() if n != "model.safetensors"})
+    errs.append(cli("--home", qhome, "quantize", "kq@1"))
+    assert errs[-1].err.startswith("error: kq@1 is not a model directory (no config.json)"), errs[-1].err
+    errs.append(cli("--home", qhome, "quantize", "kqmoe@1"))
+    assert errs[-1].err.startswith("error: kqmoe@1 has no model.safetensors"), errs[-1].err
+    for r in errs:
+        assert r.code == 1 and len(r.err.strip().splitlines()) == 1
+        assert ".mem-" not in r.err and "/proc/" not in r.err and str(qhome) not in r.err
 
 
 def test_truncated_gguf_is_refused(qhome, cli, tmp_path):

@@ -166,10 +166,15 @@ def test_vault_check_opens_every_artifact_and_vault_seal_seals_an_older_homes(ho
         "tokenizers/old@1: 1 file(s) in the clear (tokenizer.json)"]
     r = cli("--home", home, "--json", "vault", "seal")
     assert r.code == 0 and r.json["sealed"] == ["tokenizers/old@1"]
-    assert [p.name for p in old.iterdir()] == ["tokenizer.json.sealed"]
+    assert sorted(p.name for p in old.iterdir()) == [".appliance-manifest.sealed", "tokenizer.json.sealed"]
     assert artifact_bytes(home, old / "tokenizer.json") == b'{"vocab": "in the clear"}'
     r = cli("--home", home, "--json", "vault", "check")
     assert r.code == 0 and r.json["artifacts"] == 2 and r.json["unsealed"] == []
+    assert r.json["unmanifested"] == []
+    (home / "artifacts" / "models" / "new@1" / ".appliance-manifest.sealed").unlink()  # as one made before manifests
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code == 0 and r.json["artifacts"] == 2 and r.json["unmanifested"] == ["models/new@1"]
+    assert artifact_bytes(home, home / "artifacts" / "models" / "new@1" / "config.json") == b'{"a": 1}'  # opens
     f = home / "artifacts" / "models" / "new@1" / "w.bin.sealed"
     raw = bytearray(f.read_bytes())
     raw[-3] ^= 0x40  # one bit of a weight on the stolen-and-returned disk
@@ -209,6 +214,9 @@ def test_a_checkpoint_is_sealed_as_it_is_written_and_a_shard_moved_to_another_st
     assert all(torch.equal(x, y) for x, y in zip(fresh.state_dict().values(), model.state_dict().values()))
     shard = next(b.glob("*.distcp.sealed"))
     shutil.copy(next(a.glob("*.distcp.sealed")), shard)  # the same bytes, under step 2's name
+    with pytest.raises(Exception, match="does not match its manifest"):
+        checkpoint.read_weights(b)
+    (b / (sealed.MANIFEST + sealed.SUFFIX)).unlink()  # without the manifest, the name binding still refuses it
     with pytest.raises(Exception, match="does not open"):
         checkpoint.read_weights(b)
 
@@ -322,3 +330,191 @@ def test_a_closed_vault_opens_no_artifact_a_read_only_one_makes_no_key_and_a_kil
 def test_model_export_into_the_home_is_refused(home, cli):
     r = cli("--home", home, "model", "export", "nothing@1", "--out", home / "tmp" / "x")
     assert r.code != 0
+
+
+# --- manifests: the set of files of a sealed directory, and which write each one is -------------------------
+def _refused(store, path: Path) -> str:
+    """The one line a load of `path` (a sealed directory) fails with."""
+    with pytest.raises(sealed.SealedError) as e, sealed.opened(path):
+        pass
+    msg = str(e.value)
+    assert "\n" not in msg and str(store.tmp) not in msg and ".mem-" not in msg  # the artifact, never a temp path
+    return msg
+
+
+def test_a_file_removed_added_or_put_back_from_an_earlier_write_does_not_open(store):
+    a = store.root / "models/a@1"
+    store.write_dir(a, {"model.safetensors": b"weights of the first write", "config.json": b"{}",
+                        "extra.json": b'{"first": true}'})
+    first = {n: (a / n).read_bytes() for n in ("model.safetensors.sealed", "extra.json.sealed")}
+    store.write_dir(a, {"model.safetensors": b"weights of the second write", "config.json": b"{}"})
+    assert store.check(a) is True
+    with sealed.opened(a) as p:
+        assert (p / "model.safetensors").read_bytes() == b"weights of the second write"
+    now = (a / "model.safetensors.sealed").read_bytes()
+
+    (a / "model.safetensors.sealed").write_bytes(first["model.safetensors.sealed"])  # rolled back
+    msg = _refused(store, a)
+    assert msg.startswith("the artifact models/a@1 does not match its manifest: model.safetensors is not the copy "
+                          "last written") and "restore the artifact from a backup" in msg
+    with pytest.raises(sealed.SealedError, match="models/a@1 does not match its manifest"):
+        store.read_bytes(a / "model.safetensors")
+    with pytest.raises(sealed.SealedError, match="models/a@1"):
+        store.check(a)
+    (a / "model.safetensors.sealed").write_bytes(now)
+
+    (a / "extra.json.sealed").write_bytes(first["extra.json.sealed"])  # a file of an earlier write, added
+    assert "the artifact models/a@1 does not match its manifest: extra.json was added" in _refused(store, a)
+    with pytest.raises(sealed.SealedError, match="extra.json was added"):
+        store.read_bytes(a / "extra.json")
+    (a / "extra.json.sealed").unlink()
+
+    (a / "config.json.sealed").unlink()  # removed
+    assert "the artifact models/a@1 does not match its manifest: config.json is missing" in _refused(store, a)
+    with pytest.raises(sealed.SealedError, match="config.json is missing"):
+        store.verify(a) if store.check(a) else None
+
+
+def test_a_manifest_moved_from_another_artifact_or_put_back_from_an_earlier_write_is_refused(store):
+    a, b = store.root / "models/a@1", store.root / "models/b@1"
+    store.write_dir(a, {"w.bin": b"one"})
+    old_manifest = (a / ".appliance-manifest.sealed").read_bytes()
+    old_w = (a / "w.bin.sealed").read_bytes()
+    store.write_dir(a, {"w.bin": b"two"})
+    store.write_dir(b, {"w.bin": b"bee"})
+    m = sealed.MANIFEST + sealed.SUFFIX
+    (b / m).write_bytes((a / m).read_bytes())
+    assert "manifest of the artifact models/b@1" in _refused(store, b)
+    (a / m).write_bytes(old_manifest)  # the earlier manifest alone: the file is the later write's
+    assert "w.bin is not the copy last written" in _refused(store, a)
+    (a / "w.bin.sealed").write_bytes(old_w)  # both put back: the whole artifact as it was (see docs/VAULT.md)
+    with sealed.opened(a) as p:
+        assert (p / "w.bin").read_bytes() == b"one"
+
+
+def test_an_artifact_made_before_manifests_opens_and_says_so(store):
+    a = store.root / "models/a@1"
+    store.write_dir(a, {"w.bin": b"older", "sub/c.json": b"{}"})
+    (a / (sealed.MANIFEST + sealed.SUFFIX)).unlink()
+    assert store.check(a) is False
+    with sealed.opened(a) as p:
+        assert (p / "w.bin").read_bytes() == b"older"
+    assert store.read_bytes(a / "sub/c.json") == b"{}"
+    store.write_file(a / "report.json", b"{}")  # a later file beside them: it stays as it was, unmanifested
+    assert store.check(a) is False and not (a / (sealed.MANIFEST + sealed.SUFFIX)).exists()
+
+
+def test_a_file_rewritten_in_a_run_directory_cannot_be_rolled_back(store):
+    run = store.root / "runs/r@1"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    store.write_file(run / "recipe.json", b'{"lr": 1}')
+    first = (run / "recipe.json.sealed").read_bytes()
+    store.write_file(run / "recipe.json", b'{"lr": 2}')
+    store.write_file(run / "report.json", b"{}")
+    assert store.check(run) is True and store.read_bytes(run / "recipe.json") == b'{"lr": 2}'
+    now = (run / "recipe.json.sealed").read_bytes()
+    (run / "recipe.json.sealed").write_bytes(first)
+    with pytest.raises(sealed.SealedError, match="runs/r@1 does not match its manifest: recipe.json is not the copy"):
+        store.read_bytes(run / "recipe.json")
+    (run / "recipe.json.sealed").write_bytes(now)
+    (run / "report.json.sealed").unlink()
+    with pytest.raises(sealed.SealedError, match="report.json is missing"):
+        store.check(run)
+
+
+def test_a_write_that_dies_between_file_and_manifest_leaves_either_copy_opening(store, monkeypatch):
+    run = store.root / "runs/r@1"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    store.write_file(run / "recipe.json", b"old")
+    calls = []
+    real = sealed.seal_manifest
+
+    def dies_after_the_first(*a, **kw):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after the rename, before the final manifest
+        return real(*a, **kw)
+
+    monkeypatch.setattr(sealed, "seal_manifest", dies_after_the_first)
+    with pytest.raises(KeyboardInterrupt):
+        store.write_file(run / "recipe.json", b"new")
+    monkeypatch.undo()
+    assert store.read_bytes(run / "recipe.json") == b"new" and store.check(run)
+
+
+def _tiny_training_state():
+    import torch
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.ones(1, 8)).sum().backward()
+    opt.step()
+    return model, opt
+
+
+def test_a_checkpoint_shard_or_state_put_back_from_an_earlier_write_of_the_same_step_does_not_load(store):
+    import torch
+
+    from appliance.train import checkpoint
+
+    model, opt = _tiny_training_state()
+    root = store.root / "runs" / "r@1" / "checkpoints"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    store.write_file(store.root / "runs/r@1/recipe.json", b"{}")  # the run's own manifest, as a run starts
+    step = checkpoint.save(root, 2, model, opt, {"run": "r@1", "loss": 9.0}, True, 3)
+    earlier = {p.name: p.read_bytes() for p in step.iterdir()}
+    with torch.no_grad():
+        model[0].weight.add_(1.0)
+    step = checkpoint.save(root, 2, model, opt, {"run": "r@1", "loss": 1.0}, True, 3)  # step 2 again (a resume)
+    assert store.check(store.root / "runs/r@1") is True
+    assert torch.equal(checkpoint.read_weights(step)["0.weight"], model[0].weight.detach())
+
+    shard = next(n for n in earlier if n.endswith(".distcp.sealed"))
+    now = (step / shard).read_bytes()
+    (step / shard).write_bytes(earlier[shard])  # the earlier weights, sealed under the same name and key
+    fresh, fresh_opt = _tiny_training_state()
+    with pytest.raises(sealed.SealedError, match=r"runs/r@1 does not match its manifest: checkpoints/step-00000002/"
+                                                 r"__0_0.distcp is not the copy last written"):
+        checkpoint.load(step, fresh, fresh_opt)
+    (step / shard).write_bytes(now)
+
+    state_now = (step / "state.json.sealed").read_bytes()
+    (step / "state.json.sealed").write_bytes(earlier["state.json.sealed"])  # the step's earlier loss and position
+    with pytest.raises(sealed.SealedError, match="state.json is not the copy last written"):
+        checkpoint.read_state(step)
+    (step / "state.json.sealed").write_bytes(state_now)
+    assert checkpoint.read_state(step)["loss"] == 1.0
+
+    extra = step / "__1_0.distcp.sealed"  # a second rank's shard, as an earlier write with two ranks left it
+    sealed.seal_file(store.keys.keys["runs/r@1"], "runs/r@1", "checkpoints/step-00000002/__1_0.distcp", b"x", extra)
+    with pytest.raises(sealed.SealedError, match="__1_0.distcp was added"):
+        checkpoint.read_weights(step)
+    extra.unlink()
+
+    (step / "rng.pt.sealed").unlink()
+    with pytest.raises(sealed.SealedError, match="rng.pt is missing"):
+        checkpoint.read_weights(step)
+    (step / "rng.pt.sealed").write_bytes(earlier["rng.pt.sealed"])
+    with pytest.raises(sealed.SealedError, match="rng.pt is not the copy last written"):
+        checkpoint.load(step, fresh, fresh_opt)
+
+
+def test_pruned_checkpoints_leave_every_manifest_true(store):
+    from appliance.train import checkpoint
+
+    model, opt = _tiny_training_state()
+    run = store.root / "runs" / "r@1"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    store.write_file(run / "recipe.json", b"{}")
+    for step in (1, 2, 3):
+        checkpoint.save(run / "checkpoints", step, model, opt, {"run": "r@1"}, True, 2)
+    assert [p.name for p in checkpoint.all_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000003"]
+    assert store.check(run) is True
+    # a run written whole (as `vault seal` writes an older one): its checkpoints still get manifests of their own
+    files = {n: store.read_bytes(run / n) for n in sealed.sealed_names(run)}
+    shutil.rmtree(run)
+    store.write_dir(run, files)
+    checkpoint.save(run / "checkpoints", 4, model, opt, {"run": "r@1"}, True, 2)
+    assert [p.name for p in checkpoint.all_checkpoints(run / "checkpoints")] == ["step-00000003", "step-00000004"]
+    assert store.check(run) is True and checkpoint.read_state(run / "checkpoints/step-00000003")["step"] == 3

@@ -223,6 +223,33 @@ def test_bundle_export_writes_only_new_names_in_the_outbox_to_trusted_sites(trai
     assert refusals(cli, train_home, "courier") == ["bundle_export"] * 8
 
 
+def test_an_agents_bundle_of_a_model_is_encrypted_or_refused(train_home, cli, tmp_path, monkeypatch):
+    from appliance import sample_bases
+
+    src = sample_bases.build("llama3", tmp_path / "base", ["the quick brown fox jumps over the lazy dog"] * 20,
+                             vocab_size=300)
+    assert cli("--home", train_home, "train", "import", src, "--name", "site").code == 0
+    monkeypatch.setenv("APPLIANCE_KEY_PASSPHRASE", "key pass 1234")
+    assert cli("--home", train_home, "keys", "generate", "--name", "site").code == 0
+    pub = tmp_path / "edge.pub"
+    assert cli("--home", train_home, "keys", "export-public", "site", "--out", pub).code == 0
+    assert cli("--home", train_home, "trust", "add", pub, "--name", "edge").code == 0
+    token = grant(cli, train_home, "courier", "read,export")["token"]
+    box = train_home / "outbox"
+
+    async def flow(s):
+        clear = [await _refused(s, "bundle_export", ref="site@1", sign_key="site", out="plain.bundle"),
+                 await _refused(s, "bundle_export", ref="site@1", sign_key="site", out="plain.bundle", to=[])]
+        return clear, await _call(s, "bundle_export", ref="site@1", sign_key="site", out="site.bundle", to=["edge"])
+
+    clear, ok = asyncio.run(_session(train_home, token, flow))
+    assert all("an agent's bundle must be encrypted" in m and "name the receiving site in `to`" in m for m in clear)
+    assert all("\n" not in m for m in clear) and not (box / "plain.bundle").exists()
+    assert ok["kind"] == "model" and len(ok["encrypted_to"]) == 1
+    assert (box / "site.bundle").read_bytes().startswith(b"APPLIANCE-BUNDLE-1-ENC\n")
+    assert refusals(cli, train_home, "courier") == ["bundle_export"] * 2
+
+
 def test_a_job_runner_starts_without_any_secret_in_its_environment(home, monkeypatch):
     """The env dispatch hands the runner (what a model's tools run beside) holds no passphrase or grant."""
     import subprocess

@@ -295,7 +295,8 @@ def agent_jobs_cancel(v, token: str | None, job_id: str) -> dict:
 
 def agent_bundle_export(v, token: str | None, ref: str, sign_key: str, out: str, to: list[str] | None = None) -> dict:
     """Write a signed bundle of `ref` as OUT, a new plain file name in the home's outbox, signed by one of the
-    home's keys and encrypted to trusted sites named in `to` (export)."""
+    home's keys and encrypted to trusted sites named in `to`, at least one (export): a bundle in the clear is
+    refused."""
     from appliance import exchange
 
     def vet(v, grant, ref, sign_key, out, to):

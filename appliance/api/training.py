@@ -69,8 +69,8 @@ def train_import(v, src: str | Path, name: str, progress=None) -> dict:
 
         digest = file_sha256(src)  # what lineage records is what was read: checked again after the import
 
-        def convert(tmp: Path) -> dict:
-            record = gguf_import.source_record(src, gguf_import.convert(src, tmp, progress or (lambda d, t: None)))
+        def convert(staged) -> dict:  # into the in-memory directory the import stages in
+            record = gguf_import.source_record(src, gguf_import.convert(src, staged, progress or (lambda d, t: None)))
             if record["files"][src.name] != digest:
                 from appliance.errors import UsageError
 

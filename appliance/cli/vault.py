@@ -290,7 +290,9 @@ def check_cmd(c: Ctx):
         f"{'ok' if rep['ok'] else 'FAILED'}: {rep['records']} records, {rep['versions']} versions, "
         f"{rep['audit_entries']} audit entries, {rep['artifacts']} sealed artifacts checked" +
         "".join(f"\n  {p}" for p in rep["problems"]) +
-        "".join(f"\n  in the clear: {u} (seal with `appliance vault seal`)" for u in rep["unsealed"])))
+        "".join(f"\n  in the clear: {u} (seal with `appliance vault seal`)" for u in rep["unsealed"]) +
+        "".join(f"\n  no manifest: {u} (made before manifests; its set of files is not checked)"
+                for u in rep.get("unmanifested", []))))
     if not rep["ok"]:
         raise failure
 

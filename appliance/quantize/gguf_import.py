@@ -22,11 +22,13 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
+from appliance.memfiles import MemDir, MemFile
 from appliance.quantize import gguf_arch
 from appliance.quantize.gguf_vocab import IGNORE_MERGES
 from appliance.quantize.types import QuantizeError
@@ -235,13 +237,30 @@ def weights(r, cfg: dict, fam: gguf_arch.Family, tensors: dict):
         yield h, np.ascontiguousarray(inverse(arr.astype(np.float32, copy=False)))
 
 
-def tokenizer(path: Path, r, out: Path, chat_template: str | None):
-    """transformers' tokenizer built from the GGUF, with what its rebuild gets wrong put right, saved in `out`."""
+def _premake(mem: MemDir | None, names) -> None:
+    """In-memory files for the names a library saves by path (it writes through their links)."""
+    for name in names if mem else ():
+        if name not in mem.files:
+            mem.new(name)
+
+
+def _drop_unwritten(mem: MemDir | None) -> None:
+    """The links of premade files the library left empty: a loader would read them as broken files."""
+    for name, f in list(mem.files.items()) if mem else ():
+        if not f.size and os.path.lexists(mem.path / name):
+            os.unlink(mem.path / name)
+            mem.files.pop(name).close()
+
+
+def tokenizer(path: Path, r, out: Path, chat_template: str | None, mem: MemDir | None = None):
+    """transformers' tokenizer built from the GGUF, with what its rebuild gets wrong put right, saved in `out`
+    (through in-memory files when `mem` is the directory)."""
     import os
     import tempfile
 
     from transformers import AutoTokenizer
 
+    from appliance import sealed
     from appliance.train.bases import BACKEND_CLASS, sentencepiece_form
 
     try:
@@ -266,7 +285,9 @@ def tokenizer(path: Path, r, out: Path, chat_template: str | None):
     n_vocab = len(r.fields["tokenizer.ggml.tokens"].data)
     spec["added_tokens"] = [t for t in spec.get("added_tokens", []) if t["id"] < n_vocab]
     known = set(spec["model"].get("vocab", {})) | {t["content"] for t in spec["added_tokens"]}
+    _premake(mem, sealed.TOKENIZER_FILES)
     tok.save_pretrained(str(out))
+    _drop_unwritten(mem)
     (out / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
     tc = json.loads((out / "tokenizer_config.json").read_text())
     tc["tokenizer_class"] = BACKEND_CLASS
@@ -279,11 +300,14 @@ def tokenizer(path: Path, r, out: Path, chat_template: str | None):
     return AutoTokenizer.from_pretrained(str(out), local_files_only=True)
 
 
-def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
-    """Write `path` (a model GGUF) as a transformers directory in `out` (empty); returns the checks' figures."""
-    from safetensors.numpy import save_file
+def convert(path: Path, out: Path | MemDir, progress=lambda done, total: None) -> dict:
+    """Write `path` (a model GGUF) as a transformers directory in `out` (empty; a `MemDir` keeps every file in
+    memory, for an import into the home); returns the checks' figures."""
+    from safetensors.numpy import save, save_file
     from transformers import AutoConfig
 
+    mem = out if isinstance(out, MemDir) else None
+    out = Path(mem.path) if mem else Path(out)
     r, arch, fam = read(path)
     tensors = {t.name: t for t in r.tensors}
     cfg = config(r, arch, fam, tensors)
@@ -295,11 +319,14 @@ def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
     hf_cfg.architectures = [fam.hf_class]
     check_shapes(hf_cfg, r, cfg, fam, tensors)
     total = sum(int(t.n_elements) for t in r.tensors) * 4
-    free = shutil.disk_usage(out).free
+    free = _free_memory() if mem else shutil.disk_usage(out).free
     if total > free:
-        raise QuantizeError(f"the model needs {total / 2**30:.1f} GiB as f32 and {free / 2**30:.1f} GiB are free",
-                            "free space in the home, then import again")
+        room = "of memory" if mem else "on disk"
+        raise QuantizeError(f"the model needs {total / 2**30:.1f} GiB as f32 and {free / 2**30:.1f} GiB {room} are "
+                            "free", f"free {'memory' if mem else 'space in the home'}, then import again")
+    _premake(mem, ("config.json", "generation_config.json"))
     hf_cfg.save_pretrained(str(out))
+    _drop_unwritten(mem)
     shard, size, index, done = {}, 0, {}, 0
     files = []
 
@@ -307,7 +334,10 @@ def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
         nonlocal shard, size
         if shard:
             name = f"model-{len(files) + 1:05d}.safetensors"
-            save_file(shard, str(out / name), metadata={"format": "pt"})
+            if mem:
+                mem.add(name, MemFile.of(name, save(shard, metadata={"format": "pt"})))
+            else:
+                save_file(shard, str(out / name), metadata={"format": "pt"})
             files.append(name)
             index.update({k: name for k in shard})
         shard, size = {}, 0
@@ -321,14 +351,30 @@ def convert(path: Path, out: Path, progress=lambda done, total: None) -> dict:
         progress(done, total)
     flush()
     if len(files) == 1:
-        (out / files[0]).rename(out / "model.safetensors")
+        if mem:
+            mem.rename(files[0], "model.safetensors")
+        else:
+            (out / files[0]).rename(out / "model.safetensors")
     else:
+        _premake(mem, ("model.safetensors.index.json",))
         (out / "model.safetensors.index.json").write_text(json.dumps(
             {"metadata": {"total_size": done}, "weight_map": index}, indent=2))
-    tok = tokenizer(path, r, out, meta.get("tokenizer.chat_template"))
+    tok = tokenizer(path, r, out, meta.get("tokenizer.chat_template"), mem)
     figures = verify(path, out, tok, quantized)
     return {"arch": arch, "architecture": fam.hf_class, "tensor_types": types, "quantized": quantized,
             "name": meta.get("general.name"), "rope": cfg["rope_parameters"].get("rope_type"), **figures}
+
+
+def _free_memory() -> int:
+    """Bytes of memory available now (MemAvailable)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 1 << 62
 
 
 def _llama_side(path: str, texts: list[str], probe: str, n_probe: int) -> dict:

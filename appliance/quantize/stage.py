@@ -77,7 +77,8 @@ def quantize(vault, model_ref: str, type_name: str, imatrix_ref: str | None = No
     eval_ds = refs.dataset(vault.con, eval_ref) if eval_ref else None
     if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # no lock needed
         return existing
-    with _export_lock(vault.home.root), sealed.opened(model_dir) as model_dir:  # the model, in memory
+    with _export_lock(vault.home.root), sealed.opened(model_dir) as model_dir, \
+            sealed.named(model_dir, model_id):  # the model, in memory; an error names it by its id
         if existing := _existing(vault.con, gid, final, imatrix_ds, eval_ds, ppl_bound, qt):  # made meanwhile
             return existing
         reason = "given with --eval" if eval_ds else \

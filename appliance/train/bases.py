@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Callable
 from pathlib import Path
 
 from appliance import sealed
@@ -191,9 +192,10 @@ def sentencepiece_form(spec: dict) -> dict | None:
             "normalizer": {"type": "Sequence", "normalizers": [*prefix, _SPM_REPLACE]}}
 
 
-def as_sentencepiece(model_dir: Path) -> str | None:
+def as_sentencepiece(model_dir: Path, new: Callable[[str], object] | None = None) -> str | None:
     """Rewrite the tokenizer in `model_dir` (a copy being imported) to `sentencepiece_form`, run as written;
-    returns what was done, for the import's output and lineage, or None when it already tokenizes so."""
+    returns what was done, for the import's output and lineage, or None when it already tokenizes so. `new(name)`
+    makes a file the rewrite adds (an in-memory one, when `model_dir` is a `MemDir`)."""
     from transformers import AutoTokenizer
 
     def load_tokenizer(d: Path):
@@ -208,6 +210,8 @@ def as_sentencepiece(model_dir: Path) -> str | None:
     (model_dir / "tokenizer.json").write_text(json.dumps(fixed, ensure_ascii=False), encoding="utf-8")
     config = _json(model_dir / "tokenizer_config.json")
     was = config.get("tokenizer_class")
+    if new is not None and not (model_dir / "tokenizer_config.json").exists():
+        new("tokenizer_config.json")
     (model_dir / "tokenizer_config.json").write_text(json.dumps({**config, "tokenizer_class": BACKEND_CLASS},
                                                                 indent=2, ensure_ascii=False))
     after = load_tokenizer(model_dir)

@@ -20,8 +20,10 @@ temp directory rank 0 made stops every rank with that reason before anything is 
 Under a home's artifacts every file of a checkpoint is sealed (`appliance.sealed`) with the run's key, which
 the launcher hands each rank: the shards go through `SealedFS`, a `torch.distributed.checkpoint` file
 system whose streams seal as they are written (bound to the checkpoint's final name, so a shard moved to
-another step does not open) and open into memory when read. The plain layout above is what a checkpoint
-outside the artifacts looks like.
+another step does not open) and open into memory when read. Rank 0 writes the checkpoint's sealed manifest
+last, before the rename; loading checks the directory against it, so a shard removed, added or put back from
+an earlier write of the same step does not load. The plain layout above is what a checkpoint outside the
+artifacts looks like.
 """
 
 from __future__ import annotations
@@ -116,6 +118,7 @@ def _reader(path: Path):
     if sealed.home_artifacts(path) is not None:  # only sealed files are read there (a planted .metadata unpickles)
         if not _sealed(path / ".metadata").is_file():
             raise sealed.SealedError(f"{path} holds no sealed checkpoint", "the checkpoint is damaged or planted")
+        sealed.need(path).check(path)  # its files are the ones last written: none removed, added or put back
         r.fs = _sealed_fs()(sealed.need(path), path)
     return r
 
@@ -152,6 +155,7 @@ def _get(path: Path, name: str) -> bytes:
     store = sealed.need(path)
     if not _sealed(path / name).exists():
         raise sealed.SealedError(f"{path / name} is missing or in the clear", "the checkpoint is damaged")
+    store.check(path)
     artifact, top = store._where(path)
     with sealed.open_file(store.keys.key(artifact), artifact, f"{path.relative_to(top).as_posix()}/{name}",
                           _sealed(path / name)) as mf:
@@ -289,6 +293,8 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, rng, state: dict, kee
         torch.save({"cpu": rng}, buf)
         _put(tmp, final, "rng.pt", buf.getvalue())
         _put(tmp, final, "state.json", json.dumps({"step": step, **state}, indent=2, default=str).encode())
+        if sealed.home_artifacts(final) is not None:  # the manifest last: it lists what this write made
+            sealed.need(final).seal_manifest_of(tmp, final)
         for p in tmp.rglob("*"):
             if p.is_file():
                 fsync_path(p)
@@ -300,7 +306,10 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, rng, state: dict, kee
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     for old in all_checkpoints(root)[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+        if sealed.home_artifacts(old) is not None:
+            sealed.need(old).remove(old)  # and from a manifest that lists its files
+        else:
+            shutil.rmtree(old, ignore_errors=True)
     return final
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import threading
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -21,6 +20,7 @@ import numpy as np
 from appliance import refs, sealed
 from appliance.db_time import utcnow
 from appliance.errors import ApplianceError, UsageError
+from appliance.memfiles import MemDir, MemFile
 from appliance.train import checkpoint, data, launch, loop
 from appliance.train.config import Recipe
 from appliance.train.model import TrainError, load_tokenizer, merge_adapter, tree_hash
@@ -563,13 +563,30 @@ def metrics(con, run_id: str) -> list[dict]:
     return [dict(zip(cols, r)) for r in rows.fetchall()]
 
 
-def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | None = None) -> dict:
+def _in_memory(p: Path) -> MemFile:
+    """A copy of the plain file `p` in an in-memory file, copied by the kernel (no buffer in this process)."""
+    fd = os.open(p, os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        size = os.fstat(fd).st_size
+        f = MemFile(p.name, size)
+        done = 0
+        while done < size:
+            n = os.sendfile(f.fd, fd, done, size - done)
+            if n == 0:
+                f.close()
+                raise UsageError(f"{p} shrank while it was imported", "import it again once it is complete")
+            done += n
+        os.lseek(f.fd, 0, os.SEEK_SET)
+        return f
+    finally:
+        os.close(fd)
+
+
+def import_model(vault, src: Path, name: str, convert: Callable[[MemDir], dict] | None = None) -> dict:
     """Copy a local transformers model directory into the appliance as NAME@K (no hub, no custom code).
 
-    With `convert`, the directory is made by `convert(tmp)` instead of copied (a GGUF dequantized by
-    `quantize.gguf_import`); it returns the source record kept in lineage."""
-    import shutil
-
+    With `convert`, the directory is made by `convert(staged)` (an in-memory `MemDir`) instead of copied (a GGUF
+    dequantized by `quantize.gguf_import`); it returns the source record kept in lineage."""
     from appliance.train.bases import as_sentencepiece, check_model_dir, source_record
     from appliance.vault.ingest import validate_name
 
@@ -580,22 +597,21 @@ def import_model(vault, src: Path, name: str, convert: Callable[[Path], dict] | 
     model_id = lineage.next_id(vault.con, name)
     root = vault.home.artifacts / "models"
     try:
-        # Staged in the clear under HOME/tmp (the base arrived in the clear and holds no vault data), checked,
-        # then sealed into the artifacts like every model; the staging directory is removed either way.
-        with tempfile.TemporaryDirectory(prefix=f".import-{os.getpid()}-", dir=vault.home.tmp) as staging:
-            tmp = Path(staging)
+        # Staged in memory (a private directory of links to in-memory files under HOME/tmp), checked, its
+        # tokenizer rewritten where needed, then sealed into the artifacts: no plaintext copy lands in the home.
+        with MemDir(vault.home.tmp) as staged:
+            tmp = staged.path
             if convert is None:
                 for p in sorted(src.iterdir()):
                     if p.is_file() and not p.name.startswith("."):
-                        shutil.copy2(p, tmp / p.name)
+                        staged.add(p.name, _in_memory(p))
             else:
-                source = convert(tmp)
+                source = convert(staged)
                 config = json.loads((tmp / "config.json").read_text())
             load_tokenizer(tmp)  # refuse a directory whose tokenizer does not load offline
-            tokenizer_note = as_sentencepiece(tmp)
-            digest = tree_hash(tmp)
-            sealed.write_dir(root / model_id, {p.relative_to(tmp).as_posix(): p
-                                               for p in sorted(tmp.rglob("*")) if p.is_file()})
+            tokenizer_note = as_sentencepiece(tmp, staged.new)
+            files = {n: f for n, f in staged.check().items() if os.path.lexists(tmp / n) and f.size}
+            digest = sealed.write_dir(root / model_id, files)
     except BaseException as e:
         if isinstance(e, ApplianceError | KeyboardInterrupt):
             raise

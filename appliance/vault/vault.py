@@ -378,6 +378,8 @@ class Vault:
                 if not sealed.is_sealed(d):
                     continue
                 try:
+                    if not self.store.check(d):  # made before manifests: its set of files is not bound
+                        rep.unmanifested.append(rel)
                     rep.artifact_bytes += self.store.verify(d)
                     rep.artifacts += 1
                 except ApplianceError as e:
@@ -393,6 +395,7 @@ class CheckReport:
     artifacts: int = 0  # sealed artifact directories opened
     artifact_bytes: int = 0
     unsealed: list[str] = field(default_factory=list)  # artifacts with files in the clear (`vault seal`)
+    unmanifested: list[str] = field(default_factory=list)  # sealed artifacts without a manifest (older ones)
 
     @property
     def ok(self) -> bool:
@@ -401,7 +404,8 @@ class CheckReport:
     def to_json(self) -> dict:
         return {"ok": self.ok, "records": self.blobs, "versions": self.versions,
                 "audit_entries": self.audit.entries if self.audit else 0, "artifacts": self.artifacts,
-                "artifact_bytes": self.artifact_bytes, "unsealed": self.unsealed, "problems": self.problems}
+                "artifact_bytes": self.artifact_bytes, "unsealed": self.unsealed, "unmanifested": self.unmanifested,
+                "problems": self.problems}
 
 
 @contextmanager
