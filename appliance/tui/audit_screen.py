@@ -10,7 +10,6 @@ from appliance import api
 from appliance.tui import actions, fmt
 from appliance.tui.pages import Page, fill
 
-
 # Fixed widths: the log's columns do not jump as entries come and go, and a picture of the screen never catches
 # them sized to their headers (a table sizes free columns to new rows only when it is next idle).
 COLUMNS = (("seq", 6), ("time", 16), ("actor", 12), ("action", 18), ("ids", 30), ("details", 60))
