@@ -121,6 +121,30 @@ def test_sft_full_lora_qlora_and_merge(train_home, cli):
     assert kinds["sft-qlora@1"] == "adapter" and kinds["sft-qlora-merged@1"] == "model"
 
 
+LORA_THEN_QLORA = """
+import sys, tempfile
+from transformers import LlamaConfig, LlamaForCausalLM
+from appliance.train.config import LoraConfig
+from appliance.train.model import load_base
+d = tempfile.mkdtemp()
+LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                             num_attention_heads=2, num_key_value_heads=1)).save_pretrained(d)
+lora = load_base(d, "lora", LoraConfig(rank=2))
+print("after lora:", "bitsandbytes" in sys.modules)
+qlora = load_base(d, "qlora", LoraConfig(rank=2))
+print("after qlora:", type(qlora.base_model.model.model.layers[0].self_attn.q_proj).__module__)
+"""
+
+
+def test_a_lora_process_never_imports_bitsandbytes_and_qlora_still_works_after_it():
+    """bitsandbytes costs every process that imports peft about 1.5 s; only QLoRA needs it."""
+    from tests.conftest import PY, python_env
+
+    p = subprocess.run([PY, "-c", LORA_THEN_QLORA], capture_output=True, text=True, env=python_env(), timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "after lora: False" in p.stdout and "after qlora: peft.tuners.lora.bnb" in p.stdout, p.stdout
+
+
 def test_continue_from_an_imported_local_model(train_home, cli, tmp_path):
     from transformers import LlamaConfig, LlamaForCausalLM
 

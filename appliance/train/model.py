@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from appliance import sealed
@@ -40,6 +43,35 @@ def quiet() -> None:
     warnings.filterwarnings("ignore", module="peft")
     warnings.filterwarnings("ignore", module="bitsandbytes")
     warnings.filterwarnings("ignore", category=FutureWarning, module="transformers")
+
+
+@contextmanager
+def bitsandbytes_hidden(needed: bool = False) -> Iterator[None]:
+    """Within the block, peft and transformers see no bitsandbytes, unless a 4-bit (QLoRA) model needs it.
+
+    peft imports bitsandbytes whenever it is installed (peft.helpers on import, the LoRA layer dispatch when it
+    adapts a model), and bitsandbytes loads torch's compiler stack: about 1.5 s of every LoRA process (each
+    torchrun rank, each job) for what only QLoRA uses. After the block the answers peft and transformers
+    cached about it are forgotten, so a QLoRA model later in the same process imports it and works as usual.
+    """
+    if needed or "bitsandbytes" in sys.modules:
+        yield
+        return
+    _forget_bitsandbytes()
+    sys.modules["bitsandbytes"] = None  # an import of it fails; find_spec says it is not installed
+    try:
+        yield
+    finally:
+        del sys.modules["bitsandbytes"]
+        _forget_bitsandbytes()
+
+
+def _forget_bitsandbytes() -> None:
+    for module, probes in (("peft.import_utils", ("is_bnb_available", "is_bnb_4bit_available")),
+                           ("transformers.utils.import_utils", ("is_bitsandbytes_available",))):
+        if m := sys.modules.get(module):
+            for probe in probes:
+                getattr(m, probe).cache_clear()
 
 
 def hf_config(m: ModelConfig, tokenizer):
@@ -153,15 +185,16 @@ def load_base(path: Path, method: str = "full", lora: LoraConfig | None = None, 
                          "re-import it with `appliance train import`") from None
     if method == "full":
         return model
-    from peft import LoraConfig as PeftLora
-    from peft import get_peft_model, prepare_model_for_kbit_training
+    with bitsandbytes_hidden(needed=method == "qlora"):
+        from peft import LoraConfig as PeftLora
+        from peft import get_peft_model, prepare_model_for_kbit_training
 
-    if method == "qlora":
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    targets = lora_targets(model, lora)
-    cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
-                   bias="none", task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+        if method == "qlora":
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        targets = lora_targets(model, lora)
+        cfg = PeftLora(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                       bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
 
 
 def supported_attention(path: Path, attention: str) -> str:
@@ -285,10 +318,11 @@ def merge_adapter(base_path: Path, adapter_path: Path, dest: Path, info: dict) -
     """Base (full precision) + adapter -> one plain model directory."""
     quiet()  # before peft is imported
     import torch
-    from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    with sealed.opened(base_path) as b, sealed.opened(adapter_path) as a:
+    with sealed.opened(base_path) as b, sealed.opened(adapter_path) as a, bitsandbytes_hidden():
+        from peft import PeftModel
+
         base = AutoModelForCausalLM.from_pretrained(str(b), local_files_only=True, dtype=torch.float32)
         merged = PeftModel.from_pretrained(base, str(a), local_files_only=True).merge_and_unload()
     save_model(merged, load_tokenizer(adapter_path), dest, info)
