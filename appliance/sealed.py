@@ -16,8 +16,10 @@ Each sealed directory (an artifact, and each checkpoint inside a run) holds a ma
 sealed like its files and written last, with the directory: every file's name, plaintext size, sealed size and
 nonce (the nonce names one write of a file: its key derives from it, so no other sealed bytes open under it), a
 write counter and a random write id. A directory is checked against it whenever it is opened: a file removed,
-added, or put back from an earlier write of the same artifact does not open. A directory without one (made
-before manifests) opens as before, and `vault check` lists it.
+added, or put back from an earlier write of the same artifact does not open. The vault records, beside each
+key, whether the artifact is written with manifests (every one made since): a directory without one opens as
+before only in an artifact made before manifests (`vault check` lists those); in any other, its manifest was
+deleted, and it does not open.
 
 Reading never writes plaintext: `Store.opened(path)` gives a path for a loader (transformers, llama.cpp,
 safetensors) that points into memory (`memfiles`): a sealed file becomes an anonymous in-memory file, a
@@ -65,11 +67,14 @@ class SealedError(VaultError):
 
 # --- keys --------------------------------------------------------------------------------------------
 class VaultKeys:
-    """Artifact keys in the vault (`artifact_keys`); new ones are made on first write."""
+    """Artifact keys in the vault (`artifact_keys`); new ones are made on first write. Beside each key, whether the
+    artifact is written with manifests (every key made since they were): one of those without its manifest was
+    tampered with, not made before manifests."""
 
     def __init__(self, vault):
         self.vault = vault
         self._known: dict[str, bytes] = {}  # in memory beside the data key; a detached vault still opens them
+        self._manifested: set[str] = set()
 
     def key(self, artifact: str, create: bool = False) -> bytes:
         with self.vault._lock:
@@ -80,35 +85,65 @@ class VaultKeys:
                                   "open it for writing to write artifacts")
             with self.vault.session(read_only=self.vault.read_only):  # as is if attached
                 con = self.vault.con
-                row = con.execute("SELECT key FROM artifact_keys WHERE artifact = ?", [artifact]).fetchone()
+                row = con.execute("SELECT key, manifested FROM artifact_keys WHERE artifact = ?",
+                                  [artifact]).fetchone()
                 if row is None and not create:
                     raise SealedError(f"the vault holds no key for the artifact {artifact}",
                                       "it was not made on this appliance, or its key was removed; restore a backup")
-                if row is None:
-                    key = os.urandom(32)
-                    con.execute("INSERT INTO artifact_keys VALUES (?, ?, ?)", [artifact, key, datetime.now(UTC)])
+                if row is None:  # a new artifact: written with manifests from its first file
+                    key, manifested = os.urandom(32), True
+                    con.execute("INSERT INTO artifact_keys (artifact, key, created, manifested) VALUES (?, ?, ?, ?)",
+                                [artifact, key, datetime.now(UTC), True])
                 else:
-                    key = bytes(row[0])
+                    key, manifested = bytes(row[0]), bool(row[1])
             self._known[artifact] = key
+            if manifested:
+                self._manifested.add(artifact)
             return key
+
+    def manifested(self, artifact: str) -> bool:
+        """Whether the artifact is written with manifests (False: made before them, or its key is not here)."""
+        self.key(artifact)
+        return artifact in self._manifested
+
+    def mark_manifested(self, artifact: str) -> None:
+        """Record that the artifact now has its manifests (an older one rewritten, or found whole by a check)."""
+        with self.vault._lock:
+            if artifact in self._manifested:
+                return
+            if self.vault.read_only:
+                return  # recorded by the next write or check that has the vault open for writing
+            with self.vault.session(read_only=False):
+                self.vault.con.execute("UPDATE artifact_keys SET manifested = TRUE WHERE artifact = ?", [artifact])
+            self._manifested.add(artifact)
 
     def forget(self) -> None:
         """Drop the keys held in memory (the vault is closed)."""
         self._known.clear()
+        self._manifested.clear()
 
 
 
 @dataclass
 class GivenKeys:
-    """Keys handed over for one job (a training run's ranks): these artifacts only."""
+    """Keys handed over for one job (a training run's ranks): these artifacts only, and which of them are written
+    with manifests (handed over with the keys)."""
 
     keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    with_manifests: set[str] = field(default_factory=set)
 
     def key(self, artifact: str, create: bool = False) -> bytes:
         if artifact not in self.keys:
             raise SealedError(f"this process was given no key for the artifact {artifact}",
                               "the launcher hands each run the keys of what it reads and writes")
         return self.keys[artifact]
+
+    def manifested(self, artifact: str) -> bool:
+        self.key(artifact)
+        return artifact in self.with_manifests
+
+    def mark_manifested(self, artifact: str) -> None:
+        self.with_manifests.add(artifact)  # this process only: the vault's holder records it
 
 
 # --- one file ----------------------------------------------------------------------------------------
@@ -498,6 +533,7 @@ class Store:
             for sub, listed in groups.items():  # last: the directory is renamed into place with them
                 seal_manifest(key, artifact, sub, listed, self._write_count(artifact, top, top / sub) + 1,
                               tmp / sub / (MANIFEST + SUFFIX))
+        self.keys.mark_manifested(artifact)  # an older artifact rewritten (`vault seal`) now has its manifests
         return h.hexdigest()
 
     def write_file(self, dest: Path, data: bytes) -> None:
@@ -515,7 +551,9 @@ class Store:
             doc = self._manifest(artifact, top, mdir) if mdir else None
             if doc is None and set(_covered(top)[0]) <= {name}:  # a new artifact: its first file starts a manifest
                 mdir, doc = top, {"files": {}, "write": 0}
+                self.keys.mark_manifested(artifact)
             if mdir is None or doc is None:  # an artifact made before manifests: left as it was
+                self._need_no_manifest(artifact, _rel(dest.parent, top))
                 with atomic_create(target) as f:
                     seal_to(f, key, artifact, name, data)
                 return
@@ -586,6 +624,14 @@ class Store:
             raise SealedError(f"the manifest of the artifact {artifact} ({name}) is malformed", _RESTORE) from None
         return doc
 
+    def _need_no_manifest(self, artifact: str, where: str) -> None:
+        """Sealed files that no manifest covers: an artifact made before manifests opens as before; one the vault
+        records as written with manifests had its manifest deleted (then any file of it may be removed or swapped)."""
+        if self.keys.manifested(artifact):
+            at = f" (in {where})" if where else ""
+            raise SealedError(f"the manifest of the artifact {artifact} is missing{at}: the vault records it was "
+                              "written with one, so its files may have been removed or swapped", _RESTORE)
+
     def _write_count(self, artifact: str, top: Path, d: Path) -> int:
         """The write counter of the manifest `d` holds now (0 when none, or it does not open: it is replaced)."""
         try:
@@ -604,6 +650,8 @@ class Store:
         files, nested = _covered(d)
         whole = True
         if mdir is None:
+            if files:
+                self._need_no_manifest(artifact, _rel(d, top))
             whole = not files
         else:
             doc = self._manifest(artifact, top, mdir)
@@ -621,8 +669,11 @@ class Store:
     def _check_file(self, artifact: str, top: Path, sealed_path: Path) -> None:
         """One file against the manifest that covers it (none: made before manifests, opened as before)."""
         mdir = self._covering(top, sealed_path.parent)
-        if mdir is None or not sealed_path.is_file():
+        if not sealed_path.is_file():
             return  # missing: the open says so, naming it
+        if mdir is None:
+            self._need_no_manifest(artifact, _rel(sealed_path.parent, top))
+            return
         doc = self._manifest(artifact, top, mdir)
         name = _rel(sealed_path, mdir)[:-len(SUFFIX)]
         _compare(artifact, _rel(mdir, top), {n: e for n, e in doc["files"].items() if n == name},
@@ -857,6 +908,7 @@ class Receiving:
         seal_manifest(self.key, self.artifact, "", self.entries, 1, self.tmp / (MANIFEST + SUFFIX))
         os.rename(self.tmp, self.dest)
         fsync_path(self.dest.parent)
+        self.store.keys.mark_manifested(self.artifact)
 
     def discard(self) -> None:
         import shutil

@@ -57,17 +57,19 @@ def test_every_schema_fixture_opens_with_this_code(version, tmp_path, cli, monke
 def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monkeypatch, cli):
     from appliance.home import Home
     from appliance.vault import migrate, restore
+    from appliance.vault.schema import SCHEMA_VERSION
 
     h = fixture_home(1, tmp_path)
     monkeypatch.setenv("APPLIANCE_PASSPHRASE", FIXTURE_PASSPHRASE)
-    with monkeypatch.context() as m:  # this code one schema ahead, with a step from 1
-        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 2)
-        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 2)
-        m.setattr(migrate, "STEPS", {1: lambda con: con.execute("ALTER TABLE versions ADD COLUMN reviewed_by "
-                                                                "VARCHAR")})
+    ahead = SCHEMA_VERSION + 1
+    with monkeypatch.context() as m:  # this code one schema ahead, with a step from the current one
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", ahead)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", ahead)
+        m.setattr(migrate, "STEPS", {**migrate.STEPS, SCHEMA_VERSION: lambda con: con.execute(
+            "ALTER TABLE versions ADD COLUMN reviewed_by VARCHAR")})
         r = cli("--home", h, "--json", "vault", "datasets")  # a read-only command: it migrates first, then reads
         assert r.code == 0 and r.json["datasets"][0]["name"] == "site", r.err
-        assert schema_of(h) == 2
+        assert schema_of(h) == ahead
         with open_(h) as v:
             assert v.migrated is None  # once only
             cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
@@ -78,12 +80,16 @@ def test_a_migration_backs_up_first_then_moves_in_one_transaction(tmp_path, monk
         saved = Path(json.loads(last[1])["backup"])
     assert saved.parent == h / "backups" and saved.stat().st_mode & 0o777 == 0o600
     back = tmp_path / "from-backup"  # the backup is the vault as it was: schema 1, the same records
-    res = restore.restore(saved, Home(back), FIXTURE_PASSPHRASE)
-    assert res["records"] == 3 and schema_of(back) == 1
+    with monkeypatch.context() as m:  # restored and read as schema 1 code would: this code would migrate it
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 1)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 1)
+        res = restore.restore(saved, Home(back), FIXTURE_PASSPHRASE)
+        assert res["records"] == 3 and schema_of(back) == 1
 
 
 def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
     from appliance.vault import migrate
+    from appliance.vault.schema import SCHEMA_VERSION
 
     h = fixture_home(1, tmp_path)
     with open_(h, read_only=True) as v:
@@ -93,19 +99,22 @@ def test_a_failing_migration_leaves_the_vault_as_it_was(tmp_path, monkeypatch):
         con.execute("ALTER TABLE versions ADD COLUMN reviewed_by VARCHAR")
         raise RuntimeError("disk on fire")
 
-    with monkeypatch.context() as m:
-        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 2)
-        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 2)
-        m.setattr(migrate, "STEPS", {1: half_then_fail})
+    ahead = SCHEMA_VERSION + 1
+    with monkeypatch.context() as m:  # a step from the current schema that fails (the open above migrated to it)
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", ahead)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", ahead)
+        m.setattr(migrate, "STEPS", {**migrate.STEPS, SCHEMA_VERSION: half_then_fail})
         with pytest.raises(VaultError) as e:
             open_(h)
-        assert "from schema 1 to 2 failed (disk on fire); the vault is unchanged" in e.value.message
+        assert f"from schema {SCHEMA_VERSION} to {ahead} failed (disk on fire); the vault is unchanged" in \
+            e.value.message
         assert "backups" in e.value.hint
         with pytest.raises(VaultError, match="disk on fire"):  # a read-only open tries, and fails the same
             open_(h, read_only=True)
-        assert len(list((h / "backups").glob("*.backup"))) == 2  # each attempt kept its backup, even in one second
+        # each attempt kept its backup, even in one second
+        assert len(list((h / "backups").glob(f"before-schema-{ahead}-*.backup"))) == 2
     with open_(h, read_only=True) as v:
-        assert v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == "1"
+        assert v.con.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()[0] == str(SCHEMA_VERSION)
         cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
                                             "table_name = 'versions'").fetchall()]
         assert "reviewed_by" not in cols

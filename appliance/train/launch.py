@@ -30,11 +30,15 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from appliance.train.model import TrainError
 from appliance.train.spec import StageSpec
+
+if TYPE_CHECKING:
+    from appliance.sealed import GivenKeys
 
 ENV_SOCKET, ENV_TICKET = "APPLIANCE_TRAIN_SOCKET", "APPLIANCE_TRAIN_TICKET"
 MAX_HEADER = 1 << 24
@@ -95,12 +99,18 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 
 def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
-          results: dict, stop: threading.Event | None = None, keys: dict[str, bytes] | None = None) -> _Server:
+          results: dict, stop: threading.Event | None = None,
+          keys: GivenKeys | dict[str, bytes] | None = None) -> _Server:
     """The launcher's side. A rank that proves itself gets the spec and the keys of the sealed artifacts the run
-    reads and writes (its run key among them; `run.run_keys`), never the vault's."""
+    reads and writes (its run key among them; `run.run_keys`, a `sealed.GivenKeys`), and which of them are
+    written with manifests; never the vault's keys."""
     import base64
 
-    handed = {a: base64.b64encode(k).decode() for a, k in (keys or {}).items()}
+    from appliance import sealed
+
+    given = keys if isinstance(keys, sealed.GivenKeys) else sealed.GivenKeys(dict(keys or {}))
+    handed = {a: base64.b64encode(k).decode() for a, k in given.keys.items()}
+    manifested = sorted(given.with_manifests)
     lock = threading.Lock()  # the vault connection is shared: one writer at a time
 
     class Handler(socketserver.BaseRequestHandler):
@@ -111,7 +121,7 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                 if header.get("op") != "hello" or not secrets.compare_digest(str(header.get("ticket", "")), ticket):
                     send(sock, {"ok": False, "error": "bad ticket"})
                     return
-                send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed})
+                send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed, "manifested": manifested})
                 while True:
                     header, payload = recv(sock)
                     op = header["op"]
@@ -139,7 +149,8 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
 
 
 def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
-                    nproc: int, nodes: Nodes, threads: int | None = None, keys: dict[str, bytes] | None = None) -> dict:
+                    nproc: int, nodes: Nodes, threads: int | None = None,
+                    keys: GivenKeys | dict[str, bytes] | None = None) -> dict:
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
@@ -263,7 +274,8 @@ class SocketLink:
 
         artifacts = self.spec.run_dir.parent.parent  # HOME/artifacts/runs/ID
         sealed.register(sealed.Store(artifacts, artifacts.parent / "tmp", sealed.GivenKeys(
-            {a: base64.b64decode(k) for a, k in header.get("keys", {}).items()})))
+            {a: base64.b64decode(k) for a, k in header.get("keys", {}).items()},
+            set(header.get("manifested", [])))))
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:

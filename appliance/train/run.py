@@ -348,9 +348,10 @@ def _fit(vault, recipe: Recipe, spec: StageSpec, packed: data.Packed, rec: Recor
     return STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
 
 
-def run_keys(vault, spec: StageSpec) -> dict[str, bytes]:
+def run_keys(vault, spec: StageSpec) -> sealed.GivenKeys:
     """The keys a run's ranks are handed: of what it reads (tokenizer, base) and of what it writes (its run
-    directory and its model, keys made here and kept in the vault). Nothing else of the home opens with them."""
+    directory and its model, keys made here and kept in the vault), and which of those artifacts are written with
+    manifests (one missing then fails on the ranks too). Nothing else of the home opens with them."""
     store = vault.store
     keys = {}
     for path, write in ((spec.tokenizer_path, False), (spec.base_path, False), (spec.run_dir, True),
@@ -358,7 +359,7 @@ def run_keys(vault, spec: StageSpec) -> dict[str, bytes]:
         artifact = store.artifact(path) if path is not None else None
         if artifact is not None and (write or sealed.is_sealed(store.root / artifact)):
             keys[artifact] = store.keys.key(artifact, create=write)
-    return keys
+    return sealed.GivenKeys(keys, {a for a in keys if store.keys.manifested(a)})
 
 
 def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:

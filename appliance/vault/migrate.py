@@ -92,3 +92,13 @@ def migrate(vault, target: int) -> dict | None:
     finally:
         os.close(fd)
     return {"from": current, "to": target, "backup": str(out)}
+
+
+# --- steps -------------------------------------------------------------------------------------------
+@step(1)
+def _artifact_keys_manifested(con):
+    """Schema 2: `artifact_keys.manifested`, so a sealed artifact whose manifest was deleted no longer opens as one
+    made before manifests. Keys already there stay NULL (their artifacts may predate manifests)."""
+    con.execute("CREATE TABLE IF NOT EXISTS artifact_keys (artifact VARCHAR PRIMARY KEY, key BLOB NOT NULL, "
+                "created TIMESTAMP NOT NULL)")
+    con.execute("ALTER TABLE artifact_keys ADD COLUMN IF NOT EXISTS manifested BOOLEAN")

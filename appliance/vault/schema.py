@@ -1,6 +1,6 @@
 """The vault's tables. Records are content-addressed blobs; a dataset version is a list of blob hashes."""
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 DDL = [
     "CREATE TABLE IF NOT EXISTS meta (key VARCHAR PRIMARY KEY, value VARCHAR)",
@@ -87,8 +87,11 @@ DDL = [
     # Models in service (appliance/serving): deployments, what they served (scrubbed) and the feedback on it.
     # The key of each sealed artifact under HOME/artifacts (`appliance/sealed.py`): a file key per artifact
     # directory, kept here so that only the data key's holder can open the artifacts and a rekey costs nothing.
+    # `manifested`: the artifact is written with manifests, so one missing is an attack, not an older artifact
+    # (NULL for keys made before schema 2: set once `vault seal` writes such an artifact again, or `vault check`
+    # finds it whole under its manifests).
     """CREATE TABLE IF NOT EXISTS artifact_keys (
-        artifact VARCHAR PRIMARY KEY, key BLOB NOT NULL, created TIMESTAMP NOT NULL)""",
+        artifact VARCHAR PRIMARY KEY, key BLOB NOT NULL, created TIMESTAMP NOT NULL, manifested BOOLEAN)""",
     """CREATE TABLE IF NOT EXISTS deployments (
         name VARCHAR PRIMARY KEY, model VARCHAR NOT NULL, candidate VARCHAR, split DOUBLE NOT NULL,
         record BOOLEAN NOT NULL, sample_rate DOUBLE NOT NULL, retention_days INTEGER NOT NULL,

@@ -380,6 +380,8 @@ class Vault:
                 try:
                     if not self.store.check(d):  # made before manifests: its set of files is not bound
                         rep.unmanifested.append(rel)
+                    else:  # whole: from now on its manifest missing is an attack (a key made before schema 2)
+                        self.store.keys.mark_manifested(rel)
                     rep.artifact_bytes += self.store.verify(d)
                     rep.artifacts += 1
                 except ApplianceError as e:

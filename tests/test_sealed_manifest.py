@@ -1,0 +1,237 @@
+"""A sealed artifact's manifest deleted: the vault records which artifacts are written with manifests, so one
+without its manifest is refused, not opened as an artifact made before manifests."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+from appliance import sealed
+from tests.conftest import artifact_bytes, open_vault
+
+M = sealed.MANIFEST + sealed.SUFFIX
+
+
+def _refused(path: Path) -> str:
+    """The one line an open of `path` (a sealed directory) fails with."""
+    with pytest.raises(sealed.SealedError) as e, sealed.opened(path):
+        pass
+    assert "\n" not in str(e.value)
+    return str(e.value)
+
+
+def _manifested(home: Path, artifact: str):
+    with open_vault(home, read_only=True) as v:
+        row = v.con.execute("SELECT manifested FROM artifact_keys WHERE artifact = ?", [artifact]).fetchone()
+    return row[0] if row else "no key"
+
+
+def test_a_new_models_manifest_deleted_then_a_file_removed_or_swapped_does_not_open(home, cli):
+    a = home / "artifacts" / "models" / "new@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b'{"a": 1}', "w.bin": b"weights of the first write"})
+        first = (a / "w.bin.sealed").read_bytes()
+        v.store.write_dir(a, {"config.json": b'{"a": 1}', "w.bin": b"weights of the second write"})
+    assert _manifested(home, "models/new@1") is True
+
+    (a / M).unlink()  # the attack: the artifact would pass as one made before manifests
+    (a / "w.bin.sealed").write_bytes(first)  # then the earlier weights put back
+    with open_vault(home, read_only=True):
+        msg = _refused(a)
+        assert msg.startswith("the manifest of the artifact models/new@1 is missing: the vault records it was "
+                              "written with one") and "restore the artifact from a backup, or make it again" in msg
+        with pytest.raises(sealed.SealedError, match="manifest of the artifact models/new@1 is missing"):
+            sealed.read_bytes(a / "w.bin")
+    (a / "config.json.sealed").unlink()  # and a file removed
+    with open_vault(home, read_only=True):
+        assert "manifest of the artifact models/new@1 is missing" in _refused(a)
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code != 0 and r.json["unmanifested"] == []
+    assert any(p.startswith("artifact models/new@1: the manifest of the artifact models/new@1 is missing")
+               for p in r.json["problems"])
+    r = cli("--home", home, "--json", "vault", "seal")  # never given a fresh manifest over what the attacker left
+    assert r.code == 0 and r.json["sealed"] == [] and not (a / M).exists()
+
+
+def test_a_runs_checkpoint_manifest_deleted_then_a_file_removed_or_swapped_does_not_load(home):
+    import torch
+
+    from appliance.train import checkpoint
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+    opt = torch.optim.AdamW(model.parameters())
+    run = home / "artifacts" / "runs" / "r@1"
+    with open_vault(home) as v:
+        v.store.keys.key("runs/r@1", create=True)  # as the launcher makes a run's key before its ranks write
+        step = checkpoint.save(run / "checkpoints", 2, model, opt, {"run": "r@1", "loss": 9.0}, True, 3)
+        earlier = (step / "state.json.sealed").read_bytes()
+        step = checkpoint.save(run / "checkpoints", 2, model, opt, {"run": "r@1", "loss": 1.0}, True, 3)
+        assert not (run / M).exists() and (step / M).is_file()  # a run of checkpoints only: each has its own
+
+        (step / M).unlink()  # the attack
+        (step / "state.json.sealed").write_bytes(earlier)  # the step's earlier loss put back
+        with pytest.raises(sealed.SealedError, match=r"the manifest of the artifact runs/r@1 is missing \(in "
+                                                     r"checkpoints/step-00000002\)"):
+            checkpoint.read_state(step)
+        (step / "rng.pt.sealed").unlink()  # and a file removed
+        fresh = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 2))
+        with pytest.raises(sealed.SealedError, match="manifest of the artifact runs/r@1 is missing"):
+            checkpoint.load(step, fresh, torch.optim.AdamW(fresh.parameters()))
+        with pytest.raises(sealed.SealedError, match="manifest of the artifact runs/r@1 is missing"):
+            v.store.check(run)
+        with pytest.raises(sealed.SealedError, match="manifest of the artifact runs/r@1 is missing"):
+            v.store.write_file(run / "report.json", b"{}")  # nothing more is written into it either
+
+
+def test_a_ranks_keys_carry_which_artifacts_have_manifests(tmp_path):
+    art = tmp_path / "home" / "artifacts"
+    art.mkdir(parents=True)
+    (art.parent / "keyring.json").write_text("{}")
+    keys = {"runs/r@1": os.urandom(32), "models/old@1": os.urandom(32)}
+    writer = sealed.Store(art, tmp_path / "home" / "tmp", sealed.GivenKeys(dict(keys)))
+    writer.write_dir(art / "runs/r@1", {"recipe.json": b"{}", "checkpoints/step-1/state.json": b"{}"})
+    writer.write_dir(art / "models/old@1", {"w.bin": b"older"})
+    for d in ("runs/r@1", "runs/r@1/checkpoints/step-1", "models/old@1"):
+        (art / d / M).unlink()
+    rank = sealed.Store(art, tmp_path / "home" / "tmp", sealed.GivenKeys(dict(keys), {"runs/r@1"}))  # as handed
+    with pytest.raises(sealed.SealedError, match="manifest of the artifact runs/r@1 is missing"):
+        rank.check(art / "runs/r@1/checkpoints/step-1")
+    with pytest.raises(sealed.SealedError, match="manifest of the artifact runs/r@1 is missing"):
+        rank.read_bytes(art / "runs/r@1/recipe.json")
+    assert rank.check(art / "models/old@1") is False  # made before manifests: opens as before
+    assert rank.read_bytes(art / "models/old@1/w.bin") == b"older"
+
+
+def test_an_artifact_made_before_manifests_opens_and_is_listed_and_vault_seal_leaves_it_so(home, cli):
+    a = home / "artifacts" / "models" / "old@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b"{}", "w.bin": b"older weights"})
+        # as an older appliance left it: its key recorded before schema 2, no manifest
+        v.con.execute("UPDATE artifact_keys SET manifested = NULL WHERE artifact = 'models/old@1'")
+    (a / M).unlink()
+    assert artifact_bytes(home, a / "w.bin") == b"older weights"
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code == 0 and r.json["unmanifested"] == ["models/old@1"] and r.json["artifacts"] == 1
+    r = cli("--home", home, "--json", "vault", "seal")  # a manifest written now would bless what lies there now
+    assert r.code == 0 and r.json["sealed"] == [] and not (a / M).exists()
+    assert _manifested(home, "models/old@1") is None
+    assert artifact_bytes(home, a / "config.json") == b"{}"
+
+
+def test_vault_seal_gives_an_older_artifact_it_rewrites_manifests_and_records_it(home, cli):
+    a = home / "artifacts" / "tokenizers" / "old@1"
+    with open_vault(home) as v:  # sealed before manifests, its key recorded before schema 2
+        v.store.write_dir(a, {"vocab.json": b"{}"})
+        v.con.execute("UPDATE artifact_keys SET manifested = NULL WHERE artifact = 'tokenizers/old@1'")
+    (a / M).unlink()
+    (a / "tokenizer.json").write_text('{"vocab": "in the clear"}')  # and a file an appliance before sealing left
+    r = cli("--home", home, "--json", "vault", "seal")
+    assert r.code == 0 and r.json["sealed"] == ["tokenizers/old@1"]
+    assert (a / M).is_file() and _manifested(home, "tokenizers/old@1") is True
+    assert artifact_bytes(home, a / "tokenizer.json") == b'{"vocab": "in the clear"}'
+    (a / M).unlink()
+    with open_vault(home, read_only=True):
+        assert "manifest of the artifact tokenizers/old@1 is missing" in _refused(a)
+
+
+def test_vault_check_records_a_whole_artifact_whose_key_predates_the_column(home, cli):
+    a = home / "artifacts" / "models" / "mid@1"
+    with open_vault(home) as v:  # written with manifests by an appliance before schema 2
+        v.store.write_dir(a, {"w.bin": b"w"})
+        v.con.execute("UPDATE artifact_keys SET manifested = NULL WHERE artifact = 'models/mid@1'")
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code == 0 and r.json["unmanifested"] == []
+    assert _manifested(home, "models/mid@1") is True
+    (a / M).unlink()
+    with open_vault(home, read_only=True):
+        assert "manifest of the artifact models/mid@1 is missing" in _refused(a)
+
+
+def test_backup_restore_and_rekey_keep_which_artifacts_have_manifests(home, cli, tmp_path):
+    a = home / "artifacts" / "models" / "new@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"w.bin": b"w"})
+    assert cli("--home", home, "vault", "rekey").code == 0
+    assert _manifested(home, "models/new@1") is True
+    out = tmp_path / "home.backup"
+    r = cli("--home", home, "vault", "backup", "--out", out)
+    assert r.code == 0, r.err
+    back = tmp_path / "back"
+    r = cli("--home", back, "vault", "restore", out)
+    assert r.code == 0, r.err
+    assert _manifested(back, "models/new@1") is True
+    (back / "artifacts" / "models" / "new@1" / M).unlink()
+    with open_vault(back, read_only=True):
+        assert "manifest of the artifact models/new@1 is missing" in _refused(back / "artifacts/models/new@1")
+
+
+# --- the schema: a vault from before the column gets it, its keys stay as made before manifests --------------
+def test_the_migration_adds_the_column_and_keeps_older_keys_unmanifested(tmp_path, monkeypatch):
+    from appliance.vault import schema
+    from tests.test_migrate import fixture_home, open_, schema_of
+
+    h = fixture_home(1, tmp_path)
+    older_ddl = [s.replace(", manifested BOOLEAN", "") for s in schema.DDL]
+    with monkeypatch.context() as m:  # the appliance at schema 1 writes an artifact key
+        m.setattr("appliance.vault.schema.SCHEMA_VERSION", 1)
+        m.setattr("appliance.vault.vault.SCHEMA_VERSION", 1)
+        m.setattr("appliance.vault.vault.DDL", older_ddl)
+        with open_(h) as v:
+            v.con.execute("INSERT INTO artifact_keys VALUES ('models/old@1', ?, now())", [os.urandom(32)])
+    assert schema_of(h) == 2  # a read-only open migrates first
+    with open_(h) as v:
+        assert v.con.execute("SELECT artifact, manifested FROM artifact_keys").fetchall() == [("models/old@1", None)]
+        assert v.store.keys.manifested("models/old@1") is False
+        v.store.keys.key("models/new@1", create=True)
+        assert v.store.keys.manifested("models/new@1") is True
+        assert v.check().ok
+        last = v.con.execute("SELECT action FROM audit ORDER BY seq DESC LIMIT 1").fetchone()[0]
+        assert last == "vault.migrate"
+    assert len(list((h / "backups").glob("before-schema-2-*.backup"))) == 1
+
+
+def test_a_fixture_vault_without_the_table_migrates_too(tmp_path):
+    from tests.test_migrate import fixture_home, open_, schema_of
+
+    h = fixture_home(1, tmp_path)
+    shutil.rmtree(h / "backups", ignore_errors=True)
+    with open_(h) as v:
+        cols = [c for (c,) in v.con.execute("SELECT column_name FROM information_schema.columns WHERE "
+                                            "table_name = 'artifact_keys'").fetchall()]
+    assert "manifested" in cols and schema_of(h) == 2
+
+
+def test_the_launcher_hands_the_ranks_which_artifacts_have_manifests(home):
+    import socket
+    import tempfile
+    from types import SimpleNamespace
+
+    from appliance.train import launch, run
+
+    art = home / "artifacts"
+    with open_vault(home) as v:
+        v.store.write_dir(art / "models" / "base@1", {"w.bin": b"older"})
+        v.con.execute("UPDATE artifact_keys SET manifested = NULL WHERE artifact = 'models/base@1'")
+    with open_vault(home) as v:
+        spec = SimpleNamespace(tokenizer_path=art / "models" / "base@1", base_path=art / "models" / "base@1",
+                               run_dir=art / "runs" / "r@1", model_dir=art / "models" / "r@1")
+        given = run.run_keys(v, spec)
+    assert sorted(given.keys) == ["models/base@1", "models/r@1", "runs/r@1"]
+    assert given.with_manifests == {"models/r@1", "runs/r@1"}  # the base was made before manifests
+    path = Path(tempfile.mkdtemp(prefix="appliance-test-")) / "t.sock"  # AF_UNIX paths are short
+    server = launch.serve(path, "ticket", SimpleNamespace(to_dict=dict), None, None, None, {}, keys=given)
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            launch.send(s, {"op": "hello", "ticket": "ticket"})
+            header, _ = launch.recv(s)
+        assert header["ok"] and sorted(header["keys"]) == sorted(given.keys)
+        assert header["manifested"] == ["models/r@1", "runs/r@1"]
+    finally:
+        server.shutdown()
+        server.server_close()
+        shutil.rmtree(path.parent, ignore_errors=True)
