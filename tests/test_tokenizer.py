@@ -18,7 +18,8 @@ def test_tokenizer_learns_the_site_and_loads_offline(home, cli, samples, monkeyp
     from transformers import AutoTokenizer
 
     assert sorted(p.name for p in Path(d["path"]).iterdir()) == [  # sealed at rest: no vocabulary in the clear
-        ".appliance-manifest.sealed", "appliance.json.sealed", "chat_template.jinja.sealed", "tokenizer.json.sealed", "tokenizer_config.json.sealed"]
+        ".appliance-manifest.sealed", "appliance.json.sealed", "chat_template.jinja.sealed", "tokenizer.json.sealed",
+        "tokenizer_config.json.sealed"]
     with artifact(home, d["path"]) as p:  # stock transformers, from the plaintext in memory
         tok = AutoTokenizer.from_pretrained(p, local_files_only=True)
     text = "The FROSTLINE calibration aligns the cryogenic sensors. Zürich ✓ 42"
