@@ -191,6 +191,8 @@ def export_plain(vault, ref: str, out: Path) -> dict:
             vault.home.root.resolve():
         raise UsageError(f"{out} is inside the home", "export to a directory outside the home: nothing derived "
                                                      "stays in the clear there")
+    if sealed.is_sealed(src):
+        sealed.need(src).check(src)  # the whole set of files, not each one alone: a removed one is said here
     names = sealed.sealed_names(src) if sealed.is_sealed(src) else \
         sorted(p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file())
     total = 0
@@ -230,6 +232,7 @@ def export_bundle(vault, ref: str, sign_key: str, recipients: list[Path | Public
         if not src.is_dir():
             raise BundleRefused(f"the files of {node_id} are missing from {src}", "restore them from a backup")
         if sealed.is_sealed(src):  # opened in memory: the bundle is the only place the files are written
+            sealed.need(src).check(src)  # the whole set of files: a removed one is said, not left out
             files = [(name, sealed.read_bytes(src / name)) for name in sealed.sealed_names(src)]
         else:
             files = [(p.relative_to(src).as_posix(), p) for p in sorted(src.rglob("*")) if p.is_file()]

@@ -36,6 +36,7 @@ import json
 import mmap
 import os
 import re
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -318,9 +319,15 @@ def sealed_names(root: Path) -> list[str]:
 # --- manifests ---------------------------------------------------------------------------------------
 def entry_of(path: Path) -> dict:
     """The manifest entry of the sealed file `path`, from its header and size."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    try:  # a link, a FIFO or anything but a regular file in a file's place is not the copy the manifest lists
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return {"size": -1, "sealed": -1, "nonce": ""}
     try:
-        total = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            return {"size": -1, "sealed": -1, "nonce": ""}
+        total = st.st_size
         head = os.pread(fd, len(MAGIC) + NONCE, 0)
     finally:
         os.close(fd)
@@ -558,12 +565,12 @@ class Store:
                     seal_to(f, key, artifact, name, data)
                 return
             prefix, mname, mpath = _rel(mdir, top), _rel(dest, mdir), mdir / (MANIFEST + SUFFIX)
-            old = doc["files"].get(mname)
             with atomic_create(target) as f:
                 entry = {**seal_to(f, key, artifact, name, data), "sha256": hashlib.sha256(data).hexdigest()}
                 files = {**doc["files"], mname: entry}
-                # before the rename: either copy opens if the process dies between the two
-                seal_manifest(key, artifact, prefix, files, doc["write"] + 1, mpath, {mname: old} if old else None)
+                # before the rename: the set as it was, the new copy pending, so whichever state the process dies
+                # in opens (a file new to the artifact included)
+                seal_manifest(key, artifact, prefix, doc["files"], doc["write"] + 1, mpath, {mname: entry})
             seal_manifest(key, artifact, prefix, files, doc["write"] + 2, mpath)
 
     def remove(self, path: Path) -> None:
@@ -841,14 +848,32 @@ def write_file(dest: Path, data: bytes) -> None:
     need(dest).write_file(dest, data)
 
 
+def planted(store: Store, top: Path) -> bool:
+    """Whether files in the clear inside the artifact directory `top` can only have been put there by hand: the
+    artifact was written sealed, with manifests (the vault records it, or a manifest lies in it). Such files are
+    never loaded, and never sealed into it: a planted checkpoint would otherwise be unpickled on resume."""
+    artifact, _ = store._where(top)
+    try:
+        if store.keys.manifested(artifact):
+            return True
+    except SealedError:  # no key: made before artifacts were sealed
+        return False
+    return any(p.name == MANIFEST + SUFFIX for p in Path(top).rglob(MANIFEST + SUFFIX))
+
+
 def seal_plain(store: Store, top: Path) -> int:
     """Seal the files in the clear of the artifact directory `top` (made by an appliance before artifacts were
     sealed), keeping what is sealed already; the directory is replaced whole. Returns the bytes sealed."""
     artifact, _ = store._where(top)
     plain = {p.relative_to(top).as_posix(): p for p in sorted(top.rglob("*"))
-             if p.is_file() and not p.is_symlink() and not p.name.endswith(SUFFIX)}
+             if p.is_file() and not p.is_symlink() and not p.name.endswith(SUFFIX)
+             and not any(part.startswith(".") for part in p.relative_to(top).parts[:-1])}
     if not plain:
         return 0
+    if planted(store, top):
+        raise SealedError(f"the artifact {artifact} was written sealed, with manifests: its {len(plain)} file(s) in "
+                          f"the clear ({next(iter(plain))}) were put there by hand, and are never sealed into it",
+                          "they are never loaded; remove them, or restore the artifact from a backup")
     store.check(top)  # what is sealed already is kept as it is: never a file removed, added or rolled back
     size = sum(p.stat().st_size for p in plain.values())
     key = store.keys.key(artifact, create=True)

@@ -235,3 +235,78 @@ def test_the_launcher_hands_the_ranks_which_artifacts_have_manifests(home):
         server.shutdown()
         server.server_close()
         shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_files_planted_in_the_clear_in_a_sealed_artifact_are_never_sealed_into_it(home, cli):
+    """A checkpoint planted in the clear (PyTorch unpickles its metadata) must not become part of a sealed run
+    through `vault seal`: that would run it on resume."""
+    a = home / "artifacts" / "models" / "m@1"
+    run = home / "artifacts" / "runs" / "r@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b'{"a": 1}'})
+        v.store.write_dir(run, {"recipe.json": b"{}"})
+    (a / "chat_template.jinja").write_text("{{ 'planted' }}")
+    (run / "checkpoints" / "step-99999999").mkdir(parents=True)
+    (run / "checkpoints" / "step-99999999" / ".metadata").write_bytes(b"a pickle")
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code != 0 and r.json["unsealed"] == []
+    said = [p for p in r.json["problems"] if "in the clear that the appliance did not write" in p]
+    assert len(said) == 2 and said[0].startswith("artifact models/m@1:"), r.json["problems"]
+    r = cli("--home", home, "vault", "seal")
+    assert r.code != 0 and "were put there by hand, and are never sealed into it" in r.err
+    assert not (a / "chat_template.jinja.sealed").exists() and not list(run.rglob(".metadata.sealed"))
+    with open_vault(home, read_only=True), sealed.opened(a) as p:
+        assert sorted(os.listdir(p)) == ["config.json"]
+
+
+def test_an_export_of_an_artifact_with_a_file_removed_is_refused(home, tmp_path):
+    """A plain export or a bundle reads the artifact file by file: the set is checked first, so a removed file
+    is said, not silently left out of what leaves the box."""
+    from appliance import exchange
+    from appliance.vault import lineage
+
+    a = home / "artifacts" / "models" / "m@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b"{}", "chat_template.jinja": b"t", "w.safetensors": b"w"})
+        with v.transaction() as con:
+            lineage.add_node(con, "m@1", "model")
+    (a / "chat_template.jinja.sealed").unlink()
+    with open_vault(home) as v:
+        with pytest.raises(sealed.SealedError, match="models/m@1 does not match its manifest: chat_template.jinja "
+                                                     "is missing"):
+            exchange.export_plain(v, "m@1", tmp_path / "out")
+        assert not (tmp_path / "out").exists()
+
+
+def test_a_file_new_to_an_artifact_whose_write_died_before_its_rename_leaves_the_artifact_opening(home, monkeypatch):
+    run = home / "artifacts" / "runs" / "r@1"
+    with open_vault(home) as v:
+        v.store.write_file(run / "recipe.json", b"{}")
+
+        real = sealed.seal_manifest
+        calls = []
+
+        def dies_after_the_first(*a, **k):
+            calls.append(1)
+            real(*a, **k)
+            if len(calls) == 1:
+                raise KeyboardInterrupt  # the process dies between the pending manifest and the file's rename
+
+        monkeypatch.setattr(sealed, "seal_manifest", dies_after_the_first)
+        with pytest.raises(KeyboardInterrupt):
+            v.store.write_file(run / "report.json", b"[]")
+        monkeypatch.setattr(sealed, "seal_manifest", real)
+        assert v.store.check(run)  # opens as it was
+        v.store.write_file(run / "report.json", b"[1]")
+        assert v.store.check(run) and sealed.read_bytes(run / "report.json") == b"[1]"
+
+
+def test_a_link_in_place_of_a_sealed_file_is_a_problem_of_its_artifact_not_a_crash(home, cli):
+    a = home / "artifacts" / "models" / "m@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b"{}", "w.bin": b"w"})
+    (a / "w.bin.sealed").unlink()
+    (a / "w.bin.sealed").symlink_to(a / "config.json.sealed")
+    r = cli("--home", home, "--json", "vault", "check")
+    assert r.code != 0 and any(p.startswith("artifact models/m@1: the artifact models/m@1 does not match its "
+                                            "manifest: w.bin") for p in r.json["problems"]), r.json["problems"]

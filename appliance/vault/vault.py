@@ -371,7 +371,14 @@ class Vault:
             parts = rel.split("/")
             where, name = ("/".join(parts[:2]), "/".join(parts[2:])) if len(parts) > 2 else (rel, parts[-1])
             by_artifact.setdefault(where, []).append(name)
-        rep.unsealed += [f"{a}: {len(fs)} file(s) in the clear ({fs[0]})" for a, fs in sorted(by_artifact.items())]
+        for a, fs in sorted(by_artifact.items()):
+            top = root / a
+            if top.is_dir() and not top.is_symlink() and len(a.split("/")) == 2 and sealed.planted(self.store, top):
+                rep.problems.append(f"artifact {a}: {len(fs)} file(s) in the clear that the appliance did not write "
+                                    f"({fs[0]}); they are never loaded: remove them, or restore the artifact from a "
+                                    "backup")
+            else:
+                rep.unsealed.append(f"{a}: {len(fs)} file(s) in the clear ({fs[0]})")
         for kind in sorted(p for p in root.iterdir() if p.is_dir()) if root.is_dir() else []:
             for d in sorted(p for p in kind.iterdir() if p.is_dir() and not p.name.startswith(".")):
                 rel = d.relative_to(root).as_posix()
