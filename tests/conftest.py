@@ -16,6 +16,32 @@ PASSPHRASE = "test passphrase 1234"
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
+def _remember_unlocks() -> None:
+    """Argon2id (64 MiB, t=3) takes about 0.3 s a derivation on these cores, and the in-process `cli` fixture
+    unlocks a vault at every command: about a third of some test files went to deriving the same key again. In
+    the test process the derivation is kept per (passphrase, salt, parameters): the same pure function, run once
+    per vault; a wrong passphrase still derives its own, wrong, key. The appliance itself derives afresh each
+    time; subprocesses (the CLI run as a program) are unchanged."""
+    import hashlib
+
+    from appliance.vault import keys
+
+    derive, known = keys.Keyring._kek, {}
+
+    def kek(self, passphrase: str) -> bytes:
+        k = self.kdf
+        at = (hashlib.sha256(passphrase.encode()).digest(), k.get("name"), k.get("salt"), k.get("iterations"),
+              k.get("lanes"), k.get("memory_kib"))
+        if at not in known:
+            known[at] = derive(self, passphrase)
+        return known[at]
+
+    keys.Keyring._kek = kek
+
+
+_remember_unlocks()
+
+
 # The longest files first: two workers take files in collection order, so a long file collected last would
 # run alone at the end with the other core idle (longest-first is the classic fix for that tail).
 LONGEST_FIRST = ("test_benchmarks.py", "test_benchmarks_models.py",  # each about half of the benchmarks' smokes
