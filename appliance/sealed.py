@@ -576,7 +576,6 @@ class Store:
     def remove(self, path: Path) -> None:
         """Remove a directory inside an artifact (a pruned checkpoint), and its files from the manifest that lists
         them."""
-        import shutil
 
         artifact, top = self._where(path)
         path = Path(os.path.abspath(path))
@@ -584,14 +583,14 @@ class Store:
             mdir = None if (path / (MANIFEST + SUFFIX)).is_file() else self._covering(top, path.parent)
             doc = self._manifest(artifact, top, mdir) if mdir else None
             if doc is None:
-                shutil.rmtree(path, ignore_errors=True)
+                discard(path)
                 return
             sub, key = _rel(path, mdir) + "/", self.keys.key(artifact)
             prefix, mpath = _rel(mdir, top), mdir / (MANIFEST + SUFFIX)
             gone = {n: e for n, e in doc["files"].items() if n.startswith(sub)}
             files = {n: e for n, e in doc["files"].items() if n not in gone}
             seal_manifest(key, artifact, prefix, files, doc["write"] + 1, mpath, gone)  # either state checks
-            shutil.rmtree(path, ignore_errors=True)
+            discard(path)
             seal_manifest(key, artifact, prefix, files, doc["write"] + 2, mpath)
 
     def seal_manifest_of(self, tmp: Path, final: Path) -> None:
@@ -846,6 +845,24 @@ def write_dir(dest: Path, files: dict) -> str:
 
 def write_file(dest: Path, data: bytes) -> None:
     need(dest).write_file(dest, data)
+
+
+def discard(path: Path) -> None:
+    """Remove a directory inside an artifact whole or not at all: renamed first to a hidden name beside it (which
+    no reader sees), then deleted. A crash part-way through deleting leaves only the hidden copy, never a directory
+    missing some of its files."""
+    import shutil
+    import tempfile
+
+    path = Path(path)
+    if not path.is_dir() or path.is_symlink():
+        return
+    aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.gone-", dir=path.parent))
+    os.replace(path, aside / path.name)
+    from appliance.home import fsync_path
+
+    fsync_path(path.parent)
+    shutil.rmtree(aside, ignore_errors=True)
 
 
 def planted(store: Store, top: Path) -> bool:

@@ -521,3 +521,28 @@ def test_pruned_checkpoints_leave_every_manifest_true(store):
     checkpoint.save(run / "checkpoints", 4, model, opt, {"run": "r@1"}, True, 2)
     assert [p.name for p in checkpoint.all_checkpoints(run / "checkpoints")] == ["step-00000003", "step-00000004"]
     assert store.check(run) is True and checkpoint.read_state(run / "checkpoints/step-00000003")["step"] == 3
+
+
+def test_a_prune_that_dies_part_way_leaves_every_checkpoint_whole(store, monkeypatch):
+    """A pruned checkpoint is set aside under a hidden name before it is deleted: a crash part-way through the
+    deletion never leaves a checkpoint directory missing some of its files (which would fail every check)."""
+    from appliance.train import checkpoint
+
+    model, opt = _tiny_training_state()
+    run = store.root / "runs" / "r@1"
+    store.keys.keys["runs/r@1"] = os.urandom(32)
+    store.write_file(run / "recipe.json", b"{}")
+    for step in (1, 2):
+        checkpoint.save(run / "checkpoints", step, model, opt, {"run": "r@1"}, True, 2)
+    real = shutil.rmtree
+
+    def dies_half_way(path, *a, **k):  # one file deleted, then the power goes
+        next(p for p in Path(path).rglob("*.sealed")).unlink()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shutil, "rmtree", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save(run / "checkpoints", 3, model, opt, {"run": "r@1"}, True, 2)  # prunes step 1
+    monkeypatch.setattr(shutil, "rmtree", real)
+    assert [p.name for p in checkpoint.all_checkpoints(run / "checkpoints")] == ["step-00000002", "step-00000003"]
+    assert store.check(run) is True and checkpoint.read_state(checkpoint.latest(run / "checkpoints"))["step"] == 3

@@ -298,8 +298,8 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, rng, state: dict, kee
         for p in tmp.rglob("*"):
             if p.is_file():
                 fsync_path(p)
-        if final.exists():
-            shutil.rmtree(final)
+        if final.exists():  # the same step written again: the old one set aside whole, never left half-deleted
+            sealed.discard(final)
         os.replace(tmp, final)
         fsync_path(final.parent)
     except BaseException:
@@ -309,7 +309,7 @@ def _finish(root: Path, tmp: Path, final: Path, step: int, rng, state: dict, kee
         if sealed.home_artifacts(old) is not None:
             sealed.need(old).remove(old)  # and from a manifest that lists its files
         else:
-            shutil.rmtree(old, ignore_errors=True)
+            sealed.discard(old)
     return final
 
 
