@@ -854,13 +854,13 @@ def discard(path: Path) -> None:
     import shutil
     import tempfile
 
+    from appliance.home import fsync_path
+
     path = Path(path)
     if not path.is_dir() or path.is_symlink():
         return
     aside = Path(tempfile.mkdtemp(prefix=f".{path.name}.gone-", dir=path.parent))
     os.replace(path, aside / path.name)
-    from appliance.home import fsync_path
-
     fsync_path(path.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
@@ -875,7 +875,7 @@ def planted(store: Store, top: Path) -> bool:
             return True
     except SealedError:  # no key: made before artifacts were sealed
         return False
-    return any(p.name == MANIFEST + SUFFIX for p in Path(top).rglob(MANIFEST + SUFFIX))
+    return any(Path(top).rglob(MANIFEST + SUFFIX))
 
 
 def seal_plain(store: Store, top: Path) -> int:
