@@ -164,57 +164,28 @@ def seal_file(key: bytes, artifact: str, name: str, payload, dest: Path) -> dict
     return entry
 
 
-BATCH = 64  # chunks sealed at once (in parallel) before they are written: memory stays at 64 MiB a file
+BATCH = 64  # chunks opened at once, in parallel (into the in-memory file: no buffer of its own)
 
 
 def seal_to(f, key: bytes, artifact: str, name: str, payload) -> dict:
     """Write `payload` sealed to the open binary file `f`. Returns its manifest entry."""
     w = SealingWriter(f, key, artifact, name)
-    w.write(payload)  # whole batches sealed straight from the payload
-    w.close()
+    try:
+        w.write(payload)  # whole chunks sealed straight from the payload
+        w.close()
+    finally:
+        w.abandon()
     return w.entry()
 
 
-class SealingWriter:
-    """A sealed file written front to back (`write`, `tell` of the plaintext written, `close` seals the last
-    chunk), for a writer that streams (a checkpoint's shards); batches of chunks are sealed in parallel."""
+class SealingWriter(stream.Writer):
+    """A sealed file written front to back to `f` (`stream.Writer`: `write`, `tell` of the plaintext written,
+    `close` seals the last chunk, `abandon` when given up), for a writer that streams (a checkpoint's shards)."""
 
     def __init__(self, f, key: bytes, artifact: str, name: str):
         nonce = self.nonce = os.urandom(NONCE)
-        self._key = _file_key(key, nonce, artifact, name)
-        self._f = f
-        self._buf = bytearray()
-        self._n = 0
-        self._size = 0
-        self._done = False
-        self._out = bytearray()
         f.write(MAGIC + nonce)
-
-    def write(self, data) -> int:
-        """Whole batches are sealed straight from `data`; only a remainder is copied and kept for the next write
-        (at least one byte always stays back: the last chunk must be flagged)."""
-        whole = BATCH * stream.CHUNK
-        with memoryview(data) as v0, v0.cast("B") as view:
-            n, pos = len(view), 0
-            self._size += n
-            if self._buf:
-                with view[:whole - len(self._buf)] as top:
-                    self._buf += top
-                    pos = len(top)
-                if len(self._buf) == whole and pos < n:  # more follows: the buffered batch is not the last
-                    self._emit(self._buf, last=False)
-                    self._buf = bytearray()
-            while n - pos > whole:
-                with view[pos:pos + whole] as piece:
-                    self._emit(piece, last=False)
-                pos += whole
-            if pos < n:
-                with view[pos:] as rest:
-                    self._buf += rest
-        return n
-
-    def tell(self) -> int:
-        return self._size
+        super().__init__(f, _file_key(key, nonce, artifact, name))
 
     def flush(self) -> None:  # batches are written as they fill; the rest waits for the last chunk
         pass
@@ -225,34 +196,16 @@ class SealingWriter:
     def seekable(self) -> bool:
         return False
 
-    @property
-    def closed(self) -> bool:
-        return self._done
-
-    def _emit(self, piece, last: bool) -> None:
-        k = -(-len(piece) // stream.CHUNK) or 1
-        n = len(piece) + k * stream.TAG
-        if len(self._out) < n:
-            self._out = bytearray(n)
-        with memoryview(self._out) as o, o[:n] as out:
-            stream.seal_into(self._key, piece, out, self._n, self._n + k if last else self._n + k + 1)
-            self._f.write(out)
-        self._n += k
-
-    def close(self) -> None:
-        if not self._done:
-            self._emit(self._buf, last=True)
-            self._buf = bytearray()
-            self._done = True
-
     def entry(self) -> dict:
         """The file's manifest entry (once closed)."""
-        return {"size": self._size, "sealed": len(MAGIC) + NONCE + stream.sealed_size(self._size),
-                "nonce": self.nonce.hex()}
+        size = self.tell()
+        return {"size": size, "sealed": len(MAGIC) + NONCE + stream.sealed_size(size), "nonce": self.nonce.hex()}
 
 
-def open_file(key: bytes, artifact: str, name: str, src: Path) -> MemFile:
-    """The plaintext of the sealed file `src`, as an in-memory file."""
+def open_file(key: bytes, artifact: str, name: str, src: Path, accept: list[dict] | None = None) -> MemFile:
+    """The plaintext of the sealed file `src`, as an in-memory file. `accept`: the manifest entries it may match
+    (the copy last written, or one being written), compared on the descriptor that is then read, so a copy
+    swapped in after the comparison is never the one opened; None where no manifest covers it."""
     fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
         total = os.fstat(fd).st_size
@@ -260,6 +213,14 @@ def open_file(key: bytes, artifact: str, name: str, src: Path) -> MemFile:
         if len(head) < len(MAGIC) + NONCE or not head.startswith(MAGIC):
             raise SealedError(f"{src} is not a sealed artifact file", "it was replaced or damaged")
         nonce = head[len(MAGIC):]
+        if accept is not None:
+            write = [e for e in accept if e["nonce"] == nonce.hex()]  # the nonce names one write of the file
+            if not write:
+                raise SealedError(f"the artifact {artifact} does not match its manifest: {name} "
+                                  f"{'is not the copy last written' if accept else 'was added'}",
+                                  f"a file was added or put back from an earlier write; {_RESTORE}")
+            if not any(e["sealed"] == total for e in write):
+                raise SealedError(f"{src} is cut or extended", "restore the artifact from a backup")
         try:
             size = stream.payload_size(total - len(head))
         except stream.StreamError:
@@ -442,15 +403,15 @@ class Store:
         """One file of an artifact (its plaintext name or its `.sealed` name), in memory."""
         path = Path(path)
         sealed = path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+        return self.open_checked(sealed, {})
+
+    def open_checked(self, sealed: Path, docs: dict[Path, dict]) -> MemFile:
+        """The sealed file `sealed` in memory: altered, cut or moved, it does not open; a whole file of another
+        write, or one its manifest does not list, is refused on the descriptor it is read from. `docs` keeps the
+        manifests opened so far, for a directory opened file by file."""
         artifact, top = self._where(sealed)
-        name = sealed.relative_to(top).as_posix()[:-len(SUFFIX)]
-        out = open_file(self.keys.key(artifact), artifact, name, sealed)  # altered, cut, moved: said by the open
-        try:
-            self._check_file(artifact, top, sealed)  # a whole file of another write: said by the manifest
-        except BaseException:
-            out.close()
-            raise
-        return out
+        name = _rel(sealed, top)[:-len(SUFFIX)]
+        return open_file(self.keys.key(artifact), artifact, name, sealed, self._accept(artifact, top, sealed, docs))
 
     def read_bytes(self, path: Path) -> bytes:
         path = Path(path)
@@ -478,36 +439,30 @@ class Store:
             with self.open_file(path) as f:
                 yield Path(f.path)
             return
-        artifact, top = self._where(path)
-        key = self.keys.key(artifact)
-        self.check(path)
+        self.check(path)  # the set of files: none missing or added
+        docs: dict[Path, dict] = {}
         with MemDir(self.tmp) as d:
             for name in sealed_names(path):
                 if weights or not name.endswith(WEIGHTS):
-                    rel = (path / name).relative_to(top).as_posix()
-                    d.add(name, open_file(key, artifact, rel, path / (name + SUFFIX)))
+                    d.add(name, self.open_checked(path / (name + SUFFIX), docs))  # each the copy its manifest lists
             yield d.path
 
     def verify(self, path: Path) -> int:
         """Open every sealed file of an artifact (in memory, then dropped): the number of bytes checked."""
-        artifact, top = self._where(path)
-        key = self.keys.key(artifact)
-        n = 0
+        _, top = self._where(path)
+        n, docs = 0, {}
         for name in sealed_names(top):
-            with open_file(key, artifact, name, top / (name + SUFFIX)) as f:
+            with self.open_checked(top / (name + SUFFIX), docs) as f:
                 n += f.size
         return n
 
     def tree_hash(self, path: Path) -> str:
         """The content hash of an artifact directory's plaintext: sha256 over (name, file sha256), sorted —
         what `train.model.tree_hash` gives for the same files in the clear."""
-        artifact, top = self._where(path)
-        key = self.keys.key(artifact)
         self.check(path)
-        h = hashlib.sha256()
+        h, docs = hashlib.sha256(), {}
         for name in sealed_names(path):
-            rel = (path / name).relative_to(top).as_posix()
-            with open_file(key, artifact, rel, path / (name + SUFFIX)) as f, f.map() as m:
+            with self.open_checked(path / (name + SUFFIX), docs) as f, f.map() as m:
                 h.update(f"{name}\0{hashlib.sha256(m).hexdigest()}\n".encode())
         return h.hexdigest()
 
@@ -672,18 +627,17 @@ class Store:
             whole = self.check(n) and whole
         return whole
 
-    def _check_file(self, artifact: str, top: Path, sealed_path: Path) -> None:
-        """One file against the manifest that covers it (none: made before manifests, opened as before)."""
+    def _accept(self, artifact: str, top: Path, sealed_path: Path, docs: dict[Path, dict]) -> list[dict] | None:
+        """The entries the manifest covering a file lists for it (the copy last written, and one being written):
+        none when it lists none; None when no manifest covers it (made before manifests: opened as before)."""
         mdir = self._covering(top, sealed_path.parent)
-        if not sealed_path.is_file():
-            return  # missing: the open says so, naming it
         if mdir is None:
             self._need_no_manifest(artifact, _rel(sealed_path.parent, top))
-            return
-        doc = self._manifest(artifact, top, mdir)
-        name = _rel(sealed_path, mdir)[:-len(SUFFIX)]
-        _compare(artifact, _rel(mdir, top), {n: e for n, e in doc["files"].items() if n == name},
-                 {n: e for n, e in (doc.get("pending") or {}).items() if n == name}, {name: sealed_path})
+            return None
+        if mdir not in docs:
+            docs[mdir] = self._manifest(artifact, top, mdir)
+        doc, name = docs[mdir], _rel(sealed_path, mdir)[:-len(SUFFIX)]
+        return [e for e in (doc["files"].get(name), (doc.get("pending") or {}).get(name)) if e]
 
     @contextmanager
     def building(self, dest: Path, names: tuple[str, ...] = ()) -> Iterator[MemDir]:
@@ -893,8 +847,9 @@ def seal_plain(store: Store, top: Path) -> int:
                           "they are never loaded; remove them, or restore the artifact from a backup")
     store.check(top)  # what is sealed already is kept as it is: never a file removed, added or rolled back
     size = sum(p.stat().st_size for p in plain.values())
-    key = store.keys.key(artifact, create=True)
-    opened = {n: open_file(key, artifact, n, top / (n + SUFFIX)) for n in sealed_names(top)}
+    store.keys.key(artifact, create=True)
+    docs: dict[Path, dict] = {}
+    opened = {n: store.open_checked(top / (n + SUFFIX), docs) for n in sealed_names(top)}
     try:
         store.write_dir(top, {**plain, **opened})
     finally:
@@ -919,6 +874,7 @@ class Receiving:
         self.dest.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.tmp = Path(tempfile.mkdtemp(prefix=f".{self.dest.name}.", dir=self.dest.parent))
         self.entries: dict[str, dict] = {}  # for the manifest, written last
+        self._writers: list[SealingWriter] = []
 
     def file(self, name: str):
         from bundles.safefile import create_new
@@ -927,6 +883,7 @@ class Receiving:
         path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         f = create_new(path)
         w = SealingWriter(f, self.key, self.artifact, name)
+        self._writers.append(w)
         entries = self.entries
 
         class _Sink:
@@ -955,4 +912,6 @@ class Receiving:
     def discard(self) -> None:
         import shutil
 
+        for w in self._writers:  # a file given up part-way may still have a batch being written
+            w.abandon()
         shutil.rmtree(self.tmp, ignore_errors=True)

@@ -97,22 +97,26 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
                                     "chunk": crypt.CHUNK}, key)
             f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
             sink = crypt.EncryptingWriter(f, key, nonce)
-        sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
-        for (_, src), e in zip(files, entries):
-            if isinstance(src, bytes):
-                sink.write(src)
-                progress(len(src))
-                continue
-            h = TreeHasher()
-            with open(src, "rb") as s:
-                while chunk := s.read(COPY):
-                    h.update(chunk)
-                    sink.write(chunk)
-                    progress(len(chunk))
-            if str(h.digest()) != e["digest"] or h.size != e["size"]:
-                raise BundleError(f"{src} changed while it was being bundled", "run the export again")
-        if isinstance(sink, crypt.EncryptingWriter):
-            sink.close()
+        try:
+            sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            for (_, src), e in zip(files, entries):
+                if isinstance(src, bytes):
+                    sink.write(src)
+                    progress(len(src))
+                    continue
+                h = TreeHasher()
+                with open(src, "rb") as s:
+                    while chunk := s.read(COPY):
+                        h.update(chunk)
+                        sink.write(chunk)
+                        progress(len(chunk))
+                if str(h.digest()) != e["digest"] or h.size != e["size"]:
+                    raise BundleError(f"{src} changed while it was being bundled", "run the export again")
+            if isinstance(sink, crypt.EncryptingWriter):
+                sink.close()
+        finally:
+            if isinstance(sink, crypt.EncryptingWriter):
+                sink.abandon()  # a failed export: its last batch is written before the file is removed
     return m
 
 

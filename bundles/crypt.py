@@ -22,7 +22,7 @@ from bundles.keys import PublicKey, SecretKey, b64, unb64
 CHUNK = stream.CHUNK
 TAG = stream.TAG
 SEALED = CHUNK + TAG  # one chunk as it lies in the file
-BATCH = min(64, max(16, stream.workers() * 8))  # chunks per batch: enough to keep every core busy, <= 64 MiB
+BATCH = stream.BATCH  # chunks per batch: enough to keep every core busy, <= 64 MiB
 _INFO_WRAP = b"appliance-bundle-v1 file key"
 _INFO_PAYLOAD = b"appliance-bundle-v1 payload"
 
@@ -68,48 +68,12 @@ def unwrap(stanzas: list, identities: list[SecretKey]) -> bytes:
                       "import it where one of those keys lives, or ask for a bundle encrypted to your key")
 
 
-class EncryptingWriter:
-    """Writes the header's nonce-derived stream to `out`; `close()` writes the last chunk.
-
-    Plaintext gathers in a batch of `batch` chunks; a full batch is sealed in parallel only once more bytes
-    arrive, so the last chunk (flagged) always holds at least one byte unless the payload is empty."""
+class EncryptingWriter(stream.Writer):
+    """Writes the header's nonce-derived stream to `out` (`stream.Writer`: batches of `batch` chunks sealed on
+    every core); `close()` writes the last chunk."""
 
     def __init__(self, out: BinaryIO, file_key: bytes, nonce: bytes, batch: int = BATCH):
-        self._key = stream.hkdf(file_key, nonce, _INFO_PAYLOAD)
-        self._out = out
-        self._plain = bytearray(max(1, batch) * CHUNK)
-        self._sealed = bytearray(max(1, batch) * SEALED)
-        self._fill = 0  # bytes of _plain in use
-        self._n = 0  # chunks written
-        self._closed = False
-
-    def write(self, data) -> int:
-        if self._closed:
-            raise ValueError("write to a closed EncryptingWriter")
-        with memoryview(data) as v0, v0.cast("B") as view:
-            at = 0
-            while at < len(view):
-                if self._fill == len(self._plain):
-                    self._seal(last=False)  # more bytes follow: none of these chunks is the last
-                k = min(len(self._plain) - self._fill, len(view) - at)
-                self._plain[self._fill:self._fill + k] = view[at:at + k]
-                self._fill += k
-                at += k
-            return len(view)
-
-    def close(self) -> None:
-        if not self._closed:
-            self._seal(last=True)
-            self._closed = True
-
-    def _seal(self, last: bool) -> None:
-        n = stream.chunks(self._fill) if last else self._fill // CHUNK
-        size = self._fill + n * TAG
-        with memoryview(self._plain) as plain, memoryview(self._sealed) as sealed:
-            stream.seal_into(self._key, plain[:self._fill], sealed[:size], self._n, self._n + n + (not last))
-            self._out.write(sealed[:size])
-        self._n += n
-        self._fill = 0
+        super().__init__(out, stream.hkdf(file_key, nonce, _INFO_PAYLOAD), batch)
 
 
 class DecryptingReader:

@@ -65,6 +65,9 @@ def workers() -> int:
     return max(1, min(os.cpu_count() or 1, 32))
 
 
+# Chunks a writer seals at once: enough to keep every core busy, few enough that its buffers (three batches) stay
+# small and are reused while a large file is written, rather than filled fresh.
+BATCH = min(64, max(16, workers() * 8))
 _POOL: ThreadPoolExecutor | None = None
 
 
@@ -131,3 +134,117 @@ def open_into(key: bytes, src, dst, first: int = 0, total: int | None = None) ->
         bad = [first + i for i, ok in zip(range(n), _parallel(one, n)) if not ok]
     if bad:
         raise StreamError(f"encrypted chunk {bad[0]} does not authenticate")
+
+
+class Writer:
+    """A stream written front to back to the binary file `out`: `write` pieces of any size, `close` seals the
+    last chunk (flagged). Encrypted bundles, backups and sealed artifacts all write through it.
+
+    Whole chunks are sealed straight from what `write` is given, `batch` at a time on every core; only the
+    pieces of a chunk (small writes, and the ends of large ones) are copied, into a batch that is sealed once
+    it is full. A chunk is sealed only once a byte after it has arrived, so the last chunk (flagged) holds at
+    least one byte unless the payload is empty. Batches past the first are written by a thread of the
+    writer's own while the next is sealed, so the file's writes overlap the sealing and the caller's own
+    work; `close` (or `abandon`, when the stream is given up) waits for the last of them, and a write that
+    failed raises at the next call."""
+
+    def __init__(self, out, key: bytes, batch: int = BATCH):
+        self._aead_key = key
+        self._out = out
+        self._cap = max(1, batch) * CHUNK
+        self._plain = bytearray()  # pieces of the next batch, copied
+        self._fill = 0  # bytes of _plain in use (always less than a chunk past a whole chunk, or _cap)
+        self._outs = [bytearray(), bytearray()]  # sealed batches: one being written while the other is sealed
+        self._turn = 0
+        self._inflight = None  # the write of a sealed batch still running (a Future)
+        self._thread = None  # this writer's thread, made when a second batch is sealed
+        self._n = 0  # chunks sealed
+        self._size = 0  # payload bytes given
+        self._closed = False
+
+    def tell(self) -> int:
+        """Payload bytes written so far."""
+        return self._size
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def write(self, data) -> int:
+        if self._closed:
+            raise ValueError("write to a closed stream writer")
+        with memoryview(data) as v0, v0.cast("B") as view:
+            n, pos = len(view), 0
+            while pos < n:
+                if self._fill == self._cap:  # a full batch, and more bytes follow: none of it is the last
+                    self._seal_buffered(last=False)
+                elif self._fill % CHUNK == 0 and n - pos > CHUNK:  # whole chunks, and more after them
+                    if self._fill:
+                        self._seal_buffered(last=False)
+                    k = min(self._cap, (n - pos - 1) // CHUNK * CHUNK)
+                    with view[pos:pos + k] as piece:
+                        self._seal(piece, last=False)
+                    pos += k
+                else:  # a piece of a chunk: copied, up to the chunk's end when whole ones follow it
+                    k = min(self._cap - self._fill, n - pos)
+                    if n - pos > CHUNK:
+                        k = min(k, CHUNK - self._fill % CHUNK)
+                    with view[pos:pos + k] as piece:
+                        self._plain[self._fill:self._fill + k] = piece
+                    self._fill += k
+                    pos += k
+            self._size += n
+            return n
+
+    def close(self) -> None:
+        """Seal what is left as the last chunk(s) and wait until everything is written."""
+        if self._closed:
+            return
+        self._seal_buffered(last=True)
+        self._closed = True
+        self._finish()
+
+    def abandon(self) -> None:
+        """Stop without sealing the rest (the stream is being given up): waits for a write still running, so
+        that nothing writes to `out` once this returns."""
+        self._closed = True
+        try:
+            self._finish()
+        except OSError:
+            pass
+
+    def _seal_buffered(self, last: bool) -> None:
+        with memoryview(self._plain) as plain, plain[:self._fill] as piece:
+            self._seal(piece, last)
+        self._fill = 0
+
+    def _seal(self, piece, last: bool) -> None:
+        k = chunks(len(piece)) if last else len(piece) // CHUNK
+        size = len(piece) + k * TAG
+        out = self._outs[self._turn]  # not the one being written
+        if len(out) < size:
+            out = self._outs[self._turn] = bytearray(size)
+        with memoryview(out) as o, o[:size] as sealed:
+            seal_into(self._aead_key, piece, sealed, self._n, self._n + k + (not last))
+        self._n += k
+        self._wait()
+        if last and self._thread is None:  # the only batch: written here, no thread needed
+            self._out.write(memoryview(out)[:size])
+            return
+        if self._thread is None:
+            self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-write")
+        self._inflight = self._thread.submit(self._out.write, memoryview(out)[:size])
+        self._turn ^= 1
+
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            done, self._inflight = self._inflight, None
+            done.result()  # a failed write raises here
+
+    def _finish(self) -> None:
+        try:
+            self._wait()
+        finally:
+            if self._thread is not None:
+                self._thread.shutdown(wait=True)
+                self._thread = None

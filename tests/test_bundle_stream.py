@@ -99,6 +99,49 @@ def test_same_bytes_as_the_sequential_writer(size):
         assert seal(data, batch, pieces) == old, (batch, pieces)
 
 
+def test_pieces_of_every_size_give_the_same_bytes():
+    """Writes smaller than a chunk are copied into the batch, larger ones sealed straight from the caller's
+    buffer in whole chunks, the two mixed across chunk and batch boundaries: the stream is the same."""
+    data = payload(9 * C + 11, 99)
+    old = old_seal(data)
+    rng = random.Random(7)
+    for batch in (1, 2, 3):
+        for _ in range(6):
+            out, at = io.BytesIO(), 0
+            w = crypt.EncryptingWriter(out, KEY, NONCE, batch=batch)
+            while at < len(data):
+                n = rng.choice((1, 511, C - 1, C, C + 1, 2 * C + 3, 5 * C))
+                w.write(memoryview(data)[at:at + n])
+                at += n
+            w.close()
+            assert out.getvalue() == old, batch
+
+
+class _FailsAfter(io.BytesIO):
+    def __init__(self, writes: int):
+        super().__init__()
+        self.left = writes
+
+    def write(self, b) -> int:
+        self.left -= 1
+        if self.left < 0:
+            raise OSError(28, "No space left on device")
+        return super().write(b)
+
+
+def test_a_write_that_fails_behind_the_sealing_is_raised():
+    """Batches past the first are written by the writer's own thread: a failure there (a full disk) is raised
+    to the caller by a later write or by close, never lost."""
+    for writes in (0, 1, 2):
+        w = crypt.EncryptingWriter(_FailsAfter(writes), KEY, NONCE, batch=1)
+        with pytest.raises(OSError, match="No space"):
+            for _ in range(6):
+                w.write(payload(C, 1))
+            w.close()
+        w.abandon()  # once given up, nothing is left running
+        assert w._thread is None and w._inflight is None
+
+
 @pytest.mark.parametrize("size", [0, 5, C, 2 * C, 6 * C, 6 * C + 7])
 def test_round_trip_every_way_of_reading(tmp_path, size):
     data = payload(size, size)

@@ -310,3 +310,54 @@ def test_a_link_in_place_of_a_sealed_file_is_a_problem_of_its_artifact_not_a_cra
     r = cli("--home", home, "--json", "vault", "check")
     assert r.code != 0 and any(p.startswith("artifact models/m@1: the artifact models/m@1 does not match its "
                                             "manifest: w.bin") for p in r.json["problems"]), r.json["problems"]
+
+
+def _two_writes(home: Path) -> tuple[Path, bytes]:
+    """A model written twice; the earlier copy of its weights, as an attacker kept it."""
+    a = home / "artifacts" / "models" / "m@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b"{}", "w.bin": b"weights of the first write"})
+        first = (a / "w.bin.sealed").read_bytes()
+        v.store.write_dir(a, {"config.json": b"{}", "w.bin": b"weights of the second write"})
+    return a, first
+
+
+def test_a_file_put_back_after_its_directory_was_checked_is_not_the_one_opened(home, monkeypatch):
+    """The race: the directory checked against its manifest, then an earlier copy of a file put back before
+    the file is opened. The comparison is made on the descriptor that is read, so it is refused."""
+    a, first = _two_writes(home)
+    real = sealed.Store.check
+
+    def checked_then_swapped(self, path):
+        ok = real(self, path)
+        (a / "w.bin.sealed").unlink()
+        (a / "w.bin.sealed").write_bytes(first)
+        return ok
+
+    monkeypatch.setattr(sealed.Store, "check", checked_then_swapped)
+    with open_vault(home, read_only=True):
+        assert "w.bin is not the copy last written" in _refused(a)
+
+
+def test_a_file_put_back_only_while_it_is_read_is_not_the_one_opened(home, monkeypatch):
+    """The race the other way: an earlier copy in place while the file is read, the last one back before any
+    check by name could look."""
+    a, first = _two_writes(home)
+    last = (a / "w.bin.sealed").read_bytes()
+    real, swapped = os.open, []
+
+    def swaps_around_the_read(path, flags, *rest):
+        if str(path).endswith("w.bin.sealed") and not swapped:  # the open that reads it; not a check after
+            swapped.append(path)
+            Path(path).unlink()
+            Path(path).write_bytes(first)
+            fd = real(path, flags, *rest)
+            Path(path).unlink()
+            Path(path).write_bytes(last)  # a new file: the descriptor above still reads the earlier copy
+            return fd
+        return real(path, flags, *rest)
+
+    with open_vault(home, read_only=True):
+        monkeypatch.setattr(sealed.os, "open", swaps_around_the_read)
+        with pytest.raises(sealed.SealedError, match="w.bin is not the copy last written"):
+            sealed.read_bytes(a / "w.bin")

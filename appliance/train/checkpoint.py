@@ -55,6 +55,7 @@ def _sealed_fs():
             self.artifact, top = store._where(final)
             self.key = store.keys.key(self.artifact)
             self.prefix = final.relative_to(top).as_posix()
+            self._docs: dict[Path, dict] = {}  # the checkpoint's manifest, opened once for all its files
 
         def _name(self, path) -> str:
             return f"{self.prefix}/{Path(path).name}"
@@ -67,14 +68,16 @@ def _sealed_fs():
             if "r" in mode:
                 if not _sealed(path).is_file():
                     raise sealed.SealedError(f"{path} is missing or in the clear", "the checkpoint is damaged")
-                with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(path)) as mf, \
-                        open(mf.path, "rb") as f:
+                with self.store.open_checked(_sealed(path), self._docs) as mf, open(mf.path, "rb") as f:
                     yield f
                 return
             with create_new(_sealed(path)) as f:
                 w = sealed.SealingWriter(f, self.key, self.artifact, self._name(path))
-                yield w
-                w.close()
+                try:
+                    yield w
+                    w.close()
+                finally:
+                    w.abandon()  # a batch still being written is done before the file closes
                 f.flush()
                 os.fsync(f.fileno())
 
@@ -156,9 +159,7 @@ def _get(path: Path, name: str) -> bytes:
     if not _sealed(path / name).exists():
         raise sealed.SealedError(f"{path / name} is missing or in the clear", "the checkpoint is damaged")
     store.check(path)
-    artifact, top = store._where(path)
-    with sealed.open_file(store.keys.key(artifact), artifact, f"{path.relative_to(top).as_posix()}/{name}",
-                          _sealed(path / name)) as mf:
+    with store.open_checked(_sealed(path / name), {}) as mf:  # the copy the manifest lists, checked on what is read
         return mf.read()
 
 

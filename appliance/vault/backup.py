@@ -122,26 +122,29 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
     with atomic_file(out) as f:
         f.write(MAGIC + struct.pack("<Q", len(sealed)) + sealed)
         enc = EncryptingWriter(f, key, nonce)
-        with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
-            for i, rel in enumerate(files):
-                progress("backup", i, len(files))
-                try:
-                    fh = open(home.root / rel, "rb")
-                except FileNotFoundError:  # a checkpoint pruned or a temp renamed since the listing: gone
-                    continue
-                with fh:
-                    st = os.fstat(fh.fileno())  # the size of the file we hold open, not of its name
-                    info = tarfile.TarInfo(str(rel))
-                    info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o600
-                    hashing = _Hashing(fh)
-                    tar.addfile(info, hashing)  # type: ignore[arg-type]
-                manifest[str(rel)] = {"sha256": hashing.h.hexdigest(), "size": info.size}
-                total += info.size
-            body = json.dumps({"vault_id": header["vault_id"], "files": manifest}, indent=1).encode()
-            info = tarfile.TarInfo(MANIFEST)
-            info.size, info.mode = len(body), 0o600
-            tar.addfile(info, io.BytesIO(body))
-        enc.close()
+        try:
+            with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
+                for i, rel in enumerate(files):
+                    progress("backup", i, len(files))
+                    try:
+                        fh = open(home.root / rel, "rb")
+                    except FileNotFoundError:  # a checkpoint pruned or a temp renamed since the listing: gone
+                        continue
+                    with fh:
+                        st = os.fstat(fh.fileno())  # the size of the file we hold open, not of its name
+                        info = tarfile.TarInfo(str(rel))
+                        info.size, info.mtime, info.mode = st.st_size, int(st.st_mtime), 0o600
+                        hashing = _Hashing(fh)
+                        tar.addfile(info, hashing)  # type: ignore[arg-type]
+                    manifest[str(rel)] = {"sha256": hashing.h.hexdigest(), "size": info.size}
+                    total += info.size
+                body = json.dumps({"vault_id": header["vault_id"], "files": manifest}, indent=1).encode()
+                info = tarfile.TarInfo(MANIFEST)
+                info.size, info.mode = len(body), 0o600
+                tar.addfile(info, io.BytesIO(body))
+            enc.close()
+        finally:
+            enc.abandon()  # a failed backup: its last batch is written before the file is removed
     progress("backup", len(files), len(files))
     logs.event("vault.backup", files=len(manifest), bytes=total)
     return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(manifest),
