@@ -27,10 +27,36 @@ from appliance.errors import ApplianceError
 class MemFile:
     """An anonymous in-memory file of `size` bytes (it grows if written through its path)."""
 
-    def __init__(self, name: str, size: int = 0):
-        self.fd = os.memfd_create(name[:200] or "file", os.MFD_CLOEXEC)
+    def __init__(self, name: str, size: int = 0, fd: int | None = None):
+        # sealing allowed: `freeze` makes one read-only for good before it is handed to another process
+        self.fd = os.memfd_create(name[:200] or "file", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING) if fd is None else fd
         if size:
             os.ftruncate(self.fd, size)
+
+    @classmethod
+    def adopt(cls, fd: int) -> MemFile:
+        """The in-memory file behind a descriptor received from another process (it must be one, frozen)."""
+        import fcntl
+
+        try:
+            frozen = fcntl.fcntl(fd, fcntl.F_GET_SEALS) & _FROZEN == _FROZEN
+        except OSError:
+            frozen = False
+        if not frozen:
+            os.close(fd)
+            raise ApplianceError("a file handed over is not a read-only in-memory file", "a defect: report it")
+        return cls("", fd=fd)
+
+    def freeze(self) -> None:
+        """Make the file read-only for good, for every process that holds it (memfd seals: no write, no resize,
+        no further seal change): what a process hands another to read, never to alter."""
+        import fcntl
+
+        fcntl.fcntl(self.fd, fcntl.F_ADD_SEALS, _FROZEN | fcntl.F_SEAL_SEAL)
+
+    def dup(self) -> MemFile:
+        """Another descriptor of the same file, closed on its own."""
+        return MemFile("", fd=os.dup(self.fd))
 
     @classmethod
     def of(cls, name: str, data) -> MemFile:
@@ -68,6 +94,15 @@ class MemFile:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _frozen_seals() -> int:
+    import fcntl
+
+    return fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+
+
+_FROZEN = _frozen_seals()
 
 
 class _Empty(bytearray):

@@ -383,6 +383,9 @@ class Store:
     root: Path  # HOME/artifacts
     tmp: Path  # HOME/tmp: where in-memory directories put their links
     keys: VaultKeys | GivenKeys = field(repr=False)
+    # artifacts handed to this process already open (a run's ranks: its base and tokenizer, from the launcher),
+    # artifact id -> file name -> frozen in-memory file; read from here, never from the disk, with no key
+    handed: dict[str, dict[str, MemFile]] = field(default_factory=dict, repr=False)
 
     def artifact(self, path: Path) -> str | None:
         """The id of the artifact `path` is (or is in): its top two levels under the root; None outside."""
@@ -403,6 +406,8 @@ class Store:
         """One file of an artifact (its plaintext name or its `.sealed` name), in memory."""
         path = Path(path)
         sealed = path if path.name.endswith(SUFFIX) else path.with_name(path.name + SUFFIX)
+        if self.artifact(path) in self.handed:
+            return self._handed_file(sealed)
         return self.open_checked(sealed, {})
 
     def open_checked(self, sealed: Path, docs: dict[Path, dict]) -> MemFile:
@@ -430,6 +435,10 @@ class Store:
         if self.artifact(path) is None:
             yield path
             return
+        if self.artifact(path) in self.handed:
+            with self._handed_dir(path, weights) as p:
+                yield p
+            return
         if not (is_sealed(path) or is_sealed(path.with_name(path.name + SUFFIX))):
             if os.path.lexists(path):
                 _refuse_plain(path)
@@ -445,6 +454,51 @@ class Store:
             for name in sealed_names(path):
                 if weights or not name.endswith(WEIGHTS):
                     d.add(name, self.open_checked(path / (name + SUFFIX), docs))  # each the copy its manifest lists
+            yield d.path
+
+    def hand_over(self, artifact: str) -> dict[str, MemFile]:
+        """Every file of an artifact opened into memory, checked against its manifests and frozen read-only (memfd
+        seals): what a run's ranks are handed of an artifact they only read, in place of its key (with which they
+        could also write it). The caller closes them."""
+        top = self.root / artifact
+        self.check(top)
+        files: dict[str, MemFile] = {}
+        docs: dict[Path, dict] = {}
+        try:
+            for name in sealed_names(top):
+                files[name] = self.open_checked(top / (name + SUFFIX), docs)
+                files[name].freeze()
+        except BaseException:
+            for f in files.values():
+                f.close()
+            raise
+        return files
+
+    def _handed_file(self, sealed: Path) -> MemFile:
+        artifact, top = self._where(sealed)
+        name = _rel(sealed, top)[:-len(SUFFIX)]
+        if name not in self.handed[artifact]:
+            raise SealedError(f"the artifact {artifact} has no file {name}", "the launcher handed it over without it")
+        return self.handed[artifact][name].dup()
+
+    @contextmanager
+    def _handed_dir(self, path: Path, weights: bool) -> Iterator[Path]:
+        """`opened` of an artifact handed over: a file of it, or a directory of links to its files (under `path`)."""
+        artifact, top = self._where(path)
+        files, rel = self.handed[artifact], _rel(path, top)
+        name = rel[:-len(SUFFIX)] if rel.endswith(SUFFIX) else rel
+        if name in files:
+            with files[name].dup() as f:
+                yield Path(f.path)
+            return
+        under = {n[len(rel) + 1:] if rel else n: f for n, f in files.items() if not rel or n.startswith(rel + "/")}
+        if not under:
+            yield path  # nothing there: the loader says so, naming it
+            return
+        with MemDir(self.tmp) as d:
+            for name, f in under.items():
+                if weights or not name.endswith(WEIGHTS):
+                    d.add(name, f.dup())
             yield d.path
 
     def verify(self, path: Path) -> int:
@@ -606,6 +660,8 @@ class Store:
         added, or not the copy last written raises a SealedError naming the artifact. False when some of it has no
         manifest (made before manifests: it opens as before), else True."""
         artifact, top = self._where(path)
+        if artifact in self.handed:
+            return True  # checked by the process that opened it and handed it over
         d, top = Path(os.path.abspath(path)), Path(os.path.abspath(top))
         mdir = self._covering(top, d)
         files, nested = _covered(d)

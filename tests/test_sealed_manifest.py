@@ -205,7 +205,10 @@ def test_a_fixture_vault_without_the_table_migrates_too(tmp_path):
     assert "manifested" in cols and schema_of(h) == 2
 
 
-def test_the_launcher_hands_the_ranks_which_artifacts_have_manifests(home):
+def test_the_launcher_hands_the_ranks_write_keys_and_what_they_read_frozen_in_memory_not_its_key(home):
+    """A rank gets the keys of what its run writes (and which of those have manifests), and its base and tokenizer
+    as read-only in-memory files passed over the socket. With the base's key a rank could seal a base of its own
+    making that the next run would load; it has no such key, and the files it holds refuse writes."""
     import socket
     import tempfile
     from types import SimpleNamespace
@@ -213,28 +216,44 @@ def test_the_launcher_hands_the_ranks_which_artifacts_have_manifests(home):
     from appliance.train import launch, run
 
     art = home / "artifacts"
+    base = art / "models" / "base@1"
     with open_vault(home) as v:
-        v.store.write_dir(art / "models" / "base@1", {"w.bin": b"older"})
-        v.con.execute("UPDATE artifact_keys SET manifested = NULL WHERE artifact = 'models/base@1'")
-    with open_vault(home) as v:
-        spec = SimpleNamespace(tokenizer_path=art / "models" / "base@1", base_path=art / "models" / "base@1",
-                               run_dir=art / "runs" / "r@1", model_dir=art / "models" / "r@1")
+        v.store.write_dir(base, {"config.json": b'{"a": 1}', "w.bin": b"the base's weights"})
+        spec = SimpleNamespace(tokenizer_path=base, base_path=base, run_dir=art / "runs" / "r@1",
+                               model_dir=art / "models" / "r@1")
         given = run.run_keys(v, spec)
-    assert sorted(given.keys) == ["models/base@1", "models/r@1", "runs/r@1"]
-    assert given.with_manifests == {"models/r@1", "runs/r@1"}  # the base was made before manifests
+        files = run.run_files(v, spec)
+    assert sorted(given.keys) == ["models/r@1", "runs/r@1"] and given.with_manifests == {"models/r@1", "runs/r@1"}
+    assert {a: sorted(f) for a, f in files.items()} == {"models/base@1": ["config.json", "w.bin"]}
     path = Path(tempfile.mkdtemp(prefix="appliance-test-")) / "t.sock"  # AF_UNIX paths are short
-    server = launch.serve(path, "ticket", SimpleNamespace(to_dict=dict), None, None, None, {}, keys=given)
+    server = launch.serve(path, "ticket", SimpleNamespace(to_dict=dict), None, None, None, {}, keys=given,
+                          files=files)
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.connect(str(path))
             launch.send(s, {"op": "hello", "ticket": "ticket"})
             header, _ = launch.recv(s)
-        assert header["ok"] and sorted(header["keys"]) == sorted(given.keys)
+            handed = launch.receive_files(s, header["files"])
+        assert header["ok"] and sorted(header["keys"]) == ["models/r@1", "runs/r@1"]
         assert header["manifested"] == ["models/r@1", "runs/r@1"]
     finally:
         server.shutdown()
         server.server_close()
         shutil.rmtree(path.parent, ignore_errors=True)
+        run._close_files(files)
+
+    # the rank's side: it reads the base from what it was handed, and cannot write it
+    rank = sealed.Store(art, home / "tmp", sealed.GivenKeys({}), handed)
+    with rank.opened(base) as d:
+        assert (d / "w.bin").read_bytes() == b"the base's weights" and (d / "config.json").read_bytes() == b'{"a": 1}'
+    assert rank.read_bytes(base / "config.json") == b'{"a": 1}' and rank.check(base)
+    with pytest.raises(sealed.SealedError, match="given no key for the artifact models/base@1"):
+        rank.write_dir(base, {"w.bin": b"weights of the rank's making"})
+    with rank.opened(base) as d, pytest.raises(PermissionError):
+        (d / "w.bin").write_bytes(b"weights of the rank's making")  # frozen: no process may write it
+    with open_vault(home, read_only=True):
+        assert sealed.read_bytes(base / "w.bin") == b"the base's weights"
+    run._close_files(handed)
 
 
 def test_files_planted_in_the_clear_in_a_sealed_artifact_are_never_sealed_into_it(home, cli):

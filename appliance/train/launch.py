@@ -38,10 +38,12 @@ from appliance.train.model import TrainError
 from appliance.train.spec import StageSpec
 
 if TYPE_CHECKING:
+    from appliance.memfiles import MemFile
     from appliance.sealed import GivenKeys
 
 ENV_SOCKET, ENV_TICKET = "APPLIANCE_TRAIN_SOCKET", "APPLIANCE_TRAIN_TICKET"
 MAX_HEADER = 1 << 24
+MAX_FDS = 200  # descriptors passed in one message (the kernel takes at most 253)
 
 
 @dataclass
@@ -100,10 +102,12 @@ class _Server(socketserver.ThreadingUnixStreamServer):
 
 def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
           results: dict, stop: threading.Event | None = None,
-          keys: GivenKeys | dict[str, bytes] | None = None) -> _Server:
-    """The launcher's side. A rank that proves itself gets the spec and the keys of the sealed artifacts the run
-    reads and writes (its run key among them; `run.run_keys`, a `sealed.GivenKeys`), and which of them are
-    written with manifests; never the vault's keys."""
+          keys: GivenKeys | dict[str, bytes] | None = None,
+          files: dict[str, dict[str, MemFile]] | None = None) -> _Server:
+    """The launcher's side. A rank that proves itself gets the spec, the keys of the sealed artifacts the run
+    writes (its run key among them; `run.run_keys`, a `sealed.GivenKeys`) and which of them are written with
+    manifests, and the artifacts it only reads as frozen in-memory files (`run.run_files`), passed as descriptors
+    over the socket; never their keys, nor the vault's."""
     import base64
 
     from appliance import sealed
@@ -111,6 +115,8 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
     given = keys if isinstance(keys, sealed.GivenKeys) else sealed.GivenKeys(dict(keys or {}))
     handed = {a: base64.b64encode(k).decode() for a, k in given.keys.items()}
     manifested = sorted(given.with_manifests)
+    listed = {a: sorted(f) for a, f in (files or {}).items()}
+    fds = [files[a][n].fd for a, names in listed.items() for n in names]
     lock = threading.Lock()  # the vault connection is shared: one writer at a time
 
     class Handler(socketserver.BaseRequestHandler):
@@ -121,7 +127,11 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                 if header.get("op") != "hello" or not secrets.compare_digest(str(header.get("ticket", "")), ticket):
                     send(sock, {"ok": False, "error": "bad ticket"})
                     return
-                send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed, "manifested": manifested})
+                send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed, "manifested": manifested,
+                            "files": listed})
+                for at in range(0, len(fds), MAX_FDS):
+                    group = fds[at:at + MAX_FDS]
+                    socket.send_fds(sock, [struct.pack("!I", len(group))], group)
                 while True:
                     header, payload = recv(sock)
                     op = header["op"]
@@ -150,7 +160,8 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
 
 def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
                     nproc: int, nodes: Nodes, threads: int | None = None,
-                    keys: GivenKeys | dict[str, bytes] | None = None) -> dict:
+                    keys: GivenKeys | dict[str, bytes] | None = None,
+                    files: dict[str, dict[str, MemFile]] | None = None) -> dict:
     """Run the stage on `nproc` local ranks (x nnodes) under torchrun; returns rank 0's result."""
     tmp_dir.mkdir(parents=True, exist_ok=True)
     path = tmp_dir / f"train-{secrets.token_hex(6)}.sock"
@@ -166,7 +177,7 @@ def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Cal
     results: dict = {}
     stop = threading.Event()
     try:
-        server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop, keys)
+        server = serve(path, ticket, spec, rows, on_step, on_checkpoint, results, stop, keys, files)
     except OSError:
         if short_dir is not None:
             short_dir.rmdir()
@@ -254,6 +265,35 @@ def _last_error(stderr: str) -> str:
 
 
 # --- a rank's side --------------------------------------------------------------------------------------
+def receive_files(sock: socket.socket, listed: dict[str, list[str]]) -> dict[str, dict[str, MemFile]]:
+    """The in-memory files the launcher sends after its hello, as descriptors, in the order `listed` names them;
+    each must be a frozen in-memory file (`MemFile.adopt`)."""
+    from appliance.memfiles import MemFile
+
+    names = [(a, n) for a, ns in listed.items() for n in ns]
+    got: list[MemFile] = []
+    try:
+        while len(got) < len(names):
+            msg, fds, flags, _ = socket.recv_fds(sock, 4, MAX_FDS)
+            for i, fd in enumerate(fds):
+                try:
+                    got.append(MemFile.adopt(fd))  # a frozen in-memory file, or closed and refused
+                except BaseException:
+                    for rest in fds[i + 1:]:
+                        os.close(rest)
+                    raise
+            if len(msg) != 4 or flags & socket.MSG_CTRUNC or struct.unpack("!I", msg)[0] != len(fds) or not fds:
+                raise ConnectionError("the launcher's files did not arrive whole")
+    except BaseException:
+        for f in got:
+            f.close()
+        raise
+    out: dict[str, dict[str, MemFile]] = {}
+    for (a, n), f in zip(names, got):
+        out.setdefault(a, {})[n] = f
+    return out
+
+
 class SocketLink:
     """What a rank sees of the launcher: rows by index, and places to report steps and checkpoints."""
 
@@ -275,7 +315,7 @@ class SocketLink:
         artifacts = self.spec.run_dir.parent.parent  # HOME/artifacts/runs/ID
         sealed.register(sealed.Store(artifacts, artifacts.parent / "tmp", sealed.GivenKeys(
             {a: base64.b64decode(k) for a, k in header.get("keys", {}).items()},
-            set(header.get("manifested", [])))))
+            set(header.get("manifested", []))), receive_files(self.sock, header.get("files", {}))))
 
     def rows(self, index: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self.lock:

@@ -342,24 +342,49 @@ def _fit(vault, recipe: Recipe, spec: StageSpec, packed: data.Packed, rec: Recor
     if world > 1:
         threads = int(os.environ["APPLIANCE_TRAIN_THREADS"]) if os.environ.get("APPLIANCE_TRAIN_THREADS") \
             else max(1, (os.cpu_count() or 1) // max(gpus, 1))
-        return launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint, max(gpus, 1),
-                                      nodes, threads, run_keys(vault, spec))
+        files = run_files(vault, spec)
+        try:
+            return launch.run_distributed(vault.home.tmp, spec, packed.take, rec.step, rec.checkpoint,
+                                          max(gpus, 1), nodes, threads, run_keys(vault, spec), files)
+        finally:
+            _close_files(files)
     loop.set_threads()
     return STAGES[recipe.stage](spec, _LocalLink(packed, rec), loop.Dist.from_env())
 
 
 def run_keys(vault, spec: StageSpec) -> sealed.GivenKeys:
-    """The keys a run's ranks are handed: of what it reads (tokenizer, base) and of what it writes (its run
-    directory and its model, keys made here and kept in the vault), and which of those artifacts are written with
-    manifests (one missing then fails on the ranks too). Nothing else of the home opens with them."""
+    """The keys a run's ranks are handed: of what it writes only (its run directory and its model, keys made here
+    and kept in the vault), and which of those artifacts are written with manifests (one missing then fails on the
+    ranks too). What it reads is handed over open (`run_files`), never with its key."""
     store = vault.store
     keys = {}
-    for path, write in ((spec.tokenizer_path, False), (spec.base_path, False), (spec.run_dir, True),
-                        (spec.model_dir, True)):
+    for path in (spec.run_dir, spec.model_dir):
         artifact = store.artifact(path) if path is not None else None
-        if artifact is not None and (write or sealed.is_sealed(store.root / artifact)):
-            keys[artifact] = store.keys.key(artifact, create=write)
+        if artifact is not None:
+            keys[artifact] = store.keys.key(artifact, create=True)
     return sealed.GivenKeys(keys, {a for a in keys if store.keys.manifested(a)})
+
+
+def run_files(vault, spec: StageSpec) -> dict[str, dict[str, MemFile]]:
+    """The sealed artifacts a run's ranks read (its tokenizer and base), opened here, checked and frozen read-only:
+    the ranks map these in-memory files and never hold those artifacts' keys, so no rank can write a base or a
+    tokenizer that a later run would load. The caller closes them."""
+    store, out = vault.store, {}
+    try:
+        for path in (spec.tokenizer_path, spec.base_path):
+            artifact = store.artifact(path) if path is not None else None
+            if artifact is not None and artifact not in out and sealed.is_sealed(store.root / artifact):
+                out[artifact] = store.hand_over(artifact)
+    except BaseException:
+        _close_files(out)
+        raise
+    return out
+
+
+def _close_files(files: dict[str, dict[str, MemFile]]) -> None:
+    for opened in files.values():
+        for f in opened.values():
+            f.close()
 
 
 def _finish(vault, recipe, run_id, out, parents, info, packed, world, resume_step, rec) -> RunResult:
