@@ -5,7 +5,7 @@ as sealed as the data. An artifact is a directory (`models/NAME@K`, `gguf/NAME@K
 its id is that path under `artifacts/`. Each artifact has a random 256-bit key, kept in the vault's
 `artifact_keys` table: only the data key's holder can read it, a `vault rekey` re-encrypts it with the rest
 of the database (so rekey costs nothing per artifact), and a training run's ranks are handed the keys of
-the artifacts they read and write, never the vault's.
+the artifacts they write, never the vault's; what they read is handed to them open (`Store.hand_over`).
 
 A sealed file is `NAME.sealed`: MAGIC, a random 16-byte nonce, then the file's bytes as a STREAM
 (`bundles.stream`: ChaCha20-Poly1305, 1 MiB chunks, sealed and opened on every core) under
@@ -136,7 +136,7 @@ class GivenKeys:
     def key(self, artifact: str, create: bool = False) -> bytes:
         if artifact not in self.keys:
             raise SealedError(f"this process was given no key for the artifact {artifact}",
-                              "the launcher hands each run the keys of what it reads and writes")
+                              "the launcher hands each run the keys of what it writes, and what it reads open")
         return self.keys[artifact]
 
     def manifested(self, artifact: str) -> bool:
