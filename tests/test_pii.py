@@ -62,6 +62,19 @@ def test_validators():
     assert [f.type for f in both] == ["CARD", "IBAN"]
 
 
+def test_shortest_numbers_are_found_beside_short_runs():
+    """Cards, SSNs, phones and IPv4 addresses are searched only where a run of digits is long enough to hold one
+    (`pii._regions`): the shortest of each is still found, next to runs one digit short of it."""
+    date = "Date: Fri, 03 Jan 2025 08:00:00 +0000\n"  # runs of 6 digits: none of these
+    cases = [("CARD", "card 4222222222222 ref 422222222222"), ("SSN", "SSN 123-45-6789 vs 12-45-6789"),
+             ("PHONE", "call 555-1234 or 55-1234"), ("IPV4", "host 10.0.0.1 up; 10 0 0 1 down")]
+    for typ, body in cases:
+        found = [(f.type, f.value) for f in detect(date + body)]
+        assert [t for t, _ in found] == [typ], (typ, found)
+    assert [f.type for f in detect("Zoë: call 555-1234, host 10.0.0.1")] == ["PHONE", "IPV4"]  # beyond ASCII
+    assert not detect(date)
+
+
 def test_names_from_reliable_signals():
     text = "Name: Jane Doe\nJane Doe called Dr. Okafor.\n\nBest regards,\nAlice Walker\n"
     found = {(f.type, f.value) for f in detect(text)}

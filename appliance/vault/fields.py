@@ -35,7 +35,10 @@ _SEPARATORS = re.compile(r"_|(?<=[^\W\d_])[-.](?=\d)|(?<=\d)[-.](?=[^\W\d_])")
 
 def band(score: float) -> str:
     """The confidence band of `score`: high (>= 0.9), medium (>= 0.6) or low."""
-    return next(name for name, floor in BANDS if score >= floor)
+    for name, floor in BANDS:  # a loop, not next() over a generator: this runs for every finding
+        if score >= floor:
+            return name
+    raise ValueError(f"score {score!r} is below every band")
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,8 +226,12 @@ class FieldScrubber:
 def _detail(counts: Counter, found: list[Found]) -> Counter:
     """Counts by (type, detector, band); findings the recorder did not see count with an unknown detector."""
     detail = Counter(f.key for f in found)
-    for typ, n in (Counter(counts) - Counter(f.type for f in found)).items():
-        detail[(typ, "", band(1.0))] += n
+    unseen = dict(counts)  # per type, the count less the findings seen: plain dicts, once per field scrubbed
+    for f in found:
+        unseen[f.type] = unseen.get(f.type, 0) - 1
+    for typ, n in unseen.items():
+        if n > 0:
+            detail[(typ, "", band(1.0))] += n
     return detail
 
 

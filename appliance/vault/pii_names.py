@@ -420,7 +420,7 @@ _NUMBER_BEFORE = re.compile(r"\d[ \t]*$")
 _ELEM_NAME = re.compile(rf"[{_UP}][{_LO}]+.*")
 
 
-def _cached_split(text: str, m: re.Match) -> Iterator[Candidate]:
+def _cached_split(text: str, m: re.Match) -> list[Candidate]:
     """`_split_run`, remembered: prose and mail repeat their capitalized phrases ("At Ridgeback Station",
     "Halvorsen Dynamics") far more often than they hold new ones. What `_split_run` reads lies within 32
     characters either side of the run (the role or title before it, the word, credential or age after it), so
@@ -445,9 +445,10 @@ def _cached_split(text: str, m: re.Match) -> Iterator[Candidate]:
         if len(_WINDOW_CACHE) > 50000:
             _WINDOW_CACHE.clear()
         _WINDOW_CACHE[window] = found
-    if found:
-        base = m.start()
-        yield from [Candidate(base + s, base + e, score, detector, parts) for s, e, score, detector, parts in found]
+    if not found:
+        return []  # most runs: a list, not a generator, for a call that finds nothing
+    base = m.start()
+    return [Candidate(base + s, base + e, score, detector, parts) for s, e, score, detector, parts in found]
 
 
 _WINDOW_CACHE: dict[tuple[int, str], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
@@ -957,7 +958,12 @@ def _coordinated_before(text: str, found: list[Candidate], seen: set[int]) -> It
     """A single word joined by "and" to a name found, with a role before it ("Thanks to Zanenna and Julia
     Esaw"): the list and the role together are its context. Without a role it stays a word ("Hope and ...")."""
     for c in found:
-        m = _PREV_ITEM.search(text, max(0, c.start - 40), c.start)
+        lo = max(0, c.start - 40)
+        head = text[lo:c.start].rstrip(" \t")
+        # what `_PREV_ITEM` must end with: "&", or "and" between blanks; a search only where it does
+        if not (head.endswith("&") or head.endswith("and") and lo + len(head) < c.start and head[-4:-3] in (" ", "\t")):
+            continue
+        m = _PREV_ITEM.search(text, lo, c.start)
         if not m or m.start(1) in seen or _context_before(text, m.start(1)) < 0.8:
             continue
         w = m.group(1)

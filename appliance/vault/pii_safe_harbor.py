@@ -20,11 +20,15 @@ class Scan(list):
     on first use, the context keywords found near its digits by one compiled multi-pattern prescan.
 
     Context-bound identifiers (a fax number, a licence, a date of admission) all hold digits and follow their
-    keyword closely, so the prescan only reads the few dozen characters before each run of digits."""
+    keyword closely, so the prescan only reads the few dozen characters before each run of digits.
+    `most_digits` (in one run) and `dotted` (a run holds a ".") describe the runs themselves (`pii._regions`); by
+    default they rule nothing out."""
 
-    def __init__(self, text: str, low: str, regions: list[tuple[int, int]], digits: bytes | None = None):
+    def __init__(self, text: str, low: str, regions: list[tuple[int, int]], digits: bytes | None = None,
+                 most_digits: int = 1 << 30, dotted: bool = True):
         super().__init__(regions)
         self.text, self.low, self.digits = text, low, digits  # `digit_shapes(text)`, where it has some
+        self.most_digits, self.dotted = most_digits, dotted
         self._hits: dict[str, list[int]] | None = None
         self.merged: list[list[int]] | None = None  # the windows merged where they overlap, once per text
 
@@ -197,13 +201,18 @@ def _labelled(pattern: re.Pattern, typ: str, detector: str, text: str, scan: Sca
             yield Finding(typ, m.start(1), m.end(1), value, detector)
 
 
+_LABELLED = ((_ACCOUNT, "ACCOUNT", "account", "account", 3), (_LICENSE, "LICENSE", "license", "license", 3),
+             (_DEVICE, "DEVICE", "device", "device", 3), (_PLATE, "VEHICLE", "plate", "plate", 1))
+
+
 def labelled_ids(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label."""
-    yield from _labelled(_ACCOUNT, "ACCOUNT", "account", text, scan, "account")
-    yield from _labelled(_LICENSE, "LICENSE", "license", text, scan, "license")
-    yield from _labelled(_DEVICE, "DEVICE", "device", text, scan, "device")
-    yield from _labelled(_PLATE, "VEHICLE", "plate", text, scan, "plate", 1)
+    for pattern, typ, detector, family, min_digits in _LABELLED:
+        if scan.hits(family):  # most texts hold no label of a family: no generators set up for it
+            yield from _labelled(pattern, typ, detector, text, scan, family, min_digits)
     # a VIN may hold no two digits in a row, so it is looked for after its keywords directly, not via the prescan
+    if "vin" not in low and "vehicle" not in low and not scan.hits("vin"):
+        return
     for i in sorted({i for k in ("vin", "vehicle") for i in _find_all(low, k)} | set(scan.hits("vin"))):
         for m in _VIN.finditer(text, i, i + 64):
             v = m.group()
@@ -251,7 +260,9 @@ def addresses(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     if "box" in low:
         for m in _PO_BOX.finditer(text):
             yield Finding("ADDRESS", m.start(), m.end(), m.group(), "address")
-    for m in _ZIP_STATE.finditer(text):
+    # a ZIP code is five digits in a row: a scan of the digit shapes for them is cheaper than one of the text
+    # for state codes (capital letters, everywhere)
+    for m in _ZIP_STATE.finditer(text) if scan.digits is None or b"00000" in scan.digits else ():
         if not m.start() or not (text[m.start() - 1].isalnum() or text[m.start() - 1] == "-"):
             yield Finding("ZIP", m.start(1), m.end(1), m.group(1), "zip")
     for m in _keyed(_ZIP_LABEL, text, scan, "zip"):
