@@ -45,6 +45,7 @@ class MemFile:
         if not frozen:
             os.close(fd)
             raise ApplianceError("a file handed over is not a read-only in-memory file", "a defect: report it")
+        os.set_inheritable(fd, False)  # never passed on to a program this process runs
         return cls("", fd=fd)
 
     def freeze(self) -> None:

@@ -206,9 +206,12 @@ def open_file(key: bytes, artifact: str, name: str, src: Path, accept: list[dict
     """The plaintext of the sealed file `src`, as an in-memory file. `accept`: the manifest entries it may match
     (the copy last written, or one being written), compared on the descriptor that is then read, so a copy
     swapped in after the comparison is never the one opened; None where no manifest covers it."""
-    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    fd = os.open(src, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)  # a FIFO does not block it
     try:
-        total = os.fstat(fd).st_size
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SealedError(f"{src} is not a sealed artifact file", "it was replaced; restore it from a backup")
+        total = st.st_size
         head = os.pread(fd, len(MAGIC) + NONCE, 0)
         if len(head) < len(MAGIC) + NONCE or not head.startswith(MAGIC):
             raise SealedError(f"{src} is not a sealed artifact file", "it was replaced or damaged")
@@ -493,6 +496,8 @@ class Store:
             return
         under = {n[len(rel) + 1:] if rel else n: f for n, f in files.items() if not rel or n.startswith(rel + "/")}
         if not under:
+            if os.path.lexists(path):
+                _refuse_plain(path)  # not handed over, so not the artifact's: never read from the disk
             yield path  # nothing there: the loader says so, naming it
             return
         with MemDir(self.tmp) as d:
@@ -505,9 +510,10 @@ class Store:
         """Open every sealed file of an artifact (in memory, then dropped): the number of bytes checked."""
         _, top = self._where(path)
         n, docs = 0, {}
-        for name in sealed_names(top):
-            with self.open_checked(top / (name + SUFFIX), docs) as f:
-                n += f.size
+        with _locked(top):  # its manifests read once for all its files: no write of the artifact meanwhile
+            for name in sealed_names(top):
+                with self.open_checked(top / (name + SUFFIX), docs) as f:
+                    n += f.size
         return n
 
     def tree_hash(self, path: Path) -> str:
@@ -940,7 +946,7 @@ class Receiving:
         f = create_new(path)
         w = SealingWriter(f, self.key, self.artifact, name)
         self._writers.append(w)
-        entries = self.entries
+        entries, writers = self.entries, self._writers
 
         class _Sink:
             def write(self, data) -> None:
@@ -952,6 +958,7 @@ class Receiving:
                 os.fsync(f.fileno())
                 f.close()
                 entries[name] = w.entry()
+                writers.remove(w)  # written whole: nothing left to abandon
 
         return _Sink()
 

@@ -161,6 +161,7 @@ class Writer:
         self._n = 0  # chunks sealed
         self._size = 0  # payload bytes given
         self._closed = False
+        self._failed: BaseException | None = None  # a write that failed: the stream is broken for good
 
     def tell(self) -> int:
         """Payload bytes written so far."""
@@ -173,6 +174,8 @@ class Writer:
     def write(self, data) -> int:
         if self._closed:
             raise ValueError("write to a closed stream writer")
+        if self._failed is not None:
+            raise self._failed
         with memoryview(data) as v0, v0.cast("B") as view:
             n, pos = len(view), 0
             while pos < n:
@@ -200,17 +203,19 @@ class Writer:
         """Seal what is left as the last chunk(s) and wait until everything is written."""
         if self._closed:
             return
+        if self._failed is not None:
+            raise self._failed
         self._seal_buffered(last=True)
         self._closed = True
         self._finish()
 
     def abandon(self) -> None:
         """Stop without sealing the rest (the stream is being given up): waits for a write still running, so
-        that nothing writes to `out` once this returns."""
+        that nothing writes to `out` once this returns, and lets the buffers go."""
         self._closed = True
         try:
             self._finish()
-        except OSError:
+        except Exception:  # noqa: BLE001 - the stream is given up: the caller's own error is the one to see
             pass
 
     def _seal_buffered(self, last: bool) -> None:
@@ -229,7 +234,11 @@ class Writer:
         self._n += k
         self._wait()
         if last and self._thread is None:  # the only batch: written here, no thread needed
-            self._out.write(memoryview(out)[:size])
+            try:
+                self._out.write(memoryview(out)[:size])
+            except BaseException as e:
+                self._failed = e
+                raise
             return
         if self._thread is None:
             self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="stream-write")
@@ -239,7 +248,11 @@ class Writer:
     def _wait(self) -> None:
         if self._inflight is not None:
             done, self._inflight = self._inflight, None
-            done.result()  # a failed write raises here
+            try:
+                done.result()  # a failed write raises here, and at every later write or close
+            except BaseException as e:
+                self._failed = e
+                raise
 
     def _finish(self) -> None:
         try:
@@ -248,3 +261,4 @@ class Writer:
             if self._thread is not None:
                 self._thread.shutdown(wait=True)
                 self._thread = None
+            self._plain, self._outs = bytearray(), [bytearray(), bytearray()]  # a closed writer holds no batch

@@ -138,8 +138,19 @@ def test_a_write_that_fails_behind_the_sealing_is_raised():
             for _ in range(6):
                 w.write(payload(C, 1))
             w.close()
+        with pytest.raises(OSError, match="No space"):
+            w.close()  # the stream is broken for good: never closed as if whole
         w.abandon()  # once given up, nothing is left running
         assert w._thread is None and w._inflight is None
+
+
+def test_a_closed_writer_holds_no_batch():
+    """An import seals many files in turn and keeps their writers until it ends: a closed one lets its buffers
+    go, or memory would grow by three batches a file."""
+    w = crypt.EncryptingWriter(io.BytesIO(), KEY, NONCE, batch=2)
+    w.write(payload(5 * C + 3, 5))
+    w.close()
+    assert len(w._plain) == 0 and [len(b) for b in w._outs] == [0, 0]
 
 
 @pytest.mark.parametrize("size", [0, 5, C, 2 * C, 6 * C, 6 * C + 7])

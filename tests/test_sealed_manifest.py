@@ -243,6 +243,7 @@ def test_the_launcher_hands_the_ranks_write_keys_and_what_they_read_frozen_in_me
         run._close_files(files)
 
     # the rank's side: it reads the base from what it was handed, and cannot write it
+    assert not any(os.get_inheritable(f.fd) for fs in handed.values() for f in fs.values())  # no program it runs
     rank = sealed.Store(art, home / "tmp", sealed.GivenKeys({}), handed)
     with rank.opened(base) as d:
         assert (d / "w.bin").read_bytes() == b"the base's weights" and (d / "config.json").read_bytes() == b'{"a": 1}'
@@ -251,6 +252,9 @@ def test_the_launcher_hands_the_ranks_write_keys_and_what_they_read_frozen_in_me
         rank.write_dir(base, {"w.bin": b"weights of the rank's making"})
     with rank.opened(base) as d, pytest.raises(PermissionError):
         (d / "w.bin").write_bytes(b"weights of the rank's making")  # frozen: no process may write it
+    (base / "chat_template.jinja").write_text("planted in the clear")  # not handed over: never read from disk
+    with pytest.raises(sealed.SealedError), rank.opened(base / "chat_template.jinja"):
+        pass
     with open_vault(home, read_only=True):
         assert sealed.read_bytes(base / "w.bin") == b"the base's weights"
     run._close_files(handed)
@@ -380,3 +384,31 @@ def test_a_file_put_back_only_while_it_is_read_is_not_the_one_opened(home, monke
         monkeypatch.setattr(sealed.os, "open", swaps_around_the_read)
         with pytest.raises(sealed.SealedError, match="w.bin is not the copy last written"):
             sealed.read_bytes(a / "w.bin")
+
+
+def test_a_fifo_in_place_of_a_sealed_file_is_refused_not_waited_on(home):
+    import threading
+
+    a = home / "artifacts" / "models" / "m@1"
+    with open_vault(home) as v:
+        v.store.write_dir(a, {"config.json": b"{}"})
+    (a / "config.json.sealed").unlink()
+    os.mkfifo(a / "config.json.sealed")
+    said = []
+
+    def read():
+        try:
+            sealed.read_bytes(a / "config.json")
+        except sealed.SealedError as e:
+            said.append(str(e))
+
+    with open_vault(home, read_only=True):
+        t = threading.Thread(target=read, daemon=True)
+        t.start()
+        t.join(20)
+        if t.is_alive():  # the read waits for a writer: give it one, then fail
+            with open(a / "config.json.sealed", "wb"):
+                pass
+            t.join(5)
+            pytest.fail("a read of a FIFO in a sealed file's place blocked")
+    assert said and "is not a sealed artifact file" in said[0]

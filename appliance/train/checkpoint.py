@@ -56,6 +56,7 @@ def _sealed_fs():
             self.key = store.keys.key(self.artifact)
             self.prefix = final.relative_to(top).as_posix()
             self._docs: dict[Path, dict] = {}  # the checkpoint's manifest, opened once for all its files
+            self._written: dict[str, dict] = {}  # path -> the entry of the file this process wrote there
 
         def _name(self, path) -> str:
             return f"{self.prefix}/{Path(path).name}"
@@ -80,10 +81,13 @@ def _sealed_fs():
                     w.abandon()  # a batch still being written is done before the file closes
                 f.flush()
                 os.fsync(f.fileno())
+            self._written[str(path)] = w.entry()
 
         def rename(self, path, new_path) -> None:  # the name is bound: seal again under the new one
-            with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(Path(path))) as mf, \
-                    mf.map() as data:
+            # only the copy this process wrote there (an earlier one linked in its place is not it)
+            written = self._written.pop(str(path), None)
+            with sealed.open_file(self.key, self.artifact, self._name(path), _sealed(Path(path)),
+                                  [written] if written else []) as mf, mf.map() as data:
                 sealed.seal_file(self.key, self.artifact, self._name(new_path), data, _sealed(Path(new_path)))
             _sealed(Path(path)).unlink()
 

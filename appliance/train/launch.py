@@ -274,7 +274,7 @@ def receive_files(sock: socket.socket, listed: dict[str, list[str]]) -> dict[str
     got: list[MemFile] = []
     try:
         while len(got) < len(names):
-            msg, fds, flags, _ = socket.recv_fds(sock, 4, MAX_FDS)
+            msg, fds, flags, _ = socket.recv_fds(sock, 4, MAX_FDS, socket.MSG_CMSG_CLOEXEC)  # close-on-exec at once
             for i, fd in enumerate(fds):
                 try:
                     got.append(MemFile.adopt(fd))  # a frozen in-memory file, or closed and refused
