@@ -236,6 +236,13 @@ def test_the_launcher_hands_the_ranks_write_keys_and_what_they_read_frozen_in_me
             handed = launch.receive_files(s, header["files"])
         assert header["ok"] and sorted(header["keys"]) == ["models/r@1", "runs/r@1"]
         assert header["manifested"] == ["models/r@1", "runs/r@1"]
+        server.stop_handing()  # the run is over and its files about to close: nothing more is sent
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.connect(str(path))
+            launch.send(s, {"op": "hello", "ticket": "ticket"})
+            late, _ = launch.recv(s)
+            with pytest.raises(ConnectionError):
+                launch.receive_files(s, late["files"])
     finally:
         server.shutdown()
         server.server_close()

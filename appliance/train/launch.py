@@ -98,6 +98,14 @@ def _exact(sock: socket.socket, n: int) -> bytes:
 # --- the launcher's side --------------------------------------------------------------------------------
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
+    handing = True  # the files handed to ranks are still open: `stop_handing` ends that before they close
+    sending: threading.Lock
+
+    def stop_handing(self) -> None:
+        """No handler sends a descriptor once this returns (one sending finishes first): the caller may close the
+        handed files, whose numbers could otherwise name other files by the time a late handler sent them."""
+        with self.sending:
+            self.handing = False
 
 
 def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Callable, on_checkpoint: Callable,
@@ -129,9 +137,12 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                     return
                 send(sock, {"ok": True, "spec": spec.to_dict(), "keys": handed, "manifested": manifested,
                             "files": listed})
-                for at in range(0, len(fds), MAX_FDS):
-                    group = fds[at:at + MAX_FDS]
-                    socket.send_fds(sock, [struct.pack("!I", len(group))], group)
+                with server.sending:
+                    if fds and not server.handing:
+                        return  # the run is over: its files are being closed
+                    for at in range(0, len(fds), MAX_FDS):
+                        group = fds[at:at + MAX_FDS]
+                        socket.send_fds(sock, [struct.pack("!I", len(group))], group)
                 while True:
                     header, payload = recv(sock)
                     op = header["op"]
@@ -153,6 +164,7 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                 return
 
     server = _Server(str(path), Handler)
+    server.sending = threading.Lock()
     os.chmod(path, 0o600)
     threading.Thread(target=server.serve_forever, daemon=True, name="train-data").start()
     return server
@@ -226,6 +238,7 @@ def run_distributed(tmp_dir: Path, spec: StageSpec, rows: Callable, on_step: Cal
     finally:
         signal.signal(signal.SIGINT, old)
         server.shutdown()
+        server.stop_handing()
         server.server_close()
         path.unlink(missing_ok=True)
         if short_dir is not None:
