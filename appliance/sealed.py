@@ -169,12 +169,8 @@ BATCH = 64  # chunks opened at once, in parallel (into the in-memory file: no bu
 
 def seal_to(f, key: bytes, artifact: str, name: str, payload) -> dict:
     """Write `payload` sealed to the open binary file `f`. Returns its manifest entry."""
-    w = SealingWriter(f, key, artifact, name)
-    try:
+    with SealingWriter(f, key, artifact, name) as w:
         w.write(payload)  # whole chunks sealed straight from the payload
-        w.close()
-    finally:
-        w.abandon()
     return w.entry()
 
 

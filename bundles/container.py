@@ -8,6 +8,7 @@ The signature is Ed25519 over a domain tag and the exact manifest bytes.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -90,33 +91,28 @@ def create(out: Path, kind: str, name: str, version: int, files: list[tuple[str,
     header = manifest.canonical({"manifest": mbytes.decode(), "signature": b64(signer.sign(SIGN_DOMAIN + mbytes))})
     out.parent.mkdir(parents=True, exist_ok=True)
     with safefile.atomic_create(out, 0o600) as f:
-        sink: BinaryIO | crypt.EncryptingWriter = f
+        sink: contextlib.AbstractContextManager = contextlib.nullcontext(f)
         if recipients:
             key, nonce = crypt.new_key_and_nonce()
             eh = crypt.seal_header({"recipients": crypt.wrap(key, recipients), "nonce": b64(nonce),
                                     "chunk": crypt.CHUNK}, key)
             f.write(ENC_MAGIC + struct.pack("<Q", len(eh)) + eh)
-            sink = crypt.EncryptingWriter(f, key, nonce)
-        try:
-            sink.write(MAGIC + struct.pack("<Q", len(header)) + header)
+            sink = crypt.EncryptingWriter(f, key, nonce)  # closed with the block, abandoned if the export fails
+        with sink as w:
+            w.write(MAGIC + struct.pack("<Q", len(header)) + header)
             for (_, src), e in zip(files, entries):
                 if isinstance(src, bytes):
-                    sink.write(src)
+                    w.write(src)
                     progress(len(src))
                     continue
                 h = TreeHasher()
                 with open(src, "rb") as s:
                     while chunk := s.read(COPY):
                         h.update(chunk)
-                        sink.write(chunk)
+                        w.write(chunk)
                         progress(len(chunk))
                 if str(h.digest()) != e["digest"] or h.size != e["size"]:
                     raise BundleError(f"{src} changed while it was being bundled", "run the export again")
-            if isinstance(sink, crypt.EncryptingWriter):
-                sink.close()
-        finally:
-            if isinstance(sink, crypt.EncryptingWriter):
-                sink.abandon()  # a failed export: its last batch is written before the file is removed
     return m
 
 

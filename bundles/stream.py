@@ -143,10 +143,11 @@ class Writer:
     Whole chunks are sealed straight from what `write` is given, `batch` at a time on every core; only the
     pieces of a chunk (small writes, and the ends of large ones) are copied, into a batch that is sealed once
     it is full. A chunk is sealed only once a byte after it has arrived, so the last chunk (flagged) holds at
-    least one byte unless the payload is empty. Batches past the first are written by a thread of the
+    least one byte unless the payload is empty. Every batch but a lone last one is written by a thread of the
     writer's own while the next is sealed, so the file's writes overlap the sealing and the caller's own
     work; `close` (or `abandon`, when the stream is given up) waits for the last of them, and a write that
-    failed raises at the next call."""
+    failed raises at the next call and at every one after. As a context manager it closes when its block
+    ends, or abandons the stream when the block raises."""
 
     def __init__(self, out, key: bytes, batch: int = BATCH):
         self._aead_key = key
@@ -157,11 +158,21 @@ class Writer:
         self._outs = [bytearray(), bytearray()]  # sealed batches: one being written while the other is sealed
         self._turn = 0
         self._inflight = None  # the write of a sealed batch still running (a Future)
-        self._thread = None  # this writer's thread, made when a second batch is sealed
+        self._thread = None  # this writer's thread, made when a batch that is not the last is sealed
         self._n = 0  # chunks sealed
         self._size = 0  # payload bytes given
         self._closed = False
         self._failed: BaseException | None = None  # a write that failed: the stream is broken for good
+
+    def __enter__(self) -> Writer:
+        return self
+
+    def __exit__(self, exc_type, *_) -> None:
+        try:
+            if exc_type is None:
+                self.close()
+        finally:
+            self.abandon()  # a failed block, or a failed close: nothing left writing, no batch held
 
     def tell(self) -> int:
         """Payload bytes written so far."""

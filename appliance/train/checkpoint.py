@@ -73,12 +73,8 @@ def _sealed_fs():
                     yield f
                 return
             with create_new(_sealed(path)) as f:
-                w = sealed.SealingWriter(f, self.key, self.artifact, self._name(path))
-                try:
-                    yield w
-                    w.close()
-                finally:
-                    w.abandon()  # a batch still being written is done before the file closes
+                with sealed.SealingWriter(f, self.key, self.artifact, self._name(path)) as w:
+                    yield w  # the block done, every batch is written before the file closes
                 f.flush()
                 os.fsync(f.fileno())
             self._written[str(path)] = w.entry()

@@ -98,8 +98,11 @@ def _exact(sock: socket.socket, n: int) -> bytes:
 # --- the launcher's side --------------------------------------------------------------------------------
 class _Server(socketserver.ThreadingUnixStreamServer):
     daemon_threads = True
-    handing = True  # the files handed to ranks are still open: `stop_handing` ends that before they close
-    sending: threading.Lock
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.handing = True  # the files handed to ranks are still open: `stop_handing` ends that before they close
+        self.sending = threading.Lock()  # held while a handler sends them
 
     def stop_handing(self) -> None:
         """No handler sends a descriptor once this returns (one sending finishes first): the caller may close the
@@ -164,7 +167,6 @@ def serve(path: Path, ticket: str, spec: StageSpec, rows: Callable, on_step: Cal
                 return
 
     server = _Server(str(path), Handler)
-    server.sending = threading.Lock()
     os.chmod(path, 0o600)
     threading.Thread(target=server.serve_forever, daemon=True, name="train-data").start()
     return server

@@ -121,8 +121,7 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
     total = 0
     with atomic_file(out) as f:
         f.write(MAGIC + struct.pack("<Q", len(sealed)) + sealed)
-        enc = EncryptingWriter(f, key, nonce)
-        try:
+        with EncryptingWriter(f, key, nonce) as enc:  # closed when the tar is, abandoned if the backup fails
             with tarfile.open(fileobj=enc, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[arg-type]
                 for i, rel in enumerate(files):
                     progress("backup", i, len(files))
@@ -142,9 +141,6 @@ def backup(vault, out: Path, checkpoints: bool = True, force: bool = False,
                 info = tarfile.TarInfo(MANIFEST)
                 info.size, info.mode = len(body), 0o600
                 tar.addfile(info, io.BytesIO(body))
-            enc.close()
-        finally:
-            enc.abandon()  # a failed backup: its last batch is written before the file is removed
     progress("backup", len(files), len(files))
     logs.event("vault.backup", files=len(manifest), bytes=total)
     return {"out": str(out), "vault_id": header["vault_id"], "created": header["created"], "files": len(manifest),
