@@ -277,12 +277,27 @@ def test_parallel_ingest_matches_serial(home, samples, tmp_path, monkeypatch):
     (samples.parent / "bad").mkdir(exist_ok=True)
     broken = samples.parent / "bad" / "broken.pdf"
     broken.write_bytes(b"%PDF-1.4 nope")
+    bad_table = samples.parent / "bad" / "ragged.jsonl"  # read by DuckDB in a worker, and refused there
+    bad_table.write_text('{"a": 1}\n{"a": \n')
     with open_vault(home) as v:
-        serial = ing.ingest(v, [samples, broken], "serial", workers=1)
-        parallel = ing.ingest(v, [samples, broken], "parallel", workers=2)
+        serial = ing.ingest(v, [samples, broken, bad_table], "serial", workers=1)
+        parallel = ing.ingest(v, [samples, broken, bad_table], "parallel", workers=2)
+        assert serial.tables and len(parallel.tables) == len(serial.tables)
+        for a, b in zip(serial.tables, parallel.tables):  # tables are read and scrubbed by workers, written here
+            assert v.con.execute(f"SELECT * FROM {a} ORDER BY ALL").fetchall() == \
+                v.con.execute(f"SELECT * FROM {b} ORDER BY ALL").fetchall()
+        kept = [v.con.execute("SELECT t.source, t.rows, t.columns FROM version_tables t JOIN versions USING (vid) "
+                              "WHERE versions.name = ? ORDER BY t.source", [name]).fetchall()
+                for name in ("serial", "parallel")]
+        assert kept[0] == kept[1] and kept[0]
+        findings = [v.con.execute("SELECT f.ord, f.source, f.field, f.type, f.detector, f.score, f.pos, f.len "
+                                  "FROM version_pii_findings f JOIN versions USING (vid) WHERE versions.name = ? "
+                                  "ORDER BY ALL", [name]).fetchall() for name in ("serial", "parallel")]
+        assert findings[0] == findings[1] and findings[0]
     assert parallel.content_hash == serial.content_hash and parallel.records == serial.records
     assert parallel.pii == serial.pii and parallel.duplicates == serial.duplicates
-    assert [p for p, _ in parallel.failed] == [p for p, _ in serial.failed] == [str(broken)]
+    assert [p for p, _ in parallel.failed] == [p for p, _ in serial.failed] == [str(broken), str(bad_table)]
+    assert [r for _, r in parallel.failed] == [r for _, r in serial.failed]
     assert sorted(parallel.skipped) == sorted(serial.skipped)
 
 

@@ -248,8 +248,10 @@ class VersionBuilder:
         """Forget the records from position `ord_start` on (a file that failed half way); `hashes` are their
         texts, removed at the commit unless another version holds them."""
         self._totals = None
-        self._writer.rollback_from(ord_start)
         self._orphans.extend(hashes)
+        if ord_start >= self._writer.ord:
+            return  # nothing added since (a file that failed or was skipped before its first record): no statement
+        self._writer.rollback_from(ord_start)
         self._findings = [r for r in self._findings if r[1] is None or r[1] < ord_start]
         self.con.execute("DELETE FROM version_pii_findings WHERE vid = ? AND ord >= ?", [self.vid, ord_start])
 

@@ -98,6 +98,15 @@ def _connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool,
     return con
 
 
+def scratch() -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB of one thread for reading input files in a worker process (`readers.tables`):
+    offline like the vault's connection, and with no temporary directory, so nothing it reads can spill to
+    disk in plaintext (a query that outgrows memory fails instead)."""
+    cfg = _settings(Path(), None)
+    cfg.update(temp_directory="", threads="1")
+    return duckdb.connect(":memory:", config=cfg)
+
+
 def cursor(con: duckdb.DuckDBPyConnection) -> duckdb.DuckDBPyConnection:
     """A second connection to the same database (for a query that stays open), with the vault as default."""
     cur = con.cursor()

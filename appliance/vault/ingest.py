@@ -40,8 +40,8 @@ from appliance.vault.fields import (
 from appliance.vault.pii import MODES
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
-from appliance.vault.readers.tables import ingest_table
-from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scrub_records
+from appliance.vault.readers.tables import ingest_table, write_table
+from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scan_table, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
@@ -259,7 +259,10 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode:
             yield from pipe.put("skip", state)
         elif item.kind == "table":
             state.target = b.table_name(state.source)
-            yield from _read_table(vault.con, pipe, state, fs)
+            if pipe.pool is not None and item.size <= SMALL_FILE:  # read and scrubbed by a worker; written here
+                yield from pipe.submit("table", state, scan_table, item, state.target, mode, key, types)
+            else:
+                yield from _read_table(vault.con, pipe, state, fs)
         else:
             yield from _read_large(pipe, state, mode, key, types)
     yield from _send_files(pipe, group, mode, key, types)
@@ -378,6 +381,8 @@ class _Landing:
         self._start(state)
         if event == "records":
             self.records(state, value)
+        elif event == "table":
+            self.table(state, *value)
         elif event == "skip":
             self.skip(state)
         elif event == "fail":
@@ -433,6 +438,21 @@ class _Landing:
             keep.append(f)
         rec.found = []
         return keep
+
+    def table(self, state: _ItemState, rows, scanned: Scanned, counts: Counter, reason: str | None) -> None:
+        """A table a worker read and scrubbed whole (`scan.scan_table`): written here as its data table, then
+        its records land."""
+        state.counts.update(counts)
+        if reason is None:
+            try:
+                write_table(self.b.con, state.target, rows)
+            except ReadError as e:
+                reason = str(e)
+        if reason is not None:
+            self.fail(state, reason, False)
+            return
+        self.records(state, scanned)
+        self.end(state)
 
     def skip(self, state: _ItemState) -> None:
         """An item the walk did not read: failed if it was named explicitly, else skipped."""
