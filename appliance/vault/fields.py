@@ -89,6 +89,7 @@ class FieldScrubber:
         # (column, cell as it lands) -> its findings, at their places in that value: a table row's record
         # (`table_found`) takes them from here, so cells are reviewed as text is
         self._cells: dict[tuple[str, str], list[Found]] = {}
+        self._cell_results: dict[tuple[str, str], tuple[str, Counter, list[Found]]] = {}  # (column, cell) -> `cell`
 
     # --- the field kinds ------------------------------------------------------------------------------
     def scrub(self, text: str, hints: tuple[str, ...] = (), field: str = "text") -> tuple[str, Counter, list[Found]]:
@@ -164,26 +165,48 @@ class FieldScrubber:
 
     def cell(self, column: str, value: str) -> tuple[str, Counter]:
         """A table cell, with its column name as context ("ssn", "date_of_birth", "owner"). Its findings are
-        kept (by column and value as it lands) for the row's record: `table_found`."""
+        kept (by column and value as it lands) for the row's record: `table_found`.
+
+        Columns repeat their values from row to row and table to table, so the result of the most recent
+        cells is remembered whole: the counts returned are shared between equal cells, to be read and never
+        changed."""
+        key = (column, value)
+        hit = self._cell_results.get(key)
+        if hit is None:
+            hit = self._cell(column, value)
+            if len(self._cell_results) >= pii.CELL_CACHE:  # the oldest goes: no cliff past the cache's size
+                del self._cell_results[next(iter(self._cell_results))]
+            self._cell_results[key] = hit
+        landed, counts, found = hit
+        if found and (column, landed) not in self._cells:  # remembered longer here than there
+            self._keep_cell(column, landed, found)
+        return landed, counts
+
+    def _cell(self, column: str, value: str) -> tuple[str, Counter, list[Found]]:
         if self.mode == "off":
-            return value, Counter()
+            return value, Counter(), []
         self._s.seen = []
         out, counts = self._s.scrub_cell(column, value)
         if not counts:  # most cells: nothing found, so nothing replaced, located or kept
-            return value, counts
+            return value, counts, []
         landed = value if self.mode == "flag" else out
         prefix = self._s.label(column)
         found = [Found("text", f.type, f.detector, f.score, f.start - len(prefix), f.end - len(prefix))
                  for f in self._located(prefix + landed, "cell") if f.start >= len(prefix)]
         if found:
-            if len(self._cells) >= _CELL_FINDINGS:
-                del self._cells[next(iter(self._cells))]
-            self._cells[(column, landed)] = found
-        return landed, _detail(counts, found)
+            self._keep_cell(column, landed, found)
+        return landed, _detail(counts, found), found
+
+    def _keep_cell(self, column: str, landed: str, found: list[Found]) -> None:
+        if len(self._cells) >= _CELL_FINDINGS:
+            del self._cells[next(iter(self._cells))]
+        self._cells[(column, landed)] = found
 
     def table_found(self, text: str) -> list[Found]:
         """The findings of a table row's record (`render_row`: a "[table row N]" line, then "column: value"
         lines), from its cells as `cell` scrubbed them, at their places in `text`."""
+        if self.mode == "redact" and "[" not in text:
+            return []  # every cell with a finding holds its placeholder, "[TYPE]", once redacted
         out, pos = [], text.find("\n") + 1
         while pos:
             end = text.find("\n", pos)

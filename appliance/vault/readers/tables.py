@@ -151,7 +151,8 @@ class _BatchScrubber:
 
     def _cell(self, column: str, value: str) -> str:
         out, found = self.scrub(column, value)
-        self.counts.update(found)
+        if found:  # most cells hold nothing: no update of the counts for them
+            self.counts.update(found)
         return out
 
     def _holds_pii(self, column: str, col: pa.Array) -> bool:
