@@ -54,3 +54,22 @@ def test_background_checkpoints_resume_to_the_same_losses(tmp_path):
     resumed, _ = fit(6, "on", resume=tmp_path / "a" / "step-00000004", ckpt="c")
     assert resumed == whole[4:]
     assert not loop.async_checkpoints(TrainConfig(), "cpu") and loop.async_checkpoints(TrainConfig(), "cuda:0")
+
+
+def test_a_background_checkpoint_needs_no_cpu_backend_in_the_trainings_group(tmp_path, monkeypatch):
+    """On a GPU the training's process group is NCCL alone (FSDP2 makes one even at world size 1), and
+    `async_save` refuses a group without a CPU backend: the checkpoint writes on a gloo group of its own. A
+    default group whose only backend serves CUDA devices stands in for NCCL here."""
+    import torch.distributed as tdist
+
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29617")
+    tdist.init_process_group("cuda:gloo", rank=0, world_size=1)
+    try:
+        cfg = TrainConfig(max_steps=2, batch_size=4, micro_batch_size=2, warmup_steps=1, checkpoint_every=2,
+                          checkpoint_async="on", compile="off")
+        saved = []
+        loop.fit(_model(), _rows(), 16, cfg, loop.Dist(), tmp_path, lambda m: None, lambda s, p: saved.append(s))
+        assert saved == [2] and checkpoint.read_state(tmp_path / "step-00000002")["step"] == 2
+    finally:
+        tdist.destroy_process_group()

@@ -169,7 +169,8 @@ def _options(full: bool = False, **kw):
     return StateDictOptions(full_state_dict=full, cpu_offload=full, ignore_frozen_params=True, **kw)
 
 
-def _distributed() -> bool:
+def distributed() -> bool:
+    """Whether a process group is up (torchrun, or a test that made one at world size 1)."""
     import torch.distributed as dist
 
     return dist.is_available() and dist.is_initialized()
@@ -183,22 +184,23 @@ def _one_process_is_fine():
         yield
 
 
-def _shared_tmp(final: Path, is_main: bool) -> Path:
-    """A fresh hidden temp directory beside `final`, made by rank 0, its name sent to every rank; every rank must
-    see it (one node's disk, or storage all nodes share), or every rank stops with the reason."""
+def _shared_tmp(final: Path, is_main: bool, group=None) -> Path:
+    """A fresh hidden temp directory beside `final`, made by rank 0, its name sent to every rank (on `group`, or
+    the default one); every rank must see it (one node's disk, or storage all nodes share), or every rank stops
+    with the reason."""
     tmp = None
     if is_main:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent)
-    if _distributed():
+    if distributed():
         import torch.distributed as dist
 
         box = [tmp]
-        dist.broadcast_object_list(box, src=0)
+        dist.broadcast_object_list(box, src=0, group=group)
         tmp = box[0]
         seen = [Path(tmp).is_dir()]
         everyone = [None] * dist.get_world_size()
-        dist.all_gather_object(everyone, seen[0])
+        dist.all_gather_object(everyone, seen[0], group=group)
         if not all(everyone):
             from appliance.train.model import TrainError
 
@@ -224,7 +226,7 @@ def save(root: Path, step: int, model, optimizer, state: dict, is_main: bool, ke
     try:
         with _one_process_is_fine():
             dcp.save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp, final),
-                     no_dist=not _distributed())
+                     no_dist=not distributed())
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -257,14 +259,14 @@ def save_async(root: Path, step: int, model, optimizer, state: dict, is_main: bo
 
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())
     final = root / f"{PREFIX}{step:08d}"
-    tmp = _shared_tmp(final, is_main)
+    tmp = _shared_tmp(final, is_main, group)  # on the checkpoint's own group, as async_save's collectives are
     rng, state = torch.get_rng_state(), dict(state)
-    if not _distributed():  # said from the writing thread, which `_one_process_is_fine` does not cover
+    if not distributed():  # said from the writing thread, which `_one_process_is_fine` does not cover
         warnings.filterwarnings("ignore", message="torch.distributed is disabled")
     try:
         with _one_process_is_fine():
             upload = dcp.async_save({"model": model_sd, "optim": optim_sd}, storage_writer=_writer(tmp, final),
-                                    process_group=group, no_dist=not _distributed())
+                                    process_group=group, no_dist=not distributed())
     except BaseException:
         if is_main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -362,7 +364,7 @@ def load(path: Path, model, optimizer, is_main: bool = True, world: int = 1) -> 
         model_sd, optim_sd = get_state_dict(model, optimizer, options=_options())  # the shapes to fill
         both = {"model": model_sd, "optim": optim_sd}
         with _one_process_is_fine(), _said_plainly():
-            dcp.load(both, storage_reader=_reader(path), no_dist=not _distributed())
+            dcp.load(both, storage_reader=_reader(path), no_dist=not distributed())
         set_state_dict(model, optimizer, model_state_dict=both["model"], optim_state_dict=both["optim"],
                        options=_options(strict=False))
         del both, model_sd, optim_sd

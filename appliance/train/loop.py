@@ -437,9 +437,12 @@ class _Training:
         self.prefetch = _Prefetch(self._fetch, dist.device)
         self.saving: checkpoint.Saving | None = None  # a checkpoint being written in the background
         self.ckpt_group = None
-        if async_checkpoints(cfg, dist.device) and dist.world > 1:  # its collectives apart from the training's
+        if async_checkpoints(cfg, dist.device) and checkpoint.distributed():
             import torch.distributed
 
+            # its collectives apart from the training's, on a group of its own on gloo: async_save needs one with
+            # a CPU backend, and the training's may be NCCL alone (also at world size 1, where FSDP2 still needs a
+            # process group)
             self.ckpt_group = torch.distributed.new_group(backend="gloo")
         if hasattr(objective, "prepare"):  # e.g. DPO's reference log-probabilities, once for every row
             objective.prepare(self.model, rows, n_rows + n_val, cfg.micro_batch_size, dist, self.autocast)
