@@ -274,6 +274,8 @@ def test_parallel_ingest_matches_serial(home, samples, tmp_path, monkeypatch):
 
     monkeypatch.setattr(ing, "POOL_MIN_BYTES", 0)  # use the pool even for the small sample corpus
     monkeypatch.setattr(ing, "SMALL_FILE", 20_000)  # and send some files through the batch path
+    monkeypatch.setattr(ing, "TABLE_BYTES", 20_000)  # and two tables back from the workers (the Parquet file
+    # expands six-fold), read here instead; three stay with the workers
     (samples.parent / "bad").mkdir(exist_ok=True)
     broken = samples.parent / "bad" / "broken.pdf"
     broken.write_bytes(b"%PDF-1.4 nope")
@@ -389,3 +391,22 @@ def test_plain_mail_path_takes_only_plain_mail(tmp_path):
     mbox.write_bytes(b"".join(b"From x@y Mon Jan  1 00:00:00 2024\n" + raw + b"\n" for raw in plain_cases + slow_cases))
     fast, slow = _mbox_both_ways(mbox)
     assert fast == slow and len(fast) == len(plain_cases) + len(slow_cases) + 1  # its "From " line splits too
+
+
+def test_a_worker_gives_back_a_table_that_expands_past_what_it_holds(samples, tmp_path):
+    """A small file can hold rows that expand a great deal (compressed Parquet): a worker holds a table whole
+    only up to a limit, and gives back one that grows past it (ingest then streams it into the vault itself);
+    one it cannot read goes back too, for the ingest process to report."""
+    import shutil
+
+    from appliance.vault.readers.detect import plan
+    from appliance.vault.scan import scan_table
+
+    src = next(p for p in sorted((samples / "tables").iterdir()) if p.suffix == ".csv")
+    shutil.copy(src, tmp_path / src.name)
+    table = next(i for i in plan([tmp_path]) if i.kind == "table")
+    rows, scanned, counts = scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20)
+    assert rows.num_rows == len(scanned) > 1 and all(r.path == "t1_x" for r, _ in scanned)
+    assert scan_table(table, "t1_x", "redact", b"k" * 32, None, rows.nbytes // 2) is None
+    table.path.write_text("")  # empty now: "table has no rows", which the ingest process says
+    assert scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20) is None

@@ -98,11 +98,14 @@ def _connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool,
     return con
 
 
+SCRATCH_MEMORY = "1GB"
+
+
 def scratch() -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB of one thread for reading input files in a worker process (`readers.tables`):
     offline like the vault's connection, and with no temporary directory, so nothing it reads can spill to
-    disk in plaintext (a query that outgrows memory fails instead)."""
-    cfg = _settings(Path(), None)
+    disk in plaintext. A query that outgrows its memory (`SCRATCH_MEMORY`, one per worker) fails instead."""
+    cfg = _settings(Path(), SCRATCH_MEMORY)
     cfg.update(temp_directory="", threads="1")
     return duckdb.connect(":memory:", config=cfg)
 

@@ -45,6 +45,9 @@ from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scan_tabl
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
+TABLE_BYTES = 16 << 20  # a table a worker holds whole (its rows and records as read); one that expands past it
+# once read goes back to the ingest process, which streams it into the vault. With the pipeline's window of two
+# entries per worker, tables in flight hold at most 32 MB per worker.
 SCAN_BATCH_CHARS = 1 << 20  # larger files are read here and their records scrubbed in batches of this size
 POOL_MIN_BYTES = 16 << 20
 INGEST_SETTINGS = {
@@ -260,7 +263,8 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode:
         elif item.kind == "table":
             state.target = b.table_name(state.source)
             if pipe.pool is not None and item.size <= SMALL_FILE:  # read and scrubbed by a worker; written here
-                yield from pipe.submit("table", state, scan_table, item, state.target, mode, key, types)
+                yield from pipe.submit("table", state, scan_table, item, state.target, mode, key, types,
+                                       TABLE_BYTES)
             else:
                 yield from _read_table(vault.con, pipe, state, fs)
         else:
@@ -281,14 +285,22 @@ def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes,
 def _read_table(con, pipe: _Pipeline, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple]:
     """A table file, written here in order into `state.target`; its rows come back already scrubbed, as do
     its name and column names."""
+    for event, value in _table_here(con, state, fs):
+        yield from pipe.put(event, state, _Done(value))
+
+
+def _table_here(con, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple[str, object]]:
+    """A table read, scrubbed and written into `state.target` by this process, batch by batch, so that memory
+    stays bounded however far its rows expand: ("records", scanned) entries, then ("end", None) or ("fail",
+    (reason, False))."""
     item = state.item
     try:
         for batch in _batches(ingest_table(cursor(con), item.path, state.target, fs.cell, state.counts,
                                            item.ident, lambda n: fs.name(n, state.counts))):
-            yield from pipe.put("records", state, _Done([(r, _scrubbed(fs, r)) for r in batch]))
-        yield from pipe.put("end", state)
+            yield "records", [(r, _scrubbed(fs, r)) for r in batch]
+        yield "end", None
     except ReadError as e:
-        yield from pipe.put("fail", state, _Done((str(e), False)))
+        yield "fail", (str(e), False)
 
 
 def _scrubbed(fs: FieldScrubber, rec: Record) -> dict:
@@ -382,7 +394,7 @@ class _Landing:
         if event == "records":
             self.records(state, value)
         elif event == "table":
-            self.table(state, *value)
+            self.table(state, value)
         elif event == "skip":
             self.skip(state)
         elif event == "fail":
@@ -439,18 +451,21 @@ class _Landing:
         rec.found = []
         return keep
 
-    def table(self, state: _ItemState, rows, scanned: Scanned, counts: Counter, reason: str | None) -> None:
+    def table(self, state: _ItemState, read) -> None:
         """A table a worker read and scrubbed whole (`scan.scan_table`): written here as its data table, then
-        its records land."""
-        state.counts.update(counts)
-        if reason is None:
-            try:
-                write_table(self.b.con, state.target, rows)
-            except ReadError as e:
-                reason = str(e)
-        if reason is not None:
-            self.fail(state, reason, False)
+        its records land. One the worker gave back (its rows expand past what a worker holds, or it could not
+        read it) is read here instead, streamed batch by batch as a large table is."""
+        if read is None:
+            for event, value in _table_here(self.b.con, state, self.fs):
+                self.land(event, state, value)
             return
+        rows, scanned, counts = read
+        try:
+            write_table(self.b.con, state.target, rows)
+        except ReadError as e:
+            self.fail(state, str(e), False)
+            return
+        state.counts.update(counts)
         self.records(state, scanned)
         self.end(state)
 

@@ -86,33 +86,39 @@ def scan_file(item: Item, mode: str, key: bytes, types: tuple[str, ...] | None =
         return [], str(e), False
 
 
-def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str, ...] | None = None
-               ) -> tuple[pa.Table | None, Scanned, Counter, str | None]:
+def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str, ...] | None,
+               limit: int) -> tuple[pa.Table, Scanned, Counter] | None:
     """A whole (small) table read and scrubbed here, for the ingest process to write as `data.<target>`
-    (`tables.write_table`): (its rows as they land, its rows' records scanned, what its cells and names held,
-    failure reason or None). Read by an in-memory DuckDB of this process (`db.scratch`): nothing it reads
-    can spill to disk in plaintext.
+    (`tables.write_table`): (its rows as they land, its rows' records scanned, what its cells and names held).
+    None gives it back to the ingest process, which then reads it itself, streamed into the vault batch by
+    batch: a table whose rows expand past `TABLE_BYTES` (a small file can hold a great many: compressed Parquet,
+    repeated values), and one that cannot be read here (the ingest process says why, as it always has).
 
-    Runs only in the ingest's worker processes, which end with the ingest: each keeps its DuckDB and one
-    scrubber for the policy, so a table pays neither a new database (about 10 ms) nor cold caches (tables
-    repeat their cells' values from file to file)."""
+    Read by an in-memory DuckDB of this process (`db.scratch`): nothing it reads can spill to disk in
+    plaintext, and its memory is bounded. Runs only in the ingest's worker processes, which end with the
+    ingest: each keeps its DuckDB and one scrubber for the policy, so a table pays neither a new database
+    (about 10 ms) nor cold caches (tables repeat their cells' values from file to file)."""
     fs = _worker_scrubber(mode, key, types)
     counts: Counter = Counter()
     batches: list[pa.RecordBatch] = []
     out: Scanned = []
+    held = 0
     con = _worker_db().cursor()
     try:
         for batch, records in read_table(con, item.path, target, fs.cell, counts, item.ident,
                                          lambda n: fs.name(n, counts)):
             batches.append(batch)
+            held += batch.nbytes + sum(len(r.text) for r in records)
+            if held > limit:
+                return None
             for rec in records:  # each batch's records now, while the scrubber still holds its cells' findings
                 found_counts, rec.found = scrub_record(fs, rec)
                 out.append((rec, dict(found_counts)))
-    except ReadError as e:
-        return None, [], counts, str(e)
+    except ReadError:
+        return None
     finally:
         con.close()
-    return pa.Table.from_batches(batches), out, counts, None
+    return pa.Table.from_batches(batches), out, counts
 
 
 _WORKER: dict = {}  # this worker process's DuckDB, and its scrubber with the policy it was made for
