@@ -410,3 +410,39 @@ def test_a_worker_gives_back_a_table_that_expands_past_what_it_holds(samples, tm
     assert scan_table(table, "t1_x", "redact", b"k" * 32, None, rows.nbytes // 2) is None
     table.path.write_text("")  # empty now: "table has no rows", which the ingest process says
     assert scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20) is None
+
+
+def test_a_wide_table_is_rendered_one_row_at_a_time(tmp_path):
+    """Each row's record repeats every column's name: 200 columns of 1,000-character names make a 0.4 MB file
+    whose 2,048 rows are 400 MB as records. A worker gives the table back once the rows it renders pass its
+    limit, and the ingest process, which then streams it, holds one row's record at a time."""
+    import tracemalloc
+    from collections import Counter
+
+    import duckdb
+
+    from appliance.vault.fields import FieldScrubber
+    from appliance.vault.readers.detect import plan
+    from appliance.vault.readers.tables import ingest_table
+    from appliance.vault.scan import scan_table
+
+    p = tmp_path / "wide.csv"
+    with open(p, "w") as f:
+        f.write(",".join(f"c{i:03d}" + "x" * 1000 for i in range(200)) + "\n")
+        f.writelines(f"{r}" + "," * 199 + "\n" for r in range(2048))
+    item = next(i for i in plan([p]) if i.kind == "table")
+    tracemalloc.start()
+    try:
+        assert scan_table(item, "t1_wide", "redact", b"k" * 32, None, 16 << 20) is None
+        worker_peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.reset_peak()
+        con = duckdb.connect()
+        con.execute("ATTACH ':memory:' AS vault; USE vault; CREATE SCHEMA data")
+        fs = FieldScrubber("redact", b"k" * 32)
+        n = sum(1 for _ in ingest_table(con, item.path, "t1_wide", fs.cell, Counter(), item.ident))
+        here_peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert n == 2048
+    assert worker_peak < 64 << 20, worker_peak  # a whole batch of records would be 400 MB
+    assert here_peak < 64 << 20, here_peak

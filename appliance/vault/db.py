@@ -106,7 +106,9 @@ def scratch() -> duckdb.DuckDBPyConnection:
     offline like the vault's connection, and with no temporary directory, so nothing it reads can spill to
     disk in plaintext. A query that outgrows its memory (`SCRATCH_MEMORY`, one per worker) fails instead."""
     cfg = _settings(Path(), SCRATCH_MEMORY)
-    cfg.update(temp_directory="", threads="1")
+    # one file after another is read through /proc/self/fd/N names, which the next file reuses: DuckDB's cache
+    # of external files, keyed by name, must not hand one file's bytes out for another (as for ingest's)
+    cfg.update(temp_directory="", threads="1", enable_external_file_cache="false")
     return duckdb.connect(":memory:", config=cfg)
 
 

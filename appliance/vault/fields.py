@@ -211,9 +211,10 @@ class FieldScrubber:
     def table_found(self, text: str) -> list[Found]:
         """The findings of a table row's record (`render_row`: a "[table row N]" line, then "column: value"
         lines), from its cells as `cell` scrubbed them, at their places in `text`."""
-        if self.mode == "redact" and "[" not in text:
+        pos = text.find("\n") + 1  # past the "[table row N]" line
+        if self.mode == "redact" and text.find("[", pos) < 0:
             return []  # every cell with a finding holds its placeholder, "[TYPE]", once redacted
-        out, pos = [], text.find("\n") + 1
+        out = []
         while pos:
             end = text.find("\n", pos)
             line = text[pos:] if end < 0 else text[pos:end]

@@ -108,12 +108,15 @@ def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str,
         for batch, records in read_table(con, item.path, target, fs.cell, counts, item.ident,
                                          lambda n: fs.name(n, counts)):
             batches.append(batch)
-            held += batch.nbytes + sum(len(r.text) for r in records)
-            if held > limit:
-                return None
+            held += batch.nbytes
             for rec in records:  # each batch's records now, while the scrubber still holds its cells' findings
+                held += len(rec.text)
+                if held > limit:  # checked as each row is rendered: a wide row repeats every column's name
+                    return None
                 found_counts, rec.found = scrub_record(fs, rec)
                 out.append((rec, dict(found_counts)))
+            if held > limit:
+                return None
     except ReadError:
         return None
     finally:

@@ -58,10 +58,13 @@ def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub:
 
 
 def read_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: CellScrub, counts: Counter,
-               ident: Ident | None = None, name: NameScrub = str) -> Iterator[tuple[pa.RecordBatch, list[Record]]]:
+               ident: Ident | None = None, name: NameScrub = str) -> Iterator[tuple[pa.RecordBatch, Iterator[Record]]]:
     """The rows of `path`, scrubbed: each batch (cells and column names as they land) with its rows' records,
     whose `path` is `target`, the data table they will be in. Nothing is written: `ingest_table` writes the
     batches into the vault as they come, a worker process (`scan.scan_table`) hands them to the ingest process.
+
+    A batch's records are rendered one at a time as they are taken, and must be taken before the next batch:
+    each repeats every column's name, so a wide table's rows can be far larger as text than as cells.
 
     DuckDB opens files by name, so it is handed the name of a descriptor `open_input` opened and checked (no
     link followed; the file the walk saw): a link swapped in meanwhile cannot redirect it.
@@ -76,16 +79,19 @@ def read_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: C
             scrub_batch = _BatchScrubber(scrub, counts, name)
             for batch in batches:
                 batch = scrub_batch(batch)
-                cols, records = batch.schema.names, []
-                for row in batch.to_pylist():
-                    rows += 1
-                    records.append(Record(kind="table", source=str(path), text=render_row(stem, rows, row, cols),
-                                          path=target, title=stem, meta={"row": rows}, scrubbed=True))
-                yield batch, records
+                yield batch, _records(batch, stem, rows, str(path), target)
+                rows += batch.num_rows
         except duckdb.Error as e:  # DuckDB names the descriptor it read: the file's name says more
             raise ReadError(f"unreadable table: {_first_line(e).replace(source, path.name)}") from None
     if not rows:
         raise ReadError("table has no rows")
+
+
+def _records(batch: pa.RecordBatch, stem: str, before: int, source: str, target: str) -> Iterator[Record]:
+    cols = batch.schema.names
+    for n, row in enumerate(batch.to_pylist(), before + 1):
+        yield Record(kind="table", source=source, text=render_row(stem, n, row, cols), path=target, title=stem,
+                     meta={"row": n}, scrubbed=True)
 
 
 def write_table(con: duckdb.DuckDBPyConnection, target: str, rows: pa.Table) -> None:
