@@ -41,7 +41,7 @@ from appliance.vault.pii import MODES
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table, write_table
-from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scan_table, scrub_records
+from appliance.vault.scan import Scanned, Skip, die_with_parent, read_item, scan_files, scan_table, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
@@ -159,7 +159,7 @@ class _Pipeline:
         if workers > 1:
             # spawn, not fork: this process holds DuckDB's threads, and forking them is unsafe
             self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_die_with_parent)
+                                            initializer=die_with_parent)
         self.window = 2 * workers if workers > 1 else 1
         self.queue: deque = deque()
 
@@ -184,19 +184,6 @@ class _Pipeline:
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
-
-
-def _die_with_parent() -> None:
-    """A worker ends with the ingest that started it: after a kill -9 it would otherwise wait for work forever."""
-    import ctypes
-    import signal
-
-    try:
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
-    except (OSError, AttributeError):
-        return
-    if os.getppid() == 1:  # the parent died before the line above
-        os._exit(1)
 
 
 class _Done:

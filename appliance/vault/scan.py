@@ -6,19 +6,20 @@ process through pipes, in memory.
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
-import pyarrow as pa
-
-from appliance.vault.db import scratch
 from appliance.vault.fields import FieldScrubber, by_type, scrub_record
 from appliance.vault.readers import ReadError, Record
 from appliance.vault.readers.detect import Item
 from appliance.vault.readers.documents import read_docx, read_pdf
 from appliance.vault.readers.email import read_eml, read_mbox
-from appliance.vault.readers.tables import read_table
 from appliance.vault.readers.text import read_text
+
+if TYPE_CHECKING:  # tables bring DuckDB and pyarrow, imported by the first table a worker reads
+    import pyarrow as pa
 
 Scanned = list[tuple[Record, dict[tuple[str, str, str], int]]]  # counts by (type, detector, band)
 
@@ -98,6 +99,10 @@ def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str,
     plaintext, and its memory is bounded. Runs only in the ingest's worker processes, which end with the
     ingest: each keeps its DuckDB and one scrubber for the policy, so a table pays neither a new database
     (about 10 ms) nor cold caches (tables repeat their cells' values from file to file)."""
+    import pyarrow as pa
+
+    from appliance.vault.readers.tables import read_table
+
     fs = _worker_scrubber(mode, key, types)
     counts: Counter = Counter()
     batches: list[pa.RecordBatch] = []
@@ -129,6 +134,8 @@ _WORKER: dict = {}  # this worker process's DuckDB, and its scrubber with the po
 
 def _worker_db():
     if "db" not in _WORKER:
+        from appliance.vault.db import scratch
+
         _WORKER["db"] = scratch()
     return _WORKER["db"]
 
@@ -138,3 +145,17 @@ def _worker_scrubber(mode: str, key: bytes, types: tuple[str, ...] | None) -> Fi
     if _WORKER.get("policy") != policy:
         _WORKER["policy"], _WORKER["fs"] = policy, FieldScrubber(mode, key, types)
     return _WORKER["fs"]
+
+
+def die_with_parent() -> None:
+    """A worker ends with the ingest that started it: after a kill -9 it would otherwise wait for work forever.
+    The pool's initializer, so it lives here: a worker imports what it unpickles, and the scanner is all it needs."""
+    import ctypes
+    import signal
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG (Linux)
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before the line above
+        os._exit(1)

@@ -10,7 +10,6 @@ from pathlib import Path
 
 from appliance.vault.readers import Ident, ReadError, open_input
 from appliance.vault.readers.code import LINK, is_repo, language_of, walk_repo
-from appliance.vault.readers.tables import READERS as TABLE_READERS
 
 TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text", ".adoc", ".org", ".log"})
 SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
@@ -56,6 +55,9 @@ def kind_of(path: Path, ident: Ident | None = None) -> str | None:
         return "email"
     if suffix in (".mbox", ".mbx"):
         return "mbox"
+    from appliance.vault.readers.tables import READERS as TABLE_READERS  # here: it brings DuckDB and pyarrow,
+    # which a scan worker that reads no table never needs
+
     if suffix in TABLE_READERS:
         return "table"
     if suffix == ".pdf":
