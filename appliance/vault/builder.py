@@ -306,12 +306,16 @@ class VersionBuilder:
         """Drop a data table this version started (its source failed); the name stays taken."""
         self.con.execute(f'DROP TABLE IF EXISTS data."{name}"')
 
-    def table(self, name: str, source: str) -> None:
-        """List the data table `name` as this version's, made from `source` (its rows and columns as now)."""
+    def table(self, name: str, source: str, rows: int | None = None, columns: list[list[str]] | None = None) -> None:
+        """List the data table `name` as this version's, made from `source`: its rows and columns (as
+        `tables.table_columns` gives them) as now, read from the vault unless the caller that wrote it knows."""
         from appliance.vault.readers.tables import table_columns
 
-        rows = self.con.execute(f'SELECT count(*) FROM data."{name}"').fetchone()[0]
-        self._table_rows.append((self.vid, name, source, rows, json.dumps(table_columns(self.con, name))))
+        if rows is None:
+            rows = self.con.execute(f'SELECT count(*) FROM data."{name}"').fetchone()[0]
+        if columns is None:
+            columns = table_columns(self.con, name)
+        self._table_rows.append((self.vid, name, source, rows, json.dumps(columns)))
 
     def totals(self) -> Totals:
         """Records, bytes and content hash of what was added so far (all of it written first)."""

@@ -199,6 +199,7 @@ class _ItemState:
     item: Item
     source: str = ""  # the item's path as it lands (scrubbed, `_label`)
     target: str | None = None  # the data table of a table item
+    shape: tuple[int, list[list[str]]] | None = None  # its rows and columns, when a worker read it
     file_ord: int | None = None
     added: list[str] = field(default_factory=list)
     dups: int = 0
@@ -448,7 +449,7 @@ class _Landing:
             return
         rows, scanned, counts = read
         try:
-            write_table(self.b.con, state.target, rows)
+            state.shape = rows.num_rows, write_table(self.b.con, state.target, rows)
         except ReadError as e:
             self.fail(state, str(e), False)
             return
@@ -487,7 +488,7 @@ class _Landing:
         self.b.findings(src, state.review.kept(state.file_ord if state.added else None))
         self.b.source(src, item.kind, item.size, _file_sha256(item), len(state.added), state.dups, "ok")
         if state.target:
-            self.b.table(state.target, src)
+            self.b.table(state.target, src, *(state.shape or ()))
             res.tables.append(f"data.{state.target}")
         _tick(self.progress, item, state.reported)
 

@@ -94,14 +94,17 @@ def _records(batch: pa.RecordBatch, stem: str, before: int, source: str, target:
                      meta={"row": n}, scrubbed=True)
 
 
-def write_table(con: duckdb.DuckDBPyConnection, target: str, rows: pa.Table) -> None:
-    """Write the rows `scan.scan_table` read as the data table `data.<target>`. A relation made from the
-    Arrow table costs half of registering it as a view, creating from that and dropping the view again."""
+def write_table(con: duckdb.DuckDBPyConnection, target: str, rows: pa.Table) -> list[list[str]]:
+    """Write the rows `scan.scan_table` read as the data table `data.<target>`; its columns as `table_columns`
+    gives them, read off the relation that made it. A relation made from the Arrow table costs half of
+    registering it as a view, creating from that and dropping the view again."""
     quoted = target.replace('"', '""')
     try:
-        con.from_arrow(rows).create(f'data."{quoted}"')
+        rel = con.from_arrow(rows)
+        rel.create(f'data."{quoted}"')
     except duckdb.Error as e:
         raise ReadError(f"unreadable table: {_first_line(e)}") from None
+    return [[n, str(t)] for n, t in zip(rel.columns, rel.types)]
 
 
 def _first_line(e: Exception) -> str:
