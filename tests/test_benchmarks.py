@@ -26,6 +26,8 @@ def test_vault_ingest(tmp_path):
                   "baseline: bare DuckDB insert of the parsed text"):
         assert all(x > 0 for x in row(out, stage, 2)), stage
     assert all(x > 0 for x in ratio(out, r"\*\*end-to-end / bare insert\*\* \| \*\*NUMx\*\* \| \*\*NUMx\*\*"))
+    took, busy = ratio(out, r"\*mixed\* took NUM s, the ingest process busy NUM s of CPU")  # where end-to-end went
+    assert took > 0 and busy > 0
     secs, rate, rss = ratio(out, r"ingested in NUM s \(NUM MB/s\), peak RSS \*\*NUM MB\*\*")
     assert rss > 0
 
