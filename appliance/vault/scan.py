@@ -92,8 +92,9 @@ def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str,
     """A whole (small) table read and scrubbed here, for the ingest process to write as `data.<target>`
     (`tables.write_table`): (its rows as they land, its rows' records scanned, what its cells and names held).
     None gives it back to the ingest process, which then reads it itself, streamed into the vault batch by
-    batch: a table whose rows expand past `TABLE_BYTES` (a small file can hold a great many: compressed Parquet,
-    repeated values), and one that cannot be read here (the ingest process says why, as it always has).
+    batch: a table whose rows and records pass `limit` bytes as read (ingest's TABLE_BYTES; a small file can
+    hold a great many: compressed Parquet, repeated values, wide rows whose records repeat every column's name),
+    and one that cannot be read here (the ingest process says why, as it always has).
 
     Read by an in-memory DuckDB of this process (`db.scratch`): nothing it reads can spill to disk in
     plaintext, and its memory is bounded. Runs only in the ingest's worker processes, which end with the
@@ -114,14 +115,14 @@ def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str,
                                          lambda n: fs.name(n, counts)):
             batches.append(batch)
             held += batch.nbytes
+            if held > limit:
+                return None
             for rec in records:  # each batch's records now, while the scrubber still holds its cells' findings
                 held += len(rec.text)
                 if held > limit:  # checked as each row is rendered: a wide row repeats every column's name
                     return None
                 found_counts, rec.found = scrub_record(fs, rec)
                 out.append((rec, dict(found_counts)))
-            if held > limit:
-                return None
     except ReadError:
         return None
     finally:
