@@ -401,9 +401,13 @@ def _to(mode: str, ready):
         await unlock(pilot, app)
         if mode != "dashboard":
             await pilot.press(mode[0])
-        await until(pilot, lambda: ready(app))
-        await no_blink(pilot)
-        await settled(pilot)
+        for _ in range(5):
+            await until(pilot, lambda: ready(app))
+            await no_blink(pilot)
+            await settled(pilot)
+            if ready(app):  # still: a table filled again meanwhile shows its columns cut until it is next idle,
+                return  # and on a loaded machine that picture can hold still long enough to look settled
+        raise AssertionError(f"the {mode} screen never stayed ready")
     return run_before
 
 
