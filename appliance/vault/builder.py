@@ -146,6 +146,7 @@ class VersionBuilder:
         self._pii: list[tuple] = []
         self._findings: list[tuple] = []
         self._table_rows: list[tuple] = []
+        self._made: dict[str, tuple[int, list[list[str]]]] = {}  # rows and columns of the tables `create_table` wrote
         self._orphans: list[str] = []  # hashes of records dropped again (a file that failed half way)
         self._totals: Totals | None = None
         self._open = False
@@ -295,26 +296,25 @@ class VersionBuilder:
         return target
 
     def create_table(self, name: str, data: pa.Table) -> None:
-        """Write `data` as the data table `name` (from `table_name`)."""
-        self.con.register("_version_table", data)
-        try:
-            self.con.execute(f'CREATE TABLE data."{name}" AS SELECT * FROM _version_table')
-        finally:
-            self.con.unregister("_version_table")
+        """Write `data` as the data table `name` (from `table_name`). A relation made from the Arrow table costs
+        half of registering it as a view, creating from that and dropping the view again, and it knows the
+        table's columns: `table` lists them from here instead of asking the vault."""
+        rel = self.con.from_arrow(data)
+        rel.create(f'data."{name}"')
+        self._made[name] = (data.num_rows, [[n, str(t)] for n, t in zip(rel.columns, rel.types)])
 
     def drop_table(self, name: str) -> None:
         """Drop a data table this version started (its source failed); the name stays taken."""
         self.con.execute(f'DROP TABLE IF EXISTS data."{name}"')
 
-    def table(self, name: str, source: str, rows: int | None = None, columns: list[list[str]] | None = None) -> None:
-        """List the data table `name` as this version's, made from `source`: its rows and columns (as
-        `tables.table_columns` gives them) as now, read from the vault unless the caller that wrote it knows."""
+    def table(self, name: str, source: str) -> None:
+        """List the data table `name` as this version's, made from `source` (its rows and columns as now: as
+        `create_table` wrote it, else read from the vault)."""
         from appliance.vault.readers.tables import table_columns
 
-        if rows is None:
-            rows = self.con.execute(f'SELECT count(*) FROM data."{name}"').fetchone()[0]
-        if columns is None:
-            columns = table_columns(self.con, name)
+        made = self._made.pop(name, None)
+        rows, columns = made or (self.con.execute(f'SELECT count(*) FROM data."{name}"').fetchone()[0],
+                                 table_columns(self.con, name))
         self._table_rows.append((self.vid, name, source, rows, json.dumps(columns)))
 
     def totals(self) -> Totals:

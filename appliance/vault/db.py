@@ -93,7 +93,7 @@ def _connect(path: Path, key_hex: str, tmp_dir: Path, read_only: bool,
             raise VaultBusy(f"the vault is in use by another appliance process{f' (PID {pid[1]})' if pid else ''}",
                             "wait for it to finish (an ingest holds the vault until it ends)"
                             ) from None
-        raise VaultError(f"cannot open the vault database: {_first_line(e)}",
+        raise VaultError(f"cannot open the vault database: {first_line(e)}",
                          "run `appliance vault check`; restore from backup if it fails") from e
     return con
 
@@ -123,5 +123,6 @@ def _quote(path: Path) -> str:
     return str(path).replace("'", "''")
 
 
-def _first_line(e: BaseException) -> str:
+def first_line(e: BaseException) -> str:
+    """A DuckDB error in one line: its first, or its kind where it says nothing."""
     return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

@@ -18,6 +18,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import duckdb
+
 from appliance.errors import IngestError, UsageError
 from appliance.vault.builder import (
     RecordWriter,  # noqa: F401  (benchmarks/vault_ingest.py times it here)
@@ -40,7 +42,7 @@ from appliance.vault.fields import (
 from appliance.vault.pii import MODES
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
-from appliance.vault.readers.tables import ingest_table, write_table
+from appliance.vault.readers.tables import ingest_table, unreadable
 from appliance.vault.scan import Scanned, Skip, die_with_parent, read_item, scan_files, scan_table, scrub_records
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -199,7 +201,6 @@ class _ItemState:
     item: Item
     source: str = ""  # the item's path as it lands (scrubbed, `_label`)
     target: str | None = None  # the data table of a table item
-    shape: tuple[int, list[list[str]]] | None = None  # its rows and columns, when a worker read it
     file_ord: int | None = None
     added: list[str] = field(default_factory=list)
     dups: int = 0
@@ -449,9 +450,9 @@ class _Landing:
             return
         rows, scanned, counts = read
         try:
-            state.shape = rows.num_rows, write_table(self.b.con, state.target, rows)
-        except ReadError as e:
-            self.fail(state, str(e), False)
+            self.b.create_table(state.target, rows)
+        except duckdb.Error as e:
+            self.fail(state, unreadable(e), False)
             return
         state.counts.update(counts)
         self.records(state, scanned)
@@ -488,7 +489,7 @@ class _Landing:
         self.b.findings(src, state.review.kept(state.file_ord if state.added else None))
         self.b.source(src, item.kind, item.size, _file_sha256(item), len(state.added), state.dups, "ok")
         if state.target:
-            self.b.table(state.target, src, *(state.shape or ()))
+            self.b.table(state.target, src)
             res.tables.append(f"data.{state.target}")
         _tick(self.progress, item, state.reported)
 

@@ -90,7 +90,7 @@ def scan_file(item: Item, mode: str, key: bytes, types: tuple[str, ...] | None =
 def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str, ...] | None,
                limit: int) -> tuple[pa.Table, Scanned, Counter] | None:
     """A whole (small) table read and scrubbed here, for the ingest process to write as `data.<target>`
-    (`tables.write_table`): (its rows as they land, its rows' records scanned, what its cells and names held).
+    (`VersionBuilder.create_table`): (its rows as they land, its rows' records scanned, what its cells and names held).
     None gives it back to the ingest process, which then reads it itself, streamed into the vault batch by
     batch: a table whose rows and records pass `limit` bytes as read (ingest's TABLE_BYTES; a small file can
     hold a great many: compressed Parquet, repeated values, wide rows whose records repeat every column's name),

@@ -11,7 +11,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from appliance.vault.db import cursor
+from appliance.vault.db import cursor, first_line
 from appliance.vault.readers import Ident, ReadError, Record, fd_path, open_input
 
 READERS = {
@@ -50,7 +50,7 @@ def ingest_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub:
                                f'{"" if created else "AS "}SELECT * FROM _ingest_batch')
                 writer.unregister("_ingest_batch")
             except duckdb.Error as e:
-                raise ReadError(f"unreadable table: {_first_line(e)}") from None
+                raise ReadError(unreadable(e)) from None
             created = True
             yield from records
     finally:
@@ -61,7 +61,8 @@ def read_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: C
                ident: Ident | None = None, name: NameScrub = str) -> Iterator[tuple[pa.RecordBatch, Iterator[Record]]]:
     """The rows of `path`, scrubbed: each batch (cells and column names as they land) with its rows' records,
     whose `path` is `target`, the data table they will be in. Nothing is written: `ingest_table` writes the
-    batches into the vault as they come, a worker process (`scan.scan_table`) hands them to the ingest process.
+    batches into the vault as they come, a worker process (`scan.scan_table`) hands them to the ingest process,
+    which writes them whole (`VersionBuilder.create_table`).
 
     A batch's records are rendered one at a time as they are taken, and must be taken before the next batch:
     each repeats every column's name, so a wide table's rows can be far larger as text than as cells.
@@ -82,7 +83,7 @@ def read_table(con: duckdb.DuckDBPyConnection, path: Path, target: str, scrub: C
                 yield batch, _records(batch, stem, rows, str(path), target)
                 rows += batch.num_rows
         except duckdb.Error as e:  # DuckDB names the descriptor it read: the file's name says more
-            raise ReadError(f"unreadable table: {_first_line(e).replace(source, path.name)}") from None
+            raise ReadError(unreadable(e).replace(source, path.name)) from None
     if not rows:
         raise ReadError("table has no rows")
 
@@ -94,21 +95,9 @@ def _records(batch: pa.RecordBatch, stem: str, before: int, source: str, target:
                      meta={"row": n}, scrubbed=True)
 
 
-def write_table(con: duckdb.DuckDBPyConnection, target: str, rows: pa.Table) -> list[list[str]]:
-    """Write the rows `scan.scan_table` read as the data table `data.<target>`; its columns as `table_columns`
-    gives them, read off the relation that made it. A relation made from the Arrow table costs half of
-    registering it as a view, creating from that and dropping the view again."""
-    quoted = target.replace('"', '""')
-    try:
-        rel = con.from_arrow(rows)
-        rel.create(f'data."{quoted}"')
-    except duckdb.Error as e:
-        raise ReadError(f"unreadable table: {_first_line(e)}") from None
-    return [[n, str(t)] for n, t in zip(rel.columns, rel.types)]
-
-
-def _first_line(e: Exception) -> str:
-    return str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+def unreadable(e: Exception) -> str:
+    """Why a table could not be read or written, in one line."""
+    return f"unreadable table: {first_line(e)}"
 
 
 def table_columns(con: duckdb.DuckDBPyConnection, target: str) -> list[list[str]]:
