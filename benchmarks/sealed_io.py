@@ -6,7 +6,7 @@
 Issue 21 asks that sealing is not what a user waits for. One payload of random bytes (`--gib`, in the
 page cache for every side) goes through each section, which times the plain way and the sealed way and
 reports MB/s of payload for both and their ratio against the aim. Sections (one function each, listed in
-SECTIONS; a new one takes the Context and returns a Result):
+SECTIONS, by name; a new one takes the Context and returns a Result):
   - `bundle verify`: `bundle verify` of a plain bundle against the same payload encrypted to one recipient
     (ChaCha20-Poly1305 STREAM: each core reads, opens and hashes its own runs of the digest tree's leaves);
     with it, one core's speed at SHA-256 and at opening chunks, which bound the ratio where the CPU is the
@@ -271,8 +271,9 @@ def checkpoint_save(ctx: Context) -> Result:
         shutil.rmtree(s.root.parent, ignore_errors=True)
 
 
-SECTIONS: list[Callable[[Context], Result]] = [bundle_verify, model_load, gguf_load, checkpoint_save]
-SECTION_NAMES = ("bundle", "model", "gguf", "checkpoint")  # what `--sections` calls each, in the same order
+# each by the name `--sections` calls it, in the order they run
+SECTIONS: dict[str, Callable[[Context], Result]] = {"bundle": bundle_verify, "model": model_load, "gguf": gguf_load,
+                                                    "checkpoint": checkpoint_save}
 
 
 def fresh_fill_rate(size: int, repeat: int) -> float:
@@ -332,23 +333,23 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--gib", type=float, default=1.0)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--sections", default=",".join(SECTION_NAMES),
-                    help=f"the sections to run, comma-separated (default: all of {', '.join(SECTION_NAMES)})")
+    ap.add_argument("--sections", default=",".join(SECTIONS),
+                    help=f"the sections to run, comma-separated (default: all of {', '.join(SECTIONS)})")
     ap.add_argument("--smoke", action="store_true", help="tiny size (4 MiB, one pass): checks that it runs")
     ap.add_argument("--write", type=Path, default=None, help="update this Markdown file's section")
     a = ap.parse_args()
     chosen = [n.strip() for n in a.sections.split(",") if n.strip()]
-    unknown = sorted(set(chosen) - set(SECTION_NAMES))
+    unknown = sorted(set(chosen) - set(SECTIONS))
     if unknown or not chosen:
         ap.error(f"unknown section(s) {', '.join(unknown) or '(none given)'}; "
-                 f"the sections are {', '.join(SECTION_NAMES)}")
+                 f"the sections are {', '.join(SECTIONS)}")
     if a.smoke:
         a.gib, a.repeat = 4 / 1024, 1
     size = int(a.gib * (1 << 30))
     with tempfile.TemporaryDirectory(prefix="sealed-io-", dir=os.environ.get("TMPDIR")) as tmp:
         ctx = Context(Path(tmp), Path(tmp) / "weights.bin", size, a.repeat)
         write_payload(ctx.payload, size)
-        results = [section(ctx) for name, section in zip(SECTION_NAMES, SECTIONS) if name in chosen]
+        results = [section(ctx) for name, section in SECTIONS.items() if name in chosen]
         fill = fresh_fill_rate(size, a.repeat)
         for r in results:
             if r.label.startswith(("model load", "GGUF load")):

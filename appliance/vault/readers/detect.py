@@ -55,8 +55,8 @@ def kind_of(path: Path, ident: Ident | None = None) -> str | None:
         return "email"
     if suffix in (".mbox", ".mbx"):
         return "mbox"
-    from appliance.vault.readers.tables import READERS as TABLE_READERS  # here: it brings DuckDB and pyarrow,
-    # which a scan worker that reads no table never needs
+    # imported here: the module brings DuckDB and pyarrow, which a scan worker that reads no table never needs
+    from appliance.vault.readers.tables import READERS as TABLE_READERS
 
     if suffix in TABLE_READERS:
         return "table"
