@@ -199,11 +199,23 @@ def end_to_end(corpus: Path, home: Path) -> tuple[float, int, int, int, float, f
         v.con.execute("CHECKPOINT")
         secs = clock() - t
         own = time.process_time() - own
-        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers have ended with the ingest
+        _stop_fork_server()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)  # the workers and their fork server have ended
         workers = after.ru_utime + after.ru_stime - kids.ru_utime - kids.ru_stime
     if r.failed:
         raise SystemExit(f"ingest failed on {len(r.failed)} file(s): {r.failed[:3]}")
     return secs, r.bytes, r.records, len(r.tables), own, workers
+
+
+def _stop_fork_server() -> None:
+    """End the fork server the scan workers came from (`scan.pool`): its workers' CPU is counted only once it
+    has ended (RUSAGE_CHILDREN holds the descendants waited for), and the next ingest then pays for starting
+    one, as every ingest from the command line does."""
+    from multiprocessing import forkserver
+
+    stop = getattr(forkserver._forkserver, "_stop", None)  # private, but in every CPython since 3.8
+    if stop is not None:
+        stop()
 
 
 def big_tree(root: Path, gb: float, lines: int = 250000) -> Path:

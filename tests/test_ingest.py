@@ -206,8 +206,8 @@ def test_killed_ingest_leaves_no_version(home, tmp_path):
             break
     assert p.poll() is None, "ingest finished before it could be killed; make the input larger"
     assert with_records
-    workers = _children(p.pid)
-    assert workers, "the ingest runs its scanners in worker processes"
+    workers = _descendants(p.pid)  # the fork server and the scan workers it forked
+    assert len(workers) >= 3, "the ingest runs its scanners in worker processes, forked from a fork server"
     p.send_signal(signal.SIGKILL)
     p.wait()
     deadline = time.time() + 10
@@ -221,6 +221,15 @@ def test_killed_ingest_leaves_no_version(home, tmp_path):
         assert v.check().ok
         actions = [a for (a,) in v.con.execute("SELECT action FROM audit ORDER BY seq").fetchall()]
     assert actions[-1] == "vault.ingest.discarded"
+
+
+def _descendants(pid: int) -> list[int]:
+    out, todo = [], [pid]
+    while todo:
+        kids = _children(todo.pop())
+        out += kids
+        todo += kids
+    return out
 
 
 def _children(pid: int) -> list[int]:
@@ -391,6 +400,30 @@ def test_plain_mail_path_takes_only_plain_mail(tmp_path):
     mbox.write_bytes(b"".join(b"From x@y Mon Jan  1 00:00:00 2024\n" + raw + b"\n" for raw in plain_cases + slow_cases))
     fast, slow = _mbox_both_ways(mbox)
     assert fast == slow and len(fast) == len(plain_cases) + len(slow_cases) + 1  # its "From " line splits too
+
+
+def _worker_state() -> tuple[int, bool]:
+    import sys
+
+    from appliance.vault import pii_names
+
+    return os.getppid(), pii_names.scorer.cache_info().currsize == 1 and "duckdb" not in sys.modules
+
+
+def test_scan_workers_are_forked_with_the_scanner_loaded_not_from_the_ingest_process():
+    """Workers come from a fork server that loaded the scanner and its name lists once: not forked from the
+    ingest process, which holds DuckDB's threads, and not each loading the lists again."""
+    import duckdb
+
+    from appliance.vault.scan import pool
+
+    con = duckdb.connect()  # as in the ingest process: DuckDB's threads are running here
+    con.execute("SELECT count(*) FROM range(1000000)").fetchone()
+    with pool(2) as ex:
+        states = [f.result() for f in [ex.submit(_worker_state) for _ in range(4)]]
+    con.close()
+    assert all(parent != os.getpid() for parent, _ in states)  # forked from the server, not from here
+    assert all(loaded for _, loaded in states), "each worker starts with the name lists loaded, no DuckDB"
 
 
 def test_a_worker_gives_back_a_table_that_expands_past_what_it_holds(samples, tmp_path):

@@ -8,12 +8,10 @@ and a killed ingest leaves nothing visible (the next open discards its leftovers
 from __future__ import annotations
 
 import hashlib
-import multiprocessing
 import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +41,8 @@ from appliance.vault.pii import MODES
 from appliance.vault.readers import ReadError, Record, open_input
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table, unreadable
-from appliance.vault.scan import Scanned, Skip, die_with_parent, read_item, scan_files, scan_table, scrub_records
+from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scan_table, scrub_records
+from appliance.vault.scan import pool as scan_pool
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 SMALL_FILE = 4 << 20  # files up to this size are read and scrubbed whole in a worker
@@ -159,9 +158,7 @@ class _Pipeline:
     def __init__(self, workers: int):
         self.pool = None
         if workers > 1:
-            # spawn, not fork: this process holds DuckDB's threads, and forking them is unsafe
-            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=die_with_parent)
+            self.pool = scan_pool(workers)
         self.window = 2 * workers if workers > 1 else 1
         self.queue: deque = deque()
 
