@@ -17,8 +17,12 @@ training launcher; the job runner; anyone who unlocks a vault through the API):
 from __future__ import annotations
 
 import ctypes
+import os
 import resource
 import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
@@ -49,3 +53,31 @@ def is_protected() -> bool:
         return soft == 0 and hard == 0
     dumpable = ctypes.CDLL(None, use_errno=True).prctl(PR_GET_DUMPABLE, 0, 0, 0, 0)
     return soft == 0 and hard == 0 and dumpable == 0
+
+
+_START = threading.Lock()
+
+
+@contextmanager
+def no_imports_from_cwd() -> Iterator[None]:
+    """Python programs started inside the block (multiprocessing's spawn and fork-server children, which run
+    `python -c ...`) import nothing from the current directory: `-c` puts it first on their path, so a folder
+    named `multiprocessing` or `appliance` where the operator stands would run in the process that gets the
+    plaintext and the keys. PYTHONSAFEPATH=1 in the environment for the block; one block at a time."""
+    with _START:
+        old = os.environ.get("PYTHONSAFEPATH")
+        os.environ["PYTHONSAFEPATH"] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("PYTHONSAFEPATH", None)
+            else:
+                os.environ["PYTHONSAFEPATH"] = old
+
+
+def drop_secrets_from_env() -> None:
+    """A child that needs no passphrase holds none: the APPLIANCE_*PASSPHRASE* variables leave its environment
+    (its children's too). With `protect_process`, what it was started with cannot be read either."""
+    for name in [n for n in os.environ if n.startswith("APPLIANCE_") and "PASSPHRASE" in n]:
+        del os.environ[name]

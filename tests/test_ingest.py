@@ -312,6 +312,28 @@ def test_parallel_ingest_matches_serial(home, samples, tmp_path, monkeypatch):
     assert sorted(parallel.skipped) == sorted(serial.skipped)
 
 
+def test_parallel_rescrub_matches_serial(home, samples, monkeypatch):
+    """A re-scrub scrubs its records in ingest's worker processes; the version is what one process makes."""
+    import appliance.vault.ingest as ing
+    from appliance.vault.rescrub import rescrub
+
+    monkeypatch.setattr(ing, "POOL_MIN_BYTES", 0)  # the pool even for the small sample corpus
+    monkeypatch.setattr(ing, "SCAN_BATCH_CHARS", 4000)  # in many batches, several in flight at once
+    with open_vault(home) as v:
+        ing.ingest(v, [samples], "kept", pii_mode="flag", workers=1)  # flag keeps what it finds: found again
+        serial = rescrub(v, "kept@1", dataset="serial", workers=1)
+        parallel = rescrub(v, "kept@1", dataset="parallel", workers=2)
+        found = [[v.con.execute(f"SELECT {cols} FROM {table} f JOIN versions USING (vid) WHERE versions.name = ? "
+                                "ORDER BY ALL", [name]).fetchall() for name in ("serial", "parallel")]
+                 for table, cols in (("version_pii_findings", "f.ord, f.source, f.field, f.type, f.detector, f.pos"),
+                                     ("version_pii", "f.path, f.type, f.count, f.detector, f.band"),
+                                     ("version_records", "f.ord, f.hash, f.source, f.title, f.split"))]
+    for a, b in found:
+        assert a == b and a
+    assert serial["pii"]["PERSON"] > 0 and serial["pii"] == parallel["pii"]
+    assert serial["content_hash"] == parallel["content_hash"] and serial["records"] == parallel["records"]
+
+
 def _mail_both_ways(raw: bytes, tmp_path, name="m.eml"):
     """(records of `read_eml`, records the email package's parse gives, whether the plain path took it)."""
     import email
@@ -424,6 +446,22 @@ def test_scan_workers_are_forked_with_the_scanner_loaded_not_from_the_ingest_pro
     con.close()
     assert all(parent != os.getpid() for parent, _ in states)  # forked from the server, not from here
     assert all(loaded for _, loaded in states), "each worker starts with the name lists loaded, no DuckDB"
+
+
+def test_a_scan_worker_that_dies_is_one_clear_error():
+    import pytest
+
+    from appliance.errors import IngestError
+    from appliance.vault.ingest import Pipeline
+
+    pipe = Pipeline(2)
+    try:
+        list(pipe.submit("records", None, os._exit, 1))  # as the kernel's OOM killer would end it
+        with pytest.raises(IngestError) as e:
+            list(pipe.drain())
+    finally:
+        pipe.close()
+    assert "scan worker process ended" in e.value.message and "--workers 1" in e.value.hint
 
 
 def test_a_worker_gives_back_a_table_that_expands_past_what_it_holds(samples, tmp_path):

@@ -161,3 +161,37 @@ def test_the_attack_succeeds_against_an_unprotected_process(shared):
     finally:
         proc.kill()
         proc.wait()
+
+
+# A scan pool started where the operator stands: a folder there named like a module is not imported by the
+# fork server or its workers; they hold no passphrase and are protected as the ingest process is.
+POOL = """
+import os, sys
+from appliance.vault.scan import pool
+os.chdir(sys.argv[1])
+def probe():
+    from appliance import hardening
+    return os.environ.get("APPLIANCE_PASSPHRASE"), hardening.is_protected(), os.getppid()
+if __name__ == "__main__":
+    with pool(2) as ex:
+        print(repr([r[:2] + (r[2] != os.getpid(),) for r in [ex.submit(probe).result() for _ in range(2)]]))
+"""
+
+
+def test_scan_workers_import_nothing_from_the_cwd_and_hold_no_passphrase(tmp_path):
+    here = tmp_path / "repo"  # an operator ingesting a repository from inside it
+    marker = tmp_path / "ran"
+    for name in ("appliance", "multiprocessing"):
+        (here / name).mkdir(parents=True)
+        (here / name / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
+    script = tmp_path / "pool_probe.py"
+    script.write_text(POOL)
+    # the repository on the path, and no empty entry, which would name the current directory itself
+    env = dict(python_env(), APPLIANCE_PASSPHRASE=MARKER, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    r = subprocess.Popen([sys.executable, str(script), str(here)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    out, err = r.communicate(timeout=120)
+    assert r.returncode == 0, err
+    assert not marker.exists(), f"code from the current directory ran: {marker.read_text()}"
+    got = eval(out.strip().splitlines()[-1])
+    assert got == [(None, True, True)] * 2, got  # no passphrase; not dumpable; not forked from the ingest process

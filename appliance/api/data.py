@@ -67,7 +67,7 @@ def vault_ingest(v, paths: list[str | Path], dataset: str | None, pii: str | Non
     `rescrub="NAME@N"` (no `paths`) scrubs that version again instead: `vault_rescrub`."""
     vault_ingest_check(paths, dataset, rescrub, replace, follow_links)
     if rescrub:
-        return vault_rescrub(v, rescrub, pii, dataset)
+        return vault_rescrub(v, rescrub, pii, dataset, workers)
     from appliance.vault.ingest import ingest
 
     return ingest(v, [Path(p) for p in paths], dataset, pii or "redact", validation, replace, progress=progress,
@@ -95,15 +95,16 @@ def vault_ingest_check(paths: list, dataset: str | None, rescrub: str | None = N
         validate_name(dataset)
 
 
-def vault_rescrub(v, ref: str, pii: str | None = None, dataset: str | None = None) -> dict:
+def vault_rescrub(v, ref: str, pii: str | None = None, dataset: str | None = None, workers: int | None = None
+                  ) -> dict:
     """Scrub version `ref` again under the current (stricter) policy: a new version of `dataset` (default: the
     same dataset) whose lineage parent is `ref` and whose lineage says why (`policy_before`, `policy_after`).
     What was made from `ref` is warned about from then on (`lineage`, `vault_show`). `pii` defaults to the old
     version's mode when it was redact or pseudonymize, else redact. Returns `vault_ingest`'s shape, plus
-    `rescrub_of`, `policy_before` and `policy_after`."""
+    `rescrub_of`, `policy_before` and `policy_after`. `workers` processes scrub its records, as in an ingest."""
     from appliance.vault.rescrub import rescrub
 
-    return rescrub(v, ref, pii, dataset)
+    return rescrub(v, ref, pii, dataset, workers)
 
 
 def vault_pii_review(v, ref: str, limit: int = 20, offset: int = 0, type: str | None = None,  # noqa: A002

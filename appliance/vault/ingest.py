@@ -12,6 +12,7 @@ import os
 import re
 from collections import Counter, deque
 from collections.abc import Callable, Iterator
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,7 +150,7 @@ def write_settings(con) -> Iterator[None]:
             con.execute(f"SET {k} = '{value}'")
 
 
-class _Pipeline:
+class Pipeline:
     """Scan tasks on a process pool (or inline), results handed back in submission order.
 
     At most `window` entries wait at a time, so memory stays bounded whatever the input size.
@@ -164,7 +165,12 @@ class _Pipeline:
 
     def submit(self, event: str, state, fn, *args) -> Iterator[tuple]:
         """Queue `fn(*args)`; yield the entries that had to finish to keep the window."""
-        job = self.pool.submit(fn, *args) if self.pool else _Done(fn(*args))
+        if not self.pool:
+            return self.put(event, state, _Done(fn(*args)))
+        try:
+            job = self.pool.submit(fn, *args)
+        except (BrokenProcessPool, EOFError, OSError) as e:  # EOFError: the fork server died as it started
+            raise _broken(e) from e
         return self.put(event, state, job)
 
     def put(self, event: str, state, job=None) -> Iterator[tuple]:
@@ -178,11 +184,19 @@ class _Pipeline:
 
     def _pop(self) -> tuple:
         event, state, job = self.queue.popleft()
-        return event, state, job.result()
+        try:
+            return event, state, job.result()
+        except BrokenProcessPool as e:
+            raise _broken(e) from e
 
     def close(self) -> None:
         if self.pool:
             self.pool.shutdown(cancel_futures=True)
+
+
+def _broken(e: BaseException) -> IngestError:
+    return IngestError(f"a scan worker process ended before its work was done ({type(e).__name__})",
+                       "nothing was kept; run it again, or with --workers 1 to scan in this process alone")
 
 
 class _Done:
@@ -227,7 +241,7 @@ def _label(state: _ItemState, fs: FieldScrubber) -> _ItemState:
     return state
 
 
-def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode: str,
+def _produce(vault, items: list[Item], pipe: Pipeline, b: VersionBuilder, mode: str,
              types: tuple[str, ...] | None) -> Iterator[tuple]:
     """Walk the items in order and feed the pipeline; yields finished entries in order.
 
@@ -259,7 +273,7 @@ def _produce(vault, items: list[Item], pipe: _Pipeline, b: VersionBuilder, mode:
     yield from pipe.drain()
 
 
-def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes,
+def _send_files(pipe: Pipeline, group: list[_ItemState], mode: str, key: bytes,
                 types: tuple[str, ...] | None) -> Iterator[tuple]:
     """The grouped small files to one worker, read and scrubbed whole; empties `group`."""
     if group:
@@ -268,7 +282,7 @@ def _send_files(pipe: _Pipeline, group: list[_ItemState], mode: str, key: bytes,
         group.clear()
 
 
-def _read_table(con, pipe: _Pipeline, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple]:
+def _read_table(con, pipe: Pipeline, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple]:
     """A table file, written here in order into `state.target`; its rows come back already scrubbed, as do
     its name and column names."""
     for event, value in _table_here(con, state, fs):
@@ -281,7 +295,7 @@ def _table_here(con, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple[str
     (reason, False))."""
     item = state.item
     try:
-        for batch in _batches(ingest_table(cursor(con), item.path, state.target, fs.cell, state.counts,
+        for batch in batches(ingest_table(cursor(con), item.path, state.target, fs.cell, state.counts,
                                            item.ident, lambda n: fs.name(n, state.counts))):
             yield "records", [(r, _scrubbed(fs, r)) for r in batch]
         yield "end", None
@@ -295,22 +309,23 @@ def _scrubbed(fs: FieldScrubber, rec: Record) -> dict:
     return dict(counts)
 
 
-def _read_large(pipe: _Pipeline, state: _ItemState, mode: str, key: bytes,
+def _read_large(pipe: Pipeline, state: _ItemState, mode: str, key: bytes,
                 types: tuple[str, ...] | None) -> Iterator[tuple]:
     """A large file, streamed through here; its records are scrubbed in batches (on the pool, if any)."""
     try:
-        for batch in _batches(read_item(state.item)):
+        for batch in batches(read_item(state.item)):
             yield from pipe.submit("records", state, scrub_records, batch, mode, key, types)
         yield from pipe.put("end", state)
     except (ReadError, Skip) as e:
         yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
 
 
-def _batches(records: Iterator[Record]) -> Iterator[list[Record]]:
+def batches(records: Iterator, size_of: Callable = lambda rec: len(rec.text)) -> Iterator[list]:
+    """Records (or anything `size_of` measures) in lists of about SCAN_BATCH_CHARS: one scan task each."""
     batch, size = [], 0
     for rec in records:
         batch.append(rec)
-        size += len(rec.text)
+        size += size_of(rec)
         if size >= SCAN_BATCH_CHARS:
             yield batch
             batch, size = [], 0
@@ -350,7 +365,7 @@ def _scan_into(vault, b: VersionBuilder, items: list[Item], res: IngestResult, p
                workers: int) -> Counter:
     """Read, scrub and add every item to the version in order; the PII found, by type."""
     landing = _Landing(b, res, progress, FieldScrubber(pii_mode, vault.secrets.pseudonym_key, types))
-    pipe = _Pipeline(workers)
+    pipe = Pipeline(workers)
     try:
         for event, state, value in _produce(vault, items, pipe, b, pii_mode, types):
             landing.land(event, state, value)

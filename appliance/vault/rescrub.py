@@ -1,10 +1,11 @@
 """Re-scrub a dataset version under the current policy: `appliance vault ingest --rescrub NAME@N`.
 
-Every record of NAME@N goes through `fields.scrub_record` again (text, title, path, metadata, source), its
-tables are copied with cells and column names scrubbed again, and the result lands, through the one version
-builder, as a new version whose lineage parent is NAME@N (role `rescrub`) and whose lineage attributes say
-why: the policy before and after. From then on `lineage.less_scrubbed` warns about everything made from
-NAME@N (tokenizers, models, GGUFs): `appliance lineage` and `vault show` print it.
+Every record of NAME@N goes through `fields.scrub_record` again (text, title, path, metadata, source; in
+ingest's worker processes, as ingest's records do), its tables are copied with cells and column names scrubbed
+again, and the result lands, through the one version builder, as a new version whose lineage parent is NAME@N
+(role `rescrub`) and whose lineage attributes say why: the policy before and after. From then on
+`lineage.less_scrubbed` warns about everything made from NAME@N (tokenizers, models, GGUFs): `appliance
+lineage` and `vault show` print it.
 
 Records keep their splits (a validation record stays one, whatever its new hash) and their order.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
+from collections.abc import Iterator
 
 from appliance.errors import UsageError
 from appliance.vault import lineage
@@ -25,7 +27,6 @@ from appliance.vault.fields import (
     by_type,
     policy,
     scrub_reason,
-    scrub_record,
     site_types,
 )
 from appliance.vault.readers import Record
@@ -35,18 +36,23 @@ from appliance.vault.versions import iter_records, resolve
 STRICT = ("redact", "pseudonymize")  # a re-scrub replaces what it finds; flag and off would keep it
 
 
-def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = None) -> dict:
+def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = None,
+            workers: int | None = None) -> dict:
     """A new version of `dataset` (default: the same dataset) holding `ref` scrubbed under the current policy.
 
-    `pii_mode` defaults to the old version's mode when it replaced what it found, else `redact`. Returns
-    what `vault ingest` returns, with `rescrub_of`, `policy_before` and `policy_after`."""
-    from appliance.vault.ingest import validate_name, write_settings
+    `pii_mode` defaults to the old version's mode when it replaced what it found, else `redact`. Records are
+    scrubbed by `workers` processes as ingest's are (default: one per core, at most 8; none for a version
+    under ingest's POOL_MIN_BYTES), and land in their order. Returns what `vault ingest` returns, with
+    `rescrub_of`, `policy_before` and `policy_after`."""
+    from appliance.vault.ingest import POOL_MIN_BYTES, default_workers, validate_name, write_settings
 
     con = vault.con
     vid, name, n = resolve(con, ref)
     old_id = f"{name}@{n}"
-    old_mode, fraction = con.execute("SELECT pii_mode, validation_fraction FROM versions WHERE vid = ?",
-                                     [vid]).fetchone()
+    old_mode, fraction, size = con.execute("SELECT pii_mode, validation_fraction, bytes FROM versions WHERE vid = ?",
+                                           [vid]).fetchone()
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
     mode = pii_mode or (old_mode if old_mode in STRICT else "redact")
     if mode not in STRICT:
         raise UsageError(f"--rescrub cannot use --pii {mode}: it would keep what it finds",
@@ -58,9 +64,9 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
     after = policy(mode, types)
     fs = FieldScrubber(mode, vault.secrets.pseudonym_key, types)
     with write_settings(con), VersionBuilder(vault, target, pii_mode=mode, validation_fraction=fraction) as b:
-        run = _Rescrub(b, fs, vid)
+        run = _Rescrub(b, fs, vid, (mode, vault.secrets.pseudonym_key, types))
         run.tables()
-        run.records(f"{name}@{n}")
+        run.records(f"{name}@{n}", (workers or default_workers()) if (size or 0) >= POOL_MIN_BYTES else 1)
         run.sources(keep_old_pii=old_mode in STRICT)
         found = by_type(run.new)
         done = b.commit("vault.rescrub", parents=[(old_id, lineage.RESCRUB)], held_out=run.held_out,
@@ -77,8 +83,9 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
 class _Rescrub:
     """The steps of one re-scrub, into builder `b`, from version `vid`."""
 
-    def __init__(self, b: VersionBuilder, fs: FieldScrubber, vid: int):
+    def __init__(self, b: VersionBuilder, fs: FieldScrubber, vid: int, scan: tuple):
         self.b, self.fs, self.vid, self.con = b, fs, vid, b.con
+        self.scan = scan  # (mode, key, types): what `fs` was made with, for the scrubbers of `_scrubbed`
         self.renamed: dict[str, str] = {}  # old table -> new table
         self.new_tables: list[str] = []
         self.new: Counter = Counter()  # what this re-scrub found, by (type, detector, band)
@@ -118,12 +125,29 @@ class _Rescrub:
             self.renamed[old] = new
             self.new_tables.append(f"data.{new}")
 
-    def records(self, ref: str) -> None:
+    def _scrubbed(self, ref: str, workers: int) -> Iterator[tuple[dict, Record, dict]]:
+        """(row, its record scrubbed, the text's counts) for each record of `ref` in order: scrubbed as ingest
+        scrubs a large file's records (`scan.scrub_records`, in batches), on its worker processes if any."""
+        from appliance.vault.ingest import Pipeline, batches
+        from appliance.vault.scan import scrub_records
+
+        pipe = Pipeline(workers)
+        try:
+            for rows in batches(iter_records(self.con, ref), lambda r: len(r["text"])):
+                recs = [Record(r["kind"], r["source"], r["text"], r["path"], r["language"], r["title"], r["meta"] or {})
+                        for r in rows]
+                for _, done, scanned in pipe.submit("records", rows, scrub_records, recs, *self.scan):
+                    yield from ((r, rec, counts) for r, (rec, counts) in zip(done, scanned))
+            for _, done, scanned in pipe.drain():
+                yield from ((r, rec, counts) for r, (rec, counts) in zip(done, scanned))
+        finally:
+            pipe.close()
+
+    def records(self, ref: str, workers: int) -> None:
         seen: set[str] = set()
         fields_seen: set = set()
-        for r in iter_records(self.con, ref):
-            rec = Record(r["kind"], r["source"], r["text"], r["path"], r["language"], r["title"], r["meta"] or {})
-            counts, found = scrub_record(self.fs, rec)
+        for r, rec, counts in self._scrubbed(ref, workers):
+            found = rec.found
             rec.source = self.source(r["source"])
             if rec.kind == "table" and r["path"] in self.renamed:
                 rec.path = self.renamed[r["path"]]
