@@ -14,6 +14,9 @@ import pytest
 PASSPHRASE = "test passphrase 1234"
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# As in every appliance process that holds keys (`hardening.protect_process`, which the in-process CLI calls
+# here too): the children tests start see the same path, whichever test came first.
+os.environ["PYTHONSAFEPATH"] = "1"
 
 
 def _remember_unlocks() -> None:

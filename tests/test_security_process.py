@@ -164,34 +164,65 @@ def test_the_attack_succeeds_against_an_unprotected_process(shared):
 
 
 # A scan pool started where the operator stands: a folder there named like a module is not imported by the
-# fork server or its workers; they hold no passphrase and are protected as the ingest process is.
+# fork server, its workers or the resource tracker; they hold no passphrase and are protected as the ingest
+# process is. The script opens a vault first, as every ingest does (that is what protects the process).
 POOL = """
 import os, sys
+from pathlib import Path
+from appliance.home import Home
+from appliance.vault import Vault
 from appliance.vault.scan import pool
 os.chdir(sys.argv[1])
 def probe():
     from appliance import hardening
-    return os.environ.get("APPLIANCE_PASSPHRASE"), hardening.is_protected(), os.getppid()
+    seen = [open(f"/proc/{p}/environ", "rb").read() for p in ("self", os.getppid())]  # the worker's, the server's
+    held = any(b"{MARKER}" in e for e in seen) or "APPLIANCE_PASSPHRASE" in os.environ
+    return held, hardening.is_protected(), os.getppid()
 if __name__ == "__main__":
-    with pool(2) as ex:
-        print(repr([r[:2] + (r[2] != os.getpid(),) for r in [ex.submit(probe).result() for _ in range(2)]]))
+    with Vault.init(Home(Path(sys.argv[2])), "{MARKER}"):
+        with pool(2) as ex:
+            print(repr([r[:2] + (r[2] != os.getpid(),) for r in [ex.submit(probe).result() for _ in range(2)]]))
 """
 
 
-def test_scan_workers_import_nothing_from_the_cwd_and_hold_no_passphrase(tmp_path):
-    here = tmp_path / "repo"  # an operator ingesting a repository from inside it
-    marker = tmp_path / "ran"
-    for name in ("appliance", "multiprocessing"):
+def _hostile(tmp_path: Path, names: tuple[str, ...]) -> tuple[Path, Path]:
+    """A folder holding packages named `names` that leave a mark when imported, and where that mark goes."""
+    here, marker = tmp_path / "repo", tmp_path / "ran"
+    for name in names:
         (here / name).mkdir(parents=True)
         (here / name / "__init__.py").write_text(f"open({str(marker)!r}, 'a').write({name!r})\n")
-    script = tmp_path / "pool_probe.py"
-    script.write_text(POOL)
-    # the repository on the path, and no empty entry, which would name the current directory itself
+    return here, marker
+
+
+def _clean_env() -> dict:
+    """The tests' environment without what the appliance sets for itself, and with the repository alone on the
+    path (an empty entry would name the current directory)."""
     env = dict(python_env(), APPLIANCE_PASSPHRASE=MARKER, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    r = subprocess.Popen([sys.executable, str(script), str(here)], env=env, stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, cwd=tmp_path)
-    out, err = r.communicate(timeout=120)
-    assert r.returncode == 0, err
+    env.pop("PYTHONSAFEPATH", None)
+    return env
+
+
+def test_scan_workers_import_nothing_from_the_cwd_and_hold_no_passphrase(tmp_path):
+    here, marker = _hostile(tmp_path, ("appliance", "multiprocessing"))  # an operator ingesting a repository
+    script = tmp_path / "pool_probe.py"
+    script.write_text(POOL.replace("{MARKER}", MARKER))
+    r = subprocess.run([sys.executable, str(script), str(here), str(tmp_path / "home")], env=_clean_env(),
+                       capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
     assert not marker.exists(), f"code from the current directory ran: {marker.read_text()}"
-    got = eval(out.strip().splitlines()[-1])
-    assert got == [(None, True, True)] * 2, got  # no passphrase; not dumpable; not forked from the ingest process
+    got = eval(r.stdout.strip().splitlines()[-1])
+    # no passphrase, not even in what the worker and the server were started with; not dumpable; not forked
+    # from the ingest process
+    assert got == [(False, True, True)] * 2, got
+
+
+def test_a_python_program_a_key_holder_starts_imports_nothing_from_the_cwd(tmp_path):
+    """`python -m` puts the current directory first on the path: the job runner, torchrun and its ranks are
+    started that way by a process that holds keys."""
+    here, marker = _hostile(tmp_path, ("json",))
+    code = ("import subprocess, sys; from appliance.hardening import protect_process; protect_process(); "
+            "subprocess.run([sys.executable, '-m', 'json.tool', '--help'], check=True, capture_output=True)")
+    r = subprocess.run([sys.executable, "-c", code], env=_clean_env(), cwd=here, capture_output=True, text=True,
+                       timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert not marker.exists(), f"code from the current directory ran: {marker.read_text()}"

@@ -404,13 +404,9 @@ def llama_cpp_side(path: Path, texts: list[str], probe: str, n_probe: int = 160)
     import os
 
     os.environ["GGML_NO_BACKTRACE"] = "1"  # an abort prints no debugger backtrace
-    from appliance.hardening import no_imports_from_cwd
-
     with cf.ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
         try:
-            with no_imports_from_cwd():  # the process starts with the task
-                job = ex.submit(_llama_side, str(path), texts, probe, n_probe)
-            got = job.result()
+            got = ex.submit(_llama_side, str(path), texts, probe, n_probe).result()
         except cf.process.BrokenProcessPool:
             raise QuantizeError("llama.cpp aborted on the GGUF", "the file is corrupt, or not a model llama.cpp "
                                                                "runs: import its transformers directory") from None

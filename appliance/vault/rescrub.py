@@ -46,13 +46,13 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
     `rescrub_of`, `policy_before` and `policy_after`."""
     from appliance.vault.ingest import POOL_MIN_BYTES, default_workers, validate_name, write_settings
 
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
     con = vault.con
     vid, name, n = resolve(con, ref)
     old_id = f"{name}@{n}"
     old_mode, fraction, size = con.execute("SELECT pii_mode, validation_fraction, bytes FROM versions WHERE vid = ?",
                                            [vid]).fetchone()
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
     mode = pii_mode or (old_mode if old_mode in STRICT else "redact")
     if mode not in STRICT:
         raise UsageError(f"--rescrub cannot use --pii {mode}: it would keep what it finds",

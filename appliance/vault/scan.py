@@ -155,16 +155,13 @@ def pool(workers: int) -> ProcessPoolExecutor:
 
     Not forked from the ingest process itself: it holds DuckDB's threads, and forking them is unsafe. The fork
     server is a fresh interpreter with no threads, started on the first pool and kept by this process for
-    later ones; its workers end when this process does (`die_with`), and then so does the server."""
+    later ones; its workers end when this process does (`die_with`), and then so does the server. Like every
+    Python program the ingest process starts, it imports nothing from the current directory
+    (`hardening.protect_process`, which opening the vault did)."""
     import multiprocessing
-    from multiprocessing import forkserver
-
-    from appliance.hardening import no_imports_from_cwd
 
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["appliance.vault.scan_preload"])  # only if the server is not running yet
-    with no_imports_from_cwd():
-        forkserver.ensure_running()  # started here, or found running; the pool's workers come from it
     return ProcessPoolExecutor(workers, mp_context=ctx, initializer=die_with, initargs=(os.getpid(),))
 
 
