@@ -449,7 +449,7 @@ def laid_out(app, selector: str) -> bool:
 READY = {
     "dashboard": lambda app: laid_out(app, "#audit"),
     "vault": lambda app: laid_out(app, "#versions"),
-    "train": lambda app: app.screen.options_loaded,
+    "train": lambda app: app.screen.options_loaded and laid_out(app, "#train-jobs"),
     "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root)
     and laid_out(app, "#models"),
     "bundles": lambda app: app.current_mode == "bundles",
