@@ -446,10 +446,20 @@ def laid_out(app, selector: str) -> bool:
                              for i, col in enumerate(t.ordered_columns))
 
 
+def pictured(app, selector: str) -> bool:
+    """The picture itself shows every cell of the table in full. The table's own widths can say so while the
+    picture still shows its columns cut (under a full run's load, twice, on the train screen)."""
+    import html
+    import re
+
+    shown = html.unescape("".join(re.findall(r">([^<]*)</text>", app.export_screenshot()))).replace("\xa0", " ")
+    return all(c in shown for r in rows(app, selector) for c in r if c)
+
+
 READY = {
     "dashboard": lambda app: laid_out(app, "#audit"),
     "vault": lambda app: laid_out(app, "#versions"),
-    "train": lambda app: app.screen.options_loaded and laid_out(app, "#train-jobs"),
+    "train": lambda app: app.screen.options_loaded and laid_out(app, "#train-jobs") and pictured(app, "#train-jobs"),
     "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root)
     and laid_out(app, "#models"),
     "bundles": lambda app: app.current_mode == "bundles",
