@@ -120,14 +120,25 @@ def ingest(vault, paths: list[Path], dataset: str, pii_mode: str = "redact",
     types = site_types(vault.home.root)  # the site's policy file: a bad one is refused before anything is read
     with write_settings(vault.con):
         return _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progress, on_plan,
-                       workers or default_workers(), follow_links, types)
+                       workers, follow_links, types)
+
+
+def check_workers(workers: int | None) -> None:
+    """UsageError for fewer than one scan process (`--workers`), before anything is read."""
+    if workers is not None and workers < 1:
+        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
+
+
+def workers_for(workers: int | None, nbytes: int) -> int:
+    """Scan processes for `nbytes` of input: `workers` (default: one per core, at most 8), or just this one
+    below POOL_MIN_BYTES, where a pool's start costs more than it saves."""
+    return (workers or default_workers()) if nbytes >= POOL_MIN_BYTES else 1
 
 
 def _check_args(paths: list[Path], dataset: str, pii_mode: str, validation_fraction: float,
                 workers: int | None) -> None:
     """UsageError for a call that cannot ingest anything, before anything is read."""
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
+    check_workers(workers)
     validate_name(dataset)
     if pii_mode not in MODES:
         raise UsageError(f"unknown --pii mode {pii_mode!r}", f"use one of {', '.join(MODES)}")
@@ -346,7 +357,7 @@ def _ingest(vault, paths, dataset, pii_mode, validation_fraction, replace, progr
         res = IngestResult(version="", content_hash="", records=0, new_records=0, bytes=0, duplicates=0, files=0,
                            parent=b.previous)
         totals = _scan_into(vault, b, items, res, pii_mode, types, progress,
-                            workers if total >= POOL_MIN_BYTES else 1)  # a pool only pays on large inputs
+                            workers_for(workers, total))
         if res.files == 0 or (res.new_records == 0 and not parent):
             why = "; ".join(f"{p}: {r}" for p, r in res.failed[:3]) or "no readable records under the given paths"
             raise IngestError(f"nothing ingested ({why})", "check the paths and file types")  # the builder discards

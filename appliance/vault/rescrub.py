@@ -44,10 +44,9 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
     scrubbed by `workers` processes as ingest's are (default: one per core, at most 8; none for a version
     under ingest's POOL_MIN_BYTES), and land in their order. Returns what `vault ingest` returns, with
     `rescrub_of`, `policy_before` and `policy_after`."""
-    from appliance.vault.ingest import POOL_MIN_BYTES, default_workers, validate_name, write_settings
+    from appliance.vault.ingest import check_workers, validate_name, workers_for, write_settings
 
-    if workers is not None and workers < 1:
-        raise UsageError("--workers must be at least 1", "pass e.g. --workers 4")
+    check_workers(workers)
     con = vault.con
     vid, name, n = resolve(con, ref)
     old_id = f"{name}@{n}"
@@ -62,11 +61,10 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
         or {"mode": old_mode}
     types = site_types(vault.home.root)
     after = policy(mode, types)
-    fs = FieldScrubber(mode, vault.secrets.pseudonym_key, types)
     with write_settings(con), VersionBuilder(vault, target, pii_mode=mode, validation_fraction=fraction) as b:
-        run = _Rescrub(b, fs, vid, (mode, vault.secrets.pseudonym_key, types))
+        run = _Rescrub(b, vid, (mode, vault.secrets.pseudonym_key, types))
         run.tables()
-        run.records(f"{name}@{n}", (workers or default_workers()) if (size or 0) >= POOL_MIN_BYTES else 1)
+        run.records(f"{name}@{n}", workers_for(workers, size or 0))
         run.sources(keep_old_pii=old_mode in STRICT)
         found = by_type(run.new)
         done = b.commit("vault.rescrub", parents=[(old_id, lineage.RESCRUB)], held_out=run.held_out,
@@ -81,11 +79,12 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
 
 
 class _Rescrub:
-    """The steps of one re-scrub, into builder `b`, from version `vid`."""
+    """The steps of one re-scrub, into builder `b`, from version `vid`, under the policy `scan`."""
 
-    def __init__(self, b: VersionBuilder, fs: FieldScrubber, vid: int, scan: tuple):
-        self.b, self.fs, self.vid, self.con = b, fs, vid, b.con
-        self.scan = scan  # (mode, key, types): what `fs` was made with, for the scrubbers of `_scrubbed`
+    def __init__(self, b: VersionBuilder, vid: int, scan: tuple):
+        self.b, self.vid, self.con = b, vid, b.con
+        self.scan = scan  # (mode, key, types): the policy, for `fs` here and the workers' scrubbers
+        self.fs = FieldScrubber(*scan)
         self.renamed: dict[str, str] = {}  # old table -> new table
         self.new_tables: list[str] = []
         self.new: Counter = Counter()  # what this re-scrub found, by (type, detector, band)
@@ -131,15 +130,17 @@ class _Rescrub:
         from appliance.vault.ingest import Pipeline, batches
         from appliance.vault.scan import scrub_records
 
-        pipe = Pipeline(workers)
-        try:
+        def finished(pipe: Pipeline) -> Iterator[tuple]:
             for rows in batches(iter_records(self.con, ref), lambda r: len(r["text"])):
                 recs = [Record(r["kind"], r["source"], r["text"], r["path"], r["language"], r["title"], r["meta"] or {})
                         for r in rows]
-                for _, done, scanned in pipe.submit("records", rows, scrub_records, recs, *self.scan):
-                    yield from ((r, rec, counts) for r, (rec, counts) in zip(done, scanned))
-            for _, done, scanned in pipe.drain():
-                yield from ((r, rec, counts) for r, (rec, counts) in zip(done, scanned))
+                yield from pipe.submit("records", rows, scrub_records, recs, *self.scan)
+            yield from pipe.drain()
+
+        pipe = Pipeline(workers)
+        try:
+            for _, rows, scanned in finished(pipe):
+                yield from ((r, rec, counts) for r, (rec, counts) in zip(rows, scanned))
         finally:
             pipe.close()
 

@@ -199,9 +199,7 @@ def _end_with(pid: int, fd: int | None) -> None:
         while True:
             try:
                 os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:  # the number is another user's process now: the ingest has ended
+            except (ProcessLookupError, PermissionError):  # gone, or the number is another user's process now
                 break
             time.sleep(0.5)
     os._exit(1)
