@@ -476,8 +476,8 @@ def test_a_worker_gives_back_a_table_that_expands_past_what_it_holds(samples, tm
     src = next(p for p in sorted((samples / "tables").iterdir()) if p.suffix == ".csv")
     shutil.copy(src, tmp_path / src.name)
     table = next(i for i in plan([tmp_path]) if i.kind == "table")
-    rows, scanned, counts = scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20)
-    assert rows.num_rows == len(scanned) > 1 and all(r.path == "t1_x" for r, _ in scanned)
+    rows, (counts, landed) = scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20)
+    assert rows.num_rows == len(landed) > 1 and all(row[1] == "t1_x" for row in landed)
     assert scan_table(table, "t1_x", "redact", b"k" * 32, None, rows.nbytes // 2) is None
     table.path.write_text("")  # empty now: "table has no rows", which the ingest process says
     assert scan_table(table, "t1_x", "redact", b"k" * 32, None, 64 << 20) is None

@@ -34,7 +34,7 @@ def _fail_midway(monkeypatch, v, after_files: int, seen: list) -> None:
     from appliance.vault import builder, ingest
 
     monkeypatch.setattr(builder, "BATCH_BYTES", 1)  # each record reaches the database as it is added
-    real, calls = ingest._file_sha256, []
+    real, calls = ingest.file_sha256, []
 
     def sha(item):
         calls.append(item)
@@ -43,7 +43,7 @@ def _fail_midway(monkeypatch, v, after_files: int, seen: list) -> None:
             raise Boom("injected")
         return real(item)
 
-    monkeypatch.setattr(ingest, "_file_sha256", sha)
+    monkeypatch.setattr(ingest, "file_sha256", sha)
 
 
 def test_a_failing_ingest_leaves_nothing(home, samples, monkeypatch):

@@ -33,7 +33,7 @@ import pyarrow as pa
 from appliance.db_time import utcnow
 from appliance.vault import lineage
 from appliance.vault.audit import actor_of
-from appliance.vault.readers import Record
+from appliance.vault.readers import Record, meta_json
 
 BATCH_BYTES = 8 << 20
 _VERSION_TABLES = ("version_records", "version_sources", "version_pii", "version_pii_findings", "version_tables",
@@ -76,8 +76,14 @@ class RecordWriter:
 
     def add(self, rec: Record, text: str, digest: str, nbytes: int) -> None:
         """`nbytes` is the UTF-8 length of `text`, which the caller already encoded to hash it."""
-        self.rows.append((self.vid, self.ord, digest, rec.kind, rec.source, rec.path, rec.language, rec.title,
-                          json.dumps(rec.meta, default=str) if rec.meta else None,
+        self.add_row(rec.kind, rec.source, rec.path, rec.language, rec.title, meta_json(rec.meta), text, digest,
+                     nbytes)
+
+    def add_row(self, kind: str, source: str, path: str | None, language: str | None, title: str | None,
+                meta: str | None, text: str, digest: str, nbytes: int) -> None:
+        """A record given by its values, its metadata as `meta_json` wrote it (ingest's workers send records so,
+        `scan.landing`)."""
+        self.rows.append((self.vid, self.ord, digest, kind, source, path, language, title, meta,
                           split_of(digest, self.fraction), nbytes))
         self.blobs[digest] = (text, nbytes)
         self.ord += 1
@@ -245,6 +251,12 @@ class VersionBuilder:
         self._totals = None
         self._writer.add(rec, text, digest, nbytes)
 
+    def add_row(self, kind: str, source: str, path: str | None, language: str | None, title: str | None,
+                meta: str | None, text: str, digest: str, nbytes: int) -> None:
+        """One record by its values (`RecordWriter.add_row`)."""
+        self._totals = None
+        self._writer.add_row(kind, source, path, language, title, meta, text, digest, nbytes)
+
     def drop_from(self, ord_start: int, hashes: Iterable[str]) -> None:
         """Forget the records from position `ord_start` on (a file that failed half way); `hashes` are their
         texts, removed at the commit unless another version holds them."""
@@ -271,9 +283,10 @@ class VersionBuilder:
                          sorted(rows.items(), key=lambda x: tuple(str(p) for p in x[0])) if n)
 
     def findings(self, path: str, found: Iterable[tuple]) -> None:
-        """Findings of `path` kept for review: (record ord or None, `fields.Found`), never their values."""
-        self._findings.extend((self.vid, o, path, f.field, f.type, f.detector, f.score, f.start, f.end - f.start)
-                              for o, f in found)
+        """Findings of `path` kept for review: (record ord or None, `fields.Found` or its six values as a plain
+        tuple), never their values."""
+        self._findings.extend((self.vid, o, path, fld, typ, det, score, start, end - start)
+                              for o, (fld, typ, det, score, start, end, *_) in found)
         if len(self._findings) >= FINDINGS_BATCH and not self.atomic:
             self._flush_findings()
 

@@ -14,8 +14,8 @@ from __future__ import annotations
 import hashlib
 import re
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from appliance.errors import UsageError
 from appliance.vault import pii
@@ -41,12 +41,13 @@ def band(score: float) -> str:
     raise ValueError(f"score {score!r} is below every band")
 
 
-@dataclass(frozen=True, slots=True)
-class Found:
+class Found(NamedTuple):
     """One finding as it is kept: where its placeholder sits in the scrubbed field, never the value.
 
     `field` is `text`, `title`, `path`, `source`, `meta.KEY`, `column` or `table`; `start`/`end` index the
-    field's scrubbed value (in `flag` mode, the value as stored, which still holds it)."""
+    field's scrubbed value (in `flag` mode, the value as stored, which still holds it). A tuple: findings travel
+    from the ingest's workers in their tens of thousands as plain tuples of these six values (`scan.landing`),
+    and what keeps them for review (`ReviewKeep`, `VersionBuilder.findings`) takes either."""
 
     field: str
     type: str
@@ -59,12 +60,6 @@ class Found:
     def key(self) -> tuple[str, str, str]:
         """(type, detector, band): how the report counts it."""
         return self.type, self.detector, band(self.score)
-
-    def __reduce__(self):
-        # Findings travel from the ingest's workers in their tens of thousands: built again from their fields,
-        # they pickle 3 times and unpickle 2 times faster than through the state a frozen dataclass with slots
-        # otherwise sends (which looks its fields up for every one)
-        return Found, (self.field, self.type, self.detector, self.score, self.start, self.end)
 
 
 class _Recording(Scrubber):
@@ -321,22 +316,31 @@ class ReviewKeep:
         self.groups: dict[tuple[str, str], list[tuple[float, int, int | None, Found]]] = {}
         self.n = 0  # arrival order: equal scores keep the earliest
 
-    def add(self, ord_: int | None, f: Found) -> None:
-        group = self.groups.setdefault((f.type, f.detector), [])
-        group.append((f.score, self.n, ord_, f))
-        self.n += 1
-        if len(group) >= 2 * REVIEW_KEEP:
-            group.sort(key=lambda x: x[:2])
-            del group[REVIEW_KEEP:]
+    def add(self, ord_: int | None, f: tuple) -> None:
+        """A finding: a `Found`, or the plain tuple of its six values."""
+        self.extend(ord_, (f,))
 
-    def kept(self, first: int | None) -> list[tuple[int | None, Found]]:
+    def extend(self, ord_: int | None, found) -> None:
+        """A record's findings (`add`)."""
+        groups = self.groups
+        for f in found:
+            group = groups.get((f[1], f[2]))  # (type, detector)
+            if group is None:
+                group = groups[(f[1], f[2])] = []
+            group.append((f[3], self.n, ord_, f))  # its score first: the lowest are kept
+            self.n += 1
+            if len(group) >= 2 * REVIEW_KEEP:
+                group.sort(key=lambda x: x[:2])
+                del group[REVIEW_KEEP:]
+
+    def kept(self, first: int | None) -> list[tuple[int | None, tuple]]:
         """(record ord, finding), in record order; one with no record (in the file's path) goes with
         `first`, the file's first record, if it has one."""
         out = []
         for group in self.groups.values():
             group.sort(key=lambda x: x[:2])
             out += [(first if o is None else o, f) for _, _, o, f in group[:REVIEW_KEEP]]
-        return sorted(out, key=lambda x: (-1 if x[0] is None else x[0], x[1].field, x[1].start))
+        return sorted(out, key=lambda x: (-1 if x[0] is None else x[0], x[1][0], x[1][4]))  # field, start
 
 
 def field_value(rec, field: str) -> str | None:

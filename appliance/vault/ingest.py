@@ -7,7 +7,6 @@ and a killed ingest leaves nothing visible (the next open discards its leftovers
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from collections import Counter, deque
@@ -28,10 +27,9 @@ from appliance.vault.builder import (
 from appliance.vault.db import cursor
 from appliance.vault.fields import (
     FieldScrubber,
-    Found,
     ReviewKeep,
+    band,
     by_type,
-    field_value,
     policy,
     scrub_reason,
     scrub_record,
@@ -39,10 +37,19 @@ from appliance.vault.fields import (
     site_types,
 )
 from appliance.vault.pii import MODES
-from appliance.vault.readers import ReadError, Record, open_input
+from appliance.vault.readers import ReadError, Record
 from appliance.vault.readers.detect import Item, plan
 from appliance.vault.readers.tables import ingest_table, unreadable
-from appliance.vault.scan import Scanned, Skip, read_item, scan_files, scan_table, scrub_records
+from appliance.vault.scan import (
+    Landed,
+    Skip,
+    file_sha256,
+    landing,
+    read_item,
+    scan_files,
+    scan_records,
+    scan_table,
+)
 from appliance.vault.scan import pool as scan_pool
 
 NAME_RE = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
@@ -308,7 +315,7 @@ def _table_here(con, state: _ItemState, fs: FieldScrubber) -> Iterator[tuple[str
     try:
         for batch in batches(ingest_table(cursor(con), item.path, state.target, fs.cell, state.counts,
                                            item.ident, lambda n: fs.name(n, state.counts))):
-            yield "records", [(r, _scrubbed(fs, r)) for r in batch]
+            yield "records", landing([(r, _scrubbed(fs, r)) for r in batch])
         yield "end", None
     except ReadError as e:
         yield "fail", (str(e), False)
@@ -325,7 +332,7 @@ def _read_large(pipe: Pipeline, state: _ItemState, mode: str, key: bytes,
     """A large file, streamed through here; its records are scrubbed in batches (on the pool, if any)."""
     try:
         for batch in batches(read_item(state.item)):
-            yield from pipe.submit("records", state, scrub_records, batch, mode, key, types)
+            yield from pipe.submit("records", state, scan_records, batch, mode, key, types)
         yield from pipe.put("end", state)
     except (ReadError, Skip) as e:
         yield from pipe.put("fail", state, _Done((str(e), isinstance(e, Skip))))
@@ -399,8 +406,8 @@ class _Landing:
     def land(self, event: str, state, value) -> None:
         """One entry from `_produce`; for "files", `state` and `value` are lists, one per small file."""
         if event == "files":
-            for st, (scanned, reason, skipped) in zip(state, value):
-                self.file(st, scanned, reason, skipped)
+            for st, (landed, reason, skipped, sha256) in zip(state, value):
+                self.file(st, landed, reason, skipped, sha256)
             return
         self._start(state)
         if event == "records":
@@ -420,47 +427,48 @@ class _Landing:
         if state.file_ord is None:  # where the item's records begin, to take them out if it fails
             state.file_ord = self.b.next_ord
 
-    def file(self, state: _ItemState, scanned: Scanned, reason: str | None, skipped: bool) -> None:
+    def file(self, state: _ItemState, landed: Landed, reason: str | None, skipped: bool,
+             sha256: str | None) -> None:
         """A small file scanned whole by a worker: all its records and its outcome at once."""
         self._start(state)
         if reason is not None:
             self.fail(state, reason, skipped)
         else:
-            self.records(state, scanned)
-            self.end(state)
+            self.records(state, landed)
+            self.end(state, sha256)
 
-    def records(self, state: _ItemState, scanned: Scanned) -> None:
-        """A batch of an item's scrubbed records; a text the version already holds counts as a duplicate."""
-        for rec, counts in scanned:
-            state.reported += _advance(self.progress, state.item, state.reported, len(rec.text))
-            rec.source = state.source
-            state.counts.update(counts)
-            found = self._fields(state, rec)
-            data = rec.text.encode("utf-8")
-            digest = hashlib.sha256(data).hexdigest()
+    def records(self, state: _ItemState, landed: Landed) -> None:
+        """A batch of an item's scrubbed records (`scan.landing`); a text the version already holds counts as a
+        duplicate."""
+        counts, rows = landed
+        state.counts.update(counts)
+        item, source, b = state.item, state.source, self.b
+        for kind, path, language, title, meta, text, digest, nbytes, found, fields in rows:
+            state.reported += _advance(self.progress, item, state.reported, len(text))
+            if fields:
+                found = found + self._fields(state, fields)
             if digest in self.seen:
                 state.dups += 1
                 continue
             self.seen.add(digest)
             state.added.append(digest)
-            for f in found:
-                state.review.add(self.b.next_ord, f)
-            self.b.add(rec, rec.text, digest, len(data))
+            if found:
+                state.review.extend(b.next_ord, found)
+            b.add_row(kind, source, path, language, title, meta, text, digest, nbytes)
 
     @staticmethod
-    def _fields(state: _ItemState, rec) -> list[Found]:
-        """The record's findings to keep: in its text, and in each field value the first time the file shows
-        it (a title repeated in every part of a file is one finding, counted once)."""
+    def _fields(state: _ItemState, found: list[tuple]) -> list[tuple]:
+        """A record's findings in fields other than its text, to keep: those in each field value the first time
+        the file shows it (a title repeated in every part of a file is one finding, counted once). Each comes
+        with the field's value (`scan.landing`), which is left out here."""
         keep = []
-        for f in rec.found:
-            if f.field != "text":
-                seen = (f.field, f.start, f.end, field_value(rec, f.field))
-                if seen in state.fields_seen:
-                    continue
-                state.fields_seen.add(seen)
-                state.counts[f.key] += 1
-            keep.append(f)
-        rec.found = []
+        for fld, typ, det, score, start, end, value in found:
+            seen = (fld, start, end, value)
+            if seen in state.fields_seen:
+                continue
+            state.fields_seen.add(seen)
+            state.counts[(typ, det, band(score))] += 1
+            keep.append((fld, typ, det, score, start, end))
         return keep
 
     def table(self, state: _ItemState, read) -> None:
@@ -471,14 +479,13 @@ class _Landing:
             for event, value in _table_here(self.b.con, state, self.fs):
                 self.land(event, state, value)
             return
-        rows, scanned, counts = read
+        rows, landed = read
         try:
             self.b.create_table(state.target, rows)
         except duckdb.Error as e:
             self.fail(state, unreadable(e), False)
             return
-        state.counts.update(counts)
-        self.records(state, scanned)
+        self.records(state, landed)
         self.end(state)
 
     def skip(self, state: _ItemState) -> None:
@@ -501,8 +508,9 @@ class _Landing:
         self.b.source(src, item.kind, item.size, None, 0, 0, "skipped" if skipped else "failed", reason)
         _tick(self.progress, item, state.reported)
 
-    def end(self, state: _ItemState) -> None:
-        """An item read to the end: counted, with its source entry, PII counts and table."""
+    def end(self, state: _ItemState, sha256: str | None = None) -> None:
+        """An item read to the end: counted, with its source entry, PII counts and table. `sha256`: the file's,
+        if a worker hashed it already (`scan.scan_file`)."""
         item, src, res = state.item, state.source, self.res
         res.files += 1
         res.duplicates += state.dups
@@ -510,7 +518,7 @@ class _Landing:
         self.totals.update(state.counts)
         self.b.pii(src, state.counts)
         self.b.findings(src, state.review.kept(state.file_ord if state.added else None))
-        self.b.source(src, item.kind, item.size, _file_sha256(item), len(state.added), state.dups, "ok")
+        self.b.source(src, item.kind, item.size, sha256 or file_sha256(item), len(state.added), state.dups, "ok")
         if state.target:
             self.b.table(state.target, src)
             res.tables.append(f"data.{state.target}")
@@ -519,18 +527,6 @@ class _Landing:
 
 def default_workers() -> int:
     return max(1, min(8, os.cpu_count() or 1))
-
-
-def _file_sha256(item: Item) -> str | None:
-    """SHA-256 of the file the walk saw (no link followed), in 1 MiB pieces."""
-    h = hashlib.sha256()
-    try:
-        with open_input(item.path, item.ident) as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-    except (OSError, ReadError):
-        return None
-    return h.hexdigest()
 
 
 def _tick(progress: Progress | None, item: Item, reported: int = 0) -> None:

@@ -6,14 +6,15 @@ process through pipes, in memory.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections import Counter
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
-from appliance.vault.fields import FieldScrubber, by_type, scrub_record
-from appliance.vault.readers import ReadError, Record
+from appliance.vault.fields import FieldScrubber, by_type, field_value, scrub_record
+from appliance.vault.readers import ReadError, Record, meta_json, open_input
 from appliance.vault.readers.detect import Item
 from appliance.vault.readers.documents import read_docx, read_pdf
 from appliance.vault.readers.email import read_eml, read_mbox
@@ -23,6 +24,8 @@ if TYPE_CHECKING:  # tables bring DuckDB and pyarrow, imported by the first tabl
     import pyarrow as pa
 
 Scanned = list[tuple[Record, dict[tuple[str, str, str], int]]]  # counts by (type, detector, band)
+# What lands of a batch of scrubbed records, in plain values, as the ingest's workers send it (`landing`)
+Landed = tuple[dict[tuple[str, str, str], int], list[tuple]]
 
 
 class Skip(Exception):
@@ -72,26 +75,71 @@ def scrub_records(records: list[Record], mode: str, key: bytes, types: tuple[str
     return out
 
 
+def landing(scanned: Scanned, counts: Counter | None = None) -> Landed:
+    """Scrubbed records as the ingest process lands them (`ingest._Landing.records`): the batch's PII counts
+    summed (added to `counts`, if given: a table's cells and names), and per record a plain tuple
+
+        (kind, path, language, title, metadata as JSON, text, sha256 of its UTF-8, UTF-8 bytes,
+         findings in the text, findings in other fields)
+
+    with each finding the plain tuple of a `Found`'s six values, one in another field followed by that field's
+    value (`scrub_record` gives those after the text's, and they keep that order).
+
+    The ingest process writes what its workers scan, and on many cores its own time bounds the ingest: what it
+    would otherwise do per record (unpickle a record and its findings as objects, hash the text, write the
+    metadata as JSON, add up its counts) is done here, in the worker."""
+    total: Counter = counts if counts is not None else Counter()
+    rows = []
+    for rec, c in scanned:
+        total.update(c)
+        data = rec.text.encode("utf-8")
+        text = [tuple(f) for f in rec.found if f[0] == "text"]
+        fields = [(*f, field_value(rec, f[0])) for f in rec.found if f[0] != "text"]
+        rows.append((rec.kind, rec.path, rec.language, rec.title, meta_json(rec.meta), rec.text,
+                     hashlib.sha256(data).hexdigest(), len(data), text, fields))
+    return dict(total), rows
+
+
+def scan_records(records: list[Record], mode: str, key: bytes, types: tuple[str, ...] | None = None) -> Landed:
+    """A batch of a large file's records, scrubbed (`scrub_records`) and made ready to land (`landing`)."""
+    return landing(scrub_records(records, mode, key, types))
+
+
 def scan_files(items: list[Item], mode: str, key: bytes, types: tuple[str, ...] | None = None
-               ) -> list[tuple[Scanned, str | None, bool]]:
+               ) -> list[tuple[Landed, str | None, bool, str | None]]:
     return [scan_file(item, mode, key, types) for item in items]
 
 
 def scan_file(item: Item, mode: str, key: bytes, types: tuple[str, ...] | None = None
-              ) -> tuple[Scanned, str | None, bool]:
-    """A whole (small) file: (scanned records, failure reason or None, skipped by policy)."""
+              ) -> tuple[Landed, str | None, bool, str | None]:
+    """A whole (small) file: (its records ready to land, failure reason or None, skipped by policy, the file's
+    sha256 for the source manifest)."""
     try:
-        return scrub_records(list(read_item(item)), mode, key, types), None, False
+        landed = landing(scrub_records(list(read_item(item)), mode, key, types))
     except Skip as e:
-        return [], str(e), True
+        return ({}, []), str(e), True, None
     except ReadError as e:
-        return [], str(e), False
+        return ({}, []), str(e), False, None
+    return landed, None, False, file_sha256(item)
+
+
+def file_sha256(item: Item) -> str | None:
+    """SHA-256 of the file the walk saw (no link followed), in 1 MiB pieces; None if it cannot be read."""
+    h = hashlib.sha256()
+    try:
+        with open_input(item.path, item.ident) as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+    except (OSError, ReadError):
+        return None
+    return h.hexdigest()
 
 
 def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str, ...] | None,
-               limit: int) -> tuple[pa.Table, Scanned, Counter] | None:
+               limit: int) -> tuple[pa.Table, Landed] | None:
     """A whole (small) table read and scrubbed here, for the ingest process to write as `data.<target>`
-    (`VersionBuilder.create_table`): (its rows as they land, its rows' records scanned, what its cells and names held).
+    (`VersionBuilder.create_table`): (its rows as they land, its rows' records ready to land, `landing`, with
+    what its cells and names held in their counts).
     None gives it back to the ingest process, which then reads it itself, streamed into the vault batch by
     batch: a table whose rows and records pass `limit` bytes as read (ingest's TABLE_BYTES; a small file can
     hold a great many: compressed Parquet, repeated values, wide rows whose records repeat every column's name),
@@ -128,7 +176,7 @@ def scan_table(item: Item, target: str, mode: str, key: bytes, types: tuple[str,
         return None
     finally:
         con.close()
-    return pa.Table.from_batches(batches), out, counts
+    return pa.Table.from_batches(batches), landing(out, counts)
 
 
 _WORKER: dict = {}  # this worker process's DuckDB, and its scrubber with the policy it was made for

@@ -7,6 +7,7 @@ Readers work in memory: nothing they decode or extract is written to disk. They 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import stat
 from dataclasses import dataclass, field
@@ -70,6 +71,11 @@ class Record:
     name_hints: tuple[str, ...] = ()  # person names known from structure (mail headers)
     scrubbed: bool = False  # PII already handled by the reader (table cells, scrubbed with their column)
     found: list = field(default_factory=list)  # what scrubbing found (fields.Found: never the values)
+
+
+def meta_json(meta: dict) -> str | None:
+    """A record's metadata as the vault keeps it."""
+    return json.dumps(meta, default=str) if meta else None
 
 
 def split_long(text: str, limit: int = MAX_RECORD_CHARS) -> list[str]:
