@@ -198,6 +198,14 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Nurse Richter gave the dose.", "Richter"),  # a surname that names a scale, after a title
     ("Witness: Kwaanwo.", "Kwaanwo"),  # a single unlisted surname as a role's field value
     ("Discussed with Yesenia on the phone.", "Yesenia"),  # a listed given name, no word, after "with"
+    # a word that makes a lone surname a thing ("Gigli saw", "Apgar score") follows full names as often
+    ("Dr. Ana Smith saw her on the ward.", "Ana Smith"),
+    ("John Smith saw her first.", "John Smith"),
+    ("Sgt. Marroquin saw the fault first.", "Marroquin"),
+    ("Margaret Okonkwo bed 12, stable overnight.", "Margaret Okonkwo"),
+    ("Pt Margaret Okonkwo test results pending.", "Margaret Okonkwo"),
+    ("Jamal Whitfield number is on file.", "Jamal Whitfield"),
+    ("A. Okafor saw the patient.", "A. Okafor"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -217,6 +225,8 @@ def test_harder_name_forms(text, name):
     "The Richter scale reading and the Holter monitor.",
     "Met with Medicare. Worked with Lincoln. Replaced with Teflon.",
     "patient ambulated independently today; patient recieved medicaton late",  # words, and misspelt words
+    "The Gigli saw was used. Used a Luer lock and a Mayo stand. Apgar score 9. Babinski sign negative.",
+    "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
 ])
 def test_harder_look_alikes_survive(text):
     assert persons(text) == [], detect(text)

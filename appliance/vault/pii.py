@@ -381,7 +381,7 @@ def _person_spans(text: str, low: str, names: dict[str, tuple[str, float]], free
             if hit is None:
                 continue  # a case the name is not looked for in ("HOPE" for "Hope")
             detector, score = hit
-            if detector == "name-repeat" and pii_names.eponym_follows(text, end):
+            if detector == "name-repeat" and pii_names.eponym_follows(text, end, " " in text[start:end]):
                 continue  # "Foley catheter" after "Dr. Foley": the thing, not the person
             yield start, end, detector, score
 

@@ -86,18 +86,25 @@ _PAIR_SECOND = frozenset(r.split()[-1] for r in PAIR_ROLES)
 # Credentials after a name ("Ana Okafor, RN", "Derek Hollis (MD)"): a person, whatever the words.
 _CREDENTIAL = re.compile(r"[ \t]*(?:,[ \t]*|\([ \t]*)?(?:RN|MD|DO|NP|PA-C|LPN|CNA|RGN|RMN|PhD|DDS|PharmD|MBBS"
                          r"|MBChB|FRCS|MRCP|FRCP|CRNA|DNP|MSN|BSN|APRN|RPh|EMT|PE|CEng)(?![\w-])")
-# Words that end a candidate and make it a place, a body or a thing rather than a person.
-NOT_PERSON_AFTER = frozenset("""
+# Words after a name that make it a place, an institution or a medical eponym: "Walter Reed Hospital", "Lou
+# Gehrig disease". After any name, however strong: the whole is not a person.
+PLACE_AFTER = frozenset("""
 hospital clinic center centre medical university institute street st road rd avenue ave boulevard blvd lane
 drive way court place square unit ward wing building hall foundation company inc ltd llc corp corporation
-group station base airport county park school college lab laboratory health healthcare pharmacy memorial
+group station base airport county park school college health healthcare pharmacy memorial
 trust bank dynamics systems associates partners house river lake mountain bay valley island county city
 district state river hotel church chapel cathedral library museum theatre theater stadium arena plaza
-catheter tube mask valve pump key wrench screwdriver burner counter dish test sign syndrome disease
-procedure maneuver manoeuvre reflex score scale forceps clamp retractor needle probe stitch knot
-bed frame splint brace collar fracture law principle effect equation number award prize sucker stand
-lock saw coma manoeuvre maneuver monitor needle sign lamp
+syndrome disease procedure maneuver manoeuvre reflex law principle effect equation award prize coma
 """.split())
+# Words after a name that make a lone surname a thing ("Foley catheter", "Gigli saw", "Apgar score", "Mayo
+# stand"), but that follow a person's full name as often ("Dr. Ana Smith saw her", "Margaret Okonkwo bed 12",
+# "Pt Margaret Okonkwo test results"): they end a name only when it is one word with no title or role before it.
+THING_AFTER = frozenset("""
+catheter tube mask valve pump key wrench screwdriver burner counter dish test sign score scale forceps clamp
+retractor needle probe stitch knot bed frame splint brace collar fracture number sucker stand lock saw monitor
+lamp lab laboratory
+""".split())
+NOT_PERSON_AFTER = PLACE_AFTER | THING_AFTER
 # Words that start a place: "Fort Worth", "San Diego", "New Hollis".
 PLACE_LEAD = frozenset("fort port san santa los las el la new north south east west saint st mount mt lake "
                        "cape glen upper lower great little old".split())
@@ -559,17 +566,25 @@ def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok:
     if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end):
         context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented"
     score = _score_run(part, context, lower_ok, particle)
-    if score >= THRESHOLD and not _followed_by_thing(text, end):
-        yield Candidate(part[0][0] if start < 0 else start, end, min(1.0, score / 2.5), detector,
+    first = part[0][0] if start < 0 else start
+    if score >= THRESHOLD and not _followed_by_thing(text, end, len(part) > 1 or context >= 0.8
+                                                     and text[:first].rstrip(" \t")[-1:] not in (":", ",", "(")):
+        yield Candidate(first, end, min(1.0, score / 2.5), detector,
                         tuple(w for _, _, w in part if len(w.rstrip(".")) > 1))
 
 
 _NEXT_WORD = re.compile(r"[ \t]+([A-Za-z]+)")
 
 
-def _followed_by_thing(text: str, end: int) -> bool:
+def _followed_by_thing(text: str, end: int, strong: bool = False) -> bool:
+    """Whether the word after `end` makes the name before it a place or a thing (`PLACE_AFTER`, `THING_AFTER`);
+    `strong`: the name has more than one word, or a title or role right before it ("Sgt. Marroquin saw"; not a
+    label, "Charge Nurse: Mayo stand")."""
     m = _NEXT_WORD.match(text, end)
-    return bool(m) and m.group(1).lower() in NOT_PERSON_AFTER
+    if not m:
+        return False
+    w = m.group(1).lower()
+    return w in PLACE_AFTER or not strong and w in THING_AFTER
 
 
 _RUN_CACHE: dict[tuple[str, float, str, str, bool], list[tuple[int, int, float, str, tuple[str, ...]]]] = {}
@@ -1037,6 +1052,7 @@ def _repeat_words(words) -> set[str]:
     return out
 
 
-def eponym_follows(text: str, end: int) -> bool:
-    """True when the word after `end` makes the name a thing ("Foley catheter", "Allen key")."""
-    return _followed_by_thing(text, end)
+def eponym_follows(text: str, end: int, strong: bool = False) -> bool:
+    """True when the word after `end` makes the name a thing ("Foley catheter", "Allen key"); `strong` as
+    `_followed_by_thing` has it."""
+    return _followed_by_thing(text, end, strong)
