@@ -158,6 +158,20 @@ def test_flag_mode_review_masks_the_values(home, cli, tmp_path):
     assert not _leaks(json.dumps(d["findings"]))
 
 
+def test_flag_mode_review_masks_what_only_the_whole_text_shows(home, cli, tmp_path):
+    """A name found from context outside the window (the role that introduced it, far before) and a number the
+    window's edge cuts are masked too: scrubbing the window alone showed both."""
+    f = tmp_path / "note.md"
+    filler = "Observations were stable through the night and the plan is unchanged from yesterday. " * 2
+    f.write_text(f"# Visit\n\nPatient Derek Hollis was admitted.\n{filler}Hollis asked about discharge; "
+                 f"SSN {SSN}.\n{'x' * 52} call 555-201-3344 or SSN 321-54-9876.\n")
+    assert cli("--home", home, "vault", "ingest", f, "--dataset", "flagged", "--pii", "flag").code == 0
+    d = cli("--home", home, "--json", "vault", "pii-review", "flagged@1", "--limit", "100").json
+    shown = json.dumps(d["findings"], ensure_ascii=False)
+    assert "»[SSN]«" in shown and "»[PHONE]«" in shown
+    assert not _leaks(shown) and "555-201" not in shown and "321-54" not in shown, shown
+
+
 def test_rescrub_makes_a_stricter_version_and_marks_what_was_made(home, cli, tmp_path):
     src = _attack(tmp_path)
     assert cli("--home", home, "vault", "ingest", src, "--dataset", "ward", "--pii", "flag").code == 0

@@ -1,9 +1,11 @@
 """`appliance vault pii-review`: the lowest-confidence findings of a version, in context, the value masked.
 
 Ingest keeps each finding's place in the scrubbed field (`version_pii_findings`, inside the vault), never
-the value; the context shown here is cut from the stored, scrubbed text around that place. The context is
-scrubbed again before it is shown (a `flag` or `off` version stores values in the clear) and the finding
-itself always shows as a placeholder.
+the value; the context shown here is cut from the stored, scrubbed text around that place, and the finding
+itself always shows as a placeholder. A `flag` or `off` version stores the values in the clear, so what the
+context shows is masked again: every finding the detectors make in the whole field (names are found from
+context far from the window: a role, a header, an earlier mention) and every finding kept for the field, each
+masked whole even where the window cuts it.
 """
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import re
 
 from appliance.errors import UsageError
 from appliance.vault.fields import BANDS, band
-from appliance.vault.pii import Scrubber
+from appliance.vault.pii import detect
 from appliance.vault.versions import has_column, resolve
 
 CONTEXT = 60  # characters of context either side
@@ -37,14 +39,18 @@ def review(con, ref: str, limit: int = 20, offset: int = 0, type_: str | None = 
             f"SELECT ord, source, field, type, detector, score, pos, len FROM version_pii_findings WHERE {where} "
             "ORDER BY score, ord NULLS FIRST, field, pos LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
     records = _records(con, vid, {r[0] for r in rows if r[0] is not None})
-    redact = Scrubber("redact")
+    kept = _kept(con, vid, rows)
+    masks: dict[tuple, list[tuple[int, int, str]]] = {}
     findings = []
     for ord_, source, field, typ, detector, score, pos, length in rows:
         value = source if field == "source" else _value(records.get(ord_), field)
+        key = (ord_, source if ord_ is None else None, field)
+        if key not in masks:
+            masks[key] = _masks(value, kept.get(key, ()))
         findings.append({
             "id": None if ord_ is None else f"{name}@{n}#{ord_}", "source": source, "field": field, "type": typ,
             "detector": detector or "", "score": round(float(score), 4), "band": band(score),
-            "context": _context(value, pos, length, typ, redact)})
+            "context": _context(value, pos, length, typ, masks[key])})
     cols = "detector, band" if has_column(con, "version_pii", "detector") else "NULL, NULL"
     summary = [{"type": t, "detector": d or "", "band": b or "", "count": c} for t, d, b, c in con.execute(
         f"SELECT type, {cols}, sum(count)::BIGINT FROM version_pii WHERE vid = ? GROUP BY ALL "
@@ -93,12 +99,48 @@ def _value(rec: dict | None, field: str) -> str:
     return value if isinstance(value, str) else ""
 
 
-def _context(value: str, pos: int, length: int, typ: str, redact: Scrubber) -> str:
-    """`value` around [pos, pos + length) on one line: the finding as its placeholder, marked »so«, the rest
-    scrubbed."""
+def _kept(con, vid: int, rows: list[tuple]) -> dict[tuple, list[tuple[int, int, str]]]:
+    """Every finding kept for the fields shown: (record ord, source if no record, field) -> (start, end, type)."""
+    ords = sorted({r[0] for r in rows if r[0] is not None})
+    out: dict[tuple, list[tuple[int, int, str]]] = {}
+    if ords:
+        marks = ",".join("?" * len(ords))
+        for o, f, t, p, n in con.execute(f"SELECT ord, field, type, pos, len FROM version_pii_findings WHERE vid = ? "
+                                         f"AND ord IN ({marks})", [vid, *ords]).fetchall():
+            out.setdefault((o, None, f), []).append((p, p + n, t))
+    for source in {r[1] for r in rows if r[0] is None}:
+        for f, t, p, n in con.execute("SELECT field, type, pos, len FROM version_pii_findings WHERE vid = ? "
+                                      "AND ord IS NULL AND source = ?", [vid, source]).fetchall():
+            out.setdefault((None, source, f), []).append((p, p + n, t))
+    return out
+
+
+def _masks(value: str, kept) -> list[tuple[int, int, str]]:
+    """What to mask in `value`: the detectors' findings in the whole of it, and the findings kept for it."""
+    return sorted({(f.start, f.end, f.type) for f in detect(value)} | {(s, e, t) for s, e, t in kept})
+
+
+def _context(value: str, pos: int, length: int, typ: str, masks: list[tuple[int, int, str]]) -> str:
+    """`value` around [pos, pos + length) on one line: the finding as its placeholder, marked »so«, every other
+    finding in the window masked whole (`masks`, sorted)."""
     hit = value[pos:pos + length]
     shown = hit if _PLACEHOLDER.fullmatch(hit) else f"[{typ}]"  # a flag/off version stores the value itself
     start, end = max(0, pos - CONTEXT), min(len(value), pos + length + CONTEXT)
-    left, right = redact.scrub(value[start:pos])[0], redact.scrub(value[pos + length:end])[0]
-    line = ("…" if start else "") + left + f"»{shown}«" + right + ("…" if end < len(value) else "")
+    line = ("…" if start else "") + _masked(value, start, pos, masks) + f"»{shown}«" + \
+        _masked(value, pos + length, end, masks) + ("…" if end < len(value) else "")
     return _SPACE.sub(" ", line).strip()
+
+
+def _masked(value: str, start: int, end: int, masks: list[tuple[int, int, str]]) -> str:
+    """value[start:end] with each finding that reaches into it as its placeholder: a placeholder already there
+    stays as it is, and a value cut by either edge is masked all the same."""
+    out, at = [], start
+    for s, e, t in masks:
+        if e <= at or s >= end:
+            continue
+        out.append(value[at:max(at, s)])
+        found = value[max(s, start):min(e, end)]
+        out.append(found if _PLACEHOLDER.fullmatch(value[s:e]) and s >= start and e <= end else f"[{t}]")
+        at = min(e, end)
+    out.append(value[at:end])
+    return "".join(out)
