@@ -206,6 +206,12 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Pt Margaret Okonkwo test results pending.", "Margaret Okonkwo"),
     ("Jamal Whitfield number is on file.", "Jamal Whitfield"),
     ("A. Okafor saw the patient.", "A. Okafor"),
+    # a label that says its value is a person's name, whatever the value's words and case
+    ("Last name: Park\nFirst name: Jin-woo", "Park"),
+    ("First name: Will\nLast name: Okonkwo", "Will"),
+    ("Employee name: will smith; Unit: 4W", "will smith"),
+    ("Patient Name: Okonkwo, Margaret A.\nMRN: 12345678", "Okonkwo, Margaret A."),
+    ("Surname: de Vries. Seen today.", "de Vries"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -227,6 +233,7 @@ def test_harder_name_forms(text, name):
     "patient ambulated independently today; patient recieved medicaton late",  # words, and misspelt words
     "The Gigli saw was used. Used a Luer lock and a Mayo stand. Apgar score 9. Babinski sign negative.",
     "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
+    "Last name: N/A\nFirst name: unknown\nusername: jdoe\nFile name: Will_and_Hope.txt",
 ])
 def test_harder_look_alikes_survive(text):
     assert persons(text) == [], detect(text)
@@ -323,3 +330,16 @@ def test_the_shape_prescan_finds_what_the_patterns_find():
     assert ("PERSON", "Ana Okafor") in found and ("PERSON", "DAREN THARP") in found
     # a letter beyond ASCII at the end: the patterns alone read the text, and find the same before it
     assert [(f.type, f.value) for f in detect(text + " Zoë") if f.end <= len(text)] == found
+
+
+def test_a_tables_name_and_phone_columns_are_read_as_their_labels_say():
+    """Cells are read as "Column: value": a name column's cells are names whatever their words ("Park", "Will",
+    "will smith"), and a phone column's bare digits are a phone; other columns' look-alikes stay."""
+    s = Scrubber("redact")
+    for column, value in [("last_name", "Park"), ("first_name", "Will"), ("employee_name", "will smith"),
+                          ("Patient Name", "Okonkwo, Margaret"), ("surname", "Okonkwo")]:
+        assert s.scrub_cell(column, value)[0] == "[PERSON]", (column, value)
+    assert s.scrub_cell("phone", "5558675309")[0] == "[PHONE]"
+    for column, value in [("site_name", "Will Park Depot"), ("count", "1234567"),
+                          ("unit", "4W"), ("last_name", "N/A")]:
+        assert s.scrub_cell(column, value)[0] == value, (column, value)

@@ -16,7 +16,7 @@ import ipaddress
 import re
 import tomllib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -257,11 +257,14 @@ def _ipv6s(text: str, _low: str, _regions):
 # ends there, several times faster than trying each form with its own look-behind.
 _PHONE = re.compile(
     r"(?<![\w+])(?=[+(\d])(?:(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,8}){1,5}(?![\w-]|\.\d)"
-    r"|\+\d{7,15}(?!\w)|\(\d{3}\)\s?\d{3}-\d{4}(?!\w))"
+    r"|\+\d{7,15}(?!\w)|\(\d{3}\)\s?\d{3}-\d{4}(?!\w)"
+    r"|\d{7,15}(?![\w-]|\.\d))"  # digits alone ("Phone: 5558675309"): a phone only after a phone's label
 )
 _US_PHONE = re.compile(r"(?:\+?1[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}")
 _PHONE_CONTEXT = re.compile(r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|pager|ext|contact|whatsapp)"
                             r"[\s.:#()\w-]{0,12}$")
+_PHONE_LABEL = re.compile(r"(?i)(?<![a-z])(?:phone|tel|telephone|mobile|cell|pager|ph)(?:[ \t]*(?:no\.?|number|#))?"
+                          r"[ \t]*[:#.]?[ \t]*$")
 _DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
 
@@ -279,6 +282,8 @@ def _phones(text: str, _low: str, regions):
             pass
         elif not _PHONE_CONTEXT.search(text, max(0, m.start() - 25), m.start()):
             continue
+        elif s.isdigit() and not _PHONE_LABEL.search(text, max(0, m.start() - 25), m.start()):
+            continue  # digits alone only right after a phone's label: not "Call count was 1234567"
         yield Finding("PHONE", m.start(), m.end(), s)
 
 
@@ -340,6 +345,52 @@ def _field_names(text: str):
                 elif one and strength >= 0.8 and _surname_alone(one.group(1)):
                     yield one.group(1)
         pos = text.find(":", pos + 1)
+
+
+# A label that says its value is a person's name, in any case and of any words: "Last name: Park", "First name:
+# Will", "Employee name: will smith" (a table's cells are read as "Column: value", so its name columns too). Not
+# "Name:" alone: a site's, a file's or a product's name is labelled so as often.
+_NAME_LABEL = re.compile(r"(?:(?:first|last|given|family|middle|maiden|full|legal|preferred|birth|patient'?s?"
+                         r"|employee|staff|member|customer|client|contact|person|owner|author|witness|kin|guardian"
+                         r"|nurse|doctor|physician|provider|technician|engineer|operator|inspector|reviewer"
+                         r"|soldier|officer|student|resident|holder)[ \t_-]?name|surname|forename"
+                         r"|lastname|firstname)[ \t]*:[ \t]*")
+_LABEL_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
+_NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
+                        "various declined refused unavailable unk".split())
+
+
+def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
+    """Spans of the values of name labels (`_NAME_LABEL`): up to four words of letters (or initials) on the
+    label's line, one space apart, ending where the line, a sentence or a field does or where the next label
+    begins ("Name: Ana Okafor DOB: ..."); "Last, First" too."""
+    if "name" not in low:
+        return
+    for m in _NAME_LABEL.finditer(low):
+        if m.start() and low[m.start() - 1].isalpha():
+            continue  # "codename:", "filename:"
+        start = end = pos = m.end()
+        if low[start:start + 12].split(None, 1)[:1] and low[start:start + 12].split(None, 1)[0].rstrip(".,;") \
+                in _NOT_A_NAME:
+            continue
+        words = commas = 0
+        while words < 4:
+            w = _LABEL_WORD.match(text, pos)
+            if not w:
+                break
+            e = w.end()
+            nxt = text[e:e + 1]
+            if nxt and (nxt.isalnum() or nxt in "/@_\\:") or text.startswith(" :", e):
+                break  # "N/A", "4W", "jdoe@site"; or the next label: "Name: Ana Okafor DOB: ..."
+            end, words = e, words + 1
+            if text.startswith(", ", e) and words == 1 and not commas:
+                commas, pos = 1, e + 2  # "Okonkwo, Margaret"
+            elif nxt == " " and not text.startswith("  ", e):
+                pos = e + 1
+            else:
+                break  # the line, the sentence ("Okonkwo. Later ...") or the field ("de Vries; Unit: 4W") ends
+        if words:
+            yield start, end
 
 
 def _surname_alone(w: str) -> bool:
@@ -440,12 +491,18 @@ def _plausible_words(name: str) -> bool:
         w in pii_names.ROLES or w in pii_names.NOT_PERSON_AFTER for w in words)
 
 
-def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding], runs: list) -> dict:
-    """Every name to look for in the text, with the rule that found it and its confidence."""
+def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding], runs: list,
+           labelled: list[str] = ()) -> dict:
+    """Every name to look for in the text, with the rule that found it and its confidence. A name label's value
+    is looked for again only when it is no ordinary word ("First name: Will" is not every "Will")."""
     found: dict[str, tuple[str, float]] = {}
     for c in runs:  # weakest first: a stronger rule below overwrites
         for w in pii_names.repeat_words([c]):
             found.setdefault(w, ("name-repeat", c.score))
+    for n in labelled:
+        for w in n.replace(",", " ").split():
+            if len(w) >= 3 and not pii_names.scorer().is_word(w.lower()) and w.lower() not in pii_names.NOT_NAMES:
+                found.setdefault(w, ("name-label", 0.9))
     accepted = {text[c.start:c.end] for c in runs}
     for n in _field_names(text):
         if n in accepted or _plausible(n):
@@ -533,10 +590,15 @@ def detect(text: str, name_hints: tuple[str, ...] = (), types: Iterable[str] | N
             for f in det(text, low, scan):
                 taken.add(f)
     if "PERSON" in on:
+        labelled = []
+        if needs[_COLONS] or ":" in text:
+            for start, end in _label_values(text, low):
+                taken.add(Finding("PERSON", start, end, text[start:end], "name-label", 0.95))
+                labelled.append(text[start:end])
         runs = pii_names.find_names(text, low)
         for c in sorted(runs, key=lambda c: (c.start, -c.end)):
             taken.add(Finding("PERSON", c.start, c.end, text[c.start:c.end], c.detector, round(c.score, 2)))
-        names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"], runs)
+        names = _names(text, low, name_hints, [f for f in taken.findings if f.type == "EMAIL"], runs, labelled)
         if names:  # most occurrences lie in a span taken already (the name as first found): no Finding made for those
             for start, end, detector, score in _person_spans(text, low, names, taken.free):
                 if taken.free(start, end):
