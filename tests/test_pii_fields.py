@@ -365,3 +365,25 @@ def test_training_on_a_superseded_version_warns_once_and_goes_on(home, tmp_path,
     (warning,) = [d["text"] for kind, d in events if kind == "warning"]
     assert warning.startswith("warning: ") and "site@1" in warning and "site@2" in warning and "\n" not in warning
     assert again == ""  # the re-scrubbed version itself is nothing to warn about
+
+
+def test_names_found_in_a_text_are_looked_for_in_its_title_and_the_files_later_records(home, tmp_path):
+    """A mail's subject is its record's title: the message's "Patient Margaret Okonkwo" makes "Okonkwo" a name
+    there too, as the subject line in the text shows it. A file past 64 KiB is cut into records: the name its
+    first piece introduced ("Patient Derek Hollis") is found alone in the next ("Hollis asked")."""
+    from appliance import api
+
+    mail = tmp_path / "in" / "reply.eml"
+    mail.parent.mkdir()
+    mail.write_text("From: ward4@example.org\nTo: ops@example.org\nSubject: RE: Okonkwo transfer\n"
+                    "\nPatient Margaret Okonkwo moves to 4W today.\n")
+    note = tmp_path / "in" / "long_note.txt"
+    note.write_text("Patient Derek Hollis admitted.\n" + "Vitals within normal limits; plan unchanged.\n" * 1600
+                    + "Hollis asked about discharge. hollis stable.\n")
+    with open_vault(home) as v:
+        api.vault_ingest(v, [tmp_path / "in"], "notes", workers=1)
+        rows = v.con.execute("SELECT r.title, b.text FROM version_records r JOIN blobs b ON b.hash = r.hash").fetchall()
+    assert len(rows) >= 3  # the mail, and the note in two pieces at least
+    landed = json.dumps(rows)
+    assert "Okonkwo" not in landed and "Hollis" not in landed and "hollis" not in landed, landed[-300:]
+    assert "RE: [PERSON] transfer" in {t for t, _ in rows}

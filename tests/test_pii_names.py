@@ -212,6 +212,12 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Employee name: will smith; Unit: 4W", "will smith"),
     ("Patient Name: Okonkwo, Margaret A.\nMRN: 12345678", "Okonkwo, Margaret A."),
     ("Surname: de Vries. Seen today.", "de Vries"),
+    # military ranks as written, in capitals
+    ("SPC Tillery is back on quarters.", "Tillery"),
+    ("SGT LUIS MARROQUIN REPORTED THE FAULT.", "LUIS MARROQUIN"),
+    ("CW2 Jin-woo Park signed the log.", "Jin-woo Park"),
+    ("V/r,\n- CPT Thornbury", "Thornbury"),
+    ("COL Baker attended.", "Baker"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -234,6 +240,7 @@ def test_harder_name_forms(text, name):
     "The Gigli saw was used. Used a Luer lock and a Mayo stand. Apgar score 9. Babinski sign negative.",
     "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
     "Last name: N/A\nFirst name: unknown\nusername: jdoe\nFile name: Will_and_Hope.txt",
+    "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
 ])
 def test_harder_look_alikes_survive(text):
     assert persons(text) == [], detect(text)

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from appliance.errors import UsageError
-from appliance.vault import pii
+from appliance.vault import pii, pii_names
 from appliance.vault.pii import Scrubber
 
 # Confidence bands of a finding's score (the detector's own 0..1), highest first.
@@ -87,6 +87,7 @@ class FieldScrubber:
         self._s = _Recording("redact" if mode in ("flag", "off") else mode, key, types)
         self._cache: dict[tuple[str, str], tuple[str, Counter, list[Found]]] = {}
         self.spans: list[tuple[int, int]] = []  # where the last `scrub` found something, in its input
+        self.people: list[str] = []  # the names the last `scrub` found (values: they stay in this process)
         # (column, cell as it lands) -> its findings, at their places in that value: a table row's record
         # (`table_found`) takes them from here, so cells are reviewed as text is
         self._cells: dict[tuple[str, str], list[Found]] = {}
@@ -95,12 +96,13 @@ class FieldScrubber:
     # --- the field kinds ------------------------------------------------------------------------------
     def scrub(self, text: str, hints: tuple[str, ...] = (), field: str = "text") -> tuple[str, Counter, list[Found]]:
         """(scrubbed text, counts by (type, detector, band), findings) of one field's value."""
-        self.spans = []
+        self.spans, self.people = [], []
         if self.mode == "off" or not text:
             return text, Counter(), []
         self._s.seen = []
         out, counts = self._s.scrub(text, hints)
         self.spans = [(f.start, f.end) for f, _ in self._s.seen]
+        self.people = [f.value for f, _ in self._s.seen if f.type == "PERSON"]
         found = self._located(out, field)
         return (text if self.mode == "flag" else out), _detail(counts, found), found
 
@@ -109,7 +111,7 @@ class FieldScrubber:
         title is often a file's name ("Derek_Hollis_notes"), so it is read as one (`_component`)."""
         if len(value) > 512:
             return self.scrub(value, hints, field)
-        key = (field, value)
+        key = (field, value, hints) if hints else (field, value)
         if key not in self._cache:
             if len(self._cache) >= _CACHE:
                 self._cache.clear()
@@ -268,28 +270,33 @@ def by_type(detail: Counter) -> Counter:
     return out
 
 
-def scrub_record(fs: FieldScrubber, rec) -> tuple[Counter, list[Found]]:
+def scrub_record(fs: FieldScrubber, rec, known: tuple[str, ...] = ()) -> tuple[Counter, list[Found]]:
     """Scrub a record whole, in place: text (unless its reader scrubbed it already), title, path and string
     metadata. Returns the text's counts and every finding (those in fields too, with their field named).
 
-    The source path is the ingest's to scrub (once per file, `scrub_source`), not each record's."""
+    The names found in the text are looked for in its title and metadata too ("Subject: RE: [PERSON]
+    incident", found from the message's "SPC Tillery", is the record's title), as are `known`: names found in
+    the file's earlier records (`scan.scrub_records`). The source path is the ingest's to scrub (once per file,
+    `scrub_source`), not each record's."""
     counts, found, clean = Counter(), [], None
+    hints = rec.name_hints + known if known else rec.name_hints
     if not rec.scrubbed:
         text = rec.text
-        rec.text, counts, found = fs.scrub(text, rec.name_hints)
+        rec.text, counts, found = fs.scrub(text, hints)
         clean = _clean_in(text, str(rec.title or ""), fs)
+        if fs.people:
+            hints = hints + tuple(sorted(pii_names.words_of(fs.people) - set(hints)))
     elif getattr(rec, "kind", "") == "table":  # counted as its cells were scrubbed; kept for review here
         found = fs.table_found(rec.text)
     if rec.title and not clean:
-        rec.title, _, f = fs.field(str(rec.title), "title", rec.name_hints)
+        rec.title, _, f = fs.field(str(rec.title), "title", hints)
         found += f
     if rec.path:
         rec.path, _, f = fs.path(rec.path)
         found += f
     for k, v in list(rec.meta.items()):
         if isinstance(v, str) and v:
-            rec.meta[k], _, f = fs.path(v, f"meta.{k}") if k in PATH_META else fs.field(v, f"meta.{k}",
-                                                                                          rec.name_hints)
+            rec.meta[k], _, f = fs.path(v, f"meta.{k}") if k in PATH_META else fs.field(v, f"meta.{k}", hints)
             found += f
     return counts, found
 

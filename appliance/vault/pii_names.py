@@ -889,12 +889,79 @@ def find_names(text: str, low: str) -> list[Candidate]:
         out.extend(_last_first(text))
     out.extend(_after_roles(text, low, shape))
     out.extend(_greetings(text))
+    out.extend(_after_ranks(text, shape))
     out.extend(_caps(text))
     if "|" in text:
         out.extend(_table_cells(text))
     if out:
         out.extend(_coordinated(text, out))
     return out
+
+
+# Military ranks as they are written before a name, in capitals ("SPC Tillery", "SSG MARROQUIN", "CW2 Jin-woo
+# Park", "CPT Thornbury"); the mixed-case forms ("Sgt.", "Capt.") are titles. Not "BG" or "MG" (blood glucose,
+# milligrams), "SN" (a serial number) or "AB": they say something else as often in the appliance's texts.
+RANKS = frozenset("""
+PVT PV2 PFC SPC CPL SGT SSG SFC MSG 1SG SGM CSM WO1 CW2 CW3 CW4 CW5 2LT 1LT LT CPT MAJ LTC COL LTG GEN
+PO1 PO2 PO3 CPO SCPO MCPO ENS LTJG LCDR CDR CAPT RDML RADM VADM ADM AMN A1C SRA SSGT TSGT MSGT SMSGT CMSGT
+LCPL GYSGT MGYSGT SGTMAJ
+""".split())
+# Words that continue a rank rather than start a name: "SGT Major", "PFC First Class".
+_RANK_WORDS = frozenset("major first class general colonel commander sergeant lieutenant chief master staff "
+                        "technical senior command warrant officer grade retired ret".split())
+# In the letter shapes (`shapes`): an upper-case word, a blank, a capital; or a word ending in a digit ("CW2").
+# Both start with fixed letters, which the engine finds at over a GB/s; the rank itself is read from the text.
+_RANK_SHAPE = re.compile(rb"U U|UU# U")
+_RANK_AT = re.compile(r"[A-Z0-9]{2,6}\.?[ \t]")  # the same, in a text that has no shapes (not ASCII)
+_RANK_NAME = re.compile(r"[A-Z](?:[a-zA-Z'’]|-(?=[A-Za-z]))*\.?")
+
+
+def _after_ranks(text: str, shape: bytes | None) -> Iterator[Candidate]:
+    """Names after a military rank (`RANKS`): up to three words, each an initial, no ordinary word or a common
+    name ("SGT LUIS MARROQUIN REPORTED" stops before "REPORTED"; "CPT Code 99213" is no name)."""
+    if shape is None:
+        shape = shapes(text) if len(text) < _SHAPES_FROM else None  # a short text's shapes cost a microsecond
+    if shape is not None:
+        hits = (m.end() - 1 for m in _RANK_SHAPE.finditer(shape))
+    else:
+        hits = (m.end() for m in _RANK_AT.finditer(text))
+    for at in hits:
+        blank = at - 1
+        start = blank
+        while start and (text[start - 1].isalnum() or text[start - 1] == "."):
+            start -= 1
+        if text[start:blank].rstrip(".") not in RANKS:
+            continue
+        yield from _rank_name(text, at)
+
+
+def _rank_name(text: str, at: int) -> Iterator[Candidate]:
+    sc = scorer()
+    words: list[Word] = []
+    pos = at
+    while len(words) < 3:
+        m = _RANK_NAME.match(text, pos)
+        if not m or m.end() < len(text) and text[m.end()].isdigit():
+            break
+        w = m.group()
+        if w.endswith(("'s", "’s")):
+            w = w[:-2]
+        lw = w.lower().rstrip(".")
+        if not _is_initial(w) and (len(lw) < 2 or lw in _RANK_WORDS or lw in NOT_NAMES or lw in TITLES
+                                   or sc.is_word(lw) and sc.surname(lw) < 0.7 and sc.given(lw) < 0.5
+                                   and not (words and lw in sc.n.last_rank)):
+            break  # an ordinary word that is no common name: "CPT Code", "LT Knee"; not "SGT Baker", and after
+            # a name's first word any listed surname: "CW2 Jin-woo Park"
+        words.append((m.start(), m.start() + len(w), w))
+        gap = re.match(r"[ \t]+", text[m.end():m.end() + 4])
+        if not gap or w.endswith("'s") or len(w) < len(m.group()):
+            break
+        pos = m.end() + gap.end()
+    while words and _is_initial(words[-1][2]):
+        words.pop()  # "SGT A." is no name; "SGT A. Okafor" is
+    if words and not (len(words) == 1 and _followed_by_thing(text, words[-1][1], True)):
+        yield Candidate(words[0][0], words[-1][1], 0.9, "name-rank",
+                        tuple(w.capitalize() if w.isupper() else w for _, _, w in words if len(w.rstrip(".")) > 1))
 
 
 # At the start of a line (a newline is a literal the engine jumps to); after a role word the role scan has them.
@@ -1039,6 +1106,22 @@ def repeat_words(cands: list[Candidate]) -> set[str]:
 
 
 _REPEAT: dict[tuple[str, ...], frozenset[str]] = {}
+
+
+def words_of(names) -> set[str]:
+    """The words of names found (`Finding.value`s) worth looking for again in the other fields and records of
+    the same file: "Okonkwo" of "Margaret Okonkwo" (`repeat_words`' rule)."""
+    key = tuple(names)
+    out = _WORDS_OF.get(key)
+    if out is None:  # remembered: mail repeats its people in every message
+        if len(_WORDS_OF) > 50000:
+            _WORDS_OF.clear()
+        out = _WORDS_OF[key] = frozenset(_repeat_words(w.strip(".,;:'’") for n in names
+                                                       for w in n.replace(",", " ").split()))
+    return set(out)
+
+
+_WORDS_OF: dict[tuple[str, ...], frozenset[str]] = {}
 
 
 def _repeat_words(words) -> set[str]:

@@ -14,6 +14,7 @@ from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
 from appliance.vault.fields import FieldScrubber, by_type, field_value, scrub_record
+from appliance.vault.pii_names import words_of
 from appliance.vault.readers import ReadError, Record, meta_json, open_input
 from appliance.vault.readers.detect import Item
 from appliance.vault.readers.documents import read_docx, read_pdf
@@ -23,6 +24,7 @@ from appliance.vault.readers.text import read_text
 if TYPE_CHECKING:  # tables bring DuckDB and pyarrow, imported by the first table a worker reads
     import pyarrow as pa
 
+KNOWN_NAMES = 64  # name words carried from a file's records to its later ones (more: a slower scan per record)
 Scanned = list[tuple[Record, dict[tuple[str, str, str], int]]]  # counts by (type, detector, band)
 # What lands of a batch of scrubbed records, in plain values, as the ingest's workers send it (`landing`)
 Landed = tuple[dict[tuple[str, str, str], int], list[tuple]]
@@ -64,11 +66,25 @@ def _code_records(item: Item) -> Iterator[Record]:
 
 def scrub_records(records: list[Record], mode: str, key: bytes, types: tuple[str, ...] | None = None) -> Scanned:
     """Scrub in place, text and every field (`fields.scrub_record`); each record with its text's PII counts
-    by (type, detector, band), its findings in `rec.found`. 'flag' notes the counts in the record's meta."""
+    by (type, detector, band), its findings in `rec.found`. 'flag' notes the counts in the record's meta.
+
+    The names found in a record are looked for in the later records of the same file (its pieces past 64 KiB,
+    the messages of a mailbox): "Okonkwo" alone, where the first piece said "Patient Margaret Okonkwo". Within
+    this batch of records only (a large file's batches go to different workers), the most recent
+    `KNOWN_NAMES` words."""
     fs = FieldScrubber(mode, key, types)
     out: Scanned = []
+    known: dict[str, dict[str, None]] = {}  # per source file, the name words its records showed so far
     for rec in records:
-        counts, rec.found = scrub_record(fs, rec)
+        seen = known.get(rec.source)
+        counts, rec.found = scrub_record(fs, rec, tuple(seen) if seen else ())
+        if fs.people and not rec.scrubbed:
+            seen = known.setdefault(rec.source, {})
+            for w in sorted(words_of(fs.people)):
+                seen.pop(w, None)
+                seen[w] = None  # the most recent last
+            while len(seen) > KNOWN_NAMES:
+                del seen[next(iter(seen))]
         if mode == "flag" and counts:
             rec.meta["pii"] = dict(by_type(counts))
         out.append((rec, dict(counts)))
