@@ -97,6 +97,14 @@ def test_findings_carry_detector_and_score():
     ("The log is at records.example.net/ticket?id=42.", "URL", "records.example.net/ticket?id=42"),
     ("DoD ID 1234567890 on the card.", "DODID", "1234567890"),
     ("EDIPI: 1234567890", "DODID", "1234567890"),
+    ("Age: 93.", "AGE", "93"),  # a full stop after an age ends the sentence
+    ("D.O.B. 4/12/30", "DOB", "4/12/30"),
+    ("DOD: 4/12/2024", "DATE", "4/12/2024"),
+    ("Pronounced dead at 14:02 on 12/04/2024.", "DATE", "12/04/2024"),
+    ("Follow-up appointment on 04/01/2024.", "DATE", "04/01/2024"),
+    ("MRI performed 03/08/2024; biopsy on 2024-03-06.", "DATE", "2024-03-06"),
+    ("Deployed from 2023-06-01 to 2024-01-15.", "DATE", "2024-01-15"),  # a range's end is the person's too
+    ("Admitted 5-Mar-2024 via ED.", "DATE", "5-Mar-2024"),
 ])
 def test_safe_harbor_types(text, typ, value):
     assert (typ, value) in [(f.type, f.value) for f in detect(text)], detect(text)
@@ -244,6 +252,14 @@ def test_harder_name_forms(text, name):
 ])
 def test_harder_look_alikes_survive(text):
     assert persons(text) == [], detect(text)
+
+
+@pytest.mark.parametrize("text", [
+    "The DoD contract dated 2024-01-01 was renewed.",  # "DoD" is a department, not a date of death
+    "Firmware version 2024-01-15 released; weight 93.5 kg.",
+])
+def test_dates_and_numbers_with_no_person_stay(text):
+    assert detect(text) == [], detect(text)
 
 
 def test_a_name_is_found_again_in_lower_case():

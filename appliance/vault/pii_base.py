@@ -20,7 +20,8 @@ class Finding:
 MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
 DATE = (rf"(?:\d{{4}}-\d{{1,2}}-\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}"
         rf"|{MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
-        rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{MONTH},? \d{{4}})")
+        rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{MONTH},? \d{{4}}"
+        rf"|\d{{1,2}}-{MONTH}-\d{{2,4}}(?![\w-]))")  # "5-Mar-2024", as clinical systems print it
 
 
 def trie_pattern(words: Iterable[str]) -> str:

@@ -273,15 +273,23 @@ def addresses(text: str, low: str, scan: Scan) -> Iterator[Finding]:
 _EVENT = (r"(?i:admitted|admission|admit|discharged|discharge|died|death|deceased|expired|passed[ \t]+away|reported"
           r"|occurred|incident|examined|treated|attended|arrived|fell"
           r"|date[ \t]+of[ \t]+service|dos|surgery|operated|operation|procedure|delivered|delivery|injured"
-          r"|injury|seen|presented|transferred|transfer|deployed|enlisted|hired|terminated|separated|visit|visited)")
-_PERSON_DATE = re.compile(_EVENT + r"\b[^\n;]{0,30}?(?<![\d/.-])(" + DATE + r")(?![\d/-])")
+          r"|injury|seen|presented|transferred|transfer|deployed|enlisted|hired|terminated|separated|visit|visited"
+          r"|appointment|appt|follow-?up|performed|biopsy|biopsied|intubated|extubated|pronounced|vaccinated"
+          r"|immunized|immunised|tested|collected|prescribed|onset|referred|consulted"
+          r"|do[di](?=[ \t]*:))")  # "DOD:", "DOI:" as labels (date of death, of injury); not "the DoD contract"
+# A date after an event that ties it to a person, and the end of a range that starts so ("deployed from
+# 2023-06-01 to 2024-01-15"): both dates are the person's.
+_PERSON_DATE = re.compile(_EVENT + r"\b[^\n;]{0,30}?(?<![\d/.-])(" + DATE + r")(?![\d/-])"
+                          r"(?:[ \t]*(?:-|–|to|until|through|thru)[ \t]*(" + DATE + r")(?![\d/-]))?")
 _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passed away", "service", "dos", "reported",
               "occurred", "incident", "examined", "treated", "attended", "arrived", "fell",
               "surgery", "operat", "procedure", "deliver", "injur", "seen", "presented", "transfer", "deployed",
-              "enlisted", "hired", "terminated", "separated", "visit")
+              "enlisted", "hired", "terminated", "separated", "visit", "appointment", "appt", "follow", "performed",
+              "biops", "intubated", "extubated", "pronounced", "vaccinated", "immuni", "tested", "collected",
+              "prescribed", "onset", "referred", "consulted", "dod", "doi")
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
 _AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
-_AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?![\d.])")
+_AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?!\d|\.\d)")
 
 
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
@@ -352,6 +360,8 @@ def _ordinal(day: int) -> str:
 def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     for m in _keyed(_PERSON_DATE, text, scan, "date"):
         yield Finding("DATE", m.start(1), m.end(1), m.group(1), "date-event")
+        if m.group(2):
+            yield Finding("DATE", m.start(2), m.end(2), m.group(2), "date-event")
     for m in _AGE.finditer(text):
         if m.start() and (text[m.start() - 1].isdigit() or text[m.start() - 1] == "."):
             continue
