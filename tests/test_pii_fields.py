@@ -387,3 +387,23 @@ def test_names_found_in_a_text_are_looked_for_in_its_title_and_the_files_later_r
     landed = json.dumps(rows)
     assert "Okonkwo" not in landed and "Hollis" not in landed and "hollis" not in landed, landed[-300:]
     assert "RE: [PERSON] transfer" in {t for t, _ in rows}
+
+
+def test_strings_nested_in_a_tables_objects_and_lists_are_scrubbed(home, tmp_path):
+    """A JSON Lines file's objects become nested columns: every string in them is scrubbed, in every batch, with
+    its key as the column; a number in them that holds PII becomes null. The column keeps its type."""
+    from appliance import api
+
+    rows = [{"note": "Plan: continue.", "patient": {"name": "Hollis, Derek", "dob": "1930-04-12", "ssn": 123456789,
+                                                    "contacts": [{"phone": "617-555-0199"}]}}] * 3000  # 2 batches
+    (tmp_path / "notes.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with open_vault(home) as v:
+        r = api.vault_ingest(v, [tmp_path / "notes.jsonl"], "notes", workers=1)
+        (table,) = r["tables"] if isinstance(r, dict) else r.tables
+        cells = v.con.execute(f"SELECT patient FROM {table}").fetchall()
+        kinds = v.con.execute(f"SELECT typeof(patient) FROM {table} LIMIT 1").fetchone()[0]
+        texts = v.con.execute("SELECT b.text FROM version_records r JOIN blobs b ON b.hash = r.hash").fetchall()
+    assert len(cells) == 3000 and kinds.startswith("STRUCT")
+    landed = json.dumps([cells, texts], default=str)
+    assert not _leaks(landed) and "1930-04-12" not in landed and "617-555" not in landed, landed[:400]
+    assert cells[-1][0]["name"] == "[PERSON]" and cells[-1][0]["ssn"] is None

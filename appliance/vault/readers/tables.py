@@ -118,6 +118,8 @@ class _BatchScrubber:
 
     Typed columns (a CSV's DATE column of birth dates, an integer SSN column) are tested on the first
     batch; a column where anything is found becomes text for the whole table so it can hold placeholders.
+    Nested columns (a JSON object or list) keep their type, and every string in them is scrubbed in every
+    batch (`_deep`).
     """
 
     def __init__(self, scrub: CellScrub, counts: Counter, name: NameScrub = str):
@@ -137,7 +139,11 @@ class _BatchScrubber:
                     self.textual.add(f.name)
         cols, fields = [], []
         for col, f in zip(batch.columns, batch.schema):
-            if f.name in self.textual:
+            if _is_nested(f.type):  # records and lists (JSON objects): every string in them, in every batch
+                landed = self.names[f.name]
+                cols.append(pa.array([self._deep(landed, v) for v in col.to_pylist()], type=f.type))
+                fields.append(f.with_name(landed))
+            elif f.name in self.textual:
                 landed = self.names[f.name]
                 cols.append(pa.array([None if v is None else self._cell(landed, str(v)) for v in col.to_pylist()],
                                      type=pa.string()))
@@ -152,6 +158,27 @@ class _BatchScrubber:
         if found:  # most cells hold nothing: no update of the counts for them
             self.counts.update(found)
         return out
+
+    def _deep(self, column: str, value):
+        """A nested value with each string in it scrubbed, read with its key as the column ("name", "dob");
+        a number or date in it that holds PII becomes null (it cannot hold a placeholder)."""
+        if value is None:
+            return None
+        if isinstance(value, dict):
+            return {k: self._deep(str(k), v) for k, v in value.items()}
+        if isinstance(value, list):
+            if value and isinstance(value[0], tuple) and len(value[0]) == 2:  # a map: (key, value) pairs
+                return [(k, self._deep(str(k), v)) for k, v in value]
+            return [self._deep(column, v) for v in value]
+        if isinstance(value, str):
+            return self._cell(column, value)
+        if isinstance(value, bool):
+            return value
+        out, found = self.scrub(column, str(value))
+        if found:
+            self.counts.update(found)
+            return None
+        return value
 
     def _holds_pii(self, column: str, col: pa.Array) -> bool:
         return any(self.scrub(column, str(v))[1] for v in col.to_pylist() if v is not None)
@@ -168,6 +195,10 @@ def _landing_names(columns: list[str], name: NameScrub) -> dict[str, str]:
         taken.add(landed.lower())
         out[c] = landed
     return out
+
+
+def _is_nested(t: pa.DataType) -> bool:
+    return pa.types.is_nested(t)
 
 
 def _is_string(t: pa.DataType) -> bool:
