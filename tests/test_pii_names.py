@@ -304,6 +304,26 @@ def test_pseudonymize_shifts_a_persons_dates_by_one_offset():
     assert re.fullmatch(r"Admitted on \[DATE_[0-9a-f]+\]\.", alone), alone
 
 
+def test_pseudonymize_gives_one_person_one_fake_name_in_every_form():
+    """One surrogate per person, a word at a time: the forms a text names someone by map onto one fake name,
+    in the same case, in every record (keyed: another vault's key gives others)."""
+    import re
+
+    key = b"k" * 32
+    text = ("Patient Margaret Okonkwo (MRN 12345678) seen. Okonkwo asked for water. M. Okonkwo signed.\n"
+            "Patient Name: Okonkwo, Margaret\nPATIENT: MARGARET OKONKWO\nPatient Derek Hollis next; Hollis waits.")
+    out = Scrubber("pseudonymize", key).scrub(text)[0]
+    assert "Okonkwo" not in out and "OKONKWO" not in out and "Margaret" not in out and "Hollis" not in out, out
+    first, last = re.search(r"Patient (\w+) (\w+) \(MRN", out).groups()
+    assert f"{last} asked" in out and f"{first[0]}. {last} signed" in out, out
+    assert f"Patient Name: {last}, {first}" in out and f"PATIENT: {first.upper()} {last.upper()}" in out, out
+    derek, hollis = re.search(r"Patient (\w+) (\w+) next", out).groups()
+    assert f"{hollis} waits" in out and hollis != last, out
+    again = Scrubber("pseudonymize", key).scrub("Seen by Margaret Okonkwo today.")[0]
+    assert again == f"Seen by {first} {last} today."  # the same in another record
+    assert Scrubber("pseudonymize", b"j" * 32).scrub("Seen by Margaret Okonkwo today.")[0] != again
+
+
 @pytest.mark.parametrize("value, days, out", [
     ("2024-03-05", 30, "2024-04-04"), ("2024-3-5", -3, "2024-3-2"), ("03/05/2024", 30, "04/04/2024"),
     ("25/12/2023", 30, "24/01/2024"), ("3/5/24", 30, "4/4/24"), ("March 5, 2024", 30, "April 4, 2024"),

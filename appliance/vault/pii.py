@@ -713,6 +713,86 @@ def site_policy(home_root: Path) -> Policy:
     return load_policy(Path(home_root) / POLICY_FILE)
 
 
+# --- surrogate names (pseudonymize) ----------------------------------------------------------------
+_ASCII_LOWER = "abcdefghijklmnopqrstuvwxyz"
+_NAME_PART = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")
+_POOLS: list = []
+
+
+def _surrogate_pools() -> tuple[dict[str, list[str]], list[str], list[str]]:
+    """(given names by initial, every given name, surnames): the names surrogates are drawn from, from the lists
+    that ship with the appliance, in a fixed order: listed, no ordinary word, letters only, the 20,000 most
+    common surnames."""
+    if not _POOLS:
+        sc = pii_names.scorer()
+        given = sorted(n for n in sc.n.first if n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)
+                       and n not in pii_names.AMBIGUOUS_FIRST)
+        by_letter: dict[str, list[str]] = {}
+        for n in given:
+            by_letter.setdefault(n[0], []).append(n)
+        surnames = [n for n, rank in sorted(sc.n.last_rank.items(), key=lambda x: x[1]) if rank < 20000
+                    and n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)]
+        _POOLS.append((by_letter, given, surnames))
+    return _POOLS[0]
+
+
+def _name_kinds(name: str, words: list[str], comma: int, roles: dict[str, str] | None = None
+                ) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of each word of a name: "initial", "particle", "given" or "surname". "Last, First":
+    what comes before the comma is the surname; else the last word that is no initial. One word alone is what
+    `roles` says it was in a full name of the same text, else a surname when the lists rank it higher as one
+    than as a given name."""
+    roles = roles or {}
+    spans, pos = [], 0
+    for w in words:
+        i = name.index(w, pos)
+        spans.append((i, i + len(w)))
+        pos = i + len(w)
+    kinds = []
+    for (start, _end), w in zip(spans, words):
+        if len(w.rstrip(".")) == 1:  # "A." or "J"
+            kinds.append("initial")
+        elif w.islower() and w in pii_names.PARTICLES:
+            kinds.append("particle")
+        elif comma >= 0:
+            kinds.append("surname" if start < comma else "given")
+        else:
+            kinds.append("given")
+    if comma < 0:
+        last = max((k for k, kind in enumerate(kinds) if kind == "given"), default=-1)
+        if last >= 0 and (len(words) > 1 or (roles.get(words[last].lower()) or
+                                              ("surname" if _alone_surname(words[last]) else "given")) == "surname"):
+            kinds[last] = "surname"
+    if comma >= 0 and sum(kind == "surname" for kind in kinds) > 1:  # "de la Cruz, Ana": one surname
+        first = kinds.index("surname")
+        kinds = [k if i <= first or k != "surname" else "particle" for i, k in enumerate(kinds)]
+    return [(s, e, k) for (s, e), k in zip(spans, kinds)]
+
+
+def _alone_surname(w: str) -> bool:
+    sc = pii_names.scorer()
+    lw = w.lower()
+    return sc.surname(lw) > sc.given(lw)
+
+
+def _particled(name: str, start: int, end: int) -> str:
+    """The surname at [start, end) with the particles written before it ("de Vries", "van der Berg")."""
+    words = name[:start].split()
+    lead = []
+    while words and words[-1].lower() in pii_names.PARTICLES:
+        lead.insert(0, words.pop().lower())
+    return " ".join(lead + [name[start:end]])
+
+
+def _in_case_of(fake: str, like: str) -> str:
+    """`fake` written in the case of `like`: upper, lower or capitalized."""
+    if like.isupper() and len(like.rstrip(".")) > 1:
+        return fake.upper()
+    if like.islower():
+        return fake.lower()
+    return fake
+
+
 class Scrubber:
     """Applies one mode to text; pseudonyms are HMAC-keyed so the same value maps to the same token.
 
@@ -732,12 +812,64 @@ class Scrubber:
         self.types: tuple[str, ...] | None = None if types is None or set(types) == _ALL else tuple(types)
         self._cells: dict[tuple[str, str], list[Finding]] = {}
         self._labels: dict[str, str] = {}  # column -> "Column name: ", the context a cell is read in
+        self._letters: dict[str, str] | None = None  # pseudonymize: the keyed permutation of initials
+        self._roles: dict[str, str] = {}  # pseudonymize: the words of the text's full names, given or surname
 
     def token(self, f: Finding) -> str:
         if self.mode == "redact":
             return f"[{f.type}]"
+        if f.type == "PERSON":
+            fake = self.surrogate(f.value)
+            if fake:
+                return fake
         digest = hmac.new(self.key, f"{f.type}:{_normal(f)}".encode(), hashlib.sha256).hexdigest()[:10]
         return f"[{f.type}_{digest}]"
+
+    def surrogate(self, name: str) -> str:
+        """A person's name in pseudonymize mode: a fake name, made a word at a time, so one person keeps one
+        surrogate in every form the text names them ("Margaret Okonkwo", "Okonkwo", "M. Okonkwo", "Okonkwo,
+        Margaret", "MARGARET OKONKWO" become "Lena Farrow", "Farrow", "L. Farrow", "Farrow, Lena", "LENA
+        FARROW"). Each surname and given name maps through an HMAC under the vault's pseudonym key onto the
+        name lists that ship with the appliance (common names that are no ordinary word); an initial maps
+        through a keyed permutation of the letters, which also gives each given name's surrogate its initial.
+        A particle goes with its surname ("de Vries" is one surname). "" when nothing in `name` is a word."""
+        words = _NAME_PART.findall(name)
+        if not words:
+            return ""
+        out = name
+        for (start, end, kind), w in reversed(list(zip(_name_kinds(name, words, name.find(","), self._roles),
+                                                       words))):
+            if kind == "particle":  # taken into its surname, with the blank after it
+                out = out[:start] + out[end:].lstrip(" ")
+            else:
+                out = out[:start] + self._fake_word(kind, _particled(name, start, end) if kind == "surname" else w, w) \
+                    + out[end:]
+        return out.strip()
+
+    def _fake_word(self, kind: str, key: str, written: str) -> str:
+        low = key.lower().rstrip(".")
+        if kind == "initial":
+            return self._letter(low[:1]).upper() + ("." if written.endswith(".") else "")
+        if kind == "given":
+            pool = _surrogate_pools()[0].get(self._letter(low[:1])) or _surrogate_pools()[1]
+        else:
+            pool = _surrogate_pools()[2]
+        i = int.from_bytes(hmac.new(self.key, f"{kind}:{low}".encode(), hashlib.sha256).digest()[:8], "big")
+        fake = pool[i % len(pool)]
+        if fake == low:  # never the name itself
+            fake = pool[(i + 1) % len(pool)]
+        return _in_case_of(fake.capitalize(), written)
+
+    def _letter(self, c: str) -> str:
+        """The initial a given name starting with `c` gets: a permutation of a-z keyed by the pseudonym key."""
+        if self._letters is None:
+            order = sorted(_ASCII_LOWER, key=lambda x: hmac.new(self.key, f"letter:{x}".encode(),
+                                                                 hashlib.sha256).digest())
+            self._letters = dict(zip(_ASCII_LOWER, order))
+        if c in self._letters:
+            return self._letters[c]
+        i = int.from_bytes(hmac.new(self.key, f"letter:{c}".encode(), hashlib.sha256).digest()[:2], "big")
+        return _ASCII_LOWER[i % 26]  # a letter beyond a-z ("Ł")
 
     def label(self, column: str) -> str:
         """The context a cell of `column` is read in: "Date of birth: " for date_of_birth."""
@@ -786,6 +918,13 @@ class Scrubber:
         if self.mode == "flag":
             return text, counts
         people = self._date_people(found) if self.mode == "pseudonymize" else {}
+        if self.mode == "pseudonymize":  # "Hollis" after "Derek Hollis" is his surname, whatever the lists say
+            self._roles = {}
+            for f in found:
+                if f.type == "PERSON" and (" " in f.value or "," in f.value):
+                    words = _NAME_PART.findall(f.value)
+                    for (_s, _e, kind), w in zip(_name_kinds(f.value, words, f.value.find(",")), words):
+                        self._roles.setdefault(w.lower(), kind)
         out, pos = [], 0
         for i, f in enumerate(found):
             out.append(text[pos:f.start])
