@@ -29,6 +29,10 @@ _CACHE = 4096  # distinct short field values remembered per scrubber (a file's t
 # cells with findings remembered for their rows' records: more than a table batch of rows (2,048) can hold, so
 # every row still finds its cells when the batch's records are scrubbed after it
 _CELL_FINDINGS = 65536
+# The path of a document, a mail, a table or a file with no extension: where a file or directory may be named
+# after a person ("margaret.okonkwo/", "Okonkwo-Margaret-notes.docx"); not code.
+_DOCUMENT = re.compile(r"(?i)(?:\.(?:txt|text|md|markdown|rst|docx?|odt|rtf|pdf|eml|mbox|msg|csv|tsv|parquet|jsonl"
+                       r"|ndjson|json|html?|xlsx?|log)|/[^/.]*)$|^[^/.]*$")
 # `_`, and `-` or `.` between a letter and a digit: word separators in a file name, spaces to the detectors
 _SEPARATORS = re.compile(r"_|(?<=[^\W\d_])[-.](?=\d)|(?<=\d)[-.](?=[^\W\d_])")
 
@@ -126,8 +130,9 @@ class FieldScrubber:
         if key in self._cache:
             return self._cache[key]
         parts, counts, found, pos = [], Counter(), [], 0
+        named = _DOCUMENT.search(value) is not None  # a document's path: its words may join a person's name
         for comp in value.split("/"):
-            out, c, f = self._remembered(comp, field) if comp else (comp, Counter(), [])
+            out, c, f = self._remembered(comp, field, named) if comp else (comp, Counter(), [])
             counts.update(c)
             found += [Found(x.field, x.type, x.detector, x.score, x.start + pos, x.end + pos) for x in f]
             parts.append(out)
@@ -137,19 +142,24 @@ class FieldScrubber:
         self._cache[key] = result = ("/".join(parts), counts, found)
         return result
 
-    def _remembered(self, comp: str, field: str) -> tuple[str, Counter, list[Found]]:
+    def _remembered(self, comp: str, field: str, named: bool = False) -> tuple[str, Counter, list[Found]]:
         """`_component`, remembered: the directories above a file repeat for every file in them."""
-        key = ("/", field + "/" + comp)
+        key = ("/" if named else "//", field + "/" + comp)
         if key not in self._cache:
             if len(self._cache) >= _CACHE:
                 self._cache.clear()
-            self._cache[key] = self._component(comp, field)
+            self._cache[key] = self._component(comp, field, named=named)
         return self._cache[key]
 
-    def _component(self, comp: str, field: str, hints: tuple[str, ...] = ()) -> tuple[str, Counter, list[Found]]:
+    def _component(self, comp: str, field: str, hints: tuple[str, ...] = (), named: bool = False
+                   ) -> tuple[str, Counter, list[Found]]:
         """One path component. Names join words with `_`, `-` and `.` ("tools-123-45-6789", "jane_doe"):
-        the detectors see those as spaces, and the placeholders go into the component as it was."""
+        the detectors see those as spaces, and the placeholders go into the component as it was. In a
+        document's path (`_DOCUMENT`: not code, whose files join words so, "max_pool"), a given name and a
+        surname joined so, in either order and any case, are a name (`pii_names.path_names`)."""
         seen = _SEPARATORS.sub(" ", comp)  # same length: the findings' places hold in `comp`
+        if named and self.mode != "off":
+            hints = hints + tuple(pii_names.path_names(seen))  # "margaret.okonkwo", "Okonkwo-Margaret"
         if seen == comp or self.mode == "off":
             return self.scrub(comp, hints, field)
         self._s.seen = []

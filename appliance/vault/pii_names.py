@@ -1004,6 +1004,40 @@ def _caps_name(pair: str) -> bool:
     return out
 
 
+_PATH_WORD = re.compile(r"[A-Za-z]+(?:['’][A-Za-z]+)?")
+
+
+def path_names(text: str) -> list[str]:
+    """Names in a file's or directory's name, where words are joined by `_`, `-`, `.` or a blank in any case and
+    either order: "margaret.okonkwo", "Okonkwo-Margaret", "john_smith" (`_path_pair`, read both ways); as
+    written, to be looked for as one."""
+    dot = text.rfind(".")
+    ext = dot if dot > 0 and len(text) - dot <= 6 else len(text)  # "frames.py": its extension is no name
+    words = [w for w in _PATH_WORD.finditer(text) if w.end() <= ext]
+    out = []
+    for a, b in zip(words, words[1:]):
+        if b.start() - a.end() != 1 or text[a.end()] not in "_-. ":
+            continue
+        x, y = a.group().lower(), b.group().lower()
+        if len(x) > 2 and len(y) > 2 and x not in PLACE_LEAD and (_path_pair(x, y) or _path_pair(y, x)):
+            out.append(text[a.start():b.end()])
+    return out
+
+
+def _path_pair(given: str, surname: str) -> bool:
+    """A listed given name that is no word at all, then a surname: a common listed one, or a word in no list
+    and no word at all ("okonkwo")."""
+    sc = scorer()
+    if not (given in sc.n.first and sc.given(given) >= 1.0 and not sc.is_word(given) and given not in COMMON
+            and given not in AMBIGUOUS_FIRST and given not in NOT_NAMES):
+        return False
+    if surname in NOT_NAMES or surname in COMMON or surname in TITLES or surname in ROLES:
+        return False
+    rank = sc.n.last_rank.get(surname)
+    return rank is not None and rank < 50000 and sc.surname(surname) >= 0.6 or rank is None and \
+        surname not in sc.n.first and len(surname) >= 4 and not sc.is_word(surname)
+
+
 # After a name: ", ", "; ", " and ", " or ", " & " and the next item of the list.
 _NEXT_ITEM = re.compile(rf"(?:[ \t]*[,;&][ \t]*|[ \t]+(?:and|or)[ \t]+)(?=[{_UP}])")
 _ITEM = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})*")
