@@ -208,22 +208,27 @@ def test_rescrub_makes_a_stricter_version_and_marks_what_was_made(home, cli, tmp
     tok2 = cli("--home", home, "--json", "train", "tokenizer", "--dataset", "ward@2", "--vocab", "300").json["id"]
     assert cli("--home", home, "--json", "lineage", tok2).json["warnings"] == []
 
-    # re-scrubbing an already scrubbed version finds nothing new, and still lands
-    again = cli("--home", home, "--json", "vault", "ingest", "--rescrub", "ward@2").json
-    assert again["version"] == "ward@3" and again["pii"] == {} and again["content_hash"] == d["content_hash"]
+    # re-scrubbing under the very policy a version was scrubbed under would change nothing, and would mark what
+    # was made from it as less scrubbed: refused, in one line, and nothing lands
+    again = cli("--home", home, "vault", "ingest", "--rescrub", "ward@2")
+    assert again.code == 2 and "same types and detectors" in again.err and len(again.err.strip().splitlines()) <= 2
+    assert cli("--home", home, "--json", "lineage", tok2).json["warnings"] == []
+    assert cli("--home", home, "--json", "vault", "show", "ward@3").code == 2
 
 
 def test_rescrub_bad_input_is_one_line_and_writes_nothing(home, cli, tmp_path):
     f = tmp_path / "a.md"
     f.write_text("# A\n\nplain text\n")
     assert cli("--home", home, "vault", "ingest", f, "--dataset", "a").code == 0
+    assert cli("--home", home, "vault", "ingest", f, "--dataset", "b").code == 0
     for args, words in ((["--rescrub", "a@1", f], "no PATHS"), (["--rescrub", "a@7"], "a@1"),
                         (["--rescrub", "a@1", "--pii", "flag"], "redact"),
                         (["--rescrub", "a@1", "--replace"], "--replace"),
+                        (["--rescrub", "a@1", "--pii", "pseudonymize", "--dataset", "b"], "b exists"),
                         ([], "Missing argument 'PATHS...'"), ([f], "Missing option '--dataset'")):
         r = cli("--home", home, "vault", "ingest", *args)
         assert r.code == 2 and words in r.err, (args, r.err)
-    assert [d["latest"] for d in cli("--home", home, "--json", "vault", "datasets").json["datasets"]] == ["a@1"]
+    assert [d["latest"] for d in cli("--home", home, "--json", "vault", "datasets").json["datasets"]] == ["a@1", "b@1"]
 
 
 def test_the_site_policy_holds_for_fields_too(home, cli, tmp_path):
@@ -407,3 +412,18 @@ def test_strings_nested_in_a_tables_objects_and_lists_are_scrubbed(home, tmp_pat
     landed = json.dumps([cells, texts], default=str)
     assert not _leaks(landed) and "1930-04-12" not in landed and "617-555" not in landed, landed[:400]
     assert cells[-1][0]["name"] == "[PERSON]" and cells[-1][0]["ssn"] is None
+
+
+def test_a_rescrub_of_a_flag_version_counts_a_tables_findings_once(home, tmp_path):
+    """A table's findings are counted in its cells; its rows' records, whose text a flag version keeps with the
+    values, were counted again by a re-scrub: the report said twice what an ingest says."""
+    from appliance import api
+
+    rows = "\n".join(f"{i},Derek Hollis,{SSN}" for i in range(3))
+    (tmp_path / "staff.csv").write_text(f"id,name,ssn\n{rows}\n")
+    with open_vault(home) as v:
+        api.vault_ingest(v, [tmp_path / "staff.csv"], "flagged", pii="flag", workers=1)
+        api.vault_ingest(v, [tmp_path / "staff.csv"], "plain", workers=1)
+        again = api.vault_rescrub(v, "flagged@1")
+        plain = api.vault_show(v, "plain@1")["pii"]["total"]
+        assert again["pii"] == plain == {"PERSON": 3, "SSN": 3}, (again["pii"], plain)

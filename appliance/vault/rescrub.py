@@ -57,10 +57,19 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
         raise UsageError(f"--rescrub cannot use --pii {mode}: it would keep what it finds",
                          f"use one of {', '.join(STRICT)}")
     target = validate_name(dataset or name)
+    if target != name and con.execute("SELECT 1 FROM versions WHERE name = ? AND status = 'committed' LIMIT 1",
+                                      [target]).fetchone():
+        raise UsageError(f"dataset {target} exists: a re-scrub of {old_id} into it would make a version of {target} "
+                         f"that holds only {old_id}'s records",
+                         f"name a new dataset with --dataset, or leave it out to re-scrub into {name}")
     before = (lineage.node(con, old_id)["attrs"].get("pii_policy") if lineage.exists(con, old_id) else None) \
         or {"mode": old_mode}
     types = site_types(vault.home.root)
     after = policy(mode, types)
+    if _same(before, after):
+        raise UsageError(f"{old_id} was scrubbed under this very policy (mode {mode}, the same types and "
+                         "detectors): a re-scrub would change nothing",
+                         "change the site's policy (pii-policy.toml) or --pii, or re-scrub once the detectors change")
     with write_settings(con), VersionBuilder(vault, target, pii_mode=mode, validation_fraction=fraction) as b:
         run = _Rescrub(b, vid, (mode, vault.secrets.pseudonym_key, types))
         run.tables()
@@ -76,6 +85,14 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
             "new_records": done.records, "bytes": done.bytes, "duplicates": run.dups, "files": run.files,
             "partial": False, "parent": old_id, "pii": dict(sorted(found.items())), "tables": run.new_tables,
             "skipped": [], "failed": [], "rescrub_of": old_id, "policy_before": before, "policy_after": after}
+
+
+def _same(before: dict, after: dict) -> bool:
+    """Whether two recorded policies (`fields.policy`) are one: mode, types and the detectors' fingerprint."""
+    keys = ("mode", "types", "detectors")
+    return all(k in before for k in keys) and all(
+        (sorted(before[k]) if k == "types" else before[k]) == (sorted(after[k]) if k == "types" else after[k])
+        for k in keys)
 
 
 class _Rescrub:
@@ -153,8 +170,9 @@ class _Rescrub:
             if rec.kind == "table" and r["path"] in self.renamed:
                 rec.path = self.renamed[r["path"]]
             tally = self.per_source.setdefault(rec.source, Counter())
-            tally.update(counts)
-            self.new.update(counts)
+            if rec.kind != "table":  # a table row's findings were counted in its cells (`tables`)
+                tally.update(counts)
+                self.new.update(counts)
             for f in [f for f in found if f.field != "text"]:
                 key = (rec.source, f.field, f.start, f.end, getattr(rec, f.field, None) if "." not in f.field
                        else rec.meta.get(f.field[5:]))
