@@ -107,7 +107,19 @@ lamp lab laboratory
 NOT_PERSON_AFTER = PLACE_AFTER | THING_AFTER
 # Words that start a place: "Fort Worth", "San Diego", "New Hollis".
 PLACE_LEAD = frozenset("fort port san santa los las el la new north south east west saint st mount mt lake "
-                       "cape glen upper lower great little old".split())
+                       "cape glen upper lower great little old camp".split())
+# Institutions, bases and events named after a person, written without the word that would say so ("seen at
+# Walter Reed", "transferred to Johns Hopkins", "Grand Rounds on Friday").
+INSTITUTIONS = frozenset(["johns hopkins", "walter reed", "grand rounds", "mayo clinic", "lou gehrig",
+                          "sloan kettering", "cedars sinai", "scott white", "tripler army", "brooke army",
+                          "william beaumont", "madigan army", "womack army", "martin luther king"])
+# After a possessive, the nouns that make the name a disease, a sign or a law rather than a person: "Lou Gehrig's
+# disease", "Crohn's disease"; but "Okonkwo's house" and "Margaret Okonkwo's bed" are the person's.
+EPONYM_NOUNS = frozenset("""
+disease syndrome sign reflex law principle effect palsy phenomenon maneuver manoeuvre procedure operation
+ulcer sarcoma lymphoma fracture triad tumor tumour ataxia dystrophy anomaly node cyst canal gland duct
+hernia pouch angle bursa formula criteria classification scale score solution technique theorem
+""".split())
 # Proper nouns that are never people in this setting, checked before the lists.
 NOT_NAMES = frozenset("""
 january february march july september october november december monday tuesday
@@ -565,6 +577,8 @@ def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok:
     end = part[-1][1] if end < 0 else end
     if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end):
         context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented"
+    if len(part) > 1 and " ".join(w.lower() for _, _, w in part) in INSTITUTIONS:
+        return
     score = _score_run(part, context, lower_ok, particle)
     first = part[0][0] if start < 0 else start
     if score >= THRESHOLD and not _followed_by_thing(text, end, len(part) > 1 or context >= 0.8
@@ -574,6 +588,7 @@ def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok:
 
 
 _NEXT_WORD = re.compile(r"[ \t]+([A-Za-z]+)")
+_POSSESSIVE_NEXT = re.compile(r"['’]s[ \t]+([A-Za-z]+)")
 
 
 def _followed_by_thing(text: str, end: int, strong: bool = False) -> bool:
@@ -582,7 +597,8 @@ def _followed_by_thing(text: str, end: int, strong: bool = False) -> bool:
     label, "Charge Nurse: Mayo stand")."""
     m = _NEXT_WORD.match(text, end)
     if not m:
-        return False
+        m = _POSSESSIVE_NEXT.match(text, end)
+        return bool(m) and m.group(1).lower() in EPONYM_NOUNS  # "Lou Gehrig's disease"
     w = m.group(1).lower()
     return w in PLACE_AFTER or not strong and w in THING_AFTER
 
