@@ -147,6 +147,13 @@ def test_pii_review_shows_findings_in_context_masked(attacked, cli):
     assert human.code == 0 and "[SSN]" in human.out and not _leaks(human.out)
     bad = cli("--home", attacked, "vault", "pii-review", "ward@9")
     assert bad.code == 2 and "ward@1" in bad.err
+    bad = cli("--home", attacked, "vault", "pii-review", "ward@1", "--type", "FOO")
+    assert bad.code == 2 and "unknown PII type" in bad.err and "PERSON" in bad.err
+    # the file as the operator knows it on disk: its name is scrubbed as the version scrubbed it
+    named = cli("--home", attacked, "--json", "vault", "pii-review", "ward@1", "--limit", "500",
+                "--file", f"Mr._Derek_Hollis_{SSN}.txt").json
+    assert named["findings"] and all(f["source"].endswith(".txt") for f in named["findings"])
+    assert not _leaks(json.dumps(named["findings"]))
 
 
 def test_flag_mode_review_masks_the_values(home, cli, tmp_path):

@@ -112,11 +112,12 @@ def vault_pii_review(v, ref: str, limit: int = 20, offset: int = 0, type: str | 
     """The lowest-confidence PII findings of version `ref` in context, each value masked, to tune the policy.
 
     `type` keeps one PII type (PERSON, ...), `band` one confidence band (low, medium, high), `file` one source
-    file (whole or by its last components). `total` counts every match; `summary` is the version's report by
-    type, detector and band. Values are never stored: the context is the scrubbed text around each finding."""
+    file (whole or by its last components, as it landed or as it was named on disk). `total` counts every match;
+    `summary` is the version's report by type, detector and band. Values are never stored: the context is the
+    scrubbed text around each finding."""
     from appliance.vault.review import review
 
-    return review(v.con, ref, limit, offset, type, band, file)
+    return review(v.con, ref, limit, offset, type, band, file, key=v.secrets.pseudonym_key)
 
 
 def vault_export(v, ref: str, out: str | Path, split: str | None = None, force: bool = False) -> dict:

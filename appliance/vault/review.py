@@ -24,14 +24,23 @@ _SPACE = re.compile(r"\s+")
 
 
 def review(con, ref: str, limit: int = 20, offset: int = 0, type_: str | None = None, band_: str | None = None,
-           file: str | None = None) -> dict:
+           file: str | None = None, key: bytes | None = None) -> dict:
     """The findings of version `ref` kept for review, lowest score first, each in its masked context.
 
     `type_` keeps one PII type, `band_` one confidence band (high, medium, low), `file` one source file
-    (whole, or its last components). `total` counts every match; `summary` is the version's whole report by
-    type, detector and band."""
+    (whole, or its last components; as it landed, or as it was named on disk: the name is scrubbed as the
+    version scrubbed it, with the vault's pseudonym `key` for a pseudonymized one). `total` counts every match;
+    `summary` is the version's whole report by type, detector and band."""
     vid, name, n = resolve(con, ref)
-    where, params = _filter(vid, type_, band_, file)
+    mode = con.execute("SELECT pii_mode FROM versions WHERE vid = ?", [vid]).fetchone()[0]
+    files = None
+    if file:
+        files = {file}
+        if mode in ("redact", "pseudonymize") and (key or mode == "redact"):
+            from appliance.vault.fields import FieldScrubber
+
+            files.add(FieldScrubber(mode, key).path(file, "source")[0])
+    where, params = _filter(vid, type_, band_, sorted(files) if files else None)
     total, rows = 0, []
     if has_column(con, "version_pii_findings", "score"):  # an older vault opened read-only has none yet
         total = con.execute(f"SELECT count(*) FROM version_pii_findings WHERE {where}", params).fetchone()[0]
@@ -55,15 +64,18 @@ def review(con, ref: str, limit: int = 20, offset: int = 0, type_: str | None = 
     summary = [{"type": t, "detector": d or "", "band": b or "", "count": c} for t, d, b, c in con.execute(
         f"SELECT type, {cols}, sum(count)::BIGINT FROM version_pii WHERE vid = ? GROUP BY ALL "
         "ORDER BY ALL NULLS FIRST", [vid]).fetchall()]
-    mode = con.execute("SELECT pii_mode FROM versions WHERE vid = ?", [vid]).fetchone()[0]
     return {"version": f"{name}@{n}", "pii_mode": mode, "total": total, "offset": offset, "findings": findings,
             "summary": summary}
 
 
-def _filter(vid: int, type_: str | None, band_: str | None, file: str | None) -> tuple[str, list]:
+def _filter(vid: int, type_: str | None, band_: str | None, files: list[str] | None) -> tuple[str, list]:
     """The WHERE clause (fixed text; values bound) of a version's findings matching the filters."""
+    from appliance.vault.pii import TYPES
+
     where, params = "vid = ?", [vid]
     if type_:
+        if type_.upper() not in TYPES:
+            raise UsageError(f"unknown PII type {type_!r}", f"use one of {', '.join(TYPES)}")
         where += " AND type = ?"
         params.append(type_.upper())
     if band_:
@@ -73,9 +85,10 @@ def _filter(vid: int, type_: str | None, band_: str | None, file: str | None) ->
         upper = [floor for b, floor in BANDS if floor > bounds[band_]]
         where += " AND score >= ?" + (" AND score < ?" if upper else "")
         params += [bounds[band_]] + ([min(upper)] if upper else [])
-    if file:
-        where += " AND (source = ? OR ends_with(source, '/' || ?))"
-        params += [file, file]
+    if files:
+        where += " AND (" + " OR ".join(["source = ? OR ends_with(source, '/' || ?)"] * len(files)) + ")"
+        for f in files:
+            params += [f, f]
     return where, params
 
 

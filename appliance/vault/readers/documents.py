@@ -10,8 +10,14 @@ from appliance.vault.readers import Ident, ReadError, Record, open_input, split_
 
 
 def read_pdf(path: Path, ident: Ident | None = None) -> Iterator[Record]:
+    import logging
+
     import pypdf  # ~0.2 s import; only when a PDF is ingested
     from pypdf.errors import PdfReadError
+
+    # pypdf logs what it repairs ("EOF marker not found") to stderr, where it stood beside the one error line; a
+    # log line can quote the file, too. A PDF it cannot read is reported as one ReadError.
+    logging.getLogger("pypdf").setLevel(logging.ERROR)
 
     try:
         with open_input(path, ident) as f:
