@@ -227,6 +227,11 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("V/r,\n- CPT Thornbury", "Thornbury"),
     ("COL Baker attended.", "Baker"),
     ("Margaret Okonkwo's bed is ready.", "Margaret Okonkwo"),  # a possessive before a thing: still the person
+    ("## Bed 12 - OKONKWO, MARGARET", "OKONKWO, MARGARET"),  # "Last, First" in capitals
+    ('To: "THORNBURY, REBECCA CPT USARMY" <r.t@army.mil>', "THORNBURY, REBECCA"),  # a DoD address book's form
+    ("pt margaret okonkwo seen on the ward", "margaret okonkwo"),  # lower case after "pt"
+    ("Jin-woo Park signed the log.", "Jin-woo Park"),  # a hyphenated given name; a surname that is a place word
+    ("Anne-Marie Okafor called.", "Anne-Marie Okafor"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -252,6 +257,7 @@ def test_harder_name_forms(text, name):
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
     "Transferred to Johns Hopkins, then seen at Walter Reed. Grand Rounds on Friday. Stationed at Camp Lejeune.",
     "Diagnosed with Lou Gehrig's disease; history of Crohn's disease.",
+    "A walk in Stanley Park and Victoria Park. A well-known Follow-up Clinic. THE WARD, ROUNDS AT NINE.",
 ])
 def test_harder_look_alikes_survive(text):
     assert persons(text) == [], detect(text)

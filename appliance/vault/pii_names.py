@@ -275,15 +275,15 @@ def scorer() -> _Scorer:
 # --- candidates ----------------------------------------------------------------------------------
 _UP = "A-ZÀ-ÖØ-ÞĀ-ž"  # Latin Extended-A (Ł, Ś, Ž, ...) alternates cases: it counts as both
 _LO = "a-zß-öø-ÿĀ-ž"
-_TOK = rf"[{_UP}](?:['’][{_UP}])?(?:[{_LO}]+[{_UP}])?[{_LO}]+(?:-[{_UP}][{_LO}]+)?"
+_TOK = rf"[{_UP}](?:['’][{_UP}])?(?:[{_LO}]+[{_UP}])?[{_LO}]+(?:-[{_UP}{_LO}][{_LO}]+)?"  # "Al-Haddad", "Jin-woo"
 _INIT = rf"[{_UP}]\."
 _PART = r"(?:de|da|di|du|del|della|der|den|van|von|la|le|ter|ten|bin|ibn|al|el)"
 # One element of a run: a capitalized word, an initial ("A."), a title ("Dr.", "SSgt."), "O'Neil", "Al-Haddad".
 # It starts with one capital letter, so the engine skips ahead to capitals quickly.
-_ELEM = rf"[{_UP}](?:[{_LO}]*[{_UP}])?[{_LO}]*(?:['’][{_UP}][{_LO}]+)?(?:-[{_UP}][{_LO}]+)?\.?"
+_ELEM = rf"[{_UP}](?:[{_LO}]*[{_UP}])?[{_LO}]*(?:['’][{_UP}][{_LO}]+)?(?:-[{_UP}{_LO}][{_LO}]+)?\.?"
 # Two capitalized words in a row, maybe with a particle between: cheap to look for, and rare in prose; the
 # whole run is matched only where this finds a start.
-_PAIR = re.compile(rf"[{_UP}](?:[{_LO}]+\.?|\.)[ \t]+(?:[{_LO}]{{1,4}}[ \t]+){{0,2}}[{_UP}]"
+_PAIR = re.compile(rf"[{_UP}](?:[{_LO}]+(?:-[{_UP}{_LO}][{_LO}]+)?\.?|\.)[ \t]+(?:[{_LO}]{{1,4}}[ \t]+){{0,2}}[{_UP}]"
                    rf"(?:[{_LO}.'’]|[ \t]+[{_UP}][{_LO}])")  # "Ana J Okafor": an initial without its full stop
 _RUN = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})+")
 _ELEM_ONE = re.compile(rf"({_ELEM})|({_PART})")
@@ -294,7 +294,7 @@ _AFTER_ROLE = re.compile(rf"[ \t]*(?:[:#-][ \t]*)?((?:(?:{_INIT}|{_ANYTOK})[ \t]
                          rf"{_ANYTOK})")
 # Role words looked for in the lower-cased text with str.find (each costs a pass over the text, so only the
 # roles that precede lower-case, upper-case or lone surnames are here; capitalized runs need none of them).
-_ROLE_SCAN = ("patient", "nurse", "dr", "mr", "ms", " by ", "name", "witness")
+_ROLE_SCAN = ("patient", "nurse", "dr", "mr", "ms", " by ", "name", "witness", "pt")
 _ROLE_HEAD = re.compile(r"[a-z. ]*?([a-z]+)\.?$")
 
 
@@ -336,6 +336,9 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
             return s + 0.9 + max(context, 0.0) if s else 0.0
         return s + context if context >= 0.8 and s else 0.0
     first = 0.9 if initial_first else sc.given(low[0])
+    if first == 0.0 and "-" in low[0]:  # "Jin-woo", "Anne-Marie": a listed given name before the hyphen
+        head = low[0].split("-")[0]
+        first = 1.0 if sc.given(head) >= 1.0 and not sc.is_word(head) else 0.0
     last = sc.surname(low[-1])
     if first == 0.0 and len(names) >= 2 and _given_before_surname(names[0], names[1]):
         first = 0.5
@@ -416,6 +419,10 @@ def _strong_given(w: str) -> bool:
     return lw not in COMMON and lw in scorer().n.first and scorer().given(lw) >= 1.0
 
 
+# Words that end a name as a place ("Central Park", `PLACE_AFTER`) but are common surnames after a given name.
+_SURNAME_PLACES = frozenset("park hall lane church".split())
+
+
 def _continues(part: list[Word], lw: str, context: float) -> bool:
     """A listed surname that is also a word ("Poley", "Genet", "Back") still belongs to the name when a title,
     an initial or a given name comes right before it."""
@@ -424,6 +431,10 @@ def _continues(part: list[Word], lw: str, context: float) -> bool:
                                                      or lw in ROLE_SURNAMES) \
             and _strong_given(part[0][2]):
         return True  # "Jodi English", "Roslyn Boston", "Harland Porter": a listed given name, then a surname
+    given = part[0][2] if len(part) == 1 else ""
+    if lw in _SURNAME_PLACES and lw in sc.n.last_rank and given and (
+            "-" in given and _strong_given(given.split("-")[0]) or context >= 0.8 and _strong_given(given)):
+        return True  # "Jin-woo Park", "Dr. Ana Hall"; not "Stanley Park"
     if not part and lw in EPONYMS and lw in sc.n.last_rank and context >= 1.0:
         return True  # "Dr. Parkinson", "Nurse Richter": after a title the person (a thing after it ends it later)
     if lw not in sc.n.last_rank and lw not in sc.n.first or lw in NOT_NAMES or lw in EPONYMS or lw in ROLES \
@@ -610,8 +621,9 @@ def _runs(text: str, shape: bytes | None = None) -> Iterator[Candidate]:
     p = _pair_search(text, shape, 0)
     while p:
         start = p.start()
-        while start and text[start - 1].isalpha():
-            start -= 1  # "McDonald Smith": the pair starts at "Donald"
+        while start and (text[start - 1].isalpha() or text[start - 1] == "-" and start > 1
+                         and text[start - 2].isalpha()):
+            start -= 1  # "McDonald Smith": the pair starts at "Donald"; "Anne-Marie Okafor" at "Marie"
         m = _RUN.match(text, start)
         if m:
             yield from _cached_split(text, m)
@@ -648,7 +660,7 @@ def shapes(text: str) -> bytes | None:
 
 # `_PAIR` in shapes: it starts with one fixed letter, "U". Wherever `_PAIR` matches in an ASCII text, this
 # matches in its shapes (the apostrophe after the second capital is a "U" there); the text's own match decides.
-_PAIR_SHAPE = re.compile(rb"U(?:l+\.?|\.)[ \t]+(?:l{1,4}[ \t]+){0,2}U(?:[lU.]|[ \t]+Ul)")
+_PAIR_SHAPE = re.compile(rb"U(?:l+(?:#[Ul]l+)?\.?|\.)[ \t]+(?:l{1,4}[ \t]+){0,2}U(?:[lU.]|[ \t]+Ul)")
 
 
 def _pair_search(text: str, shape: bytes | None, pos: int) -> re.Match | None:
@@ -855,6 +867,10 @@ _COMMA_CAP = re.compile(rf", (?=[{_UP}])")  # a literal first: the engine jumps 
 _ITEM_START = re.compile(r"(?:^|[;:\n|])[ \t]*$")
 _PARTICLES_BEFORE = re.compile(rf"(?<![\w])(?:{_PART}[ \t]+)+$")
 _TOK_END = re.compile(rf"{_TOK}$")
+# The same in capitals, as address books and headings write it: "THORNBURY, REBECCA", "OKONKWO, MARGARET A."
+_UP_WORD = r"[A-Z][A-Z'’]+(?:-[A-Z][A-Z'’]+)?"
+_UP_END = re.compile(rf"(?<![A-Za-z]){_UP_WORD}$")
+_LAST_FIRST_UP = re.compile(rf"({_UP_WORD}), ({_UP_WORD})(?: [A-Z]\.?)?(?![A-Za-z'’-])")
 
 
 def _last_first(text: str) -> Iterator[Candidate]:
@@ -863,6 +879,11 @@ def _last_first(text: str) -> Iterator[Candidate]:
         before = _TOK_END.search(text, max(0, c.start() - 40), c.start())
         m = before and _LAST_FIRST.match(text, before.start())
         if not m:
+            up = _UP_END.search(text, max(0, c.start() - 40), c.start())
+            m = up and _LAST_FIRST_UP.match(text, up.start())
+            if m and _caps_name(f"{m.group(2)} {m.group(1)}"):  # "OKONKWO, MARGARET", "THORNBURY, REBECCA CPT"
+                yield Candidate(m.start(), m.end(), 0.8, "name-last-first",
+                                (m.group(1).capitalize(), m.group(2).capitalize()))
             continue
         last, first = m.group(1).lower(), m.group(2).lower()
         if first in NOT_NAMES:
@@ -924,7 +945,8 @@ LCPL GYSGT MGYSGT SGTMAJ
 """.split())
 # Words that continue a rank rather than start a name: "SGT Major", "PFC First Class".
 _RANK_WORDS = frozenset("major first class general colonel commander sergeant lieutenant chief master staff "
-                        "technical senior command warrant officer grade retired ret".split())
+                        "technical senior command warrant officer grade retired ret usarmy usaf usn usmc usa uscg "
+                        "arng usar ang civ ctr mil".split())  # and the services of a DoD address: "CPT USARMY"
 # In the letter shapes (`shapes`): an upper-case word, a blank, a capital; or a word ending in a digit ("CW2").
 # Both start with fixed letters, which the engine finds at over a GB/s; the rank itself is read from the text.
 _RANK_SHAPE = re.compile(rb"U U|UU# U")
