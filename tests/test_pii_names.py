@@ -105,6 +105,10 @@ def test_findings_carry_detector_and_score():
     ("MRI performed 03/08/2024; biopsy on 2024-03-06.", "DATE", "2024-03-06"),
     ("Deployed from 2023-06-01 to 2024-01-15.", "DATE", "2024-01-15"),  # a range's end is the person's too
     ("Admitted 5-Mar-2024 via ED.", "DATE", "5-Mar-2024"),
+    ("Lives at 1600 Pennsylvania Ave NW, Washington, DC 20500.", "ADDRESS",
+     "1600 Pennsylvania Ave NW, Washington, DC 20500"),  # a direction after the street
+    ("Mail to Rural Route 2, Box 15, Ames, IA.", "ADDRESS", "Rural Route 2, Box 15, Ames, IA."),
+    ("Lic# RN123456 on file.", "LICENSE", "RN123456"),
 ])
 def test_safe_harbor_types(text, typ, value):
     assert (typ, value) in [(f.type, f.value) for f in detect(text)], detect(text)

@@ -166,8 +166,9 @@ _LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#)\.?)?[ \t]*[:#=-]?[ \t]
 _ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
                       r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan)"
                       + _LABEL_TAIL + _ID)
-_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|certificate|cert\.|dea|npi|registration"
-                      r"|permit|board[ \t]*certification|credential)" + _LABEL_TAIL + _ID)
+_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificate|cert(?:\.|(?=[ \t]*[#:]))|dea|npi"
+                      r"|registration|permit|board[ \t]*cert(?:ification|ified)?(?=[ \t]*[#.:])|credential)"
+                      + _LABEL_TAIL + _ID)  # "Lic# RN123456", "Board cert: ABIM 123456"
 _DEVICE = re.compile(r"(?i:serial(?:[ \t]*number)?|s/n|sn|device[ \t]*(?:id|identifier|serial)|imei|udi"
                      r"|asset[ \t]*tag|implant[ \t]*(?:id|serial))" + _LABEL_TAIL + _ID)
 _PLATE = re.compile(r"(?i:licen[cs]e[ \t]*plate|number[ \t]*plate|plate|vehicle[ \t]*reg(?:istration)?|reg\.?"
@@ -181,7 +182,8 @@ _VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
 
 _ACCOUNT_KEYS = ("health", "insurance", "member", "subscriber", "beneficiary", "policy", "account", "acct",
                  "medicaid", "medicare", "group")
-_LICENSE_KEYS = ("licen", "certif", "cert.", "dea", "npi", "registration", "permit", "credential")
+_LICENSE_KEYS = ("licen", "lic#", "lic.", "lic:", "certif", "cert.", "cert:", "cert#", "dea", "npi", "registration",
+                 "permit", "credential")
 _DEVICE_KEYS = ("serial", "s/n", "sn", "device", "imei", "udi", "asset", "implant")
 _PLATE_KEYS = ("licen", "number plate", "plate", "vehicle", "reg", "tag")
 _VIN_KEYS = ("vin", "vehicle", "car ", "truck", "chassis", "van ")
@@ -231,13 +233,15 @@ _STATES = trie_pattern(("AL AK AZ AR CA CO CT DE DC FL GA HI ID IL IN IA KS KY L
 _CITY_ZIP = rf"(?:,?[ \t]+(?:[A-Z][a-z]+[ \t]?){{1,3}},?[ \t]+(?:{_STATES})\.?(?:[ \t]+\d{{5}}(?:-\d{{4}})?)?)?"
 _ADDRESS = re.compile(rf"\d{{1,6}}[A-Z]?(?:-\d{{1,4}})?[ \t]+(?:[NSEW]\.?[ \t]+)?"
                       rf"(?:[A-Z][a-z]+\.?[ \t]+|\d{{1,3}}(?:st|nd|rd|th)[ \t]+){{1,3}}{_SUFFIX}\b\.?"
+                      rf"(?:[ \t]+(?:NE|NW|SE|SW|N|S|E|W)\b\.?)?"  # "1600 Pennsylvania Ave NW"
                       rf"(?:,?[ \t]*(?:Apt|Apartment|Suite|Ste|Unit|Room|Rm|Floor|Fl|#)\.?[ \t]*#?[A-Z0-9-]{{1,6}})?"
                       + _CITY_ZIP)
 # A street suffix is found first (a capital letter, then one branch of a trie: fast to scan for); only then is
 # the house number looked for in the few dozen characters before it, and the whole address matched there.
 _SUFFIX_AT = re.compile(_SUFFIX + r"\b")
 _HOUSE = re.compile(r"\d{1,6}[A-Z]?(?:-\d{1,4})?[ \t]+(?:[NSEW]\.?[ \t]+)?(?:[A-Z][a-z]|\d{1,3}(?:st|nd|rd|th)\b)")
-_PO_BOX = re.compile(r"(?i:p\.?[ \t]?o\.?[ \t]*box)[ \t]+\d{1,6}" + _CITY_ZIP)
+_PO_BOX = re.compile(r"(?i:p\.?[ \t]?o\.?[ \t]*box|(?:rural[ \t]+route|r\.?r\.?|hc)[ \t]+\d{1,4},?[ \t]*box)"
+                     r"[ \t]+\d{1,6}" + _CITY_ZIP)  # "PO Box 12", "Rural Route 2, Box 15"
 _ZIP_STATE = re.compile(rf"(?:{_STATES})\.?,?[ \t]+(\d{{5}}(?:-\d{{4}})?)(?![\w-])")
 _ZIP_LABEL = re.compile(r"(?i:zip(?:[ \t]*code)?|postal[ \t]*code|postcode)[ \t]*[:#]?[ \t]*"
                         r"(\d{5}(?:-\d{4})?)(?![\w-])")
