@@ -236,6 +236,7 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("pt margaret okonkwo seen on the ward", "margaret okonkwo"),  # lower case after "pt"
     ("Jin-woo Park signed the log.", "Jin-woo Park"),  # a hyphenated given name; a surname that is a place word
     ("Anne-Marie Okafor called.", "Anne-Marie Okafor"),
+    ("On Mon, Jun 3, 2024 at 9:12 AM Thornbury, Rebecca CPT <r.t@army.mil> wrote:", "Thornbury, Rebecca"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))

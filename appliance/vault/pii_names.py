@@ -877,7 +877,7 @@ def _last_first(text: str) -> Iterator[Candidate]:
     sc = scorer()
     for c in _COMMA_CAP.finditer(text):
         before = _TOK_END.search(text, max(0, c.start() - 40), c.start())
-        m = before and _LAST_FIRST.match(text, before.start())
+        m = before and (_LAST_FIRST.match(text, before.start()) or _LAST_FIRST_RANK.match(text, before.start()))
         if not m:
             up = _UP_END.search(text, max(0, c.start() - 40), c.start())
             m = up and _LAST_FIRST_UP.match(text, up.start())
@@ -943,6 +943,8 @@ PVT PV2 PFC SPC CPL SGT SSG SFC MSG 1SG SGM CSM WO1 CW2 CW3 CW4 CW5 2LT 1LT LT C
 PO1 PO2 PO3 CPO SCPO MCPO ENS LTJG LCDR CDR CAPT RDML RADM VADM ADM AMN A1C SRA SSGT TSGT MSGT SMSGT CMSGT
 LCPL GYSGT MGYSGT SGTMAJ
 """.split())
+# "Thornbury, Rebecca CPT wrote:": a rank after the given name, as military mail signs and quotes
+_LAST_FIRST_RANK = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?=[ \t]+(?:{'|'.join(sorted(RANKS))})(?![\w-]))")
 # Words that continue a rank rather than start a name: "SGT Major", "PFC First Class".
 _RANK_WORDS = frozenset("major first class general colonel commander sergeant lieutenant chief master staff "
                         "technical senior command warrant officer grade retired ret usarmy usaf usn usmc usa uscg "

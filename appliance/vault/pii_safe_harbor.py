@@ -166,9 +166,9 @@ _LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#)\.?)?[ \t]*[:#=-]?[ \t]
 _ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
                       r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan)"
                       + _LABEL_TAIL + _ID)
-_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificate|cert(?:\.|(?=[ \t]*[#:]))|dea|npi"
-                      r"|registration|permit|board[ \t]*cert(?:ification|ified)?(?=[ \t]*[#.:])|credential)"
-                      + _LABEL_TAIL + _ID)  # "Lic# RN123456", "Board cert: ABIM 123456"
+_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificate"
+                      r"|cert(?:\.|(?=[ \t]*[#:]))|dea|npi|registration|permit|board[ \t]*certification"
+                      r"|credential)" + _LABEL_TAIL + _ID)  # "Lic# RN123456", "Cert# 44871"
 _DEVICE = re.compile(r"(?i:serial(?:[ \t]*number)?|s/n|sn|device[ \t]*(?:id|identifier|serial)|imei|udi"
                      r"|asset[ \t]*tag|implant[ \t]*(?:id|serial))" + _LABEL_TAIL + _ID)
 _PLATE = re.compile(r"(?i:licen[cs]e[ \t]*plate|number[ \t]*plate|plate|vehicle[ \t]*reg(?:istration)?|reg\.?"
