@@ -417,3 +417,5 @@ def test_names_joined_in_a_documents_path_are_found_not_in_code():
     for path in ["torch/nn/max_pool.py", "src/xlm_roberta/modeling.py", "tz/America/Los_Angeles.txt",
                  "numbers.cpython-311.pyc", "docs/grace_period_policy.md"]:
         assert fs.path(path)[0] == path, (path, fs.path(path)[0])
+    for name in ["max_pool", "jack_knife_score"]:  # a table's columns and a repository's name join words so too
+        assert fs.path(name, "column")[0] == fs.path(name, "meta.repo")[0] == name

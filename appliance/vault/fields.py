@@ -130,7 +130,9 @@ class FieldScrubber:
         if key in self._cache:
             return self._cache[key]
         parts, counts, found, pos = [], Counter(), [], 0
-        named = _DOCUMENT.search(value) is not None  # a document's path: its words may join a person's name
+        # a document's path: its words may join a person's name (not a column's or a repository's name: data
+        # and code join words so, "max_pool")
+        named = field in ("path", "source") and _DOCUMENT.search(value) is not None
         for comp in value.split("/"):
             out, c, f = self._remembered(comp, field, named) if comp else (comp, Counter(), [])
             counts.update(c)
