@@ -389,13 +389,17 @@ def test_names_found_in_a_text_are_looked_for_in_its_title_and_the_files_later_r
     mail.parent.mkdir()
     mail.write_text("From: ward4@example.org\nTo: ops@example.org\nSubject: RE: Okonkwo transfer\n"
                     "\nPatient Margaret Okonkwo moves to 4W today.\n")
-    note = tmp_path / "in" / "long_note.txt"
+    note = tmp_path / "in" / "notes.txt"  # a title with no separator in it: scrubbed as text is
     note.write_text("Patient Derek Hollis admitted.\n" + "Vitals within normal limits; plan unchanged.\n" * 1600
                     + "Hollis asked about discharge. hollis stable.\n")
+    box = tmp_path / "in" / "ward.mbox"  # a mailbox's later messages
+    box.write_text("From a@example.org Mon Jun  3 09:00:00 2024\nFrom: a@example.org\nSubject: admission\n\n"
+                   "Patient Derek Hollis arrived.\n\nFrom b@example.org Mon Jun  3 10:00:00 2024\n"
+                   "From: b@example.org\nSubject: update\n\nHollis settled in well.\n")
     with open_vault(home) as v:
         api.vault_ingest(v, [tmp_path / "in"], "notes", workers=1)
         rows = v.con.execute("SELECT r.title, b.text FROM version_records r JOIN blobs b ON b.hash = r.hash").fetchall()
-    assert len(rows) >= 3  # the mail, and the note in two pieces at least
+    assert len(rows) >= 5  # the mail, the note in two pieces at least, the mailbox's two messages
     landed = json.dumps(rows)
     assert "Okonkwo" not in landed and "Hollis" not in landed and "hollis" not in landed, landed[-300:]
     assert "RE: [PERSON] transfer" in {t for t, _ in rows}

@@ -92,6 +92,7 @@ class FieldScrubber:
         self._cache: dict[tuple[str, str], tuple[str, Counter, list[Found]]] = {}
         self.spans: list[tuple[int, int]] = []  # where the last `scrub` found something, in its input
         self.people: list[str] = []  # the names the last `scrub` found (values: they stay in this process)
+        self.record_people: list[str] = []  # the names the last `scrub_record` found in its record's text
         # (column, cell as it lands) -> its findings, at their places in that value: a table row's record
         # (`table_found`) takes them from here, so cells are reviewed as text is
         self._cells: dict[tuple[str, str], list[Found]] = {}
@@ -292,10 +293,12 @@ def scrub_record(fs: FieldScrubber, rec, known: tuple[str, ...] = ()) -> tuple[C
     `scrub_source`), not each record's."""
     counts, found, clean = Counter(), [], None
     hints = rec.name_hints + known if known else rec.name_hints
+    fs.record_people = []
     if not rec.scrubbed:
         text = rec.text
         rec.text, counts, found = fs.scrub(text, hints)
         clean = _clean_in(text, str(rec.title or ""), fs)
+        fs.record_people = fs.people  # before the fields' scrubs below set `people` again
         if fs.people:
             hints = hints + tuple(sorted(pii_names.words_of(fs.people) - set(hints)))
     elif getattr(rec, "kind", "") == "table":  # counted as its cells were scrubbed; kept for review here

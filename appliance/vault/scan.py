@@ -78,9 +78,9 @@ def scrub_records(records: list[Record], mode: str, key: bytes, types: tuple[str
     for rec in records:
         seen = known.get(rec.source)
         counts, rec.found = scrub_record(fs, rec, tuple(seen) if seen else ())
-        if fs.people and not rec.scrubbed:
+        if fs.record_people:
             seen = known.setdefault(rec.source, {})
-            for w in sorted(words_of(fs.people)):
+            for w in sorted(words_of(fs.record_people)):
                 seen.pop(w, None)
                 seen[w] = None  # the most recent last
             while len(seen) > KNOWN_NAMES:
