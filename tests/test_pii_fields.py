@@ -438,3 +438,16 @@ def test_a_rescrub_of_a_flag_version_counts_a_tables_findings_once(home, tmp_pat
         again = api.vault_rescrub(v, "flagged@1")
         plain = api.vault_show(v, "plain@1")["pii"]["total"]
         assert again["pii"] == plain == {"PERSON": 3, "SSN": 3}, (again["pii"], plain)
+
+
+def test_flag_mode_review_masks_names_the_file_gave_beyond_what_it_keeps(home, cli, tmp_path):
+    """A name found from an earlier part of the file, more often than the review keeps findings of it (50 per
+    file, type and detector), is masked in every context shown all the same."""
+    f = tmp_path / "notes.txt"
+    f.write_text("Patient Derek Hollis admitted.\n" + "Vitals within normal limits; plan unchanged.\n" * 1600
+                 + "".join(f"Hollis asked about the pump {i}.\n" for i in range(81))
+                 + f"Hollis gave SSN {SSN} at intake.\n")
+    assert cli("--home", home, "vault", "ingest", f, "--dataset", "long", "--pii", "flag").code == 0
+    d = cli("--home", home, "--json", "vault", "pii-review", "long@1", "--type", "ssn").json
+    assert d["findings"] and "»[SSN]«" in d["findings"][0]["context"]
+    assert not _leaks(json.dumps(d["findings"], ensure_ascii=False)), d["findings"][0]["context"]

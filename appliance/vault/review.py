@@ -49,13 +49,14 @@ def review(con, ref: str, limit: int = 20, offset: int = 0, type_: str | None = 
             "ORDER BY score, ord NULLS FIRST, field, pos LIMIT ? OFFSET ?", [*params, limit, offset]).fetchall()
     records = _records(con, vid, {r[0] for r in rows if r[0] is not None})
     kept = _kept(con, vid, rows)
+    names = _names(con, vid, {r[1] for r in rows}) if mode not in ("redact", "pseudonymize") else {}
     masks: dict[tuple, list[tuple[int, int, str]]] = {}
     findings = []
     for ord_, source, field, typ, detector, score, pos, length in rows:
         value = source if field == "source" else _value(records.get(ord_), field)
         key = (ord_, source if ord_ is None else None, field)
         if key not in masks:
-            masks[key] = _masks(value, kept.get(key, ()))
+            masks[key] = _masks(value, kept.get(key, ()), names.get(source, ()))
         findings.append({
             "id": None if ord_ is None else f"{name}@{n}#{ord_}", "source": source, "field": field, "type": typ,
             "detector": detector or "", "score": round(float(score), 4), "band": band(score),
@@ -128,9 +129,28 @@ def _kept(con, vid: int, rows: list[tuple]) -> dict[tuple, list[tuple[int, int, 
     return out
 
 
-def _masks(value: str, kept) -> list[tuple[int, int, str]]:
-    """What to mask in `value`: the detectors' findings in the whole of it, and the findings kept for it."""
-    return sorted({(f.start, f.end, f.type) for f in detect(value)} | {(s, e, t) for s, e, t in kept})
+def _masks(value: str, kept, hints: tuple[str, ...] = ()) -> list[tuple[int, int, str]]:
+    """What to mask in `value`: the detectors' findings in the whole of it, with the names its file is known to
+    hold (`hints`), and the findings kept for it."""
+    return sorted({(f.start, f.end, f.type) for f in detect(value, hints)} | {(s, e, t) for s, e, t in kept})
+
+
+def _names(con, vid: int, sources: set[str]) -> dict[str, tuple[str, ...]]:
+    """The names each of `sources` is known to hold in a version that stores values (flag, off): the words of
+    every PERSON finding kept for the file, read from its records. Ingest found some of them from context the
+    review cannot see again (a mail's headers, a name an earlier part of the file gave): only some of a file's
+    findings are kept, but the same names are."""
+    from appliance.vault.pii_names import words_of
+
+    out: dict[str, tuple[str, ...]] = {}
+    for source in sources:
+        spots = con.execute("SELECT ord, field, pos, len FROM version_pii_findings WHERE vid = ? AND source = ? "
+                            "AND type = 'PERSON' AND ord IS NOT NULL LIMIT 2000", [vid, source]).fetchall()
+        records = _records(con, vid, {o for o, *_ in spots})
+        values = {_value(records.get(o), f)[p:p + n] for o, f, p, n in spots}
+        values.discard("")
+        out[source] = tuple(sorted(values | words_of(values)))
+    return out
 
 
 def _context(value: str, pos: int, length: int, typ: str, masks: list[tuple[int, int, str]]) -> str:
