@@ -404,15 +404,17 @@ def test_a_tables_name_and_phone_columns_are_read_as_their_labels_say():
 
 def test_names_joined_in_a_documents_path_are_found_not_in_code():
     """A file or directory named after a person ("margaret.okonkwo/", "Okonkwo-Margaret-notes.docx",
-    "john_smith_123-45-6789.txt") loses the name; code joins words so too ("max_pool.py", "xlm_roberta/") and
-    keeps them, as do places ("Los_Angeles.txt")."""
+    "john_smith_123-45-6789.txt") loses the name, whatever the files under it; code joins words so too
+    ("max_pool.py", "xlm_roberta/") and keeps them, as do places ("Los_Angeles.txt")."""
     from appliance.vault.fields import FieldScrubber
 
     fs = FieldScrubber("redact", b"k" * 32)
     for path, out in [("patients/margaret.okonkwo/note.md", "patients/[PERSON]/note.md"),
                       ("in/Okonkwo-Margaret-notes.docx", "in/[PERSON]-notes.docx"),
                       ("john_smith_123-45-6789.txt", "[PERSON]_[SSN].txt"),
-                      ("ward/Hollis_Derek", "ward/[PERSON]")]:
+                      ("ward/Hollis_Derek", "ward/[PERSON]"),
+                      ("patients/margaret.okonkwo/scan.png", "patients/[PERSON]/scan.png"),  # any file under it
+                      ("patients/margaret.okonkwo/notes.adoc", "patients/[PERSON]/notes.adoc")]:
         assert fs.path(path)[0] == out, (path, fs.path(path)[0])
     for path in ["torch/nn/max_pool.py", "src/xlm_roberta/modeling.py", "tz/America/Los_Angeles.txt",
                  "numbers.cpython-311.pyc", "docs/grace_period_policy.md"]:

@@ -29,10 +29,12 @@ _CACHE = 4096  # distinct short field values remembered per scrubber (a file's t
 # cells with findings remembered for their rows' records: more than a table batch of rows (2,048) can hold, so
 # every row still finds its cells when the batch's records are scrubbed after it
 _CELL_FINDINGS = 65536
-# The path of a document, a mail, a table or a file with no extension: where a file or directory may be named
-# after a person ("margaret.okonkwo/", "Okonkwo-Margaret-notes.docx"); not code.
-_DOCUMENT = re.compile(r"(?i)(?:\.(?:txt|text|md|markdown|rst|docx?|odt|rtf|pdf|eml|mbox|msg|csv|tsv|parquet|jsonl"
-                       r"|ndjson|json|html?|xlsx?|log)|/[^/.]*)$|^[^/.]*$")
+# The path of code (and its build and packaging files), where words are joined in names ("max_pool.py",
+# "xlm_roberta/modeling.py"); any other file's path, a directory's included, may be named after a person
+# ("patients/margaret.okonkwo/scan.png", "Okonkwo-Margaret-notes.docx").
+_CODE = re.compile(r"(?i)\.(?:py|pyc|pyi|pyx|pxd|js|mjs|cjs|ts|tsx|jsx|c|h|cc|cpp|cxx|hpp|hh|cu|cuh|java|kt|kts"
+                   r"|scala|go|rs|rb|php|pl|pm|sh|bash|zsh|ps1|swift|m|mm|cs|fs|lua|r|jl|sql|so|dll|dylib|o|a|whl"
+                   r"|egg|class|jar|ipynb|proto|toml|cfg|ini|ya?ml|lock|cmake|gradle|mk|pth|typed)$")
 # `_`, and `-` or `.` between a letter and a digit: word separators in a file name, spaces to the detectors
 _SEPARATORS = re.compile(r"_|(?<=[^\W\d_])[-.](?=\d)|(?<=\d)[-.](?=[^\W\d_])")
 
@@ -133,7 +135,7 @@ class FieldScrubber:
         parts, counts, found, pos = [], Counter(), [], 0
         # a document's path: its words may join a person's name (not a column's or a repository's name: data
         # and code join words so, "max_pool")
-        named = field in ("path", "source") and _DOCUMENT.search(value) is not None
+        named = field in ("path", "source") and _CODE.search(value) is None
         for comp in value.split("/"):
             out, c, f = self._remembered(comp, field, named) if comp else (comp, Counter(), [])
             counts.update(c)
@@ -157,9 +159,9 @@ class FieldScrubber:
     def _component(self, comp: str, field: str, hints: tuple[str, ...] = (), named: bool = False
                    ) -> tuple[str, Counter, list[Found]]:
         """One path component. Names join words with `_`, `-` and `.` ("tools-123-45-6789", "jane_doe"):
-        the detectors see those as spaces, and the placeholders go into the component as it was. In a
-        document's path (`_DOCUMENT`: not code, whose files join words so, "max_pool"), a given name and a
-        surname joined so, in either order and any case, are a name (`pii_names.path_names`)."""
+        the detectors see those as spaces, and the placeholders go into the component as it was. In a path
+        that is not code's (`_CODE`: code joins words so, "max_pool"), a given name and a surname joined so, in
+        either order and any case, are a name (`pii_names.path_names`)."""
         seen = _SEPARATORS.sub(" ", comp)  # same length: the findings' places hold in `comp`
         if named and self.mode != "off":
             hints = hints + tuple(pii_names.path_names(seen))  # "margaret.okonkwo", "Okonkwo-Margaret"
