@@ -451,3 +451,23 @@ def test_flag_mode_review_masks_names_the_file_gave_beyond_what_it_keeps(home, c
     d = cli("--home", home, "--json", "vault", "pii-review", "long@1", "--type", "ssn").json
     assert d["findings"] and "»[SSN]«" in d["findings"][0]["context"]
     assert not _leaks(json.dumps(d["findings"], ensure_ascii=False)), d["findings"][0]["context"]
+
+
+def test_names_in_a_tables_record_fields_and_map_keys_are_scrubbed(home, tmp_path):
+    """A JSON object's keys become a record column's field names, a Parquet map's keys are values: a name in
+    either landed as it was ("scores": {"Derek Hollis": 5})."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from appliance import api
+
+    (tmp_path / "scores.jsonl").write_text(json.dumps({"scores": {"Derek Hollis": 5, "Ana Okafor": 3}}) + "\n")
+    pq.write_table(pa.table({"contacts": pa.array([[("Derek Hollis", "617-555-0199"), ("Ana Okafor", "x")]],
+                                                  type=pa.map_(pa.string(), pa.string()))}), tmp_path / "c.parquet")
+    with open_vault(home) as v:
+        r = api.vault_ingest(v, [tmp_path], "nested", workers=1)
+        cells = [v.con.execute(f"SELECT * FROM {t}").fetchall() for t in r["tables"]]
+        texts = v.con.execute("SELECT b.text FROM version_records r JOIN blobs b ON b.hash = r.hash").fetchall()
+    landed = json.dumps([cells, texts], default=str)
+    assert not _leaks(landed) and "Okafor" not in landed and "617-555" not in landed, landed
+    assert "[PERSON]_2" in landed  # two keys that land as one placeholder stay two keys

@@ -128,6 +128,7 @@ class _BatchScrubber:
         self.name = name
         self.textual: set[str] | None = None
         self.names: dict[str, str] | None = None  # column name as read -> as it lands
+        self._fields: dict[tuple[str, ...], dict[str, str]] = {}  # a record type's field names -> as they land
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.names is None:  # cells are scrubbed with their column's name as it lands: no PII in the context
@@ -141,8 +142,9 @@ class _BatchScrubber:
         for col, f in zip(batch.columns, batch.schema):
             if _is_nested(f.type):  # records and lists (JSON objects): every string in them, in every batch
                 landed = self.names[f.name]
-                cols.append(pa.array([self._deep(landed, v) for v in col.to_pylist()], type=f.type))
-                fields.append(f.with_name(landed))
+                t = self._landed_type(f.type)
+                cols.append(pa.array([self._deep(landed, v, f.type) for v in col.to_pylist()], type=t))
+                fields.append(pa.field(landed, t, f.nullable))
             elif f.name in self.textual:
                 landed = self.names[f.name]
                 cols.append(pa.array([None if v is None else self._cell(landed, str(v)) for v in col.to_pylist()],
@@ -159,17 +161,50 @@ class _BatchScrubber:
             self.counts.update(found)
         return out
 
-    def _deep(self, column: str, value):
-        """A nested value with each string in it scrubbed, read with its key as the column ("name", "dob");
-        a number or date in it that holds PII becomes null (it cannot hold a placeholder)."""
+    def _landed_type(self, t: pa.DataType) -> pa.DataType:
+        """A nested type with its records' field names as they land: scrubbed as column names are ("scores":
+        {"Margaret Okonkwo": 5} holds a name in a field's name), and distinct."""
+        if pa.types.is_struct(t):
+            names = self._struct_names([t.field(i).name for i in range(t.num_fields)])
+            return pa.struct([pa.field(names[t.field(i).name], self._landed_type(t.field(i).type), t.field(i).nullable)
+                              for i in range(t.num_fields)])
+        if pa.types.is_map(t):
+            return pa.map_(t.key_type, self._landed_type(t.item_type))
+        if pa.types.is_large_list(t):
+            return pa.large_list(self._landed_type(t.value_type))
+        if pa.types.is_fixed_size_list(t):
+            return pa.list_(self._landed_type(t.value_type), t.list_size)
+        if pa.types.is_list(t):
+            return pa.list_(self._landed_type(t.value_type))
+        return t
+
+    def _struct_names(self, names: list[str]) -> dict[str, str]:
+        key = tuple(names)
+        if key not in self._fields:  # once per table: the counts take what the names held once
+            self._fields[key] = _landing_names(names, self.name)
+        return self._fields[key]
+
+    def _deep(self, column: str, value, t: pa.DataType):
+        """A nested value of type `t` with each string in it scrubbed, read with its key as the column ("name",
+        "dob"), a record's field names and a map's keys too; a number or date in it that holds PII becomes null
+        (it cannot hold a placeholder)."""
         if value is None:
             return None
-        if isinstance(value, dict):
-            return {k: self._deep(str(k), v) for k, v in value.items()}
-        if isinstance(value, list):
-            if value and isinstance(value[0], tuple) and len(value[0]) == 2:  # a map: (key, value) pairs
-                return [(k, self._deep(str(k), v)) for k, v in value]
-            return [self._deep(column, v) for v in value]
+        if pa.types.is_struct(t):
+            names = self._struct_names([t.field(i).name for i in range(t.num_fields)])
+            return {names[k]: self._deep(str(k), v, t.field(k).type) for k, v in value.items()}
+        if pa.types.is_map(t):
+            out, taken = [], set()
+            for k, v in value:
+                landed = self._cell(column, k) if isinstance(k, str) else k
+                i = 2
+                while landed in taken:  # two keys that land as one placeholder stay two keys
+                    landed, i = f"{self._cell(column, k)}_{i}", i + 1
+                taken.add(landed)
+                out.append((landed, self._deep(str(k), v, t.item_type)))
+            return out
+        if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+            return [self._deep(column, v, t.value_type) for v in value]
         if isinstance(value, str):
             return self._cell(column, value)
         if isinstance(value, bool):
