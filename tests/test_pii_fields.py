@@ -471,3 +471,21 @@ def test_names_in_a_tables_record_fields_and_map_keys_are_scrubbed(home, tmp_pat
     landed = json.dumps([cells, texts], default=str)
     assert not _leaks(landed) and "Okafor" not in landed and "617-555" not in landed, landed
     assert "[PERSON]_2" in landed  # two keys that land as one placeholder stay two keys
+
+
+def test_a_version_holding_an_earlier_flag_versions_records_can_be_rescrubbed(home, tmp_path):
+    """An ingest on top of a flag version keeps that version's records as they were: re-scrubbing it under the
+    policy of its own last ingest changes them, and is not refused as changing nothing."""
+    from appliance import api
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "a.txt").write_text(f"Patient Derek Hollis, SSN {SSN}.\n")
+    (tmp_path / "b" / "b.txt").write_text("Plain text.\n")
+    with open_vault(home) as v:
+        api.vault_ingest(v, [tmp_path / "a"], "site", pii="flag", workers=1)
+        api.vault_ingest(v, [tmp_path / "b"], "site", workers=1)
+        r = api.vault_rescrub(v, "site@2")
+        texts = v.con.execute("SELECT b.text FROM version_records r JOIN blobs b ON b.hash = r.hash "
+                              "JOIN versions x ON x.vid = r.vid WHERE x.name = 'site' AND x.n = 3").fetchall()
+    assert r["version"] == "site@3" and not _leaks(json.dumps(texts)), texts

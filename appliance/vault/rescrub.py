@@ -66,7 +66,7 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
         or {"mode": old_mode}
     types = site_types(vault.home.root)
     after = policy(mode, types)
-    if _same(before, after):
+    if all(_same(p, after) for p in _policies(con, old_id, before)):
         raise UsageError(f"{old_id} was scrubbed under this very policy (mode {mode}, the same types and "
                          "detectors): a re-scrub would change nothing",
                          "change the site's policy (pii-policy.toml) or --pii, or re-scrub once the detectors change")
@@ -85,6 +85,24 @@ def rescrub(vault, ref: str, pii_mode: str | None = None, dataset: str | None = 
             "new_records": done.records, "bytes": done.bytes, "duplicates": run.dups, "files": run.files,
             "partial": False, "parent": old_id, "pii": dict(sorted(found.items())), "tables": run.new_tables,
             "skipped": [], "failed": [], "rescrub_of": old_id, "policy_before": before, "policy_after": after}
+
+
+def _policies(con, version: str, own: dict) -> Iterator[dict]:
+    """The policies `version`'s records were scrubbed under: its own, and those of the versions it holds records
+    of (lineage "previous", transitively: an ingest on top of a flag version keeps that version's plaintext).
+    Not past a re-scrub, which scrubbed what it holds again."""
+    yield own
+    frontier, seen = [version], {version}
+    while frontier:
+        child = frontier.pop()
+        for (parent,) in con.execute("SELECT parent FROM lineage_edges WHERE child = ? AND role = 'previous'",
+                                     [child]).fetchall():
+            if parent in seen:
+                continue
+            seen.add(parent)
+            attrs = lineage.node(con, parent)["attrs"]
+            yield attrs.get("pii_policy") or {"mode": attrs.get("pii_mode")}
+            frontier.append(parent)
 
 
 def _same(before: dict, after: dict) -> bool:
