@@ -258,6 +258,7 @@ def test_harder_name_forms(text, name):
     "patient ambulated independently today; patient recieved medicaton late",  # words, and misspelt words
     "The Gigli saw was used. Used a Luer lock and a Mayo stand. Apgar score 9. Babinski sign negative.",
     "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
+    "Insert Foley catheter. Adjust Allen key. Swan Ganz catheter placed. Kruskal Wallis test and Mann Whitney test.",
     "Last name: N/A\nFirst name: unknown\nusername: jdoe\nFile name: Will_and_Hope.txt",
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
     "Transferred to Johns Hopkins, then seen at Walter Reed. Grand Rounds on Friday. Stationed at Camp Lejeune.",

@@ -592,7 +592,9 @@ def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok:
         return
     score = _score_run(part, context, lower_ok, particle)
     first = part[0][0] if start < 0 else start
-    if score >= THRESHOLD and not _followed_by_thing(text, end, len(part) > 1 or context >= 0.8
+    lead = part[0][2]
+    full = len(part) > 1 and (_is_initial(lead) or _strong_given(lead.split("-")[0]))
+    if score >= THRESHOLD and not _followed_by_thing(text, end, full or context >= 0.8
                                                      and text[:first].rstrip(" \t")[-1:] not in (":", ",", "(")):
         yield Candidate(first, end, min(1.0, score / 2.5), detector,
                         tuple(w for _, _, w in part if len(w.rstrip(".")) > 1))
@@ -604,8 +606,9 @@ _POSSESSIVE_NEXT = re.compile(r"['’]s[ \t]+([A-Za-z]+)")
 
 def _followed_by_thing(text: str, end: int, strong: bool = False) -> bool:
     """Whether the word after `end` makes the name before it a place or a thing (`PLACE_AFTER`, `THING_AFTER`);
-    `strong`: the name has more than one word, or a title or role right before it ("Sgt. Marroquin saw"; not a
-    label, "Charge Nurse: Mayo stand")."""
+    `strong`: a full name that starts with a listed given name or an initial ("Margaret Okonkwo bed 12"; not
+    "Insert Foley catheter", "Swan Ganz catheter"), or a title or role right before the name ("Sgt. Marroquin
+    saw"; not a label, "Charge Nurse: Mayo stand")."""
     m = _NEXT_WORD.match(text, end)
     if not m:
         m = _POSSESSIVE_NEXT.match(text, end)
