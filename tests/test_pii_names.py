@@ -337,6 +337,11 @@ def test_pseudonymize_gives_one_person_one_fake_name_in_every_form():
     again = Scrubber("pseudonymize", key).scrub("Seen by Margaret Okonkwo today.")[0]
     assert again == f"Seen by {first} {last} today."  # the same in another record
     assert Scrubber("pseudonymize", b"j" * 32).scrub("Seen by Margaret Okonkwo today.")[0] != again
+    s = Scrubber("pseudonymize", key)  # a word alone maps as it does in a full name, wherever it stands
+    assert s.surrogate("Hollis") == hollis and s.surrogate("Okonkwo's") == f"{last}'s"
+    assert s.surrogate("Ana de Vries") == s.surrogate("ANA DE VRIES").title() and \
+        s.surrogate("de Vries") == s.surrogate("Vries") == s.surrogate("Ana de Vries").split()[-1]
+    assert s.surrogate("O'Neil") == s.surrogate("O’Neil")
 
 
 @pytest.mark.parametrize("value, days, out", [

@@ -719,69 +719,44 @@ _NAME_PART = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")
 _POOLS: list = []
 
 
-def _surrogate_pools() -> tuple[dict[str, list[str]], list[str], list[str]]:
-    """(given names by initial, every given name, surnames): the names surrogates are drawn from, from the lists
-    that ship with the appliance, in a fixed order: listed, no ordinary word, letters only, the 20,000 most
-    common surnames."""
+def _surrogate_pools() -> dict[str, list[str]]:
+    """The names surrogates are drawn from, by initial: the listed given names and the 20,000 most common surnames
+    that ship with the appliance, letters only and no ordinary word, in a fixed order."""
     if not _POOLS:
         sc = pii_names.scorer()
-        given = sorted(n for n in sc.n.first if n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)
-                       and n not in pii_names.AMBIGUOUS_FIRST)
+        given = {n for n in sc.n.first if n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)
+                 and n not in pii_names.AMBIGUOUS_FIRST}
+        surnames = {n for n, rank in sc.n.last_rank.items() if rank < 20000 and n.isascii() and n.isalpha()
+                    and len(n) >= 3 and not sc.is_word(n)}
         by_letter: dict[str, list[str]] = {}
-        for n in given:
+        for n in sorted(given | surnames):
             by_letter.setdefault(n[0], []).append(n)
-        surnames = [n for n, rank in sorted(sc.n.last_rank.items(), key=lambda x: x[1]) if rank < 20000
-                    and n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)]
-        _POOLS.append((by_letter, given, surnames))
+        _POOLS.append(by_letter)
     return _POOLS[0]
 
 
-def _name_kinds(name: str, words: list[str], comma: int, roles: dict[str, str] | None = None
-                ) -> list[tuple[int, int, str]]:
-    """(start, end, kind) of each word of a name: "initial", "particle", "given" or "surname". "Last, First":
-    what comes before the comma is the surname; else the last word that is no initial. One word alone is what
-    `roles` says it was in a full name of the same text, else a surname when the lists rank it higher as one
-    than as a given name."""
-    roles = roles or {}
-    spans, pos = [], 0
-    for w in words:
+def _name_kinds(name: str, words: list[str]) -> list[tuple[int, int, str]]:
+    """(start, end, kind) of each word of a name: "initial" ("A.", "J"), "particle" ("de", "van der", "DE" inside
+    a name in capitals) or "word"."""
+    out, pos = [], 0
+    for k, w in enumerate(words):
         i = name.index(w, pos)
-        spans.append((i, i + len(w)))
         pos = i + len(w)
-    kinds = []
-    for (start, _end), w in zip(spans, words):
-        if len(w.rstrip(".")) == 1:  # "A." or "J"
-            kinds.append("initial")
-        elif w.islower() and w in pii_names.PARTICLES:
-            kinds.append("particle")
-        elif comma >= 0:
-            kinds.append("surname" if start < comma else "given")
+        if len(w.rstrip(".")) == 1:
+            kind = "initial"
+        elif w.lower() in pii_names.PARTICLES and (w.islower() or 0 < k < len(words) - 1):
+            kind = "particle"
         else:
-            kinds.append("given")
-    if comma < 0:
-        last = max((k for k, kind in enumerate(kinds) if kind == "given"), default=-1)
-        if last >= 0 and (len(words) > 1 or (roles.get(words[last].lower()) or
-                                              ("surname" if _alone_surname(words[last]) else "given")) == "surname"):
-            kinds[last] = "surname"
-    if comma >= 0 and sum(kind == "surname" for kind in kinds) > 1:  # "de la Cruz, Ana": one surname
-        first = kinds.index("surname")
-        kinds = [k if i <= first or k != "surname" else "particle" for i, k in enumerate(kinds)]
-    return [(s, e, k) for (s, e), k in zip(spans, kinds)]
+            kind = "word"
+        out.append((i, pos, kind))
+    return out
 
 
-def _alone_surname(w: str) -> bool:
-    sc = pii_names.scorer()
-    lw = w.lower()
-    return sc.surname(lw) > sc.given(lw)
-
-
-def _particled(name: str, start: int, end: int) -> str:
-    """The surname at [start, end) with the particles written before it ("de Vries", "van der Berg")."""
-    words = name[:start].split()
-    lead = []
-    while words and words[-1].lower() in pii_names.PARTICLES:
-        lead.insert(0, words.pop().lower())
-    return " ".join(lead + [name[start:end]])
+def _name_key(word: str) -> str:
+    """What a name word maps by: lower case, one apostrophe, no possessive ("O’Neil" is "o'neil", "Okonkwo's" is
+    "okonkwo")."""
+    key = word.lower().replace("’", "'")
+    return key[:-2] if key.endswith("'s") and len(key) > 3 else key
 
 
 def _in_case_of(fake: str, like: str) -> str:
@@ -813,7 +788,6 @@ class Scrubber:
         self._cells: dict[tuple[str, str], list[Finding]] = {}
         self._labels: dict[str, str] = {}  # column -> "Column name: ", the context a cell is read in
         self._letters: dict[str, str] | None = None  # pseudonymize: the keyed permutation of initials
-        self._roles: dict[str, str] = {}  # pseudonymize: the words of the text's full names, given or surname
 
     def token(self, f: Finding) -> str:
         if self.mode == "redact":
@@ -828,37 +802,33 @@ class Scrubber:
     def surrogate(self, name: str) -> str:
         """A person's name in pseudonymize mode: a fake name, made a word at a time, so one person keeps one
         surrogate in every form the text names them ("Margaret Okonkwo", "Okonkwo", "M. Okonkwo", "Okonkwo,
-        Margaret", "MARGARET OKONKWO" become "Lena Farrow", "Farrow", "L. Farrow", "Farrow, Lena", "LENA
-        FARROW"). Each surname and given name maps through an HMAC under the vault's pseudonym key onto the
-        name lists that ship with the appliance (common names that are no ordinary word); an initial maps
-        through a keyed permutation of the letters, which also gives each given name's surrogate its initial.
-        A particle goes with its surname ("de Vries" is one surname). "" when nothing in `name` is a word."""
+        Margaret", "MARGARET OKONKWO" become "Qiana Rucks", "Rucks", "Q. Rucks", "Rucks, Qiana", "QIANA RUCKS").
+        Each word maps through an HMAC under the vault's pseudonym key onto the shipped name lists, among the
+        names that start with its initial's surrogate; an initial maps through a keyed permutation of the
+        letters, so "M." and "Margaret" agree, whatever role a word plays. A particle is left out ("de Vries"
+        and "Vries" are one surname), a possessive kept ("Okonkwo's"). "" when nothing in `name` is a word."""
         words = _NAME_PART.findall(name)
         if not words:
             return ""
         out = name
-        for (start, end, kind), w in reversed(list(zip(_name_kinds(name, words, name.find(","), self._roles),
-                                                       words))):
-            if kind == "particle":  # taken into its surname, with the blank after it
+        for (start, end, kind), w in reversed(list(zip(_name_kinds(name, words), words))):
+            if kind == "particle":  # left out, with the blank after it
                 out = out[:start] + out[end:].lstrip(" ")
-            else:
-                out = out[:start] + self._fake_word(kind, _particled(name, start, end) if kind == "surname" else w, w) \
-                    + out[end:]
+                continue
+            fake = self._letter(w[0].lower()).upper() + ("." if w.endswith(".") else "") if kind == "initial" \
+                else self._fake_word(w)
+            out = out[:start] + fake + out[end:]
         return out.strip()
 
-    def _fake_word(self, kind: str, key: str, written: str) -> str:
-        low = key.lower().rstrip(".")
-        if kind == "initial":
-            return self._letter(low[:1]).upper() + ("." if written.endswith(".") else "")
-        if kind == "given":
-            pool = _surrogate_pools()[0].get(self._letter(low[:1])) or _surrogate_pools()[1]
-        else:
-            pool = _surrogate_pools()[2]
-        i = int.from_bytes(hmac.new(self.key, f"{kind}:{low}".encode(), hashlib.sha256).digest()[:8], "big")
+    def _fake_word(self, written: str) -> str:
+        key = _name_key(written)
+        pool = _surrogate_pools().get(self._letter(key[:1])) or [n for p in _surrogate_pools().values() for n in p]
+        i = int.from_bytes(hmac.new(self.key, f"name:{key}".encode(), hashlib.sha256).digest()[:8], "big")
         fake = pool[i % len(pool)]
-        if fake == low:  # never the name itself
+        if fake == key:  # never the name itself
             fake = pool[(i + 1) % len(pool)]
-        return _in_case_of(fake.capitalize(), written)
+        tail = written[len(key):] if key != written.lower().replace("’", "'") else ""  # "'s"
+        return _in_case_of(fake.capitalize(), written) + tail
 
     def _letter(self, c: str) -> str:
         """The initial a given name starting with `c` gets: a permutation of a-z keyed by the pseudonym key."""
@@ -918,13 +888,6 @@ class Scrubber:
         if self.mode == "flag":
             return text, counts
         people = self._date_people(found) if self.mode == "pseudonymize" else {}
-        if self.mode == "pseudonymize":  # "Hollis" after "Derek Hollis" is his surname, whatever the lists say
-            self._roles = {}
-            for f in found:
-                if f.type == "PERSON" and (" " in f.value or "," in f.value):
-                    words = _NAME_PART.findall(f.value)
-                    for (_s, _e, kind), w in zip(_name_kinds(f.value, words, f.value.find(",")), words):
-                        self._roles.setdefault(w.lower(), kind)
         out, pos = [], 0
         for i, f in enumerate(found):
             out.append(text[pos:f.start])
