@@ -109,6 +109,9 @@ def test_findings_carry_detector_and_score():
      "1600 Pennsylvania Ave NW, Washington, DC 20500"),  # a direction after the street
     ("Mail to Rural Route 2, Box 15, Ames, IA.", "ADDRESS", "Rural Route 2, Box 15, Ames, IA."),
     ("Lic# RN123456 on file.", "LICENSE", "RN123456"),
+    ("Ph: 5558675309", "PHONE", "5558675309"),
+    ("Phone (home): 5558675309", "PHONE", "5558675309"),
+    ("Phone:5558675309x12", "PHONE", "5558675309x12"),
 ])
 def test_safe_harbor_types(text, typ, value):
     assert (typ, value) in [(f.type, f.value) for f in detect(text)], detect(text)
@@ -224,6 +227,8 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Employee name: will smith; Unit: 4W", "will smith"),
     ("Patient Name: Okonkwo, Margaret A.\nMRN: 12345678", "Okonkwo, Margaret A."),
     ("Surname: de Vries. Seen today.", "de Vries"),
+    ("First name: Will, Last name: Smith", "Smith"),  # the next label is no surname after a comma
+    ("Patient Name: Dr. Ana Smith", "Ana Smith"),  # a title before the name is left out of it
     # military ranks as written, in capitals
     ("SPC Tillery is back on quarters.", "Tillery"),
     ("SGT LUIS MARROQUIN REPORTED THE FAULT.", "LUIS MARROQUIN"),
@@ -260,6 +265,7 @@ def test_harder_name_forms(text, name):
     "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
     "Insert Foley catheter. Adjust Allen key. Swan Ganz catheter placed. Kruskal Wallis test and Mann Whitney test.",
     "Last name: N/A\nFirst name: unknown\nusername: jdoe\nFile name: Will_and_Hope.txt",
+    "Customer name: Acme Health Systems\nAuthor name: GitHub Actions\nOperator name: Night Shift",
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
     "Transferred to Johns Hopkins, then seen at Walter Reed. Grand Rounds on Friday. Stationed at Camp Lejeune.",
     "Diagnosed with Lou Gehrig's disease; history of Crohn's disease.",

@@ -258,13 +258,13 @@ def _ipv6s(text: str, _low: str, _regions):
 _PHONE = re.compile(
     r"(?<![\w+])(?=[+(\d])(?:(?:\+\d{1,3}[ .-]?)?(?:\(\d{1,5}\)[ .-]?)?\d{1,5}(?:[ .-]\d{1,8}){1,5}(?![\w-]|\.\d)"
     r"|\+\d{7,15}(?!\w)|\(\d{3}\)\s?\d{3}-\d{4}(?!\w)"
-    r"|\d{7,15}(?![\w-]|\.\d))"  # digits alone ("Phone: 5558675309"): a phone only after a phone's label
+    r"|\d{7,15}(?:x\d{1,6})?(?![\w-]|\.\d))"  # digits alone ("Phone: 5558675309"): only after a phone's label
 )
 _US_PHONE = re.compile(r"(?:\+?1[ .-]?)?(?:\(\d{3}\)|\d{3})[ .-]?\d{3}[ .-]\d{4}")
 _PHONE_CONTEXT = re.compile(r"(?i)(?:phone|tel|telephone|mobile|cell|fax|call|pager|ext|contact|whatsapp)"
                             r"[\s.:#()\w-]{0,12}$")
 _PHONE_LABEL = re.compile(r"(?i)(?<![a-z])(?:phone|tel|telephone|mobile|cell|pager|ph)(?:[ \t]*(?:no\.?|number|#))?"
-                          r"[ \t]*[:#.]?[ \t]*$")
+                          r"(?:[ \t]*\([a-z ]{1,12}\))?[ \t]*[:#.]?[ \t]*$")  # "Phone (home): 5558675309"
 _DATE_LIKE = re.compile(r"\d{4}[-./]\d{1,2}[-./]\d{1,2}|\d{1,2}[-./]\d{1,2}[-./]\d{2,4}")
 
 
@@ -280,10 +280,11 @@ def _phones(text: str, _low: str, regions):
             pass
         elif _US_PHONE.fullmatch(s) and digits in (10, 11):
             pass
+        elif s.replace("x", "").isdigit():  # digits alone only right after a phone's label: not "Call count was
+            if not _PHONE_LABEL.search(text, max(0, m.start() - 32), m.start()):  # 1234567"
+                continue
         elif not _PHONE_CONTEXT.search(text, max(0, m.start() - 25), m.start()):
             continue
-        elif s.isdigit() and not _PHONE_LABEL.search(text, max(0, m.start() - 25), m.start()):
-            continue  # digits alone only right after a phone's label: not "Call count was 1234567"
         yield Finding("PHONE", m.start(), m.end(), s)
 
 
@@ -351,12 +352,13 @@ def _field_names(text: str):
 # A label that says its value is a person's name, in any case and of any words: "Last name: Park", "First name:
 # Will", "Employee name: will smith" (a table's cells are read as "Column: value", so its name columns too). Not
 # "Name:" alone: a site's, a file's or a product's name is labelled so as often.
+# Not "Customer name:", "Owner name:", "Author name:", "Operator name:": a company, a team or a bot as often.
 _NAME_LABEL = re.compile(r"(?:(?:first|last|given|family|middle|maiden|full|legal|preferred|birth|patient'?s?"
-                         r"|employee|staff|member|customer|client|contact|person|owner|author|witness|kin|guardian"
-                         r"|nurse|doctor|physician|provider|technician|engineer|operator|inspector|reviewer"
-                         r"|soldier|officer|student|resident|holder)[ \t_-]?name|surname|forename"
-                         r"|lastname|firstname)[ \t]*:[ \t]*")
+                         r"|employee|staff|member|contact|person|witness|kin|guardian|nurse|doctor|physician"
+                         r"|technician|engineer|inspector|soldier|officer|student|resident)[ \t_-]?name|surname"
+                         r"|forename|lastname|firstname)[ \t]*:[ \t]*")
 _LABEL_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
+_TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
                         "various declined refused unavailable unk".split())
 
@@ -374,6 +376,9 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
         if low[start:start + 12].split(None, 1)[:1] and low[start:start + 12].split(None, 1)[0].rstrip(".,;") \
                 in _NOT_A_NAME:
             continue
+        title = _TITLE_FIRST.match(text, start)
+        if title and title.group(1).lower() in pii_names.TITLES:
+            start = end = pos = title.end()  # "Patient Name: Dr. Ana Smith": the name is what follows the title
         words = commas = 0
         while words < 4:
             w = _LABEL_WORD.match(text, pos)
@@ -384,8 +389,9 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
             if nxt and (nxt.isalnum() or nxt in "/@_\\:") or text.startswith(" :", e):
                 break  # "N/A", "4W", "jdoe@site"; or the next label: "Name: Ana Okafor DOB: ..."
             end, words = e, words + 1
-            if text.startswith(", ", e) and words == 1 and not commas:
-                commas, pos = 1, e + 2  # "Okonkwo, Margaret"
+            if text.startswith(", ", e) and words == 1 and not commas and not _NAME_LABEL.match(low, e + 2) \
+                    and not low.startswith(("last name", "first name"), e + 2):
+                commas, pos = 1, e + 2  # "Okonkwo, Margaret"; not "First name: Will, Last name: Smith"
             elif nxt == " " and not text.startswith("  ", e):
                 pos = e + 1
             else:

@@ -948,6 +948,17 @@ LCPL GYSGT MGYSGT SGTMAJ
 """.split())
 # "Thornbury, Rebecca CPT wrote:": a rank after the given name, as military mail signs and quotes
 _LAST_FIRST_RANK = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?=[ \t]+(?:{'|'.join(sorted(RANKS))})(?![\w-]))")
+# Ranks that are other abbreviations as often ("GEN Config", "CDR Records", "the LTC Manual", "MSG Received"):
+# a name after them must be one the lists know.
+_RANKS_ELSEWHERE = frozenset("GEN CDR ADM LT LTC COL MAJ ENS CAPT MSG SRA AMN CPO SN".split())
+def _common_name(lw: str) -> bool:
+    """One of the 30,000 most common surnames, or a listed given name that is no word: "Baker", "Okafor",
+    "Derek"; not "Records" or "Manual", rarer surnames that are words or plurals of one."""
+    sc = scorer()
+    rank = sc.n.last_rank.get(lw)
+    return rank is not None and rank < 30000 or lw in sc.n.first and not sc.is_word(lw) and sc.given(lw) >= 1.0
+
+
 # Words that continue a rank rather than start a name: "SGT Major", "PFC First Class".
 _RANK_WORDS = frozenset("major first class general colonel commander sergeant lieutenant chief master staff "
                         "technical senior command warrant officer grade retired ret usarmy usaf usn usmc usa uscg "
@@ -966,8 +977,9 @@ def _after_ranks(text: str, shape: bytes | None) -> Iterator[Candidate]:
     hits = _rank_hits(shape) if shape is not None else (m.end() for m in _RANK_AT.finditer(text))
     for at in hits:  # in prose, mostly headings in capitals: one slice and a set lookup each
         before = text[max(0, at - 8):at - 1].rsplit(None, 1)
-        if before and before[-1].lstrip("(\"'-").rstrip(".") in RANKS:
-            yield from _rank_name(text, at)
+        rank = before[-1].lstrip("(\"'-").rstrip(".") if before else ""
+        if rank in RANKS:
+            yield from _rank_name(text, at, rank)
 
 
 def _rank_hits(shape: bytes) -> Iterator[int]:
@@ -980,7 +992,7 @@ def _rank_hits(shape: bytes) -> Iterator[int]:
             i = shape.find(pattern, i + 1)
 
 
-def _rank_name(text: str, at: int) -> Iterator[Candidate]:
+def _rank_name(text: str, at: int, rank: str = "") -> Iterator[Candidate]:
     sc = scorer()
     words: list[Word] = []
     pos = at
@@ -992,9 +1004,12 @@ def _rank_name(text: str, at: int) -> Iterator[Candidate]:
         if w.endswith(("'s", "’s")):
             w = w[:-2]
         lw = w.lower().rstrip(".")
+        listed = lw in sc.n.first or lw in sc.n.last_rank
         if not _is_initial(w) and (len(lw) < 2 or lw in _RANK_WORDS or lw in NOT_NAMES or lw in TITLES
                                    or sc.is_word(lw) and sc.surname(lw) < 0.7 and sc.given(lw) < 0.5
-                                   and not (words and lw in sc.n.last_rank)):
+                                   and not (words and lw in sc.n.last_rank)
+                                   or not words and rank in _RANKS_ELSEWHERE and not _common_name(lw)
+                                   or not words and not listed and lw.endswith("s") and sc.is_word(lw[:-1])):
             break  # an ordinary word that is no common name: "CPT Code", "LT Knee"; not "SGT Baker", and after
             # a name's first word any listed surname: "CW2 Jin-woo Park"
         words.append((m.start(), m.start() + len(w), w))
@@ -1034,6 +1049,8 @@ def _caps_name(pair: str) -> bool:
     word, then a surname-like word; or a given name the lists lack, then a listed surname ("EMEKA HEALY") or a
     particle and no word ("HESTER VAN DER NWAANWO")."""
     out = _CAPS_SEEN.get(pair)
+    if out is None and pair.split()[0] in RANKS:
+        out = False  # "SSG MARROQUIN": the rank is no given name (`_after_ranks` takes the name after it)
     if out is None:
         sc = scorer()
         words = pair.split()
