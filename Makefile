@@ -58,7 +58,7 @@ test: $(STAMP) $(VOCAB_STAMP)
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/vault_ingest.py --mb 20 --big-gb 2 --write docs/BENCHMARKS.md
-	$(VENV)/bin/python -m pip install -q -c requirements.lock '.[bench]' || echo "scrubadub not installed: the PII benchmark runs without its reference"
+	$(VENV)/bin/python -m pip install -q -c requirements.lock -e '.[bench]' || echo "scrubadub not installed: the PII benchmark runs without its reference"
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/pii_recall.py --docs 1200 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/train_throughput.py --steps 30 --write docs/BENCHMARKS.md
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python benchmarks/edge_inference.py --steps 30 --write docs/BENCHMARKS.md
