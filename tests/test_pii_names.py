@@ -433,3 +433,19 @@ def test_names_joined_in_a_documents_path_are_found_not_in_code():
         assert fs.path(path)[0] == path, (path, fs.path(path)[0])
     for name in ["max_pool", "jack_knife_score"]:  # a table's columns and a repository's name join words so too
         assert fs.path(name, "column")[0] == fs.path(name, "meta.repo")[0] == name
+
+
+def test_a_long_run_of_letters_that_are_both_cases_scans_in_linear_time():
+    """Latin Extended-A letters count as capitals and as lower case: a hostile file of 100,000 of them made the
+    name patterns try every length at every place (20,000 took 7.5 s; 100,000 would take minutes, growing with
+    the square). Bounded word lengths scan it in well under a second; the bound here is two orders above that,
+    so only the quadratic scan can reach it."""
+    import subprocess
+    import sys
+
+    code = ("from appliance.vault.pii import detect\n"
+            "assert detect('Ł' * 100000) == [] and detect('Ą' * 100000 + ', could you') == []\n"
+            "assert [f.value for f in detect('Patient Łukasz Wiśniewski seen. ' + 'Ż' * 50000)] == "
+            "['Łukasz Wiśniewski']\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-500:]
