@@ -458,7 +458,9 @@ def pictured(app, selector: str) -> bool:
 
 READY = {
     "dashboard": lambda app: laid_out(app, "#audit"),
-    "vault": lambda app: laid_out(app, "#versions"),
+    # the vault's and the train screen's tables fit the terminal: their picture must show every cell in full (under
+    # a full run's load the picture has lagged the table's own widths on both, each taken with its columns cut)
+    "vault": lambda app: laid_out(app, "#versions") and pictured(app, "#versions"),
     "train": lambda app: app.screen.options_loaded and laid_out(app, "#train-jobs") and pictured(app, "#train-jobs"),
     "models": lambda app: "came from" in _labels(app.screen.query_one("#lineage", Tree).root)
     and laid_out(app, "#models"),
