@@ -196,10 +196,10 @@ class _BatchScrubber:
         if pa.types.is_map(t):
             out, taken = [], set()
             for k, v in value:
-                landed = self._cell(column, k) if isinstance(k, str) else k
+                landed = base = self._cell(column, k) if isinstance(k, str) else k
                 i = 2
                 while landed in taken:  # two keys that land as one placeholder stay two keys
-                    landed, i = f"{self._cell(column, k)}_{i}", i + 1
+                    landed, i = f"{base}_{i}", i + 1
                 taken.add(landed)
                 out.append((landed, self._deep(str(k), v, t.item_type)))
             return out
