@@ -357,7 +357,7 @@ _NAME_LABEL = re.compile(r"(?:(?:first|last|given|family|middle|maiden|full|lega
                          r"|employee|staff|member|contact|person|witness|kin|guardian|nurse|doctor|physician"
                          r"|technician|engineer|inspector|soldier|officer|student|resident)[ \t_-]?name|surname"
                          r"|forename|lastname|firstname)[ \t]*:[ \t]*")
-_LABEL_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
+_NAME_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
 _TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
                         "various declined refused unavailable unk".split())
@@ -373,15 +373,15 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
         if m.start() and low[m.start() - 1].isalpha():
             continue  # "codename:", "filename:"
         start = end = pos = m.end()
-        if low[start:start + 12].split(None, 1)[:1] and low[start:start + 12].split(None, 1)[0].rstrip(".,;") \
-                in _NOT_A_NAME:
+        lead = low[start:start + 12].split(None, 1)
+        if lead and lead[0].rstrip(".,;") in _NOT_A_NAME:
             continue
         title = _TITLE_FIRST.match(text, start)
         if title and title.group(1).lower() in pii_names.TITLES:
             start = end = pos = title.end()  # "Patient Name: Dr. Ana Smith": the name is what follows the title
         words = commas = 0
         while words < 4:
-            w = _LABEL_WORD.match(text, pos)
+            w = _NAME_WORD.match(text, pos)
             if not w:
                 break
             e = w.end()
@@ -721,7 +721,6 @@ def site_policy(home_root: Path) -> Policy:
 
 # --- surrogate names (pseudonymize) ----------------------------------------------------------------
 _ASCII_LOWER = "abcdefghijklmnopqrstuvwxyz"
-_NAME_PART = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")
 _POOLS: list = []
 
 
@@ -813,7 +812,7 @@ class Scrubber:
         names that start with its initial's surrogate; an initial maps through a keyed permutation of the
         letters, so "M." and "Margaret" agree, whatever role a word plays. A particle is left out ("de Vries"
         and "Vries" are one surname), a possessive kept ("Okonkwo's"). "" when nothing in `name` is a word."""
-        words = _NAME_PART.findall(name)
+        words = _NAME_WORD.findall(name)
         if not words:
             return ""
         out = name

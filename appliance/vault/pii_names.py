@@ -1096,8 +1096,8 @@ def _path_pair(given: str, surname: str) -> bool:
     """A listed given name that is no word at all, then a surname: a common listed one, or a word in no list
     and no word at all ("okonkwo")."""
     sc = scorer()
-    if not (given in sc.n.first and sc.given(given) >= 1.0 and not sc.is_word(given) and given not in COMMON
-            and given not in AMBIGUOUS_FIRST and given not in NOT_NAMES):
+    if not (_strong_given(given) and not sc.is_word(given) and given not in AMBIGUOUS_FIRST
+            and given not in NOT_NAMES):
         return False
     if surname in NOT_NAMES or surname in COMMON or surname in TITLES or surname in ROLES:
         return False

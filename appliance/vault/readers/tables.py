@@ -128,7 +128,7 @@ class _BatchScrubber:
         self.name = name
         self.textual: set[str] | None = None
         self.names: dict[str, str] | None = None  # column name as read -> as it lands
-        self._fields: dict[tuple[str, ...], dict[str, str]] = {}  # a record type's field names -> as they land
+        self._fields: dict[pa.DataType, dict[str, str]] = {}  # a record type -> its field names as they land
 
     def __call__(self, batch: pa.RecordBatch) -> pa.RecordBatch:
         if self.names is None:  # cells are scrubbed with their column's name as it lands: no PII in the context
@@ -140,7 +140,7 @@ class _BatchScrubber:
                     self.textual.add(f.name)
         cols, fields = [], []
         for col, f in zip(batch.columns, batch.schema):
-            if _is_nested(f.type):  # records and lists (JSON objects): every string in them, in every batch
+            if pa.types.is_nested(f.type):  # records and lists (JSON objects): every string in them, in every batch
                 landed = self.names[f.name]
                 t = self._landed_type(f.type)
                 cols.append(pa.array([self._deep(landed, v, f.type) for v in col.to_pylist()], type=t))
@@ -165,7 +165,7 @@ class _BatchScrubber:
         """A nested type with its records' field names as they land: scrubbed as column names are ("scores":
         {"Margaret Okonkwo": 5} holds a name in a field's name), and distinct."""
         if pa.types.is_struct(t):
-            names = self._struct_names([t.field(i).name for i in range(t.num_fields)])
+            names = self._struct_names(t)
             return pa.struct([pa.field(names[t.field(i).name], self._landed_type(t.field(i).type), t.field(i).nullable)
                               for i in range(t.num_fields)])
         if pa.types.is_map(t):
@@ -178,11 +178,12 @@ class _BatchScrubber:
             return pa.list_(self._landed_type(t.value_type))
         return t
 
-    def _struct_names(self, names: list[str]) -> dict[str, str]:
-        key = tuple(names)
-        if key not in self._fields:  # once per table: the counts take what the names held once
-            self._fields[key] = _landing_names(names, self.name)
-        return self._fields[key]
+    def _struct_names(self, t: pa.StructType) -> dict[str, str]:
+        """A record type's field names as they land: scrubbed once per table (the counts take what the names
+        held once), not for each value."""
+        if t not in self._fields:
+            self._fields[t] = _landing_names([t.field(i).name for i in range(t.num_fields)], self.name)
+        return self._fields[t]
 
     def _deep(self, column: str, value, t: pa.DataType):
         """A nested value of type `t` with each string in it scrubbed, read with its key as the column ("name",
@@ -191,7 +192,7 @@ class _BatchScrubber:
         if value is None:
             return None
         if pa.types.is_struct(t):
-            names = self._struct_names([t.field(i).name for i in range(t.num_fields)])
+            names = self._struct_names(t)
             return {names[k]: self._deep(str(k), v, t.field(k).type) for k, v in value.items()}
         if pa.types.is_map(t):
             out, taken = [], set()
@@ -230,10 +231,6 @@ def _landing_names(columns: list[str], name: NameScrub) -> dict[str, str]:
         taken.add(landed.lower())
         out[c] = landed
     return out
-
-
-def _is_nested(t: pa.DataType) -> bool:
-    return pa.types.is_nested(t)
 
 
 def _is_string(t: pa.DataType) -> bool:
