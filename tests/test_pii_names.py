@@ -54,6 +54,10 @@ def test_words_that_are_also_names_survive():
     ("PATIENT: MARGARET OKONKWO", "MARGARET OKONKWO"),
     ("Hi Darrick,\n\nthe pump is fixed.", "Darrick"),
     ("Nurse May checked the line.", "May"),
+    # a two-word role after a word longer than the pair rule reaches ("reviewed", "escalated")
+    ("Note reviewed by Whitfield on the ward.", "Whitfield"),
+    ("Findings escalated to Whitfield.", "Whitfield"),
+    ("The case was discussed with Whitfield today.", "Whitfield"),
 ])
 def test_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -109,6 +113,8 @@ def test_findings_carry_detector_and_score():
      "1600 Pennsylvania Ave NW, Washington, DC 20500"),  # a direction after the street
     ("Mail to Rural Route 2, Box 15, Ames, IA.", "ADDRESS", "Rural Route 2, Box 15, Ames, IA."),
     ("Lic# RN123456 on file.", "LICENSE", "RN123456"),
+    ("Board cert: ABIM 123456.", "LICENSE", "ABIM 123456"),  # an issuing board's code, a blank, the number
+    ("Board certification: ABIM 123456", "LICENSE", "ABIM 123456"),
     ("Ph: 5558675309", "PHONE", "5558675309"),
     ("Phone (home): 5558675309", "PHONE", "5558675309"),
     ("Phone:5558675309x12", "PHONE", "5558675309x12"),
@@ -121,6 +127,7 @@ def test_safe_harbor_types(text, typ, value):
     "The meeting is in 2019, room 101, ward 7, bed 12.", "A 45-year-old man, aged 67.", "Give 90 mg at 08:00.",
     "Order 55120934 shipped; version 4.2.1; part no. 4411-2200.", "The deadline is 03/15/2025.",
     "Temperature 98.6 F at noon.", "Visit example.com for the manual.", "Batch 2231-B passed ISO 13485.",
+    "The plan was discussed with Radiology and handed over to Ward 4.", "Account: Q3 2024 budget.",
 ])
 def test_look_alike_numbers_are_kept(text):
     assert detect(text) == [], detect(text)

@@ -701,6 +701,22 @@ def _lone(text: str, i: int) -> Iterator[Candidate]:
 
 
 _LONE = re.compile(rf"({_TOK})([ \t]+[{_UP}])?")
+# The last word of the two-word roles (`PAIR_ROLES`) a lone name follows, as it is searched for. `_runs` reaches
+# a role only from a capitalized word a short word or two before it ("Seen by Hollis"), not after a longer one
+# ("Note reviewed by Whitfield", "Findings escalated to Whitfield").
+_PAIR_KEYS = (" by ", " with ", " to ")
+
+
+def _after_pair_roles(text: str) -> Iterator[Candidate]:
+    """A lone capitalized name after a two-word role however the sentence starts (`_lone` judges it)."""
+    n = len(text)
+    for key in _PAIR_KEYS:
+        i = text.find(key)
+        while i != -1:
+            j = i + len(key)
+            if j < n and text[j].isupper():
+                yield from _lone(text, j)
+            i = text.find(key, j - 1)
 
 
 def _after_roles(text: str, low: str, shape: bytes | None = None) -> Iterator[Candidate]:
@@ -934,6 +950,7 @@ def find_names(text: str, low: str) -> list[Candidate]:
     if ", " in text:
         out.extend(_last_first(text))
     out.extend(_after_roles(text, low, shape))
+    out.extend(_after_pair_roles(text))
     out.extend(_greetings(text))
     out.extend(_after_ranks(text, shape))
     out.extend(_caps(text))

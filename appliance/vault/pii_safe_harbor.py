@@ -161,13 +161,13 @@ def dod_ids(text: str, _low: str, scan: Scan) -> Iterator[Finding]:
 
 
 # --- identifiers that follow a label ---------------------------------------------------------------
-_ID = r"((?=[A-Z0-9./-]*\d)(?:[A-Z]{1,4}[- ]?)?[A-Z0-9][A-Z0-9./-]{3,22}[A-Z0-9])(?![\w-])"
+_ID = r"((?=(?:[A-Z]{1,4}[- ])?[A-Z0-9./-]*\d)(?:[A-Z]{1,4}[- ]?)?[A-Z0-9][A-Z0-9./-]{3,22}[A-Z0-9])(?![\w-])"
 _LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#)\.?)?[ \t]*[:#=-]?[ \t]*(?:is[ \t]+|of[ \t]+)?"
 _ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
                       r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan)"
                       + _LABEL_TAIL + _ID)
-_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificate"
-                      r"|cert(?:\.|(?=[ \t]*[#:]))|dea|npi|registration|permit|board[ \t]*certification"
+_LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificat(?:e|ion)"
+                      r"|cert(?:\.|(?=[ \t]*[#:]))|dea|npi|registration|permit"
                       r"|credential)" + _LABEL_TAIL + _ID)  # "Lic# RN123456", "Cert# 44871"
 _DEVICE = re.compile(r"(?i:serial(?:[ \t]*number)?|s/n|sn|device[ \t]*(?:id|identifier|serial)|imei|udi"
                      r"|asset[ \t]*tag|implant[ \t]*(?:id|serial))" + _LABEL_TAIL + _ID)
