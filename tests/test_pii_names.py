@@ -236,6 +236,8 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Surname: de Vries. Seen today.", "de Vries"),
     ("First name: Will, Last name: Smith", "Smith"),  # the next label is no surname after a comma
     ("Patient Name: Dr. Ana Smith", "Ana Smith"),  # a title before the name is left out of it
+    ("Patient name:\nOkonkwo, Ngozi\nDOB: 1/2/1950", "Okonkwo, Ngozi"),  # the value on the line below the label
+    ("Employee name:\r\n  will smith\r\nUnit: 4W", "will smith"),
     # military ranks as written, in capitals
     ("SPC Tillery is back on quarters.", "Tillery"),
     ("SGT LUIS MARROQUIN REPORTED THE FAULT.", "LUIS MARROQUIN"),
@@ -272,6 +274,8 @@ def test_harder_name_forms(text, name):
     "Charge Nurse: Mayo stand ready. Walter Reed Hospital. Lou Gehrig disease. Glasgow Coma Scale 14.",
     "Insert Foley catheter. Adjust Allen key. Swan Ganz catheter placed. Kruskal Wallis test and Mann Whitney test.",
     "Last name: N/A\nFirst name: unknown\nusername: jdoe\nFile name: Will_and_Hope.txt",
+    # below a label, a name is its line whole: not a sentence that starts there, nor the next label
+    "Patient name:\nWill be confirmed by the ward clerk today.\nPatient name:\nDOB: pending",
     "Customer name: Acme Health Systems\nAuthor name: GitHub Actions\nOperator name: Night Shift",
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
     "Transferred to Johns Hopkins, then seen at Walter Reed. Grand Rounds on Friday. Stationed at Camp Lejeune.",

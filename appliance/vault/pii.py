@@ -359,6 +359,7 @@ _NAME_LABEL = re.compile(r"(?:(?:first|last|given|family|middle|maiden|full|lega
                          r"|forename|lastname|firstname)[ \t]*:[ \t]*")
 _NAME_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
 _TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
+_VALUE_BELOW = re.compile(r"\r?\n[ \t]*(?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
                         "various declined refused unavailable unk".split())
 
@@ -373,6 +374,9 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
         if m.start() and low[m.start() - 1].isalpha():
             continue  # "codename:", "filename:"
         start = end = pos = m.end()
+        below = _VALUE_BELOW.match(text, start)
+        if below:  # the label ends its line, as forms exported to text write it: the value is the next line
+            start = end = pos = below.end()
         lead = low[start:start + 12].split(None, 1)
         if lead and lead[0].rstrip(".,;") in _NOT_A_NAME:
             continue
@@ -396,8 +400,8 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
                 pos = e + 1
             else:
                 break  # the line, the sentence ("Okonkwo. Later ...") or the field ("de Vries; Unit: 4W") ends
-        if words:
-            yield start, end
+        if words and (not below or end == len(text) or text[end] in "\r\n"):
+            yield start, end  # below the label, the value is its line, whole: not a sentence that starts there
 
 
 def _surname_alone(w: str) -> bool:
