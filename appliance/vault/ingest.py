@@ -28,7 +28,6 @@ from appliance.vault.db import cursor
 from appliance.vault.fields import (
     FieldScrubber,
     ReviewKeep,
-    band,
     by_type,
     policy,
     scrub_reason,
@@ -43,6 +42,7 @@ from appliance.vault.readers.tables import ingest_table, unreadable
 from appliance.vault.scan import (
     Landed,
     Skip,
+    field_findings,
     file_sha256,
     landing,
     read_item,
@@ -446,7 +446,7 @@ class _Landing:
         for kind, path, language, title, meta, text, digest, nbytes, found, fields in rows:
             state.reported += _advance(self.progress, item, state.reported, len(text))
             if fields:
-                found = found + self._fields(state, fields)
+                found = found + field_findings(fields, state.fields_seen, state.counts)
             if digest in self.seen:
                 state.dups += 1
                 continue
@@ -455,21 +455,6 @@ class _Landing:
             if found:
                 state.review.extend(b.next_ord, found)
             b.add_row(kind, source, path, language, title, meta, text, digest, nbytes)
-
-    @staticmethod
-    def _fields(state: _ItemState, found: list[tuple]) -> list[tuple]:
-        """A record's findings in fields other than its text, to keep: those in each field value the first time
-        the file shows it (a title repeated in every part of a file is one finding, counted once). Each comes
-        with the field's value (`scan.landing`), which is left out here."""
-        keep = []
-        for fld, typ, det, score, start, end, value in found:
-            seen = (fld, start, end, value)
-            if seen in state.fields_seen:
-                continue
-            state.fields_seen.add(seen)
-            state.counts[(typ, det, band(score))] += 1
-            keep.append((fld, typ, det, score, start, end))
-        return keep
 
     def table(self, state: _ItemState, read) -> None:
         """A table a worker read and scrubbed whole (`scan.scan_table`): written here as its data table, then

@@ -12,7 +12,6 @@ Records keep their splits (a validation record stays one, whatever its new hash)
 
 from __future__ import annotations
 
-import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -31,6 +30,7 @@ from appliance.vault.fields import (
 )
 from appliance.vault.readers import Record
 from appliance.vault.readers.tables import rescrub_table
+from appliance.vault.scan import Landed, field_findings, scan_each
 from appliance.vault.versions import iter_records, resolve
 
 STRICT = ("redact", "pseudonymize")  # a re-scrub replaces what it finds; flag and off would keep it
@@ -159,49 +159,43 @@ class _Rescrub:
             self.renamed[old] = new
             self.new_tables.append(f"data.{new}")
 
-    def _scrubbed(self, ref: str, workers: int) -> Iterator[tuple[dict, Record, dict]]:
-        """(row, its record scrubbed, the text's counts) for each record of `ref` in order: scrubbed as ingest
-        scrubs a large file's records (`scan.scrub_records`, in batches), on its worker processes if any."""
+    def _scanned(self, ref: str, workers: int) -> Iterator[tuple[dict, Landed]]:
+        """(row, its record scrubbed and ready to land) for each record of `ref` in order: scrubbed as ingest
+        scrubs a large file's records (`scan.scan_each`, in batches), on its worker processes if any."""
         from appliance.vault.ingest import Pipeline, batches
-        from appliance.vault.scan import scrub_records
 
         def finished(pipe: Pipeline) -> Iterator[tuple]:
             for rows in batches(iter_records(self.con, ref), lambda r: len(r["text"])):
                 recs = [Record(r["kind"], r["source"], r["text"], r["path"], r["language"], r["title"], r["meta"] or {})
                         for r in rows]
-                yield from pipe.submit("records", rows, scrub_records, recs, *self.scan)
+                yield from pipe.submit("records", rows, scan_each, recs, *self.scan)
             yield from pipe.drain()
 
         pipe = Pipeline(workers)
         try:
-            for _, rows, scanned in finished(pipe):
-                yield from ((r, rec, counts) for r, (rec, counts) in zip(rows, scanned))
+            for _, rows, landed in finished(pipe):
+                yield from zip(rows, landed)
         finally:
             pipe.close()
 
     def records(self, ref: str, workers: int) -> None:
+        """Each record as ingest lands one (`ingest._Landing.records`), under its file's path as it lands now."""
         seen: set[str] = set()
-        fields_seen: set = set()
-        for r, rec, counts in self._scrubbed(ref, workers):
-            found = rec.found
-            rec.source = self.source(r["source"])
-            if rec.kind == "table" and r["path"] in self.renamed:
-                rec.path = self.renamed[r["path"]]
-            tally = self.per_source.setdefault(rec.source, Counter())
-            if rec.kind != "table":  # a table row's findings were counted in its cells (`tables`)
+        fields_seen: dict[str, set] = {}  # per file, as ingest keeps them per file
+        for r, (counts, ((kind, path, language, title, meta, text, digest, nbytes, found, fields),)) in \
+                self._scanned(ref, workers):
+            source = self.source(r["source"])
+            if kind == "table" and r["path"] in self.renamed:
+                path = self.renamed[r["path"]]  # the row's table, as it is named now
+            tally = self.per_source.setdefault(source, Counter())
+            if kind != "table":  # a table row's findings were counted in its cells (`tables`)
                 tally.update(counts)
                 self.new.update(counts)
-            for f in [f for f in found if f.field != "text"]:
-                key = (rec.source, f.field, f.start, f.end, getattr(rec, f.field, None) if "." not in f.field
-                       else rec.meta.get(f.field[5:]))
-                if key in fields_seen:
-                    found.remove(f)
-                    continue
-                fields_seen.add(key)
-                tally[f.key] += 1
-                self.new[f.key] += 1
-            data = rec.text.encode("utf-8")
-            digest = hashlib.sha256(data).hexdigest()
+            if fields:
+                more: Counter = Counter()
+                found = found + field_findings(fields, fields_seen.setdefault(source, set()), more)
+                tally.update(more)
+                self.new.update(more)
             if digest in seen:
                 self.dups += 1
                 continue
@@ -209,11 +203,10 @@ class _Rescrub:
             if r["split"] == "validation":
                 self.held_out.append(digest)
             ord_ = self.b.next_ord
-            self.first.setdefault(rec.source, ord_)
-            keep = self.review.setdefault(rec.source, ReviewKeep())
-            for f in found:
-                keep.add(ord_, f)
-            self.b.add(rec, rec.text, digest, len(data))
+            self.first.setdefault(source, ord_)
+            if found:
+                self.review.setdefault(source, ReviewKeep()).extend(ord_, found)
+            self.b.add_row(kind, source, path, language, title, meta, text, digest, nbytes)
 
     def sources(self, keep_old_pii: bool) -> None:
         """The source manifest and PII report: the old ones with their paths scrubbed again, and what this

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from typing import TYPE_CHECKING
 
-from appliance.vault.fields import FieldScrubber, by_type, field_value, scrub_record
+from appliance.vault.fields import FieldScrubber, band, by_type, field_value, scrub_record
 from appliance.vault.pii_names import words_of
 from appliance.vault.readers import ReadError, Record, meta_json, open_input
 from appliance.vault.readers.detect import Item
@@ -119,6 +119,28 @@ def landing(scanned: Scanned, counts: Counter | None = None) -> Landed:
 def scan_records(records: list[Record], mode: str, key: bytes, types: tuple[str, ...] | None = None) -> Landed:
     """A batch of a large file's records, scrubbed (`scrub_records`) and made ready to land (`landing`)."""
     return landing(scrub_records(records, mode, key, types))
+
+
+def scan_each(records: list[Record], mode: str, key: bytes, types: tuple[str, ...] | None = None) -> list[Landed]:
+    """`scan_records`, each record with its own counts: a re-scrub's batches hold the records of many files,
+    whose reports are kept apart."""
+    return [landing([one]) for one in scrub_records(records, mode, key, types)]
+
+
+def field_findings(found: list[tuple], seen: set, counts: Counter) -> list[tuple]:
+    """Of a record's findings in fields other than its text (`landing`: each with the field's value), those to
+    keep: in each field value the first time its file shows it (a title repeated in every part of a file is one
+    finding, counted once), counted into `counts` by (type, detector, band), without the value. `seen` holds the
+    file's (field, start, end, value) so far."""
+    keep = []
+    for fld, typ, det, score, start, end, value in found:
+        key = (fld, start, end, value)
+        if key in seen:
+            continue
+        seen.add(key)
+        counts[(typ, det, band(score))] += 1
+        keep.append((fld, typ, det, score, start, end))
+    return keep
 
 
 def scan_files(items: list[Item], mode: str, key: bytes, types: tuple[str, ...] | None = None
