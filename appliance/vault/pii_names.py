@@ -197,6 +197,9 @@ def ranked_lists() -> dict[str, list[str]]:
     return out
 
 
+INFLECTED_SURNAME_RANK = 1000  # "Rivers" (700) is a surname first; "Falls" (4288), "States" (11147) a word first
+
+
 class _Scorer:
     """Scores of one word (lower case) as a given name and as a surname, cached per process."""
 
@@ -233,10 +236,19 @@ class _Scorer:
             return True
         for cut in ("s", "es", "ed", "d", "ing", "ly", "er", "ers"):
             if w.endswith(cut) and len(w) - len(cut) >= 3 and w[:-len(cut)] in words:
-                return w not in self.n.first and w not in self.n.last_rank
+                if cut in ("s", "es"):
+                    return w not in self.n.first and not self._frequent_surname(w)
+                return w not in self.n.first and w not in self.n.last_rank  # "Richter", "Rader": surnames
         if w.endswith(("ies", "ied")) and len(w) > 5 and w[:-3] + "y" in words:  # "facilities", "supplied"
-            return w not in self.n.first and w not in self.n.last_rank
+            return w not in self.n.first and not self._frequent_surname(w)
         return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
+
+    def _frequent_surname(self, w: str) -> bool:
+        """Of a word's forms in -s ("states", "walks", "falls"), those that are names first: the surnames
+        among the most frequent (`INFLECTED_SURNAME_RANK`: "Rogers", "Peters", "Waters", "Wells"). The rarer
+        ones are verbs or plurals far more often ("The patient has", "Pt states", "Nurse takes")."""
+        rank = self.n.last_rank.get(w)
+        return rank is not None and rank <= INFLECTED_SURNAME_RANK
 
     def _given_score(self, w: str) -> float:
         if w in NOT_NAMES or w in ROLES or w in TITLES or w in EPONYMS:
@@ -856,7 +868,7 @@ def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]
             particle = particle or bool(kept)
             continue
         listed_last = not kept and _COMMA_GIVEN.match(text, s + len(w)) and lw in sc.n.last_rank
-        if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or (
+        if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or w.islower() and lw in COMMON or (
                 sc.given(lw) == 0.0 and not listed_last and not (kept and not w.islower() and _continues(kept, lw, 0.0))
                 and (
                 sc.surname(lw) == 0.0 or not kept and sc.surname(lw) < 0.7)):
