@@ -42,6 +42,12 @@ def test_verbs_after_a_role_are_no_names(role):
     assert persons(f"{role} Rogers took the call.") == ["Rogers"]  # a frequent surname that is a plural too
 
 
+def test_a_given_name_after_a_surname_in_capitals_is_no_word_or_credential():
+    assert persons("PATIENT: OKAFOR, WARD 4") == ["OKAFOR"]
+    assert persons("NURSE: HOLLIS, RN") == ["HOLLIS"]
+    assert persons("PATIENT: OKAFOR, STABLE") == ["OKAFOR"]
+
+
 def test_words_that_are_also_names_survive():
     text = ("Will you check the pump? May 2024 was busy. Hope the valve holds. Mark the line. Bill the ward. "
             "The Foley catheter, the Allen key and the Doppler are in the drawer. Johns Hopkins Hospital called "
@@ -260,6 +266,19 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Jin-woo Park signed the log.", "Jin-woo Park"),  # a hyphenated given name; a surname that is a place word
     ("Anne-Marie Okafor called.", "Anne-Marie Okafor"),
     ("On Mon, Jun 3, 2024 at 9:12 AM Thornbury, Rebecca CPT <r.t@army.mil> wrote:", "Thornbury, Rebecca"),
+    # capitals beyond ASCII are capitals (a name was cut at the "Ñ"), and names are looked up without diacritics
+    ("PATIENT: MUÑOZ, JOSÉ", "MUÑOZ, JOSÉ"),
+    ("# Patient: GARCÍA LÓPEZ, MARÍA", "GARCÍA LÓPEZ, MARÍA"),
+    ("Bed 12 - José Muñoz - NPO", "José Muñoz"),
+    ("SGT JOSÉ MUÑOZ REPORTED", "JOSÉ MUÑOZ"),
+    # given names in capitals after "SURNAME," on a form, the lists' or none
+    ("PATIENT: EZE, CHUKWUEMEKA", "EZE, CHUKWUEMEKA"),
+    ("PATIENT: NGUYEN, THI LAN", "NGUYEN, THI LAN"),
+    # after a title, a given name the Census lists lack and the word list holds, before a frequent surname
+    ("Dr. Arjun Patel saw her.", "Arjun Patel"),
+    ("Seen by Dr. Anil Shah.", "Anil Shah"),
+    ("Dr. Nils Smith called.", "Nils Smith"),
+    ("Major Okafor signed.", "Okafor"),
 ])
 def test_harder_name_forms(text, name):
     assert name in persons(text), (text, detect(text))
@@ -286,6 +305,8 @@ def test_harder_name_forms(text, name):
     # below a label, a name is its line whole: not a sentence that starts there, nor the next label
     "Patient name:\nWill be confirmed by the ward clerk today.\nPatient name:\nDOB: pending",
     "Customer name: Acme Health Systems\nAuthor name: GitHub Actions\nOperator name: Night Shift",
+    "The Sergeant Major reviewed the Major Trauma Centre plan.",
+    "Café au lait spots. Seen at Clínica Médica Norte.",
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",
     "Transferred to Johns Hopkins, then seen at Walter Reed. Grand Rounds on Friday. Stationed at Camp Lejeune.",
     "Diagnosed with Lou Gehrig's disease; history of Crohn's disease.",

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gzip
 import re
+import unicodedata
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,7 +47,7 @@ madison charlotte jackson lincoln hamilton victoria sydney florence kingston che
 # Titles: whatever capitalized word follows is taken as a name unless it is an ordinary word.
 TITLES = frozenset("""
 dr mr mrs ms mx miss prof sgt ssgt msgt capt lt ltc col maj cpl lcpl pvt pfc spc gen cdr lcdr adm cmdr
-rev fr sister matron nurse sir dame mme mlle herr frau
+rev fr sister matron nurse sir dame mme mlle herr frau major
 """.split())
 # Titles and roles that are written as whole words: a full stop after one ends a sentence ("... the Charge
 # Nurse. Will the team ...") and says nothing about the next word. Only abbreviations ("Dr.", "Pt.") carry on.
@@ -197,6 +198,16 @@ def ranked_lists() -> dict[str, list[str]]:
     return out
 
 
+_UNFOLDED = str.maketrans({"ø": "o", "æ": "ae", "œ": "oe", "ß": "ss", "ł": "l", "đ": "d", "ð": "d", "þ": "th",
+                           "ı": "i"})
+
+
+def fold(w: str) -> str:
+    """A word without its diacritics, as the name lists (US Census and SSA, in ASCII) write it: "josé" is
+    "jose", "muñoz" "munoz", "ångström" "angstrom", "østergård" "ostergard"."""
+    return unicodedata.normalize("NFKD", w.translate(_UNFOLDED)).encode("ascii", "ignore").decode("ascii")
+
+
 INFLECTED_SURNAME_RANK = 1000  # "Rivers" (700) is a surname first; "Falls" (4288), "States" (11147) a word first
 
 
@@ -213,21 +224,21 @@ class _Scorer:
     def is_word(self, w: str) -> bool:
         out = self._word.get(w)
         if out is None:
-            out = self._word[w] = self._is_word(w)
+            out = self._word[w] = self._is_word(w if w.isascii() else fold(w))
         return out
 
     def given(self, w: str) -> float:
         """How much `w` (lower case, one word) says "a given name"."""
         out = self._given.get(w)
         if out is None:
-            out = self._given[w] = self._given_score(w)
+            out = self._given[w] = self._given_score(w if w.isascii() else fold(w))
         return out
 
     def surname(self, w: str) -> float:
         """How much `w` says "a surname"."""
         out = self._surname.get(w)
         if out is None:
-            out = self._surname[w] = self._surname_score(w)
+            out = self._surname[w] = self._surname_score(w if w.isascii() else fold(w))
         return out
 
     def _is_word(self, w: str) -> bool:
@@ -287,6 +298,8 @@ def scorer() -> _Scorer:
 # --- candidates ----------------------------------------------------------------------------------
 _UP = "A-ZÀ-ÖØ-ÞĀ-ž"  # Latin Extended-A (Ł, Ś, Ž, ...) alternates cases: it counts as both
 _LO = "a-zß-öø-ÿĀ-ž"
+# A word in capitals, as address books, forms and headings write names: "THORNBURY", "MUÑOZ", "ÅNGSTRÖM"
+_UP_WORD = rf"[{_UP}][{_UP}'’]+(?:-[{_UP}][{_UP}'’]+)?"  # "MUÑOZ", "ÅNGSTRÖM" too
 # Words are at most 40 letters, and the letters before an inner capital are taken possessively: a name is never
 # longer, and without a bound a long run of letters that are both cases (Latin Extended-A, "ŁŁŁ...") made every
 # search quadratic in it (20,000 of them took 7.5 s to scan).
@@ -307,7 +320,9 @@ _RUN = re.compile(rf"{_ELEM}(?:[ \t]+(?:{_PART}[ \t]+)*{_ELEM})+")
 _ELEM_ONE = re.compile(rf"({_ELEM})|({_PART})")
 _LAST_FIRST = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?![ \t]*[{_UP}{_LO}])")
 # After a role word, in any case: up to three words, particles and initials allowed.
-_ANYTOK = r"(?:[A-Za-zÀ-ÖØ-öø-ž]['’])?[A-Za-zÀ-ÖØ-öø-ž][a-zA-Zß-öø-ž]*(?:-[A-Za-zÀ-ÖØ-öø-ž]+)?"
+# A word in any case: "MUÑOZ", "Ångström", "o'brien" (the letters after the first in any case too: "MUÑOZ" is
+# one word, not "MU" then a break)
+_ANYTOK = r"(?:[A-Za-zÀ-ÖØ-öø-ž]['’])?[A-Za-zÀ-ÖØ-öø-ž]+(?:-[A-Za-zÀ-ÖØ-öø-ž]+)?"
 _AFTER_ROLE = re.compile(rf"[ \t]*(?:[:#-][ \t]*)?((?:(?:{_INIT}|{_ANYTOK})[ \t]+(?:(?i:{_PART})[ \t]+)*){{0,2}}"
                          rf"{_ANYTOK})")
 # Role words looked for in the lower-cased text with str.find (each costs a pass over the text, so only the
@@ -358,7 +373,7 @@ def _score_run(words: list[Word], context: float, lower_ok: bool, particle: bool
         head = low[0].split("-")[0]
         first = 1.0 if sc.given(head) >= 1.0 and not sc.is_word(head) else 0.0
     last = sc.surname(low[-1])
-    if first == 0.0 and len(names) >= 2 and _given_before_surname(names[0], names[1]):
+    if first == 0.0 and len(names) >= 2 and _given_before_surname(names[0], names[1], context):
         first = 0.5
     if last == 0.0 and low[-1] in sc.n.last_rank and (_is_initial(words[-2][2]) or first >= 1.0 or context >= 0.8):
         last = 0.5  # "J. Jubilee", "Mona Genet", "Patient Sydney Poley": a listed surname that is also a word
@@ -529,7 +544,8 @@ def _split_run(text: str, m: re.Match) -> Iterator[Candidate]:
             w, e = w[:-1], e - 1
         title = lw in TITLES
         if w and not title and (lw not in ROLES or _continues(part, lw, context)) and (
-                _continues(part, lw, context) or not _breaks(w) or _given_before_surname(w, elems[k + 1][2])
+                _continues(part, lw, context) or not _breaks(w)
+                or _given_before_surname(w, elems[k + 1][2], 0.0 if part else context)
                 or _before_particle(w, elems, k)):
             part.append((s, e, w))
             span_start = s if span_start < 0 else span_start
@@ -556,14 +572,16 @@ _VERBISH = frozenset("will may hope mark bill grant chase drew sue rob pat".spli
 _SENTENCE_START = re.compile(r"(?:^|[.?!:;]\s+|\n\s*)$")
 
 
-def _given_before_surname(w: str, nxt: str) -> bool:
+def _given_before_surname(w: str, nxt: str, context: float = 0.0) -> bool:
     """An unlisted capitalized word right before a listed surname that is no word ("Arjun Okafor"): a given
-    name the lists lack, unless it is an everyday word ("Ask Okafor") or a place, a title or a thing."""
+    name the lists lack, unless it is an everyday word ("Ask Okafor") or a place, a title or a thing. After a
+    title, before a frequent surname that is a word too: "Dr. Arjun Patel", "Dr. Anil Shah", "Dr. Nils Smith"
+    (the 1990 Census lists lack many given names, and the word list holds some: "arjun", "anil", "raj")."""
     lw = w.lower()
     if not w[:1].isupper() or lw in COMMON or lw in NOT_NAMES and lw not in GIVEN_PLACES or lw in ROLES \
             or lw in TITLES or lw in EPONYMS or lw in NOT_PERSON_AFTER or lw in PLACE_LEAD or len(w) < 3:
         return False
-    return scorer().surname(nxt.lower().rstrip(".")) >= 1.0
+    return scorer().surname(nxt.lower().rstrip(".")) >= (0.7 if context >= 1.0 else 1.0)
 
 
 def _listed(w: str) -> bool:
@@ -589,7 +607,7 @@ def _split_run_words(text: str, part: list[Word], context: float, span_start: in
         return
     sc = scorer()
     while len(part) > 1 and not _is_initial(part[0][2]) and sc.given(part[0][2].lower()) == 0.0 \
-            and not (len(part) == 2 and (_given_before_surname(part[0][2], part[1][2])
+            and not (len(part) == 2 and (_given_before_surname(part[0][2], part[1][2], context)
                                          or particle and _listed(part[0][2]))):
         part = part[1:]
         span_start = part[0][0]
@@ -748,7 +766,7 @@ def _after_roles(text: str, low: str, shape: bytes | None = None) -> Iterator[Ca
 
 # The blank between two upper-case words ("…A OK…"): a literal first, which the engine finds faster than a
 # capital letter, and a failed try costs a step or two however long the words are ("KESTREL", "FROSTLINE")
-_UPPER_GAP = re.compile(r" (?<=[A-Z'’] )(?:[A-Z]{1,4} )?[A-Z][A-Z'’]")
+_UPPER_GAP = re.compile(rf" (?<=[{_UP}'’] )(?:[{_UP}]{{1,4}} )?[{_UP}][{_UP}'’]")
 # `_UPPER_GAP` in the letter shapes (`shapes`), where an apostrophe is a capital: a fixed string first ("U ").
 _UPPER_GAP_SHAPE = re.compile(rb"U (?:U{1,4} )?UU")
 
@@ -887,11 +905,33 @@ def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]
     if len(kept) == 1 and tail and not _breaks(tail.group(1)):  # "Witness: Frazier, Ugooya": score it as
         kept.insert(0, (tail.start(1), tail.end(1), tail.group(1)))  # "Ugooya Frazier", keep the span
         end, context = tail.end(1), context + 0.4
+    elif len(kept) <= 2 and _casing(kept[0][2]) == "upper":  # "PATIENT: EZE, CHUKWUEMEKA", "NGUYEN, THI LAN"
+        end = _upper_given_after(text, end)
     norm = [(s, e, w.capitalize() if w.isupper() and len(w) > 2 else w) for s, e, w in kept]
     yield from _judge(text, norm, context, "name-role", lower_ok=True, start=start, end=end, particle=particle)
 
 
 _WORD = re.compile(r"[^\s,;]+")
+# Given names after a surname in capitals, as forms write a patient: "EZE, CHUKWUEMEKA", "NGUYEN, THI LAN".
+_COMMA_UP_GIVEN = re.compile(rf", ({_UP_WORD})(?: ({_UP_WORD}))?(?![{_UP}{_LO}0-9'’-])")
+
+
+def _upper_given_after(text: str, end: int) -> int:
+    """Where a name in capitals after a role ends: past ", GIVEN [MIDDLE]" when that follows `end` and each word
+    is a listed given name or, of four letters or more, in no list and no word ("CHUKWUEMEKA"); not a credential
+    ("OKAFOR, MD"), an abbreviation ("NPO", "ICU") or a word ("WARD 4", "STABLE"). Else `end`."""
+    m = _COMMA_UP_GIVEN.match(text, end)
+    if not m or _CREDENTIAL.match(text, end):
+        return end
+    sc = scorer()
+    for g in (1, 2):
+        w = m.group(g)
+        if w is None:
+            break
+        lw = w.lower()
+        if not (sc.given(lw) >= 1.0 or len(w) >= 4 and _unknown_word(lw)):
+            return end if g == 1 else m.end(1)
+    return m.end()
 _LOWER_NEXT = re.compile(r"[ \t]+[a-z]")
 
 
@@ -905,9 +945,8 @@ _ITEM_START = re.compile(r"(?:^|[;:\n|])[ \t]*$")
 _PARTICLES_BEFORE = re.compile(rf"(?<![\w])(?:{_PART}[ \t]+)+$")
 _TOK_END = re.compile(rf"{_TOK}$")
 # The same in capitals, as address books and headings write it: "THORNBURY, REBECCA", "OKONKWO, MARGARET A."
-_UP_WORD = r"[A-Z][A-Z'’]+(?:-[A-Z][A-Z'’]+)?"
-_UP_END = re.compile(rf"(?<![A-Za-z]){_UP_WORD}$")
-_LAST_FIRST_UP = re.compile(rf"({_UP_WORD}), ({_UP_WORD})(?: [A-Z]\.?)?(?![A-Za-z'’-])")
+_UP_END = re.compile(rf"(?<![{_UP}{_LO}]){_UP_WORD}$")
+_LAST_FIRST_UP = re.compile(rf"({_UP_WORD}), ({_UP_WORD})(?: [{_UP}]\.?)?(?![{_UP}{_LO}'’-])")
 
 
 def _last_first(text: str) -> Iterator[Candidate]:
@@ -918,7 +957,8 @@ def _last_first(text: str) -> Iterator[Candidate]:
         if not m:
             up = _UP_END.search(text, max(0, c.start() - 40), c.start())
             m = up and _LAST_FIRST_UP.match(text, up.start())
-            if m and _caps_name(f"{m.group(2)} {m.group(1)}"):  # "OKONKWO, MARGARET", "THORNBURY, REBECCA CPT"
+            if m and len(m.group(2)) > 2 and not _CREDENTIAL.match(text, m.end(1)) \
+                    and _caps_name(f"{m.group(2)} {m.group(1)}"):  # "OKONKWO, MARGARET"; not "HOLLIS, RN"
                 yield Candidate(m.start(), m.end(), 0.8, "name-last-first",
                                 (m.group(1).capitalize(), m.group(2).capitalize()))
             continue
@@ -1001,7 +1041,7 @@ _RANK_WORDS = frozenset("major first class general colonel commander sergeant li
 # Found in the letter shapes (`shapes`, `_rank_hits`): an upper-case word, a blank, a capital; or a word ending in a
 # digit ("CW2"); the rank itself is read from the text.
 _RANK_AT = re.compile(r"[A-Z0-9]{2,6}\.?[ \t]")  # the same, in a text that has no shapes (not ASCII)
-_RANK_NAME = re.compile(r"[A-Z](?:[a-zA-Z'’]|-(?=[A-Za-z]))*\.?")
+_RANK_NAME = re.compile(rf"[{_UP}](?:[{_UP}{_LO}'’]|-(?=[{_UP}{_LO}]))*\.?")
 
 
 def _after_ranks(text: str, shape: bytes | None) -> Iterator[Candidate]:
@@ -1061,8 +1101,8 @@ def _rank_name(text: str, at: int, rank: str = "") -> Iterator[Candidate]:
 
 # At the start of a line (a newline is a literal the engine jumps to); after a role word the role scan has them.
 _CAPS_PART = r"(?:VAN|VON|DE|DER|DEN|DA|DI|DU|DEL|DELLA|LA|LE|TER|TEN|BIN|IBN|AL|EL)"
-_CAPS_WORDS = (rf"([A-Z][A-Z'’]++(?:[ \t]+[A-Z]\.)?(?:[ \t]+{_CAPS_PART}(?=[ \t]))*[ \t]+"
-               r"[A-Z][A-Z'’]++(?:-[A-Z][A-Z'’]+)?)(?![A-Za-z])")
+_CAPS_WORDS = (rf"([{_UP}][{_UP}'’]++(?:[ \t]+[{_UP}]\.)?(?:[ \t]+{_CAPS_PART}(?=[ \t]))*[ \t]+"
+               rf"[{_UP}][{_UP}'’]++(?:-[{_UP}][{_UP}'’]+)?)(?![{_UP}{_LO}])")
 _CAPS_PAIR = re.compile(r"\n[ \t]*" + _CAPS_WORDS)
 _CAPS_AT = re.compile(_CAPS_WORDS)  # the same pair inside a line, matched where it starts
 
