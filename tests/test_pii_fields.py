@@ -425,6 +425,27 @@ def test_strings_nested_in_a_tables_objects_and_lists_are_scrubbed(home, tmp_pat
     assert cells[-1][0]["name"] == "[PERSON]" and cells[-1][0]["ssn"] is None
 
 
+def test_a_fhir_patient_export_lands_without_its_names_and_ids(home, tmp_path):
+    """FHIR Bulk Data NDJSON: a name's "family" and "given", its "text", an identifier's "value" and the birth
+    date are read as what their keys say, though no key says "name" or "MRN" (they landed as they were)."""
+    from appliance import api
+
+    patient = {"resourceType": "Patient", "id": "p1",
+               "identifier": [{"system": "urn:oid:1.2.36.146.595.217.0.1", "value": "00448812"}],
+               "name": [{"use": "official", "family": "Okonkwo", "given": ["Ngozi", "Adaeze"],
+                         "text": "Ngozi Okonkwo"}],
+               "birthDate": "1945-03-12", "gender": "female"}
+    (tmp_path / "Patient.ndjson").write_text(json.dumps(patient) + "\n")
+    with open_vault(home) as v:
+        r = api.vault_ingest(v, [tmp_path / "Patient.ndjson"], "fhir", workers=1)
+        (table,) = r["tables"] if isinstance(r, dict) else r.tables
+        row = v.con.execute(f"SELECT identifier, name, birthDate, gender FROM {table}").fetchone()
+    landed = json.dumps(row, default=str)
+    for value in ("Okonkwo", "Ngozi", "Adaeze", "00448812", "1945-03-12"):
+        assert value not in landed, (value, landed)
+    assert "official" in landed and "female" in landed and "urn:oid" in landed  # what says no one stays
+
+
 def test_a_rescrub_of_a_flag_version_counts_a_tables_findings_once(home, tmp_path):
     """A table's findings are counted in its cells; its rows' records, whose text a flag version keeps with the
     values, were counted again by a re-scrub: the report said twice what an ingest says."""

@@ -450,7 +450,14 @@ def test_a_tables_name_and_phone_columns_are_read_as_their_labels_say():
                           ("Patient Name", "Okonkwo, Margaret"), ("surname", "Okonkwo")]:
         assert s.scrub_cell(column, value)[0] == "[PERSON]", (column, value)
     assert s.scrub_cell("phone", "5558675309")[0] == "[PHONE]"
-    for column, value in [("site_name", "Will Park Depot"), ("count", "1234567"),
+    # columns that hold names without saying so, as exports and FHIR name them
+    for column, value in [("family", "Okonkwo"), ("given", "Ngozi"), ("lname", "okonkwo"), ("firstName", "Will"),
+                          ("signed_by", "Okonkwo"), ("name_text", "Ngozi Okonkwo"), ("subject_display", "Ana Eze")]:
+        assert s.scrub_cell(column, value)[0] == "[PERSON]", (column, value)
+    assert s.scrub_cell("identifier_value", "00448812")[0] == "[MRN]"
+    assert s.scrub_cell("dob", "19450312")[0] == s.scrub_cell("date_of_birth", "12MAR45")[0] == "[DOB]"
+    for column, value in [("site_name", "Will Park Depot"), ("count", "1234567"), ("signed_by", "auto"),
+                          ("code_display", "Hemoglobin A1c"), ("status", "final"), ("order_no", "19450312"),
                           ("unit", "4W"), ("last_name", "N/A")]:
         assert s.scrub_cell(column, value)[0] == value, (column, value)
 

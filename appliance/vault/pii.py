@@ -361,7 +361,7 @@ _NAME_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an init
 _TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
 _VALUE_BELOW = re.compile(r"\r?\n[ \t]*(?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
-                        "various declined refused unavailable unk".split())
+                        "various declined refused unavailable unk auto automatic system admin service batch bot".split())
 
 
 def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
@@ -658,6 +658,30 @@ def _normal(f: Finding) -> str:
 
 
 CELL_CACHE = 16384  # table cells whose findings a scrubber remembers (a few MB at most)
+def column_label(column: str) -> str:
+    """The context a cell of `column` is read in: "Date of birth: " for date_of_birth, "Birth date: " for
+    birthDate. A column that holds a person's name without saying "name" ("family", "given", "lname",
+    "signed_by", a FHIR name's "text") is read as a name label's; an identifier's value as a patient's ID."""
+    words = _CAMEL_HUMP.sub(" ", column).replace("_", " ").replace("-", " ").replace(".", " ").split()
+    low = [w.lower() for w in words]
+    if "".join(low) in _NAME_COLUMNS or len(low) == 2 and low[1] == "by" and low[0] in _BY_NAME \
+            or len(low) == 2 and low[0] in _PEOPLE_PARENTS and low[1] in ("text", "display", "family", "given"):
+        return "Person name: "
+    if low in (["identifier"], ["identifier", "value"]):
+        return "Patient ID: "
+    return f"{' '.join(words).capitalize() or 'Value'}: "
+
+
+_CAMEL_HUMP = re.compile(r"(?<=[a-z0-9])(?=[A-Z])")  # "birthDate", "postalCode"
+_NAME_COLUMNS = frozenset("""family given fname lname forename forenames surname firstname lastname middlename
+givenname familyname first last middle maiden prescriber attending signer""".split())
+_BY_NAME = frozenset("""signed reviewed approved checked witnessed performed reported seen entered ordered verified
+collected administered prescribed dispensed completed authored assigned""".split())
+# A record's field that holds a person (FHIR's Patient.name, Observation.subject, performer): its "text" or
+# "display" is the person's name
+_PEOPLE_PARENTS = frozenset("name patient subject performer practitioner requester recorder attester".split())
+
+
 # A column that holds people by name: its lower-case cells are read too ("jane doe").
 _PERSON_COLUMN = re.compile(r"name|patient|owner|person|contact|author|employee|staff|nurse|doctor|physician"
                             r"|engineer|technician|operator|inspector|witness|signed|reviewer|customer|client")
@@ -851,10 +875,10 @@ class Scrubber:
         return _ASCII_LOWER[i % 26]  # a letter beyond a-z ("Ł")
 
     def label(self, column: str) -> str:
-        """The context a cell of `column` is read in: "Date of birth: " for date_of_birth."""
+        """The context a cell of `column` is read in (`column_label`), remembered."""
         prefix = self._labels.get(column)
         if prefix is None:
-            prefix = self._labels[column] = f"{column.replace('_', ' ').strip().capitalize() or 'Value'}: "
+            prefix = self._labels[column] = column_label(column)
         return prefix
 
     def scrub_cell(self, column: str, value: str) -> tuple[str, Counter]:

@@ -24,6 +24,8 @@ READERS = {
 BATCH_ROWS = 2048
 CellScrub = Callable[[str, str], tuple[str, Counter]]
 NameScrub = Callable[[str], str]  # a table's or column's name as it lands (PII in it scrubbed)
+# Keys of a nested record that say nothing by themselves: read with the record's own ("identifier value")
+_GENERIC_KEYS = frozenset(("value", "text", "display"))
 
 
 def table_name(vid: int, path: Path) -> str:
@@ -193,7 +195,9 @@ class _BatchScrubber:
             return None
         if pa.types.is_struct(t):
             names = self._struct_names(t)
-            return {names[k]: self._deep(str(k), v, t.field(k).type) for k, v in value.items()}
+            # a generic key is read with its record's ("identifier" "value", a name's "text")
+            return {names[k]: self._deep(f"{column}_{k}" if k in _GENERIC_KEYS else str(k), v, t.field(k).type)
+                    for k, v in value.items()}
         if pa.types.is_map(t):
             out, taken = [], set()
             for k, v in value:
