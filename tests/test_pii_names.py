@@ -396,6 +396,8 @@ def test_pseudonymize_gives_one_person_one_fake_name_in_every_form():
     ("25/12/2023", 30, "24/01/2024"), ("3/5/24", 30, "4/4/24"), ("March 5, 2024", 30, "April 4, 2024"),
     ("Sept. 5th, 2024", 30, "Oct. 5th, 2024"), ("5th of Jan, 2024", 30, "4th of Feb, 2024"),
     ("SEP 5, 2024", 30, "OCT 5, 2024"), ("31/02/2024", 30, None),
+    ("19450312", 30, "19450411"), ("2024.03.09", 30, "2024.04.08"), ("12MAR45", 30, "11APR45"),
+    ("5-Mar-2024", 30, "4-Apr-2024"), ("20240231", 30, None),
 ])
 def test_shift_date_keeps_the_format(value, days, out):
     from appliance.vault.pii_safe_harbor import shift_date

@@ -298,7 +298,9 @@ _AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?!\d|\.\d)")
 
 _MONTHS = ("january", "february", "march", "april", "may", "june", "july", "august", "september", "october",
            "november", "december")
-_ISO = re.compile(r"(\d{4})-(\d{1,2})-(\d{1,2})")
+_ISO = re.compile(r"(\d{4})([-./])(\d{1,2})[-./](\d{1,2})")
+_COMPACT = re.compile(r"(\d{4})(\d\d)(\d\d)")  # "19450312"
+_DAY_MON = re.compile(r"(\d{1,2})([-]?)([A-Za-z]{3})[-]?(\d{2}|\d{4})")  # "12MAR45", "5-Mar-2024"
 _NUMERIC = re.compile(r"(\d{1,2})([/.-])(\d{1,2})[/.-](\d{2,4})")
 _MONTH_FIRST = re.compile(r"([A-Za-z]+)(\.?) (\d{1,2})(st|nd|rd|th)?(,?) (\d{4})")
 _DAY_FIRST = re.compile(r"(\d{1,2})(st|nd|rd|th)? (of )?([A-Za-z]+)(\.?)(,?) (\d{4})")
@@ -320,8 +322,18 @@ def shift_date(value: str, days: int) -> str | None:
         return f"{new:0{len(old)}d}"  # "05" stays two digits, "5" one where it can
 
     if m := _ISO.fullmatch(value):
+        new = move(int(m[1]), int(m[3]), int(m[4]))
+        return new and f"{new.year:04d}{m[2]}{pad(new.month, m[3])}{m[2]}{pad(new.day, m[4])}"
+    if m := _COMPACT.fullmatch(value):
         new = move(int(m[1]), int(m[2]), int(m[3]))
-        return new and f"{new.year:04d}-{pad(new.month, m[2])}-{pad(new.day, m[3])}"
+        return new and f"{new.year:04d}{new.month:02d}{new.day:02d}"
+    if m := _DAY_MON.fullmatch(value):
+        y = m[4]
+        month = _month(m[3])
+        new = month and move(int(y) if len(y) == 4 else 2000 + int(y) if int(y) < 50 else 1900 + int(y), month,
+                             int(m[1]))
+        ys = f"{new.year:04d}" if new and len(y) == 4 else f"{new.year % 100:02d}" if new else ""
+        return new and f"{pad(new.day, m[1])}{m[2]}{_month_name(new.month, m[3])}{m[2]}{ys}"
     if m := _NUMERIC.fullmatch(value):
         a, sep, b, y = m[1], m[2], m[3], m[4]
         day_first = int(a) > 12
@@ -361,8 +373,20 @@ def _ordinal(day: int) -> str:
     return "th" if 10 <= day % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(day % 10, "th")
 
 
+# A date written without separators ("20240305", "05MAR24"): a build, batch or order number as often, so it is
+# the person's only right after the event or its label ("Admitted 20240305", "Admission date: 20240305").
+_COMPACT_DATE = re.compile(r"\d+(?:[A-Z]{3}\d+)?")
+_EVENT_AT = re.compile(_EVENT)
+_RIGHT_AFTER = re.compile(r"(?i:[ \t]*(?:date|dt|on)?[ \t]*[:=#-]?[ \t]*(?:on[ \t]+)?)")
+
+
 def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     for m in _keyed(_PERSON_DATE, text, scan, "date"):
+        if _COMPACT_DATE.fullmatch(m.group(1)):
+            ev = _EVENT_AT.match(text, m.start())
+            gap = _RIGHT_AFTER.match(text, ev.end()) if ev else None
+            if not gap or gap.end() != m.start(1):
+                continue  # "seen in clinic, build 20240115"
         yield Finding("DATE", m.start(1), m.end(1), m.group(1), "date-event")
         if m.group(2):
             yield Finding("DATE", m.start(2), m.end(2), m.group(2), "date-event")
