@@ -499,3 +499,31 @@ def test_a_long_run_of_letters_that_are_both_cases_scans_in_linear_time():
             "['Łukasz Wiśniewski']\n")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-500:]
+
+
+def test_hl7_v2_segments_are_read_by_their_fields():
+    """An HL7 v2 message's names ("OKONKWO^MARGARET^A"), IDs, birth date, address and phones are bare values
+    that only their field says are PII: each is replaced by component, and the message keeps its structure."""
+    msg = ("MSH|^~\\&|ADT1|GOOD HEALTH HOSPITAL|LAB|GHH|202403051012||ADT^A01|MSG00001|P|2.5.1\r"
+           "PID|1||00448812^^^HOSP^MR||OKONKWO^MARGARET^A||19450312|F|||12 Elm St^^Springfield^IL^62704||"
+           "(217)555-0134|||||ACCT7731|123456789\r"
+           "NK1|1|OKONKWO^JAMES|SPO^SPOUSE\r"
+           "PV1|1|I|4W^12^01||||1234^HOLLIS^DEREK^^^DR\n"
+           "10:12:01 OBX|1|TX|NOTE||stable overnight||||||F|||||5678^WHITFIELD^JAMAL")
+    out = redact(msg)
+    for value in ("00448812", "OKONKWO", "MARGARET", "19450312", "12 Elm St", "Springfield", "62704", "555-0134",
+                  "ACCT7731", "123456789", "JAMES", "HOLLIS", "DEREK", "WHITFIELD", "JAMAL", "1234"):
+        assert value not in out, (value, out)
+    assert out.startswith("MSH|^~\\&|ADT1|GOOD HEALTH HOSPITAL|")  # the header names no one
+    assert "PID|1||[MRN]^^^HOSP^MR||[PERSON]^[PERSON]^[PERSON]||[DOB]|F|||[ADDRESS]^^[ADDRESS]^IL^[ZIP]||" in out
+    assert "SPO^SPOUSE" in out and "4W^12^01" in out and "stable overnight" in out
+    # a Markdown table is no message
+    table = "| PID | Name |\n| --- | --- |\n| 1 | pump |"
+    assert redact(table) == table
+
+
+def test_an_hl7_file_is_ingested_as_text(tmp_path):
+    from appliance.vault.readers.detect import plan
+
+    (tmp_path / "adt.hl7").write_text("PID|1||00448812^^^HOSP^MR||OKONKWO^MARGARET\r")
+    assert [i.kind for i in plan([tmp_path])] == ["text"]

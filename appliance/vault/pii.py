@@ -20,7 +20,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from appliance.vault import pii_names, pii_safe_harbor
+from appliance.vault import pii_hl7, pii_names, pii_safe_harbor
 from appliance.vault.pii_base import DATE as _DATE
 from appliance.vault.pii_base import Finding
 
@@ -563,6 +563,7 @@ _sh = pii_safe_harbor
 # the detectors that can fire on it.
 _ANY, _AT, _DIGIT, _REGION, _KEYWORD, _COLONS = range(6)
 _DETECTORS = (
+    (pii_hl7.hl7, {"PERSON", "MRN", "DOB", "DATE", "ADDRESS", "ZIP", "PHONE", "ACCOUNT", "SSN", "LICENSE"}, _DIGIT),
     (_emails, {"EMAIL"}, _AT), (_sh.urls, {"URL"}, _ANY), (_ibans, {"IBAN"}, _REGION),
     (_cards, {"CARD"}, _REGION), (_ssns, {"SSN"}, _REGION), (_sh.dod_ids, {"DODID"}, _KEYWORD),
     (_ipv6s, {"IPV6"}, _COLONS), (_ipv4s, {"IPV4"}, _REGION), (_contextual, {"DOB", "MRN", "PASSPORT"}, _KEYWORD),
@@ -658,6 +659,8 @@ def _normal(f: Finding) -> str:
 
 
 CELL_CACHE = 16384  # table cells whose findings a scrubber remembers (a few MB at most)
+
+
 def column_label(column: str) -> str:
     """The context a cell of `column` is read in: "Date of birth: " for date_of_birth, "Birth date: " for
     birthDate. A column that holds a person's name without saying "name" ("family", "given", "lname",

@@ -11,7 +11,7 @@ from pathlib import Path
 from appliance.vault.readers import Ident, ReadError, open_input
 from appliance.vault.readers.code import LINK, is_repo, language_of, walk_repo
 
-TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text", ".adoc", ".org", ".log"})
+TEXT_SUFFIXES = frozenset({".txt", ".md", ".markdown", ".rst", ".text", ".adoc", ".org", ".log", ".hl7"})
 SKIP_NAMES = frozenset({".DS_Store", "Thumbs.db", "desktop.ini"})
 
 

@@ -1,0 +1,130 @@
+"""PII in HL7 v2 messages, read by their structure: the fields of a segment that hold a person's identifiers.
+
+Hospital interfaces log HL7 v2 messages as text ("PID|1||00448812^^^HOSP^MR||OKONKWO^MARGARET^A||19450312|F|||
+12 Elm St^^Springfield^IL^62704||(217)555-0134"). Its names are written "FAMILY^GIVEN^MIDDLE", in capitals and
+without a title or a label, its IDs and birth dates bare: nothing the prose rules read. Each segment's fields
+say what they hold (the HL7 v2.5 field tables), so the fields are read as the standard names them, one
+component at a time, and the message keeps its structure when they are replaced ("[PERSON]^[PERSON]^[PERSON]").
+
+A segment starts a line (or follows a blank or a log line's prefix: "10:12:01 PID|1||...").
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator
+
+from appliance.vault.pii_base import Finding
+
+# Field kinds: how each component of a field is read.
+_XPN = "XPN"  # a person's name: family ^ given ^ middle ^ suffix ^ prefix
+_XCN = "XCN"  # a person in a role: ID ^ family ^ given ^ middle ^ ...
+_CX = "CX"  # an identifier: ID ^ check digit ^ ... (the ID is the person's)
+_XAD = "XAD"  # an address: street ^ other ^ city ^ state ^ ZIP ^ country
+_XTN = "XTN"  # a phone number, in any of its components
+_DTM = "DTM"  # a date and time: YYYYMMDD[HHMM[SS]]
+_ID = "ID"  # a number that is the person's (SSN, account, licence): its first component
+
+# (segment, field number) -> (field kind, PII type). Field numbers as the standard counts them: MSH's from 1 at
+# its field separator, every other segment's from 1 after its name.
+FIELDS: dict[tuple[str, int], tuple[str, str]] = {
+    ("PID", 2): (_CX, "MRN"), ("PID", 3): (_CX, "MRN"), ("PID", 4): (_CX, "MRN"), ("PID", 5): (_XPN, "PERSON"),
+    ("PID", 6): (_XPN, "PERSON"), ("PID", 7): (_DTM, "DOB"), ("PID", 9): (_XPN, "PERSON"),
+    ("PID", 11): (_XAD, "ADDRESS"), ("PID", 13): (_XTN, "PHONE"), ("PID", 14): (_XTN, "PHONE"),
+    ("PID", 18): (_CX, "ACCOUNT"), ("PID", 19): (_ID, "SSN"), ("PID", 20): (_ID, "LICENSE"),
+    ("PID", 21): (_CX, "MRN"), ("PID", 29): (_DTM, "DATE"),
+    ("MRG", 1): (_CX, "MRN"), ("MRG", 3): (_CX, "ACCOUNT"), ("MRG", 7): (_XPN, "PERSON"),
+    ("NK1", 2): (_XPN, "PERSON"), ("NK1", 4): (_XAD, "ADDRESS"), ("NK1", 5): (_XTN, "PHONE"),
+    ("NK1", 6): (_XTN, "PHONE"), ("NK1", 30): (_XPN, "PERSON"), ("NK1", 31): (_XTN, "PHONE"),
+    ("NK1", 32): (_XAD, "ADDRESS"), ("NK1", 37): (_ID, "SSN"),
+    ("PV1", 7): (_XCN, "PERSON"), ("PV1", 8): (_XCN, "PERSON"), ("PV1", 9): (_XCN, "PERSON"),
+    ("PV1", 17): (_XCN, "PERSON"), ("PV1", 19): (_CX, "ACCOUNT"), ("PV1", 44): (_DTM, "DATE"),
+    ("PV1", 45): (_DTM, "DATE"), ("PV1", 52): (_XCN, "PERSON"),
+    ("ORC", 10): (_XCN, "PERSON"), ("ORC", 11): (_XCN, "PERSON"), ("ORC", 12): (_XCN, "PERSON"),
+    ("ORC", 14): (_XTN, "PHONE"),
+    ("OBR", 16): (_XCN, "PERSON"), ("OBR", 17): (_XTN, "PHONE"), ("OBR", 28): (_XCN, "PERSON"),
+    ("OBX", 16): (_XCN, "PERSON"),
+    ("TXA", 5): (_XCN, "PERSON"), ("TXA", 9): (_XCN, "PERSON"), ("TXA", 10): (_XCN, "PERSON"),
+    ("TXA", 22): (_XCN, "PERSON"), ("TXA", 23): (_XCN, "PERSON"),
+    ("GT1", 3): (_XPN, "PERSON"), ("GT1", 5): (_XAD, "ADDRESS"), ("GT1", 6): (_XTN, "PHONE"),
+    ("GT1", 7): (_XTN, "PHONE"), ("GT1", 8): (_DTM, "DOB"), ("GT1", 12): (_ID, "SSN"),
+    ("IN1", 16): (_XPN, "PERSON"), ("IN1", 18): (_DTM, "DOB"), ("IN1", 19): (_XAD, "ADDRESS"),
+    ("IN1", 36): (_ID, "ACCOUNT"), ("IN1", 49): (_CX, "ACCOUNT"),
+    ("IN2", 2): (_ID, "SSN"),
+    ("DG1", 16): (_XCN, "PERSON"), ("PR1", 11): (_XCN, "PERSON"), ("PR1", 12): (_XCN, "PERSON"),
+}
+_KEYS = tuple(sorted({f"{seg}|" for seg, _ in FIELDS}))  # looked for with str.find: most texts hold no "|"
+_SEGMENT = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(sorted({seg for seg, _ in FIELDS})) + r")\|")
+_NAME_PARTS = {_XPN: (0, 1, 2), _XCN: (1, 2, 3)}  # the components that are a person's name words
+_ADDRESS_PARTS = {0: "ADDRESS", 1: "ADDRESS", 2: "ADDRESS", 4: "ZIP"}  # not the state or the country
+_MSH = re.compile(r"MSH\|(.)")
+
+
+def hl7(text: str, _low: str = "", _scan=None) -> Iterator[Finding]:
+    """Findings in the HL7 v2 segments of `text`, in the "|" the standard and every interface use to part
+    fields; the component separator is the message's (MSH-2), "^" by default."""
+    if "|" not in text or not any(k in text for k in _KEYS):
+        return
+    msh = _MSH.search(text) if "MSH|" in text else None
+    comp_sep = msh.group(1) if msh and msh.group(1) not in "|~\r\n" else "^"
+    for m in _SEGMENT.finditer(text):
+        seg = m.group(1)
+        end = _line_end(text, m.end())
+        pos, number = m.end(), 1
+        while pos <= end:
+            stop = text.find("|", pos, end)
+            stop = end if stop < 0 else stop
+            kind = FIELDS.get((seg, number))
+            if kind and kind[0] and stop > pos:
+                yield from _field(text, pos, stop, kind[0], kind[1], comp_sep)
+            pos, number = stop + 1, number + 1
+
+
+def _line_end(text: str, i: int) -> int:
+    ends = [e for e in (text.find("\r", i), text.find("\n", i)) if e >= 0]
+    return min(ends) if ends else len(text)
+
+
+def _field(text: str, start: int, end: int, kind: str, typ: str, comp_sep: str) -> Iterator[Finding]:
+    """The findings in one field's value text[start:end], each repetition ("~") and component on its own."""
+    pos = start
+    while pos <= end:
+        stop = text.find("~", pos, end)
+        stop = end if stop < 0 else stop
+        comps, c = [], pos
+        while c <= stop:
+            e = text.find(comp_sep, c, stop)
+            e = stop if e < 0 else e
+            comps.append((c, e))
+            c = e + 1
+        yield from _components(text, comps, kind, typ)
+        pos = stop + 1
+
+
+def _components(text: str, comps: list[tuple[int, int]], kind: str, typ: str) -> Iterator[Finding]:
+    def found(i: int, t: str, detector: str = "hl7") -> Finding | None:
+        if i < len(comps):
+            s, e = comps[i]
+            value = text[s:e].strip()
+            if value and value != '""':
+                s += len(text[s:e]) - len(text[s:e].lstrip())
+                return Finding(t, s, s + len(value), value, detector)
+        return None
+
+    if kind in _NAME_PARTS:
+        picks = [(i, "PERSON") for i in _NAME_PARTS[kind]]
+        if kind == _XCN:
+            picks.append((0, "LICENSE"))  # the provider's own number (NPI, staff ID)
+    elif kind == _XAD:
+        picks = list(_ADDRESS_PARTS.items())
+    elif kind == _XTN:
+        picks = [(i, "PHONE") for i in range(len(comps))
+                 if sum(ch.isdigit() for ch in text[comps[i][0]:comps[i][1]]) >= 3]
+    elif kind in (_CX, _ID, _DTM):
+        picks = [(0, typ)]
+    else:
+        picks = []
+    for i, t in picks:
+        f = found(i, t)
+        if f is not None and (t != "LICENSE" or any(ch.isdigit() for ch in f.value)):
+            yield f
