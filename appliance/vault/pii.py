@@ -361,7 +361,8 @@ _NAME_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an init
 _TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
 _VALUE_BELOW = re.compile(r"\r?\n[ \t]*(?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
-                        "various declined refused unavailable unk auto automatic system admin service batch bot".split())
+                        "various declined refused unavailable unk auto automatic system admin service batch "
+                        "bot".split())
 
 
 def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
