@@ -476,10 +476,15 @@ def test_names_joined_in_a_documents_path_are_found_not_in_code():
                       ("john_smith_123-45-6789.txt", "[PERSON]_[SSN].txt"),
                       ("ward/Hollis_Derek", "ward/[PERSON]"),
                       ("patients/margaret.okonkwo/scan.png", "patients/[PERSON]/scan.png"),  # any file under it
-                      ("patients/margaret.okonkwo/notes.adoc", "patients/[PERSON]/notes.adoc")]:
+                      ("patients/margaret.okonkwo/notes.adoc", "patients/[PERSON]/notes.adoc"),
+                      # a directory's name has no extension: its last word is no ".brown" file type
+                      ("/Users/michael.brown/notes.txt", "/Users/[PERSON]/notes.txt"),
+                      ("home/john.smith/a.md", "home/[PERSON]/a.md"),
+                      ("maria.garcia.md", "[PERSON].md")]:  # a given name that is a word too, a listed surname
         assert fs.path(path)[0] == out, (path, fs.path(path)[0])
     for path in ["torch/nn/max_pool.py", "src/xlm_roberta/modeling.py", "tz/America/Los_Angeles.txt",
-                 "numbers.cpython-311.pyc", "docs/grace_period_policy.md"]:
+                 "numbers.cpython-311.pyc", "docs/grace_period_policy.md", "notes/mark.down/a.md",
+                 "rose.garden/a.md", "db/aurora-postgresql.json.gz", "Hong_Kong/office.md"]:
         assert fs.path(path)[0] == path, (path, fs.path(path)[0])
     for name in ["max_pool", "jack_knife_score"]:  # a table's columns and a repository's name join words so too
         assert fs.path(name, "column")[0] == fs.path(name, "meta.repo")[0] == name

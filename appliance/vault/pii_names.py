@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import functools
 import gzip
+import mimetypes
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -108,7 +109,7 @@ lamp lab laboratory
 NOT_PERSON_AFTER = PLACE_AFTER | THING_AFTER
 # Words that start a place: "Fort Worth", "San Diego", "New Hollis".
 PLACE_LEAD = frozenset("fort port san santa los las el la new north south east west saint st mount mt lake "
-                       "cape glen upper lower great little old camp".split())
+                       "cape glen upper lower great little old camp hong".split())
 # Institutions, bases and events named after a person, written without the word that would say so ("seen at
 # Walter Reed", "transferred to Johns Hopkins", "Grand Rounds on Friday").
 INSTITUTIONS = frozenset(["johns hopkins", "walter reed", "grand rounds", "mayo clinic", "lou gehrig",
@@ -1149,7 +1150,8 @@ def path_names(text: str) -> list[str]:
     either order: "margaret.okonkwo", "Okonkwo-Margaret", "john_smith" (`_path_pair`, read both ways); as
     written, to be looked for as one."""
     dot = text.rfind(".")
-    ext = dot if dot > 0 and len(text) - dot <= 6 else len(text)  # "frames.py": its extension is no name
+    # "frames.py": its extension is no name; "michael.brown", a directory, has none
+    ext = dot if dot > 0 and text[dot + 1:].lower() in _EXTENSIONS else len(text)
     words = [w for w in _PATH_WORD.finditer(text) if w.end() <= ext]
     out = []
     for a, b in zip(words, words[1:]):
@@ -1163,16 +1165,28 @@ def path_names(text: str) -> list[str]:
 
 def _path_pair(given: str, surname: str) -> bool:
     """A listed given name that is no word at all, then a surname: a common listed one, or a word in no list
-    and no word at all ("okonkwo")."""
+    and no word at all ("okonkwo"). A listed given name of four letters or more that is a word too ("maria")
+    takes only a listed surname that is no word ("maria.garcia"; not "mark.down", "rose.garden", "aurora-postgresql",
+    "max.decTest")."""
     sc = scorer()
-    if not (_strong_given(given) and not sc.is_word(given) and given not in AMBIGUOUS_FIRST
-            and given not in NOT_NAMES):
+    if not (_strong_given(given) and given not in AMBIGUOUS_FIRST and given not in NOT_NAMES):
         return False
     if surname in NOT_NAMES or surname in COMMON or surname in TITLES or surname in ROLES:
         return False
     rank = sc.n.last_rank.get(surname)
-    return rank is not None and rank < 50000 and sc.surname(surname) >= 0.6 or rank is None and \
-        surname not in sc.n.first and len(surname) >= 4 and not sc.is_word(surname)
+    unlisted = rank is None and surname not in sc.n.first and len(surname) >= 4 and not sc.is_word(surname)
+    if sc.is_word(given):
+        return len(given) >= 4 and rank is not None and sc.surname(surname) >= 1.0
+    return rank is not None and rank < 50000 and sc.surname(surname) >= 0.6 or unlisted
+
+
+# File name extensions, which end a file's name and are no surname ("frames.py"); any other ending after a full
+# stop is a word of the name ("michael.brown/")
+_EXTENSIONS = frozenset([e.lstrip(".") for e in mimetypes.types_map] + """
+md markdown rst txt text log hl7 adoc org py pyi ipynb c h cc cpp hpp cs go rs java kt scala rb php pl r jl lua
+swift m sh bash zsh ps1 bat sql toml yaml yml ini cfg conf json jsonl ndjson csv tsv parquet xlsx xls docx doc
+pptx pdf eml mbox msg bak tmp old orig gz bz2 xz zip tar tgz 7z npy npz pt bin safetensors gguf onnx ckpt
+""".split())
 
 
 # After a name: ", ", "; ", " and ", " or ", " & " and the next item of the list.
