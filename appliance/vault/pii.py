@@ -291,7 +291,9 @@ def _phones(text: str, _low: str, regions):
 # --- context-bound identifiers -------------------------------------------------------------------
 _DOB = re.compile(rf"(?i:date of birth|d\.o\.b\.?|dob|birth ?date|born(?: on)?)(?:\b|(?<=\.))[\s:=-]*(?:is |was |on )?"
                   rf"({_DATE})")
-_MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?))"
+_MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?)"
+                  r"|med\.? ?rec(?:ord)?\.?(?: number| no\.?| #)?|(?:hospital|ur|visit|encounter) (?:id|no\.?|number|#)"
+                  r"|encounter|fin(?= ?(?:#|no\b|number|:)))"
                   r"[\s:#=-]*(?:is\s+)?(?=[A-Z0-9-]*\d)([A-Z]{0,4}-?[A-Z0-9]{4,14}(?:-[A-Z0-9]{1,6})?)\b")
 _PASSPORT = re.compile(r"(?i:passport)(?:\s*(?:number|no\.?|#|id))?[\s:#=-]*(?:is\s+)?(?=[A-Z0-9]*\d)([A-Z0-9]{6,9})\b")
 

@@ -85,6 +85,9 @@ PAIR_ROLES = frozenset(("thanks to", "thank you", "spoke with", "spoke to", "tal
 _AGE_AFTER = re.compile(r"(?:,[ \t]*|[ \t]*\()(?:aged[ \t]+)?\d{1,3}(?:[ \t]*(?:y/?o|yrs?|years?(?:[ \t-]*old)?))?"
                         r"[ \t]*[,)]")
 _PAIR_SECOND = frozenset(r.split()[-1] for r in PAIR_ROLES)
+# An age and sex after a name, as ward lists and handovers write a patient: "Eze, Chukwuemeka - 67M", "Ana
+# Okafor, 54F", "Derek Hollis (71 M)".
+_AGE_SEX_AFTER = re.compile(r"[ \t]*(?:[-–,(][ \t]*)\d{1,3}[ \t]*(?:[MF]|y/?o|yrs?)(?![A-Za-z0-9])")
 # Credentials after a name ("Ana Okafor, RN", "Derek Hollis (MD)"): a person, whatever the words.
 _CREDENTIAL = re.compile(r"[ \t]*(?:,[ \t]*|\([ \t]*)?(?:RN|MD|DO|NP|PA-C|LPN|CNA|RGN|RMN|PhD|DDS|PharmD|MBBS"
                          r"|MBChB|FRCS|MRCP|FRCP|CRNA|DNP|MSN|BSN|APRN|RPh|EMT|PE|CEng)(?![\w-])")
@@ -153,6 +156,8 @@ treated review reviewed refer referred inform informed notify notified dear hi h
 this that these those there here when where while who whom whose which what why how all any each every both
 no not nor only also just than too very our your their his her its my we you they he she it i me us them him
 mister madam sir
+start started continue continued hold held stop stopped resume resumed restart increase increased decrease
+decreased discontinue discontinued titrate takes taking order ordered
 """.split())
 # Proper nouns above that are given names too ("Easter Becnel", "India Okafor"): a name before a listed surname.
 GIVEN_PLACES = frozenset("easter sunday india kenya asia florida nevada america jesus maryland".split())
@@ -623,8 +628,8 @@ def _split_run_words(text: str, part: list[Word], context: float, span_start: in
 def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok: bool = False,
            start: int = -1, particle: bool = False, end: int = -1) -> Iterator[Candidate]:
     end = part[-1][1] if end < 0 else end
-    if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end):
-        context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented"
+    if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end) or _AGE_SEX_AFTER.match(text, end):
+        context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented", "Ana Okafor, 54F"
     if len(part) > 1 and " ".join(w.lower() for _, _, w in part) in INSTITUTIONS:
         return
     score = _score_run(part, context, lower_ok, particle)
@@ -950,11 +955,31 @@ _UP_END = re.compile(rf"(?<![{_UP}{_LO}]){_UP_WORD}$")
 _LAST_FIRST_UP = re.compile(rf"({_UP_WORD}), ({_UP_WORD})(?: [{_UP}]\.?)?(?![{_UP}{_LO}'’-])")
 
 
+_PLACE_BEFORE = re.compile(r"(?i:\b(?:st|saint|mt|mount|fort|ft|port|lake|san|santa|new)\.?[ \t]+)$")
+# A label that lists drugs, on the line before a "Last, First" that is a drug list's items instead
+_MEDS_LABEL = re.compile(r"(?i:meds|medications?|medicines?|drugs|prescriptions?|rx|allergies|allergic to)[ \t]*:"
+                         r"[^\n:.;]*$")
+# "Nguyen, Thi Lan - 80F": a given name of two words, where an age and sex after it say a patient is listed
+_LAST_FIRST_AGED = re.compile(rf"({_TOK}), ({_TOK}[ \t]{_TOK})(?=" + _AGE_SEX_AFTER.pattern + ")")
+
+
+def _aged_last_first(m: re.Match, particle: bool, text: str) -> bool:
+    """"Eze, Chukwuemeka - 67M", "van der Berg, Pieter - 71M": a "Last, First" with an age and sex after it,
+    whose words are no everyday words or roles and one at least no ordinary word (or a particle before it)."""
+    if not _AGE_SEX_AFTER.match(text, m.end()):
+        return False
+    words = [w.lower() for w in (m.group(1), *m.group(2).split())]
+    sc = scorer()
+    return not any(w in COMMON or w in ROLES or w in TITLES or w in NOT_NAMES for w in words) and (
+        particle or any(not sc.is_word(w) for w in words))
+
+
 def _last_first(text: str) -> Iterator[Candidate]:
     sc = scorer()
     for c in _COMMA_CAP.finditer(text):
         before = _TOK_END.search(text, max(0, c.start() - 40), c.start())
-        m = before and (_LAST_FIRST.match(text, before.start()) or _LAST_FIRST_RANK.match(text, before.start()))
+        m = before and (_LAST_FIRST.match(text, before.start()) or _LAST_FIRST_RANK.match(text, before.start())
+                        or _LAST_FIRST_AGED.match(text, before.start()))
         if not m:
             up = _UP_END.search(text, max(0, c.start() - 40), c.start())
             m = up and _LAST_FIRST_UP.match(text, up.start())
@@ -964,17 +989,20 @@ def _last_first(text: str) -> Iterator[Candidate]:
                                 (m.group(1).capitalize(), m.group(2).capitalize()))
             continue
         last, first = m.group(1).lower(), m.group(2).lower()
-        if first in NOT_NAMES:
-            continue
+        if first in NOT_NAMES or first in PLACE_LEAD or _PLACE_BEFORE.search(text, max(0, m.start() - 8), m.start()):
+            continue  # "St. Jude, St. Mary's", "Fort Worth, Texas": places listed
         lead = _PARTICLES_BEFORE.search(text, max(0, m.start() - 16), m.start())  # "van Quillen, Cleopatra"
         head = lead.start() if lead else m.start()
         # where an item of a list or a field starts (after ";", ":", "|" or a line break), weaker surnames do
         item = _ITEM_START.search(text, max(0, head - 8), head) is not None
+        if _MEDS_LABEL.search(text, max(0, text.rfind("\n", 0, head) + 1, head - 200), head):
+            continue  # "Home meds: Lyrica, Allegra, Celexa": drugs listed, not people
         listed = first in sc.n.first and first not in AMBIGUOUS_FIRST
         unlisted = not _breaks(m.group(2)) and first not in COMMON
         if listed and (sc.surname(last) >= 0.7 or item and sc.surname(last) >= 0.6) \
                 or unlisted and sc.surname(last) >= 1.0 \
-                or unlisted and item and _listed(last) and not sc.is_word(first):
+                or unlisted and item and _listed(last) and not sc.is_word(first) \
+                or _aged_last_first(m, lead is not None, text):
             # "Okafor, Ana"; "Krasner, Chaeze"; "Obaeze, Rowena" and "Contact: Champion, Emira" in a list
             yield Candidate(head, m.end(), 0.8, "name-last-first", (m.group(1), m.group(2)))
 
@@ -1027,6 +1055,20 @@ _LAST_FIRST_RANK = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?=[ \t]+(?:{'
 # Ranks that are other abbreviations as often ("GEN Config", "CDR Records", "the LTC Manual", "MSG Received"):
 # a name after them must be one the lists know.
 _RANKS_ELSEWHERE = frozenset("GEN CDR ADM LT LTC COL MAJ ENS CAPT MSG SRA AMN CPO SN".split())
+# Of those, the officers' ranks: before a capitalized word that is no word at all, a rank ("COL Al-Rashid",
+# "LTC Subramanian"); the others take only common names ("GEN Config", "MSG Eze" stay).
+_RANKS_OFFICERS = frozenset("COL LTC MAJ LT CAPT ENS".split())
+
+
+def _no_word_name(w: str) -> bool:
+    """A capitalized word (or hyphenated words, "Al-Rashid") that is no ordinary word, listed as a name or not."""
+    sc = scorer()
+    parts = w.lower().split("-")
+    return w[:1].isupper() and not w.isupper() and any(p not in PARTICLES for p in parts) and all(
+        p in PARTICLES or len(p) >= 3 and p.isalpha() and not sc.is_word(p) and p not in NOT_NAMES
+        and p not in COMMON for p in parts)
+
+
 def _common_name(lw: str) -> bool:
     """One of the 30,000 most common surnames, or a listed given name that is no word: "Baker", "Okafor",
     "Derek"; not "Records" or "Manual", rarer surnames that are words or plurals of one."""
@@ -1085,6 +1127,7 @@ def _rank_name(text: str, at: int, rank: str = "") -> Iterator[Candidate]:
                                    or sc.is_word(lw) and sc.surname(lw) < 0.7 and sc.given(lw) < 0.5
                                    and not (words and lw in sc.n.last_rank)
                                    or not words and rank in _RANKS_ELSEWHERE and not _common_name(lw)
+                                   and not (rank in _RANKS_OFFICERS and _no_word_name(w))
                                    or not words and not listed and lw.endswith("s") and sc.is_word(lw[:-1])):
             break  # an ordinary word that is no common name: "CPT Code", "LT Knee"; not "SGT Baker", and after
             # a name's first word any listed surname: "CW2 Jin-woo Park"
@@ -1203,8 +1246,8 @@ def _coordinated(text: str, found: list[Candidate]) -> Iterator[Candidate]:
         c = todo.pop(0)
         sep = _NEXT_ITEM.match(text, c.end)
         item = sep and _ITEM.match(text, sep.end())
-        if not item or item.start() in seen:
-            continue
+        if not item or item.start() in seen or item.end() < len(text) and text[item.end()].isalpha():
+            continue  # and not a word cut short: "COL" in "MAJ Okafor, COL Al-Rashid" is no name "CO"
         words = [(e.start(), e.end(), e.group().rstrip(".") if len(e.group()) > 2 else e.group())
                  for e in _ELEM_ONE.finditer(text, item.start(), item.end()) if e.group(1)]
         words = [(s, s + len(w), w) for s, _, w in words]

@@ -162,9 +162,10 @@ def dod_ids(text: str, _low: str, scan: Scan) -> Iterator[Finding]:
 
 # --- identifiers that follow a label ---------------------------------------------------------------
 _ID = r"((?=(?:[A-Z]{1,4}[- ])?[A-Z0-9./-]*\d)(?:[A-Z]{1,4}[- ]?)?[A-Z0-9][A-Z0-9./-]{3,22}[A-Z0-9])(?![\w-])"
-_LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#)\.?)?[ \t]*[:#=-]?[ \t]*(?:is[ \t]+|of[ \t]+)?"
+_LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#|mbi)\.?)?[ \t]*[:#=-]?[ \t]*(?:is[ \t]+|of[ \t]+)?"
 _ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
-                      r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan)"
+                      r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan"
+                      r"|claim|mbi|bcbs)"
                       + _LABEL_TAIL + _ID)
 _LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificat(?:e|ion)"
                       r"|cert(?:\.|(?=[ \t]*[#:]))|dea|npi|registration|permit"
@@ -181,7 +182,7 @@ _VIN_VALUES = {**{str(d): d for d in range(10)}, **dict(zip("ABCDEFGH", range(1,
 _VIN_WEIGHTS = (8, 7, 6, 5, 4, 3, 2, 10, 0, 9, 8, 7, 6, 5, 4, 3, 2)
 
 _ACCOUNT_KEYS = ("health", "insurance", "member", "subscriber", "beneficiary", "policy", "account", "acct",
-                 "medicaid", "medicare", "group")
+                 "medicaid", "medicare", "group", "claim", "mbi", "bcbs")
 _LICENSE_KEYS = ("licen", "lic#", "lic.", "lic:", "certif", "cert.", "cert:", "cert#", "dea", "npi", "registration",
                  "permit", "credential")
 _DEVICE_KEYS = ("serial", "s/n", "sn", "device", "imei", "udi", "asset", "implant")
@@ -401,7 +402,8 @@ def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
 # Every keyword of the prescan, by the family of detectors it wakes.
 KEYWORDS = {
     "dob": ("date of birth", "d.o.b", "dob", "birth", "born"),
-    "mrn": ("mrn", "medical record", "patient", "chart"),
+    "mrn": ("mrn", "medical record", "patient", "chart", "med rec", "medrec", "med. rec", "hospital", "ur ", "visit",
+            "encounter", "fin"),
     "passport": ("passport",),
     "date": _DATE_KEYS,
     "age": ("age", "aged"),
