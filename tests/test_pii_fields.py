@@ -510,3 +510,16 @@ def test_a_version_holding_an_earlier_flag_versions_records_can_be_rescrubbed(ho
         texts = v.con.execute("SELECT b.text FROM version_records r JOIN blobs b ON b.hash = r.hash "
                               "JOIN versions x ON x.vid = r.vid WHERE x.name = 'site' AND x.n = 3").fetchall()
     assert r["version"] == "site@3" and not _leaks(json.dumps(texts)), texts
+
+
+def test_a_name_of_several_words_is_found_whole_in_the_heading_and_the_title():
+    """"Nguyen Thi Lan" found in the text was looked for word by word, and "Lan" (a word too) stayed in the
+    heading and the title: "Discharge summary - [PERSON] [PERSON] Lan"."""
+    from appliance.vault.fields import FieldScrubber, scrub_record
+    from appliance.vault.readers import Record
+
+    rec = Record("text", "a.md", "# Discharge summary - Nguyen Thi Lan\n\nPatient Nguyen Thi Lan was discharged.",
+                 None, None, "Discharge summary - Nguyen Thi Lan", {})
+    scrub_record(FieldScrubber("redact", b"k" * 32), rec)
+    assert rec.title == "Discharge summary - [PERSON]"
+    assert rec.text == "# Discharge summary - [PERSON]\n\nPatient [PERSON] was discharged."

@@ -301,8 +301,9 @@ def scrub_record(fs: FieldScrubber, rec, known: tuple[str, ...] = ()) -> tuple[C
         rec.text, counts, found = fs.scrub(text, hints)
         clean = _clean_in(text, str(rec.title or ""), fs)
         fs.record_people = fs.people  # before the fields' scrubs below set `people` again
-        if fs.people:
-            hints = hints + tuple(sorted(pii_names.words_of(fs.people) - set(hints)))
+        if fs.people:  # each name's words, and a name of several words whole ("Nguyen Thi Lan": "Lan" is a word)
+            more = pii_names.words_of(fs.people) | {p for p in fs.people if " " in p and "\n" not in p}
+            hints = hints + tuple(sorted(more - set(hints)))
     elif getattr(rec, "kind", "") == "table":  # counted as its cells were scrubbed; kept for review here
         found = fs.table_found(rec.text)
     if rec.title and not clean:

@@ -515,6 +515,10 @@ def _names(text: str, low: str, hints: tuple[str, ...], emails: list[Finding], r
     for c in runs:  # weakest first: a stronger rule below overwrites
         for w in pii_names.repeat_words([c]):
             found.setdefault(w, ("name-repeat", c.score))
+        if len(c.parts) > 1:  # the whole name too, which the search prefers: "Nguyen Thi Lan" ("Lan" is a word)
+            whole = text[c.start:c.end]
+            if "\n" not in whole:
+                found.setdefault(whole, ("name-repeat", c.score))
     for n in labelled:
         for w in n.replace(",", " ").split():
             if len(w) >= 3 and not pii_names.scorer().is_word(w.lower()) and w.lower() not in pii_names.NOT_NAMES:
