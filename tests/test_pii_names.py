@@ -129,6 +129,8 @@ def test_findings_carry_detector_and_score():
     ("Mail to Rural Route 2, Box 15, Ames, IA.", "ADDRESS", "Rural Route 2, Box 15, Ames, IA."),
     ("Lic# RN123456 on file.", "LICENSE", "RN123456"),
     ("Medicare MBI: 1EG4-TE5-MK72", "ACCOUNT", "1EG4-TE5-MK72"),
+    ("Pt is a 91M with a fall.", "AGE", "91"), ("Bed 4 - 94F - frail", "AGE", "94"),
+    ("A ninety-two-year-old woman.", "AGE", "ninety-two"), ("aged ninety-four", "AGE", "ninety-four"),
     ("Claim number 88123471 denied.", "ACCOUNT", "88123471"),
     ("FIN: 44718822", "MRN", "44718822"),
     ("Encounter #: 99812234", "MRN", "99812234"),
@@ -150,6 +152,7 @@ def test_safe_harbor_types(text, typ, value):
     "Temperature 98.6 F at noon.", "Visit example.com for the manual.", "Batch 2231-B passed ISO 13485.",
     "The plan was discussed with Radiology and handed over to Ward 4.", "Account: Q3 2024 budget.",
     "The fin 4 was bent. Claim 2 of the patent. Visit 3 of 4 done. Hospital 12 beds.",
+    "Temp 94F at 0600; a 45M with chest pain; ninety-two beds; bus 91M.",
 ])
 def test_look_alike_numbers_are_kept(text):
     assert detect(text) == [], detect(text)

@@ -574,7 +574,7 @@ _DETECTORS = (
     (_emails, {"EMAIL"}, _AT), (_sh.urls, {"URL"}, _ANY), (_ibans, {"IBAN"}, _REGION),
     (_cards, {"CARD"}, _REGION), (_ssns, {"SSN"}, _REGION), (_sh.dod_ids, {"DODID"}, _KEYWORD),
     (_ipv6s, {"IPV6"}, _COLONS), (_ipv4s, {"IPV4"}, _REGION), (_contextual, {"DOB", "MRN", "PASSPORT"}, _KEYWORD),
-    (_sh.person_dates, {"DATE", "AGE"}, _DIGIT), (_sh.faxes, {"FAX"}, _KEYWORD),
+    (_sh.person_dates, {"DATE", "AGE"}, _DIGIT), (_sh.ages_in_words, {"AGE"}, _ANY), (_sh.faxes, {"FAX"}, _KEYWORD),
     (_sh.labelled_ids, {"ACCOUNT", "LICENSE", "DEVICE", "VEHICLE"}, _DIGIT), (_phones, {"PHONE"}, _REGION),
     (_sh.addresses, {"ADDRESS", "ZIP"}, _DIGIT),
 )

@@ -294,6 +294,15 @@ _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passe
               "prescribed", "onset", "referred", "consulted", "dod", "doi")
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
 _AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
+# Ages over 89 written as a ward list or a note's opening does: " - 91M", ", 94F", "(91M)", "a 94F"; not a
+# temperature ("Temp 94F": no article or list mark before it)
+_AGE_SEX = re.compile(r"(?:(?<![\w])(?:a|an)[ \t]+|[-–,(][ \t]*)(9\d|1[0-4]\d)[ \t]?[MF](?![\w°])")
+# Ages over 89 in words: "ninety-two-year-old", "aged ninety-four", "one hundred and one years old"
+_UNITS = r"(?:one|two|three|four|five|six|seven|eight|nine)"
+_OVER_89 = (rf"ninety(?:[- ]{_UNITS})?|(?:a|one)[- ]hundred(?:[- ](?:and[- ])?(?:{_UNITS}|ten|eleven|twelve"
+            r"|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty))?")
+_AGE_WORDS = re.compile(rf"(?i:(?<![\w-])({_OVER_89})(?=[- ]+years?[- ]+old|[- ]+y/?o\b|[- ]+yrs?\b)"
+                        rf"|(?<=aged )({_OVER_89})(?![\w-]))")
 _AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?!\d|\.\d)")
 
 
@@ -397,6 +406,16 @@ def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
         yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
     for m in _keyed(_AGE_LABEL, text, scan, "age"):
         yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
+    for m in _AGE_SEX.finditer(text):
+        yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
+
+
+def ages_in_words(text: str, low: str, _scan: Scan) -> Iterator[Finding]:
+    """Ages over 89 written in words ("a ninety-two-year-old man"), in a text with no digit too."""
+    if "ninety" in low or "hundred" in low:
+        for m in _AGE_WORDS.finditer(text):
+            g = 1 if m.group(1) else 2
+            yield Finding("AGE", m.start(g), m.end(g), m.group(g), "age")
 
 
 # Every keyword of the prescan, by the family of detectors it wakes.
