@@ -129,6 +129,12 @@ def test_findings_carry_detector_and_score():
     ("Mail to Rural Route 2, Box 15, Ames, IA.", "ADDRESS", "Rural Route 2, Box 15, Ames, IA."),
     ("Lic# RN123456 on file.", "LICENSE", "RN123456"),
     ("Medicare MBI: 1EG4-TE5-MK72", "ACCOUNT", "1EG4-TE5-MK72"),
+    ("Pump MAC 00:1A:2B:3C:4D:5E on VLAN 12", "DEVICE", "00:1A:2B:3C:4D:5E"),
+    # dates the patient follows in the sentence, signatures' dates, a day and month without a year after an event
+    ("03/05/2024 - Pt c/o chest pain.", "DATE", "03/05/2024"),
+    ("On 5 March 2024 the patient fell.", "DATE", "5 March 2024"),
+    ("Electronically signed by Dr. Okafor on 03/05/2024", "DATE", "03/05/2024"),
+    ("Discharged on 17 March.", "DATE", "17 March"),
     ("Pt is a 91M with a fall.", "AGE", "91"), ("Bed 4 - 94F - frail", "AGE", "94"),
     ("A ninety-two-year-old woman.", "AGE", "ninety-two"), ("aged ninety-four", "AGE", "ninety-four"),
     ("Claim number 88123471 denied.", "ACCOUNT", "88123471"),
@@ -153,6 +159,7 @@ def test_safe_harbor_types(text, typ, value):
     "The plan was discussed with Radiology and handed over to Ward 4.", "Account: Q3 2024 budget.",
     "The fin 4 was bent. Claim 2 of the patent. Visit 3 of 4 done. Hospital 12 beds.",
     "Temp 94F at 0600; a 45M with chest pain; ninety-two beds; bus 91M.",
+    "Release 2024-03-05 shipped; the May 5 meeting; order 12/2024 patient lift; ratio 12:34.",
 ])
 def test_look_alike_numbers_are_kept(text):
     assert detect(text) == [], detect(text)

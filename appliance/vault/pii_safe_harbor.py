@@ -208,8 +208,16 @@ _LABELLED = ((_ACCOUNT, "ACCOUNT", "account", "account", 3), (_LICENSE, "LICENSE
              (_DEVICE, "DEVICE", "device", "device", 3), (_PLATE, "VEHICLE", "plate", "plate", 1))
 
 
+# A network card's MAC address, a device identifier wherever it stands: "00:1A:2B:3C:4D:5E", "00-1a-2b-3c-4d-5e"
+_MAC = re.compile(r"(?<![\w:.-])[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}(?![\w:.-])")
+
+
 def labelled_ids(text: str, low: str, scan: Scan) -> Iterator[Finding]:
-    """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label."""
+    """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label;
+    MAC addresses."""
+    if ":" in text or "-" in text:
+        for m in _MAC.finditer(text):
+            yield Finding("DEVICE", m.start(), m.end(), m.group(), "mac")
     for pattern, typ, detector, family, min_digits in _LABELLED:
         if scan.hits(family):  # most texts hold no label of a family: no generators set up for it
             yield from _labelled(pattern, typ, detector, text, scan, family, min_digits)
@@ -280,7 +288,7 @@ _EVENT = (r"(?i:admitted|admission|admit|discharged|discharge|died|death|decease
           r"|date[ \t]+of[ \t]+service|dos|surgery|operated|operation|procedure|delivered|delivery|injured"
           r"|injury|seen|presented|transferred|transfer|deployed|enlisted|hired|terminated|separated|visit|visited"
           r"|appointment|appt|follow-?up|performed|biopsy|biopsied|intubated|extubated|pronounced|vaccinated"
-          r"|immunized|immunised|tested|collected|prescribed|onset|referred|consulted"
+          r"|immunized|immunised|tested|collected|prescribed|onset|referred|consulted|signed"
           r"|do[di](?=[ \t]*:))")  # "DOD:", "DOI:" as labels (date of death, of injury); not "the DoD contract"
 # A date after an event that ties it to a person, and the end of a range that starts so ("deployed from
 # 2023-06-01 to 2024-01-15"): both dates are the person's.
@@ -291,7 +299,7 @@ _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passe
               "surgery", "operat", "procedure", "deliver", "injur", "seen", "presented", "transfer", "deployed",
               "enlisted", "hired", "terminated", "separated", "visit", "appointment", "appt", "follow", "performed",
               "biops", "intubated", "extubated", "pronounced", "vaccinated", "immuni", "tested", "collected",
-              "prescribed", "onset", "referred", "consulted", "dod", "doi")
+              "prescribed", "onset", "referred", "consulted", "dod", "doi", "signed")
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
 _AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
 # Ages over 89 written as a ward list or a note's opening does: " - 91M", ", 94F", "(91M)", "a 94F"; not a
@@ -390,7 +398,25 @@ _EVENT_AT = re.compile(_EVENT)
 _RIGHT_AFTER = re.compile(r"(?i:[ \t]*(?:date|dt|on)?[ \t]*[:=#-]?[ \t]*(?:on[ \t]+)?)")
 
 
+# A date the patient follows in its sentence: "03/05/2024 - Pt c/o chest pain", "On 5 March 2024 the patient fell"
+_PATIENT_AFTER = re.compile(r"(?<![a-z])(?:patient|pt)(?![a-z])")
+_DATE_BEFORE = re.compile(r"(?<![\d/.-])(" + DATE + r")(?![\d/-])[^\n.;:]{0,24}$")
+
+
+def _dates_before_patient(text: str, low: str, scan: Scan) -> Iterator[Finding]:
+    for m in _PATIENT_AFTER.finditer(low):
+        k = m.start()
+        lo = max(0, k - 48)
+        if scan.digits is not None and scan.digits.find(b"00", lo, k) < 0:
+            continue  # no date ends within reach (the usual case): no search
+        d = _DATE_BEFORE.search(text, lo, k)
+        if d:
+            yield Finding("DATE", d.start(1), d.end(1), d.group(1), "date-event")
+
+
 def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
+    if "pt" in low or "patient" in low:
+        yield from _dates_before_patient(text, low, scan)
     for m in _keyed(_PERSON_DATE, text, scan, "date"):
         if _COMPACT_DATE.fullmatch(m.group(1)):
             ev = _EVENT_AT.match(text, m.start())
