@@ -298,6 +298,7 @@ def test_the_sample_clinic_notes_are_scrubbed(tmp_path):
     ("Major Okafor signed.", "Okafor"),
     # ward lists: "Last, First" with an age and sex after it, whatever the lists know of the words
     ("Rm 402 Eze, Chukwuemeka - 67M", "Eze, Chukwuemeka"),
+    ("Seen: Okafor, Virginia", "Okafor, Virginia"),  # a state's name as a given name, after a surname
     ("Rm 401B Nguyen, Thi Lan - 80F", "Nguyen, Thi Lan"),
     ("van der Berg, Pieter - 71M", "van der Berg, Pieter"),
     # officers' ranks before a name that is no word, listed or not
@@ -334,6 +335,7 @@ def test_harder_name_forms(text, name):
     "Start Cipro 500 mg daily. Continue Colace. Hold Allegra tonight.",
     "Home meds: Lyrica, Allegra, Celexa. Allergies: Tylenol, Cipro.",
     "Transferred to St. Jude, St. Mary's and then Fort Worth, Texas.",
+    "Daughter in Savannah, Georgia. Case discussed with Nissen surgeon. Tommy John surgery. The John Deere M-Gator.",
     "GEN Config loaded; the LTC Manual; LT Knee pain; Valve, Check - 12M.",
     "Café au lait spots. Seen at Clínica Médica Norte.",
     "CPT Code 99213 billed. LT Knee pain. MSG Received from the ICU Team. BG 5.4, MG 20 daily.",

@@ -117,7 +117,13 @@ PLACE_LEAD = frozenset("fort port san santa los las el la new north south east w
 # Walter Reed", "transferred to Johns Hopkins", "Grand Rounds on Friday").
 INSTITUTIONS = frozenset(["johns hopkins", "walter reed", "grand rounds", "mayo clinic", "lou gehrig",
                           "sloan kettering", "cedars sinai", "scott white", "tripler army", "brooke army",
-                          "william beaumont", "madigan army", "womack army", "martin luther king"])
+                          "william beaumont", "madigan army", "womack army", "martin luther king", "tommy john",
+                          "john deere"])
+# "Savannah, Georgia", "Charleston, Virginia": a city and its state, not "Last, First"
+US_STATES = frozenset("""alabama alaska arizona arkansas california colorado connecticut delaware florida georgia
+hawaii idaho illinois indiana iowa kansas kentucky louisiana maine maryland massachusetts michigan minnesota
+mississippi missouri montana nebraska nevada ohio oklahoma oregon pennsylvania tennessee texas utah vermont
+virginia washington wisconsin wyoming carolina dakota""".split())
 # After a possessive, the nouns that make the name a disease, a sign or a law rather than a person: "Lou Gehrig's
 # disease", "Crohn's disease"; but "Okonkwo's house" and "Margaret Okonkwo's bed" are the person's.
 EPONYM_NOUNS = frozenset("""
@@ -143,7 +149,9 @@ god lord jesus christ allah
 EPONYMS = frozenset("""
 doppler holter yankauer luer geiger bunsen petri venturi heimlich apgar babinski korotkoff trendelenburg
 bovie ambu hickman broviac groshong seldinger metzenbaum mcgill macintosh richter celsius fahrenheit
-kelvin parkinson alzheimer crohn hodgkin tourette asperger
+kelvin parkinson alzheimer crohn hodgkin tourette asperger nissen whipple billroth kasai epley valsalva
+wenckebach brugada bazett kernig rovsing mcburney tinel phalen finkelstein kaposi burkitt wilms meckel zenker
+charcot dupuytren guillain sjogren meniere behcet
 """.split())
 # Everyday words that start sentences and precede names ("Ask Okafor", "Call Hollis"): never a given name,
 # even where the 1934 word list and a name list disagree about rarer words ("Arjun", a tree there).
@@ -630,8 +638,10 @@ def _judge(text: str, part: list[Word], context: float, detector: str, lower_ok:
     end = part[-1][1] if end < 0 else end
     if _CREDENTIAL.match(text, end) or _AGE_AFTER.match(text, end) or _AGE_SEX_AFTER.match(text, end):
         context += 0.8  # "Veyumide Barber (RN)", "Rhyira Chanwo, 54, presented", "Ana Okafor, 54F"
-    if len(part) > 1 and " ".join(w.lower() for _, _, w in part) in INSTITUTIONS:
-        return
+    if len(part) > 1:
+        low = [w.lower() for _, _, w in part]
+        if any(" ".join(low[:k]) in INSTITUTIONS for k in range(2, min(len(low), 3) + 1)):
+            return  # "Walter Reed", "Martin Luther King", and what follows them: "John Deere M-Gator"
     score = _score_run(part, context, lower_ok, particle)
     first = part[0][0] if start < 0 else start
     lead = part[0][2]
@@ -989,7 +999,8 @@ def _last_first(text: str) -> Iterator[Candidate]:
                                 (m.group(1).capitalize(), m.group(2).capitalize()))
             continue
         last, first = m.group(1).lower(), m.group(2).lower()
-        if first in NOT_NAMES or first in PLACE_LEAD or _PLACE_BEFORE.search(text, max(0, m.start() - 8), m.start()):
+        if first in NOT_NAMES or first in PLACE_LEAD or _PLACE_BEFORE.search(text, max(0, m.start() - 8), m.start()) \
+                or first in US_STATES and (last in sc.n.first or sc.is_word(last)):  # not "Okafor, Virginia"
             continue  # "St. Jude, St. Mary's", "Fort Worth, Texas": places listed
         lead = _PARTICLES_BEFORE.search(text, max(0, m.start() - 16), m.start())  # "van Quillen, Cleopatra"
         head = lead.start() if lead else m.start()
