@@ -511,9 +511,15 @@ def test_names_joined_in_a_documents_path_are_found_not_in_code():
                       # a directory's name has no extension: its last word is no ".brown" file type
                       ("/Users/michael.brown/notes.txt", "/Users/[PERSON]/notes.txt"),
                       ("home/john.smith/a.md", "home/[PERSON]/a.md"),
-                      ("maria.garcia.md", "[PERSON].md")]:  # a given name that is a word too, a listed surname
+                      ("maria.garcia.md", "[PERSON].md"),  # a given name that is a word too, a listed surname
+                      # digits beside a name in a file's name: a birth date, a record number
+                      ("OKONKWO_MARGARET_19450312.pdf", "[PERSON]_[DATE].pdf"),
+                      ("scans/margaret_okonkwo_00448812.pdf", "scans/[PERSON]_[MRN].pdf")]:
         assert fs.path(path)[0] == out, (path, fs.path(path)[0])
-    for path in ["torch/nn/max_pool.py", "src/xlm_roberta/modeling.py", "tz/America/Los_Angeles.txt",
+    pseudo = FieldScrubber("pseudonymize", b"k" * 32).path("in/margaret_okonkwo_notes.pdf")[0]
+    assert pseudo.startswith("in/") and " " not in pseudo and pseudo.count("_") == 2, pseudo  # joined as it was
+    for path in ["report_20240305.pdf", "scan_0001234.png", "torch/nn/max_pool.py", "src/xlm_roberta/modeling.py",
+                 "tz/America/Los_Angeles.txt",
                  "numbers.cpython-311.pyc", "docs/grace_period_policy.md", "notes/mark.down/a.md",
                  "rose.garden/a.md", "db/aurora-postgresql.json.gz", "Hong_Kong/office.md"]:
         assert fs.path(path)[0] == path, (path, fs.path(path)[0])
@@ -563,3 +569,19 @@ def test_an_hl7_file_is_ingested_as_text(tmp_path):
 
     (tmp_path / "adt.hl7").write_text("PID|1||00448812^^^HOSP^MR||OKONKWO^MARGARET\r")
     assert [i.kind for i in plan([tmp_path])] == ["text"]
+
+
+def test_surrogate_names_stay_the_ones_earlier_versions_gave():
+    """A person's surrogate must be the one the vault's earlier versions gave them: the names it is drawn from
+    are pinned, whatever the name rules learn since (a rule that made "States" or "Falls" a word had moved every
+    surrogate of their initials)."""
+    import hashlib
+    import json
+
+    from appliance.vault import pii
+
+    pools = pii._surrogate_pools()
+    digest = hashlib.sha256(json.dumps(pools, sort_keys=True).encode()).hexdigest()
+    assert digest == "299ed1e76e1ca2c507e5951b7b2abbd3d5beb1d761be2b660acb313d12f7bdc8"
+    out = Scrubber("pseudonymize", b"k" * 32).scrub("Seen by Margaret Okonkwo and John Smith; Dr. Derek Hollis.")[0]
+    assert out == "Seen by Quijano Kluge and Trent Willoughby; Dr. Yanes Franke."

@@ -39,6 +39,29 @@ _CODE = re.compile(r"(?i)\.(?:py|pyc|pyi|pyx|pxd|js|mjs|cjs|ts|tsx|jsx|c|h|cc|cp
 _SEPARATORS = re.compile(r"_|(?<=[^\W\d_])[-.](?=\d)|(?<=\d)[-.](?=[^\W\d_])")
 
 
+# A run of digits joined to a name in a file's name: "OKONKWO_MARGARET_19450312.pdf", "okonkwo-00448812"
+_PATH_ID = re.compile(r"(?<![\w])\d{6,12}(?![\w])")
+
+
+def _ids_beside_names(seen: str, found: list) -> list:
+    """The runs of 6 to 12 digits in a path component (its separators read as blanks) right beside a name
+    found in it: the person's birth date (a valid YYYYMMDD: DATE) or record number (MRN)."""
+    people = [(f.start, f.end) for f in found if f.type == "PERSON"]
+    taken = [(f.start, f.end) for f in found]
+    out = []
+    for m in _PATH_ID.finditer(seen) if people else ():
+        s, e = m.span()
+        if any(a < e and s < b for a, b in taken) or not any(b == s - 1 or a == e + 1 for a, b in people):
+            continue
+        v = m.group()
+        typ = "DATE" if len(v) == 8 and _COMPACT_DATE.fullmatch(v) else "MRN"
+        out.append(pii.Finding(typ, s, e, v, "path-id"))
+    return out
+
+
+_COMPACT_DATE = re.compile(r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
+
+
 def band(score: float) -> str:
     """The confidence band of `score`: high (>= 0.9), medium (>= 0.6) or low."""
     for name, floor in BANDS:  # a loop, not next() over a generator: this runs for every finding
@@ -169,12 +192,20 @@ class FieldScrubber:
             return self.scrub(comp, hints, field)
         self._s.seen = []
         scrubbed, counts = self._s.scrub(seen, hints)
+        if named and self.mode != "off" and self._s.seen:
+            for f in _ids_beside_names(seen, [f for f, _ in self._s.seen]):
+                if self._s.types is None or f.type in self._s.types:
+                    self._s.replacement(f)  # noted in `seen` with its placeholder, as the scan's own
+                    counts[f.type] += 1
         hits = sorted(self._s.seen, key=lambda x: x[0].start)
         if counts and not hits:  # a scrubber that replaced without telling: its output, separators lost
             return (comp if self.mode == "flag" else scrubbed), _detail(counts, []), []
         out, pos = [], 0
         for f, tok in hits:
             out.append(comp[pos:f.start])
+            joined = comp[f.start:f.end]
+            if " " in tok and " " not in joined:  # a surrogate name joined as the name was: "Quigley_Kincer"
+                tok = tok.replace(" ", next((c for c in joined if c in "_-."), "_"))
             out.append(tok)
             pos = f.end
         out.append(comp[pos:])

@@ -256,17 +256,32 @@ class _Scorer:
         return out
 
     def _is_word(self, w: str) -> bool:
-        words = self.n.words
-        if w in words or w in NOT_NAMES or w in ROLES or w in TITLES or w in NOT_PERSON_AFTER:
+        if w in self.n.words or w in NOT_NAMES or w in ROLES or w in TITLES or w in NOT_PERSON_AFTER:
             return True
+        cut = self._inflection(w)
+        if cut in ("s", "es", "ies", "ied"):
+            return w not in self.n.first and not self._frequent_surname(w)
+        if cut:
+            return w not in self.n.first and w not in self.n.last_rank  # "Richter", "Rader": surnames
+        return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
+
+    def _inflection(self, w: str) -> str:
+        """The ending that makes `w` a form of a listed word ("states": "s", "supplied": "ied"), or ""."""
+        words = self.n.words
         for cut in ("s", "es", "ed", "d", "ing", "ly", "er", "ers"):
             if w.endswith(cut) and len(w) - len(cut) >= 3 and w[:-len(cut)] in words:
-                if cut in ("s", "es"):
-                    return w not in self.n.first and not self._frequent_surname(w)
-                return w not in self.n.first and w not in self.n.last_rank  # "Richter", "Rader": surnames
+                return cut
         if w.endswith(("ies", "ied")) and len(w) > 5 and w[:-3] + "y" in words:  # "facilities", "supplied"
-            return w not in self.n.first and not self._frequent_surname(w)
-        return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
+            return w[-3:]
+        return ""
+
+    def pool_word(self, w: str) -> bool:
+        """`is_word` as the pseudonyms' surrogate names were first drawn with it (`pii._surrogate_pools`): a
+        listed surname that is a word's form in -s counted as no word. Kept so, since a surrogate must stay
+        the one a vault's earlier versions gave the person."""
+        return self.is_word(w) and not (w in self.n.last_rank and w not in self.n.words and w not in NOT_NAMES
+                                        and w not in ROLES and w not in TITLES and w not in NOT_PERSON_AFTER
+                                        and self._inflection(w) in ("s", "es", "ies", "ied"))
 
     def _frequent_surname(self, w: str) -> bool:
         """Of a word's forms in -s ("states", "walks", "falls"), those that are names first: the surnames
