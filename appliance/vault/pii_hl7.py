@@ -6,7 +6,9 @@ without a title or a label, its IDs and birth dates bare: nothing the prose rule
 say what they hold (the HL7 v2.5 field tables), so the fields are read as the standard names them, one
 component at a time, and the message keeps its structure when they are replaced ("[PERSON]^[PERSON]^[PERSON]").
 
-A segment starts a line (or follows a blank or a log line's prefix: "10:12:01 PID|1||...").
+A segment starts a line (or follows a blank or a log line's prefix: "10:12:01 PID|1||..."). Without a message
+header, only a line that holds a component separator is read as one; a field's value is replaced only when it
+has the shape the field says (a name of letters, an ID with a digit, a date of eight digits).
 """
 
 from __future__ import annotations
@@ -52,37 +54,54 @@ FIELDS: dict[tuple[str, int], tuple[str, str]] = {
     ("IN1", 36): (_ID, "ACCOUNT"), ("IN1", 49): (_CX, "ACCOUNT"),
     ("IN2", 2): (_ID, "SSN"),
     ("DG1", 16): (_XCN, "PERSON"), ("PR1", 11): (_XCN, "PERSON"), ("PR1", 12): (_XCN, "PERSON"),
+    ("PD1", 4): (_XCN, "PERSON"), ("ROL", 4): (_XCN, "PERSON"), ("EVN", 5): (_XCN, "PERSON"),
+    ("STF", 3): (_XPN, "PERSON"), ("PRD", 2): (_XPN, "PERSON"),
 }
+_LAST_FIELD = {seg: max(n for s, n in FIELDS if s == seg) for seg, _ in FIELDS}
 _KEYS = tuple(sorted({f"{seg}|" for seg, _ in FIELDS}))  # looked for with str.find: most texts hold no "|"
-_SEGMENT = re.compile(r"(?<![A-Za-z0-9])(" + "|".join(sorted({seg for seg, _ in FIELDS})) + r")\|")
+# A segment where a line starts, or after a blank or a log line's prefix ("10:12:01 PID|"); not inside a
+# Markdown table or a shell pipe ("|PID|USER|", "grep 'PID|'")
+_SEGMENT = re.compile(r"(?:(?<=[\r\n \t])|^)(" + "|".join(sorted(_LAST_FIELD)) + r")\|", re.M)
 _NAME_PARTS = {_XPN: (0, 1, 2), _XCN: (1, 2, 3)}  # the components that are a person's name words
 _ADDRESS_PARTS = {0: "ADDRESS", 1: "ADDRESS", 2: "ADDRESS", 4: "ZIP"}  # not the state or the country
-_MSH = re.compile(r"MSH\|(.)")
+# The message header: its four encoding characters (component, repetition, escape, subcomponent: "^~\&")
+_MSH = re.compile(r"MSH\|([^\w\s|])([^\w\s|])([^\w\s|])([^\w\s|])\|")
+_DATE8 = re.compile(r"(?:1[89]|2[01])\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
 
 
 def hl7(text: str, _low: str = "", _scan=None) -> Iterator[Finding]:
-    """Findings in the HL7 v2 segments of `text`, in the "|" the standard and every interface use to part
-    fields; the component separator is the message's (MSH-2), "^" by default."""
+    """Findings in the HL7 v2 segments of `text`: in a text with a message header (MSH), every segment; in
+    one without, the segments whose line holds a component separator ("^") as messages do and documentation
+    tables, shell output and prose that name a segment do not. Fields are parted by "|", as the standard and
+    every interface write them; the component separator is the header's (MSH-2), "^" without one."""
     if "|" not in text or not any(k in text for k in _KEYS):
         return
     msh = _MSH.search(text) if "MSH|" in text else None
-    comp_sep = msh.group(1) if msh and msh.group(1) not in "|~\r\n" else "^"
+    comp_sep = msh.group(1) if msh else "^"
+    line_start, line_end, line_ok = -1, -1, False
     for m in _SEGMENT.finditer(text):
+        if m.start() >= line_end:  # the segment's line, found once however many segments it holds
+            line_start = max(text.rfind("\n", 0, m.start()), text.rfind("\r", 0, m.start())) + 1
+            line_end = _line_end(text, m.end())
+            line_ok = msh is not None or text.find(comp_sep, line_start, line_end) >= 0
+        if not line_ok:
+            continue
         seg = m.group(1)
-        end = _line_end(text, m.end())
+        last = _LAST_FIELD[seg]
         pos, number = m.end(), 1
-        while pos <= end:
-            stop = text.find("|", pos, end)
-            stop = end if stop < 0 else stop
+        while pos <= line_end and number <= last:  # up to the last field read: never the whole line per segment
+            stop = text.find("|", pos, line_end)
+            stop = line_end if stop < 0 else stop
             kind = FIELDS.get((seg, number))
-            if kind and kind[0] and stop > pos:
+            if kind and stop > pos:
                 yield from _field(text, pos, stop, kind[0], kind[1], comp_sep)
             pos, number = stop + 1, number + 1
 
 
 def _line_end(text: str, i: int) -> int:
-    ends = [e for e in (text.find("\r", i), text.find("\n", i)) if e >= 0]
-    return min(ends) if ends else len(text)
+    n = text.find("\n", i)
+    r = text.find("\r", i, n if n >= 0 else len(text))
+    return r if r >= 0 else n if n >= 0 else len(text)
 
 
 def _field(text: str, start: int, end: int, kind: str, typ: str, comp_sep: str) -> Iterator[Finding]:
@@ -126,5 +145,17 @@ def _components(text: str, comps: list[tuple[int, int]], kind: str, typ: str) ->
         picks = []
     for i, t in picks:
         f = found(i, t)
-        if f is not None and (t != "LICENSE" or any(ch.isdigit() for ch in f.value)):
+        if f is not None and _looks(f.value, t, kind):
             yield f
+
+
+def _looks(value: str, typ: str, kind: str) -> bool:
+    """Whether a component's value has the shape its field says: a name holds letters and no digit, an ID a
+    digit, a date eight digits of a real date; what does not (a documentation table's words) is left alone."""
+    if typ == "PERSON":
+        return any(c.isalpha() for c in value) and not any(c.isdigit() for c in value)
+    if kind == _DTM:
+        return _DATE8.match(value) is not None
+    if typ == "ADDRESS":  # a street or a city
+        return any(c.isalpha() for c in value)
+    return any(c.isdigit() for c in value)
