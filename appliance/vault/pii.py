@@ -293,7 +293,7 @@ _DOB = re.compile(rf"(?i:date of birth|d\.o\.b\.?|dob|birth ?date|born(?: on)?)(
                   rf"({_DATE})")
 _MRN = re.compile(r"(?i:mrn|medical record(?: number| no\.?| #)?|patient (?:id|no\.?|number|#)|chart (?:number|no\.?)"
                   r"|med\.? ?rec(?:ord)?\.?(?: number| no\.?| #)?|(?:hospital|ur|visit|encounter) (?:id|no\.?|number|#)"
-                  r"|encounter|fin(?= ?(?:#|no\b|number|:)))"
+                  r"|fin(?= ?(?:#|no\b|number|:)))"
                   r"[\s:#=-]*(?:is\s+)?(?=[A-Z0-9-]*\d)([A-Z]{0,4}-?[A-Z0-9]{4,14}(?:-[A-Z0-9]{1,6})?)\b")
 _PASSPORT = re.compile(r"(?i:passport)(?:\s*(?:number|no\.?|#|id))?[\s:#=-]*(?:is\s+)?(?=[A-Z0-9]*\d)([A-Z0-9]{6,9})\b")
 
@@ -361,10 +361,12 @@ _NAME_LABEL = re.compile(r"(?:(?:first|last|given|family|middle|maiden|full|lega
                          r"|forename|lastname|firstname)[ \t]*:[ \t]*")
 _NAME_WORD = re.compile(r"[^\W\d_]\.|[^\W\d_]+(?:['’-][^\W\d_]+)*")  # an initial, or a word of letters
 _TITLE_FIRST = re.compile(r"([A-Za-z]+)\.? (?=[^\W\d_])")
+_COMPANY_END = re.compile(r"(?i:\b(?:llc|inc|ltd|corp|corporation|company|co|gmbh|plc|lp|llp|group|holdings)\b\.?)"
+                          r"[ \t]*(?:$|[\r\n,;])", re.M)
 _VALUE_BELOW = re.compile(r"\r?\n[ \t]*(?=[^\W\d_])")
 _NOT_A_NAME = frozenset("n/a na none unknown not tbd tba null nil redacted anonymous withheld same see pending "
                         "various declined refused unavailable unk auto automatic system admin service batch "
-                        "bot".split())
+                        "bot string optional required text varchar char int integer boolean".split())
 
 
 def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
@@ -403,6 +405,8 @@ def _label_values(text: str, low: str) -> Iterator[tuple[int, int]]:
                 pos = e + 1
             else:
                 break  # the line, the sentence ("Okonkwo. Later ...") or the field ("de Vries; Unit: 4W") ends
+        if words and _COMPANY_END.search(text, start, min(end + 8, len(text))):
+            continue  # "Legal name: Acme Medical Supplies LLC": a company's
         if words and (not below or end == len(text) or text[end] in "\r\n"):
             yield start, end  # below the label, the value is its line, whole: not a sentence that starts there
 

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import gzip
-import mimetypes
 import re
 import unicodedata
 from collections.abc import Iterator
@@ -87,7 +86,8 @@ _AGE_AFTER = re.compile(r"(?:,[ \t]*|[ \t]*\()(?:aged[ \t]+)?\d{1,3}(?:[ \t]*(?:
 _PAIR_SECOND = frozenset(r.split()[-1] for r in PAIR_ROLES)
 # An age and sex after a name, as ward lists and handovers write a patient: "Eze, Chukwuemeka - 67M", "Ana
 # Okafor, 54F", "Derek Hollis (71 M)".
-_AGE_SEX_AFTER = re.compile(r"[ \t]*(?:[-–,(][ \t]*)\d{1,3}[ \t]*(?:[MF]|y/?o|yrs?)(?![A-Za-z0-9])")
+_AGE_SEX_AFTER = re.compile(r"[ \t]*(?:[-–,(][ \t]*)\d{1,3}[ \t]*(?:[MF]|y/?o|yrs?)(?![A-Za-z0-9])"
+                            r"(?=[ \t]*(?:$|[\r\n,;)\-–.]|(?:with|w/|c/o|s/p|h/o)(?![a-z])))", re.M)
 # Credentials after a name ("Ana Okafor, RN", "Derek Hollis (MD)"): a person, whatever the words.
 _CREDENTIAL = re.compile(r"[ \t]*(?:,[ \t]*|\([ \t]*)?(?:RN|MD|DO|NP|PA-C|LPN|CNA|RGN|RMN|PhD|DDS|PharmD|MBBS"
                          r"|MBChB|FRCS|MRCP|FRCP|CRNA|DNP|MSN|BSN|APRN|RPh|EMT|PE|CEng)(?![\w-])")
@@ -947,6 +947,11 @@ _WORD = re.compile(r"[^\s,;]+")
 _COMMA_UP_GIVEN = re.compile(rf", ({_UP_WORD})(?: ({_UP_WORD}))?(?![{_UP}{_LO}0-9'’-])")
 
 
+# Clinical words in capitals that no word list holds: "SMITH, HYPOKALEMIA", "DOE, CHEMO" are no given names
+_CLINICAL_WORD = re.compile(r"(?:emia|itis|osis|ectomy|otomy|ostomy|plasty|algia|pathy|oma|uria|penia|cytosis|sepsis"
+                            r"|chemo|rehab|dialysis|hospice|covid|stemi|cabg|copd|chf|afib)$")
+
+
 def _upper_given_after(text: str, end: int) -> int:
     """Where a name in capitals after a role ends: past ", GIVEN [MIDDLE]" when that follows `end` and each word
     is a listed given name or, of four letters or more, in no list and no word ("CHUKWUEMEKA"); not a credential
@@ -960,7 +965,7 @@ def _upper_given_after(text: str, end: int) -> int:
         if w is None:
             break
         lw = w.lower()
-        if not (sc.given(lw) >= 1.0 or len(w) >= 4 and _unknown_word(lw)):
+        if not (sc.given(lw) >= 1.0 or len(w) >= 4 and _unknown_word(lw) and not _CLINICAL_WORD.search(lw)):
             return end if g == 1 else m.end(1)
     return m.end()
 _LOWER_NEXT = re.compile(r"[ \t]+[a-z]")
@@ -990,13 +995,19 @@ _LAST_FIRST_AGED = re.compile(rf"({_TOK}), ({_TOK}[ \t]{_TOK})(?=" + _AGE_SEX_AF
 
 def _aged_last_first(m: re.Match, particle: bool, text: str) -> bool:
     """"Eze, Chukwuemeka - 67M", "van der Berg, Pieter - 71M": a "Last, First" with an age and sex after it,
-    whose words are no everyday words or roles and one at least no ordinary word (or a particle before it)."""
+    whose words are no everyday words or roles and one at least a listed name that is no word (or a particle
+    before it), or none a word where a bed or room comes before them; not "Redis, Memcached - 64M"."""
     if not _AGE_SEX_AFTER.match(text, m.end()):
         return False
     words = [w.lower() for w in (m.group(1), *m.group(2).split())]
     sc = scorer()
     return not any(w in COMMON or w in ROLES or w in TITLES or w in NOT_NAMES for w in words) and (
-        particle or any(not sc.is_word(w) for w in words))
+        particle or any((w in sc.n.first or w in sc.n.last_rank) and not sc.is_word(w) for w in words)
+        or _WARD_BEFORE.search(text, max(0, text.rfind("\n", 0, m.start()) + 1, m.start() - 24), m.start())
+        and not any(sc.is_word(w) for w in words))
+
+# A ward list's place before a patient: "Rm 402", "Bed 12", "Bay 3"
+_WARD_BEFORE = re.compile(r"(?i:(?<![a-z])(?:rm|room|bed|bay|pt|patient)(?![a-z]))")
 
 
 def _last_first(text: str) -> Iterator[Candidate]:
@@ -1081,18 +1092,19 @@ _LAST_FIRST_RANK = re.compile(rf"({_TOK}), ({_TOK})(?: ({_INIT}))?(?=[ \t]+(?:{'
 # Ranks that are other abbreviations as often ("GEN Config", "CDR Records", "the LTC Manual", "MSG Received"):
 # a name after them must be one the lists know.
 _RANKS_ELSEWHERE = frozenset("GEN CDR ADM LT LTC COL MAJ ENS CAPT MSG SRA AMN CPO SN".split())
-# Of those, the officers' ranks: before a capitalized word that is no word at all, a rank ("COL Al-Rashid",
+# Of those, the officers' ranks: before a listed name that is no word, however rare, a rank ("COL Al-Rashid",
 # "LTC Subramanian"); the others take only common names ("GEN Config", "MSG Eze" stay).
 _RANKS_OFFICERS = frozenset("COL LTC MAJ LT CAPT ENS".split())
 
 
 def _no_word_name(w: str) -> bool:
-    """A capitalized word (or hyphenated words, "Al-Rashid") that is no ordinary word, listed as a name or not."""
+    """A capitalized word (or hyphenated words, "Al-Rashid") that is a listed name, however rare, and no
+    ordinary word: "Subramanian"; not "Postgres", "Jira", "Enalapril"."""
     sc = scorer()
     parts = w.lower().split("-")
     return w[:1].isupper() and not w.isupper() and any(p not in PARTICLES for p in parts) and all(
-        p in PARTICLES or len(p) >= 3 and p.isalpha() and not sc.is_word(p) and p not in NOT_NAMES
-        and p not in COMMON for p in parts)
+        p in PARTICLES or len(p) >= 3 and (p in sc.n.last_rank or p in sc.n.first) and not sc.is_word(p)
+        and p not in NOT_NAMES and p not in COMMON for p in parts)
 
 
 def _common_name(lw: str) -> bool:
@@ -1251,10 +1263,12 @@ def _path_pair(given: str, surname: str) -> bool:
 
 # File name extensions, which end a file's name and are no surname ("frames.py"); any other ending after a full
 # stop is a word of the name ("michael.brown/")
-_EXTENSIONS = frozenset([e.lstrip(".") for e in mimetypes.types_map] + """
+_EXTENSIONS = frozenset("""
 md markdown rst txt text log hl7 adoc org py pyi ipynb c h cc cpp hpp cs go rs java kt scala rb php pl r jl lua
 swift m sh bash zsh ps1 bat sql toml yaml yml ini cfg conf json jsonl ndjson csv tsv parquet xlsx xls docx doc
-pptx pdf eml mbox msg bak tmp old orig gz bz2 xz zip tar tgz 7z npy npz pt bin safetensors gguf onnx ckpt
+pptx ppt odt ods odp rtf pdf eml mbox msg bak tmp old orig gz bz2 xz zst zip tar tgz 7z rar npy npz pt bin
+safetensors gguf onnx ckpt html htm xml xhtml css js ts svg png jpg jpeg gif bmp tif tiff webp heic ico dcm dicom
+mp3 wav flac ogg m4a mp4 mov avi mkv webm wmv db sqlite duckdb dat exe dll so dylib iso img dmg deb rpm whl egg
 """.split())
 
 

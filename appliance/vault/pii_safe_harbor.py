@@ -165,7 +165,7 @@ _ID = r"((?=(?:[A-Z]{1,4}[- ])?[A-Z0-9./-]*\d)(?:[A-Z]{1,4}[- ]?)?[A-Z0-9][A-Z0-
 _LABEL_TAIL = r"(?:[ \t]*(?i:id|no\.?|nr\.?|number|num|#|mbi)\.?)?[ \t]*[:#=-]?[ \t]*(?:is[ \t]+|of[ \t]+)?"
 _ACCOUNT = re.compile(r"(?i:health[ \t]*plan(?:[ \t]*beneficiary)?|insurance(?:[ \t]*policy)?|member(?:ship)?"
                       r"|subscriber|beneficiary|policy(?:holder)?|account|acct|medicaid|medicare|group[ \t]*plan"
-                      r"|claim|mbi|bcbs)"
+                      r"|claim(?=[ \t]*(?:number|no\b|#|id\b))|mbi|bcbs)"
                       + _LABEL_TAIL + _ID)
 _LICENSE = re.compile(r"(?i:driver'?s[ \t]*licen[cs]e|licen[cs]e|lic(?=[ \t]*[#.:])|certificat(?:e|ion)"
                       r"|cert(?:\.|(?=[ \t]*[#:]))|dea|npi|registration|permit"
@@ -212,12 +212,16 @@ _LABELLED = ((_ACCOUNT, "ACCOUNT", "account", "account", 3), (_LICENSE, "LICENSE
 _MAC = re.compile(r"(?<![\w:.-])[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}(?![\w:.-])")
 
 
+_MAC_WORD = re.compile(r"mac|hwaddr|ether|hardware address|bssid")
+
+
 def labelled_ids(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label;
     MAC addresses."""
     if ":" in text or "-" in text:
         for m in _MAC.finditer(text):
-            yield Finding("DEVICE", m.start(), m.end(), m.group(), "mac")
+            if any(c in "abcdefABCDEF" for c in m.group()) or _MAC_WORD.search(low, max(0, m.start() - 24), m.start()):
+                yield Finding("DEVICE", m.start(), m.end(), m.group(), "mac")  # not "time 10:11:12:13:14:15"
     for pattern, typ, detector, family, min_digits in _LABELLED:
         if scan.hits(family):  # most texts hold no label of a family: no generators set up for it
             yield from _labelled(pattern, typ, detector, text, scan, family, min_digits)
@@ -288,29 +292,43 @@ _EVENT = (r"(?i:admitted|admission|admit|discharged|discharge|died|death|decease
           r"|date[ \t]+of[ \t]+service|dos|surgery|operated|operation|procedure|delivered|delivery|injured"
           r"|injury|seen|presented|transferred|transfer|deployed|enlisted|hired|terminated|separated|visit|visited"
           r"|appointment|appt|follow-?up|performed|biopsy|biopsied|intubated|extubated|pronounced|vaccinated"
-          r"|immunized|immunised|tested|collected|prescribed|onset|referred|consulted|signed"
+          r"|immunized|immunised|tested|collected|prescribed|onset|referred|consulted"
           r"|do[di](?=[ \t]*:))")  # "DOD:", "DOI:" as labels (date of death, of injury); not "the DoD contract"
 # A date after an event that ties it to a person, and the end of a range that starts so ("deployed from
 # 2023-06-01 to 2024-01-15"): both dates are the person's.
-_PERSON_DATE = re.compile(_EVENT + r"\b[^\n;]{0,30}?(?<![\d/.-])(" + DATE + r")(?![\d/-])"
+# (the event's sentence, not the next: a full stop after a word, not after an initial or a title, "Dr. ", "E. ")
+_PERSON_DATE = re.compile(_EVENT + r"\b(?:(?<![a-z]{4}[.!?])[^\n;]){0,30}?(?<![\d/.-])(" + DATE + r")(?![\d/-])"
                           r"(?:[ \t]*(?:-|–|to|until|through|thru)[ \t]*(" + DATE + r")(?![\d/-]))?")
 _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passed away", "service", "dos", "reported",
               "occurred", "incident", "examined", "treated", "attended", "arrived", "fell",
               "surgery", "operat", "procedure", "deliver", "injur", "seen", "presented", "transfer", "deployed",
               "enlisted", "hired", "terminated", "separated", "visit", "appointment", "appt", "follow", "performed",
               "biops", "intubated", "extubated", "pronounced", "vaccinated", "immuni", "tested", "collected",
-              "prescribed", "onset", "referred", "consulted", "dod", "doi", "signed")
+              "prescribed", "onset", "referred", "consulted", "dod", "doi")
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
 _AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
 # Ages over 89 written as a ward list or a note's opening does: " - 91M", ", 94F", "(91M)", "a 94F"; not a
 # temperature ("Temp 94F": no article or list mark before it)
-_AGE_SEX = re.compile(r"(?:(?<![\w])(?:a|an)[ \t]+|[-–,(][ \t]*)(9\d|1[0-4]\d)[ \t]?[MF](?![\w°])")
+_AGE_SEX = re.compile(r"(?:(?<![\w])(?:a|an)[ \t]+|[-–,(][ \t]*|^[ \t]*)(9\d|1[0-4]\d)[ \t]?[MF](?![\w°])", re.M)
+# ... where a patient is spoken of: a bed or a patient before it on its line, a history after it (not "Temp 97-99F",
+# "Memory - 92M used", "MOS: 91M, 92F")
+_AGE_SEX_BEFORE = re.compile(r"(?<![a-z])(?:pt|patient|bed|rm|room|bay|resident|mr|mrs|ms|veteran|decedent)(?![a-z])"
+                             r"[^\n]*$")
+_AGE_SEX_NEXT = re.compile(r"(?i:[ \t]*(?:[-,][ \t]*)?(?:with|w/|c/o|s/p|h/o|presenting|presents|admitted|pmh|hx)"
+                           r"(?![a-z]))")
 # Ages over 89 in words: "ninety-two-year-old", "aged ninety-four", "one hundred and one years old"
 _UNITS = r"(?:one|two|three|four|five|six|seven|eight|nine)"
 _OVER_89 = (rf"ninety(?:[- ]{_UNITS})?|(?:a|one)[- ]hundred(?:[- ](?:and[- ])?(?:{_UNITS}|ten|eleven|twelve"
             r"|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty))?")
 _AGE_WORDS = re.compile(rf"(?i:(?<![\w-])({_OVER_89})(?=[- ]+years?[- ]+old|[- ]+y/?o\b|[- ]+yrs?\b)"
-                        rf"|(?<=aged )({_OVER_89})(?![\w-]))")
+                        rf"|(?<=aged )({_OVER_89})(?![\w-]|[ \t]+(?:days?|weeks?|months?|hours?|minutes?)\b))")
+# ... of a person: one named after it ("a ninety-two-year-old woman") or before it on the line ("the patient is
+# ninety-four years old", "aged ninety-four"); not "the bridge is a hundred years old"
+_AGE_PERSON_AFTER = re.compile(r"(?i:[- ]+years?[- ]+old[ \t]+(?:man|woman|male|female|patient|pt|gentleman|lady|"
+                               r"veteran|resident|widow|widower|mother|father|grandmother|grandfather|person|"
+                               r"individual|client|decedent)s?\b)")
+_AGE_PERSON_BEFORE = re.compile(r"(?i:(?<![a-z])(?:pt|patient|he|she|mr|mrs|ms|resident|veteran|who|decedent|aged)"
+                                r"(?![a-z]))[^\n.]*$")
 _AGE_LABEL = re.compile(r"(?i:aged?)[ \t]*[:=]?[ \t]*(9\d|1[0-4]\d)(?!\d|\.\d)")
 
 
@@ -333,7 +351,7 @@ def shift_date(value: str, days: int) -> str | None:
     def move(y: int, m: int, d: int):
         try:
             return dt.date(y, m, d) + dt.timedelta(days=days)
-        except ValueError:
+        except (ValueError, OverflowError):  # no such day, or moved past year 1 or 9999
             return None
 
     def pad(new: int, old: str) -> str:
@@ -399,7 +417,11 @@ _RIGHT_AFTER = re.compile(r"(?i:[ \t]*(?:date|dt|on)?[ \t]*[:=#-]?[ \t]*(?:on[ \
 
 
 # A date the patient follows in its sentence: "03/05/2024 - Pt c/o chest pain", "On 5 March 2024 the patient fell"
-_PATIENT_AFTER = re.compile(r"(?<![a-z])(?:patient|pt)(?![a-z])")
+_PATIENT_AFTER = re.compile(r"(?<![a-z])(?:patient|pt)(?![a-z-])(?![ \t_-]*(?:portal|dashboard|module|app|api|service"
+                            r"|ui|data|table|list|field|id|records?|management|system|search|model|schema|view|screen"
+                            r"|page|form|feature|flow|import|export|sync|index|class|object|type|lift|monitor)s?\b)")
+# A signature's date: "Electronically signed by Dr. Okafor on 03/05/2024" (not "Firmware signed 2024-03-05")
+_SIGNED_ON = re.compile(r"(?i:signed)[ \t]+by\b[^\n;]{0,40}?\bon[ \t]+(?<![\d/.-])(" + DATE + r")(?![\d/-])")
 _DATE_BEFORE = re.compile(r"(?<![\d/.-])(" + DATE + r")(?![\d/-])[^\n.;:]{0,24}$")
 
 
@@ -417,6 +439,8 @@ def _dates_before_patient(text: str, low: str, scan: Scan) -> Iterator[Finding]:
 def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     if "pt" in low or "patient" in low:
         yield from _dates_before_patient(text, low, scan)
+    for m in _keyed(_SIGNED_ON, text, scan, "signed"):
+        yield Finding("DATE", m.start(1), m.end(1), m.group(1), "date-event")
     for m in _keyed(_PERSON_DATE, text, scan, "date"):
         if _COMPACT_DATE.fullmatch(m.group(1)):
             ev = _EVENT_AT.match(text, m.start())
@@ -433,7 +457,8 @@ def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     for m in _keyed(_AGE_LABEL, text, scan, "age"):
         yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
     for m in _AGE_SEX.finditer(text):
-        yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
+        if _AGE_SEX_NEXT.match(text, m.end()) or _AGE_SEX_BEFORE.search(low, max(0, m.start() - 32), m.start()):
+            yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
 
 
 def ages_in_words(text: str, low: str, _scan: Scan) -> Iterator[Finding]:
@@ -441,7 +466,9 @@ def ages_in_words(text: str, low: str, _scan: Scan) -> Iterator[Finding]:
     if "ninety" in low or "hundred" in low:
         for m in _AGE_WORDS.finditer(text):
             g = 1 if m.group(1) else 2
-            yield Finding("AGE", m.start(g), m.end(g), m.group(g), "age")
+            if _AGE_PERSON_AFTER.match(text, m.end(g)) or _AGE_PERSON_BEFORE.search(text, max(0, m.start() - 40),
+                                                                                    m.start() + (g == 2)):
+                yield Finding("AGE", m.start(g), m.end(g), m.group(g), "age")
 
 
 # Every keyword of the prescan, by the family of detectors it wakes.
@@ -451,6 +478,7 @@ KEYWORDS = {
             "encounter", "fin"),
     "passport": ("passport",),
     "date": _DATE_KEYS,
+    "signed": ("signed",),
     "age": ("age", "aged"),
     "fax": ("fax", "facsimile"),
     "dodid": ("edipi", "dod", "cac"),
