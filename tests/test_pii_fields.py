@@ -523,3 +523,24 @@ def test_a_name_of_several_words_is_found_whole_in_the_heading_and_the_title():
     scrub_record(FieldScrubber("redact", b"k" * 32), rec)
     assert rec.title == "Discharge summary - [PERSON]"
     assert rec.text == "# Discharge summary - [PERSON]\n\nPatient [PERSON] was discharged."
+
+
+def test_a_rescrub_remakes_a_tables_row_records_from_its_cells(home, tmp_path):
+    """A table row's record was scrubbed again as prose, where the rules that read a cell with its column
+    ("signed_by", "given") never reach it: a re-scrub of a flag version left "signed_by: Okafor" in the records
+    while the data table was clean. The records are made again from the re-scrubbed cells, as ingest makes them."""
+    from appliance import api
+
+    (tmp_path / "orders.csv").write_text("id,signed_by,given,note\n1,Okafor,Ngozi,stable\n2,Whitfield,Jamal,seen\n")
+    with open_vault(home) as v:
+        api.vault_ingest(v, [tmp_path / "orders.csv"], "orders", pii="flag", workers=1)
+        again = api.vault_rescrub(v, "orders@1")
+        texts = [t for (t,) in v.con.execute(
+            "SELECT b.text FROM version_records r JOIN versions x ON x.vid = r.vid JOIN blobs b ON b.hash = r.hash "
+            "WHERE x.name = 'orders' AND x.n = 2 ORDER BY r.ord").fetchall()]
+        (table,) = again["tables"]
+        cells = v.con.execute(f"SELECT signed_by, given, note FROM {table} ORDER BY id").fetchall()
+    assert len(texts) == 2 and cells == [("[PERSON]", "[PERSON]", "stable"), ("[PERSON]", "[PERSON]", "seen")]
+    for name in ("Okafor", "Ngozi", "Whitfield", "Jamal"):
+        assert not any(name in t for t in texts), texts
+    assert "signed_by: [PERSON]" in texts[0] and "note: stable" in texts[0]

@@ -12,6 +12,7 @@ Records keep their splits (a validation record stays one, whatever its new hash)
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections import Counter
 from collections.abc import Iterator
@@ -29,7 +30,7 @@ from appliance.vault.fields import (
     site_types,
 )
 from appliance.vault.readers import Record
-from appliance.vault.readers.tables import rescrub_table
+from appliance.vault.readers.tables import BATCH_ROWS, render_row, rescrub_table
 from appliance.vault.scan import Landed, field_findings, scan_each
 from appliance.vault.versions import iter_records, resolve
 
@@ -127,6 +128,7 @@ class _Rescrub:
         self.review: dict[str, ReviewKeep] = {}  # scrubbed source -> its findings kept for review
         self.first: dict[str, int] = {}  # scrubbed source -> its first record's ord
         self.held_out: list[str] = []
+        self._rows: dict[str, list] = {}  # re-scrubbed table -> [rows read, rows left of the batch, batches, columns]
         self.dups = 0
         self.files = 0
 
@@ -187,6 +189,11 @@ class _Rescrub:
             source = self.source(r["source"])
             if kind == "table" and r["path"] in self.renamed:
                 path = self.renamed[r["path"]]  # the row's table, as it is named now
+                remade = self._row(path, title, (r["meta"] or {}).get("row"))
+                if remade is not None:  # as ingest makes it: from its cells as scrubbed now, with their columns
+                    text, found = remade, self.fs.table_found(remade)
+                    data = text.encode("utf-8")
+                    digest, nbytes = hashlib.sha256(data).hexdigest(), len(data)
             tally = self.per_source.setdefault(source, Counter())
             if kind != "table":  # a table row's findings were counted in its cells (`tables`)
                 tally.update(counts)
@@ -207,6 +214,30 @@ class _Rescrub:
             if found:
                 self.review.setdefault(source, ReviewKeep()).extend(ord_, found)
             self.b.add_row(kind, source, path, language, title, meta, text, digest, nbytes)
+
+    def _row(self, table: str, stem: str | None, n) -> str | None:
+        """Row `n` (from 1) of the re-scrubbed `data.<table>` as its record's text (`render_row`). Read in order,
+        one batch at a time, as the version's records come: a table row's record is made again from its cells
+        as they were scrubbed now, so the rules that read a cell with its column ("signed_by", "given") reach
+        it, where its old text read again as prose would not."""
+        if not isinstance(n, int) or n < 1 or not stem:
+            return None
+        state = self._rows.get(table)
+        if state is None or state[0] >= n:
+            reader = cursor(self.con).execute(f'SELECT * FROM data."{table}"').fetch_record_batch(BATCH_ROWS)
+            state = self._rows[table] = [0, iter(()), iter(reader), []]
+        while state[0] < n:
+            row = next(state[1], None)
+            if row is None:
+                batch = next(state[2], None)
+                if batch is None:
+                    return None
+                state[1], state[3] = iter(batch.to_pylist()), batch.schema.names
+                continue
+            state[0] += 1
+            if state[0] == n:
+                return render_row(stem, n, row, state[3])
+        return None
 
     def sources(self, keep_old_pii: bool) -> None:
         """The source manifest and PII report: the old ones with their paths scrubbed again, and what this
