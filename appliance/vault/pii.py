@@ -771,10 +771,10 @@ def _surrogate_pools() -> dict[str, list[str]]:
     that ship with the appliance, letters only and no ordinary word, in a fixed order."""
     if not _POOLS:
         sc = pii_names.scorer()
-        given = {n for n in sc.n.first if n.isascii() and n.isalpha() and len(n) >= 3 and not sc.pool_word(n)
+        given = {n for n in sc.n.first if n.isascii() and n.isalpha() and len(n) >= 3 and not sc.is_word(n)
                  and n not in pii_names.AMBIGUOUS_FIRST}
         surnames = {n for n, rank in sc.n.last_rank.items() if rank < 20000 and n.isascii() and n.isalpha()
-                    and len(n) >= 3 and not sc.pool_word(n)}
+                    and len(n) >= 3 and not sc.is_word(n)}
         by_letter: dict[str, list[str]] = {}
         for n in sorted(given | surnames):
             by_letter.setdefault(n[0], []).append(n)

@@ -74,9 +74,12 @@ def hl7(text: str, _low: str = "", _scan=None) -> Iterator[Finding]:
     one without, the segments whose line holds a component separator ("^") as messages do and documentation
     tables, shell output and prose that name a segment do not. Fields are parted by "|", as the standard and
     every interface write them; the component separator is the header's (MSH-2), "^" without one."""
-    if "|" not in text or not any(k in text for k in _KEYS):
+    if "|" not in text:
         return
-    msh = _MSH.search(text) if "MSH|" in text else None
+    has_msh = "MSH|" in text
+    if not has_msh and "^" not in text or not any(k in text for k in _KEYS):
+        return  # a Markdown table's "|": no header and no component separator, no segment looked for
+    msh = _MSH.search(text) if has_msh else None
     comp_sep = msh.group(1) if msh else "^"
     line_start, line_end, line_ok = -1, -1, False
     for m in _SEGMENT.finditer(text):

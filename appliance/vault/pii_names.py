@@ -222,7 +222,7 @@ def fold(w: str) -> str:
     return unicodedata.normalize("NFKD", w.translate(_UNFOLDED)).encode("ascii", "ignore").decode("ascii")
 
 
-INFLECTED_SURNAME_RANK = 1000  # "Rivers" (700) is a surname first; "Falls" (4288), "States" (11147) a word first
+INFLECTED_SURNAME_RANK = 1000  # "rivers" (700) is a surname first; "falls" (4288), "states" (11147) a verb first
 
 
 class _Scorer:
@@ -258,14 +258,11 @@ class _Scorer:
     def _is_word(self, w: str) -> bool:
         if w in self.n.words or w in NOT_NAMES or w in ROLES or w in TITLES or w in NOT_PERSON_AFTER:
             return True
-        cut = self._inflection(w)
-        if cut in ("s", "es", "ies", "ied"):
-            return w not in self.n.first and not self._frequent_surname(w)
-        if cut:
-            return w not in self.n.first and w not in self.n.last_rank  # "Richter", "Rader": surnames
+        if self.inflection(w):  # a listed name that is a word's form is a name: "Rogers", "Richter", "Combs"
+            return w not in self.n.first and w not in self.n.last_rank
         return bool(_WORD_SUFFIX.search(w)) and w not in self.n.last_rank and w not in self.n.first
 
-    def _inflection(self, w: str) -> str:
+    def inflection(self, w: str) -> str:
         """The ending that makes `w` a form of a listed word ("states": "s", "supplied": "ied"), or ""."""
         words = self.n.words
         for cut in ("s", "es", "ed", "d", "ing", "ly", "er", "ers"):
@@ -275,20 +272,12 @@ class _Scorer:
             return w[-3:]
         return ""
 
-    def pool_word(self, w: str) -> bool:
-        """`is_word` as the pseudonyms' surrogate names were first drawn with it (`pii._surrogate_pools`): a
-        listed surname that is a word's form in -s counted as no word. Kept so, since a surrogate must stay
-        the one a vault's earlier versions gave the person."""
-        return self.is_word(w) and not (w in self.n.last_rank and w not in self.n.words and w not in NOT_NAMES
-                                        and w not in ROLES and w not in TITLES and w not in NOT_PERSON_AFTER
-                                        and self._inflection(w) in ("s", "es", "ies", "ied"))
-
-    def _frequent_surname(self, w: str) -> bool:
-        """Of a word's forms in -s ("states", "walks", "falls"), those that are names first: the surnames
-        among the most frequent (`INFLECTED_SURNAME_RANK`: "Rogers", "Peters", "Waters", "Wells"). The rarer
-        ones are verbs or plurals far more often ("The patient has", "Pt states", "Nurse takes")."""
+    def verb_form(self, w: str) -> bool:
+        """A word's form in -s ("states", "walks", "takes") that is no frequent surname (`INFLECTED_SURNAME_RANK`:
+        "rogers", "peters" are names first): in lower case after a role, a verb ("the patient states", "nurse
+        takes"), where a capitalized one is a name as often ("Nurse Combs")."""
         rank = self.n.last_rank.get(w)
-        return rank is not None and rank <= INFLECTED_SURNAME_RANK
+        return self.inflection(w) in ("s", "es", "ies", "ied") and (rank is None or rank > INFLECTED_SURNAME_RANK)
 
     def _given_score(self, w: str) -> float:
         if w in NOT_NAMES or w in ROLES or w in TITLES or w in EPONYMS:
@@ -765,7 +754,7 @@ _LONE = re.compile(rf"({_TOK})([ \t]+[{_UP}])?")
 # The last word of the two-word roles (`PAIR_ROLES`) a lone name follows, as it is searched for. `_runs` reaches
 # a role only from a capitalized word a short word or two before it ("Seen by Hollis"), not after a longer one
 # ("Note reviewed by Whitfield", "Findings escalated to Whitfield").
-_PAIR_KEYS = (" by ", " with ", " to ")
+_PAIR_KEYS = (" with ", " to ")  # and " by ", which `_after_roles` finds for its own rule
 
 
 def _after_pair_roles(text: str) -> Iterator[Candidate]:
@@ -791,6 +780,8 @@ def _after_roles(text: str, low: str, shape: bytes | None = None) -> Iterator[Ca
             if (not i or not low[i - 1].isalpha() or key[0] == " ") and (
                     j >= n or not low[j].isalpha() or key in ("mr", "ms") and low[j] == "s"):
                 yield from _after_role_at(text, low, i + (key[0] == " "), key.strip())
+            if key == " by " and j < n and text[j].isupper():
+                yield from _lone(text, j)  # "Note reviewed by Whitfield" (`_after_pair_roles`)
             i = low.find(key, j)
     yield from _upper_after_roles(text, low, shape)
 
@@ -917,7 +908,8 @@ def _after_role_at(text: str, low: str, i: int, key: str) -> Iterator[Candidate]
             particle = particle or bool(kept)
             continue
         listed_last = not kept and _COMMA_GIVEN.match(text, s + len(w)) and lw in sc.n.last_rank
-        if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or w.islower() and lw in COMMON or (
+        if len(w) <= 2 and not _is_initial(w) or lw in ROLES or lw in TITLES or w.islower() and (
+                lw in COMMON or sc.verb_form(lw)) or (
                 sc.given(lw) == 0.0 and not listed_last and not (kept and not w.islower() and _continues(kept, lw, 0.0))
                 and (
                 sc.surname(lw) == 0.0 or not kept and sc.surname(lw) < 0.7)):

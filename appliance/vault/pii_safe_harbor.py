@@ -209,7 +209,9 @@ _LABELLED = ((_ACCOUNT, "ACCOUNT", "account", "account", 3), (_LICENSE, "LICENSE
 
 
 # A network card's MAC address, a device identifier wherever it stands: "00:1A:2B:3C:4D:5E", "00-1a-2b-3c-4d-5e"
-_MAC = re.compile(r"(?<![\w:.-])[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(?:\1[0-9A-Fa-f]{2}){4}(?![\w:.-])")
+# (found from its first separator, a fixed string the engine skips to fast; the two digits before it are read after)
+_MACS = tuple(re.compile(rf"{sep}[0-9A-Fa-f]{{2}}(?:{sep}[0-9A-Fa-f]{{2}}){{4}}(?![\w:.-])") for sep in (":", "-"))
+_HEX2 = re.compile(r"(?<![\w:.-])[0-9A-Fa-f]{2}$")
 
 
 _MAC_WORD = re.compile(r"mac|hwaddr|ether|hardware address|bssid")
@@ -218,10 +220,16 @@ _MAC_WORD = re.compile(r"mac|hwaddr|ether|hardware address|bssid")
 def labelled_ids(text: str, low: str, scan: Scan) -> Iterator[Finding]:
     """Account and health-plan, licence and certificate, device serial and vehicle numbers after their label;
     MAC addresses."""
-    if ":" in text or "-" in text:
-        for m in _MAC.finditer(text):
-            if any(c in "abcdefABCDEF" for c in m.group()) or _MAC_WORD.search(low, max(0, m.start() - 24), m.start()):
-                yield Finding("DEVICE", m.start(), m.end(), m.group(), "mac")  # not "time 10:11:12:13:14:15"
+    for sep, mac in zip(":-", _MACS):
+        if sep not in text:
+            continue
+        for m in mac.finditer(text):
+            head = _HEX2.search(text, max(0, m.start() - 3), m.start())
+            if head is None:
+                continue
+            value = text[head.start():m.end()]
+            if any(c in "abcdefABCDEF" for c in value) or _MAC_WORD.search(low, max(0, head.start() - 24), m.start()):
+                yield Finding("DEVICE", head.start(), m.end(), value, "mac")  # not "time 10:11:12:13:14:15"
     for pattern, typ, detector, family, min_digits in _LABELLED:
         if scan.hits(family):  # most texts hold no label of a family: no generators set up for it
             yield from _labelled(pattern, typ, detector, text, scan, family, min_digits)
@@ -306,20 +314,23 @@ _DATE_KEYS = ("admi", "discharg", "died", "death", "deceased", "expired", "passe
               "biops", "intubated", "extubated", "pronounced", "vaccinated", "immuni", "tested", "collected",
               "prescribed", "onset", "referred", "consulted", "dod", "doi")
 # Starts with a digit class, so the engine skips from digit to digit; a digit or a "." before it is checked after.
-_AGE = re.compile(r"(9\d|1[0-4]\d)(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))(?!\w)")
+# An age and its unit, or (group 2) an age and sex, in one pass over the text
+_AGE = re.compile(r"(9\d|1[0-4]\d)(?:(?:[ \t]*-?[ \t]*(?:years?|yrs?)(?:[ \t]*-?[ \t]*old)?|[ \t]*(?:y/?o|y\.o\.))"
+                  r"(?!\w)|([ \t]?[MF])(?![\w°]))")
 # Ages over 89 written as a ward list or a note's opening does: " - 91M", ", 94F", "(91M)", "a 94F"; not a
 # temperature ("Temp 94F": no article or list mark before it)
-_AGE_SEX = re.compile(r"(?:(?<![\w])(?:a|an)[ \t]+|[-–,(][ \t]*|^[ \t]*)(9\d|1[0-4]\d)[ \t]?[MF](?![\w°])", re.M)
+# (found by `_AGE`, from its digits; what stands before them is read after)
+_AGE_SEX_LEAD = re.compile(r"(?:(?<![\w])(?:a|an)[ \t]+|[-–,(][ \t]*|^[ \t]*)$", re.M)
 # ... where a patient is spoken of: a bed or a patient before it on its line, a history after it (not "Temp 97-99F",
 # "Memory - 92M used", "MOS: 91M, 92F")
 _AGE_SEX_BEFORE = re.compile(r"(?<![a-z])(?:pt|patient|bed|rm|room|bay|resident|mr|mrs|ms|veteran|decedent)(?![a-z])"
                              r"[^\n]*$")
 _AGE_SEX_NEXT = re.compile(r"(?i:[ \t]*(?:[-,][ \t]*)?(?:with|w/|c/o|s/p|h/o|presenting|presents|admitted|pmh|hx)"
                            r"(?![a-z]))")
-# Ages over 89 in words: "ninety-two-year-old", "aged ninety-four", "one hundred and one years old"
+# Ages over 89 in words, in the nineties ("ninety-two-year-old", "aged ninety-four"; a hundred and more is written
+# in digits as good as always, and looking for "hundred" too would cost every text a second pass)
 _UNITS = r"(?:one|two|three|four|five|six|seven|eight|nine)"
-_OVER_89 = (rf"ninety(?:[- ]{_UNITS})?|(?:a|one)[- ]hundred(?:[- ](?:and[- ])?(?:{_UNITS}|ten|eleven|twelve"
-            r"|thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty))?")
+_OVER_89 = rf"ninety(?:[- ]{_UNITS})?"
 _AGE_WORDS = re.compile(rf"(?i:(?<![\w-])({_OVER_89})(?=[- ]+years?[- ]+old|[- ]+y/?o\b|[- ]+yrs?\b)"
                         rf"|(?<=aged )({_OVER_89})(?![\w-]|[ \t]+(?:days?|weeks?|months?|hours?|minutes?)\b))")
 # ... of a person: one named after it ("a ninety-two-year-old woman") or before it on the line ("the patient is
@@ -417,17 +428,21 @@ _RIGHT_AFTER = re.compile(r"(?i:[ \t]*(?:date|dt|on)?[ \t]*[:=#-]?[ \t]*(?:on[ \
 
 
 # A date the patient follows in its sentence: "03/05/2024 - Pt c/o chest pain", "On 5 March 2024 the patient fell"
-_PATIENT_AFTER = re.compile(r"(?<![a-z])(?:patient|pt)(?![a-z-])(?![ \t_-]*(?:portal|dashboard|module|app|api|service"
-                            r"|ui|data|table|list|field|id|records?|management|system|search|model|schema|view|screen"
-                            r"|page|form|feature|flow|import|export|sync|index|class|object|type|lift|monitor)s?\b)")
+_NOT_PATIENT = (r"(?![a-z-])(?![ \t_-]*(?:portal|dashboard|module|app|api|service|ui|data|table|list|field|id|records?"
+                r"|management|system|search|model|schema|view|screen|page|form|feature|flow|import|export|sync|index"
+                r"|class|object|type|lift|monitor)s?\b)")
+# Each starts with a fixed string, which the engine skips to fast; the letter before is checked after
+_PATIENT_AFTER = (re.compile(r"patient" + _NOT_PATIENT), re.compile(r"pt" + _NOT_PATIENT))
 # A signature's date: "Electronically signed by Dr. Okafor on 03/05/2024" (not "Firmware signed 2024-03-05")
 _SIGNED_ON = re.compile(r"(?i:signed)[ \t]+by\b[^\n;]{0,40}?\bon[ \t]+(?<![\d/.-])(" + DATE + r")(?![\d/-])")
 _DATE_BEFORE = re.compile(r"(?<![\d/.-])(" + DATE + r")(?![\d/-])[^\n.;:]{0,24}$")
 
 
 def _dates_before_patient(text: str, low: str, scan: Scan) -> Iterator[Finding]:
-    for m in _PATIENT_AFTER.finditer(low):
+    for m in (m for p in _PATIENT_AFTER for m in p.finditer(low)):
         k = m.start()
+        if k and low[k - 1].isalpha():
+            continue  # "except", "outpatient"
         lo = max(0, k - 48)
         if scan.digits is not None and scan.digits.find(b"00", lo, k) < 0:
             continue  # no date ends within reach (the usual case): no search
@@ -451,19 +466,20 @@ def person_dates(text: str, low: str, scan: Scan) -> Iterator[Finding]:
         if m.group(2):
             yield Finding("DATE", m.start(2), m.end(2), m.group(2), "date-event")
     for m in _AGE.finditer(text):
-        if m.start() and (text[m.start() - 1].isdigit() or text[m.start() - 1] == "."):
+        i = m.start()
+        if i and (text[i - 1].isdigit() or text[i - 1] == "."):
             continue
+        if m.group(2) and not (_AGE_SEX_LEAD.search(text, max(0, i - 8), i) and (
+                _AGE_SEX_NEXT.match(text, m.end()) or _AGE_SEX_BEFORE.search(low, max(0, i - 32), i))):
+            continue  # " - 91M" where a patient is spoken of; not "Temp 97-99F", "Memory - 92M"
         yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
     for m in _keyed(_AGE_LABEL, text, scan, "age"):
         yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
-    for m in _AGE_SEX.finditer(text):
-        if _AGE_SEX_NEXT.match(text, m.end()) or _AGE_SEX_BEFORE.search(low, max(0, m.start() - 32), m.start()):
-            yield Finding("AGE", m.start(1), m.end(1), m.group(1), "age")
 
 
 def ages_in_words(text: str, low: str, _scan: Scan) -> Iterator[Finding]:
     """Ages over 89 written in words ("a ninety-two-year-old man"), in a text with no digit too."""
-    if "ninety" in low or "hundred" in low:
+    if "ninety" in low:
         for m in _AGE_WORDS.finditer(text):
             g = 1 if m.group(1) else 2
             if _AGE_PERSON_AFTER.match(text, m.end(g)) or _AGE_PERSON_BEFORE.search(text, max(0, m.start() - 40),
