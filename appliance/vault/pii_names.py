@@ -119,7 +119,8 @@ INSTITUTIONS = frozenset(["johns hopkins", "walter reed", "grand rounds", "mayo 
                           "sloan kettering", "cedars sinai", "scott white", "tripler army", "brooke army",
                           "william beaumont", "madigan army", "womack army", "martin luther king", "tommy john",
                           "john deere"])
-# "Savannah, Georgia", "Charleston, Virginia": a city and its state, not "Last, First"
+# "Savannah, Georgia", "Richmond, Virginia": a city and its state, not "Last, First" (where the city is a given
+# name or a word; "Okafor, Virginia" stays a person, and so does "Charleston, Virginia", a listed surname)
 US_STATES = frozenset("""alabama alaska arizona arkansas california colorado connecticut delaware florida georgia
 hawaii idaho illinois indiana iowa kansas kentucky louisiana maine maryland massachusetts michigan minnesota
 mississippi missouri montana nebraska nevada ohio oklahoma oregon pennsylvania tennessee texas utah vermont
@@ -997,6 +998,7 @@ def _aged_last_first(m: re.Match, particle: bool, text: str) -> bool:
         particle or any((w in sc.n.first or w in sc.n.last_rank) and not sc.is_word(w) for w in words)
         or _WARD_BEFORE.search(text, max(0, text.rfind("\n", 0, m.start()) + 1, m.start() - 24), m.start())
         and not any(sc.is_word(w) for w in words))
+
 
 # A ward list's place before a patient: "Rm 402", "Bed 12", "Bay 3"
 _WARD_BEFORE = re.compile(r"(?i:(?<![a-z])(?:rm|room|bed|bay|pt|patient)(?![a-z]))")
