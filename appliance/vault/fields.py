@@ -20,6 +20,7 @@ from typing import NamedTuple
 from appliance.errors import UsageError
 from appliance.vault import pii, pii_names
 from appliance.vault.pii import Scrubber
+from appliance.vault.pii_base import YYYYMMDD
 
 # Confidence bands of a finding's score (the detector's own 0..1), highest first.
 BANDS = (("high", 0.9), ("medium", 0.6), ("low", 0.0))
@@ -54,12 +55,12 @@ def _ids_beside_names(seen: str, found: list) -> list:
         if any(a < e and s < b for a, b in taken) or not any(b == s - 1 or a == e + 1 for a, b in people):
             continue
         v = m.group()
-        typ = "DATE" if len(v) == 8 and _COMPACT_DATE.fullmatch(v) else "MRN"
+        typ = "DATE" if _YYYYMMDD.fullmatch(v) else "MRN"
         out.append(pii.Finding(typ, s, e, v, "path-id"))
     return out
 
 
-_COMPACT_DATE = re.compile(r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])")
+_YYYYMMDD = re.compile(YYYYMMDD)
 
 
 def band(score: float) -> str:

@@ -20,11 +20,12 @@ class Finding:
 MONTH = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*\.?"
 MONTH_NAME = r"(?:Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Sept|Oct|Nov|Dec)[a-z]*"  # no full stop: one ends a sentence
 MONTH_UP = r"(?:JAN|FEB|MAR|APR|MAY|JUN|JUL|AUG|SEP|OCT|NOV|DEC)"
+YYYYMMDD = r"(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])"  # "19450312", as HL7 and exports write a date
 DATE = (rf"(?:\d{{4}}[-./]\d{{1,2}}[-./]\d{{1,2}}|\d{{1,2}}[/.-]\d{{1,2}}[/.-]\d{{2,4}}"
         rf"|{MONTH} \d{{1,2}}(?:st|nd|rd|th)?,? \d{{4}}"
         rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{MONTH},? \d{{4}}"
         rf"|\d{{1,2}}-{MONTH}-\d{{2,4}}(?![\w-])"  # "5-Mar-2024", as clinical systems print it
-        r"|(?:19|20)\d\d(?:0[1-9]|1[0-2])(?:0[1-9]|[12]\d|3[01])(?!\d)"  # "19450312", as HL7 and exports write it
+        rf"|{YYYYMMDD}(?!\d)"
         rf"|\d{{1,2}}{MONTH_UP}\d{{2}}(?:\d{{2}})?(?![\w-])"  # "12MAR45", "03MAR2024", as military forms do
         rf"|{MONTH_NAME} \d{{1,2}}(?:st|nd|rd|th)?(?![\w,/:-]|, \d|\.\d)"  # no year: "March 7th", "Mar 7" (after the
         rf"|\d{{1,2}}(?:st|nd|rd|th)? (?:of )?{MONTH_NAME}(?![\w,]| \d))")  # full forms, which take the year)

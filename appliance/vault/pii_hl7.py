@@ -124,13 +124,13 @@ def _field(text: str, start: int, end: int, kind: str, typ: str, comp_sep: str) 
 
 
 def _components(text: str, comps: list[tuple[int, int]], kind: str, typ: str) -> Iterator[Finding]:
-    def found(i: int, t: str, detector: str = "hl7") -> Finding | None:
+    def found(i: int, t: str) -> Finding | None:
         if i < len(comps):
             s, e = comps[i]
             value = text[s:e].strip()
             if value and value != '""':
                 s += len(text[s:e]) - len(text[s:e].lstrip())
-                return Finding(t, s, s + len(value), value, detector)
+                return Finding(t, s, s + len(value), value, "hl7")
         return None
 
     if kind in _NAME_PARTS:
@@ -142,10 +142,8 @@ def _components(text: str, comps: list[tuple[int, int]], kind: str, typ: str) ->
     elif kind == _XTN:
         picks = [(i, "PHONE") for i in range(len(comps))
                  if sum(ch.isdigit() for ch in text[comps[i][0]:comps[i][1]]) >= 3]
-    elif kind in (_CX, _ID, _DTM):
+    else:  # _CX, _ID, _DTM: the first component
         picks = [(0, typ)]
-    else:
-        picks = []
     for i, t in picks:
         f = found(i, t)
         if f is not None and _looks(f.value, t, kind):

@@ -318,7 +318,7 @@ def scorer() -> _Scorer:
 _UP = "A-ZÀ-ÖØ-ÞĀ-ž"  # Latin Extended-A (Ł, Ś, Ž, ...) alternates cases: it counts as both
 _LO = "a-zß-öø-ÿĀ-ž"
 # A word in capitals, as address books, forms and headings write names: "THORNBURY", "MUÑOZ", "ÅNGSTRÖM"
-_UP_WORD = rf"[{_UP}][{_UP}'’]+(?:-[{_UP}][{_UP}'’]+)?"  # "MUÑOZ", "ÅNGSTRÖM" too
+_UP_WORD = rf"[{_UP}][{_UP}'’]+(?:-[{_UP}][{_UP}'’]+)?"
 # Words are at most 40 letters, and the letters before an inner capital are taken possessively: a name is never
 # longer, and without a bound a long run of letters that are both cases (Latin Extended-A, "ŁŁŁ...") made every
 # search quadratic in it (20,000 of them took 7.5 s to scan).

@@ -212,8 +212,6 @@ _LABELLED = ((_ACCOUNT, "ACCOUNT", "account", "account", 3), (_LICENSE, "LICENSE
 # (found from its first separator, a fixed string the engine skips to fast; the two digits before it are read after)
 _MACS = tuple(re.compile(rf"{sep}[0-9A-Fa-f]{{2}}(?:{sep}[0-9A-Fa-f]{{2}}){{4}}(?![\w:.-])") for sep in (":", "-"))
 _HEX2 = re.compile(r"(?<![\w:.-])[0-9A-Fa-f]{2}$")
-
-
 _MAC_WORD = re.compile(r"mac|hwaddr|ether|hardware address|bssid")
 
 
@@ -434,7 +432,7 @@ _NOT_PATIENT = (r"(?![a-z-])(?![ \t_-]*(?:portal|dashboard|module|app|api|servic
 # Each starts with a fixed string, which the engine skips to fast; the letter before is checked after
 _PATIENT_AFTER = (re.compile(r"patient" + _NOT_PATIENT), re.compile(r"pt" + _NOT_PATIENT))
 # A signature's date: "Electronically signed by Dr. Okafor on 03/05/2024" (not "Firmware signed 2024-03-05")
-_SIGNED_ON = re.compile(r"(?i:signed)[ \t]+by\b[^\n;]{0,40}?\bon[ \t]+(?<![\d/.-])(" + DATE + r")(?![\d/-])")
+_SIGNED_ON = re.compile(r"(?i:signed)[ \t]+by\b[^\n;]{0,40}?\bon[ \t]+(" + DATE + r")(?![\d/-])")
 _DATE_BEFORE = re.compile(r"(?<![\d/.-])(" + DATE + r")(?![\d/-])[^\n.;:]{0,24}$")
 
 
